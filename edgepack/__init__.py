@@ -1,0 +1,10 @@
+"""edgepack: distill a teacher LLM into a small, verified bundle for a named edge device.
+
+Stages live in their own packages: ``edgepack.distill`` → ``edgepack.export`` →
+``edgepack.runtime``, with ``edgepack.profiles`` as data. This package holds the CLI and
+what every stage shares (errors, constants, run config, atomic file helpers).
+"""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"

@@ -1,0 +1,1 @@
+"""CLI command groups: each a thin typer wrapper around a typed library function."""

@@ -1,0 +1,46 @@
+"""`edgepack pipeline`: teacher → data → KD → export → gate → bundle in one command."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from edgepack.constants import BUILTIN_TEACHER
+
+
+def pipeline_cmd(
+    profile: Annotated[str, typer.Option("--profile", "-p", help="Profile name or .toml path.")],
+    out: Annotated[Path, typer.Option("--out", help="Run directory (resumable).")],
+    teacher: Annotated[str, typer.Option(help="HF dir, .gguf, builtin:NAME or openai:URL#MODEL.")] = BUILTIN_TEACHER,
+    data: Annotated[Path | None, typer.Option(help="Prompts JSONL (default: the shipped demo domain).")] = None,
+    steps: Annotated[int, typer.Option(help="KD optimizer steps.")] = 30,
+    limit: Annotated[int | None, typer.Option(help="Use at most N training prompts.")] = None,
+    seed: Annotated[int, typer.Option(help="Seed.")] = 0,
+    allow_unverified: Annotated[bool, typer.Option(help="Package an UNVERIFIED gate (recorded).")] = False,
+    json_out: Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout.")] = False,
+) -> int:
+    """Run every stage end to end and print the bundle path and the gate verdict."""
+    from edgepack.console import emit, out as console, progress_bars
+    from edgepack.constants import PASS
+    from edgepack.pipeline import PipelineConfig, run_pipeline
+    from edgepack.profiles import load_profile
+
+    cfg = PipelineConfig(profile=load_profile(profile), teacher=teacher, data=data, run_dir=out,
+                         steps=steps, limit=limit, seed=seed, allow_unverified=allow_unverified)
+    with progress_bars(not json_out) as progress:
+        result = run_pipeline(cfg, progress=progress)
+
+    def human(r: dict[str, Any]) -> None:
+        from rich.table import Table
+
+        t = Table("stage", "seconds", "result", title=f"pipeline {r['run_dir']}")
+        for s in r["stages"]:
+            t.add_row(s["stage"], f"{s['seconds']:.1f}", s["summary"])
+        console.print(t)
+        console.print(f"bundle: [bold]{r['bundle']}[/bold]")
+        console.print(f"gate verdict: [bold]{r['verdict']}[/bold]")
+
+    emit(result, json_out, human)
+    return 0 if result["verdict"] == PASS or (allow_unverified and result["bundle"]) else 1

@@ -1,0 +1,77 @@
+"""`edgepack run`, `edgepack chat` and `edgepack serve`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+
+def run_cmd(
+    model: Annotated[Path, typer.Argument(help="A .edgepack bundle or a .gguf file.")],
+    prompt: Annotated[str, typer.Option("--prompt", help="User message to complete.")],
+    max_tokens: Annotated[int, typer.Option(help="Maximum new tokens.")] = 128,
+    temperature: Annotated[float, typer.Option(help="0 = greedy.")] = 0.0,
+    json_out: Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout.")] = False,
+) -> None:
+    """Verify and load a bundle, then complete one chat prompt (streamed)."""
+    import sys
+
+    from edgepack.console import emit
+    from edgepack.runtime.session import open_model
+
+    with open_model(model) as session:
+        if json_out:
+            text = "".join(session.stream_chat([{"role": "user", "content": prompt}],
+                                               max_tokens=max_tokens, temperature=temperature))
+            emit({"model": str(model), "prompt": prompt, "completion": text}, True)
+            return
+        for piece in session.stream_chat([{"role": "user", "content": prompt}],
+                                         max_tokens=max_tokens, temperature=temperature):
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+
+
+def chat_cmd(
+    model: Annotated[Path, typer.Argument(help="A .edgepack bundle or a .gguf file.")],
+    max_tokens: Annotated[int, typer.Option(help="Maximum new tokens per reply.")] = 256,
+    temperature: Annotated[float, typer.Option(help="0 = greedy.")] = 0.0,
+) -> None:
+    """Interactive chat with a bundle (empty line or Ctrl-D to quit)."""
+    import sys
+
+    from edgepack.console import err
+    from edgepack.runtime.session import open_model
+
+    history: list[dict[str, str]] = []
+    with open_model(model) as session:
+        err.print("[dim]empty line or Ctrl-D to quit[/dim]")
+        while True:
+            try:
+                line = input("> ")
+            except EOFError:
+                break
+            if not line.strip():
+                break
+            history.append({"role": "user", "content": line})
+            reply = []
+            for piece in session.stream_chat(history, max_tokens=max_tokens, temperature=temperature):
+                reply.append(piece)
+                sys.stdout.write(piece)
+                sys.stdout.flush()
+            sys.stdout.write("\n")
+            history.append({"role": "assistant", "content": "".join(reply)})
+
+
+def serve_cmd(
+    model: Annotated[Path, typer.Argument(help="A .edgepack bundle.")],
+    host: Annotated[str, typer.Option(help="Bind address (loopback by default).")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port.")] = 8000,
+    api_key_env: Annotated[str | None, typer.Option(help="Env var holding the API key.")] = None,
+) -> None:
+    """Serve a bundle over an OpenAI-compatible HTTP API."""
+    from edgepack.runtime.server import serve
+
+    serve(model, host=host, port=port, api_key_env=api_key_env)

@@ -1,0 +1,57 @@
+"""Names shared between stages: run-directory layout, run.toml keys, manifest keys.
+
+Stages talk through files in the run directory; every file name and key lives here so a
+rename is one edit.
+"""
+
+from __future__ import annotations
+
+BUILTIN_TEACHER = "builtin:smollm2-135m-instruct"
+
+# --- run directory layout (each entry written by exactly one stage) -------------------
+RUN_TOML = "run.toml"              # pipeline / first stage: what was asked for
+DATA_DIR = "data"                  # distill data: train.jsonl, holdout.jsonl, report.json
+TEACHER_DIR = "teacher"            # distill data: the teacher materialised as an HF dir
+STUDENT_DIR = "student"            # distill train: the distilled student (HF, safetensors)
+CHECKPOINT_DIR = "checkpoints"     # distill train: resumable checkpoints
+ARTIFACTS_DIR = "artifacts"        # export: .gguf / onnx folders + export.json
+GATE_DIR = "gate"                  # gate: <artifact>.json reports
+BUNDLES_DIR = "bundles"            # pack: <model>-<profile>-<format>-<quant>.edgepack
+COMPLETE_MARKER = ".complete"      # written last in a stage's output folder
+
+TRAIN_FILE = "train.jsonl"
+HOLDOUT_FILE = "holdout.jsonl"
+DATA_REPORT = "report.json"
+TRAIN_REPORT = "train_report.json"
+EXPORT_REPORT = "export.json"
+
+# --- run.toml keys ----------------------------------------------------------------------
+RUN_SCHEMA = "schema"
+RUN_PROFILE = "profile"
+RUN_TEACHER = "teacher"
+RUN_DATA = "data"
+RUN_SEED = "seed"
+RUN_CREATED = "created"
+RUN_VERSION = "edgepack_version"
+
+# --- bundle manifest keys -----------------------------------------------------------------
+MANIFEST_FILE = "manifest.json"
+MANIFEST_SCHEMA_VERSION = 1
+M_SCHEMA = "schema_version"
+M_MODEL = "model"
+M_FORMAT = "format"
+M_QUANT = "quant"
+M_PROFILE = "profile"
+M_FILES = "files"
+M_ENTRYPOINT = "entrypoint"
+M_GATE = "gate"
+M_GATE_STATUS = "gate_status"
+M_LINEAGE = "lineage"
+M_RUNTIME = "runtime"
+M_CHAT_TEMPLATE = "chat_template"
+BUNDLE_SUFFIX = ".edgepack"
+
+# --- gate verdicts --------------------------------------------------------------------------
+PASS = "PASS"
+FAIL = "FAIL"
+UNVERIFIED = "UNVERIFIED"

@@ -1,0 +1,87 @@
+"""The one exception hierarchy of edgepack.
+
+Every error a user can cause subclasses :class:`EdgepackError` (and a builtin where one
+fits) and carries a ``hint``: the CLI prints ``error: <message>`` and ``hint: <hint>`` on
+one line each and exits with ``exit_code``. Library code raises these; it never exits.
+"""
+
+from __future__ import annotations
+
+
+class EdgepackError(Exception):
+    """Base class. ``exit_code`` 2 = bad input, 1 = a check or gate that failed."""
+
+    exit_code: int = 2
+    default_hint: str = ""
+
+    def __init__(self, message: str, hint: str | None = None) -> None:
+        super().__init__(message)
+        self.hint = hint if hint is not None else self.default_hint
+
+
+class UsageError(EdgepackError, ValueError):
+    """An option or argument that cannot be used as given."""
+
+
+class ProfileError(EdgepackError, ValueError):
+    """An unknown profile name or a malformed profile file (every problem listed)."""
+
+    default_hint = "run `edgepack profiles list` for the shipped names, or pass a path to a .toml file"
+
+
+class DataError(EdgepackError, ValueError):
+    """A missing, empty or malformed prompts/holdout file."""
+
+    default_hint = "each line must be a JSON object with a `prompt` string or a `messages` list"
+
+
+class ModelSourceError(EdgepackError, FileNotFoundError):
+    """A teacher/student/artifact path that does not exist or is not a model."""
+
+    default_hint = "pass a local HF model dir, a .gguf file, or builtin:smollm2-135m-instruct"
+
+
+class UnsafeModelError(EdgepackError, PermissionError):
+    """A model that would execute code to load (pickle, remote code, template injection)."""
+
+    default_hint = "convert the checkpoint to safetensors, or opt in explicitly if you trust it"
+
+
+class InvalidModelFile(EdgepackError, ValueError):
+    """A model file whose bytes are inconsistent (truncated, bad header, NaN weights)."""
+
+    default_hint = "re-create or re-download the file; it is truncated or corrupted"
+
+
+class UnsupportedArchitecture(EdgepackError, NotImplementedError):
+    """An architecture the exporter has no registry entry for."""
+
+
+class RunDirError(EdgepackError, ValueError):
+    """A run directory missing the output of an earlier stage, or one that would be overwritten."""
+
+    default_hint = "run the earlier stage first, or point --out at a new folder"
+
+
+class BundleError(EdgepackError, ValueError):
+    """A bundle that fails verification (hash, schema, unsafe member)."""
+
+    exit_code = 1
+    default_hint = "rebuild the bundle with `edgepack pack`, or re-copy it to the device"
+
+
+class BudgetError(EdgepackError, ValueError):
+    """A memory or latency budget that no configuration can meet."""
+
+
+class RuntimeFailure(EdgepackError, RuntimeError):
+    """A backend process that crashed, timed out or produced no output."""
+
+    exit_code = 1
+
+
+class GateFailed(EdgepackError):
+    """A gate verdict other than PASS, raised only where a caller requires PASS."""
+
+    exit_code = 1
+    default_hint = "see the gate report; try `edgepack gate --search` for a configuration that fits"
