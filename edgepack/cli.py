@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import sys
 
-import click
 import typer
 
 from edgepack.commands import bundle, distill, export, gate, pipeline, profiles, run
@@ -34,23 +33,21 @@ app.command("pipeline")(pipeline.pipeline_cmd)
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point: run the app, map errors to one line and an exit code."""
+    """Entry point: run the app; an edgepack error becomes one line and an exit code.
+
+    Usage errors are typer's own (exit 2); commands signal a failed check with
+    ``typer.Exit(1)``; anything else raised is mapped by :func:`report_error`.
+    """
     from edgepack.console import report_error
 
     try:
-        result = app(args=argv, standalone_mode=False, prog_name="edgepack")
-    except click.exceptions.Exit as exc:
-        return int(exc.exit_code or 0)
-    except click.exceptions.Abort:
-        return 130
-    except click.ClickException as exc:
-        exc.show()
-        return int(exc.exit_code)
-    except KeyboardInterrupt:
-        return 130
+        app(args=argv, prog_name="edgepack")
+    except SystemExit as exc:
+        code = exc.code
+        return code if isinstance(code, int) else (0 if code is None else 1)
     except Exception as exc:  # noqa: BLE001 - the one place errors become exit codes
         return report_error(exc)
-    return int(result) if isinstance(result, int) else 0
+    return 0
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ def gate_cmd(
     holdout: Annotated[Path | None, typer.Option(help="Holdout JSONL for the quality check.")] = None,
     report: Annotated[Path | None, typer.Option(help="Write the JSON report here too.")] = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout.")] = False,
-) -> int:
+) -> None:
     """Measure latency, memory and quality in the real runtime; exit 0 only on PASS."""
     from edgepack.atomic import write_json
     from edgepack.console import emit, out, progress_bars
@@ -41,4 +41,5 @@ def gate_cmd(
                   + (f" — {'; '.join(r['reasons'])}" if r.get("reasons") else ""))
 
     emit(result, json_out, human)
-    return 0 if result["verdict"] == PASS else 1
+    if result["verdict"] != PASS:
+        raise typer.Exit(1)

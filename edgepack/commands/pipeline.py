@@ -20,7 +20,7 @@ def pipeline_cmd(
     seed: Annotated[int, typer.Option(help="Seed.")] = 0,
     allow_unverified: Annotated[bool, typer.Option(help="Package an UNVERIFIED gate (recorded).")] = False,
     json_out: Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout.")] = False,
-) -> int:
+) -> None:
     """Run every stage end to end and print the bundle path and the gate verdict."""
     from edgepack.console import emit, out as console, progress_bars
     from edgepack.constants import PASS
@@ -43,4 +43,5 @@ def pipeline_cmd(
         console.print(f"gate verdict: [bold]{r['verdict']}[/bold]")
 
     emit(result, json_out, human)
-    return 0 if result["verdict"] == PASS or (allow_unverified and result["bundle"]) else 1
+    if not result["bundle"]:
+        raise typer.Exit(1)
