@@ -66,17 +66,19 @@ def _quiet_progress(task: str, done: int, total: int | None = None) -> None:
 
 def report_error(exc: BaseException) -> int:
     """Print an EdgepackError as one line (+ hint); return its exit code."""
+    from rich.markup import escape
+
     from edgepack.errors import EdgepackError
 
     if os.environ.get("EDGEPACK_DEBUG") == "1":
         err.print_exception()
     if isinstance(exc, EdgepackError):
-        msg = str(exc).replace("\n", " ")
-        err.print(f"[bold red]error:[/bold red] {msg}", markup=True, highlight=False, soft_wrap=True)
+        msg = escape(str(exc).replace("\n", " "))
+        err.print(f"[bold red]error:[/bold red] {msg}", highlight=False, soft_wrap=True)
         if exc.hint:
-            err.print(f"[yellow]hint:[/yellow] {exc.hint}", highlight=False, soft_wrap=True)
+            err.print(f"[yellow]hint:[/yellow] {escape(exc.hint)}", highlight=False, soft_wrap=True)
         return exc.exit_code
-    err.print(f"[bold red]internal error:[/bold red] {type(exc).__name__}: {exc}", highlight=False,
+    err.print(f"[bold red]internal error:[/bold red] {type(exc).__name__}: {escape(str(exc))}", highlight=False,
               soft_wrap=True)
     err.print("[yellow]hint:[/yellow] rerun with EDGEPACK_DEBUG=1 for a traceback and report it",
               highlight=False)

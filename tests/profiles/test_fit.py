@@ -1,0 +1,90 @@
+"""Memory estimates: pure estimator checks, fit on real files, and the RSS calibration."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from edgepack.profiles import load_profile
+from edgepack.profiles.fit import (GGUF_BITS, ModelShape, estimate_deploy, estimate_train, fit_model,
+                                   kv_cache_bytes, shape_from_config)
+
+SMOL = ModelShape(n_layers=30, hidden=576, n_heads=9, n_kv_heads=3, head_dim=64, intermediate=1536,
+                  vocab=49152, params=134_515_008, embedding_params=49152 * 576, tied=True)
+
+
+def test_kv_cache_formula() -> None:
+    # 2 (K,V) x layers x ctx x kv_heads x head_dim x 2 bytes (f16)
+    assert kv_cache_bytes(SMOL, 2048) == 2 * 30 * 2048 * 3 * 64 * 2
+    assert kv_cache_bytes(SMOL, 4096) == 2 * kv_cache_bytes(SMOL, 2048)
+
+
+def test_deploy_estimate_orders_quants_by_size() -> None:
+    sizes = [estimate_deploy(SMOL, "gguf", q, 2048, 2**30).weights_bytes
+             for q in ("F16", "Q8_0", "Q6_K", "Q4_K_M", "Q4_0")]
+    assert sizes == sorted(sizes, reverse=True)
+    est = estimate_deploy(SMOL, "gguf", "Q4_K_M", 2048, budget_bytes=10 * 2**20)
+    assert not est.fits and est.total_bytes == est.weights_bytes + est.kv_cache_bytes + est.overhead_bytes
+
+
+def test_shape_from_config_counts_llama_params(tiny_llama_dir: Path) -> None:
+    import torch  # noqa: F401  (only to make sure the model is loadable)
+    from transformers import AutoModelForCausalLM
+
+    cfg = json.loads((tiny_llama_dir / "config.json").read_text())
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir)
+    assert shape_from_config(cfg).params == sum(p.numel() for p in model.parameters())
+
+
+def test_train_estimate_grows_with_batch_and_shrinks_with_lora() -> None:
+    full = estimate_train(SMOL, budget_bytes=2**34, device="cpu", micro_batch=4)
+    bigger = estimate_train(SMOL, budget_bytes=2**34, device="cpu", micro_batch=8)
+    lora = estimate_train(SMOL, budget_bytes=2**34, device="cpu", method="lora")
+    assert bigger.activations_bytes > full.activations_bytes
+    assert lora.optimizer_bytes < full.optimizer_bytes / 50
+    assert full.total_bytes == (full.weights_bytes + full.gradients_bytes + full.optimizer_bytes
+                                + full.activations_bytes + full.teacher_bytes)
+
+
+def test_fit_hf_dir(tiny_llama_dir: Path) -> None:
+    result = fit_model(tiny_llama_dir, load_profile("cpu-x86-2c"))
+    quants = [(d["format"], d["quant"]) for d in result["deploy"]]
+    assert quants == [(c.format, c.quant) for c in load_profile("cpu-x86-2c").choices]
+    assert all(d["fits"] for d in result["deploy"])
+    assert {"weights_bytes", "gradients_bytes", "optimizer_bytes", "activations_bytes",
+            "teacher_bytes", "total_bytes", "fits"} <= set(result["train"])
+
+
+@pytest.mark.slow
+def test_fit_gguf_first_entry_is_file_as_is(builtin_teacher_gguf: Path) -> None:
+    result = fit_model(builtin_teacher_gguf, load_profile("cpu-x86-2c"))
+    first = result["deploy"][0]
+    assert first["quant"] == "Q4_1" and first["as_is"]
+    assert first["weights_bytes"] == builtin_teacher_gguf.stat().st_size
+    assert result["shape"]["n_layers"] == 30 and result["shape"]["vocab"] == 49152
+    assert set(GGUF_BITS) >= {d["quant"] for d in result["deploy"] if d["format"] == "gguf"}
+
+
+_RSS_PROBE = """
+import resource, sys
+from llama_cpp import Llama
+llm = Llama(sys.argv[1], n_ctx=2048, n_threads=2, verbose=False)
+prompt = "Pump P-101 discharge pressure low alarm. " * 12
+llm.create_completion(prompt, max_tokens=64, temperature=0.0)
+print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+"""
+
+
+@pytest.mark.slow
+def test_deploy_estimate_within_25_percent_of_measured_rss(builtin_teacher_gguf: Path) -> None:
+    """The estimate for the embedded GGUF at ctx 2048 vs peak RSS of a fresh llama.cpp process."""
+    out = subprocess.run([sys.executable, "-c", _RSS_PROBE, str(builtin_teacher_gguf)],
+                         capture_output=True, text=True, timeout=300, check=True)
+    measured = int(out.stdout.strip().splitlines()[-1])
+    estimate = fit_model(builtin_teacher_gguf, load_profile("cpu-x86-2c"), context=2048)["deploy"][0]
+    ratio = estimate["total_bytes"] / measured
+    assert 0.75 <= ratio <= 1.25, f"estimate {estimate['total_bytes']} vs measured {measured} ({ratio:.2f})"
