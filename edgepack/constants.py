@@ -23,7 +23,11 @@ TRAIN_FILE = "train.jsonl"
 HOLDOUT_FILE = "holdout.jsonl"
 DATA_REPORT = "report.json"
 TRAIN_REPORT = "train_report.json"
+TEACHER_CONTEXT = "teacher_context.json"   # data/: teacher-only prompt turns (demonstrations)
+STUDENT_INFO = "student.json"              # student/: kept blocks, params, teacher identity
+EVAL_REPORT = "eval.json"                  # RUN/eval.json: `edgepack eval` (teacher vs students)
 EXPORT_REPORT = "export.json"
+TEACHER_SOURCE = "source.json"             # teacher/: {spec, kind, path, sha256}
 
 # --- run.toml keys ----------------------------------------------------------------------
 RUN_SCHEMA = "schema"
@@ -49,6 +53,7 @@ M_GATE_STATUS = "gate_status"
 M_LINEAGE = "lineage"
 M_RUNTIME = "runtime"
 M_CHAT_TEMPLATE = "chat_template"
+M_PACK = "pack"                    # how/when the bundle was packed (allow_unverified, notes)
 BUNDLE_SUFFIX = ".edgepack"
 
 # --- gate verdicts --------------------------------------------------------------------------

@@ -1,0 +1,1 @@
+"""Runtime backends, one per artifact format, registered by exact format name (see base.py)."""

@@ -1,0 +1,323 @@
+"""`edgepack pack`: turn a gated artifact of a run into a verifiable ``.edgepack`` bundle.
+
+``pack_run`` reads the gate reports in ``RUN/gate/``, picks an artifact (the one asked for,
+or the first of the profile's choices, in preference order, whose verdict is PASS), checks
+that the file is byte-for-byte the one that was gated (sha256), and writes
+``RUN/bundles/<model>-<profile>-<format>-<quant>.edgepack`` atomically (format:
+:mod:`edgepack.runtime.bundle`). FAIL is never packed; UNVERIFIED only with
+``allow_unverified``, and the bundle says so (``gate_status`` and ``pack``).
+
+What goes in, besides the model file: ``manifest.json`` with every file's sha256, the gate
+report, the run's lineage (run.toml, teacher source, student shape, data and train reports,
+export entry, tool versions), the chat template, the tokenizer files when the run has them,
+a model card ``README.md`` with HF-style YAML front matter, and for GGUF an Ollama
+``Modelfile``. Per-format contents are a registry (:data:`PAYLOADS`) keyed by format name.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import re
+import tomllib
+from collections.abc import Callable
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from edgepack import __version__
+from edgepack.constants import (ARTIFACTS_DIR, BUNDLE_SUFFIX, BUNDLES_DIR, DATA_DIR, DATA_REPORT,
+                                EXPORT_REPORT, FAIL, GATE_DIR, M_CHAT_TEMPLATE, M_ENTRYPOINT, M_FILES,
+                                M_FORMAT, M_GATE, M_GATE_STATUS, M_LINEAGE, M_MODEL, M_PACK, M_PROFILE,
+                                M_QUANT, M_RUNTIME, M_SCHEMA, MANIFEST_SCHEMA_VERSION, PASS, RUN_TOML,
+                                STUDENT_DIR, STUDENT_INFO, TEACHER_DIR, TEACHER_SOURCE, TRAIN_REPORT,
+                                UNVERIFIED)
+from edgepack.errors import GateFailed, RunDirError, UsageError
+from edgepack.profiles import Profile
+from edgepack.runtime.bundle import BundleFile, write_bundle
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "generation_config.json")
+TOOLS = ("llama-cpp-python", "gguf", "transformers", "torch", "tokenizers", "peft", "onnxruntime")
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise RunDirError(f"cannot read {path}: {exc}") from exc
+
+
+def _sha256(path: Path) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+# --- choosing the artifact -------------------------------------------------------------------
+def load_gate_reports(run_dir: Path) -> list[dict[str, Any]]:
+    """Every ``RUN/gate/*.json`` report, each with ``_report_path`` added."""
+    gate_dir = Path(run_dir) / GATE_DIR
+    if not gate_dir.is_dir():
+        raise RunDirError(f"{gate_dir} does not exist; nothing has been gated in this run",
+                          hint="run `edgepack gate` (or `edgepack pipeline`) first")
+    reports = []
+    for path in sorted(gate_dir.glob("*.json")):
+        report = _read_json(path)
+        if not isinstance(report, dict) or "verdict" not in report:
+            raise RunDirError(f"{path} is not a gate report (no verdict)")
+        reports.append({**report, "_report_path": str(path)})
+    if not reports:
+        raise RunDirError(f"{gate_dir} holds no gate reports", hint="run `edgepack gate` first")
+    return reports
+
+
+def _name(report: dict[str, Any]) -> str:
+    return str(report.get("artifact_name") or Path(str(report.get("artifact", ""))).name)
+
+
+def _acceptable(report: dict[str, Any], allow_unverified: bool) -> bool:
+    return report["verdict"] == PASS or (allow_unverified and report["verdict"] == UNVERIFIED)
+
+
+def choose_report(reports: list[dict[str, Any]], profile: Profile, artifact: Path | None,
+                  allow_unverified: bool) -> dict[str, Any]:
+    """The gate report to pack, by the rules in the module docstring; GateFailed otherwise."""
+    allowed = [(c.format, c.quant) for c in profile.choices]
+    mine = [r for r in reports if r.get("profile") == profile.name]
+    if artifact is not None:
+        match = [r for r in mine if _name(r) == Path(artifact).name]
+        if not match:
+            others = sorted({str(r.get("profile")) for r in reports if _name(r) == Path(artifact).name})
+            raise RunDirError(f"no gate report for {Path(artifact).name} on profile {profile.name}"
+                              + (f" (gated only for {', '.join(others)})" if others else ""),
+                              hint=f"run `edgepack gate {artifact} --profile {profile.name}` first")
+        report = match[-1]
+        if (report.get("format"), report.get("quant")) not in allowed:
+            raise UsageError(f"{_name(report)} is {report.get('format')}:{report.get('quant')}, which profile "
+                             f"{profile.name} does not allow ({', '.join(map(str, profile.choices))})")
+        if not _acceptable(report, allow_unverified):
+            extra = " (pass --allow-unverified to package it anyway)" if report["verdict"] == UNVERIFIED else ""
+            raise GateFailed(f"{_name(report)}: gate verdict {report['verdict']}{extra}: "
+                             + "; ".join(report.get("reasons", [])[:3]))
+        return report
+    ranked = sorted((r for r in mine if (r.get("format"), r.get("quant")) in allowed),
+                    key=lambda r: allowed.index((r.get("format"), r.get("quant"))))
+    for wanted in ([PASS, UNVERIFIED] if allow_unverified else [PASS]):
+        for report in ranked:
+            if report["verdict"] == wanted:
+                return report
+    summary = "; ".join(f"{_name(r)}: {r['verdict']}" for r in ranked) or "no report for this profile's choices"
+    raise GateFailed(f"no artifact of this run passed the gate for {profile.name} ({summary})",
+                     hint="see RUN/gate/*.json; try a smaller quantization, or --allow-unverified "
+                          "when the gate could not run on the target device")
+
+
+def _locate_artifact(run_dir: Path, report: dict[str, Any]) -> Path:
+    """The gated file inside the run (or where the report says), checked against its sha256."""
+    name = _name(report)
+    candidates = [Path(run_dir) / ARTIFACTS_DIR / name, Path(str(report.get("artifact", "")))]
+    path = next((p for p in candidates if p.is_file()), None)
+    if path is None:
+        raise RunDirError(f"the gated artifact {name} is missing from {Path(run_dir) / ARTIFACTS_DIR}")
+    gated_sha = report.get("model_sha256") or report.get("artifact_sha256")
+    if not gated_sha:
+        raise RunDirError(f"{report['_report_path']} records no sha256 of {name}; re-run the gate")
+    if _sha256(path) != gated_sha:
+        raise RunDirError(f"{path} is not the file that was gated (sha256 differs from "
+                          f"{report['_report_path']})", hint="re-run the gate on the current artifact")
+    return path
+
+
+# --- per-format payloads ----------------------------------------------------------------------
+Payload = dict[str, Any]  # files (list[BundleFile]), chat_template, runtime, notes
+
+
+def _gguf_payload(model: Path, model_name: str, profile: Profile) -> Payload:
+    from edgepack.runtime.chat_template import to_ollama_template
+    from edgepack.runtime.gguf_header import read_gguf, stop_token_ids, token_texts
+    from edgepack.runtime.memory import estimate_gguf_memory
+
+    header = read_gguf(model, keep_arrays=("tokenizer.ggml.tokens",))
+    stops = token_texts(header, stop_token_ids(header))
+    bos_id = header.metadata.get("tokenizer.ggml.bos_token_id")
+    specials = {"bos_token": token_texts(header, [bos_id]).get(bos_id, "") if isinstance(bos_id, int) else "",
+                "eos_token": stops.get(header.metadata.get("tokenizer.ggml.eos_token_id"), "")}
+    template = header.chat_template
+    notes: list[str] = []
+    lines = [f"# Ollama Modelfile written by edgepack {__version__}.",
+             f"# Build: ollama create {model_name} -f Modelfile", f"FROM ./{model.name}"]
+    derived = to_ollama_template(template, **specials) if template else None
+    if derived is not None:
+        go, system = derived
+        lines.append(f'TEMPLATE """{go}"""')
+        if system:
+            lines.append(f'SYSTEM """{system}"""')
+    else:
+        why = "the model has no chat template" if not template else \
+            "the chat template cannot be expressed as an Ollama TEMPLATE exactly"
+        lines.append(f"# TEMPLATE omitted: {why}; Ollama will use its default.")
+        notes.append(f"Modelfile: TEMPLATE omitted ({why})")
+    for tid, text in stops.items():
+        if '"' in text or "\n" in text:
+            notes.append(f"Modelfile: stop token {tid} {text!r} cannot be quoted; omitted")
+            continue
+        lines.append(f'PARAMETER stop "{text}"')
+    lines += [f"PARAMETER num_ctx {profile.context_length}", "PARAMETER temperature 0"]
+    import importlib.metadata as md
+
+    runtime = {
+        "backend": "llama.cpp", "requires": {"llama-cpp-python": f">={md.version('llama-cpp-python')}"},
+        "gguf_version": header.version, "architecture": header.architecture,
+        "context_length": profile.context_length, "threads": profile.threads, "device": profile.device,
+        "stop_tokens": [{"id": i, "text": t} for i, t in stops.items()], "special_tokens": specials,
+        "memory_estimate": estimate_gguf_memory(header, profile.context_length),
+    }
+    files = [BundleFile(model.name, model), BundleFile("Modelfile", ("\n".join(lines) + "\n").encode())]
+    if template:
+        files.append(BundleFile("chat_template.jinja", template.encode("utf-8")))
+    return {"files": files, "chat_template": template, "runtime": runtime, "notes": notes}
+
+
+PAYLOADS: dict[str, Callable[[Path, str, Profile], Payload]] = {"gguf": _gguf_payload}
+
+
+# --- lineage and model card ---------------------------------------------------------------------
+def tool_versions() -> dict[str, str | None]:
+    """Versions of the tools that made the bundle (from package metadata; nothing imported)."""
+    import importlib.metadata as md
+
+    out: dict[str, str | None] = {"edgepack": __version__, "python": platform.python_version()}
+    for dist in TOOLS:
+        try:
+            out[dist] = md.version(dist)
+        except md.PackageNotFoundError:
+            out[dist] = None
+    return out
+
+
+def read_lineage(run_dir: Path, artifact_name: str) -> dict[str, Any]:
+    """What the run recorded about how the artifact was made; absent files are listed."""
+    run = Path(run_dir)
+    sources = {
+        "teacher": run / TEACHER_DIR / TEACHER_SOURCE, "student": run / STUDENT_DIR / STUDENT_INFO,
+        "data": run / DATA_DIR / DATA_REPORT, "train": run / STUDENT_DIR / TRAIN_REPORT,
+    }
+    lineage: dict[str, Any] = {"missing": []}
+    toml_path = run / RUN_TOML
+    if toml_path.is_file():
+        try:
+            lineage["run"] = tomllib.loads(toml_path.read_text(encoding="utf-8"))
+        except tomllib.TOMLDecodeError as exc:
+            raise RunDirError(f"{toml_path}: not valid TOML ({exc})") from exc
+    else:
+        lineage["missing"].append(RUN_TOML)
+    for key, path in sources.items():
+        if path.is_file():
+            lineage[key] = _read_json(path)
+        else:
+            lineage["missing"].append(str(path.relative_to(run)))
+    export = run / ARTIFACTS_DIR / EXPORT_REPORT
+    if export.is_file():
+        report = _read_json(export)
+        entry = next((a for a in report.get("artifacts", []) if Path(str(a.get("path"))).name == artifact_name), None)
+        lineage["export"] = {"entry": entry, "notes": report.get("notes", []), "model": report.get("model"),
+                             "created": report.get("created")}
+    else:
+        lineage["missing"].append(str(export.relative_to(run)))
+    lineage["tools"] = tool_versions()
+    return lineage
+
+
+def _yaml_str(value: Any) -> str:
+    return json.dumps(str(value), ensure_ascii=False)  # a JSON string is a valid YAML scalar
+
+
+def model_card(manifest: dict[str, Any], *, license_name: str | None) -> str:
+    """README.md: HF-style YAML front matter, then what the bundle is and how it was judged."""
+    gate = manifest[M_GATE]
+    tags = ["edgepack", manifest[M_FORMAT], manifest[M_QUANT], manifest[M_PROFILE]["name"], "distillation"]
+    front = ["---"]
+    if license_name:
+        front.append(f"license: {_yaml_str(license_name)}")
+    front += [f"model_name: {_yaml_str(manifest[M_MODEL])}", "pipeline_tag: text-generation",
+              f"library_name: {_yaml_str(manifest[M_FORMAT])}",
+              "tags:", *[f"- {_yaml_str(t)}" for t in tags], "edgepack:",
+              f"  profile: {_yaml_str(manifest[M_PROFILE]['name'])}",
+              f"  gate_status: {_yaml_str(manifest[M_GATE_STATUS])}",
+              f"  quant: {_yaml_str(manifest[M_QUANT])}", "---", ""]
+    teacher = (manifest[M_LINEAGE].get("teacher") or {}).get("spec", "not recorded")
+    rows = [f"| {c['name']} | {c['measured']} | {c['budget']} | {c['unit']} | "
+            f"{ {True: 'yes', False: 'no'}.get(c['ok'], 'not measured') } |" for c in gate.get("checks", [])]
+    machine = gate.get("machine") or {}
+    body = [
+        f"# {manifest[M_MODEL]} for {manifest[M_PROFILE]['name']} ({manifest[M_FORMAT]} {manifest[M_QUANT]})", "",
+        f"Distilled from `{teacher}` by edgepack {__version__} and packed for the "
+        f"`{manifest[M_PROFILE]['name']}` profile: {manifest[M_PROFILE].get('description', '')}.", "",
+        f"## Gate: {manifest[M_GATE_STATUS]}", "",
+        f"Measured on {machine.get('system', '?')} {machine.get('machine', '?')}, {machine.get('cpu', '?')}, "
+        f"{machine.get('cpu_count', '?')} CPUs. Policy: {gate.get('policy', '')}", "",
+        "| check | measured | budget | unit | ok |", "|---|---|---|---|---|", *rows, "",
+        *[f"- {r}" for r in gate.get("reasons", [])], "",
+        "## Use", "", "```sh", f"edgepack verify {manifest['bundle_name']}",
+        f"edgepack run {manifest['bundle_name']} --prompt \"...\"", "```", "",
+        "For Ollama, extract the bundle and run `ollama create <name> -f Modelfile` in that folder.", "",
+        "## Files", "", "Every file's size and sha256 are listed in `manifest.json`; "
+        "`edgepack verify` checks them all.", "",
+    ]
+    if not license_name:
+        body += ["## License", "", "No license was recorded for this model; it inherits the terms of "
+                 "its teacher and training data.", ""]
+    return "\n".join(front + body)
+
+
+# --- the command ------------------------------------------------------------------------------
+def _safe(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-.") or "model"
+
+
+def pack_run(*, run_dir: Path, profile: Profile, artifact: Path | None,
+             allow_unverified: bool) -> dict[str, Any]:
+    """Package the run's best gated artifact for ``profile`` into RUN/bundles/*.edgepack."""
+    run_dir = Path(run_dir)
+    report = choose_report(load_gate_reports(run_dir), profile, artifact, allow_unverified)
+    model_path = _locate_artifact(run_dir, report)
+    fmt, quant, verdict = str(report["format"]), str(report["quant"]), str(report["verdict"])
+    if verdict == FAIL:  # unreachable through choose_report; kept as the invariant
+        raise GateFailed(f"{model_path.name} failed the gate")
+    if fmt not in PAYLOADS:
+        raise UsageError(f"packing {fmt!r} artifacts is not supported; supported: {', '.join(PAYLOADS)}")
+    lineage = read_lineage(run_dir, model_path.name)
+    model_name = _safe(str((lineage.get("export") or {}).get("model") or
+                           model_path.stem.removesuffix(f"-{quant}")))
+    payload = PAYLOADS[fmt](model_path, model_name, profile)
+    bundle_name = f"{model_name}-{_safe(profile.name)}-{fmt}-{_safe(quant)}{BUNDLE_SUFFIX}"
+    notes = list(payload["notes"])
+    if verdict == UNVERIFIED:
+        notes.insert(0, "packaged with --allow-unverified: the gate could not confirm the budgets on the target "
+                        "device (" + "; ".join(report.get("reasons", [])[:2]) + ")")
+    gate = {k: v for k, v in report.items() if k != "_report_path"}
+    manifest: dict[str, Any] = {
+        M_SCHEMA: MANIFEST_SCHEMA_VERSION, M_MODEL: model_name, M_FORMAT: fmt, M_QUANT: quant,
+        M_PROFILE: profile.describe(), M_ENTRYPOINT: model_path.name, M_FILES: [],
+        M_GATE_STATUS: verdict, M_GATE: gate, M_LINEAGE: lineage, M_RUNTIME: payload["runtime"],
+        M_CHAT_TEMPLATE: payload["chat_template"], "bundle_name": bundle_name,
+        M_PACK: {"allow_unverified": allow_unverified, "packed_unverified": verdict == UNVERIFIED,
+                 "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                 "edgepack": __version__, "notes": notes},
+    }
+    files: list[BundleFile] = list(payload["files"])
+    for name in TOKENIZER_FILES:
+        if (run_dir / STUDENT_DIR / name).is_file():
+            files.append(BundleFile(f"tokenizer/{name}", run_dir / STUDENT_DIR / name))
+    license_name = (lineage.get("teacher") or {}).get("license")
+    files.append(BundleFile("README.md", model_card(manifest, license_name=license_name).encode("utf-8")))
+    out = run_dir / BUNDLES_DIR / bundle_name
+    check = write_bundle(out, manifest, files)
+    return {"bundle": str(out), "verdict": verdict, "artifact": str(model_path), "format": fmt,
+            "quant": quant, "profile": profile.name, "bytes": check.size, "sha256": check.sha256,
+            "files": len(check.members), "notes": notes}

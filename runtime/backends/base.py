@@ -1,0 +1,208 @@
+"""The runtime backend interface and the registry that maps a format name to a backend.
+
+A backend loads one artifact format (``gguf`` → llama.cpp, later ``onnx`` → onnxruntime) and
+exposes tokens in, tokens out. Everything above it (chat templates, text streaming, the gate's
+measurements) is written once here against that small surface.
+
+Registration is by exact format name, through the same decorator a third party would use::
+
+    from edgepack.runtime.backends.base import Backend, register_backend
+
+    @register_backend("mlc")
+    class MLCBackend(Backend):
+        ...
+
+Built-in backends live in modules that are imported only when their format is first asked
+for (:data:`BUILTIN_BACKENDS`), and those modules import their heavy library (llama_cpp,
+onnxruntime) only inside ``load``, so ``edgepack --help`` imports neither.
+"""
+
+from __future__ import annotations
+
+import codecs
+import importlib
+import os
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any, ClassVar, TypeVar
+
+from edgepack.errors import ModelSourceError, UsageError
+
+# format name -> module whose import registers that format's backend.
+BUILTIN_BACKENDS: dict[str, str] = {
+    "gguf": "edgepack.runtime.backends.llamacpp",
+}
+# How a bare artifact path announces its format (bundles say it in their manifest).
+FORMAT_BY_SUFFIX: dict[str, str] = {".gguf": "gguf"}
+FORMAT_BY_MARKER_FILE: dict[str, str] = {"model.onnx": "onnx"}
+
+_REGISTRY: dict[str, type[Backend]] = {}
+B = TypeVar("B", bound="type[Backend]")
+
+
+class Backend(ABC):
+    """One loaded model. Subclasses implement loading, tokens and the token generator."""
+
+    format: ClassVar[str] = ""
+    """The exact format name this backend is registered under (set by the decorator)."""
+
+    @classmethod
+    def prepare(cls) -> None:
+        """Import the runtime library ahead of :meth:`load` (so load time excludes it)."""
+
+    @classmethod
+    @abstractmethod
+    def load(cls, path: Path, *, threads: int, n_ctx: int, gpu_layers: int = 0) -> Backend:
+        """Load the artifact at ``path``; raise InvalidModelFile / RuntimeFailure on failure."""
+
+    @property
+    @abstractmethod
+    def n_ctx(self) -> int:
+        """Context window the model was loaded with, in tokens."""
+
+    @property
+    @abstractmethod
+    def stop_tokens(self) -> frozenset[int]:
+        """Token ids that end generation (EOS, EOT and any other end-of-generation token)."""
+
+    @property
+    @abstractmethod
+    def chat_template(self) -> str | None:
+        """The model's own chat template source (untrusted; render via render_chat)."""
+
+    @property
+    def special_tokens(self) -> dict[str, str]:
+        """``bos_token`` / ``eos_token`` texts passed to the chat template."""
+        return {}
+
+    @property
+    def info(self) -> dict[str, Any]:
+        """What was loaded, for reports (library version, GPU offload, ...)."""
+        return {"format": self.format}
+
+    @abstractmethod
+    def tokenize(self, text: str, *, add_special: bool = True, parse_special: bool = False) -> list[int]:
+        """Text → token ids; ``add_special`` adds BOS where the model asks for it."""
+
+    @abstractmethod
+    def token_bytes(self, token: int) -> bytes:
+        """The raw bytes one token stands for (may be part of a UTF-8 character)."""
+
+    @abstractmethod
+    def generate(self, tokens: Sequence[int], *, max_tokens: int, temperature: float = 0.0,
+                 seed: int | None = None, stop_at_eos: bool = True) -> Iterator[int]:
+        """Yield new token ids after ``tokens`` (fresh state each call; greedy at temperature 0).
+
+        Stops after ``max_tokens`` or, with ``stop_at_eos``, before a stop token.
+        """
+
+    def close(self) -> None:
+        """Free the model; the default does nothing."""
+
+    # --- written once for every backend ------------------------------------------------
+    def render_chat(self, messages: Sequence[dict[str, Any]], *, add_generation_prompt: bool = True) -> str:
+        """The prompt string for ``messages``, from the model's template in the sandbox."""
+        from edgepack.errors import InvalidModelFile
+        from edgepack.runtime.chat_template import render_chat
+
+        template = self.chat_template
+        if not template:
+            raise InvalidModelFile("the model has no chat template (tokenizer.chat_template)",
+                                   hint="re-export the model with its tokenizer's chat template")
+        return render_chat(template, messages, add_generation_prompt=add_generation_prompt,
+                           **self.special_tokens)
+
+    def chat_tokens(self, messages: Sequence[dict[str, Any]]) -> list[int]:
+        """Token ids of the rendered chat prompt, with BOS added once at most."""
+        prompt = self.render_chat(messages)
+        bos = self.special_tokens.get("bos_token", "")
+        # Templates that write {{ bos_token }} themselves must not get a second BOS.
+        add_special = not (bos and prompt.startswith(bos))
+        return self.tokenize(prompt, add_special=add_special, parse_special=True)
+
+    def decode_stream(self, tokens: Iterator[int]) -> Iterator[str]:
+        """Turn a token stream into text pieces, never splitting a UTF-8 character."""
+        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        for tok in tokens:
+            piece = decoder.decode(self.token_bytes(tok))
+            if piece:
+                yield piece
+        tail = decoder.decode(b"", final=True)
+        if tail:
+            yield tail
+
+    def stream(self, prompt: str, *, max_tokens: int, temperature: float = 0.0,
+               seed: int | None = None) -> Iterator[str]:
+        """Complete a raw prompt string (special tokens in it are parsed), streaming text."""
+        tokens = self.tokenize(prompt, add_special=True, parse_special=True)
+        return self.decode_stream(self.generate(tokens, max_tokens=max_tokens,
+                                                temperature=temperature, seed=seed))
+
+    def stream_chat(self, messages: Sequence[dict[str, Any]], max_tokens: int = 256,
+                    temperature: float = 0.0, seed: int | None = None) -> Iterator[str]:
+        """Answer the last message of a chat, streaming text pieces."""
+        tokens = self.chat_tokens(messages)
+        return self.decode_stream(self.generate(tokens, max_tokens=max_tokens,
+                                                temperature=temperature, seed=seed))
+
+    def __enter__(self) -> Backend:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def register_backend(fmt: str) -> Callable[[B], B]:
+    """Class decorator: register a :class:`Backend` subclass for the exact format ``fmt``."""
+
+    def decorator(cls: B) -> B:
+        if not (isinstance(cls, type) and issubclass(cls, Backend)):
+            raise TypeError(f"@register_backend({fmt!r}) needs a Backend subclass, got {cls!r}")
+        existing = _REGISTRY.get(fmt)
+        if existing is not None and (existing.__module__, existing.__qualname__) != (cls.__module__, cls.__qualname__):
+            raise ValueError(f"format {fmt!r} is already served by {existing.__module__}.{existing.__qualname__}")
+        if fmt in BUILTIN_BACKENDS and cls.__module__ != BUILTIN_BACKENDS[fmt]:
+            raise ValueError(f"format {fmt!r} is already served by the built-in {BUILTIN_BACKENDS[fmt]}")
+        cls.format = fmt
+        _REGISTRY[fmt] = cls
+        return cls
+
+    return decorator
+
+
+def available_formats() -> list[str]:
+    """Every format with a backend: registered ones plus the lazily imported built-ins."""
+    return sorted(set(_REGISTRY) | set(BUILTIN_BACKENDS))
+
+
+def get_backend(fmt: str) -> type[Backend]:
+    """The backend class for ``fmt``, importing a built-in backend module on first use."""
+    if fmt not in _REGISTRY and fmt in BUILTIN_BACKENDS:
+        importlib.import_module(BUILTIN_BACKENDS[fmt])
+    try:
+        return _REGISTRY[fmt]
+    except KeyError:
+        raise UsageError(f"no runtime backend for format {fmt!r}; available: {', '.join(available_formats())}",
+                         hint="install or import the package that registers that backend") from None
+
+
+def format_of(path: Path) -> str:
+    """The artifact format of a bare model path (a ``.gguf`` file, an ONNX folder)."""
+    path = Path(path)
+    if path.is_dir():
+        for marker, fmt in FORMAT_BY_MARKER_FILE.items():
+            if (path / marker).is_file():
+                return fmt
+    elif path.suffix.lower() in FORMAT_BY_SUFFIX:
+        return FORMAT_BY_SUFFIX[path.suffix.lower()]
+    known = ", ".join(sorted(FORMAT_BY_SUFFIX) + [f"a folder with {m}" for m in FORMAT_BY_MARKER_FILE])
+    raise ModelSourceError(f"{path}: not a model artifact edgepack can run (expected {known})")
+
+
+def default_threads() -> int:
+    """Threads to use when nothing says otherwise: the CPUs this process may run on."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # macOS has no sched_getaffinity
+        return max(1, os.cpu_count() or 1)

@@ -1,0 +1,336 @@
+"""The ``.edgepack`` bundle: an uncompressed tar of a model, its manifest and its papers.
+
+Layout (every member a regular file, no folders, links or devices)::
+
+    manifest.json          schema_version, model, format, quant, profile, entrypoint,
+                           files [{path, size, sha256}], gate report, gate_status, lineage,
+                           runtime requirements, chat_template (keys: edgepack.constants.M_*)
+    <model file>           the entrypoint, e.g. student-Q4_K_M.gguf
+    README.md, Modelfile, chat_template.jinja, tokenizer/...   (listed in ``files``)
+
+Verification is all-or-nothing, like ``pip --require-hashes``: one streaming pass reads every
+member header and byte, and the WHOLE bundle is rejected (the error names the member) if any
+member is not a regular file, has an unsafe name (absolute, ``..``, hidden, odd characters,
+a duplicate even by case), if the schema version is unknown, or if any file listed in the
+manifest is missing, has another size or sha256, or any member is not listed. Python's own
+tar filters are not relied on: on 3.11 the default is no filter, and ``filter='data'`` strips
+an absolute path into the target instead of refusing it.
+
+Extraction verifies first, then streams members into ``<dest>.tmp-<pid>`` (``O_EXCL`` +
+``O_NOFOLLOW``, hashes re-checked while writing in case the file changed between the passes)
+and renames it to ``dest`` only when complete; on any error the staging folder is removed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import re
+import tarfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, BinaryIO
+
+from edgepack.atomic import atomic_dir, atomic_path
+from edgepack.constants import (M_ENTRYPOINT, M_FILES, M_FORMAT, M_GATE_STATUS, M_MODEL, M_PROFILE,
+                                M_QUANT, M_SCHEMA, MANIFEST_FILE, MANIFEST_SCHEMA_VERSION)
+from edgepack.errors import BundleError
+
+KNOWN_SCHEMA_VERSIONS = (MANIFEST_SCHEMA_VERSION,)
+REQUIRED_KEYS = (M_SCHEMA, M_MODEL, M_FORMAT, M_QUANT, M_PROFILE, M_ENTRYPOINT, M_FILES, M_GATE_STATUS)
+MAX_MEMBERS = 4096
+MAX_MANIFEST_BYTES = 16 * 1024 * 1024
+MAX_NAME_CHARS = 255
+_SAFE_COMPONENT = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]*")
+_CHUNK = 1 << 20
+_BLOCK = 512
+_END_OF_ARCHIVE = 2 * _BLOCK  # a tar ends with two zero blocks; without them it was cut short
+
+
+@dataclass(frozen=True)
+class BundleCheck:
+    """The outcome of a successful verification pass."""
+
+    manifest: dict[str, Any]
+    sha256: str
+    """sha256 of the whole bundle file (the cache key for its extraction)."""
+    size: int
+    members: dict[str, tuple[int, str]]
+    """(size, sha256) of every member, manifest.json included."""
+
+
+class _HashingReader(io.RawIOBase):
+    """A read-only stream that hashes every byte read through it (tar is read sequentially)."""
+
+    def __init__(self, raw: BinaryIO) -> None:
+        self._raw = raw
+        self.digest = hashlib.sha256()
+        self.count = 0
+        self.tail = b""
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b: Any) -> int:
+        n = self._raw.readinto(b)
+        if n:
+            chunk = memoryview(b)[:n]
+            self.digest.update(chunk)
+            self.count += n
+            self.tail = (self.tail + bytes(chunk[-_END_OF_ARCHIVE:]))[-_END_OF_ARCHIVE:]
+        return n or 0
+
+
+def check_member_name(name: str) -> str | None:
+    """Why ``name`` is not a safe bundle path, or None when it is.
+
+    Safe: relative, '/'-separated components of letters, digits, ``._-``, none empty, none
+    starting with '.', at most 255 characters.
+    """
+    if not name or len(name) > MAX_NAME_CHARS:
+        return "empty or over-long name"
+    if name.startswith("/") or re.match(r"^[A-Za-z]:", name) or "\\" in name:
+        return "absolute path"
+    parts = name.split("/")
+    if ".." in parts:
+        return "path escapes the bundle (..)"
+    for part in parts:
+        if not _SAFE_COMPONENT.fullmatch(part):
+            return f"unsafe path component {part!r}"
+    return None
+
+
+def _member_problem(m: tarfile.TarInfo) -> str | None:
+    if m.issym():
+        return f"symbolic link (-> {m.linkname!r})"
+    if m.islnk():
+        return f"hard link (-> {m.linkname!r})"
+    if m.isdev():
+        return "device or FIFO"
+    if m.isdir():
+        return "directory entry (bundles hold files only)"
+    if m.type not in (tarfile.REGTYPE, tarfile.AREGTYPE) or m.issparse():
+        return f"unsupported member type {m.type!r}"
+    return check_member_name(m.name)
+
+
+def _iter_members(path: Path) -> Iterator[tuple[tarfile.TarInfo, Any, _HashingReader]]:
+    """Stream (member, file object, bundle hasher) after checking each member's header."""
+    with open(path, "rb") as raw:
+        reader = _HashingReader(raw)
+        stream = io.BufferedReader(reader, buffer_size=_CHUNK)
+        try:
+            tar = tarfile.open(fileobj=stream, mode="r|")
+        except tarfile.TarError as exc:
+            raise BundleError(f"{path.name}: not an uncompressed tar bundle ({exc})") from exc
+        seen: set[str] = set()
+        folded: dict[str, str] = {}
+        count = 0
+        try:
+            for member in tar:
+                count += 1
+                if count > MAX_MEMBERS:
+                    raise BundleError(f"{path.name}: more than {MAX_MEMBERS} members")
+                problem = _member_problem(member)
+                if problem:
+                    raise BundleError(f"{path.name}: member {member.name!r} rejected: {problem}; "
+                                      "the whole bundle is refused")
+                if member.name in seen or member.name.lower() in folded:
+                    other = folded.get(member.name.lower(), member.name)
+                    raise BundleError(f"{path.name}: duplicate member {member.name!r} (also {other!r}); "
+                                      "the whole bundle is refused")
+                seen.add(member.name)
+                folded[member.name.lower()] = member.name
+                yield member, tar.extractfile(member), reader
+            while stream.read(_CHUNK):  # hash any bytes after the end-of-archive marker
+                pass
+        except tarfile.TarError as exc:
+            raise BundleError(f"{path.name}: damaged tar after {count} member(s) ({exc}); truncated?") from exc
+
+
+def _hash_stream(fh: Any, name: str, *, keep: bool, sink: Any = None) -> tuple[int, str, bytes | None]:
+    digest = hashlib.sha256()
+    size = 0
+    kept = bytearray() if keep else None
+    while chunk := _read(fh, name, size):
+        digest.update(chunk)
+        size += len(chunk)
+        if kept is not None:
+            if size > MAX_MANIFEST_BYTES:
+                raise BundleError(f"{name} is larger than {MAX_MANIFEST_BYTES} bytes")
+            kept += chunk
+        if sink is not None:
+            sink(chunk)
+    return size, digest.hexdigest(), bytes(kept) if kept is not None else None
+
+
+def _read(fh: Any, name: str, done: int) -> bytes:
+    try:
+        return fh.read(_CHUNK)
+    except tarfile.TarError as exc:
+        raise BundleError(f"member {name!r} is truncated after {done} bytes ({exc})") from exc
+
+
+def _parse_manifest(raw: bytes | None, bundle: str) -> dict[str, Any]:
+    if raw is None:
+        raise BundleError(f"{bundle}: no {MANIFEST_FILE} member")
+    try:
+        manifest = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise BundleError(f"{bundle}: {MANIFEST_FILE} is not valid JSON ({exc})") from exc
+    if not isinstance(manifest, dict):
+        raise BundleError(f"{bundle}: {MANIFEST_FILE} is not a JSON object")
+    version = manifest.get(M_SCHEMA)
+    if version not in KNOWN_SCHEMA_VERSIONS:
+        raise BundleError(f"{bundle}: unknown manifest {M_SCHEMA} {version!r} "
+                          f"(this edgepack reads {', '.join(map(str, KNOWN_SCHEMA_VERSIONS))})",
+                          hint="upgrade edgepack, or rebuild the bundle with this version")
+    missing = [k for k in REQUIRED_KEYS if k not in manifest]
+    if missing:
+        raise BundleError(f"{bundle}: {MANIFEST_FILE} lacks {', '.join(missing)}")
+    files = manifest[M_FILES]
+    if not isinstance(files, list):
+        raise BundleError(f"{bundle}: {MANIFEST_FILE} '{M_FILES}' is not a list")
+    names: set[str] = set()
+    for entry in files:
+        ok = (isinstance(entry, dict) and isinstance(entry.get("path"), str)
+              and isinstance(entry.get("size"), int) and isinstance(entry.get("sha256"), str))
+        if not ok:
+            raise BundleError(f"{bundle}: malformed {M_FILES} entry {entry!r}")
+        why = check_member_name(entry["path"])
+        if why or entry["path"] == MANIFEST_FILE or entry["path"] in names:
+            raise BundleError(f"{bundle}: manifest lists an invalid file {entry['path']!r}: "
+                              f"{why or 'duplicate or reserved name'}")
+        names.add(entry["path"])
+    if manifest[M_ENTRYPOINT] not in names:
+        raise BundleError(f"{bundle}: entrypoint {manifest[M_ENTRYPOINT]!r} is not among the manifest's files")
+    return manifest
+
+
+def _compare(manifest: dict[str, Any], actual: dict[str, tuple[int, str]], bundle: str) -> None:
+    problems: list[str] = []
+    listed = {e["path"]: e for e in manifest[M_FILES]}
+    for name, entry in listed.items():
+        if name not in actual:
+            problems.append(f"{name}: listed in the manifest but missing")
+            continue
+        size, sha = actual[name]
+        if size != entry["size"]:
+            problems.append(f"{name}: size {size} != manifest {entry['size']}")
+        elif sha != entry["sha256"]:
+            problems.append(f"{name}: sha256 {sha[:12]}… != manifest {entry['sha256'][:12]}…")
+    for name in sorted(set(actual) - set(listed) - {MANIFEST_FILE}):
+        problems.append(f"{name}: present but not in the manifest")
+    if problems:
+        raise BundleError(f"{bundle}: verification failed: " + "; ".join(problems))
+
+
+def inspect_bundle(path: Path) -> BundleCheck:
+    """Verify ``path`` completely (see the module docstring) and return what was checked."""
+    path = Path(path)
+    if not path.is_file():
+        raise BundleError(f"{path}: no such bundle file", hint="check the path")
+    actual: dict[str, tuple[int, str]] = {}
+    manifest_raw: bytes | None = None
+    reader: _HashingReader | None = None
+    for member, fh, reader in _iter_members(path):
+        size, sha, kept = _hash_stream(fh, member.name, keep=member.name == MANIFEST_FILE)
+        if size != member.size:
+            raise BundleError(f"{path.name}: member {member.name!r} is truncated ({size} of {member.size} bytes)")
+        actual[member.name] = (size, sha)
+        if kept is not None:
+            manifest_raw = kept
+    manifest = _parse_manifest(manifest_raw, path.name)
+    _compare(manifest, actual, path.name)
+    assert reader is not None  # a manifest was found, so at least one member was read
+    if reader.count % _BLOCK or reader.tail != bytes(_END_OF_ARCHIVE):
+        raise BundleError(f"{path.name}: does not end with the tar end-of-archive marker ({reader.count} bytes): "
+                          "truncated, or bytes were appended")
+    return BundleCheck(manifest=manifest, sha256=reader.digest.hexdigest(), size=reader.count, members=actual)
+
+
+def verify_bundle(path: Path) -> dict[str, Any]:
+    """Verify a bundle; return its manifest. BundleError (naming the member) otherwise."""
+    return inspect_bundle(path).manifest
+
+
+def extract_bundle(path: Path, dest: Path) -> Path:
+    """Verify, then extract into ``dest`` (which must not exist) via a staging folder."""
+    path, dest = Path(path), Path(dest)
+    check = inspect_bundle(path)
+    if dest.exists():
+        raise BundleError(f"{dest} already exists; extract into a new folder", hint="remove it or pick another")
+    written: set[str] = set()
+    with atomic_dir(dest) as staging:
+        root = staging.resolve()
+        for member, fh, _ in _iter_members(path):
+            target = root.joinpath(*member.name.split("/"))
+            target.parent.mkdir(parents=True, exist_ok=True)
+            if root not in target.parent.resolve().parents and target.parent.resolve() != root:
+                raise BundleError(f"{path.name}: member {member.name!r} would land outside the staging folder")
+            fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o644)
+            with os.fdopen(fd, "wb") as out:
+                size, sha, _ = _hash_stream(fh, member.name, keep=False, sink=out.write)
+            if check.members.get(member.name) != (size, sha):
+                raise BundleError(f"{path.name}: {member.name} changed while it was being extracted")
+            written.add(member.name)
+        if written != set(check.members):
+            raise BundleError(f"{path.name}: the bundle changed while it was being extracted")
+    return dest
+
+
+@dataclass(frozen=True)
+class BundleFile:
+    """One file to put in a bundle: its path inside the bundle and its source."""
+
+    path: str
+    source: Path | bytes
+
+
+def _source_stats(src: Path | bytes) -> tuple[int, str]:
+    if isinstance(src, bytes):
+        return len(src), hashlib.sha256(src).hexdigest()
+    with open(src, "rb") as fh:
+        size, sha, _ = _hash_stream(fh, str(src), keep=False)
+    return size, sha
+
+
+def _tarinfo(name: str, size: int) -> tarfile.TarInfo:
+    # Fixed owner, mode and time: the same inputs give the same bytes.
+    info = tarfile.TarInfo(name)
+    info.size, info.mode, info.mtime, info.type = size, 0o644, 0, tarfile.REGTYPE
+    info.uid = info.gid = 0
+    info.uname = info.gname = ""
+    return info
+
+
+def write_bundle(out: Path, manifest: dict[str, Any], files: list[BundleFile]) -> BundleCheck:
+    """Write ``manifest`` (its ``files`` list filled in here) and ``files`` as a bundle.
+
+    The tar is built beside ``out``, verified by :func:`inspect_bundle` and only then renamed
+    to ``out``; a crash or a failed check leaves no file under the final name.
+    """
+    names = [f.path for f in files]
+    for f in files:
+        why = check_member_name(f.path)
+        if why or f.path == MANIFEST_FILE or names.count(f.path) > 1:
+            raise BundleError(f"cannot pack {f.path!r}: {why or 'duplicate or reserved name'}")
+    manifest = dict(manifest)
+    manifest[M_FILES] = [{"path": f.path, "size": s, "sha256": h}
+                         for f, (s, h) in ((f, _source_stats(f.source)) for f in files)]
+    _parse_manifest(json.dumps(manifest, default=str).encode(), Path(out).name)  # the reader's rules first
+    manifest_bytes = (json.dumps(manifest, indent=2, default=str) + "\n").encode("utf-8")
+    with atomic_path(Path(out)) as tmp:
+        with tarfile.open(tmp, mode="w", format=tarfile.PAX_FORMAT) as tar:
+            tar.addfile(_tarinfo(MANIFEST_FILE, len(manifest_bytes)), io.BytesIO(manifest_bytes))
+            for f, entry in zip(files, manifest[M_FILES]):
+                if isinstance(f.source, bytes):
+                    tar.addfile(_tarinfo(f.path, entry["size"]), io.BytesIO(f.source))
+                else:
+                    with open(f.source, "rb") as fh:
+                        tar.addfile(_tarinfo(f.path, entry["size"]), fh)
+        check = inspect_bundle(tmp)
+    return check

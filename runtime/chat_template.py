@@ -1,0 +1,196 @@
+"""Render a model's chat template without letting the template run code.
+
+A chat template comes from the model file (GGUF ``tokenizer.chat_template`` or
+``tokenizer_config.json``), so it is untrusted input: llama-cpp-python once rendered it with a
+plain Jinja2 environment and a crafted GGUF got remote code execution (CVE-2024-34359).
+edgepack renders every template here, in :class:`jinja2.sandbox.ImmutableSandboxedEnvironment`
+with two tightenings:
+
+- an unsafe attribute (``__globals__``, ``__class__``...) raises at once instead of becoming a
+  silent empty Undefined, so a probing template fails loudly;
+- ``*`` and ``**`` are bounded, so ``'x' * 10**10`` cannot exhaust memory.
+
+The environment matches what HF transformers gives templates (``trim_blocks``,
+``lstrip_blocks``, ``loopcontrols``, ``raise_exception``, ``strftime_now``, a non-escaping
+``tojson``), so templates written for transformers render identically.
+
+Errors: :class:`~edgepack.errors.UnsafeModelError` for a sandbox violation,
+:class:`~edgepack.errors.InvalidModelFile` for a template that does not parse or breaks,
+:class:`~edgepack.errors.UsageError` when the template itself rejects the messages
+(``raise_exception('roles must alternate')``) or the messages are malformed.
+"""
+
+from __future__ import annotations
+
+import json
+import operator
+from collections.abc import Sequence
+from datetime import datetime
+from functools import lru_cache
+from typing import Any
+
+from edgepack.errors import InvalidModelFile, UnsafeModelError, UsageError
+
+MAX_SEQUENCE_REPEAT = 1_000_000  # longest str/list a template may build with `*`
+MAX_POWER_EXPONENT = 1_000
+MAX_RENDERED_CHARS = 4_000_000   # far above any real prompt; stops a runaway loop's output
+
+
+class TemplateRejected(Exception):
+    """Raised by ``raise_exception(...)`` inside a template: the messages were refused."""
+
+
+def _raise_exception(message: str) -> None:
+    raise TemplateRejected(message)
+
+
+def _strftime_now(fmt: str) -> str:
+    return datetime.now().strftime(fmt)
+
+
+def _tojson(value: Any, indent: int | None = None, separators: Any = None,
+            sort_keys: bool = False, ensure_ascii: bool = False) -> str:
+    # Jinja's own tojson HTML-escapes <, >, & and '; chat templates need the raw JSON.
+    return json.dumps(value, indent=indent, separators=separators, sort_keys=sort_keys,
+                      ensure_ascii=ensure_ascii)
+
+
+@lru_cache(maxsize=1)
+def _environment() -> Any:
+    from jinja2.exceptions import SecurityError
+    from jinja2.ext import loopcontrols
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    class StrictSandbox(ImmutableSandboxedEnvironment):
+        intercepted_binops = frozenset(["*", "**"])
+
+        def unsafe_undefined(self, obj: Any, attribute: str) -> Any:
+            raise SecurityError(
+                f"access to attribute {attribute!r} of {type(obj).__name__!r} object is unsafe")
+
+        def call_binop(self, context: Any, op: str, left: Any, right: Any) -> Any:
+            if op == "*":
+                for seq, n in ((left, right), (right, left)):
+                    if isinstance(seq, (str, list, tuple)) and isinstance(n, int) \
+                            and len(seq) * n > MAX_SEQUENCE_REPEAT:
+                        raise SecurityError(f"template builds a sequence of {len(seq) * n} items")
+                return operator.mul(left, right)
+            if isinstance(right, (int, float)) and abs(right) > MAX_POWER_EXPONENT:
+                raise SecurityError(f"template raises to the power {right}")
+            return operator.pow(left, right)
+
+    env = StrictSandbox(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
+    env.filters["tojson"] = _tojson
+    env.globals["raise_exception"] = _raise_exception
+    env.globals["strftime_now"] = _strftime_now
+    return env
+
+
+@lru_cache(maxsize=16)
+def compile_template(source: str) -> Any:
+    """Parse ``source`` once (cached); InvalidModelFile if it is not valid Jinja."""
+    from jinja2.exceptions import TemplateSyntaxError
+
+    if not isinstance(source, str) or not source.strip():
+        raise InvalidModelFile("the model's chat template is empty")
+    try:
+        return _environment().from_string(source)
+    except TemplateSyntaxError as exc:
+        raise InvalidModelFile(f"the model's chat template does not parse: {exc} (line {exc.lineno})",
+                               hint="fix tokenizer.chat_template in the model, or re-export it") from exc
+
+
+def check_messages(messages: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Messages as plain dicts with string ``role`` and ``content``; UsageError otherwise."""
+    if isinstance(messages, (str, bytes)) or not isinstance(messages, Sequence) or not messages:
+        raise UsageError("messages must be a non-empty list of {role, content} objects")
+    out = []
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+            raise UsageError(f"message {i} must be an object with string 'role' and 'content'")
+        out.append(dict(m))
+    return out
+
+
+def render_chat(template: str, messages: Sequence[dict[str, Any]], *, bos_token: str = "",
+                eos_token: str = "", add_generation_prompt: bool = True, **extra: Any) -> str:
+    """Render ``messages`` through ``template`` in the sandbox; see the module docstring."""
+    from jinja2.exceptions import SecurityError, TemplateError
+
+    compiled = compile_template(template)
+    context = dict(extra, messages=check_messages(messages), bos_token=bos_token,
+                   eos_token=eos_token, add_generation_prompt=add_generation_prompt)
+    pieces: list[str] = []
+    size = 0
+    try:
+        for piece in compiled.generate(**context):
+            size += len(piece)
+            if size > MAX_RENDERED_CHARS:
+                raise SecurityError(f"template output exceeds {MAX_RENDERED_CHARS} characters")
+            pieces.append(piece)
+    except SecurityError as exc:
+        raise UnsafeModelError(
+            f"the model's chat template tried something the sandbox forbids: {exc}",
+            hint="this model file carries a hostile or broken chat template; do not use it") from exc
+    except TemplateRejected as exc:
+        raise UsageError(f"the model's chat template rejected the messages: {exc}") from exc
+    except (TemplateError, TypeError, ValueError, KeyError, IndexError, AttributeError) as exc:
+        raise InvalidModelFile(f"the model's chat template failed to render: {type(exc).__name__}: {exc}",
+                               hint="fix tokenizer.chat_template in the model, or re-export it") from exc
+    return "".join(pieces)
+
+
+def to_ollama_template(template: str, *, bos_token: str = "", eos_token: str = "") -> tuple[str, str | None] | None:
+    """Translate a chat template into an Ollama Modelfile ``TEMPLATE`` where that is exact.
+
+    Renders the template with sentinel messages and reads off the literal text around them,
+    then checks the Go template reproduces the single-turn renderings. Returns
+    ``(go_template, default_system)`` (the system prompt the template inserts when none is
+    given, for Ollama's ``SYSTEM``), or None when the template's shape cannot be expressed
+    that way (the caller says so instead of emitting a wrong template).
+    """
+    S, U, R = "\x00SYS\x00", "\x00USER\x00", "\x00RESP\x00"
+
+    def render(msgs: list[dict[str, str]], gen: bool) -> str:
+        return render_chat(template, msgs, bos_token=bos_token, eos_token=eos_token,
+                           add_generation_prompt=gen)
+
+    try:
+        with_sys = render([{"role": "system", "content": S}, {"role": "user", "content": U}], True)
+        full = render([{"role": "system", "content": S}, {"role": "user", "content": U},
+                       {"role": "assistant", "content": R}], False)
+        user_only = render([{"role": "user", "content": U}], True)
+    except (UsageError, InvalidModelFile):
+        return None
+    if any(with_sys.count(s) != 1 for s in (S, U)) or with_sys.index(S) > with_sys.index(U):
+        return None
+    p0, rest = with_sys.split(S)
+    p1, p2 = rest.split(U)
+    head = p0 + S + p1 + U
+    if not full.startswith(head + p2) or full.count(R) != 1:
+        return None
+    between, p3 = full[len(head):].split(R)
+    if between != p2:
+        return None
+    parts = [p0, p1, p2, p3]
+    if any("{{" in p or "}}" in p or '"""' in p for p in parts):
+        return None
+    # Case 1: no system message unless given, so the system block is optional in Go too:
+    # split p0 S p1 into (system block, user prefix) using the user-only rendering.
+    if user_only.endswith(U + p2):
+        user_prefix = user_only[: len(user_only) - len(U + p2)]
+        system_part = p0 + S + p1
+        if system_part.endswith(user_prefix) and S in system_part[: len(system_part) - len(user_prefix)]:
+            sys_pre, sys_post = system_part[: len(system_part) - len(user_prefix)].split(S)
+            go = (f"{{{{ if .System }}}}{sys_pre}{{{{ .System }}}}{sys_post}{{{{ end }}}}"
+                  f"{user_prefix}{{{{ .Prompt }}}}{p2}{{{{ .Response }}}}{p3}")
+            return go, None
+    # Case 2: the template inserts a default system prompt D when none is given:
+    # user_only == p0 D p1 U p2; Ollama's SYSTEM carries D.
+    if user_only.startswith(p0) and user_only.endswith(p1 + U + p2) \
+            and len(user_only) >= len(p0 + p1 + U + p2):
+        default_system = user_only[len(p0): len(user_only) - len(p1 + U + p2)]
+        if "{{" in default_system or '"""' in default_system:
+            return None
+        return f"{p0}{{{{ .System }}}}{p1}{{{{ .Prompt }}}}{p2}{{{{ .Response }}}}{p3}", default_system
+    return None

@@ -1,0 +1,319 @@
+"""The deployment gate: measure an artifact in its real runtime and judge it against a profile.
+
+Three parts, so the judgement can be tested without a model:
+
+- :func:`host_matches` — can this machine stand in for the profile's device?
+- :func:`decide` — a PURE function from measurements + profile to verdict, checks, reasons.
+- :func:`run_gate` — verify (bundles), measure in a fresh process, run the holdout, decide.
+
+Verdict rules (also in the report's ``policy``):
+
+- PASS: this host matches the profile and every measured budget is met.
+- FAIL: this host matches and a budget is missed (each miss named with its margin), or the
+  artifact could not be measured at all (load failure, crash, OOM kill, timeout) on any host.
+- UNVERIFIED: the host does not match the profile (other arch, too few cores, no NVIDIA GPU
+  for ``cuda``, not Apple Silicon for ``metal``), or the GPU could not be used/measured. The
+  numbers are reported but marked ``from_target: false``; UNVERIFIED is never PASS.
+- Quality is measured only with a holdout. Without one the quality check is ``ok: null``, a
+  reason says "quality not measured", and the verdict covers latency and memory only. With a
+  holdout whose rows carry no teacher responses the accuracy is reported but not compared.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from edgepack.constants import BUNDLE_SUFFIX, FAIL, M_ENTRYPOINT, M_FORMAT, M_QUANT, PASS, UNVERIFIED
+from edgepack.errors import EdgepackError, ModelSourceError, UnsafeModelError
+from edgepack.profiles import Profile
+from edgepack.progress import ProgressFn, null_progress
+
+# platform.machine() spellings -> one canonical name.
+ARCH_ALIASES: dict[str, str] = {
+    "x86_64": "x86_64", "amd64": "x86_64", "AMD64": "x86_64", "x64": "x86_64",
+    "aarch64": "arm64", "arm64": "arm64", "ARM64": "arm64",
+}
+
+POLICY = ("PASS needs a matching host and every measured budget met; a host mismatch gives "
+          "UNVERIFIED (numbers not from the target); a missed budget or a failed measurement gives "
+          "FAIL; quality without a holdout is 'not measured' and does not block PASS.")
+
+
+def canonical_arch(name: str) -> str:
+    """``amd64`` → ``x86_64``, ``aarch64`` → ``arm64``; unknown names unchanged."""
+    return ARCH_ALIASES.get(name, ARCH_ALIASES.get(name.lower(), name.lower()))
+
+
+def _nvidia_gpus() -> tuple[list[str], str]:
+    """Names of NVIDIA GPUs via NVML (pynvml) or ``nvidia-smi -L``; never imports torch."""
+    try:
+        import pynvml  # type: ignore[import-not-found]
+    except ImportError:
+        pynvml = None
+    if pynvml is not None:
+        try:
+            pynvml.nvmlInit()
+            try:
+                names = [pynvml.nvmlDeviceGetName(pynvml.nvmlDeviceGetHandleByIndex(i))
+                         for i in range(pynvml.nvmlDeviceGetCount())]
+            finally:
+                pynvml.nvmlShutdown()
+            return [n.decode() if isinstance(n, bytes) else str(n) for n in names], "NVML"
+        except Exception as exc:  # NVML present but no driver/GPU
+            return [], f"NVML: {exc}"
+    smi = shutil.which("nvidia-smi")
+    if smi is None:
+        return [], "nvidia-smi not found"
+    try:
+        out = subprocess.run([smi, "-L"], capture_output=True, text=True, timeout=15)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return [], f"nvidia-smi failed: {exc}"
+    gpus = [line.strip() for line in out.stdout.splitlines() if line.startswith("GPU ")]
+    return gpus, "nvidia-smi" if gpus else f"nvidia-smi listed no GPU (exit {out.returncode})"
+
+
+def host_matches(profile: Profile) -> tuple[bool, str]:
+    """Whether this machine can stand in for ``profile``'s device, and why (not)."""
+    problems: list[str] = []
+    here, want = canonical_arch(platform.machine()), canonical_arch(profile.arch)
+    if here != want:
+        problems.append(f"arch {platform.machine()} != profile arch {profile.arch}")
+    cpus = os.cpu_count() or 1
+    if cpus < profile.threads:
+        problems.append(f"{cpus} CPUs < profile threads {profile.threads}")
+    detail = f"{platform.system()} {platform.machine()}, {cpus} CPUs"
+    if profile.device == "cuda":
+        gpus, how = _nvidia_gpus()
+        if gpus:
+            detail += f", {gpus[0]}"
+        else:
+            problems.append(f"no NVIDIA GPU ({how})")
+    elif profile.device == "metal":
+        if platform.system() != "Darwin" or here != "arm64":
+            problems.append(f"metal needs macOS on Apple Silicon, this is {platform.system()} {platform.machine()}")
+    if problems:
+        return False, "; ".join(problems)
+    return True, f"host matches {profile.name} ({detail})"
+
+
+def _check(name: str, measured: float | None, budget: float, ok: bool | None, unit: str,
+           from_target: bool) -> dict[str, Any]:
+    return {"name": name, "measured": None if measured is None else round(measured, 3),
+            "budget": budget, "ok": ok, "unit": unit, "from_target": from_target}
+
+
+def _miss(name: str, measured: float, budget: float, unit: str, higher_is_better: bool) -> str:
+    gap = budget - measured if higher_is_better else measured - budget
+    side = "<" if higher_is_better else ">"
+    pct = 100.0 * gap / budget if budget else float("inf")
+    return f"{name}: {measured:.1f} {unit} {side} budget {budget:g} {unit} (misses by {gap:.1f} {unit}, {pct:.0f}%)"
+
+
+def decide(measurements: dict[str, Any], profile: Profile, host_ok: bool,
+           host_reason: str) -> tuple[str, list[dict[str, Any]], list[str]]:
+    """Judge ``measurements`` against ``profile``'s budgets. Pure: no I/O, no clock.
+
+    ``measurements`` is :func:`edgepack.runtime.measure.measure_artifact`'s result, optionally
+    with ``"quality"`` from :func:`edgepack.runtime.quality.evaluate_holdout`. Returns
+    ``(verdict, checks, reasons)``; see the module docstring for the rules.
+    """
+    reasons: list[str] = []
+    m = measurements
+    if not host_ok:
+        reasons.append(f"host does not match profile {profile.name}: {host_reason}; "
+                       "the numbers below were measured on this host, not on the target device")
+    if profile.device != "cpu" and m.get("ok") and not m.get("gpu_offload"):
+        host_ok = False
+        reasons.append(f"profile device is {profile.device} but the model ran without GPU offload "
+                       "(CPU-only runtime build or no GPU); numbers are CPU numbers")
+    target = host_ok
+
+    if not m.get("ok"):
+        checks = [_check("ttft_p95_ms", None, profile.ttft_p95_ms, None, "ms", target),
+                  _check("decode_tokens_per_s", None, profile.min_decode_tokens_per_s, None, "tok/s", target),
+                  _check("peak_memory_mb", m.get("peak_rss_mb"), profile.memory_budget_mb, None, "MB", target),
+                  _check("relative_quality", None, profile.min_relative_quality, None, "x teacher", target)]
+        reasons.append(f"measurement failed: {m.get('error', 'unknown error')}")
+        return FAIL, checks, reasons
+
+    ttft = float(m["ttft_ms"]["p95"])
+    decode = float(m["decode_tokens_per_s"]["p50"])
+    memory = float(m["peak_rss_mb"]) + float(m.get("vram_mb") or 0.0)
+    checks = [
+        _check("ttft_p95_ms", ttft, profile.ttft_p95_ms, ttft <= profile.ttft_p95_ms, "ms", target),
+        _check("decode_tokens_per_s", decode, profile.min_decode_tokens_per_s,
+               decode >= profile.min_decode_tokens_per_s, "tok/s", target),
+        _check("peak_memory_mb", memory, profile.memory_budget_mb, memory <= profile.memory_budget_mb, "MB", target),
+    ]
+    misses = []
+    if ttft > profile.ttft_p95_ms:
+        misses.append(_miss("ttft_p95_ms", ttft, profile.ttft_p95_ms, "ms", higher_is_better=False))
+    if decode < profile.min_decode_tokens_per_s:
+        misses.append(_miss("decode_tokens_per_s", decode, profile.min_decode_tokens_per_s, "tok/s",
+                            higher_is_better=True))
+    if memory > profile.memory_budget_mb:
+        misses.append(_miss("peak_memory_mb", memory, profile.memory_budget_mb, "MB", higher_is_better=False))
+
+    quality = m.get("quality")
+    relative = quality.get("relative") if isinstance(quality, dict) else None
+    if isinstance(quality, dict) and quality.get("error"):
+        checks.append(_check("relative_quality", None, profile.min_relative_quality, False, "x teacher", target))
+        misses.append(f"relative_quality: the holdout could not be answered: {quality['error']}")
+    elif relative is None:
+        checks.append(_check("relative_quality", None, profile.min_relative_quality, None, "x teacher", target))
+        if quality is None:
+            reasons.append("quality not measured (no holdout given); the verdict covers latency and memory only")
+        else:
+            why = "; ".join(quality.get("notes") or []) or "relative quality could not be computed"
+            reasons.append(f"quality not compared: {why}")
+    else:
+        ok = relative >= profile.min_relative_quality
+        checks.append(_check("relative_quality", relative, profile.min_relative_quality, ok, "x teacher", target))
+        if not ok:
+            misses.append(f"relative_quality: {relative:.3f} < budget {profile.min_relative_quality:g} "
+                          f"(accuracy {quality['accuracy']:.3f} vs teacher {quality['teacher_accuracy']:.3f})")
+
+    if profile.device == "cuda" and m.get("vram_mb") is None:
+        host_ok = False
+        reasons.append("GPU memory (VRAM) was not measured; peak_memory_mb is host RSS only")
+
+    if not target or not host_ok:
+        reasons += [f"(on this host, not the target) {miss}" for miss in misses]
+        return UNVERIFIED, checks, reasons
+    if misses:
+        return FAIL, checks, misses + reasons
+    return PASS, checks, reasons
+
+
+def machine_info() -> dict[str, Any]:
+    """Where a gate ran: OS, CPU, core count, memory, Python and runtime versions."""
+    import importlib.metadata as md
+
+    import psutil
+
+    cpu = platform.processor()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    versions = {}
+    for dist in ("llama-cpp-python", "onnxruntime"):
+        try:
+            versions[dist] = md.version(dist)
+        except md.PackageNotFoundError:
+            versions[dist] = None
+    return {"system": platform.system(), "release": platform.release(), "machine": platform.machine(),
+            "cpu": cpu, "cpu_count": os.cpu_count(), "memory_mb": psutil.virtual_memory().total // (1024 * 1024),
+            "python": platform.python_version(), **versions}
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+@contextmanager
+def _materialize(artifact: Path) -> Iterator[tuple[Path, str, str | None, dict[str, Any] | None]]:
+    """(model path, format, quant, manifest) of a bare artifact or a verified, extracted bundle."""
+    from edgepack.runtime.backends.base import format_of
+    from edgepack.runtime.bundle import extract_bundle
+
+    if artifact.suffix == BUNDLE_SUFFIX:
+        with tempfile.TemporaryDirectory(prefix="edgepack-gate-") as tmp:
+            dest = extract_bundle(artifact, Path(tmp) / "bundle")
+            manifest = json.loads((dest / "manifest.json").read_text(encoding="utf-8"))
+            yield dest / manifest[M_ENTRYPOINT], manifest[M_FORMAT], manifest[M_QUANT], manifest
+        return
+    fmt = format_of(artifact)
+    quant = None
+    if fmt == "gguf":
+        from edgepack.errors import InvalidModelFile
+        from edgepack.runtime.gguf_header import read_gguf
+
+        try:
+            quant = read_gguf(artifact).quant
+        except InvalidModelFile:
+            quant = None  # the measurement child reports the same error; the verdict is FAIL
+    yield artifact, fmt, quant, None
+
+
+def run_gate(*, artifact: Path, profile: Profile, holdout: Path | None,
+             progress: ProgressFn = null_progress) -> dict[str, Any]:
+    """Measure ``artifact`` (a model file, ONNX folder or .edgepack bundle) against ``profile``.
+
+    A bundle is verified before anything is loaded. Latency and memory are measured in a
+    fresh child process (:mod:`edgepack.runtime.measure`); with ``holdout`` the artifact's
+    label accuracy is measured too. Returns the report dict (see the module docstring).
+    """
+    from edgepack.runtime.measure import DEFAULT_DECODE_TOKENS, measure_artifact
+
+    artifact = Path(artifact)
+    if not artifact.exists():
+        raise ModelSourceError(f"artifact not found: {artifact}")
+    from edgepack.runtime.quality import load_holdout
+
+    rows = load_holdout(holdout) if holdout is not None else None  # bad data fails before measuring
+    started = datetime.now(timezone.utc)
+    progress("gate: verify", 0, 1)
+    with _materialize(artifact) as (model_path, fmt, quant, manifest):
+        progress("gate: verify", 1, 1)
+        host_ok, host_reason = host_matches(profile)
+        # Other processes on the same cores distort latency (llama.cpp threads spin-wait on
+        # each other); the load average lets a reader judge the numbers.
+        load_average = [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None
+        threads = max(1, min(profile.threads, os.cpu_count() or 1))
+        gpu_layers = -1 if profile.device in ("cuda", "metal") else 0
+        decode_tokens = min(DEFAULT_DECODE_TOKENS, profile.context_length - profile.prompt_tokens)
+        model_sha = _sha256(model_path) if model_path.is_file() else None  # what is about to be measured
+        progress("gate: measure", 0, 1)
+        measurements = measure_artifact(model_path, fmt=fmt, threads=threads, n_ctx=profile.context_length,
+                                        prompt_tokens=profile.prompt_tokens, decode_tokens=decode_tokens,
+                                        gpu_layers=gpu_layers)
+        progress("gate: measure", 1, 1)
+        if rows is not None and measurements.get("ok"):
+            try:
+                quality = _holdout_quality(model_path, fmt, rows, threads, profile.context_length,
+                                           gpu_layers, progress)
+            except UnsafeModelError:
+                raise  # a hostile model is an error, not a verdict
+            except EdgepackError as exc:  # e.g. a template that refuses every chat: cannot answer
+                quality = {"error": f"{type(exc).__name__}: {exc}", "relative": None, "notes": []}
+            measurements["quality"] = {**quality, "holdout": str(holdout)}
+    verdict, checks, reasons = decide(measurements, profile, host_ok, host_reason)
+    artifact_sha = model_sha if artifact == model_path else (_sha256(artifact) if artifact.is_file() else None)
+    return {
+        "verdict": verdict, "artifact": str(artifact.resolve()), "artifact_name": artifact.name,
+        "artifact_sha256": artifact_sha, "model_sha256": model_sha,
+        "bundle_manifest_model": manifest.get("model") if manifest else None,
+        "profile": profile.name, "format": fmt, "quant": quant, "checks": checks, "reasons": reasons,
+        "measurements": measurements,
+        "host": {"ok": host_ok, "reason": host_reason, "threads_used": threads,
+                 "load_average_at_start": load_average},
+        "machine": machine_info(), "policy": POLICY, "created": started.isoformat(timespec="seconds"),
+    }
+
+
+def _holdout_quality(model_path: Path, fmt: str, rows: list[dict[str, Any]], threads: int, n_ctx: int,
+                     gpu_layers: int, progress: ProgressFn) -> dict[str, Any]:
+    from edgepack.runtime.backends.base import get_backend
+    from edgepack.runtime.quality import evaluate_holdout
+
+    with get_backend(fmt).load(model_path, threads=threads, n_ctx=n_ctx, gpu_layers=gpu_layers) as backend:
+        return evaluate_holdout(backend, rows, progress=progress)

@@ -1,0 +1,109 @@
+"""The gate's quality check: holdout label accuracy of an artifact, relative to the teacher.
+
+Holdout rows (JSONL) carry ``messages`` (or a ``prompt`` string), a gold ``label`` and, when
+the data stage recorded it, the teacher's ``response``. The artifact answers every labelled
+row with greedy decoding through its own chat template; the label is read from the first
+``Category: <label>`` in the answer. The teacher's accuracy is the same parse applied to its
+recorded responses, so the relative quality compares like with like. Rows without a label
+are counted and skipped, never guessed.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+from edgepack.errors import DataError
+from edgepack.progress import ProgressFn, null_progress
+
+LABEL_PATTERN = re.compile(r"category\s*[:：]\s*\**\s*([A-Za-z0-9][A-Za-z0-9_\-/]*)", re.IGNORECASE)
+DEFAULT_MAX_TOKENS = 48
+
+
+def parse_label(text: str | None) -> str | None:
+    """The label after the first ``Category:`` in ``text``, normalised; None if absent."""
+    if not text:
+        return None
+    match = LABEL_PATTERN.search(text)
+    if not match:
+        return None
+    return normalize_label(match.group(1))
+
+
+def normalize_label(label: str) -> str:
+    """Lower case, spaces/slashes/dashes as underscores, trailing punctuation removed."""
+    label = label.strip().strip(".,;:*").strip().lower()
+    return re.sub(r"[\s/\-]+", "_", label)
+
+
+def load_holdout(path: Path) -> list[dict[str, Any]]:
+    """Rows of a holdout JSONL with ``messages`` normalised; DataError names the bad line."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"holdout file not found: {path}")
+    rows: list[dict[str, Any]] = []
+    with open(path, encoding="utf-8") as fh:
+        for lineno, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise DataError(f"{path}:{lineno}: not valid JSON ({exc})") from exc
+            if not isinstance(row, dict):
+                raise DataError(f"{path}:{lineno}: expected a JSON object")
+            if isinstance(row.get("messages"), list) and row["messages"]:
+                messages = row["messages"]
+            elif isinstance(row.get("prompt"), str):
+                messages = [{"role": "user", "content": row["prompt"]}]
+            else:
+                raise DataError(f"{path}:{lineno}: needs a `messages` list or a `prompt` string")
+            label = row.get("label")
+            rows.append({"id": row.get("id", str(lineno)), "messages": messages,
+                         "label": normalize_label(label) if isinstance(label, str) and label.strip() else None,
+                         "response": row.get("response") if isinstance(row.get("response"), str) else None})
+    if not rows:
+        raise DataError(f"{path}: no rows")
+    return rows
+
+
+def teacher_accuracy(rows: list[dict[str, Any]]) -> tuple[float | None, int]:
+    """Accuracy of the recorded teacher responses on labelled rows, and how many it covers."""
+    scored = [r for r in rows if r["label"] is not None and r["response"] is not None]
+    if not scored:
+        return None, 0
+    correct = sum(parse_label(r["response"]) == r["label"] for r in scored)
+    return correct / len(scored), len(scored)
+
+
+def evaluate_holdout(backend: Any, rows: list[dict[str, Any]], *, max_tokens: int = DEFAULT_MAX_TOKENS,
+                     progress: ProgressFn = null_progress) -> dict[str, Any]:
+    """Label accuracy of ``backend`` on ``rows`` (greedy), with the teacher's for comparison."""
+    labelled = [r for r in rows if r["label"] is not None]
+    correct = 0
+    unparsed = 0
+    examples: list[dict[str, Any]] = []
+    for i, row in enumerate(labelled):
+        answer = "".join(backend.stream_chat(row["messages"], max_tokens=max_tokens, temperature=0.0))
+        predicted = parse_label(answer)
+        unparsed += predicted is None
+        correct += predicted == row["label"]
+        if len(examples) < 3:
+            examples.append({"id": row["id"], "label": row["label"], "predicted": predicted,
+                             "answer": answer[:200]})
+        progress("gate: holdout", i + 1, len(labelled))
+    accuracy = correct / len(labelled) if labelled else None
+    t_acc, t_n = teacher_accuracy(rows)
+    relative = accuracy / t_acc if accuracy is not None and t_acc else None
+    notes = []
+    if not labelled:
+        notes.append("no holdout row has a label; accuracy not measured")
+    if t_acc is None:
+        notes.append("holdout rows carry no teacher responses; relative quality not computed")
+    elif t_acc == 0:
+        notes.append("the teacher's recorded responses score 0 accuracy; relative quality undefined")
+    return {"rows": len(rows), "labelled": len(labelled), "correct": correct, "unparsed": unparsed,
+            "accuracy": accuracy, "teacher_accuracy": t_acc, "teacher_rows": t_n, "relative": relative,
+            "decoding": f"greedy, max {max_tokens} tokens", "examples": examples, "notes": notes}

@@ -1,0 +1,23 @@
+"""Fixtures for runtime tests: tiny GGUF files made by edgepack's own exporter."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def tiny_gguf(tiny_llama_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The shared tiny Llama converted to an F16 GGUF (about 200 KB; loads in milliseconds)."""
+    from edgepack.export.gguf.convert import convert_hf_to_gguf
+
+    return convert_hf_to_gguf(tiny_llama_dir, tmp_path_factory.mktemp("gguf") / "tiny-F16.gguf", outtype="F16")
+
+
+@pytest.fixture()
+def cache_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A private EDGEPACK_CACHE so bundle extraction never touches ~/.cache."""
+    folder = tmp_path / "cache"
+    monkeypatch.setenv("EDGEPACK_CACHE", str(folder))
+    return folder

@@ -1,0 +1,122 @@
+"""open_model: bundles are verified, preflighted and cached; bare GGUFs load directly."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from edgepack.errors import BudgetError, BundleError, ModelSourceError
+from edgepack.runtime import memory, session
+from edgepack.runtime.bundle import BundleFile, write_bundle
+from edgepack.runtime.gguf_header import read_gguf
+from edgepack.runtime.memory import estimate_gguf_memory, kv_cache_bytes, preflight
+from edgepack.runtime.session import open_model
+
+USER = [{"role": "user", "content": "Compressor C-12 tripped on high vibration."}]
+
+
+@pytest.fixture()
+def bundle(tiny_gguf: Path, tmp_path: Path) -> Path:
+    header = read_gguf(tiny_gguf)
+    manifest = {"schema_version": 1, "model": "tiny", "format": "gguf", "quant": "F16", "profile": {"name": "t"},
+                "entrypoint": "tiny-F16.gguf", "files": [], "gate_status": "PASS",
+                "runtime": {"context_length": 256, "threads": 1,
+                            "memory_estimate": estimate_gguf_memory(header, 256)}}
+    write_bundle(tmp_path / "tiny.edgepack", manifest, [BundleFile("tiny-F16.gguf", tiny_gguf)])
+    return tmp_path / "tiny.edgepack"
+
+
+def test_bare_gguf(tiny_gguf: Path) -> None:
+    with open_model(tiny_gguf, threads=1) as s:
+        assert s.manifest is None and s.name == "tiny-F16"
+        assert s.backend.n_ctx == 512  # capped at the model's trained context (512), below the 2048 default
+        assert s.memory_estimate and s.memory_estimate["kv_cache_bytes"] == kv_cache_bytes(
+            n_layer=2, n_ctx=512, n_head_kv=2, key_dim=16, value_dim=16)
+        pieces = list(s.stream_chat(USER, max_tokens=8))
+        assert all(isinstance(p, str) for p in pieces)
+
+
+def test_bundle_is_extracted_once_into_the_cache(bundle: Path, cache_dir: Path) -> None:
+    with open_model(bundle) as s:
+        first = s.complete(USER, max_tokens=8)
+        assert s.backend.n_ctx == 256 and s.name == "tiny"
+    (folder,) = list((cache_dir / "bundles").iterdir())
+    model = folder / "tiny-F16.gguf"
+    stamp = model.stat().st_mtime_ns
+    with open_model(bundle) as s:
+        assert s.complete(USER, max_tokens=8) == first
+    assert model.stat().st_mtime_ns == stamp  # reused, not re-extracted
+    import hashlib
+
+    assert folder.name == hashlib.sha256(bundle.read_bytes()).hexdigest()
+
+
+def test_tampered_cache_is_rebuilt(bundle: Path, cache_dir: Path, tiny_gguf: Path) -> None:
+    with open_model(bundle):
+        pass
+    (folder,) = list((cache_dir / "bundles").iterdir())
+    with open(folder / "tiny-F16.gguf", "ab") as fh:
+        fh.write(b"junk")
+    with open_model(bundle):
+        pass
+    assert (folder / "tiny-F16.gguf").read_bytes() == tiny_gguf.read_bytes()
+
+
+def test_tampered_bundle_is_refused_before_loading(bundle: Path, cache_dir: Path) -> None:
+    data = bytearray(bundle.read_bytes())
+    data[-20000] ^= 0xFF  # inside the model member
+    bundle.write_bytes(bytes(data))
+    with pytest.raises(BundleError, match="tiny-F16.gguf: sha256"):
+        with open_model(bundle):
+            pass
+    assert not (cache_dir / "bundles").exists()
+
+
+def test_memory_preflight_refuses_with_numbers(bundle: Path, tiny_gguf: Path, cache_dir: Path,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(memory, "available_memory_bytes", lambda: (10 * 1024 * 1024, "MemAvailable"))
+    with pytest.raises(BudgetError, match=r"needs about 128 MB but only 10 MB is available \(MemAvailable\)"):
+        with open_model(bundle):
+            pass
+    assert not (cache_dir / "bundles").exists()  # refused before extraction
+    with pytest.raises(BudgetError, match="KV cache 2 layers"):
+        with open_model(tiny_gguf):
+            pass
+
+
+def test_preflight_is_a_plain_comparison() -> None:
+    preflight(100, 100, what="m")
+    with pytest.raises(BudgetError, match="m needs about 2 MB but only 1 MB"):
+        preflight(2 << 20, 1 << 20, what="m")
+
+
+def test_available_memory_is_positive() -> None:
+    available, source = memory.available_memory_bytes()
+    assert available > 0 and source
+
+
+def test_cache_root_follows_the_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("EDGEPACK_CACHE", str(tmp_path / "c"))
+    assert session.cache_root() == tmp_path / "c"
+    monkeypatch.delenv("EDGEPACK_CACHE")
+    assert session.cache_root() == Path(os.path.expanduser("~")) / ".cache" / "edgepack"
+
+
+def test_missing_or_unknown_paths(tmp_path: Path) -> None:
+    with pytest.raises(ModelSourceError):
+        with open_model(tmp_path / "nope.gguf"):
+            pass
+    (tmp_path / "model.bin").write_bytes(b"x")
+    with pytest.raises(ModelSourceError, match="not a model artifact"):
+        with open_model(tmp_path / "model.bin"):
+            pass
+
+
+@pytest.mark.slow
+def test_teacher_memory_estimate_matches_its_shape(builtin_teacher_gguf: Path) -> None:
+    est = estimate_gguf_memory(read_gguf(builtin_teacher_gguf), 2048)
+    # SmolLM2-135M: 30 layers, 3 KV heads of 64 dims, F16 cache.
+    assert est["kv_cache_bytes"] == 30 * 2048 * 3 * (64 + 64) * 2
+    assert est["weights_bytes"] == 96_576_768
