@@ -1,0 +1,199 @@
+"""`edgepack export`: turn a run's student (or any HF dir) into deployable artifacts.
+
+``export_model`` resolves the source, converts it once to ``<model>-F16.gguf``, quantizes
+that file to each requested type as ``<model>-<QUANT>.gguf`` and records every artifact
+(size, sha256, what llama.cpp actually stored) in ``export.json`` beside them. Each file
+is written under a temporary name and renamed when whole, so an interrupted export
+leaves no artifact under a final name.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import tempfile
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from edgepack.atomic import clean_stale, is_complete, write_json
+from edgepack.constants import ARTIFACTS_DIR, COMPLETE_MARKER, EXPORT_REPORT, RUN_TOML, STUDENT_DIR
+from edgepack.errors import ModelSourceError, RunDirError, UsageError
+from edgepack.export.merge import ADAPTER_CONFIG
+from edgepack.progress import ProgressFn, null_progress
+
+FLOAT_TYPES = ("F32", "F16", "BF16")
+RUN_MODEL_NAME = "student"
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def resolve_source(source: Path) -> tuple[Path, str, Path | None]:
+    """(HF dir, model name, default output dir) for a run dir or an HF model dir."""
+    source = Path(source)
+    if not source.is_dir():
+        raise ModelSourceError(f"{source} is not a directory")
+    if (source / RUN_TOML).is_file() or (source / STUDENT_DIR).is_dir():
+        student = source / STUDENT_DIR
+        if not student.is_dir() or not is_complete(student):
+            raise RunDirError(f"{student} is missing or incomplete (no {COMPLETE_MARKER} marker)",
+                              hint="run `edgepack distill train` on this run first")
+        return student, RUN_MODEL_NAME, source / ARTIFACTS_DIR
+    if (source / "config.json").is_file() or (source / ADAPTER_CONFIG).is_file():
+        return source, source.name, None
+    raise ModelSourceError(f"{source} is neither a run directory (run.toml, student/) nor an HF model "
+                           "or LoRA adapter dir")
+
+
+def _artifact_entry(out_dir: Path, path: Path, fmt: str, quant: str, extra: dict[str, Any]) -> dict[str, Any]:
+    return {"path": path.relative_to(out_dir).as_posix(), "format": fmt, "quant": quant,
+            "bytes": path.stat().st_size, "sha256": sha256_file(path), **extra}
+
+
+def _merge_report(out_dir: Path, report: dict[str, Any]) -> dict[str, Any]:
+    """Keep entries of an earlier export.json (e.g. another format) whose files still exist."""
+    previous = out_dir / EXPORT_REPORT
+    if not previous.is_file():
+        return report
+    try:
+        old = json.loads(previous.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return report
+    ours = {a["path"] for a in report["artifacts"]}
+    kept = [a for a in old.get("artifacts", []) if isinstance(a, dict) and a.get("path") not in ours
+            and (out_dir / str(a.get("path"))).exists()]
+    report["artifacts"] = kept + report["artifacts"]
+    return report
+
+
+def export_model(*, source: Path, fmt: str, quants: list[str], out_dir: Path | None,
+                 progress: ProgressFn = null_progress) -> dict[str, Any]:
+    """Export a model to GGUF or ONNX and record the artifacts in export.json.
+
+    ``source`` is a run directory (its ``student/`` must be complete; artifacts are named
+    ``student-<QUANT>.gguf`` and go to ``RUN/artifacts`` by default) or an HF model dir
+    (artifacts are named after the dir, ``<dirname>-<QUANT>.gguf``; ``--out`` is required).
+    A LoRA adapter dir (``adapter_config.json``, as source or as the run's student) is
+    merged into its local base model first.
+    GGUF: ``<model>-F16.gguf`` is written once and each quant made from it; ``quants`` are
+    llama.cpp types (Q8_0, Q6_K, Q5_K_M, Q4_K_M, Q4_0, Q4_1, IQ4_XS) or F32/F16/BF16
+    (default Q4_K_M). ONNX: one folder ``<model>-onnx-<quant>/`` (model.onnx + config and
+    tokenizer files) per quant in fp32/int8/int4 (default int4), with its logits measured
+    against PyTorch. An empty ``quants`` list means the format's default. Returns the
+    export.json dict.
+    """
+    fmt = fmt.lower()
+    hf_dir, model, default_out = resolve_source(Path(source))
+    out = Path(out_dir) if out_dir is not None else default_out
+    if out is None:
+        raise UsageError(f"exporting the HF dir {source} needs an output folder", hint="pass --out DIR")
+    if fmt not in EXPORTERS:
+        raise UsageError(f"unknown export format {fmt!r}", hint=f"use one of: {', '.join(EXPORTERS)}")
+    wanted = _check_quants(fmt, quants)
+    out.mkdir(parents=True, exist_ok=True)
+    clean_stale(out)
+    export = EXPORTERS[fmt]
+    if (hf_dir / "config.json").is_file():
+        artifacts, notes = export(hf_dir, model, out, wanted, progress)
+        merged_from = None
+    else:  # a LoRA adapter dir: merge into its (local) base first, in a temporary folder under out
+        from edgepack.export.merge import merge_lora
+
+        with tempfile.TemporaryDirectory(prefix=f"{model}.tmp-merge-", dir=out) as tmp:
+            merged = merge_lora(hf_dir, Path(tmp) / model, progress=progress)
+            artifacts, notes = export(merged, model, out, wanted, progress)
+        merged_from = hf_dir
+        notes.append(f"LoRA adapter {hf_dir.name} was merged into its base before export")
+    report = {
+        "source": str(source), "model": model, "hf_dir": str(hf_dir), "format": fmt,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "artifacts": artifacts, "notes": notes,
+    }
+    if merged_from is not None:
+        report["merged_adapter"] = str(merged_from)
+    report = _merge_report(out, report)
+    write_json(out / EXPORT_REPORT, report)
+    return report
+
+
+def _check_quants(fmt: str, quants: list[str]) -> list[str]:
+    """Validate the requested quant names for ``fmt`` before any work; default per format."""
+    if fmt == "onnx":
+        from edgepack.export.onnx.convert import ONNX_QUANTS
+
+        wanted = list(dict.fromkeys(q.lower() for q in quants)) or ["int4"]
+        for q in wanted:
+            if q not in ONNX_QUANTS:
+                raise UsageError(f"{q!r} is not an ONNX quantization", hint=f"choose from {', '.join(ONNX_QUANTS)}")
+        return wanted
+    from edgepack.export.gguf.quantize import QUANT_TYPES, supported_quants
+
+    wanted = list(dict.fromkeys(q.upper() for q in quants)) or ["Q4_K_M"]
+    for q in wanted:
+        if q not in FLOAT_TYPES and q not in QUANT_TYPES:
+            raise UsageError(f"unknown quantization {q!r}",
+                             hint=f"choose from {', '.join([*FLOAT_TYPES, *QUANT_TYPES])}")
+        if q in QUANT_TYPES and q not in supported_quants():
+            raise UsageError(f"{q} is not supported by this llama.cpp build",
+                             hint=f"available: {', '.join(supported_quants())}")
+    return wanted
+
+
+def _export_gguf(hf_dir: Path, model: str, out: Path, wanted: list[str],
+                 progress: ProgressFn) -> tuple[list[dict[str, Any]], list[str]]:
+    """``<model>-F16.gguf`` once, then each quant from it; returns (artifacts, notes)."""
+    from edgepack.export.gguf.convert import convert_hf_to_gguf
+    from edgepack.export.gguf.quantize import quant_report, quantize_gguf
+
+    base_type = "F16" if "F16" in wanted or any(q not in FLOAT_TYPES for q in wanted) else wanted[0]
+    steps = len(set(wanted) | {base_type})
+    artifacts: list[dict[str, Any]] = []
+    notes: list[str] = []
+    progress("export", 0, steps)
+    base = convert_hf_to_gguf(hf_dir, out / f"{model}-{base_type}.gguf", outtype=base_type, progress=progress)
+    artifacts.append(_artifact_entry(out, base, "gguf", base_type, {}))
+    progress("export", 1, steps)
+    for q in wanted:
+        if q == base_type:
+            continue
+        if q in FLOAT_TYPES:
+            path = convert_hf_to_gguf(hf_dir, out / f"{model}-{q}.gguf", outtype=q, progress=progress)
+            artifacts.append(_artifact_entry(out, path, "gguf", q, {}))
+        else:
+            path = quantize_gguf(base, out / f"{model}-{q}.gguf", q)
+            info = quant_report(path, q)
+            if info["fallback_tensors"]:
+                notes.append(f"{q}: {info['fallback_tensors']} of {info['weight_matrices']} weight matrices have "
+                             f"rows not a multiple of {info['block_size']}; llama.cpp stored them in a "
+                             f"fallback type ({', '.join(info['tensor_types'])})")
+            artifacts.append(_artifact_entry(out, path, "gguf", q, info))
+        progress("export", len(artifacts), steps)
+    return artifacts, notes
+
+
+def _export_onnx(hf_dir: Path, model: str, out: Path, wanted: list[str],
+                 progress: ProgressFn) -> tuple[list[dict[str, Any]], list[str]]:
+    """One ``<model>-onnx-<quant>/`` folder per quant; returns (artifacts, notes)."""
+    from edgepack.export.onnx.convert import export_onnx
+
+    artifacts: list[dict[str, Any]] = []
+    notes: list[str] = []
+    for i, q in enumerate(wanted):
+        progress("export", i, len(wanted))
+        info = export_onnx(hf_dir, out / f"{model}-onnx-{q}", quant=q, progress=progress)
+        folder = info.pop("path")
+        artifacts.append({"path": folder.relative_to(out).as_posix(), "format": "onnx", "quant": q, **info})
+        p = info["parity"]
+        notes.append(f"onnx {q}: max |logit diff| vs PyTorch {p['max_abs_diff_vs_torch']:.3g}, "
+                     f"top-1 agreement {p['top1_agreement_vs_torch']:.0%} on a {p['prompt_tokens']}-token prompt")
+    progress("export", len(wanted), len(wanted))
+    return artifacts, notes
+
+
+EXPORTERS = {"gguf": _export_gguf, "onnx": _export_onnx}

@@ -1,0 +1,1 @@
+"""ONNX export (optimum + onnxruntime weight-only quantization); see convert.py."""

@@ -1,0 +1,188 @@
+"""Helpers for exporter tests: tiny random-init models of every registered architecture.
+
+Each builder saves a 2-layer, hidden-64 HF dir (safetensors + the tiny byte-level BPE
+tokenizer of ``tiny_llama_dir``), so conversions take well under a second.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import struct
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
+
+# A fixed string set for tokenizer agreement: unicode, whitespace runs, digit runs,
+# contractions, newlines, ChatML specials.
+TOKENIZER_STRINGS = [
+    "Pump P-101 discharge pressure low alarm, motor current normal.",
+    "  two  spaces   and\ttabs\n\nnewlines\r\nend",
+    "1234567 and 3.14159, 1,000,000 and 0042",
+    "Über-Temperatur 日本語 ñ x² — 🙂 emoji",
+    "<|im_start|>user\nHi there<|im_end|>\n<|im_start|>assistant\n",
+    "don't I'LL we've they'RE",
+    "a\n\n\n  b   \n",
+    "    indented():\n        return 42",
+    "<|endoftext|>x<|im_end|>",
+    " ",
+    "\n",
+]
+
+PROMPTS = [
+    "Pump P-101 discharge pressure low alarm",
+    "<|im_start|>user\nCompressor C-12 tripped on high vibration<|im_end|>\n<|im_start|>assistant\n",
+    "Category: electrical\nAction: Check the motor starter 1234567",
+]
+
+
+def _save_model(model_cls: Any, config: Any, tokenizer_dir: Path, out_dir: Path, seed: int = 0) -> Path:
+    import torch
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for name in TOKENIZER_FILES:
+        if (tokenizer_dir / name).is_file():
+            shutil.copy(tokenizer_dir / name, out_dir / name)
+    torch.manual_seed(seed)
+    model = model_cls(config)
+    with torch.no_grad():  # widen random init so top-1 comparisons are meaningful (as tests/tiny.py)
+        for p in model.parameters():
+            if p.dim() >= 2:
+                p.mul_(4.0)
+            elif p.dim() == 1:
+                p.add_(torch.randn_like(p) * 0.1)  # non-trivial norms and biases
+    model.save_pretrained(out_dir, safe_serialization=True)
+    return out_dir
+
+
+def _common(tok_dir: Path) -> dict[str, Any]:
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tok_dir)
+    return dict(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                rms_norm_eps=1e-5, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                pad_token_id=tok.pad_token_id)
+
+
+def build_llama_untied(tok_dir: Path, out: Path) -> Path:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(**_common(tok_dir), tie_word_embeddings=False, rope_theta=50000.0,
+                      architectures=["LlamaForCausalLM"])
+    return _save_model(LlamaForCausalLM, cfg, tok_dir, out, seed=1)
+
+
+def build_llama3_rope(tok_dir: Path, out: Path) -> Path:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(**_common(tok_dir), tie_word_embeddings=True, rope_theta=500000.0,
+                      rope_scaling={"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0,
+                                    "high_freq_factor": 4.0, "original_max_position_embeddings": 64},
+                      architectures=["LlamaForCausalLM"])
+    return _save_model(LlamaForCausalLM, cfg, tok_dir, out, seed=2)
+
+
+def build_mistral(tok_dir: Path, out: Path) -> Path:
+    from transformers import MistralConfig, MistralForCausalLM
+
+    cfg = MistralConfig(**_common(tok_dir), tie_word_embeddings=False, sliding_window=4096,
+                        architectures=["MistralForCausalLM"])
+    return _save_model(MistralForCausalLM, cfg, tok_dir, out, seed=3)
+
+
+def build_qwen2(tok_dir: Path, out: Path) -> Path:
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    cfg = Qwen2Config(**_common(tok_dir), tie_word_embeddings=True, rope_theta=1000000.0,
+                      architectures=["Qwen2ForCausalLM"])
+    return _save_model(Qwen2ForCausalLM, cfg, tok_dir, out, seed=4)
+
+
+def build_qwen3(tok_dir: Path, out: Path) -> Path:
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    # head_dim 32 with 4 heads: q_proj is 128 wide, unlike hidden 64 (exercises key_length).
+    cfg = Qwen3Config(**_common(tok_dir), head_dim=32, tie_word_embeddings=True,
+                      architectures=["Qwen3ForCausalLM"])
+    return _save_model(Qwen3ForCausalLM, cfg, tok_dir, out, seed=5)
+
+
+# One builder per registered HF architecture (test_convert checks this covers the registry);
+# extra variants exercise options of an architecture already covered.
+ARCH_BUILDERS: dict[str, Callable[[Path, Path], Path]] = {
+    "MistralForCausalLM": build_mistral,
+    "Qwen2ForCausalLM": build_qwen2,
+    "Qwen3ForCausalLM": build_qwen3,
+}
+VARIANT_BUILDERS: dict[str, Callable[[Path, Path], Path]] = {
+    "llama-untied": build_llama_untied,
+    "llama-llama3-rope": build_llama3_rope,
+}
+
+
+def hf_logits(hf_dir: Path, ids: list[int]) -> np.ndarray:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(hf_dir, torch_dtype=torch.float32)
+    model.eval()
+    with torch.no_grad():
+        return model(torch.tensor([ids])).logits[0].float().numpy()
+
+
+def llama_logits(gguf_path: Path, ids: list[int], n_ctx: int = 128) -> np.ndarray:
+    from llama_cpp import Llama
+
+    llm = Llama(str(gguf_path), logits_all=True, n_ctx=n_ctx, n_threads=1, verbose=False)
+    try:
+        llm.eval(ids)
+        return np.array(llm.scores[: len(ids)], dtype=np.float32)
+    finally:
+        llm.close()
+
+
+def no_leftovers(folder: Path) -> list[str]:
+    """Names of interrupted-write leftovers (``*.part-*`` / ``*.tmp-*``) in ``folder``."""
+    return [p.name for p in Path(folder).iterdir() if ".part-" in p.name or ".tmp-" in p.name]
+
+
+def make_lora_adapter(base_dir: Path, out: Path, targets: list[str], seed: int = 0) -> Path:
+    """Save a rank-4 LoRA adapter for ``base_dir`` with random (non-zero) lora_B."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=targets, lora_dropout=0.0))
+    with torch.no_grad():  # lora_B starts at zero; make the adapter actually change the model
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0.0, 0.5)
+    peft_model.save_pretrained(out, safe_serialization=True)
+    cfg = json.loads((out / "adapter_config.json").read_text())
+    cfg["base_model_name_or_path"] = str(base_dir)
+    (out / "adapter_config.json").write_text(json.dumps(cfg))
+    return out
+
+
+def encode(hf_dir: Path, text: str) -> list[int]:
+    """Token ids of ``text`` with the HF tokenizer of ``hf_dir`` (no BOS)."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(hf_dir).encode(text, add_special_tokens=False)
+
+
+def rewrite_tensor(path: Path, name: str, value: float) -> None:
+    """Set the first element of an F32 tensor in a safetensors file, in place."""
+    data = bytearray(path.read_bytes())
+    header_len = struct.unpack("<Q", data[:8])[0]
+    header = json.loads(data[8:8 + header_len])
+    start = 8 + header_len + header[name]["data_offsets"][0]
+    data[start:start + 4] = struct.pack("<f", value)
+    path.write_bytes(bytes(data))
