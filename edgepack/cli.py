@@ -45,6 +45,8 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as exc:
         code = exc.code
         return code if isinstance(code, int) else (0 if code is None else 1)
+    except KeyboardInterrupt:
+        return 130
     except Exception as exc:  # noqa: BLE001 - the one place errors become exit codes
         return report_error(exc)
     return 0

@@ -66,12 +66,31 @@ def chat_cmd(
 
 
 def serve_cmd(
-    model: Annotated[Path, typer.Argument(help="A .edgepack bundle.")],
-    host: Annotated[str, typer.Option(help="Bind address (loopback by default).")] = "127.0.0.1",
+    model: Annotated[Path, typer.Argument(help="A .edgepack bundle or a .gguf file.")],
+    host: Annotated[str, typer.Option(help="Bind address (loopback by default; others need an API key).")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Port.")] = 8000,
-    api_key_env: Annotated[str | None, typer.Option(help="Env var holding the API key.")] = None,
+    api_key_env: Annotated[str | None, typer.Option(help="Env var holding the API key (Bearer token).")] = None,
+    max_queue: Annotated[int, typer.Option(help="Requests that may wait; more get 429.")] = 4,
+    timeout: Annotated[float, typer.Option(help="Per-request deadline in seconds.")] = 300.0,
+    max_body: Annotated[int, typer.Option(help="Largest request body in bytes (413 above).")] = 1 << 20,
+    ctx: Annotated[int | None, typer.Option(help="Context length (default: the bundle's profile).")] = None,
+    threads: Annotated[int | None, typer.Option(help="CPU threads (default: the bundle's profile).")] = None,
+    fallback: Annotated[str | None, typer.Option(help="Teacher endpoint openai:URL#MODEL for low-confidence answers.")] = None,
+    fallback_min_logprob: Annotated[float | None, typer.Option(help="Mean token logprob below which the teacher answers.")] = None,
+    fallback_api_key_env: Annotated[str | None, typer.Option(help="Env var holding the teacher endpoint's key.")] = None,
 ) -> None:
-    """Serve a bundle over an OpenAI-compatible HTTP API."""
+    """Serve a bundle over an OpenAI-compatible HTTP API until Ctrl-C."""
+    from edgepack.console import err
+    from edgepack.errors import UsageError
     from edgepack.runtime.server import serve
 
-    serve(model, host=host, port=port, api_key_env=api_key_env)
+    if (fallback is None) != (fallback_min_logprob is None):
+        raise UsageError("--fallback and --fallback-min-logprob go together",
+                         hint="e.g. --fallback openai:http://127.0.0.1:9000/v1#teacher --fallback-min-logprob -1.5")
+    try:
+        serve(model, host=host, port=port, api_key_env=api_key_env, max_queue=max_queue, timeout_s=timeout,
+              max_body_bytes=max_body, n_ctx=ctx, threads=threads, fallback=fallback,
+              fallback_min_logprob=fallback_min_logprob, fallback_api_key_env=fallback_api_key_env,
+              on_ready=lambda url: err.print(f"serving {url} (Ctrl-C to stop)"))
+    except KeyboardInterrupt:
+        err.print("stopped")

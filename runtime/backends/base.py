@@ -32,9 +32,10 @@ from edgepack.errors import ModelSourceError, UsageError
 # format name -> module whose import registers that format's backend.
 BUILTIN_BACKENDS: dict[str, str] = {
     "gguf": "edgepack.runtime.backends.llamacpp",
+    "onnx": "edgepack.runtime.backends.onnxrt",
 }
 # How a bare artifact path announces its format (bundles say it in their manifest).
-FORMAT_BY_SUFFIX: dict[str, str] = {".gguf": "gguf"}
+FORMAT_BY_SUFFIX: dict[str, str] = {".gguf": "gguf", ".onnx": "onnx"}
 FORMAT_BY_MARKER_FILE: dict[str, str] = {"model.onnx": "onnx"}
 
 _REGISTRY: dict[str, type[Backend]] = {}
@@ -96,6 +97,15 @@ class Backend(ABC):
 
         Stops after ``max_tokens`` or, with ``stop_at_eos``, before a stop token.
         """
+
+    def last_token_logprob(self, token: int) -> float | None:
+        """Natural-log probability the model gave ``token`` at the step that just produced it.
+
+        Read it right after :meth:`generate` yields ``token``, before asking for the next one.
+        It is the model's own distribution (temperature 1, before any sampling filter); None
+        where the backend cannot say. Used by the server's confidence metadata and fallback.
+        """
+        return None
 
     def close(self) -> None:
         """Free the model; the default does nothing."""

@@ -75,6 +75,7 @@ class LlamaCppBackend(Backend):
         self._vocab = llama_cpp.llama_model_get_vocab(llm.model)
         self._header = header
         self._gpu_layers = gpu_layers
+        self._n_vocab = int(llm.n_vocab())
         self._stop = frozenset(
             t for t in range(llm.n_vocab()) if llama_cpp.llama_vocab_is_eog(self._vocab, t)
         )
@@ -201,6 +202,18 @@ class LlamaCppBackend(Backend):
             produced += 1
             if produced >= max_tokens:
                 return
+
+    def last_token_logprob(self, token: int) -> float | None:
+        import numpy as np
+
+        # -1: the last row llama.cpp computed, i.e. the logits the token was just sampled from
+        # (llama-cpp-python keeps no copy of them unless logits_all is on).
+        ptr = self._lib.llama_get_logits_ith(self._llm.ctx, -1)
+        if not ptr:
+            return None
+        logits = np.ctypeslib.as_array(ptr, shape=(self._n_vocab,)).astype(np.float64)
+        top = logits.max()
+        return float(logits[token] - top - np.log(np.exp(logits - top).sum()))
 
     def close(self) -> None:
         llm, self._llm = self._llm, None
