@@ -27,6 +27,8 @@ TEACHER_CONTEXT = "teacher_context.json"   # data/: teacher-only prompt turns (d
 STUDENT_INFO = "student.json"              # student/: kept blocks, params, teacher identity
 EVAL_REPORT = "eval.json"                  # RUN/eval.json: `edgepack eval` (teacher vs students)
 EXPORT_REPORT = "export.json"
+FIDELITY_REPORT = "fidelity.json"            # artifacts/: export fidelity vs the reference
+FIDELITY_MARKDOWN = "fidelity.md"           # artifacts/: the same, for people
 TEACHER_SOURCE = "source.json"             # teacher/: {spec, kind, path, sha256}
 
 # --- run.toml keys ----------------------------------------------------------------------

@@ -82,3 +82,40 @@ def build_tiny_llama(out_dir: Path, *, layers: int = 2, hidden: int = 64, seed: 
     GenerationConfig(bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
                      pad_token_id=tok.pad_token_id).save_pretrained(out_dir)
     return out_dir
+
+
+def teach_tiny(model_dir: Path, pairs: list[tuple[str, str]], *, steps: int = 150, lr: float = 3e-3,
+               seed: int = 0) -> Path:
+    """Supervised-fine-tune a tiny model in place until it answers ``pairs`` (user → answer).
+
+    A random-init teacher answers nothing in the task format, so every teacher answer would
+    be filtered out; a few seconds of SFT make it a competent (memorising) tiny teacher.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch.manual_seed(seed)
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    batch_ids, batch_labels = [], []
+    for user, answer in pairs:
+        prompt = tok.apply_chat_template([{"role": "user", "content": user}], tokenize=False,
+                                         add_generation_prompt=True)
+        p_ids = tok(prompt, add_special_tokens=False)["input_ids"]
+        a_ids = tok(answer + "<|im_end|>", add_special_tokens=False)["input_ids"]
+        batch_ids.append(p_ids + a_ids)
+        batch_labels.append([-100] * len(p_ids) + a_ids)
+    width = max(len(x) for x in batch_ids)
+    ids = torch.tensor([x + [tok.pad_token_id] * (width - len(x)) for x in batch_ids])
+    labels = torch.tensor([y + [-100] * (width - len(y)) for y in batch_labels])
+    mask = (torch.arange(width)[None, :] < torch.tensor([len(x) for x in batch_ids])[:, None]).long()
+    opt = torch.optim.AdamW(model.parameters(), lr=lr)
+    model.train()
+    for _ in range(steps):
+        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+    model.save_pretrained(model_dir, safe_serialization=True)
+    return model_dir

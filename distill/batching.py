@@ -1,0 +1,141 @@
+"""From data/train.jsonl rows to the tensors one KD step needs.
+
+Each row becomes an :class:`Example`: the student's token ids (chat-templated prompt, then
+the teacher's answer and EOS) and the teacher's ids (the same, with the teacher-only context
+turns inside the prompt). Both end in the same answer tokens, so the answer positions line
+up one to one; loss is taken only there. The order of examples is a pure function of
+(seed, step), which makes the step number the data cursor for resuming.
+"""
+
+from __future__ import annotations
+
+import copy
+import random
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from edgepack.distill.data import with_teacher_context
+
+
+@dataclass(frozen=True)
+class Example:
+    """One tokenized training row."""
+
+    student_ids: list[int]
+    student_prompt: int
+    """Number of prompt tokens in ``student_ids`` (answer tokens follow)."""
+    teacher_ids: list[int]
+    teacher_prompt: int
+
+    @property
+    def answer_tokens(self) -> int:
+        return len(self.student_ids) - self.student_prompt
+
+
+def _template_ids(tokenizer: Any, messages: list[dict[str, str]]) -> list[int]:
+    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    return list(ids["input_ids"] if isinstance(ids, dict) else ids)
+
+
+def tokenize_rows(tokenizer: Any, rows: list[dict[str, Any]], context: list[dict[str, str]],
+                  max_length: int) -> tuple[list[Example], int]:
+    """Examples for ``rows``; rows whose student sequence exceeds ``max_length`` are skipped (counted)."""
+    eos = tokenizer.eos_token_id
+    out: list[Example] = []
+    too_long = 0
+    for row in rows:
+        answer = tokenizer(row["response"], add_special_tokens=False).input_ids + [eos]
+        s_prompt = _template_ids(tokenizer, row["messages"])
+        t_prompt = _template_ids(tokenizer, with_teacher_context(row["messages"], context)) if context else s_prompt
+        if len(s_prompt) + len(answer) > max_length:
+            too_long += 1
+            continue
+        out.append(Example(s_prompt + answer, len(s_prompt), t_prompt + answer, len(t_prompt)))
+    return out, too_long
+
+
+def batch_indices(n_examples: int, seed: int, step: int, batch_size: int) -> list[int]:
+    """Example indices for optimizer step ``step``: seeded per-epoch shuffles, consumed in order."""
+    out = []
+    for pos in range(step * batch_size, (step + 1) * batch_size):
+        epoch, offset = divmod(pos, n_examples)
+        order = list(range(n_examples))
+        random.Random(f"{seed}:{epoch}").shuffle(order)
+        out.append(order[offset])
+    return out
+
+
+@dataclass
+class Batch:
+    """Right-padded ids, attention mask, and a mask of positions that predict answer tokens."""
+
+    ids: torch.Tensor
+    attention: torch.Tensor
+    predicts: torch.Tensor
+    """Bool [B, S]: position t predicts answer token ids[t + 1]."""
+    targets: torch.Tensor
+    """The answer tokens, flattened in the order of ``predicts.nonzero()``."""
+
+
+def collate(seqs: list[list[int]], prompt_lens: list[int], pad_id: int, offset: int = 0) -> Batch:
+    """Pad ``seqs`` (each with ``offset`` leading tokens already removed) into a Batch."""
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    attention = torch.zeros((len(seqs), width), dtype=torch.long)
+    predicts = torch.zeros((len(seqs), width), dtype=torch.bool)
+    targets = []
+    for i, (s, n_prompt) in enumerate(zip(seqs, prompt_lens)):
+        ids[i, :len(s)] = torch.tensor(s)
+        attention[i, :len(s)] = 1
+        first = n_prompt - offset - 1
+        predicts[i, first:len(s) - 1] = True
+        targets += s[first + 1:]
+    return Batch(ids, attention, predicts, torch.tensor(targets, dtype=torch.long))
+
+
+def common_prefix_len(seqs: list[list[int]]) -> int:
+    first = seqs[0]
+    n = min(len(s) for s in seqs)
+    for s in seqs[1:]:
+        i = 0
+        while i < n and s[i] == first[i]:
+            i += 1
+        n = i
+    return n
+
+
+class TeacherPrefix:
+    """The teacher's KV cache for the prompt prefix every example shares (system prompt,
+    demonstrations), computed once: per step the teacher only runs on the rest."""
+
+    MIN_TOKENS = 16
+
+    def __init__(self, teacher: Any, examples: list[Example]) -> None:
+        # Keep at least one prompt token outside the prefix: the position before the first
+        # answer token must be computed in the batch.
+        n = min(common_prefix_len([e.teacher_ids for e in examples]), min(e.teacher_prompt for e in examples) - 1)
+        self.length = n if n >= self.MIN_TOKENS else 0
+        self.cache = None
+        if self.length:
+            ids = torch.tensor([examples[0].teacher_ids[: self.length]])
+            with torch.no_grad():
+                out = teacher(input_ids=ids, use_cache=True)
+            self.cache = out.past_key_values
+
+    def logits(self, teacher: Any, examples: list[Example], pad_id: int) -> torch.Tensor:
+        """Teacher logits [N, V] at the answer-predicting positions of ``examples``."""
+        batch = collate([e.teacher_ids[self.length:] for e in examples], [e.teacher_prompt for e in examples],
+                        pad_id, offset=self.length)
+        kwargs: dict[str, Any] = {}
+        attention = batch.attention
+        if self.cache is not None:
+            cache = copy.deepcopy(self.cache)
+            cache.batch_repeat_interleave(len(examples))
+            attention = torch.cat([torch.ones(len(examples), self.length, dtype=torch.long), attention], dim=1)
+            kwargs["past_key_values"] = cache
+        with torch.no_grad():
+            hidden = teacher.get_decoder()(input_ids=batch.ids, attention_mask=attention, use_cache=self.cache is not None,
+                                           **kwargs).last_hidden_state
+            return teacher.get_output_embeddings()(hidden[batch.predicts])

@@ -1,0 +1,325 @@
+"""`edgepack distill data`: prompts in, filtered teacher answers out (``RUN/data``).
+
+Input is a JSONL file, one object per line, with either ``"prompt": str`` or
+``"messages": [{"role", "content"}, ...]`` (ending with a user turn), and optionally
+``"id"``, ``"label"`` and ``"reference"`` (a seed answer). Bad rows are reported with their
+line numbers and skipped (``strict`` turns the first one into a DataError). Without a file,
+the shipped demo domain is used (``distill/demo``): plant alarm triage with a fixed train
+and holdout file.
+
+:func:`build_dataset` validates everything before writing anything, materializes the
+teacher (``RUN/teacher``), asks it one greedy answer per prompt, drops bad answers with a
+counted reason (see filters.py) and writes ``RUN/data`` atomically. A complete ``RUN/data``
+is not regenerated.
+
+*Teacher context.* The demo's teacher is a 135M model that does not follow the answer format
+from instructions alone; with a few worked examples in its prompt it does. Those
+demonstrations (``demo/shots.jsonl``) are given to the teacher only: stored rows hold the
+student's prompt (system + user), and ``data/teacher_context.json`` records the extra turns
+so that training computes teacher logits under the same context (context distillation).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from edgepack.atomic import atomic_dir, is_complete, write_json
+from edgepack.constants import DATA_DIR, DATA_REPORT, HOLDOUT_FILE, TEACHER_CONTEXT, TEACHER_DIR, TRAIN_FILE
+from edgepack.distill.filters import DROP_REASONS, drop_reason, parse_category
+from edgepack.errors import DataError, RunDirError, UsageError
+from edgepack.progress import ProgressFn, null_progress
+
+DEMO_DIR = Path(__file__).resolve().parent / "demo"
+DEMO_SEED = DEMO_DIR / "seed.jsonl"
+DEMO_HOLDOUT = DEMO_DIR / "holdout.jsonl"
+DEMO_SHOTS = DEMO_DIR / "shots.jsonl"
+DEMO_LABELS = ("electrical", "mechanical", "hydraulic_pneumatic", "thermal", "instrumentation", "network")
+DEMO_SYSTEM_PROMPT = """\
+You triage alarm and maintenance messages from plant equipment. Pick exactly one category:
+electrical: power supply, motors' windings, drives, breakers, fuses, cables, grounding
+mechanical: bearings, gears, belts, chains, couplings, alignment, vibration, wear
+hydraulic_pneumatic: hydraulic oil systems, cylinders, compressed air, pneumatic actuators
+thermal: temperatures, boilers, furnaces, HVAC, chillers, heat exchangers, cooling
+instrumentation: sensors, transmitters, gauges, analyzers, calibration, signal errors
+network: PLC, SCADA and HMI communication, switches, fieldbus, links
+Answer in exactly two lines:
+Category: <category>
+Action: <one sentence>"""
+
+HOLDOUT_FRACTION = 0.2
+_ROLES = ("system", "user", "assistant")
+
+
+@dataclass(frozen=True)
+class PromptRow:
+    """One validated input row."""
+
+    id: str
+    messages: list[dict[str, str]]
+    label: str | None = None
+    reference: str | None = None
+    line: int = 0
+
+    def record(self, response: str | None) -> dict[str, Any]:
+        return {"id": self.id, "messages": self.messages, "response": response, "label": self.label,
+                "reference": self.reference}
+
+
+@dataclass
+class PromptSet:
+    """The rows of one prompts file and the rows that were skipped (with line numbers)."""
+
+    path: Path
+    rows: list[PromptRow]
+    bad: list[dict[str, Any]] = field(default_factory=list)
+
+
+def _row_problem(obj: Any) -> str | None:
+    """Why a parsed JSON value is not a valid prompt row, or None."""
+    if not isinstance(obj, dict):
+        return "not a JSON object"
+    has_prompt, has_messages = "prompt" in obj, "messages" in obj
+    if has_prompt == has_messages:
+        return "needs exactly one of `prompt` (string) or `messages` (list)"
+    if has_prompt and (not isinstance(obj["prompt"], str) or not obj["prompt"].strip()):
+        return "`prompt` must be a non-empty string"
+    if has_messages:
+        msgs = obj["messages"]
+        if not isinstance(msgs, list) or not msgs:
+            return "`messages` must be a non-empty list"
+        for i, m in enumerate(msgs):
+            if not isinstance(m, dict) or m.get("role") not in _ROLES or not isinstance(m.get("content"), str):
+                return f"messages[{i}] must be {{role: system|user|assistant, content: string}}"
+        if msgs[-1]["role"] != "user" or not msgs[-1]["content"].strip():
+            return "the last message must be a non-empty user turn"
+    for key in ("id", "label", "reference"):
+        if obj.get(key) is not None and (not isinstance(obj[key], str) or not obj[key].strip()):
+            return f"`{key}` must be a non-empty string or null"
+    return None
+
+
+def load_prompts(path: Path, *, strict: bool = False, system: str | None = None) -> PromptSet:
+    """Read and validate a prompts JSONL file.
+
+    ``system`` is prepended as a system turn to rows that have none (the demo's preamble).
+    Raises DataError for a missing file, an empty result, or (``strict``) the first bad row.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"prompts file not found: {path}")
+    rows: list[PromptRow] = []
+    bad: list[dict[str, Any]] = []
+    seen: set[str] = set()
+    with open(path, "rb") as fh:
+        for lineno, raw in enumerate(fh, start=1):
+            problem = None
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                text, problem = "", "not valid UTF-8"
+            if not problem and not text.strip():
+                continue
+            obj: Any = None
+            if not problem:
+                try:
+                    obj = json.loads(text)
+                except json.JSONDecodeError as exc:
+                    problem = f"not valid JSON ({exc.msg})"
+            problem = problem or _row_problem(obj)
+            if problem is None:
+                row = _to_row(obj, path, lineno, system)
+                key = json.dumps(row.messages, sort_keys=True)
+                problem = "duplicate prompt" if key in seen else None
+                seen.add(key)
+            if problem is not None:
+                if strict:
+                    raise DataError(f"{path}:{lineno}: {problem}",
+                                    hint="fix the row, or drop --strict to skip bad rows (they are counted)")
+                bad.append({"line": lineno, "reason": problem})
+                continue
+            rows.append(row)
+    if not rows:
+        raise DataError(f"{path}: no usable prompts ({len(bad)} bad rows)"
+                        + (f"; first: line {bad[0]['line']}: {bad[0]['reason']}" if bad else ""))
+    return PromptSet(path=path, rows=rows, bad=bad)
+
+
+def _to_row(obj: dict[str, Any], path: Path, lineno: int, system: str | None) -> PromptRow:
+    if "prompt" in obj:
+        messages = [{"role": "user", "content": obj["prompt"]}]
+    else:
+        messages = [{"role": m["role"], "content": m["content"]} for m in obj["messages"]]
+    if system is not None and messages[0]["role"] != "system":
+        messages.insert(0, {"role": "system", "content": system})
+    return PromptRow(id=obj.get("id") or f"{path.stem}-{lineno}", messages=messages, label=obj.get("label"),
+                     reference=obj.get("reference"), line=lineno)
+
+
+def split_rows(rows: list[PromptRow], seed: int, fraction: float = HOLDOUT_FRACTION) -> tuple[list[PromptRow], list[PromptRow]]:
+    """Deterministic train/holdout split: a seeded shuffle, the first ``fraction`` held out."""
+    order = list(range(len(rows)))
+    random.Random(seed).shuffle(order)
+    n_hold = int(len(rows) * fraction)
+    hold = set(order[:n_hold])
+    return [r for i, r in enumerate(rows) if i not in hold], [r for i, r in enumerate(rows) if i in hold]
+
+
+def with_teacher_context(messages: list[dict[str, str]], context: list[dict[str, str]]) -> list[dict[str, str]]:
+    """Insert the teacher-only turns after the leading system turn(s)."""
+    n_sys = next((i for i, m in enumerate(messages) if m["role"] != "system"), len(messages))
+    return messages[:n_sys] + context + messages[n_sys:]
+
+
+def load_demo_shots() -> list[dict[str, str]]:
+    """The demo's worked examples as alternating user/assistant turns."""
+    turns: list[dict[str, str]] = []
+    for row in load_prompts(DEMO_SHOTS, strict=True).rows:
+        turns += [{"role": "user", "content": row.messages[-1]["content"]},
+                  {"role": "assistant", "content": row.reference or ""}]
+    return turns
+
+
+@dataclass
+class _Inputs:
+    source: str
+    train: list[PromptRow]
+    holdout: list[PromptRow]
+    bad: list[dict[str, Any]]
+    labels: frozenset[str] | None
+    context: list[dict[str, str]]
+    files: dict[str, str]
+
+
+def _load_inputs(data: Path | None, *, strict: bool, seed: int, limit: int | None) -> _Inputs:
+    if limit is not None and limit < 1:
+        raise UsageError(f"--limit must be at least 1 (got {limit})")
+    if data is None:
+        train = load_prompts(DEMO_SEED, strict=True, system=DEMO_SYSTEM_PROMPT)
+        hold = load_prompts(DEMO_HOLDOUT, strict=True, system=DEMO_SYSTEM_PROMPT)
+        inputs = _Inputs("builtin:demo", train.rows, hold.rows, [], frozenset(DEMO_LABELS), load_demo_shots(),
+                         {p.name: _sha256(p) for p in (DEMO_SEED, DEMO_HOLDOUT, DEMO_SHOTS)})
+    else:
+        prompts = load_prompts(data, strict=strict)
+        tr, ho = split_rows(prompts.rows, seed)
+        labels = frozenset(r.label for r in prompts.rows if r.label is not None) or None
+        inputs = _Inputs(str(data), tr, ho, prompts.bad, labels, [], {Path(data).name: _sha256(Path(data))})
+    if limit is not None:
+        inputs.train = inputs.train[:limit]
+    return inputs
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def build_dataset(*, teacher: str, data: Path | None, run_dir: Path, limit: int | None = None,
+                  strict: bool = False, seed: int = 0, progress: ProgressFn = null_progress) -> dict[str, Any]:
+    """Generate, filter and store teacher data for distillation; return data/report.json.
+
+    Nothing is written when the teacher spec or the prompts are bad. A complete data/ folder
+    from the same teacher and inputs is returned as is (``"skipped": true``).
+    """
+    from edgepack.distill.generate import DecodeParams, open_generator
+    from edgepack.distill.teachers import materialize_teacher, resolve_teacher
+
+    source = resolve_teacher(teacher)
+    if source.kind == "openai":
+        raise UsageError("endpoint teachers (openai:URL#MODEL) are not available yet: dense distillation "
+                         "needs the teacher's weights", hint="pass a local HF folder, a .gguf, or a builtin:NAME")
+    inputs = _load_inputs(data, strict=strict, seed=seed, limit=limit)
+    params = DecodeParams(seed=seed)
+    identity = {"teacher_sha256": source.sha256, "inputs": inputs.files, "seed": seed, "limit": limit,
+                "decoding": params.describe()}
+    run_dir = Path(run_dir)
+    out = run_dir / DATA_DIR
+    if is_complete(out):
+        report = json.loads((out / DATA_REPORT).read_text())
+        if report.get("identity") != identity:
+            raise RunDirError(f"{out} was built from another teacher or other inputs",
+                              hint="use a new run folder, or the same --teacher/--data/--seed/--limit")
+        return {**report, "skipped": True}
+    if out.exists():
+        raise RunDirError(f"{out} exists but is not complete", hint="delete it and rerun")
+
+    t0 = time.perf_counter()
+    teacher_dir = materialize_teacher(source, run_dir / TEACHER_DIR, progress)
+    dropped = dict.fromkeys(DROP_REASONS, 0)
+    train_rows: list[dict[str, Any]] = []
+    hold_rows: list[dict[str, Any]] = []
+    total = len(inputs.train) + len(inputs.holdout)
+    n_tokens = correct = labelled = 0
+    task = "data: teacher answers"
+    progress(task, 0, total)
+    with open_generator(source, teacher_dir, params) as generate:
+        for i, row in enumerate(inputs.train + inputs.holdout):
+            gen = generate(with_teacher_context(row.messages, inputs.context))
+            n_tokens += gen.tokens
+            if i < len(inputs.train):
+                reason = drop_reason(gen.text, finished=gen.finished, label=row.label, labels=inputs.labels)
+                if reason is None:
+                    train_rows.append(row.record(gen.text.strip()))
+                else:
+                    dropped[reason] += 1
+            else:
+                rec = row.record(gen.text.strip())
+                rec["teacher_category"] = parse_category(gen.text)
+                hold_rows.append(rec)
+                if row.label is not None:
+                    labelled += 1
+                    correct += rec["teacher_category"] == row.label
+            progress(task, i + 1, total)
+    if not train_rows:
+        raise DataError(f"the teacher produced no usable answer for {len(inputs.train)} prompts "
+                        f"(dropped: {_nonzero(dropped)})",
+                        hint="check the prompts' format instructions, or use a stronger teacher")
+    seconds = time.perf_counter() - t0
+    report = {
+        "identity": identity,
+        "teacher": source.describe(),
+        "data": inputs.source,
+        "labels": sorted(inputs.labels) if inputs.labels else None,
+        "decoding": params.describe(),
+        "teacher_context_turns": len(inputs.context),
+        "input_rows": len(inputs.train) + len(inputs.holdout) + len(inputs.bad),
+        "bad_rows": len(inputs.bad),
+        "bad_row_details": inputs.bad[:100],
+        "train_prompts": len(inputs.train),
+        "kept": len(train_rows),
+        "dropped": sum(dropped.values()),
+        "drop_reasons": dropped,
+        "holdout_prompts": len(hold_rows),
+        "teacher_holdout_accuracy": round(correct / labelled, 4) if labelled else None,
+        "teacher_holdout_labelled": labelled,
+        "generated_tokens": n_tokens,
+        "seconds": round(seconds, 2),
+        "generated_tokens_per_s": round(n_tokens / seconds, 1) if seconds > 0 else None,
+    }
+    with atomic_dir(out) as tmp:
+        _write_jsonl(tmp / TRAIN_FILE, train_rows)
+        _write_jsonl(tmp / HOLDOUT_FILE, hold_rows)
+        write_json(tmp / TEACHER_CONTEXT, {"messages": inputs.context,
+                                                 "note": "teacher-only turns inserted after the system turn"})
+        write_json(tmp / DATA_REPORT, report)
+    return report
+
+
+def _nonzero(counts: dict[str, int]) -> str:
+    return ", ".join(f"{k} {v}" for k, v in counts.items() if v) or "none"
+
+
+def _write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
+    with open(path, "w", encoding="utf-8") as fh:
+        for r in rows:
+            fh.write(json.dumps(r, ensure_ascii=False) + "\n")
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    """Rows of a JSONL file this stage wrote (train.jsonl / holdout.jsonl)."""
+    with open(path, encoding="utf-8") as fh:
+        return [json.loads(line) for line in fh if line.strip()]

@@ -1,0 +1,174 @@
+"""`edgepack eval`: did distillation help? Teacher vs undistilled vs distilled student on the holdout.
+
+* **teacher** — its holdout answers as recorded by ``distill data`` (the real teacher, e.g.
+  the GGUF under llama.cpp, with its teacher-only context); not regenerated here.
+* **undistilled** — the student before KD: for ``auto`` students the teacher's kept blocks
+  (``student.json: kept_layers``), rebuilt deterministically; for a user-provided student,
+  its original folder.
+* **distilled** — ``RUN/student``.
+
+Per student: label accuracy (``Category:`` parsed leniently), strict-format rate and label
+agreement with the teacher, from greedy answers to the holdout prompts (transformers, batched
+with left padding); and teacher-forced on the teacher's holdout answers, the mean per-token KL(teacher ‖
+student) and the student's cross-entropy. "Gap closed" is the share of the undistilled→teacher
+gap that KD recovered. The report is also written to ``RUN/eval.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from edgepack.atomic import is_complete, write_json
+from edgepack.constants import (DATA_DIR, DATA_REPORT, EVAL_REPORT, HOLDOUT_FILE, STUDENT_DIR, STUDENT_INFO,
+                                TEACHER_CONTEXT, TEACHER_DIR)
+from edgepack.errors import RunDirError
+from edgepack.progress import ProgressFn, null_progress
+
+MAX_NEW_TOKENS = 48   # demo answers are ~20 tokens; an undistilled student rambles to the limit
+GEN_BATCH = 16
+MAX_LENGTH = 1024
+
+
+def answer_divergence(teacher: Any, student: Any, examples: list[Any], prefix: Any, pad_id: int,
+                      micro_batch: int = 4) -> dict[str, float]:
+    """Token-weighted mean KL(teacher ‖ student) and student CE at the answer positions."""
+    import torch
+
+    from edgepack.distill.batching import collate
+    from edgepack.distill.losses import cross_entropy, forward_kl
+
+    kl_sum = ce_sum = 0.0
+    n_tokens = 0
+    with torch.no_grad():
+        for i in range(0, len(examples), micro_batch):
+            part = examples[i:i + micro_batch]
+            batch = collate([e.student_ids for e in part], [e.student_prompt for e in part], pad_id)
+            t_logits = prefix.logits(teacher, part, pad_id)
+            hidden = student.get_decoder()(input_ids=batch.ids, attention_mask=batch.attention).last_hidden_state
+            s_logits = student.get_output_embeddings()(hidden[batch.predicts])
+            ones = torch.ones(1, s_logits.shape[0])
+            n = s_logits.shape[0]
+            kl_sum += float(forward_kl(s_logits[None], t_logits[None], ones)) * n
+            ce_sum += float(cross_entropy(s_logits[None], batch.targets[None], ones)) * n
+            n_tokens += n
+    return {"kl": kl_sum / max(n_tokens, 1), "ce": ce_sum / max(n_tokens, 1), "tokens": n_tokens}
+
+
+def _generate_answers(model: Any, tok: Any, rows: list[dict[str, Any]], progress: ProgressFn, task: str) -> list[str]:
+    """Greedy answers, GEN_BATCH prompts at a time (left-padded: one decode step serves all)."""
+    import torch
+
+    model.eval()
+    eos = tok.eos_token_id
+    pad = tok.pad_token_id if tok.pad_token_id is not None else eos
+    answers: list[str] = []
+    progress(task, 0, len(rows))
+    for start in range(0, len(rows), GEN_BATCH):
+        prompts = [tok.apply_chat_template(r["messages"], add_generation_prompt=True)
+                   for r in rows[start:start + GEN_BATCH]]
+        width = max(len(p) for p in prompts)
+        ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts])
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+        with torch.no_grad():
+            out = model.generate(ids, attention_mask=mask, max_new_tokens=MAX_NEW_TOKENS, do_sample=False,
+                                 temperature=None, top_p=None, top_k=None, eos_token_id=eos, pad_token_id=pad)
+        for row in out[:, width:].tolist():
+            row = row[:row.index(eos)] if eos in row else row
+            answers.append(tok.decode(row, skip_special_tokens=True).strip())
+        progress(task, len(answers), len(rows))
+    return answers
+
+
+def _answer_scores(answers: list[str], rows: list[dict[str, Any]], labels: frozenset[str] | None) -> dict[str, Any]:
+    from edgepack.distill.filters import ANSWER_RE, parse_category
+
+    labelled = [(a, r) for a, r in zip(answers, rows) if r.get("label")]
+    cats = [parse_category(a) for a, _ in labelled]
+    with_teacher = [(parse_category(a), r.get("teacher_category")) for a, r in zip(answers, rows)
+                    if r.get("teacher_category")]
+    return {
+        "label_accuracy": _ratio(sum(c == r["label"] for c, (_, r) in zip(cats, labelled)), len(labelled)),
+        "format_rate": _ratio(sum(bool(ANSWER_RE.match(a)) and (labels is None or ANSWER_RE.match(a).group(1) in labels)
+                                  for a in answers), len(answers)),
+        "teacher_label_agreement": _ratio(sum(a == b for a, b in with_teacher), len(with_teacher)),
+        "exact_match_with_teacher": _ratio(sum(a == (r.get("response") or "").strip() for a, r in zip(answers, rows)),
+                                           len(rows)),
+    }
+
+
+def _ratio(num: int, den: int) -> float | None:
+    return round(num / den, 4) if den else None
+
+
+def _gap_closed(before: float | None, after: float | None, target: float | None) -> float | None:
+    if before is None or after is None or target is None or abs(target - before) < 1e-12:
+        return None
+    return round((after - before) / (target - before), 4)
+
+
+def evaluate_run(*, run_dir: Path, progress: ProgressFn = null_progress) -> dict[str, Any]:
+    """Compare teacher, undistilled student and distilled student on the holdout."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from edgepack.distill.batching import TeacherPrefix, tokenize_rows
+    from edgepack.distill.data import read_jsonl
+    from edgepack.distill.student import prune_teacher
+
+    run_dir = Path(run_dir)
+    teacher_dir, data_dir, student_dir = run_dir / TEACHER_DIR, run_dir / DATA_DIR, run_dir / STUDENT_DIR
+    for folder, stage in ((teacher_dir, "distill data"), (data_dir, "distill data"), (student_dir, "distill train")):
+        if not is_complete(folder):
+            raise RunDirError(f"{folder} is missing or incomplete", hint=f"run `edgepack {stage}` first")
+    rows = read_jsonl(data_dir / HOLDOUT_FILE)
+    if not rows:
+        raise RunDirError(f"{data_dir / HOLDOUT_FILE} has no rows to evaluate on",
+                          hint="use a prompts file with enough rows for a holdout split (20%)")
+    data_report = json.loads((data_dir / DATA_REPORT).read_text()) if (data_dir / DATA_REPORT).is_file() else {}
+    labels = frozenset(data_report["labels"]) if data_report.get("labels") else None
+    context_path = data_dir / TEACHER_CONTEXT
+    context = json.loads(context_path.read_text())["messages"] if context_path.is_file() else []
+    info = json.loads((student_dir / STUDENT_INFO).read_text())
+    t0 = time.perf_counter()
+
+    tok = AutoTokenizer.from_pretrained(teacher_dir)
+    pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    teacher = AutoModelForCausalLM.from_pretrained(teacher_dir, dtype=torch.float32).eval()
+    if info.get("source") == "auto" or info.get("kept_layers"):
+        undistilled, _ = prune_teacher(teacher, tok, keep=info["kept_layers"])
+    else:
+        undistilled = AutoModelForCausalLM.from_pretrained(info["source"], dtype=torch.float32)
+    distilled = AutoModelForCausalLM.from_pretrained(student_dir, dtype=torch.float32)
+
+    forced_rows = [r for r in rows if r.get("response")]
+    examples, too_long = tokenize_rows(tok, forced_rows, context, MAX_LENGTH)
+    prefix = TeacherPrefix(teacher, examples) if examples else None
+    teacher_answers = [(r.get("response") or "").strip() for r in rows]
+    report: dict[str, Any] = {
+        "holdout_rows": len(rows),
+        "teacher": {"source": "data/holdout.jsonl (the teacher's recorded answers)",
+                    **_answer_scores(teacher_answers, rows, labels)},
+        "teacher_context_turns": len(context),
+        "forced_rows": len(examples), "forced_rows_too_long": too_long,
+    }
+    for name, model in (("undistilled", undistilled), ("distilled", distilled)):
+        model.eval()
+        answers = _generate_answers(model, tok, rows, progress, f"eval: {name} answers")
+        entry = _answer_scores(answers, rows, labels)
+        if prefix is not None:
+            entry.update({k: round(v, 5) if isinstance(v, float) else v
+                          for k, v in answer_divergence(teacher, model, examples, prefix, pad_id).items()})
+        entry["params"] = sum(p.numel() for p in model.parameters())
+        entry["samples"] = [{"id": r["id"], "label": r.get("label"), "answer": a} for r, a in zip(rows[:5], answers)]
+        report[name] = entry
+    before, after, target = report["undistilled"], report["distilled"], report["teacher"]
+    report["gap_closed"] = {
+        "label_accuracy": _gap_closed(before["label_accuracy"], after["label_accuracy"], target["label_accuracy"]),
+        "kl": _gap_closed(before.get("kl"), after.get("kl"), 0.0),
+    }
+    report["seconds"] = round(time.perf_counter() - t0, 1)
+    write_json(run_dir / EVAL_REPORT, report)
+    return report

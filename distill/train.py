@@ -1,0 +1,298 @@
+"""`edgepack distill train`: online dense knowledge distillation into a smaller student.
+
+One recipe, top to bottom:
+
+1. setup   — read RUN/teacher and RUN/data, make the student (depth-pruned teacher sized for
+             the profile, or a user's HF folder sharing the teacher's tokenizer), AdamW with a
+             warmup + cosine schedule; with ``resume`` restore the last complete checkpoint.
+2. train   — per step, ``batch_size`` rows in micro-batches: the frozen teacher's logits and
+             the student's logits at the answer positions only, loss = (1-α)·KD + α·CE on the
+             teacher's tokens, gradient clipping, a checkpoint every ``save_every`` steps.
+             A non-finite or exploding loss stops training; the last good state is kept.
+3. save    — RUN/student as a complete HF folder (safetensors, the teacher's tokenizer and
+             chat template, student.json, train_report.json), atomically.
+
+Logits are computed only at answer positions (the LM head is the largest matmul of a small
+model), and the teacher's KV cache for the prompt prefix every row shares (system prompt,
+demonstrations) is computed once. Training runs on the CPU (a profile's ``train_device`` of
+cuda/mps is recorded as a note, not used yet). The run is deterministic: the same seed gives
+bit-identical weights, with or without an interruption and resume.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import resource
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from edgepack.atomic import atomic_dir, clean_stale, is_complete, write_json
+from edgepack.constants import (CHECKPOINT_DIR, DATA_DIR, STUDENT_DIR, STUDENT_INFO, TEACHER_CONTEXT,
+                                TEACHER_DIR, TRAIN_FILE, TRAIN_REPORT)
+from edgepack.distill.teachers import SOURCE_FILE
+from edgepack.errors import DataError, RunDirError, RuntimeFailure, UsageError
+from edgepack.profiles import Profile
+from edgepack.progress import ProgressFn, null_progress
+
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Knobs of the KD recipe (defaults: the demo, ~30 steps on 2 CPU cores)."""
+
+    lr: float = 1e-4
+    batch_size: int = 4
+    """Rows per optimizer step."""
+    micro_batch: int = 2
+    """Rows per forward/backward; gradients accumulate over batch_size / micro_batch."""
+    max_length: int = 256
+    """Student prompt + answer tokens; longer rows are skipped (counted in the report)."""
+    warmup_fraction: float = 0.1
+    min_lr_ratio: float = 0.1
+    """The cosine schedule ends at lr × min_lr_ratio."""
+    weight_decay: float = 0.0
+    clip_norm: float = 1.0
+    divergence: str = "forward_kl"
+    """Name in losses.DIVERGENCES."""
+    temperature: float = 1.0
+    alpha: float = 0.2
+    """Weight of cross-entropy on the teacher's tokens; 1 - alpha weights the KD term."""
+    save_every: int = 10
+    keep_checkpoints: int = 1
+    calibration_rows: int = 16
+    """Training rows used to rank blocks when the student is derived (``auto``)."""
+    explode_factor: float = 10.0
+    """Stop when a step's loss exceeds this multiple of the first step's loss."""
+
+
+def train_student(*, run_dir: Path, profile: Profile, student: str = "auto", steps: int = 20, seed: int = 0,
+                  resume: bool = False, progress: ProgressFn = null_progress,
+                  config: TrainConfig | None = None) -> dict[str, Any]:
+    """Distill the teacher into a student sized for the profile; return train_report.json."""
+    import torch
+
+    from edgepack.distill import checkpoint as ckpt
+    from edgepack.distill.batching import TeacherPrefix, batch_indices, collate, tokenize_rows
+    from edgepack.distill.data import read_jsonl
+    from edgepack.distill.losses import DIVERGENCES, blend, cross_entropy
+
+    cfg = config or TrainConfig()
+    run_dir = Path(run_dir)
+    teacher_dir, data_dir, out = run_dir / TEACHER_DIR, run_dir / DATA_DIR, run_dir / STUDENT_DIR
+    # ------------------------------------------------------------------ setup
+    for folder, stage in ((teacher_dir, "distill data"), (data_dir, "distill data")):
+        if not is_complete(folder):
+            raise RunDirError(f"{folder} is missing or incomplete", hint=f"run `edgepack {stage}` first")
+    if steps < 1:
+        raise UsageError(f"--steps must be at least 1 (got {steps})")
+    if cfg.batch_size % cfg.micro_batch or cfg.divergence not in DIVERGENCES:
+        raise UsageError("batch_size must be a multiple of micro_batch and divergence one of "
+                         f"{', '.join(DIVERGENCES)}")
+    teacher_sha = json.loads((teacher_dir / SOURCE_FILE).read_text())["sha256"]
+    identity = {"teacher_sha256": teacher_sha, "student": student, "steps": steps, "seed": seed,
+                "profile": profile.name, "config": asdict(cfg)}
+    if is_complete(out):
+        report = json.loads((out / TRAIN_REPORT).read_text())
+        if report.get("identity") != identity:
+            raise RunDirError(f"{out} was trained with other settings",
+                              hint="use the same --student/--steps/--seed/--profile, or a new run folder")
+        return {**report, "skipped": True}
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        torch.manual_seed(seed)
+        tok = AutoTokenizer.from_pretrained(teacher_dir)
+        pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        rows = read_jsonl(data_dir / TRAIN_FILE)
+        context = json.loads((data_dir / TEACHER_CONTEXT).read_text())["messages"] \
+            if (data_dir / TEACHER_CONTEXT).is_file() else []
+        examples, too_long = tokenize_rows(tok, rows, context, cfg.max_length)
+        if not examples:
+            raise DataError(f"no training row fits max_length={cfg.max_length} tokens ({too_long} too long)")
+        teacher = AutoModelForCausalLM.from_pretrained(teacher_dir, dtype=torch.float32)
+        teacher.eval().requires_grad_(False)
+
+        ckpt_root = run_dir / CHECKPOINT_DIR
+        clean_stale(ckpt_root)  # half-written checkpoint folders of a killed run
+        last = ckpt.latest_checkpoint(ckpt_root)
+        if last is not None and not resume:
+            raise RunDirError(f"{ckpt_root} holds checkpoints of an unfinished run",
+                              hint="pass --resume to continue it, or delete the folder to start over")
+        if last is not None:
+            state = ckpt.read_state(last)
+            if state["identity"] != identity:
+                raise RunDirError(f"{last} belongs to a run with other settings",
+                                  hint="resume with the same settings, or delete the checkpoints folder")
+            model = AutoModelForCausalLM.from_pretrained(last, dtype=torch.float32)
+            description = state["student"]
+        else:
+            model, description = _make_student(student, teacher, tok, teacher_dir, rows, profile, cfg, progress)
+        model.train()
+
+        params = [p for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        warmup = max(1, round(cfg.warmup_fraction * steps))
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _lr_factor(s, steps, warmup, cfg))
+        history: list[dict[str, Any]] = []
+        start, elapsed, tokens_seen = 0, 0.0, 0
+        if last is not None:
+            state = ckpt.restore_training_state(last, optimizer, scheduler)
+            start, history, elapsed, tokens_seen = state["step"], state["history"], state["elapsed"], state["tokens"]
+        divergence = DIVERGENCES[cfg.divergence]
+        prefix = TeacherPrefix(teacher, examples)
+
+        # ------------------------------------------------------------------ train
+        def checkpoint(step: int) -> None:
+            ckpt.save_checkpoint(ckpt_root, step, model, optimizer, scheduler,
+                                 {"identity": identity, "student": description, "history": history,
+                                  "elapsed": elapsed, "tokens": tokens_seen}, keep=cfg.keep_checkpoints)
+
+        progress("train", start, steps)
+        for step in range(start, steps):
+            t0 = time.perf_counter()
+            chosen = [examples[i] for i in batch_indices(len(examples), seed, step, cfg.batch_size)]
+            n_answer = sum(e.answer_tokens for e in chosen)
+            totals = {"loss": 0.0, "kd": 0.0, "ce": 0.0}
+            for mb in range(0, len(chosen), cfg.micro_batch):
+                part = chosen[mb:mb + cfg.micro_batch]
+                batch = collate([e.student_ids for e in part], [e.student_prompt for e in part], pad_id)
+                t_logits = prefix.logits(teacher, part, pad_id)
+                hidden = model.get_decoder()(input_ids=batch.ids, attention_mask=batch.attention).last_hidden_state
+                s_logits = model.get_output_embeddings()(hidden[batch.predicts])
+                ones = torch.ones(1, s_logits.shape[0])
+                kd = divergence(s_logits[None], t_logits[None], ones, temperature=cfg.temperature)
+                ce = cross_entropy(s_logits[None], batch.targets[None], ones)
+                loss = blend(kd, ce, cfg.alpha)
+                weight = s_logits.shape[0] / n_answer  # the step loss is a mean over all answer tokens
+                (loss * weight).backward()
+                for key, value in (("loss", loss), ("kd", kd), ("ce", ce)):
+                    totals[key] += float(value.detach()) * weight
+                tokens_seen += int(batch.attention.sum())
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.clip_norm))
+            bad = _divergence_problem(totals["loss"], grad_norm, history, cfg)
+            if bad:
+                optimizer.zero_grad(set_to_none=True)
+                # The weights are still those after the last good step: keep them.
+                if step > 0 and not (ckpt_root / f"{ckpt.STEP_PREFIX}{step}").is_dir():
+                    checkpoint(step)
+                raise RuntimeFailure(f"training stopped at step {step + 1}: {bad}",
+                                     hint=f"the last good state is checkpointed in {ckpt_root}; lower the "
+                                          "learning rate and rerun with --resume")
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            elapsed += time.perf_counter() - t0
+            history.append({"step": step + 1, **{k: round(v, 6) for k, v in totals.items()},
+                            "lr": scheduler.get_last_lr()[0], "grad_norm": round(grad_norm, 4)})
+            if (step + 1) % cfg.save_every == 0 and step + 1 < steps:
+                checkpoint(step + 1)
+            progress("train", step + 1, steps)
+            progress("train tokens", tokens_seen, None)
+
+        # ------------------------------------------------------------------ save
+        report = {
+            "identity": identity,
+            "steps": steps,
+            "params": description["params"],
+            "teacher_params": description["teacher_params"],
+            "final_loss": history[-1]["loss"],
+            "first_loss": history[0]["loss"],
+            "loss_curve": history,
+            "rows": len(rows), "rows_used": len(examples), "rows_too_long": too_long,
+            "teacher_prefix_tokens": prefix.length,
+            "tokens": tokens_seen,
+            "wall_s": round(elapsed, 2),
+            "tokens_per_s": round(tokens_seen / elapsed, 1) if elapsed else None,
+            "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+            "device": "cpu",
+            "device_note": None if profile.train_device == "cpu" else
+            f"profile {profile.name} trains on {profile.train_device}; this version trains on the CPU only",
+            "torch_threads": torch.get_num_threads(),
+            "resumed_from_step": start or None,
+        }
+        with atomic_dir(out) as tmp:
+            model.save_pretrained(tmp, safe_serialization=True)
+            _copy_tokenizer(teacher_dir, tmp)
+            write_json(tmp / STUDENT_INFO, {**description, "teacher": str(teacher_dir), "teacher_sha256": teacher_sha,
+                                            "train_config": asdict(cfg)})
+            write_json(tmp / TRAIN_REPORT, report)
+        return report
+    finally:
+        torch.use_deterministic_algorithms(deterministic)
+
+
+def _lr_factor(step: int, total: int, warmup: int, cfg: TrainConfig) -> float:
+    """Linear warmup to 1, then cosine down to ``min_lr_ratio`` at the last step."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def _divergence_problem(loss: float, grad_norm: float, history: list[dict[str, Any]], cfg: TrainConfig) -> str | None:
+    if not math.isfinite(loss):
+        return f"the loss is {loss}"
+    if not math.isfinite(grad_norm):
+        return f"the gradient norm is {grad_norm}"
+    if history and loss > cfg.explode_factor * max(history[0]["loss"], 1e-3):
+        return f"the loss exploded to {loss:.4g} (first step: {history[0]['loss']:.4g})"
+    return None
+
+
+def _make_student(spec: str, teacher: Any, tok: Any, teacher_dir: Path, rows: list[dict[str, Any]],
+                  profile: Profile, cfg: TrainConfig, progress: ProgressFn) -> tuple[Any, dict[str, Any]]:
+    """``auto``: the depth-pruned teacher; else an HF folder that shares the teacher's tokenizer."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from edgepack.distill.student import choose_num_layers, count_params, prune_teacher
+    from edgepack.distill.teachers import check_hf_dir
+
+    if spec == "auto":
+        sizing = choose_num_layers(teacher, profile)
+        texts = [tok.apply_chat_template(r["messages"] + [{"role": "assistant", "content": r["response"]}],
+                                         tokenize=False) for r in rows[: cfg.calibration_rows]]
+        model, description = prune_teacher(teacher, tok, calibration=texts, num_layers=sizing["num_layers"],
+                                           max_length=cfg.max_length, progress=progress)
+        return model, {"source": "auto", **description, "sizing": sizing}
+    path = Path(spec)
+    if not path.is_dir():
+        raise UsageError(f"--student must be `auto` or an HF model folder (got {spec!r})")
+    check_hf_dir(path)
+    student_tok = AutoTokenizer.from_pretrained(path)
+    problem = _tokenizer_mismatch(tok, student_tok)
+    if problem:
+        raise UsageError(f"student {path} does not share the teacher's tokenizer: {problem}",
+                         hint="dense KD compares distributions token by token; pick a student from the same family")
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    n, n_teacher = count_params(model), count_params(teacher)
+    if n > n_teacher:
+        raise UsageError(f"student {path} has {n:,} parameters, more than the teacher's {n_teacher:,}")
+    return model, {"source": str(path), "method": "user-provided student", "params": n, "teacher_params": n_teacher,
+                   "num_layers": model.config.num_hidden_layers}
+
+
+def _tokenizer_mismatch(a: Any, b: Any) -> str | None:
+    if a.get_vocab() != b.get_vocab():
+        return f"vocabularies differ ({len(a)} vs {len(b)} tokens)"
+    for attr in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        if getattr(a, attr) != getattr(b, attr):
+            return f"{attr} differs ({getattr(a, attr)} vs {getattr(b, attr)})"
+    if sorted(a.all_special_tokens) != sorted(b.all_special_tokens):
+        return "special tokens differ"
+    return None
+
+
+def _copy_tokenizer(teacher_dir: Path, dst: Path) -> None:
+    from edgepack.distill.teachers import HF_TOKENIZER_FILES
+
+    for name in HF_TOKENIZER_FILES:
+        if (teacher_dir / name).is_file():
+            shutil.copyfile(teacher_dir / name, dst / name)

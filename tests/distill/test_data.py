@@ -1,0 +1,261 @@
+"""Prompts JSONL validation, the split, and build_dataset's write-nothing-on-bad-input rule."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from edgepack.atomic import is_complete
+from edgepack.constants import DATA_DIR, DATA_REPORT, HOLDOUT_FILE, TEACHER_CONTEXT, TEACHER_DIR, TRAIN_FILE
+from edgepack.distill.data import (PromptRow, build_dataset, load_prompts, read_jsonl, split_rows,
+                                   with_teacher_context)
+from edgepack.errors import DataError, ModelSourceError, UsageError
+
+GOOD = {"prompt": "Pump P-1 vibration high", "label": "mechanical"}
+
+
+def _write(path: Path, lines: list[str | dict]) -> Path:
+    path.write_text("".join((json.dumps(x) if isinstance(x, dict) else x) + "\n" for x in lines), encoding="utf-8")
+    return path
+
+
+BAD_LINES = [
+    ("{not json", "not valid JSON"),
+    ('["a list"]', "not a JSON object"),
+    ({"text": "no prompt key"}, "exactly one of"),
+    ({"prompt": "x", "messages": [{"role": "user", "content": "y"}]}, "exactly one of"),
+    ({"prompt": "   "}, "non-empty string"),
+    ({"prompt": 42}, "non-empty string"),
+    ({"messages": []}, "non-empty list"),
+    ({"messages": [{"role": "robot", "content": "x"}]}, "messages[0]"),
+    ({"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}]}, "last message"),
+    ({"prompt": "ok", "label": 3}, "`label`"),
+    ({"prompt": "ok", "reference": ""}, "`reference`"),
+]
+
+
+@pytest.mark.parametrize(("line", "reason"), BAD_LINES)
+def test_bad_rows_are_skipped_with_line_numbers_or_fatal_when_strict(tmp_path: Path, line, reason: str) -> None:
+    path = _write(tmp_path / "p.jsonl", [GOOD, line, {"prompt": "Breaker CB-1 tripped"}])
+    loaded = load_prompts(path)
+    assert [r.line for r in loaded.rows] == [1, 3]
+    assert len(loaded.bad) == 1 and loaded.bad[0]["line"] == 2 and reason in loaded.bad[0]["reason"]
+    with pytest.raises(DataError, match=r"p\.jsonl:2: ") as exc:
+        load_prompts(path, strict=True)
+    assert reason in str(exc.value)
+
+
+def test_blank_lines_duplicates_and_utf8(tmp_path: Path) -> None:
+    path = tmp_path / "p.jsonl"
+    path.write_bytes(b'{"prompt": "a"}\n\n   \n{"prompt": "a"}\n\xff\xfe\n{"prompt": "\xc3\xbcber"}\n')
+    loaded = load_prompts(path)
+    assert [r.messages[-1]["content"] for r in loaded.rows] == ["a", "über"]
+    assert [(b["line"], b["reason"]) for b in loaded.bad] == [(4, "duplicate prompt"), (5, "not valid UTF-8")]
+
+
+def test_rows_become_messages_with_optional_system(tmp_path: Path) -> None:
+    path = _write(tmp_path / "p.jsonl", [
+        {"id": "x1", "prompt": "hello", "label": "network", "reference": "Category: network\nAction: Fix it."},
+        {"messages": [{"role": "system", "content": "own"}, {"role": "user", "content": "hi"}]},
+    ])
+    rows = load_prompts(path, system="SYS").rows
+    assert rows[0] == PromptRow(id="x1", messages=[{"role": "system", "content": "SYS"},
+                                                   {"role": "user", "content": "hello"}],
+                                label="network", reference="Category: network\nAction: Fix it.", line=1)
+    assert rows[1].messages[0] == {"role": "system", "content": "own"} and rows[1].id == "p-2"
+
+
+def test_empty_and_missing_files(tmp_path: Path) -> None:
+    with pytest.raises(DataError, match="not found"):
+        load_prompts(tmp_path / "nope.jsonl")
+    (tmp_path / "empty.jsonl").write_text("")
+    with pytest.raises(DataError, match="no usable prompts"):
+        load_prompts(tmp_path / "empty.jsonl")
+    _write(tmp_path / "allbad.jsonl", ["{", {"x": 1}])
+    with pytest.raises(DataError, match="2 bad rows.*line 1"):
+        load_prompts(tmp_path / "allbad.jsonl")
+
+
+def test_split_is_deterministic_and_disjoint(tmp_path: Path) -> None:
+    path = _write(tmp_path / "p.jsonl", [{"prompt": f"alarm {i}"} for i in range(50)])
+    rows = load_prompts(path).rows
+    a_train, a_hold = split_rows(rows, seed=3)
+    b_train, b_hold = split_rows(rows, seed=3)
+    c_train, c_hold = split_rows(rows, seed=4)
+    assert [r.id for r in a_hold] == [r.id for r in b_hold] and [r.id for r in a_train] == [r.id for r in b_train]
+    assert len(a_hold) == 10 and len(a_train) == 40
+    assert not {r.id for r in a_hold} & {r.id for r in a_train}
+    assert {r.id for r in a_hold} != {r.id for r in c_hold}
+
+
+def test_teacher_context_goes_after_the_system_turn() -> None:
+    msgs = [{"role": "system", "content": "S"}, {"role": "user", "content": "U"}]
+    ctx = [{"role": "user", "content": "u0"}, {"role": "assistant", "content": "a0"}]
+    assert [m["content"] for m in with_teacher_context(msgs, ctx)] == ["S", "u0", "a0", "U"]
+    assert [m["content"] for m in with_teacher_context(msgs[1:], ctx)] == ["u0", "a0", "U"]
+
+
+# -- build_dataset: nothing is written on bad input ------------------------------------------
+
+@pytest.mark.parametrize("case", ["missing_teacher", "bad_strict_row", "empty_file", "missing_file", "bad_limit",
+                                  "endpoint_teacher"])
+def test_bad_input_writes_nothing(case: str, tmp_path: Path, tiny_llama_dir: Path) -> None:
+    good = _write(tmp_path / "good.jsonl", [GOOD])
+    teacher, data, kwargs = str(tiny_llama_dir), good, {}
+    expected: type[Exception] = DataError
+    if case == "missing_teacher":
+        teacher, expected = str(tmp_path / "no-model"), ModelSourceError
+    elif case == "bad_strict_row":
+        data, kwargs = _write(tmp_path / "bad.jsonl", [GOOD, "{oops"]), {"strict": True}
+    elif case == "empty_file":
+        data = tmp_path / "empty.jsonl"
+        data.write_text("\n")
+    elif case == "missing_file":
+        data = tmp_path / "absent.jsonl"
+    elif case == "bad_limit":
+        kwargs, expected = {"limit": 0}, UsageError
+    elif case == "endpoint_teacher":
+        teacher, expected = "openai:http://127.0.0.1:9/v1#m", UsageError
+    run = tmp_path / "run"
+    with pytest.raises(expected):
+        build_dataset(teacher=teacher, data=data, run_dir=run, seed=0, **kwargs)
+    assert not run.exists()
+
+
+# Scripted teacher answers, keyed by prompt: (text, finished at EOS).
+SCRIPT = {
+    "Motor M-1 tripped on overcurrent": ("Category: electrical\nAction: Check the motor current.", True),
+    "Pump P-2 bearing noisy": ("Category: mechanical\nAction: Replace the bearing of P-2.", True),
+    "Air header at 4 bar": ("", True),
+    "PLC-4 offline": ("Category: network\nAction: Check the cable and the cable and the", False),
+    "Boiler too hot": ("Check it. Check it. Check it. Check it. Check it. Check it.", True),
+    "Gauge PI-5 stuck": ("The gauge is stuck.", True),
+    "Chiller warm": ("Category: electrical\nAction: Check the chiller supply.", True),
+    "Switch port down": ("Category: network\nAction: Replace the patch cable.", True),
+    "Breaker CB-9 open": ("Category: electrical\nAction: Reset CB-9 after checking the load.", True),
+    "Fan vibration high": ("Category: thermal\nAction: Inspect the fan.", True),
+}
+LABELS = {"Motor M-1 tripped on overcurrent": "electrical", "Pump P-2 bearing noisy": "mechanical",
+          "Air header at 4 bar": "hydraulic_pneumatic", "PLC-4 offline": "network", "Boiler too hot": "thermal",
+          "Gauge PI-5 stuck": "instrumentation", "Chiller warm": "thermal", "Switch port down": "network",
+          "Breaker CB-9 open": "electrical", "Fan vibration high": "mechanical"}
+
+
+@pytest.fixture()
+def scripted_teacher(monkeypatch: pytest.MonkeyPatch):
+    """Replace the HF generator with scripted answers (the real one is tested below)."""
+    from contextlib import contextmanager
+
+    from edgepack.distill import generate as gen
+
+    seen: list[list[dict]] = []
+
+    @contextmanager
+    def scripted(source, teacher_dir, params):
+        def answer(messages):
+            seen.append(messages)
+            text, finished = SCRIPT[messages[-1]["content"]]
+            return gen.Generation(text=text, tokens=len(text.split()), finished=finished)
+        yield answer
+
+    monkeypatch.setitem(gen.GENERATORS, "hf", scripted)
+    return seen
+
+
+def test_build_dataset_counts_every_drop_reason(tmp_path: Path, tiny_llama_dir: Path, scripted_teacher) -> None:
+    rows = [{"prompt": p, "label": LABELS[p]} for p in SCRIPT]
+    data = _write(tmp_path / "p.jsonl", rows + ["{broken"])
+    run = tmp_path / "run"
+    calls: list[tuple] = []
+    report = build_dataset(teacher=str(tiny_llama_dir), data=data, run_dir=run, seed=0,
+                           progress=lambda t, d, n=None: calls.append((t, d, n)))
+    hold_ids = {r["id"] for r in read_jsonl(run / DATA_DIR / HOLDOUT_FILE)}
+    train_prompts = [p for i, p in enumerate(SCRIPT) if f"p-{i + 1}" not in hold_ids]
+    assert report["train_prompts"] == 8 and report["holdout_prompts"] == 2 and report["bad_rows"] == 1
+    assert report["bad_row_details"] == [{"line": 11, "reason": "not valid JSON (Expecting property name "
+                                                                 "enclosed in double quotes)"}]
+    from edgepack.distill.filters import drop_reason
+
+    expected: dict[str, int] = {}
+    for p in train_prompts:
+        reason = drop_reason(SCRIPT[p][0], finished=SCRIPT[p][1], label=LABELS[p], labels=frozenset(LABELS.values()))
+        expected[reason or "kept"] = expected.get(reason or "kept", 0) + 1
+    assert report["kept"] == expected.pop("kept")
+    assert {k: v for k, v in report["drop_reasons"].items() if v} == expected
+    assert report["dropped"] == sum(expected.values())
+    train = read_jsonl(run / DATA_DIR / TRAIN_FILE)
+    assert len(train) == report["kept"]
+    for r in train:
+        assert r["response"] == SCRIPT[r["messages"][-1]["content"]][0] and r["label"] == LABELS[r["messages"][-1]["content"]]
+    hold = read_jsonl(run / DATA_DIR / HOLDOUT_FILE)
+    correct = sum(h["teacher_category"] == h["label"] for h in hold)
+    assert report["teacher_holdout_accuracy"] == correct / 2
+    assert all(h["response"] == SCRIPT[h["messages"][-1]["content"]][0].strip() for h in hold)
+    assert is_complete(run / DATA_DIR) and is_complete(run / TEACHER_DIR)
+    assert ("data: teacher answers", 10, 10) in calls
+    again = build_dataset(teacher=str(tiny_llama_dir), data=data, run_dir=run, seed=0)
+    assert again["skipped"] is True and again["kept"] == report["kept"]
+
+
+def test_teacher_context_reaches_the_teacher_only(tmp_path: Path, tiny_llama_dir: Path, scripted_teacher,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    from edgepack.distill import data as data_mod
+
+    ctx = [{"role": "user", "content": "Example alarm"}, {"role": "assistant", "content": "Category: x\nAction: y z"}]
+    original = data_mod._load_inputs
+
+    def with_ctx(*args, **kwargs):
+        inputs = original(*args, **kwargs)
+        inputs.context = ctx
+        return inputs
+
+    monkeypatch.setattr(data_mod, "_load_inputs", with_ctx)
+    data = _write(tmp_path / "p.jsonl", [{"prompt": p, "label": LABELS[p]} for p in SCRIPT])
+    build_dataset(teacher=str(tiny_llama_dir), data=data, run_dir=tmp_path / "run", seed=0)
+    assert all(m[:2] == ctx for m in scripted_teacher)
+    for r in read_jsonl(tmp_path / "run" / DATA_DIR / TRAIN_FILE):
+        assert len(r["messages"]) == 1  # the stored prompt is the student's
+    assert json.loads((tmp_path / "run" / DATA_DIR / TEACHER_CONTEXT).read_text())["messages"] == ctx
+
+
+def test_hf_generator_is_greedy_transformers_generate(tmp_path: Path, tiny_llama_dir: Path) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from edgepack.distill.generate import DecodeParams, open_generator
+    from edgepack.distill.teachers import materialize_teacher, resolve_teacher
+
+    src = resolve_teacher(str(tiny_llama_dir))
+    tdir = materialize_teacher(src, tmp_path / "teacher")
+    msgs = [{"role": "user", "content": "Pump P-101 discharge pressure low"}]
+    with open_generator(src, tdir, DecodeParams(max_new_tokens=6)) as generate:
+        out = generate(msgs)
+    assert out.tokens == 6 and out.finished is False  # random weights never say EOS this early
+    tok = AutoTokenizer.from_pretrained(tdir)
+    model = AutoModelForCausalLM.from_pretrained(tdir)
+    ids = torch.tensor([tok.apply_chat_template(msgs, add_generation_prompt=True)])
+    ref = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, do_sample=False,
+                         pad_token_id=tok.pad_token_id)[0, ids.shape[1]:]
+    assert out.text == tok.decode(ref, skip_special_tokens=True)
+
+
+def test_labelled_rows_with_a_babbling_teacher_are_all_dropped(tmp_path: Path, tiny_llama_dir: Path) -> None:
+    data = _write(tmp_path / "p.jsonl", [{"prompt": f"Alarm {i}", "label": "electrical"} for i in range(5)])
+    run = tmp_path / "run"
+    with pytest.raises(DataError, match="no usable answer"):
+        build_dataset(teacher=str(tiny_llama_dir), data=data, run_dir=run, seed=0)
+    assert not (run / DATA_DIR).exists()
+
+
+def test_rerun_with_other_inputs_is_refused(tmp_path: Path, tiny_llama_dir: Path) -> None:
+    from edgepack.atomic import atomic_dir, write_json
+    from edgepack.errors import RunDirError
+
+    data = _write(tmp_path / "p.jsonl", [GOOD])
+    run = tmp_path / "run"
+    with atomic_dir(run / DATA_DIR) as tmp:
+        write_json(tmp / DATA_REPORT, {"identity": {"something": "else"}})
+    with pytest.raises(RunDirError, match="another teacher or other inputs"):
+        build_dataset(teacher=str(tiny_llama_dir), data=data, run_dir=run, seed=0)

@@ -1,0 +1,206 @@
+"""KD training end to end on tiny run dirs: it learns, saves a complete student, resumes exactly."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from edgepack.atomic import is_complete
+from edgepack.constants import CHECKPOINT_DIR, STUDENT_DIR, STUDENT_INFO, TEACHER_DIR, TRAIN_REPORT
+from edgepack.distill.checkpoint import checkpoint_dirs
+from edgepack.distill.train import TrainConfig, train_student
+from edgepack.errors import RunDirError, RuntimeFailure, UsageError
+from edgepack.profiles import load_profile
+from tests.distill.conftest import make_run, train_rows
+
+PROFILE = load_profile("cpu-x86-2c")
+FAST = TrainConfig(lr=1e-2, save_every=2, warmup_fraction=0.2, alpha=0.0)
+
+
+def _kd_on_train_set(run: Path, student_model) -> float:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from edgepack.distill.batching import TeacherPrefix, tokenize_rows
+    from edgepack.distill.evaluate import answer_divergence
+
+    tok = AutoTokenizer.from_pretrained(run / TEACHER_DIR)
+    teacher = AutoModelForCausalLM.from_pretrained(run / TEACHER_DIR).eval()
+    examples, _ = tokenize_rows(tok, train_rows(), [], 256)
+    return answer_divergence(teacher, student_model.eval(), examples, TeacherPrefix(teacher, examples),
+                             tok.pad_token_id)["kl"]
+
+
+def test_training_reduces_kd_loss_and_writes_a_complete_student(tmp_path: Path, tiny4_dir: Path) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from edgepack.distill.student import derive_student
+
+    run = make_run(tmp_path / "run", tiny4_dir)
+    calls: list[tuple] = []
+    report = train_student(run_dir=run, profile=PROFILE, student="auto", steps=8, seed=0, resume=False,
+                           progress=lambda t, d, n=None: calls.append((t, d, n)), config=FAST)
+    out = run / STUDENT_DIR
+    assert is_complete(out)
+    names = {p.name for p in out.iterdir()}
+    assert {"config.json", "model.safetensors", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+            STUDENT_INFO, TRAIN_REPORT} <= names
+    assert not any(n.endswith((".bin", ".pt", ".pth")) for n in names)
+    info = json.loads((out / STUDENT_INFO).read_text())
+    assert info["kept_layers"] == [0, 3] and info["num_layers"] == 2 and info["params"] == report["params"]
+    assert report["params"] <= 0.6 * report["teacher_params"]
+    assert len(report["loss_curve"]) == 8 and report["tokens_per_s"] > 0 and report["peak_rss_mb"] > 0
+    assert json.loads((out / TRAIN_REPORT).read_text())["final_loss"] == report["final_loss"]
+    assert ("train", 8, 8) in calls
+    # The saved folder is a usable HF model with the teacher's tokenizer and chat template.
+    student = AutoModelForCausalLM.from_pretrained(out)
+    tok = AutoTokenizer.from_pretrained(out)
+    assert student.config.num_hidden_layers == 2
+    assert tok.apply_chat_template([{"role": "user", "content": "x"}], add_generation_prompt=True, tokenize=False) \
+        .endswith("<|im_start|>assistant\n")
+    # KD loss over the whole training set: distilled student < the same student before KD.
+    before, _ = derive_student(run / TEACHER_DIR, keep=info["kept_layers"])
+    kd_before, kd_after = _kd_on_train_set(run, before), _kd_on_train_set(run, student)
+    assert kd_after < 0.7 * kd_before, (kd_before, kd_after)
+    # A rerun with the same settings is skipped; other settings are refused.
+    assert train_student(run_dir=run, profile=PROFILE, steps=8, seed=0, resume=True, config=FAST)["skipped"]
+    with pytest.raises(RunDirError):
+        train_student(run_dir=run, profile=PROFILE, steps=9, seed=0, resume=True, config=FAST)
+
+
+class _Interrupt(Exception):
+    pass
+
+
+def test_resume_after_interruption_is_bit_identical(tmp_path: Path, tiny4_dir: Path) -> None:
+    full = make_run(tmp_path / "full", tiny4_dir)
+    train_student(run_dir=full, profile=PROFILE, steps=6, seed=1, resume=False, config=FAST)
+
+    cut = make_run(tmp_path / "cut", tiny4_dir)
+
+    def stop_after_step_3(task: str, done: int, total: int | None = None) -> None:
+        if task == "train" and done == 3:
+            raise _Interrupt
+
+    with pytest.raises(_Interrupt):
+        train_student(run_dir=cut, profile=PROFILE, steps=6, seed=1, resume=False, progress=stop_after_step_3,
+                      config=FAST)
+    assert not (cut / STUDENT_DIR).exists()
+    assert [p.name for p in checkpoint_dirs(cut / CHECKPOINT_DIR)] == ["step-2"]
+    # A save killed half-way leaves a folder without .complete: it must be ignored.
+    shutil.copytree(cut / CHECKPOINT_DIR / "step-2", cut / CHECKPOINT_DIR / "step-4")
+    (cut / CHECKPOINT_DIR / "step-4" / ".complete").unlink()
+    with pytest.raises(RunDirError, match="unfinished run") as exc:
+        train_student(run_dir=cut, profile=PROFILE, steps=6, seed=1, resume=False, config=FAST)
+    assert "--resume" in exc.value.hint
+    report = train_student(run_dir=cut, profile=PROFILE, steps=6, seed=1, resume=True, config=FAST)
+    assert report["resumed_from_step"] == 2
+
+    a = load_file(str(full / STUDENT_DIR / "model.safetensors"))
+    b = load_file(str(cut / STUDENT_DIR / "model.safetensors"))
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+    full_curve = json.loads((full / STUDENT_DIR / TRAIN_REPORT).read_text())["loss_curve"]
+    assert [h["loss"] for h in report["loss_curve"]] == [h["loss"] for h in full_curve]
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path: Path, tiny4_dir: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    from edgepack.distill import losses
+
+    run = make_run(tmp_path / "run", tiny4_dir)
+    real = losses.forward_kl
+    calls = {"n": 0}
+
+    def poisoned(*args, **kwargs):
+        calls["n"] += 1
+        value = real(*args, **kwargs)
+        return value * float("nan") if calls["n"] > 6 else value  # 2 micro-batches/step: step 4 goes bad
+
+    monkeypatch.setitem(losses.DIVERGENCES, "forward_kl", poisoned)
+    with pytest.raises(RuntimeFailure, match="step 4: the loss is nan") as exc:
+        train_student(run_dir=run, profile=PROFILE, steps=8, seed=0, resume=False,
+                      config=TrainConfig(lr=3e-3, save_every=10))
+    assert "checkpoint" in exc.value.hint
+    assert [p.name for p in checkpoint_dirs(run / CHECKPOINT_DIR)] == ["step-3"]
+    assert not (run / STUDENT_DIR).exists()
+    weights = load_file(str(run / CHECKPOINT_DIR / "step-3" / "model.safetensors"))
+    assert all(torch.isfinite(w).all() for w in weights.values())
+    # Resuming with a healthy loss finishes the run from step 3.
+    monkeypatch.setitem(losses.DIVERGENCES, "forward_kl", real)
+    report = train_student(run_dir=run, profile=PROFILE, steps=8, seed=0, resume=True,
+                           config=TrainConfig(lr=3e-3, save_every=10))
+    assert report["resumed_from_step"] == 3 and len(report["loss_curve"]) == 8
+
+
+def test_teacher_prefix_cache_matches_a_full_forward(tiny4_dir: Path) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from edgepack.distill.batching import TeacherPrefix, collate, tokenize_rows
+
+    tok = AutoTokenizer.from_pretrained(tiny4_dir)
+    teacher = AutoModelForCausalLM.from_pretrained(tiny4_dir).eval()
+    ctx = [{"role": "user", "content": "Example: fan noisy"},
+           {"role": "assistant", "content": "Category: mechanical\nAction: Check the fan."}]
+    examples, _ = tokenize_rows(tok, train_rows(5), ctx, 256)
+    assert all(len(e.teacher_ids) > len(e.student_ids) for e in examples)
+    prefix = TeacherPrefix(teacher, examples)
+    assert prefix.length > TeacherPrefix.MIN_TOKENS
+    cached = prefix.logits(teacher, examples[:3], tok.pad_token_id)
+    full = collate([e.teacher_ids for e in examples[:3]], [e.teacher_prompt for e in examples[:3]], tok.pad_token_id)
+    with torch.no_grad():
+        ref = teacher(input_ids=full.ids, attention_mask=full.attention).logits[full.predicts]
+    torch.testing.assert_close(cached, ref, atol=1e-4, rtol=1e-4)
+    assert int(full.predicts.sum()) == sum(e.answer_tokens for e in examples[:3])
+
+
+def test_training_with_teacher_context(tmp_path: Path, tiny4_dir: Path) -> None:
+    ctx = [{"role": "user", "content": "Example alarm: fan noisy"},
+           {"role": "assistant", "content": "Category: mechanical\nAction: Check the fan bearings."}]
+    run = make_run(tmp_path / "run", tiny4_dir, context=ctx)
+    report = train_student(run_dir=run, profile=PROFILE, steps=2, seed=0, resume=False, config=FAST)
+    assert report["teacher_prefix_tokens"] > 0 and is_complete(run / STUDENT_DIR)
+
+
+def test_user_student_must_share_the_tokenizer_and_be_smaller(tmp_path: Path, tiny4_dir: Path,
+                                                              tiny_llama_dir: Path) -> None:
+    from transformers import AutoTokenizer
+
+    run = make_run(tmp_path / "run", tiny4_dir)
+    # Same tokenizer, fewer blocks: accepted.
+    report = train_student(run_dir=run, profile=PROFILE, student=str(tiny_llama_dir), steps=2, seed=0,
+                           resume=False, config=FAST)
+    assert report["params"] < report["teacher_params"]
+    # Another tokenizer: refused with exit code 2.
+    other = tmp_path / "other"
+    shutil.copytree(tiny_llama_dir, other)
+    tok = AutoTokenizer.from_pretrained(other)
+    tok.add_tokens(["<|extra|>"])
+    tok.save_pretrained(other)
+    run2 = make_run(tmp_path / "run2", tiny4_dir)
+    with pytest.raises(UsageError, match="tokenizer") as exc:
+        train_student(run_dir=run2, profile=PROFILE, student=str(other), steps=2, seed=0, resume=False)
+    assert exc.value.exit_code == 2
+    # A student larger than the teacher: refused.
+    run3 = make_run(tmp_path / "run3", tiny_llama_dir)
+    with pytest.raises(UsageError, match="more than the teacher"):
+        train_student(run_dir=run3, profile=PROFILE, student=str(tiny4_dir), steps=2, seed=0, resume=False)
+
+
+def test_missing_stage_inputs(tmp_path: Path) -> None:
+    with pytest.raises(RunDirError, match="teacher is missing") as exc:
+        train_student(run_dir=tmp_path / "empty", profile=PROFILE, steps=2, seed=0, resume=False)
+    assert "distill data" in exc.value.hint
+
+
+def test_auto_student_of_a_two_block_teacher_is_a_budget_error(tmp_path: Path, tiny_llama_dir: Path) -> None:
+    from edgepack.errors import BudgetError
+
+    run = make_run(tmp_path / "run", tiny_llama_dir)
+    with pytest.raises(BudgetError):
+        train_student(run_dir=run, profile=PROFILE, steps=2, seed=0, resume=False)
