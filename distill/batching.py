@@ -136,6 +136,6 @@ class TeacherPrefix:
             attention = torch.cat([torch.ones(len(examples), self.length, dtype=torch.long), attention], dim=1)
             kwargs["past_key_values"] = cache
         with torch.no_grad():
-            hidden = teacher.get_decoder()(input_ids=batch.ids, attention_mask=attention, use_cache=self.cache is not None,
-                                           **kwargs).last_hidden_state
+            hidden = teacher.get_decoder()(input_ids=batch.ids, attention_mask=attention,
+                                           use_cache=self.cache is not None, **kwargs).last_hidden_state
             return teacher.get_output_embeddings()(hidden[batch.predicts])

@@ -161,7 +161,8 @@ def _to_row(obj: dict[str, Any], path: Path, lineno: int, system: str | None) ->
                      reference=obj.get("reference"), line=lineno)
 
 
-def split_rows(rows: list[PromptRow], seed: int, fraction: float = HOLDOUT_FRACTION) -> tuple[list[PromptRow], list[PromptRow]]:
+def split_rows(rows: list[PromptRow], seed: int,
+               fraction: float = HOLDOUT_FRACTION) -> tuple[list[PromptRow], list[PromptRow]]:
     """Deterministic train/holdout split: a seeded shuffle, the first ``fraction`` held out."""
     order = list(range(len(rows)))
     random.Random(seed).shuffle(order)
@@ -219,16 +220,19 @@ def _sha256(path: Path) -> str:
 
 
 def build_dataset(*, teacher: str, data: Path | None, run_dir: Path, limit: int | None = None,
-                  strict: bool = False, seed: int = 0, progress: ProgressFn = null_progress) -> dict[str, Any]:
+                  strict: bool = False, seed: int = 0, progress: ProgressFn = null_progress,
+                  allow_pickle: bool = False, trust_remote_code: bool = False) -> dict[str, Any]:
     """Generate, filter and store teacher data for distillation; return data/report.json.
 
     Nothing is written when the teacher spec or the prompts are bad. A complete data/ folder
     from the same teacher and inputs is returned as is (``"skipped": true``).
+    ``allow_pickle`` / ``trust_remote_code`` opt in to loading an HF teacher folder that
+    needs them (refused by default).
     """
     from edgepack.distill.generate import DecodeParams, open_generator
     from edgepack.distill.teachers import materialize_teacher, resolve_teacher
 
-    source = resolve_teacher(teacher)
+    source = resolve_teacher(teacher, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
     if source.kind == "openai":
         raise UsageError("endpoint teachers (openai:URL#MODEL) are not available yet: dense distillation "
                          "needs the teacher's weights", hint="pass a local HF folder, a .gguf, or a builtin:NAME")

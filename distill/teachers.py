@@ -271,8 +271,16 @@ def _materialize_hf(source: TeacherSource, tmp: Path) -> None:
     # later stages never unpickle anything.
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(source.path, use_safetensors=False,
-                                                 trust_remote_code=source.trust_remote_code)
+    import pickle
+
+    try:
+        model = AutoModelForCausalLM.from_pretrained(source.path, use_safetensors=False,
+                                                     trust_remote_code=source.trust_remote_code)
+    except (pickle.UnpicklingError, OSError, RuntimeError, ValueError) as exc:
+        # torch.load(weights_only=True) refuses anything but tensors and plain containers;
+        # there is deliberately no retry with weights_only=False.
+        raise UnsafeModelError(f"{weights[0]} could not be loaded with the restricted unpickler ({exc})",
+                               hint="convert it to safetensors in an isolated environment") from exc
     model.save_pretrained(tmp, safe_serialization=True)
 
 

@@ -188,7 +188,8 @@ def test_build_dataset_counts_every_drop_reason(tmp_path: Path, tiny_llama_dir: 
     train = read_jsonl(run / DATA_DIR / TRAIN_FILE)
     assert len(train) == report["kept"]
     for r in train:
-        assert r["response"] == SCRIPT[r["messages"][-1]["content"]][0] and r["label"] == LABELS[r["messages"][-1]["content"]]
+        prompt = r["messages"][-1]["content"]
+        assert r["response"] == SCRIPT[prompt][0] and r["label"] == LABELS[prompt]
     hold = read_jsonl(run / DATA_DIR / HOLDOUT_FILE)
     correct = sum(h["teacher_category"] == h["label"] for h in hold)
     assert report["teacher_holdout_accuracy"] == correct / 2

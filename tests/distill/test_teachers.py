@@ -78,6 +78,32 @@ def test_pickle_weights_are_refused_without_being_loaded(tiny_llama_copy: Path, 
     assert not (tmp_path / "teacher").exists()
 
 
+def test_opted_in_pickle_is_converted_to_safetensors(tiny_llama_copy: Path, tmp_path: Path) -> None:
+    import torch
+    from safetensors.torch import load_file
+
+    original = load_file(str(tiny_llama_copy / "model.safetensors"))
+    torch.save(original, tiny_llama_copy / "pytorch_model.bin")
+    (tiny_llama_copy / "model.safetensors").unlink()
+    src = resolve_teacher(str(tiny_llama_copy), allow_pickle=True)
+    out = materialize_teacher(src, tmp_path / "teacher")
+    assert not list(out.glob("*.bin"))
+    converted = load_file(str(out / "model.safetensors"))
+    for name, value in original.items():
+        assert torch.equal(converted[name], value)
+
+
+def test_opted_in_malicious_pickle_is_still_refused(tiny_llama_copy: Path, tmp_path: Path) -> None:
+    marker = tmp_path / "PWNED"
+    (tiny_llama_copy / "model.safetensors").unlink()
+    with open(tiny_llama_copy / "pytorch_model.bin", "wb") as fh:
+        pickle.dump({"w": _Payload(marker)}, fh)
+    src = resolve_teacher(str(tiny_llama_copy), allow_pickle=True)
+    with pytest.raises(UnsafeModelError, match="restricted unpickler"):
+        materialize_teacher(src, tmp_path / "teacher")
+    assert not marker.exists() and not (tmp_path / "teacher").exists()
+
+
 def _unchecked_source(path: Path):
     """A source for ``path`` as if the spec check had been skipped (materialize re-checks)."""
     from edgepack.distill.teachers import TeacherSource
