@@ -44,7 +44,7 @@ from edgepack.progress import ProgressFn, null_progress
 class TrainConfig:
     """Knobs of the KD recipe (defaults: the demo, ~30 steps on 2 CPU cores)."""
 
-    lr: float = 1e-4
+    lr: float = 3e-4
     batch_size: int = 4
     """Rows per optimizer step."""
     micro_batch: int = 2

@@ -16,14 +16,16 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from edgepack.atomic import clean_stale, is_complete, write_json
-from edgepack.constants import ARTIFACTS_DIR, COMPLETE_MARKER, EXPORT_REPORT, RUN_TOML, STUDENT_DIR
+from edgepack.atomic import atomic_path, clean_stale, is_complete, write_json
+from edgepack.constants import (ARTIFACTS_DIR, COMPLETE_MARKER, DATA_DIR, EXPORT_REPORT, FIDELITY_MARKDOWN,
+                                FIDELITY_REPORT, HOLDOUT_FILE, RUN_TOML, STUDENT_DIR, TRAIN_FILE)
 from edgepack.errors import ModelSourceError, RunDirError, UsageError
 from edgepack.export.merge import ADAPTER_CONFIG
 from edgepack.progress import ProgressFn, null_progress
 
 FLOAT_TYPES = ("F32", "F16", "BF16")
 RUN_MODEL_NAME = "student"
+IMATRIX_SUFFIX = ".imatrix.gguf"
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
@@ -73,7 +75,8 @@ def _merge_report(out_dir: Path, report: dict[str, Any]) -> dict[str, Any]:
 
 
 def export_model(*, source: Path, fmt: str, quants: list[str], out_dir: Path | None,
-                 progress: ProgressFn = null_progress) -> dict[str, Any]:
+                 progress: ProgressFn = null_progress, imatrix: bool = False, calibration: Path | None = None,
+                 fidelity: bool = True) -> dict[str, Any]:
     """Export a model to GGUF or ONNX and record the artifacts in export.json.
 
     ``source`` is a run directory (its ``student/`` must be complete; artifacts are named
@@ -85,8 +88,13 @@ def export_model(*, source: Path, fmt: str, quants: list[str], out_dir: Path | N
     llama.cpp types (Q8_0, Q6_K, Q5_K_M, Q4_K_M, Q4_0, Q4_1, IQ4_XS) or F32/F16/BF16
     (default Q4_K_M). ONNX: one folder ``<model>-onnx-<quant>/`` (model.onnx + config and
     tokenizer files) per quant in fp32/int8/int4 (default int4), with its logits measured
-    against PyTorch. An empty ``quants`` list means the format's default. Returns the
-    export.json dict.
+    against PyTorch. An empty ``quants`` list means the format's default.
+    ``imatrix`` (GGUF): quantize with an importance matrix computed from ``calibration``
+    (a JSONL of chat rows; default ``RUN/data/train.jsonl``) and saved as
+    ``<model>.imatrix.gguf``; a ``calibration`` that is already a GGUF imatrix is used as is.
+    ``fidelity``: measure every artifact in the folder against the source model
+    (``RUN/data/holdout.jsonl`` when there is one, else a built-in prompt set) and write
+    ``fidelity.json`` and ``fidelity.md``. Returns the export.json dict.
     """
     fmt = fmt.lower()
     hf_dir, model, default_out = resolve_source(Path(source))
@@ -96,30 +104,109 @@ def export_model(*, source: Path, fmt: str, quants: list[str], out_dir: Path | N
     if fmt not in EXPORTERS:
         raise UsageError(f"unknown export format {fmt!r}", hint=f"use one of: {', '.join(EXPORTERS)}")
     wanted = _check_quants(fmt, quants)
+    calibration = _check_calibration(fmt, Path(source), default_out, imatrix, calibration)
     out.mkdir(parents=True, exist_ok=True)
     clean_stale(out)
     export = EXPORTERS[fmt]
-    if (hf_dir / "config.json").is_file():
-        artifacts, notes = export(hf_dir, model, out, wanted, progress)
-        merged_from = None
-    else:  # a LoRA adapter dir: merge into its (local) base first, in a temporary folder under out
-        from edgepack.export.merge import merge_lora
 
-        with tempfile.TemporaryDirectory(prefix=f"{model}.tmp-merge-", dir=out) as tmp:
-            merged = merge_lora(hf_dir, Path(tmp) / model, progress=progress)
-            artifacts, notes = export(merged, model, out, wanted, progress)
-        merged_from = hf_dir
-        notes.append(f"LoRA adapter {hf_dir.name} was merged into its base before export")
-    report = {
-        "source": str(source), "model": model, "hf_dir": str(hf_dir), "format": fmt,
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "artifacts": artifacts, "notes": notes,
-    }
-    if merged_from is not None:
-        report["merged_adapter"] = str(merged_from)
-    report = _merge_report(out, report)
-    write_json(out / EXPORT_REPORT, report)
-    return report
+    def finish(model_dir: Path, merged_from: Path | None) -> dict[str, Any]:
+        options: dict[str, Any] = {}
+        imatrix_info = None
+        if calibration is not None:
+            imatrix_info = _imatrix(model_dir, model, out, calibration, progress)
+            options["imatrix"] = out / imatrix_info["file"]
+        artifacts, notes = export(model_dir, model, out, wanted, progress, **options)
+        if merged_from is not None:
+            notes.append(f"LoRA adapter {merged_from.name} was merged into its base before export")
+        report = {
+            "source": str(source), "model": model, "hf_dir": str(hf_dir), "format": fmt,
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "artifacts": artifacts, "notes": notes,
+        }
+        if merged_from is not None:
+            report["merged_adapter"] = str(merged_from)
+        if imatrix_info is not None:
+            report["imatrix"] = imatrix_info
+        report = _merge_report(out, report)
+        write_json(out / EXPORT_REPORT, report)
+        if fidelity:  # export.json is written first: a failed measurement never hides the artifacts
+            report["fidelity"] = _fidelity(Path(source), model_dir, out, report, progress)
+            write_json(out / EXPORT_REPORT, report)
+        return report
+
+    if (hf_dir / "config.json").is_file():
+        return finish(hf_dir, None)
+    # a LoRA adapter dir: merge into its (local) base first, in a temporary folder under out
+    from edgepack.export.merge import merge_lora
+
+    with tempfile.TemporaryDirectory(prefix=f"{model}.tmp-merge-", dir=out) as tmp:
+        merged = merge_lora(hf_dir, Path(tmp) / model, progress=progress)
+        return finish(merged, hf_dir)
+
+
+def _check_calibration(fmt: str, source: Path, run_artifacts: Path | None, imatrix: bool,
+                       calibration: Path | None) -> Path | None:
+    """The imatrix input (JSONL or GGUF imatrix) to use, checked before any work; None = no imatrix."""
+    if not imatrix and calibration is None:
+        return None
+    if fmt != "gguf":
+        raise UsageError("an importance matrix applies to GGUF quantization only", hint="drop --imatrix for ONNX")
+    if calibration is None:
+        if run_artifacts is None:
+            raise UsageError("--imatrix on an HF dir needs calibration text",
+                             hint="pass --calibration FILE.jsonl (chat rows) or an existing imatrix .gguf")
+        calibration = source / DATA_DIR / TRAIN_FILE
+        if not calibration.is_file():
+            raise RunDirError(f"{calibration} does not exist; the importance matrix is computed from it",
+                              hint="run `edgepack distill data` first, or pass --calibration FILE.jsonl")
+    if not Path(calibration).is_file():
+        raise ModelSourceError(f"calibration file {calibration} does not exist")
+    return Path(calibration)
+
+
+def _imatrix(model_dir: Path, model: str, out: Path, calibration: Path, progress: ProgressFn) -> dict[str, Any]:
+    """Compute ``<model>.imatrix.gguf`` from a JSONL, or copy a given GGUF imatrix; its summary."""
+    import shutil
+
+    from edgepack.export.gguf.imatrix import build_imatrix, is_imatrix_file, read_imatrix_meta
+
+    dest = out / f"{model}{IMATRIX_SUFFIX}"
+    if is_imatrix_file(calibration):
+        if calibration.resolve() != dest.resolve():
+            with atomic_path(dest) as tmp:
+                shutil.copyfile(calibration, tmp)
+        meta = read_imatrix_meta(dest)
+        info = {"computed": False, "given": str(calibration), "datasets": meta["datasets"],
+                "chunks": meta["chunk_count"], "chunk_size": meta["chunk_size"], "entries": meta["entries"],
+                "sha256": sha256_file(dest)}
+    else:
+        info = {"computed": True, **build_imatrix(model_dir, dest, calibration, progress=progress)}
+        info.pop("path")
+    return {"file": dest.name, **info}
+
+
+def _fidelity(source: Path, model_dir: Path, out: Path, report: dict[str, Any],
+              progress: ProgressFn) -> dict[str, Any]:
+    """Run the fidelity report over every artifact listed in ``report``; its summary for export.json."""
+    from edgepack.export.fidelity import fidelity_report
+
+    holdout = source / DATA_DIR / HOLDOUT_FILE
+    paths = [out / a["path"] for a in report["artifacts"] if (out / a["path"]).exists()]
+    fid = fidelity_report(model_dir, paths, holdout if holdout.is_file() else None, out,
+                          command=_command_line(), progress=progress)
+    return {"report": FIDELITY_REPORT, "markdown": FIDELITY_MARKDOWN, "prompts": fid["prompts"]["source"],
+            "artifacts": [{"path": Path(a["path"]).relative_to(out).as_posix(), "quant": a["quant"],
+                           "kld": a["kld"], "kld_reference": a["kld_reference"], "top1": a["top1"],
+                           "tokenizer_ok": a["tokenizer"]["ok"],
+                           "greedy_exact_match_rate": a["greedy"].get("exact_match_rate")}
+                          for a in fid["artifacts"]]}
+
+
+def _command_line() -> str:
+    import shlex
+    import sys
+
+    return shlex.join(sys.argv)
 
 
 def _check_quants(fmt: str, quants: list[str]) -> list[str]:
@@ -146,8 +233,9 @@ def _check_quants(fmt: str, quants: list[str]) -> list[str]:
 
 
 def _export_gguf(hf_dir: Path, model: str, out: Path, wanted: list[str],
-                 progress: ProgressFn) -> tuple[list[dict[str, Any]], list[str]]:
-    """``<model>-F16.gguf`` once, then each quant from it; returns (artifacts, notes)."""
+                 progress: ProgressFn, imatrix: Path | None = None) -> tuple[list[dict[str, Any]], list[str]]:
+    """``<model>-F16.gguf`` once, then each quant from it (weighted by ``imatrix`` when
+    given); returns (artifacts, notes)."""
     from edgepack.export.gguf.convert import convert_hf_to_gguf
     from edgepack.export.gguf.quantize import quant_report, quantize_gguf
 
@@ -166,8 +254,10 @@ def _export_gguf(hf_dir: Path, model: str, out: Path, wanted: list[str],
             path = convert_hf_to_gguf(hf_dir, out / f"{model}-{q}.gguf", outtype=q, progress=progress)
             artifacts.append(_artifact_entry(out, path, "gguf", q, {}))
         else:
-            path = quantize_gguf(base, out / f"{model}-{q}.gguf", q)
+            path = quantize_gguf(base, out / f"{model}-{q}.gguf", q, imatrix=imatrix)
             info = quant_report(path, q)
+            if imatrix is not None:
+                info["imatrix"] = imatrix.name
             if info["fallback_tensors"]:
                 notes.append(f"{q}: {info['fallback_tensors']} of {info['weight_matrices']} weight matrices have "
                              f"rows not a multiple of {info['block_size']}; llama.cpp stored them in a "

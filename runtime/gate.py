@@ -14,6 +14,9 @@ Verdict rules (also in the report's ``policy``):
 - UNVERIFIED: the host does not match the profile (other arch, too few cores, no NVIDIA GPU
   for ``cuda``, not Apple Silicon for ``metal``), or the GPU could not be used/measured. The
   numbers are reported but marked ``from_target: false``; UNVERIFIED is never PASS.
+- Decode efficiency (``efficiency``: decode tok/s × bytes read per token ÷ this machine's
+  measured memory bandwidth, :mod:`edgepack.runtime.bandwidth`) and the run-to-run spread
+  (``spread``: stdev, min/max, coefficient of variation) are reported, never judged.
 - Quality is measured only with a holdout. Without one the quality check is ``ok: null``, a
   reason says "quality not measured", and the verdict covers latency and memory only. With a
   holdout whose rows carry no teacher responses the accuracy is reported but not compared.
@@ -229,6 +232,34 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+def artifact_digest(path: Path) -> str:
+    """sha256 of a model file; for a folder (ONNX), the digest export.json records for it:
+    sha256 over ``"<relative path>\t<file sha256>\n"`` of every file but ``.complete``, sorted."""
+    from edgepack.constants import COMPLETE_MARKER
+
+    path = Path(path)
+    if path.is_file():
+        return _sha256(path)
+    lines = "".join(f"{f.relative_to(path).as_posix()}\t{_sha256(f)}\n"
+                    for f in sorted(p for p in path.rglob("*") if p.is_file())
+                    if f.relative_to(path).as_posix() != COMPLETE_MARKER)
+    return hashlib.sha256(lines.encode()).hexdigest()
+
+
+def measurement_spread(m: dict[str, Any]) -> dict[str, Any]:
+    """Run-to-run spread of TTFT and decode speed: stdev, min/max and stdev/mean in percent."""
+    out: dict[str, Any] = {}
+    for key in ("ttft_ms", "decode_tokens_per_s", "inter_token_ms"):
+        series = m.get(key)
+        if not isinstance(series, dict) or "stdev" not in series:
+            continue
+        mean = float(series.get("mean") or 0.0)
+        out[key] = {"n": series.get("n"), "mean": mean, "stdev": series["stdev"], "min": series["min"],
+                    "max": series["max"], "cv_percent": 100.0 * series["stdev"] / mean if mean else None,
+                    "range_percent": 100.0 * (series["max"] - series["min"]) / mean if mean else None}
+    return out
+
+
 @contextmanager
 def _materialize(artifact: Path) -> Iterator[tuple[Path, str, str | None, dict[str, Any] | None]]:
     """(model path, format, quant, manifest) of a bare artifact or a verified, extracted bundle."""
@@ -251,16 +282,25 @@ def _materialize(artifact: Path) -> Iterator[tuple[Path, str, str | None, dict[s
             quant = read_gguf(artifact).quant
         except InvalidModelFile:
             quant = None  # the measurement child reports the same error; the verdict is FAIL
+    elif fmt == "onnx":
+        from edgepack.runtime.onnx_graph import inspect_onnx
+
+        # What the graph holds (MatMulNBits bits), not what the folder is called. A folder
+        # that fails the scan is refused here, before any process loads it.
+        quant = inspect_onnx(artifact).quant
     yield artifact, fmt, quant, None
 
 
 def run_gate(*, artifact: Path, profile: Profile, holdout: Path | None,
-             progress: ProgressFn = null_progress) -> dict[str, Any]:
+             progress: ProgressFn = null_progress, efficiency: bool = True) -> dict[str, Any]:
     """Measure ``artifact`` (a model file, ONNX folder or .edgepack bundle) against ``profile``.
 
     A bundle is verified before anything is loaded. Latency and memory are measured in a
     fresh child process (:mod:`edgepack.runtime.measure`); with ``holdout`` the artifact's
-    label accuracy is measured too. Returns the report dict (see the module docstring).
+    label accuracy is measured too. With ``efficiency`` the decode efficiency against this
+    machine's (cached) memory bandwidth is added. Returns the report dict (see the module
+    docstring); :func:`edgepack.runtime.report.write_gate_reports` writes it with its markdown
+    and latency plot.
     """
     from edgepack.runtime.measure import DEFAULT_DECODE_TOKENS, measure_artifact
 
@@ -281,7 +321,7 @@ def run_gate(*, artifact: Path, profile: Profile, holdout: Path | None,
         threads = max(1, min(profile.threads, os.cpu_count() or 1))
         gpu_layers = -1 if profile.device in ("cuda", "metal") else 0
         decode_tokens = min(DEFAULT_DECODE_TOKENS, profile.context_length - profile.prompt_tokens)
-        model_sha = _sha256(model_path) if model_path.is_file() else None  # what is about to be measured
+        model_sha = artifact_digest(model_path)  # what is about to be measured
         progress("gate: measure", 0, 1)
         measurements = measure_artifact(model_path, fmt=fmt, threads=threads, n_ctx=profile.context_length,
                                         prompt_tokens=profile.prompt_tokens, decode_tokens=decode_tokens,
@@ -296,6 +336,7 @@ def run_gate(*, artifact: Path, profile: Profile, holdout: Path | None,
             except EdgepackError as exc:  # e.g. a template that refuses every chat: cannot answer
                 quality = {"error": f"{type(exc).__name__}: {exc}", "relative": None, "notes": []}
             measurements["quality"] = {**quality, "holdout": str(holdout)}
+        decode_efficiency = _efficiency(model_path, fmt, measurements, progress) if efficiency else None
     verdict, checks, reasons = decide(measurements, profile, host_ok, host_reason)
     artifact_sha = model_sha if artifact == model_path else (_sha256(artifact) if artifact.is_file() else None)
     return {
@@ -303,11 +344,26 @@ def run_gate(*, artifact: Path, profile: Profile, holdout: Path | None,
         "artifact_sha256": artifact_sha, "model_sha256": model_sha,
         "bundle_manifest_model": manifest.get("model") if manifest else None,
         "profile": profile.name, "format": fmt, "quant": quant, "checks": checks, "reasons": reasons,
-        "measurements": measurements,
+        "measurements": measurements, "spread": measurement_spread(measurements),
+        "efficiency": decode_efficiency,
         "host": {"ok": host_ok, "reason": host_reason, "threads_used": threads,
                  "load_average_at_start": load_average},
         "machine": machine_info(), "policy": POLICY, "created": started.isoformat(timespec="seconds"),
     }
+
+
+def _efficiency(model_path: Path, fmt: str, measurements: dict[str, Any],
+                progress: ProgressFn) -> dict[str, Any] | None:
+    """Decode efficiency vs this machine's peak (all-core) bandwidth; None when nothing was measured."""
+    if not measurements.get("ok"):
+        return None
+    from edgepack.runtime.bandwidth import artifact_efficiency, machine_bandwidth
+
+    try:
+        bandwidth = machine_bandwidth(progress=progress)
+        return artifact_efficiency(model_path, fmt, measurements, bandwidth)
+    except (OSError, MemoryError, ValueError) as exc:  # reported in the report, not raised: it is not a budget
+        return {"efficiency": None, "error": f"{type(exc).__name__}: {exc}"}
 
 
 def _holdout_quality(model_path: Path, fmt: str, rows: list[dict[str, Any]], threads: int, n_ctx: int,

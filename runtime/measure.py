@@ -18,7 +18,8 @@ What one run measures (after one warm-up run, ``runs`` times, default 5):
 - decode speed: the run continues greedily for ``decode_tokens`` tokens, end-of-sequence
   ignored so every run decodes the same count; rate = (tokens - 1) / (t_last - t_first).
 
-Each series is reported with p50, p95 (linear interpolation between order statistics; with
+The gaps between consecutive decoded tokens of every run are kept too (``inter_token_ms``),
+for the latency plot. Each series is reported with p50, p95 (linear interpolation between order statistics; with
 5 runs p95 lies between the two slowest), min, max, mean, stdev and the raw samples.
 """
 
@@ -121,6 +122,7 @@ def measure_in_process(path: Path, *, fmt: str, threads: int, n_ctx: int, prompt
 
     ttft_ms: list[float] = []
     decode_tps: list[float] = []
+    inter_token_ms: list[float] = []  # every gap between consecutive tokens, all runs
     for i in range(runs + 1):  # run 0 warms caches and is not recorded
         start = time.perf_counter()
         stamps: list[float] = []
@@ -132,6 +134,7 @@ def measure_in_process(path: Path, *, fmt: str, threads: int, n_ctx: int, prompt
             continue
         ttft_ms.append((stamps[0] - start) * 1000.0)
         decode_tps.append((len(stamps) - 1) / (stamps[-1] - stamps[0]))
+        inter_token_ms += [(b - a) * 1000.0 for a, b in zip(stamps, stamps[1:])]
     info = backend.info
     gpu_offload = bool(info.get("gpu_offload_supported")) and gpu_layers != 0
     vram_mb = process_vram_mb(os.getpid()) if gpu_offload else None  # while the model is still loaded
@@ -141,6 +144,7 @@ def measure_in_process(path: Path, *, fmt: str, threads: int, n_ctx: int, prompt
         "gpu_layers": gpu_layers, "prompt_tokens": len(prompt), "decode_tokens": decode_tokens,
         "warmup_runs": 1, "runs": runs, "import_s": import_s, "load_s": load_s,
         "ttft_ms": summarize(ttft_ms), "decode_tokens_per_s": summarize(decode_tps),
+        "inter_token_ms": summarize(inter_token_ms),
         "rss_before_load_mb": rss_before, "rss_after_load_mb": rss_after_load,
         "peak_rss_mb": _peak_rss_mb(), "backend": info, "gpu_offload": gpu_offload, "vram_mb": vram_mb,
         "timing": "TTFT = prompt evaluation from an empty cache + first sample (tokenization excluded); "

@@ -7,7 +7,8 @@ bundle's sha256), check memory up front (the manifest's model size + KV estimate
 this process can get; refusal names both numbers), extract once into a cache folder keyed by
 that sha256 (``$EDGEPACK_CACHE/bundles/<sha>/``, default ``~/.cache/edgepack``), then load the
 entrypoint through the backend registry with the manifest's context length and threads.
-A bare ``.gguf`` is header-checked, preflighted and loaded directly.
+A bare ``.gguf`` is header-checked, preflighted and loaded directly; a bare ONNX folder is
+scanned (external data must stay inside it), preflighted and loaded the same way.
 
 A cached extraction is reused when its completion marker exists and every file still has the
 size and modification time recorded at extraction; otherwise it is rebuilt from the
@@ -112,6 +113,15 @@ def _bundle_estimate(manifest: dict[str, Any]) -> dict[str, Any]:
             "basis": "model file size + runtime allowance (the manifest has no KV estimate)"}
 
 
+def _onnx_train_ctx(folder: Path) -> int | None:
+    """``max_position_embeddings`` from an ONNX folder's config.json, if it says."""
+    try:
+        value = json.loads((folder / "config.json").read_text(encoding="utf-8")).get("max_position_embeddings")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
 @contextmanager
 def open_model(path: Path, *, threads: int | None = None, n_ctx: int | None = None) -> Iterator[ModelSession]:
     """Verify (bundles), preflight memory, load; yield a :class:`ModelSession`; always close."""
@@ -150,6 +160,15 @@ def open_model(path: Path, *, threads: int | None = None, n_ctx: int | None = No
             if n_ctx is None and isinstance(train_ctx, int) and 0 < train_ctx < ctx:
                 ctx = train_ctx
             estimate = estimate_gguf_memory(header, ctx)
+            available, source = available_memory_bytes()
+            preflight(estimate["total_bytes"], available, what=path.name, source=source, basis=estimate["basis"])
+        elif fmt == "onnx":
+            from edgepack.runtime.onnx_graph import estimate_onnx_memory, model_file
+
+            train_ctx = _onnx_train_ctx(model_file(path).parent)
+            if n_ctx is None and train_ctx is not None and 0 < train_ctx < ctx:
+                ctx = train_ctx
+            estimate = estimate_onnx_memory(path, ctx)  # also refuses external data outside the folder
             available, source = available_memory_bytes()
             preflight(estimate["total_bytes"], available, what=path.name, source=source, basis=estimate["basis"])
         want_threads = threads or default_threads()

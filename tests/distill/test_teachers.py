@@ -93,6 +93,7 @@ def test_opted_in_pickle_is_converted_to_safetensors(tiny_llama_copy: Path, tmp_
         assert torch.equal(converted[name], value)
 
 
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")
 def test_opted_in_malicious_pickle_is_still_refused(tiny_llama_copy: Path, tmp_path: Path) -> None:
     marker = tmp_path / "PWNED"
     (tiny_llama_copy / "model.safetensors").unlink()

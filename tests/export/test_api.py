@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from edgepack.constants import ARTIFACTS_DIR, COMPLETE_MARKER, EXPORT_REPORT, RUN_TOML, STUDENT_DIR
+from edgepack.constants import FIDELITY_MARKDOWN, FIDELITY_REPORT, ARTIFACTS_DIR, COMPLETE_MARKER, EXPORT_REPORT, RUN_TOML, STUDENT_DIR
 from edgepack.errors import ModelSourceError, RunDirError, UsageError
 from edgepack.export.api import export_model
 from tests.export.helpers import make_lora_adapter, no_leftovers
@@ -109,4 +109,5 @@ def test_lora_adapter_dir_is_merged_then_exported(tiny_llama_dir: Path, tmp_path
     report = export_model(source=adapter, fmt="gguf", quants=["Q8_0"], out_dir=out)
     assert [a["path"] for a in report["artifacts"]] == ["my-adapter-F16.gguf", "my-adapter-Q8_0.gguf"]
     assert any("LoRA adapter" in n for n in report["notes"])
-    assert sorted(p.name for p in out.iterdir()) == [EXPORT_REPORT, "my-adapter-F16.gguf", "my-adapter-Q8_0.gguf"]
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        [EXPORT_REPORT, FIDELITY_MARKDOWN, FIDELITY_REPORT, "my-adapter-F16.gguf", "my-adapter-Q8_0.gguf"])

@@ -1,8 +1,9 @@
-"""Fixtures for runtime tests: tiny GGUF files made by edgepack's own exporter."""
+"""Fixtures for runtime tests: tiny GGUF files and ONNX folders made by edgepack's own exporters."""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -21,3 +22,19 @@ def cache_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     folder = tmp_path / "cache"
     monkeypatch.setenv("EDGEPACK_CACHE", str(folder))
     return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_onnx(tiny_llama_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """The shared tiny Llama exported to an int4 ONNX folder; export_onnx's report (path, sha256...)."""
+    from edgepack.export.onnx.convert import export_onnx
+
+    return export_onnx(tiny_llama_dir, tmp_path_factory.mktemp("onnx") / "tiny-onnx-int4", quant="int4")
+
+
+@pytest.fixture(scope="session")
+def tiny_onnx_fp32(tiny_llama_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """The shared tiny Llama exported to an FP32 ONNX folder (no quantization)."""
+    from edgepack.export.onnx.convert import export_onnx
+
+    return export_onnx(tiny_llama_dir, tmp_path_factory.mktemp("onnx") / "tiny-onnx-fp32", quant="fp32")
