@@ -388,7 +388,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--pairs", type=int, default=2, help="interleaved gate/raw pairs for (a)")
     parser.add_argument("--stability-runs", type=int, default=3)
-    parser.add_argument("--timeout", type=float, default=240.0, help="seconds per measurement in (b)")
+    parser.add_argument("--timeout", type=float, default=120.0,
+                        help="seconds per measurement in (b); past it, a 16-token probe stands in")
     args = parser.parse_args(argv)
     profile = load_profile(args.profile)
     args.threads = args.threads or profile.threads
