@@ -9,24 +9,32 @@ import typer
 
 
 def gate_cmd(
-    artifact: Annotated[Path, typer.Argument(help="A .gguf file, an ONNX folder, or a .edgepack bundle.")],
+    artifact: Annotated[Path, typer.Argument(help="A .gguf file, an ONNX folder, a .edgepack bundle; "
+                                                  "with --search, a run directory (or one artifact).")],
     profile: Annotated[str, typer.Option("--profile", "-p", help="Profile name or .toml path.")],
     holdout: Annotated[Path | None, typer.Option(help="Holdout JSONL for the quality check.")] = None,
-    report: Annotated[Path | None, typer.Option(help="Write the JSON report here too.")] = None,
+    report: Annotated[Path | None, typer.Option(help="Write the JSON report here, with .md and .png beside it "
+                                                     "(with --search: a folder for search-<profile>.*).")] = None,
+    search: Annotated[bool, typer.Option("--search", help="Gate every choice the profile allows that the run "
+                                                          "exported, best quality first; pick the first PASS.")] = False,
+    stop_at_first: Annotated[bool, typer.Option("--stop-at-first", help="With --search: stop at the first PASS.")] = False,
     json_out: Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout.")] = False,
 ) -> None:
     """Measure latency, memory and quality in the real runtime; exit 0 only on PASS."""
-    from edgepack.atomic import write_json
     from edgepack.console import emit, out, progress_bars
     from edgepack.constants import PASS
     from edgepack.profiles import load_profile
-    from edgepack.runtime.gate import run_gate
 
     prof = load_profile(profile)
+    if search:
+        _search(artifact, prof, holdout, report, stop_at_first, json_out)
+        return
+    from edgepack.runtime.gate import run_gate
+    from edgepack.runtime.report import write_gate_reports
+
     with progress_bars(not json_out) as progress:
         result = run_gate(artifact=artifact, profile=prof, holdout=holdout, progress=progress)
-    if report is not None:
-        write_json(report, result)
+    written = write_gate_reports(result, report.parent, stem=report.stem) if report is not None else {}
 
     def human(r: dict[str, Any]) -> None:
         from rich.table import Table
@@ -36,10 +44,59 @@ def gate_cmd(
             t.add_row(c["name"], str(c["measured"]), str(c["budget"]),
                       {True: "[green]yes[/green]", False: "[red]no[/red]"}.get(c["ok"], "n/a"))
         out.print(t)
+        spread = (r.get("spread") or {}).get("decode_tokens_per_s")
+        if spread:
+            out.print(f"decode spread over {spread['n']} runs: stdev {spread['stdev']:.1f} tok/s "
+                      f"(min {spread['min']:.1f}, max {spread['max']:.1f})")
+        eff = r.get("efficiency") or {}
+        if eff.get("efficiency") is not None:
+            out.print(f"decode efficiency: {100 * eff['efficiency']:.1f}% of {eff['bandwidth_gb_s']:.1f} GB/s")
         colour = {"PASS": "green", "FAIL": "red"}.get(r["verdict"], "yellow")
         out.print(f"verdict: [bold {colour}]{r['verdict']}[/bold {colour}]"
                   + (f" — {'; '.join(r['reasons'])}" if r.get("reasons") else ""))
+        for kind, path in written.items():
+            out.print(f"{kind}: {path}")
 
     emit(result, json_out, human)
     if result["verdict"] != PASS:
+        raise typer.Exit(1)
+
+
+def _search(target: Path, prof: Any, holdout: Path | None, report: Path | None, stop_at_first: bool,
+            json_out: bool) -> None:
+    from edgepack.console import emit, out, progress_bars
+    from edgepack.constants import ARTIFACTS_DIR, RUN_TOML
+    from edgepack.runtime.report import write_search_reports
+    from edgepack.runtime.search import search
+
+    is_run = target.is_dir() and ((target / RUN_TOML).is_file() or (target / ARTIFACTS_DIR).is_dir())
+    with progress_bars(not json_out) as progress:
+        result = search(profile=prof, run_dir=target if is_run else None, artifacts=None if is_run else [target],
+                        holdout=holdout, progress=progress, stop_at_first=stop_at_first)
+    # Never into RUN/gate/: `edgepack pack` reads every JSON there as a gate report.
+    written = write_search_reports(result, report if report is not None else (target if is_run else target.parent))
+
+    def human(r: dict[str, Any]) -> None:
+        from rich.table import Table
+
+        def num(v: Any, d: int = 1) -> str:
+            return "-" if v is None else f"{v:.{d}f}"
+
+        t = Table("choice", "size MB", "TTFT p95 ms", "decode tok/s", "peak RSS MB", "quality", "verdict", "Pareto",
+                  title=f"search on {r['profile']}")
+        for row in r["rows"]:
+            verdict = row["verdict"] or row["status"]
+            colour = {"PASS": "green", "FAIL": "red"}.get(verdict, "yellow")
+            t.add_row(row["choice"], num(row["size_mb"]), num(row["ttft_p95_ms"]), num(row["decode_tokens_per_s"]),
+                      num(row["peak_rss_mb"]), num(row["quality"], 3), f"[{colour}]{verdict}[/{colour}]",
+                      "yes" if row["pareto"] else "")
+        out.print(t)
+        out.print(f"chosen: [bold]{r['chosen'] or 'none'}[/bold]; Pareto front: {', '.join(r['pareto']) or '-'}")
+        for note in r["notes"]:
+            out.print(f"note: {note}")
+        for kind, path in written.items():
+            out.print(f"{kind}: {path}")
+
+    emit(result, json_out, human)
+    if result["chosen"] is None:
         raise typer.Exit(1)
