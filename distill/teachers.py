@@ -22,6 +22,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from edgepack.hashing import sha256_file
 from edgepack.atomic import atomic_dir, is_complete
 from edgepack.errors import ModelSourceError, RunDirError, UnsafeModelError, UsageError
 from edgepack.progress import ProgressFn, null_progress
@@ -170,12 +171,7 @@ def _read_json(path: Path) -> dict[str, Any]:
     return data if isinstance(data, dict) else {}
 
 
-def file_sha256(path: Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(chunk):
-            h.update(block)
-    return h.hexdigest()
+file_sha256 = sha256_file  # one implementation, in edgepack/hashing.py
 
 
 def _dir_sha256(path: Path, weights: list[Path]) -> str:

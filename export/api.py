@@ -9,13 +9,13 @@ leaves no artifact under a final name.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from edgepack.hashing import sha256_file
 from edgepack.atomic import atomic_path, clean_stale, is_complete, write_json
 from edgepack.constants import (ARTIFACTS_DIR, COMPLETE_MARKER, DATA_DIR, EXPORT_REPORT, FIDELITY_MARKDOWN,
                                 FIDELITY_REPORT, HOLDOUT_FILE, RUN_TOML, STUDENT_DIR, TRAIN_FILE)
@@ -28,12 +28,6 @@ RUN_MODEL_NAME = "student"
 IMATRIX_SUFFIX = ".imatrix.gguf"
 
 
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def resolve_source(source: Path) -> tuple[Path, str, Path | None]:
