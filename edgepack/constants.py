@@ -12,6 +12,7 @@ BUILTIN_TEACHER = "builtin:smollm2-135m-instruct"
 RUN_TOML = "run.toml"              # pipeline / first stage: what was asked for
 DATA_DIR = "data"                  # distill data: train.jsonl, holdout.jsonl, report.json
 TEACHER_DIR = "teacher"            # distill data: the teacher materialised as an HF dir
+TEACHER_CORRECTED_DIR = "teacher-corrected"  # distill data --correct-teacher: LoRA-SFT'd teacher (HF + GGUF)
 STUDENT_DIR = "student"            # distill train: the distilled student (HF, safetensors)
 CHECKPOINT_DIR = "checkpoints"     # distill train: resumable checkpoints
 ARTIFACTS_DIR = "artifacts"        # export: .gguf / onnx folders + export.json
@@ -42,6 +43,7 @@ RUN_VERSION = "edgepack_version"
 
 # --- bundle manifest keys -----------------------------------------------------------------
 MANIFEST_FILE = "manifest.json"
+SIGNATURE_FILE = "manifest.sig"   # optional: ed25519 signature over manifest.json (runtime/signing.py)
 MANIFEST_SCHEMA_VERSION = 1
 M_SCHEMA = "schema_version"
 M_MODEL = "model"

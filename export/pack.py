@@ -2,7 +2,8 @@
 
 ``pack_run`` reads the gate reports in ``RUN/gate/``, picks an artifact (the one asked for,
 or the first of the profile's choices, in preference order, whose verdict is PASS), checks
-that the file is byte-for-byte the one that was gated (sha256), and writes
+that the file (or ONNX folder) is byte-for-byte the one that was gated (the gate's
+:func:`~edgepack.runtime.gate.artifact_digest`), and writes
 ``RUN/bundles/<model>-<profile>-<format>-<quant>.edgepack`` atomically (format:
 :mod:`edgepack.runtime.bundle`). FAIL is never packed; UNVERIFIED only with
 ``allow_unverified``, and the bundle says so (``gate_status`` and ``pack``).
@@ -11,7 +12,10 @@ What goes in, besides the model file: ``manifest.json`` with every file's sha256
 report, the run's lineage (run.toml, teacher source, student shape, data and train reports,
 export entry, tool versions), the chat template, the tokenizer files when the run has them,
 a model card ``README.md`` with HF-style YAML front matter, and for GGUF an Ollama
-``Modelfile``. Per-format contents are a registry (:data:`PAYLOADS`) keyed by format name.
+``Modelfile``. An ONNX folder goes in whole under its own name (model.onnx, external data,
+config and tokenizer files). Per-format contents are a registry (:data:`PAYLOADS`) keyed by
+format name. With ``sign_key`` the bundle also carries ``manifest.sig``, an Ed25519
+signature over the manifest (:mod:`edgepack.runtime.signing`).
 """
 
 from __future__ import annotations
@@ -48,29 +52,37 @@ def _read_json(path: Path) -> Any:
         raise RunDirError(f"cannot read {path}: {exc}") from exc
 
 
-def _sha256(path: Path) -> str:
-    import hashlib
-
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while chunk := fh.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 # --- choosing the artifact -------------------------------------------------------------------
+def _export_quants(run_dir: Path) -> dict[str, str]:
+    """Artifact name -> the quant it was exported as (``RUN/artifacts/export.json``).
+
+    A profile's choice (``onnx:int4``) names an export quant. The gate reports what the graph
+    holds, which for ONNX may be a mix (``int4+int8``: int4 layers, an int8 output head), so
+    choices are matched against the export's name for the artifact when the run has one.
+    """
+    path = Path(run_dir) / ARTIFACTS_DIR / EXPORT_REPORT
+    if not path.is_file():
+        return {}
+    artifacts = _read_json(path).get("artifacts")
+    return {Path(str(a["path"])).name: str(a["quant"]) for a in artifacts or []
+            if isinstance(a, dict) and a.get("path") and a.get("quant")}
+
+
 def load_gate_reports(run_dir: Path) -> list[dict[str, Any]]:
-    """Every ``RUN/gate/*.json`` report, each with ``_report_path`` added."""
+    """Every ``RUN/gate/*.json`` report, each with ``_report_path`` and ``_choice_quant``
+    (the export's quant name for the artifact, else the gate's) added."""
     gate_dir = Path(run_dir) / GATE_DIR
     if not gate_dir.is_dir():
         raise RunDirError(f"{gate_dir} does not exist; nothing has been gated in this run",
                           hint="run `edgepack gate` (or `edgepack pipeline`) first")
     reports = []
+    exported = _export_quants(run_dir)
     for path in sorted(gate_dir.glob("*.json")):
         report = _read_json(path)
         if not isinstance(report, dict) or "verdict" not in report:
             raise RunDirError(f"{path} is not a gate report (no verdict)")
-        reports.append({**report, "_report_path": str(path)})
+        quant = exported.get(_name(report), report.get("quant"))
+        reports.append({**report, "_report_path": str(path), "_choice_quant": quant})
     if not reports:
         raise RunDirError(f"{gate_dir} holds no gate reports", hint="run `edgepack gate` first")
     return reports
@@ -78,6 +90,11 @@ def load_gate_reports(run_dir: Path) -> list[dict[str, Any]]:
 
 def _name(report: dict[str, Any]) -> str:
     return str(report.get("artifact_name") or Path(str(report.get("artifact", ""))).name)
+
+
+def _choice(report: dict[str, Any]) -> tuple[Any, Any]:
+    """(format, quant) of a report, as a profile's choices name them."""
+    return report.get("format"), report.get("_choice_quant", report.get("quant"))
 
 
 def _acceptable(report: dict[str, Any], allow_unverified: bool) -> bool:
@@ -97,16 +114,15 @@ def choose_report(reports: list[dict[str, Any]], profile: Profile, artifact: Pat
                               + (f" (gated only for {', '.join(others)})" if others else ""),
                               hint=f"run `edgepack gate {artifact} --profile {profile.name}` first")
         report = match[-1]
-        if (report.get("format"), report.get("quant")) not in allowed:
-            raise UsageError(f"{_name(report)} is {report.get('format')}:{report.get('quant')}, which profile "
+        if _choice(report) not in allowed:
+            raise UsageError(f"{_name(report)} is {':'.join(map(str, _choice(report)))}, which profile "
                              f"{profile.name} does not allow ({', '.join(map(str, profile.choices))})")
         if not _acceptable(report, allow_unverified):
             extra = " (pass --allow-unverified to package it anyway)" if report["verdict"] == UNVERIFIED else ""
             raise GateFailed(f"{_name(report)}: gate verdict {report['verdict']}{extra}: "
                              + "; ".join(report.get("reasons", [])[:3]))
         return report
-    ranked = sorted((r for r in mine if (r.get("format"), r.get("quant")) in allowed),
-                    key=lambda r: allowed.index((r.get("format"), r.get("quant"))))
+    ranked = sorted((r for r in mine if _choice(r) in allowed), key=lambda r: allowed.index(_choice(r)))
     for wanted in ([PASS, UNVERIFIED] if allow_unverified else [PASS]):
         for report in ranked:
             if report["verdict"] == wanted:
@@ -118,23 +134,26 @@ def choose_report(reports: list[dict[str, Any]], profile: Profile, artifact: Pat
 
 
 def _locate_artifact(run_dir: Path, report: dict[str, Any]) -> Path:
-    """The gated file inside the run (or where the report says), checked against its sha256."""
+    """The gated file (or ONNX folder) inside the run, or where the report says, checked
+    against the digest the gate recorded (:func:`~edgepack.runtime.gate.artifact_digest`)."""
+    from edgepack.runtime.gate import artifact_digest
+
     name = _name(report)
     candidates = [Path(run_dir) / ARTIFACTS_DIR / name, Path(str(report.get("artifact", "")))]
-    path = next((p for p in candidates if p.is_file()), None)
+    path = next((p for p in candidates if p.is_file() or p.is_dir()), None)
     if path is None:
         raise RunDirError(f"the gated artifact {name} is missing from {Path(run_dir) / ARTIFACTS_DIR}")
     gated_sha = report.get("model_sha256") or report.get("artifact_sha256")
     if not gated_sha:
         raise RunDirError(f"{report['_report_path']} records no sha256 of {name}; re-run the gate")
-    if _sha256(path) != gated_sha:
+    if artifact_digest(path) != gated_sha:
         raise RunDirError(f"{path} is not the file that was gated (sha256 differs from "
                           f"{report['_report_path']})", hint="re-run the gate on the current artifact")
     return path
 
 
 # --- per-format payloads ----------------------------------------------------------------------
-Payload = dict[str, Any]  # files (list[BundleFile]), chat_template, runtime, notes
+Payload = dict[str, Any]  # files (list[BundleFile]), entrypoint, chat_template, runtime, notes, has_tokenizer
 
 
 def _gguf_payload(model: Path, model_name: str, profile: Profile) -> Payload:
@@ -180,10 +199,61 @@ def _gguf_payload(model: Path, model_name: str, profile: Profile) -> Payload:
     files = [BundleFile(model.name, model), BundleFile("Modelfile", ("\n".join(lines) + "\n").encode())]
     if template:
         files.append(BundleFile("chat_template.jinja", template.encode("utf-8")))
-    return {"files": files, "chat_template": template, "runtime": runtime, "notes": notes}
+    return {"files": files, "entrypoint": model.name, "chat_template": template, "runtime": runtime,
+            "notes": notes, "has_tokenizer": False}
 
 
-PAYLOADS: dict[str, Callable[[Path, str, Profile], Payload]] = {"gguf": _gguf_payload}
+def onnx_folder_files(folder: Path) -> list[BundleFile]:
+    """Every file of an exported ONNX folder as ``<folder>/<relative path>`` (not ``.complete``).
+
+    A symlink anywhere in the folder is refused: a bundle holds regular files only, and a
+    link could pull in a file from outside the folder.
+    """
+    from edgepack.constants import COMPLETE_MARKER
+
+    files = []
+    for p in sorted(folder.rglob("*")):
+        rel = p.relative_to(folder).as_posix()
+        if p.is_symlink():
+            raise RunDirError(f"{folder.name}/{rel} is a symbolic link; bundles hold regular files only",
+                              hint="re-export the ONNX folder, or copy the file in place of the link")
+        if p.is_file() and rel != COMPLETE_MARKER:
+            files.append(BundleFile(f"{folder.name}/{rel}", p))
+    return files
+
+
+def _onnx_payload(model: Path, model_name: str, profile: Profile) -> Payload:
+    """An ONNX folder (model.onnx, external data, config and tokenizer files) under its own name.
+
+    The entrypoint is ``<folder>/model.onnx``; the ONNX backend loads the folder around it.
+    ``runtime.artifact_sha256`` is the gate's folder digest, which the manifest's file list
+    reproduces (sha256 over ``"<path below the folder>\t<sha256>\n"``, sorted).
+    """
+    import importlib.metadata as md
+
+    from edgepack.runtime.backends.onnxrt import read_chat_template
+    from edgepack.runtime.gate import artifact_digest
+    from edgepack.runtime.onnx_graph import MODEL_FILE, estimate_onnx_memory, inspect_onnx
+
+    if not model.is_dir():
+        raise UsageError(f"{model} is not an ONNX folder (expected a folder with {MODEL_FILE})")
+    graph = inspect_onnx(model)  # refuses external data that leaves the folder
+    template = read_chat_template(model)
+    files = onnx_folder_files(model)
+    if template:
+        files.append(BundleFile("chat_template.jinja", template.encode("utf-8")))
+    runtime = {
+        "backend": "onnxruntime", "requires": {"onnxruntime": f">={md.version('onnxruntime')}"},
+        "artifact_dir": model.name, "artifact_sha256": artifact_digest(model), "onnx_quant": graph.quant,
+        "context_length": profile.context_length, "threads": profile.threads, "device": profile.device,
+        "memory_estimate": estimate_onnx_memory(model, profile.context_length),
+    }
+    notes = [] if template else ["the ONNX folder has no chat template; chat needs one"]
+    return {"files": files, "entrypoint": f"{model.name}/{MODEL_FILE}", "chat_template": template,
+            "runtime": runtime, "notes": notes, "has_tokenizer": (model / "tokenizer.json").is_file()}
+
+
+PAYLOADS: dict[str, Callable[[Path, str, Profile], Payload]] = {"gguf": _gguf_payload, "onnx": _onnx_payload}
 
 
 # --- lineage and model card ---------------------------------------------------------------------
@@ -265,7 +335,11 @@ def model_card(manifest: dict[str, Any], *, license_name: str | None) -> str:
         *[f"- {r}" for r in gate.get("reasons", [])], "",
         "## Use", "", "```sh", f"edgepack verify {manifest['bundle_name']}",
         f"edgepack run {manifest['bundle_name']} --prompt \"...\"", "```", "",
-        "For Ollama, extract the bundle and run `ollama create <name> -f Modelfile` in that folder.", "",
+        *(["For Ollama, extract the bundle and run `ollama create <name> -f Modelfile` in that folder.", ""]
+          if manifest[M_FORMAT] == "gguf" else []),
+        *([f"Signed with Ed25519 key `{signed['key_id']}` (sha256 of the raw public key): "
+           f"`edgepack verify {manifest['bundle_name']} --key PUBLIC_KEY.pem` checks the signature.", ""]
+          if (signed := (manifest.get(M_PACK) or {}).get("signed_by")) else []),
         "## Files", "", "Every file's size and sha256 are listed in `manifest.json`; "
         "`edgepack verify` checks them all.", "",
     ]
@@ -281,12 +355,26 @@ def _safe(text: str) -> str:
 
 
 def pack_run(*, run_dir: Path, profile: Profile, artifact: Path | None,
-             allow_unverified: bool) -> dict[str, Any]:
-    """Package the run's best gated artifact for ``profile`` into RUN/bundles/*.edgepack."""
+             allow_unverified: bool, sign_key: Path | None = None) -> dict[str, Any]:
+    """Package the run's best gated artifact for ``profile`` into RUN/bundles/*.edgepack.
+
+    ``sign_key``: an Ed25519 private key (PEM); the bundle then carries ``manifest.sig``,
+    a signature over its manifest (which lists every file's sha256).
+    """
     run_dir = Path(run_dir)
+    signer, public_key, signed_by = None, None, None
+    if sign_key is not None:  # a bad key fails before anything is read or written
+        from edgepack.runtime.signing import key_id, load_private_key, sign_manifest
+
+        private_key = load_private_key(sign_key)
+        public_key = private_key.public_key()
+        signed_by = {"algorithm": "ed25519", "key_id": key_id(public_key)}
+
+        def signer(manifest_bytes: bytes) -> bytes:
+            return sign_manifest(manifest_bytes, private_key)
     report = choose_report(load_gate_reports(run_dir), profile, artifact, allow_unverified)
     model_path = _locate_artifact(run_dir, report)
-    fmt, quant, verdict = str(report["format"]), str(report["quant"]), str(report["verdict"])
+    fmt, quant, verdict = str(report["format"]), str(_choice(report)[1]), str(report["verdict"])
     if verdict == FAIL:  # unreachable through choose_report; kept as the invariant
         raise GateFailed(f"{model_path.name} failed the gate")
     if fmt not in PAYLOADS:
@@ -300,24 +388,25 @@ def pack_run(*, run_dir: Path, profile: Profile, artifact: Path | None,
     if verdict == UNVERIFIED:
         notes.insert(0, "packaged with --allow-unverified: the gate could not confirm the budgets on the target "
                         "device (" + "; ".join(report.get("reasons", [])[:2]) + ")")
-    gate = {k: v for k, v in report.items() if k != "_report_path"}
+    gate = {k: v for k, v in report.items() if not k.startswith("_")}
     manifest: dict[str, Any] = {
         M_SCHEMA: MANIFEST_SCHEMA_VERSION, M_MODEL: model_name, M_FORMAT: fmt, M_QUANT: quant,
-        M_PROFILE: profile.describe(), M_ENTRYPOINT: model_path.name, M_FILES: [],
+        M_PROFILE: profile.describe(), M_ENTRYPOINT: payload["entrypoint"], M_FILES: [],
         M_GATE_STATUS: verdict, M_GATE: gate, M_LINEAGE: lineage, M_RUNTIME: payload["runtime"],
         M_CHAT_TEMPLATE: payload["chat_template"], "bundle_name": bundle_name,
         M_PACK: {"allow_unverified": allow_unverified, "packed_unverified": verdict == UNVERIFIED,
                  "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                 "edgepack": __version__, "notes": notes},
+                 "edgepack": __version__, "notes": notes, "signed_by": signed_by},
     }
     files: list[BundleFile] = list(payload["files"])
-    for name in TOKENIZER_FILES:
+    for name in () if payload["has_tokenizer"] else TOKENIZER_FILES:
         if (run_dir / STUDENT_DIR / name).is_file():
             files.append(BundleFile(f"tokenizer/{name}", run_dir / STUDENT_DIR / name))
     license_name = (lineage.get("teacher") or {}).get("license")
     files.append(BundleFile("README.md", model_card(manifest, license_name=license_name).encode("utf-8")))
     out = run_dir / BUNDLES_DIR / bundle_name
-    check = write_bundle(out, manifest, files)
+    check = write_bundle(out, manifest, files, signer=signer, key=public_key)
     return {"bundle": str(out), "verdict": verdict, "artifact": str(model_path), "format": fmt,
             "quant": quant, "profile": profile.name, "bytes": check.size, "sha256": check.sha256,
-            "files": len(check.members), "notes": notes}
+            "files": len(check.members), "notes": notes,
+            "signature": check.signature.describe() if check.signature else None}

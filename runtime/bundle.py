@@ -5,6 +5,7 @@ Layout (every member a regular file, no folders, links or devices)::
     manifest.json          schema_version, model, format, quant, profile, entrypoint,
                            files [{path, size, sha256}], gate report, gate_status, lineage,
                            runtime requirements, chat_template (keys: edgepack.constants.M_*)
+    manifest.sig           optional Ed25519 signature over manifest.json (runtime/signing.py)
     <model file>           the entrypoint, e.g. student-Q4_K_M.gguf
     README.md, Modelfile, chat_template.jinja, tokenizer/...   (listed in ``files``)
 
@@ -12,7 +13,9 @@ Verification is all-or-nothing, like ``pip --require-hashes``: one streaming pas
 member header and byte, and the WHOLE bundle is rejected (the error names the member) if any
 member is not a regular file, has an unsafe name (absolute, ``..``, hidden, odd characters,
 a duplicate even by case), if the schema version is unknown, or if any file listed in the
-manifest is missing, has another size or sha256, or any member is not listed. Python's own
+manifest is missing, has another size or sha256, or any member is not listed (but
+``manifest.sig``, which signs the manifest). Given a public key, the signature is checked
+before the file hashes, and a bundle without one is refused. Python's own
 tar filters are not relied on: on 3.11 the default is no filter, and ``filter='data'`` strips
 an absolute path into the target instead of refusing it.
 
@@ -29,15 +32,18 @@ import json
 import os
 import re
 import tarfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 from edgepack.atomic import atomic_dir, atomic_path
 from edgepack.constants import (M_ENTRYPOINT, M_FILES, M_FORMAT, M_GATE_STATUS, M_MODEL, M_PROFILE,
-                                M_QUANT, M_SCHEMA, MANIFEST_FILE, MANIFEST_SCHEMA_VERSION)
+                                M_QUANT, M_SCHEMA, MANIFEST_FILE, MANIFEST_SCHEMA_VERSION, SIGNATURE_FILE)
 from edgepack.errors import BundleError
+
+if TYPE_CHECKING:
+    from edgepack.runtime.signing import SignatureInfo
 
 KNOWN_SCHEMA_VERSIONS = (MANIFEST_SCHEMA_VERSION,)
 REQUIRED_KEYS = (M_SCHEMA, M_MODEL, M_FORMAT, M_QUANT, M_PROFILE, M_ENTRYPOINT, M_FILES, M_GATE_STATUS)
@@ -48,6 +54,7 @@ _SAFE_COMPONENT = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]*")
 _CHUNK = 1 << 20
 _BLOCK = 512
 _END_OF_ARCHIVE = 2 * _BLOCK  # a tar ends with two zero blocks; without them it was cut short
+RESERVED_NAMES = (MANIFEST_FILE, SIGNATURE_FILE)  # members a manifest may not list
 
 
 @dataclass(frozen=True)
@@ -60,6 +67,8 @@ class BundleCheck:
     size: int
     members: dict[str, tuple[int, str]]
     """(size, sha256) of every member, manifest.json included."""
+    signature: SignatureInfo | None = None
+    """The manifest's signature (verified only when a key was given); None when unsigned."""
 
 
 class _HashingReader(io.RawIOBase):
@@ -179,8 +188,8 @@ def _parse_manifest(raw: bytes | None, bundle: str) -> dict[str, Any]:
         raise BundleError(f"{bundle}: no {MANIFEST_FILE} member")
     try:
         manifest = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise BundleError(f"{bundle}: {MANIFEST_FILE} is not valid JSON ({exc})") from exc
+    except (ValueError, RecursionError) as exc:  # also: nesting too deep, an int past 4300 digits
+        raise BundleError(f"{bundle}: {MANIFEST_FILE} is not valid JSON ({str(exc)[:200]})") from None
     if not isinstance(manifest, dict):
         raise BundleError(f"{bundle}: {MANIFEST_FILE} is not a JSON object")
     version = manifest.get(M_SCHEMA)
@@ -201,11 +210,11 @@ def _parse_manifest(raw: bytes | None, bundle: str) -> dict[str, Any]:
         if not ok:
             raise BundleError(f"{bundle}: malformed {M_FILES} entry {entry!r}")
         why = check_member_name(entry["path"])
-        if why or entry["path"] == MANIFEST_FILE or entry["path"] in names:
+        if why or entry["path"] in RESERVED_NAMES or entry["path"] in names:
             raise BundleError(f"{bundle}: manifest lists an invalid file {entry['path']!r}: "
                               f"{why or 'duplicate or reserved name'}")
         names.add(entry["path"])
-    if manifest[M_ENTRYPOINT] not in names:
+    if not isinstance(manifest[M_ENTRYPOINT], str) or manifest[M_ENTRYPOINT] not in names:
         raise BundleError(f"{bundle}: entrypoint {manifest[M_ENTRYPOINT]!r} is not among the manifest's files")
     return manifest
 
@@ -222,45 +231,64 @@ def _compare(manifest: dict[str, Any], actual: dict[str, tuple[int, str]], bundl
             problems.append(f"{name}: size {size} != manifest {entry['size']}")
         elif sha != entry["sha256"]:
             problems.append(f"{name}: sha256 {sha[:12]}… != manifest {entry['sha256'][:12]}…")
-    for name in sorted(set(actual) - set(listed) - {MANIFEST_FILE}):
+    for name in sorted(set(actual) - set(listed) - set(RESERVED_NAMES)):
         problems.append(f"{name}: present but not in the manifest")
     if problems:
         raise BundleError(f"{bundle}: verification failed: " + "; ".join(problems))
 
 
-def inspect_bundle(path: Path) -> BundleCheck:
-    """Verify ``path`` completely (see the module docstring) and return what was checked."""
+def inspect_bundle(path: Path, *, key: Path | Any | None = None) -> BundleCheck:
+    """Verify ``path`` completely (see the module docstring) and return what was checked.
+
+    ``key``: an Ed25519 public key (PEM path or loaded key); the bundle must then carry a
+    signature by that key over its manifest.
+    """
     path = Path(path)
+    public_key = None
+    if key is not None:
+        from edgepack.runtime.signing import as_public_key
+
+        public_key = as_public_key(key)  # a bad key file fails before the bundle is read
     if not path.is_file():
         raise BundleError(f"{path}: no such bundle file", hint="check the path")
     actual: dict[str, tuple[int, str]] = {}
-    manifest_raw: bytes | None = None
+    kept_raw: dict[str, bytes] = {}
     reader: _HashingReader | None = None
     for member, fh, reader in _iter_members(path):
-        size, sha, kept = _hash_stream(fh, member.name, keep=member.name == MANIFEST_FILE)
+        size, sha, kept = _hash_stream(fh, member.name, keep=member.name in RESERVED_NAMES)
         if size != member.size:
             raise BundleError(f"{path.name}: member {member.name!r} is truncated ({size} of {member.size} bytes)")
         actual[member.name] = (size, sha)
         if kept is not None:
-            manifest_raw = kept
+            kept_raw[member.name] = kept
+    manifest_raw = kept_raw.get(MANIFEST_FILE)
     manifest = _parse_manifest(manifest_raw, path.name)
+    signature = None
+    if public_key is not None or SIGNATURE_FILE in kept_raw:
+        from edgepack.runtime.signing import check_signature
+
+        assert manifest_raw is not None  # _parse_manifest refuses a bundle without one
+        signature = check_signature(kept_raw.get(SIGNATURE_FILE), manifest_raw, public_key, path.name)
     _compare(manifest, actual, path.name)
     assert reader is not None  # a manifest was found, so at least one member was read
     if reader.count % _BLOCK or reader.tail != bytes(_END_OF_ARCHIVE):
         raise BundleError(f"{path.name}: does not end with the tar end-of-archive marker ({reader.count} bytes): "
                           "truncated, or bytes were appended")
-    return BundleCheck(manifest=manifest, sha256=reader.digest.hexdigest(), size=reader.count, members=actual)
+    return BundleCheck(manifest=manifest, sha256=reader.digest.hexdigest(), size=reader.count, members=actual,
+                       signature=signature)
 
 
-def verify_bundle(path: Path) -> dict[str, Any]:
-    """Verify a bundle; return its manifest. BundleError (naming the member) otherwise."""
-    return inspect_bundle(path).manifest
+def verify_bundle(path: Path, *, key: Path | Any | None = None) -> dict[str, Any]:
+    """Verify a bundle (and its signature with ``key``); return its manifest.
+    BundleError (naming the member) otherwise."""
+    return inspect_bundle(path, key=key).manifest
 
 
-def extract_bundle(path: Path, dest: Path) -> Path:
-    """Verify, then extract into ``dest`` (which must not exist) via a staging folder."""
+def extract_bundle(path: Path, dest: Path, *, key: Path | Any | None = None) -> Path:
+    """Verify (with ``key``: the signature too), then extract into ``dest`` (which must not
+    exist) via a staging folder."""
     path, dest = Path(path), Path(dest)
-    check = inspect_bundle(path)
+    check = inspect_bundle(path, key=key)
     if dest.exists():
         raise BundleError(f"{dest} already exists; extract into a new folder", hint="remove it or pick another")
     written: set[str] = set()
@@ -307,30 +335,37 @@ def _tarinfo(name: str, size: int) -> tarfile.TarInfo:
     return info
 
 
-def write_bundle(out: Path, manifest: dict[str, Any], files: list[BundleFile]) -> BundleCheck:
+def write_bundle(out: Path, manifest: dict[str, Any], files: list[BundleFile], *,
+                 signer: Callable[[bytes], bytes] | None = None, key: Any = None) -> BundleCheck:
     """Write ``manifest`` (its ``files`` list filled in here) and ``files`` as a bundle.
 
-    The tar is built beside ``out``, verified by :func:`inspect_bundle` and only then renamed
-    to ``out``; a crash or a failed check leaves no file under the final name.
+    ``signer`` turns the manifest's bytes into the ``manifest.sig`` member (see
+    :func:`edgepack.runtime.signing.sign_manifest`); ``key``, the matching public key, makes
+    the final check verify that signature too. The tar is built beside ``out``, verified by
+    :func:`inspect_bundle` and only then renamed to ``out``; a crash or a failed check leaves
+    no file under the final name.
     """
     names = [f.path for f in files]
     for f in files:
         why = check_member_name(f.path)
-        if why or f.path == MANIFEST_FILE or names.count(f.path) > 1:
+        if why or f.path in RESERVED_NAMES or names.count(f.path) > 1:
             raise BundleError(f"cannot pack {f.path!r}: {why or 'duplicate or reserved name'}")
     manifest = dict(manifest)
     manifest[M_FILES] = [{"path": f.path, "size": s, "sha256": h}
                          for f, (s, h) in ((f, _source_stats(f.source)) for f in files)]
     _parse_manifest(json.dumps(manifest, default=str).encode(), Path(out).name)  # the reader's rules first
     manifest_bytes = (json.dumps(manifest, indent=2, default=str) + "\n").encode("utf-8")
+    signature = signer(manifest_bytes) if signer is not None else None
     with atomic_path(Path(out)) as tmp:
         with tarfile.open(tmp, mode="w", format=tarfile.PAX_FORMAT) as tar:
             tar.addfile(_tarinfo(MANIFEST_FILE, len(manifest_bytes)), io.BytesIO(manifest_bytes))
+            if signature is not None:
+                tar.addfile(_tarinfo(SIGNATURE_FILE, len(signature)), io.BytesIO(signature))
             for f, entry in zip(files, manifest[M_FILES]):
                 if isinstance(f.source, bytes):
                     tar.addfile(_tarinfo(f.path, entry["size"]), io.BytesIO(f.source))
                 else:
                     with open(f.source, "rb") as fh:
                         tar.addfile(_tarinfo(f.path, entry["size"]), fh)
-        check = inspect_bundle(tmp)
+        check = inspect_bundle(tmp, key=key)
     return check

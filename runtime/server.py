@@ -24,9 +24,11 @@ Exposure defaults follow llama-server's README and the faults listed in THREATS.
 The server is ``http.server.ThreadingHTTPServer`` with HTTP/1.0 responses (one request per
 connection): no dependency beyond the standard library and llama-cpp-python. This module
 holds the configuration and the lifecycle; the pieces live beside it:
-``server_http`` (routing, checks, replies, SSE), ``server_api`` (the OpenAI wire format),
-``server_engine`` (the model queue and one generation), ``server_metrics`` (Prometheus
-text) and ``server_fallback`` (the teacher fallback).
+``server_http`` (connection cap, routing, replies, small endpoints), ``server_request``
+(Host, key, body and context checks), ``server_stream`` (one generation request: queue,
+SSE stream or whole answer), ``server_api`` (the OpenAI wire format), ``server_engine`` (the
+model queue and one generation), ``server_metrics`` (Prometheus text) and
+``server_fallback`` (the teacher fallback).
 """
 
 from __future__ import annotations
@@ -83,6 +85,8 @@ class ServeConfig:
     """Socket timeout for reading a request and for each write to a slow reader."""
     shutdown_grace_s: float = 5.0
     """On stop: how long running and queued requests may finish before being cancelled."""
+    public_key: Path | None = None
+    """Ed25519 public key (PEM): serve a bundle only when it is signed by this key."""
 
     def __post_init__(self) -> None:
         problems = []
@@ -204,7 +208,7 @@ class ModelServer:
 
         progress("load model", 0, 1)
         session = self._stack.enter_context(open_model(self.model_path, threads=self.config.threads,
-                                                       n_ctx=self.config.n_ctx))
+                                                       n_ctx=self.config.n_ctx, key=self.config.public_key))
         backend = session.backend
         self.identity = _identity(self.model_path, session.manifest)
         probe: list[int] | None = None
@@ -322,17 +326,18 @@ def serve(model: Path, *, host: str = "127.0.0.1", port: int = 8000, api_key_env
           max_queue: int = 4, timeout_s: float = 300.0, max_body_bytes: int = 1 << 20,
           n_ctx: int | None = None, threads: int | None = None, fallback: str | None = None,
           fallback_min_logprob: float | None = None, fallback_api_key_env: str | None = None,
-          on_ready: Callable[[str], None] | None = None, progress: ProgressFn = null_progress) -> None:
+          public_key: Path | None = None, on_ready: Callable[[str], None] | None = None, progress: ProgressFn = null_progress) -> None:
     """Serve ``model`` (a .edgepack bundle or a .gguf) until SIGINT or SIGTERM, then stop cleanly.
 
-    Refuses a non-loopback ``host`` unless ``api_key_env`` names a set variable. ``on_ready``
+    Refuses a non-loopback ``host`` unless ``api_key_env`` names a set variable; with
+    ``public_key`` serves a bundle only if it is signed by that Ed25519 key. ``on_ready``
     gets the base URL once the model has loaded. Call from the main thread (signals); to
     embed a server elsewhere use :func:`start_server`.
     """
     target = parse_fallback(fallback, read_api_key(fallback_api_key_env)) if fallback else None
     config = ServeConfig(host=host, port=port, api_key=read_api_key(api_key_env), max_queue=max_queue,
                          timeout_s=timeout_s, max_body_bytes=max_body_bytes, n_ctx=n_ctx, threads=threads,
-                         fallback=target, fallback_min_logprob=fallback_min_logprob)
+                         fallback=target, fallback_min_logprob=fallback_min_logprob, public_key=public_key)
     stop = threading.Event()
     with make_server(model, config) as server:
         server.start()

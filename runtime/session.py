@@ -80,7 +80,7 @@ def _cache_is_intact(folder: Path, manifest: dict[str, Any]) -> bool:
     return True
 
 
-def _extract_cached(bundle: Path, sha256: str, manifest: dict[str, Any]) -> Path:
+def _extract_cached(bundle: Path, sha256: str, manifest: dict[str, Any], key: Any = None) -> Path:
     from edgepack.errors import BundleError
     from edgepack.runtime.bundle import extract_bundle
 
@@ -90,7 +90,7 @@ def _extract_cached(bundle: Path, sha256: str, manifest: dict[str, Any]) -> Path
     if folder.exists():
         shutil.rmtree(folder)
     try:
-        extract_bundle(bundle, folder)
+        extract_bundle(bundle, folder, key=key)
     except (BundleError, FileExistsError):
         # Another process may have finished the same extraction first.
         if not _cache_is_intact(folder, manifest) and not is_complete(folder):
@@ -123,8 +123,12 @@ def _onnx_train_ctx(folder: Path) -> int | None:
 
 
 @contextmanager
-def open_model(path: Path, *, threads: int | None = None, n_ctx: int | None = None) -> Iterator[ModelSession]:
-    """Verify (bundles), preflight memory, load; yield a :class:`ModelSession`; always close."""
+def open_model(path: Path, *, threads: int | None = None, n_ctx: int | None = None,
+               key: Path | None = None) -> Iterator[ModelSession]:
+    """Verify (bundles), preflight memory, load; yield a :class:`ModelSession`; always close.
+
+    ``key``: an Ed25519 public key (PEM); the bundle must be signed by it (bundles only).
+    """
     from edgepack.runtime.backends.base import default_threads, format_of, get_backend
     from edgepack.runtime.memory import available_memory_bytes, preflight
 
@@ -132,17 +136,24 @@ def open_model(path: Path, *, threads: int | None = None, n_ctx: int | None = No
     if not path.exists():
         raise ModelSourceError(f"model not found: {path}")
     manifest: dict[str, Any] | None = None
+    if key is not None and path.suffix != BUNDLE_SUFFIX:
+        from edgepack.errors import UsageError
+
+        raise UsageError(f"{path.name} is not a bundle; only .edgepack bundles carry a signature to check",
+                         hint="drop --key, or pack the model with `edgepack pack --sign KEY`")
     if path.suffix == BUNDLE_SUFFIX:
         from edgepack.runtime.bundle import inspect_bundle
+        from edgepack.runtime.signing import as_public_key
 
-        check = inspect_bundle(path)
+        public_key = as_public_key(key) if key is not None else None
+        check = inspect_bundle(path, key=public_key)
         manifest = check.manifest
         runtime = manifest.get(M_RUNTIME) or {}
         estimate = _bundle_estimate(manifest)
         available, source = available_memory_bytes()
         preflight(int(estimate["total_bytes"]), available, what=f"bundle {path.name}", source=source,
                   basis=str(estimate.get("basis", "")))
-        folder = _extract_cached(path, check.sha256, manifest)
+        folder = _extract_cached(path, check.sha256, manifest, public_key)
         model_path, fmt = folder / manifest[M_ENTRYPOINT], manifest[M_FORMAT]
         ctx = n_ctx or int(runtime.get("context_length") or DEFAULT_BARE_CTX)
         want_threads = threads or int(runtime.get("threads") or default_threads())

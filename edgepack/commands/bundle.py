@@ -1,4 +1,4 @@
-"""`edgepack pack` and `edgepack verify`."""
+"""`edgepack pack`, `edgepack verify` and `edgepack keygen`."""
 
 from __future__ import annotations
 
@@ -15,27 +15,49 @@ def pack_cmd(
     profile: Annotated[str, typer.Option("--profile", "-p", help="Profile name or .toml path.")],
     artifact: Annotated[Path | None, typer.Option(help="Which gated artifact (default: the best PASS).")] = None,
     allow_unverified: Annotated[bool, typer.Option(help="Also package an UNVERIFIED gate (recorded).")] = False,
+    sign: Annotated[Path | None, typer.Option("--sign", help="Ed25519 private key (PEM) to sign with.")] = None,
     json_out: JsonOpt = False,
 ) -> None:
-    """Package a gated artifact into a verifiable .edgepack bundle."""
+    """Package a gated artifact into a verifiable .edgepack bundle (signed with --sign)."""
     from edgepack.console import emit
     from edgepack.export.pack import pack_run
     from edgepack.profiles import load_profile
 
     result = pack_run(run_dir=run, profile=load_profile(profile), artifact=artifact,
-                      allow_unverified=allow_unverified)
+                      allow_unverified=allow_unverified, sign_key=sign)
     emit(result, json_out)
 
 
 def verify_cmd(
     bundle: Annotated[Path, typer.Argument(help="A .edgepack bundle.")],
+    key: Annotated[Path | None, typer.Option("--key", help="Ed25519 public key (PEM): require its signature.")] = None,
     json_out: JsonOpt = False,
 ) -> None:
-    """Check a bundle's schema and every file hash; exit 1 naming the file on mismatch."""
+    """Check a bundle's schema, every file hash and, with --key, its signature; failures name the file."""
     from edgepack.console import emit, out
-    from edgepack.runtime.bundle import verify_bundle
+    from edgepack.runtime.bundle import inspect_bundle
 
-    manifest = verify_bundle(bundle)
-    result = {"bundle": str(bundle), "ok": True, "manifest": manifest}
-    emit(result, json_out, lambda r: out.print(
-        f"[green]OK[/green] {bundle}: {len(manifest['files'])} files verified"))
+    check = inspect_bundle(bundle, key=key)
+    manifest = check.manifest
+    signature = check.signature.describe() if check.signature else None
+    result = {"bundle": str(bundle), "ok": True, "signature": signature, "manifest": manifest}
+
+    def human(_: object) -> None:
+        signed = ("signature verified (key " + signature["key_id"][:16] + "…)" if signature and signature["verified"]
+                  else "signed, signature not checked (pass --key)" if signature else "unsigned")
+        out.print(f"[green]OK[/green] {bundle}: {len(manifest['files'])} files verified; {signed}")
+
+    emit(result, json_out, human)
+
+
+def keygen_cmd(
+    out_path: Annotated[Path, typer.Argument(metavar="OUT", help="Writes OUT.key (private, 0600) and OUT.pub.")],
+    json_out: JsonOpt = False,
+) -> None:
+    """Create an Ed25519 key pair for `pack --sign` / `verify --key`."""
+    from edgepack.console import emit, out
+    from edgepack.runtime.signing import generate_keypair
+
+    result = generate_keypair(out_path)
+    emit(result, json_out, lambda r: out.print(f"wrote {r['private_key']} (keep secret) and {r['public_key']}; "
+                                               f"key id {r['key_id']}"))

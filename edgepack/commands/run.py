@@ -7,12 +7,15 @@ from typing import Annotated
 
 import typer
 
+KeyOpt = Annotated[Path | None, typer.Option("--key", help="Ed25519 public key (PEM): require its signature.")]
+
 
 def run_cmd(
     model: Annotated[Path, typer.Argument(help="A .edgepack bundle or a .gguf file.")],
     prompt: Annotated[str, typer.Option("--prompt", help="User message to complete.")],
     max_tokens: Annotated[int, typer.Option(help="Maximum new tokens.")] = 128,
     temperature: Annotated[float, typer.Option(help="0 = greedy.")] = 0.0,
+    key: KeyOpt = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout.")] = False,
 ) -> None:
     """Verify and load a bundle, then complete one chat prompt (streamed)."""
@@ -21,7 +24,7 @@ def run_cmd(
     from edgepack.console import emit
     from edgepack.runtime.session import open_model
 
-    with open_model(model) as session:
+    with open_model(model, key=key) as session:
         if json_out:
             text = "".join(session.stream_chat([{"role": "user", "content": prompt}],
                                                max_tokens=max_tokens, temperature=temperature))
@@ -38,6 +41,7 @@ def chat_cmd(
     model: Annotated[Path, typer.Argument(help="A .edgepack bundle or a .gguf file.")],
     max_tokens: Annotated[int, typer.Option(help="Maximum new tokens per reply.")] = 256,
     temperature: Annotated[float, typer.Option(help="0 = greedy.")] = 0.0,
+    key: KeyOpt = None,
 ) -> None:
     """Interactive chat with a bundle (empty line or Ctrl-D to quit)."""
     import sys
@@ -46,7 +50,7 @@ def chat_cmd(
     from edgepack.runtime.session import open_model
 
     history: list[dict[str, str]] = []
-    with open_model(model) as session:
+    with open_model(model, key=key) as session:
         err.print("[dim]empty line or Ctrl-D to quit[/dim]")
         while True:
             try:
@@ -78,6 +82,7 @@ def serve_cmd(
     fallback: Annotated[str | None, typer.Option(help="Teacher endpoint openai:URL#MODEL for low-confidence answers.")] = None,
     fallback_min_logprob: Annotated[float | None, typer.Option(help="Mean token logprob below which the teacher answers.")] = None,
     fallback_api_key_env: Annotated[str | None, typer.Option(help="Env var holding the teacher endpoint's key.")] = None,
+    key: KeyOpt = None,
 ) -> None:
     """Serve a bundle over an OpenAI-compatible HTTP API until Ctrl-C."""
     from edgepack.console import err
@@ -91,6 +96,6 @@ def serve_cmd(
         serve(model, host=host, port=port, api_key_env=api_key_env, max_queue=max_queue, timeout_s=timeout,
               max_body_bytes=max_body, n_ctx=ctx, threads=threads, fallback=fallback,
               fallback_min_logprob=fallback_min_logprob, fallback_api_key_env=fallback_api_key_env,
-              on_ready=lambda url: err.print(f"serving {url} (Ctrl-C to stop)"))
+              public_key=key, on_ready=lambda url: err.print(f"serving {url} (Ctrl-C to stop)"))
     except KeyboardInterrupt:
         err.print("stopped")

@@ -1,4 +1,5 @@
-"""`pack_run` on a real run directory: exported tiny GGUFs gated by the real gate."""
+"""`pack_run` on a real run directory: exported tiny GGUFs and an ONNX folder, gated by the
+real gate; signed bundles with real Ed25519 keys."""
 
 from __future__ import annotations
 
@@ -132,17 +133,48 @@ def test_bundle_runs_like_the_bare_artifact(run: Path, profiles: dict[str, Profi
     assert list((cache / "bundles").iterdir())  # extracted into the cache, keyed by sha256
 
 
-def test_cli_runs_the_bundle(run: Path, profiles: dict[str, Profile], cache: Path) -> None:
-    bundle = pack_run(run_dir=run, profile=profiles["ok"], artifact=None, allow_unverified=False)["bundle"]
+def test_cli_signs_verifies_and_runs_the_bundle(run: Path, profiles: dict[str, Profile], cache: Path,
+                                                tmp_path: Path) -> None:
     env = {**os.environ, "EDGEPACK_CACHE": str(cache)}
-    verify = subprocess.run([sys.executable, "-m", "edgepack", "verify", bundle, "--json"], capture_output=True,
-                            text=True, env=env, timeout=120)
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "edgepack", *args], capture_output=True, text=True, env=env,
+                              timeout=120)
+
+    keys = json.loads(cli("keygen", str(tmp_path / "keys" / "release"), "--json").stdout)
+    packed = cli("pack", str(run), "--profile", str(profiles["ok"].source), "--sign", keys["private_key"], "--json")
+    assert packed.returncode == 0, packed.stderr
+    bundle = json.loads(packed.stdout)["bundle"]
+    verify = cli("verify", bundle, "--key", keys["public_key"], "--json")
     assert verify.returncode == 0, verify.stderr
-    assert json.loads(verify.stdout)["ok"] is True
-    out = subprocess.run([sys.executable, "-m", "edgepack", "run", bundle, "--prompt", "Pump alarm", "--max-tokens",
-                          "8", "--json"], capture_output=True, text=True, env=env, timeout=120)
+    assert json.loads(verify.stdout)["ok"] is True and json.loads(verify.stdout)["signature"]["verified"] is True
+    out = cli("run", bundle, "--key", keys["public_key"], "--prompt", "Pump alarm", "--max-tokens", "8", "--json")
     assert out.returncode == 0, out.stderr
     assert isinstance(json.loads(out.stdout)["completion"], str)
+
+
+def test_signed_pack(run: Path, profiles: dict[str, Profile], tmp_path: Path) -> None:
+    from edgepack.runtime.signing import generate_keypair
+
+    keys = generate_keypair(tmp_path / "k")
+    other = generate_keypair(tmp_path / "other")
+    with pytest.raises(UsageError, match="not a PEM private key"):  # a public key is not a signing key
+        pack_run(run_dir=run, profile=profiles["ok"], artifact=None, allow_unverified=False,
+                 sign_key=Path(keys["public_key"]))
+    assert not (run / "bundles").exists()  # refused before anything was written
+    result = pack_run(run_dir=run, profile=profiles["ok"], artifact=None, allow_unverified=False,
+                      sign_key=Path(keys["private_key"]))
+    assert result["signature"] == {"algorithm": "ed25519", "key_id": keys["key_id"], "verified": True}
+    bundle = Path(result["bundle"])
+    m = verify_bundle(bundle, key=Path(keys["public_key"]))
+    assert m[M_PACK]["signed_by"] == {"algorithm": "ed25519", "key_id": keys["key_id"]}
+    from edgepack.errors import BundleError
+    from edgepack.runtime.bundle import extract_bundle
+
+    with pytest.raises(BundleError, match="not by the given key"):
+        verify_bundle(bundle, key=Path(other["public_key"]))
+    out = extract_bundle(bundle, tmp_path / "x", key=Path(keys["public_key"]))
+    assert keys["key_id"] in (out / "README.md").read_text()
 
 
 def test_explicit_artifact(run: Path, profiles: dict[str, Profile]) -> None:
@@ -210,3 +242,76 @@ def test_no_gate_reports(tmp_path: Path, profiles: dict[str, Profile]) -> None:
     (tmp_path / "gate" / "x.json").write_text("{not json")
     with pytest.raises(RunDirError, match="cannot read"):
         pack_run(run_dir=tmp_path, profile=profiles["ok"], artifact=None, allow_unverified=False)
+
+
+# --- an ONNX folder -------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def onnx_run(built_run: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Profile]:
+    """The run with an int4 ONNX folder exported by edgepack, its weights moved to an external
+    data file (as exports over 2 GB are written), gated for an ONNX-only profile."""
+    import onnx
+
+    from edgepack.atomic import write_json
+    from edgepack.export.api import export_model
+    from edgepack.runtime.gate import run_gate
+
+    root = tmp_path_factory.mktemp("onnx-run")
+    run = Path(shutil.copytree(built_run, root / "run"))
+    profile = load_profile(str(write_profile(root, "tiny-onnx", choices='["onnx:int4"]', min_relative_quality=0.0)))
+    export_model(source=run, fmt="onnx", quants=["int4"], out_dir=None)
+    folder = run / "artifacts" / "student-onnx-int4"
+    model = onnx.load(str(folder / "model.onnx"))
+    onnx.save_model(model, str(folder / "model.onnx"), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location="model.onnx_data", size_threshold=1024)  # onnx's default: small shape tensors stay inline
+    report = run_gate(artifact=folder, profile=profile, holdout=run / "data" / "holdout.jsonl")
+    write_json(run / "gate" / "student-onnx-int4.json", report)
+    return run, profile
+
+
+def test_pack_an_onnx_folder(onnx_run: tuple[Path, Profile], cache: Path, tmp_path: Path) -> None:
+    import hashlib
+
+    from edgepack.runtime.session import open_model
+
+    run, profile = onnx_run
+    gate = json.loads((run / "gate" / "student-onnx-int4.json").read_text())
+    assert gate["verdict"] in (PASS, UNVERIFIED), gate["reasons"]
+    result = pack_run(run_dir=run, profile=profile, artifact=None, allow_unverified=gate["verdict"] == UNVERIFIED)
+    bundle = Path(result["bundle"])
+    assert bundle.name == "student-tiny-onnx-onnx-int4.edgepack" and result["format"] == "onnx"
+    m = verify_bundle(bundle)
+    assert m[M_ENTRYPOINT] == "student-onnx-int4/model.onnx" and m[M_GATE_STATUS] == gate["verdict"]
+    # The profile's choice names the export quant; the gate's is what the graph holds (may be a mix).
+    assert m[M_QUANT] == "int4" and m[M_RUNTIME]["onnx_quant"] == gate["quant"]
+    paths = {f["path"] for f in m[M_FILES]}
+    assert {"student-onnx-int4/model.onnx", "student-onnx-int4/model.onnx_data",
+            "student-onnx-int4/tokenizer.json", "student-onnx-int4/tokenizer_config.json",
+            "student-onnx-int4/config.json", "chat_template.jinja", "README.md"} <= paths
+    assert not any(p.startswith("tokenizer/") or p.endswith(".complete") for p in paths)
+    assert "Modelfile" not in paths and m[M_RUNTIME]["backend"] == "onnxruntime"
+    # The manifest's file list reproduces the digest the gate recorded for the folder.
+    prefix = "student-onnx-int4/"
+    lines = "".join(f"{f['path'][len(prefix):]}\t{f['sha256']}\n"
+                    for f in sorted(m[M_FILES], key=lambda f: f["path"]) if f["path"].startswith(prefix))
+    assert hashlib.sha256(lines.encode()).hexdigest() == m[M_RUNTIME]["artifact_sha256"] == gate["model_sha256"]
+
+    messages = [{"role": "user", "content": "Pump P-101 discharge pressure low alarm."}]
+    with open_model(bundle) as session:
+        assert session.backend.format == "onnx" and session.backend.n_ctx == 256
+        from_bundle = session.complete(messages, max_tokens=12)
+    with open_model(run / "artifacts" / "student-onnx-int4", n_ctx=256) as bare:
+        assert bare.complete(messages, max_tokens=12) == from_bundle
+
+
+def test_onnx_folder_with_a_symlink_is_refused(onnx_run: tuple[Path, Profile], tmp_path: Path) -> None:
+    """A link whose target has the same bytes keeps the gate's digest, but is still refused."""
+    run = Path(shutil.copytree(onnx_run[0], tmp_path / "run", symlinks=True))
+    folder = run / "artifacts" / "student-onnx-int4"
+    outside = tmp_path / "outside-tokenizer.json"
+    shutil.move(folder / "tokenizer.json", outside)
+    (folder / "tokenizer.json").symlink_to(outside)
+    gate = json.loads((run / "gate" / "student-onnx-int4.json").read_text())
+    with pytest.raises(RunDirError, match="tokenizer.json is a symbolic link"):
+        pack_run(run_dir=run, profile=onnx_run[1], artifact=None, allow_unverified=True)
+    assert gate["model_sha256"]  # the digest alone would not have caught it
