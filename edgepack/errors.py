@@ -64,9 +64,13 @@ class RunDirError(EdgepackError, ValueError):
 
 
 class BundleError(EdgepackError, ValueError):
-    """A bundle that fails verification (hash, schema, unsafe member)."""
+    """A bundle that fails verification (hash, schema, unsafe member, signature).
 
-    exit_code = 1
+    Exit 2: a tampered, truncated or unsigned-when-required bundle is bad input to every
+    command that takes one (verify included), not a budget the model missed.
+    """
+
+    exit_code = 2
     default_hint = "rebuild the bundle with `edgepack pack`, or re-copy it to the device"
 
 

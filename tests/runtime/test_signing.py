@@ -286,5 +286,5 @@ def test_cli_keygen_sign_verify(tmp_path: Path) -> None:
     contents[MANIFEST_FILE] = edited_manifest(contents, model="evil")
     bad = rebuild(tmp_path / "bad.edgepack", contents)
     refused = cli("verify", str(bad), "--key", info["public_key"])
-    assert refused.returncode == 1 and "changed after signing" in refused.stderr
+    assert refused.returncode == 2 and "changed after signing" in refused.stderr
     assert "Traceback" not in refused.stderr and len(refused.stderr.strip().splitlines()) <= 2  # error + hint
