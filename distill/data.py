@@ -27,13 +27,18 @@ import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from edgepack.atomic import atomic_dir, is_complete, write_json
-from edgepack.constants import DATA_DIR, DATA_REPORT, HOLDOUT_FILE, TEACHER_CONTEXT, TEACHER_DIR, TRAIN_FILE
-from edgepack.distill.filters import DROP_REASONS, drop_reason, parse_category
+from edgepack.constants import (DATA_DIR, DATA_REPORT, HOLDOUT_FILE, TEACHER_CACHE_DIR, TEACHER_CONTEXT,
+                                TEACHER_CORRECTED_DIR, TEACHER_DIR, TRAIN_FILE)
+from edgepack.distill.correct import CorrectionConfig
+from edgepack.distill.filters import DROP_REASONS, drop_reason, is_near_duplicate, parse_category
 from edgepack.errors import DataError, RunDirError, UsageError
 from edgepack.progress import ProgressFn, null_progress
+
+if TYPE_CHECKING:
+    from edgepack.distill.endpoint import EndpointConfig
 
 DEMO_DIR = Path(__file__).resolve().parent / "demo"
 DEMO_SEED = DEMO_DIR / "seed.jsonl"
@@ -84,6 +89,10 @@ def _row_problem(obj: Any) -> str | None:
     """Why a parsed JSON value is not a valid prompt row, or None."""
     if not isinstance(obj, dict):
         return "not a JSON object"
+    try:
+        json.dumps(obj, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate escape ("\\ud800") parses but is not text
+        return "contains a lone UTF-16 surrogate escape; not valid Unicode text"
     has_prompt, has_messages = "prompt" in obj, "messages" in obj
     if has_prompt == has_messages:
         return "needs exactly one of `prompt` (string) or `messages` (list)"
@@ -129,8 +138,9 @@ def load_prompts(path: Path, *, strict: bool = False, system: str | None = None)
             if not problem:
                 try:
                     obj = json.loads(text)
-                except json.JSONDecodeError as exc:
-                    problem = f"not valid JSON ({exc.msg})"
+                except (ValueError, RecursionError) as exc:
+                    # JSONDecodeError, an integer of more than 4300 digits, or nesting too deep
+                    problem = f"not valid JSON ({getattr(exc, 'msg', None) or str(exc)[:80]})"
             problem = problem or _row_problem(obj)
             if problem is None:
                 row = _to_row(obj, path, lineno, system)
@@ -221,25 +231,47 @@ def _sha256(path: Path) -> str:
 
 def build_dataset(*, teacher: str, data: Path | None, run_dir: Path, limit: int | None = None,
                   strict: bool = False, seed: int = 0, progress: ProgressFn = null_progress,
-                  allow_pickle: bool = False, trust_remote_code: bool = False) -> dict[str, Any]:
+                  allow_pickle: bool = False, trust_remote_code: bool = False,
+                  correct: bool = False, correction: CorrectionConfig | None = None,
+                  samples: int = 1, sample_temperature: float = 0.8,
+                  endpoint: EndpointConfig | None = None) -> dict[str, Any]:
     """Generate, filter and store teacher data for distillation; return data/report.json.
 
     Nothing is written when the teacher spec or the prompts are bad. A complete data/ folder
     from the same teacher and inputs is returned as is (``"skipped": true``).
     ``allow_pickle`` / ``trust_remote_code`` opt in to loading an HF teacher folder that
-    needs them (refused by default).
+    needs them (refused by default). ``correct`` first adapts the teacher to the training
+    rows' references (see correct.py); the corrected teacher then answers the student's
+    prompts without demonstrations, and training and eval use it (``teacher_dir`` in the report).
+    ``samples`` answers are asked per training prompt: the greedy one, then samples drawn at
+    ``sample_temperature``; answers that repeat a kept one for the same prompt are dropped as
+    ``duplicate``. The report's ``contamination`` compares the holdout with the training
+    prompts and the kept answers (see contamination.py).
+    An endpoint teacher (``openai:URL#MODEL``, called as ``endpoint`` says) has no weights to
+    materialize; its answers are cached under ``RUN/cache/teacher`` (a rerun resumes), and the
+    report's ``distillation`` says whether they came with logprobs (see endpoint.py).
     """
-    from edgepack.distill.generate import DecodeParams, open_generator
+    from edgepack.distill.contamination import contamination_report
+    from edgepack.distill.correct import correct_teacher, load_corrected_source
+    from edgepack.distill.generate import (DecodeParams, describe_generator, distillation_mode, generate_many,
+                                           open_generator)
     from edgepack.distill.teachers import materialize_teacher, resolve_teacher
 
     source = resolve_teacher(teacher, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
-    if source.kind == "openai":
-        raise UsageError("endpoint teachers (openai:URL#MODEL) are not available yet: dense distillation "
-                         "needs the teacher's weights", hint="pass a local HF folder, a .gguf, or a builtin:NAME")
+    remote = source.kind == "openai"  # an endpoint: no weights, answers over HTTP
+    if remote and correct:
+        raise UsageError("--correct-teacher needs the teacher's weights; an endpoint teacher has none",
+                         hint="pass a local HF folder, a .gguf or builtin:NAME to correct it")
     inputs = _load_inputs(data, strict=strict, seed=seed, limit=limit)
+    if samples < 1 or sample_temperature <= 0:
+        raise UsageError(f"--samples must be at least 1 and the sample temperature above 0 "
+                         f"(got {samples}, {sample_temperature})")
     params = DecodeParams(seed=seed)
+    sample_params = [params] + [DecodeParams(temperature=sample_temperature, seed=seed + j)
+                                for j in range(1, samples)]
+    correction = (correction or CorrectionConfig()) if correct else None
     identity = {"teacher_sha256": source.sha256, "inputs": inputs.files, "seed": seed, "limit": limit,
-                "decoding": params.describe()}
+                "decoding": [p.describe() for p in sample_params], "correction": correction.describe() if correction else None}
     run_dir = Path(run_dir)
     out = run_dir / DATA_DIR
     if is_complete(out):
@@ -252,43 +284,73 @@ def build_dataset(*, teacher: str, data: Path | None, run_dir: Path, limit: int 
         raise RunDirError(f"{out} exists but is not complete", hint="delete it and rerun")
 
     t0 = time.perf_counter()
-    teacher_dir = materialize_teacher(source, run_dir / TEACHER_DIR, progress)
+    teacher_dir = (run_dir / TEACHER_CACHE_DIR if remote
+                   else materialize_teacher(source, run_dir / TEACHER_DIR, progress))
+    corrected: dict[str, Any] | None = None
+    if correction is not None:
+        corrected = correct_teacher(teacher_dir=teacher_dir, before=source, train=inputs.train,
+                                    holdout=inputs.holdout, out_dir=run_dir / TEACHER_CORRECTED_DIR, seed=seed,
+                                    config=correction, progress=progress)
+        teacher_dir = run_dir / TEACHER_CORRECTED_DIR
+        source = load_corrected_source(teacher_dir)
+        inputs.context = []  # the corrected teacher answers the student's prompt as it is
     dropped = dict.fromkeys(DROP_REASONS, 0)
     train_rows: list[dict[str, Any]] = []
     hold_rows: list[dict[str, Any]] = []
-    total = len(inputs.train) + len(inputs.holdout)
+    total = len(inputs.train) * samples + len(inputs.holdout)
     n_tokens = correct = labelled = 0
     task = "data: teacher answers"
     progress(task, 0, total)
-    with open_generator(source, teacher_dir, params) as generate:
-        for i, row in enumerate(inputs.train + inputs.holdout):
-            gen = generate(with_teacher_context(row.messages, inputs.context))
-            n_tokens += gen.tokens
-            if i < len(inputs.train):
-                reason = drop_reason(gen.text, finished=gen.finished, label=row.label, labels=inputs.labels)
-                if reason is None:
-                    train_rows.append(row.record(gen.text.strip()))
+    kept: dict[str, list[str]] = {r.id: [] for r in inputs.train}
+    done = 0
+    answers: list[Any] = []
+    endpoints: list[dict[str, Any] | None] = []
+    # Sample 0 is the teacher's greedy answer (also the holdout's); samples 1.. are drawn at
+    # ``sample_temperature`` with their own seeds, for training prompts only.
+    for j, p in enumerate(sample_params):
+        rows = inputs.train + (inputs.holdout if j == 0 else [])
+        with open_generator(source, teacher_dir, p, **({"endpoint": endpoint} if remote else {})) as generate:
+            gens = generate_many(generate, [with_teacher_context(r.messages, inputs.context) for r in rows],
+                                 lambda n: progress(task, done + n, total))
+            answers += gens
+            endpoints.append(describe_generator(generate))
+            for i, (row, gen) in enumerate(zip(rows, gens)):
+                n_tokens += gen.tokens
+                if i < len(inputs.train):
+                    reason = drop_reason(gen.text, finished=gen.finished, label=row.label, labels=inputs.labels)
+                    if reason is None and is_near_duplicate(gen.text, kept[row.id]):
+                        reason = "duplicate"
+                    if reason is None:
+                        kept[row.id].append(gen.text.strip())
+                        train_rows.append({**row.record(gen.text.strip()), "sample": j, **gen.soft_labels()})
+                    else:
+                        dropped[reason] += 1
                 else:
-                    dropped[reason] += 1
-            else:
-                rec = row.record(gen.text.strip())
-                rec["teacher_category"] = parse_category(gen.text)
-                hold_rows.append(rec)
-                if row.label is not None:
-                    labelled += 1
-                    correct += rec["teacher_category"] == row.label
-            progress(task, i + 1, total)
+                    rec = row.record(gen.text.strip())
+                    rec["teacher_category"] = parse_category(gen.text)
+                    hold_rows.append(rec)
+                    if row.label is not None:
+                        labelled += 1
+                        correct += rec["teacher_category"] == row.label
+                done += 1
     if not train_rows:
         raise DataError(f"the teacher produced no usable answer for {len(inputs.train)} prompts "
                         f"(dropped: {_nonzero(dropped)})",
                         hint="check the prompts' format instructions, or use a stronger teacher")
     seconds = time.perf_counter() - t0
+    contamination = contamination_report(hold_rows, [r.record(None) for r in inputs.train], train_rows)
     report = {
         "identity": identity,
         "teacher": source.describe(),
+        "teacher_dir": None if remote else teacher_dir.name,
+        **distillation_mode(answers, endpoints),
+        "teacher_correction": None if corrected is None else
+        {k: corrected.get(k) for k in ("rows_used", "steps", "first_loss", "final_loss", "train_s",
+                                       "accuracy_before", "accuracy_after", "holdout_labelled")},
         "data": inputs.source,
         "labels": sorted(inputs.labels) if inputs.labels else None,
-        "decoding": params.describe(),
+        "decoding": [p.describe() for p in sample_params],
+        "samples_per_prompt": samples,
         "teacher_context_turns": len(inputs.context),
         "input_rows": len(inputs.train) + len(inputs.holdout) + len(inputs.bad),
         "bad_rows": len(inputs.bad),
@@ -300,6 +362,7 @@ def build_dataset(*, teacher: str, data: Path | None, run_dir: Path, limit: int 
         "holdout_prompts": len(hold_rows),
         "teacher_holdout_accuracy": round(correct / labelled, 4) if labelled else None,
         "teacher_holdout_labelled": labelled,
+        "contamination": contamination,
         "generated_tokens": n_tokens,
         "seconds": round(seconds, 2),
         "generated_tokens_per_s": round(n_tokens / seconds, 1) if seconds > 0 else None,
@@ -321,6 +384,21 @@ def _write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
     with open(path, "w", encoding="utf-8") as fh:
         for r in rows:
             fh.write(json.dumps(r, ensure_ascii=False) + "\n")
+
+
+def teacher_dir_of(run_dir: Path) -> Path:
+    """The teacher folder the run's data came from (and training and eval use): ``RUN/teacher``,
+    or ``RUN/teacher-corrected`` after teacher correction, as data/report.json records it."""
+    report_path = Path(run_dir) / DATA_DIR / DATA_REPORT
+    name = json.loads(report_path.read_text()).get("teacher_dir", TEACHER_DIR) if report_path.is_file() else TEACHER_DIR
+    if name is None:
+        # An endpoint teacher (openai:URL#MODEL): no weights for online KD or teacher-forced
+        # eval; training on its answers (response-only or top-k logprobs) is not built yet.
+        raise UsageError(f"{report_path.parent} came from an endpoint teacher, which has no local weights",
+                         hint="run `edgepack distill data` with a local teacher (HF folder, .gguf or builtin:NAME)")
+    if name not in (TEACHER_DIR, TEACHER_CORRECTED_DIR):
+        raise RunDirError(f"{report_path}: unexpected teacher_dir {name!r}")
+    return Path(run_dir) / name
 
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:

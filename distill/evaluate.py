@@ -115,12 +115,13 @@ def evaluate_run(*, run_dir: Path, progress: ProgressFn = null_progress) -> dict
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from edgepack.distill.batching import TeacherPrefix, tokenize_rows
-    from edgepack.distill.data import read_jsonl
+    from edgepack.distill.data import read_jsonl, teacher_dir_of
     from edgepack.distill.student import prune_teacher
 
     run_dir = Path(run_dir)
-    teacher_dir, data_dir, student_dir = run_dir / TEACHER_DIR, run_dir / DATA_DIR, run_dir / STUDENT_DIR
-    for folder, stage in ((teacher_dir, "distill data"), (data_dir, "distill data"), (student_dir, "distill train")):
+    data_dir, student_dir = run_dir / DATA_DIR, run_dir / STUDENT_DIR
+    teacher_dir = teacher_dir_of(run_dir) if is_complete(data_dir) else run_dir / TEACHER_DIR
+    for folder, stage in ((data_dir, "distill data"), (teacher_dir, "distill data"), (student_dir, "distill train")):
         if not is_complete(folder):
             raise RunDirError(f"{folder} is missing or incomplete", hint=f"run `edgepack {stage}` first")
     rows = read_jsonl(data_dir / HOLDOUT_FILE)
@@ -153,6 +154,7 @@ def evaluate_run(*, run_dir: Path, progress: ProgressFn = null_progress) -> dict
                     **_answer_scores(teacher_answers, rows, labels)},
         "teacher_context_turns": len(context),
         "forced_rows": len(examples), "forced_rows_too_long": too_long,
+        "contamination": (data_report.get("contamination") or {}).get("status", "not checked"),
     }
     for name, model in (("undistilled", undistilled), ("distilled", distilled)):
         model.eval()

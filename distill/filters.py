@@ -16,8 +16,16 @@ from __future__ import annotations
 import re
 from collections import Counter
 
-# Checked in this order; the first that applies is the one counted.
-DROP_REASONS = ("empty", "truncated", "repetition", "format", "label_mismatch")
+# Checked in this order; the first that applies is the one counted. ``duplicate`` (an answer
+# equal or nearly equal to one already kept for the same prompt, see is_near_duplicate) is
+# decided by the caller, which sees every sample of a prompt.
+DROP_REASONS = ("empty", "truncated", "refusal", "repetition", "format", "label_mismatch", "duplicate")
+
+REFUSAL_RE = re.compile(
+    r"\b(i\s+(?:can(?:no|')t|am\s+(?:not\s+able|unable)|won't)\s+(?:help|assist|answer|provide|do)|"
+    r"i'm\s+(?:sorry|unable|not\s+able)|as\s+an\s+ai\b|i\s+apologi[sz]e)", re.IGNORECASE)
+NEAR_DUPLICATE = 0.8
+"""Word-trigram Jaccard similarity at or above which two answers to one prompt are duplicates."""
 
 ANSWER_RE = re.compile(r"\ACategory: ([A-Za-z_]+)\nAction: (\S[^\n]*)\Z")
 _CATEGORY_RE = re.compile(r"category\s*:\s*\**\s*([A-Za-z_]+)", re.IGNORECASE)
@@ -65,6 +73,8 @@ def drop_reason(text: str, *, finished: bool, label: str | None, labels: frozens
         return "empty"
     if not finished:
         return "truncated"
+    if REFUSAL_RE.search(stripped):
+        return "refusal"
     if is_repetitive(stripped):
         return "repetition"
     if labels is None:
@@ -75,3 +85,18 @@ def drop_reason(text: str, *, finished: bool, label: str | None, labels: frozens
     if label is not None and m.group(1) != label:
         return "label_mismatch"
     return None
+
+
+def is_near_duplicate(text: str, kept: list[str], threshold: float = NEAR_DUPLICATE) -> bool:
+    """True when ``text`` equals (normalised) or nearly equals one of the ``kept`` answers."""
+    from edgepack.distill.contamination import normalize, shingles
+
+    norm, grams = normalize(text), shingles(text)
+    for other in kept:
+        if normalize(other) == norm:
+            return True
+        other_grams = shingles(other)
+        union = grams | other_grams
+        if union and len(grams & other_grams) / len(union) >= threshold:
+            return True
+    return False

@@ -1,11 +1,13 @@
 """Teacher answers: one greedy completion per chat prompt, by teacher kind.
 
 Generators are registered by :attr:`TeacherSource.kind` in :data:`GENERATORS`. Each opens
-the teacher once and yields a function ``messages -> Generation``. Prompts are always
+the teacher once and yields a function ``messages -> Generation``; :func:`generate_many`
+answers a batch in order (concurrently for endpoint teachers, see endpoint.py). Prompts are always
 rendered with the chat template of the materialized teacher folder (``RUN/teacher``) through
 transformers' ``apply_chat_template``, which renders in jinja2's ImmutableSandboxedEnvironment;
 the GGUF generator feeds the rendered text to llama.cpp with ``special=True`` so ChatML
-markers become their special tokens.
+markers become their special tokens. Endpoint teachers send the messages as they are; the
+server applies its model's own template.
 """
 
 from __future__ import annotations
@@ -48,9 +50,78 @@ class Generation:
     tokens: int
     finished: bool
     """True when the teacher emitted EOS; False when it hit ``max_new_tokens``."""
+    token_logprobs: list[tuple[str, float]] | None = None
+    """Endpoint teachers: (token string, logprob) of each generated token, when returned."""
+    top_logprobs: list[list[tuple[str, float]]] | None = None
+    """Endpoint teachers: the top-k (token string, logprob) alternatives at each position."""
+    no_logprobs_reason: str | None = None
+    """Endpoint teachers: why this answer carries no logprobs (None: it does, or a local teacher)."""
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Generation:
+        """The inverse of ``dataclasses.asdict`` after a JSON round trip (lists back to tuples)."""
+        chosen, top = d.get("token_logprobs"), d.get("top_logprobs")
+        return cls(text=str(d["text"]), tokens=int(d["tokens"]), finished=bool(d["finished"]),
+                   token_logprobs=None if chosen is None else [(str(t), float(lp)) for t, lp in chosen],
+                   top_logprobs=None if top is None else [[(str(t), float(lp)) for t, lp in alts] for alts in top],
+                   no_logprobs_reason=d.get("no_logprobs_reason"))
+
+    def soft_labels(self) -> dict[str, Any]:
+        """Fields for a data row: the teacher's per-token logprobs, when it returned them."""
+        if self.top_logprobs is None or self.token_logprobs is None:
+            return {}
+        return {"teacher_logprobs": [list(p) for p in self.token_logprobs],
+                "teacher_top_logprobs": [[list(p) for p in alts] for alts in self.top_logprobs]}
 
 
 GenerateFn = Callable[[Messages], Generation]
+
+
+def generate_many(generate: GenerateFn, batch: list[Messages],
+                  on_done: Callable[[int], None] | None = None) -> list[Generation]:
+    """Answers for ``batch`` in order: the generator's own batch entry point when it has one
+    (an endpoint teacher runs requests concurrently), else one call per prompt."""
+    many = getattr(generate, "generate_many", None)
+    if many is not None:
+        return many(batch, on_done)
+    out: list[Generation] = []
+    for messages in batch:
+        out.append(generate(messages))
+        if on_done is not None:
+            on_done(len(out))
+    return out
+
+
+def describe_generator(generate: GenerateFn) -> dict[str, Any] | None:
+    """An endpoint teacher's settings and counters (requests, cache hits, retries); None for local ones."""
+    describe = getattr(generate, "describe", None)
+    return describe() if describe is not None else None
+
+
+def distillation_mode(gens: list[Generation], endpoints: list[dict[str, Any] | None]) -> dict[str, Any]:
+    """Report keys saying what the student can learn from these answers.
+
+    ``dense``: a local teacher, whose full distributions training computes itself;
+    ``top-logprobs``: every answer came with the endpoint's top-k logprobs;
+    ``response-only``: some or all came without them (``distillation_reason`` says why), so
+    only the answer text can be learned. ``endpoints`` are :func:`describe_generator` results
+    of the generators that produced ``gens``; their counters are summed into
+    ``teacher_endpoint`` (None for local teachers).
+    """
+    described = [e for e in endpoints if e is not None]
+    endpoint = None
+    if described:
+        endpoint = {**described[-1], **{k: sum(e[k] for e in described) for k in ("requests", "cache_hits", "retries")},
+                    "max_in_flight": max(e["max_in_flight"] for e in described)}
+    missing = [g.no_logprobs_reason for g in gens if g.no_logprobs_reason is not None]
+    if endpoint is None and not missing:
+        mode, reason = "dense", None
+    elif not missing:
+        mode, reason = "top-logprobs", None
+    else:
+        mode = "response-only"
+        reason = f"{len(missing)} of {len(gens)} teacher answers came without per-token logprobs: {missing[0]}"
+    return {"distillation": mode, "distillation_reason": reason, "teacher_endpoint": endpoint}
 
 
 def render_prompt(tokenizer: Any, messages: Messages) -> str:
@@ -116,16 +187,28 @@ def _transformers(source: TeacherSource, teacher_dir: Path, params: DecodeParams
     yield generate
 
 
-GENERATORS: dict[str, Callable[[TeacherSource, Path, DecodeParams], Any]] = {
+def _endpoint(source: TeacherSource, cache_dir: Path, params: DecodeParams, **options: Any) -> Any:
+    from edgepack.distill.endpoint import open_endpoint
+
+    return open_endpoint(source, cache_dir, params, **options)
+
+
+# kind → opener(source, folder, params, **options). ``folder`` is the teacher's local folder:
+# the materialized weights (RUN/teacher) for local kinds, the answer cache for endpoints.
+GENERATORS: dict[str, Callable[..., Any]] = {
     "gguf": _llamacpp,
     "hf": _transformers,
+    "openai": _endpoint,
 }
 
 
-def open_generator(source: TeacherSource, teacher_dir: Path, params: DecodeParams) -> Any:
-    """Context manager yielding ``generate(messages) -> Generation`` for this teacher."""
+def open_generator(source: TeacherSource, teacher_dir: Path, params: DecodeParams, **options: Any) -> Any:
+    """Context manager yielding ``generate(messages) -> Generation`` for this teacher.
+
+    ``options`` go to the opener (``endpoint=EndpointConfig(...)`` for endpoint teachers).
+    """
     opener = GENERATORS.get(source.kind)
     if opener is None:
         raise UsageError(f"generating with {source.kind!r} teachers is not available yet",
                          hint="use a local HF folder, a .gguf or builtin:smollm2-135m-instruct")
-    return opener(source, Path(teacher_dir), params)
+    return opener(source, Path(teacher_dir), params, **options)

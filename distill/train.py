@@ -77,16 +77,17 @@ def train_student(*, run_dir: Path, profile: Profile, student: str = "auto", ste
 
     from edgepack.distill import checkpoint as ckpt
     from edgepack.distill.batching import TeacherPrefix, batch_indices, collate, tokenize_rows
-    from edgepack.distill.data import read_jsonl
+    from edgepack.distill.data import read_jsonl, teacher_dir_of
     from edgepack.distill.losses import DIVERGENCES, blend, cross_entropy
 
     cfg = config or TrainConfig()
     run_dir = Path(run_dir)
-    teacher_dir, data_dir, out = run_dir / TEACHER_DIR, run_dir / DATA_DIR, run_dir / STUDENT_DIR
+    data_dir, out = run_dir / DATA_DIR, run_dir / STUDENT_DIR
     # ------------------------------------------------------------------ setup
-    for folder, stage in ((teacher_dir, "distill data"), (data_dir, "distill data")):
+    teacher_dir = teacher_dir_of(run_dir) if is_complete(data_dir) else run_dir / TEACHER_DIR
+    for folder in (teacher_dir, data_dir):
         if not is_complete(folder):
-            raise RunDirError(f"{folder} is missing or incomplete", hint=f"run `edgepack {stage}` first")
+            raise RunDirError(f"{folder} is missing or incomplete", hint="run `edgepack distill data` first")
     if steps < 1:
         raise UsageError(f"--steps must be at least 1 (got {steps})")
     if cfg.batch_size % cfg.micro_batch or cfg.divergence not in DIVERGENCES:

@@ -58,6 +58,13 @@ def progress_bars(enabled: bool = True) -> Iterator[Callable[[str, int, int | No
         yield update
 
 
+def warn(message: str) -> None:
+    """One ``warning:`` line on stderr (a degraded mode the report also records)."""
+    from rich.markup import escape
+
+    err.print(f"[yellow]warning:[/yellow] {escape(message)}", highlight=False, soft_wrap=True)
+
+
 def _quiet_progress(task: str, done: int, total: int | None = None) -> None:
     # Not a terminal (CI, pipes): print a line at the start and end of each task only.
     if done == 0 or (total is not None and done >= total):

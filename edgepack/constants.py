@@ -7,14 +7,17 @@ rename is one edit.
 from __future__ import annotations
 
 BUILTIN_TEACHER = "builtin:smollm2-135m-instruct"
+TEACHER_API_KEY_ENV = "EDGEPACK_TEACHER_API_KEY"  # default variable holding an endpoint teacher's key
 
 # --- run directory layout (each entry written by exactly one stage) -------------------
 RUN_TOML = "run.toml"              # pipeline / first stage: what was asked for
 DATA_DIR = "data"                  # distill data: train.jsonl, holdout.jsonl, report.json
 TEACHER_DIR = "teacher"            # distill data: the teacher materialised as an HF dir
 TEACHER_CORRECTED_DIR = "teacher-corrected"  # distill data --correct-teacher: LoRA-SFT'd teacher (HF + GGUF)
+TEACHER_CACHE_DIR = "cache/teacher"  # distill data: one JSON per endpoint-teacher answer (resume)
 STUDENT_DIR = "student"            # distill train: the distilled student (HF, safetensors)
 CHECKPOINT_DIR = "checkpoints"     # distill train: resumable checkpoints
+SOFTLABELS_DIR = "softlabels"      # distill soft labels: sparse teacher targets (shards + index.json)
 ARTIFACTS_DIR = "artifacts"        # export: .gguf / onnx folders + export.json
 GATE_DIR = "gate"                  # gate: <artifact>.json reports
 BUNDLES_DIR = "bundles"            # pack: <model>-<profile>-<format>-<quant>.edgepack
@@ -31,6 +34,7 @@ EXPORT_REPORT = "export.json"
 FIDELITY_REPORT = "fidelity.json"            # artifacts/: export fidelity vs the reference
 FIDELITY_MARKDOWN = "fidelity.md"           # artifacts/: the same, for people
 TEACHER_SOURCE = "source.json"             # teacher/: {spec, kind, path, sha256}
+SOFTLABELS_INDEX = "index.json"            # softlabels/: shards, k, samples, identity, bytes, retained mass
 
 # --- run.toml keys ----------------------------------------------------------------------
 RUN_SCHEMA = "schema"

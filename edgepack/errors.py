@@ -74,6 +74,17 @@ class BundleError(EdgepackError, ValueError):
     default_hint = "rebuild the bundle with `edgepack pack`, or re-copy it to the device"
 
 
+class TeacherEndpointError(EdgepackError, ConnectionError):
+    """An endpoint teacher (``openai:URL#MODEL``) that is down, times out or keeps failing.
+
+    Exit 2: the endpoint is input the user named. Answers finished before the failure stay in
+    the run's teacher cache, so a rerun resumes.
+    """
+
+    default_hint = ("check that the server is up and serves MODEL under URL (the API base, e.g. "
+                    "http://host:8000/v1); answers already received are cached and a rerun resumes")
+
+
 class BudgetError(EdgepackError, ValueError):
     """A memory or latency budget that no configuration can meet."""
 

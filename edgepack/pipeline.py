@@ -34,12 +34,14 @@ class PipelineConfig:
     limit: int | None = None
     seed: int = 0
     allow_unverified: bool = False
+    correct_teacher: bool = False
 
     def settings(self) -> dict[str, Any]:
         return {RUN_PROFILE: self.profile.name if self.profile.source.startswith(str(_shipped_dir()))
                 else self.profile.source, RUN_TEACHER: self.teacher,
                 RUN_DATA: str(self.data) if self.data else "builtin:demo", RUN_SEED: self.seed,
-                "steps": self.steps, "limit": self.limit, "allow_unverified": self.allow_unverified}
+                "steps": self.steps, "limit": self.limit, "allow_unverified": self.allow_unverified,
+                "correct_teacher": self.correct_teacher}
 
 
 def _shipped_dir() -> Path:
@@ -100,8 +102,11 @@ def _distill_data(cfg: PipelineConfig, progress: ProgressFn) -> str:
     from edgepack.distill.data import build_dataset
 
     report = build_dataset(teacher=cfg.teacher, data=cfg.data, run_dir=cfg.run_dir, limit=cfg.limit,
-                           strict=False, seed=cfg.seed, progress=progress)
-    return _short(report, ("kept", "dropped"))
+                           strict=False, seed=cfg.seed, progress=progress, correct=cfg.correct_teacher)
+    fixed = report.get("teacher_correction")
+    note = (f", teacher accuracy {fixed['accuracy_before']} → {fixed['accuracy_after']} after correction"
+            if fixed else "")
+    return _short(report, ("kept", "dropped")) + note
 
 
 def _distill_train(cfg: PipelineConfig, progress: ProgressFn) -> str:

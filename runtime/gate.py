@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from edgepack.constants import BUNDLE_SUFFIX, FAIL, M_ENTRYPOINT, M_FORMAT, M_QUANT, PASS, UNVERIFIED
-from edgepack.errors import EdgepackError, ModelSourceError, UnsafeModelError
+from edgepack.errors import EdgepackError, ModelSourceError, UnsafeModelError, UsageError
 from edgepack.profiles import Profile
 from edgepack.progress import ProgressFn, null_progress
 
@@ -261,17 +261,21 @@ def measurement_spread(m: dict[str, Any]) -> dict[str, Any]:
 
 
 @contextmanager
-def _materialize(artifact: Path) -> Iterator[tuple[Path, str, str | None, dict[str, Any] | None]]:
-    """(model path, format, quant, manifest) of a bare artifact or a verified, extracted bundle."""
+def _materialize(artifact: Path, key: Path | None = None) -> Iterator[tuple[Path, str, str | None, dict[str, Any] | None]]:
+    """(model path, format, quant, manifest) of a bare artifact or a verified, extracted bundle
+    (with ``key``, a public key the bundle's signature must verify against)."""
     from edgepack.runtime.backends.base import format_of
     from edgepack.runtime.bundle import extract_bundle
 
     if artifact.suffix == BUNDLE_SUFFIX:
         with tempfile.TemporaryDirectory(prefix="edgepack-gate-") as tmp:
-            dest = extract_bundle(artifact, Path(tmp) / "bundle")
+            dest = extract_bundle(artifact, Path(tmp) / "bundle", key=key)
             manifest = json.loads((dest / "manifest.json").read_text(encoding="utf-8"))
             yield dest / manifest[M_ENTRYPOINT], manifest[M_FORMAT], manifest[M_QUANT], manifest
         return
+    if key is not None:
+        raise UsageError(f"--key verifies a bundle's signature, and {artifact} is not a {BUNDLE_SUFFIX} bundle",
+                         hint="pack it with `edgepack pack --sign KEY`, or drop --key")
     fmt = format_of(artifact)
     quant = None
     if fmt == "gguf":
@@ -292,10 +296,11 @@ def _materialize(artifact: Path) -> Iterator[tuple[Path, str, str | None, dict[s
 
 
 def run_gate(*, artifact: Path, profile: Profile, holdout: Path | None,
-             progress: ProgressFn = null_progress, efficiency: bool = True) -> dict[str, Any]:
+             progress: ProgressFn = null_progress, efficiency: bool = True,
+             key: Path | None = None) -> dict[str, Any]:
     """Measure ``artifact`` (a model file, ONNX folder or .edgepack bundle) against ``profile``.
 
-    A bundle is verified before anything is loaded. Latency and memory are measured in a
+    A bundle is verified before anything is loaded (with ``key``, its ed25519 signature too). Latency and memory are measured in a
     fresh child process (:mod:`edgepack.runtime.measure`); with ``holdout`` the artifact's
     label accuracy is measured too. With ``efficiency`` the decode efficiency against this
     machine's (cached) memory bandwidth is added. Returns the report dict (see the module
@@ -312,7 +317,7 @@ def run_gate(*, artifact: Path, profile: Profile, holdout: Path | None,
     rows = load_holdout(holdout) if holdout is not None else None  # bad data fails before measuring
     started = datetime.now(timezone.utc)
     progress("gate: verify", 0, 1)
-    with _materialize(artifact) as (model_path, fmt, quant, manifest):
+    with _materialize(artifact, key) as (model_path, fmt, quant, manifest):
         progress("gate: verify", 1, 1)
         host_ok, host_reason = host_matches(profile)
         # Other processes on the same cores distort latency (llama.cpp threads spin-wait on

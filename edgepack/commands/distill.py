@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from edgepack.constants import BUILTIN_TEACHER
+from edgepack.constants import BUILTIN_TEACHER, TEACHER_API_KEY_ENV
 
 app = typer.Typer(help="Distillation: teacher data, then KD training.", no_args_is_help=True)
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout.")]
@@ -21,15 +21,38 @@ def data_cmd(
     limit: Annotated[int | None, typer.Option(help="Use at most N training prompts.")] = None,
     strict: Annotated[bool, typer.Option(help="Exit 2 on the first bad row instead of skipping it.")] = False,
     seed: Annotated[int, typer.Option(help="Seed for the split and sampling.")] = 0,
+    correct_teacher: Annotated[bool, typer.Option(
+        "--correct-teacher", help="First LoRA-SFT the teacher on the rows' references (teacher correction).")] = False,
+    correct_steps: Annotated[int, typer.Option(help="Optimizer steps of teacher correction.")] = 40,
+    samples: Annotated[int, typer.Option(help="Teacher answers per training prompt (greedy, then sampled).")] = 1,
+    sample_temperature: Annotated[float, typer.Option(help="Temperature of the samples after the first.")] = 0.8,
+    allow_pickle: Annotated[bool, typer.Option(
+        "--allow-pickle", help="Load a pickled HF checkpoint (.bin/.pt) through torch's weights-only loader.")] = False,
+    trust_remote_code: Annotated[bool, typer.Option(
+        "--trust-remote-code", help="Allow an HF teacher folder's own modeling code (auto_map).")] = False,
+    concurrency: Annotated[int, typer.Option(help="Endpoint teacher: requests in flight at once.")] = 4,
+    api_key_env: Annotated[str, typer.Option(
+        help="Endpoint teacher: environment variable holding the API key (sent as a Bearer token).")
+    ] = TEACHER_API_KEY_ENV,
+    timeout: Annotated[float, typer.Option(help="Endpoint teacher: seconds per request before a retry.")] = 120.0,
     json_out: JsonOpt = False,
 ) -> None:
     """Generate, filter and store teacher data for distillation."""
-    from edgepack.console import emit, progress_bars
+    from edgepack.console import emit, progress_bars, warn
+    from edgepack.distill.correct import CorrectionConfig
     from edgepack.distill.data import build_dataset
+    from edgepack.distill.endpoint import EndpointConfig
 
     with progress_bars(not json_out) as progress:
         report = build_dataset(teacher=teacher, data=data, run_dir=out, limit=limit, strict=strict,
-                               seed=seed, progress=progress)
+                               seed=seed, progress=progress, allow_pickle=allow_pickle,
+                               trust_remote_code=trust_remote_code, correct=correct_teacher,
+                               correction=CorrectionConfig(steps=correct_steps), samples=samples,
+                               sample_temperature=sample_temperature,
+                               endpoint=EndpointConfig(concurrency=concurrency, api_key_env=api_key_env,
+                                                       timeout_s=timeout))
+    if report.get("distillation") == "response-only":
+        warn(f"response-only distillation: {report.get('distillation_reason')}")
     emit(report, json_out)
 
 

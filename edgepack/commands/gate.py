@@ -18,6 +18,8 @@ def gate_cmd(
     search: Annotated[bool, typer.Option("--search", help="Gate every choice the profile allows that the run "
                                                           "exported, best quality first; pick the first PASS.")] = False,
     stop_at_first: Annotated[bool, typer.Option("--stop-at-first", help="With --search: stop at the first PASS.")] = False,
+    key: Annotated[Path | None, typer.Option(help="Public key (PEM) a bundle's signature must verify "
+                                                  "against; an unsigned bundle is then refused.")] = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout.")] = False,
 ) -> None:
     """Measure latency, memory and quality in the real runtime; exit 0 only on PASS."""
@@ -33,7 +35,7 @@ def gate_cmd(
     from edgepack.runtime.report import write_gate_reports
 
     with progress_bars(not json_out) as progress:
-        result = run_gate(artifact=artifact, profile=prof, holdout=holdout, progress=progress)
+        result = run_gate(artifact=artifact, profile=prof, holdout=holdout, progress=progress, key=key)
     written = write_gate_reports(result, report.parent, stem=report.stem) if report is not None else {}
 
     def human(r: dict[str, Any]) -> None:

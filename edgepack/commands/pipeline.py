@@ -19,6 +19,8 @@ def pipeline_cmd(
     limit: Annotated[int | None, typer.Option(help="Use at most N training prompts.")] = None,
     seed: Annotated[int, typer.Option(help="Seed.")] = 0,
     allow_unverified: Annotated[bool, typer.Option(help="Package an UNVERIFIED gate (recorded).")] = False,
+    correct_teacher: Annotated[bool, typer.Option(
+        "--correct-teacher", help="LoRA-SFT the teacher on the references first (teacher correction).")] = False,
     json_out: Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout.")] = False,
 ) -> None:
     """Run every stage end to end and print the bundle path and the gate verdict."""
@@ -28,7 +30,8 @@ def pipeline_cmd(
     from edgepack.profiles import load_profile
 
     cfg = PipelineConfig(profile=load_profile(profile), teacher=teacher, data=data, run_dir=out,
-                         steps=steps, limit=limit, seed=seed, allow_unverified=allow_unverified)
+                         steps=steps, limit=limit, seed=seed, allow_unverified=allow_unverified,
+                         correct_teacher=correct_teacher)
     with progress_bars(not json_out) as progress:
         result = run_pipeline(cfg, progress=progress)
 

@@ -11,7 +11,7 @@ from edgepack.atomic import is_complete
 from edgepack.constants import DATA_DIR, DATA_REPORT, HOLDOUT_FILE, TEACHER_CONTEXT, TEACHER_DIR, TRAIN_FILE
 from edgepack.distill.data import (PromptRow, build_dataset, load_prompts, read_jsonl, split_rows,
                                    with_teacher_context)
-from edgepack.errors import DataError, ModelSourceError, UsageError
+from edgepack.errors import DataError, ModelSourceError, TeacherEndpointError, UsageError
 
 GOOD = {"prompt": "Pump P-1 vibration high", "label": "mechanical"}
 
@@ -117,7 +117,10 @@ def test_bad_input_writes_nothing(case: str, tmp_path: Path, tiny_llama_dir: Pat
     elif case == "bad_limit":
         kwargs, expected = {"limit": 0}, UsageError
     elif case == "endpoint_teacher":
-        teacher, expected = "openai:http://127.0.0.1:9/v1#m", UsageError
+        from edgepack.distill.endpoint import EndpointConfig  # an endpoint that is down (test_endpoint.py)
+
+        teacher, kwargs = "openai:http://127.0.0.1:9/v1#m", {"endpoint": EndpointConfig(max_attempts=1)}
+        expected = TeacherEndpointError
     run = tmp_path / "run"
     with pytest.raises(expected):
         build_dataset(teacher=teacher, data=data, run_dir=run, seed=0, **kwargs)
@@ -260,3 +263,20 @@ def test_rerun_with_other_inputs_is_refused(tmp_path: Path, tiny_llama_dir: Path
         write_json(tmp / DATA_REPORT, {"identity": {"something": "else"}})
     with pytest.raises(RunDirError, match="another teacher or other inputs"):
         build_dataset(teacher=str(tiny_llama_dir), data=data, run_dir=run, seed=0)
+
+
+def test_samples_per_prompt_drop_duplicates_and_the_holdout_is_checked(tmp_path: Path, tiny_llama_dir: Path,
+                                                                        scripted_teacher) -> None:
+    rows = [{"prompt": p, "label": LABELS[p]} for p in SCRIPT]
+    data = _write(tmp_path / "p.jsonl", rows)
+    one = build_dataset(teacher=str(tiny_llama_dir), data=data, run_dir=tmp_path / "one", seed=0)
+    three = build_dataset(teacher=str(tiny_llama_dir), data=data, run_dir=tmp_path / "three", seed=0, samples=3)
+    # The scripted teacher answers every sample alike: samples 1 and 2 repeat the kept answer.
+    assert three["kept"] == one["kept"] and three["drop_reasons"]["duplicate"] == 2 * one["kept"]
+    assert [d["temperature"] for d in three["decoding"]] == [0.0, 0.8, 0.8]
+    assert len(scripted_teacher) == 10 + (3 * 8 + 2)  # holdout prompts are answered once (greedy)
+    assert all(r["sample"] == 0 for r in read_jsonl(tmp_path / "three" / DATA_DIR / TRAIN_FILE))
+    assert three["contamination"]["status"] == "clean" and three["contamination"]["holdout_rows"] == 2
+    with pytest.raises(UsageError, match="--samples"):
+        build_dataset(teacher=str(tiny_llama_dir), data=data, run_dir=tmp_path / "zero", seed=0, samples=0)
+    assert not (tmp_path / "zero" / DATA_DIR).exists()

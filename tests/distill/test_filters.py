@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from edgepack.distill.filters import drop_reason, format_answer, is_repetitive, parse_category
+from edgepack.distill.filters import drop_reason, format_answer, is_near_duplicate, is_repetitive, parse_category
 
 LABELS = frozenset({"electrical", "mechanical", "network"})
 GOOD = "Category: electrical\nAction: Check the motor supply fuses."
@@ -27,6 +27,10 @@ CASES = [
     ("Category: electrical\nAction: Check the fuses.\nThen call the supervisor.", True, "electrical", LABELS, "format"),
     ("Category: mechanical\nAction: Replace the bearing.", True, "electrical", LABELS, "label_mismatch"),
     ("The pump is broken.", True, None, None, None),  # free-form task: no format check
+    ("I'm sorry, but I can't help with plant equipment.", True, None, None, "refusal"),
+    ("As an AI language model I cannot inspect pumps.", True, "electrical", LABELS, "refusal"),
+    ("I cannot assist with that request.", True, None, None, "refusal"),
+    ("Category: electrical\nAction: I cannot say; check the fuses.", True, "electrical", LABELS, None),
 ]
 
 
@@ -57,3 +61,14 @@ def test_format_answer_round_trips() -> None:
 def test_short_answers_are_not_repetitive() -> None:
     assert not is_repetitive(GOOD)
     assert not is_repetitive("Check the pump and check the motor.")
+
+
+@pytest.mark.parametrize(("text", "kept", "dup"), [
+    (GOOD, [GOOD], True),
+    ("category: ELECTRICAL\nAction: check the motor supply fuses!", [GOOD], True),   # same after normalising
+    ("Category: electrical\nAction: Check the motor supply fuses now.", [GOOD], True),  # near (Jaccard 6/7)
+    ("Category: electrical\nAction: Replace the contactor of the feed pump.", [GOOD], False),
+    (GOOD, [], False),
+])
+def test_near_duplicates_of_kept_answers(text: str, kept: list[str], dup: bool) -> None:
+    assert is_near_duplicate(text, kept) is dup

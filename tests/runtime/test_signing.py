@@ -288,3 +288,18 @@ def test_cli_keygen_sign_verify(tmp_path: Path) -> None:
     refused = cli("verify", str(bad), "--key", info["public_key"])
     assert refused.returncode == 2 and "changed after signing" in refused.stderr
     assert "Traceback" not in refused.stderr and len(refused.stderr.strip().splitlines()) <= 2  # error + hint
+
+
+def test_gate_checks_the_signature_before_measuring(tmp_path: Path, keys: dict[str, Path], bundle: Path) -> None:
+    from edgepack.profiles import load_profile
+    from edgepack.runtime.gate import run_gate
+
+    profile = load_profile("cpu-x86-2c")
+    plain = tmp_path / "plain.edgepack"
+    write_bundle(plain, base_manifest(), [BundleFile(k, v) for k, v in FILES.items()])
+    with pytest.raises(BundleError, match="unsigned bundle"):
+        run_gate(artifact=plain, profile=profile, holdout=None, key=keys["pub"])
+    with pytest.raises(BundleError, match="not by the given key"):
+        run_gate(artifact=bundle, profile=profile, holdout=None, key=keys["other_pub"])
+    with pytest.raises(UsageError, match="not a .edgepack bundle"):
+        run_gate(artifact=tmp_path, profile=profile, holdout=None, key=keys["pub"])
