@@ -13,7 +13,7 @@ import json
 import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from edgepack.hashing import sha256_file
 from edgepack.atomic import atomic_path, clean_stale, is_complete, write_json
@@ -22,6 +22,9 @@ from edgepack.constants import (ARTIFACTS_DIR, COMPLETE_MARKER, DATA_DIR, EXPORT
 from edgepack.errors import ModelSourceError, RunDirError, UsageError
 from edgepack.export.merge import ADAPTER_CONFIG
 from edgepack.progress import ProgressFn, null_progress
+
+if TYPE_CHECKING:
+    from edgepack.export.onnx.quantize import OnnxQuantOptions
 
 FLOAT_TYPES = ("F32", "F16", "BF16")
 RUN_MODEL_NAME = "student"
@@ -70,7 +73,7 @@ def _merge_report(out_dir: Path, report: dict[str, Any]) -> dict[str, Any]:
 
 def export_model(*, source: Path, fmt: str, quants: list[str], out_dir: Path | None,
                  progress: ProgressFn = null_progress, imatrix: bool = False, calibration: Path | None = None,
-                 fidelity: bool = True) -> dict[str, Any]:
+                 fidelity: bool = True, onnx_options: OnnxQuantOptions | None = None) -> dict[str, Any]:
     """Export a model to GGUF or ONNX and record the artifacts in export.json.
 
     ``source`` is a run directory (its ``student/`` must be complete; artifacts are named
@@ -86,6 +89,9 @@ def export_model(*, source: Path, fmt: str, quants: list[str], out_dir: Path | N
     ``imatrix`` (GGUF): quantize with an importance matrix computed from ``calibration``
     (a JSONL of chat rows; default ``RUN/data/train.jsonl``) and saved as
     ``<model>.imatrix.gguf``; a ``calibration`` that is already a GGUF imatrix is used as is.
+    ``onnx_options`` (ONNX int4/int8): block size, zero points, MatMulNBits accuracy level
+    and the bits of the output head / embedding table; default block 32, integer zero points,
+    accuracy level 4 (int8 compute), head int8 (see ``edgepack.export.onnx.quantize``).
     ``fidelity``: measure every artifact in the folder against the source model
     (``RUN/data/holdout.jsonl`` when there is one, else a built-in prompt set) and write
     ``fidelity.json`` and ``fidelity.md``. Returns the export.json dict.
@@ -99,6 +105,8 @@ def export_model(*, source: Path, fmt: str, quants: list[str], out_dir: Path | N
         raise UsageError(f"unknown export format {fmt!r}", hint=f"use one of: {', '.join(EXPORTERS)}")
     wanted = _check_quants(fmt, quants)
     calibration = _check_calibration(fmt, Path(source), default_out, imatrix, calibration)
+    if onnx_options is not None and fmt != "onnx":
+        raise UsageError("ONNX quantization options apply to --format onnx only")
     out.mkdir(parents=True, exist_ok=True)
     clean_stale(out)
     export = EXPORTERS[fmt]
@@ -106,6 +114,8 @@ def export_model(*, source: Path, fmt: str, quants: list[str], out_dir: Path | N
     def finish(model_dir: Path, merged_from: Path | None) -> dict[str, Any]:
         options: dict[str, Any] = {}
         imatrix_info = None
+        if onnx_options is not None:
+            options["options"] = onnx_options
         if calibration is not None:
             imatrix_info = _imatrix(model_dir, model, out, calibration, progress)
             options["imatrix"] = out / imatrix_info["file"]
@@ -261,8 +271,8 @@ def _export_gguf(hf_dir: Path, model: str, out: Path, wanted: list[str],
     return artifacts, notes
 
 
-def _export_onnx(hf_dir: Path, model: str, out: Path, wanted: list[str],
-                 progress: ProgressFn) -> tuple[list[dict[str, Any]], list[str]]:
+def _export_onnx(hf_dir: Path, model: str, out: Path, wanted: list[str], progress: ProgressFn,
+                 options: OnnxQuantOptions | None = None) -> tuple[list[dict[str, Any]], list[str]]:
     """One ``<model>-onnx-<quant>/`` folder per quant; returns (artifacts, notes)."""
     from edgepack.export.onnx.convert import export_onnx
 
@@ -270,7 +280,7 @@ def _export_onnx(hf_dir: Path, model: str, out: Path, wanted: list[str],
     notes: list[str] = []
     for i, q in enumerate(wanted):
         progress("export", i, len(wanted))
-        info = export_onnx(hf_dir, out / f"{model}-onnx-{q}", quant=q, progress=progress)
+        info = export_onnx(hf_dir, out / f"{model}-onnx-{q}", quant=q, progress=progress, options=options)
         folder = info.pop("path")
         artifacts.append({"path": folder.relative_to(out).as_posix(), "format": "onnx", "quant": q, **info})
         p = info["parity"]

@@ -7,14 +7,19 @@
   max KL divergence, top-1 agreement and max |logit difference| per position. Quantized
   GGUFs are also compared with the unquantized GGUF in the list (F16 preferred), which is
   llama-perplexity's ``--kl-divergence`` convention and isolates quantization error from
-  conversion error; that KLD is the headline number when such a file exists;
+  conversion error; that KLD is the headline number when such a file exists. Every
+  distinct context counts once: holdout rows share a prefix (the system prompt), and a
+  position inside a prefix already measured in an earlier row repeats the same logits, so
+  it is skipped (:func:`~edgepack.export.fidelity_metrics.fresh_starts`); the numbers over
+  all positions, repeats included, are kept beside them (``*_all_positions``);
 * **size**: bytes, MB and bits per weight (``bytes * 8 / parameters of the reference``);
 * **tokenizer**: token ids of the artifact's own tokenizer (llama.cpp's vocab for GGUF,
   the folder's HF tokenizer for ONNX) against the reference tokenizer's, on a fixed string
   set plus the model's special tokens and every chat-templated evaluation text, and the
   special tokens each adds to plain text; the first mismatch is shown;
 * **greedy output** of a few chat prompts, reference (transformers ``generate``) vs each
-  GGUF (llama.cpp argmax loop), both stopping at their end-of-generation tokens: exact-match
+  artifact (an argmax loop in llama.cpp or onnxruntime with its KV cache), all stopping at
+  their end-of-generation tokens: exact-match
   rate and the first divergence, with the reference's top-1/top-2 logit margin there (a
   tiny margin means a numerical near-tie, not a broken export).
 
@@ -45,13 +50,13 @@ from edgepack.atomic import write_json, write_text
 from edgepack.constants import DATA_DIR, FIDELITY_MARKDOWN, FIDELITY_REPORT, HOLDOUT_FILE
 from edgepack.errors import UsageError
 from edgepack.progress import ProgressFn, null_progress
-from edgepack.export.fidelity_metrics import LogitStats, first_divergence
+from edgepack.export.fidelity_metrics import LogitStats, first_divergence, fresh_starts
 from edgepack.export.fidelity_models import (ARTIFACT_KINDS, UNQUANTIZED_FILE_TYPES, Greedy, TorchReference,
                                              detect_format, gguf_file_type, onnx_model_info)
 from edgepack.export.fidelity_prompts import (BUILTIN_ROWS, TOKENIZER_STRINGS, EvalRow, as_rows, encode_row,
                                               load_rows, rendered_text)
 
-SCHEMA = 1
+SCHEMA = 2  # 2: logit metrics over distinct contexts, all-position numbers in *_all_positions
 DEFAULT_MAX_PROMPTS = 16      # held-out rows whose logits are compared
 DEFAULT_MAX_TOKENS = 256      # tokens per compared sequence at most
 DEFAULT_GREEDY_PROMPTS = 4    # chat prompts decoded greedily by reference and each GGUF
@@ -170,8 +175,7 @@ def _greedy_check(tokenizer: Any, artifact: Any, rows: list[EvalRow], prompt_ids
     for row, ids, ref in zip(rows, prompt_ids, references):
         got = artifact.greedy(ids, max_new_tokens)
         if got is None:
-            return {"measured": False, "reason": f"{artifact.format} artifacts are not decoded here "
-                                                 "(no KV-cache step in onnx_logits); the gate measures generation"}
+            return {"measured": False, "reason": f"{artifact.format} artifacts cannot be decoded here"}
         div = first_divergence(ref.tokens, got.tokens)
         match = div is None and ref.finished == got.finished
         case: dict[str, Any] = {
@@ -224,6 +228,8 @@ class _Plan:
     tokenizer: Any
     rows: list[EvalRow]
     sequences: list[list[int]]
+    fresh: list[int]
+    """Per sequence, the first position whose context no earlier sequence shares."""
     chat_rows: list[EvalRow]
     greedy_ids: list[list[int]]
     strings: list[str]
@@ -250,7 +256,7 @@ def _plan(ref: TorchReference, rows: list[EvalRow], hf_dir: Path, *, max_tokens:
     strings = _tokenizer_strings(tok, [rendered_text(tok, r, with_response=True) for r in rows]
                                  + [rendered_text(tok, r, with_response=False) for r in chat_rows])
     n_ctx = max(max(map(len, sequences)), max(map(len, greedy_ids), default=0) + max_new_tokens) + 16
-    return _Plan(tok, rows, sequences, chat_rows, greedy_ids, strings, count_parameters(hf_dir), n_ctx,
+    return _Plan(tok, rows, sequences, fresh_starts(sequences), chat_rows, greedy_ids, strings, count_parameters(hf_dir), n_ctx,
                  max_new_tokens, threads)
 
 
@@ -309,7 +315,9 @@ def fidelity_report(reference: Path, artifacts: list[Path], prompts: Sequence[An
         "reference": {"hf_dir": str(hf_dir), "backend": "transformers", "dtype": "float32",
                       "parameters": plan.n_params, "eos_ids": eos_ids},
         "prompts": {**prompt_info, "rows": len(plan.rows), "sequences": len(plan.sequences),
-                    "tokens": sum(map(len, plan.sequences)), "max_tokens": max_tokens,
+                    "tokens": sum(map(len, plan.sequences)),
+                    "distinct_positions": sum(len(s) - f for s, f in zip(plan.sequences, plan.fresh)),
+                    "max_tokens": max_tokens,
                     "greedy_prompts": len(plan.chat_rows), "tokenizer_strings": len(plan.strings)},
         "settings": {"max_prompts": max_prompts, "max_tokens": max_tokens, "greedy_prompts": greedy_prompts,
                      "max_new_tokens": max_new_tokens, "threads": threads},
@@ -333,20 +341,37 @@ def _measure(plan: _Plan, path: Path, fmt: str, file_type: str | None, role: str
         quant, files = onnx_model_info(path)
     model = ARTIFACT_KINDS[fmt](path, n_ctx=plan.n_ctx, threads=plan.threads)
     try:
-        vs_torch, vs_base = LogitStats(), LogitStats()
+        vs_torch, vs_base = LogitStats(), LogitStats()          # distinct contexts (headline)
+        vs_torch_all, vs_base_all = LogitStats(), LogitStats()  # every position, repeats included
         for i, ids in enumerate(plan.sequences):
             logits = model.logits(ids)
-            vs_torch.add(torch_cache.get(i), logits)
+            start = plan.fresh[i]
+            ref = torch_cache.get(i)
+            vs_torch_all.add(ref, logits)
+            if start < len(ids):
+                vs_torch.add(ref[start:], logits[start:])
             if role == "base":
                 base_cache.put(i, logits)
             elif role == "quantized":
-                vs_base.add(base_cache.get(i), logits)
+                base_logits = base_cache.get(i)
+                vs_base_all.add(base_logits, logits)
+                if start < len(ids):
+                    vs_base.add(base_logits[start:], logits[start:])
         tokenizer = _tokenizer_check(plan.tokenizer, model, plan.strings)
         greedy = _greedy_check(plan.tokenizer, model, plan.chat_rows, plan.greedy_ids, ref_greedy,
                                plan.max_new_tokens)
     finally:
         model.close()
-    return _entry(path, fmt, quant, files, plan.n_params, vs_torch, vs_base, base, tokenizer, greedy)
+    entry = _entry(path, fmt, quant, files, plan.n_params, vs_torch, vs_base, base, tokenizer, greedy)
+    entry["vs_transformers_all_positions"] = _headline(vs_torch_all.summary())
+    if vs_base_all.tokens:
+        entry["vs_reference_gguf_all_positions"] = _headline(vs_base_all.summary())
+    return entry
+
+
+def _headline(summary: dict[str, Any]) -> dict[str, Any]:
+    keys = ("kld_mean", "kld_p99", "kld_max", "top1_agreement", "top1_flips", "max_abs_diff", "tokens")
+    return {k: summary.get(k) for k in keys}
 
 
 def _entry(path: Path, fmt: str, quant: str, files: list[Path], n_params: int, vs_torch: LogitStats,

@@ -82,6 +82,29 @@ class LogitStats:
         }
 
 
+def fresh_starts(sequences: list[list[int]]) -> list[int]:
+    """For each sequence, the first position whose context (the ids up to and including it)
+    no earlier sequence shares.
+
+    A causal model's logits at position ``p`` depend only on ``ids[:p + 1]``, so positions
+    before the longest common prefix with an earlier sequence (a shared system prompt, say)
+    repeat a context that was already measured: counting them again would weight that one
+    context once per row, not give more evidence.
+    """
+    starts = []
+    for i, ids in enumerate(sequences):
+        shared = 0
+        for other in sequences[:i]:
+            n = 0
+            for a, b in zip(ids, other):
+                if a != b:
+                    break
+                n += 1
+            shared = max(shared, n)
+        starts.append(shared)
+    return starts
+
+
 def first_divergence(a: list[int], b: list[int]) -> int | None:
     """Index of the first position where ``a`` and ``b`` differ (a length difference counts);
     ``None`` when they are identical."""

@@ -8,9 +8,10 @@ and ``close()``. :func:`detect_format` tells a GGUF file from an ONNX folder by 
 * ``gguf``: llama.cpp through llama-cpp-python, ``logits_all=True``; greedy decoding is a
   plain argmax loop over llama.cpp's logits that stops at any end-of-generation token of
   the GGUF's vocab (``llama_vocab_is_eog``), as a deployed runtime does.
-* ``onnx``: onnxruntime through :func:`edgepack.export.onnx.convert.onnx_logits`, with the
-  HF tokenizer files carried in the folder. No greedy decode: ``onnx_logits`` has no
-  KV-cache step, and re-running prefill per token would make the report quadratic.
+* ``onnx``: one onnxruntime session (:class:`edgepack.export.onnx.convert.OnnxCausalLM`),
+  with the HF tokenizer files carried in the folder; greedy decoding is an argmax loop with
+  the graph's KV cache that stops at the folder's ``generation_config.json`` /
+  ``config.json`` EOS ids, as the onnx runtime backend does.
 
 The reference (:class:`TorchReference`) is the HF model in float32 with transformers;
 greedy output comes from ``generate(do_sample=False)`` stopping at the generation config's
@@ -171,23 +172,34 @@ class OnnxArtifact:
     format = "onnx"
 
     def __init__(self, path: Path, *, n_ctx: int, threads: int | None = None) -> None:
+        import json
+
+        from edgepack.export.onnx.convert import OnnxCausalLM
+
         self.path = Path(path)
-        self.model = self.path / "model.onnx"
         self.tokenizer = load_tokenizer(self.path)
+        self.model = OnnxCausalLM(self.path / "model.onnx", threads=threads)
+        stop: set[int] = set()
+        for name in ("generation_config.json", "config.json"):
+            f = self.path / name
+            eos = json.loads(f.read_text(encoding="utf-8")).get("eos_token_id") if f.is_file() else None
+            stop |= {int(e) for e in (eos if isinstance(eos, list) else [eos]) if isinstance(e, int)}
+        if not stop and self.tokenizer.eos_token_id is not None:
+            stop.add(int(self.tokenizer.eos_token_id))
+        self.stop = frozenset(stop)
 
     def logits(self, ids: list[int]) -> Any:
-        from edgepack.export.onnx.convert import onnx_logits
-
-        return onnx_logits(self.model, ids)
+        return self.model.logits(ids)
 
     def tokenize(self, text: str, add_special: bool) -> list[int]:
         return list(self.tokenizer.encode(text, add_special_tokens=add_special))
 
     def greedy(self, ids: list[int], max_new_tokens: int) -> Greedy | None:
-        return None
+        tokens, finished = self.model.greedy(ids, max_new_tokens, self.stop)
+        return Greedy(tokens, finished)
 
     def close(self) -> None:
-        pass
+        self.model = None
 
 
 ARTIFACT_KINDS: dict[str, type[GGUFArtifact] | type[OnnxArtifact]] = {

@@ -66,11 +66,23 @@ class OnnxGraphInfo:
 
     @property
     def quant(self) -> str:
-        """``int4``/``int8`` from the MatMulNBits ``bits`` attribute, else the float width."""
-        bits = sorted({a.get("bits", 4) for op, _, a in self.nodes if op == "MatMulNBits"})
+        """The scheme a profile names: ``int4``/``int8`` from the narrowest MatMulNBits ``bits``,
+        else the float width. Like llama.cpp's Q4_K_M, an int4 export keeps a few tensors at 8
+        bits (the head, ``down_proj``, ``v_proj``) and is still ``int4``; :attr:`quant_detail`
+        lists every width present."""
+        bits = self._matmul_bits()
         if bits:
-            return "+".join(f"int{b}" for b in bits)
+            return f"int{bits[0]}"
         return "fp16" if any(t.data_type == ONNX_FLOAT16 for t in self.initializers) else "fp32"
+
+    @property
+    def quant_detail(self) -> str:
+        """Every MatMulNBits width present, e.g. ``int4+int8`` (else the same as :attr:`quant`)."""
+        bits = self._matmul_bits()
+        return "+".join(f"int{b}" for b in bits) if bits else self.quant
+
+    def _matmul_bits(self) -> list[int]:
+        return sorted({a.get("bits", 4) for op, _, a in self.nodes if op == "MatMulNBits"})
 
     def past_inputs(self) -> dict[str, tuple[int, tuple[int | str, ...]]]:
         return {k: v for k, v in self.inputs.items() if k.startswith("past_key_values.")}

@@ -11,13 +11,11 @@
    ``present.<i>.key/value``; the first step passes ``past_len = 0``);
 3. measure the ONNX logits against PyTorch on a short prompt (recorded, and an error
    if the FP32 graph disagrees: that would be an exporter bug, not quantization noise);
-4. for ``int4``/``int8``, make tied ``lm_head`` weights constant (optimum feeds the
-   MatMul a ``Transpose`` of the embedding, which the quantizer skips) and rewrite every
-   constant-weight MatMul to ``MatMulNBits`` with onnxruntime's ``MatMulNBitsQuantizer``,
-   block 32: ``int8`` rounds to nearest (symmetric); ``int4`` uses HQQ (half-quadratic,
-   calibration-free), because plain round-to-nearest 4-bit lost too much: on
-   SmolLM2-135M, top-1 agreement with PyTorch was 0.64 (RTN) vs 0.89 (HQQ) on a chat
-   prompt, llama.cpp's Q4_0 / Q4_K_M giving 0.68 / 0.93 on the same prompt;
+4. for ``int4``/``int8``, rewrite every constant-weight MatMul to onnxruntime's
+   ``MatMulNBits`` and the embedding to ``GatherBlockQuantized``
+   (:mod:`edgepack.export.onnx.quantize`: round-to-nearest per block with integer zero
+   points, ``accuracy_level`` 4, the tied output head / embedding table at 8 bits and
+   stored once; all tunable with :class:`~edgepack.export.onnx.quantize.OnnxQuantOptions`);
 5. build it all in ``<out>.tmp-<pid>`` and rename with a ``.complete`` marker.
 
 The folder also carries ``config.json``, ``generation_config.json`` and the tokenizer
@@ -38,13 +36,12 @@ from edgepack.progress import ProgressFn, null_progress
 from edgepack.export.gguf.arch import arch_for_config
 from edgepack.export.gguf.convert import read_config
 from edgepack.export.gguf.weights import SafetensorsCheckpoint
+from edgepack.export.onnx.quantize import OnnxQuantOptions, quantize_onnx
 
-# edgepack ONNX quant name → (MatMulNBits bits, method); None: keep FP32
-ONNX_QUANTS: dict[str, tuple[int, str] | None] = {"fp32": None, "int8": (8, "rtn"), "int4": (4, "hqq")}
-BLOCK_SIZE = 32
+# edgepack ONNX quant name → MatMulNBits bits; None: keep FP32
+ONNX_QUANTS: dict[str, int | None] = {"fp32": None, "int8": 8, "int4": 4}
 PARITY_PROMPT_IDS = 12  # tokens of the parity prompt fed to both PyTorch and onnxruntime
 FP32_TOLERANCE = 1e-2   # max |logit diff| accepted between the FP32 graph and PyTorch
-MAX_PROTO_BYTES = 1_800_000_000  # protobuf caps a model at 2 GB; above this use external data
 
 
 def validate_weights(hf_dir: Path) -> int:
@@ -55,30 +52,71 @@ def validate_weights(hf_dir: Path) -> int:
         return len(ckpt.names())
 
 
+class OnnxCausalLM:
+    """One onnxruntime session on an exported ``model.onnx``: prefill logits and a greedy
+    KV-cache decode (the graph's ``present.*`` outputs fed back as ``past_key_values.*``)."""
+
+    def __init__(self, model_path: Path, threads: int | None = None) -> None:
+        import onnxruntime as ort
+
+        self.path = Path(model_path)
+        opts = ort.SessionOptions()
+        opts.log_severity_level = 3
+        if threads:
+            opts.intra_op_num_threads = int(threads)
+        self.session = ort.InferenceSession(str(self.path), sess_options=opts, providers=["CPUExecutionProvider"])
+        self.inputs = {i.name: i for i in self.session.get_inputs()}
+        self.pasts = [n for n in self.inputs if n.startswith("past_key_values.")]
+        unknown = set(self.inputs) - {"input_ids", "attention_mask", "position_ids", *self.pasts}
+        if unknown:
+            raise RuntimeFailure(f"unexpected ONNX inputs {sorted(unknown)} in {self.path}")
+        self.fetch = ["logits", *("present." + n.removeprefix("past_key_values.") for n in self.pasts)]
+
+    def _feeds(self, ids: list[int], done: int, past: dict[str, Any] | None) -> dict[str, Any]:
+        import numpy as np
+
+        n = len(ids)
+        feeds: dict[str, Any] = {"input_ids": np.array([ids], dtype=np.int64)}
+        if "attention_mask" in self.inputs:
+            feeds["attention_mask"] = np.ones((1, done + n), dtype=np.int64)
+        if "position_ids" in self.inputs:
+            feeds["position_ids"] = np.arange(done, done + n, dtype=np.int64)[None, :]
+        for name in self.pasts:
+            if past is not None:
+                feeds[name] = past[name]
+            else:
+                _, heads, _, head_dim = self.inputs[name].shape
+                dtype = np.float16 if self.inputs[name].type == "tensor(float16)" else np.float32
+                feeds[name] = np.zeros((1, int(heads), 0, int(head_dim)), dtype=dtype)
+        return feeds
+
+    def logits(self, ids: list[int]) -> Any:
+        """Logits ``[len(ids), vocab]`` of one prefill step from an empty cache."""
+        import numpy as np
+
+        return self.session.run(["logits"], self._feeds(list(ids), 0, None))[0][0].astype(np.float32)
+
+    def greedy(self, ids: list[int], max_new_tokens: int, stop_ids: frozenset[int]) -> tuple[list[int], bool]:
+        """Argmax decoding with the KV cache: (new tokens without the stop token, stopped)."""
+        import numpy as np
+
+        ids, new, done, past = list(ids), [], 0, None
+        step = ids
+        for _ in range(max_new_tokens):
+            out = self.session.run(self.fetch, self._feeds(step, done, past))
+            done += len(step)
+            past = dict(zip(self.pasts, out[1:]))
+            token = int(np.argmax(out[0][0, -1]))
+            if token in stop_ids:
+                return new, True
+            new.append(token)
+            step = [token]
+        return new, False
+
+
 def onnx_logits(model_path: Path, ids: list[int]) -> Any:
     """Logits ``[len(ids), vocab]`` of one prefill step through onnxruntime (empty past)."""
-    import numpy as np
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
-    session = ort.InferenceSession(str(model_path), sess_options=opts, providers=["CPUExecutionProvider"])
-    n = len(ids)
-    feeds: dict[str, Any] = {}
-    for inp in session.get_inputs():
-        if inp.name == "input_ids":
-            feeds[inp.name] = np.array([ids], dtype=np.int64)
-        elif inp.name == "attention_mask":
-            feeds[inp.name] = np.ones((1, n), dtype=np.int64)
-        elif inp.name == "position_ids":
-            feeds[inp.name] = np.arange(n, dtype=np.int64)[None, :]
-        elif inp.name.startswith("past_key_values."):
-            _, heads, _, head_dim = inp.shape
-            dtype = np.float16 if inp.type == "tensor(float16)" else np.float32
-            feeds[inp.name] = np.zeros((1, int(heads), 0, int(head_dim)), dtype=dtype)
-        else:
-            raise RuntimeFailure(f"unexpected ONNX input {inp.name!r} in {model_path}")
-    return session.run(["logits"], feeds)[0][0].astype(np.float32)
+    return OnnxCausalLM(model_path).logits(ids)
 
 
 def _torch_logits(hf_dir: Path, ids: list[int]) -> Any:
@@ -99,53 +137,6 @@ def _parity_ids(hf_dir: Path) -> list[int]:
     return ids[:PARITY_PROMPT_IDS]
 
 
-def untie_transposed_weights(model: Any) -> int:
-    """Replace ``MatMul(x, Transpose(W))`` with ``W`` a constant by a transposed constant.
-
-    Returns how many MatMuls were rewritten, so the quantizer sees a constant weight.
-    """
-    from onnx import numpy_helper
-
-    inits = {i.name: i for i in model.graph.initializer}
-    producer = {out: node for node in model.graph.node for out in node.output}
-    rewritten = 0
-    for node in model.graph.node:
-        if node.op_type != "MatMul" or len(node.input) != 2:
-            continue
-        src = producer.get(node.input[1])
-        if src is None or src.op_type != "Transpose" or src.input[0] not in inits:
-            continue
-        perm = next((list(a.ints) for a in src.attribute if a.name == "perm"), None)
-        weight = numpy_helper.to_array(inits[src.input[0]])
-        name = f"{node.name or 'matmul'}.weight_t".replace("/", "_")
-        model.graph.initializer.append(numpy_helper.from_array(weight.transpose(perm).copy(), name))
-        node.input[1] = name
-        rewritten += 1
-    # Drop Transposes nothing reads any more (the embedding Gather keeps its initializer).
-    used = {i for n in model.graph.node for i in n.input} | {o.name for o in model.graph.output}
-    dead = [n for n in model.graph.node if n.op_type == "Transpose" and not set(n.output) & used]
-    for n in dead:
-        model.graph.node.remove(n)
-    return rewritten
-
-
-def _quantize(src: Path, dst: Path, bits: int, method: str) -> dict[str, int]:
-    import onnx
-    from onnxruntime.quantization.matmul_nbits_quantizer import HQQWeightOnlyQuantConfig, MatMulNBitsQuantizer
-
-    model = onnx.load(str(src))
-    untied = untie_transposed_weights(model)
-    if method == "hqq":
-        quantizer = MatMulNBitsQuantizer(model, algo_config=HQQWeightOnlyQuantConfig(block_size=BLOCK_SIZE, bits=bits))
-    else:
-        quantizer = MatMulNBitsQuantizer(model, bits=bits, block_size=BLOCK_SIZE, is_symmetric=True, accuracy_level=4)
-    quantizer.process()
-    proto = quantizer.model.model
-    quantizer.model.save_model_to_file(str(dst), use_external_data_format=proto.ByteSize() > MAX_PROTO_BYTES)
-    ops = [n.op_type for n in onnx.load(str(dst), load_external_data=False).graph.node]
-    return {"matmul_nbits": ops.count("MatMulNBits"), "matmul_float": ops.count("MatMul"), "untied": untied}
-
-
 def _files(folder: Path) -> list[dict[str, Any]]:
     out = []
     for f in sorted(p for p in folder.rglob("*") if p.is_file()):
@@ -157,15 +148,20 @@ def _files(folder: Path) -> list[dict[str, Any]]:
     return out
 
 
-def export_onnx(hf_dir: Path, out_dir: Path, quant: str = "int4",
-                progress: ProgressFn = null_progress) -> dict[str, Any]:
-    """Export ``hf_dir`` to the ONNX folder ``out_dir``; returns what was built and measured."""
+def export_onnx(hf_dir: Path, out_dir: Path, quant: str = "int4", progress: ProgressFn = null_progress,
+                options: OnnxQuantOptions | None = None) -> dict[str, Any]:
+    """Export ``hf_dir`` to the ONNX folder ``out_dir``; returns what was built and measured.
+    ``options`` tune int4/int8 (block size, zero points, accuracy level, head bits)."""
     import numpy as np
     from optimum.exporters.onnx import main_export
 
     hf_dir, out_dir = Path(hf_dir), Path(out_dir)
     if quant not in ONNX_QUANTS:
         raise UsageError(f"unknown ONNX quantization {quant!r}", hint=f"choose from {', '.join(ONNX_QUANTS)}")
+    options = options or OnnxQuantOptions()
+    scheme = ONNX_QUANTS[quant]
+    if scheme is not None:
+        options.check(scheme)
     arch_for_config(read_config(hf_dir))
     progress("onnx", 0, 4)
     validate_weights(hf_dir)
@@ -186,13 +182,12 @@ def export_onnx(hf_dir: Path, out_dir: Path, quant: str = "int4",
             raise InvalidModelFile(f"the FP32 ONNX graph disagrees with PyTorch (max |logit diff| {fp32_diff:.3g})",
                                    hint="this is an exporter bug; export GGUF instead and report it")
         progress("onnx", 2, 4)
-        scheme = ONNX_QUANTS[quant]
-        ops: dict[str, int] = {}
+        ops: dict[str, Any] = {}
         for f in Path(raw).iterdir():
             if f.is_file() and (scheme is None or not f.name.startswith("model.onnx")):
                 shutil.copy(f, tmp / f.name)
         if scheme is not None:
-            ops = _quantize(fp32, tmp / "model.onnx", *scheme)
+            ops = quantize_onnx(fp32, tmp / "model.onnx", scheme, options)
         progress("onnx", 3, 4)
         got = onnx_logits(tmp / "model.onnx", ids)
         parity = {
@@ -206,4 +201,4 @@ def export_onnx(hf_dir: Path, out_dir: Path, quant: str = "int4",
     digest = hashlib.sha256("".join(f"{f['path']}\t{f['sha256']}\n" for f in files).encode()).hexdigest()
     return {"path": out_dir, "bytes": sum(f["bytes"] for f in files), "sha256": digest,
             "files": files, "parity": parity, "ops": ops,
-            "block_size": BLOCK_SIZE if scheme else None, "method": scheme[1] if scheme else None}
+            "block_size": options.block_size if scheme else None, "method": "rtn" if scheme else None}

@@ -238,7 +238,7 @@ class OnnxRuntimeBackend(Backend):
         return {"format": self.format, "backend": "onnxruntime", "onnxruntime": ort.__version__,
                 "providers": providers, "gpu_offload_supported": CUDA_PROVIDER in providers,
                 "intra_op_threads": self._threads, "n_ctx": self._n_ctx,
-                "n_vocab": len(self._bytes), "quant": self._graph.quant}
+                "n_vocab": len(self._bytes), "quant": self._graph.quant, "quant_detail": self._graph.quant_detail}
 
     def tokenize(self, text: str, *, add_special: bool = True, parse_special: bool = False) -> list[int]:
         tok = self._tok if parse_special else self._tok_plain

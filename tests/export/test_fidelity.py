@@ -16,7 +16,7 @@ from edgepack.constants import ARTIFACTS_DIR, COMPLETE_MARKER, DATA_DIR, EXPORT_
 from edgepack.errors import DataError, InvalidModelFile, UsageError
 from edgepack.export.api import export_model
 from edgepack.export.fidelity import TARGETS, count_parameters, fidelity_report
-from edgepack.export.fidelity_metrics import LogitStats, first_divergence, kld_rows, top2_margin
+from edgepack.export.fidelity_metrics import LogitStats, first_divergence, fresh_starts, kld_rows, top2_margin
 from edgepack.export.fidelity_prompts import BUILTIN_ROWS, as_rows, load_rows
 from edgepack.export.gguf.convert import convert_hf_to_gguf
 from edgepack.export.gguf.quantize import quantize_gguf
@@ -90,10 +90,12 @@ def test_faithful_artifacts_measure_as_faithful(report: dict[str, Any]) -> None:
     assert q8["kld"] < 0.002 < q4["kld"] < 0.1  # 8-bit far closer than 4-bit
     assert q4["vs_transformers"]["top1_agreement"] < q8["vs_transformers"]["top1_agreement"]
     assert onnx["kld_reference"] == "transformers (float32)" and onnx["kld"] < 0.002
-    assert onnx["greedy"]["measured"] is False
+    assert onnx["greedy"]["measured"] is True and onnx["greedy"]["prompts"] == len(HOLDOUT)  # KV-cache decode
     for a in (f16, q8, q4, onnx):
         assert a["tokenizer"]["ok"], a["tokenizer"]
-        assert a["vs_transformers"]["tokens"] == report["prompts"]["tokens"]
+        # every distinct context once; all positions (repeated prefixes included) kept beside
+        assert a["vs_transformers"]["tokens"] == report["prompts"]["distinct_positions"]
+        assert a["vs_transformers_all_positions"]["tokens"] == report["prompts"]["tokens"]
     assert f16["greedy"]["exact_match_rate"] == 1.0 and f16["greedy"]["prompts"] == len(HOLDOUT)
     assert [t["met"] for t in f16["targets"]] == [True] and q8["targets"][0]["metric"] == "kld"
 
@@ -215,6 +217,8 @@ def test_metrics() -> None:
     assert s["tokens"] == 2 and s["top1_agreement"] == 0.5  # row 0: a tie (index 0) vs 0.9 at index 1
     assert s["top1_flips"] == 1 and s["top1_flip_reference_margin_max"] == 0.0  # the flip was a tie
     assert s["max_abs_diff"] == pytest.approx(abs(5.0 - np.log(0.5)))
+    # a shared prefix is measured once: the second row repeats [5, 6], the third all of the first
+    assert fresh_starts([[5, 6, 7, 8], [5, 6, 9], [5, 6, 7, 8], [1, 2]]) == [0, 2, 4, 0]
     assert first_divergence([1, 2, 3], [1, 2, 3]) is None
     assert first_divergence([1, 2, 3], [1, 9, 3]) == 1
     assert first_divergence([1, 2], [1, 2, 3]) == 2
