@@ -218,6 +218,8 @@ def train_student(*, run_dir: Path, profile: Profile, student: str = "auto", ste
             "torch_threads": torch.get_num_threads(),
             "resumed_from_step": start or None,
         }
+        for stale in out.parent.glob(f"{out.name}.tmp-*"):  # a final save that was killed
+            shutil.rmtree(stale, ignore_errors=True)
         with atomic_dir(out) as tmp:
             model.save_pretrained(tmp, safe_serialization=True)
             _copy_tokenizer(teacher_dir, tmp)

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from edgepack import __version__
+from edgepack.atomic import clean_stale
 from edgepack.constants import (ARTIFACTS_DIR, BUNDLE_SUFFIX, BUNDLES_DIR, DATA_DIR, DATA_REPORT,
                                 EXPORT_REPORT, FAIL, GATE_DIR, M_CHAT_TEMPLATE, M_ENTRYPOINT, M_FILES,
                                 M_FORMAT, M_GATE, M_GATE_STATUS, M_LINEAGE, M_MODEL, M_PACK, M_PROFILE,
@@ -56,9 +57,9 @@ def _read_json(path: Path) -> Any:
 def _export_quants(run_dir: Path) -> dict[str, str]:
     """Artifact name -> the quant it was exported as (``RUN/artifacts/export.json``).
 
-    A profile's choice (``onnx:int4``) names an export quant. The gate reports what the graph
-    holds, which for ONNX may be a mix (``int4+int8``: int4 layers, an int8 output head), so
-    choices are matched against the export's name for the artifact when the run has one.
+    A profile's choice (``onnx:int4``) names an export quant. Choices are matched against the
+    export's name for the artifact when the run has one, and otherwise against what the graph
+    holds (its narrowest MatMulNBits width; the manifest records the full mix, e.g. ``int4+int8``).
     """
     path = Path(run_dir) / ARTIFACTS_DIR / EXPORT_REPORT
     if not path.is_file():
@@ -244,7 +245,7 @@ def _onnx_payload(model: Path, model_name: str, profile: Profile) -> Payload:
         files.append(BundleFile("chat_template.jinja", template.encode("utf-8")))
     runtime = {
         "backend": "onnxruntime", "requires": {"onnxruntime": f">={md.version('onnxruntime')}"},
-        "artifact_dir": model.name, "artifact_sha256": artifact_digest(model), "onnx_quant": graph.quant,
+        "artifact_dir": model.name, "artifact_sha256": artifact_digest(model), "onnx_quant": graph.quant_detail,
         "context_length": profile.context_length, "threads": profile.threads, "device": profile.device,
         "memory_estimate": estimate_onnx_memory(model, profile.context_length),
     }
@@ -405,6 +406,7 @@ def pack_run(*, run_dir: Path, profile: Profile, artifact: Path | None,
     license_name = (lineage.get("teacher") or {}).get("license")
     files.append(BundleFile("README.md", model_card(manifest, license_name=license_name).encode("utf-8")))
     out = run_dir / BUNDLES_DIR / bundle_name
+    clean_stale(run_dir / BUNDLES_DIR)  # .part-<pid> files of a pack that was killed
     check = write_bundle(out, manifest, files, signer=signer, key=public_key)
     return {"bundle": str(out), "verdict": verdict, "artifact": str(model_path), "format": fmt,
             "quant": quant, "profile": profile.name, "bytes": check.size, "sha256": check.sha256,

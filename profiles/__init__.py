@@ -7,6 +7,8 @@ at once, naming the key.
 
 from __future__ import annotations
 
+import math
+import re
 import tomllib
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -96,6 +98,13 @@ _SCHEMA: dict[str, dict[str, tuple[str, type]]] = {
     "training": {"device": ("train_device", str), "memory_mb": ("train_memory_mb", int)},
 }
 _OPTIONAL = {"gpu_memory_mb"}
+# A profile is a few hundred bytes; anything much larger is not one (and is not read whole).
+MAX_PROFILE_BYTES = 1 << 20
+# The name ends up in file names (gate reports, bundle names): no separators or dot-dot.
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+# Upper bounds: far above any real device, low enough that no budget overflows a C int later.
+_MAX_INT = {"threads": 1024, "memory_budget_mb": 1 << 24, "gpu_memory_mb": 1 << 24,
+            "context_length": 1 << 24, "prompt_tokens": 1 << 24, "train_memory_mb": 1 << 24}
 
 
 def shipped_profiles() -> list[str]:
@@ -122,9 +131,19 @@ def load_profile(name_or_path: str) -> Profile:
     """Load and validate a profile by shipped name or file path."""
     path = resolve_profile_path(name_or_path)
     try:
-        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+        with open(path, "rb") as fh:
+            data = fh.read(MAX_PROFILE_BYTES + 1)
+    except OSError as exc:
+        raise ProfileError(f"{path}: cannot be read ({exc.strerror or exc})") from exc
+    if len(data) > MAX_PROFILE_BYTES:
+        raise ProfileError(f"{path}: larger than {MAX_PROFILE_BYTES} bytes; not a profile")
+    try:
+        raw = tomllib.loads(data.decode("utf-8"))
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise ProfileError(f"{path}: not valid TOML ({exc})", hint="fix the TOML syntax") from exc
+    except RecursionError as exc:  # tomllib recurses once per nested array / inline table
+        raise ProfileError(f"{path}: not valid TOML (arrays or tables nested too deeply)",
+                           hint="fix the TOML syntax") from exc
     return _validate(raw, str(path))
 
 
@@ -164,6 +183,17 @@ def _validate(raw: dict[str, Any], source: str) -> Profile:
 
 def _check_values(v: dict[str, Any]) -> list[str]:
     problems: list[str] = []
+    if "name" in v and not _NAME.fullmatch(v["name"]):
+        problems.append(f"name: {v['name'][:80]!r} must be 1-64 letters, digits, '.', '_' or '-' "
+                        "(it becomes part of file names)")
+    for field_name, value in v.items():
+        if isinstance(value, float) and not math.isfinite(value):
+            problems.append(f"{_FIELD_KEYS.get(field_name, field_name)}: must be a finite number, got {value}")
+        limit = _MAX_INT.get(field_name)
+        if limit is not None and value > limit:
+            problems.append(f"{_FIELD_KEYS.get(field_name, field_name)}: {value} is larger than {limit}")
+    if v.get("gpu_memory_mb", 0) < 0:
+        problems.append(f"device.gpu_memory_mb: must be >= 0, got {v['gpu_memory_mb']}")
     if "device" in v and v["device"] not in DEVICE_KINDS:
         problems.append(f"device.kind: {v['device']!r} is not one of {', '.join(DEVICE_KINDS)}")
     if "train_device" in v and v["train_device"] not in ("cpu", "cuda", "mps"):
@@ -192,6 +222,10 @@ def _check_values(v: dict[str, Any]) -> list[str]:
     if v.get("device") in ("cuda", "metal") and v.get("gpu_memory_mb", 0) <= 0:
         problems.append("device.gpu_memory_mb: required (> 0) for cuda and metal devices")
     return problems
+
+
+# dataclass field -> the TOML key users write, for messages
+_FIELD_KEYS = {f: (f"{t}.{k}" if t else k) for t, keys in _SCHEMA.items() for k, (f, _) in keys.items()}
 
 
 def _key(table: str, key: str) -> str:

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from edgepack.errors import InvalidModelFile
+from edgepack.errors import InvalidModelFile, ModelSourceError
 
 GGUF_MAGIC = b"GGUF"
 SUPPORTED_VERSIONS = (2, 3)  # v1 used 32-bit counts and is no longer read by llama.cpp
@@ -41,6 +41,7 @@ _MIN_KV_BYTES = 8 + 1 + 4 + 1          # key length, 1-byte key, type, 1-byte va
 _MIN_TENSOR_INFO_BYTES = 8 + 1 + 4 + 8 + 4 + 8  # name length, name, n_dims, 1 dim, type, offset
 # Arrays with at most this many elements are kept whole in ``metadata`` (e.g. languages).
 SMALL_ARRAY = 64
+TOKENS_KEY = "tokenizer.ggml.tokens"  # always read whole: its texts must be unique
 
 
 @dataclass(frozen=True)
@@ -149,8 +150,13 @@ class _Cursor:
             raise self.fail(f"{what} is not UTF-8") from exc
 
     def skip_string(self, what: str) -> None:
+        """Step over a string, still checking it is UTF-8 (as reading it would)."""
         n = self.unpack("<Q", f"{what} length")
         self.need(n, what)
+        try:
+            bytes(self.buf[self.pos:self.pos + n]).decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise self.fail(f"{what} is not UTF-8") from exc
         self.pos += n
 
 
@@ -159,7 +165,8 @@ def read_gguf(path: Path, *, keep_arrays: tuple[str, ...] = ()) -> GGUFInfo:
 
     Raises InvalidModelFile for a wrong magic, an unsupported version, counts or lengths the
     file cannot hold, unknown value or tensor types, more than 4 dimensions, a bad alignment,
-    or a tensor whose data lies outside the file.
+    a tensor whose data lies outside the file, a string that is not UTF-8, or a token text
+    listed twice in ``tokenizer.ggml.tokens`` (llama.cpp aborts the process on that).
     """
     path = Path(path)
     if not path.is_file():
@@ -167,8 +174,19 @@ def read_gguf(path: Path, *, keep_arrays: tuple[str, ...] = ()) -> GGUFInfo:
     size = path.stat().st_size
     if size < 24:
         raise InvalidModelFile(f"{path.name}: not a valid GGUF file: only {size} bytes")
-    with open(path, "rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as buf:
-        return _parse(_Cursor(buf, path), keep_arrays)
+    try:
+        fh = open(path, "rb")
+    except OSError as exc:
+        raise ModelSourceError(f"{path}: cannot be read ({exc.strerror or exc})", hint="check the path and its "
+                               "permissions") from exc
+    with fh:
+        try:
+            buf = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
+        except (OSError, ValueError) as exc:  # ValueError: emptied since the size check
+            raise InvalidModelFile(f"{path.name}: cannot be mapped ({exc}); was it truncated while being read?") \
+                from exc
+        with buf:
+            return _parse(_Cursor(buf, path), keep_arrays)
 
 
 def _parse(cur: _Cursor, keep_arrays: tuple[str, ...]) -> GGUFInfo:
@@ -238,8 +256,17 @@ def _read_array(cur: _Cursor, key: str, *, keep: bool) -> tuple[Any, list[Any] |
         n = count * min_size
         values = list(struct.unpack_from(f"<{count}{(fmt or '')[1:]}", cur.buf, cur.pos)) if (keep or small) else None
         cur.pos += n
-    elif keep or small:
+    elif keep or small or key == TOKENS_KEY:
         values = [cur.string(f"element of {key!r}") for _ in range(count)]
+        if key == TOKENS_KEY and len(set(values)) != len(values):
+            # llama.cpp maps token text -> id and aborts the whole process (SIGABRT) when two
+            # ids share a text; found by bench/reliability's gguf-native trials.
+            seen: dict[str, int] = {}
+            for i, text in enumerate(values):
+                if text in seen:
+                    raise cur.fail(f"{key} has token {text!r} twice (ids {seen[text]} and {i})")
+                seen[text] = i
+        values = values if (keep or small) else None
     else:
         for _ in range(count):
             cur.skip_string(f"element of {key!r}")

@@ -20,6 +20,7 @@ from edgepack.progress import ProgressFn, null_progress
 
 LABEL_PATTERN = re.compile(r"category\s*[:：]\s*\**\s*([A-Za-z0-9][A-Za-z0-9_\-/]*)", re.IGNORECASE)
 DEFAULT_MAX_TOKENS = 48
+_ROLES = ("system", "user", "assistant")
 
 
 def parse_label(text: str | None) -> str | None:
@@ -44,29 +45,54 @@ def load_holdout(path: Path) -> list[dict[str, Any]]:
     if not path.is_file():
         raise DataError(f"holdout file not found: {path}")
     rows: list[dict[str, Any]] = []
-    with open(path, encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, 1):
-            if not line.strip():
+    with open(path, "rb") as fh:
+        for lineno, raw in enumerate(fh, 1):
+            row = _parse_line(raw, f"{path}:{lineno}")
+            if row is None:
                 continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DataError(f"{path}:{lineno}: not valid JSON ({exc})") from exc
-            if not isinstance(row, dict):
-                raise DataError(f"{path}:{lineno}: expected a JSON object")
             if isinstance(row.get("messages"), list) and row["messages"]:
                 messages = row["messages"]
+                bad = next((i for i, m in enumerate(messages) if not (
+                    isinstance(m, dict) and m.get("role") in _ROLES and isinstance(m.get("content"), str))), None)
+                if bad is not None:
+                    raise DataError(f"{path}:{lineno}: messages[{bad}] must be "
+                                    "{role: system|user|assistant, content: string}")
+                messages = [{"role": m["role"], "content": m["content"]} for m in messages]
             elif isinstance(row.get("prompt"), str):
                 messages = [{"role": "user", "content": row["prompt"]}]
             else:
                 raise DataError(f"{path}:{lineno}: needs a `messages` list or a `prompt` string")
             label = row.get("label")
-            rows.append({"id": row.get("id", str(lineno)), "messages": messages,
+            row_id = row.get("id")
+            rows.append({"id": row_id if isinstance(row_id, str) else str(lineno), "messages": messages,
                          "label": normalize_label(label) if isinstance(label, str) and label.strip() else None,
                          "response": row.get("response") if isinstance(row.get("response"), str) else None})
     if not rows:
         raise DataError(f"{path}: no rows")
     return rows
+
+
+def _parse_line(raw: bytes, where: str) -> dict[str, Any] | None:
+    """One JSONL line as a dict (None for a blank line); DataError for anything else."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{where}: not valid UTF-8 ({exc.reason} at byte {exc.start})") from exc
+    if not text.strip():
+        return None
+    try:
+        row = json.loads(text)
+    except (ValueError, RecursionError) as exc:
+        # JSONDecodeError, an integer of more than 4300 digits (ValueError), or nesting too
+        # deep for the decoder (RecursionError): all just "not valid JSON" to the user.
+        raise DataError(f"{where}: not valid JSON ({getattr(exc, 'msg', None) or str(exc)[:80]})") from exc
+    if not isinstance(row, dict):
+        raise DataError(f"{where}: expected a JSON object")
+    try:
+        json.dumps(row, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError as exc:  # a lone surrogate escape such as "\ud800"
+        raise DataError(f"{where}: contains a lone UTF-16 surrogate escape; not valid Unicode text") from exc
+    return row
 
 
 def teacher_accuracy(rows: list[dict[str, Any]]) -> tuple[float | None, int]:
