@@ -1,0 +1,557 @@
+"""The sparse soft-label store: the teacher's distribution at every answer token, cached on disk.
+
+``cache_soft_labels(run_dir)`` reads ``RUN/data/train.jsonl`` and the run's teacher, builds the
+same :class:`~edgepack.distill.batching.Example` list training builds (``tokenize_rows`` with the
+teacher-only context, the shared-prefix KV cache of ``TeacherPrefix``), and for every answer
+position stores, at temperature 1:
+
+* the top-k token ids (int32) and log-probabilities (fp16);
+* the log of the mass outside the top-k (fp32), so losses can treat it as one explicit bucket;
+* optionally, the distinct tokens among ``samples`` draws from the teacher (seeded per row, so
+  deterministic whatever the shard layout), with the teacher's log-probability (fp16) and the
+  draw count (uint8): weights count / S give an unbiased estimate of the forward KL and its
+  gradient (``losses.sampled_forward_kl``);
+* the answer token itself (int32), to check alignment with the training examples on read.
+
+Layout of ``RUN/softlabels/``: ``shard-00000.safetensors`` … each holding ``shard_rows``
+examples as flat tensors concatenated over positions, with ``row_offsets`` (per row) and
+``sample_offsets`` (per position); every shard carries the store's identity in its header and
+is written atomically, so a rerun keeps finished shards and computes only the missing ones.
+``index.json`` (k, samples, teacher sha256, tokenizer identity, bytes, retained mass, timings)
+and the ``.complete`` marker are written last.
+
+:class:`SoftLabels` reads the store back: ``targets(indices)`` returns a
+:class:`~edgepack.distill.losses.SparseTargets` whose rows line up with ``hidden[batch.predicts]``
+for ``collate`` over the same examples, in the same order. Row *i* is example *i* of
+``tokenize_rows(..., max_length)`` with the store's ``max_length``.
+"""
+
+from __future__ import annotations
+
+import bisect
+import hashlib
+import json
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from edgepack.atomic import atomic_path, clean_stale, is_complete, write_json, write_text
+from edgepack.constants import (COMPLETE_MARKER, DATA_DIR, SOFTLABELS_DIR, SOFTLABELS_INDEX, TEACHER_CONTEXT,
+                                TEACHER_DIR, TEACHER_SOURCE, TRAIN_FILE)
+from edgepack.errors import DataError, InvalidModelFile, RunDirError, UsageError
+from edgepack.hashing import sha256_file
+from edgepack.progress import ProgressFn, null_progress
+
+FORMAT_VERSION = 1
+DEFAULT_K = 32
+DEFAULT_SHARD_ROWS = 256
+DEFAULT_MAX_LENGTH = 256          # = TrainConfig.max_length: row i is training example i
+MICRO_BATCH = 8                   # rows per teacher forward while caching
+MAX_SAMPLES = 255                 # draw counts are stored as uint8
+SHARD_NAME = "shard-{:05d}.safetensors"
+META_KEY = "edgepack_softlabels"  # safetensors header metadata: {"identity": …, "rows": [start, end]}
+RECOMPUTE_HINT = "rerun the soft-label caching: it recomputes damaged or missing shards and keeps the rest"
+
+
+# ----------------------------------------------------------------------------- identity
+
+def teacher_sha256(teacher_dir: Path) -> str:
+    """The teacher's identity as its folder records it (``source.json``)."""
+    try:
+        return str(json.loads((Path(teacher_dir) / TEACHER_SOURCE).read_text(encoding="utf-8"))["sha256"])
+    except (OSError, ValueError, KeyError) as exc:
+        raise RunDirError(f"{teacher_dir / TEACHER_SOURCE} is missing or unreadable: {exc}",
+                          hint="run `edgepack distill data` first") from exc
+
+
+def tokenizer_identity(teacher_dir: Path) -> str:
+    """sha256 over the tokenizer and chat-template files (the prompt ids depend on all of them)."""
+    from edgepack.distill.teachers import HF_TOKENIZER_FILES
+
+    h = hashlib.sha256()
+    for name in HF_TOKENIZER_FILES:
+        if (Path(teacher_dir) / name).is_file():
+            h.update(f"{name}\0{sha256_file(Path(teacher_dir) / name)}\n".encode())
+    return h.hexdigest()
+
+
+def _teacher_dir(run_dir: Path) -> Path:
+    data_dir = run_dir / DATA_DIR
+    if not is_complete(data_dir):
+        raise RunDirError(f"{data_dir} is missing or incomplete", hint="run `edgepack distill data` first")
+    try:
+        from edgepack.distill.data import teacher_dir_of
+    except ImportError:  # older data stage: the teacher is always RUN/teacher
+        return run_dir / TEACHER_DIR
+    return teacher_dir_of(run_dir)
+
+
+def _identity(run_dir: Path, teacher_dir: Path, *, k: int, samples: int, seed: int, max_length: int,
+              shard_rows: int) -> dict[str, Any]:
+    data_dir = run_dir / DATA_DIR
+    context = data_dir / TEACHER_CONTEXT
+    return {
+        "format": FORMAT_VERSION,
+        "teacher_dir": teacher_dir.name,
+        "teacher_sha256": teacher_sha256(teacher_dir),
+        "tokenizer_sha256": tokenizer_identity(teacher_dir),
+        "train_sha256": sha256_file(data_dir / TRAIN_FILE),
+        "context_sha256": sha256_file(context) if context.is_file() else None,
+        "k": k, "samples": samples, "seed": seed, "max_length": max_length, "shard_rows": shard_rows,
+        "temperature": 1.0,
+    }
+
+
+# ----------------------------------------------------------------------------- caching
+
+def sample_support(logprobs: Any, samples: int, generator: Any) -> tuple[Any, Any, Any]:
+    """Draw ``samples`` tokens per row of ``logprobs`` [n, V] (with replacement).
+
+    Returns (ids [U], counts [U], lengths [n]): the distinct tokens of each row in ascending
+    id order, flattened over rows, how often each was drawn, and how many each row has.
+    """
+    import torch
+
+    draws = torch.multinomial(logprobs.float().exp(), samples, replacement=True, generator=generator)
+    ordered, _ = draws.sort(dim=-1)
+    first = torch.ones_like(ordered, dtype=torch.bool)
+    first[:, 1:] = ordered[:, 1:] != ordered[:, :-1]
+    ids = ordered[first]
+    run = first.reshape(-1).long().cumsum(0) - 1
+    counts = torch.bincount(run, minlength=ids.numel())
+    return ids, counts, first.sum(-1)
+
+
+def _row_generator(seed: int, row: int) -> Any:
+    import torch
+
+    digest = hashlib.sha256(f"edgepack-softlabels:{seed}:{row}".encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))
+
+
+def _sparsify(logits: Any, example_rows: list[int], lengths: list[int], *, k: int, samples: int,
+              seed: int) -> dict[str, Any]:
+    """Top-k, tail and samples from the teacher's logits [N, V] at one micro-batch's answer positions."""
+    import torch
+
+    logprobs = torch.log_softmax(logits.float(), dim=-1)
+    top_lp, top_ids = logprobs.topk(k, dim=-1)
+    if k >= logprobs.shape[-1]:
+        tail = torch.full((logprobs.shape[0],), float("-inf"))
+    else:
+        # Exact tail from the tokens outside the top-k, not log1p(-Σ p_top) (cancellation).
+        tail = torch.logsumexp(logprobs.scatter(-1, top_ids, float("-inf")), dim=-1)
+    out = {"topk_ids": top_ids.to(torch.int32), "topk_logprobs": top_lp.to(torch.float16), "tail_logmass": tail}
+    if samples:
+        ids, counts, per_pos = [], [], []
+        start = 0
+        for row, n in zip(example_rows, lengths):
+            i, c, m = sample_support(logprobs[start:start + n], samples, _row_generator(seed, row))
+            ids.append(i)
+            counts.append(c)
+            per_pos.append(m)
+            start += n
+        flat_ids, per_pos_t = torch.cat(ids), torch.cat(per_pos)
+        pos_of = torch.repeat_interleave(torch.arange(logprobs.shape[0]), per_pos_t)
+        out.update(sample_ids=flat_ids.to(torch.int32), sample_logprobs=logprobs[pos_of, flat_ids].to(torch.float16),
+                   sample_counts=torch.cat(counts).to(torch.uint8), sample_lengths=per_pos_t)
+    return out
+
+
+def _shard_tensors(parts: list[dict[str, Any]], lengths: list[int], answers: list[list[int]]) -> dict[str, Any]:
+    """One shard's flat tensors from its micro-batches' sparse parts, with row/position offsets."""
+    import torch
+
+    out = {
+        "row_offsets": torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int64),
+        "tokens": torch.tensor([t for a in answers for t in a], dtype=torch.int32),
+    }
+    for name in ("topk_ids", "topk_logprobs", "tail_logmass", "sample_ids", "sample_logprobs", "sample_counts"):
+        if name in parts[0]:
+            out[name] = torch.cat([p[name] for p in parts]).contiguous()
+    if "sample_lengths" in parts[0]:
+        per_pos = torch.cat([p["sample_lengths"] for p in parts])
+        out["sample_offsets"] = torch.cat([torch.zeros(1, dtype=torch.int64), per_pos.cumsum(0)]).to(torch.int32)
+    return out
+
+
+def _shard_stats(tensors: dict[str, Any]) -> dict[str, Any]:
+    import torch
+
+    retained = -torch.expm1(tensors["tail_logmass"].double())  # 1 - tail mass, from the exact fp32 tail
+    stats = {"tokens": int(retained.numel()), "retained_sum": float(retained.double().sum()),
+             "retained_min": float(retained.min()) if retained.numel() else 1.0,
+             "retained_hist": torch.histc(retained.float().clamp(0, 1), bins=20, min=0.0, max=1.0).long().tolist()}
+    if "sample_ids" in tensors:
+        stats["unique_samples"] = int(tensors["sample_ids"].numel())
+    return stats
+
+
+def _shard_header(meta: dict[str, str]) -> dict[str, Any]:
+    try:
+        header = json.loads(meta.get(META_KEY, "{}"))
+    except ValueError:
+        return {}
+    return header if isinstance(header, dict) else {}
+
+
+def _existing_shard(path: Path, identity: dict[str, Any], rows: tuple[int, int],
+                    sha256: str | None) -> dict[str, Any] | None:
+    """The stats of a finished shard that belongs to this store, None if it must be (re)computed."""
+    from safetensors import SafetensorError, safe_open
+
+    if not path.is_file():
+        return None
+    if sha256 is not None and sha256_file(path) != sha256:
+        path.unlink()  # altered since an earlier pass indexed it
+        return None
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            meta = fh.metadata() or {}
+            tensors = {name: fh.get_tensor(name) for name in fh.keys()}
+    except (OSError, SafetensorError, ValueError):
+        path.unlink()  # damaged (an external truncation): compute it again
+        return None
+    header = _shard_header(meta)
+    if header.get("identity") != identity:
+        raise RunDirError(f"{path} was cached with other settings (teacher, data, k, samples or seed)",
+                          hint=f"delete {path.parent} to cache again, or rerun with the same settings")
+    if header.get("rows") != list(rows):
+        path.unlink()
+        return None
+    return _shard_stats(tensors)
+
+
+def cache_soft_labels(run_dir: Path, *, k: int = DEFAULT_K, samples: int = 0, seed: int = 0,
+                      shard_rows: int = DEFAULT_SHARD_ROWS, max_length: int = DEFAULT_MAX_LENGTH,
+                      micro_batch: int = MICRO_BATCH, progress: ProgressFn = null_progress) -> dict[str, Any]:
+    """Cache the teacher's sparse distribution at every answer token of RUN/data/train.jsonl.
+
+    Writes RUN/softlabels/ (shards, index.json, .complete) and returns the index. ``k`` top
+    tokens per position plus the tail mass; ``samples`` > 0 also stores that many draws from
+    the teacher per position. A rerun skips finished shards; a complete store with the same
+    settings is returned as is (``skipped``).
+    """
+    import torch
+
+    run_dir = Path(run_dir)
+    if k < 1:
+        raise UsageError(f"k must be at least 1 (got {k})")
+    if not 0 <= samples <= MAX_SAMPLES:
+        raise UsageError(f"samples must be between 0 and {MAX_SAMPLES} (got {samples})")
+    if shard_rows < 1 or micro_batch < 1 or max_length < 2:
+        raise UsageError("shard_rows and micro_batch must be at least 1, max_length at least 2")
+    teacher_dir = _teacher_dir(run_dir)
+    if not is_complete(teacher_dir):
+        raise RunDirError(f"{teacher_dir} is missing or incomplete", hint="run `edgepack distill data` first")
+    identity = _identity(run_dir, teacher_dir, k=k, samples=samples, seed=seed, max_length=max_length,
+                         shard_rows=shard_rows)
+    out = run_dir / SOFTLABELS_DIR
+    if is_complete(out):
+        index = _read_index(out)
+        if index.get("identity") != identity:
+            raise RunDirError(f"{out} holds soft labels cached with other settings",
+                              hint=f"delete {out} to cache again, or use the same k/samples/seed/max_length")
+        if all((out / s["file"]).is_file() and sha256_file(out / s["file"]) == s["sha256"] for s in index["shards"]):
+            return {**index, "skipped": True}
+        (out / COMPLETE_MARKER).unlink()  # a shard was deleted or damaged: recompute just that one
+    # Shard digests of an earlier pass (its index), so a damaged shard is recomputed, not trusted.
+    try:
+        known = {s["file"]: s["sha256"] for s in _read_index(out)["shards"]} if (out / SOFTLABELS_INDEX).is_file() \
+            else {}
+    except (RunDirError, KeyError, TypeError):
+        known = {}
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from edgepack.distill.batching import TeacherPrefix, tokenize_rows
+    from edgepack.distill.data import read_jsonl
+
+    t_start = time.perf_counter()
+    tok = AutoTokenizer.from_pretrained(teacher_dir)
+    pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    data_dir = run_dir / DATA_DIR
+    rows = read_jsonl(data_dir / TRAIN_FILE)
+    context = json.loads((data_dir / TEACHER_CONTEXT).read_text())["messages"] \
+        if (data_dir / TEACHER_CONTEXT).is_file() else []
+    examples, too_long = tokenize_rows(tok, rows, context, max_length)
+    if not examples:
+        raise DataError(f"no training row fits max_length={max_length} tokens ({too_long} too long)")
+    teacher = AutoModelForCausalLM.from_pretrained(teacher_dir, dtype=torch.float32)
+    teacher.eval().requires_grad_(False)
+    vocab = teacher.get_output_embeddings().weight.shape[0]
+    if k > vocab:
+        raise UsageError(f"k={k} is larger than the teacher's vocabulary ({vocab} tokens)")
+
+    out.mkdir(parents=True, exist_ok=True)
+    clean_stale(out)
+    spans = [(s, min(s + shard_rows, len(examples))) for s in range(0, len(examples), shard_rows)]
+    total_tokens = sum(e.answer_tokens for e in examples)
+    shards: list[dict[str, Any]] = []
+    stats: list[dict[str, Any]] = []
+    timing: dict[str, Any] = {"forward_s": 0.0, "sparsify_s": 0.0, "write_s": 0.0, "teacher_input_tokens": 0,
+                              "teacher_prefix_tokens": None}
+    prefix = None
+    computed = computed_tokens = done_rows = done_tokens = 0
+    progress("soft labels: rows", 0, len(examples))
+    progress("soft labels: tokens", 0, total_tokens)
+    for number, (start, end) in enumerate(spans):
+        path = out / SHARD_NAME.format(number)
+        found = _existing_shard(path, identity, (start, end), known.get(path.name))
+        if found is None:
+            if prefix is None:
+                prefix = TeacherPrefix(teacher, examples)
+                timing["teacher_prefix_tokens"] = prefix.length
+            parts = []
+            for mb in range(start, end, micro_batch):
+                part = examples[mb:min(mb + micro_batch, end)]
+                t0 = time.perf_counter()
+                logits = prefix.logits(teacher, part, pad_id)
+                t1 = time.perf_counter()
+                # Sparsified per micro-batch: a shard's dense logits would be rows × V fp32.
+                parts.append(_sparsify(logits, list(range(mb, mb + len(part))), [e.answer_tokens for e in part],
+                                       k=k, samples=samples, seed=seed))
+                timing["forward_s"] += t1 - t0
+                timing["sparsify_s"] += time.perf_counter() - t1
+                timing["teacher_input_tokens"] += sum(len(e.teacher_ids) - prefix.length for e in part)
+                done_rows += len(part)
+                done_tokens += sum(e.answer_tokens for e in part)
+                progress("soft labels: rows", done_rows, len(examples))
+                progress("soft labels: tokens", done_tokens, total_tokens)
+            t0 = time.perf_counter()
+            tensors = _shard_tensors(parts, [e.answer_tokens for e in examples[start:end]],
+                                     [e.student_ids[e.student_prompt:] for e in examples[start:end]])
+            _write_shard(path, tensors, identity, (start, end))
+            timing["write_s"] += time.perf_counter() - t0
+            found = _shard_stats(tensors)
+            computed += 1
+            computed_tokens += found["tokens"]
+        else:
+            done_rows += end - start
+            done_tokens += found["tokens"]
+            progress("soft labels: rows", done_rows, len(examples))
+            progress("soft labels: tokens", done_tokens, total_tokens)
+        stats.append(found)
+        shards.append({"file": path.name, "rows": [start, end], "tokens": found["tokens"],
+                       "bytes": path.stat().st_size, "sha256": sha256_file(path)})
+
+    index = _index(identity, shards, stats, examples=len(examples), rows=len(rows), too_long=too_long,
+                   vocab=vocab, computed=computed, timing=timing, wall_s=time.perf_counter() - t_start,
+                   computed_tokens=computed_tokens)
+    write_json(out / SOFTLABELS_INDEX, index)
+    write_text(out / COMPLETE_MARKER, "ok\n")  # last: the store is whole
+    return index
+
+
+def _write_shard(path: Path, tensors: dict[str, Any], identity: dict[str, Any], rows: tuple[int, int]) -> None:
+    from safetensors.torch import save_file
+
+    # One metadata key: safetensors writes its metadata map in hash order, and a shard must be
+    # byte-identical when recomputed (resume), so everything goes into one sorted JSON string.
+    meta = {META_KEY: json.dumps({"identity": identity, "rows": list(rows)}, sort_keys=True)}
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata=meta)
+
+
+def _index(identity: dict[str, Any], shards: list[dict[str, Any]], stats: list[dict[str, Any]], *, examples: int,
+           rows: int, too_long: int, vocab: int, computed: int, timing: dict[str, Any], wall_s: float,
+           computed_tokens: int) -> dict[str, Any]:
+    tokens = sum(s["tokens"] for s in stats)
+    total_bytes = sum(s["bytes"] for s in shards)
+    hist = [sum(col) for col in zip(*(s["retained_hist"] for s in stats))]
+    k, samples = identity["k"], identity["samples"]
+    # Per answer token: ids int32 + logprobs fp16 per top-k slot, tail fp32, answer token int32.
+    topk_bytes = 6 * k + 4 + 4
+    index: dict[str, Any] = {
+        "identity": identity,
+        "k": k, "samples": samples, "seed": identity["seed"], "max_length": identity["max_length"],
+        "teacher_sha256": identity["teacher_sha256"], "tokenizer_sha256": identity["tokenizer_sha256"],
+        "vocab_size": vocab,
+        "rows": examples, "train_rows": rows, "rows_too_long": too_long, "tokens": tokens,
+        "shards": shards,
+        "bytes": total_bytes,
+        "bytes_per_token": round(total_bytes / max(tokens, 1), 2),
+        "bytes_per_token_topk": topk_bytes,
+        "retained_mass": {"mean": round(sum(s["retained_sum"] for s in stats) / max(tokens, 1), 6),
+                          "min": round(min(s["retained_min"] for s in stats), 6),
+                          "p05": _hist_quantile(hist, 0.05), "hist20": hist},
+    }
+    if samples:
+        unique = sum(s.get("unique_samples", 0) for s in stats)
+        index["unique_samples_per_token"] = round(unique / max(tokens, 1), 3)
+        # Per position: offset int32; per distinct draw: id int32 + logprob fp16 + count uint8.
+        index["bytes_per_token_samples"] = round(4 + 7 * unique / max(tokens, 1), 2)
+    fwd = timing["forward_s"]
+    busy = fwd + timing["sparsify_s"] + timing["write_s"]
+    index["timing"] = {
+        "shards_computed": computed, "shards_reused": len(shards) - computed,
+        "tokens_computed": computed_tokens,
+        "wall_s": round(wall_s, 3), "forward_s": round(fwd, 3), "sparsify_s": round(timing["sparsify_s"], 3),
+        "write_s": round(timing["write_s"], 3),
+        "teacher_input_tokens": timing["teacher_input_tokens"],
+        "teacher_prefix_tokens": timing["teacher_prefix_tokens"],
+        "forward_tokens_per_s": round(computed_tokens / fwd, 1) if fwd else None,
+        "cache_tokens_per_s": round(computed_tokens / busy, 1) if busy else None,
+        "note": "tokens = answer tokens; cache_tokens_per_s counts forward + top-k/sampling + writing, "
+                "forward_tokens_per_s the teacher forward alone (same examples, same micro-batches)",
+    }
+    return index
+
+
+def _hist_quantile(hist: list[int], q: float) -> float:
+    """Upper edge of the 20-bin histogram bin holding the ``q`` quantile (a 0.05-wide bound)."""
+    total, seen = sum(hist), 0
+    for i, n in enumerate(hist):
+        seen += n
+        if total and seen >= q * total:
+            return round((i + 1) / len(hist), 2)
+    return 1.0
+
+
+# ----------------------------------------------------------------------------- reading
+
+def _read_index(folder: Path) -> dict[str, Any]:
+    try:
+        index = json.loads((folder / SOFTLABELS_INDEX).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise RunDirError(f"{folder / SOFTLABELS_INDEX} is missing or unreadable: {exc}",
+                          hint=f"delete {folder} and cache the soft labels again") from exc
+    if not isinstance(index, dict) or index.get("identity", {}).get("format") != FORMAT_VERSION:
+        raise RunDirError(f"{folder / SOFTLABELS_INDEX} is not a soft-label index of format {FORMAT_VERSION}",
+                          hint=f"delete {folder} and cache the soft labels again")
+    return index
+
+
+class SoftLabels:
+    """Read access to a complete RUN/softlabels store, validated on open.
+
+    ``teacher_sha256`` / ``tokenizer_sha256`` / ``max_length``, when given, must match what the
+    store was cached with (else RunDirError). Every shard's size (and with ``verify`` its sha256)
+    is checked against the index (else InvalidModelFile naming the shard).
+    """
+
+    def __init__(self, folder: Path, *, teacher_sha256: str | None = None, tokenizer_sha256: str | None = None,
+                 max_length: int | None = None, verify: bool = True) -> None:
+        self.folder = Path(folder)
+        if not is_complete(self.folder):
+            raise RunDirError(f"{self.folder} is missing or incomplete (no {COMPLETE_MARKER} marker)",
+                              hint="cache the soft labels first; a rerun resumes from the finished shards")
+        self.index = _read_index(self.folder)
+        expected = {"teacher_sha256": teacher_sha256, "tokenizer_sha256": tokenizer_sha256, "max_length": max_length}
+        for key, want in expected.items():
+            have = self.index["identity"].get(key)
+            if want is not None and have != want:
+                raise RunDirError(f"{self.folder} was cached with {key} {have}, this run has {want}",
+                                  hint=f"delete {self.folder} and cache the soft labels again for this run")
+        self._starts: list[int] = []
+        for shard in self.index["shards"]:
+            path = self.folder / shard["file"]
+            if not path.is_file():
+                raise InvalidModelFile(f"soft-label shard {path} is missing",
+                                       hint=RECOMPUTE_HINT)
+            size = path.stat().st_size
+            if size != shard["bytes"]:
+                raise InvalidModelFile(f"soft-label shard {path} is truncated or altered ({size} bytes, "
+                                       f"the index says {shard['bytes']})",
+                                       hint=RECOMPUTE_HINT)
+            if verify and sha256_file(path) != shard["sha256"]:
+                raise InvalidModelFile(f"soft-label shard {path} does not match its sha256 in the index",
+                                       hint=RECOMPUTE_HINT)
+            self._starts.append(shard["rows"][0])
+        self._open: dict[int, tuple[Any, dict[str, Any]]] = {}
+
+    @property
+    def k(self) -> int:
+        return int(self.index["k"])
+
+    @property
+    def samples(self) -> int:
+        return int(self.index["samples"])
+
+    def __len__(self) -> int:
+        return int(self.index["rows"])
+
+    def _shard(self, number: int) -> tuple[Any, dict[str, Any]]:
+        from safetensors import SafetensorError, safe_open
+
+        if number not in self._open:
+            path = self.folder / self.index["shards"][number]["file"]
+            try:
+                fh = safe_open(str(path), framework="pt")
+                meta = fh.metadata() or {}
+                small = {"row_offsets": fh.get_tensor("row_offsets")}
+                if "sample_offsets" in fh.keys():
+                    small["sample_offsets"] = fh.get_tensor("sample_offsets").long()
+            except (OSError, SafetensorError, ValueError) as exc:
+                raise InvalidModelFile(f"soft-label shard {path} cannot be read: {exc}",
+                                       hint=RECOMPUTE_HINT) from exc
+            header = _shard_header(meta)
+            if header.get("identity") != self.index["identity"] or \
+                    header.get("rows") != self.index["shards"][number]["rows"]:
+                raise InvalidModelFile(f"soft-label shard {path} belongs to another store than {SOFTLABELS_INDEX}",
+                                       hint=f"delete {self.folder} and cache the soft labels again")
+            self._open[number] = (fh, small)
+        return self._open[number]
+
+    def row(self, i: int) -> Any:
+        """The teacher's sparse targets at example ``i``'s answer positions (SparseTargets)."""
+        import torch
+
+        from edgepack.distill.losses import SparseTargets
+
+        if not 0 <= i < len(self):
+            raise IndexError(f"soft-label row {i} out of range (the store holds {len(self)})")
+        number = bisect.bisect_right(self._starts, i) - 1
+        fh, small = self._shard(number)
+        local = i - self._starts[number]
+        p0, p1 = (int(x) for x in small["row_offsets"][local:local + 2])
+        out: dict[str, Any] = {
+            "topk_ids": fh.get_slice("topk_ids")[p0:p1].long(),
+            "topk_logprobs": fh.get_slice("topk_logprobs")[p0:p1].float(),
+            "tail_logmass": fh.get_slice("tail_logmass")[p0:p1].float(),
+            "tokens": fh.get_slice("tokens")[p0:p1].long(),
+        }
+        if "sample_offsets" in small:
+            offsets = small["sample_offsets"][p0:p1 + 1]
+            q0, q1 = int(offsets[0]), int(offsets[-1])
+            lengths = offsets[1:] - offsets[:-1]
+            width = int(lengths.max()) if lengths.numel() else 0
+            # Row-major boolean assignment fills each position's slots left to right, in file order.
+            filled = torch.arange(width)[None, :] < lengths[:, None]
+            ids = torch.zeros(p1 - p0, width, dtype=torch.long)
+            lps = torch.zeros(p1 - p0, width)
+            weights = torch.zeros(p1 - p0, width)
+            ids[filled] = fh.get_slice("sample_ids")[q0:q1].long()
+            lps[filled] = fh.get_slice("sample_logprobs")[q0:q1].float()
+            weights[filled] = fh.get_slice("sample_counts")[q0:q1].float() / self.samples
+            out.update(sample_ids=ids, sample_logprobs=lps, sample_weights=weights)
+        return SparseTargets(**out)
+
+    def targets(self, indices: Sequence[int], examples: Sequence[Any] | None = None) -> Any:
+        """Targets for rows ``indices``, concatenated in order: row-aligned with
+        ``hidden[collate(...).predicts]`` over ``[examples[i] for i in indices]``.
+
+        With ``examples`` (the Examples of those rows), each row's stored answer tokens are
+        checked against them, so a store cached from other data can never be silently misaligned.
+        """
+        from edgepack.distill.losses import SparseTargets
+
+        parts = [self.row(i) for i in indices]
+        if examples is not None:
+            if len(examples) != len(parts):
+                raise ValueError(f"{len(examples)} examples for {len(parts)} rows")
+            for i, e, p in zip(indices, examples, parts):
+                if p.tokens.tolist() != list(e.student_ids[e.student_prompt:]):
+                    raise RunDirError(f"soft-label row {i} does not match training example {i}'s answer tokens",
+                                      hint=f"the data or max_length changed since caching; delete {self.folder} "
+                                           "and cache again")
+        return SparseTargets.cat(parts)
+
+
+def open_soft_labels(run_dir: Path, *, max_length: int | None = None, verify: bool = True) -> SoftLabels:
+    """The run's soft-label store, checked against the run's teacher and tokenizer."""
+    run_dir = Path(run_dir)
+    teacher_dir = _teacher_dir(run_dir)
+    return SoftLabels(run_dir / SOFTLABELS_DIR, teacher_sha256=teacher_sha256(teacher_dir),
+                      tokenizer_sha256=tokenizer_identity(teacher_dir), max_length=max_length, verify=verify)
