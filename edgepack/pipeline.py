@@ -79,6 +79,8 @@ def run_pipeline(cfg: PipelineConfig, progress: ProgressFn = null_progress) -> d
 
     stage("distill data", lambda: _distill_data(cfg, progress))
     stage("distill train", lambda: _distill_train(cfg, progress))
+    evaluation: dict[str, Any] = {}
+    stage("eval", lambda: _evaluate(cfg, evaluation, progress))
     stage("export", lambda: _export(cfg, progress))
     gate_results: list[dict[str, Any]] = []
     stage("gate", lambda: _gate(cfg, gate_results, progress))
@@ -93,7 +95,8 @@ def run_pipeline(cfg: PipelineConfig, progress: ProgressFn = null_progress) -> d
     result = {"run_dir": str(run), "profile": cfg.profile.name, "stages": stages,
               "gates": [{k: g.get(k) for k in ("artifact", "quant", "verdict", "reasons")}
                         for g in gate_results],
-              "verdict": chosen["verdict"], "bundle": bundle.get("bundle"), "sample": sample}
+              "verdict": chosen["verdict"], "bundle": bundle.get("bundle"), "sample": sample,
+              "eval": evaluation, "summary": [summary_row(g) for g in gate_results]}
     write_json(run / "pipeline.json", result)
     return result
 
@@ -115,6 +118,44 @@ def _distill_train(cfg: PipelineConfig, progress: ProgressFn) -> str:
     report = train_student(run_dir=cfg.run_dir, profile=cfg.profile, student="auto", steps=cfg.steps,
                            seed=cfg.seed, resume=True, progress=progress)
     return _short(report, ("steps", "final_loss", "params"))
+
+
+def _evaluate(cfg: PipelineConfig, out: dict[str, Any], progress: ProgressFn) -> str:
+    """Teacher vs undistilled vs distilled student on the holdout (RUN/eval.json, reused on a rerun)."""
+    from edgepack.constants import EVAL_REPORT, STUDENT_DIR
+    from edgepack.distill.evaluate import evaluate_run
+
+    run = Path(cfg.run_dir)
+    report = _read_json(run / EVAL_REPORT)
+    if not report or (run / EVAL_REPORT).stat().st_mtime < (run / STUDENT_DIR).stat().st_mtime:
+        report = evaluate_run(run_dir=run, progress=progress)
+    out.update({name: {k: report[name].get(k) for k in ("label_accuracy", "teacher_agreement", "kl", "ce")}
+                for name in ("teacher", "undistilled", "distilled") if name in report})
+    out["gap_closed"] = report.get("gap_closed")
+    out["contamination"] = report.get("contamination")
+    acc = {name: out.get(name, {}).get("label_accuracy") for name in ("undistilled", "distilled", "teacher")}
+    return (f"holdout accuracy: undistilled {acc['undistilled']} → distilled {acc['distilled']} "
+            f"(teacher {acc['teacher']})")
+
+
+def summary_row(gate: dict[str, Any]) -> dict[str, Any]:
+    """One line of the pipeline's table: artifact, size, latency, memory, quality, verdict."""
+    m = gate.get("measurements") or {}
+    quality = m.get("quality") or {}
+    artifact = Path(str(gate.get("artifact", "")))
+    size = sum(p.stat().st_size for p in artifact.rglob("*") if p.is_file()) if artifact.is_dir() else \
+        (artifact.stat().st_size if artifact.is_file() else None)
+    return {"artifact": artifact.name, "format": gate.get("format"), "quant": gate.get("quant"),
+            "size_mb": round(size / 2**20, 1) if size is not None else None,
+            "ttft_p95_ms": _round((m.get("ttft_ms") or {}).get("p95")),
+            "decode_tokens_per_s": _round((m.get("decode_tokens_per_s") or {}).get("p50")),
+            "peak_memory_mb": _round(m.get("peak_rss_mb")),
+            "accuracy": _round(quality.get("accuracy"), 3), "relative_quality": _round(quality.get("relative"), 3),
+            "verdict": gate.get("verdict")}
+
+
+def _round(value: Any, digits: int = 1) -> Any:
+    return round(value, digits) if isinstance(value, (int, float)) else None
 
 
 def _export(cfg: PipelineConfig, progress: ProgressFn) -> str:

@@ -42,6 +42,14 @@ def pipeline_cmd(
         for s in r["stages"]:
             t.add_row(s["stage"], f"{s['seconds']:.1f}", s["summary"])
         console.print(t)
+        if r.get("summary"):
+            g = Table("artifact", "MB", "TTFT p95 ms", "tok/s", "peak MB", "accuracy", "× teacher", "verdict",
+                      title=f"gate on {r['profile']}")
+            for row in r["summary"]:
+                g.add_row(*(str(row[k]) if row[k] is not None else "-" for k in
+                            ("artifact", "size_mb", "ttft_p95_ms", "decode_tokens_per_s", "peak_memory_mb",
+                             "accuracy", "relative_quality", "verdict")))
+            console.print(g)
         console.print(f"bundle: [bold]{r['bundle']}[/bold]")
         console.print(f"gate verdict: [bold]{r['verdict']}[/bold]")
 

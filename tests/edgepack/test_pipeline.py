@@ -58,8 +58,15 @@ def test_pipeline_end_to_end_on_tiny_model(tiny_teacher: Path, tmp_path: Path) -
                          run_dir=run, steps=2, limit=None, seed=0)
     result = run_pipeline(cfg)
     stages = [s["stage"] for s in result["stages"]]
-    assert stages == ["distill data", "distill train", "export", "gate", "pack", "run"]
+    assert stages == ["distill data", "distill train", "eval", "export", "gate", "pack", "run"]
     assert result["verdict"] == "PASS", result["gates"]
+    assert set(result["eval"]) >= {"teacher", "undistilled", "distilled", "gap_closed", "contamination"}
+    assert json.loads((run / "eval.json").read_text())["distilled"]["label_accuracy"] == \
+        result["eval"]["distilled"]["label_accuracy"]
+    row = result["summary"][0]
+    assert row["verdict"] == "PASS" and row["quant"] == "Q8_0"
+    assert row["size_mb"] > 0 and row["ttft_p95_ms"] > 0 and row["decode_tokens_per_s"] > 0
+    assert row["peak_memory_mb"] > 0
     bundle = Path(result["bundle"])
     assert bundle.is_file() and bundle.name.endswith(".edgepack")
     manifest = verify_bundle(bundle)
