@@ -40,6 +40,10 @@ from edgepack.progress import ProgressFn, null_progress
 
 
 
+# CLI loss names → divergence names (losses.DIVERGENCES / SPARSE_DIVERGENCES).
+LOSS_NAMES = {"fkl": "forward_kl", "rkl": "reverse_kl", "jsd": "jsd", "sampled": "sampled_forward_kl"}
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     """Knobs of the KD recipe (defaults: the demo, ~30 steps on 2 CPU cores)."""
@@ -66,6 +70,12 @@ class TrainConfig:
     calibration_rows: int = 16
     """Training rows used to rank blocks when the student is derived (``auto``)."""
     explode_factor: float = 10.0
+    soft_labels: bool = False
+    """Distill against the cached sparse soft labels (RUN/softlabels, see softlabels.py) instead
+    of the online teacher: top-k + tail for fkl/rkl/jsd, importance samples for
+    ``sampled_forward_kl``. The cache is built first when missing (the teacher is needed once)."""
+    soft_k: int = 32
+    soft_samples: int = 0
     """Stop when a step's loss exceeds this multiple of the first step's loss."""
 
 
@@ -78,7 +88,7 @@ def train_student(*, run_dir: Path, profile: Profile, student: str = "auto", ste
     from edgepack.distill import checkpoint as ckpt
     from edgepack.distill.batching import TeacherPrefix, batch_indices, collate, tokenize_rows
     from edgepack.distill.data import read_jsonl, teacher_dir_of
-    from edgepack.distill.losses import DIVERGENCES, blend, cross_entropy
+    from edgepack.distill.losses import DIVERGENCES, SPARSE_DIVERGENCES, blend, cross_entropy
 
     cfg = config or TrainConfig()
     run_dir = Path(run_dir)
@@ -90,9 +100,13 @@ def train_student(*, run_dir: Path, profile: Profile, student: str = "auto", ste
             raise RunDirError(f"{folder} is missing or incomplete", hint="run `edgepack distill data` first")
     if steps < 1:
         raise UsageError(f"--steps must be at least 1 (got {steps})")
-    if cfg.batch_size % cfg.micro_batch or cfg.divergence not in DIVERGENCES:
+    names = SPARSE_DIVERGENCES if cfg.soft_labels else DIVERGENCES
+    if cfg.batch_size % cfg.micro_batch or cfg.divergence not in names:
         raise UsageError("batch_size must be a multiple of micro_batch and divergence one of "
-                         f"{', '.join(DIVERGENCES)}")
+                         f"{', '.join(names)}")
+    if cfg.soft_labels and cfg.temperature != 1.0:
+        raise UsageError("cached soft labels hold the teacher at temperature 1; a tempered teacher needs "
+                         "the whole vocabulary", hint="use temperature 1 with --soft-labels, or train online")
     teacher_sha = json.loads((teacher_dir / SOURCE_FILE).read_text())["sha256"]
     identity = {"teacher_sha256": teacher_sha, "student": student, "steps": steps, "seed": seed,
                 "profile": profile.name, "config": asdict(cfg)}
@@ -117,6 +131,14 @@ def train_student(*, run_dir: Path, profile: Profile, student: str = "auto", ste
         examples, too_long = tokenize_rows(tok, rows, context, cfg.max_length)
         if not examples:
             raise DataError(f"no training row fits max_length={cfg.max_length} tokens ({too_long} too long)")
+        soft = None
+        if cfg.soft_labels:
+            from edgepack.distill.softlabels import cache_soft_labels, open_soft_labels
+
+            cache_soft_labels(run_dir, k=cfg.soft_k, samples=cfg.soft_samples, seed=seed, max_length=cfg.max_length,
+                              progress=progress)
+            soft = open_soft_labels(run_dir, max_length=cfg.max_length)
+        # The teacher is also what an ``auto`` student is pruned from, so it is loaded either way.
         teacher = AutoModelForCausalLM.from_pretrained(teacher_dir, dtype=torch.float32)
         teacher.eval().requires_grad_(False)
 
@@ -146,8 +168,8 @@ def train_student(*, run_dir: Path, profile: Profile, student: str = "auto", ste
         if last is not None:
             state = ckpt.restore_training_state(last, optimizer, scheduler)
             start, history, elapsed, tokens_seen = state["step"], state["history"], state["elapsed"], state["tokens"]
-        divergence = DIVERGENCES[cfg.divergence]
-        prefix = TeacherPrefix(teacher, examples)
+        divergence = DIVERGENCES.get(cfg.divergence)
+        prefix = TeacherPrefix(teacher, examples) if soft is None else None
 
         # ------------------------------------------------------------------ train
         def checkpoint(step: int) -> None:
@@ -158,17 +180,22 @@ def train_student(*, run_dir: Path, profile: Profile, student: str = "auto", ste
         progress("train", start, steps)
         for step in range(start, steps):
             t0 = time.perf_counter()
-            chosen = [examples[i] for i in batch_indices(len(examples), seed, step, cfg.batch_size)]
+            indices = batch_indices(len(examples), seed, step, cfg.batch_size)
+            chosen = [examples[i] for i in indices]
             n_answer = sum(e.answer_tokens for e in chosen)
             totals = {"loss": 0.0, "kd": 0.0, "ce": 0.0}
             for mb in range(0, len(chosen), cfg.micro_batch):
                 part = chosen[mb:mb + cfg.micro_batch]
                 batch = collate([e.student_ids for e in part], [e.student_prompt for e in part], pad_id)
-                t_logits = prefix.logits(teacher, part, pad_id)
                 hidden = model.get_decoder()(input_ids=batch.ids, attention_mask=batch.attention).last_hidden_state
                 s_logits = model.get_output_embeddings()(hidden[batch.predicts])
                 ones = torch.ones(1, s_logits.shape[0])
-                kd = divergence(s_logits[None], t_logits[None], ones, temperature=cfg.temperature)
+                if soft is None:
+                    t_logits = prefix.logits(teacher, part, pad_id)
+                    kd = divergence(s_logits[None], t_logits[None], ones, temperature=cfg.temperature)
+                else:  # cached sparse targets, aligned with ``hidden[batch.predicts]`` (checked)
+                    kd = SPARSE_DIVERGENCES[cfg.divergence](
+                        s_logits, soft.targets(indices[mb:mb + cfg.micro_batch], part))
                 ce = cross_entropy(s_logits[None], batch.targets[None], ones)
                 loss = blend(kd, ce, cfg.alpha)
                 weight = s_logits.shape[0] / n_answer  # the step loss is a mean over all answer tokens
@@ -207,7 +234,9 @@ def train_student(*, run_dir: Path, profile: Profile, student: str = "auto", ste
             "first_loss": history[0]["loss"],
             "loss_curve": history,
             "rows": len(rows), "rows_used": len(examples), "rows_too_long": too_long,
-            "teacher_prefix_tokens": prefix.length,
+            "teacher_prefix_tokens": prefix.length if prefix is not None else None,
+            "soft_labels": None if soft is None else {"k": soft.k, "samples": soft.samples,
+                                                      "divergence": cfg.divergence},
             "tokens": tokens_seen,
             "wall_s": round(elapsed, 2),
             "tokens_per_s": round(tokens_seen / elapsed, 1) if elapsed else None,

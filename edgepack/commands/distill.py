@@ -64,17 +64,28 @@ def train_cmd(
     steps: Annotated[int, typer.Option(help="Optimizer steps.")] = 20,
     seed: Annotated[int, typer.Option(help="Training seed.")] = 0,
     resume: Annotated[bool, typer.Option(help="Continue from the last complete checkpoint.")] = False,
+    loss: Annotated[str, typer.Option(help="fkl, rkl, jsd, or (with --soft-labels) sampled.")] = "fkl",
+    soft_labels: Annotated[bool, typer.Option(
+        "--soft-labels", help="Distill against cached sparse soft labels (RUN/softlabels, built when missing) "
+                              "instead of the online teacher.")] = False,
+    soft_k: Annotated[int, typer.Option(help="Top-k tokens per position in the soft-label cache.")] = 32,
+    soft_samples: Annotated[int, typer.Option(help="Importance-sampled tokens per position (0 = none).")] = 0,
     json_out: JsonOpt = False,
 ) -> None:
     """Distill the teacher into a student sized for the profile."""
     from edgepack.console import emit, progress_bars
-    from edgepack.distill.train import train_student
+    from edgepack.distill.train import LOSS_NAMES, TrainConfig, train_student
+    from edgepack.errors import UsageError
     from edgepack.profiles import load_profile
 
+    if loss not in LOSS_NAMES:
+        raise UsageError(f"unknown --loss {loss!r}", hint=f"use one of {', '.join(LOSS_NAMES)}")
     prof = load_profile(profile)
+    config = TrainConfig(divergence=LOSS_NAMES[loss], soft_labels=soft_labels, soft_k=soft_k,
+                         soft_samples=soft_samples)
     with progress_bars(not json_out) as progress:
         report = train_student(run_dir=run, profile=prof, student=student, steps=steps, seed=seed,
-                               resume=resume, progress=progress)
+                               resume=resume, progress=progress, config=config)
     emit(report, json_out)
 
 

@@ -204,3 +204,29 @@ def test_auto_student_of_a_two_block_teacher_is_a_budget_error(tmp_path: Path, t
     run = make_run(tmp_path / "run", tiny_llama_dir)
     with pytest.raises(BudgetError):
         train_student(run_dir=run, profile=PROFILE, steps=2, seed=0, resume=False)
+
+
+def test_cached_soft_labels_with_k_equal_to_the_vocabulary_train_like_the_online_teacher(
+        tmp_path: Path, tiny4_dir: Path) -> None:
+    base = TrainConfig(lr=1e-2, alpha=0.0, batch_size=4, micro_batch=2)
+    online = train_student(run_dir=make_run(tmp_path / "online", tiny4_dir), profile=PROFILE, steps=3, seed=0,
+                           config=base)
+    from dataclasses import replace
+
+    cached_run = make_run(tmp_path / "cached", tiny4_dir)
+    cached = train_student(run_dir=cached_run, profile=PROFILE, steps=3, seed=0,
+                           config=replace(base, soft_labels=True, soft_k=400))
+    assert (cached_run / "softlabels" / ".complete").is_file()
+    assert cached["soft_labels"] == {"k": 400, "samples": 0, "divergence": "forward_kl"}
+    assert cached["teacher_prefix_tokens"] is None
+    for a, b in zip(online["loss_curve"], cached["loss_curve"]):
+        assert b["kd"] == pytest.approx(a["kd"], rel=1e-3)
+    # Top-8 + tail and importance samples train too (different, finite losses).
+    sparse_run = make_run(tmp_path / "sampled", tiny4_dir)
+    sampled = train_student(run_dir=sparse_run, profile=PROFILE, steps=2, seed=0,
+                            config=replace(base, soft_labels=True, soft_k=8, soft_samples=16,
+                                           divergence="sampled_forward_kl"))
+    assert all(h["kd"] == h["kd"] and h["kd"] > 0 for h in sampled["loss_curve"])
+    with pytest.raises(UsageError, match="temperature 1"):
+        train_student(run_dir=sparse_run, profile=PROFILE, steps=2, seed=1,
+                      config=replace(base, soft_labels=True, temperature=2.0))
