@@ -13,6 +13,7 @@ import json
 import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from edgepack.hashing import sha256_file
@@ -248,17 +249,21 @@ def _export_gguf(hf_dir: Path, model: str, out: Path, wanted: list[str],
     artifacts: list[dict[str, Any]] = []
     notes: list[str] = []
     progress("export", 0, steps)
-    base = convert_hf_to_gguf(hf_dir, out / f"{model}-{base_type}.gguf", outtype=base_type, progress=progress)
+    source_bytes = sum(p.stat().st_size for p in Path(hf_dir).glob("*.safetensors"))
+    base = _on_disk(out, source_bytes, f"{model}-{base_type}.gguf", lambda: convert_hf_to_gguf(
+        hf_dir, out / f"{model}-{base_type}.gguf", outtype=base_type, progress=progress))
     artifacts.append(_artifact_entry(out, base, "gguf", base_type, {}))
     progress("export", 1, steps)
     for q in wanted:
         if q == base_type:
             continue
         if q in FLOAT_TYPES:
-            path = convert_hf_to_gguf(hf_dir, out / f"{model}-{q}.gguf", outtype=q, progress=progress)
+            path = _on_disk(out, source_bytes, f"{model}-{q}.gguf", lambda: convert_hf_to_gguf(
+                hf_dir, out / f"{model}-{q}.gguf", outtype=q, progress=progress))
             artifacts.append(_artifact_entry(out, path, "gguf", q, {}))
         else:
-            path = quantize_gguf(base, out / f"{model}-{q}.gguf", q, imatrix=imatrix)
+            path = _on_disk(out, base.stat().st_size, f"{model}-{q}.gguf",
+                            lambda: quantize_gguf(base, out / f"{model}-{q}.gguf", q, imatrix=imatrix))
             info = quant_report(path, q)
             if imatrix is not None:
                 info["imatrix"] = imatrix.name
@@ -269,6 +274,28 @@ def _export_gguf(hf_dir: Path, model: str, out: Path, wanted: list[str],
             artifacts.append(_artifact_entry(out, path, "gguf", q, info))
         progress("export", len(artifacts), steps)
     return artifacts, notes
+
+
+def _on_disk(out: Path, needed: int, name: str, write: Callable[[], Path]) -> Path:
+    """Run ``write``; a failure on a disk without room for the file becomes one clear error.
+
+    gguf-py reports a full disk as ``OSError('8192 requested and 6112 written')`` and llama.cpp's
+    quantizer as ``basic_ios::clear: iostream error``; neither says why. The atomic writers
+    have already removed their temporary file, so the previous artifacts are intact.
+    ``needed`` is an upper bound of the file's size (the source weights, or the F16 base).
+    """
+    import errno
+    import shutil
+
+    try:
+        return write()
+    except (OSError, RuntimeError) as exc:
+        free = shutil.disk_usage(out).free
+        if getattr(exc, "errno", None) == errno.ENOSPC or free < needed:
+            raise RunDirError(f"not enough disk space in {out} to write {name}: up to {needed / 2**20:.1f} MB "
+                              f"needed, {free / 2**20:.1f} MB free ({exc})",
+                              hint="free some space, or export to a folder on another disk (--out)") from exc
+        raise
 
 
 def _export_onnx(hf_dir: Path, model: str, out: Path, wanted: list[str], progress: ProgressFn,

@@ -114,9 +114,6 @@ def test_export_on_a_full_disk_keeps_the_previous_artifacts(tiny_hf: Path, tmp_p
     assert json.loads((out / "export.json").read_text())["artifacts"][0]["sha256"] == before[f"{tiny_hf.name}-F16.gguf"]
 
 
-@pytest.mark.xfail(strict=True, reason="export does not say the disk is full yet: gguf-py's writer raises "
-                                       "OSError('8192 requested and 6112 written') and llama.cpp's quantizer "
-                                       "'basic_ios::clear: iostream error'; see RELIABILITY.md")
 def test_export_on_a_full_disk_says_so(tiny_hf: Path, tmp_path: Path, tmpfs: Callable[[Path, int], Path]) -> None:
     _, _, exc = _full_export(tiny_hf, tmp_path, tmpfs)
     assert isinstance(exc, EdgepackError) and "space" in str(exc).lower(), repr(exc)
