@@ -245,7 +245,7 @@ def _onnx_payload(model: Path, model_name: str, profile: Profile) -> Payload:
         files.append(BundleFile("chat_template.jinja", template.encode("utf-8")))
     runtime = {
         "backend": "onnxruntime", "requires": {"onnxruntime": f">={md.version('onnxruntime')}"},
-        "artifact_dir": model.name, "artifact_sha256": artifact_digest(model), "onnx_quant": graph.quant_detail,
+        "artifact_dir": model.name, "artifact_sha256": artifact_digest(model), "onnx_quant": graph.quant, "onnx_quant_detail": graph.quant_detail,
         "context_length": profile.context_length, "threads": profile.threads, "device": profile.device,
         "memory_estimate": estimate_onnx_memory(model, profile.context_length),
     }
