@@ -129,7 +129,7 @@ def _evaluate(cfg: PipelineConfig, out: dict[str, Any], progress: ProgressFn) ->
     report = _read_json(run / EVAL_REPORT)
     if not report or (run / EVAL_REPORT).stat().st_mtime < (run / STUDENT_DIR).stat().st_mtime:
         report = evaluate_run(run_dir=run, progress=progress)
-    out.update({name: {k: report[name].get(k) for k in ("label_accuracy", "teacher_agreement", "kl", "ce")}
+    out.update({name: {k: report[name].get(k) for k in ("label_accuracy", "teacher_label_agreement", "kl", "ce")}
                 for name in ("teacher", "undistilled", "distilled") if name in report})
     out["gap_closed"] = report.get("gap_closed")
     out["contamination"] = report.get("contamination")

@@ -61,6 +61,7 @@ def test_pipeline_end_to_end_on_tiny_model(tiny_teacher: Path, tmp_path: Path) -
     assert stages == ["distill data", "distill train", "eval", "export", "gate", "pack", "run"]
     assert result["verdict"] == "PASS", result["gates"]
     assert set(result["eval"]) >= {"teacher", "undistilled", "distilled", "gap_closed", "contamination"}
+    assert result["eval"]["distilled"]["teacher_label_agreement"] is not None
     assert json.loads((run / "eval.json").read_text())["distilled"]["label_accuracy"] == \
         result["eval"]["distilled"]["label_accuracy"]
     row = result["summary"][0]
