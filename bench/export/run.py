@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shlex
 import shutil
 import sys
@@ -37,6 +36,8 @@ import tempfile
 import time
 from pathlib import Path
 from typing import Any
+
+from edgepack.runtime.gate import machine_info
 
 GGUF_QUANTS = ["Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M", "Q4_0", "IQ4_XS"]
 IMATRIX_QUANTS = ["Q4_K_M", "Q4_0", "IQ4_XS"]
@@ -53,21 +54,6 @@ TARGETS = {  # the export issue's targets (reported against, never asserted)
 
 def _log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
-
-
-def _machine() -> dict[str, Any]:
-    import psutil
-
-    cpu = platform.processor()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {"platform": platform.platform(), "cpu": cpu, "logical_cpus": os.cpu_count(),
-            "memory_gb": round(psutil.virtual_memory().total / 2**30, 1), "python": platform.python_version()}
 
 
 class Timer:
@@ -308,7 +294,7 @@ def _summarise(fid: dict[str, Any], produced: list[dict[str, Any]], speed: dict[
         "benchmark": f"edgepack export: {model} ({fid['reference']['parameters'] / 1e6:.1f}M parameters)",
         "command": command,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "machine": _machine(),
+        "machine": machine_info(),
         "load_average_1min_by_stage": timer.load,
         "settings": {**settings, "accuracy_for": sorted(accuracy_for),
                      "threads_note": "threads: llama.cpp and torch in conversion and fidelity; onnxruntime sessions "
@@ -331,13 +317,20 @@ def _summarise(fid: dict[str, Any], produced: list[dict[str, Any]], speed: dict[
     }
 
 
+def _machine_line(m: dict[str, Any]) -> str:
+    """runtime.gate.machine_info's fields (older results.json files used other key names)."""
+    cpus = m.get("cpu_count", m.get("logical_cpus"))
+    memory = f"{m['memory_mb'] / 1024:.1f}" if "memory_mb" in m else m.get("memory_gb")
+    where = m.get("platform") or f"{m.get('system')} {m.get('release')} {m.get('machine')}"
+    return f"{m['cpu']} ({cpus} logical CPUs, {memory} GB), {where}"
+
+
 def render(results: dict[str, Any]) -> str:
     m = results["machine"]
     lines = [
         f"# {results['benchmark']}", "",
         f"Command: `{results['command']}`  ",
-        f"Created {results['created']} on {m['cpu']} ({m['logical_cpus']} logical CPUs, {m['memory_gb']} GB), "
-        f"{m['platform']}.  ",
+        f"Created {results['created']} on {_machine_line(m)}.  ",
         "1-minute load average by stage: " + ", ".join(f"{s.split(' (')[0]} {v:.2f}"
                                                        for s, v in results["load_average_1min_by_stage"]) + ".  ",
         "Other agents shared the machine's CPUs during the run, so the timings are pessimistic.", "",
