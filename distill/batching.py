@@ -11,12 +11,27 @@ from __future__ import annotations
 
 import copy
 import random
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from edgepack.distill.data import with_teacher_context
+
+
+@contextmanager
+def deterministic_torch(seed: int) -> Iterator[None]:
+    """Seed torch and turn on deterministic algorithms for a training recipe; restore the
+    caller's setting afterwards (same seed → bit-identical weights on CPU)."""
+    before = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        torch.manual_seed(seed)
+        yield
+    finally:
+        torch.use_deterministic_algorithms(before)
 
 
 @dataclass(frozen=True)

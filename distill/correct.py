@@ -172,13 +172,10 @@ def _train_lora(teacher_dir: Path, rows: list[Any], out: Path, seed: int, cfg: C
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from edgepack.distill.batching import collate, common_prefix_len, tokenize_rows
+    from edgepack.distill.batching import collate, common_prefix_len, deterministic_torch, tokenize_rows
 
-    deterministic = torch.are_deterministic_algorithms_enabled()
-    torch.use_deterministic_algorithms(True)
-    try:
+    with deterministic_torch(seed):
         # ------------------------------------------------------------ setup
-        torch.manual_seed(seed)
         tok = AutoTokenizer.from_pretrained(teacher_dir)
         pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
         examples, _ = tokenize_rows(tok, [{"messages": r.messages, "response": r.reference} for r in rows], [],
@@ -233,8 +230,6 @@ def _train_lora(teacher_dir: Path, rows: list[Any], out: Path, seed: int, cfg: C
         merged.save_pretrained(out, safe_serialization=True)
         _copy_tokenizer(teacher_dir, out)
         return history, len(examples)
-    finally:
-        torch.use_deterministic_algorithms(deterministic)
 
 
 def _epoch_order(n: int, total: int, seed: int) -> list[int]:

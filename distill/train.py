@@ -86,7 +86,7 @@ def train_student(*, run_dir: Path, profile: Profile, student: str = "auto", ste
     import torch
 
     from edgepack.distill import checkpoint as ckpt
-    from edgepack.distill.batching import TeacherPrefix, batch_indices, collate, tokenize_rows
+    from edgepack.distill.batching import TeacherPrefix, batch_indices, collate, deterministic_torch, tokenize_rows
     from edgepack.distill.data import read_jsonl, teacher_dir_of
     from edgepack.distill.losses import DIVERGENCES, SPARSE_DIVERGENCES, blend, cross_entropy
 
@@ -119,10 +119,7 @@ def train_student(*, run_dir: Path, profile: Profile, student: str = "auto", ste
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    deterministic = torch.are_deterministic_algorithms_enabled()
-    torch.use_deterministic_algorithms(True)
-    try:
-        torch.manual_seed(seed)
+    with deterministic_torch(seed):
         tok = AutoTokenizer.from_pretrained(teacher_dir)
         pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
         rows = read_jsonl(data_dir / TRAIN_FILE)
@@ -256,8 +253,6 @@ def train_student(*, run_dir: Path, profile: Profile, student: str = "auto", ste
                                             "train_config": asdict(cfg)})
             write_json(tmp / TRAIN_REPORT, report)
         return report
-    finally:
-        torch.use_deterministic_algorithms(deterministic)
 
 
 def _lr_factor(step: int, total: int, warmup: int, cfg: TrainConfig) -> float:
