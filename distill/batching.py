@@ -43,6 +43,8 @@ class Example:
     """Number of prompt tokens in ``student_ids`` (answer tokens follow)."""
     teacher_ids: list[int]
     teacher_prompt: int
+    row: int = -1
+    """Index of the row in the list given to :func:`tokenize_rows` (rows that are too long are skipped)."""
 
     @property
     def answer_tokens(self) -> int:
@@ -60,14 +62,14 @@ def tokenize_rows(tokenizer: Any, rows: list[dict[str, Any]], context: list[dict
     eos = tokenizer.eos_token_id
     out: list[Example] = []
     too_long = 0
-    for row in rows:
+    for i, row in enumerate(rows):
         answer = tokenizer(row["response"], add_special_tokens=False).input_ids + [eos]
         s_prompt = _template_ids(tokenizer, row["messages"])
         t_prompt = _template_ids(tokenizer, with_teacher_context(row["messages"], context)) if context else s_prompt
         if len(s_prompt) + len(answer) > max_length:
             too_long += 1
             continue
-        out.append(Example(s_prompt + answer, len(s_prompt), t_prompt + answer, len(t_prompt)))
+        out.append(Example(s_prompt + answer, len(s_prompt), t_prompt + answer, len(t_prompt), i))
     return out, too_long
 
 

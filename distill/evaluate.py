@@ -33,8 +33,11 @@ MAX_LENGTH = 1024
 
 
 def answer_divergence(teacher: Any, student: Any, examples: list[Any], prefix: Any, pad_id: int,
-                      micro_batch: int = 4) -> dict[str, float]:
-    """Token-weighted mean KL(teacher ‖ student) and student CE at the answer positions."""
+                      micro_batch: int = 4) -> dict[str, float | None]:
+    """Token-weighted mean KL(teacher ‖ student) and student CE at the answer positions.
+
+    ``teacher`` None (an endpoint teacher, or a student with another tokenizer): CE only, KL None.
+    """
     import torch
 
     from edgepack.distill.batching import collate
@@ -46,15 +49,17 @@ def answer_divergence(teacher: Any, student: Any, examples: list[Any], prefix: A
         for i in range(0, len(examples), micro_batch):
             part = examples[i:i + micro_batch]
             batch = collate([e.student_ids for e in part], [e.student_prompt for e in part], pad_id)
-            t_logits = prefix.logits(teacher, part, pad_id)
             hidden = student.get_decoder()(input_ids=batch.ids, attention_mask=batch.attention).last_hidden_state
             s_logits = student.get_output_embeddings()(hidden[batch.predicts])
             ones = torch.ones(1, s_logits.shape[0])
             n = s_logits.shape[0]
-            kl_sum += float(forward_kl(s_logits[None], t_logits[None], ones)) * n
+            if teacher is not None:
+                t_logits = prefix.logits(teacher, part, pad_id)
+                kl_sum += float(forward_kl(s_logits[None], t_logits[None], ones)) * n
             ce_sum += float(cross_entropy(s_logits[None], batch.targets[None], ones)) * n
             n_tokens += n
-    return {"kl": kl_sum / max(n_tokens, 1), "ce": ce_sum / max(n_tokens, 1), "tokens": n_tokens}
+    return {"kl": kl_sum / max(n_tokens, 1) if teacher is not None else None, "ce": ce_sum / max(n_tokens, 1),
+            "tokens": n_tokens}
 
 
 def _generate_answers(model: Any, tok: Any, rows: list[dict[str, Any]], progress: ProgressFn, task: str) -> list[str]:
@@ -116,13 +121,15 @@ def evaluate_run(*, run_dir: Path, progress: ProgressFn = null_progress) -> dict
 
     from edgepack.distill.batching import TeacherPrefix, tokenize_rows
     from edgepack.distill.data import read_jsonl, teacher_dir_of
+    from edgepack.distill.modes import is_endpoint_run, read_data_report, tokenizer_mismatch
     from edgepack.distill.student import prune_teacher
 
     run_dir = Path(run_dir)
     data_dir, student_dir = run_dir / DATA_DIR, run_dir / STUDENT_DIR
-    teacher_dir = teacher_dir_of(run_dir) if is_complete(data_dir) else run_dir / TEACHER_DIR
+    remote = is_complete(data_dir) and is_endpoint_run(read_data_report(run_dir))
+    teacher_dir = None if remote else teacher_dir_of(run_dir) if is_complete(data_dir) else run_dir / TEACHER_DIR
     for folder, stage in ((data_dir, "distill data"), (teacher_dir, "distill data"), (student_dir, "distill train")):
-        if not is_complete(folder):
+        if folder is not None and not is_complete(folder):
             raise RunDirError(f"{folder} is missing or incomplete", hint=f"run `edgepack {stage}` first")
     rows = read_jsonl(data_dir / HOLDOUT_FILE)
     if not rows:
@@ -135,18 +142,22 @@ def evaluate_run(*, run_dir: Path, progress: ProgressFn = null_progress) -> dict
     info = json.loads((student_dir / STUDENT_INFO).read_text())
     t0 = time.perf_counter()
 
-    tok = AutoTokenizer.from_pretrained(teacher_dir)
+    tok = AutoTokenizer.from_pretrained(student_dir)  # the student's own: the teacher's, unless it differs
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    teacher = AutoModelForCausalLM.from_pretrained(teacher_dir, dtype=torch.float32).eval()
+    teacher = None if teacher_dir is None else AutoModelForCausalLM.from_pretrained(teacher_dir, dtype=torch.float32).eval()
     if info.get("source") == "auto" or info.get("kept_layers"):
         undistilled, _ = prune_teacher(teacher, tok, keep=info["kept_layers"])
     else:
         undistilled = AutoModelForCausalLM.from_pretrained(info["source"], dtype=torch.float32)
     distilled = AutoModelForCausalLM.from_pretrained(student_dir, dtype=torch.float32)
+    # KL needs the teacher's logits on the student's vocabulary: a local teacher with the same tokenizer.
+    kl_note = ("the teacher is an endpoint (no local weights)" if teacher_dir is None else
+               tokenizer_mismatch(AutoTokenizer.from_pretrained(teacher_dir), tok))
+    kl_teacher = None if kl_note else teacher
 
     forced_rows = [r for r in rows if r.get("response")]
     examples, too_long = tokenize_rows(tok, forced_rows, context, MAX_LENGTH)
-    prefix = TeacherPrefix(teacher, examples) if examples else None
+    prefix = TeacherPrefix(kl_teacher, examples) if examples and kl_teacher is not None else None
     teacher_answers = [(r.get("response") or "").strip() for r in rows]
     report: dict[str, Any] = {
         "holdout_rows": len(rows),
@@ -155,14 +166,15 @@ def evaluate_run(*, run_dir: Path, progress: ProgressFn = null_progress) -> dict
         "teacher_context_turns": len(context),
         "forced_rows": len(examples), "forced_rows_too_long": too_long,
         "contamination": (data_report.get("contamination") or {}).get("status", "not checked"),
+        "kl_note": f"KL to the teacher not computed: {kl_note}" if kl_note else None,
     }
     for name, model in (("undistilled", undistilled), ("distilled", distilled)):
         model.eval()
         answers = _generate_answers(model, tok, rows, progress, f"eval: {name} answers")
         entry = _answer_scores(answers, rows, labels)
-        if prefix is not None:
+        if examples:
             entry.update({k: round(v, 5) if isinstance(v, float) else v
-                          for k, v in answer_divergence(teacher, model, examples, prefix, pad_id).items()})
+                          for k, v in answer_divergence(kl_teacher, model, examples, prefix, pad_id).items()})
         entry["params"] = sum(p.numel() for p in model.parameters())
         entry["samples"] = [{"id": r["id"], "label": r.get("label"), "answer": a} for r, a in zip(rows[:5], answers)]
         report[name] = entry

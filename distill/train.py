@@ -33,6 +33,7 @@ from typing import Any
 from edgepack.atomic import atomic_dir, clean_stale, is_complete, write_json
 from edgepack.constants import (CHECKPOINT_DIR, DATA_DIR, STUDENT_DIR, STUDENT_INFO, TEACHER_CONTEXT,
                                 TEACHER_DIR, TRAIN_FILE, TRAIN_REPORT)
+from edgepack.distill.modes import DENSE, RESPONSE_ONLY, SFT, SOFT_LABELS, TOP_LOGPROBS, TrainingMode
 from edgepack.distill.teachers import SOURCE_FILE
 from edgepack.errors import DataError, RunDirError, RuntimeFailure, UsageError
 from edgepack.profiles import Profile
@@ -40,8 +41,9 @@ from edgepack.progress import ProgressFn, null_progress
 
 
 
-# CLI loss names → divergence names (losses.DIVERGENCES / SPARSE_DIVERGENCES).
-LOSS_NAMES = {"fkl": "forward_kl", "rkl": "reverse_kl", "jsd": "jsd", "sampled": "sampled_forward_kl"}
+# CLI loss names → divergence names (losses.DIVERGENCES / SPARSE_DIVERGENCES); ``sft`` is
+# cross-entropy on the teacher's text only (the SFT-only baseline, modes.RESPONSE_ONLY).
+LOSS_NAMES = {"fkl": "forward_kl", "rkl": "reverse_kl", "jsd": "jsd", "sampled": "sampled_forward_kl", "sft": SFT}
 
 
 @dataclass(frozen=True)
@@ -61,7 +63,7 @@ class TrainConfig:
     weight_decay: float = 0.0
     clip_norm: float = 1.0
     divergence: str = "forward_kl"
-    """Name in losses.DIVERGENCES."""
+    """Name in losses.DIVERGENCES (SPARSE_DIVERGENCES with soft labels), or ``sft``."""
     temperature: float = 1.0
     alpha: float = 0.2
     """Weight of cross-entropy on the teacher's tokens; 1 - alpha weights the KD term."""
@@ -89,25 +91,33 @@ def train_student(*, run_dir: Path, profile: Profile, student: str = "auto", ste
     from edgepack.distill.batching import TeacherPrefix, batch_indices, collate, deterministic_torch, tokenize_rows
     from edgepack.distill.data import read_jsonl, teacher_dir_of
     from edgepack.distill.losses import DIVERGENCES, SPARSE_DIVERGENCES, blend, cross_entropy
+    from edgepack.distill.modes import choose_mode, is_endpoint_run, read_data_report, tokenizer_mismatch
 
     cfg = config or TrainConfig()
     run_dir = Path(run_dir)
     data_dir, out = run_dir / DATA_DIR, run_dir / STUDENT_DIR
     # ------------------------------------------------------------------ setup
-    teacher_dir = teacher_dir_of(run_dir) if is_complete(data_dir) else run_dir / TEACHER_DIR
-    for folder in (teacher_dir, data_dir):
-        if not is_complete(folder):
-            raise RunDirError(f"{folder} is missing or incomplete", hint="run `edgepack distill data` first")
+    if not is_complete(data_dir):
+        raise RunDirError(f"{data_dir} is missing or incomplete", hint="run `edgepack distill data` first")
+    data_report = read_data_report(run_dir)
+    remote = is_endpoint_run(data_report)  # an endpoint teacher: its answers (and logprobs), no weights
+    teacher_dir = None if remote else teacher_dir_of(run_dir)
+    if teacher_dir is not None and not is_complete(teacher_dir):
+        raise RunDirError(f"{teacher_dir} is missing or incomplete", hint="run `edgepack distill data` first")
+    if remote and student == "auto":
+        raise UsageError("an endpoint teacher has no weights to derive an `auto` student from",
+                         hint="pass --student PATH (an HF model folder) to train on the endpoint's answers")
     if steps < 1:
         raise UsageError(f"--steps must be at least 1 (got {steps})")
-    names = SPARSE_DIVERGENCES if cfg.soft_labels else DIVERGENCES
+    names = SPARSE_DIVERGENCES if cfg.soft_labels else {**DIVERGENCES, SFT: None}
     if cfg.batch_size % cfg.micro_batch or cfg.divergence not in names:
         raise UsageError("batch_size must be a multiple of micro_batch and divergence one of "
                          f"{', '.join(names)}")
     if cfg.soft_labels and cfg.temperature != 1.0:
         raise UsageError("cached soft labels hold the teacher at temperature 1; a tempered teacher needs "
                          "the whole vocabulary", hint="use temperature 1 with --soft-labels, or train online")
-    teacher_sha = json.loads((teacher_dir / SOURCE_FILE).read_text())["sha256"]
+    teacher_sha = (data_report["teacher"]["sha256"] if remote
+                   else json.loads((teacher_dir / SOURCE_FILE).read_text())["sha256"])
     identity = {"teacher_sha256": teacher_sha, "student": student, "steps": steps, "seed": seed,
                 "profile": profile.name, "config": asdict(cfg)}
     if is_complete(out):
@@ -120,7 +130,13 @@ def train_student(*, run_dir: Path, profile: Profile, student: str = "auto", ste
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     with deterministic_torch(seed):
-        tok = AutoTokenizer.from_pretrained(teacher_dir)
+        # The student's tokenizer reads the data: the teacher's own for ``auto`` students.
+        tokenizer_dir = teacher_dir if student == "auto" else _student_dir(student)
+        tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+        problem = None if remote or student == "auto" else \
+            tokenizer_mismatch(AutoTokenizer.from_pretrained(teacher_dir), tok)
+        mode = choose_mode(data_report=data_report, divergence=cfg.divergence, soft_labels=cfg.soft_labels,
+                           tokenizer_problem=problem)
         pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
         rows = read_jsonl(data_dir / TRAIN_FILE)
         context = json.loads((data_dir / TEACHER_CONTEXT).read_text())["messages"] \
@@ -128,16 +144,23 @@ def train_student(*, run_dir: Path, profile: Profile, student: str = "auto", ste
         examples, too_long = tokenize_rows(tok, rows, context, cfg.max_length)
         if not examples:
             raise DataError(f"no training row fits max_length={cfg.max_length} tokens ({too_long} too long)")
-        soft = None
-        if cfg.soft_labels:
+        soft: Any = None
+        if mode.name == SOFT_LABELS:
             from edgepack.distill.softlabels import cache_soft_labels, open_soft_labels
 
             cache_soft_labels(run_dir, k=cfg.soft_k, samples=cfg.soft_samples, seed=seed, max_length=cfg.max_length,
                               progress=progress)
             soft = open_soft_labels(run_dir, max_length=cfg.max_length)
-        # The teacher is also what an ``auto`` student is pruned from, so it is loaded either way.
-        teacher = AutoModelForCausalLM.from_pretrained(teacher_dir, dtype=torch.float32)
-        teacher.eval().requires_grad_(False)
+        elif mode.name == TOP_LOGPROBS:
+            from edgepack.distill.endpoint_targets import EndpointTargets
+
+            soft = EndpointTargets(tok, rows, examples)
+        # A local teacher is also what an ``auto`` student is pruned from (and what a user's
+        # student is compared with), so it is loaded either way; an endpoint has no weights.
+        teacher = None
+        if teacher_dir is not None:
+            teacher = AutoModelForCausalLM.from_pretrained(teacher_dir, dtype=torch.float32)
+            teacher.eval().requires_grad_(False)
 
         ckpt_root = run_dir / CHECKPOINT_DIR
         clean_stale(ckpt_root)  # half-written checkpoint folders of a killed run
@@ -153,7 +176,7 @@ def train_student(*, run_dir: Path, profile: Profile, student: str = "auto", ste
             model = AutoModelForCausalLM.from_pretrained(last, dtype=torch.float32)
             description = state["student"]
         else:
-            model, description = _make_student(student, teacher, tok, teacher_dir, rows, profile, cfg, progress)
+            model, description = _make_student(student, teacher, tok, rows, profile, cfg, progress)
         model.train()
 
         params = [p for p in model.parameters() if p.requires_grad]
@@ -166,7 +189,7 @@ def train_student(*, run_dir: Path, profile: Profile, student: str = "auto", ste
             state = ckpt.restore_training_state(last, optimizer, scheduler)
             start, history, elapsed, tokens_seen = state["step"], state["history"], state["elapsed"], state["tokens"]
         divergence = DIVERGENCES.get(cfg.divergence)
-        prefix = TeacherPrefix(teacher, examples) if soft is None else None
+        prefix = TeacherPrefix(teacher, examples) if mode.name == DENSE else None
 
         # ------------------------------------------------------------------ train
         def checkpoint(step: int) -> None:
@@ -187,14 +210,19 @@ def train_student(*, run_dir: Path, profile: Profile, student: str = "auto", ste
                 hidden = model.get_decoder()(input_ids=batch.ids, attention_mask=batch.attention).last_hidden_state
                 s_logits = model.get_output_embeddings()(hidden[batch.predicts])
                 ones = torch.ones(1, s_logits.shape[0])
-                if soft is None:
+                ce = cross_entropy(s_logits[None], batch.targets[None], ones)
+                if mode.name == DENSE:
                     t_logits = prefix.logits(teacher, part, pad_id)
                     kd = divergence(s_logits[None], t_logits[None], ones, temperature=cfg.temperature)
-                else:  # cached sparse targets, aligned with ``hidden[batch.predicts]`` (checked)
+                elif mode.name == SOFT_LABELS:  # cached sparse targets, aligned with ``hidden[batch.predicts]`` (checked)
                     kd = SPARSE_DIVERGENCES[cfg.divergence](
                         s_logits, soft.targets(indices[mb:mb + cfg.micro_batch], part))
-                ce = cross_entropy(s_logits[None], batch.targets[None], ones)
-                loss = blend(kd, ce, cfg.alpha)
+                elif mode.name == TOP_LOGPROBS:  # unaligned rows and end-of-turn positions are masked out
+                    targets, kd_mask = soft.targets(indices[mb:mb + cfg.micro_batch], part)
+                    kd = SPARSE_DIVERGENCES[cfg.divergence](s_logits, targets, kd_mask)
+                else:  # response-only: the teacher's text is all there is to learn from
+                    kd = torch.zeros(())
+                loss = ce if mode.name == RESPONSE_ONLY else blend(kd, ce, cfg.alpha)
                 weight = s_logits.shape[0] / n_answer  # the step loss is a mean over all answer tokens
                 (loss * weight).backward()
                 for key, value in (("loss", loss), ("kd", kd), ("ce", ce)):
@@ -231,9 +259,12 @@ def train_student(*, run_dir: Path, profile: Profile, student: str = "auto", ste
             "first_loss": history[0]["loss"],
             "loss_curve": history,
             "rows": len(rows), "rows_used": len(examples), "rows_too_long": too_long,
+            "mode": mode.name,
+            "mode_reason": mode.reason,
             "teacher_prefix_tokens": prefix.length if prefix is not None else None,
-            "soft_labels": None if soft is None else {"k": soft.k, "samples": soft.samples,
-                                                      "divergence": cfg.divergence},
+            "soft_labels": None if mode.name != SOFT_LABELS else {"k": soft.k, "samples": soft.samples,
+                                                                 "divergence": cfg.divergence},
+            "endpoint_logprobs": soft.stats if mode.name == TOP_LOGPROBS else None,
             "tokens": tokens_seen,
             "wall_s": round(elapsed, 2),
             "tokens_per_s": round(tokens_seen / elapsed, 1) if elapsed else None,
@@ -248,8 +279,9 @@ def train_student(*, run_dir: Path, profile: Profile, student: str = "auto", ste
             shutil.rmtree(stale, ignore_errors=True)
         with atomic_dir(out) as tmp:
             model.save_pretrained(tmp, safe_serialization=True)
-            _copy_tokenizer(teacher_dir, tmp)
-            write_json(tmp / STUDENT_INFO, {**description, "teacher": str(teacher_dir), "teacher_sha256": teacher_sha,
+            _copy_tokenizer(tokenizer_dir, tmp)
+            write_json(tmp / STUDENT_INFO, {**description, "teacher": str(teacher_dir or data_report["teacher"]["spec"]),
+                                            "teacher_sha256": teacher_sha, "mode": mode.name,
                                             "train_config": asdict(cfg)})
             write_json(tmp / TRAIN_REPORT, report)
         return report
@@ -273,14 +305,23 @@ def _divergence_problem(loss: float, grad_norm: float, history: list[dict[str, A
     return None
 
 
-def _make_student(spec: str, teacher: Any, tok: Any, teacher_dir: Path, rows: list[dict[str, Any]],
+def _student_dir(spec: str) -> Path:
+    from edgepack.distill.teachers import check_hf_dir
+
+    path = Path(spec)
+    if not path.is_dir():
+        raise UsageError(f"--student must be `auto` or an HF model folder (got {spec!r})")
+    check_hf_dir(path)
+    return path
+
+
+def _make_student(spec: str, teacher: Any, tok: Any, rows: list[dict[str, Any]],
                   profile: Profile, cfg: TrainConfig, progress: ProgressFn) -> tuple[Any, dict[str, Any]]:
-    """``auto``: the depth-pruned teacher; else an HF folder that shares the teacher's tokenizer."""
+    """``auto``: the depth-pruned teacher; else an HF folder (a local teacher: no larger than it)."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     from edgepack.distill.student import choose_num_layers, count_params, prune_teacher
-    from edgepack.distill.teachers import check_hf_dir
 
     if spec == "auto":
         sizing = choose_num_layers(teacher, profile)
@@ -289,32 +330,14 @@ def _make_student(spec: str, teacher: Any, tok: Any, teacher_dir: Path, rows: li
         model, description = prune_teacher(teacher, tok, calibration=texts, num_layers=sizing["num_layers"],
                                            max_length=cfg.max_length, progress=progress)
         return model, {"source": "auto", **description, "sizing": sizing}
-    path = Path(spec)
-    if not path.is_dir():
-        raise UsageError(f"--student must be `auto` or an HF model folder (got {spec!r})")
-    check_hf_dir(path)
-    student_tok = AutoTokenizer.from_pretrained(path)
-    problem = _tokenizer_mismatch(tok, student_tok)
-    if problem:
-        raise UsageError(f"student {path} does not share the teacher's tokenizer: {problem}",
-                         hint="dense KD compares distributions token by token; pick a student from the same family")
+    path = _student_dir(spec)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-    n, n_teacher = count_params(model), count_params(teacher)
-    if n > n_teacher:
-        raise UsageError(f"student {path} has {n:,} parameters, more than the teacher's {n_teacher:,}")
+    n, n_teacher = count_params(model), (count_params(teacher) if teacher is not None else None)
+    if n_teacher is not None and n > n_teacher:
+        raise UsageError(f"student {path} has {n:,} parameters, more than the teacher's {n_teacher:,}",
+                         hint="a student is the smaller model: pick one with fewer parameters, or --student auto")
     return model, {"source": str(path), "method": "user-provided student", "params": n, "teacher_params": n_teacher,
                    "num_layers": model.config.num_hidden_layers}
-
-
-def _tokenizer_mismatch(a: Any, b: Any) -> str | None:
-    if a.get_vocab() != b.get_vocab():
-        return f"vocabularies differ ({len(a)} vs {len(b)} tokens)"
-    for attr in ("bos_token_id", "eos_token_id", "pad_token_id"):
-        if getattr(a, attr) != getattr(b, attr):
-            return f"{attr} differs ({getattr(a, attr)} vs {getattr(b, attr)})"
-    if sorted(a.all_special_tokens) != sorted(b.all_special_tokens):
-        return "special tokens differ"
-    return None
 
 
 def _copy_tokenizer(teacher_dir: Path, dst: Path) -> None:

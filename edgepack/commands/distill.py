@@ -60,11 +60,14 @@ def data_cmd(
 def train_cmd(
     run: Annotated[Path, typer.Argument(help="Run directory written by `distill data`.")],
     profile: Annotated[str, typer.Option("--profile", "-p", help="Profile name or .toml path.")],
-    student: Annotated[str, typer.Option(help="`auto` or an HF dir sharing the teacher's tokenizer.")] = "auto",
+    student: Annotated[str, typer.Option(
+        help="`auto` (pruned from a local teacher) or an HF dir; a student with another tokenizer "
+             "trains response-only (announced).")] = "auto",
     steps: Annotated[int, typer.Option(help="Optimizer steps.")] = 20,
     seed: Annotated[int, typer.Option(help="Training seed.")] = 0,
     resume: Annotated[bool, typer.Option(help="Continue from the last complete checkpoint.")] = False,
-    loss: Annotated[str, typer.Option(help="fkl, rkl, jsd, or (with --soft-labels) sampled.")] = "fkl",
+    loss: Annotated[str, typer.Option(
+        help="fkl, rkl, jsd, (with --soft-labels) sampled, or sft: cross-entropy on the teacher's text only.")] = "fkl",
     soft_labels: Annotated[bool, typer.Option(
         "--soft-labels", help="Distill against cached sparse soft labels (RUN/softlabels, built when missing) "
                               "instead of the online teacher.")] = False,
@@ -73,7 +76,7 @@ def train_cmd(
     json_out: JsonOpt = False,
 ) -> None:
     """Distill the teacher into a student sized for the profile."""
-    from edgepack.console import emit, progress_bars
+    from edgepack.console import emit, progress_bars, warn
     from edgepack.distill.train import LOSS_NAMES, TrainConfig, train_student
     from edgepack.errors import UsageError
     from edgepack.profiles import load_profile
@@ -86,6 +89,8 @@ def train_cmd(
     with progress_bars(not json_out) as progress:
         report = train_student(run_dir=run, profile=prof, student=student, steps=steps, seed=seed,
                                resume=resume, progress=progress, config=config)
+    if report.get("mode_reason"):
+        warn(f"{report['mode']} distillation: {report['mode_reason']}")
     emit(report, json_out)
 
 

@@ -342,7 +342,7 @@ def test_endpoint_teacher_refuses_correction_and_training(mock, tmp_path: Path) 
         build_dataset(teacher=server.spec, data=data, run_dir=run, correct=True)
     assert server.requests == []
     build_dataset(teacher=server.spec, data=data, run_dir=run, endpoint=EndpointConfig(**FAST))
-    with pytest.raises(UsageError, match="endpoint teacher"):
+    with pytest.raises(UsageError, match="endpoint teacher has no weights"):  # no `auto` student from it
         train_student(run_dir=run, profile=load_profile("cpu-x86-2c"), steps=1)
 
 

@@ -167,7 +167,7 @@ def test_training_with_teacher_context(tmp_path: Path, tiny4_dir: Path) -> None:
     assert report["teacher_prefix_tokens"] > 0 and is_complete(run / STUDENT_DIR)
 
 
-def test_user_student_must_share_the_tokenizer_and_be_smaller(tmp_path: Path, tiny4_dir: Path,
+def test_user_student_smaller_and_tokenizer_mismatch_is_response_only(tmp_path: Path, tiny4_dir: Path,
                                                               tiny_llama_dir: Path) -> None:
     from transformers import AutoTokenizer
 
@@ -176,16 +176,21 @@ def test_user_student_must_share_the_tokenizer_and_be_smaller(tmp_path: Path, ti
     report = train_student(run_dir=run, profile=PROFILE, student=str(tiny_llama_dir), steps=2, seed=0,
                            resume=False, config=FAST)
     assert report["params"] < report["teacher_params"]
-    # Another tokenizer: refused with exit code 2.
+    assert report["mode"] == "dense" and report["mode_reason"] is None
+    # Another tokenizer (one added token): never misaligned logits, response-only with the reason.
     other = tmp_path / "other"
     shutil.copytree(tiny_llama_dir, other)
     tok = AutoTokenizer.from_pretrained(other)
     tok.add_tokens(["<|extra|>"])
     tok.save_pretrained(other)
     run2 = make_run(tmp_path / "run2", tiny4_dir)
-    with pytest.raises(UsageError, match="tokenizer") as exc:
-        train_student(run_dir=run2, profile=PROFILE, student=str(other), steps=2, seed=0, resume=False)
-    assert exc.value.exit_code == 2
+    report = train_student(run_dir=run2, profile=PROFILE, student=str(other), steps=2, seed=0, resume=False,
+                           config=FAST)
+    assert report["mode"] == "response-only"
+    assert "tokenizer differs" in report["mode_reason"] and "vocabularies differ" in report["mode_reason"]
+    assert all(h["kd"] == 0.0 and h["loss"] == h["ce"] for h in report["loss_curve"])
+    # The student keeps its own tokenizer (the added token), not the teacher's.
+    assert "<|extra|>" in AutoTokenizer.from_pretrained(run2 / STUDENT_DIR).get_vocab()
     # A student larger than the teacher: refused.
     run3 = make_run(tmp_path / "run3", tiny_llama_dir)
     with pytest.raises(UsageError, match="more than the teacher"):
@@ -193,7 +198,7 @@ def test_user_student_must_share_the_tokenizer_and_be_smaller(tmp_path: Path, ti
 
 
 def test_missing_stage_inputs(tmp_path: Path) -> None:
-    with pytest.raises(RunDirError, match="teacher is missing") as exc:
+    with pytest.raises(RunDirError, match="data is missing") as exc:
         train_student(run_dir=tmp_path / "empty", profile=PROFILE, steps=2, seed=0, resume=False)
     assert "distill data" in exc.value.hint
 
