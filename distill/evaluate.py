@@ -34,16 +34,16 @@ MAX_LENGTH = 1024
 
 def answer_divergence(teacher: Any, student: Any, examples: list[Any], prefix: Any, pad_id: int,
                       micro_batch: int = 4) -> dict[str, float | None]:
-    """Token-weighted mean KL(teacher ‖ student) and student CE at the answer positions.
+    """Token-weighted mean KL(teacher ‖ student), student CE and the teacher's own CE at the answer positions.
 
-    ``teacher`` None (an endpoint teacher, or a student with another tokenizer): CE only, KL None.
+    ``teacher`` None (an endpoint teacher, or a student with another tokenizer): student CE only.
     """
     import torch
 
     from edgepack.distill.batching import collate
     from edgepack.distill.losses import cross_entropy, forward_kl
 
-    kl_sum = ce_sum = 0.0
+    kl_sum = ce_sum = teacher_ce_sum = 0.0
     n_tokens = 0
     with torch.no_grad():
         for i in range(0, len(examples), micro_batch):
@@ -56,10 +56,12 @@ def answer_divergence(teacher: Any, student: Any, examples: list[Any], prefix: A
             if teacher is not None:
                 t_logits = prefix.logits(teacher, part, pad_id)
                 kl_sum += float(forward_kl(s_logits[None], t_logits[None], ones)) * n
+                teacher_ce_sum += float(cross_entropy(t_logits[None], batch.targets[None], ones)) * n
             ce_sum += float(cross_entropy(s_logits[None], batch.targets[None], ones)) * n
             n_tokens += n
-    return {"kl": kl_sum / max(n_tokens, 1) if teacher is not None else None, "ce": ce_sum / max(n_tokens, 1),
-            "tokens": n_tokens}
+    known = teacher is not None
+    return {"kl": kl_sum / max(n_tokens, 1) if known else None, "ce": ce_sum / max(n_tokens, 1),
+            "teacher_ce": teacher_ce_sum / max(n_tokens, 1) if known else None, "tokens": n_tokens}
 
 
 def _generate_answers(model: Any, tok: Any, rows: list[dict[str, Any]], progress: ProgressFn, task: str) -> list[str]:
@@ -104,6 +106,10 @@ def _answer_scores(answers: list[str], rows: list[dict[str, Any]], labels: froze
     }
 
 
+def _round(value: Any) -> Any:
+    return round(value, 5) if isinstance(value, float) else value
+
+
 def _ratio(num: int, den: int) -> float | None:
     return round(num / den, 4) if den else None
 
@@ -114,8 +120,17 @@ def _gap_closed(before: float | None, after: float | None, target: float | None)
     return round((after - before) / (target - before), 4)
 
 
-def evaluate_run(*, run_dir: Path, progress: ProgressFn = null_progress) -> dict[str, Any]:
-    """Compare teacher, undistilled student and distilled student on the holdout."""
+# Metrics "gap closed" is reported for; each is compared with the teacher's own value.
+GAP_METRICS = ("label_accuracy", "teacher_label_agreement", "kl", "ce")
+
+
+def evaluate_run(*, run_dir: Path, variants: tuple[str, ...] = (), progress: ProgressFn = null_progress
+                 ) -> dict[str, Any]:
+    """Compare teacher, undistilled student and distilled student on the holdout.
+
+    ``variants`` adds students trained beside the main one (``distill train --variant NAME``,
+    e.g. an SFT-only baseline with ``--loss sft``), each with its own gap closed.
+    """
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -123,12 +138,15 @@ def evaluate_run(*, run_dir: Path, progress: ProgressFn = null_progress) -> dict
     from edgepack.distill.data import read_jsonl, teacher_dir_of
     from edgepack.distill.modes import is_endpoint_run, read_data_report, tokenizer_mismatch
     from edgepack.distill.student import prune_teacher
+    from edgepack.distill.train import student_dir_name
 
     run_dir = Path(run_dir)
     data_dir, student_dir = run_dir / DATA_DIR, run_dir / STUDENT_DIR
     remote = is_complete(data_dir) and is_endpoint_run(read_data_report(run_dir))
     teacher_dir = None if remote else teacher_dir_of(run_dir) if is_complete(data_dir) else run_dir / TEACHER_DIR
-    for folder, stage in ((data_dir, "distill data"), (teacher_dir, "distill data"), (student_dir, "distill train")):
+    variant_dirs = {v: run_dir / student_dir_name(v) for v in variants}
+    for folder, stage in ((data_dir, "distill data"), (teacher_dir, "distill data"), (student_dir, "distill train"),
+                          *((d, "distill train --variant") for d in variant_dirs.values())):
         if folder is not None and not is_complete(folder):
             raise RunDirError(f"{folder} is missing or incomplete", hint=f"run `edgepack {stage}` first")
     rows = read_jsonl(data_dir / HOLDOUT_FILE)
@@ -149,7 +167,9 @@ def evaluate_run(*, run_dir: Path, progress: ProgressFn = null_progress) -> dict
         undistilled, _ = prune_teacher(teacher, tok, keep=info["kept_layers"])
     else:
         undistilled = AutoModelForCausalLM.from_pretrained(info["source"], dtype=torch.float32)
-    distilled = AutoModelForCausalLM.from_pretrained(student_dir, dtype=torch.float32)
+    students = {"undistilled": undistilled,
+                "distilled": AutoModelForCausalLM.from_pretrained(student_dir, dtype=torch.float32),
+                **{v: AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32) for v, d in variant_dirs.items()}}
     # KL needs the teacher's logits on the student's vocabulary: a local teacher with the same tokenizer.
     kl_note = ("the teacher is an endpoint (no local weights)" if teacher_dir is None else
                tokenizer_mismatch(AutoTokenizer.from_pretrained(teacher_dir), tok))
@@ -162,27 +182,29 @@ def evaluate_run(*, run_dir: Path, progress: ProgressFn = null_progress) -> dict
     report: dict[str, Any] = {
         "holdout_rows": len(rows),
         "teacher": {"source": "data/holdout.jsonl (the teacher's recorded answers)",
-                    **_answer_scores(teacher_answers, rows, labels)},
+                    **_answer_scores(teacher_answers, rows, labels), "kl": 0.0, "ce": None},
         "teacher_context_turns": len(context),
         "forced_rows": len(examples), "forced_rows_too_long": too_long,
         "contamination": (data_report.get("contamination") or {}).get("status", "not checked"),
         "kl_note": f"KL to the teacher not computed: {kl_note}" if kl_note else None,
     }
-    for name, model in (("undistilled", undistilled), ("distilled", distilled)):
+    entries: dict[str, dict[str, Any]] = {}
+    for name, model in students.items():
         model.eval()
         answers = _generate_answers(model, tok, rows, progress, f"eval: {name} answers")
         entry = _answer_scores(answers, rows, labels)
         if examples:
-            entry.update({k: round(v, 5) if isinstance(v, float) else v
-                          for k, v in answer_divergence(kl_teacher, model, examples, prefix, pad_id).items()})
+            scores = answer_divergence(kl_teacher, model, examples, prefix, pad_id)
+            report["teacher"]["ce"] = _round(scores.pop("teacher_ce"))
+            entry.update({k: _round(v) for k, v in scores.items()})
         entry["params"] = sum(p.numel() for p in model.parameters())
         entry["samples"] = [{"id": r["id"], "label": r.get("label"), "answer": a} for r, a in zip(rows[:5], answers)]
-        report[name] = entry
-    before, after, target = report["undistilled"], report["distilled"], report["teacher"]
-    report["gap_closed"] = {
-        "label_accuracy": _gap_closed(before["label_accuracy"], after["label_accuracy"], target["label_accuracy"]),
-        "kl": _gap_closed(before.get("kl"), after.get("kl"), 0.0),
-    }
+        entries[name] = entry
+    before, target = entries["undistilled"], report["teacher"]
+    gaps = {name: {m: _gap_closed(before.get(m), e.get(m), target.get(m)) for m in GAP_METRICS}
+            for name, e in entries.items() if name != "undistilled"}
+    report.update(undistilled=entries["undistilled"], distilled=entries["distilled"], gap_closed=gaps["distilled"],
+                  variants={v: {**entries[v], "gap_closed": gaps[v]} for v in variants})
     report["seconds"] = round(time.perf_counter() - t0, 1)
     write_json(run_dir / EVAL_REPORT, report)
     return report

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import resource
 import shutil
 import time
@@ -31,8 +32,9 @@ from pathlib import Path
 from typing import Any
 
 from edgepack.atomic import atomic_dir, clean_stale, is_complete, write_json
-from edgepack.constants import (CHECKPOINT_DIR, DATA_DIR, STUDENT_DIR, STUDENT_INFO, TEACHER_CONTEXT,
+from edgepack.constants import (CHECKPOINT_DIR, DATA_DIR, LOSS_CURVE_PNG, STUDENT_DIR, STUDENT_INFO, TEACHER_CONTEXT,
                                 TEACHER_DIR, TRAIN_FILE, TRAIN_REPORT)
+from edgepack.distill.curves import loss_curve_png
 from edgepack.distill.modes import DENSE, RESPONSE_ONLY, SFT, SOFT_LABELS, TOP_LOGPROBS, TrainingMode
 from edgepack.distill.teachers import SOURCE_FILE
 from edgepack.errors import DataError, RunDirError, RuntimeFailure, UsageError
@@ -81,10 +83,25 @@ class TrainConfig:
     """Stop when a step's loss exceeds this multiple of the first step's loss."""
 
 
+def student_dir_name(variant: str | None = None) -> str:
+    """``student``, or ``student-<variant>`` for a variant trained beside it (e.g. an SFT-only baseline)."""
+    if variant is None:
+        return STUDENT_DIR
+    if not re.fullmatch(r"[a-z0-9][a-z0-9_-]{0,31}", variant):
+        raise UsageError(f"--variant {variant!r} must be 1-32 characters of a-z, 0-9, _ and -, starting with a letter "
+                         "or digit")
+    return f"{STUDENT_DIR}-{variant}"
+
+
 def train_student(*, run_dir: Path, profile: Profile, student: str = "auto", steps: int = 20, seed: int = 0,
                   resume: bool = False, progress: ProgressFn = null_progress,
-                  config: TrainConfig | None = None) -> dict[str, Any]:
-    """Distill the teacher into a student sized for the profile; return train_report.json."""
+                  config: TrainConfig | None = None, variant: str | None = None) -> dict[str, Any]:
+    """Distill the teacher into a student sized for the profile; return train_report.json.
+
+    ``variant`` trains into ``RUN/student-<variant>`` (checkpoints in ``RUN/checkpoints-<variant>``)
+    instead of ``RUN/student``, so baselines (``--loss sft``) and other losses share one run's data
+    and are compared by ``edgepack eval RUN --variants``.
+    """
     import torch
 
     from edgepack.distill import checkpoint as ckpt
@@ -95,7 +112,7 @@ def train_student(*, run_dir: Path, profile: Profile, student: str = "auto", ste
 
     cfg = config or TrainConfig()
     run_dir = Path(run_dir)
-    data_dir, out = run_dir / DATA_DIR, run_dir / STUDENT_DIR
+    data_dir, out = run_dir / DATA_DIR, run_dir / student_dir_name(variant)
     # ------------------------------------------------------------------ setup
     if not is_complete(data_dir):
         raise RunDirError(f"{data_dir} is missing or incomplete", hint="run `edgepack distill data` first")
@@ -162,7 +179,7 @@ def train_student(*, run_dir: Path, profile: Profile, student: str = "auto", ste
             teacher = AutoModelForCausalLM.from_pretrained(teacher_dir, dtype=torch.float32)
             teacher.eval().requires_grad_(False)
 
-        ckpt_root = run_dir / CHECKPOINT_DIR
+        ckpt_root = run_dir / (CHECKPOINT_DIR if variant is None else f"{CHECKPOINT_DIR}-{variant}")
         clean_stale(ckpt_root)  # half-written checkpoint folders of a killed run
         last = ckpt.latest_checkpoint(ckpt_root)
         if last is not None and not resume:
@@ -284,6 +301,8 @@ def train_student(*, run_dir: Path, profile: Profile, student: str = "auto", ste
                                             "teacher_sha256": teacher_sha, "mode": mode.name,
                                             "train_config": asdict(cfg)})
             write_json(tmp / TRAIN_REPORT, report)
+            loss_curve_png(history, tmp / LOSS_CURVE_PNG,
+                           f"{out.name}: {mode.name} ({cfg.divergence}), {description['params'] / 1e6:.1f}M parameters")
         return report
 
 

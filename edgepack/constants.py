@@ -27,6 +27,7 @@ TRAIN_FILE = "train.jsonl"
 HOLDOUT_FILE = "holdout.jsonl"
 DATA_REPORT = "report.json"
 TRAIN_REPORT = "train_report.json"
+LOSS_CURVE_PNG = "loss_curve.png"           # RUN/student/loss_curve.png: the training loss per step
 TEACHER_CONTEXT = "teacher_context.json"   # data/: teacher-only prompt turns (demonstrations)
 STUDENT_INFO = "student.json"              # student/: kept blocks, params, teacher identity
 EVAL_REPORT = "eval.json"                  # RUN/eval.json: `edgepack eval` (teacher vs students)

@@ -73,6 +73,9 @@ def train_cmd(
                               "instead of the online teacher.")] = False,
     soft_k: Annotated[int, typer.Option(help="Top-k tokens per position in the soft-label cache.")] = 32,
     soft_samples: Annotated[int, typer.Option(help="Importance-sampled tokens per position (0 = none).")] = 0,
+    variant: Annotated[str | None, typer.Option(
+        help="Train into RUN/student-NAME instead of RUN/student (a baseline or another loss beside the main "
+             "student; compare with `edgepack eval RUN --variants NAME`).")] = None,
     json_out: JsonOpt = False,
 ) -> None:
     """Distill the teacher into a student sized for the profile."""
@@ -88,7 +91,7 @@ def train_cmd(
                          soft_samples=soft_samples)
     with progress_bars(not json_out) as progress:
         report = train_student(run_dir=run, profile=prof, student=student, steps=steps, seed=seed,
-                               resume=resume, progress=progress, config=config)
+                               resume=resume, progress=progress, config=config, variant=variant)
     if report.get("mode_reason"):
         warn(f"{report['mode']} distillation: {report['mode_reason']}")
     emit(report, json_out)
@@ -96,12 +99,41 @@ def train_cmd(
 
 def eval_cmd(
     run: Annotated[Path, typer.Argument(help="Run directory with a trained student.")],
+    variants: Annotated[str, typer.Option(
+        help="Comma-separated students trained with `distill train --variant NAME` to compare too "
+             "(e.g. `sft` for an SFT-only baseline).")] = "",
     json_out: JsonOpt = False,
 ) -> None:
     """Compare teacher, undistilled student and distilled student on the holdout."""
     from edgepack.console import emit, progress_bars
     from edgepack.distill.evaluate import evaluate_run
 
+    names = tuple(v.strip() for v in variants.split(",") if v.strip())
     with progress_bars(not json_out) as progress:
-        report = evaluate_run(run_dir=run, progress=progress)
-    emit(report, json_out)
+        report = evaluate_run(run_dir=run, variants=names, progress=progress)
+    emit(report, json_out, _eval_table)
+
+
+def _eval_table(report: dict) -> None:
+    """Metrics per model, then the share of the undistilled → teacher gap each student closed."""
+    from rich.table import Table
+
+    from edgepack.console import out
+    from edgepack.distill.evaluate import GAP_METRICS
+
+    columns = {"teacher": report["teacher"], "undistilled": report["undistilled"], "distilled": report["distilled"],
+               **{f"variant {v}": e for v, e in report.get("variants", {}).items()}}
+    table = Table(title=f"holdout: {report['holdout_rows']} rows, contamination {report['contamination']}")
+    table.add_column("metric")
+    for name in columns:
+        table.add_column(name, justify="right")
+    fmt = lambda v: "–" if v is None else f"{v:.4g}" if isinstance(v, float) else str(v)  # noqa: E731
+    for metric in (*GAP_METRICS, "format_rate", "params"):
+        table.add_row(metric, *(fmt(e.get(metric)) for e in columns.values()))
+    gaps = {"distilled": report["gap_closed"], **{f"variant {v}": e["gap_closed"]
+                                                 for v, e in report.get("variants", {}).items()}}
+    for metric in GAP_METRICS:
+        table.add_row(f"gap closed: {metric}", "", "", *(fmt(g.get(metric)) for g in gaps.values()))
+    out.print(table)
+    if report.get("kl_note"):
+        out.print(report["kl_note"])

@@ -33,3 +33,35 @@ def test_evaluate_a_trained_tiny_run(tmp_path: Path, tiny4_dir: Path) -> None:
     assert after["kl"] < before["kl"]
     assert report["gap_closed"]["kl"] == pytest.approx((before["kl"] - after["kl"]) / before["kl"], abs=1e-3)
     assert json.loads((run / EVAL_REPORT).read_text())["distilled"]["kl"] == after["kl"]
+
+
+def test_sft_variant_beside_the_kd_student(tmp_path: Path, tiny4_dir: Path) -> None:
+    """`--loss sft --variant sft` trains an SFT-only baseline in RUN/student-sft; eval compares both."""
+    import subprocess
+    import sys
+
+    from edgepack.constants import LOSS_CURVE_PNG, STUDENT_DIR
+
+    run = make_run(tmp_path / "run", tiny4_dir)
+    cfg = dict(lr=1e-2, alpha=0.0, save_every=100)
+    kd = train_student(run_dir=run, profile=load_profile("cpu-x86-2c"), steps=6, seed=0, config=TrainConfig(**cfg))
+    sft = train_student(run_dir=run, profile=load_profile("cpu-x86-2c"), steps=6, seed=0, variant="sft",
+                        config=TrainConfig(divergence="sft", **cfg))
+    assert kd["mode"] == "dense" and sft["mode"] == "response-only" and sft["mode_reason"] is None
+    for folder in (run / STUDENT_DIR, run / "student-sft"):
+        assert (folder / LOSS_CURVE_PNG).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with pytest.raises(RunDirError, match="student-nope"):
+        evaluate_run(run_dir=run, variants=("nope",))
+    env = {"EDGEPACK_DEBUG": "0", "COLUMNS": "200", "PATH": ""}
+    shown = subprocess.run([sys.executable, "-m", "edgepack", "eval", str(run), "--variants", "sft"],
+                           capture_output=True, text=True, env=env, timeout=600)
+    assert shown.returncode == 0, shown.stderr
+    assert "variant sft" in shown.stdout and "gap closed: kl" in shown.stdout
+    report = json.loads((run / EVAL_REPORT).read_text())
+    entry = report["variants"]["sft"]
+    before = report["undistilled"]
+    assert set(entry["gap_closed"]) == {"label_accuracy", "teacher_label_agreement", "kl", "ce"}
+    assert entry["gap_closed"]["kl"] == pytest.approx((before["kl"] - entry["kl"]) / before["kl"], abs=1e-3)
+    assert report["teacher"]["ce"] is not None and report["teacher"]["ce"] > 0
+    # KD on the teacher's distribution gets closer to it than SFT on its text alone.
+    assert report["distilled"]["kl"] < entry["kl"]
