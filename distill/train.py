@@ -1,16 +1,21 @@
-"""`edgepack distill train`: online dense knowledge distillation into a smaller student.
+"""`edgepack distill train`: knowledge distillation into a smaller student.
 
 One recipe, top to bottom:
 
-1. setup   — read RUN/teacher and RUN/data, make the student (depth-pruned teacher sized for
-             the profile, or a user's HF folder sharing the teacher's tokenizer), AdamW with a
-             warmup + cosine schedule; with ``resume`` restore the last complete checkpoint.
-2. train   — per step, ``batch_size`` rows in micro-batches: the frozen teacher's logits and
-             the student's logits at the answer positions only, loss = (1-α)·KD + α·CE on the
-             teacher's tokens, gradient clipping, a checkpoint every ``save_every`` steps.
+1. setup   — read RUN/data (and a local teacher), make the student (depth-pruned teacher sized
+             for the profile, or a user's HF folder), choose what it learns from (modes.py:
+             the online teacher's logits, cached soft labels, an endpoint's top-k logprobs, or
+             the teacher's text only), AdamW with a warmup + cosine schedule; with ``resume``
+             restore the last complete checkpoint.
+2. train   — per step, ``batch_size`` rows in micro-batches: the student's logits at the answer
+             positions only, loss = (1-α)·KD + α·CE on the teacher's tokens (CE alone when
+             response-only), gradient clipping, a checkpoint every ``save_every`` steps.
              A non-finite or exploding loss stops training; the last good state is kept.
-3. save    — RUN/student as a complete HF folder (safetensors, the teacher's tokenizer and
-             chat template, student.json, train_report.json), atomically.
+             Under torchrun / accelerate launch the micro-batches of each step are spread
+             over the processes and their gradients summed (parallel.py).
+3. save    — RUN/student (or RUN/student-<variant>) as a complete HF folder (safetensors, the
+             student's tokenizer and chat template, student.json, train_report.json,
+             loss_curve.png), atomically.
 
 Logits are computed only at answer positions (the LM head is the largest matmul of a small
 model), and the teacher's KV cache for the prompt prefix every row shares (system prompt,
@@ -33,9 +38,9 @@ from typing import Any
 
 from edgepack.atomic import atomic_dir, clean_stale, is_complete, write_json
 from edgepack.constants import (CHECKPOINT_DIR, DATA_DIR, LOSS_CURVE_PNG, STUDENT_DIR, STUDENT_INFO, TEACHER_CONTEXT,
-                                TEACHER_DIR, TRAIN_FILE, TRAIN_REPORT)
+                                TRAIN_FILE, TRAIN_REPORT)
 from edgepack.distill.curves import loss_curve_png
-from edgepack.distill.modes import DENSE, RESPONSE_ONLY, SFT, SOFT_LABELS, TOP_LOGPROBS, TrainingMode
+from edgepack.distill.modes import DENSE, RESPONSE_ONLY, SFT, SOFT_LABELS, TOP_LOGPROBS
 from edgepack.distill.teachers import SOURCE_FILE
 from edgepack.errors import DataError, RunDirError, RuntimeFailure, UsageError
 from edgepack.profiles import Profile
@@ -109,6 +114,7 @@ def train_student(*, run_dir: Path, profile: Profile, student: str = "auto", ste
     from edgepack.distill.data import read_jsonl, teacher_dir_of
     from edgepack.distill.losses import DIVERGENCES, SPARSE_DIVERGENCES, blend, cross_entropy
     from edgepack.distill.modes import choose_mode, is_endpoint_run, read_data_report, tokenizer_mismatch
+    from edgepack.distill.parallel import from_env
 
     cfg = config or TrainConfig()
     run_dir = Path(run_dir)
@@ -146,6 +152,7 @@ def train_student(*, run_dir: Path, profile: Profile, student: str = "auto", ste
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    parallel = from_env()
     with deterministic_torch(seed):
         # The student's tokenizer reads the data: the teacher's own for ``auto`` students.
         tokenizer_dir = teacher_dir if student == "auto" else _student_dir(student)
@@ -180,7 +187,9 @@ def train_student(*, run_dir: Path, profile: Profile, student: str = "auto", ste
             teacher.eval().requires_grad_(False)
 
         ckpt_root = run_dir / (CHECKPOINT_DIR if variant is None else f"{CHECKPOINT_DIR}-{variant}")
-        clean_stale(ckpt_root)  # half-written checkpoint folders of a killed run
+        if parallel.is_main:
+            clean_stale(ckpt_root)  # half-written checkpoint folders of a killed run
+        parallel.barrier()
         last = ckpt.latest_checkpoint(ckpt_root)
         if last is not None and not resume:
             raise RunDirError(f"{ckpt_root} holds checkpoints of an unfinished run",
@@ -210,19 +219,23 @@ def train_student(*, run_dir: Path, profile: Profile, student: str = "auto", ste
 
         # ------------------------------------------------------------------ train
         def checkpoint(step: int) -> None:
-            ckpt.save_checkpoint(ckpt_root, step, model, optimizer, scheduler,
-                                 {"identity": identity, "student": description, "history": history,
-                                  "elapsed": elapsed, "tokens": tokens_seen}, keep=cfg.keep_checkpoints)
+            if parallel.is_main:  # the other ranks hold the same state
+                ckpt.save_checkpoint(ckpt_root, step, model, optimizer, scheduler,
+                                     {"identity": identity, "student": description, "history": history,
+                                      "elapsed": elapsed, "tokens": tokens_seen}, keep=cfg.keep_checkpoints)
+            parallel.barrier()
 
         progress("train", start, steps)
         for step in range(start, steps):
             t0 = time.perf_counter()
             indices = batch_indices(len(examples), seed, step, cfg.batch_size)
             chosen = [examples[i] for i in indices]
-            n_answer = sum(e.answer_tokens for e in chosen)
+            n_answer = sum(e.answer_tokens for e in chosen)  # over the global batch, on every rank
             totals = {"loss": 0.0, "kd": 0.0, "ce": 0.0}
-            for mb in range(0, len(chosen), cfg.micro_batch):
-                part = chosen[mb:mb + cfg.micro_batch]
+            step_tokens = 0
+            micro_batches = [(indices[mb:mb + cfg.micro_batch], chosen[mb:mb + cfg.micro_batch])
+                             for mb in range(0, len(chosen), cfg.micro_batch)]
+            for part_indices, part in parallel.my_share(micro_batches):
                 batch = collate([e.student_ids for e in part], [e.student_prompt for e in part], pad_id)
                 hidden = model.get_decoder()(input_ids=batch.ids, attention_mask=batch.attention).last_hidden_state
                 s_logits = model.get_output_embeddings()(hidden[batch.predicts])
@@ -232,10 +245,9 @@ def train_student(*, run_dir: Path, profile: Profile, student: str = "auto", ste
                     t_logits = prefix.logits(teacher, part, pad_id)
                     kd = divergence(s_logits[None], t_logits[None], ones, temperature=cfg.temperature)
                 elif mode.name == SOFT_LABELS:  # cached sparse targets, aligned with ``hidden[batch.predicts]`` (checked)
-                    kd = SPARSE_DIVERGENCES[cfg.divergence](
-                        s_logits, soft.targets(indices[mb:mb + cfg.micro_batch], part))
+                    kd = SPARSE_DIVERGENCES[cfg.divergence](s_logits, soft.targets(part_indices, part))
                 elif mode.name == TOP_LOGPROBS:  # unaligned rows and end-of-turn positions are masked out
-                    targets, kd_mask = soft.targets(indices[mb:mb + cfg.micro_batch], part)
+                    targets, kd_mask = soft.targets(part_indices, part)
                     kd = SPARSE_DIVERGENCES[cfg.divergence](s_logits, targets, kd_mask)
                 else:  # response-only: the teacher's text is all there is to learn from
                     kd = torch.zeros(())
@@ -244,13 +256,17 @@ def train_student(*, run_dir: Path, profile: Profile, student: str = "auto", ste
                 (loss * weight).backward()
                 for key, value in (("loss", loss), ("kd", kd), ("ce", ce)):
                     totals[key] += float(value.detach()) * weight
-                tokens_seen += int(batch.attention.sum())
+                step_tokens += int(batch.attention.sum())
+            parallel.sum_gradients(params)
+            *sums, step_tokens = parallel.sum_values([*totals.values(), step_tokens])
+            totals = dict(zip(totals, sums))
+            tokens_seen += int(step_tokens)
             grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.clip_norm))
             bad = _divergence_problem(totals["loss"], grad_norm, history, cfg)
             if bad:
                 optimizer.zero_grad(set_to_none=True)
                 # The weights are still those after the last good step: keep them.
-                if step > 0 and not (ckpt_root / f"{ckpt.STEP_PREFIX}{step}").is_dir():
+                if step > start and step % cfg.save_every:  # (not already saved at this step)
                     checkpoint(step)
                 raise RuntimeFailure(f"training stopped at step {step + 1}: {bad}",
                                      hint=f"the last good state is checkpointed in {ckpt_root}; lower the "
@@ -292,6 +308,10 @@ def train_student(*, run_dir: Path, profile: Profile, student: str = "auto", ste
             "torch_threads": torch.get_num_threads(),
             "resumed_from_step": start or None,
         }
+        report["data_parallel_processes"] = parallel.world
+        if not parallel.is_main:
+            parallel.barrier()  # rank 0 writes the student
+            return report
         for stale in out.parent.glob(f"{out.name}.tmp-*"):  # a final save that was killed
             shutil.rmtree(stale, ignore_errors=True)
         with atomic_dir(out) as tmp:
@@ -303,6 +323,7 @@ def train_student(*, run_dir: Path, profile: Profile, student: str = "auto", ste
             write_json(tmp / TRAIN_REPORT, report)
             loss_curve_png(history, tmp / LOSS_CURVE_PNG,
                            f"{out.name}: {mode.name} ({cfg.divergence}), {description['params'] / 1e6:.1f}M parameters")
+        parallel.barrier()
         return report
 
 
