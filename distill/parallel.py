@@ -2,7 +2,7 @@
 
 ``torchrun --nproc_per_node N -m edgepack distill train …`` or ``accelerate launch -m edgepack
 distill train …`` set ``WORLD_SIZE``/``RANK`` (and the rendezvous variables); :func:`from_env`
-then joins the process group (gloo on CPU, nccl on CUDA). Every rank builds the same example
+then joins the process group (gloo: training runs on the CPU in this version). Every rank builds the same example
 order (batch_indices is a pure function of seed and step), takes every N-th micro-batch of
 each optimizer step, and the gradients are summed across ranks before the identical optimizer
 step on every rank. Per-token weights are computed over the *global* batch, so N processes
@@ -68,9 +68,8 @@ def from_env() -> DataParallel:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return DataParallel()
-    import torch
     import torch.distributed as dist
 
     if not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
+        dist.init_process_group(backend="gloo")
     return DataParallel(rank=dist.get_rank(), world=dist.get_world_size())
