@@ -40,7 +40,8 @@ from edgepack.atomic import atomic_dir, clean_stale, is_complete, write_json
 from edgepack.constants import (CHECKPOINT_DIR, DATA_DIR, LOSS_CURVE_PNG, STUDENT_DIR, STUDENT_INFO, TEACHER_CONTEXT,
                                 TRAIN_FILE, TRAIN_REPORT)
 from edgepack.distill.curves import loss_curve_png
-from edgepack.distill.modes import DENSE, RESPONSE_ONLY, SFT, SOFT_LABELS, TOP_LOGPROBS
+from edgepack.distill.modes import DENSE, RESPONSE_ONLY, SFT, SOFT_LABELS, TOP_LOGPROBS, TrainingMode
+from edgepack.distill.plan import TrainPlan
 from edgepack.distill.teachers import SOURCE_FILE
 from edgepack.errors import DataError, RunDirError, RuntimeFailure, UsageError
 from edgepack.profiles import Profile
@@ -100,12 +101,15 @@ def student_dir_name(variant: str | None = None) -> str:
 
 def train_student(*, run_dir: Path, profile: Profile, student: str = "auto", steps: int = 20, seed: int = 0,
                   resume: bool = False, progress: ProgressFn = null_progress,
-                  config: TrainConfig | None = None, variant: str | None = None) -> dict[str, Any]:
+                  config: TrainConfig | None = None, variant: str | None = None,
+                  method: str = "auto") -> dict[str, Any]:
     """Distill the teacher into a student sized for the profile; return train_report.json.
 
     ``variant`` trains into ``RUN/student-<variant>`` (checkpoints in ``RUN/checkpoints-<variant>``)
     instead of ``RUN/student``, so baselines (``--loss sft``) and other losses share one run's data
-    and are compared by ``edgepack eval RUN --variants``.
+    and are compared by ``edgepack eval RUN --variants``. ``method`` forces ``full`` fine-tuning or
+    ``lora``; ``auto`` lets the planner (plan.py) choose from the profile's training memory, along
+    with the micro-batch and gradient checkpointing.
     """
     import torch
 
@@ -143,6 +147,8 @@ def train_student(*, run_dir: Path, profile: Profile, student: str = "auto", ste
                    else json.loads((teacher_dir / SOURCE_FILE).read_text())["sha256"])
     identity = {"teacher_sha256": teacher_sha, "student": student, "steps": steps, "seed": seed,
                 "profile": profile.name, "config": asdict(cfg)}
+    if method != "auto":  # (absent when planned, so runs from before the planner still resume)
+        identity["method"] = method
     if is_complete(out):
         report = json.loads((out / TRAIN_REPORT).read_text())
         if report.get("identity") != identity:
@@ -153,6 +159,7 @@ def train_student(*, run_dir: Path, profile: Profile, student: str = "auto", ste
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     parallel = from_env()
+    baseline_mb = _rss_mb()  # the process before any model is loaded: the planner's fixed part
     with deterministic_torch(seed):
         # The student's tokenizer reads the data: the teacher's own for ``auto`` students.
         tokenizer_dir = teacher_dir if student == "auto" else _student_dir(student)
@@ -199,10 +206,22 @@ def train_student(*, run_dir: Path, profile: Profile, student: str = "auto", ste
             if state["identity"] != identity:
                 raise RunDirError(f"{last} belongs to a run with other settings",
                                   hint="resume with the same settings, or delete the checkpoints folder")
-            model = AutoModelForCausalLM.from_pretrained(last, dtype=torch.float32)
             description = state["student"]
+            planned = state.get("plan")  # None: a checkpoint from before the planner (full, as configured)
+            if planned is not None and planned["method"] == "lora":  # the adapters; the base is rebuilt
+                model = _lora_resume(description, teacher, tok, last)
+            else:
+                model = AutoModelForCausalLM.from_pretrained(last, dtype=torch.float32)
+            plan = (TrainPlan(**{**planned, "rejected": tuple(planned["rejected"])}) if planned is not None
+                    else _plan(model, teacher, mode, profile, cfg, baseline_mb, "full"))
         else:
             model, description = _make_student(student, teacher, tok, rows, profile, cfg, progress)
+            plan = _plan(model, teacher, mode, profile, cfg, baseline_mb, method)
+            if plan.method == "lora":
+                model = _with_lora(model)
+        if plan.checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        micro = plan.micro_batch
         model.train()
 
         params = [p for p in model.parameters() if p.requires_grad]
@@ -222,7 +241,8 @@ def train_student(*, run_dir: Path, profile: Profile, student: str = "auto", ste
             if parallel.is_main:  # the other ranks hold the same state
                 ckpt.save_checkpoint(ckpt_root, step, model, optimizer, scheduler,
                                      {"identity": identity, "student": description, "history": history,
-                                      "elapsed": elapsed, "tokens": tokens_seen}, keep=cfg.keep_checkpoints)
+                                      "elapsed": elapsed, "tokens": tokens_seen, "plan": plan.describe()},
+                                     keep=cfg.keep_checkpoints)
             parallel.barrier()
 
         progress("train", start, steps)
@@ -233,8 +253,7 @@ def train_student(*, run_dir: Path, profile: Profile, student: str = "auto", ste
             n_answer = sum(e.answer_tokens for e in chosen)  # over the global batch, on every rank
             totals = {"loss": 0.0, "kd": 0.0, "ce": 0.0}
             step_tokens = 0
-            micro_batches = [(indices[mb:mb + cfg.micro_batch], chosen[mb:mb + cfg.micro_batch])
-                             for mb in range(0, len(chosen), cfg.micro_batch)]
+            micro_batches = [(indices[mb:mb + micro], chosen[mb:mb + micro]) for mb in range(0, len(chosen), micro)]
             for part_indices, part in parallel.my_share(micro_batches):
                 batch = collate([e.student_ids for e in part], [e.student_prompt for e in part], pad_id)
                 hidden = model.get_decoder()(input_ids=batch.ids, attention_mask=batch.attention).last_hidden_state
@@ -302,6 +321,9 @@ def train_student(*, run_dir: Path, profile: Profile, student: str = "auto", ste
             "wall_s": round(elapsed, 2),
             "tokens_per_s": round(tokens_seen / elapsed, 1) if elapsed else None,
             "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+            "plan": plan.describe(),
+            "measured_over_planned_peak": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+                                              / plan.planned_peak_mb, 3),
             "device": "cpu",
             "device_note": None if profile.train_device == "cpu" else
             f"profile {profile.name} trains on {profile.train_device}; this version trains on the CPU only",
@@ -314,6 +336,8 @@ def train_student(*, run_dir: Path, profile: Profile, student: str = "auto", ste
             return report
         for stale in out.parent.glob(f"{out.name}.tmp-*"):  # a final save that was killed
             shutil.rmtree(stale, ignore_errors=True)
+        if plan.method == "lora":
+            model = model.merge_and_unload()  # RUN/student is always a plain HF model
         with atomic_dir(out) as tmp:
             model.save_pretrained(tmp, safe_serialization=True)
             _copy_tokenizer(tokenizer_dir, tmp)
@@ -325,6 +349,52 @@ def train_student(*, run_dir: Path, profile: Profile, student: str = "auto", ste
                            f"{out.name}: {mode.name} ({cfg.divergence}), {description['params'] / 1e6:.1f}M parameters")
         parallel.barrier()
         return report
+
+
+def _rss_mb() -> float:
+    import psutil
+
+    return psutil.Process().memory_info().rss / 2**20
+
+
+def _plan(model: Any, teacher: Any, mode: TrainingMode, profile: Profile, cfg: TrainConfig, baseline_mb: float,
+          method: str) -> TrainPlan:
+    from edgepack.distill.plan import plan_training
+    from edgepack.distill.student import count_params
+    from edgepack.profiles.fit import shape_from_config
+
+    def shape(m: Any) -> Any:
+        return shape_from_config(m.config.to_dict(), params=count_params(m))
+
+    teacher_mode = {DENSE: "online", SOFT_LABELS: "cached"}.get(mode.name, "none")
+    return plan_training(shape(model), teacher=shape(teacher) if teacher is not None else None,
+                         teacher_mode=teacher_mode, budget_mb=profile.train_memory_mb, baseline_mb=baseline_mb,
+                         batch_size=cfg.batch_size, micro_batch=cfg.micro_batch, seq_len=cfg.max_length,
+                         method=method, profile_name=profile.name)
+
+
+def _with_lora(model: Any) -> Any:
+    from peft import LoraConfig, get_peft_model
+
+    from edgepack.distill.plan import LORA_RANK
+
+    return get_peft_model(model, LoraConfig(r=LORA_RANK, lora_alpha=2 * LORA_RANK, lora_dropout=0.0,
+                                            target_modules="all-linear", task_type="CAUSAL_LM"))
+
+
+def _lora_resume(description: dict[str, Any], teacher: Any, tok: Any, last: Path) -> Any:
+    """The base student rebuilt exactly (kept blocks, or the user's folder) with the checkpoint's adapters."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from edgepack.distill.student import prune_teacher
+
+    if description["source"] == "auto":
+        base, _ = prune_teacher(teacher, tok, keep=description["kept_layers"])
+    else:
+        base = AutoModelForCausalLM.from_pretrained(description["source"], dtype=torch.float32)
+    return PeftModel.from_pretrained(base, last, is_trainable=True)
 
 
 def _lr_factor(step: int, total: int, warmup: int, cfg: TrainConfig) -> float:

@@ -73,6 +73,9 @@ def train_cmd(
                               "instead of the online teacher.")] = False,
     soft_k: Annotated[int, typer.Option(help="Top-k tokens per position in the soft-label cache.")] = 32,
     soft_samples: Annotated[int, typer.Option(help="Importance-sampled tokens per position (0 = none).")] = 0,
+    lora: Annotated[bool, typer.Option("--lora", help="Train LoRA adapters (merged at the end) instead of "
+                                                      "letting the planner choose from the profile's memory.")] = False,
+    full: Annotated[bool, typer.Option("--full", help="Full fine-tuning, whatever the planner would choose.")] = False,
     variant: Annotated[str | None, typer.Option(
         help="Train into RUN/student-NAME instead of RUN/student (a baseline or another loss beside the main "
              "student; compare with `edgepack eval RUN --variants NAME`).")] = None,
@@ -86,12 +89,15 @@ def train_cmd(
 
     if loss not in LOSS_NAMES:
         raise UsageError(f"unknown --loss {loss!r}", hint=f"use one of {', '.join(LOSS_NAMES)}")
+    if lora and full:
+        raise UsageError("--lora and --full exclude each other", hint="give one, or neither to let the planner choose")
     prof = load_profile(profile)
     config = TrainConfig(divergence=LOSS_NAMES[loss], soft_labels=soft_labels, soft_k=soft_k,
                          soft_samples=soft_samples)
     with progress_bars(not json_out) as progress:
         report = train_student(run_dir=run, profile=prof, student=student, steps=steps, seed=seed,
-                               resume=resume, progress=progress, config=config, variant=variant)
+                               resume=resume, progress=progress, config=config, variant=variant,
+                               method="lora" if lora else "full" if full else "auto")
     if report.get("mode_reason"):
         warn(f"{report['mode']} distillation: {report['mode_reason']}")
     emit(report, json_out)

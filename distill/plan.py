@@ -1,0 +1,90 @@
+"""The training memory planner: full fine-tuning or LoRA, micro-batch and gradient checkpointing.
+
+``plan_training`` walks the candidates from the fastest, best-quality one down — full
+fine-tuning before LoRA, no checkpointing before checkpointing, larger micro-batches before
+smaller ones (each a divisor of the step's batch, the rest is gradient accumulation) — and
+returns the first whose estimated peak fits the profile's training memory
+(``[training] memory_mb``). The estimate is ``profiles.fit.estimate_train`` (weights,
+gradients, AdamW state, activations, the teacher held for online KD) plus the process's
+resident memory before any model is loaded (Python, torch, the tokenizer). It is an upper
+bound: it counts full-sequence logits, while training computes them at answer positions only.
+Training reports it beside the measured peak (process RSS on the CPU).
+
+A budget nothing meets is refused before any model is loaded, with the smallest need and
+what to change.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from edgepack.errors import UsageError
+from edgepack.profiles.fit import ModelShape, estimate_train
+
+METHODS = ("full", "lora")
+LORA_RANK = 16
+MIB = 2**20
+
+
+@dataclass(frozen=True)
+class TrainPlan:
+    method: str
+    """``full`` or ``lora`` (rank LORA_RANK on every linear layer, merged into the student at the end)."""
+    micro_batch: int
+    grad_accumulation: int
+    checkpointing: bool
+    planned_peak_mb: float
+    """Baseline RSS + the estimate (an upper bound)."""
+    budget_mb: float
+    baseline_mb: float
+    rejected: tuple[str, ...]
+    """Faster candidates that did not fit, one line each."""
+
+    def describe(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _lora_fraction(shape: ModelShape) -> float:
+    """Trainable share with rank-r adapters on q, k, v, o, gate, up, down of every block."""
+    per_layer = LORA_RANK * ((shape.hidden + shape.n_heads * shape.head_dim) * 2
+                             + (shape.hidden + shape.n_kv_heads * shape.head_dim) * 2
+                             + (shape.hidden + shape.intermediate) * 3)
+    return shape.n_layers * per_layer / max(shape.params, 1)
+
+
+def plan_training(student: ModelShape, *, teacher: ModelShape | None, teacher_mode: str, budget_mb: float,
+                  baseline_mb: float, batch_size: int, micro_batch: int, seq_len: int, device: str = "cpu",
+                  method: str = "auto", profile_name: str = "") -> TrainPlan:
+    """The first candidate that fits (see module docstring); UsageError when none does.
+
+    ``teacher_mode``: ``online`` (dense KD: the teacher's weights and logits in memory),
+    ``cached`` (soft labels from disk) or ``none`` (response-only, endpoint logprobs).
+    """
+    if method not in ("auto", *METHODS):
+        raise UsageError(f"training method must be auto, full or lora (got {method!r})")
+    methods = METHODS if method == "auto" else (method,)
+    micro_batches = [m for m in range(min(micro_batch, batch_size), 0, -1) if batch_size % m == 0]
+    budget = budget_mb * MIB - baseline_mb * MIB
+    rejected: list[str] = []
+    smallest: tuple[float, str] | None = None
+    for m in methods:
+        for checkpointing in (False, True):
+            for mb in micro_batches:
+                est = estimate_train(student, budget_bytes=int(budget), device=device, method=m, micro_batch=mb,
+                                     seq_len=seq_len, teacher=teacher if teacher_mode != "none" else None,
+                                     teacher_mode="cached" if teacher_mode == "cached" else "online",
+                                     lora_fraction=_lora_fraction(student), checkpointing=checkpointing)
+                peak = baseline_mb + est.total_bytes / MIB
+                what = f"{m}, micro-batch {mb}{', checkpointing' if checkpointing else ''}"
+                if est.fits:
+                    return TrainPlan(m, mb, batch_size // mb, checkpointing, round(peak, 1), budget_mb,
+                                     round(baseline_mb, 1), tuple(rejected))
+                rejected.append(f"{what}: {peak:.0f} MB")
+                if smallest is None or peak < smallest[0]:
+                    smallest = (peak, what)
+    assert smallest is not None
+    raise UsageError(f"training needs at least {smallest[0]:.0f} MB ({smallest[1]}), more than the "
+                     f"{budget_mb:.0f} MB profile {profile_name} allows for training",
+                     hint="raise [training] memory_mb in the profile, train against cached soft labels "
+                          "(--soft-labels: no teacher in memory), or use a smaller student")
