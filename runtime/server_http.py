@@ -159,7 +159,9 @@ class Handler(BaseHTTPRequestHandler):
         path = unquote(urlsplit(self.path).path)
         model_path = path.startswith("/v1/models/")
         self.endpoint = path if path in _PATHS else ("/v1/models" if model_path else "other")
-        self._body_read = method != "POST"
+        # A body the handler never reads is drained after the reply (see _drain).
+        self._body_read = method != "POST" and not self.headers.get("Content-Length") \
+            and not self.headers.get("Transfer-Encoding")
         try:
             check_host(self.headers, self.app)
             route = ROUTES.get((method, path)) or ("_model" if method == "GET" and model_path else None)
@@ -185,6 +187,7 @@ class Handler(BaseHTTPRequestHandler):
             self.app.metrics.reject("internal_error")
             self.fail(500, error_body(f"internal error: {type(exc).__name__}", "server_error",
                                       code="internal_error"))
+            self._drain()
         finally:
             self.record()
             self.close_connection = True
@@ -206,7 +209,8 @@ class Handler(BaseHTTPRequestHandler):
         return parse_json_body(raw, length)
 
     def _drain(self) -> None:
-        """Swallow an unread body (bounded) so the client reads our reply, not a reset."""
+        """Discard an unread body (bounded) after the reply, so the client reads the reply, not
+        a reset (:func:`~edgepack.runtime.server_request.drain`)."""
         if self._body_read:
             return
         self._body_read = True

@@ -12,19 +12,21 @@ Each check is a function of the request's headers (and the server's settings) th
 - :func:`build_job` — tokenize outside the model lock and refuse a prompt (or prompt plus
   ``max_tokens``) beyond the context at once (400).
 
-:func:`drain` swallows a bounded unread body after an early error so the client reads the
-reply instead of a reset; :class:`PeerWatch` tells, without blocking, whether the client has
-gone (a queued or generating request then frees its slot).
+:func:`drain` discards a bounded unread body after an early error reply (413, 411, 401, ...)
+so the client reads the reply instead of a reset; :class:`PeerWatch` tells, without blocking,
+whether the client has gone (a queued or generating request then frees its slot).
 """
 
 from __future__ import annotations
 
 import hmac
+import io
 import json
 import select
 import socket
+import time
 from email.message import Message
-from typing import TYPE_CHECKING, Any, BinaryIO
+from typing import TYPE_CHECKING, Any
 
 from edgepack.errors import InvalidModelFile, UnsafeModelError, UsageError
 from edgepack.runtime.server_api import GenerationRequest, HttpReject
@@ -33,7 +35,12 @@ from edgepack.runtime.server_engine import Job
 if TYPE_CHECKING:
     from edgepack.runtime.server import ModelServer
 
-DRAIN_LIMIT_BYTES = 16 * 1024 * 1024  # unread body swallowed after an early error reply
+# An unread body after an early error reply is read and discarded until the client has sent
+# it all, closes, or pauses DRAIN_IDLE_S, but at most DRAIN_LIMIT_BYTES or DRAIN_SECONDS: a
+# bounded cost per connection (connections are capped) that covers a 64 MiB upload at ~15 MB/s.
+DRAIN_LIMIT_BYTES = 256 * 1024 * 1024
+DRAIN_SECONDS = 5.0
+DRAIN_IDLE_S = 1.0
 
 
 def check_host(headers: Message, app: ModelServer) -> None:
@@ -61,6 +68,14 @@ def check_auth(headers: Message, api_key: str | None) -> None:
                          headers={"WWW-Authenticate": 'Bearer realm="edgepack"'})
 
 
+def declared_length(headers: Message) -> int | None:
+    """``Content-Length`` as a number; None when absent or not plain ASCII digits."""
+    raw = (headers.get("Content-Length") or "").strip()
+    if not (raw.isascii() and raw.isdigit()):  # "²".isdigit(), but int("²") fails
+        return None
+    return int(raw) if len(raw) < 40 else 10 ** 40  # past any limit; int() refuses 4300+ digits
+
+
 def body_length(headers: Message, limit: int) -> int:
     """The body's length in bytes, once its type and size are acceptable (nothing read yet)."""
     ctype = (headers.get("Content-Type") or "").split(";")[0].strip().lower()
@@ -70,10 +85,9 @@ def body_length(headers: Message, limit: int) -> int:
     if headers.get("Transfer-Encoding"):
         raise HttpReject(411, "chunked request bodies are not supported; send Content-Length",
                          reason="invalid_request")
-    raw_length = headers.get("Content-Length")
-    if raw_length is None or not raw_length.strip().isdigit():
+    length = declared_length(headers)
+    if length is None:
         raise HttpReject(411, "a Content-Length header is required", reason="invalid_request")
-    length = int(raw_length)
     if length > limit:
         raise HttpReject(413, f"request body is {length} bytes; the limit is {limit}", reason="body_too_large")
     return length
@@ -93,18 +107,35 @@ def parse_json_body(raw: bytes, length: int) -> Any:
         raise HttpReject(400, f"the body is not valid JSON: {exc}", reason="invalid_request") from None
 
 
-def drain(headers: Message, rfile: BinaryIO, connection: socket.socket) -> None:
-    """Swallow an unread body (at most :data:`DRAIN_LIMIT_BYTES`, 2 s per read)."""
+def drain(headers: Message, rfile: io.BufferedIOBase, connection: socket.socket) -> int:
+    """Discard the request body after the reply has gone out; the number of bytes discarded.
+
+    Closing a socket with unread bytes makes the kernel answer with a reset, and a client still
+    sending its body (``http.client`` sends it all before it reads) then fails on the send and
+    never reads the reply. So: ``shutdown(SHUT_WR)`` first (the reply is complete and a client
+    that reads while it sends sees it with EOF at once), then read and discard up to the declared
+    ``Content-Length`` (until EOF when chunked or undeclared), within the bounds above. A body
+    beyond them still ends in a reset, after the reply and its EOF were sent.
+    """
+    declared = None if headers.get("Transfer-Encoding") else declared_length(headers)
+    left = DRAIN_LIMIT_BYTES if declared is None else min(declared, DRAIN_LIMIT_BYTES)
+    deadline = time.monotonic() + DRAIN_SECONDS
+    done = 0
     try:
-        left = min(int(headers.get("Content-Length") or 0), DRAIN_LIMIT_BYTES)
-        connection.settimeout(2.0)
+        connection.shutdown(socket.SHUT_WR)
         while left > 0:
-            chunk = rfile.read(min(left, 1 << 16))
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            connection.settimeout(min(DRAIN_IDLE_S, remaining))
+            chunk = rfile.read1(min(left, 1 << 16))  # what has arrived, without waiting for more
             if not chunk:
                 break
             left -= len(chunk)
+            done += len(chunk)
     except (OSError, ValueError):
-        pass
+        pass  # timed out, reset by the client, or already closed: nothing more to discard
+    return done
 
 
 def build_job(backend: Any, req: GenerationRequest, app: ModelServer) -> Job:

@@ -2,6 +2,7 @@
 
     nice -n 10 .venv/bin/python bench/reliability/run.py            # everything, ~20 min on 2 cores
     nice -n 10 .venv/bin/python bench/reliability/run.py --only kill-train --trials 5
+    nice -n 10 .venv/bin/python bench/reliability/run.py --only server --merge  # re-run one, keep the rest
 
 Categories (each writes counts into ``bench/reliability/results.json`` and ``RELIABILITY.md``):
 
@@ -399,15 +400,41 @@ def disk_full_category() -> dict[str, Any]:
 
 # ----------------------------------------------------------------------------- report
 
+ALL_CATEGORIES = "kill-train,kill-export,kill-pack,server,gguf-native,disk-full,fuzz"
+RUN_KEYS = ("command", "loadavg_start", "loadavg_end", "seconds")
+
+
+def live_runs(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The runs whose categories are still in the report, each with ``categories``: those it
+    produced that no later ``--merge`` run replaced (older records name them only in ``--only``)."""
+    def produced(run: dict[str, Any]) -> list[str]:
+        if "produced" in run:
+            return run["produced"]
+        words = run["command"].split()
+        return (words[words.index("--only") + 1] if "--only" in words else ALL_CATEGORIES).split(",")
+
+    later: set[str] = set()
+    out = []
+    for run in reversed(runs):
+        kept = [c for c in produced(run) if c not in later]
+        later.update(produced(run))
+        if kept:
+            out.append(dict(run, produced=produced(run), categories=kept))
+    return out[::-1]
+
+
 def write_markdown(results: dict[str, Any], path: Path) -> None:
     runs = results.get("runs") or [results]
     lines = ["# Reliability run", "", "Produced by `bench/reliability/run.py` (see its docstring for what each "
              "category does); the numbers below come from these runs (a later run with `--merge` replaced "
-             "the categories it names):", ""]
+             "the categories it names; runs whose categories were all replaced are dropped):", ""]
     lines += [f"- `{r['command']}`: {r['seconds']} s, load average {r['loadavg_start']} at start, "
-              f"{r['loadavg_end']} at end" for r in runs]
+              f"{r['loadavg_end']} at end" + (f"; in this report: {', '.join(r['categories'])}"
+                                                 if r.get("categories") else "") for r in runs]
     lines += ["", f"Machine: {results['machine']} (shared with other jobs; see the load averages)", "",
              "| category | inputs tried | faults injected | failures | time (s) |", "|---|---|---|---|---|"]
+    order = ALL_CATEGORIES.split(",")
+    results["categories"].sort(key=lambda c: order.index(c["category"]) if c["category"] in order else len(order))
     for c in results["categories"]:
         lines.append(f"| {c['category']} | {c['inputs_tried']} | {c['faults_injected']} | {c['failures']} | "
                      f"{c['seconds']} |")
@@ -432,6 +459,8 @@ def write_markdown(results: dict[str, Any], path: Path) -> None:
             lines += [f"- mutated copies of the tiny Q8_0 GGUF: {c['inputs_tried']}; refused by edgepack's header "
                       f"check: {c['refused_by_header_check']}; passed on to llama.cpp (load + 2 tokens): "
                       f"{c['passed_to_llama_cpp']}, outcomes {c['llama_cpp_outcomes']}"]
+        if c["category"] == "disk-full":
+            lines.append(f"- pytest tests/reliability/test_disk_full.py: {c['pytest_summary']}")
         if c["category"] == "fuzz":
             lines.append(f"- {c['examples_per_property']} examples per property; pytest: {c['pytest_summary']}")
             for reader, outcomes in c["per_reader"].items():
@@ -451,7 +480,7 @@ def main() -> None:
     parser.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
     parser.add_argument("--trials", type=int, default=20, help="SIGKILLs per kill category (at least 20 for the report)")
     parser.add_argument("--fuzz-examples", type=int, default=2000)
-    parser.add_argument("--only", default="kill-train,kill-export,kill-pack,server,gguf-native,disk-full,fuzz")
+    parser.add_argument("--only", default=ALL_CATEGORIES)
     parser.add_argument("--native-files", type=int, default=600, help="mutated GGUFs for the gguf-native category")
     parser.add_argument("--merge", action="store_true",
                         help="keep the other categories of an existing results.json (re-run only --only)")
@@ -468,6 +497,7 @@ def main() -> None:
     if args.markdown_only:
         results = json.loads((HERE / "results.json").read_text())
         results["explanations"] = json.loads(args.explanations.read_text()) if args.explanations.is_file() else {}
+        results["runs"] = live_runs(results.get("runs") or [{k: results[k] for k in RUN_KEYS}])
         (HERE / "results.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
         write_markdown(results, ROOT / "RELIABILITY.md")
         return
@@ -511,7 +541,9 @@ def main() -> None:
                "machine_info": info, "loadavg_start": load_start, "loadavg_end": [round(x, 2) for x in os.getloadavg()],
                "seconds": round(time.monotonic() - t0, 1), "categories": categories,
                "explanations": json.loads(args.explanations.read_text()) if args.explanations.is_file() else {}}
-    results["runs"] = runs + [{k: results[k] for k in ("command", "loadavg_start", "loadavg_end", "seconds")}]
+    this_run = {k: results[k] for k in RUN_KEYS}
+    results["runs"] = live_runs(runs + [dict(this_run, produced=[c["category"] for c in categories
+                                                                 if c["category"] in only])])
     (HERE / "results.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
     write_markdown(results, ROOT / "RELIABILITY.md")
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import socket
+import threading
 import time
 from typing import Any
 
@@ -75,6 +76,8 @@ def raw_request(port: int, data: bytes) -> bytes:
      b"Transfer-Encoding: chunked\r\n\r\n2\r\n{}\r\n0\r\n\r\n", 411),
     (b"POST /v1/chat/completions HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
      b"Content-Length: -5\r\n\r\n", 411),
+    (b"POST /v1/chat/completions HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
+     b"Content-Length: \xb2\r\n\r\n", 411),  # a superscript two: str.isdigit() but not int()
     (b"TRACE / HTTP/1.1\r\nHost: localhost\r\n\r\n", 501),
     (b"GARBAGE\r\n\r\n", 400),
 ])
@@ -92,6 +95,45 @@ def test_oversized_body_is_413(port: int) -> None:
     big = {"messages": [{"role": "user", "content": "x" * (100 * 1024)}]}
     reply = chat(port, **big)
     assert reply.status == 413 and reply.json()["error"]["code"] == "body_too_large"
+
+
+def test_a_64_mib_body_is_413_not_a_reset(port: int) -> None:
+    # http.client sends the whole body before reading: the server must not close on the unread
+    # part (the client would see a reset, not the 413), as it did past 16 MiB (issue #9).
+    body = b'{"messages": [{"role": "user", "content": "' + b"x" * (64 << 20) + b'"}]}'
+    reply = call(port, "POST", "/v1/chat/completions", raw=body)
+    assert reply.status == 413 and reply.json()["error"]["code"] == "body_too_large"
+    assert reply.headers["connection"] == "close"
+    assert chat(port, max_tokens=2).status == 200
+
+
+@pytest.mark.parametrize("declared", [str(1 << 40), "9" * 5000])
+def test_any_declared_length_is_413_before_the_body(port: int, declared: str) -> None:
+    # A 1 TiB (or 5000-digit) Content-Length and a client that waits, write side open: the 413
+    # comes before the body, followed by EOF (the server shuts its side down before it drains).
+    head = (b"POST /v1/chat/completions HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
+            b"Content-Length: " + declared.encode() + b"\r\n\r\n")
+    start = time.monotonic()
+    reply = raw_request(port, head + b'{"messages": [')
+    assert time.monotonic() - start < 8
+    status_line, _, rest = reply.partition(b"\r\n")
+    assert status_line.split(b" ")[1] == b"413", reply[:200]
+    assert json.loads(rest.partition(b"\r\n\r\n")[2])["error"]["code"] == "body_too_large"
+
+
+def test_a_large_chunked_body_gets_411_not_a_reset(port: int) -> None:
+    chunk = b"x" * (1 << 20)
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json"
+                     b"\r\nTransfer-Encoding: chunked\r\n\r\n")
+        for _ in range(8):  # 8 MiB the server never asked for
+            sock.sendall(b"100000\r\n" + chunk + b"\r\n")
+        sock.sendall(b"0\r\n\r\n")
+        reply = b""
+        while data := sock.recv(65536):
+            reply += data
+    assert reply.split(b" ")[1] == b"411", reply[:200]
+    assert "error" in json.loads(reply.partition(b"\r\n\r\n")[2])
 
 
 def test_prompt_beyond_context_is_400(port: int, reference: Any) -> None:
@@ -120,3 +162,41 @@ def test_connection_cap(local: Any) -> None:
     while call(server.port, "GET", "/health").status != 200:
         assert time.monotonic() < deadline
         time.sleep(0.05)
+
+
+@pytest.mark.parametrize("seconds, limit", [(0.5, 1 << 40), (30.0, 1 << 20)])
+def test_the_drain_is_bounded(monkeypatch: pytest.MonkeyPatch, seconds: float, limit: int) -> None:
+    """A client that never stops sending holds the handler for DRAIN_SECONDS or
+    DRAIN_LIMIT_BYTES, whichever comes first, not for its declared 1 TiB."""
+    from email.message import Message
+
+    from edgepack.runtime import server_request
+
+    monkeypatch.setattr(server_request, "DRAIN_SECONDS", seconds)
+    monkeypatch.setattr(server_request, "DRAIN_LIMIT_BYTES", limit)
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        client_side = socket.create_connection(listener.getsockname())
+        server_side, _ = listener.accept()
+    headers = Message()
+    headers["Content-Length"] = str(1 << 40)
+    sent = [0]
+
+    def flood() -> None:
+        try:
+            while True:
+                sent[0] += client_side.send(b"x" * 65536)
+        except OSError:
+            pass
+
+    writer = threading.Thread(target=flood, daemon=True)
+    writer.start()
+    start = time.monotonic()
+    with server_side, client_side, server_side.makefile("rb") as rfile:
+        discarded = server_request.drain(headers, rfile, server_side)
+        took = time.monotonic() - start
+    writer.join(5)
+    assert took < seconds + 2 and 0 < discarded <= min(limit, sent[0])
+    if limit < 1 << 40:
+        assert discarded == limit
+    else:
+        assert took > seconds - 0.1
