@@ -164,7 +164,7 @@ def evaluate_run(*, run_dir: Path, variants: tuple[str, ...] = (), progress: Pro
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     teacher = None if teacher_dir is None else AutoModelForCausalLM.from_pretrained(teacher_dir, dtype=torch.float32).eval()
     if info.get("source") == "auto" or info.get("kept_layers"):
-        undistilled, _ = prune_teacher(teacher, tok, keep=info["kept_layers"])
+        undistilled, _ = prune_teacher(teacher, tok, keep=info["kept_layers"], kept_channels=info.get("kept_channels"))
     else:
         undistilled = AutoModelForCausalLM.from_pretrained(info["source"], dtype=torch.float32)
     students = {"undistilled": undistilled,

@@ -178,12 +178,15 @@ def build_student(teacher: Any, keep: Sequence[int]) -> Any:
 
 
 def prune_teacher(teacher: Any, tokenizer: Any, *, calibration: Sequence[str] = (), num_layers: int | None = None,
-                  keep: Sequence[int] | None = None, max_length: int = 256,
+                  keep: Sequence[int] | None = None, max_length: int = 256, mlp_keep: float = 1.0,
+                  kept_channels: Sequence[Sequence[int]] | None = None,
                   progress: ProgressFn = null_progress) -> tuple[Any, dict[str, Any]]:
-    """Depth-prune a loaded teacher; return (student model, description).
+    """Depth-prune a loaded teacher, then optionally width-prune its MLPs; return (student, description).
 
     Give either ``keep`` (explicit block indices) or ``num_layers`` plus ``calibration``
-    texts (already chat-templated) to rank the blocks.
+    texts (already chat-templated) to rank the blocks. ``mlp_keep`` < 1 keeps that fraction of
+    each block's MLP channels, ranked on the calibration texts (width.py); ``kept_channels``
+    (from an earlier description) rebuilds the same student without ranking again.
     """
     if (keep is None) == (num_layers is None):
         raise UsageError("depth pruning needs exactly one of keep= or num_layers=")
@@ -196,6 +199,16 @@ def prune_teacher(teacher: Any, tokenizer: Any, *, calibration: Sequence[str] = 
         keep = select_layers(importance, num_layers)
         progress("student: rank blocks", 1, 1)
     student = build_student(teacher, keep)
+    if kept_channels is None and mlp_keep < 1.0:
+        from edgepack.distill.width import channel_importance, channels_to_keep
+
+        progress("student: rank MLP channels", 0, 1)
+        kept_channels = channels_to_keep(channel_importance(student, tokenizer, calibration, max_length), mlp_keep)
+        progress("student: rank MLP channels", 1, 1)
+    if kept_channels is not None:
+        from edgepack.distill.width import prune_mlp
+
+        student = prune_mlp(student, kept_channels)
     n, n_teacher = count_params(student), count_params(teacher)
     return student, {
         "method": "depth pruning by block influence (1 - cos(in, out)); first and last block kept",
@@ -207,6 +220,9 @@ def prune_teacher(teacher: Any, tokenizer: Any, *, calibration: Sequence[str] = 
         "params": n,
         "teacher_params": n_teacher,
         "param_fraction": round(n / n_teacher, 4),
+        "mlp_channels": student.config.intermediate_size,
+        "teacher_mlp_channels": teacher.config.intermediate_size,
+        "kept_channels": [list(k) for k in kept_channels] if kept_channels is not None else None,
     }
 
 

@@ -102,14 +102,15 @@ def student_dir_name(variant: str | None = None) -> str:
 def train_student(*, run_dir: Path, profile: Profile, student: str = "auto", steps: int = 20, seed: int = 0,
                   resume: bool = False, progress: ProgressFn = null_progress,
                   config: TrainConfig | None = None, variant: str | None = None,
-                  method: str = "auto") -> dict[str, Any]:
+                  method: str = "auto", mlp_keep: float = 1.0) -> dict[str, Any]:
     """Distill the teacher into a student sized for the profile; return train_report.json.
 
     ``variant`` trains into ``RUN/student-<variant>`` (checkpoints in ``RUN/checkpoints-<variant>``)
     instead of ``RUN/student``, so baselines (``--loss sft``) and other losses share one run's data
     and are compared by ``edgepack eval RUN --variants``. ``method`` forces ``full`` fine-tuning or
     ``lora``; ``auto`` lets the planner (plan.py) choose from the profile's training memory, along
-    with the micro-batch and gradient checkpointing.
+    with the micro-batch and gradient checkpointing. ``mlp_keep`` < 1 also width-prunes an ``auto``
+    student's MLPs to that fraction of their channels (width.py).
     """
     import torch
 
@@ -147,8 +148,10 @@ def train_student(*, run_dir: Path, profile: Profile, student: str = "auto", ste
                    else json.loads((teacher_dir / SOURCE_FILE).read_text())["sha256"])
     identity = {"teacher_sha256": teacher_sha, "student": student, "steps": steps, "seed": seed,
                 "profile": profile.name, "config": asdict(cfg)}
-    if method != "auto":  # (absent when planned, so runs from before the planner still resume)
-        identity["method"] = method
+    # Absent at their defaults, so runs from before these options still resume.
+    identity.update({k: v for k, v in (("method", method), ("mlp_keep", mlp_keep)) if v not in ("auto", 1.0)})
+    if mlp_keep != 1.0 and student != "auto":
+        raise UsageError("--mlp-keep width-prunes an `auto` student; a user's --student is trained as it is")
     if is_complete(out):
         report = json.loads((out / TRAIN_REPORT).read_text())
         if report.get("identity") != identity:
@@ -215,7 +218,7 @@ def train_student(*, run_dir: Path, profile: Profile, student: str = "auto", ste
             plan = (TrainPlan(**{**planned, "rejected": tuple(planned["rejected"])}) if planned is not None
                     else _plan(model, teacher, mode, profile, cfg, baseline_mb, "full"))
         else:
-            model, description = _make_student(student, teacher, tok, rows, profile, cfg, progress)
+            model, description = _make_student(student, teacher, tok, rows, profile, cfg, progress, mlp_keep)
             plan = _plan(model, teacher, mode, profile, cfg, baseline_mb, method)
             if plan.method == "lora":
                 model = _with_lora(model)
@@ -391,7 +394,8 @@ def _lora_resume(description: dict[str, Any], teacher: Any, tok: Any, last: Path
     from edgepack.distill.student import prune_teacher
 
     if description["source"] == "auto":
-        base, _ = prune_teacher(teacher, tok, keep=description["kept_layers"])
+        base, _ = prune_teacher(teacher, tok, keep=description["kept_layers"],
+                                kept_channels=description.get("kept_channels"))
     else:
         base = AutoModelForCausalLM.from_pretrained(description["source"], dtype=torch.float32)
     return PeftModel.from_pretrained(base, last, is_trainable=True)
@@ -425,8 +429,8 @@ def _student_dir(spec: str) -> Path:
     return path
 
 
-def _make_student(spec: str, teacher: Any, tok: Any, rows: list[dict[str, Any]],
-                  profile: Profile, cfg: TrainConfig, progress: ProgressFn) -> tuple[Any, dict[str, Any]]:
+def _make_student(spec: str, teacher: Any, tok: Any, rows: list[dict[str, Any]], profile: Profile,
+                  cfg: TrainConfig, progress: ProgressFn, mlp_keep: float = 1.0) -> tuple[Any, dict[str, Any]]:
     """``auto``: the depth-pruned teacher; else an HF folder (a local teacher: no larger than it)."""
     import torch
     from transformers import AutoModelForCausalLM
@@ -438,7 +442,7 @@ def _make_student(spec: str, teacher: Any, tok: Any, rows: list[dict[str, Any]],
         texts = [tok.apply_chat_template(r["messages"] + [{"role": "assistant", "content": r["response"]}],
                                          tokenize=False) for r in rows[: cfg.calibration_rows]]
         model, description = prune_teacher(teacher, tok, calibration=texts, num_layers=sizing["num_layers"],
-                                           max_length=cfg.max_length, progress=progress)
+                                           max_length=cfg.max_length, mlp_keep=mlp_keep, progress=progress)
         return model, {"source": "auto", **description, "sizing": sizing}
     path = _student_dir(spec)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)

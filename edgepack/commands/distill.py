@@ -76,6 +76,9 @@ def train_cmd(
     lora: Annotated[bool, typer.Option("--lora", help="Train LoRA adapters (merged at the end) instead of "
                                                       "letting the planner choose from the profile's memory.")] = False,
     full: Annotated[bool, typer.Option("--full", help="Full fine-tuning, whatever the planner would choose.")] = False,
+    mlp_keep: Annotated[float, typer.Option(
+        help="Width pruning of an `auto` student: keep this fraction of each block's MLP channels "
+             "(the most active on calibration prompts); 1 = depth pruning only.")] = 1.0,
     variant: Annotated[str | None, typer.Option(
         help="Train into RUN/student-NAME instead of RUN/student (a baseline or another loss beside the main "
              "student; compare with `edgepack eval RUN --variants NAME`).")] = None,
@@ -97,7 +100,7 @@ def train_cmd(
     with progress_bars(not json_out) as progress:
         report = train_student(run_dir=run, profile=prof, student=student, steps=steps, seed=seed,
                                resume=resume, progress=progress, config=config, variant=variant,
-                               method="lora" if lora else "full" if full else "auto")
+                               method="lora" if lora else "full" if full else "auto", mlp_keep=mlp_keep)
     if report.get("mode_reason"):
         warn(f"{report['mode']} distillation: {report['mode_reason']}")
     emit(report, json_out)
