@@ -10,7 +10,8 @@ and holdout file.
 :func:`build_dataset` validates everything before writing anything, materializes the
 teacher (``RUN/teacher``), asks it one greedy answer per prompt, drops bad answers with a
 counted reason (see filters.py) and writes ``RUN/data`` atomically. A complete ``RUN/data``
-is not regenerated.
+is not regenerated, and every teacher answer is kept in ``RUN/cache/teacher`` as it arrives
+(answer_cache.py), so a run killed during generation resumes where it stopped.
 
 *Teacher context.* The demo's teacher is a 135M model that does not follow the answer format
 from instructions alone; with a few worked examples in its prompt it does. Those
@@ -33,12 +34,13 @@ from edgepack.atomic import atomic_dir, is_complete, write_json
 from edgepack.constants import (DATA_DIR, DATA_REPORT, HOLDOUT_FILE, TEACHER_CACHE_DIR, TEACHER_CONTEXT,
                                 TEACHER_CORRECTED_DIR, TEACHER_DIR, TRAIN_FILE)
 from edgepack.distill.correct import CorrectionConfig
-from edgepack.distill.filters import DROP_REASONS, drop_reason, is_near_duplicate, parse_category
+from edgepack.distill.filters import DEMO_FORMAT, DROP_REASONS, drop_reason, is_near_duplicate, parse_category
 from edgepack.errors import DataError, RunDirError, UsageError
 from edgepack.progress import ProgressFn, null_progress
 
 if TYPE_CHECKING:
     from edgepack.distill.endpoint import EndpointConfig
+    from edgepack.distill.filters import AnswerFormat
 
 DEMO_DIR = Path(__file__).resolve().parent / "demo"
 DEMO_SEED = DEMO_DIR / "seed.jsonl"
@@ -234,7 +236,8 @@ def build_dataset(*, teacher: str, data: Path | None, run_dir: Path, limit: int 
                   allow_pickle: bool = False, trust_remote_code: bool = False,
                   correct: bool = False, correction: CorrectionConfig | None = None,
                   samples: int = 1, sample_temperature: float = 0.8,
-                  endpoint: EndpointConfig | None = None) -> dict[str, Any]:
+                  endpoint: EndpointConfig | None = None,
+                  answer_format: AnswerFormat | None = None) -> dict[str, Any]:
     """Generate, filter and store teacher data for distillation; return data/report.json.
 
     Nothing is written when the teacher spec or the prompts are bad. A complete data/ folder
@@ -248,13 +251,16 @@ def build_dataset(*, teacher: str, data: Path | None, run_dir: Path, limit: int 
     ``duplicate``. The report's ``contamination`` compares the holdout with the training
     prompts and the kept answers (see contamination.py).
     An endpoint teacher (``openai:URL#MODEL``, called as ``endpoint`` says) has no weights to
-    materialize; its answers are cached under ``RUN/cache/teacher`` (a rerun resumes), and the
-    report's ``distillation`` says whether they came with logprobs (see endpoint.py).
+    materialize, and the report's ``distillation`` says whether its answers came with logprobs
+    (see endpoint.py). Every teacher's answers are cached under ``RUN/cache/teacher`` as they
+    arrive, so a rerun after a crash resumes (``teacher_cache`` counts hits and misses).
+    ``answer_format`` (see filters.py) replaces the demo's format check; it is part of data/'s
+    identity and reported as ``format_check``.
     """
     from edgepack.distill.contamination import contamination_report
     from edgepack.distill.correct import correct_teacher, load_corrected_source
-    from edgepack.distill.generate import (DecodeParams, describe_generator, distillation_mode, generate_many,
-                                           open_generator)
+    from edgepack.distill.generate import (DecodeParams, cache_stats, describe_generator, distillation_mode,
+                                           generate_many, open_generator)
     from edgepack.distill.teachers import materialize_teacher, resolve_teacher
 
     source = resolve_teacher(teacher, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
@@ -272,6 +278,8 @@ def build_dataset(*, teacher: str, data: Path | None, run_dir: Path, limit: int 
     correction = (correction or CorrectionConfig()) if correct else None
     identity = {"teacher_sha256": source.sha256, "inputs": inputs.files, "seed": seed, "limit": limit,
                 "decoding": [p.describe() for p in sample_params], "correction": correction.describe() if correction else None}
+    if answer_format is not None:  # absent for the demo format, so data/ built before the option stays valid
+        identity["format_check"] = answer_format.describe()
     run_dir = Path(run_dir)
     out = run_dir / DATA_DIR
     if is_complete(out):
@@ -305,19 +313,27 @@ def build_dataset(*, teacher: str, data: Path | None, run_dir: Path, limit: int 
     done = 0
     answers: list[Any] = []
     endpoints: list[dict[str, Any] | None] = []
+    cache_counts = {"hits": 0, "misses": 0}
+    # Endpoint teachers keep their answers in the folder they are given; local ones get the
+    # same cache through ``cache_dir``.
+    gen_dir, gen_options = ((run_dir / TEACHER_CACHE_DIR, {"endpoint": endpoint}) if remote
+                            else (teacher_dir, {"cache_dir": run_dir / TEACHER_CACHE_DIR}))
     # Sample 0 is the teacher's greedy answer (also the holdout's); samples 1.. are drawn at
     # ``sample_temperature`` with their own seeds, for training prompts only.
     for j, p in enumerate(sample_params):
         rows = inputs.train + (inputs.holdout if j == 0 else [])
-        with open_generator(source, teacher_dir, p, **({"endpoint": endpoint} if remote else {})) as generate:
+        with open_generator(source, gen_dir, p, **gen_options) as generate:
             gens = generate_many(generate, [with_teacher_context(r.messages, inputs.context) for r in rows],
                                  lambda n: progress(task, done + n, total))
             answers += gens
             endpoints.append(describe_generator(generate))
+            for k, v in (cache_stats(generate) or {}).items():
+                cache_counts[k] += v
             for i, (row, gen) in enumerate(zip(rows, gens)):
                 n_tokens += gen.tokens
                 if i < len(inputs.train):
-                    reason = drop_reason(gen.text, finished=gen.finished, label=row.label, labels=inputs.labels)
+                    reason = drop_reason(gen.text, finished=gen.finished, label=row.label, labels=inputs.labels,
+                                         answer_format=answer_format)
                     if reason is None and is_near_duplicate(gen.text, kept[row.id]):
                         reason = "duplicate"
                     if reason is None:
@@ -327,9 +343,11 @@ def build_dataset(*, teacher: str, data: Path | None, run_dir: Path, limit: int 
                         dropped[reason] += 1
                 else:
                     rec = row.record(gen.text.strip())
-                    rec["teacher_category"] = parse_category(gen.text)
+                    rec["teacher_category"] = (parse_category(gen.text) if answer_format is None
+                                               else answer_format.check(gen.text.strip())[1])
                     hold_rows.append(rec)
-                    if row.label is not None:
+                    # A user format that states no label leaves the teacher's accuracy unmeasured (None).
+                    if row.label is not None and (answer_format is None or answer_format.label_from):
                         labelled += 1
                         correct += rec["teacher_category"] == row.label
                 done += 1
@@ -351,6 +369,9 @@ def build_dataset(*, teacher: str, data: Path | None, run_dir: Path, limit: int 
         "labels": sorted(inputs.labels) if inputs.labels else None,
         "decoding": [p.describe() for p in sample_params],
         "samples_per_prompt": samples,
+        # None: a free-form task (no labels) without a user format gets no format check.
+        "format_check": (answer_format or DEMO_FORMAT).describe() if answer_format or inputs.labels else None,
+        "teacher_cache": cache_counts,
         "teacher_context_turns": len(inputs.context),
         "input_rows": len(inputs.train) + len(inputs.holdout) + len(inputs.bad),
         "bad_rows": len(inputs.bad),

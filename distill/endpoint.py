@@ -16,9 +16,10 @@ What makes it safe to point at a remote service:
   jitter (``Retry-After`` honoured, capped) for at most ``max_attempts`` tries; any other
   status, or the last failed try, raises :class:`~edgepack.errors.TeacherEndpointError`
   (one line naming URL and status, exit 2);
-- every answer is stored as one JSON file under the cache folder (``RUN/cache/teacher``),
-  named by the sha256 of teacher identity, decoding parameters and messages, and written
-  atomically: a rerun never pays twice, and answers finished before a crash are kept.
+- every answer is stored as one JSON file under the cache folder (``RUN/cache/teacher``,
+  see answer_cache.py), named by the sha256 of teacher identity, decoding parameters and
+  messages, and written atomically: a rerun never pays twice, and answers finished before a
+  crash are kept.
 
 Per-token logprobs are asked for (``logprobs: true, top_logprobs: K``). An endpoint that
 refuses them (a 400 naming ``logprobs``, as ``edgepack serve`` does) or answers without them
@@ -28,7 +29,6 @@ so; it is never silent.
 
 from __future__ import annotations
 
-import hashlib
 import http.client
 import json
 import os
@@ -45,8 +45,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
-from edgepack.atomic import write_json
 from edgepack.constants import TEACHER_API_KEY_ENV
+from edgepack.distill.answer_cache import AnswerCache, answer_key
 from edgepack.errors import TeacherEndpointError, UsageError
 
 if TYPE_CHECKING:
@@ -56,7 +56,6 @@ if TYPE_CHECKING:
 DEFAULT_API_KEY_ENV = TEACHER_API_KEY_ENV
 MAX_TOP_LOGPROBS = 20  # OpenAI's limit for top_logprobs; vLLM's default max_logprobs is 20 too
 MAX_RESPONSE_BYTES = 16 * 1024 * 1024
-CACHE_SCHEMA = 1
 _RETRY_STATUSES = frozenset({408, 429})  # plus every 5xx
 
 
@@ -109,10 +108,7 @@ def read_api_key(env_name: str) -> str | None:
 
 def cache_key(source: TeacherSource, params: DecodeParams, top_logprobs: int, messages: Messages) -> str:
     """sha256 of what decides an answer: teacher identity, decoding parameters, messages."""
-    blob = json.dumps({"teacher": f"{source.url}#{source.model}", "decoding": params.describe(),
-                       "top_logprobs": top_logprobs, "messages": messages},
-                      sort_keys=True, ensure_ascii=False, separators=(",", ":"))
-    return hashlib.sha256(blob.encode("utf-8")).hexdigest()
+    return answer_key(f"{source.url}#{source.model}", params.describe(), messages, top_logprobs=top_logprobs)
 
 
 class _NoRedirect(urllib.request.HTTPRedirectHandler):
@@ -144,12 +140,11 @@ class EndpointTeacher:
         self.source, self.params = source, params
         self.config = config or EndpointConfig()
         self.config.check()
-        self.cache_dir = Path(cache_dir)
+        self.cache = AnswerCache(cache_dir)
         self.url = f"{source.url}/chat/completions"
         self._key = read_api_key(self.config.api_key_env)
         self._opener = urllib.request.build_opener(_NoRedirect)
         self._lock = threading.Lock()
-        self._write_lock = threading.Lock()
         self._logprobs_refused: str | None = None  # sticky: the endpoint said no once
         self._in_flight = 0
         self.stats = {"requests": 0, "cache_hits": 0, "retries": 0, "max_in_flight": 0}
@@ -159,8 +154,7 @@ class EndpointTeacher:
     def __call__(self, messages: Messages) -> Generation:
         """One answer (from the cache when this exact request was answered before)."""
         key = cache_key(self.source, self.params, self.config.top_logprobs, messages)
-        path = self.cache_dir / f"{key}.json"
-        cached = self._read_cache(path, key)
+        cached = self.cache.get(key)
         if cached is not None:
             with self._lock:
                 self.stats["cache_hits"] += 1
@@ -170,9 +164,7 @@ class EndpointTeacher:
         answer, refused = self._ask(body)
         gen = self._generation(answer, refused)
         # The request is stored without headers: the key never reaches the disk.
-        with self._write_lock:  # atomic_path's temporary name is per process, not per thread
-            write_json(path, {"schema": CACHE_SCHEMA, "key": key, "teacher": f"{self.source.url}#{self.source.model}",
-                              "request": body, "generation": asdict(gen)})
+        self.cache.put(key, gen, teacher=f"{self.source.url}#{self.source.model}", request=body)
         return gen
 
     def generate_many(self, batch: list[Messages], on_done: Callable[[int], None] | None = None) -> list[Generation]:
@@ -336,19 +328,6 @@ class EndpointTeacher:
             tokens = len(chosen) if chosen is not None else 0
         return Generation(text=text, tokens=tokens, finished=finish == "stop", token_logprobs=chosen,
                           top_logprobs=top, no_logprobs_reason=reason)
-
-    def _read_cache(self, path: Path, key: str) -> Generation | None:
-        from edgepack.distill.generate import Generation
-
-        if not path.is_file():
-            return None
-        try:
-            entry = json.loads(path.read_text(encoding="utf-8"))
-            if entry.get("schema") != CACHE_SCHEMA or entry.get("key") != key:
-                return None
-            return Generation.from_dict(entry["generation"])
-        except (ValueError, KeyError, TypeError, OSError):
-            return None  # unreadable entry: ask again; the fresh answer replaces it atomically
 
 
 def _read_until(resp: Any, deadline: float, timeout_s: float) -> bytes:

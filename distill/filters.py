@@ -6,6 +6,10 @@ in two lines::
     Category: <label>
     Action: <one sentence>
 
+The user can replace that format check with their own (``--format-regex`` /
+``--format-schema``): an :class:`AnswerFormat` from :data:`ANSWER_FORMATS`, built by
+:func:`answer_format_from_options`. A violation counts as ``format`` either way.
+
 :func:`drop_reason` returns why a teacher answer must not become training data (or
 ``None`` to keep it); the reasons are counted in ``data/report.json``.
 :func:`parse_category` is the lenient reader used for accuracy (evaluation, gate).
@@ -13,8 +17,15 @@ in two lines::
 
 from __future__ import annotations
 
+import hashlib
+import json
 import re
 from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Protocol
+
+from edgepack.errors import UsageError
 
 # Checked in this order; the first that applies is the one counted. ``duplicate`` (an answer
 # equal or nearly equal to one already kept for the same prompt, see is_near_duplicate) is
@@ -62,11 +73,156 @@ def is_repetitive(text: str) -> bool:
     return bool(lines) and max(Counter(lines).values()) >= REPEAT_COUNT
 
 
-def drop_reason(text: str, *, finished: bool, label: str | None, labels: frozenset[str] | None) -> str | None:
+# --- answer formats ----------------------------------------------------------------------
+
+class AnswerFormat(Protocol):
+    """A check of the whole (stripped) answer; ``kind`` names it in the data report."""
+
+    kind: str
+    label_from: str | None
+    """Where the answer states its label (None: it does not, so labels cannot be checked)."""
+
+    def check(self, text: str) -> tuple[bool, str | None]:
+        """(the answer has the format, the label it states or None)."""
+        ...
+
+    def describe(self) -> dict[str, Any]:
+        """``format_check`` in data/report.json, and part of data/'s identity."""
+        ...
+
+
+class DemoFormat:
+    """``Category: <label>`` then ``Action: <at least two words>`` (the shipped demo's format).
+
+    Applied only to labelled tasks (a free-form prompts file gets no format check).
+    """
+
+    kind = "demo"
+    label_from = "the Category line"
+
+    def check(self, text: str) -> tuple[bool, str | None]:
+        m = ANSWER_RE.match(text)
+        if m is None or len(m.group(2).split()) < 2:
+            return False, None
+        return True, m.group(1)
+
+    def describe(self) -> dict[str, Any]:
+        return {"kind": self.kind, "label_from": self.label_from}
+
+
+class RegexFormat:
+    """The whole answer (leading and trailing whitespace stripped, as it is stored) must match
+    ``pattern`` (``re.fullmatch`` with DOTALL). A named group ``label`` is the answer's label,
+    checked against the task's labels and the row's label when they exist."""
+
+    kind = "regex"
+
+    def __init__(self, pattern: str) -> None:
+        try:
+            self.regex = re.compile(pattern, re.DOTALL)
+        except (re.error, RecursionError, OverflowError) as exc:
+            raise UsageError(f"--format-regex does not compile: {' '.join(str(exc).split())}",
+                             hint="give a Python regular expression that the whole answer must match") from None
+        self.pattern = pattern
+        self.label_from = "group 'label'" if "label" in self.regex.groupindex else None
+
+    def check(self, text: str) -> tuple[bool, str | None]:
+        m = self.regex.fullmatch(text)
+        if m is None:
+            return False, None
+        return True, m.groupdict().get("label")
+
+    def describe(self) -> dict[str, Any]:
+        return {"kind": self.kind, "pattern": self.pattern, "label_from": self.label_from}
+
+
+class JsonSchemaFormat:
+    """The answer must be JSON and valid under a JSON Schema (the ``jsonschema`` package, the
+    draft the schema's ``$schema`` names, 2020-12 when none; ``format`` is an annotation, as
+    the spec's default says). A top-level string property ``label`` is the answer's label.
+    ``$ref`` to other documents is not fetched: an unresolvable one is a UsageError."""
+
+    kind = "json-schema"
+    label_from = "property 'label'"
+
+    def __init__(self, path: Path) -> None:
+        import jsonschema
+
+        path = Path(path)
+        if not path.is_file():
+            raise UsageError(f"--format-schema file not found: {path}")
+        try:
+            raw = path.read_bytes()
+            self.schema = json.loads(raw.decode("utf-8"))
+        except (ValueError, RecursionError) as exc:
+            raise UsageError(f"--format-schema {path} is not valid JSON "
+                             f"({getattr(exc, 'msg', None) or str(exc)[:80]})",
+                             hint="the file must hold one JSON Schema document") from None
+        if not isinstance(self.schema, (dict, bool)):
+            raise UsageError(f"--format-schema {path} is not a JSON Schema (an object or a boolean)")
+        cls = jsonschema.validators.validator_for(self.schema, default=jsonschema.Draft202012Validator)
+        try:
+            cls.check_schema(self.schema)
+        except jsonschema.exceptions.SchemaError as exc:
+            raise UsageError(f"--format-schema {path} is not a valid JSON Schema: {' '.join(exc.message.split())[:200]}"
+                             ) from None
+        self.validator = cls(self.schema)
+        self.path = path
+        self.sha256 = hashlib.sha256(raw).hexdigest()
+        self.check("null")  # a top-level $ref that cannot be resolved fails here, before any generation
+
+    def check(self, text: str) -> tuple[bool, str | None]:
+        import referencing.exceptions
+
+        try:
+            value = json.loads(text)
+        except (ValueError, RecursionError):
+            return False, None
+        try:
+            ok = self.validator.is_valid(value)
+        except referencing.exceptions.Unresolvable as exc:
+            raise UsageError(f"--format-schema {self.path}: cannot resolve $ref {exc}",
+                             hint="inline the referenced schema; remote references are not fetched") from None
+        except RecursionError:
+            ok = False
+        label = value.get("label") if isinstance(value, dict) else None
+        return ok, label if isinstance(label, str) else None
+
+    def describe(self) -> dict[str, Any]:
+        # The file's name and content hash (not its folder): moving the schema keeps data/'s identity.
+        return {"kind": self.kind, "file": self.path.name, "sha256": self.sha256,
+                "draft": self.validator.META_SCHEMA.get("$schema"), "label_from": self.label_from}
+
+
+# kind → constructor from the option's value (the report's ``format_check.kind``).
+ANSWER_FORMATS: dict[str, Callable[..., AnswerFormat]] = {
+    "demo": DemoFormat,
+    "regex": RegexFormat,
+    "json-schema": JsonSchemaFormat,
+}
+DEMO_FORMAT = DemoFormat()
+
+
+def answer_format_from_options(regex: str | None = None, schema: Path | None = None) -> AnswerFormat | None:
+    """The user's format check (``--format-regex`` or ``--format-schema``), or None for the demo's."""
+    if regex is not None and schema is not None:
+        raise UsageError("give --format-regex or --format-schema, not both")
+    if regex is not None:
+        return ANSWER_FORMATS["regex"](regex)
+    if schema is not None:
+        return ANSWER_FORMATS["json-schema"](schema)
+    return None
+
+
+def drop_reason(text: str, *, finished: bool, label: str | None, labels: frozenset[str] | None,
+                answer_format: AnswerFormat | None = None) -> str | None:
     """Why this teacher answer is dropped, or ``None`` to keep it.
 
     ``finished`` is False when generation stopped at the token limit instead of at EOS.
-    ``labels`` is the task's label set (``None`` for free-form tasks: no format check).
+    ``labels`` is the task's label set. ``answer_format`` is the user's format check; without
+    one the demo format is checked, and only for labelled tasks (``labels`` not None). A label
+    the answer states must be one of ``labels`` (else ``format``) and equal ``label`` (else
+    ``label_mismatch``); a user format that states no label is not checked for it.
     """
     stripped = text.strip()
     if not stripped:
@@ -77,12 +233,14 @@ def drop_reason(text: str, *, finished: bool, label: str | None, labels: frozens
         return "refusal"
     if is_repetitive(stripped):
         return "repetition"
-    if labels is None:
-        return None
-    m = ANSWER_RE.match(stripped)
-    if m is None or m.group(1) not in labels or len(m.group(2).split()) < 2:
+    if answer_format is None:
+        if labels is None:
+            return None
+        answer_format = DEMO_FORMAT
+    ok, stated = answer_format.check(stripped)
+    if not ok or (stated is not None and labels is not None and stated not in labels):
         return "format"
-    if label is not None and m.group(1) != label:
+    if label is not None and stated is not None and stated != label:
         return "label_mismatch"
     return None
 

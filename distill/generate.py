@@ -8,17 +8,23 @@ transformers' ``apply_chat_template``, which renders in jinja2's ImmutableSandbo
 the GGUF generator feeds the rendered text to llama.cpp with ``special=True`` so ChatML
 markers become their special tokens. Endpoint teachers send the messages as they are; the
 server applies its model's own template.
+
+Every answer can be kept in the on-disk answer cache (answer_cache.py): endpoint teachers
+always use it; local teachers do when :func:`open_generator` gets ``cache_dir``, and then
+load their weights only on the first answer that is not cached, so a rerun after a crash
+regenerates only the missing answers.
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from edgepack.distill.answer_cache import AnswerCache, answer_key
 from edgepack.distill.teachers import TeacherSource
 from edgepack.errors import UsageError
 
@@ -92,6 +98,12 @@ def generate_many(generate: GenerateFn, batch: list[Messages],
     return out
 
 
+def cache_stats(generate: GenerateFn) -> dict[str, int] | None:
+    """Answer-cache hits and misses of this generator; None when it has no cache."""
+    cache = getattr(generate, "cache", None)
+    return cache.stats() if isinstance(cache, AnswerCache) else None
+
+
 def describe_generator(generate: GenerateFn) -> dict[str, Any] | None:
     """An endpoint teacher's settings and counters (requests, cache hits, retries); None for local ones."""
     describe = getattr(generate, "describe", None)
@@ -130,12 +142,13 @@ def render_prompt(tokenizer: Any, messages: Messages) -> str:
 
 
 @contextmanager
-def _llamacpp(source: TeacherSource, teacher_dir: Path, params: DecodeParams) -> Iterator[GenerateFn]:
+def _llamacpp(source: TeacherSource, teacher_dir: Path, params: DecodeParams,
+              threads: int | None = None) -> Iterator[GenerateFn]:
     from llama_cpp import Llama
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(teacher_dir)
-    llm = Llama(model_path=str(source.path), n_ctx=params.n_ctx, n_threads=os.cpu_count(),
+    llm = Llama(model_path=str(source.path), n_ctx=params.n_ctx, n_threads=threads or os.cpu_count(),
                 seed=params.seed, verbose=False)
 
     def generate(messages: Messages) -> Generation:
@@ -195,20 +208,63 @@ def _endpoint(source: TeacherSource, cache_dir: Path, params: DecodeParams, **op
 
 # kind → opener(source, folder, params, **options). ``folder`` is the teacher's local folder:
 # the materialized weights (RUN/teacher) for local kinds, the answer cache for endpoints.
+# The GGUF opener takes ``threads`` (None: every core); the endpoint opener takes ``endpoint``.
 GENERATORS: dict[str, Callable[..., Any]] = {
     "gguf": _llamacpp,
     "hf": _transformers,
     "openai": _endpoint,
 }
+REMOTE_KINDS = frozenset({"openai"})  # cache their answers themselves (in ``folder``)
 
 
-def open_generator(source: TeacherSource, teacher_dir: Path, params: DecodeParams, **options: Any) -> Any:
+class CachedGenerator:
+    """A local teacher behind the answer cache.
+
+    ``load()`` opens the teacher (its weights) on the first answer that is not cached, so a
+    rerun whose answers are all cached never loads the model. Keys: ``sha256:<teacher file
+    or folder hash>``, the decoding parameters and the messages.
+    """
+
+    def __init__(self, load: Callable[[], GenerateFn], cache: AnswerCache, source: TeacherSource,
+                 params: DecodeParams) -> None:
+        self.cache, self.params = cache, params
+        self.teacher = f"sha256:{source.sha256}"
+        self._load = load
+        self._generate: GenerateFn | None = None
+
+    def __call__(self, messages: Messages) -> Generation:
+        key = answer_key(self.teacher, self.params.describe(), messages)
+        cached = self.cache.get(key)
+        if cached is not None:
+            return cached
+        if self._generate is None:
+            self._generate = self._load()
+        gen = self._generate(messages)
+        self.cache.put(key, gen, teacher=self.teacher,
+                       request={"decoding": self.params.describe(), "messages": messages})
+        return gen
+
+
+@contextmanager
+def _cached_local(opener: Callable[..., Any], source: TeacherSource, teacher_dir: Path, params: DecodeParams,
+                  cache_dir: Path, **options: Any) -> Iterator[CachedGenerator]:
+    with ExitStack() as stack:
+        yield CachedGenerator(lambda: stack.enter_context(opener(source, teacher_dir, params, **options)),
+                              AnswerCache(cache_dir), source, params)
+
+
+def open_generator(source: TeacherSource, teacher_dir: Path, params: DecodeParams, *,
+                   cache_dir: Path | None = None, **options: Any) -> Any:
     """Context manager yielding ``generate(messages) -> Generation`` for this teacher.
 
-    ``options`` go to the opener (``endpoint=EndpointConfig(...)`` for endpoint teachers).
+    ``options`` go to the opener (``endpoint=EndpointConfig(...)`` for endpoint teachers,
+    ``threads=N`` for GGUF ones). ``cache_dir`` keeps a local teacher's answers in the answer
+    cache (endpoint teachers always cache, in ``teacher_dir``).
     """
     opener = GENERATORS.get(source.kind)
     if opener is None:
         raise UsageError(f"generating with {source.kind!r} teachers is not available yet",
                          hint="use a local HF folder, a .gguf or builtin:smollm2-135m-instruct")
+    if cache_dir is not None and source.kind not in REMOTE_KINDS:
+        return _cached_local(opener, source, Path(teacher_dir), params, Path(cache_dir), **options)
     return opener(source, Path(teacher_dir), params, **options)

@@ -35,6 +35,12 @@ def data_cmd(
         help="Endpoint teacher: environment variable holding the API key (sent as a Bearer token).")
     ] = TEACHER_API_KEY_ENV,
     timeout: Annotated[float, typer.Option(help="Endpoint teacher: seconds per request before a retry.")] = 120.0,
+    format_regex: Annotated[str | None, typer.Option(
+        help="Answer format: a regex the whole answer must match (DOTALL); a group named `label` is its label. "
+             "Replaces the demo format check.")] = None,
+    format_schema: Annotated[Path | None, typer.Option(
+        help="Answer format: a JSON Schema file the answer (as JSON) must satisfy; a top-level `label` string is "
+             "its label. Replaces the demo format check.")] = None,
     json_out: JsonOpt = False,
 ) -> None:
     """Generate, filter and store teacher data for distillation."""
@@ -42,7 +48,9 @@ def data_cmd(
     from edgepack.distill.correct import CorrectionConfig
     from edgepack.distill.data import build_dataset
     from edgepack.distill.endpoint import EndpointConfig
+    from edgepack.distill.filters import answer_format_from_options
 
+    answer_format = answer_format_from_options(format_regex, format_schema)
     with progress_bars(not json_out) as progress:
         report = build_dataset(teacher=teacher, data=data, run_dir=out, limit=limit, strict=strict,
                                seed=seed, progress=progress, allow_pickle=allow_pickle,
@@ -50,7 +58,8 @@ def data_cmd(
                                correction=CorrectionConfig(steps=correct_steps), samples=samples,
                                sample_temperature=sample_temperature,
                                endpoint=EndpointConfig(concurrency=concurrency, api_key_env=api_key_env,
-                                                       timeout_s=timeout))
+                                                       timeout_s=timeout),
+                               answer_format=answer_format)
     if report.get("distillation") == "response-only":
         warn(f"response-only distillation: {report.get('distillation_reason')}")
     emit(report, json_out)

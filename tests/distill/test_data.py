@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 from edgepack.atomic import is_complete
-from edgepack.constants import DATA_DIR, DATA_REPORT, HOLDOUT_FILE, TEACHER_CONTEXT, TEACHER_DIR, TRAIN_FILE
+from edgepack.constants import (DATA_DIR, DATA_REPORT, HOLDOUT_FILE, TEACHER_CACHE_DIR, TEACHER_CONTEXT, TEACHER_DIR,
+                                TRAIN_FILE)
 from edgepack.distill.data import (PromptRow, build_dataset, load_prompts, read_jsonl, split_rows,
                                    with_teacher_context)
 from edgepack.errors import DataError, ModelSourceError, TeacherEndpointError, UsageError
@@ -146,9 +147,10 @@ LABELS = {"Motor M-1 tripped on overcurrent": "electrical", "Pump P-2 bearing no
           "Breaker CB-9 open": "electrical", "Fan vibration high": "mechanical"}
 
 
-@pytest.fixture()
-def scripted_teacher(monkeypatch: pytest.MonkeyPatch):
-    """Replace the HF generator with scripted answers (the real one is tested below)."""
+def script_teacher(monkeypatch: pytest.MonkeyPatch, script: dict[str, tuple[str, bool]],
+                   opened: list[int] | None = None) -> list[list[dict]]:
+    """Replace the HF generator with answers from ``script``; return the messages it is asked
+    (``opened`` gets one entry per time the teacher is opened)."""
     from contextlib import contextmanager
 
     from edgepack.distill import generate as gen
@@ -157,14 +159,23 @@ def scripted_teacher(monkeypatch: pytest.MonkeyPatch):
 
     @contextmanager
     def scripted(source, teacher_dir, params):
+        if opened is not None:
+            opened.append(1)
+
         def answer(messages):
             seen.append(messages)
-            text, finished = SCRIPT[messages[-1]["content"]]
+            text, finished = script[messages[-1]["content"]]
             return gen.Generation(text=text, tokens=len(text.split()), finished=finished)
         yield answer
 
     monkeypatch.setitem(gen.GENERATORS, "hf", scripted)
     return seen
+
+
+@pytest.fixture()
+def scripted_teacher(monkeypatch: pytest.MonkeyPatch):
+    """Replace the HF generator with scripted answers (the real one is tested below)."""
+    return script_teacher(monkeypatch, SCRIPT)
 
 
 def test_build_dataset_counts_every_drop_reason(tmp_path: Path, tiny_llama_dir: Path, scripted_teacher) -> None:
@@ -280,3 +291,217 @@ def test_samples_per_prompt_drop_duplicates_and_the_holdout_is_checked(tmp_path:
     with pytest.raises(UsageError, match="--samples"):
         build_dataset(teacher=str(tiny_llama_dir), data=data, run_dir=tmp_path / "zero", seed=0, samples=0)
     assert not (tmp_path / "zero" / DATA_DIR).exists()
+
+
+# -- user answer formats ------------------------------------------------------------------------
+
+# Under --format-regex FREE_TEXT (no `label` group) each scripted answer is kept or dropped so:
+FREE_TEXT = r"[A-Z].+\."
+FREE_TEXT_EXPECTED = {
+    "Motor M-1 tripped on overcurrent": None, "Pump P-2 bearing noisy": None, "Air header at 4 bar": "empty",
+    "PLC-4 offline": "truncated", "Boiler too hot": "repetition",
+    "Gauge PI-5 stuck": None,       # demo: format
+    "Chiller warm": None,           # demo: label_mismatch (the regex states no label)
+    "Switch port down": None, "Breaker CB-9 open": None,
+    "Fan vibration high": None,     # demo: label_mismatch
+}
+
+
+def _train_prompts(run: Path) -> list[str]:
+    hold = {r["messages"][-1]["content"] for r in read_jsonl(run / DATA_DIR / HOLDOUT_FILE)}
+    return [p for p in SCRIPT if p not in hold]
+
+
+def test_a_user_regex_replaces_the_demo_format_check(tmp_path: Path, tiny_llama_dir: Path, scripted_teacher) -> None:
+    from edgepack.distill.filters import RegexFormat
+
+    data = _write(tmp_path / "p.jsonl", [{"prompt": p, "label": LABELS[p]} for p in SCRIPT])
+    run = tmp_path / "run"
+    report = build_dataset(teacher=str(tiny_llama_dir), data=data, run_dir=run, seed=0,
+                           answer_format=RegexFormat(FREE_TEXT))
+    train = _train_prompts(run)
+    expected: dict[str, int] = {}
+    for p in train:
+        expected[FREE_TEXT_EXPECTED[p] or "kept"] = expected.get(FREE_TEXT_EXPECTED[p] or "kept", 0) + 1
+    assert report["kept"] == expected.pop("kept")
+    assert {k: v for k, v in report["drop_reasons"].items() if v} == expected
+    assert report["format_check"] == {"kind": "regex", "pattern": FREE_TEXT, "label_from": None}
+    assert report["identity"]["format_check"] == report["format_check"]
+    assert report["teacher_holdout_accuracy"] is None and report["teacher_holdout_labelled"] == 0
+    demo = build_dataset(teacher=str(tiny_llama_dir), data=data, run_dir=tmp_path / "demo", seed=0)
+    assert demo["format_check"]["kind"] == "demo" and "format_check" not in demo["identity"]
+    assert demo["kept"] < report["kept"]
+
+
+JSON_SCRIPT = {
+    "Motor M-1 tripped on overcurrent": ('{"label": "electrical", "action": "Check the motor current."}', True),
+    "Pump P-2 bearing noisy": ('{"label": "mechanical", "action": "Replace the bearing."}', True),
+    "Air header at 4 bar": ('{"label": "hydraulic_pneumatic"}', True),                       # format
+    "PLC-4 offline": ('{"label": "network", "action": "Check the link."', True),              # format (not JSON)
+    "Boiler too hot": ('{"label": "electrical", "action": "Check the burner supply."}', True),  # label_mismatch
+    "Gauge PI-5 stuck": ("Category: instrumentation\nAction: Calibrate the gauge.", True),    # format
+    "Chiller warm": ('{"label": "thermal", "action": "Clean the condenser."}', True),
+    "Switch port down": ('{"label": "network", "action": "Replace the patch cable."}', True),
+    "Breaker CB-9 open": ('{"label": "water", "action": "Reset the breaker."}', True),        # format (label set)
+    "Fan vibration high": ('{"label": "mechanical", "action": "Balance the fan."}', True),
+}
+JSON_EXPECTED = {"Air header at 4 bar": "format", "PLC-4 offline": "format", "Boiler too hot": "label_mismatch",
+                 "Gauge PI-5 stuck": "format", "Breaker CB-9 open": "format"}
+ANSWER_SCHEMA = {"type": "object", "required": ["label", "action"],
+                 "properties": {"label": {"type": "string"}, "action": {"type": "string", "minLength": 8}}}
+
+
+def test_a_json_schema_format_end_to_end(tmp_path: Path, tiny_llama_dir: Path,
+                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    from edgepack.distill.filters import JsonSchemaFormat
+
+    script_teacher(monkeypatch, JSON_SCRIPT)
+    schema = tmp_path / "answer.schema.json"
+    schema.write_text(json.dumps(ANSWER_SCHEMA))
+    data = _write(tmp_path / "p.jsonl", [{"prompt": p, "label": LABELS[p]} for p in JSON_SCRIPT])
+    run = tmp_path / "run"
+    report = build_dataset(teacher=str(tiny_llama_dir), data=data, run_dir=run, seed=0,
+                           answer_format=JsonSchemaFormat(schema))
+    train = _train_prompts(run)
+    expected: dict[str, int] = {}
+    for p in train:
+        expected[JSON_EXPECTED.get(p, "kept")] = expected.get(JSON_EXPECTED.get(p, "kept"), 0) + 1
+    assert report["kept"] == expected.pop("kept")
+    assert {k: v for k, v in report["drop_reasons"].items() if v} == expected
+    assert report["format_check"]["kind"] == "json-schema" and len(report["format_check"]["sha256"]) == 64
+    assert all(json.loads(r["response"])["label"] == r["label"] for r in read_jsonl(run / DATA_DIR / TRAIN_FILE))
+    hold = read_jsonl(run / DATA_DIR / HOLDOUT_FILE)
+    for h in hold:  # the holdout's teacher label is read through the user's format
+        text = JSON_SCRIPT[h["messages"][-1]["content"]][0]
+        try:
+            stated = json.loads(text).get("label")
+        except ValueError:
+            stated = None
+        assert h["teacher_category"] == stated
+    assert report["teacher_holdout_labelled"] == len(hold) == 2
+
+
+def test_a_rerun_with_another_format_is_refused(tmp_path: Path, tiny_llama_dir: Path, scripted_teacher) -> None:
+    from edgepack.distill.filters import RegexFormat
+    from edgepack.errors import RunDirError
+
+    data = _write(tmp_path / "p.jsonl", [{"prompt": p, "label": LABELS[p]} for p in SCRIPT])
+    run = tmp_path / "run"
+    build_dataset(teacher=str(tiny_llama_dir), data=data, run_dir=run, seed=0, answer_format=RegexFormat(FREE_TEXT))
+    for other in (RegexFormat(FREE_TEXT + "$"), None):
+        with pytest.raises(RunDirError, match="another teacher or other inputs"):
+            build_dataset(teacher=str(tiny_llama_dir), data=data, run_dir=run, seed=0, answer_format=other)
+    again = build_dataset(teacher=str(tiny_llama_dir), data=data, run_dir=run, seed=0,
+                          answer_format=RegexFormat(FREE_TEXT))
+    assert again["skipped"] is True
+
+
+@pytest.mark.parametrize(("option", "value", "message"), [
+    ("--format-regex", "(unclosed", "--format-regex does not compile"),
+    ("--format-schema", "{not json", "is not valid JSON"),
+])
+def test_cli_bad_format_exits_2_with_one_line(option: str, value: str, message: str, tmp_path: Path,
+                                              tiny_llama_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from edgepack.cli import main
+
+    data = _write(tmp_path / "p.jsonl", [GOOD])
+    if option == "--format-schema":
+        (tmp_path / "s.json").write_text(value)
+        value = str(tmp_path / "s.json")
+    run = tmp_path / "run"
+    rc = main(["distill", "data", "--teacher", str(tiny_llama_dir), "--data", str(data), "--out", str(run),
+               option, value])
+    err = capsys.readouterr().err
+    assert rc == 2
+    errors = [ln for ln in err.splitlines() if ln.startswith("error:")]
+    assert len(errors) == 1 and message in errors[0] and "Traceback" not in err
+    assert not run.exists()
+
+
+# -- resumable generation: the answer cache -----------------------------------------------------
+
+def _cache_files(run: Path) -> list[Path]:
+    return sorted((run / TEACHER_CACHE_DIR).glob("*.json"))
+
+
+def test_a_rerun_after_a_crash_regenerates_only_missing_answers(tmp_path: Path, tiny_llama_dir: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    import shutil
+
+    opened: list[int] = []
+    seen = script_teacher(monkeypatch, SCRIPT, opened)
+    data = _write(tmp_path / "p.jsonl", [{"prompt": p, "label": LABELS[p]} for p in SCRIPT])
+    run = tmp_path / "run"
+    first = build_dataset(teacher=str(tiny_llama_dir), data=data, run_dir=run, seed=0)
+    assert len(seen) == 10 and first["teacher_cache"] == {"hits": 0, "misses": 10}
+    train, hold = read_jsonl(run / DATA_DIR / TRAIN_FILE), read_jsonl(run / DATA_DIR / HOLDOUT_FILE)
+    files = _cache_files(run)
+    assert len(files) == 10
+    # A crash before data/ was written, and three answers that never reached the cache.
+    shutil.rmtree(run / DATA_DIR)
+    lost = {json.loads(f.read_text())["request"]["messages"][-1]["content"] for f in files[:3]}
+    for f in files[:3]:
+        f.unlink()
+    seen.clear()
+    again = build_dataset(teacher=str(tiny_llama_dir), data=data, run_dir=run, seed=0)
+    assert {m[-1]["content"] for m in seen} == lost and len(seen) == 3
+    assert again["teacher_cache"] == {"hits": 7, "misses": 3}
+    assert read_jsonl(run / DATA_DIR / TRAIN_FILE) == train and read_jsonl(run / DATA_DIR / HOLDOUT_FILE) == hold
+    same = ("kept", "drop_reasons", "identity")
+    assert {k: again[k] for k in same} == {k: first[k] for k in same}
+    # Every answer cached: the teacher is not even opened.
+    shutil.rmtree(run / DATA_DIR)
+    seen.clear()
+    opened.clear()
+    third = build_dataset(teacher=str(tiny_llama_dir), data=data, run_dir=run, seed=0)
+    assert seen == [] and opened == [] and third["teacher_cache"] == {"hits": 10, "misses": 0}
+    assert read_jsonl(run / DATA_DIR / TRAIN_FILE) == train
+
+
+def test_real_teacher_killed_midway_resumes_with_identical_answers(tmp_path: Path, tiny_llama_dir: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """The real HF generator, killed after 2 answers: the rerun generates only the other ones, and
+    the cached answers equal those of an uninterrupted run."""
+    from contextlib import contextmanager
+
+    from edgepack.distill import generate as gen
+
+    real = gen.GENERATORS["hf"]
+    calls: list[str] = []
+    kill_after: list[int | None] = [2]
+
+    @contextmanager
+    def counted(source, teacher_dir, params):
+        with real(source, teacher_dir, params) as generate:
+            def answer(messages):
+                if kill_after[0] is not None and len(calls) >= kill_after[0]:
+                    raise KeyboardInterrupt  # the user's Ctrl-C, or a kill, mid-generation
+                calls.append(messages[-1]["content"])
+                return generate(messages)
+            yield answer
+
+    monkeypatch.setitem(gen.GENERATORS, "hf", counted)
+    prompts = ["Motor M-1 tripped", "Pump P-2 noisy", "PLC-4 offline", "Boiler too hot", "Fan vibration high"]
+    data = _write(tmp_path / "p.jsonl", [{"prompt": p} for p in prompts])  # split: 4 train, 1 holdout
+    run = tmp_path / "run"
+    with pytest.raises(KeyboardInterrupt):
+        build_dataset(teacher=str(tiny_llama_dir), data=data, run_dir=run, seed=0)
+    assert len(_cache_files(run)) == 2 and not (run / DATA_DIR).exists()
+    done_before = set(calls)
+    calls.clear()
+    kill_after[0] = None
+    # The random tiny teacher never says EOS, so every answer is dropped as truncated and no
+    # data/ is written; what is checked is which answers were generated and what was cached.
+    with pytest.raises(DataError, match="no usable answer"):
+        build_dataset(teacher=str(tiny_llama_dir), data=data, run_dir=run, seed=0)
+    assert len(calls) == 3 and not set(calls) & done_before and set(calls) | done_before == set(prompts)
+    clean = tmp_path / "clean"
+    with pytest.raises(DataError):
+        build_dataset(teacher=str(tiny_llama_dir), data=data, run_dir=clean, seed=0)
+
+    def cached(folder: Path) -> dict[str, dict]:
+        return {f.name: json.loads(f.read_text())["generation"] for f in _cache_files(folder)}
+
+    resumed, fresh = cached(run), cached(clean)
+    assert len(resumed) == 5 and resumed == fresh
+    assert all(g["tokens"] == 64 and not g["finished"] and g["text"] for g in resumed.values())

@@ -243,6 +243,7 @@ def test_cache_makes_a_rerun_free_and_resumes_after_a_failure(mock, tmp_path: Pa
     report = build_dataset(teacher=server.spec, data=data, run_dir=run, endpoint=cfg)
     assert len(server.requests) - first == len(PROMPTS) - cached  # only the missing ones were asked
     assert report["teacher_endpoint"]["cache_hits"] == cached and report["distillation"] == "top-logprobs"
+    assert report["teacher_cache"] == {"hits": cached, "misses": len(PROMPTS) - cached}
     assert report["teacher_dir"] is None and not (run / TEACHER_DIR).exists()
     train = read_jsonl(run / DATA_DIR / TRAIN_FILE)
     assert all(r["response"] == "answer to " + r["messages"][-1]["content"] for r in train)
@@ -256,6 +257,7 @@ def test_cache_makes_a_rerun_free_and_resumes_after_a_failure(mock, tmp_path: Pa
     again = build_dataset(teacher=server.spec, data=data, run_dir=run, endpoint=cfg)
     assert len(server.requests) == before
     assert again["teacher_endpoint"]["cache_hits"] == len(PROMPTS) and again["teacher_endpoint"]["requests"] == 0
+    assert again["teacher_cache"] == {"hits": len(PROMPTS), "misses": 0}
     assert read_jsonl(run / DATA_DIR / TRAIN_FILE) == train
 
 

@@ -72,3 +72,123 @@ def test_short_answers_are_not_repetitive() -> None:
 ])
 def test_near_duplicates_of_kept_answers(text: str, kept: list[str], dup: bool) -> None:
     assert is_near_duplicate(text, kept) is dup
+
+
+# -- user answer formats (--format-regex / --format-schema) ------------------------------------
+
+REGEX = r"(?P<label>[a-z_]+) -> .+\."
+SCHEMA = {"type": "object", "required": ["label", "action"], "additionalProperties": False,
+          "properties": {"label": {"type": "string"}, "action": {"type": "string", "minLength": 5}}}
+
+
+@pytest.fixture()
+def schema_file(tmp_path):
+    import json
+
+    path = tmp_path / "answer.schema.json"
+    path.write_text(json.dumps(SCHEMA))
+    return path
+
+
+FORMAT_CASES = [
+    # (kind, text, label, labels, expected reason)
+    ("regex", "electrical -> Check the fuses.", "electrical", LABELS, None),
+    ("regex", "electrical -> Check the fuses.\nThen call the supervisor.", "electrical", LABELS, None),  # DOTALL
+    ("regex", "Label: electrical -> Check the fuses.", "electrical", LABELS, "format"),  # the whole answer
+    ("regex", "electrical -> Check the fuses", "electrical", LABELS, "format"),
+    ("regex", "mechanical -> Replace the bearing.", "electrical", LABELS, "label_mismatch"),
+    ("regex", "water -> Check the supply.", None, LABELS, "format"),  # a label outside the task's set
+    ("regex", "water -> Check the supply.", None, None, None),        # no label set: any label
+    ("regex", GOOD, "electrical", LABELS, "format"),                  # replaces the demo format
+    ("regex", "", "electrical", LABELS, "empty"),                     # earlier reasons still first
+    ("json-schema", '{"label": "electrical", "action": "Check the fuses."}', "electrical", LABELS, None),
+    ("json-schema", ' {"action": "Check the fuses.", "label": "network"} ', "network", LABELS, None),
+    ("json-schema", '{"label": "electrical", "action": "Chk"}', "electrical", LABELS, "format"),
+    ("json-schema", '{"label": "electrical"}', "electrical", LABELS, "format"),
+    ("json-schema", '{"label": "electrical", "action": "Check.", "x": 1}', "electrical", LABELS, "format"),
+    ("json-schema", '{"label": "electrical", "action": "Check the fuses."', "electrical", LABELS, "format"),
+    ("json-schema", GOOD, "electrical", LABELS, "format"),
+    ("json-schema", '{"label": "mechanical", "action": "Replace it."}', "electrical", LABELS, "label_mismatch"),
+    ("json-schema", '{"label": "water", "action": "Check the supply."}', None, LABELS, "format"),
+]
+
+
+@pytest.mark.parametrize(("kind", "text", "label", "labels", "expected"), FORMAT_CASES)
+def test_user_formats(kind: str, text: str, label, labels, expected, schema_file) -> None:
+    from edgepack.distill.filters import answer_format_from_options
+
+    fmt = (answer_format_from_options(regex=REGEX) if kind == "regex"
+           else answer_format_from_options(schema=schema_file))
+    assert fmt.kind == kind and fmt.describe()["kind"] == kind
+    assert drop_reason(text, finished=True, label=label, labels=labels, answer_format=fmt) == expected
+
+
+def test_a_user_format_without_a_label_checks_no_label() -> None:
+    from edgepack.distill.filters import RegexFormat
+
+    fmt = RegexFormat(r"[A-Z][^\n]+\.")
+    assert fmt.label_from is None and fmt.describe() == {"kind": "regex", "pattern": r"[A-Z][^\n]+\.",
+                                                        "label_from": None}
+    assert drop_reason("Check the fuses.", finished=True, label="electrical", labels=LABELS,
+                       answer_format=fmt) is None
+    assert drop_reason("check the fuses.", finished=True, label="electrical", labels=LABELS,
+                       answer_format=fmt) == "format"
+    # A free-form task (no labels) still gets the user's format check.
+    assert drop_reason("no capital.", finished=True, label=None, labels=None, answer_format=fmt) == "format"
+
+
+def test_schema_identity_is_its_content_hash(schema_file, tmp_path) -> None:
+    import hashlib
+    import json
+
+    from edgepack.distill.filters import JsonSchemaFormat
+
+    described = JsonSchemaFormat(schema_file).describe()
+    assert described["sha256"] == hashlib.sha256(schema_file.read_bytes()).hexdigest()
+    assert described["draft"] == "https://json-schema.org/draft/2020-12/schema"
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps({**SCHEMA, "$schema": "http://json-schema.org/draft-07/schema#",
+                                 "required": ["label"]}))
+    assert JsonSchemaFormat(other).describe()["sha256"] != described["sha256"]
+    assert JsonSchemaFormat(other).describe()["draft"] == "http://json-schema.org/draft-07/schema#"
+
+
+@pytest.mark.parametrize(("regex", "schema", "message"), [
+    ("(unclosed", None, "--format-regex does not compile: missing ), unterminated subpattern at position 0"),
+    ("a**", None, "--format-regex does not compile: multiple repeat"),
+    (None, "{not json", "is not valid JSON"),
+    (None, "[1, 2]", "is not a JSON Schema"),
+    (None, '{"type": 5}', "is not a valid JSON Schema: 5 is not valid"),
+    (None, "missing", "--format-schema file not found"),
+    ("x", "{}", "not both"),
+])
+def test_bad_format_options_are_usage_errors(regex, schema, message: str, tmp_path) -> None:
+    from edgepack.distill.filters import answer_format_from_options
+    from edgepack.errors import UsageError
+
+    path = None
+    if schema is not None:
+        path = tmp_path / "s.json"
+        if schema != "missing":
+            path.write_text(schema)
+    with pytest.raises(UsageError) as exc:
+        answer_format_from_options(regex=regex, schema=path)
+    assert message in str(exc.value) and "\n" not in str(exc.value)
+
+
+def test_a_remote_ref_is_not_fetched(tmp_path) -> None:
+    import json
+
+    from edgepack.distill.filters import JsonSchemaFormat
+    from edgepack.errors import UsageError
+
+    path = tmp_path / "s.json"
+    path.write_text(json.dumps({"$ref": "https://example.invalid/answer.json"}))
+    with pytest.raises(UsageError, match="cannot resolve \\$ref"):
+        JsonSchemaFormat(path)  # found before any generation
+    # One reached only by some answers is found when an answer reaches it.
+    path.write_text(json.dumps({"properties": {"detail": {"$ref": "https://example.invalid/detail.json"}}}))
+    fmt = JsonSchemaFormat(path)
+    assert fmt.check('{"label": "x"}') == (True, "x")
+    with pytest.raises(UsageError, match="cannot resolve \\$ref"):
+        fmt.check('{"label": "x", "detail": 1}')
