@@ -209,9 +209,13 @@ class _Inputs:
     files: dict[str, str]
 
 
-def _load_inputs(data: Path | None, *, strict: bool, seed: int, limit: int | None) -> _Inputs:
+def _load_inputs(data: Path | None, *, strict: bool, seed: int, limit: int | None,
+                 holdout: Path | None = None) -> _Inputs:
     if limit is not None and limit < 1:
         raise UsageError(f"--limit must be at least 1 (got {limit})")
+    if holdout is not None and data is None:
+        raise UsageError("--holdout replaces the split of your --data file; the demo domain has its own holdout",
+                         hint="pass --data too, or drop --holdout")
     if data is None:
         train = load_prompts(DEMO_SEED, strict=True, system=DEMO_SYSTEM_PROMPT)
         hold = load_prompts(DEMO_HOLDOUT, strict=True, system=DEMO_SYSTEM_PROMPT)
@@ -219,9 +223,17 @@ def _load_inputs(data: Path | None, *, strict: bool, seed: int, limit: int | Non
                          {p.name: _sha256(p) for p in (DEMO_SEED, DEMO_HOLDOUT, DEMO_SHOTS)})
     else:
         prompts = load_prompts(data, strict=strict)
-        tr, ho = split_rows(prompts.rows, seed)
-        labels = frozenset(r.label for r in prompts.rows if r.label is not None) or None
-        inputs = _Inputs(str(data), tr, ho, prompts.bad, labels, [], {Path(data).name: _sha256(Path(data))})
+        files = {Path(data).name: _sha256(Path(data))}
+        if holdout is None:  # a deterministic split of the data file
+            tr, ho = split_rows(prompts.rows, seed)
+            bad = prompts.bad
+        else:  # the user's own holdout: every data row trains
+            held = load_prompts(holdout, strict=strict)
+            tr, ho = prompts.rows, held.rows
+            bad = prompts.bad + [{**b, "file": str(holdout)} for b in held.bad]
+            files[f"holdout:{Path(holdout).name}"] = _sha256(Path(holdout))
+        labels = frozenset(r.label for r in [*tr, *ho] if r.label is not None) or None
+        inputs = _Inputs(str(data), tr, ho, bad, labels, [], files)
     if limit is not None:
         inputs.train = inputs.train[:limit]
     return inputs
@@ -237,7 +249,7 @@ def build_dataset(*, teacher: str, data: Path | None, run_dir: Path, limit: int 
                   correct: bool = False, correction: CorrectionConfig | None = None,
                   samples: int = 1, sample_temperature: float = 0.8,
                   endpoint: EndpointConfig | None = None,
-                  answer_format: AnswerFormat | None = None) -> dict[str, Any]:
+                  answer_format: AnswerFormat | None = None, holdout: Path | None = None) -> dict[str, Any]:
     """Generate, filter and store teacher data for distillation; return data/report.json.
 
     Nothing is written when the teacher spec or the prompts are bad. A complete data/ folder
@@ -268,7 +280,7 @@ def build_dataset(*, teacher: str, data: Path | None, run_dir: Path, limit: int 
     if remote and correct:
         raise UsageError("--correct-teacher needs the teacher's weights; an endpoint teacher has none",
                          hint="pass a local HF folder, a .gguf or builtin:NAME to correct it")
-    inputs = _load_inputs(data, strict=strict, seed=seed, limit=limit)
+    inputs = _load_inputs(data, strict=strict, seed=seed, limit=limit, holdout=holdout)
     if samples < 1 or sample_temperature <= 0:
         raise UsageError(f"--samples must be at least 1 and the sample temperature above 0 "
                          f"(got {samples}, {sample_temperature})")

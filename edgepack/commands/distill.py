@@ -18,6 +18,8 @@ def data_cmd(
     out: Annotated[Path, typer.Option("--out", help="Run directory to write.")],
     teacher: Annotated[str, typer.Option(help="HF dir, .gguf, builtin:NAME or openai:URL#MODEL.")] = BUILTIN_TEACHER,
     data: Annotated[Path | None, typer.Option(help="Prompts JSONL (default: the shipped demo domain).")] = None,
+    holdout: Annotated[Path | None, typer.Option(
+        help="Your own holdout prompts (JSONL like --data); then every --data row trains.")] = None,
     limit: Annotated[int | None, typer.Option(help="Use at most N training prompts.")] = None,
     strict: Annotated[bool, typer.Option(help="Exit 2 on the first bad row instead of skipping it.")] = False,
     seed: Annotated[int, typer.Option(help="Seed for the split and sampling.")] = 0,
@@ -59,7 +61,7 @@ def data_cmd(
                                sample_temperature=sample_temperature,
                                endpoint=EndpointConfig(concurrency=concurrency, api_key_env=api_key_env,
                                                        timeout_s=timeout),
-                               answer_format=answer_format)
+                               answer_format=answer_format, holdout=holdout)
     if report.get("distillation") == "response-only":
         warn(f"response-only distillation: {report.get('distillation_reason')}")
     emit(report, json_out)

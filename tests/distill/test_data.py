@@ -12,7 +12,7 @@ from edgepack.constants import (DATA_DIR, DATA_REPORT, HOLDOUT_FILE, TEACHER_CAC
                                 TRAIN_FILE)
 from edgepack.distill.data import (PromptRow, build_dataset, load_prompts, read_jsonl, split_rows,
                                    with_teacher_context)
-from edgepack.errors import DataError, ModelSourceError, TeacherEndpointError, UsageError
+from edgepack.errors import DataError, ModelSourceError, RunDirError, TeacherEndpointError, UsageError
 
 GOOD = {"prompt": "Pump P-1 vibration high", "label": "mechanical"}
 
@@ -505,3 +505,20 @@ def test_real_teacher_killed_midway_resumes_with_identical_answers(tmp_path: Pat
     resumed, fresh = cached(run), cached(clean)
     assert len(resumed) == 5 and resumed == fresh
     assert all(g["tokens"] == 64 and not g["finished"] and g["text"] for g in resumed.values())
+
+
+def test_a_user_holdout_file_replaces_the_split(tmp_path: Path, tiny_llama_dir: Path, scripted_teacher) -> None:
+    prompts = list(SCRIPT)
+    data = _write(tmp_path / "p.jsonl", [{"prompt": p, "label": LABELS[p]} for p in prompts[:7]])
+    held = _write(tmp_path / "h.jsonl", [{"prompt": p, "label": LABELS[p]} for p in prompts[7:]] + ["{broken"])
+    run = tmp_path / "run"
+    report = build_dataset(teacher=str(tiny_llama_dir), data=data, holdout=held, run_dir=run, seed=0)
+    assert report["train_prompts"] == 7 and report["holdout_prompts"] == len(prompts) - 7
+    assert report["bad_row_details"] == [{"line": len(prompts) - 6, "reason": "not valid JSON (Expecting property "
+                                          "name enclosed in double quotes)", "file": str(held)}]
+    assert [r["messages"][-1]["content"] for r in read_jsonl(run / DATA_DIR / HOLDOUT_FILE)] == prompts[7:]
+    assert "holdout:h.jsonl" in report["identity"]["inputs"]
+    with pytest.raises(RunDirError, match="another teacher or other inputs"):  # the split is another input
+        build_dataset(teacher=str(tiny_llama_dir), data=data, run_dir=run, seed=0)
+    with pytest.raises(UsageError, match="--holdout replaces the split"):
+        build_dataset(teacher=str(tiny_llama_dir), data=None, holdout=held, run_dir=tmp_path / "r2")
