@@ -34,5 +34,11 @@ test: setup
 test-fast: setup
 	$(BIN)/python -m pytest -q -m "not slow"
 
+# BENCHMARKS.md and bench/plots/*.png from the committed bench/*/results*.json; measures nothing.
+# The stage table of runs/demo/pipeline.json (when present) is copied to bench/pipeline/results.json.
+.PHONY: benchmarks
+benchmarks: setup
+	$(BIN)/python bench/benchmarks.py
+
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -1,8 +1,15 @@
-"""One command from teacher to bundle: distill data → train → export → gate → pack.
+"""One command from teacher to bundle: distill data → train → eval → export → gate → pack → run.
 
 Each stage reads the files the previous one wrote in the run directory and is skipped
 when its output is already complete, so a rerun of the same command resumes. ``run.toml``
-is written once inputs are validated, before any stage runs.
+is written once inputs are validated, before any stage runs, and holds every setting of
+:class:`PipelineConfig`; :func:`config_from_settings` turns it back into one
+(``edgepack pipeline --config RUN/run.toml``).
+
+Export makes every format and quantization the profile's ``choices`` allow (GGUF and
+ONNX); the gate stage is ``gate --search`` (:func:`edgepack.runtime.search.search`): it
+gates the choices best quality first, the first that passes every budget is packaged, and
+the whole table goes into ``pipeline.json``.
 """
 
 from __future__ import annotations
@@ -15,11 +22,16 @@ from pathlib import Path
 from typing import Any
 
 from edgepack.atomic import write_json
-from edgepack.constants import (ARTIFACTS_DIR, BUNDLES_DIR, DATA_DIR, EXPORT_REPORT, GATE_DIR,
-                                HOLDOUT_FILE, PASS, RUN_DATA, RUN_PROFILE, RUN_SEED, RUN_TEACHER,
-                                UNVERIFIED)
+from edgepack.constants import (ARTIFACTS_DIR, BUNDLE_SUFFIX, BUNDLES_DIR, DATA_DIR, EXPORT_REPORT, FAIL,
+                                HOLDOUT_FILE, PASS, RUN_DATA, RUN_PROFILE, RUN_SEED, RUN_TEACHER, UNVERIFIED)
+from edgepack.errors import UsageError
 from edgepack.profiles import Profile
 from edgepack.progress import ProgressFn, null_progress
+from edgepack.runconfig import (PIPELINE_SETTINGS, RUN_METADATA, check_pipeline_settings, load_pipeline_config,
+                                pipeline_defaults, write_run_config)
+
+PIPELINE_FILE = "pipeline.json"
+_D = PIPELINE_SETTINGS  # the defaults live with run.toml's keys, in one table
 
 
 @dataclass(frozen=True)
@@ -27,21 +39,85 @@ class PipelineConfig:
     """Everything ``edgepack pipeline`` was asked to do (mirrored into run.toml)."""
 
     profile: Profile
+    """The device profile: budgets, the student's size and the export choices."""
     teacher: str
+    """Teacher spec: HF dir, .gguf, builtin:NAME or openai:URL#MODEL."""
     data: Path | None
+    """Prompts JSONL; None = the shipped demo domain."""
     run_dir: Path
-    steps: int = 30
-    limit: int | None = None
-    seed: int = 0
-    allow_unverified: bool = False
-    correct_teacher: bool = False
+    """The run directory (not in run.toml: it is where run.toml lives)."""
+    steps: int = _D["steps"].default
+    """KD optimizer steps."""
+    limit: int | None = _D["limit"].default
+    """Use at most this many training prompts; None = all."""
+    seed: int = _D[RUN_SEED].default
+    allow_unverified: bool = _D["allow_unverified"].default
+    """Package an UNVERIFIED gate (the profile's device is not this machine)."""
+    correct_teacher: bool = _D["correct_teacher"].default
+    """LoRA-SFT the teacher on the references before it labels the data."""
+    search_quality: str = _D["search_quality"].default
+    """Which gated choices answer the holdout: ``all``, or ``until-pass`` (see runtime/search.py)."""
 
     def settings(self) -> dict[str, Any]:
-        return {RUN_PROFILE: self.profile.name if self.profile.source.startswith(str(_shipped_dir()))
+        """run.toml's keys for this config (:data:`edgepack.runconfig.PIPELINE_SETTINGS`)."""
+        return {RUN_PROFILE: self.profile.name if Path(self.profile.source).parent == _shipped_dir()
                 else self.profile.source, RUN_TEACHER: self.teacher,
-                RUN_DATA: str(self.data) if self.data else "builtin:demo", RUN_SEED: self.seed,
+                RUN_DATA: str(self.data) if self.data else _D[RUN_DATA].default, RUN_SEED: self.seed,
                 "steps": self.steps, "limit": self.limit, "allow_unverified": self.allow_unverified,
-                "correct_teacher": self.correct_teacher}
+                "correct_teacher": self.correct_teacher, "search_quality": self.search_quality}
+
+
+def config_from_settings(settings: dict[str, Any], run_dir: Path) -> PipelineConfig:
+    """A :class:`PipelineConfig` from run.toml keys; absent keys take their defaults.
+
+    Unknown keys or bad values raise one UsageError naming each key; ``profile`` is required.
+    """
+    from edgepack.profiles import load_profile
+
+    check_pipeline_settings(settings, source="pipeline settings")
+    if settings.get(RUN_PROFILE) is None:
+        raise UsageError("no profile given", hint="pass --profile NAME, or --config RUN/run.toml")
+    s = pipeline_defaults() | {k: v for k, v in settings.items() if v is not None and k not in RUN_METADATA}
+    data = s[RUN_DATA]
+    return PipelineConfig(profile=load_profile(str(s[RUN_PROFILE])), teacher=s[RUN_TEACHER],
+                          data=None if data == _D[RUN_DATA].default else Path(data), run_dir=Path(run_dir),
+                          steps=s["steps"], limit=s["limit"], seed=s[RUN_SEED],
+                          allow_unverified=s["allow_unverified"], correct_teacher=s["correct_teacher"],
+                          search_quality=s["search_quality"])
+
+
+def resolve_config(*, config: Path | None, run_dir: Path | None, overrides: dict[str, Any]) -> PipelineConfig:
+    """The pipeline's settings: defaults, then ``config``'s run.toml, then ``overrides`` (the flags given).
+
+    A flag given alongside ``--config`` overrides that key of the file (a new ``--out`` then
+    starts a run that differs only there; the same ``--out`` refuses the change). Without
+    ``run_dir`` the run is the folder holding ``config`` (that run resumes).
+    """
+    settings: dict[str, Any] = {}
+    if config is not None:
+        settings = load_pipeline_config(config)
+        if run_dir is None:
+            run_dir = (Path(config) if Path(config).is_dir() else Path(config).parent)
+    if run_dir is None:
+        raise UsageError("no run directory given", hint="pass --out RUN (or --config RUN/run.toml to resume RUN)")
+    return config_from_settings(settings | {k: v for k, v in overrides.items() if v is not None}, run_dir)
+
+
+def command_line(settings: dict[str, Any], run_dir: Path) -> str:
+    """The ``edgepack pipeline`` command for run.toml ``settings`` (profile and teacher always,
+    other flags where they differ from the default)."""
+    import shlex
+
+    s = pipeline_defaults() | {k: v for k, v in settings.items() if k not in RUN_METADATA}
+    words = ["edgepack", "pipeline", "--profile", str(s[RUN_PROFILE]), "--teacher", str(s[RUN_TEACHER]),
+             "--out", str(run_dir)]
+    for key, spec in PIPELINE_SETTINGS.items():
+        value = s.get(key)
+        if key in (RUN_PROFILE, RUN_TEACHER) or value is None or value == spec.default:
+            continue
+        flag = "--" + key.replace("_", "-")
+        words += [flag if value else "--no-" + key.replace("_", "-")] if isinstance(value, bool) else [flag, str(value)]
+    return shlex.join(words)
 
 
 def _shipped_dir() -> Path:
@@ -55,6 +131,7 @@ def _validate_inputs(cfg: PipelineConfig) -> None:
     from edgepack.distill.data import load_prompts
     from edgepack.distill.teachers import resolve_teacher
 
+    check_pipeline_settings(cfg.settings(), source="pipeline settings")
     resolve_teacher(cfg.teacher)
     if cfg.data is not None:
         load_prompts(cfg.data, strict=False)
@@ -62,12 +139,11 @@ def _validate_inputs(cfg: PipelineConfig) -> None:
 
 def run_pipeline(cfg: PipelineConfig, progress: ProgressFn = null_progress) -> dict[str, Any]:
     """Run (or resume) every stage; return a summary with the bundle path and the verdict."""
-    from edgepack.runconfig import write_run_config
-
     _validate_inputs(cfg)
     run = Path(cfg.run_dir)
     run.mkdir(parents=True, exist_ok=True)
-    write_run_config(run, cfg.settings())
+    write_run_config(run, cfg.settings(), defaults=pipeline_defaults())
+    started, load_start = _now(), _load_average()
     stages: list[dict[str, Any]] = []
 
     def stage(name: str, fn: Callable[[], str]) -> None:
@@ -82,22 +158,28 @@ def run_pipeline(cfg: PipelineConfig, progress: ProgressFn = null_progress) -> d
     evaluation: dict[str, Any] = {}
     stage("eval", lambda: _evaluate(cfg, evaluation, progress))
     stage("export", lambda: _export(cfg, progress))
-    gate_results: list[dict[str, Any]] = []
-    stage("gate", lambda: _gate(cfg, gate_results, progress))
+    found: dict[str, Any] = {}
+    stage("gate", lambda: _gate(cfg, found, progress))
     bundle: dict[str, Any] = {}
-    stage("pack", lambda: _pack(cfg, gate_results, bundle))
+    stage("pack", lambda: _pack(cfg, found, bundle))
     sample: dict[str, str] = {}
     if bundle.get("bundle"):
         stage("run", lambda: _smoke_run(run, Path(bundle["bundle"]), sample))
-    chosen = next((g for g in gate_results if g["verdict"] == PASS), None) or \
-        next((g for g in gate_results if g["verdict"] == UNVERIFIED), None) or \
-        (gate_results[0] if gate_results else {"verdict": "NOT RUN"})
-    result = {"run_dir": str(run), "profile": cfg.profile.name, "stages": stages,
-              "gates": [{k: g.get(k) for k in ("artifact", "quant", "verdict", "reasons")}
-                        for g in gate_results],
-              "verdict": chosen["verdict"], "bundle": bundle.get("bundle"), "sample": sample,
-              "eval": evaluation, "summary": [summary_row(g) for g in gate_results]}
-    write_json(run / "pipeline.json", result)
+    from edgepack.runtime.gate import machine_info  # where the numbers were measured
+
+    rows = [summary_row(r) for r in found["rows"]]
+    result = {"run_dir": str(run), "profile": cfg.profile.name, "command": command_line(cfg.settings(), run),
+              "machine": machine_info(), "started": started, "finished": _now(),
+              "load_average": {"start": load_start, "end": _load_average()},
+              "seconds": round(sum(s["seconds"] for s in stages), 2), "stages": stages,
+              "gates": [{k: r.get(k) for k in ("artifact", "format", "quant", "verdict", "reasons")}
+                        for r in rows if r["verdict"] in (PASS, FAIL, UNVERIFIED)],
+              "verdict": found["verdict"], "chosen": found["chosen"], "packaged": bundle.get("choice"),
+              "bundle": bundle.get("bundle"),
+              "sample": sample, "eval": evaluation, "summary": rows,
+              "search": {k: found.get(k) for k in ("pareto", "pareto_axes", "notes", "search_quality",
+                                                   "best_on_this_host", "holdout")}}
+    write_json(run / PIPELINE_FILE, result)
     return result
 
 
@@ -138,74 +220,65 @@ def _evaluate(cfg: PipelineConfig, out: dict[str, Any], progress: ProgressFn) ->
             f"(teacher {acc['teacher']})")
 
 
-def summary_row(gate: dict[str, Any]) -> dict[str, Any]:
-    """One line of the pipeline's table: artifact, size, latency, memory, quality, verdict."""
-    m = gate.get("measurements") or {}
-    quality = m.get("quality") or {}
-    artifact = Path(str(gate.get("artifact", "")))
-    size = sum(p.stat().st_size for p in artifact.rglob("*") if p.is_file()) if artifact.is_dir() else \
-        (artifact.stat().st_size if artifact.is_file() else None)
-    return {"artifact": artifact.name, "format": gate.get("format"), "quant": gate.get("quant"),
-            "size_mb": round(size / 2**20, 1) if size is not None else None,
-            "ttft_p95_ms": _round((m.get("ttft_ms") or {}).get("p95")),
-            "decode_tokens_per_s": _round((m.get("decode_tokens_per_s") or {}).get("p50")),
-            "peak_memory_mb": _round(m.get("peak_rss_mb")),
-            "accuracy": _round(quality.get("accuracy"), 3), "relative_quality": _round(quality.get("relative"), 3),
-            "verdict": gate.get("verdict")}
-
-
-def _round(value: Any, digits: int = 1) -> Any:
-    return round(value, digits) if isinstance(value, (int, float)) else None
+def export_plan(profile: Profile) -> dict[str, list[str]]:
+    """Format → quantizations to export, every choice the profile allows, in its order."""
+    plan: dict[str, list[str]] = {}
+    for choice in profile.choices:
+        quants = plan.setdefault(choice.format.lower(), [])
+        if choice.quant not in quants:
+            quants.append(choice.quant)
+    return plan
 
 
 def _export(cfg: PipelineConfig, progress: ProgressFn) -> str:
+    """Export each format whose choices are not all on disk yet (a rerun reuses the artifacts).
+
+    ``export_model`` measures fidelity over every artifact in the folder, so only the last
+    format exported in this call measures it: one pass covers GGUF and ONNX.
+    """
     from edgepack.export.api import export_model
 
-    quants = [c.quant for c in cfg.profile.choices if c.format == "gguf"]
-    done = _read_json(Path(cfg.run_dir) / ARTIFACTS_DIR / EXPORT_REPORT)
-    have = {a["quant"] for a in done.get("artifacts", [])}
-    if not set(quants) <= have:
-        done = export_model(source=Path(cfg.run_dir), fmt="gguf", quants=quants, out_dir=None,
-                            progress=progress)
-    return ", ".join(f"{a['quant']} {a['bytes'] / 2**20:.1f} MB" for a in done["artifacts"])
+    folder = Path(cfg.run_dir) / ARTIFACTS_DIR
+    plan = export_plan(cfg.profile)
+    have = {(str(a["format"]).lower(), str(a["quant"]).lower())
+            for a in _read_json(folder / EXPORT_REPORT).get("artifacts", []) if (folder / a["path"]).exists()}
+    todo = [fmt for fmt, quants in plan.items() if any((fmt, q.lower()) not in have for q in quants)]
+    for i, fmt in enumerate(todo):
+        export_model(source=Path(cfg.run_dir), fmt=fmt, quants=plan[fmt], out_dir=None, progress=progress,
+                     fidelity=i == len(todo) - 1)
+    done = _read_json(folder / EXPORT_REPORT)
+    return ", ".join(f"{a['format']} {a['quant']} {_size_mb(folder / a['path']):.1f} MB"
+                     for a in done["artifacts"])
 
 
-def _gate(cfg: PipelineConfig, results: list[dict[str, Any]], progress: ProgressFn) -> str:
-    """Gate the profile's choices in preference order; stop at the first PASS."""
-    from edgepack.runtime.gate import run_gate
+def _gate(cfg: PipelineConfig, out: dict[str, Any], progress: ProgressFn) -> str:
+    """``gate --search`` over the run: every choice gated, best quality first (reports reused)."""
+    from edgepack.runtime.search import search
 
     run = Path(cfg.run_dir)
-    artifacts = {a["quant"]: run / ARTIFACTS_DIR / a["path"]
-                 for a in _read_json(run / ARTIFACTS_DIR / EXPORT_REPORT)["artifacts"]
-                 if a["format"] == "gguf"}
     holdout = run / DATA_DIR / HOLDOUT_FILE
-    for choice in cfg.profile.choices:
-        path = artifacts.get(choice.quant) if choice.format == "gguf" else None
-        if path is None:
-            continue
-        report_path = run / GATE_DIR / f"{path.name}.json"
-        report = _read_json(report_path)
-        if not report:
-            report = run_gate(artifact=path, profile=cfg.profile,
-                              holdout=holdout if holdout.is_file() else None, progress=progress)
-            write_json(report_path, report)
-        results.append(report)
-        if report["verdict"] == PASS:
-            break
-    return "; ".join(f"{r.get('quant')}: {r['verdict']}" for r in results) or "no gguf artifact"
+    out.update(search(profile=cfg.profile, run_dir=run, holdout=holdout if holdout.is_file() else None,
+                      progress=progress, quality=cfg.search_quality))
+    return "; ".join(f"{r['choice']}: {r['verdict'] or r['status']}" for r in out["rows"]) + \
+        f"; chosen: {out['chosen'] or 'none'}"
 
 
-def _pack(cfg: PipelineConfig, gates: list[dict[str, Any]], out: dict[str, Any]) -> str:
+def _pack(cfg: PipelineConfig, found: dict[str, Any], out: dict[str, Any]) -> str:
+    """Package the search's choice (or, with allow_unverified, the best UNVERIFIED one)."""
     from edgepack.export.pack import pack_run
 
-    if not any(g["verdict"] == PASS or (cfg.allow_unverified and g["verdict"] == UNVERIFIED)
-               for g in gates):
+    chosen = next((r for r in found["rows"] if r["choice"] == found["chosen"]), None)
+    if chosen is None and cfg.allow_unverified:
+        chosen = next((r for r in found["rows"] if r["verdict"] == UNVERIFIED), None)
+    if chosen is None:
         return "nothing packaged: no artifact passed the gate"
-    existing = sorted((Path(cfg.run_dir) / BUNDLES_DIR).glob("*.edgepack"))
+    out["choice"] = chosen["choice"]
+    fmt, quant = chosen["choice"].split(":", 1)
+    existing = sorted((Path(cfg.run_dir) / BUNDLES_DIR).glob(f"*-{cfg.profile.name}-{fmt}-{quant}{BUNDLE_SUFFIX}"))
     if existing:
         out["bundle"] = str(existing[0])
         return f"{existing[0].name} (already packaged)"
-    result = pack_run(run_dir=Path(cfg.run_dir), profile=cfg.profile, artifact=None,
+    result = pack_run(run_dir=Path(cfg.run_dir), profile=cfg.profile, artifact=Path(chosen["path"]),
                       allow_unverified=cfg.allow_unverified)
     out.update(result)
     return Path(result["bundle"]).name
@@ -221,6 +294,44 @@ def _smoke_run(run: Path, bundle: Path, sample: dict[str, str]) -> str:
         text = "".join(session.stream_chat(messages, max_tokens=48, temperature=0.0))
     sample.update(prompt=messages[-1]["content"], completion=text)
     return text.strip().replace("\n", " ")[:80]
+
+
+def summary_row(row: dict[str, Any]) -> dict[str, Any]:
+    """One line of the pipeline's table from a search row: artifact, format, size, latency,
+    memory, quality, verdict (``not exported`` / ``skipped`` when it was not gated)."""
+    report = _read_json(Path(row["report"])) if row.get("report") else {}
+    quality = (report.get("measurements") or {}).get("quality") or {}
+    fmt, quant = row["choice"].split(":", 1)
+    return {"choice": row["choice"], "artifact": row.get("artifact"), "format": fmt, "quant": quant,
+            "size_mb": _round(row.get("size_mb")), "ttft_p95_ms": _round(row.get("ttft_p95_ms")),
+            "decode_tokens_per_s": _round(row.get("decode_tokens_per_s")),
+            "peak_memory_mb": _round(row.get("peak_rss_mb")),
+            "accuracy": _round(quality.get("accuracy"), 3), "relative_quality": _round(row.get("quality"), 3),
+            "quality_measured": row.get("quality_measured", False),
+            "efficiency": _round(row.get("efficiency"), 3), "verdict": row.get("verdict") or row.get("status"),
+            "reasons": row.get("reasons", []), "pareto": row.get("pareto", False), "reused": row.get("reused", False),
+            "report": row.get("report")}
+
+
+def _round(value: Any, digits: int = 1) -> Any:
+    return round(value, digits) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+
+def _size_mb(path: Path) -> float:
+    size = sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.is_dir() else path.stat().st_size
+    return size / 2**20
+
+
+def _now() -> str:
+    from datetime import datetime, timezone
+
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def _load_average() -> list[float] | None:
+    import os
+
+    return [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None
 
 
 def _read_json(path: Path) -> dict[str, Any]:

@@ -17,8 +17,19 @@ Gate reports go to ``RUN/gate/<artifact>.json`` (with ``.md`` and ``.png`` besid
 profile's goes to ``<artifact>.<profile>.json``. An existing report is reused only when it is
 for this profile, was measured from an artifact with the same sha256 as the file now on disk,
 and measured quality if a holdout is given now; otherwise the artifact is gated again.
-With ``stop_at_first`` the walk stops at the first PASS (the rest are ``skipped``), which
-is what a pipeline wants; by default every choice is gated so the table is complete.
+With ``stop_at_first`` the walk stops at the first PASS (the rest are ``skipped``); by
+default every choice is gated so the table is complete.
+
+``quality`` says which gated choices answer the holdout (the costly part of a gate: every
+labelled row is decoded through the artifact). ``"all"`` (default): every one.
+``"until-pass"``: only where the answer can decide something. Until a choice passes, each
+is first gated on latency and memory; only one that meets those budgets is gated again with
+the holdout (a choice that misses one FAILs, or stays UNVERIFIED, whatever its quality).
+After the first PASS the rest are gated on latency and memory only: their quality cannot
+change which choice is chosen (the first PASS in preference order). Rows without quality
+carry ``quality_measured: false`` and a reason saying why; the table stays complete on size,
+speed and memory, and the Pareto front drops the quality axis, as it does for any missing
+quality. This is what ``edgepack pipeline`` uses by default.
 """
 
 from __future__ import annotations
@@ -36,6 +47,12 @@ from edgepack.progress import ProgressFn, null_progress
 MB = 2**20
 NOT_EXPORTED = "not exported"
 SKIPPED = "skipped"
+QUALITY_ALL = "all"
+QUALITY_UNTIL_PASS = "until-pass"
+QUALITY_MODES = (QUALITY_ALL, QUALITY_UNTIL_PASS)
+QUALITY_AFTER_PASS = "quality not measured: a choice earlier in the profile's order already passed (until-pass)"
+QUALITY_AFTER_MISS = ("quality not measured: a latency or memory budget is missed, so the holdout cannot change "
+                      "the verdict (until-pass)")
 
 
 def _choice_key(fmt: str, quant: str | None) -> tuple[str, str]:
@@ -122,7 +139,7 @@ def _row(choice: str, art: dict[str, Any] | None, report: dict[str, Any] | None)
     row: dict[str, Any] = {"choice": choice, "artifact": None, "path": None, "size_mb": None, "ttft_p95_ms": None,
                            "decode_tokens_per_s": None, "peak_rss_mb": None, "quality": None, "efficiency": None,
                            "verdict": None, "status": NOT_EXPORTED if art is None else SKIPPED, "reasons": [],
-                           "report": None, "reused": False, "pareto": False}
+                           "report": None, "reused": False, "pareto": False, "quality_measured": False}
     if art is not None:
         row.update(artifact=art["path"].name, path=str(art["path"]), size_mb=_size_bytes(art["path"]) / MB)
     if report is None:
@@ -138,6 +155,22 @@ def _row(choice: str, art: dict[str, Any] | None, report: dict[str, Any] | None)
                budgets_met_here=bool(checks) and all(c.get("ok") is not False for c in checks.values())
                and (report.get("measurements") or {}).get("ok", False))
     return row
+
+
+def _gate_once(path: Path, gate_dir: Path, sha: str, profile: Profile, holdout: Path | None, reuse: bool,
+               progress: ProgressFn) -> tuple[dict[str, Any], Path, bool]:
+    """(report, its path, reused?): an existing report for this file and holdout, else a fresh gate."""
+    from edgepack.runtime.gate import run_gate
+    from edgepack.runtime.report import write_gate_reports
+
+    hit = _reusable(gate_dir, path.name, profile, sha, holdout) if reuse else None
+    if hit is not None:
+        if not hit[1].with_suffix(".md").is_file():  # e.g. written by the pipeline as JSON only
+            write_gate_reports(hit[0], gate_dir, stem=hit[1].stem)
+        return hit[0], hit[1], True
+    report = run_gate(artifact=path, profile=profile, holdout=holdout, progress=progress)
+    stem = _report_stem(gate_dir, path.name, profile)
+    return report, write_gate_reports(report, gate_dir, stem=stem)["json"], False
 
 
 def pareto_front(rows: list[dict[str, Any]]) -> tuple[list[str], list[str]]:
@@ -165,18 +198,19 @@ def pareto_front(rows: list[dict[str, Any]]) -> tuple[list[str], list[str]]:
 
 def search(*, profile: Profile, run_dir: Path | None = None, artifacts: list[Path] | None = None,
            holdout: Path | None = None, progress: ProgressFn = null_progress, stop_at_first: bool = False,
-           reuse: bool = True) -> dict[str, Any]:
+           reuse: bool = True, quality: str = QUALITY_ALL) -> dict[str, Any]:
     """Gate ``profile``'s choices best-first and report the first that passes; see the module doc.
 
     ``run_dir``: artifacts from its export.json, reports to its ``gate/`` folder, holdout
     defaulting to its ``data/holdout.jsonl``. ``artifacts``: explicit files/folders instead
     (reports go to ``run_dir/gate`` if a run is given, else beside each artifact in ``gate/``).
     """
-    from edgepack.runtime.gate import artifact_digest, host_matches, run_gate
-    from edgepack.runtime.report import write_gate_reports
+    from edgepack.runtime.gate import artifact_digest, host_matches
 
     if run_dir is None and not artifacts:
         raise UsageError("search needs a run directory or a list of artifacts")
+    if quality not in QUALITY_MODES:
+        raise UsageError(f"unknown search quality mode {quality!r}", hint=f"use one of: {', '.join(QUALITY_MODES)}")
     run_dir = Path(run_dir) if run_dir is not None else None
     found = [_describe(Path(a)) for a in artifacts] if artifacts else _export_artifacts(run_dir)  # type: ignore[arg-type]
     if holdout is None and run_dir is not None and (run_dir / DATA_DIR / HOLDOUT_FILE).is_file():
@@ -211,17 +245,28 @@ def search(*, profile: Profile, run_dir: Path | None = None, artifacts: list[Pat
         if art["recorded_sha256"] and art["recorded_sha256"] != sha:
             notes.append(f"{art['path'].name} changed since export (sha256 differs from export.json); "
                          "gated as it is now")
-        hit = _reusable(gate_dir, art["path"].name, profile, sha, holdout) if reuse else None
-        if hit is not None:
-            report, report_path = hit
-            if not report_path.with_suffix(".md").is_file():  # e.g. written by the pipeline as JSON only
-                write_gate_reports(report, gate_dir, stem=report_path.stem)
-        else:
-            report = run_gate(artifact=art["path"], profile=profile, holdout=holdout, progress=progress)
-            stem = _report_stem(gate_dir, art["path"].name, profile)
-            report_path = write_gate_reports(report, gate_dir, stem=stem)["json"]
+
+        def gate(answer: Path | None) -> tuple[dict[str, Any], Path, bool]:
+            return _gate_once(art["path"], gate_dir, sha, profile, answer, reuse, progress)
+
+        skipped = None
+        if holdout is None or quality == QUALITY_ALL:
+            report, report_path, reused = gate(holdout)
+        elif passed:
+            report, report_path, reused = gate(None)
+            skipped = QUALITY_AFTER_PASS
+        else:  # until-pass: latency and memory first; the holdout only where it can decide the verdict
+            full = _reusable(gate_dir, art["path"].name, profile, sha, holdout) if reuse else None
+            report, report_path, reused = (full[0], full[1], True) if full is not None else gate(None)
+            if full is None and _row(str(choice), art, report).get("budgets_met_here"):
+                report, report_path, reused = gate(holdout)
+            elif full is None:
+                skipped = QUALITY_AFTER_MISS
         row = _row(str(choice), art, report)
-        row.update(report=str(report_path), reused=hit is not None)
+        row.update(report=str(report_path), reused=reused,
+                   quality_measured=isinstance((report.get("measurements") or {}).get("quality"), dict))
+        if skipped and not row["quality_measured"]:
+            row["reasons"].append(skipped)
         rows.append(row)
         passed = passed or report["verdict"] == PASS
     progress("search", total, total)
@@ -242,7 +287,7 @@ def search(*, profile: Profile, run_dir: Path | None = None, artifacts: list[Pat
         "best_on_this_host": on_host["choice"] if on_host and not chosen else None,
         "rows": rows, "pareto": front, "pareto_axes": axes, "holdout": str(holdout) if holdout else None,
         "min_decode_tokens_per_s": profile.min_decode_tokens_per_s, "ttft_p95_ms": profile.ttft_p95_ms,
-        "memory_budget_mb": profile.memory_budget_mb, "stop_at_first": stop_at_first,
+        "memory_budget_mb": profile.memory_budget_mb, "stop_at_first": stop_at_first, "search_quality": quality,
         "host": {"ok": host_ok, "reason": host_reason}, "notes": notes,
         "run_dir": str(run_dir) if run_dir else None,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),

@@ -1,4 +1,4 @@
-"""`edgepack pipeline`: teacher → data → KD → export → gate → bundle in one command."""
+"""`edgepack pipeline`: teacher → data → KD → export → gate --search → bundle in one command."""
 
 from __future__ import annotations
 
@@ -7,31 +7,38 @@ from typing import Annotated, Any
 
 import typer
 
-from edgepack.constants import BUILTIN_TEACHER
-
 
 def pipeline_cmd(
-    profile: Annotated[str, typer.Option("--profile", "-p", help="Profile name or .toml path.")],
-    out: Annotated[Path, typer.Option("--out", help="Run directory (resumable).")],
-    teacher: Annotated[str, typer.Option(help="HF dir, .gguf, builtin:NAME or openai:URL#MODEL.")] = BUILTIN_TEACHER,
+    profile: Annotated[str | None, typer.Option("--profile", "-p", help="Profile name or .toml path.")] = None,
+    out: Annotated[Path | None, typer.Option("--out", help="Run directory (resumable; with --config, default: "
+                                                           "the folder of that run.toml).")] = None,
+    config: Annotated[Path | None, typer.Option("--config", help="Take every setting from a run's run.toml; "
+                                                                 "flags given with it override its keys.")] = None,
+    teacher: Annotated[str | None, typer.Option(help="HF dir, .gguf, builtin:NAME or openai:URL#MODEL "
+                                                     "(default: builtin:smollm2-135m-instruct).")] = None,
     data: Annotated[Path | None, typer.Option(help="Prompts JSONL (default: the shipped demo domain).")] = None,
-    steps: Annotated[int, typer.Option(help="KD optimizer steps.")] = 30,
+    steps: Annotated[int | None, typer.Option(help="KD optimizer steps (default 30).")] = None,
     limit: Annotated[int | None, typer.Option(help="Use at most N training prompts.")] = None,
-    seed: Annotated[int, typer.Option(help="Seed.")] = 0,
-    allow_unverified: Annotated[bool, typer.Option(help="Package an UNVERIFIED gate (recorded).")] = False,
-    correct_teacher: Annotated[bool, typer.Option(
-        "--correct-teacher", help="LoRA-SFT the teacher on the references first (teacher correction).")] = False,
+    seed: Annotated[int | None, typer.Option(help="Seed (default 0).")] = None,
+    allow_unverified: Annotated[bool | None, typer.Option(
+        "--allow-unverified/--no-allow-unverified", help="Package an UNVERIFIED gate (recorded).")] = None,
+    correct_teacher: Annotated[bool | None, typer.Option(
+        "--correct-teacher/--no-correct-teacher",
+        help="LoRA-SFT the teacher on the references first (teacher correction).")] = None,
+    search_quality: Annotated[str | None, typer.Option(
+        help="Which gated choices answer the holdout: until-pass (default: only where it can decide the "
+             "verdict, i.e. before the first PASS and within the latency and memory budgets) or all.")] = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout.")] = False,
 ) -> None:
-    """Run every stage end to end and print the bundle path and the gate verdict."""
+    """Run every stage end to end (export: every format the profile allows; gate: --search) and
+    print the search table, the bundle path and the gate verdict."""
     from edgepack.console import emit, out as console, progress_bars
-    from edgepack.constants import PASS
-    from edgepack.pipeline import PipelineConfig, run_pipeline
-    from edgepack.profiles import load_profile
+    from edgepack.pipeline import resolve_config, run_pipeline
 
-    cfg = PipelineConfig(profile=load_profile(profile), teacher=teacher, data=data, run_dir=out,
-                         steps=steps, limit=limit, seed=seed, allow_unverified=allow_unverified,
-                         correct_teacher=correct_teacher)
+    overrides = {"profile": profile, "teacher": teacher, "data": str(data) if data is not None else None,
+                 "steps": steps, "limit": limit, "seed": seed, "allow_unverified": allow_unverified,
+                 "correct_teacher": correct_teacher, "search_quality": search_quality}
+    cfg = resolve_config(config=config, run_dir=out, overrides=overrides)
     with progress_bars(not json_out) as progress:
         result = run_pipeline(cfg, progress=progress)
 
@@ -43,13 +50,25 @@ def pipeline_cmd(
             t.add_row(s["stage"], f"{s['seconds']:.1f}", s["summary"])
         console.print(t)
         if r.get("summary"):
-            g = Table("artifact", "MB", "TTFT p95 ms", "tok/s", "peak MB", "accuracy", "× teacher", "verdict",
-                      title=f"gate on {r['profile']}")
+            from rich import box
+
+            # Short headers so the table fits 80 columns: TTFT95 = TTFT p95 in ms, acc = holdout label
+            # accuracy, ×teach = accuracy relative to the teacher's.
+            g = Table(title=f"gate --search on {r['profile']}, best quality first (* packaged)", box=box.SIMPLE_HEAD,
+                      pad_edge=False, collapse_padding=True)
+            for name in ("artifact", "fmt", "MB", "TTFT95", "tok/s", "peakMB", "acc", "×teach", "verdict"):
+                g.add_column(name, no_wrap=True)
             for row in r["summary"]:
-                g.add_row(*(str(row[k]) if row[k] is not None else "-" for k in
-                            ("artifact", "size_mb", "ttft_p95_ms", "decode_tokens_per_s", "peak_memory_mb",
-                             "accuracy", "relative_quality", "verdict")))
+                cells = [str(row[k]) if row[k] is not None else "-" for k in
+                         ("artifact", "format", "size_mb", "ttft_p95_ms", "decode_tokens_per_s", "peak_memory_mb",
+                          "accuracy", "relative_quality", "verdict")]
+                if row["choice"] == r.get("packaged"):
+                    cells[-1] += "*"
+                g.add_row(*cells)
             console.print(g)
+            for row in r["summary"]:
+                if row["verdict"] not in ("PASS", "skipped", "not exported") and row["reasons"]:
+                    console.print(f"{row['artifact']}: {row['reasons'][0]}", highlight=False, markup=False)
         console.print(f"bundle: [bold]{r['bundle']}[/bold]")
         console.print(f"gate verdict: [bold]{r['verdict']}[/bold]")
 

@@ -1,9 +1,12 @@
-"""The walking skeleton end to end on a tiny model, and its resume behaviour."""
+"""The pipeline end to end on a tiny model (GGUF and ONNX exported, gated as `gate --search`),
+its resume behaviour, and reproducing a run from its run.toml (`--config`)."""
 
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -11,6 +14,7 @@ from edgepack.constants import COMPLETE_MARKER
 from edgepack.profiles import PROFILE_DIR, load_profile
 
 LABELS = ["electrical", "mechanical", "thermal", "network"]
+CHOICES = ["gguf:Q8_0", "gguf:Q4_0", "onnx:int4"]
 
 
 def _rows(n: int) -> list[dict[str, str]]:
@@ -36,27 +40,35 @@ def tiny_teacher(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return teach_tiny(folder, [(r["prompt"], r["reference"]) for r in _rows(12)])
 
 
-def _lenient_profile(tmp_path: Path) -> str:
-    """cpu-x86-2c with a zero quality floor: a random-init model cannot classify anything."""
+def _lenient_profile(folder: Path) -> str:
+    """cpu-x86-2c with a zero quality floor (a random-init model cannot classify anything),
+    two GGUF choices and the ONNX one."""
     text = (PROFILE_DIR / "cpu-x86-2c.toml").read_text()
     text = text.replace('name = "cpu-x86-2c"', 'name = "tiny-cpu"')
     text = text.replace("min_relative_quality = 0.8", "min_relative_quality = 0.0")
     text = text.replace('choices = ["gguf:Q8_0", "gguf:Q6_K", "gguf:Q5_K_M", "gguf:Q4_K_M", "gguf:Q4_0", "onnx:int4"]',
-                        'choices = ["gguf:Q8_0", "gguf:Q4_0"]')
-    path = tmp_path / "tiny-cpu.toml"
+                        "choices = " + json.dumps(CHOICES))
+    path = folder / "tiny-cpu.toml"
     path.write_text(text)
     return str(path)
 
 
-def test_pipeline_end_to_end_on_tiny_model(tiny_teacher: Path, tmp_path: Path) -> None:
+@pytest.fixture(scope="module")
+def finished_run(tiny_teacher: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """One pipeline run on the tiny teacher (module-scoped: the tests below read it, copy it or resume it)."""
     from edgepack.pipeline import PipelineConfig, run_pipeline
-    from edgepack.runtime.bundle import verify_bundle
 
-    profile = load_profile(_lenient_profile(tmp_path))
-    run = tmp_path / "run"
-    cfg = PipelineConfig(profile=profile, teacher=str(tiny_teacher), data=_prompts(tmp_path / "p.jsonl", 12),
-                         run_dir=run, steps=2, limit=None, seed=0)
-    result = run_pipeline(cfg)
+    folder = tmp_path_factory.mktemp("pipeline")
+    cfg = PipelineConfig(profile=load_profile(_lenient_profile(folder)), teacher=str(tiny_teacher),
+                         data=_prompts(folder / "p.jsonl", 12), run_dir=folder / "run", steps=2, limit=None, seed=0)
+    return {"cfg": cfg, "result": run_pipeline(cfg), "folder": folder}
+
+
+def test_pipeline_end_to_end_on_tiny_model(finished_run: dict[str, Any]) -> None:
+    from edgepack.runtime.bundle import verify_bundle
+    from edgepack.runtime.search import QUALITY_AFTER_PASS
+
+    result, run = finished_run["result"], finished_run["cfg"].run_dir
     stages = [s["stage"] for s in result["stages"]]
     assert stages == ["distill data", "distill train", "eval", "export", "gate", "pack", "run"]
     assert result["verdict"] == "PASS", result["gates"]
@@ -64,25 +76,140 @@ def test_pipeline_end_to_end_on_tiny_model(tiny_teacher: Path, tmp_path: Path) -
     assert result["eval"]["distilled"]["teacher_label_agreement"] is not None
     assert json.loads((run / "eval.json").read_text())["distilled"]["label_accuracy"] == \
         result["eval"]["distilled"]["label_accuracy"]
-    row = result["summary"][0]
-    assert row["verdict"] == "PASS" and row["quant"] == "Q8_0"
-    assert row["size_mb"] > 0 and row["ttft_p95_ms"] > 0 and row["decode_tokens_per_s"] > 0
-    assert row["peak_memory_mb"] > 0
+    # Every choice the profile allows was exported (GGUF and ONNX) and is a row of the table, in its order.
+    exported = json.loads((run / "artifacts" / "export.json").read_text())["artifacts"]
+    assert {(a["format"], a["quant"]) for a in exported} >= {("gguf", "Q8_0"), ("gguf", "Q4_0"), ("onnx", "int4")}
+    rows = result["summary"]
+    assert [r["choice"] for r in rows] == CHOICES
+    assert [r["format"] for r in rows] == ["gguf", "gguf", "onnx"]
+    for row in rows:
+        assert row["size_mb"] > 0 and row["ttft_p95_ms"] > 0 and row["decode_tokens_per_s"] > 0, row
+        assert row["peak_memory_mb"] > 0 and Path(row["report"]).is_file()
+    # The first choice passes with the holdout answered; by default (until-pass) the later ones are
+    # gated on latency and memory only, and say so.
+    assert rows[0]["verdict"] == "PASS" and rows[0]["relative_quality"] is not None
+    assert result["chosen"] == "gguf:Q8_0" and result["packaged"] == "gguf:Q8_0"
+    for row in rows[1:]:
+        assert row["relative_quality"] is None and QUALITY_AFTER_PASS in row["reasons"], row
+    assert result["search"]["search_quality"] == "until-pass"
     bundle = Path(result["bundle"])
-    assert bundle.is_file() and bundle.name.endswith(".edgepack")
+    assert bundle.is_file() and bundle.name.endswith("-tiny-cpu-gguf-Q8_0.edgepack")
     manifest = verify_bundle(bundle)
     assert all(len(f["sha256"]) == 64 for f in manifest["files"])
     for stage_dir in ("teacher", "data", "student"):
         assert (run / stage_dir / COMPLETE_MARKER).is_file()
-    assert (run / "run.toml").is_file() and json.loads((run / "pipeline.json").read_text())["bundle"]
+    written = json.loads((run / "pipeline.json").read_text())
+    assert written["bundle"] and written["summary"] == rows and written["machine"]["cpu_count"] >= 1
+    assert written["command"].startswith("edgepack pipeline --profile ") and "--steps 2" in written["command"]
     assert isinstance(result["sample"]["completion"], str)
 
-    # A rerun resumes: every stage finds its output and nothing is recomputed.
+
+def test_rerun_resumes_without_recomputing(finished_run: dict[str, Any]) -> None:
+    from edgepack.pipeline import run_pipeline
+
+    run = finished_run["cfg"].run_dir
     before = {p: p.stat().st_mtime_ns for p in run.rglob("*") if p.is_file() and p.name != "pipeline.json"}
-    again = run_pipeline(cfg)
-    assert again["bundle"] == result["bundle"]
+    again = run_pipeline(finished_run["cfg"])
+    assert again["bundle"] == finished_run["result"]["bundle"]
+    assert all(r["reused"] for r in again["summary"])
     after = {p: p.stat().st_mtime_ns for p in before}
     assert before == after
+
+
+def test_config_reproduces_the_settings_in_a_new_folder(finished_run: dict[str, Any], tmp_path: Path) -> None:
+    """`edgepack pipeline --config RUN/run.toml --out NEW` writes the same settings to NEW/run.toml.
+
+    NEW starts as a copy of RUN's stage outputs without its run.toml, so every stage is
+    resumed (seconds, not a second training): the stages accept those outputs under the
+    reproduced settings, and the command exits 0 with the same bundle choice.
+    """
+    from edgepack.cli import main
+    from edgepack.runconfig import read_run_config
+
+    run = finished_run["cfg"].run_dir
+    new = tmp_path / "again"
+    shutil.copytree(run, new, ignore=shutil.ignore_patterns("run.toml", "pipeline.json", "bundles"))
+    assert main(["pipeline", "--config", str(run / "run.toml"), "--out", str(new), "--json"]) == 0
+    first, second = read_run_config(run), read_run_config(new)
+    volatile = {"created", "edgepack_version"}
+    assert {k: v for k, v in second.items() if k not in volatile} == \
+        {k: v for k, v in first.items() if k not in volatile}
+    assert set(first) - volatile >= {"profile", "teacher", "data", "seed", "steps", "correct_teacher", "search_quality"}
+    done = json.loads((new / "pipeline.json").read_text())
+    assert done["packaged"] == "gguf:Q8_0" and done["stages"][0]["stage"] == "distill data"
+
+
+def test_config_with_a_flag_overrides_that_key(finished_run: dict[str, Any], tmp_path: Path) -> None:
+    from edgepack.pipeline import resolve_config
+
+    run = finished_run["cfg"].run_dir
+    cfg = resolve_config(config=run / "run.toml", run_dir=tmp_path / "b", overrides={"steps": 5, "seed": None})
+    assert cfg.steps == 5 and cfg.seed == finished_run["cfg"].seed
+    assert {k: v for k, v in cfg.settings().items() if k != "steps"} == \
+        {k: v for k, v in finished_run["cfg"].settings().items() if k != "steps"}
+    resumed = resolve_config(config=run / "run.toml", run_dir=None, overrides={})
+    assert resumed.run_dir == run and resumed.settings() == finished_run["cfg"].settings()
+
+
+def test_search_quality_all_answers_the_holdout_for_every_choice(finished_run: dict[str, Any], tmp_path: Path) -> None:
+    from edgepack.runtime.search import search
+
+    original = finished_run["cfg"].run_dir
+    run = tmp_path / "run"
+    shutil.copytree(original, run)
+    result = search(profile=finished_run["cfg"].profile, run_dir=run, holdout=original / "data" / "holdout.jsonl",
+                    quality="all")
+    assert [r["quality_measured"] for r in result["rows"]] == [True, True, True]
+    assert [r["reused"] for r in result["rows"]] == [True, False, False]  # Q8_0's report already had quality
+    assert result["pareto_axes"][-1] == "quality (higher)"
+
+
+def test_until_pass_skips_the_holdout_where_latency_already_failed(finished_run: dict[str, Any],
+                                                                    tmp_path: Path) -> None:
+    """A choice that misses a latency budget FAILs whatever its quality: the holdout is not run for it."""
+    from edgepack.runtime.search import QUALITY_AFTER_MISS, search
+
+    original = finished_run["cfg"].run_dir
+    run = tmp_path / "run"
+    shutil.copytree(original, run, ignore=shutil.ignore_patterns("gate"))
+    text = Path(finished_run["cfg"].profile.source).read_text().replace("ttft_p95_ms = 1500", "ttft_p95_ms = 0.001")
+    (tmp_path / "slow.toml").write_text(text)
+    result = search(profile=load_profile(str(tmp_path / "slow.toml")), run_dir=run, quality="until-pass")
+    assert [r["verdict"] for r in result["rows"]] == ["FAIL", "FAIL", "FAIL"]
+    for row in result["rows"]:
+        assert not row["quality_measured"] and QUALITY_AFTER_MISS in row["reasons"], row
+        assert any(reason.startswith("ttft_p95_ms") for reason in row["reasons"])
+
+
+@pytest.mark.parametrize("toml,needle", [
+    ('profile = "cpu-x86-2c"\nstepz = 3\n', "unknown key 'stepz'"),
+    ('profile = "cpu-x86-2c"\nsteps = "ten"\n', "steps = 'ten': must be an integer"),
+    ('profile = "cpu-x86-2c"\ncorrect_teacher = "yes"\n', "correct_teacher"),
+    ('profile = "cpu-x86-2c"\nsearch_quality = "some"\n', "search_quality"),
+    ('teacher = "builtin:smollm2-135m-instruct"\n', "missing key 'profile'"),
+    ('profile = "cpu-x86-2c"\n[extra]\nx = 1\n', "unknown key 'extra'"),
+    ('profile = "cpu-x86-2c\n', "not valid TOML"),
+])
+def test_bad_config_is_one_line_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str], toml: str,
+                                       needle: str) -> None:
+    from edgepack.cli import main
+
+    config = tmp_path / "run.toml"
+    config.write_text(toml)
+    out = tmp_path / "out"
+    assert main(["pipeline", "--config", str(config), "--out", str(out)]) == 2
+    lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+    assert lines[0].startswith("error:") and needle in lines[0], lines
+    assert len(lines) <= 2 and not out.exists()
+
+
+def test_no_profile_and_no_out_are_one_line_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from edgepack.cli import main
+
+    assert main(["pipeline", "--out", str(tmp_path / "x")]) == 2
+    assert "no profile given" in capsys.readouterr().err
+    assert main(["pipeline", "--profile", "cpu-x86-2c"]) == 2
+    assert "no run directory given" in capsys.readouterr().err
 
 
 def test_pipeline_refuses_changed_settings(tiny_llama_dir: Path, tmp_path: Path) -> None:

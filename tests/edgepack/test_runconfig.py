@@ -1,4 +1,4 @@
-"""run.toml: written once, read back, and a conflicting rerun refused."""
+"""run.toml: written once, read back, a conflicting rerun refused, and validated for --config."""
 
 from __future__ import annotations
 
@@ -6,8 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from edgepack.errors import RunDirError
-from edgepack.runconfig import read_run_config, write_run_config
+from edgepack.errors import RunDirError, UsageError
+from edgepack.runconfig import (SEARCH_QUALITY_MODES, load_pipeline_config, pipeline_defaults, pipeline_problems,
+                                read_run_config, write_run_config)
 
 
 def test_roundtrip_and_resume(tmp_path: Path) -> None:
@@ -24,3 +25,57 @@ def test_conflicting_settings_refused(tmp_path: Path) -> None:
     write_run_config(tmp_path, {"profile": "cpu-x86-2c", "seed": 0})
     with pytest.raises(RunDirError, match="seed"):
         write_run_config(tmp_path, {"profile": "cpu-x86-2c", "seed": 1})
+
+
+def test_a_key_added_later_resumes_at_its_default(tmp_path: Path) -> None:
+    """A run.toml written before a setting existed resumes when the setting is at its default."""
+    write_run_config(tmp_path, {"profile": "cpu-x86-2c", "seed": 0})
+    defaults = {"search_quality": "until-pass"}
+    write_run_config(tmp_path, {"profile": "cpu-x86-2c", "seed": 0, "search_quality": "until-pass"}, defaults)
+    with pytest.raises(RunDirError, match="search_quality"):
+        write_run_config(tmp_path, {"profile": "cpu-x86-2c", "seed": 0, "search_quality": "all"}, defaults)
+
+
+def test_pipeline_config_roundtrip(tmp_path: Path) -> None:
+    from edgepack.pipeline import PipelineConfig, config_from_settings
+    from edgepack.profiles import load_profile
+
+    cfg = PipelineConfig(profile=load_profile("cpu-x86-2c"), teacher="builtin:smollm2-135m-instruct", data=None,
+                         run_dir=tmp_path, steps=7, limit=20, seed=3, correct_teacher=True, search_quality="all")
+    write_run_config(tmp_path, cfg.settings())
+    back = config_from_settings(load_pipeline_config(tmp_path / "run.toml"), tmp_path)
+    assert back == cfg
+    assert load_pipeline_config(tmp_path) == load_pipeline_config(tmp_path / "run.toml")  # a run folder works too
+
+
+def test_every_pipeline_key_has_a_valid_default() -> None:
+    from edgepack.runtime.search import QUALITY_MODES
+
+    assert SEARCH_QUALITY_MODES == QUALITY_MODES
+    assert pipeline_problems({k: v for k, v in pipeline_defaults().items() if k != "profile"}) == []
+
+
+@pytest.mark.parametrize("settings,needle", [
+    ({"seed": True}, "seed = True: must be an integer"),
+    ({"steps": 0}, "steps = 0: must be at least 1"),
+    ({"limit": 2.5}, "limit = 2.5: must be an integer"),
+    ({"teacher": ""}, "teacher = '': must not be empty"),
+    ({"allow_unverified": 1}, "allow_unverified = 1: must be true or false"),
+    ({"search_quality": "best"}, "must be one of all, until-pass"),
+    ({"schema": 2}, "schema = 2"),
+    ({"colour": "red"}, "unknown key 'colour'"),
+])
+def test_bad_values_name_their_key(settings: dict[str, object], needle: str) -> None:
+    problems = pipeline_problems({"profile": "cpu-x86-2c", **settings})
+    assert len(problems) == 1 and needle in problems[0], problems
+
+
+def test_every_problem_is_reported_at_once(tmp_path: Path) -> None:
+    path = tmp_path / "run.toml"
+    path.write_text('profile = "cpu-x86-2c"\nsteps = -1\nseeds = 3\n')
+    with pytest.raises(UsageError) as info:
+        load_pipeline_config(path)
+    assert "steps = -1" in str(info.value) and "unknown key 'seeds'" in str(info.value)
+    assert "\n" not in str(info.value)
+    with pytest.raises(UsageError, match="config file not found"):
+        load_pipeline_config(tmp_path / "nope.toml")

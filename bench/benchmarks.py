@@ -1,0 +1,599 @@
+"""BENCHMARKS.md from the committed benchmark results, with PNG plots.
+
+    .venv/bin/python bench/benchmarks.py [--pipeline runs/demo/pipeline.json]
+
+reads every ``bench/<name>/results*.json`` (each written by ``bench/<name>/run.py``, which
+records the machine and the exact command in it), copies the stage table of a finished
+``edgepack pipeline`` run (``--pipeline``) into ``bench/pipeline/results.json`` so it is
+committed too, and writes ``BENCHMARKS.md`` plus the plots under ``bench/plots/``. Nothing
+is measured here: every number is one a results file recorded, and every table names the
+machine and the command that produced it. A results file not there yet is reported as
+"not yet run"; a section whose file has a layout this script does not know is shown as
+recorded (its scalar fields and flat tables), never guessed into a chart.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import statistics
+import sys
+from collections.abc import Callable
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+BENCH = Path(__file__).resolve().parent
+ROOT = BENCH.parent
+NOT_RUN = "not yet run"
+
+
+# --- reading -----------------------------------------------------------------------------
+
+def load(bench: Path, name: str, file: str = "results.json") -> dict[str, Any] | None:
+    path = bench / name / file
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+
+
+def machine(results: dict[str, Any]) -> str:
+    """One line naming the machine, from either layout the bench scripts write."""
+    m = results.get("machine_info") if isinstance(results.get("machine_info"), dict) else results.get("machine")
+    if isinstance(m, str):
+        return m
+    if not isinstance(m, dict):
+        return "machine not recorded"
+    cpus = m.get("cpu_count") or m.get("logical_cpus")
+    memory = f"{m['memory_mb']} MB" if m.get("memory_mb") else (f"{m['memory_gb']} GB" if m.get("memory_gb") else None)
+    system = " ".join(str(m[k]) for k in ("system", "release") if m.get(k)) or m.get("platform")
+    parts = [m.get("cpu"), f"{cpus} CPUs" if cpus else None, memory, system,
+             f"Python {m['python']}" if m.get("python") else None]
+    return ", ".join(str(p) for p in parts if p)
+
+
+def provenance(results: dict[str, Any]) -> str:
+    """The line above every table: machine, command, date, load."""
+    when = results.get("created") or results.get("started") or "date not recorded"
+    load = _load_text(results)
+    return (f"Machine: {machine(results)}. Command: `{results.get('command', 'not recorded')}` ({when}"
+            + (f"; load average {load}" if load else "") + ").")
+
+
+def _load_text(results: dict[str, Any]) -> str | None:
+    for key in ("load_average", "loadavg_start"):
+        value = results.get(key)
+        if isinstance(value, dict) and value.get("start"):
+            return f"{value['start']} at start"
+        if isinstance(value, list):
+            return f"{value} at start"
+    m = results.get("machine")
+    if isinstance(m, dict) and m.get("load_average_start"):
+        return f"{m['load_average_start']} at start"
+    return None
+
+
+# --- writing -----------------------------------------------------------------------------
+
+def table(header: list[str], rows: list[list[Any]], right: set[int] | None = None) -> str:
+    right = right if right is not None else {i for i in range(len(header)) if i > 0}
+    lines = ["| " + " | ".join(header) + " |",
+             "|" + "|".join("---:" if i in right else "---" for i in range(len(header))) + "|"]
+    lines += ["| " + " | ".join(_cell(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return "–"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, float):
+        return f"{value:.4g}" if abs(value) < 0.01 else f"{value:,.3g}" if abs(value) < 100 else f"{value:,.0f}"
+    return str(value).replace("|", "\\|").replace("\n", " ")
+
+
+def _num(value: Any, fmt: str) -> str:
+    return format(value, fmt) if isinstance(value, (int, float)) and not isinstance(value, bool) else "–"
+
+
+def _plot(path: Path, draw: Callable[[Any], None], size: tuple[float, float] = (6.4, 4.0)) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=size)
+    try:
+        draw(ax)
+        fig.tight_layout()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(path, dpi=110)
+    finally:
+        plt.close(fig)
+    return path
+
+
+class Doc:
+    """BENCHMARKS.md being written, and the PNGs it links."""
+
+    def __init__(self, md_path: Path, plots: Path) -> None:
+        self.parts: list[str] = []
+        self.md_path = md_path
+        self.plots = plots
+        self.written: list[Path] = []
+
+    def add(self, *blocks: str) -> None:
+        self.parts.extend(b for b in blocks if b)
+
+    def image(self, name: str, alt: str, draw: Callable[[Any], None], size: tuple[float, float] = (6.4, 4.0)) -> None:
+        path = _plot(self.plots / name, draw, size)
+        self.written.append(path)
+        self.add(f"![{alt}]({Path(os.path.relpath(path, self.md_path.parent)).as_posix()})")
+
+    def text(self) -> str:
+        return "\n\n".join(self.parts) + "\n"
+
+
+# --- generic rendering of a layout this script does not know -------------------------------
+
+def _flat_table(rows: list[dict[str, Any]], names: list[str] | None = None) -> str | None:
+    """A table of ``rows``' scalar fields (nested values left out); None when none has one."""
+    cols = [c for c in dict.fromkeys(k for r in rows for k in r) if all(not isinstance(r.get(c), (dict, list))
+                                                                           for r in rows)]
+    if not cols:
+        return None
+    body = [([names[i]] if names else []) + [r.get(c) for c in cols] for i, r in enumerate(rows)]
+    return table((["name"] if names else []) + cols, body)
+
+
+def as_recorded(results: dict[str, Any]) -> list[str]:
+    """A layout this script does not know, shown as recorded: the scalar fields; the flat dicts,
+    grouped by their keys (e.g. spreads of several measurements); each list or dict of flat dicts."""
+    blocks = []
+    scalars = [[k, v] for k, v in results.items() if not isinstance(v, (dict, list)) and k != "command"]
+    if scalars:
+        blocks.append(table(["field", "value"], scalars, right={1}))
+    groups: dict[tuple[str, ...], list[str]] = {}
+    for key, value in results.items():
+        if isinstance(value, dict) and value and not any(isinstance(v, (dict, list)) for v in value.values()):
+            groups.setdefault(tuple(value), []).append(key)
+    for keys in groups.values():
+        blocks.append(_flat_table([results[k] for k in keys], keys) or "")
+    for key, value in results.items():
+        rows = value if isinstance(value, list) else list(value.values()) if isinstance(value, dict) else []
+        if rows and all(isinstance(r, dict) for r in rows):
+            flat = _flat_table(rows, list(value) if isinstance(value, dict) else None)
+            if flat:
+                blocks.append(f"`{key}`:\n\n{flat}")
+    return [b for b in blocks if b]
+
+
+# --- sections ----------------------------------------------------------------------------------
+
+def _rows_with(tree: Any, key: str) -> list[dict[str, Any]]:
+    """Every dict anywhere in ``tree`` that has ``key``."""
+    found = []
+    if isinstance(tree, dict):
+        if key in tree:
+            found.append(tree)
+        for v in tree.values():
+            found += _rows_with(v, key)
+    elif isinstance(tree, list):
+        for v in tree:
+            found += _rows_with(v, key)
+    return found
+
+
+def _name(row: dict[str, Any]) -> str:
+    return str(next((row[k] for k in ("method", "recipe", "name", "label", "student", "run") if k in row), "?"))
+
+
+def section_distill(doc: Doc, distill: dict[str, Any] | None) -> None:
+    doc.add("## Distillation quality (gap closed per metric, KD vs SFT)")
+    if distill is None:
+        doc.add(f"*{NOT_RUN}*: `bench/distill/results.json` does not exist yet (the distillation benchmark of "
+                "issue #4: undistilled / SFT-only / KD variants over 3 seeds).")
+        return
+    doc.add(provenance(distill))
+    rows = [r for r in _rows_with(distill, "gap_closed") if isinstance(r["gap_closed"], dict)]
+    if not rows:
+        doc.add("No `gap_closed` figures in the results; shown as recorded:", *as_recorded(distill))
+        return
+    by_method: dict[str, dict[str, list[float]]] = {}
+    for r in rows:
+        for metric, value in r["gap_closed"].items():
+            if isinstance(value, (int, float)):
+                by_method.setdefault(_name(r), {}).setdefault(metric, []).append(float(value))
+    metrics = list(dict.fromkeys(m for per in by_method.values() for m in per))
+    doc.add("Gap closed = (student − undistilled) / (teacher − undistilled) per metric, mean over the rows "
+            "recorded for each method (n = rows):",
+            table(["method", *metrics, "n"], [[m, *[statistics.mean(per[k]) if k in per else None for k in metrics],
+                                               max(len(v) for v in per.values())] for m, per in by_method.items()]))
+
+    def draw(ax: Any) -> None:
+        width = 0.8 / max(1, len(by_method))
+        for i, (method, per) in enumerate(by_method.items()):
+            ax.bar([j + i * width for j in range(len(metrics))],
+                   [statistics.mean(per[k]) if k in per else 0 for k in metrics], width, label=method)
+        ax.set_xticks([j + width * (len(by_method) - 1) / 2 for j in range(len(metrics))], metrics)
+        ax.axhline(0.5, color="grey", linestyle="--", linewidth=1, label="target 0.5")
+        ax.set_ylabel("gap closed")
+        ax.set_title("Distillation: gap closed per metric")
+        ax.legend(fontsize=8)
+
+    doc.image("distill_gap_closed.png", "gap closed per metric and method", draw)
+
+
+TRAINING_METRICS = (("tokens_per_s", "tokens/s"), ("tokens_per_s_after_step1", "tokens/s after step 1"),
+                    ("peak_rss_mb", "peak RSS MB"), ("training_peak_rss_mb", "training peak RSS MB"))
+
+
+def section_training(doc: Doc, trl: dict[str, Any] | None, distill: dict[str, Any] | None) -> None:
+    """bench/trl (edgepack's KD recipe vs TRL's GKDTrainer); else rows of bench/distill with tokens/s."""
+    doc.add("## Training throughput and memory vs TRL's GKDTrainer")
+    means = ((trl or {}).get("summary") or {}).get("means") or {}
+    if trl is not None and {"edgepack", "trl"} <= set(means):
+        summary = trl["summary"]
+        keys = [(k, label) for k, label in TRAINING_METRICS if k in means["edgepack"] and k in means["trl"]]
+        doc.add(provenance(trl) + f" {trl.get('steps')} steps, {trl.get('threads')} threads, means over "
+                f"{len(summary.get('per_round') or [])} rounds.",
+                table(["trainer", *[label for _, label in keys]],
+                      [[kind, *[means[kind][k] for k, _ in keys]] for kind in ("edgepack", "trl")]
+                      + [["edgepack / TRL", *[(summary.get("ratio_of_means") or {}).get(k) for k, _ in keys]]]),
+                f"Targets (issue #4): tokens/s ≥ {summary.get('target_speedup')}× TRL's: "
+                f"**{'met' if summary.get('meets_speedup') else 'not met'}** ({summary.get('speedup')}×); "
+                f"peak memory ≤ {summary.get('target_memory_ratio')}× TRL's: "
+                f"**{'met' if summary.get('meets_memory') else 'not met'}** ({summary.get('memory_ratio')}×).")
+
+        def draw(ax: Any) -> None:
+            shown = [(k, label) for k, label in keys if k in ("tokens_per_s", "peak_rss_mb")]
+            for i, kind in enumerate(("edgepack", "trl")):
+                ax.bar([j + 0.4 * i for j in range(len(shown))],
+                       [means[kind][k] / max(means["edgepack"][k], means["trl"][k]) for k, _ in shown], 0.4,
+                       label=kind)
+            ax.set_xticks([j + 0.2 for j in range(len(shown))], [label for _, label in shown])
+            ax.set_ylabel("relative to the larger of the two")
+            ax.set_title("edgepack KD vs TRL GKDTrainer (same job)")
+            ax.legend(fontsize=8)
+
+        doc.image("training_vs_trl.png", "training tokens/s and peak memory, edgepack vs TRL", draw, size=(5.6, 3.4))
+        return
+    speed = [r for r in _rows_with(distill or {}, "tokens_per_s")
+             if any(k in r for k in ("peak_rss_mb", "peak_memory_mb"))]
+    if not speed:
+        doc.add(f"*{NOT_RUN}*: neither `bench/trl/results.json` nor training rows in `bench/distill/results.json`.")
+        return
+    trl_row = next((r for r in speed if "trl" in _name(r).lower()), None)
+    body = []
+    for r in speed:
+        peak = r.get("peak_rss_mb", r.get("peak_memory_mb"))
+        trl_peak = trl_row.get("peak_rss_mb", trl_row.get("peak_memory_mb")) if trl_row else None
+        body.append([_name(r), r.get("seed"), r["tokens_per_s"], peak,
+                     r["tokens_per_s"] / trl_row["tokens_per_s"] if trl_row and trl_row.get("tokens_per_s") else None,
+                     peak / trl_peak if trl_peak and isinstance(peak, (int, float)) else None])
+    doc.add(provenance(distill or {}),
+            table(["run", "seed", "tokens/s", "peak MB", "× TRL tokens/s", "× TRL peak"], body),
+            "" if trl_row else "No TRL row (a run named `trl…`) in the results: ratios not computed.")
+
+    def draw(ax: Any) -> None:
+        ax.barh([b[0] + (f" s{b[1]}" if b[1] is not None else "") for b in body], [b[2] for b in body])
+        ax.set_xlabel("training tokens/s")
+        ax.set_title("Training throughput")
+
+    doc.image("distill_throughput.png", "training tokens/s per run", draw)
+
+
+def section_generation(doc: Doc, gen: dict[str, Any] | None) -> None:
+    doc.add("## Teacher generation throughput")
+    if gen is None:
+        doc.add(f"*{NOT_RUN}*: `bench/generation/results.json` does not exist yet (teacher generation through "
+                "the toolchain vs raw llama-cpp-python on the same GGUF, issue #3).")
+        return
+    doc.add(provenance(gen))
+    sides = [(name, gen[key]) for name, key in (("edgepack", "edgepack_tok_s"), ("raw llama-cpp-python", "raw_tok_s"))
+             if isinstance(gen.get(key), dict)]
+    if sides and isinstance(gen.get("ratio"), dict):
+        doc.add(table(["side", "tokens/s median", "min", "max", "n"],
+                      [[n, s.get("median"), s.get("min"), s.get("max"), s.get("n")] for n, s in sides]),
+                f"edgepack / raw (median of the per-round ratios): {gen['ratio'].get('median')}; target ≥ "
+                f"{gen.get('target')}: **{gen.get('verdict', 'not judged')}**. Same answers: {gen.get('same_answers')}.")
+    rounds = _flat_table(gen["rounds"]) if isinstance(gen.get("rounds"), list) and gen["rounds"] else None
+    doc.add(*([rounds] if rounds and sides else as_recorded(gen)))
+
+
+QUANT_PAIRS = (("float", ("F32",), ("fp32",)), ("8-bit", ("Q8_0",), ("int8",)), ("4-bit", ("Q4_K_M", "Q4_0"), ("int4",)))
+
+
+def section_export(doc: Doc, export: dict[str, Any] | None) -> None:
+    doc.add("## Quantization fidelity per type (GGUF and ONNX)")
+    if export is None:
+        doc.add(f"*{NOT_RUN}*: `bench/export/results.json` does not exist.")
+        return
+    rows = export.get("results", [])
+    doc.add(provenance(export),
+            f"Reference: {(export.get('reference') or {}).get('note', 'not recorded')}. KLD = mean KL(reference ‖ "
+            "artifact) in nats over distinct contexts of the held-out text; the reference is the F16 GGUF for quantized "
+            "GGUFs (llama-perplexity's convention) and transformers float32 for the float GGUFs and every ONNX graph. "
+            "Bits/weight = file bytes × 8 / parameters.",
+            table(["artifact", "format", "quant", "imatrix", "size MB", "bits/weight", "KLD", "KLD vs", "top-1",
+                   "decode tok/s", "holdout accuracy"],
+                  [[r.get("artifact"), r.get("format"), r.get("quant"), r.get("imatrix"), r.get("size_mb"),
+                    r.get("bits_per_weight"), r.get("kld"), r.get("kld_reference"), r.get("top1"),
+                    r.get("decode_tok_s"), r.get("accuracy")] for r in rows], right={4, 5, 6, 8, 9, 10}))
+    plain = {(r.get("format"), r.get("quant")): r for r in rows if not r.get("imatrix")}
+    side = []
+    for label, gguf_quants, onnx_quants in QUANT_PAIRS:
+        for gq in gguf_quants:
+            g = plain.get(("gguf", gq))
+            o = next((plain[("onnx", q)] for q in onnx_quants if ("onnx", q) in plain), None)
+            if g or o:
+                side.append([label, gq, _num((g or {}).get("size_mb"), ".1f"), _num((g or {}).get("kld"), ".4f"),
+                             onnx_quants[0], _num((o or {}).get("size_mb"), ".1f"), _num((o or {}).get("kld"), ".4f")])
+    if side:
+        doc.add("Side by side (same student, no imatrix):",
+                table(["class", "GGUF", "MB", "KLD", "ONNX", "MB", "KLD"], side, right={2, 3, 5, 6}))
+
+    def draw(ax: Any) -> None:
+        # Float artifacts (KLD ~1e-6 and below, 2-4x the size) would squash the quantized ones
+        # into a corner; they are in the table above.
+        quantized = [r for r in rows if isinstance(r.get("kld"), (int, float)) and r["kld"] > 0 and r.get("size_mb")
+                     and (r.get("bits_per_weight") or 99) < 12]
+        offsets = [(4, 4), (4, -10), (-34, 4), (-34, -10)]
+        for fmt, imatrix, marker, face in (("gguf", False, "o", None), ("gguf", True, "o", "none"),
+                                           ("onnx", False, "s", None)):
+            pts = [r for r in quantized if r.get("format") == fmt and bool(r.get("imatrix")) == imatrix]
+            if not pts:
+                continue
+            label = fmt.upper() + (" + imatrix" if imatrix else "")
+            kwargs = {"facecolors": "none", "edgecolors": "C0"} if face == "none" else {}
+            ax.scatter([r["size_mb"] for r in pts], [r["kld"] for r in pts], marker=marker, label=label, **kwargs)
+            for i, r in enumerate(pts if not imatrix else []):
+                ax.annotate(r["quant"], (r["size_mb"], r["kld"]), fontsize=7, xytext=offsets[i % len(offsets)],
+                            textcoords="offset points")
+        ax.set_yscale("log")
+        ax.set_xlabel("size (MB)")
+        ax.set_ylabel("KLD vs reference (nats, log)")
+        ax.set_title("Quantization fidelity: KLD vs size (quantized artifacts)")
+        ax.legend(fontsize=8)
+
+    doc.image("quant_kld_vs_size.png", "KLD vs size, GGUF and ONNX", draw)
+    targets = export.get("targets") or []
+    if targets:
+        doc.add("Targets (reported, not enforced):",
+                table(["target", "measured", "met"], [[t.get("target"), t.get("measured"), t.get("met")]
+                                                       for t in targets], right={1}))
+
+
+def gate_files(bench: Path) -> list[tuple[str, dict[str, Any]]]:
+    return [(p.name, json.loads(p.read_text(encoding="utf-8"))) for p in sorted((bench / "gate").glob("results*.json"))]
+
+
+def section_efficiency(doc: Doc, gates: list[tuple[str, dict[str, Any]]]) -> None:
+    doc.add("## Runtime decode efficiency vs measured memory bandwidth")
+    if not gates:
+        doc.add(f"*{NOT_RUN}*: no `bench/gate/results*.json`.")
+        return
+    doc.add("Efficiency = decode tokens/s × bytes read per token ÷ this machine's measured read bandwidth "
+            "(issue #6 target for the GGUF student: ≥ 0.6).")
+    bars = []
+    for name, g in gates:
+        c = g.get("c") or {}
+        bw = c.get("bandwidth") or {}
+        threads = (g.get("settings") or {}).get("threads")
+        rows = [[rt, e.get("decode_tokens_per_s"), (e.get("bytes_per_token") or 0) / 2**20, e.get("achieved_gb_s"),
+                 e.get("efficiency"), e.get("bound_tokens_per_s")]
+                for rt, e in c.items() if isinstance(e, dict) and "efficiency" in e]
+        doc.add(f"`bench/gate/{name}` ({threads} threads). " + provenance(g),
+                f"Bandwidth: {_num(bw.get('read_gb_s'), '.2f')} GB/s read ({bw.get('method', 'method not recorded')}).",
+                table(["runtime", "decode tok/s", "MiB read/token", "achieved GB/s", "efficiency", "bound tok/s"],
+                      [[*r[:4], _num(100 * r[4], ".1f") + "%" if isinstance(r[4], (int, float)) else None, r[5]]
+                       for r in rows]))
+        bars += [(f"{r[0]} ({threads}t)", r[4]) for r in rows if isinstance(r[4], (int, float))]
+        b = g.get("b") or {}
+        side = [[rt, r.get("artifact"), r.get("size_mb"), (r.get("ttft_ms") or {}).get("p95"),
+                 (r.get("decode_tokens_per_s") or {}).get("p50"), r.get("peak_rss_mb"), r.get("note")]
+                for rt, r in (b.get("rows") or {}).items()]
+        if side:
+            doc.add("ONNX int4 vs llama.cpp Q4_K_M, same model:",
+                    table(["runtime", "artifact", "size MB", "TTFT p95 ms", "decode tok/s", "peak RSS MB", "note"],
+                          side, right={2, 3, 4, 5}))
+
+    def draw(ax: Any) -> None:
+        ax.barh([b[0] for b in bars], [100 * b[1] for b in bars])
+        ax.axvline(60, color="grey", linestyle="--", linewidth=1, label="target 60% (GGUF)")
+        ax.set_xlabel("decode efficiency (% of measured bandwidth)")
+        ax.set_title("Decode efficiency")
+        ax.legend(fontsize=8)
+
+    if bars:
+        doc.image("decode_efficiency.png", "decode efficiency per runtime", draw, size=(6.4, 3.2))
+
+
+def section_stability(doc: Doc, gates: list[tuple[str, dict[str, Any]]]) -> None:
+    doc.add("## Gate stability over repeated runs")
+    runs = [(name, g, g["d"]) for name, g in gates if isinstance(g.get("d"), dict) and g["d"].get("runs")]
+    if not runs:
+        doc.add(f"*{NOT_RUN}*: no repeated gates in `bench/gate/results*.json`.")
+        return
+    for name, g, d in runs:
+        doc.add(f"`bench/gate/{name}`: the same artifact gated {len(d['runs'])} times on {d.get('profile')} "
+                f"({d.get('threads')} threads). " + provenance(g),
+                table(["run", "verdict", "TTFT p95 ms", "decode p50 tok/s", "peak RSS MB", "load avg at start"],
+                      [[i + 1, r.get("verdict"), r.get("ttft_p95_ms"), r.get("decode_p50"), r.get("peak_rss_mb"),
+                        r.get("load_average_at_start")] for i, r in enumerate(d["runs"])], right={2, 3, 4}))
+        spread = [[metric, s.get("mean"), s.get("stdev"), s.get("min"), s.get("max"), s.get("max_dev_from_mean_percent")]
+                  for metric in ("ttft_p95_ms", "decode_tokens_per_s") if isinstance(s := d.get(metric), dict)]
+        doc.add(table(["metric", "mean", "stdev", "min", "max", "largest deviation %"], spread),
+                f"Target: {d.get('target', 'not recorded')}: **{'met' if d.get('within_target') else 'not met'}**.")
+
+    def draw(ax: Any) -> None:
+        n = max(len(d["runs"]) for _, _, d in runs)
+        ax.axhspan(-10, 10, color="grey", alpha=0.15, label="±10% target")
+        for name, _, d in runs:
+            for key, label in (("decode_p50", "decode tok/s"), ("ttft_p95_ms", "TTFT p95")):
+                values = [r.get(key) for r in d["runs"]]
+                if any(v is None for v in values):
+                    continue
+                mean = statistics.mean(values)
+                ax.plot(range(1, len(values) + 1), [100 * (v / mean - 1) for v in values], marker="o",
+                        label=f"{label}, {name}")
+        ax.set_xticks(range(1, n + 1))
+        ax.set_xlabel("gate run")
+        ax.set_ylabel("deviation from the mean (%)")
+        ax.set_title("Gate stability: repeated gates of one artifact")
+        ax.legend(fontsize=7)
+
+    doc.image("gate_stability.png", "decode tok/s over repeated gates", draw, size=(6.4, 3.4))
+
+
+def pipeline_results(source: Path, command: str) -> dict[str, Any]:
+    """bench/pipeline/results.json from a run's pipeline.json (its machine, command and stage table)."""
+    p = json.loads(source.read_text(encoding="utf-8"))
+    run = source.parent
+    gate_machine = next((r.get("machine") for r in (json.loads(f.read_text()) for f in sorted((run / "gate").glob("*.json")))
+                         if isinstance(r, dict) and r.get("machine")), None) if (run / "gate").is_dir() else None
+    return {"command": p.get("command") or _pipeline_command(run), "machine": p.get("machine") or gate_machine,
+            "machine_source": "pipeline.json" if p.get("machine") else "the run's gate reports",
+            "command_source": "pipeline.json" if p.get("command") else "rebuilt from the run's run.toml",
+            "created": p.get("finished") or p.get("started")
+            or datetime.fromtimestamp(source.stat().st_mtime, timezone.utc).isoformat(timespec="seconds"),
+            "load_average": p.get("load_average"), "copied_from": _shown(source), "copied_by": command,
+            "profile": p.get("profile"), "verdict": p.get("verdict"), "bundle": p.get("bundle"),
+            "stages": p.get("stages", []), "summary": p.get("summary", []), "eval": p.get("eval")}
+
+
+def _shown(path: Path) -> str:
+    """``path`` relative to the repository when it is inside it (results must not name this checkout)."""
+    path = Path(path)
+    try:
+        return path.resolve().relative_to(ROOT).as_posix()
+    except ValueError:
+        return str(path)
+
+
+def _pipeline_command(run: Path) -> str:
+    """The command that made an older pipeline.json (which did not record it), from its run.toml."""
+    from edgepack.pipeline import command_line
+    from edgepack.runconfig import load_pipeline_config
+
+    toml = run / "run.toml"
+    return command_line(load_pipeline_config(toml), Path(_shown(run))) if toml.is_file() else "not recorded"
+
+
+def section_pipeline(doc: Doc, pipe: dict[str, Any] | None) -> None:
+    doc.add("## Time of each pipeline stage")
+    if pipe is None:
+        doc.add(f"*{NOT_RUN}*: no `bench/pipeline/results.json` (run `make demo`, then this script).")
+        return
+    stages = pipe.get("stages", [])
+    total = sum(s["seconds"] for s in stages) or 1.0
+    doc.add(provenance(pipe) + f" Copied from `{pipe.get('copied_from')}`; machine from {pipe.get('machine_source')}, "
+            f"command from {pipe.get('command_source')}.",
+            table(["stage", "seconds", "share", "result"],
+                  [[s["stage"], s["seconds"], f"{100 * s['seconds'] / total:.0f}%", s.get("summary")] for s in stages],
+                  right={1, 2}),
+            f"Total {total:.0f} s ({total / 60:.1f} min); verdict {pipe.get('verdict')}; profile {pipe.get('profile')}.")
+    summary = pipe.get("summary") or []
+    if summary:
+        doc.add("Its gate table (`gate --search`, best quality first):",
+                table(["artifact", "format", "size MB", "TTFT p95 ms", "tok/s", "peak MB", "quality", "verdict"],
+                      [[r.get("artifact"), r.get("choice") or r.get("format"), r.get("size_mb"), r.get("ttft_p95_ms"),
+                        r.get("decode_tokens_per_s"), r.get("peak_memory_mb"), r.get("relative_quality"),
+                        r.get("verdict")] for r in summary], right={2, 3, 4, 5, 6}))
+
+    def draw(ax: Any) -> None:
+        ax.barh([s["stage"] for s in stages][::-1], [s["seconds"] for s in stages][::-1])
+        ax.set_xlabel("seconds")
+        ax.set_title(f"edgepack pipeline stages ({total / 60:.1f} min)")
+
+    doc.image("pipeline_stages.png", "seconds per pipeline stage", draw, size=(6.4, 3.2))
+
+
+def section_others(doc: Doc, serve: dict[str, Any] | None, soft: dict[str, Any] | None,
+                   rel: dict[str, Any] | None) -> None:
+    doc.add("## Serving (`edgepack serve`)")
+    if serve is None:
+        doc.add(f"*{NOT_RUN}*.")
+    else:
+        a = serve.get("a") or {}
+        rounds = (serve.get("b") or {}).get("rounds") or []
+        ratios = [r["server_tokens_per_s"] / r["direct_tokens_per_s"] for r in rounds
+                  if r.get("server_tokens_per_s") and r.get("direct_tokens_per_s")]
+        doc.add(provenance(serve),
+                table(["burst", "max queue", "completed", "refused", "hung", "answers = serial", "wall s", "ok"],
+                      [[k, v.get("max_queue"), v.get("completed"), v.get("refused"), len(v.get("hung") or []),
+                        v.get("completed_equal_serial"), v.get("wall_s"), v.get("ok")]
+                       for k, v in a.items() if isinstance(v, dict) and "completed" in v]),
+                f"Server vs in-process decode tokens/s over {len(ratios)} alternating rounds: median ratio "
+                f"{_num(statistics.median(ratios) if ratios else None, '.3f')}.")
+    doc.add("## Soft-label cache (`distill/softlabels.py`)")
+    if soft is None:
+        doc.add(f"*{NOT_RUN}*.")
+    else:
+        doc.add(provenance(soft),
+                table(["k", "samples", "bytes/token", "retained mass (mean)", "tokens/s (busy)", "overhead vs forward"],
+                      [[r.get("k"), r.get("samples"), r.get("bytes_per_token"), (r.get("retained_mass") or {}).get("mean"),
+                        r.get("cache_tokens_per_s_busy"), r.get("overhead_vs_forward")] for r in soft.get("runs", [])]),
+                f"Plain teacher forward: {soft.get('plain_forward_tokens_per_s')} tokens/s.")
+    doc.add("## Reliability (hostile inputs, kills, full disks)")
+    if rel is None:
+        doc.add(f"*{NOT_RUN}*.")
+    else:
+        doc.add(provenance(rel),
+                table(["category", "inputs tried", "faults injected", "failures", "seconds"],
+                      [[c.get("category"), c.get("inputs_tried"), c.get("faults_injected"), c.get("failures"),
+                        c.get("seconds")] for c in rel.get("categories", [])]),
+                "Runs merged into it: " + "; ".join(f"`{r.get('command')}`" for r in rel.get("runs", [])) + "."
+                if rel.get("runs") else "")
+
+
+# --- the command ------------------------------------------------------------------------------
+
+def generate(*, bench: Path = BENCH, out: Path = ROOT / "BENCHMARKS.md", plots: Path | None = None,
+             pipeline: Path | None = ROOT / "runs" / "demo" / "pipeline.json", command: str = "") -> dict[str, Any]:
+    """Write ``out`` and the PNGs; returns what was written and which sources were missing."""
+    from edgepack.atomic import write_json, write_text
+
+    plots = plots if plots is not None else bench / "plots"
+    if pipeline is not None and pipeline.is_file():
+        write_json(bench / "pipeline" / "results.json", pipeline_results(pipeline, command))
+    doc = Doc(out, plots)
+    doc.add("# Benchmarks",
+            f"Generated by `{command}` from the committed `bench/*/results*.json`; each section names "
+            "the machine and the command of the run it comes from. Regenerate with `make benchmarks`. The machine "
+            "is shared by other jobs, so timings carry the load average recorded with them.")
+    distill = load(bench, "distill")
+    section_distill(doc, distill)
+    section_training(doc, load(bench, "trl"), distill)
+    section_generation(doc, load(bench, "generation"))
+    section_export(doc, load(bench, "export"))
+    gates = gate_files(bench)
+    section_efficiency(doc, gates)
+    section_stability(doc, gates)
+    section_pipeline(doc, load(bench, "pipeline"))
+    section_others(doc, load(bench, "serve"), load(bench, "softlabels"), load(bench, "reliability"))
+    write_text(out, doc.text())
+    missing = [n for n in ("distill", "trl", "generation", "export", "gate", "pipeline", "serve", "softlabels",
+                           "reliability")
+               if not any((bench / n).glob("results*.json"))]
+    return {"markdown": out, "plots": doc.written, "missing": missing}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--pipeline", type=Path, default=ROOT / "runs" / "demo" / "pipeline.json",
+                        help="pipeline.json of a finished run; its stage table is copied to bench/pipeline/results.json")
+    parser.add_argument("--bench", type=Path, default=BENCH, help="folder holding <name>/results.json")
+    parser.add_argument("--out", type=Path, default=ROOT / "BENCHMARKS.md")
+    parser.add_argument("--plots", type=Path, default=None, help="PNG folder (default: BENCH/plots)")
+    args = parser.parse_args(argv)
+    command = shlex.join([".venv/bin/python", "bench/benchmarks.py", *(sys.argv[1:] if argv is None else argv)])
+    result = generate(bench=args.bench, out=args.out, plots=args.plots, pipeline=args.pipeline, command=command)
+    print(f"wrote {result['markdown']} and {len(result['plots'])} plots; not yet run: "
+          f"{', '.join(result['missing']) or 'none'}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,153 @@
+"""bench/benchmarks.py on small synthetic results: every section names its machine and command,
+absent results read "not yet run", and the PNGs are written."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+MACHINE = {"system": "Linux", "release": "6.1-test", "machine": "x86_64", "cpu": "Test CPU 9000", "cpu_count": 2,
+           "memory_mb": 4096, "python": "3.11.7"}
+
+
+@pytest.fixture(scope="module")
+def benchmarks() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("bench_benchmarks", ROOT / "bench" / "benchmarks.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _write(path: Path, data: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data))
+
+
+def _bench(root: Path) -> Path:
+    bench = root / "bench"
+    _write(bench / "export" / "results.json", {
+        "command": "python bench/export/run.py --synthetic", "created": "2026-01-01T00:00:00+0000",
+        "machine": {"platform": "Linux-test", "cpu": "Export CPU", "logical_cpus": 2, "memory_gb": 4, "python": "3.11"},
+        "reference": {"note": "tiny"},
+        "results": [
+            {"artifact": "m-F16.gguf", "format": "gguf", "quant": "F16", "size_mb": 10.0, "bits_per_weight": 16.0,
+             "kld": 1e-6, "top1": 1.0},
+            {"artifact": "m-Q8_0.gguf", "format": "gguf", "quant": "Q8_0", "size_mb": 5.3, "bits_per_weight": 8.5,
+             "kld": 0.004, "top1": 0.97},
+            {"artifact": "m-Q4_K_M.gguf", "format": "gguf", "quant": "Q4_K_M", "size_mb": 3.2, "bits_per_weight": 5.1,
+             "kld": 0.09, "top1": 0.8},
+            {"artifact": "m-onnx-int4", "format": "onnx", "quant": "int4", "size_mb": 3.6, "bits_per_weight": 5.8,
+             "kld": 0.11, "top1": 0.78},
+            {"artifact": "m-onnx-int8", "format": "onnx", "quant": "int8", "size_mb": 5.6, "bits_per_weight": 9.0,
+             "kld": 0.005, "top1": 0.96}],
+        "targets": [{"target": "KLD@Q8_0 <= 0.005", "measured": 0.004, "met": True}]})
+    runs = [{"verdict": "PASS", "ttft_p95_ms": t, "decode_p50": d, "peak_rss_mb": 100.0, "load_average_at_start": [1, 1, 1]}
+            for t, d in ((100.0, 50.0), (104.0, 49.0), (98.0, 52.0))]
+    _write(bench / "gate" / "results.json", {
+        "command": "python bench/gate/run.py --synthetic", "started": "2026-01-02T00:00:00+0000", "machine": MACHINE,
+        "settings": {"threads": 2},
+        "b": {"rows": {"llama.cpp Q4_K_M": {"artifact": "m.gguf", "size_mb": 3.2, "ttft_ms": {"p95": 100.0},
+                                            "decode_tokens_per_s": {"p50": 50.0}, "peak_rss_mb": 100.0}}},
+        "c": {"bandwidth": {"read_gb_s": 20.0, "method": "numpy sum"},
+              "llama.cpp Q4_K_M": {"efficiency": 0.4, "achieved_gb_s": 8.0, "decode_tokens_per_s": 50.0,
+                                   "bytes_per_token": 160_000_000, "bound_tokens_per_s": 125.0}},
+        "d": {"profile": "cpu-x86-2c", "threads": 2, "runs": runs, "target": "every run within ±10% of the mean",
+              "within_target": True,
+              "decode_tokens_per_s": {"mean": 50.3, "stdev": 1.5, "min": 49.0, "max": 52.0,
+                                      "max_dev_from_mean_percent": 3.4}}})
+    _write(bench / "serve" / "results.json", {"command": "python bench/serve/run.py --synthetic", "machine": MACHINE,
+                                              "a": {}, "b": {"rounds": []}})
+    return bench
+
+
+def _pipeline_json(root: Path) -> Path:
+    run = root / "run"
+    _write(run / "pipeline.json", {
+        "command": "edgepack pipeline --profile cpu-x86-2c --out run", "machine": {**MACHINE, "cpu": "Pipeline CPU"},
+        "started": "2026-01-03T00:00:00+00:00", "profile": "cpu-x86-2c", "verdict": "PASS",
+        "stages": [{"stage": "distill data", "seconds": 10.0, "summary": "kept=5"},
+                   {"stage": "distill train", "seconds": 30.0, "summary": "steps=2"},
+                   {"stage": "gate", "seconds": 5.0, "summary": "gguf:Q8_0: PASS"}],
+        "summary": [{"artifact": "m-Q8_0.gguf", "choice": "gguf:Q8_0", "size_mb": 5.3, "ttft_p95_ms": 100.0,
+                     "decode_tokens_per_s": 50.0, "peak_memory_mb": 100.0, "relative_quality": 0.9, "verdict": "PASS"}]})
+    return run / "pipeline.json"
+
+
+def test_generates_markdown_and_plots(benchmarks: ModuleType, tmp_path: Path) -> None:
+    bench = _bench(tmp_path)
+    out = tmp_path / "BENCHMARKS.md"
+    result = benchmarks.generate(bench=bench, out=out, pipeline=_pipeline_json(tmp_path), command="make benchmarks")
+    text = out.read_text()
+    # every table names its machine and its command
+    for machine, command in (("Export CPU", "python bench/export/run.py --synthetic"),
+                             ("Test CPU 9000", "python bench/gate/run.py --synthetic"),
+                             ("Pipeline CPU", "edgepack pipeline --profile cpu-x86-2c --out run")):
+        assert f"Machine: {machine}" in text and f"Command: `{command}`" in text
+    section = text.split("## Quantization fidelity")[1].split("\n## ")[0]
+    assert "| 8-bit | Q8_0 | 5.3 | 0.0040 | int8 | 5.6 | 0.0050 |" in section  # GGUF and ONNX side by side
+    assert "| 4-bit | Q4_K_M | 3.2 | 0.0900 | int4 | 3.6 | 0.1100 |" in section
+    assert "40.0%" in text and "Target: every run within ±10% of the mean: **met**" in text
+    assert "| distill train | 30 | 67% | steps=2 |" in text and "Total 45 s" in text
+    # the distill, generation, softlabels and reliability results do not exist here
+    assert text.count("*not yet run*") == 5 and "bench/distill/results.json" in text
+    assert set(result["missing"]) == {"distill", "trl", "generation", "softlabels", "reliability"}
+    # the stage table is copied next to the other results, so it can be committed
+    copied = json.loads((bench / "pipeline" / "results.json").read_text())
+    assert copied["stages"][1]["seconds"] == 30.0 and copied["machine"]["cpu"] == "Pipeline CPU"
+    pngs = {p.name for p in (bench / "plots").glob("*.png")}
+    assert pngs == {"quant_kld_vs_size.png", "decode_efficiency.png", "gate_stability.png", "pipeline_stages.png"}
+    assert all(p.stat().st_size > 1000 and p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in result["plots"])
+    for name in pngs:
+        assert f"(bench/plots/{name})" in text
+
+
+def test_distill_results_are_rendered_when_present(benchmarks: ModuleType, tmp_path: Path) -> None:
+    bench = _bench(tmp_path)
+    rows = [{"method": m, "seed": s, "gap_closed": {"label_accuracy": g, "kl": g + 0.1}, "tokens_per_s": tps,
+             "peak_rss_mb": 900.0} for m, g, tps in (("sft", 0.2, 100.0), ("kd-topk", 0.6, 150.0)) for s in (0, 1)]
+    rows.append({"method": "trl-gkd", "seed": 0, "tokens_per_s": 75.0, "peak_rss_mb": 1800.0})
+    _write(bench / "distill" / "results.json", {"command": "python bench/distill/run.py", "machine": MACHINE,
+                                                "rows": rows})
+    out = tmp_path / "BENCHMARKS.md"
+    benchmarks.generate(bench=bench, out=out, pipeline=None, command="make benchmarks")
+    text = out.read_text()
+    section = text.split("## Distillation quality")[1].split("## Teacher generation")[0]
+    assert "Command: `python bench/distill/run.py`" in section and "not yet run" not in section
+    assert "| kd-topk | 0.6 | 0.7 | 2 |" in section
+    assert "| kd-topk | 0 | 150 | 900 | 2 | 0.5 |" in section  # ×TRL tokens/s and ×TRL peak memory
+    assert (bench / "plots" / "distill_gap_closed.png").is_file()
+    assert (bench / "plots" / "distill_throughput.png").is_file()
+    assert "*not yet run*: no `bench/pipeline/results.json`" in text
+
+
+def test_trl_and_generation_results_are_rendered_when_present(benchmarks: ModuleType, tmp_path: Path) -> None:
+    bench = _bench(tmp_path)
+    means = {"edgepack": {"tokens_per_s": 300.0, "peak_rss_mb": 700.0},
+             "trl": {"tokens_per_s": 150.0, "peak_rss_mb": 1400.0}}
+    _write(bench / "trl" / "results.json", {
+        "command": "nice -n 10 .venv/bin/python bench/trl/run.py --steps 20", "machine": MACHINE, "steps": 20,
+        "threads": 2, "summary": {"means": means, "ratio_of_means": {"tokens_per_s": 2.0, "peak_rss_mb": 0.5},
+                                  "per_round": [{}, {}], "speedup": 2.0, "memory_ratio": 0.5, "target_speedup": 1.5,
+                                  "target_memory_ratio": 0.7, "meets_speedup": True, "meets_memory": True}})
+    _write(bench / "generation" / "results.json", {
+        "command": "python bench/generation/run.py", "machine": MACHINE, "target": 0.9, "verdict": "PASS",
+        "edgepack_tok_s": {"median": 45.0, "min": 40.0, "max": 50.0, "n": 2},
+        "raw_tok_s": {"median": 46.0, "min": 41.0, "max": 51.0, "n": 2}, "ratio": {"median": 0.978},
+        "rounds": [{"round": 1, "edgepack_tok_s": 45.0, "raw_tok_s": 46.0, "load_before": {"x": 1}}]})
+    out = tmp_path / "BENCHMARKS.md"
+    benchmarks.generate(bench=bench, out=out, pipeline=None, command="make benchmarks")
+    text = out.read_text()
+    training = text.split("## Training throughput")[1].split("\n## ")[0]
+    assert "Command: `nice -n 10 .venv/bin/python bench/trl/run.py --steps 20`" in training
+    assert "| edgepack / TRL | 2 | 0.5 |" in training and "**met** (2.0×)" in training
+    generation = text.split("## Teacher generation")[1].split("\n## ")[0]
+    assert "| edgepack | 45 | 40 | 50 | 2 |" in generation and "**PASS**" in generation
+    assert "| 1 | 45 | 46 |" in generation
+    assert (bench / "plots" / "training_vs_trl.png").is_file()
