@@ -141,9 +141,10 @@ def kill_at_random(kind: str, run: Path, log: Path, window: float, rng: random.R
                    mode: str, watch: list[Path]) -> dict[str, Any]:
     """SIGKILL the child during its call, unless it finishes first.
 
-    ``uniform``: ``uniform(0, window)`` seconds after the call starts. ``write``: as soon as a
-    temporary file or folder appears in one of ``watch`` (an atomic write has begun), after a
-    further ``uniform(0, 20 ms)``, so the kill lands inside the write.
+    ``uniform``: ``uniform(0, window)`` seconds after the call starts. ``write`` (and ``final``,
+    which watches only the run folder, where training's final ``student.tmp-*`` save appears):
+    as soon as a temporary file or folder appears in one of ``watch`` (an atomic write has
+    begun), after a further ``uniform(0, 20 ms)``, so the kill lands inside the write.
     """
     proc, marker = spawn(kind, run, log)
     start = wait_marker(proc, marker)
@@ -160,7 +161,7 @@ def kill_at_random(kind: str, run: Path, log: Path, window: float, rng: random.R
             break
         if fire is None and _writing(watch):
             fire = time.monotonic() + delay
-        time.sleep(0.0005 if mode == "write" else 0.002)
+        time.sleep(0.002 if mode == "uniform" else 0.0005)
     killed = finished is None and proc.poll() is None
     if killed:
         os.kill(proc.pid, signal.SIGKILL)
@@ -334,11 +335,19 @@ def kill_category(kind: str, fx: dict[str, Any], work: Path, trials: int, rng: r
     rows: list[dict[str, Any]] = []
     i = 0
     sub = {"train": ["checkpoints", "."], "export": ["artifacts"], "pack": ["bundles"]}[kind]
+    # Half the kills at a uniformly random time in the call, the rest inside a write; for training,
+    # half of those inside the final save of student/ (a checkpoint write comes first and would
+    # otherwise always take the targeted kill).
+    quota = {"uniform": trials // 2}
+    if kind == "train":
+        quota.update(write=(trials - trials // 2) // 2, final=trials - trials // 2 - (trials - trials // 2) // 2)
+    else:
+        quota["write"] = trials - trials // 2
     while sum(r["killed"] for r in rows) < trials and i < trials * 3:
         run = fresh(i)
-        # Alternate: a kill at a uniformly random time in the call, and a kill inside a write.
-        mode = "uniform" if sum(r["killed"] and r["mode"] == "uniform" for r in rows) < trials // 2 else "write"
-        trial = kill_at_random(kind, run, log, window, rng, mode=mode, watch=[run / d for d in sub])
+        mode = next((m for m, n in quota.items() if sum(r["killed"] and r["mode"] == m for r in rows) < n), "write")
+        watch = [run] if mode == "final" else [run / d for d in sub if mode == "write" or d != "."]
+        trial = kill_at_random(kind, run, log, window, rng, mode=mode, watch=watch)
         if trial.get("call_s") and mode == "uniform":  # finished first: the machine is faster than at calibration
             window = 0.9 * trial["call_s"]
         if trial.get("error"):
@@ -356,7 +365,8 @@ def kill_category(kind: str, fx: dict[str, Any], work: Path, trials: int, rng: r
             "kills_that_left_a_partial_write": len(mid_write), "call_duration_s": round(calibrated, 2),
             "final_kill_window_s": round(window, 2),
             "kills_uniform": sum(r["killed"] and r["mode"] == "uniform" for r in rows),
-            "kills_inside_a_write": sum(r["killed"] and r["mode"] == "write" for r in rows),
+            "kills_inside_a_write": sum(r["killed"] and r["mode"] in ("write", "final") for r in rows),
+            "kills_inside_the_final_save": sum(r["killed"] and r["mode"] == "final" for r in rows),
             "completed_before_the_kill": len(rows) - len(killed), "failures": len(failures),
             "failure_details": failures[:20], "seconds": round(time.monotonic() - t0, 1),
             "trials": [{k: v for k, v in r.items() if k != "problems"} for r in rows]}
@@ -448,8 +458,10 @@ def write_markdown(results: dict[str, Any], path: Path) -> None:
                       f"- trials: {c['inputs_tried']}, killed: {c['faults_injected']} (of which "
                       f"{c['kills_that_left_a_partial_write']} left a half-written temp file or folder behind), "
                       f"{c.get('kills_uniform')} at a uniformly random time in the call, {c.get('kills_inside_a_write')} "
-                      f"targeted inside an atomic write (a .part-/.tmp- name had appeared), "
-                      f"finished before the kill: {c['completed_before_the_kill']}"]
+                      f"targeted inside an atomic write (a .part-/.tmp- name had appeared"
+                      + (f"; {c['kills_inside_the_final_save']} of them inside the final save of student/"
+                         if c.get("kills_inside_the_final_save") else "")
+                      + f"), finished before the kill: {c['completed_before_the_kill']}"]
         if c["category"] == "server":
             for name, v in c["per_check"].items():
                 lines.append(f"- {name}: {v['tried']} tried, statuses {v['statuses']}, {v['failures']} wrong")
