@@ -169,7 +169,8 @@ def evaluate_run(*, run_dir: Path, variants: tuple[str, ...] = (), progress: Pro
         undistilled = AutoModelForCausalLM.from_pretrained(info["source"], dtype=torch.float32)
     students = {"undistilled": undistilled,
                 "distilled": AutoModelForCausalLM.from_pretrained(student_dir, dtype=torch.float32),
-                **{v: AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32) for v, d in variant_dirs.items()}}
+                **{f"variant {v}": AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32)
+                   for v, d in variant_dirs.items()}}
     # KL needs the teacher's logits on the student's vocabulary: a local teacher with the same tokenizer.
     kl_note = ("the teacher is an endpoint (no local weights)" if teacher_dir is None else
                tokenizer_mismatch(AutoTokenizer.from_pretrained(teacher_dir), tok))
@@ -182,7 +183,7 @@ def evaluate_run(*, run_dir: Path, variants: tuple[str, ...] = (), progress: Pro
     report: dict[str, Any] = {
         "holdout_rows": len(rows),
         "teacher": {"source": "data/holdout.jsonl (the teacher's recorded answers)",
-                    **_answer_scores(teacher_answers, rows, labels), "kl": 0.0, "ce": None},
+                    **_answer_scores(teacher_answers, rows, labels), "kl": None if kl_note else 0.0, "ce": None},
         "teacher_context_turns": len(context),
         "forced_rows": len(examples), "forced_rows_too_long": too_long,
         "contamination": (data_report.get("contamination") or {}).get("status", "not checked"),
@@ -204,7 +205,7 @@ def evaluate_run(*, run_dir: Path, variants: tuple[str, ...] = (), progress: Pro
     gaps = {name: {m: _gap_closed(before.get(m), e.get(m), target.get(m)) for m in GAP_METRICS}
             for name, e in entries.items() if name != "undistilled"}
     report.update(undistilled=entries["undistilled"], distilled=entries["distilled"], gap_closed=gaps["distilled"],
-                  variants={v: {**entries[v], "gap_closed": gaps[v]} for v in variants})
+                  variants={v: {**entries[f"variant {v}"], "gap_closed": gaps[f"variant {v}"]} for v in variants})
     report["seconds"] = round(time.perf_counter() - t0, 1)
     write_json(run_dir / EVAL_REPORT, report)
     return report
