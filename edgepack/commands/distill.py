@@ -114,6 +114,14 @@ def train_cmd(
                                method="lora" if lora else "full" if full else "auto", mlp_keep=mlp_keep)
     if report.get("mode_reason"):
         warn(f"{report['mode']} distillation: {report['mode_reason']}")
+    aligned = report.get("endpoint_logprobs") or {}
+    if aligned.get("unaligned_rows"):
+        warn(f"{aligned['unaligned_rows']} of {aligned['rows']} rows: the endpoint's tokens do not match the student's "
+             "tokenization, so those rows learned from the teacher's text only (cross-entropy)")
+    plan = report.get("plan") or {}
+    if plan.get("method") == "lora" and not lora:  # chosen by the planner, not asked for
+        warn(f"the planner chose LoRA: full fine-tuning does not fit the profile's {plan['budget_mb']:.0f} MB of "
+             "training memory (each candidate's estimate is in the report's plan.rejected)")
     emit(report, json_out)
 
 
