@@ -26,12 +26,18 @@ def deterministic_torch(seed: int) -> Iterator[None]:
     """Seed torch and turn on deterministic algorithms for a training recipe; restore the
     caller's setting afterwards (same seed → bit-identical weights on CPU)."""
     before = torch.are_deterministic_algorithms_enabled()
+    fill_before = torch.utils.deterministic.fill_uninitialized_memory
     torch.use_deterministic_algorithms(True)
+    # Deterministic mode also fills every new tensor with NaN by default, a guard against
+    # reading memory no op wrote (~8% of a CPU training step, bench/trl). The kernels used
+    # here write what they allocate; the bit-identical resume test holds without the fill.
+    torch.utils.deterministic.fill_uninitialized_memory = False
     try:
         torch.manual_seed(seed)
         yield
     finally:
         torch.use_deterministic_algorithms(before)
+        torch.utils.deterministic.fill_uninitialized_memory = fill_before
 
 
 @dataclass(frozen=True)
@@ -123,17 +129,55 @@ def common_prefix_len(seqs: list[list[int]]) -> int:
     return n
 
 
+MIN_PREFIX_TOKENS = 16
+"""A shared prefix shorter than this is not worth a separate forward pass."""
+
+
+def shared_prefix_len(seqs: list[list[int]], prompt_lens: list[int]) -> int:
+    """Tokens every sequence starts with (system prompt, demonstrations), 0 below MIN_PREFIX_TOKENS.
+
+    At least one prompt token stays outside the prefix: the position before the first answer
+    token predicts it, so it must be computed with the rest of the batch."""
+    n = min(common_prefix_len(seqs), min(prompt_lens) - 1)
+    return n if n >= MIN_PREFIX_TOKENS else 0
+
+
+def answer_hidden(decoder: Any, seqs: list[list[int]], prompt_lens: list[int], pad_id: int,
+                  prefix_len: int = 0, prefix_cache: Any = None) -> tuple[torch.Tensor, Batch]:
+    """``decoder``'s last hidden states [N, H] at the answer-predicting positions of ``seqs``, in
+    the order of ``collate(...).targets``, and the batch (targets, token counts).
+
+    With ``prefix_len``, the first ``prefix_len`` tokens (the same in every sequence) run once,
+    as a batch of one, and the rest of each sequence attends to their KV cache: the same result
+    as the full batch, without computing the shared prompt once per row. ``prefix_cache`` is that
+    cache when it is already known (a frozen teacher's, see TeacherPrefix); otherwise it is
+    computed here, inside autograd, so a trained model's gradients flow through the prefix too.
+    (Not with gradient checkpointing: transformers drops ``past_key_values`` in checkpointed layers.)
+    """
+    if not prefix_len:
+        batch = collate(seqs, prompt_lens, pad_id)
+        hidden = decoder(input_ids=batch.ids, attention_mask=batch.attention, use_cache=False).last_hidden_state
+        return hidden[batch.predicts], batch
+    if prefix_cache is None:
+        cache = decoder(input_ids=torch.tensor([seqs[0][:prefix_len]]), use_cache=True).past_key_values
+    else:
+        cache = copy.deepcopy(prefix_cache)  # extended in place by the forward below
+    cache.batch_repeat_interleave(len(seqs))
+    batch = collate([s[prefix_len:] for s in seqs], prompt_lens, pad_id, offset=prefix_len)
+    attention = torch.cat([torch.ones(len(seqs), prefix_len, dtype=torch.long), batch.attention], dim=1)
+    hidden = decoder(input_ids=batch.ids, attention_mask=attention, past_key_values=cache,
+                     use_cache=True).last_hidden_state
+    return hidden[batch.predicts], batch
+
+
 class TeacherPrefix:
     """The teacher's KV cache for the prompt prefix every example shares (system prompt,
     demonstrations), computed once: per step the teacher only runs on the rest."""
 
-    MIN_TOKENS = 16
+    MIN_TOKENS = MIN_PREFIX_TOKENS
 
     def __init__(self, teacher: Any, examples: list[Example]) -> None:
-        # Keep at least one prompt token outside the prefix: the position before the first
-        # answer token must be computed in the batch.
-        n = min(common_prefix_len([e.teacher_ids for e in examples]), min(e.teacher_prompt for e in examples) - 1)
-        self.length = n if n >= self.MIN_TOKENS else 0
+        self.length = shared_prefix_len([e.teacher_ids for e in examples], [e.teacher_prompt for e in examples])
         self.cache = None
         if self.length:
             ids = torch.tensor([examples[0].teacher_ids[: self.length]])
@@ -143,16 +187,7 @@ class TeacherPrefix:
 
     def logits(self, teacher: Any, examples: list[Example], pad_id: int) -> torch.Tensor:
         """Teacher logits [N, V] at the answer-predicting positions of ``examples``."""
-        batch = collate([e.teacher_ids[self.length:] for e in examples], [e.teacher_prompt for e in examples],
-                        pad_id, offset=self.length)
-        kwargs: dict[str, Any] = {}
-        attention = batch.attention
-        if self.cache is not None:
-            cache = copy.deepcopy(self.cache)
-            cache.batch_repeat_interleave(len(examples))
-            attention = torch.cat([torch.ones(len(examples), self.length, dtype=torch.long), attention], dim=1)
-            kwargs["past_key_values"] = cache
         with torch.no_grad():
-            hidden = teacher.get_decoder()(input_ids=batch.ids, attention_mask=attention,
-                                           use_cache=self.cache is not None, **kwargs).last_hidden_state
-            return teacher.get_output_embeddings()(hidden[batch.predicts])
+            hidden, _ = answer_hidden(teacher.get_decoder(), [e.teacher_ids for e in examples],
+                                      [e.teacher_prompt for e in examples], pad_id, self.length, self.cache)
+            return teacher.get_output_embeddings()(hidden)

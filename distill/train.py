@@ -26,6 +26,7 @@ bit-identical weights, with or without an interruption and resume.
 
 from __future__ import annotations
 
+import gc
 import json
 import math
 import re
@@ -115,7 +116,8 @@ def train_student(*, run_dir: Path, profile: Profile, student: str = "auto", ste
     import torch
 
     from edgepack.distill import checkpoint as ckpt
-    from edgepack.distill.batching import TeacherPrefix, batch_indices, collate, deterministic_torch, tokenize_rows
+    from edgepack.distill.batching import (TeacherPrefix, answer_hidden, batch_indices, deterministic_torch,
+                                           shared_prefix_len, tokenize_rows)
     from edgepack.distill.data import read_jsonl, teacher_dir_of
     from edgepack.distill.losses import DIVERGENCES, SPARSE_DIVERGENCES, blend, cross_entropy
     from edgepack.distill.modes import choose_mode, is_endpoint_run, read_data_report, tokenizer_mismatch
@@ -223,6 +225,9 @@ def train_student(*, run_dir: Path, profile: Profile, student: str = "auto", ste
             plan = _plan(model, teacher, mode, profile, cfg, baseline_mb, method)
             if plan.method == "lora":
                 model = _with_lora(model)
+        if mode.name != DENSE:
+            teacher = None  # only dense KD reads the teacher while training (the planner counts it so)
+            gc.collect()
         if plan.checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         micro = plan.micro_batch
@@ -239,6 +244,10 @@ def train_student(*, run_dir: Path, profile: Profile, student: str = "auto", ste
             start, history, elapsed, tokens_seen = state["step"], state["history"], state["elapsed"], state["tokens"]
         divergence = DIVERGENCES.get(cfg.divergence)
         prefix = TeacherPrefix(teacher, examples) if mode.name == DENSE else None
+        # The student runs the shared prompt prefix once per micro-batch (with gradients) rather
+        # than once per row; checkpointed layers would drop the prefix's KV cache, so not then.
+        student_prefix = 0 if plan.checkpointing or micro < 2 else \
+            shared_prefix_len([e.student_ids for e in examples], [e.student_prompt for e in examples])
 
         # ------------------------------------------------------------------ train
         def checkpoint(step: int) -> None:
@@ -259,9 +268,10 @@ def train_student(*, run_dir: Path, profile: Profile, student: str = "auto", ste
             step_tokens = 0
             micro_batches = [(indices[mb:mb + micro], chosen[mb:mb + micro]) for mb in range(0, len(chosen), micro)]
             for part_indices, part in parallel.my_share(micro_batches):
-                batch = collate([e.student_ids for e in part], [e.student_prompt for e in part], pad_id)
-                hidden = model.get_decoder()(input_ids=batch.ids, attention_mask=batch.attention).last_hidden_state
-                s_logits = model.get_output_embeddings()(hidden[batch.predicts])
+                hidden, batch = answer_hidden(model.get_decoder(), [e.student_ids for e in part],
+                                              [e.student_prompt for e in part], pad_id,
+                                              student_prefix if len(part) > 1 else 0)
+                s_logits = model.get_output_embeddings()(hidden)
                 ones = torch.ones(1, s_logits.shape[0])
                 ce = cross_entropy(s_logits[None], batch.targets[None], ones)
                 if mode.name == DENSE:
@@ -279,7 +289,7 @@ def train_student(*, run_dir: Path, profile: Profile, student: str = "auto", ste
                 (loss * weight).backward()
                 for key, value in (("loss", loss), ("kd", kd), ("ce", ce)):
                     totals[key] += float(value.detach()) * weight
-                step_tokens += int(batch.attention.sum())
+                step_tokens += sum(len(e.student_ids) for e in part)
             parallel.sum_gradients(params)
             *sums, step_tokens = parallel.sum_values([*totals.values(), step_tokens])
             totals = dict(zip(totals, sums))
@@ -318,6 +328,7 @@ def train_student(*, run_dir: Path, profile: Profile, student: str = "auto", ste
             "mode": mode.name,
             "mode_reason": mode.reason,
             "teacher_prefix_tokens": prefix.length if prefix is not None else None,
+            "student_prefix_tokens": student_prefix,
             "soft_labels": None if mode.name != SOFT_LABELS else {"k": soft.k, "samples": soft.samples,
                                                                  "divergence": cfg.divergence},
             "endpoint_logprobs": soft.stats if mode.name == TOP_LOGPROBS else None,

@@ -159,6 +159,34 @@ def test_teacher_prefix_cache_matches_a_full_forward(tiny4_dir: Path) -> None:
     assert int(full.predicts.sum()) == sum(e.answer_tokens for e in examples[:3])
 
 
+def test_student_shared_prefix_matches_the_full_batch_in_values_and_gradients(tiny4_dir: Path) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from edgepack.distill.batching import answer_hidden, shared_prefix_len, tokenize_rows
+
+    tok = AutoTokenizer.from_pretrained(tiny4_dir)
+    examples, _ = tokenize_rows(tok, train_rows(5), [], 256)
+    part = examples[:3]
+    seqs, prompts = [e.student_ids for e in part], [e.student_prompt for e in part]
+    n = shared_prefix_len(seqs, prompts)
+    assert n >= 16 and n < min(prompts)
+    results = []
+    for prefix_len in (0, n):
+        model = AutoModelForCausalLM.from_pretrained(tiny4_dir).train()
+        hidden, batch = answer_hidden(model.get_decoder(), seqs, prompts, tok.pad_token_id, prefix_len)
+        logits = model.get_output_embeddings()(hidden)
+        loss = torch.nn.functional.cross_entropy(logits, batch.targets)
+        loss.backward()
+        results.append((logits.detach(), batch.targets, {k: p.grad for k, p in model.named_parameters()}))
+    (full, targets, grads), (shared, shared_targets, shared_grads) = results
+    assert torch.equal(targets, shared_targets) and len(targets) == sum(e.answer_tokens for e in part)
+    torch.testing.assert_close(shared, full, atol=1e-4, rtol=1e-4)
+    # The prefix's own weights get their gradient through its KV cache (the embedding rows of
+    # prefix-only tokens, every block's k/v projections).
+    for name, grad in grads.items():
+        torch.testing.assert_close(shared_grads[name], grad, atol=1e-5, rtol=1e-3, msg=name)
+
+
 def test_training_with_teacher_context(tmp_path: Path, tiny4_dir: Path) -> None:
     ctx = [{"role": "user", "content": "Example alarm: fan noisy"},
            {"role": "assistant", "content": "Category: mechanical\nAction: Check the fan bearings."}]
