@@ -34,31 +34,49 @@ def with_derived(run: dict[str, Any]) -> dict[str, Any]:
     return {**run, "best_step_tokens_per_s": round(max(rates), 2)}
 
 
+SOFT_K = 32
+"""Top-k of the cached soft labels in the cached mode (edgepack's default k)."""
+MODES = {
+    "edgepack": "dense KD, teacher online (like for like)",
+    "edgepack-topk": f"KD from cached top-{SOFT_K} soft labels (no teacher in memory)",
+}
+"""edgepack's trainers in the comparison, each judged against TRL on its own."""
+
+
 def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
-    """Per-round edgepack / TRL ratios of every metric, their means over rounds, and the targets' verdicts
-    (judged on the mean tokens/s and the mean process peak RSS, as issue #4 states them)."""
+    """Per-round edgepack / TRL ratios of every metric for each edgepack mode that ran, their means
+    over rounds, and the targets' verdicts (judged on the mean tokens/s and the mean process peak RSS,
+    as issue #4 states them). The cached mode's tokens/s counts its share of the caching pass."""
     runs = [with_derived(r) for r in runs]
     rounds = sorted({r["round"] for r in runs})
     pick = {(r["round"], r["trainer"]): r for r in runs}
-    per_round = [{"round": n, **{key: round(pick[n, "edgepack"][key] / pick[n, "trl"][key], 3) for key in METRICS}}
-                 for n in rounds]
-    means = {kind: {key: round(sum(pick[n, kind][key] for n in rounds) / len(rounds), 2) for key in METRICS}
-             for kind in ("edgepack", "trl")}
-    ratio = {key: round(means["edgepack"][key] / means["trl"][key], 3) for key in METRICS}
-    return {
-        "means": means, "ratio_of_means": ratio, "per_round": per_round,
-        "speedup": ratio["tokens_per_s"], "speedup_worst_round": min(p["tokens_per_s"] for p in per_round),
-        "memory_ratio": ratio["peak_rss_mb"], "memory_ratio_worst_round": max(p["peak_rss_mb"] for p in per_round),
-        "target_speedup": TARGET_SPEEDUP, "target_memory_ratio": TARGET_MEMORY_RATIO,
-        "meets_speedup": ratio["tokens_per_s"] >= TARGET_SPEEDUP,
-        "meets_memory": ratio["peak_rss_mb"] <= TARGET_MEMORY_RATIO,
-    }
+    kinds = [k for k in (*MODES, "trl") if all((n, k) in pick for n in rounds)]
+    metrics = dict(METRICS, tokens_per_s_incl_cache="tokens/s incl. the soft-label cache pass")
+    means = {kind: {key: round(sum(pick[n, kind].get(key, pick[n, kind]["tokens_per_s"]) for n in rounds)
+                               / len(rounds), 2) for key in metrics}
+             for kind in kinds}
+    versus = {}
+    for kind in (k for k in MODES if k in kinds):
+        per_round = [{"round": n, **{key: round(pick[n, kind].get(key, pick[n, kind]["tokens_per_s"])
+                                                / pick[n, "trl"][key if key in METRICS else "tokens_per_s"], 3)
+                                     for key in metrics}} for n in rounds]
+        ratio = {key: round(means[kind][key] / means["trl"][key if key in METRICS else "tokens_per_s"], 3)
+                 for key in metrics}
+        speed_key = "tokens_per_s_incl_cache"  # = tokens_per_s when nothing is cached
+        versus[kind] = {
+            "ratio_of_means": ratio, "per_round": per_round,
+            "speedup": ratio[speed_key], "speedup_worst_round": min(p[speed_key] for p in per_round),
+            "memory_ratio": ratio["peak_rss_mb"], "memory_ratio_worst_round": max(p["peak_rss_mb"] for p in per_round),
+            "meets_speedup": ratio[speed_key] >= TARGET_SPEEDUP,
+            "meets_memory": ratio["peak_rss_mb"] <= TARGET_MEMORY_RATIO,
+        }
+    return {"means": means, "versus_trl": versus, "modes": {k: MODES[k] for k in versus},
+            "target_speedup": TARGET_SPEEDUP, "target_memory_ratio": TARGET_MEMORY_RATIO}
 
 
 def render(results: dict[str, Any]) -> str:
     m, s, p = results["machine"], results["summary"], results["prepared"]
     v = results["versions"]
-    ok = lambda b: "met" if b else "NOT met"  # noqa: E731
     lines = [
         "# edgepack KD vs TRL GKDTrainer (lmbda = 0) on the same model pair and data", "",
         f"Command: `{results['command']}`", "",
@@ -98,17 +116,34 @@ def render(results: dict[str, Any]) -> str:
             f"{r['training_peak_rss_mb']:.0f} | {r['rss_before_first_step_mb']:.0f} | "
             f"{r['train_call_s']:.1f} | {r['process_s']:.1f} | {losses[0]:.3f} → {losses[-1]:.3f} | "
             f"{r['load_average']['before'][0]} |")
-    lines += ["", "edgepack / TRL per round (tokens/s: higher is better; memory: lower is better):", "",
-              "| round | " + " | ".join(METRICS.values()) + " |", "|---:|" + "---:|" * len(METRICS),
-              *(f"| {q['round']} | " + " | ".join(f"{q[k]:.2f}×" for k in METRICS) + " |" for q in s["per_round"]),
-              "",
-              "| target (issue #4) | measured (ratio of the means over rounds) | worst round | verdict |",
-              "|---|---|---|---|",
-              f"| tokens/s ≥ {TARGET_SPEEDUP}× TRL | {s['speedup']:.2f}× ({s['means']['edgepack']['tokens_per_s']:.1f} "
-              f"vs {s['means']['trl']['tokens_per_s']:.1f}) | {s['speedup_worst_round']:.2f}× | {ok(s['meets_speedup'])} |",
-              f"| peak memory ≤ {TARGET_MEMORY_RATIO}× TRL | {s['memory_ratio']:.2f}× "
-              f"({s['means']['edgepack']['peak_rss_mb']:.0f} vs {s['means']['trl']['peak_rss_mb']:.0f} MB) | "
-              f"{s['memory_ratio_worst_round']:.2f}× | {ok(s['meets_memory'])} |", ""]
+    ok = lambda b: "met" if b else "NOT met"  # noqa: E731
+    for kind, cmp in s["versus_trl"].items():
+        keys = list(cmp["per_round"][0])[1:]
+        label = dict(METRICS, tokens_per_s_incl_cache="tokens/s incl. cache pass share")
+        lines += ["", f"{kind} ({s['modes'][kind]}) / TRL per round (tokens/s: higher is better; memory: lower "
+                  "is better):", "",
+                  "| round | " + " | ".join(label[k] for k in keys) + " |", "|---:|" + "---:|" * len(keys),
+                  *(f"| {q['round']} | " + " | ".join(f"{q[k]:.2f}×" for k in keys) + " |" for q in cmp["per_round"])]
+    lines += ["", "| edgepack mode | target (issue #4) | measured (ratio of the means over rounds) | worst round | verdict |",
+              "|---|---|---|---|---|"]
+    for kind, cmp in s["versus_trl"].items():
+        lines += [
+            f"| {kind} | tokens/s ≥ {TARGET_SPEEDUP}× TRL | {cmp['speedup']:.2f}× "
+            f"({s['means'][kind]['tokens_per_s_incl_cache']:.1f} vs {s['means']['trl']['tokens_per_s']:.1f}) | "
+            f"{cmp['speedup_worst_round']:.2f}× | {ok(cmp['meets_speedup'])} |",
+            f"| {kind} | peak memory ≤ {TARGET_MEMORY_RATIO}× TRL | {cmp['memory_ratio']:.2f}× "
+            f"({s['means'][kind]['peak_rss_mb']:.0f} vs {s['means']['trl']['peak_rss_mb']:.0f} MB) | "
+            f"{cmp['memory_ratio_worst_round']:.2f}× | {ok(cmp['meets_memory'])} |"]
+    caches = [r["soft_label_cache"] for r in results["runs"] if r.get("soft_label_cache")]
+    if caches:
+        c = caches[0]
+        lines += ["", f"The cached mode's soft labels: one teacher pass over all {c['rows']} train rows "
+                  f"({c['tokens']} answer tokens, top-{SOFT_K} + tail mass) took "
+                  f"{', '.join(str(x['s']) for x in caches)} s in its runs (peak RSS during it "
+                  f"{max(x['peak_rss_mb'] for x in caches):.0f} MB); each run is charged the share for the "
+                  f"{BATCH_SIZE * results['steps']} rows it trains on (`tokens/s incl. the cache pass`), which "
+                  "the target is judged on. Over more epochs the pass is paid once."]
+    lines.append("")
     prof = results.get("profile") or {}
     if len(prof) == 2 and all(v["ops"] for v in prof.values()):
         e, t = prof["edgepack"]["ops"], prof["trl"]["ops"]

@@ -74,7 +74,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from report import (BATCH_SIZE, LR, MAX_LENGTH, MICRO_BATCH, NOTES, SEED, TEACHER,  # bench/trl/report.py (this folder is on sys.path)
+from report import (BATCH_SIZE, LR, MAX_LENGTH, MICRO_BATCH, NOTES, SEED, SOFT_K, TEACHER,  # bench/trl/report.py (this folder is on sys.path)
                     render, summarize)
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -224,8 +224,18 @@ def worker_edgepack(spec: dict[str, Any]) -> dict[str, Any]:
             marks.append({"step": done, "t": time.perf_counter(), "cpu": time.process_time(), **memory_now()})
             profiler.step_end(done)
 
+    soft = bool(spec.get("soft_labels"))
+    cache: dict[str, Any] | None = None
+    if soft:  # the teacher's pass that caches top-k soft labels for every train row, timed apart
+        from edgepack.distill.softlabels import cache_soft_labels
+
+        t0 = time.perf_counter()
+        index = cache_soft_labels(Path(spec["run_dir"]), k=SOFT_K, seed=SEED, max_length=MAX_LENGTH)
+        cache = {"s": round(time.perf_counter() - t0, 2), "rows": int(index["rows"]), "tokens": int(index["tokens"]),
+                 "peak_rss_mb": proc_status_mb("VmHWM"), "rss_after_mb": proc_status_mb("VmRSS")}
     config = TrainConfig(lr=LR, batch_size=BATCH_SIZE, micro_batch=MICRO_BATCH, max_length=MAX_LENGTH,
-                         divergence="forward_kl", temperature=1.0, alpha=0.0, save_every=spec["steps"] + 1)
+                         divergence="forward_kl", temperature=1.0, alpha=0.0, save_every=spec["steps"] + 1,
+                         soft_labels=soft, soft_k=SOFT_K)
     t0 = time.perf_counter()
     report = train_student(run_dir=Path(spec["run_dir"]), profile=load_profile(spec["profile"]),
                            student=spec["student_dir"], steps=spec["steps"], seed=SEED, progress=progress,
@@ -236,9 +246,14 @@ def worker_edgepack(spec: dict[str, Any]) -> dict[str, Any]:
     if report["tokens"] != sum(step_tokens) or len(marks) != spec["steps"] + 1:
         raise SystemExit(f"edgepack trained on {report['tokens']} tokens in {len(marks) - 1} steps; the prepared "
                          f"order has {sum(step_tokens)} in {spec['steps']}")
+    rows_trained = BATCH_SIZE * spec["steps"]
+    # The cache pass is paid once per row and epoch: its share for the rows this run trains on.
+    cache_share_s = cache["s"] * rows_trained / cache["rows"] if cache else 0.0
     return {
-        "trainer": "edgepack", "tokens": report["tokens"], "step_time_s": step_s,
+        "trainer": "edgepack-topk" if soft else "edgepack", "tokens": report["tokens"], "step_time_s": step_s,
         "tokens_per_s": round(report["tokens"] / step_s, 2),
+        "soft_label_cache": cache and {**cache, "share_s": round(cache_share_s, 2)},
+        "tokens_per_s_incl_cache": round(report["tokens"] / (step_s + cache_share_s), 2),
         **per_step([m["t"] for m in marks], [m["cpu"] for m in marks], step_tokens),
         "training_peak_rss_mb": marks[-1]["peak_rss_mb"],
         "train_call_s": round(call_s, 2), "process_s": round(time.perf_counter() - PROCESS_START, 2),
@@ -249,7 +264,8 @@ def worker_edgepack(spec: dict[str, Any]) -> dict[str, Any]:
         "losses": [h["kd"] for h in report["loss_curve"]],
         "ops": profiler.summary(),
         "own_report": {k: report.get(k) for k in ("tokens", "wall_s", "tokens_per_s", "peak_rss_mb", "mode",
-                                                  "teacher_prefix_tokens", "torch_threads", "params")},
+                                                  "teacher_prefix_tokens", "student_prefix_tokens", "torch_threads",
+                                                  "params")},
         "torch_threads": torch.get_num_threads(),
     }
 
@@ -414,6 +430,8 @@ def main() -> None:
     parser.add_argument("--edgepack-python", default=str(ROOT / ".venv" / "bin" / "python"))
     parser.add_argument("--work", type=Path, default=None, help="scratch folder (default: a temporary one, removed)")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "trl" / "results.json")
+    parser.add_argument("--topk", action=argparse.BooleanOptionalAction, default=True,
+                        help="also run edgepack from cached top-k soft labels (no teacher in memory while training)")
     parser.add_argument("--render", action="store_true",
                         help="measure nothing: recompute the summary of the --out JSON and rewrite it and results.md")
     args = parser.parse_args()
@@ -442,25 +460,27 @@ def main() -> None:
         log("prepare: student folder, ordered rows")
         prepared = prepare(args.demo, work, args.steps)
         runs: list[dict[str, Any]] = []
+        kinds = ["edgepack", "trl"] + (["edgepack-topk"] if args.topk else [])
         for n in range(1, args.rounds + 1):
-            order = ("edgepack", "trl") if n % 2 else ("trl", "edgepack")
+            order = kinds[(n - 1) % len(kinds):] + kinds[:(n - 1) % len(kinds)]  # each kind leads a round in turn
             for position, kind in enumerate(order, 1):
                 tag = f"round{n}-{kind}"
                 spec: dict[str, Any] = {"threads": args.threads, "steps": args.steps, "student_dir": prepared["student_dir"],
                                         "teacher_dir": prepared["teacher_dir"], "rows_path": prepared["rows_path"],
-                                        "profile": args.profile, "step_tokens": prepared["step_tokens"]}
-                if kind == "edgepack":
+                                        "profile": args.profile, "step_tokens": prepared["step_tokens"],
+                                        "soft_labels": kind == "edgepack-topk"}
+                if kind != "trl":
                     spec["run_dir"] = str(make_run_dir(args.demo, work / f"{tag}-run"))
                     python = args.edgepack_python
                 else:
                     spec["out_dir"] = str(work / f"{tag}-out")
                     python = args.trl_python
                 log(f"round {n}: {kind} (load {load_average()})")
-                result = run_worker(kind, python, spec, work, tag, args.threads)
+                result = run_worker("trl" if kind == "trl" else "edgepack", python, spec, work, tag, args.threads)
                 runs.append({**result, "round": n, "order": position})
                 log(f"  {result['tokens_per_s']} tokens/s, peak RSS {result['peak_rss_mb']} MB, "
                     f"step time {result['step_time_s']} s")
-                if kind == "edgepack":
+                if kind != "trl":
                     shutil.rmtree(spec["run_dir"], ignore_errors=True)
         profiles: dict[str, Any] = {}
         if args.profile_steps > 1:

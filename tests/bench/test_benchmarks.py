@@ -130,12 +130,17 @@ def test_distill_results_are_rendered_when_present(benchmarks: ModuleType, tmp_p
 def test_trl_and_generation_results_are_rendered_when_present(benchmarks: ModuleType, tmp_path: Path) -> None:
     bench = _bench(tmp_path)
     means = {"edgepack": {"tokens_per_s": 300.0, "peak_rss_mb": 700.0},
+             "edgepack-topk": {"tokens_per_s": 330.0, "peak_rss_mb": 1540.0},
              "trl": {"tokens_per_s": 150.0, "peak_rss_mb": 1400.0}}
+    versus = {"edgepack": {"ratio_of_means": {"tokens_per_s": 2.0, "peak_rss_mb": 0.5}, "per_round": [{}, {}],
+                           "speedup": 2.0, "memory_ratio": 0.5, "meets_speedup": True, "meets_memory": True},
+              "edgepack-topk": {"ratio_of_means": {"tokens_per_s": 2.2, "peak_rss_mb": 1.1}, "per_round": [{}, {}],
+                                "speedup": 2.2, "memory_ratio": 1.1, "meets_speedup": True, "meets_memory": False}}
     _write(bench / "trl" / "results.json", {
         "command": "nice -n 10 .venv/bin/python bench/trl/run.py --steps 20", "machine": MACHINE, "steps": 20,
-        "threads": 2, "summary": {"means": means, "ratio_of_means": {"tokens_per_s": 2.0, "peak_rss_mb": 0.5},
-                                  "per_round": [{}, {}], "speedup": 2.0, "memory_ratio": 0.5, "target_speedup": 1.5,
-                                  "target_memory_ratio": 0.7, "meets_speedup": True, "meets_memory": True}})
+        "threads": 2, "summary": {"means": means, "versus_trl": versus, "target_speedup": 1.5,
+                                  "target_memory_ratio": 0.7,
+                                  "modes": {"edgepack": "dense", "edgepack-topk": "cached top-32"}}})
     _write(bench / "generation" / "results.json", {
         "command": "python bench/generation/run.py", "machine": MACHINE, "target": 0.9, "verdict": "PASS",
         "edgepack_tok_s": {"median": 45.0, "min": 40.0, "max": 50.0, "n": 2},
@@ -146,7 +151,10 @@ def test_trl_and_generation_results_are_rendered_when_present(benchmarks: Module
     text = out.read_text()
     training = text.split("## Training throughput")[1].split("\n## ")[0]
     assert "Command: `nice -n 10 .venv/bin/python bench/trl/run.py --steps 20`" in training
-    assert "| edgepack / TRL | 2 | 0.5 |" in training and "**met** (2.0×)" in training
+    assert "| edgepack / TRL | 2 | 0.5 |" in training and "| edgepack-topk / TRL | 2.2 | 1.1 |" in training
+    assert "edgepack (dense): tokens/s ≥ 1.5× TRL's **met** (2.0×)" in training
+    assert "edgepack-topk (cached top-32): tokens/s ≥ 1.5× TRL's **met** (2.2×), peak memory ≤ 0.7× TRL's " \
+           "**not met** (1.1×)" in training
     generation = text.split("## Teacher generation")[1].split("\n## ")[0]
     assert "| edgepack | 45 | 40 | 50 | 2 |" in generation and "**PASS**" in generation
     assert "| 1 | 45 | 46 |" in generation
