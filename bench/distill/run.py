@@ -1,17 +1,27 @@
-"""Distillation quality: the KD student vs an SFT-only student (and other variants), gap closed per metric.
+"""Distillation quality over seeds: base / SFT-only / KD top-k / KD sampled / KD dense, gap closed per metric.
 
-    .venv/bin/python bench/distill/run.py --run runs/demo --methods sft --seeds 0
+    .venv/bin/python bench/distill/run.py --run runs/demo --methods sft,topk,sampled,dense --seeds 0,1,2
 
-Takes a finished run (``make demo``'s ``runs/demo``: data, the corrected teacher and the KD
-student trained with dense forward KL), trains each requested variant beside it with the same
-data, student shape, steps and seed (``distill train --variant``), then runs ``edgepack eval``
-with all of them: label accuracy, agreement with the teacher's labels, KL to the teacher and
-cross-entropy on its answers, and the gap closed per metric, plus each training's wall time,
-tokens/s and peak RSS. Methods: ``sft`` (cross-entropy on the teacher's text only), ``topk``
-(cached top-32 soft labels + tail), ``sampled`` (16 importance-sampled tokens per position).
-Variants of another seed than the main student's are trained as ``<method>-s<seed>``.
+Takes a finished run (``make demo``'s ``runs/demo``: data, the corrected teacher, the auto
+student's shape), trains each requested method × seed beside it with the same data, student
+shape and steps (``distill train --variant``; name ``<method>`` for the run's own seed,
+``<method>-s<seed>`` otherwise), then runs ``edgepack eval`` once with all of them: label
+accuracy, agreement with the teacher's labels, KL to the teacher and cross-entropy on its
+answers, the gap closed per metric, plus each training's wall time, tokens/s and peak RSS.
+Methods: ``sft`` (cross-entropy on the teacher's text only), ``topk`` (cached top-32 soft
+labels + tail), ``sampled`` (16 importance-sampled tokens per position, cached), ``dense``
+(online teacher, full vocabulary: the demo's own recipe, retrained here so every row comes from
+the same code).
 
-Writes ``results.json`` and ``results.md`` beside it (``--out``).
+A soft-label store belongs to one setting (k, samples, seed), so each cached variant trains in
+a scratch run folder next to the run (``--scratch``; data and teacher linked, its own
+``softlabels/``) and its finished student folder is moved into the run. Finished variants are
+skipped on a rerun (training is resumable per variant).
+
+Writes ``results.json`` and ``results.md`` (``--out``): every row, the mean and spread per
+method over seeds, and issue #4's targets — KD beats SFT-only on holdout KL and CE in every seed,
+and closes ≥ 50% of the gap on teacher agreement and label accuracy at ≤ 60% of the teacher's
+parameters.
 """
 
 from __future__ import annotations
@@ -20,6 +30,8 @@ import argparse
 import json
 import os
 import shlex
+import shutil
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -32,71 +44,178 @@ METHODS = {  # name → (label, TrainConfig overrides)
     "topk": ("KD top-32 + tail (cached)", {"soft_labels": True, "soft_k": 32}),
     "sampled": ("KD sampled, 16 per position (cached)", {"soft_labels": True, "soft_samples": 16,
                                                           "divergence": "sampled_forward_kl"}),
+    "dense": ("KD dense forward KL (online teacher)", {}),
 }
+KD_METHODS = ("topk", "sampled", "dense")
 METRICS = ("label_accuracy", "teacher_label_agreement", "kl", "ce")
+LOWER_IS_BETTER = ("kl", "ce")
+TARGET_GAP, TARGET_PARAMS = 0.5, 0.6
+
+
+def scratch_run(run: Path, scratch: Path) -> Path:
+    """A run folder sharing ``run``'s data and teachers (links) with a soft-label store of its own."""
+    scratch.mkdir(parents=True, exist_ok=True)
+    for name in ("data", "teacher", "teacher-corrected"):
+        if (run / name).exists() and not (scratch / name).exists():
+            (scratch / name).symlink_to((run / name).resolve(), target_is_directory=True)
+    return scratch
+
+
+def train_variant(run: Path, scratch_root: Path, method: str, name: str, seed: int, ident: dict[str, Any],
+                  profile: Any) -> dict[str, Any]:
+    from edgepack.atomic import is_complete
+    from edgepack.constants import TRAIN_REPORT
+    from edgepack.distill.train import TrainConfig, student_dir_name, train_student
+
+    final = run / student_dir_name(name)
+    config = TrainConfig(**{**ident["config"], **METHODS[method][1]})
+    if is_complete(final):  # trained by an earlier invocation: reused if the settings match
+        report = json.loads((final / TRAIN_REPORT).read_text())
+        if report["identity"]["config"] == json.loads(json.dumps(config.__dict__)) and report["identity"]["seed"] == seed:
+            return report
+        raise SystemExit(f"{final} was trained with other settings; delete it to retrain")
+    where = run if not config.soft_labels else scratch_run(run, scratch_root / name)
+    t0 = time.perf_counter()
+    report = train_student(run_dir=where, profile=profile, student=ident["student"], steps=ident["steps"],
+                           seed=seed, config=config, variant=name)
+    report["call_s"] = round(time.perf_counter() - t0, 1)  # incl. caching soft labels and deriving the student
+    if where != run:
+        (where / student_dir_name(name)).rename(final)
+    return report
+
+
+def spread(values: list[float | None]) -> dict[str, float] | None:
+    if not values or any(v is None for v in values):  # a metric this run has no figure for (no labels)
+        return None
+    return {"mean": statistics.fmean(values), "min": min(values), "max": max(values),
+            "stdev": statistics.stdev(values) if len(values) > 1 else 0.0}
+
+
+def summarize(rows: list[dict[str, Any]], params_ratio: float) -> dict[str, Any]:
+    """Mean/spread per method over seeds, and the targets judged seed by seed."""
+    by_method: dict[str, list[dict[str, Any]]] = {}
+    for r in rows:
+        if r["key"] in METHODS:
+            by_method.setdefault(r["key"], []).append(r)
+    methods = {}
+    for key, rs in by_method.items():
+        methods[key] = {"label": METHODS[key][0], "seeds": [r["seed"] for r in rs],
+                        **{m: spread([r[m] for r in rs]) for m in METRICS},
+                        "gap_closed": {m: spread([r["gap_closed"].get(m) for r in rs]) for m in METRICS},
+                        **{k: spread([r[k] for r in rs]) for k in ("wall_s", "tokens_per_s", "peak_rss_mb")}}
+    targets: dict[str, Any] = {}
+    sft = {r["seed"]: r for r in by_method.get("sft", [])}
+    for key in (k for k in KD_METHODS if k in by_method):
+        kd = {r["seed"]: r for r in by_method[key]}
+        seeds = sorted(set(kd) & set(sft))
+        beats = {s: {m: kd[s][m] < sft[s][m] for m in LOWER_IS_BETTER} for s in seeds}
+        closes = {s: {m: (kd[s]["gap_closed"].get(m) or 0.0) >= TARGET_GAP  # no figure: not met
+                      for m in ("teacher_label_agreement", "label_accuracy")} for s in kd}
+        targets[key] = {"seeds": seeds, "beats_sft_on_kl_and_ce": beats,
+                        "beats_sft_every_seed": bool(seeds) and all(all(b.values()) for b in beats.values()),
+                        "closes_gap": closes, "closes_gap_every_seed": all(all(c.values()) for c in closes.values()),
+                        "params_ratio": params_ratio, "params_ok": params_ratio <= TARGET_PARAMS}
+    return {"methods": methods, "targets": targets}
 
 
 def main() -> None:
     from edgepack.constants import STUDENT_DIR, TRAIN_REPORT
     from edgepack.distill.evaluate import evaluate_run
-    from edgepack.distill.train import TrainConfig, train_student
     from edgepack.profiles import load_profile
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--run", type=Path, default=Path("runs/demo"))
-    parser.add_argument("--methods", default="sft")
-    parser.add_argument("--seeds", default="0")
+    parser.add_argument("--methods", default="sft,topk,sampled,dense")
+    parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--scratch", type=Path, default=None,
+                        help="scratch run folders for cached variants (default: RUN-bench-scratch, removed at the end)")
     parser.add_argument("--out", type=Path, default=Path("bench/distill/results.json"))
     args = parser.parse_args()
+    methods = args.methods.split(",")
+    if unknown := [m for m in methods if m not in METHODS]:
+        parser.error(f"unknown method(s) {', '.join(unknown)} (choose from {', '.join(METHODS)})")
     command = ".venv/bin/python " + " ".join(shlex.quote(a) for a in sys.argv)
     main_report = json.loads((args.run / STUDENT_DIR / TRAIN_REPORT).read_text())
     ident = main_report["identity"]
     profile = load_profile(ident["profile"])
+    scratch_root = args.scratch or args.run.with_name(args.run.name + "-bench-scratch")
     load = {"start": os.getloadavg()[0]}
     t0 = time.perf_counter()
     variants: dict[str, tuple[str, int, dict[str, Any]]] = {}
     for seed in (int(s) for s in args.seeds.split(",")):
-        for method in args.methods.split(","):
-            label, overrides = METHODS[method]
+        for method in methods:
             name = method if seed == ident["seed"] else f"{method}-s{seed}"
-            config = TrainConfig(**{**ident["config"], **overrides})
-            report = train_student(run_dir=args.run, profile=profile, student=ident["student"], steps=ident["steps"],
-                                   seed=seed, config=config, variant=name)
-            variants[name] = (label, seed, report)
+            print(f"[{time.strftime('%H:%M:%S')}] training {name} (load {os.getloadavg()[0]:.2f})", file=sys.stderr)
+            variants[name] = (method, seed, train_variant(args.run, scratch_root, method, name, seed, ident, profile))
+    shutil.rmtree(scratch_root, ignore_errors=True)
+    print(f"[{time.strftime('%H:%M:%S')}] eval", file=sys.stderr)
     ev = evaluate_run(run_dir=args.run, variants=tuple(variants))
     load["end"] = os.getloadavg()[0]
 
-    def row(method: str, seed: int, entry: dict[str, Any], gap: dict[str, Any] | None,
+    def row(key: str, seed: int, entry: dict[str, Any], gap: dict[str, Any] | None,
             train: dict[str, Any] | None) -> dict[str, Any]:
-        return {"method": method, "seed": seed, **{m: entry.get(m) for m in METRICS}, "gap_closed": gap,
-                **({k: train.get(k) for k in ("wall_s", "tokens_per_s", "peak_rss_mb", "steps", "mode")} if train else {})}
+        return {"key": key, "method": METHODS[key][0] if key in METHODS else key, "seed": seed,
+                **{m: entry.get(m) for m in METRICS}, "gap_closed": gap,
+                **({k: train.get(k) for k in ("wall_s", "tokens_per_s", "peak_rss_mb", "steps", "mode", "call_s",
+                                              "student_prefix_tokens")} if train else {})}
 
-    rows = [row("undistilled", ident["seed"], ev["undistilled"], None, None),
-            row("KD dense forward KL (online teacher)", ident["seed"], ev["distilled"], ev["gap_closed"], main_report)]
-    rows += [row(label, seed, ev["variants"][name], ev["variants"][name]["gap_closed"], report)
-             for name, (label, seed, report) in variants.items()]
+    rows = [row("undistilled", ident["seed"], ev["undistilled"], None, None)]
+    rows += [row(method, seed, ev["variants"][name], ev["variants"][name]["gap_closed"], report)
+             for name, (method, seed, report) in variants.items()]
+    params_ratio = main_report["params"] / main_report["teacher_params"]
     results = {"command": command, "machine": machine_info(), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                "load_average": load, "seconds": round(time.perf_counter() - t0, 1), "run": str(args.run),
                "teacher": ev["teacher"], "holdout_rows": ev["holdout_rows"], "contamination": ev["contamination"],
-               "steps": ident["steps"], "rows": rows,
-               "note": "the KD dense row is the run's own student (trained by the pipeline); its wall time and "
-                       "tokens/s are from that training"}
+               "steps": ident["steps"], "student_params": main_report["params"],
+               "teacher_params": main_report["teacher_params"], "rows": rows,
+               "summary": summarize(rows, params_ratio)}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=1) + "\n")
+    args.out.with_suffix(".md").write_text(render(results))
+    print(render(results))
+
+
+def render(results: dict[str, Any]) -> str:
     fmt = lambda v: "–" if v is None else f"{v:.4g}" if isinstance(v, float) else str(v)  # noqa: E731
-    md = [f"# Distillation: KD vs SFT-only on {args.run}", "", f"Command: `{command}`  ",
+    ev_teacher, load, summary = results["teacher"], results["load_average"], results["summary"]
+    md = [f"# Distillation: base / SFT-only / KD on {results['run']}", "", f"Command: `{results['command']}`  ",
           f"Machine: {results['machine']['cpu']} ({results['machine']['cpu_count']} CPUs); load average "
-          f"{load['start']:.2f} → {load['end']:.2f}; {results['seconds']} s. Holdout: {ev['holdout_rows']} rows, "
-          f"contamination {ev['contamination']}; {ident['steps']} steps each.", "",
+          f"{load['start']:.2f} → {load['end']:.2f}; {results['seconds']} s in all. Holdout: {results['holdout_rows']} "
+          f"rows, contamination {results['contamination']}; {results['steps']} steps per student; student "
+          f"{results['student_params']:,} parameters = {results['student_params'] / results['teacher_params']:.0%} "
+          "of the teacher's.", "",
+          "Wall s and tokens/s are the training steps only (train_report `wall_s`); the cached methods' "
+          "soft-label pass (once per store) and deriving the student are not in them (`call_s` in results.json "
+          "has the whole call).", "",
+          "## Every student", "",
           "| method | seed | label acc. | teacher agreement | KL | CE | gap closed (acc / agree / KL / CE) | "
           "wall s | tokens/s | peak RSS MB |", "|---|---:|---:|---:|---:|---:|---|---:|---:|---:|",
-          f"| teacher | – | {fmt(ev['teacher']['label_accuracy'])} | 1 | 0 | {fmt(ev['teacher']['ce'])} | – | – | – | – |"]
-    for r in rows:
+          f"| teacher | – | {fmt(ev_teacher['label_accuracy'])} | 1 | 0 | {fmt(ev_teacher['ce'])} | – | – | – | – |"]
+    for r in results["rows"]:
         gap = " / ".join(fmt((r["gap_closed"] or {}).get(m)) for m in METRICS) if r["gap_closed"] else "–"
         md.append(f"| {r['method']} | {r['seed']} | " + " | ".join(fmt(r[m]) for m in METRICS)
                   + f" | {gap} | {fmt(r.get('wall_s'))} | {fmt(r.get('tokens_per_s'))} | {fmt(r.get('peak_rss_mb'))} |")
-    args.out.with_suffix(".md").write_text("\n".join(md) + "\n")
-    print("\n".join(md))
+    md += ["", "## Mean over seeds (min – max)", "",
+           "| method | seeds | label acc. | teacher agreement | KL | CE | gap closed acc. | gap closed agree | "
+           "tokens/s | peak RSS MB |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    cell = lambda s: "–" if s is None else f"{s['mean']:.4g} ({s['min']:.4g} – {s['max']:.4g})"  # noqa: E731
+    for key, m in summary["methods"].items():
+        gaps = [cell(m["gap_closed"][g]) for g in ("label_accuracy", "teacher_label_agreement")]
+        md.append(f"| {m['label']} | {', '.join(map(str, m['seeds']))} | " + " | ".join(cell(m[x]) for x in METRICS)
+                  + f" | {' | '.join(gaps)} | {m['tokens_per_s']['mean']:.0f} | {m['peak_rss_mb']['mean']:.0f} |")
+    if summary["targets"]:
+        ok = lambda b: "met" if b else "NOT met"  # noqa: E731
+        md += ["", "## Targets (issue #4)", "",
+               "| KD method | beats SFT-only on KL and CE, per seed | every seed | gap closed ≥ 50% on agreement and "
+               "accuracy, per seed | every seed | ≤ 60% of the teacher's parameters |", "|---|---|---|---|---|---|"]
+        for key, t in summary["targets"].items():
+            beats = ", ".join(f"s{s}: KL {'✓' if b['kl'] else '✗'} CE {'✓' if b['ce'] else '✗'}"
+                              for s, b in t["beats_sft_on_kl_and_ce"].items())
+            closes = ", ".join(f"s{s}: agree {'✓' if c['teacher_label_agreement'] else '✗'} acc "
+                               f"{'✓' if c['label_accuracy'] else '✗'}" for s, c in t["closes_gap"].items())
+            md.append(f"| {METHODS[key][0]} | {beats or '– (no SFT-only run)'} | {ok(t['beats_sft_every_seed'])} | "
+                      f"{closes} | {ok(t['closes_gap_every_seed'])} | {t['params_ratio']:.0%}: {ok(t['params_ok'])} |")
+    return "\n".join(md) + "\n"
 
 
 if __name__ == "__main__":
