@@ -1,10 +1,11 @@
 """Distillation quality over seeds: base / SFT-only / KD top-k / KD sampled / KD dense, gap closed per metric.
 
-    .venv/bin/python bench/distill/run.py --run runs/demo --methods sft,topk,sampled,dense --seeds 0,1,2
+    .venv/bin/python bench/distill/run.py --run runs/demo --methods sft,topk,sampled,dense --seeds 0,1,2 --steps 75
 
 Takes a finished run (``make demo``'s ``runs/demo``: data, the corrected teacher, the auto
 student's shape), trains each requested method × seed beside it with the same data, student
-shape and steps (``distill train --variant``; name ``<method>`` for the run's own seed,
+shape and steps (the run's own, or ``--steps``: 12 students of the demo's 150 steps take about
+two hours on 2 cores, so the committed results use 75) (``distill train --variant``; name ``<method>`` for the run's own seed,
 ``<method>-s<seed>`` otherwise), then runs ``edgepack eval`` once with all of them: label
 accuracy, agreement with the teacher's labels, KL to the teacher and cross-entropy on its
 answers, the gap closed per metric, plus each training's wall time, tokens/s and peak RSS.
@@ -62,7 +63,7 @@ def scratch_run(run: Path, scratch: Path) -> Path:
 
 
 def train_variant(run: Path, scratch_root: Path, method: str, name: str, seed: int, ident: dict[str, Any],
-                  profile: Any) -> dict[str, Any]:
+                  profile: Any, steps: int) -> dict[str, Any]:
     from edgepack.atomic import is_complete
     from edgepack.constants import TRAIN_REPORT
     from edgepack.distill.train import TrainConfig, student_dir_name, train_student
@@ -71,12 +72,14 @@ def train_variant(run: Path, scratch_root: Path, method: str, name: str, seed: i
     config = TrainConfig(**{**ident["config"], **METHODS[method][1]})
     if is_complete(final):  # trained by an earlier invocation: reused if the settings match
         report = json.loads((final / TRAIN_REPORT).read_text())
-        if report["identity"]["config"] == json.loads(json.dumps(config.__dict__)) and report["identity"]["seed"] == seed:
+        same = (report["identity"]["config"] == json.loads(json.dumps(config.__dict__))
+                and report["identity"]["seed"] == seed and report["identity"]["steps"] == steps)
+        if same:
             return report
         raise SystemExit(f"{final} was trained with other settings; delete it to retrain")
     where = run if not config.soft_labels else scratch_run(run, scratch_root / name)
     t0 = time.perf_counter()
-    report = train_student(run_dir=where, profile=profile, student=ident["student"], steps=ident["steps"],
+    report = train_student(run_dir=where, profile=profile, student=ident["student"], steps=steps,
                            seed=seed, config=config, variant=name)
     report["call_s"] = round(time.perf_counter() - t0, 1)  # incl. caching soft labels and deriving the student
     if where != run:
@@ -129,6 +132,8 @@ def main() -> None:
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--scratch", type=Path, default=None,
                         help="scratch run folders for cached variants (default: RUN-bench-scratch, removed at the end)")
+    parser.add_argument("--steps", type=int, default=None,
+                        help="optimizer steps per student (default: the run's own student's)")
     parser.add_argument("--out", type=Path, default=Path("bench/distill/results.json"))
     args = parser.parse_args()
     methods = args.methods.split(",")
@@ -138,6 +143,7 @@ def main() -> None:
     main_report = json.loads((args.run / STUDENT_DIR / TRAIN_REPORT).read_text())
     ident = main_report["identity"]
     profile = load_profile(ident["profile"])
+    steps = args.steps or ident["steps"]
     scratch_root = args.scratch or args.run.with_name(args.run.name + "-bench-scratch")
     load = {"start": os.getloadavg()[0]}
     t0 = time.perf_counter()
@@ -146,7 +152,8 @@ def main() -> None:
         for method in methods:
             name = method if seed == ident["seed"] else f"{method}-s{seed}"
             print(f"[{time.strftime('%H:%M:%S')}] training {name} (load {os.getloadavg()[0]:.2f})", file=sys.stderr)
-            variants[name] = (method, seed, train_variant(args.run, scratch_root, method, name, seed, ident, profile))
+            variants[name] = (method, seed, train_variant(args.run, scratch_root, method, name, seed, ident, profile,
+                                                          steps))
     shutil.rmtree(scratch_root, ignore_errors=True)
     print(f"[{time.strftime('%H:%M:%S')}] eval", file=sys.stderr)
     ev = evaluate_run(run_dir=args.run, variants=tuple(variants))
@@ -166,7 +173,7 @@ def main() -> None:
     results = {"command": command, "machine": machine_info(), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                "load_average": load, "seconds": round(time.perf_counter() - t0, 1), "run": str(args.run),
                "teacher": ev["teacher"], "holdout_rows": ev["holdout_rows"], "contamination": ev["contamination"],
-               "steps": ident["steps"], "student_params": main_report["params"],
+               "steps": steps, "student_params": main_report["params"],
                "teacher_params": main_report["teacher_params"], "rows": rows,
                "summary": summarize(rows, params_ratio)}
     args.out.parent.mkdir(parents=True, exist_ok=True)
