@@ -20,6 +20,13 @@ Verdict rules (also in the report's ``policy``):
 - Quality is measured only with a holdout. Without one the quality check is ``ok: null``, a
   reason says "quality not measured", and the verdict covers latency and memory only. With a
   holdout whose rows carry no teacher responses the accuracy is reported but not compared.
+  The holdout is answered in a fresh child process under a timeout scaled to the rows
+  (:mod:`edgepack.runtime.quality_child`); a crash, OOM kill or timeout there is a FAIL
+  ("the holdout could not be answered: ..."), never a hang.
+- Agreement with the teacher (the artifact names the label the teacher's recorded response
+  names) and the KL divergence against the unquantized reference (``--reference``, or
+  ``RUN/student`` found beside ``RUN/artifacts/``) are reported, never judged: profiles carry
+  no budget for them.
 """
 
 from __future__ import annotations
@@ -37,8 +44,9 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from edgepack.constants import BUNDLE_SUFFIX, FAIL, M_ENTRYPOINT, M_FORMAT, M_QUANT, PASS, UNVERIFIED
-from edgepack.errors import EdgepackError, ModelSourceError, UnsafeModelError, UsageError
+from edgepack.constants import (ARTIFACTS_DIR, BUNDLE_SUFFIX, FAIL, M_ENTRYPOINT, M_FORMAT, M_QUANT, PASS,
+                                STUDENT_DIR, UNVERIFIED)
+from edgepack.errors import ModelSourceError, UsageError
 from edgepack.profiles import Profile
 from edgepack.progress import ProgressFn, null_progress
 
@@ -187,6 +195,11 @@ def decide(measurements: dict[str, Any], profile: Profile, host_ok: bool,
             misses.append(f"relative_quality: {relative:.3f} < budget {profile.min_relative_quality:g} "
                           f"(accuracy {quality['accuracy']:.3f} vs teacher {quality['teacher_accuracy']:.3f})")
 
+    kld = quality.get("kld_vs_reference") if isinstance(quality, dict) else None
+    if isinstance(kld, dict) and kld.get("error"):
+        reasons.append(f"KLD vs reference {kld.get('reference')} not measured (reported only, not a budget): "
+                       f"{kld['error']}")
+
     if profile.device == "cuda" and m.get("vram_mb") is None:
         host_ok = False
         reasons.append("GPU memory (VRAM) was not measured; peak_memory_mb is host RSS only")
@@ -295,17 +308,52 @@ def _materialize(artifact: Path, key: Path | None = None) -> Iterator[tuple[Path
     yield artifact, fmt, quant, None
 
 
+def resolve_reference(reference: Path) -> Path:
+    """The HF dir of an explicit ``--reference``: an HF model dir, or a run dir's ``student/``."""
+    ref = Path(reference)
+    for candidate in (ref, ref / STUDENT_DIR):
+        if (candidate / "config.json").is_file():
+            return candidate
+    raise ModelSourceError(f"reference {ref} is neither an HF model dir (config.json) nor a run dir with "
+                           f"{STUDENT_DIR}/config.json",
+                           hint="pass the unquantized student the artifact was exported from, e.g. RUN/student")
+
+
+def auto_reference(artifact: Path) -> Path | None:
+    """``RUN/student`` for an artifact under ``RUN/artifacts/`` whose run has ``student/config.json``.
+
+    Bundles get none: a bundle travels without its run, and a folder that happens to lie
+    beside it is not known to be what it was exported from.
+    """
+    artifact = Path(artifact)
+    if artifact.suffix == BUNDLE_SUFFIX:
+        return None
+    for parent in artifact.resolve().parents:
+        if parent.name == ARTIFACTS_DIR:
+            student = parent.parent / STUDENT_DIR
+            return student if (student / "config.json").is_file() else None
+    return None
+
+
 def run_gate(*, artifact: Path, profile: Profile, holdout: Path | None,
              progress: ProgressFn = null_progress, efficiency: bool = True,
-             key: Path | None = None) -> dict[str, Any]:
+             key: Path | None = None, reference: Path | None = None,
+             quality_timeout_s: float | None = None) -> dict[str, Any]:
     """Measure ``artifact`` (a model file, ONNX folder or .edgepack bundle) against ``profile``.
 
-    A bundle is verified before anything is loaded (with ``key``, its ed25519 signature too). Latency and memory are measured in a
-    fresh child process (:mod:`edgepack.runtime.measure`); with ``holdout`` the artifact's
-    label accuracy is measured too. With ``efficiency`` the decode efficiency against this
-    machine's (cached) memory bandwidth is added. Returns the report dict (see the module
-    docstring); :func:`edgepack.runtime.report.write_gate_reports` writes it with its markdown
-    and latency plot.
+    A bundle is verified before anything is loaded (with ``key``, its ed25519 signature too).
+    Latency and memory are measured in a fresh child process (:mod:`edgepack.runtime.measure`);
+    with ``holdout`` the artifact answers it in another child
+    (:mod:`edgepack.runtime.quality_child`): label accuracy, relative quality, agreement with
+    the teacher. With a holdout and ``reference`` (an unquantized HF dir; by default
+    ``RUN/student`` when the artifact lies under ``RUN/artifacts/``, see
+    :func:`auto_reference`) a third child measures the KL divergence of the artifact's logits
+    from the reference's. ``quality_timeout_s`` overrides each holdout child's wall-clock
+    limit (default: scaled to the rows, see
+    :func:`~edgepack.runtime.quality_child.answer_timeout_s`). With ``efficiency`` the decode
+    efficiency against this machine's (cached) memory bandwidth is added. Returns the report
+    dict (see the module docstring); :func:`edgepack.runtime.report.write_gate_reports` writes
+    it with its markdown and latency plot.
     """
     from edgepack.runtime.measure import DEFAULT_DECODE_TOKENS, measure_artifact
 
@@ -315,6 +363,13 @@ def run_gate(*, artifact: Path, profile: Profile, holdout: Path | None,
     from edgepack.runtime.quality import load_holdout
 
     rows = load_holdout(holdout) if holdout is not None else None  # bad data fails before measuring
+    if reference is not None:
+        if holdout is None:
+            raise UsageError("--reference needs --holdout: the KL divergence is measured on the holdout rows",
+                             hint="add --holdout RUN/data/holdout.jsonl, or drop --reference")
+        reference, reference_source = resolve_reference(reference), "given"
+    else:
+        reference, reference_source = auto_reference(artifact), "auto"
     started = datetime.now(timezone.utc)
     progress("gate: verify", 0, 1)
     with _materialize(artifact, key) as (model_path, fmt, quant, manifest):
@@ -333,14 +388,10 @@ def run_gate(*, artifact: Path, profile: Profile, holdout: Path | None,
                                         gpu_layers=gpu_layers)
         progress("gate: measure", 1, 1)
         if rows is not None and measurements.get("ok"):
-            try:
-                quality = _holdout_quality(model_path, fmt, rows, threads, profile.context_length,
-                                           gpu_layers, progress)
-            except UnsafeModelError:
-                raise  # a hostile model is an error, not a verdict
-            except EdgepackError as exc:  # e.g. a template that refuses every chat: cannot answer
-                quality = {"error": f"{type(exc).__name__}: {exc}", "relative": None, "notes": []}
-            measurements["quality"] = {**quality, "holdout": str(holdout)}
+            measurements["quality"] = _holdout_quality(model_path, fmt, rows, threads, profile.context_length,
+                                                       gpu_layers, reference, reference_source,
+                                                       quality_timeout_s, progress)
+            measurements["quality"]["holdout"] = str(holdout)
         decode_efficiency = _efficiency(model_path, fmt, measurements, progress) if efficiency else None
     verdict, checks, reasons = decide(measurements, profile, host_ok, host_reason)
     artifact_sha = model_sha if artifact == model_path else (_sha256(artifact) if artifact.is_file() else None)
@@ -351,6 +402,7 @@ def run_gate(*, artifact: Path, profile: Profile, holdout: Path | None,
         "profile": profile.name, "format": fmt, "quant": quant, "checks": checks, "reasons": reasons,
         "measurements": measurements, "spread": measurement_spread(measurements),
         "efficiency": decode_efficiency,
+        "reference": None if reference is None else {"path": str(reference), "source": reference_source},
         "host": {"ok": host_ok, "reason": host_reason, "threads_used": threads,
                  "load_average_at_start": load_average},
         "machine": machine_info(), "policy": POLICY, "created": started.isoformat(timespec="seconds"),
@@ -372,9 +424,24 @@ def _efficiency(model_path: Path, fmt: str, measurements: dict[str, Any],
 
 
 def _holdout_quality(model_path: Path, fmt: str, rows: list[dict[str, Any]], threads: int, n_ctx: int,
-                     gpu_layers: int, progress: ProgressFn) -> dict[str, Any]:
-    from edgepack.runtime.backends.base import get_backend
-    from edgepack.runtime.quality import evaluate_holdout
+                     gpu_layers: int, reference: Path | None, reference_source: str, timeout_s: float | None,
+                     progress: ProgressFn) -> dict[str, Any]:
+    """The holdout answered by the artifact in a child process, then (with a reference) the KLD
+    child; a failed answer pass leaves the KLD unmeasured and says so."""
+    from edgepack.runtime.quality_child import answer_holdout, holdout_kld
 
-    with get_backend(fmt).load(model_path, threads=threads, n_ctx=n_ctx, gpu_layers=gpu_layers) as backend:
-        return evaluate_holdout(backend, rows, progress=progress)
+    progress("gate: holdout", 0, 1)
+    quality = answer_holdout(model_path, fmt=fmt, rows=rows, threads=threads, n_ctx=n_ctx,
+                             gpu_layers=gpu_layers, timeout_s=timeout_s)
+    progress("gate: holdout", 1, 1)
+    if reference is None:
+        return quality
+    if quality.get("error"):
+        kld: dict[str, Any] = {"reference": str(reference), "skipped": "the holdout could not be answered"}
+    else:
+        progress("gate: KLD vs reference", 0, 1)
+        kld = holdout_kld(reference, model_path, rows=rows, threads=threads, timeout_s=timeout_s)
+        progress("gate: KLD vs reference", 1, 1)
+    quality["kld_vs_reference"] = {**kld, "source": reference_source,
+                                   "note": "reported, not a budget: profiles carry no KLD budget"}
+    return quality

@@ -1,11 +1,15 @@
 """The gate's quality check: holdout label accuracy of an artifact, relative to the teacher.
 
 Holdout rows (JSONL) carry ``messages`` (or a ``prompt`` string), a gold ``label`` and, when
-the data stage recorded it, the teacher's ``response``. The artifact answers every labelled
-row with greedy decoding through its own chat template; the label is read from the first
-``Category: <label>`` in the answer. The teacher's accuracy is the same parse applied to its
-recorded responses, so the relative quality compares like with like. Rows without a label
-are counted and skipped, never guessed.
+the data stage recorded it, the teacher's ``response``. The artifact answers every row that
+has a gold label or a teacher response with a label in it, greedily, through its own chat
+template; the label is read from the first ``Category: <label>`` in the answer. The
+teacher's accuracy is the same parse applied to its recorded responses, so the relative
+quality compares like with like. Agreement with the teacher is the fraction of rows whose
+teacher response names a label where the artifact names the same one (a gold label is not
+needed). Rows with neither are counted and skipped, never guessed.
+
+The gate runs :func:`evaluate_holdout` in a child process (:mod:`edgepack.runtime.quality_child`).
 """
 
 from __future__ import annotations
@@ -104,25 +108,38 @@ def teacher_accuracy(rows: list[dict[str, Any]]) -> tuple[float | None, int]:
     return correct / len(scored), len(scored)
 
 
+def to_answer(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The rows the artifact answers: those with a gold label or a teacher response naming one."""
+    return [r for r in rows if r["label"] is not None or parse_label(r["response"]) is not None]
+
+
 def evaluate_holdout(backend: Any, rows: list[dict[str, Any]], *, max_tokens: int = DEFAULT_MAX_TOKENS,
                      progress: ProgressFn = null_progress) -> dict[str, Any]:
-    """Label accuracy of ``backend`` on ``rows`` (greedy), with the teacher's for comparison."""
-    labelled = [r for r in rows if r["label"] is not None]
-    correct = 0
-    unparsed = 0
+    """Label accuracy of ``backend`` on ``rows`` (greedy), with the teacher's for comparison,
+    and how often the artifact names the label the teacher's recorded response names."""
+    answered = to_answer(rows)
+    labelled = correct = unparsed = agreed = teacher_labelled = 0
     examples: list[dict[str, Any]] = []
-    for i, row in enumerate(labelled):
+    for i, row in enumerate(answered):
         answer = "".join(backend.stream_chat(row["messages"], max_tokens=max_tokens, temperature=0.0))
         predicted = parse_label(answer)
+        teacher = parse_label(row["response"])
         unparsed += predicted is None
-        correct += predicted == row["label"]
+        if row["label"] is not None:
+            labelled += 1
+            correct += predicted == row["label"]
+        if teacher is not None:
+            teacher_labelled += 1
+            agreed += predicted == teacher
         if len(examples) < 3:
-            examples.append({"id": row["id"], "label": row["label"], "predicted": predicted,
+            examples.append({"id": row["id"], "label": row["label"], "teacher": teacher, "predicted": predicted,
                              "answer": answer[:200]})
-        progress("gate: holdout", i + 1, len(labelled))
-    accuracy = correct / len(labelled) if labelled else None
+        progress("gate: holdout", i + 1, len(answered))
+    accuracy = correct / labelled if labelled else None
+    agreement = agreed / teacher_labelled if teacher_labelled else None
     t_acc, t_n = teacher_accuracy(rows)
     relative = accuracy / t_acc if accuracy is not None and t_acc else None
+    responses = sum(r["response"] is not None for r in rows)
     notes = []
     if not labelled:
         notes.append("no holdout row has a label; accuracy not measured")
@@ -130,6 +147,13 @@ def evaluate_holdout(backend: Any, rows: list[dict[str, Any]], *, max_tokens: in
         notes.append("holdout rows carry no teacher responses; relative quality not computed")
     elif t_acc == 0:
         notes.append("the teacher's recorded responses score 0 accuracy; relative quality undefined")
-    return {"rows": len(rows), "labelled": len(labelled), "correct": correct, "unparsed": unparsed,
-            "accuracy": accuracy, "teacher_accuracy": t_acc, "teacher_rows": t_n, "relative": relative,
-            "decoding": f"greedy, max {max_tokens} tokens", "examples": examples, "notes": notes}
+    if responses and not teacher_labelled:
+        notes.append("no teacher response names a label (`Category: ...`); agreement with the teacher not computed")
+    elif responses > teacher_labelled:
+        notes.append(f"{responses - teacher_labelled} teacher responses name no label and are left out of the "
+                     "agreement")
+    return {"rows": len(rows), "answered": len(answered), "labelled": labelled, "correct": correct,
+            "unparsed": unparsed, "accuracy": accuracy, "teacher_accuracy": t_acc, "teacher_rows": t_n,
+            "relative": relative, "teacher_agreement": agreement, "teacher_agreement_rows": teacher_labelled,
+            "teacher_agreed": agreed, "decoding": f"greedy, max {max_tokens} tokens", "examples": examples,
+            "notes": notes}

@@ -83,6 +83,11 @@ def gate_markdown(report: dict[str, Any], png_name: str | None = None) -> str:
     elif m:
         lines += ["", "## Measurement", "", f"Failed: {m.get('error')}"]
         lines += [f"    {t}" for t in m.get("stderr_tail") or []]
+    if isinstance(m.get("quality"), dict):
+        lines += ["", "## Quality on the holdout", "", *quality_lines(m["quality"], report.get("reference"))]
+    elif isinstance(report.get("reference"), dict) and m.get("ok"):
+        ref = report["reference"]
+        lines += ["", f"KLD vs reference `{ref.get('path')}` ({ref.get('source')}): not measured (no holdout)."]
     eff = report.get("efficiency")
     if isinstance(eff, dict):
         lines += ["", "## Decode efficiency", ""]
@@ -100,6 +105,38 @@ def gate_markdown(report: dict[str, Any], png_name: str | None = None) -> str:
         lines += ["", f"![latency distribution]({png_name})"]
     lines += ["", f"Policy: {report.get('policy', '')}", ""]
     return "\n".join(lines)
+
+
+def quality_lines(q: dict[str, Any], reference: dict[str, Any] | None = None) -> list[str]:
+    """Markdown lines for the holdout pass: accuracy, teacher agreement, KLD vs the reference."""
+    limit = f" (limit {_fmt(q.get('timeout_s'), 0)} s)" if q.get("timeout_s") is not None else ""
+    if q.get("error"):
+        lines = [f"The holdout `{q.get('holdout')}` could not be answered: {q['error']}{limit}."]
+        lines += [f"    {t}" for t in q.get("stderr_tail") or []]
+        return lines
+    lines = [f"`{q.get('holdout')}`: {q.get('answered', q.get('labelled'))} of {q.get('rows')} rows answered by the "
+             f"artifact itself ({q.get('decoding')}) in a fresh process in {_fmt(q.get('wall_s'), 1)} s{limit}.", "",
+             f"- label accuracy: {_fmt(q.get('accuracy'), 3)} ({q.get('correct')} of {q.get('labelled')} labelled "
+             f"rows; {q.get('unparsed')} answers named no label)",
+             f"- teacher's recorded accuracy: {_fmt(q.get('teacher_accuracy'), 3)} ({q.get('teacher_rows')} rows); "
+             f"relative quality {_fmt(q.get('relative'), 3)}",
+             f"- agreement with the teacher: {_fmt(q.get('teacher_agreement'), 3)} ({q.get('teacher_agreed')} of "
+             f"{q.get('teacher_agreement_rows')} rows whose teacher response names a label; reported, not a budget)"]
+    kld = q.get("kld_vs_reference")
+    if isinstance(kld, dict):
+        source = " (auto)" if kld.get("source") == "auto" else ""
+        head = f"- KLD vs reference: reference: `{kld.get('reference')}`{source}; "
+        if kld.get("error") or kld.get("skipped"):
+            lines.append(head + f"not measured: {kld.get('error') or kld.get('skipped')}")
+        else:
+            lines.append(head + f"mean KLD {_fmt(kld.get('kld_mean'), 5)} (p99 {_fmt(kld.get('kld_p99'), 5)}), "
+                         f"top-1 agreement {_fmt(kld.get('top1_agreement'), 3)} over {kld.get('positions')} "
+                         f"positions of {kld.get('rows')} rows' prompt + teacher response, against "
+                         f"{kld.get('compared_with')}; {kld.get('note')}")
+    elif reference:
+        lines.append(f"- KLD vs reference `{reference.get('path')}`: not measured")
+    lines += [f"- note: {n}" for n in q.get("notes") or []]
+    return lines
 
 
 def _budget_line(ax: Any, value: float | None, data: list[float], label: str, vertical: bool) -> None:

@@ -20,6 +20,9 @@ def gate_cmd(
     stop_at_first: Annotated[bool, typer.Option("--stop-at-first", help="With --search: stop at the first PASS.")] = False,
     key: Annotated[Path | None, typer.Option(help="Public key (PEM) a bundle's signature must verify "
                                                   "against; an unsigned bundle is then refused.")] = None,
+    reference: Annotated[Path | None, typer.Option(help="Unquantized HF dir (or run dir) to measure the KL divergence "
+                                                        "against on the holdout; default: RUN/student for an artifact "
+                                                        "under RUN/artifacts/. Reported, not a budget.")] = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout.")] = False,
 ) -> None:
     """Measure latency, memory and quality in the real runtime; exit 0 only on PASS."""
@@ -29,13 +32,19 @@ def gate_cmd(
 
     prof = load_profile(profile)
     if search:
+        if reference is not None:
+            from edgepack.errors import UsageError
+
+            raise UsageError("--reference is for one artifact; --search finds RUN/student by itself",
+                             hint="drop --reference, or gate one artifact with it")
         _search(artifact, prof, holdout, report, stop_at_first, json_out)
         return
     from edgepack.runtime.gate import run_gate
     from edgepack.runtime.report import write_gate_reports
 
     with progress_bars(not json_out) as progress:
-        result = run_gate(artifact=artifact, profile=prof, holdout=holdout, progress=progress, key=key)
+        result = run_gate(artifact=artifact, profile=prof, holdout=holdout, progress=progress, key=key,
+                          reference=reference)
     written = write_gate_reports(result, report.parent, stem=report.stem) if report is not None else {}
 
     def human(r: dict[str, Any]) -> None:
@@ -50,6 +59,8 @@ def gate_cmd(
         if spread:
             out.print(f"decode spread over {spread['n']} runs: stdev {spread['stdev']:.1f} tok/s "
                       f"(min {spread['min']:.1f}, max {spread['max']:.1f})")
+        for line in _quality_summary((r.get("measurements") or {}).get("quality")):
+            out.print(line)
         eff = r.get("efficiency") or {}
         if eff.get("efficiency") is not None:
             out.print(f"decode efficiency: {100 * eff['efficiency']:.1f}% of {eff['bandwidth_gb_s']:.1f} GB/s")
@@ -62,6 +73,29 @@ def gate_cmd(
     emit(result, json_out, human)
     if result["verdict"] != PASS:
         raise typer.Exit(1)
+
+
+def _quality_summary(q: dict[str, Any] | None) -> list[str]:
+    """One or two plain lines on the holdout pass (accuracy, teacher agreement, KLD)."""
+    if not isinstance(q, dict) or q.get("error"):
+        return []  # no holdout, or its failure is already the verdict's reason
+
+    def num(v: Any, d: int = 3) -> str:
+        return "n/a" if v is None else f"{v:.{d}f}"
+
+    lines = [f"holdout: accuracy {num(q.get('accuracy'))} ({q.get('labelled')} labelled rows), teacher "
+             f"{num(q.get('teacher_accuracy'))}, relative {num(q.get('relative'))}; agreement with the teacher "
+             f"{num(q.get('teacher_agreement'))} ({q.get('teacher_agreement_rows')} rows)"]
+    kld = q.get("kld_vs_reference")
+    if isinstance(kld, dict):
+        where = f"{kld.get('reference')}" + (" (auto)" if kld.get("source") == "auto" else "")
+        if kld.get("error") or kld.get("skipped"):
+            lines.append(f"KLD vs reference {where}: not measured ({kld.get('error') or kld.get('skipped')})")
+        else:
+            lines.append(f"KLD vs reference {where}: {num(kld.get('kld_mean'), 5)}, top-1 agreement "
+                         f"{num(kld.get('top1_agreement'))} over {kld.get('positions')} positions "
+                         "(reported, not a budget)")
+    return lines
 
 
 def _search(target: Path, prof: Any, holdout: Path | None, report: Path | None, stop_at_first: bool,
