@@ -11,7 +11,10 @@ the signal; the parent never hangs and never raises for a bad artifact.
 Peak RSS is the child's own high-water mark (``VmHWM`` on Linux; see :func:`_peak_rss_mb` for
 why not ``ru_maxrss``).
 
-What one run measures (after one warm-up run, ``runs`` times, default 5):
+What one run measures (after one warm-up run; at least ``runs`` timed runs, default 5, and more
+until the timed runs add up to ``min_seconds``, default 10 s, or ``max_runs``, default 40, are
+done: a fast model's runs last a fraction of a second each, and five of them are too few for a
+p95 that repeats within ±10% from one gate to the next):
 
 - TTFT: a prompt of exactly ``prompt_tokens`` tokens (filler text cut to length) is evaluated
   from an empty cache and the first token sampled; wall time to that first token.
@@ -45,6 +48,8 @@ FILLER = (
     "non-drive end before the next shift. "
 )
 DEFAULT_RUNS = 5
+DEFAULT_MIN_SECONDS = 10.0
+DEFAULT_MAX_RUNS = 40
 DEFAULT_DECODE_TOKENS = 64
 
 
@@ -101,12 +106,14 @@ def _peak_rss_mb() -> float:
 
 def measure_in_process(path: Path, *, fmt: str, threads: int, n_ctx: int, prompt_tokens: int,
                        decode_tokens: int = DEFAULT_DECODE_TOKENS, runs: int = DEFAULT_RUNS,
-                       gpu_layers: int = 0) -> dict[str, Any]:
-    """The child's work: load, warm up, time ``runs`` runs. Call only in a fresh process."""
+                       gpu_layers: int = 0, min_seconds: float = DEFAULT_MIN_SECONDS,
+                       max_runs: int = DEFAULT_MAX_RUNS) -> dict[str, Any]:
+    """The child's work: load, warm up, time at least ``runs`` runs and until ``min_seconds`` of
+    timed runs or ``max_runs`` runs. Call only in a fresh process."""
     from edgepack.runtime.backends.base import get_backend
 
-    if runs < 1 or decode_tokens < 2:
-        raise ValueError("need runs >= 1 and decode_tokens >= 2")
+    if runs < 1 or decode_tokens < 2 or max_runs < runs or min_seconds < 0:
+        raise ValueError("need runs >= 1, decode_tokens >= 2, max_runs >= runs and min_seconds >= 0")
     if prompt_tokens + decode_tokens > n_ctx:
         raise ValueError(f"prompt_tokens + decode_tokens ({prompt_tokens + decode_tokens}) exceed n_ctx {n_ctx}")
     backend_cls = get_backend(fmt)
@@ -123,7 +130,12 @@ def measure_in_process(path: Path, *, fmt: str, threads: int, n_ctx: int, prompt
     ttft_ms: list[float] = []
     decode_tps: list[float] = []
     inter_token_ms: list[float] = []  # every gap between consecutive tokens, all runs
-    for i in range(runs + 1):  # run 0 warms caches and is not recorded
+    timed_s = 0.0
+    i = -1
+    while True:  # run 0 warms caches and is not recorded
+        i += 1
+        if i > runs and (timed_s >= min_seconds or i > max_runs):
+            break
         start = time.perf_counter()
         stamps: list[float] = []
         for _ in backend.generate(prompt, max_tokens=decode_tokens, temperature=0.0, stop_at_eos=False):
@@ -132,6 +144,7 @@ def measure_in_process(path: Path, *, fmt: str, threads: int, n_ctx: int, prompt
             raise RuntimeError(f"the model produced {len(stamps)} tokens; cannot time decoding")
         if i == 0:
             continue
+        timed_s += stamps[-1] - start
         ttft_ms.append((stamps[0] - start) * 1000.0)
         decode_tps.append((len(stamps) - 1) / (stamps[-1] - stamps[0]))
         inter_token_ms += [(b - a) * 1000.0 for a, b in zip(stamps, stamps[1:])]
@@ -142,7 +155,8 @@ def measure_in_process(path: Path, *, fmt: str, threads: int, n_ctx: int, prompt
     return {
         "ok": True, "artifact": str(path), "format": fmt, "threads": threads, "n_ctx": n_ctx,
         "gpu_layers": gpu_layers, "prompt_tokens": len(prompt), "decode_tokens": decode_tokens,
-        "warmup_runs": 1, "runs": runs, "import_s": import_s, "load_s": load_s,
+        "warmup_runs": 1, "runs": len(ttft_ms), "min_runs": runs, "min_seconds": min_seconds,
+        "max_runs": max_runs, "timed_s": timed_s, "import_s": import_s, "load_s": load_s,
         "ttft_ms": summarize(ttft_ms), "decode_tokens_per_s": summarize(decode_tps),
         "inter_token_ms": summarize(inter_token_ms),
         "rss_before_load_mb": rss_before, "rss_after_load_mb": rss_after_load,
@@ -182,18 +196,21 @@ def process_vram_mb(pid: int) -> float | None:
 
 def child_command(path: Path, *, fmt: str, threads: int, n_ctx: int, prompt_tokens: int,
                   decode_tokens: int = DEFAULT_DECODE_TOKENS, runs: int = DEFAULT_RUNS,
-                  gpu_layers: int = 0) -> list[str]:
+                  gpu_layers: int = 0, min_seconds: float = DEFAULT_MIN_SECONDS,
+                  max_runs: int = DEFAULT_MAX_RUNS) -> list[str]:
     """The argv that measures ``path`` in a fresh interpreter."""
     return [sys.executable, "-m", "edgepack.runtime.measure", str(Path(path).resolve()),
             "--format", fmt, "--threads", str(threads), "--n-ctx", str(n_ctx),
             "--prompt-tokens", str(prompt_tokens), "--decode-tokens", str(decode_tokens),
-            "--runs", str(runs), "--gpu-layers", str(gpu_layers)]
+            "--runs", str(runs), "--gpu-layers", str(gpu_layers), "--min-seconds", str(min_seconds),
+            "--max-runs", str(max(max_runs, runs))]
 
 
-def run_child(cmd: list[str], *, timeout_s: float) -> dict[str, Any]:
+def run_child(cmd: list[str], *, timeout_s: float, what: str = "measurement") -> dict[str, Any]:
     """Run a measurement child; its JSON on success, else ``{"ok": False, "error": ...}``.
 
-    The child gets its own session so a timeout kills it and anything it started.
+    The child gets its own session so a timeout kills it and anything it started. ``what``
+    names the work in the error messages ("measurement", "holdout pass", ...).
     """
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
@@ -203,20 +220,21 @@ def run_child(cmd: list[str], *, timeout_s: float) -> dict[str, Any]:
     except subprocess.TimeoutExpired:
         _kill_group(proc)
         out, err = proc.communicate()
-        return _failure(f"measurement timed out after {timeout_s:.0f} s (child killed)", err, start)
+        seconds = f"{timeout_s:.1f}".rstrip("0").rstrip(".")
+        return _failure(f"{what} timed out after {seconds} s (child killed)", err, start)
     rc = proc.returncode
     if rc < 0:
         name = _signal_name(-rc)
         why = " (the out-of-memory killer is the usual sender)" if -rc == signal.SIGKILL else ""
-        return _failure(f"measurement process was killed by {name}{why}", err, start)
+        return _failure(f"{what} process was killed by {name}{why}", err, start)
     try:
         result = json.loads(out.decode("utf-8", errors="replace").strip().splitlines()[-1])
     except (json.JSONDecodeError, IndexError):
-        return _failure(f"measurement process exited {rc} without a JSON result", err, start)
+        return _failure(f"{what} process exited {rc} without a JSON result", err, start)
     if not isinstance(result, dict):
-        return _failure(f"measurement process exited {rc} with a non-object result", err, start)
+        return _failure(f"{what} process exited {rc} with a non-object result", err, start)
     if rc != 0 and result.get("ok"):
-        return _failure(f"measurement process exited {rc}", err, start)
+        return _failure(f"{what} process exited {rc}", err, start)
     result.setdefault("ok", False)
     result["wall_s"] = time.perf_counter() - start
     return result
@@ -250,10 +268,12 @@ def default_timeout_s(path: Path) -> float:
 
 def measure_artifact(path: Path, *, fmt: str, threads: int, n_ctx: int, prompt_tokens: int,
                      decode_tokens: int = DEFAULT_DECODE_TOKENS, runs: int = DEFAULT_RUNS,
-                     gpu_layers: int = 0, timeout_s: float | None = None) -> dict[str, Any]:
+                     gpu_layers: int = 0, timeout_s: float | None = None,
+                     min_seconds: float = DEFAULT_MIN_SECONDS, max_runs: int = DEFAULT_MAX_RUNS) -> dict[str, Any]:
     """Measure ``path`` in a fresh child process; see the module docstring for the numbers."""
     cmd = child_command(path, fmt=fmt, threads=threads, n_ctx=n_ctx, prompt_tokens=prompt_tokens,
-                        decode_tokens=decode_tokens, runs=runs, gpu_layers=gpu_layers)
+                        decode_tokens=decode_tokens, runs=runs, gpu_layers=gpu_layers,
+                        min_seconds=min_seconds, max_runs=max_runs)
     return run_child(cmd, timeout_s=timeout_s if timeout_s is not None else default_timeout_s(path))
 
 
@@ -268,6 +288,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--decode-tokens", type=int, default=DEFAULT_DECODE_TOKENS)
     parser.add_argument("--runs", type=int, default=DEFAULT_RUNS)
     parser.add_argument("--gpu-layers", type=int, default=0)
+    parser.add_argument("--min-seconds", type=float, default=DEFAULT_MIN_SECONDS)
+    parser.add_argument("--max-runs", type=int, default=DEFAULT_MAX_RUNS)
     args = parser.parse_args(argv)
     # Native libraries may print to fd 1; keep the real stdout for the one JSON line.
     real_stdout = os.fdopen(os.dup(1), "w")
@@ -276,7 +298,8 @@ def main(argv: list[str] | None = None) -> int:
         result = measure_in_process(args.artifact, fmt=args.format, threads=args.threads,
                                     n_ctx=args.n_ctx, prompt_tokens=args.prompt_tokens,
                                     decode_tokens=args.decode_tokens, runs=args.runs,
-                                    gpu_layers=args.gpu_layers)
+                                    gpu_layers=args.gpu_layers, min_seconds=args.min_seconds,
+                                    max_runs=args.max_runs)
         code = 0
     except Exception as exc:  # reported to the parent as data, not a traceback
         result = {"ok": False, "error": f"{type(exc).__name__}: {exc}",

@@ -36,7 +36,8 @@ def test_exact_prompt_length(tiny_gguf: Path) -> None:
 
 
 def test_real_measurement_of_a_gguf(tiny_gguf: Path) -> None:
-    r = measure_artifact(tiny_gguf, fmt="gguf", threads=1, n_ctx=256, prompt_tokens=64, decode_tokens=32, runs=5)
+    r = measure_artifact(tiny_gguf, fmt="gguf", threads=1, n_ctx=256, prompt_tokens=64, decode_tokens=32, runs=5,
+                         min_seconds=0)
     assert r["ok"], r
     assert r["prompt_tokens"] == 64 and r["runs"] == 5
     for series in ("ttft_ms", "decode_tokens_per_s"):
@@ -47,6 +48,19 @@ def test_real_measurement_of_a_gguf(tiny_gguf: Path) -> None:
     assert r["import_s"] > 0 and r["load_s"] > 0 and r["vram_mb"] is None
     assert r["backend"]["llama_cpp_python"]
     assert r["gpu_offload"] is False
+
+
+def test_runs_continue_until_the_minimum_time_or_the_cap(tiny_gguf: Path) -> None:
+    """Five runs of a fast model are a fraction of a second: the child keeps timing runs until
+    ``min_seconds`` of them, or ``max_runs`` runs, are done."""
+    r = measure_artifact(tiny_gguf, fmt="gguf", threads=1, n_ctx=256, prompt_tokens=64, decode_tokens=32, runs=3,
+                         min_seconds=0.5, max_runs=100_000)  # a tiny model's run is about a millisecond
+    assert r["ok"], r
+    assert r["runs"] >= 3 and r["timed_s"] >= 0.5 and r["ttft_ms"]["n"] == r["runs"]
+    capped = measure_artifact(tiny_gguf, fmt="gguf", threads=1, n_ctx=256, prompt_tokens=16, decode_tokens=8,
+                              runs=3, min_seconds=3600, max_runs=7)
+    assert capped["ok"] and capped["runs"] == 7 and capped["timed_s"] < 3600
+    assert (capped["min_runs"], capped["max_runs"]) == (3, 7)
 
 
 def test_bad_artifact_is_reported_not_raised(tmp_path: Path) -> None:
@@ -97,7 +111,7 @@ def test_child_out_of_memory_under_a_limit(tiny_gguf: Path) -> None:
 def test_embedded_teacher_measurement(builtin_teacher_gguf: Path) -> None:
     # one thread: two llama.cpp threads spin against each other on a shared 2-core box
     r = measure_artifact(builtin_teacher_gguf, fmt="gguf", threads=1, n_ctx=2048, prompt_tokens=128,
-                         decode_tokens=24)
+                         decode_tokens=24, min_seconds=0)
     assert r["ok"], r
     assert r["runs"] == 5 and r["prompt_tokens"] == 128
     # 98 MB of weights, mmapped and touched: RSS must cover them, and stay far below 1 GB.
