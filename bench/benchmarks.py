@@ -210,6 +210,14 @@ def section_distill(doc: Doc, distill: dict[str, Any] | None) -> None:
             "recorded for each method (n = rows):",
             table(["method", *metrics, "n"], [[m, *[statistics.mean(per[k]) if k in per else None for k in metrics],
                                                max(len(v) for v in per.values())] for m, per in by_method.items()]))
+    targets = (distill.get("summary") or {}).get("targets") or {}
+    verdict = lambda ok: "**met**" if ok else "**not met**"  # noqa: E731
+    for key, t in targets.items():
+        label = ((distill["summary"].get("methods") or {}).get(key) or {}).get("label", key)
+        doc.add(f"Targets for {label} (issue #4, seeds {', '.join(map(str, t.get('seeds') or []))}): beats SFT-only "
+                f"on holdout KL and CE in every seed {verdict(t.get('beats_sft_every_seed'))}; closes ≥ 50% of the "
+                f"gap on teacher agreement and label accuracy in every seed {verdict(t.get('closes_gap_every_seed'))}; "
+                f"≤ 60% of the teacher's parameters {verdict(t.get('params_ok'))} ({t.get('params_ratio', 0):.0%}).")
 
     def draw(ax: Any) -> None:
         width = 0.8 / max(1, len(by_method))
