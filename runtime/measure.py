@@ -38,6 +38,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -291,19 +292,27 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--min-seconds", type=float, default=DEFAULT_MIN_SECONDS)
     parser.add_argument("--max-runs", type=int, default=DEFAULT_MAX_RUNS)
     args = parser.parse_args(argv)
-    # Native libraries may print to fd 1; keep the real stdout for the one JSON line.
+    return child_json_main(
+        lambda: measure_in_process(args.artifact, fmt=args.format, threads=args.threads, n_ctx=args.n_ctx,
+                                   prompt_tokens=args.prompt_tokens, decode_tokens=args.decode_tokens,
+                                   runs=args.runs, gpu_layers=args.gpu_layers, min_seconds=args.min_seconds,
+                                   max_runs=args.max_runs),
+        lambda exc: {"peak_rss_mb": _peak_rss_mb()})
+
+
+def child_json_main(work: Callable[[], dict[str, Any]],
+                    error_fields: Callable[[Exception], dict[str, Any]] = lambda exc: {}) -> int:
+    """A child's body: run ``work`` and print its dict as one JSON line on the real stdout (fd 1
+    goes to stderr meanwhile: native libraries may print there); an exception becomes
+    ``{"ok": False, "error", "error_type", **error_fields(exc)}`` and exit code 1 — data for the
+    parent (:func:`run_child`), not a traceback."""
     real_stdout = os.fdopen(os.dup(1), "w")
     os.dup2(2, 1)
     try:
-        result = measure_in_process(args.artifact, fmt=args.format, threads=args.threads,
-                                    n_ctx=args.n_ctx, prompt_tokens=args.prompt_tokens,
-                                    decode_tokens=args.decode_tokens, runs=args.runs,
-                                    gpu_layers=args.gpu_layers, min_seconds=args.min_seconds,
-                                    max_runs=args.max_runs)
-        code = 0
-    except Exception as exc:  # reported to the parent as data, not a traceback
-        result = {"ok": False, "error": f"{type(exc).__name__}: {exc}",
-                  "error_type": type(exc).__name__, "peak_rss_mb": _peak_rss_mb()}
+        result, code = work(), 0
+    except Exception as exc:
+        result = {"ok": False, "error": f"{type(exc).__name__}: {exc}", "error_type": type(exc).__name__,
+                  **error_fields(exc)}
         code = 1
     real_stdout.write(json.dumps(result) + "\n")
     real_stdout.flush()

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import tempfile
 from pathlib import Path
@@ -148,20 +147,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--gpu-layers", type=int, default=0)
     parser.add_argument("--reference", type=Path)
     args = parser.parse_args(argv)
-    # Native libraries may print to fd 1; keep the real stdout for the one JSON line.
-    real_stdout = os.fdopen(os.dup(1), "w")
-    os.dup2(2, 1)
-    try:
+    from edgepack.runtime.measure import child_json_main
+
+    def work() -> dict[str, Any]:
         rows = json.loads(args.rows.read_text(encoding="utf-8"))
-        result = _answer(args, rows) if args.work == "answer" else _kld(args, rows)
-        code = 0
-    except Exception as exc:  # reported to the parent as data, not a traceback
-        result = {"ok": False, "error": f"{type(exc).__name__}: {exc}", "error_type": type(exc).__name__,
-                  "message": str(exc), "hint": getattr(exc, "hint", None)}
-        code = 1
-    real_stdout.write(json.dumps(result) + "\n")
-    real_stdout.flush()
-    return code
+        return _answer(args, rows) if args.work == "answer" else _kld(args, rows)
+
+    return child_json_main(work, lambda exc: {"message": str(exc), "hint": getattr(exc, "hint", None)})
 
 
 if __name__ == "__main__":
