@@ -341,7 +341,8 @@ def markdown(res: dict[str, Any]) -> str:
              f"Python {m['python']}, llama-cpp-python {m['llama-cpp-python']}, onnxruntime {m['onnxruntime']}.",
              f"Load average (1/5/15 min): start {m['load_average_start']}, end {res['load_average_end']}"
              + (". Other processes shared these cores; numbers from a busy machine are noisy." if
-                max(m['load_average_start'][0], res['load_average_end'][0]) > 1.5 else " (a quiet machine)."), "",
+                max(m["load_average_start"][0], res["load_average_end"][0]) > 2.5 else
+                " (no other heavy job: the measurements themselves keep the 1-minute load near 2)."), "",
              f"Settings: threads {s['threads']}, n_ctx {s['n_ctx']}, prompt {s['prompt_tokens']} tokens, "
              f"{s['decode_tokens']} decoded tokens, {s['runs']} timed runs after 1 warm-up per measurement; "
              f"each measurement in a fresh process. Started {res['started']}, took {res['elapsed_s']:.0f} s "
