@@ -38,14 +38,14 @@ import platform
 import shutil
 import subprocess
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 from edgepack.constants import (ARTIFACTS_DIR, BUNDLE_SUFFIX, FAIL, M_ENTRYPOINT, M_FORMAT, M_QUANT, PASS,
-                                STUDENT_DIR, UNVERIFIED)
+                                SIGNATURE_FILE, STUDENT_DIR, UNVERIFIED)
 from edgepack.errors import ModelSourceError, UsageError
 from edgepack.profiles import Profile
 from edgepack.progress import ProgressFn, null_progress
@@ -274,15 +274,23 @@ def measurement_spread(m: dict[str, Any]) -> dict[str, Any]:
 
 
 @contextmanager
-def _materialize(artifact: Path, key: Path | None = None) -> Iterator[tuple[Path, str, str | None, dict[str, Any] | None]]:
+def _materialize(artifact: Path, key: Path | None = None, warn: Callable[[str], None] | None = None,
+                 ) -> Iterator[tuple[Path, str, str | None, dict[str, Any] | None]]:
     """(model path, format, quant, manifest) of a bare artifact or a verified, extracted bundle
-    (with ``key``, a public key the bundle's signature must verify against)."""
+    (with ``key``, a public key the bundle's signature must verify against; without one, a
+    signed bundle is announced through ``warn``: its signature was not checked)."""
     from edgepack.runtime.backends.base import format_of
     from edgepack.runtime.bundle import extract_bundle
 
     if artifact.suffix == BUNDLE_SUFFIX:
         with tempfile.TemporaryDirectory(prefix="edgepack-gate-") as tmp:
             dest = extract_bundle(artifact, Path(tmp) / "bundle", key=key)
+            if key is None and warn is not None and (dest / SIGNATURE_FILE).is_file():
+                from edgepack.runtime.session import unchecked_signature_note
+                from edgepack.runtime.signing import parse_signature
+
+                signer = parse_signature((dest / SIGNATURE_FILE).read_bytes(), artifact.name).get("key_id")
+                warn(unchecked_signature_note(artifact.name, signer))
             manifest = json.loads((dest / "manifest.json").read_text(encoding="utf-8"))
             yield dest / manifest[M_ENTRYPOINT], manifest[M_FORMAT], manifest[M_QUANT], manifest
         return
@@ -338,10 +346,11 @@ def auto_reference(artifact: Path) -> Path | None:
 def run_gate(*, artifact: Path, profile: Profile, holdout: Path | None,
              progress: ProgressFn = null_progress, efficiency: bool = True,
              key: Path | None = None, reference: Path | None = None,
-             quality_timeout_s: float | None = None) -> dict[str, Any]:
+             quality_timeout_s: float | None = None, warn: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Measure ``artifact`` (a model file, ONNX folder or .edgepack bundle) against ``profile``.
 
-    A bundle is verified before anything is loaded (with ``key``, its ed25519 signature too).
+    A bundle is verified before anything is loaded (with ``key``, its ed25519 signature too;
+    without one, a signed bundle is announced through ``warn``: its signature was not checked).
     Latency and memory are measured in a fresh child process (:mod:`edgepack.runtime.measure`);
     with ``holdout`` the artifact answers it in another child
     (:mod:`edgepack.runtime.quality_child`): label accuracy, relative quality, agreement with
@@ -372,7 +381,7 @@ def run_gate(*, artifact: Path, profile: Profile, holdout: Path | None,
         reference, reference_source = auto_reference(artifact), "auto"
     started = datetime.now(timezone.utc)
     progress("gate: verify", 0, 1)
-    with _materialize(artifact, key) as (model_path, fmt, quant, manifest):
+    with _materialize(artifact, key, warn) as (model_path, fmt, quant, manifest):
         progress("gate: verify", 1, 1)
         host_ok, host_reason = host_matches(profile)
         # Other processes on the same cores distort latency (llama.cpp threads spin-wait on

@@ -202,13 +202,16 @@ class ModelServer:
                                             name="edgepack-http", daemon=True)
             self._thread.start()
 
-    def load(self, progress: ProgressFn = null_progress) -> None:
-        """Verify and load the model, check its chat template and logprobs, then report ready."""
+    def load(self, progress: ProgressFn = null_progress, warn: Callable[[str], None] | None = None) -> None:
+        """Verify and load the model, check its chat template and logprobs, then report ready.
+
+        ``warn`` gets each loading warning (a signature not checked, a context capped)."""
         from edgepack.runtime.session import open_model
 
         progress("load model", 0, 1)
         session = self._stack.enter_context(open_model(self.model_path, threads=self.config.threads,
-                                                       n_ctx=self.config.n_ctx, key=self.config.public_key))
+                                                       n_ctx=self.config.n_ctx, key=self.config.public_key,
+                                                       warn=warn))
         backend = session.backend
         self.identity = _identity(self.model_path, session.manifest)
         probe: list[int] | None = None
@@ -326,12 +329,14 @@ def serve(model: Path, *, host: str = "127.0.0.1", port: int = 8000, api_key_env
           max_queue: int = 4, timeout_s: float = 300.0, max_body_bytes: int = 1 << 20,
           n_ctx: int | None = None, threads: int | None = None, fallback: str | None = None,
           fallback_min_logprob: float | None = None, fallback_api_key_env: str | None = None,
-          public_key: Path | None = None, on_ready: Callable[[str], None] | None = None, progress: ProgressFn = null_progress) -> None:
+          public_key: Path | None = None, on_ready: Callable[[str], None] | None = None, progress: ProgressFn = null_progress,
+          on_warning: Callable[[str], None] | None = None) -> None:
     """Serve ``model`` (a .edgepack bundle or a .gguf) until SIGINT or SIGTERM, then stop cleanly.
 
     Refuses a non-loopback ``host`` unless ``api_key_env`` names a set variable; with
     ``public_key`` serves a bundle only if it is signed by that Ed25519 key. ``on_ready``
-    gets the base URL once the model has loaded. Call from the main thread (signals); to
+    gets the base URL once the model has loaded; ``on_warning`` each loading warning (a
+    signature not checked, a context capped). Call from the main thread (signals); to
     embed a server elsewhere use :func:`start_server`.
     """
     target = parse_fallback(fallback, read_api_key(fallback_api_key_env)) if fallback else None
@@ -341,7 +346,7 @@ def serve(model: Path, *, host: str = "127.0.0.1", port: int = 8000, api_key_env
     stop = threading.Event()
     with make_server(model, config) as server:
         server.start()
-        server.load(progress)
+        server.load(progress, warn=on_warning)
         previous: dict[int, Any] = {}
         if threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGINT, signal.SIGTERM):

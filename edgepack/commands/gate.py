@@ -26,7 +26,7 @@ def gate_cmd(
     json_out: Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout.")] = False,
 ) -> None:
     """Measure latency, memory and quality in the real runtime; exit 0 only on PASS."""
-    from edgepack.console import emit, out, progress_bars
+    from edgepack.console import emit, out, progress_bars, warn
     from edgepack.constants import PASS
     from edgepack.profiles import load_profile
 
@@ -44,7 +44,7 @@ def gate_cmd(
 
     with progress_bars(not json_out) as progress:
         result = run_gate(artifact=artifact, profile=prof, holdout=holdout, progress=progress, key=key,
-                          reference=reference)
+                          reference=reference, warn=warn)
     written = write_gate_reports(result, report.parent, stem=report.stem) if report is not None else {}
 
     def human(r: dict[str, Any]) -> None:

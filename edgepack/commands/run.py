@@ -21,10 +21,10 @@ def run_cmd(
     """Verify and load a bundle, then complete one chat prompt (streamed)."""
     import sys
 
-    from edgepack.console import emit
+    from edgepack.console import emit, warn
     from edgepack.runtime.session import open_model
 
-    with open_model(model, key=key) as session:
+    with open_model(model, key=key, warn=warn) as session:
         if json_out:
             text = "".join(session.stream_chat([{"role": "user", "content": prompt}],
                                                max_tokens=max_tokens, temperature=temperature))
@@ -46,11 +46,11 @@ def chat_cmd(
     """Interactive chat with a bundle (empty line or Ctrl-D to quit)."""
     import sys
 
-    from edgepack.console import err
+    from edgepack.console import err, warn
     from edgepack.runtime.session import open_model
 
     history: list[dict[str, str]] = []
-    with open_model(model, key=key) as session:
+    with open_model(model, key=key, warn=warn) as session:
         err.print("[dim]empty line or Ctrl-D to quit[/dim]")
         while True:
             try:
@@ -85,7 +85,7 @@ def serve_cmd(
     key: KeyOpt = None,
 ) -> None:
     """Serve a bundle over an OpenAI-compatible HTTP API until Ctrl-C."""
-    from edgepack.console import err
+    from edgepack.console import err, warn
     from edgepack.errors import UsageError
     from edgepack.runtime.server import serve
 
@@ -96,6 +96,6 @@ def serve_cmd(
         serve(model, host=host, port=port, api_key_env=api_key_env, max_queue=max_queue, timeout_s=timeout,
               max_body_bytes=max_body, n_ctx=ctx, threads=threads, fallback=fallback,
               fallback_min_logprob=fallback_min_logprob, fallback_api_key_env=fallback_api_key_env,
-              public_key=key, on_ready=lambda url: err.print(f"serving {url} (Ctrl-C to stop)"))
+              public_key=key, on_ready=lambda url: err.print(f"serving {url} (Ctrl-C to stop)"), on_warning=warn)
     except KeyboardInterrupt:
         err.print("stopped")
