@@ -19,6 +19,15 @@ before the file hashes, and a bundle without one is refused. Python's own
 tar filters are not relied on: on 3.11 the default is no filter, and ``filter='data'`` strips
 an absolute path into the target instead of refusing it.
 
+Every tar reader must see the same members. ``tarfile`` stops silently at a header it cannot
+parse while GNU tar (the Ollama path: extract, ``ollama create``) skips it and reads on, so a
+bundle is read only in the exact form :func:`write_bundle` produces, checked before ``tarfile``
+parses anything (:func:`_layout`): ustar headers with a valid checksum, regular files or
+pax headers of at most 64 KiB holding only ``path``/``size``, strictly octal numeric fields, no
+link names or name prefixes; after the last member, the end-of-archive marker and nothing but
+zero bytes to the end of the file (checked in the hashing pass, so a file changed between the
+passes cannot slip through).
+
 Extraction verifies first, then streams members into ``<dest>.tmp-<pid>`` (``O_EXCL`` +
 ``O_NOFOLLOW``, hashes re-checked while writing in case the file changed between the passes)
 and renames it to ``dest`` only when complete; on any error the staging folder is removed.
@@ -38,15 +47,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO
 
 from edgepack.atomic import atomic_dir, atomic_path
-from edgepack.constants import (M_ENTRYPOINT, M_FILES, M_FORMAT, M_GATE_STATUS, M_MODEL, M_PROFILE,
-                                M_QUANT, M_SCHEMA, MANIFEST_FILE, MANIFEST_SCHEMA_VERSION, SIGNATURE_FILE)
+from edgepack.constants import M_ENTRYPOINT, M_FILES, M_SCHEMA, MANIFEST_FILE, MANIFEST_SCHEMA_VERSION, SIGNATURE_FILE
 from edgepack.errors import BundleError
 
 if TYPE_CHECKING:
     from edgepack.runtime.signing import SignatureInfo
 
 KNOWN_SCHEMA_VERSIONS = (MANIFEST_SCHEMA_VERSION,)
-REQUIRED_KEYS = (M_SCHEMA, M_MODEL, M_FORMAT, M_QUANT, M_PROFILE, M_ENTRYPOINT, M_FILES, M_GATE_STATUS)
 MAX_MEMBERS = 4096
 MAX_MANIFEST_BYTES = 16 * 1024 * 1024
 MAX_NAME_CHARS = 255
@@ -54,6 +61,13 @@ _SAFE_COMPONENT = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]*")
 _CHUNK = 1 << 20
 _BLOCK = 512
 _END_OF_ARCHIVE = 2 * _BLOCK  # a tar ends with two zero blocks; without them it was cut short
+MAX_PAX_BYTES = 64 * 1024      # a pax header of pack's holds one path; tarfile would read any size into memory
+PAX_KEYS = ("path", "size")    # all tarfile's PAX_FORMAT writes for a long/non-ASCII name or a file >= 8 GiB
+_USTAR_MAGIC = b"ustar\x0000"
+_TYPE_NAMES = {b"1": "hard link", b"2": "symbolic link", b"3": "device or FIFO", b"4": "device or FIFO",
+               b"5": "directory entry", b"6": "device or FIFO", b"S": "sparse file", b"L": "GNU long name",
+               b"K": "GNU long link", b"g": "global pax header"}
+_NUMERIC_FIELDS = ((100, 8, "mode"), (108, 8, "uid"), (116, 8, "gid"), (124, 12, "size"), (136, 12, "mtime"))
 RESERVED_NAMES = (MANIFEST_FILE, SIGNATURE_FILE)  # members a manifest may not list
 
 
@@ -78,7 +92,8 @@ class _HashingReader(io.RawIOBase):
         self._raw = raw
         self.digest = hashlib.sha256()
         self.count = 0
-        self.tail = b""
+        self.nonzero_end = 0
+        """Offset just past the last non-zero byte read so far."""
 
     def readable(self) -> bool:
         return True
@@ -88,8 +103,10 @@ class _HashingReader(io.RawIOBase):
         if n:
             chunk = memoryview(b)[:n]
             self.digest.update(chunk)
+            stripped = len(bytes(chunk).rstrip(b"\0"))
+            if stripped:
+                self.nonzero_end = self.count + stripped
             self.count += n
-            self.tail = (self.tail + bytes(chunk[-_END_OF_ARCHIVE:]))[-_END_OF_ARCHIVE:]
         return n or 0
 
 
@@ -126,8 +143,124 @@ def _member_problem(m: tarfile.TarInfo) -> str | None:
     return check_member_name(m.name)
 
 
+def _octal(field: bytes) -> int | None:
+    """A numeric header field as tarfile writes it (octal digits, then NUL/space), else None."""
+    m = re.fullmatch(rb"([0-7]+)[\0 ]*", field)
+    return int(m.group(1), 8) if m else None
+
+
+def _nul_padded(field: bytes) -> bool:
+    return not field.partition(b"\0")[2].strip(b"\0")
+
+
+def _header_problem(block: bytes) -> str | None:
+    """Why a 512-byte header is not in the form :func:`write_bundle` writes, or None."""
+    fields = {what: _octal(block[at:at + n]) for at, n, what in _NUMERIC_FIELDS}
+    bad = [what for what, value in fields.items() if value is None]
+    checksum = _octal(block[148:156])
+    if checksum is None or checksum != sum(block[:148]) + 8 * 0x20 + sum(block[156:]):
+        return "bad header checksum"
+    if bad:
+        return f"non-numeric {', '.join(bad)} field"
+    if block[257:265] != _USTAR_MAGIC:
+        return "not a POSIX ustar header"
+    if block[156:157] not in (b"0", b"x"):
+        name = block[:100].partition(b"\0")[0].decode("utf-8", "replace").rstrip("/")
+        kind = _TYPE_NAMES.get(block[156:157], f"member type {block[156:157]!r}")
+        return f"member {name!r} is a {kind} (bundles hold regular files only)"
+    if block[157:257].strip(b"\0") or block[345:].strip(b"\0"):
+        return "link name or name prefix set"
+    if not all(_nul_padded(block[a:b]) for a, b in ((0, 100), (265, 297), (297, 329))):
+        return "name field not NUL-terminated"
+    return None
+
+
+def _pax_records(data: bytes) -> dict[str, str] | str:
+    """The records of a pax header (``"<len> <key>=<value>\\n"``), or why they are refused."""
+    records: dict[str, str] = {}
+    pos = 0
+    while pos < len(data):
+        m = re.match(rb"([1-9][0-9]{0,5}) ", data[pos:pos + 8])
+        length = int(m.group(1)) if m else 0
+        record = data[pos:pos + length]
+        if not m or length <= len(m.group(0)) or len(record) != length or not record.endswith(b"\n"):
+            return "malformed pax record"
+        key, sep, value = record[len(m.group(0)):-1].partition(b"=")
+        name = key.decode("ascii", "replace")
+        if not sep or name not in PAX_KEYS or name in records:
+            return f"pax key {name[:40]!r} (bundles use only {', '.join(PAX_KEYS)}, once each)"
+        try:
+            records[name] = value.decode("utf-8")
+        except UnicodeDecodeError:
+            return "pax value is not UTF-8"
+        pos += length
+    if "size" in records and not records["size"].isdigit():
+        return "pax size is not a number"
+    return records
+
+
+def _layout(path: Path) -> list[tuple[str, int, int]]:
+    """(name, data offset, size) of every member, read header by header in pack's strict form.
+
+    Runs before ``tarfile`` parses anything: a header any tar reader could read differently is
+    refused here, and a pax header's size is bounded before its bytes are read. Stops at the
+    first zero block; what follows it is checked in the hashing pass.
+    """
+    found: list[tuple[str, int, int]] = []
+    pax: dict[str, str] | None = None
+    pos = 0
+    with open(path, "rb") as fh:
+        file_size = os.fstat(fh.fileno()).st_size
+        while True:
+            fh.seek(pos)
+            block = fh.read(_BLOCK)
+            if len(block) < _BLOCK:
+                raise BundleError(f"{path.name}: ends inside the tar at byte {pos} with no end-of-archive marker; "
+                                  "truncated?")
+            if not block.strip(b"\0"):
+                if pax is not None:
+                    raise BundleError(f"{path.name}: a pax header at the end of the archive belongs to no member")
+                return found
+            where = f"{path.name}: header at byte {pos}"
+            problem = _header_problem(block)
+            if problem and pos == 0:
+                raise BundleError(f"{path.name}: not an uncompressed tar bundle ({problem})")
+            if problem:
+                raise BundleError(f"{where}: {problem}; the whole bundle is refused",
+                                  hint="bundles are written by `edgepack pack`; this file was altered")
+            size = _octal(block[124:136]) or 0
+            data_at = pos + _BLOCK
+            pos = data_at + size + (-size % _BLOCK)
+            if block[156:157] == b"x":
+                if pax is not None or size > MAX_PAX_BYTES:
+                    raise BundleError(f"{where}: pax header of {size} bytes or two in a row "
+                                      f"(at most one of {MAX_PAX_BYTES} bytes per member); the whole bundle is refused")
+                fh.seek(data_at)
+                records = _pax_records(fh.read(size))
+                if isinstance(records, str):
+                    raise BundleError(f"{where}: {records}; the whole bundle is refused")
+                pax = records
+                continue
+            name = (pax or {}).get("path") or block[:100].partition(b"\0")[0].decode("utf-8", "replace")
+            if pax and "size" in pax:
+                size = int(pax["size"])
+                pos = data_at + size + (-size % _BLOCK)
+            if data_at + size > file_size:
+                raise BundleError(f"{path.name}: member {name!r} is truncated "
+                                  f"({max(0, file_size - data_at)} of {size} bytes)")
+            found.append((name, data_at, size))
+            pax = None
+            if len(found) > MAX_MEMBERS:
+                raise BundleError(f"{path.name}: more than {MAX_MEMBERS} members")
+
+
 def _iter_members(path: Path) -> Iterator[tuple[tarfile.TarInfo, Any, _HashingReader]]:
-    """Stream (member, file object, bundle hasher) after checking each member's header."""
+    """Stream (member, file object, bundle hasher) after checking each member's header.
+
+    ``tarfile`` must find exactly the members :func:`_layout` found, at the same offsets, and
+    after the last one only the end-of-archive marker and zero bytes may follow.
+    """
+    layout = _layout(path)
     with open(path, "rb") as raw:
         reader = _HashingReader(raw)
         stream = io.BufferedReader(reader, buffer_size=_CHUNK)
@@ -140,9 +273,10 @@ def _iter_members(path: Path) -> Iterator[tuple[tarfile.TarInfo, Any, _HashingRe
         count = 0
         try:
             for member in tar:
+                if count >= len(layout) or layout[count] != (member.name, member.offset_data, member.size):
+                    raise BundleError(f"{path.name}: tar readers disagree about member {count + 1} "
+                                      f"({member.name!r}); the whole bundle is refused")
                 count += 1
-                if count > MAX_MEMBERS:
-                    raise BundleError(f"{path.name}: more than {MAX_MEMBERS} members")
                 problem = _member_problem(member)
                 if problem:
                     raise BundleError(f"{path.name}: member {member.name!r} rejected: {problem}; "
@@ -158,6 +292,17 @@ def _iter_members(path: Path) -> Iterator[tuple[tarfile.TarInfo, Any, _HashingRe
                 pass
         except tarfile.TarError as exc:
             raise BundleError(f"{path.name}: damaged tar after {count} member(s) ({exc}); truncated?") from exc
+    if count != len(layout):
+        raise BundleError(f"{path.name}: tar readers disagree: {len(layout)} members in the headers, "
+                          f"{count} read; the whole bundle is refused")
+    end = layout[-1][1] + layout[-1][2] + (-layout[-1][2] % _BLOCK) if layout else 0
+    if reader.nonzero_end > end:
+        raise BundleError(f"{path.name}: {reader.count - end} bytes after the last member are not all zero "
+                          "(another tar reader would find more members there); the whole bundle is refused",
+                          hint="bundles are written by `edgepack pack`; this file was altered")
+    if reader.count % _BLOCK or reader.count - end < _END_OF_ARCHIVE:
+        raise BundleError(f"{path.name}: does not end with the tar end-of-archive marker ({reader.count} bytes): "
+                          "truncated?")
 
 
 def _hash_stream(fh: Any, name: str, *, keep: bool, sink: Any = None) -> tuple[int, str, bytes | None]:
@@ -197,24 +342,18 @@ def _parse_manifest(raw: bytes | None, bundle: str) -> dict[str, Any]:
         raise BundleError(f"{bundle}: unknown manifest {M_SCHEMA} {version!r} "
                           f"(this edgepack reads {', '.join(map(str, KNOWN_SCHEMA_VERSIONS))})",
                           hint="upgrade edgepack, or rebuild the bundle with this version")
-    missing = [k for k in REQUIRED_KEYS if k not in manifest]
-    if missing:
-        raise BundleError(f"{bundle}: {MANIFEST_FILE} lacks {', '.join(missing)}")
+    from edgepack.runtime.manifest import check_manifest
+
+    check_manifest(manifest, bundle)  # every field's type and range, all problems at once
     files = manifest[M_FILES]
-    if not isinstance(files, list):
-        raise BundleError(f"{bundle}: {MANIFEST_FILE} '{M_FILES}' is not a list")
     names: set[str] = set()
-    for entry in files:
-        ok = (isinstance(entry, dict) and isinstance(entry.get("path"), str)
-              and isinstance(entry.get("size"), int) and isinstance(entry.get("sha256"), str))
-        if not ok:
-            raise BundleError(f"{bundle}: malformed {M_FILES} entry {entry!r}")
+    for entry in files:  # the schema has checked each entry's shape
         why = check_member_name(entry["path"])
         if why or entry["path"] in RESERVED_NAMES or entry["path"] in names:
             raise BundleError(f"{bundle}: manifest lists an invalid file {entry['path']!r}: "
                               f"{why or 'duplicate or reserved name'}")
         names.add(entry["path"])
-    if not isinstance(manifest[M_ENTRYPOINT], str) or manifest[M_ENTRYPOINT] not in names:
+    if manifest[M_ENTRYPOINT] not in names:
         raise BundleError(f"{bundle}: entrypoint {manifest[M_ENTRYPOINT]!r} is not among the manifest's files")
     return manifest
 
@@ -271,9 +410,6 @@ def inspect_bundle(path: Path, *, key: Path | Any | None = None) -> BundleCheck:
         signature = check_signature(kept_raw.get(SIGNATURE_FILE), manifest_raw, public_key, path.name)
     _compare(manifest, actual, path.name)
     assert reader is not None  # a manifest was found, so at least one member was read
-    if reader.count % _BLOCK or reader.tail != bytes(_END_OF_ARCHIVE):
-        raise BundleError(f"{path.name}: does not end with the tar end-of-archive marker ({reader.count} bytes): "
-                          "truncated, or bytes were appended")
     return BundleCheck(manifest=manifest, sha256=reader.digest.hexdigest(), size=reader.count, members=actual,
                        signature=signature)
 

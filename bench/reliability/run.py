@@ -18,6 +18,11 @@ Categories (each writes counts into ``bench/reliability/results.json`` and ``REL
   sequential requests, oversize bodies, prompts beyond the context, bad parameters, clients
   that disconnect mid-stream; checks status codes, hangs, and the server's RSS after the load.
 * ``fuzz``: ``pytest -m fuzz tests/reliability`` with ``EDGEPACK_FUZZ_EXAMPLES`` raised.
+* the attack families of issue #20, one module each beside this file (see :data:`FAMILIES`):
+  ``bundle-differential`` (mutated signed bundles vs GNU tar), ``template-bombs``,
+  ``token-injection``, ``slowloris``, ``endpoint-drip``, ``bundle-trust`` (forged manifests,
+  a tampered extraction cache), ``run-dir-trust`` (what pack follows and believes) and
+  ``concurrency`` (stages racing on one run dir). Each module's docstring says what it counts.
 
 A failure is any check that does not hold; each is listed with what was seen.
 """
@@ -410,7 +415,31 @@ def disk_full_category() -> dict[str, Any]:
 
 # ----------------------------------------------------------------------------- report
 
-ALL_CATEGORIES = "kill-train,kill-export,kill-pack,server,gguf-native,disk-full,fuzz"
+# Attack families of issue #20: category -> (module beside this file, function(work) -> counts).
+# Each function returns {"tried", "faults", "failures", "failure_list", "details"}.
+FAMILIES: dict[str, tuple[str, str]] = {
+    "bundle-differential": ("bundle_differential", "bundle_differential_category"),
+    "template-bombs": ("template_bombs", "template_bombs_category"),
+    "token-injection": ("token_injection", "token_injection_category"),
+    "slowloris": ("slowloris", "slowloris_category"),
+    "endpoint-drip": ("endpoint_drip", "endpoint_drip_category"),
+    "bundle-trust": ("bundle_trust", "bundle_trust_category"),
+    "run-dir-trust": ("run_dir_trust", "run_dir_trust_category"),
+    "concurrency": ("run_dir_trust", "concurrency_category"),
+}
+ALL_CATEGORIES = ",".join(["kill-train,kill-export,kill-pack,server,gguf-native,disk-full,fuzz", *FAMILIES])
+
+
+def family_category(name: str, work: Path) -> dict[str, Any]:
+    """Run one attack family's module and shape its counts like the other categories."""
+    import importlib
+
+    module, function = FAMILIES[name]
+    t0 = time.monotonic()
+    out = getattr(importlib.import_module(module), function)(work / name)
+    return {"category": name, "inputs_tried": out["tried"], "faults_injected": out["faults"],
+            "failures": out["failures"], "seconds": round(time.monotonic() - t0, 1),
+            "details": out.get("details", []), "failure_details": out.get("failure_list", [])}
 RUN_KEYS = ("command", "loadavg_start", "loadavg_end", "seconds")
 
 
@@ -477,6 +506,7 @@ def write_markdown(results: dict[str, Any], path: Path) -> None:
             lines.append(f"- {c['examples_per_property']} examples per property; pytest: {c['pytest_summary']}")
             for reader, outcomes in c["per_reader"].items():
                 lines.append(f"- {reader}: {outcomes}")
+        lines += [f"- {d}" for d in c.get("details", [])]
         if c["failure_details"]:
             lines += ["", "Failures:", ""] + [f"- {json.dumps(d) if not isinstance(d, str) else d}"
                                               for d in c["failure_details"]]
@@ -520,7 +550,7 @@ def main() -> None:
     only = args.only.split(",")
     args.work.mkdir(parents=True, exist_ok=True)
     rng = random.Random(args.seed)
-    fx = build_fixtures(args.work / "fixtures") if any(c not in ("fuzz", "disk-full") for c in only) else {}
+    fx = build_fixtures(args.work / "fixtures") if any(c not in ("fuzz", "disk-full", *FAMILIES) for c in only) else {}
     categories = []
     for kind in ("train", "export", "pack"):
         if f"kill-{kind}" in only:
@@ -538,6 +568,10 @@ def main() -> None:
     if "fuzz" in only:
         categories.append(fuzz_category(args.fuzz_examples, args.work))
         print(json.dumps({k: v for k, v in categories[-1].items() if k != "per_reader"}), flush=True)
+    for name in FAMILIES:
+        if name in only:
+            categories.append(family_category(name, args.work))
+            print(json.dumps({k: v for k, v in categories[-1].items() if k != "details"}), flush=True)
     if args.merge and (HERE / "results.json").is_file():
         old = json.loads((HERE / "results.json").read_text())
         fresh = {c["category"] for c in categories}

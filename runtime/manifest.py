@@ -1,0 +1,88 @@
+"""The JSON Schema of a bundle's ``manifest.json``: every field the runtime reads, typed.
+
+A manifest is attacker-controlled until its signature is checked, and even a signed one is
+only as careful as whoever packed it, so the reader checks types and ranges here, in one
+place, with ``jsonschema`` (a field of the wrong type used to surface as exit 3 or a
+MemoryError deep inside loading). Every problem is reported at once, naming the key.
+
+The numbers here are validated, not trusted: memory and context decisions are recomputed from
+the model file and the profile/CLI (``runtime/session.py``). Extra keys are allowed, so a newer
+edgepack's additions do not break an older reader within one ``schema_version``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from edgepack.constants import (M_CHAT_TEMPLATE, M_ENTRYPOINT, M_FILES, M_FORMAT, M_GATE, M_GATE_STATUS,
+                                M_LINEAGE, M_MODEL, M_PACK, M_PROFILE, M_QUANT, M_RUNTIME, M_SCHEMA)
+from edgepack.errors import BundleError
+
+_NAME = {"type": "string", "minLength": 1, "maxLength": 255}
+_COUNT = {"type": "integer", "minimum": 0}
+_OBJECT = {"type": "object"}
+# A context longer than any released model's is a forged number, not a deployment choice.
+MAX_CONTEXT_LENGTH = 1 << 21
+
+MANIFEST_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "required": [M_SCHEMA, M_MODEL, M_FORMAT, M_QUANT, M_PROFILE, M_ENTRYPOINT, M_FILES, M_GATE_STATUS],
+    "properties": {
+        M_SCHEMA: {"type": "integer"},
+        M_MODEL: _NAME,
+        M_FORMAT: _NAME,
+        M_QUANT: _NAME,
+        M_ENTRYPOINT: {"type": "string", "minLength": 1, "maxLength": 255},
+        M_GATE_STATUS: {"type": "string", "maxLength": 64},
+        M_PROFILE: {"type": "object", "required": ["name"], "properties": {"name": _NAME}},
+        M_FILES: {"type": "array", "maxItems": 4096, "items": {
+            "type": "object", "required": ["path", "size", "sha256"],
+            "properties": {"path": {"type": "string"}, "size": _COUNT,
+                           "sha256": {"type": "string", "pattern": "^[0-9a-f]{64}$"}}}},
+        M_GATE: _OBJECT,
+        M_LINEAGE: _OBJECT,
+        M_PACK: _OBJECT,
+        M_CHAT_TEMPLATE: {"type": ["string", "null"]},
+        "bundle_name": {"type": "string"},
+        M_RUNTIME: {"type": "object", "properties": {
+            "context_length": {"type": "integer", "minimum": 1, "maximum": MAX_CONTEXT_LENGTH},
+            "threads": {"type": "integer", "minimum": 1, "maximum": 4096},
+            "device": {"type": ["string", "null"], "maxLength": 64},
+            "memory_estimate": {"type": "object", "properties": {"total_bytes": _COUNT}},
+            "stop_tokens": {"type": "array", "maxItems": 4096, "items": {
+                "type": "object", "required": ["id"],
+                "properties": {"id": _COUNT, "text": {"type": "string"}}}},
+            "special_tokens": _OBJECT,
+            "artifact_dir": {"type": "string"},
+            "artifact_sha256": {"type": "string"},
+        }},
+    },
+}
+
+
+def _validator() -> Any:
+    """Draft 2020-12 where "integer" means a JSON integer: ``1e6`` parses as a float and is refused."""
+    from jsonschema import Draft202012Validator, validators
+
+    checker = Draft202012Validator.TYPE_CHECKER.redefine(
+        "integer", lambda _, v: isinstance(v, int) and not isinstance(v, bool))
+    return validators.extend(Draft202012Validator, type_checker=checker)
+
+
+def manifest_problems(manifest: Any) -> list[str]:
+    """Every way ``manifest`` breaks :data:`MANIFEST_SCHEMA`, as ``key: what`` lines (empty when valid)."""
+    validator = _validator()(MANIFEST_SCHEMA)
+    problems = []
+    for error in sorted(validator.iter_errors(manifest), key=lambda e: list(map(str, e.absolute_path))):
+        where = ".".join(str(p) for p in error.absolute_path) or "(top level)"
+        problems.append(f"{where}: {error.message[:160]}")
+    return problems
+
+
+def check_manifest(manifest: Any, bundle: str) -> None:
+    """BundleError listing every schema problem of ``manifest`` (all at once), else nothing."""
+    problems = manifest_problems(manifest)
+    if problems:
+        shown = "; ".join(problems[:8]) + (f"; and {len(problems) - 8} more" if len(problems) > 8 else "")
+        raise BundleError(f"{bundle}: manifest.json is malformed: {shown}",
+                          hint="bundles are written by `edgepack pack`; repack it from the run")
