@@ -116,7 +116,10 @@ class LlamaCppBackend(Backend):
 
     @property
     def n_ctx(self) -> int:
-        return int(self._llm.n_ctx())
+        # llama.cpp pads the context up to a multiple of 256 and reports the padded size, but
+        # llama-cpp-python sizes its token buffer (input_ids) to the size asked for: a prompt
+        # between the two escaped as a bare numpy ValueError. The smaller one is the real limit.
+        return min(int(self._llm.n_ctx()), len(self._llm.input_ids))
 
     @property
     def stop_tokens(self) -> frozenset[int]:
