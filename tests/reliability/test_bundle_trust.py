@@ -135,6 +135,21 @@ def test_forged_runtime_numbers_are_bounded_or_refused(runtime: dict[str, Any], 
     assert call["gpu_layers"] == 0  # the manifest says device "cpu"; no numeric field sets offload
 
 
+@pytest.mark.parametrize("ctx", [2, 17, 300])
+def test_a_context_llama_cpp_pads_is_still_a_clean_limit(ctx: int, tmp_path: Path, tiny_gguf: Path,
+                                                         cache_dir: Path) -> None:
+    """llama.cpp pads a context up to a multiple of 256; llama-cpp-python's buffer is not
+    padded, and a prompt between the two used to escape as a bare numpy ValueError."""
+    from edgepack.errors import UsageError
+
+    bundle = forge_bundle(tmp_path / "small.edgepack", tiny_gguf, runtime={"context_length": ctx})
+    long_prompt = [{"role": "user", "content": "Pump P-101 bearing noise and vibration. " * (ctx // 4 + 1)}]
+    with open_model(bundle) as s:
+        assert s.backend.n_ctx == ctx
+        with pytest.raises(UsageError, match=f"the context holds {ctx}"):
+            s.complete(long_prompt, max_tokens=2)
+
+
 def _peak_rss(cmd: list[str], env: dict[str, str], bound: int, timeout_s: float = 120.0) -> tuple[int, int, str]:
     """Run ``cmd``, polling its RSS; kill it past ``bound`` (so a regression cannot take the
     machine). Returns (exit code, peak RSS, stderr)."""
