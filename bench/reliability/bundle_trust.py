@@ -124,7 +124,7 @@ def _cpus() -> int:
 
 def _forged_manifest_cases(model: Path, keys: tuple[Path, Path], work: Path, fail: Callable[[str], None],
                            details: list[str]) -> tuple[int, int]:
-    from edgepack.errors import BudgetError, BundleError, EdgepackError
+    from edgepack.errors import BudgetError, BundleError, EdgepackError, UsageError
     from edgepack.runtime.gguf_header import read_gguf
     from edgepack.runtime.memory import estimate_gguf_memory
     from edgepack.runtime.session import open_model
@@ -133,7 +133,7 @@ def _forged_manifest_cases(model: Path, keys: tuple[Path, Path], work: Path, fai
     header = read_gguf(model)
     trained = int(header.arch_value("context_length"))
     honest_at = {c: estimate_gguf_memory(header, c)["total_bytes"] for c in (trained, 256)}
-    tried = refused = 0
+    tried = refused = too_small = 0
     ctx_used: dict[int, int] = {}
     for label, runtime in forged_runtimes():
         tried += 1
@@ -141,7 +141,10 @@ def _forged_manifest_cases(model: Path, keys: tuple[Path, Path], work: Path, fai
         with _recording() as seen, _available(None):
             try:
                 with open_model(bundle, key=keys[1]) as s:
-                    s.complete([{"role": "user", "content": "hi"}], max_tokens=2)
+                    try:
+                        s.complete([{"role": "user", "content": "hi"}], max_tokens=2)
+                    except UsageError:  # a context too small for the prompt: a clean exit 2
+                        too_small += 1
             except BundleError:
                 refused += 1
                 continue
@@ -183,7 +186,7 @@ def _forged_manifest_cases(model: Path, keys: tuple[Path, Path], work: Path, fai
                 fail(f"tight memory, {label}: {type(exc).__name__}: {exc}")
     details.append(f"forged runtime fields: {tried} bundles, {refused} refused by the manifest schema, the rest "
                    f"loaded at contexts {dict(sorted(ctx_used.items()))} (model file: {trained}; honest estimate "
-                   f"{honest_at[trained] >> 20} MB)")
+                   f"{honest_at[trained] >> 20} MB); {too_small} too small for the prompt: a clean UsageError")
     return tried, tried
 
 

@@ -120,3 +120,42 @@ def test_teacher_memory_estimate_matches_its_shape(builtin_teacher_gguf: Path) -
     # SmolLM2-135M: 30 layers, 3 KV heads of 64 dims, F16 cache.
     assert est["kv_cache_bytes"] == 30 * 2048 * 3 * (64 + 64) * 2
     assert est["weights_bytes"] == 96_576_768
+
+
+@pytest.mark.parametrize("n_ctx,requested,trained,expected,noted", [
+    (None, None, 512, 512, False),        # bare model: the default, capped at the trained context
+    (None, None, 8192, 2048, False),
+    (None, None, None, 2048, False),
+    (None, 256, 512, 256, False),         # a bundle may ask for less than the model allows
+    (None, 10**6, 512, 512, True),        # ...never more (issue #20 defect 6)
+    (None, 4096, None, 2048, True),       # the file does not say: the bare default is the ceiling
+    (None, "big", 512, 512, True),
+    (None, -5, 512, 512, True),
+    (4096, 10**6, 512, 4096, False),      # the caller's --ctx is used as given; the preflight checks it
+])
+def test_choose_context(n_ctx: int | None, requested: object, trained: int | None, expected: int,
+                        noted: bool) -> None:
+    notes: list[str] = []
+    assert session.choose_context(n_ctx, requested, trained, notes.append) == expected
+    assert bool(notes) == noted
+
+
+def test_choose_context_refuses_a_nonsense_cli_value() -> None:
+    from edgepack.errors import UsageError
+
+    with pytest.raises(UsageError, match="positive integer"):
+        session.choose_context(0, None, 512, lambda _: None)
+
+
+def test_cache_problem_names_the_file(bundle: Path, cache_dir: Path) -> None:
+    from edgepack.runtime.bundle import inspect_bundle
+
+    check = inspect_bundle(bundle)
+    with open_model(bundle):
+        pass
+    folder = cache_dir / "bundles" / check.sha256
+    assert session.cache_problem(folder, check.members) is None
+    data = bytearray((folder / "tiny-F16.gguf").read_bytes())
+    data[-1] ^= 1
+    (folder / "tiny-F16.gguf").write_bytes(bytes(data))
+    assert session.cache_problem(folder, check.members) == "tiny-F16.gguf: sha256 differs from the bundle's"
