@@ -1,7 +1,7 @@
 """From data/train.jsonl rows to the tensors one KD step needs.
 
 Each row becomes an :class:`Example`: the student's token ids (chat-templated prompt, then
-the teacher's answer and EOS) and the teacher's ids (the same, with the teacher-only context
+the teacher's answer and EOS; message and answer text never parsed for control tokens) and the teacher's ids (the same, with the teacher-only context
 turns inside the prompt). Both end in the same answer tokens, so the answer positions line
 up one to one; loss is taken only there. The order of examples is a pure function of
 (seed, step), which makes the step number the data cursor for resuming.
@@ -58,8 +58,10 @@ class Example:
 
 
 def _template_ids(tokenizer: Any, messages: list[dict[str, str]]) -> list[int]:
-    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-    return list(ids["input_ids"] if isinstance(ids, dict) else ids)
+    # The runtime's ids for the same chat: message text never becomes control tokens.
+    from edgepack.runtime.chat_tokens import hf_chat_ids
+
+    return hf_chat_ids(tokenizer, messages)
 
 
 def tokenize_rows(tokenizer: Any, rows: list[dict[str, Any]], context: list[dict[str, str]],
@@ -69,7 +71,8 @@ def tokenize_rows(tokenizer: Any, rows: list[dict[str, Any]], context: list[dict
     out: list[Example] = []
     too_long = 0
     for i, row in enumerate(rows):
-        answer = tokenizer(row["response"], add_special_tokens=False).input_ids + [eos]
+        # The answer is text too: a typed "<|im_end|>" in it is not the end-of-turn token.
+        answer = tokenizer(row["response"], add_special_tokens=False, split_special_tokens=True).input_ids + [eos]
         s_prompt = _template_ids(tokenizer, row["messages"])
         t_prompt = _template_ids(tokenizer, with_teacher_context(row["messages"], context)) if context else s_prompt
         if len(s_prompt) + len(answer) > max_length:

@@ -68,14 +68,15 @@ def _generate_answers(model: Any, tok: Any, rows: list[dict[str, Any]], progress
     """Greedy answers, GEN_BATCH prompts at a time (left-padded: one decode step serves all)."""
     import torch
 
+    from edgepack.runtime.chat_tokens import hf_chat_ids
+
     model.eval()
     eos = tok.eos_token_id
     pad = tok.pad_token_id if tok.pad_token_id is not None else eos
     answers: list[str] = []
     progress(task, 0, len(rows))
     for start in range(0, len(rows), GEN_BATCH):
-        prompts = [tok.apply_chat_template(r["messages"], add_generation_prompt=True)
-                   for r in rows[start:start + GEN_BATCH]]
+        prompts = [hf_chat_ids(tok, r["messages"]) for r in rows[start:start + GEN_BATCH]]
         width = max(len(p) for p in prompts)
         ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts])
         mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])

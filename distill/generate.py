@@ -4,10 +4,11 @@ Generators are registered by :attr:`TeacherSource.kind` in :data:`GENERATORS`. E
 the teacher once and yields a function ``messages -> Generation``; :func:`generate_many`
 answers a batch in order (concurrently for endpoint teachers, see endpoint.py). Prompts are always
 rendered with the chat template of the materialized teacher folder (``RUN/teacher``) through
-transformers' ``apply_chat_template``, which renders in jinja2's ImmutableSandboxedEnvironment;
-the GGUF generator feeds the rendered text to llama.cpp with ``special=True`` so ChatML
-markers become their special tokens. Endpoint teachers send the messages as they are; the
-server applies its model's own template.
+transformers' ``apply_chat_template``, which renders in jinja2's ImmutableSandboxedEnvironment,
+and tokenized by :mod:`edgepack.runtime.chat_tokens`: the template's markup (``<|im_start|>``...)
+becomes its control tokens, message text never does (a prompt that types ``<|im_start|>system``
+stays text). Endpoint teachers send the messages as they are; the server applies its model's
+own template.
 
 Every answer can be kept in the on-disk answer cache (answer_cache.py): endpoint teachers
 always use it; local teachers do when :func:`open_generator` gets ``cache_dir``, and then
@@ -147,12 +148,20 @@ def _llamacpp(source: TeacherSource, teacher_dir: Path, params: DecodeParams,
     from llama_cpp import Llama
     from transformers import AutoTokenizer
 
+    from edgepack.runtime.chat_tokens import encode_chat, llama_control_tokens
+
     tok = AutoTokenizer.from_pretrained(teacher_dir)
     llm = Llama(model_path=str(source.path), n_ctx=params.n_ctx, n_threads=threads or os.cpu_count(),
                 seed=params.seed, verbose=False)
+    control = llama_control_tokens(llm)
+
+    def tokenize(text: str, special: bool) -> list[int]:
+        return list(llm.tokenize(text.encode("utf-8"), add_bos=False, special=special))
 
     def generate(messages: Messages) -> Generation:
-        ids = llm.tokenize(render_prompt(tok, messages).encode("utf-8"), add_bos=False, special=True)
+        # No BOS of llama.cpp's own: the HF template writes it where the model wants one.
+        ids = encode_chat(messages, render=lambda m: render_prompt(tok, m), tokenize=tokenize,
+                          control_tokens=control)
         if len(ids) + params.max_new_tokens > params.n_ctx:
             raise UsageError(f"a prompt of {len(ids)} tokens does not fit the teacher context ({params.n_ctx})",
                              hint="shorten the prompt")
@@ -176,6 +185,8 @@ def _transformers(source: TeacherSource, teacher_dir: Path, params: DecodeParams
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from edgepack.runtime.chat_tokens import hf_chat_ids
+
     tok = AutoTokenizer.from_pretrained(teacher_dir)
     model = AutoModelForCausalLM.from_pretrained(teacher_dir, dtype=torch.float32,
                                                  trust_remote_code=source.trust_remote_code)
@@ -186,7 +197,7 @@ def _transformers(source: TeacherSource, teacher_dir: Path, params: DecodeParams
                 else {"do_sample": False, "temperature": None, "top_p": None, "top_k": None})
 
     def generate(messages: Messages) -> Generation:
-        ids = tok(render_prompt(tok, messages), add_special_tokens=False, return_tensors="pt").input_ids
+        ids = torch.tensor([hf_chat_ids(tok, messages)], dtype=torch.long)
         torch.manual_seed(params.seed)
         with torch.no_grad():
             out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=params.max_new_tokens,

@@ -94,15 +94,23 @@ def choose_num_layers(teacher: Any, profile: Profile, max_fraction: float = MAX_
         hint="pass --student with a smaller HF model sharing the teacher's tokenizer, or use a larger profile")
 
 
-def layer_importance(model: Any, tokenizer: Any, texts: Sequence[str], max_length: int = 256) -> list[float]:
-    """Per-block 1 - cos(input, output), averaged over the non-pad tokens of ``texts``."""
+def calibration_ids(tokenizer: Any, texts: Sequence[str | Sequence[int]], max_length: int) -> list[list[int]]:
+    """Token ids of calibration items: a text is tokenized as is, a list of ids (a chat already
+    tokenized by :func:`~edgepack.runtime.chat_tokens.hf_chat_ids`) is taken as given."""
+    return [(list(t) if not isinstance(t, str) else tokenizer(t, add_special_tokens=False).input_ids)[:max_length]
+            for t in texts]
+
+
+def layer_importance(model: Any, tokenizer: Any, texts: Sequence[str | Sequence[int]],
+                     max_length: int = 256) -> list[float]:
+    """Per-block 1 - cos(input, output), averaged over the non-pad tokens of ``texts`` (texts or ids)."""
     import torch
 
     if not texts:
         raise UsageError("layer importance needs at least one calibration text")
     _, layers = decoder_layers(model)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    enc = [tokenizer(t, add_special_tokens=False).input_ids[:max_length] for t in texts]
+    enc = calibration_ids(tokenizer, texts, max_length)
     width = max(len(e) for e in enc)
     ids = torch.tensor([e + [pad] * (width - len(e)) for e in enc])
     mask = torch.tensor([[1] * len(e) + [0] * (width - len(e)) for e in enc])
@@ -177,14 +185,15 @@ def build_student(teacher: Any, keep: Sequence[int]) -> Any:
     return student
 
 
-def prune_teacher(teacher: Any, tokenizer: Any, *, calibration: Sequence[str] = (), num_layers: int | None = None,
+def prune_teacher(teacher: Any, tokenizer: Any, *, calibration: Sequence[str | Sequence[int]] = (),
+                  num_layers: int | None = None,
                   keep: Sequence[int] | None = None, max_length: int = 256, mlp_keep: float = 1.0,
                   kept_channels: Sequence[Sequence[int]] | None = None,
                   progress: ProgressFn = null_progress) -> tuple[Any, dict[str, Any]]:
     """Depth-prune a loaded teacher, then optionally width-prune its MLPs; return (student, description).
 
     Give either ``keep`` (explicit block indices) or ``num_layers`` plus ``calibration``
-    texts (already chat-templated) to rank the blocks. ``mlp_keep`` < 1 keeps that fraction of
+    texts (already chat-templated) or token ids to rank the blocks. ``mlp_keep`` < 1 keeps that fraction of
     each block's MLP channels, ranked on the calibration texts (width.py); ``kept_channels``
     (from an earlier description) rebuilds the same student without ranking again.
     """

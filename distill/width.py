@@ -37,18 +37,19 @@ def _projections(model: Any) -> tuple[str, str, str]:
     return GATED_MLPS[arch]
 
 
-def channel_importance(model: Any, tokenizer: Any, texts: Sequence[str], max_length: int = 256) -> list[Any]:
+def channel_importance(model: Any, tokenizer: Any, texts: Sequence[str | Sequence[int]],
+                       max_length: int = 256) -> list[Any]:
     """Per block, a [intermediate] tensor: mean |input of down| over real tokens × the down column norm."""
     import torch
 
-    from edgepack.distill.student import decoder_layers
+    from edgepack.distill.student import calibration_ids, decoder_layers
 
     _, _, down_name = _projections(model)
     _, layers = decoder_layers(model)
     if not texts:
         raise UsageError("width pruning needs at least one calibration text")
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    enc = [tokenizer(t, add_special_tokens=False).input_ids[:max_length] for t in texts]
+    enc = calibration_ids(tokenizer, texts, max_length)
     width = max(len(e) for e in enc)
     ids = torch.tensor([e + [pad] * (width - len(e)) for e in enc])
     mask = torch.tensor([[1.0] * len(e) + [0.0] * (width - len(e)) for e in enc])

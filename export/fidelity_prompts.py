@@ -4,7 +4,8 @@ Both the fidelity report (:mod:`edgepack.export.fidelity`) and the importance ma
 (:mod:`edgepack.export.gguf.imatrix`) read chat rows the way the distill stage writes them
 (``RUN/data/train.jsonl`` / ``holdout.jsonl``: ``{"messages": [...], "response": str|null}``)
 and turn them into token ids with the reference model's own chat template, rendered by
-transformers' ``apply_chat_template`` (jinja2 ``ImmutableSandboxedEnvironment``).
+transformers' ``apply_chat_template`` (jinja2 ``ImmutableSandboxedEnvironment``); message text
+is tokenized with special-token parsing off, so only the template's markup makes control tokens.
 
 A row is one of:
 
@@ -165,28 +166,36 @@ def load_tokenizer(hf_dir: Path) -> Any:
         raise ModelSourceError(f"cannot load the tokenizer of {hf_dir}: {exc}") from exc
 
 
-def _render(tokenizer: Any, row: EvalRow, *, with_response: bool) -> str:
-    if row.messages is None:
-        return row.text or ""
+def _chat(tokenizer: Any, row: EvalRow, *, with_response: bool) -> tuple[list[dict[str, str]], bool]:
+    """The messages of a chat row (with its response as the assistant turn when asked) and
+    whether the template should add the generation prompt."""
     if not tokenizer.chat_template:
         raise ModelSourceError("the reference tokenizer has no chat template; chat rows cannot be rendered",
                                hint="pass raw-text prompts, or export a model with a chat template")
     messages = row.message_dicts()
     if with_response and row.response:
-        messages.append({"role": "assistant", "content": row.response})
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=False)
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return [*messages, {"role": "assistant", "content": row.response}], False
+    return messages, True
 
 
 def rendered_text(tokenizer: Any, row: EvalRow, *, with_response: bool) -> str:
-    """The exact text fed to the tokenizer for ``row`` (chat-templated unless raw)."""
-    return _render(tokenizer, row, with_response=with_response)
+    """The text of ``row`` as the model sees it (chat-templated unless raw)."""
+    if row.messages is None:
+        return row.text or ""
+    messages, generation_prompt = _chat(tokenizer, row, with_response=with_response)
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
 
 
 def encode_row(tokenizer: Any, row: EvalRow, *, with_response: bool, max_tokens: int | None = None) -> list[int]:
-    """Token ids of ``row``: chat rows through the chat template (which carries any BOS, as
-    transformers' ``apply_chat_template(tokenize=True)`` does), raw text with the tokenizer's
-    own special-token policy. Truncated to ``max_tokens``."""
-    text = _render(tokenizer, row, with_response=with_response)
-    ids = list(tokenizer.encode(text, add_special_tokens=row.messages is None))
+    """Token ids of ``row``, truncated to ``max_tokens``. Chat rows through the chat template,
+    which carries any BOS (as transformers' ``apply_chat_template(tokenize=True)`` does), with
+    message text never parsed for special tokens (:func:`~edgepack.runtime.chat_tokens.hf_chat_ids`);
+    raw text with the tokenizer's own special-token policy (it is the caller's whole prompt)."""
+    if row.messages is None:
+        ids = list(tokenizer.encode(row.text or "", add_special_tokens=True))
+    else:
+        from edgepack.runtime.chat_tokens import hf_chat_ids
+
+        messages, generation_prompt = _chat(tokenizer, row, with_response=with_response)
+        ids = hf_chat_ids(tokenizer, messages, add_generation_prompt=generation_prompt)
     return ids[:max_tokens] if max_tokens else ids

@@ -78,6 +78,15 @@ class Backend(ABC):
         return {}
 
     @property
+    def control_tokens(self) -> dict[str, int]:
+        """Texts of the tokens :meth:`tokenize` makes only with ``parse_special`` on (text → id).
+
+        Chat prompts keep these out of message text (:mod:`edgepack.runtime.chat_tokens`); a
+        backend that leaves this empty tokenizes chat prompts as one string.
+        """
+        return {}
+
+    @property
     def info(self) -> dict[str, Any]:
         """What was loaded, for reports (library version, GPU offload, ...)."""
         return {"format": self.format}
@@ -123,13 +132,30 @@ class Backend(ABC):
         return render_chat(template, messages, add_generation_prompt=add_generation_prompt,
                            **self.special_tokens)
 
+    def leading_special_ids(self) -> list[int]:
+        """The ids :meth:`tokenize` puts before any text with ``add_special`` (BOS where the model wants one)."""
+        plain = self.tokenize("a", add_special=False)
+        full = self.tokenize("a", add_special=True)
+        for k in range(len(full) - len(plain) + 1):
+            if full[k:k + len(plain)] == plain:
+                return full[:k]
+        return []
+
     def chat_tokens(self, messages: Sequence[dict[str, Any]]) -> list[int]:
-        """Token ids of the rendered chat prompt, with BOS added once at most."""
-        prompt = self.render_chat(messages)
-        bos = self.special_tokens.get("bos_token", "")
+        """Token ids of the rendered chat prompt, with BOS added once at most.
+
+        Only the template's markup may yield control tokens: message text is tokenized with
+        special parsing off (:func:`edgepack.runtime.chat_tokens.encode_chat`), so a user
+        typing ``<|im_start|>system`` gets text, not a new turn.
+        """
+        from edgepack.runtime.chat_tokens import encode_chat
+
         # Templates that write {{ bos_token }} themselves must not get a second BOS.
-        add_special = not (bos and prompt.startswith(bos))
-        return self.tokenize(prompt, add_special=add_special, parse_special=True)
+        return encode_chat(messages, render=self.render_chat,
+                           tokenize=lambda text, special: self.tokenize(text, add_special=False,
+                                                                        parse_special=special),
+                           control_tokens=self.control_tokens, bos=self.leading_special_ids(),
+                           bos_text=self.special_tokens.get("bos_token", ""))
 
     def decode_stream(self, tokens: Iterator[int]) -> Iterator[str]:
         """Turn a token stream into text pieces, never splitting a UTF-8 character."""

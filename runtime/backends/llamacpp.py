@@ -79,6 +79,9 @@ class LlamaCppBackend(Backend):
         self._stop = frozenset(
             t for t in range(llm.n_vocab()) if llama_cpp.llama_vocab_is_eog(self._vocab, t)
         )
+        from edgepack.runtime.chat_tokens import llama_control_tokens
+
+        self._control = llama_control_tokens(llm)
         bos, eos = llm.token_bos(), llm.token_eos()
         self._special = {
             "bos_token": self._piece(bos, special=True).decode("utf-8", "replace") if bos >= 0 else "",
@@ -132,6 +135,10 @@ class LlamaCppBackend(Backend):
     @property
     def special_tokens(self) -> dict[str, str]:
         return dict(self._special)
+
+    @property
+    def control_tokens(self) -> dict[str, int]:
+        return dict(self._control)
 
     @property
     def header(self) -> GGUFInfo:

@@ -148,6 +148,8 @@ class OnnxRuntimeBackend(Backend):
         vocab = {i: t for t, i in self._tok.get_vocab(with_added_tokens=True).items()}
         added = self._tok.get_added_tokens_decoder()
         special = {i for i, t in added.items() if t.special}
+        # What encode_special_tokens (the plain tokenizer above) leaves as text.
+        self._control = {t.content: int(i) for i, t in added.items() if t.special and t.content}
         self._bytes = token_bytes_table(json.loads(tok_path.read_text(encoding="utf-8")), vocab, special)
         self._special = {"bos_token": _token_text(tok_config.get("bos_token")),
                          "eos_token": _token_text(tok_config.get("eos_token"))}
@@ -225,6 +227,10 @@ class OnnxRuntimeBackend(Backend):
     @property
     def special_tokens(self) -> dict[str, str]:
         return dict(self._special)
+
+    @property
+    def control_tokens(self) -> dict[str, int]:
+        return dict(self._control)
 
     @property
     def graph(self) -> OnnxGraphInfo:
