@@ -217,7 +217,7 @@ def choose_context(n_ctx: int | None, requested: Any, trained: int | None, note:
     if asked > ceiling:
         why = f"the model was trained for {trained}" if trained else \
             f"the model file does not say its trained context, so at most {DEFAULT_BARE_CTX}"
-        note(f"{source} asks for context length {asked}; {why}; using {ceiling} (pass --ctx to choose)")
+        note(f"{source} asks for context length {asked}; {why}; using {ceiling}")
         return ceiling
     return asked
 
