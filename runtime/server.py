@@ -16,19 +16,25 @@ Exposure defaults follow llama-server's README and the faults listed in THREATS.
 - no CORS headers at all, POST bodies must be ``application/json`` (so a web page cannot
   send a "simple" cross-origin request without a preflight that fails), and a loopback
   server without a key only answers ``Host: localhost / 127.0.0.1 / ::1`` (DNS rebinding);
-- limits: body size (413), open connections (503), prompt beyond the context (400), invalid
-  parameters (400), one generation at a time plus ``max_queue`` waiters (429 when full),
-  a per-request deadline covering queue and generation (504), and a client that goes away
-  stops its generation at the next token.
+- limits: a request's headers must arrive within ``header_timeout_s`` of connecting and its
+  body within ``body_timeout_s`` (408; slowloris), connections still sending are capped per
+  client and in all (the oldest is displaced, 503), requests being handled are capped (503),
+  body size (413), a prompt over ``n_ctx`` x ``MAX_PROMPT_BYTES_PER_TOKEN`` (32) bytes is
+  refused before it is tokenized and one beyond the context after (400), invalid
+  parameters and strings that are not valid Unicode (400), one generation at a time plus
+  ``max_queue`` waiters, counted from before tokenizing (429 when full), a per-request deadline
+  covering tokenizing, queue and generation (504), and a client that goes away stops its
+  generation at the next token.
 
 The server is ``http.server.ThreadingHTTPServer`` with HTTP/1.0 responses (one request per
-connection): no dependency beyond the standard library and llama-cpp-python. This module
-holds the configuration and the lifecycle; the pieces live beside it:
-``server_http`` (connection cap, routing, replies, small endpoints), ``server_request``
-(Host, key, body and context checks), ``server_stream`` (one generation request: queue,
-SSE stream or whole answer), ``server_api`` (the OpenAI wire format), ``server_engine`` (the
-model queue and one generation), ``server_metrics`` (Prometheus text) and
-``server_fallback`` (the teacher fallback).
+connection) fed by a selector-based intake: no dependency beyond the standard library and
+llama-cpp-python. This module holds the configuration and the lifecycle; the pieces live beside
+it: ``server_intake`` (accepting, header/body deadlines, pending-connection caps, draining),
+``server_http`` (handler cap, routing, replies, small endpoints), ``server_request`` (Host,
+key, body, size and context checks, tokenizing under the deadline), ``server_stream`` (one
+generation request: queue, SSE stream or whole answer), ``server_api`` (the OpenAI wire
+format), ``server_engine`` (the model queue and its places, one generation),
+``server_metrics`` (Prometheus text) and ``server_fallback`` (the teacher fallback).
 """
 
 from __future__ import annotations
@@ -70,6 +76,15 @@ class ServeConfig:
     """Per-request deadline (queue + generation); past it the request ends with 504."""
     max_body_bytes: int = 1 << 20
     max_connections: int = 64
+    """Requests being handled at once (a handler thread each); the next gets 503 at once."""
+    max_pending: int = 512
+    """Connections still sending their request (no thread); past it the oldest is closed (503)."""
+    max_pending_per_client: int = 256
+    """The same, per client address: one client's new connection displaces only its own oldest."""
+    header_timeout_s: float = 10.0
+    """Total time from connecting to the end of the request headers, however often bytes arrive (408)."""
+    body_timeout_s: float = 30.0
+    """Total time from the end of the headers to the end of the body (408)."""
     default_max_tokens: int = 512
     """max_tokens when a request gives none (capped by what is left of the context)."""
     n_ctx: int | None = None
@@ -82,7 +97,7 @@ class ServeConfig:
     """Mean token log-probability below which the teacher answers (required with fallback)."""
     allowed_hosts: tuple[str, ...] = ("localhost", "127.0.0.1", "::1")
     read_timeout_s: float = 30.0
-    """Socket timeout for reading a request and for each write to a slow reader."""
+    """Socket timeout for each write to a slow reader (reading a request has the deadlines above)."""
     shutdown_grace_s: float = 5.0
     """On stop: how long running and queued requests may finish before being cancelled."""
     public_key: Path | None = None
@@ -92,11 +107,12 @@ class ServeConfig:
         problems = []
         if not 0 <= self.port <= 65535:
             problems.append(f"port {self.port} is not 0-65535")
-        for name in ("max_queue", "max_body_bytes", "max_connections", "default_max_tokens"):
+        for name in ("max_queue", "max_body_bytes", "max_connections", "max_pending", "max_pending_per_client",
+                     "default_max_tokens"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < (0 if name == "max_queue" else 1):
                 problems.append(f"{name} must be a {'non-negative' if name == 'max_queue' else 'positive'} integer")
-        for name in ("timeout_s", "read_timeout_s"):
+        for name in ("timeout_s", "read_timeout_s", "header_timeout_s", "body_timeout_s"):
             if not getattr(self, name) > 0:
                 problems.append(f"{name} must be > 0")
         if self.fallback is not None and self.fallback_min_logprob is None:

@@ -5,7 +5,10 @@ A llama.cpp context is not thread-safe, so exactly one request generates at a ti
 refuses the next one at once (the HTTP layer answers 429) instead of letting requests pile up
 (llama-cpp-python's server serializes behind one lock with no bound, and two users can
 freeze it: llama-cpp-python #1995). A waiter leaves the queue when its deadline passes,
-its client disconnects or the server stops.
+its client disconnects or the server stops. A request takes its place (:meth:`Scheduler.reserve`)
+before it is tokenized: tokenizing costs CPU too (quadratic in llama.cpp for text dense in
+special tokens, issue #20 defect 10), so it counts against the same ``max_queue + 1`` places,
+and a tokenization that outlives its request keeps its place until it ends.
 
 :func:`run_job` runs one generation while holding the slot: it asks ``should_stop`` before
 every token (deadline, client gone, shutdown), so a request never holds the model past its
@@ -50,6 +53,7 @@ class Scheduler:
         self.max_queue = max_queue
         self._cond = threading.Condition()
         self._busy = False
+        self._preparing = 0  # reserved places: requests being tokenized
         self._waiting: deque[object] = deque()
         self._closing = False
         self._on_change = on_change or (lambda queued, running: None)
@@ -61,19 +65,38 @@ class Scheduler:
     def _changed(self) -> None:
         self._on_change(len(self._waiting), int(self._busy))
 
-    def acquire(self, deadline: float, gone: Callable[[], bool]) -> None:
-        """Wait for the model (FIFO) until ``deadline`` (time.monotonic); raise :class:`Stop`.
-
-        Refuses at once with ``queue_full`` when the model is busy and ``max_queue`` requests
-        already wait.
-        """
-        ticket = object()
+    def reserve(self) -> Reservation:
+        """A place for one request, taken before it is tokenized; :class:`Stop` ``queue_full``
+        at once when ``max_queue + 1`` requests are being tokenized, waiting or generating."""
         with self._cond:
             if self._closing:
                 raise Stop("shutting_down", "the server is shutting down")
-            if (self._busy or self._waiting) and len(self._waiting) >= self.max_queue:
-                raise Stop("queue_full", f"the model is busy and {len(self._waiting)} requests are "
-                                         f"already waiting (queue limit {self.max_queue}); retry later")
+            held = int(self._busy) + len(self._waiting) + self._preparing
+            if held > self.max_queue:
+                raise Stop("queue_full", f"the model is busy and {held - 1} requests are already waiting "
+                                         f"(queue limit {self.max_queue}); retry later")
+            self._preparing += 1
+        return Reservation(self)
+
+    def _unreserve(self) -> None:
+        with self._cond:
+            self._preparing -= 1
+            self._cond.notify_all()
+
+    def acquire(self, deadline: float, gone: Callable[[], bool], reservation: Reservation | None = None) -> None:
+        """Wait for the model (FIFO) until ``deadline`` (time.monotonic); raise :class:`Stop`.
+
+        Without a ``reservation`` one is taken first (refused at once with ``queue_full`` when
+        the model is busy and ``max_queue`` requests already wait); with one, it is used up.
+        """
+        if reservation is None:
+            reservation = self.reserve()
+        ticket = object()
+        with self._cond:
+            reservation.used()
+            self._preparing -= 1
+            if self._closing:
+                raise Stop("shutting_down", "the server is shutting down")
             self._waiting.append(ticket)
             self._changed()
             try:
@@ -105,15 +128,43 @@ class Scheduler:
             self._cond.notify_all()
 
     def wait_idle(self, timeout_s: float) -> bool:
-        """True once nobody holds or waits for the model (within ``timeout_s``)."""
+        """True once nobody holds, waits for or has reserved the model (within ``timeout_s``)."""
         end = time.monotonic() + timeout_s
         with self._cond:
-            while self._busy or self._waiting:
+            while self._busy or self._waiting or self._preparing:
                 remaining = end - time.monotonic()
                 if remaining <= 0:
                     return False
                 self._cond.wait(min(remaining, POLL_S))
         return True
+
+
+class Reservation:
+    """A request's place with a :class:`Scheduler`: used up by ``acquire``, or given back
+    with :meth:`release` (idempotent, any thread)."""
+
+    def __init__(self, scheduler: Scheduler) -> None:
+        self._scheduler = scheduler
+        self._lock = threading.Lock()
+        self._held = True
+
+    def used(self) -> None:
+        with self._lock:
+            if not self._held:
+                raise RuntimeError("this reservation was already used or released")
+            self._held = False
+
+    def release(self) -> None:
+        with self._lock:
+            held, self._held = self._held, False
+        if held:
+            self._scheduler._unreserve()
+
+    def transfer(self) -> Reservation:
+        """The same place under a new owner (this one is then spent): a tokenizing worker
+        keeps the place of a request that ended before its tokens were ready."""
+        self.used()
+        return Reservation(self._scheduler)
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,10 @@
-"""The HTTP side of the model server: the connection cap, routing, replies and small endpoints.
+"""The HTTP side of the model server: handler threads, routing, replies and small endpoints.
 
-:class:`HTTPServer` is a ``ThreadingHTTPServer`` (one thread per connection) that refuses
-connections past ``max_connections`` with a fixed 503 before spawning a thread.
+:class:`HTTPServer` is a ``ThreadingHTTPServer`` whose accept loop is the
+:class:`~edgepack.runtime.server_intake.Intake`: connections are collected there, without a
+thread, until their request has arrived (headers and body within their deadlines), so idle or
+dripping clients cannot hold the handlers (slowloris). A complete request gets a handler thread
+unless ``max_connections`` requests are already being handled (then a fixed 503 at once).
 :class:`Handler` answers one request per connection (HTTP/1.0): it routes by method and path
 (:data:`ROUTES`), checks the Host header and the API key
 (:mod:`~edgepack.runtime.server_request`), answers ``/health``, ``/metrics`` and
@@ -12,20 +15,24 @@ body, counted once in ``/metrics``.
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import socket
 import socketserver
 import threading
 import traceback
+from email.message import Message
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote, urlsplit
 
 from edgepack.errors import UsageError
 from edgepack.runtime.server_api import HttpReject, error_body
+from edgepack.runtime.server_intake import (DRAIN_LIMIT_BYTES, Arrival, Intake, IntakeLimits, PrefixedReader,
+                                            SocketWriter, canned_reply, send_and_close)
 from edgepack.runtime.server_metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
-from edgepack.runtime.server_request import body_length, check_auth, check_host, drain, parse_json_body
+from edgepack.runtime.server_request import body_length, check_auth, check_host, declared_length, parse_json_body
 from edgepack.runtime.server_stream import Generation
 
 if TYPE_CHECKING:
@@ -45,11 +52,21 @@ ROUTES = {
 _PATHS = {path for _, path in ROUTES}
 
 
+def request_path(target: str) -> str:
+    """The decoded path of a request target; ``""`` when the target is not a URL at all
+    (``urlsplit`` refuses an unclosed ``[`` as a bad IPv6 host)."""
+    try:
+        return unquote(urlsplit(target).path)
+    except ValueError:
+        return ""
+
+
 class HTTPServer(ThreadingHTTPServer):
-    """ThreadingHTTPServer bound for one :class:`~edgepack.runtime.server.ModelServer`."""
+    """ThreadingHTTPServer bound for one :class:`~edgepack.runtime.server.ModelServer`,
+    fed by an :class:`~edgepack.runtime.server_intake.Intake` instead of a blocking accept."""
 
     daemon_threads = True
-    request_queue_size = 64
+    request_queue_size = 128
 
     def __init__(self, address: tuple[str, int], app: ModelServer) -> None:
         self.app = app
@@ -61,13 +78,44 @@ class HTTPServer(ThreadingHTTPServer):
         except OSError as exc:
             raise UsageError(f"cannot listen on {address[0]!r}: {exc}") from exc
         super().__init__(address, Handler)
+        config = app.config
+        self.intake = Intake(self.socket, IntakeLimits(header_timeout_s=config.header_timeout_s,
+                                                       body_timeout_s=config.body_timeout_s,
+                                                       max_pending=config.max_pending,
+                                                       max_pending_per_client=config.max_pending_per_client),
+                             app.metrics, self.body_to_collect, self.dispatch, config.max_connections)
 
     def server_bind(self) -> None:
         # HTTPServer.server_bind calls getfqdn(), a reverse DNS lookup that can stall offline.
         socketserver.TCPServer.server_bind(self)
         self.server_name, self.server_port = str(self.server_address[0]), int(self.server_address[1])
 
-    def process_request(self, request: Any, client_address: Any) -> None:
+    def serve_forever(self, poll_interval: float = 0.5) -> None:
+        self.intake.serve(poll_interval)
+
+    def shutdown(self) -> None:
+        self.intake.stop()
+
+    def server_close(self) -> None:
+        super().server_close()
+        self.intake.close()
+
+    def body_to_collect(self, method: str, target: str, headers: Message) -> int:
+        """Bytes of body the intake collects before handing the request over: the declared
+        length of a POST to a generation endpoint that passes the Host, key, type and size
+        checks; 0 (hand over now, the handler refuses it) for anything else."""
+        if method != "POST" or ROUTES.get(("POST", request_path(target))) not in ("_chat", "_completion"):
+            return 0
+        try:
+            check_host(headers, self.app)
+            check_auth(headers, self.app.config.api_key)
+            return body_length(headers, self.app.config.max_body_bytes)
+        except HttpReject:
+            return 0
+
+    def dispatch(self, arrival: Arrival) -> None:
+        """A handler thread for ``arrival``, or a fixed 503 when ``max_connections`` are busy
+        (called by the intake's thread: nothing here may block)."""
         with self._open_lock:
             full = self._open >= self.app.config.max_connections
             if not full:
@@ -75,29 +123,36 @@ class HTTPServer(ThreadingHTTPServer):
         if full:
             self.app.metrics.reject("too_many_connections")
             self.app.metrics.request("other", 503)
-            body = json.dumps(error_body("too many open connections; retry later", "server_error",
-                                         code="too_many_connections")).encode()
-            try:
-                request.settimeout(1.0)
-                request.sendall(b"HTTP/1.0 503 Service Unavailable\r\nContent-Type: application/json\r\n"
-                                b"Retry-After: 1\r\nConnection: close\r\nContent-Length: "
-                                + str(len(body)).encode() + b"\r\n\r\n" + body)
-            except OSError:
-                pass
-            self.shutdown_request(request)
+            send_and_close(arrival.sock, canned_reply(503, "Service Unavailable",
+                                                      "too many requests are being handled; retry later",
+                                                      "too_many_connections", retry=True))
             return
         self.app.metrics.gauges(connections_delta=1)
         try:
-            super().process_request(request, client_address)
-        except BaseException:
+            self.process_request(arrival, arrival.address)
+        except Exception:  # noqa: BLE001 - no thread to be had (the intake must go on)
             self._closed_one()
-            raise
+            self.app.metrics.reject("too_many_connections")
+            self.app.metrics.request("other", 503)
+            send_and_close(arrival.sock, canned_reply(503, "Service Unavailable", "no handler thread is available; "
+                                                      "retry later", "too_many_connections", retry=True))
 
     def process_request_thread(self, request: Any, client_address: Any) -> None:
         try:
             super().process_request_thread(request, client_address)
         finally:
             self._closed_one()
+
+    def shutdown_request(self, request: Any) -> None:
+        """Close the connection, or give it back to the intake to discard an unread body."""
+        if request.drain_left > 0:
+            self.intake.drain(request)
+        else:
+            try:
+                request.sock.shutdown(socket.SHUT_WR)
+            except OSError:
+                pass
+            request.sock.close()
 
     def _closed_one(self) -> None:
         with self._open_lock:
@@ -117,8 +172,12 @@ class Handler(BaseHTTPRequestHandler):
     sys_version = ""
 
     def setup(self) -> None:
-        self.timeout = self.server.app.config.read_timeout_s
-        super().setup()
+        # The intake has read the request already; rfile serves those bytes, then the socket.
+        arrival: Arrival = self.request
+        self.connection = arrival.sock
+        self.connection.settimeout(self.server.app.config.read_timeout_s)
+        self.rfile = io.BufferedReader(PrefixedReader(arrival.data, self.connection))
+        self.wfile = SocketWriter(self.connection)
         # What server_stream.Generation reads and sets besides the reply methods below:
         self.endpoint = "other"  # the /metrics label: the path when it is a known one
         self.status: int | None = None  # the status sent (499: the client went away); None: nothing sent
@@ -156,7 +215,7 @@ class Handler(BaseHTTPRequestHandler):
         self._dispatch("OPTIONS")  # no CORS: a browser preflight gets 405 and no Allow-Origin
 
     def _dispatch(self, method: str) -> None:
-        path = unquote(urlsplit(self.path).path)
+        path = request_path(self.path)
         model_path = path.startswith("/v1/models/")
         self.endpoint = path if path in _PATHS else ("/v1/models" if model_path else "other")
         # A body the handler never reads is drained after the reply (see _drain).
@@ -164,6 +223,9 @@ class Handler(BaseHTTPRequestHandler):
             and not self.headers.get("Transfer-Encoding")
         try:
             check_host(self.headers, self.app)
+            if not path.startswith("/"):
+                raise HttpReject(400, f"the request target {self.path[:200]!r} is not a path on this server",
+                                 reason="invalid_request")
             route = ROUTES.get((method, path)) or ("_model" if method == "GET" and model_path else None)
             if route is None:
                 if path in _PATHS or model_path:
@@ -209,12 +271,15 @@ class Handler(BaseHTTPRequestHandler):
         return parse_json_body(raw, length)
 
     def _drain(self) -> None:
-        """Discard an unread body (bounded) after the reply, so the client reads the reply, not
-        a reset (:func:`~edgepack.runtime.server_request.drain`)."""
+        """Leave an unread body to the intake, which discards it (bounded) after the reply, so
+        the client reads the reply, not a reset (:meth:`~edgepack.runtime.server_intake.Intake.drain`)."""
         if self._body_read:
             return
         self._body_read = True
-        drain(self.headers, self.rfile, self.connection)
+        arrival: Arrival = self.request
+        declared = None if self.headers.get("Transfer-Encoding") else declared_length(self.headers)
+        received = len(arrival.data) - arrival.head_end
+        arrival.drain_left = DRAIN_LIMIT_BYTES if declared is None else max(0, declared - received)
 
     # --- writing ------------------------------------------------------------------------
     def record(self) -> None:
@@ -225,7 +290,10 @@ class Handler(BaseHTTPRequestHandler):
             self.app.metrics.request(self.endpoint, self.status or 499)
 
     def send_json(self, status: int, obj: Any, headers: dict[str, str] | None = None) -> None:
-        data = json.dumps(obj, ensure_ascii=False).encode("utf-8")
+        try:
+            data = json.dumps(obj, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError:  # a lone surrogate (bodies holding one are refused): escape it
+            data = json.dumps(obj).encode("ascii")
         self.start_reply(status, "application/json", headers, length=len(data))
         self.record()
         self.wfile.write(data)
@@ -295,7 +363,7 @@ class Handler(BaseHTTPRequestHandler):
             self.send_json(200, {"object": "list", "data": [self._model_card()]})
 
     def _model(self) -> None:
-        wanted = unquote(urlsplit(self.path).path)[len("/v1/models/"):]
+        wanted = request_path(self.path)[len("/v1/models/"):]
         with self.app.using_model():
             if wanted != self.app.model_id:
                 raise HttpReject(404, f"model {wanted!r} is not served here; this server serves "

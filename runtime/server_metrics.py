@@ -29,7 +29,11 @@ REJECTION_REASONS: dict[str, str] = {
     "forbidden_host": "Host header not allowed on a loopback server without a key (403)",
     "unsupported_media_type": "POST body not sent as application/json (415)",
     "not_ready": "model still loading (503)",
-    "too_many_connections": "open-connection cap reached (503)",
+    "too_many_connections": "connection caps: a new connection displaced the oldest one still sending its "
+                            "request (per client address or in all), or max_connections requests were being "
+                            "handled (503)",
+    "request_timeout": "the request line and headers, or the body, did not arrive within their deadline (408)",
+    "headers_too_large": "request line and headers over 64 KiB (431)",
     "shutting_down": "server stopping (503)",
     "not_found": "unknown path or model (404)",
     "method_not_allowed": "wrong method for the path (405)",
@@ -86,6 +90,7 @@ class Metrics:
         self.queue_depth = 0
         self.running = 0
         self.connections = 0
+        self.pending = 0
         self.model_loaded = 0
 
     def request(self, endpoint: str, status: int) -> None:
@@ -116,8 +121,10 @@ class Metrics:
                 self.ttft.setdefault(endpoint, Histogram()).observe(ttft_s)
 
     def gauges(self, *, queue_depth: int | None = None, running: int | None = None,
-               connections_delta: int = 0, model_loaded: bool | None = None) -> None:
+               connections_delta: int = 0, pending: int | None = None, model_loaded: bool | None = None) -> None:
         with self._lock:
+            if pending is not None:
+                self.pending = pending
             if queue_depth is not None:
                 self.queue_depth = queue_depth
             if running is not None:
@@ -159,7 +166,9 @@ class Metrics:
             for name, help_text, value in (
                 ("edgepack_queue_depth", "Requests waiting for the model.", self.queue_depth),
                 ("edgepack_generations_running", "Generations on the model now (0 or 1).", self.running),
-                ("edgepack_open_connections", "HTTP connections being handled.", self.connections),
+                ("edgepack_open_connections", "Requests being handled (a handler thread each).", self.connections),
+                ("edgepack_pending_connections", "Connections still sending their request (no thread yet).",
+                 self.pending),
                 ("edgepack_model_loaded", "1 once the model has loaded and /health is ok.", self.model_loaded),
             ):
                 lines += [f"# HELP {name} {help_text}", f"# TYPE {name} gauge", f"{name} {value}"]

@@ -1,4 +1,4 @@
-"""What a request must pass before it reaches the model: Host, API key, body, context.
+"""What a request must pass before it reaches the model: Host, API key, body, size, context.
 
 Each check is a function of the request's headers (and the server's settings) that raises
 :class:`~edgepack.runtime.server_api.HttpReject` with the status to answer:
@@ -8,39 +8,44 @@ Each check is a function of the request's headers (and the server's settings) th
 - :func:`check_auth` — ``Authorization: Bearer <key>`` when a key is set (401);
 - :func:`body_length` — ``Content-Type: application/json`` (415), a ``Content-Length`` and
   no chunked body (411), at most ``max_body_bytes`` (413), all before a byte is read;
-- :func:`parse_json_body` — strict JSON (no NaN/Infinity, bounded nesting; 400);
-- :func:`build_job` — tokenize outside the model lock and refuse a prompt (or prompt plus
-  ``max_tokens``) beyond the context at once (400).
+- :func:`parse_json_body` — strict JSON (no NaN/Infinity, bounded nesting) whose strings are
+  valid Unicode (a lone UTF-16 surrogate such as ``"\\ud800"`` decodes in Python but cannot be
+  encoded for the tokenizer; 400);
+- :func:`check_prompt_size` — a prompt of more than ``n_ctx`` x
+  :data:`MAX_PROMPT_BYTES_PER_TOKEN` bytes cannot fit the context, and is refused before it is
+  tokenized (llama.cpp takes quadratic time on text dense in special tokens: 1 MB cost tens of
+  CPU-seconds, issue #20 defect 10; 400);
+- :func:`tokenize_within` — tokenize on a worker thread under the request's deadline (504);
+- :func:`fit_job` — refuse a prompt (or prompt plus ``max_tokens``) beyond the context (400).
 
-:func:`drain` discards a bounded unread body after an early error reply (413, 411, 401, ...)
-so the client reads the reply instead of a reset; :class:`PeerWatch` tells, without blocking,
-whether the client has gone (a queued or generating request then frees its slot).
+:class:`PeerWatch` tells, without blocking, whether the client has gone (a queued or
+generating request then frees its slot).
 """
 
 from __future__ import annotations
 
 import hmac
-import io
 import json
 import select
 import socket
+import threading
 import time
+from collections.abc import Callable
 from email.message import Message
 from typing import TYPE_CHECKING, Any
 
 from edgepack.errors import InvalidModelFile, UnsafeModelError, UsageError
 from edgepack.runtime.server_api import GenerationRequest, HttpReject
-from edgepack.runtime.server_engine import Job
+from edgepack.runtime.server_engine import Job, Reservation, Stop
 
 if TYPE_CHECKING:
     from edgepack.runtime.server import ModelServer
 
-# An unread body after an early error reply is read and discarded until the client has sent
-# it all, closes, or pauses DRAIN_IDLE_S, but at most DRAIN_LIMIT_BYTES or DRAIN_SECONDS: a
-# bounded cost per connection (connections are capped) that covers a 64 MiB upload at ~15 MB/s.
-DRAIN_LIMIT_BYTES = 256 * 1024 * 1024
-DRAIN_SECONDS = 5.0
-DRAIN_IDLE_S = 1.0
+# Text runs about 2-6 bytes per token; 32 is far above any real prompt that fits the context,
+# and low enough that the largest prompt tokenized at n_ctx 4096 (128 KiB) takes well under a
+# second even when it is nothing but special-token text.
+MAX_PROMPT_BYTES_PER_TOKEN = 32
+TOKENIZE_POLL_S = 0.1  # how often a request waiting for its tokens checks its client and shutdown
 
 
 def check_host(headers: Message, app: ModelServer) -> None:
@@ -102,56 +107,129 @@ def parse_json_body(raw: bytes, length: int) -> Any:
         raise ValueError(f"{name} is not valid JSON")
 
     try:
-        return json.loads(raw.decode("utf-8"), parse_constant=reject_constant)
+        body = json.loads(raw.decode("utf-8"), parse_constant=reject_constant)
     except (ValueError, RecursionError) as exc:
         raise HttpReject(400, f"the body is not valid JSON: {exc}", reason="invalid_request") from None
+    where = lone_surrogate(body)
+    if where is not None:
+        raise HttpReject(400, f"{where[0]} holds a lone UTF-16 surrogate ({where[1]}), which is not valid Unicode "
+                              "text; send each character whole (a surrogate pair, or the UTF-8 bytes)",
+                         reason="invalid_request")
+    return body
 
 
-def drain(headers: Message, rfile: io.BufferedIOBase, connection: socket.socket) -> int:
-    """Discard the request body after the reply has gone out; the number of bytes discarded.
-
-    Closing a socket with unread bytes makes the kernel answer with a reset, and a client still
-    sending its body (``http.client`` sends it all before it reads) then fails on the send and
-    never reads the reply. So: ``shutdown(SHUT_WR)`` first (the reply is complete and a client
-    that reads while it sends sees it with EOF at once), then read and discard up to the declared
-    ``Content-Length`` (until EOF when chunked or undeclared), within the bounds above. A body
-    beyond them still ends in a reset, after the reply and its EOF were sent.
-    """
-    declared = None if headers.get("Transfer-Encoding") else declared_length(headers)
-    left = DRAIN_LIMIT_BYTES if declared is None else min(declared, DRAIN_LIMIT_BYTES)
-    deadline = time.monotonic() + DRAIN_SECONDS
-    done = 0
+def _surrogate(text: str) -> str | None:
+    if text.isascii():
+        return None
     try:
-        connection.shutdown(socket.SHUT_WR)
-        while left > 0:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                break
-            connection.settimeout(min(DRAIN_IDLE_S, remaining))
-            chunk = rfile.read1(min(left, 1 << 16))  # what has arrived, without waiting for more
-            if not chunk:
-                break
-            left -= len(chunk)
-            done += len(chunk)
-    except (OSError, ValueError):
-        pass  # timed out, reset by the client, or already closed: nothing more to discard
-    return done
+        text.encode("utf-8")
+        return None
+    except UnicodeEncodeError as exc:
+        return f"\\u{ord(text[exc.start]):04x}"
 
 
-def build_job(backend: Any, req: GenerationRequest, app: ModelServer) -> Job:
-    """Tokenize ``req`` and check it fits the context; the :class:`Job` to run."""
+def lone_surrogate(body: Any) -> tuple[str, str] | None:
+    """(where, which) for a string of ``body`` (a key or a value) holding a lone surrogate,
+    e.g. ``("messages[0].content", "\\ud800")``; None when every string is valid Unicode."""
+    stack: list[tuple[Any, str]] = [(body, "")]
+    while stack:  # iterative: the body may nest as deep as the JSON parser allowed
+        value, where = stack.pop()
+        if isinstance(value, str):
+            found = _surrogate(value)
+            if found is not None:
+                return where or "the body", found
+        elif isinstance(value, dict):
+            for key, item in value.items():
+                found = _surrogate(key)
+                if found is not None:
+                    return f"a key of {where or 'the body'}", found
+                stack.append((item, f"{where}.{key}" if where else key))
+        elif isinstance(value, list):
+            stack.extend((item, f"{where}[{i}]") for i, item in enumerate(value))
+    return None
+
+
+def prompt_bytes(req: GenerationRequest) -> int:
+    """UTF-8 size of the text a request asks the model to read."""
+    if req.kind == "chat":
+        return sum(len(m["content"].encode("utf-8", "surrogatepass"))
+                   + len(m.get("name", "").encode("utf-8", "surrogatepass")) for m in req.messages or [])
+    return len((req.prompt or "").encode("utf-8", "surrogatepass"))
+
+
+def check_prompt_size(req: GenerationRequest, n_ctx: int) -> None:
+    """400 for a prompt too large to fit ``n_ctx`` tokens at any plausible density, before
+    anything tokenizes it."""
+    limit = n_ctx * MAX_PROMPT_BYTES_PER_TOKEN
+    size = prompt_bytes(req)
+    if size > limit:
+        raise HttpReject(400, f"the prompt is {size} bytes; this model's context of {n_ctx} tokens takes at most "
+                              f"{limit} bytes of prompt ({MAX_PROMPT_BYTES_PER_TOKEN} per token), so it was "
+                              "refused before tokenizing (shorten the prompt)", reason="context_overflow",
+                         param="messages" if req.kind == "chat" else "prompt")
+
+
+def prompt_tokens(backend: Any, req: GenerationRequest, app: ModelServer) -> list[int]:
+    """Token ids of ``req``'s prompt (chat: rendered by the model's template)."""
     try:
         if req.kind == "chat":
             if app.chat_problem is not None:
                 raise HttpReject(500, f"this model cannot chat: {app.chat_problem}", reason="model_error",
                                  error_type="server_error")
-            tokens = backend.chat_tokens(req.messages)
-        else:
-            tokens = backend.tokenize(req.prompt, add_special=True, parse_special=True)
+            return list(backend.chat_tokens(req.messages))
+        return list(backend.tokenize(req.prompt, add_special=True, parse_special=True))
     except UsageError as exc:
         raise HttpReject(400, str(exc), reason="invalid_request", param="messages") from None
     except (UnsafeModelError, InvalidModelFile) as exc:
         raise HttpReject(500, str(exc), reason="model_error", error_type="server_error") from None
+
+
+def tokenize_within(app: ModelServer, req: GenerationRequest, reservation: Reservation, deadline: float,
+                    gone: Callable[[], bool]) -> list[int]:
+    """:func:`prompt_tokens` on a worker thread, waited for until ``deadline`` (time.monotonic).
+
+    A llama.cpp call cannot be interrupted, so a request past its deadline (or whose client
+    left, or whose server is stopping) ends with :class:`Stop` while the worker finishes in the
+    background; the worker then holds the model and the request's queue place (it takes
+    ``reservation`` over) until it returns, so its CPU time stays counted against the queue.
+    """
+    done = threading.Event()
+    lock = threading.Lock()
+    state: dict[str, Any] = {}
+
+    def work() -> None:
+        try:
+            with app.using_model() as backend:
+                state["tokens"] = prompt_tokens(backend, req, app)
+        except BaseException as exc:  # noqa: BLE001 - handed to the waiting request
+            state["error"] = exc
+        finally:
+            with lock:
+                state["finished"] = True
+                kept = state.get("kept")
+            if kept is not None:
+                kept.release()
+            done.set()
+
+    threading.Thread(target=work, name="edgepack-tokenize", daemon=True).start()
+    while not done.wait(max(0.0, min(TOKENIZE_POLL_S, deadline - time.monotonic()))):
+        reason = ("shutting_down" if app.cancel.is_set() else "deadline" if time.monotonic() >= deadline
+                  else "client_disconnect" if gone() else None)
+        if reason is None:
+            continue
+        with lock:
+            if not state.get("finished"):
+                state["kept"] = reservation.transfer()
+                raise Stop(reason, "the request ended while its prompt was being tokenized"
+                           + (" (its deadline passed)" if reason == "deadline" else ""))
+        break
+    if "error" in state:
+        raise state["error"]
+    return state["tokens"]
+
+
+def fit_job(tokens: list[int], req: GenerationRequest, app: ModelServer) -> Job:
+    """The :class:`Job` for ``req``'s ``tokens``, once they (and ``max_tokens``) fit the context."""
     room = app.n_ctx - len(tokens)
     if room <= 0:
         raise HttpReject(400, f"the prompt has {len(tokens)} tokens; this model's context holds {app.n_ctx} "

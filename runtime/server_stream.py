@@ -2,8 +2,9 @@
 
 :class:`Generation` runs ``POST /v1/chat/completions`` and ``/v1/completions`` for a
 :class:`~edgepack.runtime.server_http.Handler`: it parses and checks the request
-(:mod:`~edgepack.runtime.server_request`), waits for the model
-(:class:`~edgepack.runtime.server_engine.Scheduler`), generates
+(:mod:`~edgepack.runtime.server_request`), takes a place in line
+(:class:`~edgepack.runtime.server_engine.Scheduler`), tokenizes under the request's deadline,
+waits for the model, generates
 (:func:`~edgepack.runtime.server_engine.run_job`), and either streams Server-Sent Events
 (``data: {...}`` chunks, then ``data: [DONE]``) or answers once. With a teacher fallback the
 answer is only known once complete, so a stream is buffered and sent after the decision.
@@ -25,7 +26,7 @@ from edgepack.runtime.server_api import (GenerationRequest, HttpReject, chunk_bo
                                          new_id, parse_request, usage)
 from edgepack.runtime.server_engine import Job, Outcome, Stop, run_job
 from edgepack.runtime.server_fallback import consult_teacher, teacher_text, teacher_usage
-from edgepack.runtime.server_request import PeerWatch, build_job
+from edgepack.runtime.server_request import PeerWatch, check_prompt_size, fit_job, tokenize_within
 
 if TYPE_CHECKING:
     from edgepack.runtime.server_http import Handler
@@ -57,12 +58,19 @@ class Generation:
             if req.model is not None and req.model != app.model_id:
                 raise HttpReject(404, f"model {req.model!r} is not served here; this server serves "
                                       f"{app.model_id!r}", reason="not_found", param="model")
-            job = build_job(backend, req, app)
+            check_prompt_size(req, app.n_ctx)
             watch = PeerWatch(self.http.connection)
             # With a fallback the answer is only known once complete, so a stream is buffered.
             live = req.stream and app.config.fallback is None
             try:
-                app.scheduler.acquire(self.deadline, watch.gone)
+                # The place in line comes first: tokenizing is work too, under the same deadline.
+                reservation = app.scheduler.reserve()
+                try:
+                    tokens = tokenize_within(app, req, reservation, self.deadline, watch.gone)
+                    job = fit_job(tokens, req, app)
+                    app.scheduler.acquire(self.deadline, watch.gone, reservation)
+                finally:
+                    reservation.release()  # nothing left to release once used or taken over
             except Stop as stop:
                 self._count_stop(stop, 0)
                 self._reply_stop(stop)

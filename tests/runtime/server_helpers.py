@@ -13,9 +13,12 @@ from __future__ import annotations
 import http.client
 import json
 import os
+import select
 import signal
+import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -166,3 +169,88 @@ def local(tiny_gguf: Path) -> Iterator[Any]:
     yield make
     for server in servers:
         server.close()
+
+
+# --- hostile clients (slowloris) --------------------------------------------------------------
+
+SLOW_KINDS = ("idle", "half_header", "drip", "slow_body")
+
+
+class SlowClients:
+    """Connections that never finish their request, of four kinds, held open from one thread.
+
+    ``idle``: connects and sends nothing; ``half_header``: a request line and some headers but
+    never the blank line; ``drip``: a request line one byte per ``interval``; ``slow_body``:
+    complete headers announcing a 4 KiB body, then one body byte per ``interval``. ``source``
+    picks the client address (any 127.x.y.z works on Linux loopback), ``headers`` extra header
+    lines (an API key). :meth:`closed` tells how many the server has closed.
+    """
+
+    def __init__(self, port: int, *, source: str = "127.0.0.1", headers: bytes = b"",
+                 interval: float = 0.5) -> None:
+        self.port, self.source, self.headers, self.interval = port, source, headers, interval
+        self.socks: list[tuple[str, Any, bytearray]] = []  # (kind, socket, bytes still to drip)
+        self.gone: set[int] = set()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._drip, daemon=True)
+
+    def open(self, **counts: int) -> SlowClients:
+        for kind, n in counts.items():
+            assert kind in SLOW_KINDS, kind
+            for _ in range(n):
+                sock = socket.create_connection(("127.0.0.1", self.port), timeout=10,
+                                                source_address=(self.source, 0))
+                head = (b"POST /v1/chat/completions HTTP/1.1\r\nHost: localhost\r\n"
+                        b"Content-Type: application/json\r\n" + self.headers)
+                todo = bytearray()
+                if kind == "half_header":
+                    sock.sendall(head)
+                elif kind == "drip":
+                    todo = bytearray(head)
+                elif kind == "slow_body":
+                    sock.sendall(head + b"Content-Length: 4096\r\n\r\n")
+                    todo = bytearray(b'{"messages": [' + b" " * 4080)
+                self.socks.append((kind, sock, todo))
+        return self
+
+    def start(self) -> SlowClients:
+        self._thread.start()
+        return self
+
+    def _drip(self) -> None:
+        while not self._stop.wait(self.interval):
+            for i, (_, sock, todo) in enumerate(self.socks):
+                if todo and i not in self.gone:
+                    try:
+                        sock.send(bytes(todo[:1]))
+                        del todo[:1]
+                    except OSError:
+                        self.gone.add(i)
+
+    def closed(self, kind: str | None = None) -> int:
+        """How many (of ``kind``) the server has closed: EOF, a reset, or a reply then EOF."""
+        for i, (_, sock, _) in enumerate(self.socks):
+            if i in self.gone:
+                continue
+            try:
+                if select.select([sock], [], [], 0)[0]:
+                    sock.settimeout(1.0)
+                    while sock.recv(65536):
+                        pass
+                    self.gone.add(i)
+            except OSError:
+                self.gone.add(i)
+        return sum(1 for i, (k, _, _) in enumerate(self.socks) if i in self.gone and kind in (None, k))
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(5)
+        for _, sock, _ in self.socks:
+            sock.close()
+
+    def __enter__(self) -> SlowClients:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

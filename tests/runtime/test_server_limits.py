@@ -1,5 +1,7 @@
 """Limits and validation: invalid parameters and bodies (400/411/415), malformed HTTP, body
-size (413), prompt beyond the context (400) and the connection cap (503).
+size (413), prompt beyond the context (400), the pending-connection cap (503), the bounded drain,
+prompts refused by size before tokenizing, tokenizing under the deadline (504) and strings that
+are not valid Unicode (400). Slow and idle clients: tests/reliability/test_slowloris.py.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from typing import Any
 import pytest
 
 from tests.runtime.server_helpers import (  # noqa: F401 - fixtures are requested by name
-    CTX, call, chat, local, port, proc_server, reference)
+    CTX, call, chat, local, metrics, port, proc_server, reference)
 
 
 @pytest.mark.parametrize("body, field", [
@@ -148,55 +150,133 @@ def test_prompt_beyond_context_is_400(port: int, reference: Any) -> None:
     assert reply.status == 400 and reply.json()["error"]["code"] == "context_overflow"
 
 
-def test_connection_cap(local: Any) -> None:
-    server = local(max_connections=2, read_timeout_s=5.0)
-    idle = [socket.create_connection(("127.0.0.1", server.port)) for _ in range(2)]
+def test_idle_connections_past_the_pending_cap_displace_the_oldest(local: Any) -> None:
+    # Connections that have not sent a request hold no thread; past max_pending the oldest is
+    # closed with 503 and the new one is served (it was refused while the idle ones stayed).
+    server = local(max_pending=2, read_timeout_s=5.0)
+    idle = [socket.create_connection(("127.0.0.1", server.port), timeout=10) for _ in range(2)]
     try:
         time.sleep(0.2)
-        reply = call(server.port, "GET", "/health")
-        assert reply.status == 503 and reply.json()["error"]["code"] == "too_many_connections"
+        assert call(server.port, "GET", "/health").status == 200
+        reply = idle[0].recv(65536)
+        assert reply.split(b" ")[1] == b"503" and b"too_many_connections" in reply, reply[:200]
     finally:
         for s in idle:
             s.close()
-    deadline = time.monotonic() + 5
-    while call(server.port, "GET", "/health").status != 200:
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
 
 
-@pytest.mark.parametrize("seconds, limit", [(0.5, 1 << 40), (30.0, 1 << 20)])
-def test_the_drain_is_bounded(monkeypatch: pytest.MonkeyPatch, seconds: float, limit: int) -> None:
-    """A client that never stops sending holds the handler for DRAIN_SECONDS or
-    DRAIN_LIMIT_BYTES, whichever comes first, not for its declared 1 TiB."""
-    from email.message import Message
+@pytest.mark.parametrize("seconds, limit", [(3.0, 1 << 40), (30.0, 1 << 20)])
+def test_the_drain_is_bounded(local: Any, monkeypatch: pytest.MonkeyPatch, seconds: float, limit: int) -> None:
+    """A client that keeps sending after its 413 is cut after DRAIN_SECONDS or DRAIN_LIMIT_BYTES,
+    whichever comes first, not after its declared 1 TiB, and holds no handler thread meanwhile."""
+    from edgepack.runtime import server_intake
 
-    from edgepack.runtime import server_request
-
-    monkeypatch.setattr(server_request, "DRAIN_SECONDS", seconds)
-    monkeypatch.setattr(server_request, "DRAIN_LIMIT_BYTES", limit)
-    with socket.create_server(("127.0.0.1", 0)) as listener:
-        client_side = socket.create_connection(listener.getsockname())
-        server_side, _ = listener.accept()
-    headers = Message()
-    headers["Content-Length"] = str(1 << 40)
-    sent = [0]
+    monkeypatch.setattr(server_intake, "DRAIN_SECONDS", seconds)
+    monkeypatch.setattr(server_intake, "DRAIN_LIMIT_BYTES", limit)
+    server = local(max_body_bytes=1024)
+    sock = socket.create_connection(("127.0.0.1", server.port), timeout=20)
+    sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
+                 b"Content-Length: " + str(1 << 40).encode() + b"\r\n\r\n")
+    sent, ended = [0], [0.0]
 
     def flood() -> None:
         try:
             while True:
-                sent[0] += client_side.send(b"x" * 65536)
+                sent[0] += sock.send(b"x" * 65536)
         except OSError:
-            pass
+            ended[0] = time.monotonic()
 
+    start = time.monotonic()
     writer = threading.Thread(target=flood, daemon=True)
     writer.start()
-    start = time.monotonic()
-    with server_side, client_side, server_side.makefile("rb") as rfile:
-        discarded = server_request.drain(headers, rfile, server_side)
-        took = time.monotonic() - start
-    writer.join(5)
-    assert took < seconds + 2 and 0 < discarded <= min(limit, sent[0])
+    with sock:
+        reply = b""
+        while chunk := sock.recv(65536):
+            reply += chunk
+        assert reply.split(b" ")[1] == b"413", reply[:200]
+        if limit == 1 << 40:
+            time.sleep(1.0)  # mid-drain: the connection is back with the intake, not on a thread
+            m = metrics(server.port)
+            assert m["edgepack_open_connections"] == 1 and m["edgepack_pending_connections"] == 1, m
+        writer.join(seconds + 10)
+    took = ended[0] - start
+    assert ended[0] and took < seconds + 3, took
     if limit < 1 << 40:
-        assert discarded == limit
+        assert sent[0] < limit + (32 << 20)  # what the server read, plus the sockets' buffers
     else:
-        assert took > seconds - 0.1
+        assert took > seconds - 0.5
+
+
+# --- issue #20: input size before tokenizing, tokenizing under the deadline, clean 400s ------
+
+SPECIAL_TEXT = "<|im_start|>" * (1_000_000 // len("<|im_start|>"))  # 1 MB of special-token text
+
+
+def spy_tokenizer(backend: Any, monkeypatch: pytest.MonkeyPatch, delay_s: float = 0.0) -> list[str]:
+    """Record (and optionally slow down) every call into the backend's tokenizer."""
+    calls: list[str] = []
+    for name in ("tokenize", "chat_tokens"):
+        real = getattr(backend, name)
+
+        def spy(*args: Any, _real: Any = real, _name: str = name, **kwargs: Any) -> Any:
+            calls.append(_name)
+            if delay_s:
+                time.sleep(delay_s)
+            return _real(*args, **kwargs)
+
+        monkeypatch.setattr(backend, name, spy)
+    return calls
+
+
+@pytest.mark.parametrize("path, body", [
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": SPECIAL_TEXT}]}),
+    ("/v1/completions", {"prompt": SPECIAL_TEXT}),
+])
+def test_a_1mb_special_token_prompt_is_400_before_tokenizing(local: Any, monkeypatch: pytest.MonkeyPatch,
+                                                              path: str, body: dict[str, Any]) -> None:
+    server = local(n_ctx=CTX)  # the default 1 MiB body limit lets the 1 MB prompt through
+    calls = spy_tokenizer(server.backend, monkeypatch)
+    reply = call(server.port, "POST", path, body)
+    assert reply.status == 400, reply.body[:300]
+    error = reply.json()["error"]
+    assert error["code"] == "context_overflow" and "bytes" in error["message"], error
+    assert calls == [], "the server tokenized a prompt it could have refused by its size"
+    assert reply.elapsed < 10
+
+
+def test_tokenizing_counts_against_the_request_deadline(local: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    server = local(n_ctx=CTX, timeout_s=1.0)
+    spy_tokenizer(server.backend, monkeypatch, delay_s=4.0)
+    reply = chat(server.port, max_tokens=2)
+    assert reply.status == 504 and reply.json()["error"]["code"] == "deadline", reply.body[:300]
+    assert reply.elapsed < 3.5
+
+
+@pytest.mark.parametrize("path, raw", [
+    ("/v1/chat/completions", rb'{"messages": [{"role": "user", "content": "pump \ud800 trip"}]}'),
+    ("/v1/chat/completions", rb'{"messages": [{"role": "user", "content": [{"type": "text", "text": "\udfff"}]}]}'),
+    ("/v1/chat/completions", rb'{"messages": [{"role": "user", "content": "x", "name": "\ud83d"}]}'),
+    ("/v1/chat/completions", rb'{"messages": [{"role": "user", "content": "x"}], "stop": ["\udc00"]}'),
+    ("/v1/chat/completions", rb'{"messages": [{"role": "user", "content": "x"}], "model": "\ud800"}'),
+    ("/v1/chat/completions", rb'{"messages": [{"role": "user", "content": "x"}], "user": "\ud800"}'),
+    ("/v1/chat/completions", rb'{"messages": [{"role": "user", "content": "x"}], "\ud800": 1}'),
+    ("/v1/completions", rb'{"prompt": "\ud800"}'),
+    ("/v1/completions", rb'{"prompt": ["\udbff\udbff"]}'),
+])
+def test_a_lone_surrogate_is_400(port: int, path: str, raw: bytes) -> None:
+    reply = call(port, "POST", path, raw=raw)
+    assert reply.status == 400, reply.body[:300]
+    error = reply.json()["error"]
+    assert error["code"] == "invalid_request" and "surrogate" in error["message"], error
+
+
+@pytest.mark.parametrize("request_bytes", [
+    b"GET //[ HTTP/1.0\r\n\r\n",
+    b"GET http://[::1/health HTTP/1.0\r\n\r\n",
+    b"POST //[x/v1/chat/completions HTTP/1.0\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\r\n{}",
+])
+def test_odd_request_targets_are_4xx_not_500(port: int, request_bytes: bytes) -> None:
+    reply = raw_request(port, request_bytes)
+    status = int(reply.split(b" ")[1])
+    assert 400 <= status < 500, reply[:300]
+    assert "error" in json.loads(reply.partition(b"\r\n\r\n")[2])
