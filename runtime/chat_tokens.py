@@ -23,8 +23,8 @@ the real rendering gives where each message text sits (the template may ``trim``
   A tokenizer splits at control tokens before anything else, so benign text tokenizes the same
   as in one call.
 - A template that rewrites message text in ways the sentinels cannot follow: benign text is
-  tokenized as before; text holding control-token text is refused (UsageError), since it
-  cannot be told apart from markup.
+  tokenized as before; text holding control-token text, or text the rewrite turns into
+  control tokens, is refused (UsageError), since it cannot be told apart from markup.
 
 Message roles are never replaced (templates compare them with ``'user'``...); a role that
 holds control-token text is refused. BOS: ``bos`` ids are put first unless the rendering
@@ -185,32 +185,41 @@ def _segmented_ids(pieces: list[tuple[str, bool]], tokenize: TokenizeFn, matcher
     return ids
 
 
+def _controls(matcher: ControlMatcher, text: str) -> list[str]:
+    return [m.group() for m in matcher.finditer(text)]
+
+
 def encode_chat(messages: Sequence[dict[str, Any]], *, render: RenderFn, tokenize: TokenizeFn,
                 control_tokens: Collection[str], bos: Sequence[int] = (), bos_text: str = "") -> list[int]:
     """Token ids of the chat prompt for ``messages``; see the module docstring."""
     matcher = control_matcher(control_tokens)
     real = render(list(messages))  # first: the renderer checks the messages' shape
     for i, m in enumerate(messages):
-        hit = matcher.search(m["role"]) if isinstance(m.get("role"), str) else None
+        hit = matcher.search(m["role"]) if isinstance(m, dict) and isinstance(m.get("role"), str) else None
         if hit is not None:
             raise UsageError(f"message {i}'s role contains the control token {hit.group()!r}",
                              hint="roles are plain names such as system, user, assistant")
     marked_messages, texts = _with_sentinels(messages)
-    pieces = split_rendering(real, render(marked_messages), texts) if texts else [(real, False)]
+    marked = render(marked_messages) if texts else real
+    pieces = split_rendering(real, marked, texts) if texts else [(real, False)]
     if pieces is None:
         hit = next((h for h in map(matcher.search, texts) if h is not None), None)
         if hit is not None:
             raise UsageError(f"a message contains the control token {hit.group()!r}, and this model's chat "
                              "template rewrites message text, so it cannot be kept as plain text",
                              hint="remove the control-token markup from the message")
+        # The rewrite itself must not make control tokens out of message text ('[[' -> '<|').
+        if _controls(matcher, real) != _controls(matcher, marked):
+            raise UsageError("this model's chat template turns message text into control tokens",
+                             hint="remove markup-like text from the message")
         ids = tokenize(real, True)
     else:
-        starts, pos = [], 0
+        spans, pos = [], 0
         for text, is_message in pieces:
             if is_message:
-                starts.append((pos, pos + len(text)))
+                spans.append((pos, pos + len(text)))
             pos += len(text)
-        if any(matcher.touches(real, a, b) for a, b in starts):
+        if any(matcher.touches(real, a, b) for a, b in spans):
             ids = _segmented_ids(pieces, tokenize, matcher)
         else:
             ids = tokenize(real, True)  # identical to tokenizing the whole rendering, as before
