@@ -150,6 +150,10 @@ def _llamacpp(source: TeacherSource, teacher_dir: Path, params: DecodeParams,
 
     from edgepack.runtime.chat_tokens import encode_chat, llama_control_tokens
 
+    from edgepack.runtime.gguf_header import read_gguf
+    from edgepack.runtime.template_check import check_gguf_templates
+
+    check_gguf_templates(read_gguf(source.path))  # before Llama() compiles them, unbounded
     tok = AutoTokenizer.from_pretrained(teacher_dir)
     llm = Llama(model_path=str(source.path), n_ctx=params.n_ctx, n_threads=threads or os.cpu_count(),
                 seed=params.seed, verbose=False)

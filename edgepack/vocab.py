@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from edgepack.errors import InvalidModelFile, ModelSourceError, UnsafeModelError, UnsupportedArchitecture
+from edgepack.errors import InvalidModelFile, ModelSourceError, UnsupportedArchitecture
 
 # llama.cpp token types (gguf.TokenType / LLAMA_TOKEN_TYPE_*).
 TOKEN_NORMAL = 1
@@ -198,38 +198,21 @@ def read_chat_template(hf_dir: Path) -> str | None:
 
 
 def check_chat_template(template: str) -> None:
-    """Parse ``template`` and render a sample chat in jinja2's ``ImmutableSandboxedEnvironment``.
+    """Check ``template`` the way every loader does (:mod:`edgepack.runtime.template_check`).
 
-    A syntax error raises :class:`InvalidModelFile`; a template that reaches for Python
-    internals (``__globals__``, ``__class__`` …, the GGUF template-injection CVEs) trips the
-    sandbox and raises :class:`UnsafeModelError`. Other render failures (a template that
-    needs tools or a variable we do not pass) are not findings: the runtime renders with
-    the real arguments, in the same sandbox.
+    The template will be compiled by llama-cpp-python (in the exported GGUF) and by
+    transformers (``apply_chat_template``), and rendered by edgepack's bounded sandbox: a
+    syntax error raises :class:`InvalidModelFile`; a template that reaches for Python internals
+    (``__globals__``, ``__class__`` …, the GGUF template-injection CVEs) or that is a resource
+    bomb (nested loops, huge powers or repeats, constant folding that allocates gigabytes)
+    raises :class:`UnsafeModelError`; one that cannot render a plain chat (an OverflowError, a
+    TypeError) raises :class:`InvalidModelFile`. A template that refuses a chat with its own
+    ``raise_exception`` is not a finding.
     """
-    from jinja2 import TemplateSyntaxError
-    from jinja2.exceptions import SecurityError
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
+    from edgepack.runtime.template_check import check_chat_templates
 
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-    try:
-        compiled = env.from_string(template)
-    except TemplateSyntaxError as exc:
-        raise InvalidModelFile(f"chat template does not parse: {exc}",
-                               hint="fix the chat_template in tokenizer_config.json") from exc
-
-    def raise_exception(message: str) -> None:
-        raise ValueError(message)
-
-    sample = [{"role": "system", "content": "s"}, {"role": "user", "content": "u"},
-              {"role": "assistant", "content": "a"}, {"role": "user", "content": "u"}]
-    try:
-        compiled.render(messages=sample, add_generation_prompt=True, bos_token="", eos_token="",
-                        raise_exception=raise_exception)
-    except SecurityError as exc:
-        raise UnsafeModelError(f"chat template tries to reach Python internals: {exc}",
-                               hint="do not use this model's chat template; it is a code-injection attempt") from exc
-    except Exception:  # noqa: BLE001 - only sandbox escapes are findings here, see docstring
-        return
+    check_chat_templates({"chat_template": template}, render="chat_template",
+                         compilers=("llama_cpp", "transformers"), strict=True, where="the model")
 
 
 def _add_bos_from_post_processor(post: dict[str, Any] | None, bos: str | None) -> bool:

@@ -113,6 +113,11 @@ def export_model(*, source: Path, fmt: str, quants: list[str], out_dir: Path | N
     export = EXPORTERS[fmt]
 
     def finish(model_dir: Path, merged_from: Path | None) -> dict[str, Any]:
+        from edgepack.vocab import read_chat_template
+
+        # The template travels into every artifact and is compiled by llama.cpp and transformers
+        # there: a hostile one (a template bomb, an injection) is refused before any weights are read.
+        read_chat_template(model_dir)
         options: dict[str, Any] = {}
         imatrix_info = None
         if onnx_options is not None:

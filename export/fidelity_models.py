@@ -127,8 +127,12 @@ class GGUFArtifact:
         import llama_cpp
         from jinja2 import TemplateError
 
+        from edgepack.runtime.gguf_header import read_gguf
+        from edgepack.runtime.template_check import check_gguf_templates
+
         self.path = Path(path)
         threads = int(threads or os.cpu_count() or 1)
+        check_gguf_templates(read_gguf(self.path))  # before Llama() compiles them, unbounded
         try:
             self.llm = llama_cpp.Llama(model_path=str(self.path), n_ctx=n_ctx, n_threads=threads,
                                        n_threads_batch=threads, logits_all=True, verbose=False)

@@ -163,6 +163,9 @@ def _gguf_payload(model: Path, model_name: str, profile: Profile) -> Payload:
     from edgepack.runtime.memory import estimate_gguf_memory
 
     header = read_gguf(model, keep_arrays=("tokenizer.ggml.tokens",))
+    from edgepack.runtime.template_check import check_gguf_templates
+
+    check_gguf_templates(header, strict=True)  # a template bomb never ships (llama.cpp compiles it on load)
     stops = token_texts(header, stop_token_ids(header))
     bos_id = header.metadata.get("tokenizer.ggml.bos_token_id")
     specials = {"bos_token": token_texts(header, [bos_id]).get(bos_id, "") if isinstance(bos_id, int) else "",
@@ -240,6 +243,10 @@ def _onnx_payload(model: Path, model_name: str, profile: Profile) -> Payload:
         raise UsageError(f"{model} is not an ONNX folder (expected a folder with {MODEL_FILE})")
     graph = inspect_onnx(model)  # refuses external data that leaves the folder
     template = read_chat_template(model)
+    if template:
+        from edgepack.runtime.template_check import check_chat_templates
+
+        check_chat_templates({"chat_template": template}, render="chat_template", strict=True, where=model.name)
     files = onnx_folder_files(model)
     if template:
         files.append(BundleFile("chat_template.jinja", template.encode("utf-8")))

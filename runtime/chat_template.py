@@ -3,27 +3,27 @@
 A chat template comes from the model file (GGUF ``tokenizer.chat_template`` or
 ``tokenizer_config.json``), so it is untrusted input: llama-cpp-python once rendered it with a
 plain Jinja2 environment and a crafted GGUF got remote code execution (CVE-2024-34359).
-edgepack renders every template here, in :class:`jinja2.sandbox.ImmutableSandboxedEnvironment`
-with two tightenings:
-
-- an unsafe attribute (``__globals__``, ``__class__``...) raises at once instead of becoming a
-  silent empty Undefined, so a probing template fails loudly;
-- ``*`` and ``**`` are bounded, so ``'x' * 10**10`` cannot exhaust memory.
+edgepack renders every template here, in :class:`~edgepack.runtime.template_sandbox.BoundedSandbox`
+(jinja2's ``ImmutableSandboxedEnvironment`` plus limits on loop iterations, integer sizes, string
+growth and recursion, and no compile-time constant folding; see that module), where an unsafe
+attribute (``__globals__``, ``__class__``...) raises at once instead of becoming a silent empty
+Undefined, so a probing template fails loudly. Before a model's template is first used, the
+loaders run :func:`edgepack.runtime.template_check.check_chat_templates`, which also bounds the
+check itself by CPU time and memory in a child process.
 
 The environment matches what HF transformers gives templates (``trim_blocks``,
 ``lstrip_blocks``, ``loopcontrols``, ``raise_exception``, ``strftime_now``, a non-escaping
 ``tojson``), so templates written for transformers render identically.
 
-Errors: :class:`~edgepack.errors.UnsafeModelError` for a sandbox violation,
-:class:`~edgepack.errors.InvalidModelFile` for a template that does not parse or breaks,
+Errors: :class:`~edgepack.errors.UnsafeModelError` for a sandbox violation or a resource limit
+(a template bomb, runaway recursion), :class:`~edgepack.errors.InvalidModelFile` for a template
+that does not parse or breaks (OverflowError, ZeroDivisionError and the like included),
 :class:`~edgepack.errors.UsageError` when the template itself rejects the messages
 (``raise_exception('roles must alternate')``) or the messages are malformed.
 """
 
 from __future__ import annotations
 
-import json
-import operator
 from collections.abc import Sequence
 from datetime import datetime
 from functools import lru_cache
@@ -31,9 +31,10 @@ from typing import Any
 
 from edgepack.errors import InvalidModelFile, UnsafeModelError, UsageError
 
-MAX_SEQUENCE_REPEAT = 1_000_000  # longest str/list a template may build with `*`
-MAX_POWER_EXPONENT = 1_000
 MAX_RENDERED_CHARS = 4_000_000   # far above any real prompt; stops a runaway loop's output
+_HOSTILE_HINT = ("this model file carries a hostile or broken chat template; do not use it, or replace "
+                 "tokenizer.chat_template (tokenizer_config.json's chat_template) with a known-good one")
+_BROKEN_HINT = "fix tokenizer.chat_template in the model, or re-export it"
 
 
 class TemplateRejected(Exception):
@@ -48,39 +49,15 @@ def _strftime_now(fmt: str) -> str:
     return datetime.now().strftime(fmt)
 
 
-def _tojson(value: Any, indent: int | None = None, separators: Any = None,
-            sort_keys: bool = False, ensure_ascii: bool = False) -> str:
-    # Jinja's own tojson HTML-escapes <, >, & and '; chat templates need the raw JSON.
-    return json.dumps(value, indent=indent, separators=separators, sort_keys=sort_keys,
-                      ensure_ascii=ensure_ascii)
-
-
 @lru_cache(maxsize=1)
 def _environment() -> Any:
-    from jinja2.exceptions import SecurityError
     from jinja2.ext import loopcontrols
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-    class StrictSandbox(ImmutableSandboxedEnvironment):
-        intercepted_binops = frozenset(["*", "**"])
+    from edgepack.runtime.template_sandbox import BoundedSandbox
 
-        def unsafe_undefined(self, obj: Any, attribute: str) -> Any:
-            raise SecurityError(
-                f"access to attribute {attribute!r} of {type(obj).__name__!r} object is unsafe")
-
-        def call_binop(self, context: Any, op: str, left: Any, right: Any) -> Any:
-            if op == "*":
-                for seq, n in ((left, right), (right, left)):
-                    if isinstance(seq, (str, list, tuple)) and isinstance(n, int) \
-                            and len(seq) * n > MAX_SEQUENCE_REPEAT:
-                        raise SecurityError(f"template builds a sequence of {len(seq) * n} items")
-                return operator.mul(left, right)
-            if isinstance(right, (int, float)) and abs(right) > MAX_POWER_EXPONENT:
-                raise SecurityError(f"template raises to the power {right}")
-            return operator.pow(left, right)
-
-    env = StrictSandbox(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
-    env.filters["tojson"] = _tojson
+    # trim_blocks, lstrip_blocks, loopcontrols, raise_exception, strftime_now and a non-escaping
+    # tojson: what transformers gives templates, so templates written for it render identically.
+    env = BoundedSandbox(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
     env.globals["raise_exception"] = _raise_exception
     env.globals["strftime_now"] = _strftime_now
     return env
@@ -91,13 +68,21 @@ def compile_template(source: str) -> Any:
     """Parse ``source`` once (cached); InvalidModelFile if it is not valid Jinja."""
     from jinja2.exceptions import TemplateSyntaxError
 
+    from edgepack.runtime.template_sandbox import MAX_TEMPLATE_CHARS
+
     if not isinstance(source, str) or not source.strip():
         raise InvalidModelFile("the model's chat template is empty")
+    if len(source) > MAX_TEMPLATE_CHARS:
+        raise UnsafeModelError(f"the model's chat template is {len(source):,} characters long "
+                               f"(limit {MAX_TEMPLATE_CHARS:,}; real ones are a few thousand)", hint=_HOSTILE_HINT)
     try:
         return _environment().from_string(source)
     except TemplateSyntaxError as exc:
         raise InvalidModelFile(f"the model's chat template does not parse: {exc} (line {exc.lineno})",
-                               hint="fix tokenizer.chat_template in the model, or re-export it") from exc
+                               hint=_BROKEN_HINT) from exc
+    except (RecursionError, MemoryError, SyntaxError) as exc:  # nesting deeper than the parser handles
+        raise UnsafeModelError(f"the model's chat template cannot be compiled: {type(exc).__name__} "
+                               "(nested too deeply)", hint=_HOSTILE_HINT) from exc
 
 
 def check_messages(messages: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -117,26 +102,34 @@ def render_chat(template: str, messages: Sequence[dict[str, Any]], *, bos_token:
     """Render ``messages`` through ``template`` in the sandbox; see the module docstring."""
     from jinja2.exceptions import SecurityError, TemplateError
 
+    from edgepack.runtime.template_sandbox import TemplateLimit, bounded_render
+
     compiled = compile_template(template)
     context = dict(extra, messages=check_messages(messages), bos_token=bos_token,
                    eos_token=eos_token, add_generation_prompt=add_generation_prompt)
     pieces: list[str] = []
     size = 0
     try:
-        for piece in compiled.generate(**context):
-            size += len(piece)
-            if size > MAX_RENDERED_CHARS:
-                raise SecurityError(f"template output exceeds {MAX_RENDERED_CHARS} characters")
-            pieces.append(piece)
+        with bounded_render():
+            for piece in compiled.generate(**context):
+                size += len(piece)
+                if size > MAX_RENDERED_CHARS:
+                    raise TemplateLimit(f"its output exceeds {MAX_RENDERED_CHARS:,} characters")
+                pieces.append(piece)
+    except TemplateLimit as exc:
+        raise UnsafeModelError(f"the model's chat template exceeds the sandbox's limits: {exc}",
+                               hint=_HOSTILE_HINT) from exc
     except SecurityError as exc:
-        raise UnsafeModelError(
-            f"the model's chat template tried something the sandbox forbids: {exc}",
-            hint="this model file carries a hostile or broken chat template; do not use it") from exc
+        raise UnsafeModelError(f"the model's chat template tried something the sandbox forbids: {exc}",
+                               hint=_HOSTILE_HINT) from exc
+    except (RecursionError, MemoryError) as exc:
+        raise UnsafeModelError(f"the model's chat template exceeds the sandbox's limits: {type(exc).__name__} "
+                               "(runaway recursion or allocation)", hint=_HOSTILE_HINT) from exc
     except TemplateRejected as exc:
         raise UsageError(f"the model's chat template rejected the messages: {exc}") from exc
-    except (TemplateError, TypeError, ValueError, KeyError, IndexError, AttributeError) as exc:
+    except (TemplateError, TypeError, ValueError, KeyError, IndexError, AttributeError, ArithmeticError) as exc:
         raise InvalidModelFile(f"the model's chat template failed to render: {type(exc).__name__}: {exc}",
-                               hint="fix tokenizer.chat_template in the model, or re-export it") from exc
+                               hint=_BROKEN_HINT) from exc
     return "".join(pieces)
 
 

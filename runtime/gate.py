@@ -23,6 +23,10 @@ Verdict rules (also in the report's ``policy``):
   The holdout is answered in a fresh child process under a timeout scaled to the rows
   (:mod:`edgepack.runtime.quality_child`); a crash, OOM kill or timeout there is a FAIL
   ("the holdout could not be answered: ..."), never a hang.
+- Before anything is measured, the artifact's chat templates are checked and rendered
+  (:func:`~edgepack.runtime.template_check.check_artifact_templates`), with or without a
+  holdout: a template bomb or a template that cannot render a plain chat is refused (exit 2),
+  never given a verdict.
 - Agreement with the teacher (the artifact names the label the teacher's recorded response
   names) and the KL divergence against the unquantized reference (``--reference``, or
   ``RUN/student`` found beside ``RUN/artifacts/``) are reported, never judged: profiles carry
@@ -382,6 +386,11 @@ def run_gate(*, artifact: Path, profile: Profile, holdout: Path | None,
     started = datetime.now(timezone.utc)
     progress("gate: verify", 0, 1)
     with _materialize(artifact, key, warn) as (model_path, fmt, quant, manifest):
+        from edgepack.runtime.template_check import check_artifact_templates
+
+        # Rendered here whether or not there is a holdout: a template that hangs or explodes
+        # must not get a verdict (the measurement itself never renders it).
+        check_artifact_templates(model_path, fmt)
         progress("gate: verify", 1, 1)
         host_ok, host_reason = host_matches(profile)
         # Other processes on the same cores distort latency (llama.cpp threads spin-wait on

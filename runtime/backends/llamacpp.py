@@ -8,8 +8,9 @@ and errors, so a refusal still says why (llama-cpp-python #2187: with verbose of
 reason is otherwise lost).
 
 Chat prompts are rendered from the GGUF's ``tokenizer.chat_template`` by edgepack's sandboxed
-renderer, never by llama-cpp-python's chat handlers. Generation stops before any
-end-of-generation token llama.cpp knows for the vocabulary (EOS, EOT, ...).
+renderer, never by llama-cpp-python's chat handlers; the GGUF's templates are checked
+(:mod:`edgepack.runtime.template_check`) before ``Llama()`` compiles them. Generation stops
+before any end-of-generation token llama.cpp knows for the vocabulary (EOS, EOT, ...).
 """
 
 from __future__ import annotations
@@ -97,12 +98,12 @@ class LlamaCppBackend(Backend):
         """Check the GGUF header, then load it in llama.cpp (quietly, keeping its errors)."""
         path = Path(path)
         header = read_gguf(path)
-        if header.chat_template:
-            # llama-cpp-python compiles the template (in its own sandbox) inside Llama() and
-            # lets a syntax error escape as a bare jinja2 exception; check it here first.
-            from edgepack.runtime.chat_template import compile_template
+        # llama-cpp-python compiles every tokenizer.chat_template* key inside Llama(), with
+        # jinja2's constant folding and no limits (a template bomb hangs or takes gigabytes
+        # there); the check rehearses that compile in a limited child first (once per template).
+        from edgepack.runtime.template_check import check_gguf_templates
 
-            compile_template(header.chat_template)
+        check_gguf_templates(header)
         import llama_cpp
 
         _install_log_hook()

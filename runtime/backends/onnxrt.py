@@ -192,9 +192,9 @@ class OnnxRuntimeBackend(Backend):
         graph = inspect_onnx(model)  # before onnxruntime reads a byte
         template = read_chat_template(folder)
         if template:
-            from edgepack.runtime.chat_template import compile_template
+            from edgepack.runtime.template_check import check_chat_templates
 
-            compile_template(template)
+            check_chat_templates({"chat_template": template}, render="chat_template", where=folder.name)
         import onnxruntime as ort
 
         opts = ort.SessionOptions()

@@ -61,9 +61,9 @@ def test_ssti_in_gguf_metadata_is_refused_by_the_runtime(tiny_gguf: Path, tmp_pa
     marker = tmp_path / "MARKER"
     for payload in ssti_payloads(marker)[:2]:
         evil = rewrite_gguf(tiny_gguf, tmp_path / "evil.gguf", {"tokenizer.chat_template": payload})
-        with get_backend("gguf").load(evil, threads=1, n_ctx=128) as backend:
-            with pytest.raises(UnsafeModelError):
-                "".join(backend.stream_chat(USER, max_tokens=4))
+        # Refused at load: the template check renders it before llama.cpp opens the file.
+        with pytest.raises(UnsafeModelError), get_backend("gguf").load(evil, threads=1, n_ctx=128) as backend:
+            "".join(backend.stream_chat(USER, max_tokens=4))
         assert not marker.exists()
 
 
@@ -72,7 +72,7 @@ def test_ssti_in_bundle_session_is_refused(tiny_gguf: Path, tmp_path: Path) -> N
 
     marker = tmp_path / "MARKER"
     evil = rewrite_gguf(tiny_gguf, tmp_path / "evil.gguf", {"tokenizer.chat_template": ssti_payloads(marker)[0]})
-    with open_model(evil, n_ctx=128) as session, pytest.raises(UnsafeModelError):
+    with pytest.raises(UnsafeModelError), open_model(evil, n_ctx=128) as session:
         session.complete(USER, max_tokens=4)
     assert not marker.exists()
 
