@@ -82,7 +82,8 @@ class HTTPServer(ThreadingHTTPServer):
         self.intake = Intake(self.socket, IntakeLimits(header_timeout_s=config.header_timeout_s,
                                                        body_timeout_s=config.body_timeout_s,
                                                        max_pending=config.max_pending,
-                                                       max_pending_per_client=config.max_pending_per_client),
+                                                       max_pending_per_client=config.max_pending_per_client,
+                                                       max_buffered_bytes=2 * config.max_body_bytes),
                              app.metrics, self.body_to_collect, self.dispatch, config.max_connections)
 
     def server_bind(self) -> None:

@@ -9,6 +9,9 @@ buffer, never a thread, and it has to deliver
 - its request line and headers within ``header_timeout_s`` of being accepted, in total: a byte
   every second does not extend it (a per-read timeout would). Past it: 408, closed;
 - at most :data:`MAX_HEADER_BYTES` of them (431);
+- no more, all pending connections together, than the buffer budget (``max_buffered_bytes``,
+  at least :data:`MIN_BUFFERED_BYTES`): past it the oldest connection still sending a body is
+  closed (503), so slow uploads cannot fill the memory a byte at a time;
 - for a request the server will read a body for (a POST to a generation endpoint whose Host,
   API key, type and ``Content-Length`` pass), the body within ``body_timeout_s`` of the headers.
 
@@ -55,6 +58,7 @@ from edgepack.runtime.server_api import error_body
 from edgepack.runtime.server_metrics import Metrics
 
 MAX_HEADER_BYTES = 64 * 1024
+MIN_BUFFERED_BYTES = 64 * 1024 * 1024
 RECV_BYTES = 64 * 1024
 ACCEPT_BURST = 64  # connections accepted per wake-up, so reading keeps its turn under a flood
 FD_RESERVE = 64  # descriptors kept for the model, the handlers' sockets and the process itself
@@ -76,6 +80,7 @@ class IntakeLimits:
     body_timeout_s: float
     max_pending: int
     max_pending_per_client: int
+    max_buffered_bytes: int = MIN_BUFFERED_BYTES
 
 
 class Arrival:
@@ -142,10 +147,11 @@ def send_and_close(sock: socket.socket, reply: bytes = b"") -> None:
     sock.close()
 
 
-def head_end(data: bytes | bytearray) -> int:
-    """Offset just past the blank line that ends the headers; -1 when it has not arrived."""
-    ends = [i + 4 for i in (data.find(b"\r\n\r\n"),) if i >= 0]
-    ends += [i + 2 for i in (data.find(b"\n\n"),) if i >= 0]
+def head_end(data: bytes | bytearray, start: int = 0) -> int:
+    """Offset just past the blank line that ends the headers (searched from ``start``, so a
+    header dripped a byte at a time is scanned once, not once per byte); -1 when not there yet."""
+    ends = [i + 4 for i in (data.find(b"\r\n\r\n", start),) if i >= 0]
+    ends += [i + 2 for i in (data.find(b"\n\n", start),) if i >= 0]
     return min(ends) if ends else -1
 
 
@@ -204,6 +210,8 @@ class Intake:
         self._pending: OrderedDict[int, _Pending] = OrderedDict()  # oldest first
         self._by_client: dict[str, OrderedDict[int, _Pending]] = {}
         self._heap: list[tuple[float, int]] = []  # (deadline, seq); stale entries are skipped
+        self._buffered = 0  # bytes held in pending connections' buffers
+        self.max_buffered = max(limits.max_buffered_bytes, MIN_BUFFERED_BYTES)
         self._seq = itertools.count()
         self._returned: deque[Arrival] = deque()  # sockets handed back to drain
         self._lock = threading.Lock()
@@ -311,7 +319,8 @@ class Intake:
         self._metrics.gauges(pending=len(self._pending))
 
     def _forget(self, pending: _Pending) -> None:
-        self._pending.pop(pending.seq, None)
+        if self._pending.pop(pending.seq, None) is not None:
+            self._buffered -= len(pending.data)
         mine = self._by_client.get(pending.client)
         if mine is not None:
             mine.pop(pending.seq, None)
@@ -358,9 +367,13 @@ class Intake:
                 self._forget(pending)
                 pending.sock.close()
             return
+        scanned = max(0, len(pending.data) - 3)
         pending.data += chunk
+        self._buffered += len(chunk)
+        if self._buffered > self.max_buffered and not self._shed(pending):
+            return
         if pending.phase == _HEAD:
-            end = head_end(pending.data)
+            end = head_end(pending.data, scanned)
             if end < 0:
                 if len(pending.data) > MAX_HEADER_BYTES:
                     self._refuse(pending, 431, "headers_too_large", canned_reply(
@@ -379,6 +392,17 @@ class Intake:
         self._forget(pending)
         pending.sock.setblocking(True)
         self._dispatch(Arrival(pending.sock, pending.address, bytes(pending.data), pending.head_end))
+
+    def _shed(self, reading: _Pending) -> bool:
+        """Over the buffer budget: close the oldest connections still sending a body until it
+        fits again; False when ``reading`` itself had to go."""
+        for pending in [p for p in self._pending.values() if p.phase == _BODY]:
+            if self._buffered <= self.max_buffered:
+                break
+            self._evict(pending)
+        if self._buffered > self.max_buffered and reading.seq in self._pending:
+            self._evict(reading)
+        return reading.seq in self._pending
 
     def _set_deadline(self, pending: _Pending, deadline: float) -> None:
         pending.deadline = deadline

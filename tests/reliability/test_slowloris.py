@@ -172,3 +172,25 @@ def test_handler_threads_past_the_cap_get_503_at_once(local: Any, monkeypatch: p
     assert reply.elapsed < 2.0
     for t in busy:
         t.join(30)
+
+
+def test_slow_uploads_cannot_fill_memory(local: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Bodies are collected before a thread sees them, within one budget for all pending
+    # connections (here 512 KiB): past it the oldest upload still in progress is closed (503).
+    from edgepack.runtime import server_intake
+
+    monkeypatch.setattr(server_intake, "MIN_BUFFERED_BYTES", 512 * 1024)
+    server = local(n_ctx=CTX, max_body_bytes=256 * 1024)
+    uploads = [connect(server.port) for _ in range(3)]
+    try:
+        for sock in uploads:
+            sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json"
+                         b"\r\nContent-Length: " + str(256 * 1024).encode() + b"\r\n\r\n" + b" " * (200 * 1024))
+            time.sleep(0.2)
+        took, got = closed_by_server(uploads[0], 5.0)
+        assert took is not None and got.split(b" ")[1] == b"503", got[:200]
+        assert all(closed_by_server(s, 0.2)[0] is None for s in uploads[1:])
+        assert chat(server.port, max_tokens=2).status == 200
+    finally:
+        for sock in uploads:
+            sock.close()
