@@ -6,8 +6,9 @@ Each check is a function of the request's headers (and the server's settings) th
 - :func:`check_host` — a loopback server without a key answers only ``Host: localhost /
   127.0.0.1 / ::1`` (DNS rebinding; 403);
 - :func:`check_auth` — ``Authorization: Bearer <key>`` when a key is set (401);
-- :func:`body_length` — ``Content-Type: application/json`` (415), a ``Content-Length`` and
-  no chunked body (411), at most ``max_body_bytes`` (413), all before a byte is read;
+- :func:`body_length` — ``Content-Type: application/json`` (415), one ``Content-Length`` (400
+  when several disagree) and no chunked body (411), at most ``max_body_bytes`` (413), all
+  before a byte is read;
 - :func:`parse_json_body` — strict JSON (no NaN/Infinity, bounded nesting) whose strings are
   valid Unicode (a lone UTF-16 surrogate such as ``"\\ud800"`` decodes in Python but cannot be
   encoded for the tokenizer; 400);
@@ -89,6 +90,9 @@ def body_length(headers: Message, limit: int) -> int:
                          reason="unsupported_media_type")
     if headers.get("Transfer-Encoding"):
         raise HttpReject(411, "chunked request bodies are not supported; send Content-Length",
+                         reason="invalid_request")
+    if len({v.strip() for v in headers.get_all("Content-Length") or []}) > 1:  # a request-smuggling shape
+        raise HttpReject(400, "the request has conflicting Content-Length headers; send one",
                          reason="invalid_request")
     length = declared_length(headers)
     if length is None:

@@ -80,6 +80,8 @@ def raw_request(port: int, data: bytes) -> bytes:
      b"Content-Length: -5\r\n\r\n", 411),
     (b"POST /v1/chat/completions HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
      b"Content-Length: \xb2\r\n\r\n", 411),  # a superscript two: str.isdigit() but not int()
+    (b"POST /v1/chat/completions HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
+     b"Content-Length: 5\r\nContent-Length: 7\r\n\r\n{}", 400),  # conflicting lengths (request smuggling)
     (b"TRACE / HTTP/1.1\r\nHost: localhost\r\n\r\n", 501),
     (b"GARBAGE\r\n\r\n", 400),
 ])
