@@ -16,7 +16,7 @@
    (:mod:`edgepack.export.onnx.quantize`: round-to-nearest per block with integer zero
    points, ``accuracy_level`` 4, the tied output head / embedding table at 8 bits and
    stored once; all tunable with :class:`~edgepack.export.onnx.quantize.OnnxQuantOptions`);
-5. build it all in ``<out>.tmp-<pid>`` and rename with a ``.complete`` marker.
+5. build it all in ``<out>.tmp-<pid>.edgepack-tmp`` and rename with a ``.complete`` marker.
 
 The folder also carries ``config.json``, ``generation_config.json`` and the tokenizer
 files (with the chat template), so a runtime needs nothing else.
@@ -26,11 +26,10 @@ from __future__ import annotations
 
 import hashlib
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
-from edgepack.atomic import atomic_dir
+from edgepack.atomic import atomic_dir, scratch
 from edgepack.errors import InvalidModelFile, RuntimeFailure, UsageError
 from edgepack.progress import ProgressFn, null_progress
 from edgepack.export.gguf.arch import arch_for_config
@@ -167,10 +166,9 @@ def export_onnx(hf_dir: Path, out_dir: Path, quant: str = "int4", progress: Prog
     validate_weights(hf_dir)
     ids = _parity_ids(hf_dir)
     ref = _torch_logits(hf_dir, ids)
-    with atomic_dir(out_dir, replace=True) as tmp, tempfile.TemporaryDirectory(dir=out_dir.parent,
-                                                                              prefix=f"{out_dir.name}.tmp-fp32-") as raw:
+    with atomic_dir(out_dir, replace=True) as tmp, scratch(out_dir.parent, f"{out_dir.name}-fp32") as raw:
         progress("onnx", 1, 4)
-        main_export(str(hf_dir), output=raw, task="text-generation-with-past", device="cpu",
+        main_export(str(hf_dir), output=str(raw), task="text-generation-with-past", device="cpu",
                     do_validation=False, local_files_only=True, trust_remote_code=False,
                     library_name="transformers")
         fp32 = Path(raw) / "model.onnx"

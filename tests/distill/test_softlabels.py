@@ -153,7 +153,7 @@ def test_resume_recomputes_only_the_missing_shard(cached: Path, tmp_path: Path) 
     # A killed run: no index, no marker, a half-written shard under a temporary name.
     for name in (COMPLETE_MARKER, SOFTLABELS_INDEX, "shard-00002.safetensors"):
         (out / name).unlink()
-    (out / "shard-00002.safetensors.part-999").write_bytes(b"partial")
+    (out / "shard-00002.safetensors.part-999999999.edgepack-tmp").write_bytes(b"partial")  # a dead pid's write
     resumed = cache_soft_labels(run, k=K, samples=SAMPLES, shard_rows=SHARD_ROWS)
     assert resumed["timing"]["shards_computed"] == 1 and is_complete(out)
     assert not list(out.glob("*.part-*"))

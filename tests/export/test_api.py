@@ -91,7 +91,7 @@ def test_onnx_export_records_a_folder_artifact(tiny_llama_dir: Path, tmp_path: P
 def test_re_export_keeps_other_entries_and_cleans_stale_parts(tiny_llama_dir: Path, tmp_path: Path) -> None:
     out = tmp_path / "out"
     export_model(source=tiny_llama_dir, fmt="gguf", quants=["Q8_0"], out_dir=out)
-    (out / "stale.gguf.part-99999").write_bytes(b"half a file")
+    (out / "stale.gguf.part-999999999.edgepack-tmp").write_bytes(b"half a file")  # a dead pid's write
     report = export_model(source=tiny_llama_dir, fmt="gguf", quants=["Q4_0"], out_dir=out)
     quants = [a["quant"] for a in report["artifacts"]]
     assert sorted(quants) == ["F16", "Q4_0", "Q8_0"]
