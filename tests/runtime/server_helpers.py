@@ -232,8 +232,10 @@ class SlowClients:
         for i, (_, sock, _) in enumerate(self.socks):
             if i in self.gone:
                 continue
+            poll = select.poll()  # not select.select: descriptors past 1024 are common here
+            poll.register(sock, select.POLLIN)
             try:
-                if select.select([sock], [], [], 0)[0]:
+                if poll.poll(0):
                     sock.settimeout(1.0)
                     while sock.recv(65536):
                         pass
