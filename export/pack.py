@@ -8,6 +8,11 @@ that the file (or ONNX folder) is byte-for-byte the one that was gated (the gate
 :mod:`edgepack.runtime.bundle`). FAIL is never packed; UNVERIFIED only with
 ``allow_unverified``, and the bundle says so (``gate_status`` and ``pack``).
 
+The run is untrusted input (:mod:`edgepack.export.trust`): nothing is read through a symbolic
+link or from outside the run, a report counts only for the profile whose content hash it
+records and only with the verdict its own measurements give, and the model bytes in the
+written bundle are checked against the gated sha256 before the bundle gets its final name.
+
 What goes in, besides the model file: ``manifest.json`` with every file's sha256, the gate
 report, the run's lineage (run.toml, teacher source, student shape, data and train reports,
 export entry, tool versions), the chat template, the tokenizer files when the run has them,
@@ -30,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from edgepack import __version__
-from edgepack.atomic import clean_stale
+from edgepack.atomic import atomic_path, clean_stale
 from edgepack.constants import (ARTIFACTS_DIR, BUNDLE_SUFFIX, BUNDLES_DIR, DATA_DIR, DATA_REPORT,
                                 EXPORT_REPORT, FAIL, GATE_DIR, M_CHAT_TEMPLATE, M_ENTRYPOINT, M_FILES,
                                 M_FORMAT, M_GATE, M_GATE_STATUS, M_LINEAGE, M_MODEL, M_PACK, M_PROFILE,
@@ -38,19 +43,14 @@ from edgepack.constants import (ARTIFACTS_DIR, BUNDLE_SUFFIX, BUNDLES_DIR, DATA_
                                 STUDENT_DIR, STUDENT_INFO, TEACHER_DIR, TEACHER_SOURCE, TRAIN_REPORT,
                                 UNVERIFIED)
 from edgepack.errors import GateFailed, RunDirError, UsageError
+from edgepack.export.trust import (artifact_path, check_bundle_binding, check_verdict, list_run_folder,
+                                   profile_problem, read_run_file, read_run_json)
 from edgepack.profiles import Profile
 from edgepack.runtime.bundle import BundleFile, write_bundle
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "generation_config.json")
 TOOLS = ("llama-cpp-python", "gguf", "transformers", "torch", "tokenizers", "peft", "onnxruntime")
-
-
-def _read_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise RunDirError(f"cannot read {path}: {exc}") from exc
 
 
 # --- choosing the artifact -------------------------------------------------------------------
@@ -61,29 +61,29 @@ def _export_quants(run_dir: Path) -> dict[str, str]:
     export's name for the artifact when the run has one, and otherwise against what the graph
     holds (its narrowest MatMulNBits width; the manifest records the full mix, e.g. ``int4+int8``).
     """
-    path = Path(run_dir) / ARTIFACTS_DIR / EXPORT_REPORT
-    if not path.is_file():
-        return {}
-    artifacts = _read_json(path).get("artifacts")
+    report = read_run_json(run_dir, f"{ARTIFACTS_DIR}/{EXPORT_REPORT}")
+    artifacts = report.get("artifacts") if isinstance(report, dict) else None
     return {Path(str(a["path"])).name: str(a["quant"]) for a in artifacts or []
             if isinstance(a, dict) and a.get("path") and a.get("quant")}
 
 
 def load_gate_reports(run_dir: Path) -> list[dict[str, Any]]:
     """Every ``RUN/gate/*.json`` report, each with ``_report_path`` and ``_choice_quant``
-    (the export's quant name for the artifact, else the gate's) added."""
+    (the export's quant name for the artifact, else the gate's) added. Read through no
+    symbolic link (:mod:`edgepack.export.trust`)."""
     gate_dir = Path(run_dir) / GATE_DIR
-    if not gate_dir.is_dir():
+    names = list_run_folder(run_dir, GATE_DIR)
+    if names is None:
         raise RunDirError(f"{gate_dir} does not exist; nothing has been gated in this run",
                           hint="run `edgepack gate` (or `edgepack pipeline`) first")
     reports = []
     exported = _export_quants(run_dir)
-    for path in sorted(gate_dir.glob("*.json")):
-        report = _read_json(path)
-        if not isinstance(report, dict) or "verdict" not in report:
-            raise RunDirError(f"{path} is not a gate report (no verdict)")
+    for name in (n for n in names if n.endswith(".json")):
+        report = read_run_json(run_dir, f"{GATE_DIR}/{name}")
+        if not isinstance(report, dict) or report.get("verdict") not in (PASS, FAIL, UNVERIFIED):
+            raise RunDirError(f"{gate_dir / name} is not a gate report (no verdict)")
         quant = exported.get(_name(report), report.get("quant"))
-        reports.append({**report, "_report_path": str(path), "_choice_quant": quant})
+        reports.append({**report, "_report_path": str(gate_dir / name), "_choice_quant": quant})
     if not reports:
         raise RunDirError(f"{gate_dir} holds no gate reports", hint="run `edgepack gate` first")
     return reports
@@ -104,11 +104,22 @@ def _acceptable(report: dict[str, Any], allow_unverified: bool) -> bool:
 
 def choose_report(reports: list[dict[str, Any]], profile: Profile, artifact: Path | None,
                   allow_unverified: bool) -> dict[str, Any]:
-    """The gate report to pack, by the rules in the module docstring; GateFailed otherwise."""
+    """The gate report to pack, by the rules in the module docstring; GateFailed otherwise.
+
+    A report counts only when it was gated against this very profile (its content hash, see
+    :func:`~edgepack.export.trust.profile_problem`), and the one chosen must have the verdict
+    its own measurements give (:func:`~edgepack.export.trust.check_verdict`).
+    """
     allowed = [(c.format, c.quant) for c in profile.choices]
-    mine = [r for r in reports if r.get("profile") == profile.name]
+    named = [r for r in reports if r.get("profile") == profile.name]
+    mine = [r for r in named if profile_problem(r, profile) is None]
+    foreign = [r for r in named if profile_problem(r, profile) is not None]
+    rerun = f"run `edgepack gate` with this profile ({profile.source or profile.name})"
     if artifact is not None:
         match = [r for r in mine if _name(r) == Path(artifact).name]
+        stale = [r for r in foreign if _name(r) == Path(artifact).name]
+        if not match and stale:
+            raise RunDirError(str(profile_problem(stale[-1], profile)), hint=rerun)
         if not match:
             others = sorted({str(r.get("profile")) for r in reports if _name(r) == Path(artifact).name})
             raise RunDirError(f"no gate report for {Path(artifact).name} on profile {profile.name}"
@@ -122,39 +133,49 @@ def choose_report(reports: list[dict[str, Any]], profile: Profile, artifact: Pat
             extra = " (pass --allow-unverified to package it anyway)" if report["verdict"] == UNVERIFIED else ""
             raise GateFailed(f"{_name(report)}: gate verdict {report['verdict']}{extra}: "
                              + "; ".join(report.get("reasons", [])[:3]))
+        check_verdict(report, profile)
         return report
     ranked = sorted((r for r in mine if _choice(r) in allowed), key=lambda r: allowed.index(_choice(r)))
     for wanted in ([PASS, UNVERIFIED] if allow_unverified else [PASS]):
         for report in ranked:
             if report["verdict"] == wanted:
+                check_verdict(report, profile)
                 return report
+    if foreign and not ranked:
+        more = f" ({len(foreign) - 1} more like it)" if len(foreign) > 1 else ""
+        raise RunDirError(f"{profile_problem(foreign[0], profile)}{more}; such a report does not count for "
+                          "this profile", hint=rerun)
     summary = "; ".join(f"{_name(r)}: {r['verdict']}" for r in ranked) or "no report for this profile's choices"
+    if foreign:
+        summary += f"; {len(foreign)} report(s) gated against another profile named {profile.name} do not count"
     raise GateFailed(f"no artifact of this run passed the gate for {profile.name} ({summary})",
                      hint="see RUN/gate/*.json; try a smaller quantization, or --allow-unverified "
                           "when the gate could not run on the target device")
 
 
-def _locate_artifact(run_dir: Path, report: dict[str, Any]) -> Path:
-    """The gated file (or ONNX folder) inside the run, or where the report says, checked
-    against the digest the gate recorded (:func:`~edgepack.runtime.gate.artifact_digest`)."""
+def _locate_artifact(run_dir: Path, report: dict[str, Any], asked: Path | None) -> tuple[Path, str]:
+    """(``RUN/artifacts/<name>``, the sha256 the gate recorded for it), after checking that the
+    file (or ONNX folder) is reached through no link, is the one asked for, and is byte for byte
+    the gated one (:func:`~edgepack.runtime.gate.artifact_digest`)."""
     from edgepack.runtime.gate import artifact_digest
 
-    name = _name(report)
-    candidates = [Path(run_dir) / ARTIFACTS_DIR / name, Path(str(report.get("artifact", "")))]
-    path = next((p for p in candidates if p.is_file() or p.is_dir()), None)
-    if path is None:
-        raise RunDirError(f"the gated artifact {name} is missing from {Path(run_dir) / ARTIFACTS_DIR}")
+    path = artifact_path(run_dir, report, report["_report_path"])
+    if asked is not None and Path(asked).exists() and not Path(asked).samefile(path):
+        raise UsageError(f"{asked} is not {path}; pack takes the artifacts inside the run it packs",
+                         hint=f"pass --artifact {path}")
     gated_sha = report.get("model_sha256") or report.get("artifact_sha256")
-    if not gated_sha:
-        raise RunDirError(f"{report['_report_path']} records no sha256 of {name}; re-run the gate")
+    if not isinstance(gated_sha, str) or not gated_sha:
+        raise RunDirError(f"{report['_report_path']} records no sha256 of {path.name}; re-run the gate")
     if artifact_digest(path) != gated_sha:
         raise RunDirError(f"{path} is not the file that was gated (sha256 differs from "
                           f"{report['_report_path']})", hint="re-run the gate on the current artifact")
-    return path
+    return path, gated_sha
 
 
 # --- per-format payloads ----------------------------------------------------------------------
-Payload = dict[str, Any]  # files (list[BundleFile]), entrypoint, chat_template, runtime, notes, has_tokenizer
+# files (list[BundleFile]), entrypoint, chat_template, runtime, notes, has_tokenizer, and file_quant:
+# the quantization the file itself records, as the gate reads it (GGUF file type, ONNX graph widths).
+Payload = dict[str, Any]
 
 
 def _gguf_payload(model: Path, model_name: str, profile: Profile) -> Payload:
@@ -204,7 +225,7 @@ def _gguf_payload(model: Path, model_name: str, profile: Profile) -> Payload:
     if template:
         files.append(BundleFile("chat_template.jinja", template.encode("utf-8")))
     return {"files": files, "entrypoint": model.name, "chat_template": template, "runtime": runtime,
-            "notes": notes, "has_tokenizer": False}
+            "notes": notes, "has_tokenizer": False, "file_quant": header.quant}
 
 
 def onnx_folder_files(folder: Path) -> list[BundleFile]:
@@ -258,7 +279,8 @@ def _onnx_payload(model: Path, model_name: str, profile: Profile) -> Payload:
     }
     notes = [] if template else ["the ONNX folder has no chat template; chat needs one"]
     return {"files": files, "entrypoint": f"{model.name}/{MODEL_FILE}", "chat_template": template,
-            "runtime": runtime, "notes": notes, "has_tokenizer": (model / "tokenizer.json").is_file()}
+            "runtime": runtime, "notes": notes, "has_tokenizer": (model / "tokenizer.json").is_file(),
+            "file_quant": graph.quant}
 
 
 PAYLOADS: dict[str, Callable[[Path, str, Profile], Payload]] = {"gguf": _gguf_payload, "onnx": _onnx_payload}
@@ -279,34 +301,36 @@ def tool_versions() -> dict[str, str | None]:
 
 
 def read_lineage(run_dir: Path, artifact_name: str) -> dict[str, Any]:
-    """What the run recorded about how the artifact was made; absent files are listed."""
+    """What the run recorded about how the artifact was made; absent files are listed. Read
+    through no symbolic link (:func:`~edgepack.export.trust.read_run_file`)."""
     run = Path(run_dir)
-    sources = {
-        "teacher": run / TEACHER_DIR / TEACHER_SOURCE, "student": run / STUDENT_DIR / STUDENT_INFO,
-        "data": run / DATA_DIR / DATA_REPORT, "train": run / STUDENT_DIR / TRAIN_REPORT,
-    }
+    sources = {"teacher": f"{TEACHER_DIR}/{TEACHER_SOURCE}", "student": f"{STUDENT_DIR}/{STUDENT_INFO}",
+               "data": f"{DATA_DIR}/{DATA_REPORT}", "train": f"{STUDENT_DIR}/{TRAIN_REPORT}"}
     lineage: dict[str, Any] = {"missing": []}
-    toml_path = run / RUN_TOML
-    if toml_path.is_file():
+    raw = read_run_file(run, RUN_TOML)
+    if raw is not None:
         try:
-            lineage["run"] = tomllib.loads(toml_path.read_text(encoding="utf-8"))
-        except tomllib.TOMLDecodeError as exc:
-            raise RunDirError(f"{toml_path}: not valid TOML ({exc})") from exc
+            lineage["run"] = tomllib.loads(raw.decode("utf-8"))
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError, RecursionError) as exc:
+            raise RunDirError(f"{run / RUN_TOML}: not valid TOML ({exc})") from exc
     else:
         lineage["missing"].append(RUN_TOML)
-    for key, path in sources.items():
-        if path.is_file():
-            lineage[key] = _read_json(path)
+    for key, rel in sources.items():
+        value = read_run_json(run, rel)
+        if value is None:
+            lineage["missing"].append(rel)
+        elif not isinstance(value, dict):
+            raise RunDirError(f"{run / rel} is not a JSON object", hint="re-run the stage that writes it")
         else:
-            lineage["missing"].append(str(path.relative_to(run)))
-    export = run / ARTIFACTS_DIR / EXPORT_REPORT
-    if export.is_file():
-        report = _read_json(export)
-        entry = next((a for a in report.get("artifacts", []) if Path(str(a.get("path"))).name == artifact_name), None)
+            lineage[key] = value
+    report = read_run_json(run, f"{ARTIFACTS_DIR}/{EXPORT_REPORT}")
+    if isinstance(report, dict):
+        entry = next((a for a in report.get("artifacts") or [] if isinstance(a, dict)
+                      and Path(str(a.get("path"))).name == artifact_name), None)
         lineage["export"] = {"entry": entry, "notes": report.get("notes", []), "model": report.get("model"),
                              "created": report.get("created")}
     else:
-        lineage["missing"].append(str(export.relative_to(run)))
+        lineage["missing"].append(f"{ARTIFACTS_DIR}/{EXPORT_REPORT}")
     lineage["tools"] = tool_versions()
     return lineage
 
@@ -331,7 +355,7 @@ def model_card(manifest: dict[str, Any], *, license_name: str | None) -> str:
     teacher = (manifest[M_LINEAGE].get("teacher") or {}).get("spec", "not recorded")
     rows = [f"| {c['name']} | {c['measured']} | {c['budget']} | {c['unit']} | "
             f"{ {True: 'yes', False: 'no'}.get(c['ok'], 'not measured') } |" for c in gate.get("checks", [])]
-    machine = gate.get("machine") or {}
+    machine = gate.get("machine") if isinstance(gate.get("machine"), dict) else {}
     body = [
         f"# {manifest[M_MODEL]} for {manifest[M_PROFILE]['name']} ({manifest[M_FORMAT]} {manifest[M_QUANT]})", "",
         f"Distilled from `{teacher}` by edgepack {__version__} and packed for the "
@@ -380,8 +404,30 @@ def pack_run(*, run_dir: Path, profile: Profile, artifact: Path | None,
 
         def signer(manifest_bytes: bytes) -> bytes:
             return sign_manifest(manifest_bytes, private_key)
+    return _pack_locked(run_dir, profile, artifact, allow_unverified, signer, public_key, signed_by)
+
+
+def _check_payload(report: dict[str, Any], model: Path, fmt: str, quant: str, payload: Payload) -> None:
+    """What the file holds must be what the report (and, for GGUF, the profile's choice) says."""
+    from edgepack.runtime.backends.base import format_of
+
+    where = report["_report_path"]
+    if format_of(model) != fmt:
+        raise RunDirError(f"{where} says {model.name} is {fmt}, but it is {format_of(model)}", hint="re-run the gate")
+    if payload["file_quant"] != report.get("quant"):
+        raise RunDirError(f"{where} says {model.name} is {report.get('quant')}, but the file holds "
+                          f"{payload['file_quant']}", hint="re-run the gate")
+    if fmt == "gguf" and payload["file_quant"] is not None and quant != payload["file_quant"]:
+        raise RunDirError(f"{model.name} would be packed as {quant} (export.json) but the file holds "
+                          f"{payload['file_quant']}", hint="re-export the run")
+
+
+def _pack_locked(run_dir: Path, profile: Profile, artifact: Path | None, allow_unverified: bool,
+                 signer: Callable[[bytes], bytes] | None, public_key: Any,
+                 signed_by: dict[str, str] | None) -> dict[str, Any]:
+    """:func:`pack_run` once the signing key is loaded."""
     report = choose_report(load_gate_reports(run_dir), profile, artifact, allow_unverified)
-    model_path = _locate_artifact(run_dir, report)
+    model_path, gated_sha = _locate_artifact(run_dir, report, artifact)
     fmt, quant, verdict = str(report["format"]), str(_choice(report)[1]), str(report["verdict"])
     if verdict == FAIL:  # unreachable through choose_report; kept as the invariant
         raise GateFailed(f"{model_path.name} failed the gate")
@@ -391,6 +437,7 @@ def pack_run(*, run_dir: Path, profile: Profile, artifact: Path | None,
     model_name = _safe(str((lineage.get("export") or {}).get("model") or
                            model_path.stem.removesuffix(f"-{quant}")))
     payload = PAYLOADS[fmt](model_path, model_name, profile)
+    _check_payload(report, model_path, fmt, quant, payload)
     bundle_name = f"{model_name}-{_safe(profile.name)}-{fmt}-{_safe(quant)}{BUNDLE_SUFFIX}"
     notes = list(payload["notes"])
     if verdict == UNVERIFIED:
@@ -408,13 +455,16 @@ def pack_run(*, run_dir: Path, profile: Profile, artifact: Path | None,
     }
     files: list[BundleFile] = list(payload["files"])
     for name in () if payload["has_tokenizer"] else TOKENIZER_FILES:
-        if (run_dir / STUDENT_DIR / name).is_file():
-            files.append(BundleFile(f"tokenizer/{name}", run_dir / STUDENT_DIR / name))
+        data = read_run_file(run_dir, f"{STUDENT_DIR}/{name}")  # bytes read through no link, now
+        if data is not None:
+            files.append(BundleFile(f"tokenizer/{name}", data))
     license_name = (lineage.get("teacher") or {}).get("license")
     files.append(BundleFile("README.md", model_card(manifest, license_name=license_name).encode("utf-8")))
     out = run_dir / BUNDLES_DIR / bundle_name
-    clean_stale(run_dir / BUNDLES_DIR)  # .part-<pid> files of a pack that was killed
-    check = write_bundle(out, manifest, files, signer=signer, key=public_key)
+    clean_stale(run_dir / BUNDLES_DIR)  # what a killed pack left (only edgepack's temporary names)
+    with atomic_path(out) as staging:  # the final name appears only once the copy is proven the gated one
+        check = write_bundle(staging, manifest, files, signer=signer, key=public_key)
+        check_bundle_binding(check.manifest, model_path, gated_sha)
     return {"bundle": str(out), "verdict": verdict, "artifact": str(model_path), "format": fmt,
             "quant": quant, "profile": profile.name, "bytes": check.size, "sha256": check.sha256,
             "files": len(check.members), "notes": notes,

@@ -7,6 +7,8 @@ at once, naming the key.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import re
 import tomllib
@@ -80,6 +82,17 @@ class Profile:
             value = getattr(self, f.name)
             out[f.name] = [str(c) for c in value] if f.name == "choices" else value
         return out
+
+    def content_hash(self) -> str:
+        """sha256 of every field but ``source``, as canonical JSON.
+
+        A gate report records it (``profile_sha256``) and ``pack`` accepts the report only for
+        a profile with the same hash: two profiles with one name but other budgets or choices
+        (a user's ``cpu-x86-2c.toml`` beside the shipped one) are different profiles. Comments
+        and formatting of the TOML do not change it; any value does.
+        """
+        values = {k: v for k, v in self.describe().items() if k != "source"}
+        return hashlib.sha256(json.dumps(values, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
 # TOML layout: table -> key -> (dataclass field, type). One table per concern.

@@ -42,10 +42,10 @@ import platform
 import shutil
 import subprocess
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from datetime import datetime, timezone
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 from edgepack.constants import (ARTIFACTS_DIR, BUNDLE_SUFFIX, FAIL, M_ENTRYPOINT, M_FORMAT, M_QUANT, PASS,
@@ -257,9 +257,14 @@ def artifact_digest(path: Path) -> str:
     path = Path(path)
     if path.is_file():
         return _sha256(path)
-    lines = "".join(f"{f.relative_to(path).as_posix()}\t{_sha256(f)}\n"
-                    for f in sorted(p for p in path.rglob("*") if p.is_file())
-                    if f.relative_to(path).as_posix() != COMPLETE_MARKER)
+    return folder_digest((f.relative_to(path).as_posix(), _sha256(f)) for f in path.rglob("*")
+                         if f.is_file() and f.relative_to(path).as_posix() != COMPLETE_MARKER)
+
+
+def folder_digest(files: Iterable[tuple[str, str]]) -> str:
+    """The folder digest of :func:`artifact_digest` from (relative path, sha256) pairs, e.g. a
+    bundle manifest's entries for the folder (``pack`` checks the packed copy with it)."""
+    lines = "".join(f"{rel}\t{sha}\n" for rel, sha in sorted(files, key=lambda f: PurePosixPath(f[0])))
     return hashlib.sha256(lines.encode()).hexdigest()
 
 
@@ -417,7 +422,8 @@ def run_gate(*, artifact: Path, profile: Profile, holdout: Path | None,
         "verdict": verdict, "artifact": str(artifact.resolve()), "artifact_name": artifact.name,
         "artifact_sha256": artifact_sha, "model_sha256": model_sha,
         "bundle_manifest_model": manifest.get("model") if manifest else None,
-        "profile": profile.name, "format": fmt, "quant": quant, "checks": checks, "reasons": reasons,
+        "profile": profile.name, "profile_sha256": profile.content_hash(),  # pack binds the report to both hashes
+        "format": fmt, "quant": quant, "checks": checks, "reasons": reasons,
         "measurements": measurements, "spread": measurement_spread(measurements),
         "efficiency": decode_efficiency,
         "reference": None if reference is None else {"path": str(reference), "source": reference_source},

@@ -49,7 +49,8 @@ def gate_markdown(report: dict[str, Any], png_name: str | None = None) -> str:
     ok_text = {True: "yes", False: "**no**", None: "not measured"}
     lines = [f"# Gate: {report.get('artifact_name')} on {report.get('profile')}: **{report.get('verdict')}**", "",
              f"- artifact: `{report.get('artifact')}` ({report.get('format')}:{report.get('quant')})",
-             f"- sha256: `{report.get('model_sha256') or report.get('artifact_sha256')}`",
+             f"- sha256: `{report.get('model_sha256') or report.get('artifact_sha256')}`; profile sha256: "
+             f"`{report.get('profile_sha256')}` (`edgepack pack` accepts this report only for that artifact and profile)",
              f"- gated: {report.get('created')}; host: {host.get('reason')}; threads {host.get('threads_used')}; "
              f"load average at start {host.get('load_average_at_start')}",
              f"- machine: {machine.get('cpu')}, {machine.get('cpu_count')} CPUs, {machine.get('memory_mb')} MB; "

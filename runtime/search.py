@@ -114,6 +114,8 @@ def _reusable(gate_dir: Path, name: str, profile: Profile, sha: str,
             continue  # unreadable: gate again and overwrite
         if not isinstance(report, dict) or report.get("artifact_name") != name or report.get("profile") != profile.name:
             continue
+        if report.get("profile_sha256") != profile.content_hash():  # a same-name profile with other budgets
+            continue
         if (report.get("model_sha256") or report.get("artifact_sha256")) != sha:
             continue
         quality = (report.get("measurements") or {}).get("quality")

@@ -231,6 +231,10 @@ def test_reports_for_another_profile_do_not_count(run: Path, tmp_path: Path) -> 
 
 def test_quant_outside_the_profile_is_refused(run: Path, tmp_path: Path) -> None:
     q8_only = load_profile(str(write_profile(tmp_path, "tiny-ok", choices='["gguf:Q8_0"]', min_relative_quality=0.0)))
+    with pytest.raises(RunDirError, match="another profile named tiny-ok"):  # gated with the other tiny-ok
+        pack_run(run_dir=run, profile=q8_only, artifact=run / "artifacts" / "student-F16.gguf", allow_unverified=False)
+    path, report = gate_report(run, "student-F16.gguf.json")  # as if F16 had been gated with q8_only
+    path.write_text(json.dumps(report | {"profile_sha256": q8_only.content_hash()}))
     with pytest.raises(UsageError, match="does not allow"):
         pack_run(run_dir=run, profile=q8_only, artifact=run / "artifacts" / "student-F16.gguf", allow_unverified=False)
 
