@@ -147,7 +147,8 @@ def lone_surrogate(body: Any) -> tuple[str, str] | None:
                 found = _surrogate(key)
                 if found is not None:
                     return f"a key of {where or 'the body'}", found
-                stack.append((item, f"{where}.{key}" if where else key))
+                name = key if len(key) <= 40 else key[:40] + "..."  # a 1 MB key is no name for a message
+                stack.append((item, f"{where}.{name}" if where else name))
         elif isinstance(value, list):
             stack.extend((item, f"{where}[{i}]") for i, item in enumerate(value))
     return None
