@@ -36,6 +36,7 @@ from edgepack.constants import (DATA_DIR, DATA_REPORT, HOLDOUT_FILE, TEACHER_CAC
 from edgepack.distill.correct import CorrectionConfig
 from edgepack.distill.filters import DEMO_FORMAT, DROP_REASONS, drop_reason, is_near_duplicate, parse_category
 from edgepack.errors import DataError, RunDirError, UsageError
+from edgepack.locks import locked_stage
 from edgepack.progress import ProgressFn, null_progress
 
 if TYPE_CHECKING:
@@ -243,6 +244,7 @@ def _sha256(path: Path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
+@locked_stage("distill data", lambda kw: kw["run_dir"])
 def build_dataset(*, teacher: str, data: Path | None, run_dir: Path, limit: int | None = None,
                   strict: bool = False, seed: int = 0, progress: ProgressFn = null_progress,
                   allow_pickle: bool = False, trust_remote_code: bool = False,

@@ -45,6 +45,7 @@ from edgepack.distill.modes import DENSE, RESPONSE_ONLY, SFT, SOFT_LABELS, TOP_L
 from edgepack.distill.plan import TrainPlan
 from edgepack.distill.teachers import SOURCE_FILE
 from edgepack.errors import DataError, RunDirError, RuntimeFailure, UsageError
+from edgepack.locks import locked_stage
 from edgepack.profiles import Profile
 from edgepack.progress import ProgressFn, null_progress
 
@@ -100,6 +101,7 @@ def student_dir_name(variant: str | None = None) -> str:
     return f"{STUDENT_DIR}-{variant}"
 
 
+@locked_stage("distill train", lambda kw: kw["run_dir"], rank_zero_only=True)
 def train_student(*, run_dir: Path, profile: Profile, student: str = "auto", steps: int = 20, seed: int = 0,
                   resume: bool = False, progress: ProgressFn = null_progress,
                   config: TrainConfig | None = None, variant: str | None = None,

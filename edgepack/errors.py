@@ -63,6 +63,12 @@ class RunDirError(EdgepackError, ValueError):
     default_hint = "run the earlier stage first, or point --out at a new folder"
 
 
+class RunDirLocked(RunDirError):
+    """Another process is running the same stage on this run directory (edgepack/locks.py)."""
+
+    default_hint = "wait for the other process to finish, or stop it; its lock is released when it exits"
+
+
 class BundleError(EdgepackError, ValueError):
     """A bundle that fails verification (hash, schema, unsafe member, signature).
 

@@ -4,23 +4,25 @@
 that file to each requested type as ``<model>-<QUANT>.gguf`` and records every artifact
 (size, sha256, what llama.cpp actually stored) in ``export.json`` beside them. Each file
 is written under a temporary name and renamed when whole, so an interrupted export
-leaves no artifact under a final name.
+leaves no artifact under a final name; the next export removes what it left (and only that,
+:func:`~edgepack.atomic.clean_stale`). An export holds the run's ``export`` lock
+(:mod:`edgepack.locks`), so a second export of the same run is refused, not interleaved.
 """
 
 from __future__ import annotations
 
 import json
-import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from edgepack.hashing import sha256_file
-from edgepack.atomic import atomic_path, clean_stale, is_complete, write_json
+from edgepack.atomic import atomic_path, clean_stale, is_complete, scratch, write_json
 from edgepack.constants import (ARTIFACTS_DIR, COMPLETE_MARKER, DATA_DIR, EXPORT_REPORT, FIDELITY_MARKDOWN,
                                 FIDELITY_REPORT, HOLDOUT_FILE, RUN_TOML, STUDENT_DIR, TRAIN_FILE)
 from edgepack.errors import ModelSourceError, RunDirError, UsageError
+from edgepack.locks import stage_lock
 from edgepack.export.merge import ADAPTER_CONFIG
 from edgepack.progress import ProgressFn, null_progress
 
@@ -108,8 +110,20 @@ def export_model(*, source: Path, fmt: str, quants: list[str], out_dir: Path | N
     calibration = _check_calibration(fmt, Path(source), default_out, imatrix, calibration)
     if onnx_options is not None and fmt != "onnx":
         raise UsageError("ONNX quantization options apply to --format onnx only")
+    # One export at a time per run (or per output folder for an HF dir): two would replace each
+    # other's files mid-write (issue #20 defect 11).
+    with stage_lock(Path(source) if default_out is not None else out, "export"):
+        return _export_locked(source=Path(source), fmt=fmt, hf_dir=hf_dir, model=model, out=out, wanted=wanted,
+                              calibration=calibration, fidelity=fidelity, onnx_options=onnx_options,
+                              progress=progress)
+
+
+def _export_locked(*, source: Path, fmt: str, hf_dir: Path, model: str, out: Path, wanted: list[str],
+                   calibration: Path | None, fidelity: bool, onnx_options: OnnxQuantOptions | None,
+                   progress: ProgressFn) -> dict[str, Any]:
+    """:func:`export_model` once its inputs are checked and it holds the stage lock."""
     out.mkdir(parents=True, exist_ok=True)
-    clean_stale(out)
+    clean_stale(out)  # what an export killed earlier left (never a live process's file, never a user's)
     export = EXPORTERS[fmt]
 
     def finish(model_dir: Path, merged_from: Path | None) -> dict[str, Any]:
@@ -149,8 +163,8 @@ def export_model(*, source: Path, fmt: str, quants: list[str], out_dir: Path | N
     # a LoRA adapter dir: merge into its (local) base first, in a temporary folder under out
     from edgepack.export.merge import merge_lora
 
-    with tempfile.TemporaryDirectory(prefix=f"{model}.tmp-merge-", dir=out) as tmp:
-        merged = merge_lora(hf_dir, Path(tmp) / model, progress=progress)
+    with scratch(out, f"{model}-merge") as tmp:
+        merged = merge_lora(hf_dir, tmp / model, progress=progress)
         return finish(merged, hf_dir)
 
 

@@ -12,6 +12,7 @@ The run is untrusted input (:mod:`edgepack.export.trust`): nothing is read throu
 link or from outside the run, a report counts only for the profile whose content hash it
 records and only with the verdict its own measurements give, and the model bytes in the
 written bundle are checked against the gated sha256 before the bundle gets its final name.
+One pack per run at a time (:mod:`edgepack.locks`).
 
 What goes in, besides the model file: ``manifest.json`` with every file's sha256, the gate
 report, the run's lineage (run.toml, teacher source, student shape, data and train reports,
@@ -45,6 +46,7 @@ from edgepack.constants import (ARTIFACTS_DIR, BUNDLE_SUFFIX, BUNDLES_DIR, DATA_
 from edgepack.errors import GateFailed, RunDirError, UsageError
 from edgepack.export.trust import (artifact_path, check_bundle_binding, check_verdict, list_run_folder,
                                    profile_problem, read_run_file, read_run_json)
+from edgepack.locks import stage_lock
 from edgepack.profiles import Profile
 from edgepack.runtime.bundle import BundleFile, write_bundle
 
@@ -404,7 +406,8 @@ def pack_run(*, run_dir: Path, profile: Profile, artifact: Path | None,
 
         def signer(manifest_bytes: bytes) -> bytes:
             return sign_manifest(manifest_bytes, private_key)
-    return _pack_locked(run_dir, profile, artifact, allow_unverified, signer, public_key, signed_by)
+    with stage_lock(run_dir, "pack"):
+        return _pack_locked(run_dir, profile, artifact, allow_unverified, signer, public_key, signed_by)
 
 
 def _check_payload(report: dict[str, Any], model: Path, fmt: str, quant: str, payload: Payload) -> None:
@@ -425,7 +428,7 @@ def _check_payload(report: dict[str, Any], model: Path, fmt: str, quant: str, pa
 def _pack_locked(run_dir: Path, profile: Profile, artifact: Path | None, allow_unverified: bool,
                  signer: Callable[[bytes], bytes] | None, public_key: Any,
                  signed_by: dict[str, str] | None) -> dict[str, Any]:
-    """:func:`pack_run` once the signing key is loaded."""
+    """:func:`pack_run` while it holds the run's pack lock."""
     report = choose_report(load_gate_reports(run_dir), profile, artifact, allow_unverified)
     model_path, gated_sha = _locate_artifact(run_dir, report, artifact)
     fmt, quant, verdict = str(report["format"]), str(_choice(report)[1]), str(report["verdict"])

@@ -51,6 +51,7 @@ from typing import Any
 from edgepack.constants import (ARTIFACTS_DIR, BUNDLE_SUFFIX, FAIL, M_ENTRYPOINT, M_FORMAT, M_QUANT, PASS,
                                 SIGNATURE_FILE, STUDENT_DIR, UNVERIFIED)
 from edgepack.errors import ModelSourceError, UsageError
+from edgepack.locks import locked_stage
 from edgepack.profiles import Profile
 from edgepack.progress import ProgressFn, null_progress
 
@@ -352,6 +353,14 @@ def auto_reference(artifact: Path) -> Path | None:
     return None
 
 
+def artifact_run_dir(artifact: Path) -> Path | None:
+    """The run an artifact belongs to (``RUN`` for ``RUN/artifacts/<name>``), else None."""
+    path = Path(os.path.abspath(artifact))
+    return path.parent.parent if path.parent.name == ARTIFACTS_DIR else None
+
+
+# One gate at a time per run: two measuring at once on the same cores distort each other's numbers.
+@locked_stage("gate", lambda kw: artifact_run_dir(kw["artifact"]))
 def run_gate(*, artifact: Path, profile: Profile, holdout: Path | None,
              progress: ProgressFn = null_progress, efficiency: bool = True,
              key: Path | None = None, reference: Path | None = None,

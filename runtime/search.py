@@ -41,6 +41,7 @@ from typing import Any
 
 from edgepack.constants import ARTIFACTS_DIR, DATA_DIR, EXPORT_REPORT, FAIL, GATE_DIR, HOLDOUT_FILE, PASS, UNVERIFIED
 from edgepack.errors import RunDirError, UsageError
+from edgepack.locks import locked_stage
 from edgepack.profiles import Profile
 from edgepack.progress import ProgressFn, null_progress
 
@@ -198,6 +199,7 @@ def pareto_front(rows: list[dict[str, Any]]) -> tuple[list[str], list[str]]:
     return front, axes
 
 
+@locked_stage("gate", lambda kw: kw.get("run_dir"))  # held across every choice; run_gate's own take nests
 def search(*, profile: Profile, run_dir: Path | None = None, artifacts: list[Path] | None = None,
            holdout: Path | None = None, progress: ProgressFn = null_progress, stop_at_first: bool = False,
            reuse: bool = True, quality: str = QUALITY_ALL) -> dict[str, Any]:
