@@ -37,7 +37,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from edgepack.atomic import atomic_dir, clean_stale, is_complete, write_json
+from edgepack.atomic import atomic_dir, clean_stale, is_complete, is_temp_name, write_json
 from edgepack.constants import (CHECKPOINT_DIR, DATA_DIR, LOSS_CURVE_PNG, STUDENT_DIR, STUDENT_INFO, TEACHER_CONTEXT,
                                 TRAIN_FILE, TRAIN_REPORT)
 from edgepack.distill.curves import loss_curve_png
@@ -352,7 +352,8 @@ def train_student(*, run_dir: Path, profile: Profile, student: str = "auto", ste
             parallel.barrier()  # rank 0 writes the student
             return report
         for stale in out.parent.glob(f"{out.name}.tmp-*"):  # a final save that was killed
-            shutil.rmtree(stale, ignore_errors=True)
+            if is_temp_name(stale.name):  # edgepack's own temporary name, never a user's folder
+                shutil.rmtree(stale, ignore_errors=True)
         if plan.method == "lora":
             model = model.merge_and_unload()  # RUN/student is always a plain HF model
         with atomic_dir(out) as tmp:

@@ -131,6 +131,8 @@ def _acquire(run_dir: Path, stage: str) -> tuple[int | None, Path, list[Path]]:
                                   hint=f"remove {path}") from exc
             if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
                 return None, path, created  # nothing can be written here, by us or by a second us
+            if exc.errno == errno.ENOTDIR:
+                raise RunDirError(f"{run_dir} is not a folder", hint="pass the run directory") from exc
             raise
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -464,6 +464,7 @@ def _pack_locked(run_dir: Path, profile: Profile, artifact: Path | None, allow_u
     license_name = (lineage.get("teacher") or {}).get("license")
     files.append(BundleFile("README.md", model_card(manifest, license_name=license_name).encode("utf-8")))
     out = run_dir / BUNDLES_DIR / bundle_name
+    list_run_folder(run_dir, BUNDLES_DIR)  # a bundles/ that is a link would put the bundle outside the run
     clean_stale(run_dir / BUNDLES_DIR)  # what a killed pack left (only edgepack's temporary names)
     with atomic_path(out) as staging:  # the final name appears only once the copy is proven the gated one
         check = write_bundle(staging, manifest, files, signer=signer, key=public_key)

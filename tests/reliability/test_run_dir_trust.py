@@ -80,7 +80,7 @@ def _no_bundle(run: Path) -> bool:
 
 LINKED = ["student/tokenizer_config.json", "student", "artifacts/student-Q8_0.gguf", "artifacts",
           "gate/student-Q8_0.gguf.json", "gate", "run.toml", "data/report.json", "teacher/source.json",
-          "student/train_report.json", "artifacts/export.json"]
+          "student/train_report.json", "artifacts/export.json", "bundles"]
 
 
 @pytest.mark.parametrize("rel", LINKED)
@@ -88,11 +88,12 @@ def test_a_symlink_anywhere_pack_reads_is_refused(run: Path, ok: Profile, tmp_pa
     """The target keeps the original bytes (so every hash still matches): the link alone is refused."""
     outside = tmp_path / "outside" / rel.replace("/", "_")
     outside.parent.mkdir()
+    (run / "bundles").mkdir(exist_ok=True)  # where pack writes: a link there would put the bundle outside
     shutil.move(run / rel, outside)
     (run / rel).symlink_to(outside, target_is_directory=outside.is_dir())
     with pytest.raises(RunDirError, match="symbolic link"):
         _pack(run, ok)
-    assert _no_bundle(run)
+    assert _no_bundle(run) and not list(outside.parent.rglob("*.edgepack"))
 
 
 def test_a_symlinked_student_file_does_not_smuggle_an_outside_file(run: Path, ok: Profile, tmp_path: Path) -> None:
