@@ -43,7 +43,7 @@ CHECK_MEMORY_MB = 256    # address space the check may add to the interpreter (r
 CHECK_WALL_S = 60.0      # backstop on a loaded machine; the CPU limit is what stops a bomb
 CHECKED_ENV = "EDGEPACK_TEMPLATES_CHECKED"
 COMPILERS = ("llama_cpp", "transformers")
-_LIBRARIES = {"llama_cpp": "llama-cpp-python (in Llama())", "transformers": "transformers (apply_chat_template)"}
+_LIBRARIES = {"llama_cpp": "llama-cpp-python's Llama()", "transformers": "transformers' apply_chat_template"}
 GGUF_DEFAULT_KEY = "tokenizer.chat_template"
 _PROGRESS = "edgepack-template-check:"
 _HINT = ("this model carries a hostile or broken chat template; do not use it, or replace "
@@ -85,7 +85,11 @@ def check_artifact_templates(path: Path, fmt: str, *, strict: bool = True) -> No
     if fmt == "gguf":
         from edgepack.runtime.gguf_header import read_gguf
 
-        check_gguf_templates(read_gguf(path), strict=strict)
+        try:
+            header = read_gguf(path)
+        except InvalidModelFile:
+            return  # no template can be read, and no loader opens it past the same check (the gate reports it)
+        check_gguf_templates(header, strict=strict)
     elif fmt == "onnx":
         from edgepack.runtime.backends.onnxrt import read_chat_template
 
@@ -120,9 +124,10 @@ def check_chat_templates(templates: Mapping[str, str], *, render: str | None = N
     todo: list[dict[str, str]] = []
     for name, template in templates.items():
         if not isinstance(template, str):
-            raise InvalidModelFile(f"{where}: chat template {name} is a {type(template).__name__}, not text", hint=_HINT)
+            raise InvalidModelFile(f"{where}, {name}: the chat template is a {type(template).__name__}, not text",
+                                   hint=_HINT)
         if len(template) > MAX_TEMPLATE_CHARS:
-            raise UnsafeModelError(f"{where}: chat template {name} is {len(template):,} characters long (limit "
+            raise UnsafeModelError(f"{where}, {name}: the chat template is {len(template):,} characters long (limit "
                                    f"{MAX_TEMPLATE_CHARS:,}; real ones are a few thousand)", hint=_HINT)
         digest = template_digest(template)
         # The sandboxed render first: it is cheap and names the problem precisely.
@@ -138,7 +143,8 @@ def check_chat_templates(templates: Mapping[str, str], *, render: str | None = N
     if strict and render is not None and render in templates:
         problem = _RENDER_PROBLEMS.get(template_digest(templates[render]))
         if problem is not None:
-            raise InvalidModelFile(f"{where}: chat template {render} cannot render a plain chat: {problem}",
+            raise InvalidModelFile(f"{where}, {render}: the chat template cannot render a plain chat: "
+                                   f"{_strip_subject(problem)}",
                                    hint="fix the chat template in the model, or re-export it")
 
 
@@ -155,11 +161,14 @@ def _remember(keys: list[str]) -> None:
     os.environ[CHECKED_ENV] = ",".join(list(dict.fromkeys(entries))[-200:])
 
 
+def _strip_subject(message: str) -> str:
+    # The renderer's messages start "the model's chat template ..."; ours name the template.
+    return message.removeprefix("the model's chat template ")
+
+
 def _raise(kind: str, message: str, *, name: str, where: str) -> None:
     cls = InvalidModelFile if kind == "InvalidModelFile" else UnsafeModelError
-    # The renderer's messages start "the model's chat template ..."; name the template instead.
-    rest = message.removeprefix("the model's chat template ")
-    text = f"{where}: chat template {name} {rest}" if rest != message else f"{where}: chat template {name}: {message}"
+    text = f"{where}, {name}: the chat template {_strip_subject(message)}"
     raise cls(text, hint=_HINT if cls is UnsafeModelError else "fix the chat template in the model, or re-export it")
 
 
@@ -205,9 +214,9 @@ def _run_check(todo: list[dict[str, str]], where: str) -> None:
         why = f"was killed by signal {-rc} (over {CHECK_CPU_S} s of CPU or {CHECK_MEMORY_MB} MB)"
     else:
         why = f"ended with exit code {rc} ({' | '.join(stderr.strip().splitlines()[-2:])})"
-    what = "rendering it in edgepack's sandbox" if item["task"] == "render" else \
-        f"{_LIBRARIES[item['task'].split(':', 1)[1]]}'s compile of it"
-    message = f"{what} {why}: a template bomb"
+    what = "rendering in edgepack's sandbox" if item["task"] == "render" else \
+        f"compiling as {_LIBRARIES[item['task'].split(':', 1)[1]]} does"
+    message = f"is a template bomb: {what} {why}"
     _FAILED[item["key"]] = ("UnsafeModelError", message)
     _raise("UnsafeModelError", message, name=item["name"], where=where)
 
@@ -294,7 +303,7 @@ def _guard_constant_folding() -> None:
             try:
                 check_binop(_op, left, right)
             except TemplateLimit as exc:
-                raise _FoldBomb(f"constant folding: {exc}") from None
+                raise _FoldBomb(f"its constant folding: {exc}") from None
             return _func(left, right)
 
         nodes._binop_to_func[op] = bounded
@@ -310,11 +319,11 @@ def _guard_constant_folding() -> None:
             cause: BaseException | None = exc
             while cause is not None:
                 if isinstance(cause, (MemoryError, RecursionError)):
-                    raise _FoldBomb(f"constant folding fails with {type(cause).__name__}") from None
+                    raise _FoldBomb(f"its constant folding fails with {type(cause).__name__}") from None
                 cause = cause.__cause__ or cause.__context__
             return node
         if text_size(value) > MAX_STRING_CHARS:
-            raise _FoldBomb(f"constant folding builds a value of over {MAX_STRING_CHARS:,} characters")
+            raise _FoldBomb(f"its constant folding builds a value of over {MAX_STRING_CHARS:,} characters")
         try:
             return nodes.Const.from_untrusted(value, lineno=node.lineno, environment=self.environment)
         except nodes.Impossible:
@@ -331,14 +340,14 @@ def _compile(task: str, template: str) -> dict[str, Any]:
         (_llama_cpp_compile if library == "llama_cpp" else _transformers_compile)(template)
     except _FoldBomb as exc:
         return {"status": "refused", "error_type": "UnsafeModelError",
-                "message": f"{_LIBRARIES[library]}'s compile of it would blow up: {exc} (a template bomb)"}
+                "message": f"is a template bomb: compiling as {_LIBRARIES[library]} does, {exc}"}
     except TemplateSyntaxError as exc:
         return {"status": "refused", "error_type": "InvalidModelFile",
-                "message": f"{_LIBRARIES[library]} cannot parse it: {exc} (line {exc.lineno})"}
+                "message": f"does not parse in {_LIBRARIES[library]}: {exc} (line {exc.lineno})"}
     except Exception as exc:  # noqa: BLE001 - whatever the library's compile raises is the finding
         return {"status": "refused", "error_type": "UnsafeModelError",
-                "message": f"{_LIBRARIES[library]}'s compile of it fails with {type(exc).__name__}: "
-                           f"{str(exc)[:200]} (a template bomb)"}
+                "message": f"is a template bomb: compiling as {_LIBRARIES[library]} does fails with "
+                           f"{type(exc).__name__}: {str(exc)[:200]}"}
     return {"status": "ok"}
 
 
@@ -394,7 +403,7 @@ def main(argv: list[str] | None = None) -> int:
                 _compile(task["task"], task["template"])
         except (MemoryError, RecursionError) as exc:
             outcome = {"status": "refused", "error_type": "UnsafeModelError",
-                       "message": f"checking it fails with {type(exc).__name__} (a template bomb)"}
+                       "message": f"is a template bomb: checking it fails with {type(exc).__name__}"}
         results.append(outcome)
         if outcome["status"] == "refused":
             break
