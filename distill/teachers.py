@@ -136,8 +136,9 @@ def _check_gguf_magic(path: Path) -> None:
 def check_hf_dir(path: Path, *, allow_pickle: bool = False, trust_remote_code: bool = False) -> list[Path]:
     """Check that ``path`` is a loadable HF model folder; return its weight files.
 
-    Refuses (UnsafeModelError, naming the file) pickled weights unless ``allow_pickle`` and
-    an ``auto_map`` (modeling code in the folder) unless ``trust_remote_code``.
+    Refuses (UnsafeModelError, naming the file) pickled weights unless ``allow_pickle``,
+    an ``auto_map`` (modeling code in the folder) unless ``trust_remote_code``, and a chat
+    template that fails :func:`edgepack.vocab.check_chat_template` (a template bomb, an injection).
     """
     path = Path(path)
     config_path = path / "config.json"
@@ -149,6 +150,11 @@ def check_hf_dir(path: Path, *, allow_pickle: bool = False, trust_remote_code: b
             raise UnsafeModelError(
                 f"{path / name} has an auto_map: loading it would run Python code from the folder",
                 hint="review the modeling files and pass trust_remote_code only if you trust them")
+    from edgepack.vocab import read_chat_template
+
+    # transformers compiles the template (constant folding, no limits) on the first
+    # apply_chat_template: a template bomb is refused here, before any stage loads the folder.
+    read_chat_template(path)
     safetensors = sorted(path.glob("*.safetensors"))
     if safetensors:
         return safetensors
