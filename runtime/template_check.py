@@ -104,12 +104,13 @@ def check_chat_templates(templates: Mapping[str, str], *, render: str | None = N
     """Refuse a hostile chat template before it is compiled or rendered anywhere.
 
     ``templates`` maps a name to each template source some library will compile (for a GGUF:
-    :func:`gguf_templates`). ``render`` names the one edgepack renders: it is compiled in the
-    bounded sandbox and rendered on sample chats. ``compilers`` lists the third-party compiles
-    to rehearse: ``"llama_cpp"`` (``Llama()``), ``"transformers"`` (``apply_chat_template``).
-    ``strict`` also refuses a rendered template that fails on the sample chats
-    (InvalidModelFile: an OverflowError, a TypeError...); loaders that can still serve plain
-    completions leave it off, and the failure surfaces on the first chat instead.
+    :func:`gguf_templates`); each is compiled in the bounded sandbox and rendered on sample
+    chats there, so a bomb in any of them refuses the model. ``compilers`` lists the
+    third-party compiles to rehearse: ``"llama_cpp"`` (``Llama()``), ``"transformers"``
+    (``apply_chat_template``). ``render`` names the template edgepack renders for chats; with
+    ``strict``, its failing on the sample chats (InvalidModelFile: an OverflowError, a
+    TypeError...) is refused too. Loaders that can still serve plain completions leave
+    ``strict`` off, and such a failure surfaces on the first chat instead.
 
     Raises UnsafeModelError (limits, sandbox violations, a compile that blows up) or
     InvalidModelFile (a template that does not parse), both exit 2; each names the template,
@@ -130,8 +131,9 @@ def check_chat_templates(templates: Mapping[str, str], *, render: str | None = N
             raise UnsafeModelError(f"{where}, {name}: the chat template is {len(template):,} characters long (limit "
                                    f"{MAX_TEMPLATE_CHARS:,}; real ones are a few thousand)", hint=_HINT)
         digest = template_digest(template)
-        # The sandboxed render first: it is cheap and names the problem precisely.
-        tasks = (["render"] if name == render else []) + [f"compile:{c}" for c in compilers]
+        # Every template is rendered in the sandbox (a bomb anywhere in the file refuses it), the
+        # render first: it is cheap and names the problem precisely.
+        tasks = ["render"] + [f"compile:{c}" for c in compilers]
         for task in tasks:
             key = f"{task}:{digest}"
             if key in _FAILED:

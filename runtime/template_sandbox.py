@@ -48,6 +48,7 @@ from jinja2.filters import (do_center, do_indent, do_wordwrap, make_attrgetter, 
 from jinja2.runtime import LoopContext
 from jinja2.sandbox import ImmutableSandboxedEnvironment, SandboxedFormatter
 from jinja2.utils import Namespace, generate_lorem_ipsum
+from markupsafe import EscapeFormatter, Markup
 
 MAX_TEMPLATE_CHARS = 1 << 20       # the template source; real ones are a few KB, the largest ~40 KB
 MAX_STRING_CHARS = 4_000_000       # any one string or list a template builds (= the rendered-prompt cap)
@@ -155,11 +156,19 @@ def _need_size(n: int, what: str) -> None:
     _need(n <= MAX_STRING_CHARS, f"{what} would be {n:,} characters or items (limit {MAX_STRING_CHARS:,})")
 
 
+# A list slot costs a pointer and, often, a new small object (split(), map()): charged as this
+# many characters, so lists and strings share one memory budget (~128 MB at MAX_CHAR_WORK).
+_ITEM_COST = 16
+
+
 def _charge_result(value: Any) -> Any:
     """Check and charge what an operation built: an oversized string/list or integer is refused."""
-    if isinstance(value, (str, bytes, list, tuple)):
+    if isinstance(value, (str, bytes)):
         _need_size(len(value), "a result")
         _budget().text(len(value))
+    elif isinstance(value, (list, tuple)):
+        _need_size(len(value), "a result")
+        _budget().text(_ITEM_COST * len(value))
     elif isinstance(value, int) and not isinstance(value, bool):
         _need(value.bit_length() <= MAX_INT_BITS, f"it builds an integer of {value.bit_length():,} bits "
                                                   f"(limit {MAX_INT_BITS:,})")
@@ -255,8 +264,8 @@ def _check_method(obj: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tu
 class _BoundedFormatter(SandboxedFormatter):
     """``str.format`` in the sandbox: each field's width and value are checked before formatting."""
 
-    def __init__(self, env: Any) -> None:
-        super().__init__(env)
+    def __init__(self, env: Any, **kwargs: Any) -> None:
+        super().__init__(env, **kwargs)
         self._size = 0
 
     def format_field(self, value: Any, format_spec: str) -> Any:
@@ -264,6 +273,10 @@ class _BoundedFormatter(SandboxedFormatter):
         self._size += text_size(value) + sum(numbers) + 330
         _need_size(self._size, "a str.format() result")
         return super().format_field(value, format_spec)
+
+
+class _BoundedEscapeFormatter(_BoundedFormatter, EscapeFormatter):
+    """The same for ``Markup.format`` (``('{}'|safe).format(x)`` escapes ``x``, as in jinja2)."""
 
 
 # --- iteration ---------------------------------------------------------------------------------
@@ -298,6 +311,23 @@ class _BoundedCodeGenerator(CodeGenerator):
         for loop in node.find_all(nodes.For):
             loop.iter = nodes.Filter(loop.iter, LOOP_FILTER, [], [], None, None, lineno=loop.iter.lineno)
         super().visit_Template(node, frame)
+
+    def visit_Getitem(self, node: nodes.Getitem, frame: Frame) -> None:
+        # jinja2 compiles slices to a plain Python subscript, bypassing the sandbox: route them
+        # through a checked copy (a loop of s[::-1] would otherwise build gigabytes uncharged).
+        if not isinstance(node.arg, nodes.Slice):
+            super().visit_Getitem(node, frame)
+            return
+        self.write("environment.bounded_slice(")
+        self.visit(node.node, frame)
+        self.write(", slice(")
+        for i, part in enumerate((node.arg.start, node.arg.stop, node.arg.step)):
+            self.write(", " if i else "")
+            if part is None:
+                self.write("None")
+            else:
+                self.visit(part, frame)
+        self.write("))")
 
     def visit_Concat(self, node: nodes.Concat, frame: Frame) -> None:
         self.write("environment.bounded_concat((")
@@ -482,7 +512,7 @@ class BoundedSandbox(ImmutableSandboxedEnvironment):
             result = super().call(__context, __obj, *args, **kwargs)
         finally:
             budget.depth -= 1
-        return _charge_result(result) if isinstance(result, (str, bytes, int)) else result
+        return _charge_result(result) if isinstance(result, (str, bytes, int, list, tuple)) else result
 
     def wrap_str_format(self, value: Any) -> Any:
         # jinja2 sandboxes str.format with its own formatter; this one also checks field widths.
@@ -496,9 +526,15 @@ class BoundedSandbox(ImmutableSandboxedEnvironment):
                 if kwargs or len(args) != 1:
                     raise TypeError("format_map() takes exactly one positional argument")
                 args, kwargs = (), args[0]
-            return str(_BoundedFormatter(self).vformat(fmt, args, kwargs))
+            formatter = _BoundedEscapeFormatter(self, escape=fmt.escape) if isinstance(fmt, Markup) \
+                else _BoundedFormatter(self)
+            return type(fmt)(formatter.vformat(fmt, args, kwargs))
 
         return functools.update_wrapper(wrapper, value)
+
+    def bounded_slice(self, obj: Any, index: slice) -> Any:
+        """``obj[a:b:c]``: the copy is charged like any other string or list built."""
+        return _charge_result(obj[index])
 
     def bounded_concat(self, parts: tuple[Any, ...]) -> str:
         """``a ~ b ~ ...``: sized before the strings are built."""

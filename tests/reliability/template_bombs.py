@@ -60,6 +60,9 @@ BOMBS: dict[str, str] = {
     "recursion_error": "{{ " + "(" * 3000 + "1" + ")" * 3000 + " }}",
     "folded_dead_branch": "{% if false %}{{ 'a' * 10**9 }}{% endif %}{{ messages[0]['content'] }}",
 }
+# Templates that merely fail to render (not bombs): refused with exit 2 wherever a chat is rendered
+# or judged, but ``serve`` starts on them for plain completions.
+BROKEN = frozenset(["overflow_error", "float_overflow", "zero_division", "divisible_zero", "recursion_caller"])
 # A representative few for the slower commands (export, pack, gate, serve).
 CORE = ["nested_range", "power_tower", "repeat_pow", "concat_doubling", "macro_recursion", "overflow_error",
         "folded_dead_branch"]
@@ -114,6 +117,8 @@ def generated_bombs(seed: int = 0) -> dict[str, str]:
     out["format_nested_width"] = "{{ '{:{w}}'.format('x', w=1000000000) }}"
     out["format_map"] = "{{ ('{0:>100000}' * 100000).format('x') }}"
     out["percent_star"] = "{{ '%*d' % (1000000000, 1) }}"
+    # No size limit applies, but folding it costs seconds of CPU: the check's CPU limit stops it.
+    out["folded_wordwrap"] = "{% if false %}{{ ('x' * 3000000)|wordwrap(1) }}{% endif %}x"
     out["float_overflow"] = "{{ 10.0 ** 400 }}"
     out["zero_division"] = "{{ 1 // 0 }}"
     out["divisible_zero"] = "{{ 4 is divisibleby 0 }}"

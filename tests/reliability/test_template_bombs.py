@@ -216,29 +216,61 @@ def _plain_sandbox_render(template: str, messages: list[dict[str, str]], **kw: o
     from jinja2.ext import loopcontrols
     from jinja2.sandbox import ImmutableSandboxedEnvironment
 
+    def raise_exception(message: str) -> None:
+        raise ValueError(message)
+
     env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
     env.filters["tojson"] = lambda x, indent=None, ensure_ascii=False, separators=None, sort_keys=False: \
         json.dumps(x, indent=indent, ensure_ascii=ensure_ascii, separators=separators, sort_keys=sort_keys)
-    return env.from_string(template).render(messages=messages, **kw)
+    return env.from_string(template).render(messages=messages, raise_exception=raise_exception, **kw)
 
 
-@pytest.mark.parametrize("which", ["chatml", "complex", "smollm2"])
-def test_real_templates_render_identically(which: str, builtin_teacher_gguf: Path) -> None:
-    from edgepack.runtime.chat_template import render_chat
+def _real_template(which: str, teacher_gguf: Path) -> str:
+    from llama_cpp import llama_chat_format as formats
+
     from edgepack.runtime.gguf_header import read_gguf
+
+    return {"chatml": CHATML_TEMPLATE, "complex": COMPLEX_TEMPLATE,
+            "smollm2": read_gguf(teacher_gguf).chat_template or "",
+            # The templates llama-cpp-python ships for these families (from their tokenizer configs).
+            "llama3": formats.LLAMA3_INSTRUCT_CHAT_TEMPLATE, "mistral": formats.MISTRAL_INSTRUCT_CHAT_TEMPLATE,
+            "mixtral": formats.MIXTRAL_INSTRUCT_CHAT_TEMPLATE}[which]
+
+
+@pytest.mark.parametrize("which", ["chatml", "complex", "smollm2", "llama3", "mistral", "mixtral"])
+def test_real_templates_render_identically(which: str, builtin_teacher_gguf: Path) -> None:
+    from edgepack.errors import UsageError
+    from edgepack.runtime.chat_template import render_chat
     from edgepack.runtime.template_check import check_chat_templates
 
-    template = {"chatml": CHATML_TEMPLATE, "complex": COMPLEX_TEMPLATE,
-                "smollm2": read_gguf(builtin_teacher_gguf).chat_template}[which]
+    template = _real_template(which, builtin_teacher_gguf)
     assert template
     check_chat_templates({"tokenizer.chat_template": template}, render="tokenizer.chat_template",
                          compilers=("llama_cpp", "transformers"), strict=True, where=which)
-    for messages in (USER, CONVERSATION, CONVERSATION[1:3]):
+    rendered = 0
+    for messages in (USER, CONVERSATION, CONVERSATION[1:3], CONVERSATION[1:4]):
         for gen in (True, False):
-            ours = render_chat(template, messages, add_generation_prompt=gen, bos_token="<s>", eos_token="</s>")
-            plain = _plain_sandbox_render(template, messages, add_generation_prompt=gen, bos_token="<s>",
-                                          eos_token="</s>")
-            assert ours == plain
+            kw = dict(add_generation_prompt=gen, bos_token="<s>", eos_token="</s>")
+            try:
+                plain = _plain_sandbox_render(template, messages, **kw)  # type: ignore[arg-type]
+            except ValueError:  # the template's raise_exception (roles must alternate...)
+                with pytest.raises(UsageError):
+                    render_chat(template, messages, **kw)  # type: ignore[arg-type]
+                continue
+            assert render_chat(template, messages, **kw) == plain  # type: ignore[arg-type]
+            rendered += 1
+    assert rendered >= 2
+
+
+@pytest.mark.parametrize("which", ["chatml", "smollm2"])
+def test_the_limits_leave_room_for_long_real_chats(which: str, builtin_teacher_gguf: Path) -> None:
+    """3001 turns, or one 3-million-character message: far past any context, still rendered."""
+    from edgepack.runtime.chat_template import render_chat
+
+    template = _real_template(which, builtin_teacher_gguf)
+    turns = [{"role": "user" if i % 2 == 0 else "assistant", "content": "x" * 300} for i in range(3001)]
+    assert len(render_chat(template, turns)) > 3001 * 300
+    assert len(render_chat(template, [{"role": "user", "content": "Über " * 600_000}])) > 3_000_000
 
 
 def test_the_real_model_still_runs(tiny_gguf: Path) -> None:
