@@ -208,7 +208,8 @@ def _run_check(todo: list[dict[str, str]], where: str) -> None:
     if not started:
         tail = " | ".join(stderr.strip().splitlines()[-3:]) or f"exit code {rc}"
         raise UnsafeModelError(f"{where}: the chat-template check could not run ({tail})",
-                               hint="rerun with EDGEPACK_DEBUG=1; if it persists, report it")
+                               hint="the check runs `python -m edgepack.runtime.template_check` in a child "
+                                    "process; if that cannot start on this machine, report it")
     item = todo[started[-1]]
     if rc is None:
         why = f"was still running after {CHECK_WALL_S:g} s"
@@ -355,7 +356,10 @@ def _compile(task: str, template: str) -> dict[str, Any]:
 
 def _limit_self() -> None:
     """Cap this process: CPU seconds from now, address space above what is mapped now."""
-    import resource
+    try:
+        import resource
+    except ImportError:  # not POSIX: the wall-clock timeout and the sandbox's counts still hold
+        return
 
     used = resource.getrusage(resource.RUSAGE_SELF)
     cpu = math.ceil(used.ru_utime + used.ru_stime) + CHECK_CPU_S

@@ -17,8 +17,10 @@ evaluates ``'a' * 10**9`` before anything renders. :class:`BoundedSandbox` close
   (``{% set %}...{% endset %}``, macro bodies), string methods (``ljust``, ``replace``,
   ``join``...) and the growing filters (``center``, ``indent``, ``replace``, ``join``,
   ``format``, ``wordwrap``, ``batch``, ``slice``, ``tojson``, ``lipsum``) are checked *before*
-  they allocate: nothing longer than :data:`MAX_STRING_CHARS`, and no more than
-  :data:`MAX_CHAR_WORK` characters built in one render;
+  they allocate: nothing longer than :data:`MAX_STRING_CHARS`; and what every operation,
+  slice, call and filter builds is charged (a list item as :data:`_ITEM_COST` characters)
+  against :data:`MAX_CHAR_WORK` per render, which bounds the memory a render can hold;
+- **output**: ``{{ value }}`` and ``~`` size a container's ``str()`` before building it;
 - **recursion**: macro, ``caller()`` and recursive-loop calls nest at most :data:`MAX_CALL_DEPTH`.
 
 A limit raises :class:`TemplateLimit` (a jinja2 ``SecurityError``), which

@@ -86,6 +86,30 @@ def test_template_check_refuses_every_bomb(name: str) -> None:
     assert "template" in str(info.value) and info.value.hint
 
 
+def test_a_compile_too_slow_for_any_size_limit_is_stopped_by_the_cpu_limit() -> None:
+    """No size limit catches this fold (3 MB, then textwrap), but it costs seconds of CPU in
+    llama-cpp-python's compile: the check's child is killed by RLIMIT_CPU and the template refused."""
+    from edgepack.runtime.template_check import check_chat_templates
+
+    template = "{% if false %}{{ ('y' * 3000000)|wordwrap(1) }}{% endif %}" + str(time.time())
+    with pytest.raises(UnsafeModelError, match="template bomb.*(killed|still running)"):
+        check_chat_templates({"tokenizer.chat_template": template}, compilers=("llama_cpp",), where="slow")
+
+
+def test_the_check_is_paid_once_per_template_and_inherited(monkeypatch: pytest.MonkeyPatch) -> None:
+    from edgepack.runtime.template_check import CHECKED_ENV, check_chat_templates, template_digest
+
+    monkeypatch.setenv(CHECKED_ENV, "")
+    template = CHATML_TEMPLATE + f"{{# {time.time()} #}}"  # not checked yet in this process
+    check_chat_templates({"t": template}, render="t", compilers=("llama_cpp",))
+    start = time.monotonic()
+    check_chat_templates({"t": template}, render="t", compilers=("llama_cpp",))
+    assert time.monotonic() - start < 0.1  # no second child process
+    import os
+
+    assert f"compile:llama_cpp:{template_digest(template)}" in os.environ[CHECKED_ENV]
+
+
 # --- run: every bomb, embedded in a GGUF ---------------------------------------------------------
 
 @pytest.mark.parametrize("name", sorted(BOMBS))
