@@ -12,8 +12,8 @@ Categories (each writes counts into ``bench/reliability/results.json`` and ``REL
   duration. Then: every file under its final name must be complete and verify (checkpoints
   have ``.complete`` and load; GGUFs parse with gguf-py and edgepack's reader and equal the
   uninterrupted output byte for byte; bundles pass ``verify_bundle``); the same call run again
-  (``--resume`` for training) must finish with the uninterrupted result; and no ``.part-`` /
-  ``.tmp-`` / ``.old-`` debris may remain after that next run.
+  (``--resume`` for training) must finish with the uninterrupted result; and no temporary
+  ``<final>.part|tmp|old-<pid>.edgepack-tmp`` debris may remain after that next run.
 * ``server``: the real server in a subprocess on the tiny GGUF: 32 concurrent streams, 100
   sequential requests, oversize bodies, prompts beyond the context, bad parameters, clients
   that disconnect mid-stream; checks status codes, hangs, and the server's RSS after the load.
@@ -47,7 +47,6 @@ sys.path.insert(0, str(ROOT))
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from abuse import native_category, native_loader, server_category  # noqa: E402 - after the path set-up
-DEBRIS = (".part-", ".tmp-", ".old-")
 STEPS = 6
 
 
@@ -101,7 +100,9 @@ def sha(path: Path) -> str:
 
 
 def debris(folder: Path) -> list[str]:
-    return sorted(str(p.relative_to(folder)) for p in Path(folder).rglob("*") if any(t in p.name for t in DEBRIS))
+    from edgepack.atomic import is_temp_name  # the exact names edgepack's atomic writes use
+
+    return sorted(str(p.relative_to(folder)) for p in Path(folder).rglob("*") if is_temp_name(p.name))
 
 
 def spawn(kind: str, run: Path, log: Path) -> tuple[subprocess.Popen[bytes], Path]:
@@ -133,9 +134,11 @@ def calibrate(kind: str, run: Path, log: Path) -> float:
 
 
 def _writing(folders: list[Path]) -> bool:
+    from edgepack.atomic import is_temp_name
+
     for folder in folders:
         try:
-            if any(any(t in e.name for t in (".part-", ".tmp-")) for e in os.scandir(folder)):
+            if any(is_temp_name(e.name) and ".old-" not in e.name for e in os.scandir(folder)):
                 return True
         except OSError:
             pass
