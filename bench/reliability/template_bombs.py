@@ -132,8 +132,9 @@ def template_bombs_category(work: Path, quick: bool = False) -> dict[str, Any]:
             run = bomb_run_dir(fx["run"], case / "run", bombs[name])
             _cli(tally, "pack", name, ["pack", str(run), "--profile", str(fx["profile"])])
         shutil.rmtree(case, ignore_errors=True)
-    details = [f"{cmd}: {c['refused']}/{c['tried']} refused with exit 2, slowest {c['max_s']:.1f} s, "
-               f"largest process tree {c['max_rss_mb']:.0f} MB" for cmd, c in tally.per_command.items()]
+    details = [f"{cmd}: {c['refused']}/{c['tried']} refused (exit 2), slowest {c['max_s']:.1f} s"
+               + (f", largest process tree {c['max_rss_mb']:.0f} MB" if c["max_rss_mb"] else " (in-process)")
+               for cmd, c in tally.per_command.items()]
     details.append(f"{len(names)} templates ({len(BROKEN & set(names))} merely broken, the rest bombs); "
                    f"slower commands on {len(sample)}; deadline 60 s, memory cap 1 GB")
     return {"tried": tally.tried, "faults": tally.tried, "failures": len(tally.failures),
