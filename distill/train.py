@@ -172,6 +172,10 @@ def train_student(*, run_dir: Path, profile: Profile, student: str = "auto", ste
         # The student's tokenizer reads the data: the teacher's own for ``auto`` students.
         tokenizer_dir = teacher_dir if student == "auto" else _student_dir(student)
         tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+        if not getattr(tok, "chat_template", None):  # every row is rendered with it; checked before any work
+            raise UsageError(f"{tokenizer_dir} has no chat template, which training renders every row with",
+                             hint="use a chat/instruct model, or add its template to the folder (`chat_template` "
+                                  "in tokenizer_config.json, or chat_template.jinja)")
         problem = None if remote or student == "auto" else \
             tokenizer_mismatch(AutoTokenizer.from_pretrained(teacher_dir), tok)
         mode = choose_mode(data_report=data_report, divergence=cfg.divergence, soft_labels=cfg.soft_labels,

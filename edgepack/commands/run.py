@@ -10,6 +10,16 @@ import typer
 KeyOpt = Annotated[Path | None, typer.Option("--key", help="Ed25519 public key (PEM): require its signature.")]
 
 
+def _not_text(text: str) -> bool:
+    """True when ``text`` holds lone surrogates: bytes that were not UTF-8 (surrogateescape), or a
+    ``\\ud800`` escape; no tokenizer or writer takes them."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
+
+
 def run_cmd(
     model: Annotated[Path, typer.Argument(help="A .edgepack bundle or a .gguf file.")],
     prompt: Annotated[str, typer.Option("--prompt", help="User message to complete.")],
@@ -22,8 +32,12 @@ def run_cmd(
     import sys
 
     from edgepack.console import emit, warn
+    from edgepack.errors import UsageError
     from edgepack.runtime.session import open_model
 
+    if _not_text(prompt):  # checked before the model is loaded
+        raise UsageError("--prompt is not valid UTF-8 text (it holds bytes that decode to lone surrogates)",
+                         hint="pass the prompt as UTF-8 text, e.g. convert it with iconv")
     with open_model(model, key=key, warn=warn) as session:
         if json_out:
             text = "".join(session.stream_chat([{"role": "user", "content": prompt}],
@@ -52,6 +66,8 @@ def chat_cmd(
     history: list[dict[str, str]] = []
     with open_model(model, key=key, warn=warn) as session:
         err.print("[dim]empty line or Ctrl-D to quit[/dim]")
+        if hasattr(sys.stdin, "reconfigure"):  # bytes that are not UTF-8 arrive as surrogates, not as a crash
+            sys.stdin.reconfigure(errors="surrogateescape")
         while True:
             try:
                 line = input("> ")
@@ -59,6 +75,9 @@ def chat_cmd(
                 break
             if not line.strip():
                 break
+            if _not_text(line):
+                err.print("that line is not valid UTF-8 text; type it again")
+                continue
             history.append({"role": "user", "content": line})
             reply = []
             for piece in session.stream_chat(history, max_tokens=max_tokens, temperature=temperature):

@@ -263,3 +263,28 @@ def test_cached_soft_labels_with_k_equal_to_the_vocabulary_train_like_the_online
     with pytest.raises(UsageError, match="temperature 1"):
         train_student(run_dir=sparse_run, profile=PROFILE, steps=2, seed=1,
                       config=replace(base, soft_labels=True, temperature=2.0))
+
+
+def test_a_student_without_a_chat_template_is_refused_before_any_work(tmp_path: Path, tiny4_dir: Path,
+                                                                      tiny_llama_dir: Path) -> None:
+    """Issue #20 defect 12: exit 3 (internal error) from deep inside tokenization; now one line, exit 2."""
+    import os
+    import subprocess
+    import sys
+
+    student = tmp_path / "no-template"
+    shutil.copytree(tiny_llama_dir, student)
+    config = json.loads((student / "tokenizer_config.json").read_text())
+    config.pop("chat_template", None)
+    (student / "tokenizer_config.json").write_text(json.dumps(config))
+    (student / "chat_template.jinja").unlink(missing_ok=True)
+    run = make_run(tmp_path / "run", tiny4_dir)
+    env = {**os.environ, "EDGEPACK_DEBUG": "0", "COLUMNS": "300"}
+    out = subprocess.run([sys.executable, "-m", "edgepack", "distill", "train", str(run), "-p", "cpu-x86-2c",
+                          "--student", str(student), "--steps", "1"], capture_output=True, text=True, env=env,
+                         timeout=600)
+    assert out.returncode == 2, out.stderr[-2000:]
+    errors = [ln for ln in out.stderr.splitlines() if ln.startswith("error:")]
+    assert len(errors) == 1 and "chat template" in errors[0] and str(student) in errors[0]
+    assert "hint:" in out.stderr and "Traceback" not in out.stderr
+    assert not (run / STUDENT_DIR).exists() and not (run / CHECKPOINT_DIR).exists()
