@@ -234,7 +234,9 @@ class ModelServer:
         try:  # a hostile template raises UnsafeModelError here, and the server never starts
             probe = backend.chat_tokens([{"role": "user", "content": "ping"}])
         except (InvalidModelFile, UsageError) as exc:
-            self.chat_problem = str(exc)  # completions still work; chat answers 500 with this reason
+            if isinstance(exc, InvalidModelFile) and backend.chat_template:
+                raise  # a template that cannot render a plain chat is refused like a bomb (exit 2)
+            self.chat_problem = str(exc)  # no template: completions still work; chat answers 500 with this
         # One real token: a decode failure shows now, not on the first request, and the
         # fallback is refused up front on a backend that gives no logprobs.
         tokens = backend.generate(probe or backend.tokenize("ping", add_special=True), max_tokens=1,

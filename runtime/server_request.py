@@ -186,7 +186,10 @@ def prompt_tokens(backend: Any, req: GenerationRequest, app: ModelServer) -> lis
     except UsageError as exc:
         raise HttpReject(400, str(exc), reason="invalid_request", param="messages") from None
     except (UnsafeModelError, InvalidModelFile) as exc:
-        raise HttpReject(500, str(exc), reason="model_error", error_type="server_error") from None
+        # The template rendered a plain chat at start-up (ModelServer.load), so what fails here
+        # failed on these messages: the request is refused, the server carries on.
+        raise HttpReject(400, f"the model's chat template failed on these messages: {exc}",
+                         reason="invalid_request", param="messages") from None
 
 
 def tokenize_within(app: ModelServer, req: GenerationRequest, reservation: Reservation, deadline: float,

@@ -145,9 +145,9 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-# overflow_error is left out: a template that merely fails to render (not a bomb) lets the server
-# start for plain completions, and each chat request is refused (the server's chat_problem).
-@pytest.mark.parametrize("name", [n for n in CORE if n != "overflow_error"])
+# overflow_error too: a template that exists but cannot render a plain chat is refused at start-up
+# (a model with no template at all still serves completions).
+@pytest.mark.parametrize("name", CORE)
 def test_serve_refuses_to_start_on_bomb_gguf(name: str, bomb_ggufs: dict[str, Path]) -> None:
     outcome = run_bounded(["serve", str(bomb_ggufs[name]), "--port", str(_free_port())])
     _refused(outcome, f"serve {name}")
@@ -300,3 +300,22 @@ def test_the_limits_leave_room_for_long_real_chats(which: str, builtin_teacher_g
 def test_the_real_model_still_runs(tiny_gguf: Path) -> None:
     outcome = run_bounded(["run", str(tiny_gguf), "--prompt", "Pump P-101 alarm", "--max-tokens", "2", "--json"])
     assert outcome.rc == 0, outcome.stderr[-2000:]
+
+
+def test_a_template_failing_on_one_request_is_a_400_and_the_server_carries_on(tiny_gguf: Path,
+                                                                              tmp_path: Path) -> None:
+    """Defect 12: a template error on particular messages was an HTTP 500; it is the request's 400."""
+    from tests.runtime.server_helpers import chat, launch
+
+    template = ("{% for m in messages %}{% if m['content'] == 'boom' %}{{ 1 // 0 }}{% endif %}"
+                "<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+                "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    model = bomb_gguf(tiny_gguf, tmp_path / "picky.gguf", template)
+    server = launch(model, tmp_path, n_ctx=256, threads=1)
+    try:
+        bad = chat(server.port, messages=[{"role": "user", "content": "boom"}], max_tokens=2)
+        assert bad.status == 400, bad.body
+        assert "chat template" in bad.json()["error"]["message"]
+        assert chat(server.port, max_tokens=2).status == 200
+    finally:
+        assert server.stop() == 0, server.log.read_text(errors="replace")
