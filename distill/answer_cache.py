@@ -5,7 +5,9 @@ by the sha256 of what decides it: the teacher's identity, the decoding parameter
 messages and whatever else the generator names (an endpoint's ``top_logprobs``). Files are
 written atomically (edgepack.atomic), so answers finished before a crash or a kill are kept
 and a rerun of ``distill data`` asks the teacher only for the missing ones. An entry that is
-unreadable, of another schema or of another key counts as missing and is replaced.
+unreadable, of another schema or of another key counts as missing and is replaced; so does
+one holding NaN or Infinity (not JSON; a cache written before endpoint logprobs were checked
+may hold them), and entries are written as strict JSON.
 
 Used by endpoint.py (:class:`EndpointTeacher`) and generate.py (:class:`CachedGenerator`).
 """
@@ -19,7 +21,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from edgepack.atomic import write_json
+from edgepack.atomic import write_text
 
 if TYPE_CHECKING:
     from edgepack.distill.generate import Generation, Messages
@@ -60,8 +62,9 @@ class AnswerCache:
         """Store ``gen`` atomically. ``request`` is what was asked (never credentials)."""
         entry = {"schema": CACHE_SCHEMA, "key": key, "teacher": teacher, "request": request,
                  "generation": asdict(gen)}
+        text = json.dumps(entry, indent=2, allow_nan=False, default=str) + "\n"  # ValueError on NaN
         with self._lock:
-            write_json(self.path(key), entry)
+            write_text(self.path(key), text)
 
     def stats(self) -> dict[str, int]:
         with self._lock:
@@ -74,9 +77,13 @@ class AnswerCache:
         if not path.is_file():
             return None
         try:
-            entry = json.loads(path.read_text(encoding="utf-8"))
+            entry = json.loads(path.read_text(encoding="utf-8"), parse_constant=_not_json)
             if entry.get("schema") != CACHE_SCHEMA or entry.get("key") != key:
                 return None
             return Generation.from_dict(entry["generation"])
         except (ValueError, KeyError, TypeError, AttributeError, OSError):
             return None  # unreadable entry: ask again; the fresh answer replaces it atomically
+
+
+def _not_json(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")

@@ -5,7 +5,9 @@ Input is a JSONL file, one object per line, with either ``"prompt": str`` or
 ``"id"``, ``"label"`` and ``"reference"`` (a seed answer). Bad rows are reported with their
 line numbers and skipped (``strict`` turns the first one into a DataError). Without a file,
 the shipped demo domain is used (``distill/demo``): plant alarm triage with a fixed train
-and holdout file.
+and holdout file. Spellings of one label (case, width, look-alike letters; see filters.py)
+are one label: rows are stored with it, and the report's ``label_spellings`` and
+``warnings`` say which spellings were merged.
 
 :func:`build_dataset` validates everything before writing anything, materializes the
 teacher (``RUN/teacher``), asks it one greedy answer per prompt, drops bad answers with a
@@ -26,7 +28,7 @@ import hashlib
 import json
 import random
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -34,7 +36,9 @@ from edgepack.atomic import atomic_dir, is_complete, write_json
 from edgepack.constants import (DATA_DIR, DATA_REPORT, HOLDOUT_FILE, TEACHER_CACHE_DIR, TEACHER_CONTEXT,
                                 TEACHER_CORRECTED_DIR, TEACHER_DIR, TRAIN_FILE)
 from edgepack.distill.correct import CorrectionConfig
-from edgepack.distill.filters import DEMO_FORMAT, DROP_REASONS, drop_reason, is_near_duplicate, parse_category
+from edgepack.distill.endpoint import is_invalid_answer
+from edgepack.distill.filters import (DEMO_FORMAT, DROP_REASONS, drop_reason, fold_label, is_near_duplicate,
+                                      parse_category, unify_labels)
 from edgepack.errors import DataError, RunDirError, UsageError
 from edgepack.locks import locked_stage
 from edgepack.progress import ProgressFn, null_progress
@@ -208,6 +212,8 @@ class _Inputs:
     labels: frozenset[str] | None
     context: list[dict[str, str]]
     files: dict[str, str]
+    label_spellings: dict[str, dict[str, int]] = field(default_factory=dict)
+    """Per label, the other spellings of it found in the rows (and their row counts)."""
 
 
 def _load_inputs(data: Path | None, *, strict: bool, seed: int, limit: int | None,
@@ -233,8 +239,10 @@ def _load_inputs(data: Path | None, *, strict: bool, seed: int, limit: int | Non
             tr, ho = prompts.rows, held.rows
             bad = prompts.bad + [{**b, "file": str(holdout)} for b in held.bad]
             files[f"holdout:{Path(holdout).name}"] = _sha256(Path(holdout))
-        labels = frozenset(r.label for r in [*tr, *ho] if r.label is not None) or None
-        inputs = _Inputs(str(data), tr, ho, bad, labels, [], files)
+        canonical, spellings = unify_labels(r.label for r in [*tr, *ho] if r.label is not None)
+        tr, ho = ([replace(r, label=canonical[r.label]) if r.label is not None else r for r in rs] for rs in (tr, ho))
+        labels = frozenset(canonical.values()) or None
+        inputs = _Inputs(str(data), tr, ho, bad, labels, [], files, spellings)
     if limit is not None:
         inputs.train = inputs.train[:limit]
     return inputs
@@ -325,6 +333,7 @@ def build_dataset(*, teacher: str, data: Path | None, run_dir: Path, limit: int 
     progress(task, 0, total)
     kept: dict[str, list[str]] = {r.id: [] for r in inputs.train}
     done = 0
+    invalid: list[str] = []  # why each refused invalid_answer row was invalid
     answers: list[Any] = []
     endpoints: list[dict[str, Any] | None] = []
     cache_counts = {"hits": 0, "misses": 0}
@@ -348,6 +357,9 @@ def build_dataset(*, teacher: str, data: Path | None, run_dir: Path, limit: int 
                 if i < len(inputs.train):
                     reason = drop_reason(gen.text, finished=gen.finished, label=row.label, labels=inputs.labels,
                                          answer_format=answer_format)
+                    if reason is None and is_invalid_answer(gen):
+                        reason = "invalid_answer"
+                        invalid.append(gen.no_logprobs_reason)
                     if reason is None and is_near_duplicate(gen.text, kept[row.id]):
                         reason = "duplicate"
                     if reason is None:
@@ -357,8 +369,9 @@ def build_dataset(*, teacher: str, data: Path | None, run_dir: Path, limit: int 
                         dropped[reason] += 1
                 else:
                     rec = row.record(gen.text.strip())
-                    rec["teacher_category"] = (parse_category(gen.text) if answer_format is None
-                                               else answer_format.check(gen.text.strip())[1])
+                    stated = (parse_category(gen.text) if answer_format is None
+                              else answer_format.check(gen.text.strip())[1])
+                    rec["teacher_category"] = None if stated is None else fold_label(stated)
                     hold_rows.append(rec)
                     # A user format that states no label leaves the teacher's accuracy unmeasured (None).
                     if row.label is not None and (answer_format is None or answer_format.label_from):
@@ -368,19 +381,22 @@ def build_dataset(*, teacher: str, data: Path | None, run_dir: Path, limit: int 
     if not train_rows:
         raise DataError(f"the teacher produced no usable answer for {len(inputs.train)} prompts "
                         f"(dropped: {_nonzero(dropped)})",
-                        hint="check the prompts' format instructions, or use a stronger teacher")
+                        hint=f"the endpoint's answers are invalid ({invalid[0]})" if invalid else
+                        "check the prompts' format instructions, or use a stronger teacher")
     seconds = time.perf_counter() - t0
     contamination = contamination_report(hold_rows, [r.record(None) for r in inputs.train], train_rows)
     report = {
         "identity": identity,
         "teacher": source.describe(),
         "teacher_dir": None if remote else teacher_dir.name,
-        **distillation_mode(answers, endpoints),
+        # Answers refused as invalid are not training data, so they do not decide the mode.
+        **distillation_mode([a for a in answers if not is_invalid_answer(a)], endpoints),
         "teacher_correction": None if corrected is None else
         {k: corrected.get(k) for k in ("rows_used", "steps", "first_loss", "final_loss", "train_s",
                                        "accuracy_before", "accuracy_after", "holdout_labelled")},
         "data": inputs.source,
         "labels": sorted(inputs.labels) if inputs.labels else None,
+        "label_spellings": inputs.label_spellings,
         "decoding": [p.describe() for p in sample_params],
         "samples_per_prompt": samples,
         # None: a free-form task (no labels) without a user format gets no format check.
@@ -401,6 +417,7 @@ def build_dataset(*, teacher: str, data: Path | None, run_dir: Path, limit: int 
         "generated_tokens": n_tokens,
         "seconds": round(seconds, 2),
         "generated_tokens_per_s": round(n_tokens / seconds, 1) if seconds > 0 else None,
+        "warnings": _warnings(inputs.label_spellings, invalid, len(answers)),
     }
     with atomic_dir(out) as tmp:
         _write_jsonl(tmp / TRAIN_FILE, train_rows)
@@ -411,6 +428,25 @@ def build_dataset(*, teacher: str, data: Path | None, run_dir: Path, limit: int 
     return report
 
 
+def _warnings(spellings: dict[str, dict[str, int]], invalid: list[str], answers: int) -> list[str]:
+    """One line per thing the user should know about the data that is not an error."""
+    lines = []
+    for label, others in spellings.items():
+        shown = ", ".join(f"{ascii(s)} ({n} rows{', look-alike letters' if _looks_alike(s, label) else ''})"
+                          for s, n in others.items())
+        lines.append(f"label {label!r}: {len(others)} other spelling{'s' if len(others) > 1 else ''} "
+                     f"merged into it: {shown}")
+    if invalid:
+        lines.append(f"{len(invalid)} of {answers} teacher answers were invalid and their rows refused "
+                     f"(invalid_answer); first: {invalid[0]}")
+    return lines
+
+
+def _looks_alike(spelling: str, label: str) -> bool:
+    """Merged only because letters of another script read as Latin ones (not by case or width)."""
+    return fold_label(spelling) != label
+
+
 def _nonzero(counts: dict[str, int]) -> str:
     return ", ".join(f"{k} {v}" for k, v in counts.items() if v) or "none"
 
@@ -418,7 +454,8 @@ def _nonzero(counts: dict[str, int]) -> str:
 def _write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
     with open(path, "w", encoding="utf-8") as fh:
         for r in rows:
-            fh.write(json.dumps(r, ensure_ascii=False) + "\n")
+            # allow_nan=False: NaN/Infinity are not JSON, and nothing upstream may let them through.
+            fh.write(json.dumps(r, ensure_ascii=False, allow_nan=False) + "\n")
 
 
 def teacher_dir_of(run_dir: Path) -> Path:

@@ -1,7 +1,8 @@
 """Teacher answers from an OpenAI-compatible endpoint (``openai:URL#MODEL``).
 
 vLLM, llama-server, TGI, ``edgepack serve`` or a hosted API: the teacher has no local weights,
-so answers come over HTTP (``POST URL/chat/completions``, the standard library's urllib only).
+so answers come over HTTP (``POST URL/chat/completions``, the standard library's urllib only,
+so proxies configured in the environment apply).
 :func:`open_endpoint` is the generator registered for kind ``openai`` in
 ``generate.GENERATORS``; it yields an :class:`EndpointTeacher`, callable per prompt like the
 local generators, with :meth:`EndpointTeacher.generate_many` for a batch in order.
@@ -12,6 +13,11 @@ What makes it safe to point at a remote service:
   otherwise) and travels only in the ``Authorization`` header; it is never logged, cached or
   written to a report, and redirects are not followed, so it only reaches the configured host;
 - at most ``concurrency`` requests are in flight (a thread pool);
+- each try has one total deadline (``timeout_s``, ``--timeout``) from connect through the TLS
+  handshake, the request, the headers and the last byte of the body; a server that sends its
+  answer a byte at a time is cut off at the deadline, not kept alive by each byte (see
+  endpoint_http.py); answers larger than :func:`response_cap` (from the tokens asked for, at
+  most ``MAX_RESPONSE_BYTES``) are refused as soon as that is known, and not retried;
 - connection errors, timeouts, 408, 429 and 5xx are retried with exponential backoff and full
   jitter (``Retry-After`` honoured, capped) for at most ``max_attempts`` tries; any other
   status, or the last failed try, raises :class:`~edgepack.errors.TeacherEndpointError`
@@ -24,13 +30,20 @@ What makes it safe to point at a remote service:
 Per-token logprobs are asked for (``logprobs: true, top_logprobs: K``). An endpoint that
 refuses them (a 400 naming ``logprobs``, as ``edgepack serve`` does) or answers without them
 gives response-only answers, each carrying ``no_logprobs_reason`` so the data report can say
-so; it is never silent.
+so; it is never silent. Logprobs that are there are checked as they are parsed: a logprob
+that is not a finite number ≤ 0 (NaN, ±Infinity, a string, a boolean), a token that is not
+text or longer than ``MAX_TOKEN_CHARS``, or more positions than tokens asked for make the
+answer invalid, and so does text holding a lone surrogate (``"\\ud800"`` is valid JSON but not
+Unicode text, and cannot be written as UTF-8): its logprobs are not kept, lone surrogates
+become U+FFFD, and the answer is marked (see :func:`is_invalid_answer`) so that
+``distill data`` refuses the row with a counted reason.
 """
 
 from __future__ import annotations
 
 import http.client
 import json
+import math
 import os
 import random
 import socket
@@ -47,6 +60,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 
 from edgepack.constants import TEACHER_API_KEY_ENV
 from edgepack.distill.answer_cache import AnswerCache, answer_key
+from edgepack.distill.endpoint_http import BodyTooLarge, Deadline, deadline_opener, read_body
 from edgepack.errors import TeacherEndpointError, UsageError
 
 if TYPE_CHECKING:
@@ -56,6 +70,16 @@ if TYPE_CHECKING:
 DEFAULT_API_KEY_ENV = TEACHER_API_KEY_ENV
 MAX_TOP_LOGPROBS = 20  # OpenAI's limit for top_logprobs; vLLM's default max_logprobs is 20 too
 MAX_RESPONSE_BYTES = 16 * 1024 * 1024
+"""Largest answer body read, whatever the request. Parsing 16 MiB of the smallest JSON items
+peaks near 140 MB of Python objects, so the cap per request is usually far lower (response_cap)."""
+RESPONSE_BASE_BYTES = 64 * 1024
+RESPONSE_BYTES_PER_TOKEN = 32 * 1024
+"""Per token asked for: the text, the chosen token and 20 alternatives with their ``bytes``
+arrays take ~2-10 KB for real vocabularies (tokens of at most ~100-200 bytes)."""
+MAX_TOKEN_CHARS = 1024
+"""Longest token text accepted in logprobs (real vocabularies' longest tokens are ~100-200 bytes)."""
+INVALID_ANSWER = "the endpoint's answer is invalid"
+"""Start of ``no_logprobs_reason`` for an answer refused as invalid (see is_invalid_answer)."""
 _RETRY_STATUSES = frozenset({408, 429})  # plus every 5xx
 
 
@@ -66,8 +90,8 @@ class EndpointConfig:
     concurrency: int = 4
     """Requests in flight at once."""
     timeout_s: float = 120.0
-    """Per request: connect, and every read of the answer (urllib's socket timeout), and the
-    whole answer must arrive within this from the first byte sent."""
+    """Total deadline of one try (``--timeout``): connect, TLS handshake, request, headers and the
+    whole body, however slowly the bytes arrive. A try past it is retried like a connection error."""
     api_key_env: str = DEFAULT_API_KEY_ENV
     """Environment variable holding the key (sent as ``Authorization: Bearer``). Unset is fine
     for the default name (a local server needs none); a name given explicitly must be set."""
@@ -121,9 +145,9 @@ class _NoRedirect(urllib.request.HTTPRedirectHandler):
 class _Retryable(Exception):
     """Internal: one try failed in a way worth another (``wait_s`` from Retry-After, if any)."""
 
-    def __init__(self, detail: str, wait_s: float | None = None) -> None:
+    def __init__(self, detail: str, wait_s: float | None = None, hint: str | None = None) -> None:
         super().__init__(detail)
-        self.wait_s = wait_s
+        self.wait_s, self.hint = wait_s, hint
 
 
 class _LogprobsRefused(Exception):
@@ -143,7 +167,7 @@ class EndpointTeacher:
         self.cache = AnswerCache(cache_dir)
         self.url = f"{source.url}/chat/completions"
         self._key = read_api_key(self.config.api_key_env)
-        self._opener = urllib.request.build_opener(_NoRedirect)
+        self.response_cap = response_cap(params.max_new_tokens)
         self._lock = threading.Lock()
         self._logprobs_refused: str | None = None  # sticky: the endpoint said no once
         self._in_flight = 0
@@ -221,7 +245,7 @@ class EndpointTeacher:
 
     def _post(self, body: dict[str, Any]) -> dict[str, Any]:
         data = json.dumps(body, ensure_ascii=False).encode("utf-8")
-        last = ""
+        last, hint = "", None
         for attempt in range(1, self.config.max_attempts + 1):
             if attempt > 1:
                 with self._lock:
@@ -229,7 +253,7 @@ class EndpointTeacher:
             try:
                 return self._try(data, logprobs="logprobs" in body)
             except _Retryable as exc:
-                last = str(exc)
+                last, hint = str(exc), exc.hint
                 if attempt == self.config.max_attempts:
                     break
                 bound = min(self.config.backoff_max_s, self.config.backoff_s * 2 ** (attempt - 1))
@@ -238,7 +262,7 @@ class EndpointTeacher:
                     delay = max(delay, min(exc.wait_s, self.config.backoff_max_s))
                 time.sleep(delay)
         raise TeacherEndpointError(f"teacher endpoint {self.url}: {last} (gave up after "
-                                   f"{self.config.max_attempts} attempts)")
+                                   f"{self.config.max_attempts} attempts)", hint=hint)
 
     def _try(self, data: bytes, *, logprobs: bool) -> dict[str, Any]:
         request = urllib.request.Request(self.url, data=data, method="POST",
@@ -250,20 +274,33 @@ class EndpointTeacher:
             self.stats["requests"] += 1
             self._in_flight += 1
             self.stats["max_in_flight"] = max(self.stats["max_in_flight"], self._in_flight)
-        deadline = time.monotonic() + self.config.timeout_s
+        deadline = Deadline(self.config.timeout_s)
         try:
-            with self._opener.open(request, timeout=self.config.timeout_s) as resp:
-                raw = _read_until(resp, deadline, self.config.timeout_s)
-        except TeacherEndpointError:
-            raise  # an oversized answer: retrying would not shrink it
-        except urllib.error.HTTPError as exc:
-            self._http_error(exc, logprobs=logprobs)
-        except (TimeoutError, socket.timeout):
-            raise _Retryable(f"no answer within {self.config.timeout_s:g} s (timeout)") from None
-        except (urllib.error.URLError, OSError, http.client.HTTPException) as exc:
+            with deadline:
+                try:
+                    # An opener per try: its handlers carry this try's deadline to the connection.
+                    with deadline_opener(deadline, _NoRedirect()).open(request, timeout=self.config.timeout_s) as resp:
+                        raw = read_body(resp, deadline, self.response_cap)
+                except urllib.error.HTTPError as exc:
+                    self._http_error(exc, logprobs=logprobs)  # reads the error body under the deadline too
+        except (TeacherEndpointError, _Retryable, _LogprobsRefused):
+            raise
+        except BodyTooLarge as exc:  # not retried: a retry would not shrink it
+            raise TeacherEndpointError(
+                f"teacher endpoint {self.url}: the answer is more than {_mib(exc.cap)} ({exc.detail}; the cap for "
+                f"{self.params.max_new_tokens} new tokens)",
+                hint="a chat completion is far smaller; check that the URL is the API base of a chat-completions "
+                     "server (e.g. http://host:8000/v1)") from None
+        except (urllib.error.URLError, OSError, http.client.HTTPException, ValueError) as exc:
+            # At the deadline the socket is shut down: that surfaces as EOF, IncompleteRead, an
+            # SSL error or a timeout, whichever read noticed; the deadline is what happened.
             reason = getattr(exc, "reason", exc)
-            if isinstance(reason, (TimeoutError, socket.timeout)):
-                raise _Retryable(f"no answer within {self.config.timeout_s:g} s (timeout)") from None
+            if deadline.expired or isinstance(reason, (TimeoutError, socket.timeout)):
+                t = self.config.timeout_s
+                raise _Retryable(f"no complete answer within {t:g} s (timeout: one deadline covers connect, "
+                                 "headers and body)",
+                                 hint=f"raise --timeout (now {t:g} s) if the teacher is slow to answer; a server "
+                                      "that sends its answer a few bytes at a time is cut off at it") from None
             raise _Retryable(f"unreachable ({self._redact(str(reason))})") from None
         finally:
             with self._lock:
@@ -318,32 +355,34 @@ class EndpointTeacher:
                                        "answer (choices[0].message missing)") from None
         if not isinstance(text, str):
             raise TeacherEndpointError(f"teacher endpoint {self.url}: the answer's content is not text")
-        chosen, top = _logprobs(choice.get("logprobs"), self.config.top_logprobs)
+        try:
+            chosen, top = _logprobs(choice.get("logprobs"), self.config.top_logprobs,
+                                    max_positions=self.params.max_new_tokens + 1)
+            if _has_surrogate(text):
+                text = "".join("\ufffd" if "\ud800" <= c <= "\udfff" else c for c in text)
+                raise _BadAnswer("the text holds a lone UTF-16 surrogate (not Unicode text)")
+        except _BadAnswer as exc:
+            # Not kept as training data: the mark lets `distill data` refuse the row with a
+            # counted reason (the holdout keeps the text, surrogates replaced).
+            chosen, top, refused = None, None, f"{INVALID_ANSWER}: {exc}"
         reason = None
         if chosen is None:
             reason = refused or "the endpoint answered without per-token logprobs (it ignored logprobs: true)"
         usage = answer.get("usage") if isinstance(answer.get("usage"), dict) else {}
         tokens = usage.get("completion_tokens")
-        if not isinstance(tokens, int) or isinstance(tokens, bool):
+        if not isinstance(tokens, int) or isinstance(tokens, bool) or not 0 <= tokens <= 1 << 31:
             tokens = len(chosen) if chosen is not None else 0
         return Generation(text=text, tokens=tokens, finished=finish == "stop", token_logprobs=chosen,
                           top_logprobs=top, no_logprobs_reason=reason)
 
 
-def _read_until(resp: Any, deadline: float, timeout_s: float) -> bytes:
-    """The body, refusing more than MAX_RESPONSE_BYTES or a trickle past the deadline."""
-    chunks: list[bytes] = []
-    size = 0
-    while True:
-        chunk = resp.read(1 << 16)
-        if not chunk:
-            return b"".join(chunks)
-        size += len(chunk)
-        if size > MAX_RESPONSE_BYTES:
-            raise TeacherEndpointError(f"the teacher endpoint sent more than {MAX_RESPONSE_BYTES} bytes")
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"answer not complete within {timeout_s:g} s")
-        chunks.append(chunk)
+def response_cap(max_new_tokens: int) -> int:
+    """The largest answer accepted for a request of ``max_new_tokens`` (at most MAX_RESPONSE_BYTES)."""
+    return min(MAX_RESPONSE_BYTES, RESPONSE_BASE_BYTES + max(max_new_tokens, 1) * RESPONSE_BYTES_PER_TOKEN)
+
+
+def _mib(n: int) -> str:
+    return f"{n / (1 << 20):.3g} MiB"
 
 
 def _error_message(raw: bytes) -> tuple[str, str | None]:
@@ -370,25 +409,79 @@ def _retry_after(value: str | None) -> float | None:
         return None  # an HTTP date: fall back to our own backoff
 
 
-def _logprobs(obj: Any, k: int) -> tuple[list[tuple[str, float]] | None, list[list[tuple[str, float]]] | None]:
+class _BadAnswer(ValueError):
+    """Internal: the answer's logprobs or text are there but unusable (the message says where)."""
+
+
+def _has_surrogate(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
+
+
+def _logprobs(obj: Any, k: int, *, max_positions: int) -> tuple[list[tuple[str, float]] | None,
+                                                              list[list[tuple[str, float]]] | None]:
     """(chosen token and logprob per position, top-k alternatives per position) or (None, None).
 
     Reads the chat format ``{"content": [{"token", "logprob", "top_logprobs": [...]}, ...]}``;
-    anything else counts as no logprobs.
+    without a ``content`` list there are no logprobs. A content list that is malformed, longer
+    than ``max_positions``, or holds a bad token or logprob raises :class:`_BadAnswer`. Only
+    the first ``k`` alternatives per position are read.
     """
     content = obj.get("content") if isinstance(obj, dict) else None
     if not isinstance(content, list) or not content:
         return None, None
+    if len(content) > max_positions:
+        raise _BadAnswer(f"logprobs for {len(content)} token positions for at most {max_positions - 1} tokens asked for")
     chosen: list[tuple[str, float]] = []
     top: list[list[tuple[str, float]]] = []
-    try:
-        for item in content:
-            chosen.append((str(item["token"]), float(item["logprob"])))
-            alts = item.get("top_logprobs") or []
-            top.append([(str(a["token"]), float(a["logprob"])) for a in alts][:k])
-    except (KeyError, TypeError, ValueError):
-        return None, None
+    for i, item in enumerate(content):
+        if not isinstance(item, dict):
+            raise _BadAnswer(f"logprobs of token {i} is not an object")
+        chosen.append(_token_logprob(item, i))
+        alts = item.get("top_logprobs") or []
+        if not isinstance(alts, list):
+            raise _BadAnswer(f"logprobs of token {i}: top_logprobs is not a list")
+        top.append([_token_logprob(a, i) for a in alts[:k]])
     return chosen, top
+
+
+def _token_logprob(item: Any, i: int) -> tuple[str, float]:
+    """(token, logprob) of one entry: text of at most MAX_TOKEN_CHARS, a finite number ≤ 0."""
+    if not isinstance(item, dict):
+        raise _BadAnswer(f"logprobs of token {i}: an alternative is not an object")
+    token, lp = item.get("token"), item.get("logprob")
+    if not isinstance(token, str):
+        raise _BadAnswer(f"logprobs of token {i}: the token is not text")
+    if len(token) > MAX_TOKEN_CHARS:  # before anything that reads the whole token
+        raise _BadAnswer(f"logprobs of token {i}: a token of {len(token):,} characters (at most {MAX_TOKEN_CHARS})")
+    if _has_surrogate(token):
+        raise _BadAnswer(f"logprobs of token {i}: the token holds a lone UTF-16 surrogate (not Unicode text)")
+    if isinstance(lp, bool) or not isinstance(lp, (int, float)):  # bool is an int in Python
+        raise _BadAnswer(f"logprobs of token {i}: logprob {_show(lp)} is not a number")
+    try:
+        value = float(lp)  # an integer of 400 digits does not fit a float
+    except OverflowError:
+        value = math.inf
+    if not math.isfinite(value):  # json.loads reads NaN, Infinity and 1e999 as such floats
+        raise _BadAnswer(f"logprobs of token {i}: logprob {_show(lp)} is not a finite number")
+    if value > 1e-3:  # a probability above 1; tiny positive values are rounding and are clamped later
+        raise _BadAnswer(f"logprobs of token {i}: logprob {value:g} is above 0")
+    return token, value
+
+
+def _show(value: Any) -> str:
+    text = repr(value) if isinstance(value, (int, float)) else json.dumps(value)[:40]
+    return text if len(text) <= 20 else text[:20] + "…"
+
+
+def is_invalid_answer(gen: Generation) -> bool:
+    """True when an endpoint's answer was refused as invalid (logprobs that are NaN, ±Infinity or not
+    numbers, giant tokens, too many positions; text with lone surrogates); ``distill data`` drops
+    such rows as ``invalid_answer``."""
+    return (gen.no_logprobs_reason or "").startswith(INVALID_ANSWER)
 
 
 @contextmanager

@@ -13,6 +13,15 @@ The user can replace that format check with their own (``--format-regex`` /
 :func:`drop_reason` returns why a teacher answer must not become training data (or
 ``None`` to keep it); the reasons are counted in ``data/report.json``.
 :func:`parse_category` is the lenient reader used for accuracy (evaluation, gate).
+
+*Label spellings.* Labels come from the data rows, typed by people: ``Thermal``, ``THERMAL``, a
+full-width ``ｔｈｅｒｍａｌ`` or one with a Cyrillic ``а`` read as one label. :func:`unify_labels`
+groups the spellings that read the same (:func:`label_skeleton`) and gives each group one
+label (:func:`fold_label` of its plainest spelling); ``distill data`` relabels the rows, lists
+the merged spellings in its report and warns. A label the *answer* states is compared with
+:func:`fold_label` only (case and width, not look-alikes): an answer written with a Cyrillic
+``а`` is not the label eval will read, so it fails the format. runtime/quality.py has its own
+label normaliser for the gate (issue #15 will make one scorer of the two).
 """
 
 from __future__ import annotations
@@ -20,8 +29,9 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import unicodedata
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -30,7 +40,10 @@ from edgepack.errors import UsageError
 # Checked in this order; the first that applies is the one counted. ``duplicate`` (an answer
 # equal or nearly equal to one already kept for the same prompt, see is_near_duplicate) is
 # decided by the caller, which sees every sample of a prompt.
-DROP_REASONS = ("empty", "truncated", "refusal", "repetition", "format", "label_mismatch", "duplicate")
+# ``invalid_answer`` (an endpoint answer whose logprobs or text are not valid, see
+# endpoint.is_invalid_answer) is decided by the caller too, after the text checks.
+DROP_REASONS = ("empty", "truncated", "refusal", "repetition", "format", "label_mismatch", "invalid_answer",
+                "duplicate")
 
 REFUSAL_RE = re.compile(
     r"\b(i\s+(?:can(?:no|')t|am\s+(?:not\s+able|unable)|won't)\s+(?:help|assist|answer|provide|do)|"
@@ -61,6 +74,69 @@ def parse_category(text: str | None) -> str | None:
         return None
     m = _CATEGORY_RE.search(text)
     return m.group(1).lower() if m else None
+
+
+# --- label spellings ------------------------------------------------------------------------
+
+# Letters of other scripts that read as a Latin letter, mapped to it: the single-letter
+# Cyrillic, Greek and Latin-extension entries of Unicode's confusables.txt (UTS #39) whose
+# target is one ASCII letter. A small explicit table rather than a dependency: no confusables
+# library is installed here, and the full table also maps sequences ("rn" → "m") and digits
+# ("0" → "O") that would merge labels people mean to differ ("zone1", "zonel").
+_LOOK_ALIKES = str.maketrans({
+    # Cyrillic
+    "А": "A", "а": "a", "В": "B", "Е": "E", "е": "e", "К": "K", "М": "M", "Н": "H", "О": "O", "о": "o",
+    "Р": "P", "р": "p", "С": "C", "с": "c", "Т": "T", "Х": "X", "х": "x", "У": "Y", "у": "y", "Ү": "Y",
+    "ү": "y", "Ѕ": "S", "ѕ": "s", "І": "I", "і": "i", "Ј": "J", "ј": "j", "Ԛ": "Q", "ԛ": "q", "Ԝ": "W",
+    "ԝ": "w", "һ": "h", "ԁ": "d", "Ӏ": "l", "ӏ": "l",
+    # Greek
+    "Α": "A", "Β": "B", "Ε": "E", "Ζ": "Z", "Η": "H", "Ι": "I", "Κ": "K", "Μ": "M", "Ν": "N", "Ο": "O",
+    "Ρ": "P", "Τ": "T", "Υ": "Y", "Χ": "X", "α": "a", "ι": "i", "ν": "v", "ο": "o", "ρ": "p", "υ": "u",
+    "γ": "y",
+    # Latin letters that read as plainer ones
+    "ı": "i", "ȷ": "j", "ɑ": "a", "ɡ": "g",
+})
+
+
+def _visible_nfkc(label: str) -> str:
+    """NFKC (full-width and styled forms → plain), without invisible format characters (ZWSP, soft hyphen…)."""
+    return "".join(c for c in unicodedata.normalize("NFKC", label) if unicodedata.category(c) != "Cf")
+
+
+def fold_label(label: str) -> str:
+    """How labels compare: NFKC, invisible characters removed, case-folded, stripped."""
+    return _visible_nfkc(label).casefold().strip()
+
+
+def label_skeleton(label: str) -> str:
+    """:func:`fold_label` with look-alike letters of other scripts read as Latin: two labels
+    with one skeleton look the same to a reader (``therm\u0430l`` and ``thermal``)."""
+    return _visible_nfkc(label).translate(_LOOK_ALIKES).casefold().strip()
+
+
+def unify_labels(labels: Iterable[str]) -> tuple[dict[str, str], dict[str, dict[str, int]]]:
+    """One label per group of spellings that read the same.
+
+    ``labels`` holds one entry per row. Returns (spelling → its label, and per label the other
+    spellings merged into it with their row counts; labels spelled one way only are absent).
+    A group's label is the :func:`fold_label` of its plainest spelling: one without look-alike
+    letters if there is one, then the one on most rows, then the first seen.
+    """
+    counts = Counter(labels)  # insertion order = first seen
+    groups: dict[str, list[str]] = {}
+    for spelling in counts:
+        groups.setdefault(label_skeleton(spelling), []).append(spelling)
+    canonical: dict[str, str] = {}
+    merged: dict[str, dict[str, int]] = {}
+    for spellings in groups.values():
+        best = min(spellings, key=lambda s: (fold_label(s) != label_skeleton(s), -counts[s], spellings.index(s)))
+        label = fold_label(best)
+        for s in spellings:
+            canonical[s] = label
+        others = {s: counts[s] for s in spellings if s != label}
+        if others:
+            merged[label] = others
+    return canonical, merged
 
 
 def is_repetitive(text: str) -> bool:
@@ -222,7 +298,8 @@ def drop_reason(text: str, *, finished: bool, label: str | None, labels: frozens
     ``labels`` is the task's label set. ``answer_format`` is the user's format check; without
     one the demo format is checked, and only for labelled tasks (``labels`` not None). A label
     the answer states must be one of ``labels`` (else ``format``) and equal ``label`` (else
-    ``label_mismatch``); a user format that states no label is not checked for it.
+    ``label_mismatch``), compared by :func:`fold_label`; a user format that states no label is
+    not checked for it.
     """
     stripped = text.strip()
     if not stripped:
@@ -238,9 +315,10 @@ def drop_reason(text: str, *, finished: bool, label: str | None, labels: frozens
             return None
         answer_format = DEMO_FORMAT
     ok, stated = answer_format.check(stripped)
-    if not ok or (stated is not None and labels is not None and stated not in labels):
+    said = fold_label(stated) if stated is not None else None
+    if not ok or (said is not None and labels is not None and said not in {fold_label(x) for x in labels}):
         return "format"
-    if label is not None and stated is not None and stated != label:
+    if label is not None and said is not None and said != fold_label(label):
         return "label_mismatch"
     return None
 

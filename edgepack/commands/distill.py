@@ -64,6 +64,8 @@ def data_cmd(
                                answer_format=answer_format, holdout=holdout)
     if report.get("distillation") == "response-only":
         warn(f"response-only distillation: {report.get('distillation_reason')}")
+    for line in report.get("warnings") or []:  # merged label spellings, refused invalid answers
+        warn(line)
     emit(report, json_out)
 
 

@@ -522,3 +522,30 @@ def test_a_user_holdout_file_replaces_the_split(tmp_path: Path, tiny_llama_dir: 
         build_dataset(teacher=str(tiny_llama_dir), data=data, run_dir=run, seed=0)
     with pytest.raises(UsageError, match="--holdout replaces the split"):
         build_dataset(teacher=str(tiny_llama_dir), data=None, holdout=held, run_dir=tmp_path / "r2")
+
+
+def test_spellings_of_one_label_are_one_label_and_announced(tmp_path: Path, tiny_llama_dir: Path,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue #20: six case/look-alike spellings of one label became six labels, and the rows whose
+    spelling differed from the teacher's answer were dropped as label_mismatch without a word."""
+    spellings = ["thermal", "Thermal", "THERMAL", "tHeRmAl", "therm\u0430l", "\uff54\uff48\uff45\uff52\uff4d\uff41\uff4c"]
+    rows, script = [], {}
+    for i in range(12):
+        prompt = f"Chiller {i} outlet temperature high"
+        rows.append({"prompt": prompt, "label": spellings[i % 6]})
+        script[prompt] = (f"Category: thermal\nAction: Clean the condenser of chiller {i}.", True)
+    rows += [{"prompt": "Switch port down", "label": "network"}, {"prompt": "PLC-4 offline", "label": "Network"}]
+    script.update({"Switch port down": ("Category: network\nAction: Replace the patch cable.", True),
+                   "PLC-4 offline": ("Category: network\nAction: Check the PLC uplink.", True)})
+    script_teacher(monkeypatch, script)
+    run = tmp_path / "run"
+    report = build_dataset(teacher=str(tiny_llama_dir), data=_write(tmp_path / "p.jsonl", rows), run_dir=run, seed=0)
+    assert report["labels"] == ["network", "thermal"]
+    assert report["dropped"] == 0 and report["kept"] == report["train_prompts"]
+    assert report["label_spellings"]["thermal"] == {s: 2 for s in spellings[1:]}
+    assert report["label_spellings"]["network"] == {"Network": 1}
+    warning = next(w for w in report["warnings"] if "thermal" in w)
+    assert "5 other spellings" in warning and "look-alike" in warning and "\\u0430" in warning
+    stored = read_jsonl(run / DATA_DIR / TRAIN_FILE) + read_jsonl(run / DATA_DIR / HOLDOUT_FILE)
+    assert {r["label"] for r in stored} == {"thermal", "network"}
+    assert report["teacher_holdout_accuracy"] == 1.0

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from edgepack.distill.filters import drop_reason, format_answer, is_near_duplicate, is_repetitive, parse_category
+from edgepack.distill.filters import (drop_reason, fold_label, format_answer, is_near_duplicate, is_repetitive,
+                                      label_skeleton, parse_category, unify_labels)
 
 LABELS = frozenset({"electrical", "mechanical", "network"})
 GOOD = "Category: electrical\nAction: Check the motor supply fuses."
@@ -192,3 +193,51 @@ def test_a_remote_ref_is_not_fetched(tmp_path) -> None:
     assert fmt.check('{"label": "x"}') == (True, "x")
     with pytest.raises(UsageError, match="cannot resolve \\$ref"):
         fmt.check('{"label": "x", "detail": 1}')
+
+
+# --- label spellings (issue #20: six spellings of one label became six labels) -----------------------
+
+CYRILLIC_A = "therm\u0430l"  # Cyrillic а
+SPELLINGS = ["thermal", "Thermal", "THERMAL", "tHeRmAl", CYRILLIC_A, "\uff54\uff48\uff45\uff52\uff4d\uff41\uff4c"]
+
+
+@pytest.mark.parametrize("spelling", SPELLINGS + ["ther\u200bmal", " thermal ", "THERM\u0391L", "\u0442hermal".upper()])
+def test_spellings_of_one_label_share_a_skeleton(spelling: str) -> None:
+    assert label_skeleton(spelling) == "thermal"
+
+
+@pytest.mark.parametrize(("a", "b"), [("thermal", "termal"), ("zone1", "zonel"), ("network", "networks"),
+                                      ("\u0441\u0435\u0442\u044c", "network")])
+def test_different_labels_stay_different(a: str, b: str) -> None:
+    assert label_skeleton(a) != label_skeleton(b)
+
+
+def test_fold_is_case_and_width_but_not_script() -> None:
+    assert fold_label("THERMAL") == fold_label("\uff34hermal") == "thermal"
+    assert fold_label(CYRILLIC_A) != "thermal"  # look-alikes are grouped by the skeleton, not folded away
+
+
+def test_unify_labels_picks_one_plain_spelling_and_reports_the_others() -> None:
+    rows = ["thermal", CYRILLIC_A, CYRILLIC_A, CYRILLIC_A, "Thermal", "network", "Network", "NETWORK", "mechanical"]
+    canonical, merged = unify_labels(rows)
+    assert {canonical[s] for s in rows[:5]} == {"thermal"}  # the plain spelling wins over commoner look-alikes
+    assert {canonical[s] for s in rows[5:8]} == {"network"} and canonical["mechanical"] == "mechanical"
+    assert merged == {"thermal": {CYRILLIC_A: 3, "Thermal": 1}, "network": {"Network": 1, "NETWORK": 1}}
+
+
+def test_unify_labels_keeps_a_label_of_another_script() -> None:
+    canonical, merged = unify_labels(["\u0441\u0435\u0442\u044c", "\u0421\u0435\u0442\u044c", "network"])
+    assert canonical == {"\u0441\u0435\u0442\u044c": "\u0441\u0435\u0442\u044c",
+                         "\u0421\u0435\u0442\u044c": "\u0441\u0435\u0442\u044c", "network": "network"}
+    assert merged == {"\u0441\u0435\u0442\u044c": {"\u0421\u0435\u0442\u044c": 1}}
+
+
+def test_a_stated_label_is_compared_case_blind_but_not_look_alike_blind() -> None:
+    answer = "Category: Thermal\nAction: Check the cooling fan."
+    assert drop_reason(answer, finished=True, label="thermal", labels=frozenset({"thermal", "network"})) is None
+    look_alike = f"Category: {CYRILLIC_A}\nAction: Check the cooling fan."
+    from edgepack.distill.filters import RegexFormat
+
+    fmt = RegexFormat(r"Category: (?P<label>\w+)\nAction: .+")
+    assert drop_reason(look_alike, finished=True, label="thermal", labels=frozenset({"thermal"}),
+                       answer_format=fmt) == "format"
