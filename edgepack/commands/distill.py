@@ -36,7 +36,8 @@ def data_cmd(
     api_key_env: Annotated[str, typer.Option(
         help="Endpoint teacher: environment variable holding the API key (sent as a Bearer token).")
     ] = TEACHER_API_KEY_ENV,
-    timeout: Annotated[float, typer.Option(help="Endpoint teacher: seconds per request before a retry.")] = 120.0,
+    timeout: Annotated[float, typer.Option(
+        help="Endpoint teacher: total seconds per request, connect to last byte, before a retry.")] = 120.0,
     format_regex: Annotated[str | None, typer.Option(
         help="Answer format: a regex the whole answer must match (DOTALL); a group named `label` is its label. "
              "Replaces the demo format check.")] = None,
