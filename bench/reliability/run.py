@@ -430,7 +430,9 @@ FAMILIES: dict[str, tuple[str, str]] = {
     "run-dir-trust": ("run_dir_trust", "run_dir_trust_category"),
     "concurrency": ("run_dir_trust", "concurrency_category"),
 }
-ALL_CATEGORIES = ",".join(["kill-train,kill-export,kill-pack,server,gguf-native,disk-full,fuzz", *FAMILIES])
+# What a run without --only produced before the families existed (records without "produced").
+FIRST_CATEGORIES = "kill-train,kill-export,kill-pack,server,gguf-native,disk-full,fuzz"
+ALL_CATEGORIES = ",".join([FIRST_CATEGORIES, *FAMILIES])
 
 
 def family_category(name: str, work: Path) -> dict[str, Any]:
@@ -453,7 +455,7 @@ def live_runs(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
         if "produced" in run:
             return run["produced"]
         words = run["command"].split()
-        return (words[words.index("--only") + 1] if "--only" in words else ALL_CATEGORIES).split(",")
+        return (words[words.index("--only") + 1] if "--only" in words else FIRST_CATEGORIES).split(",")
 
     later: set[str] = set()
     out = []
