@@ -16,7 +16,7 @@ What makes it safe to point at a remote service:
 - each try has one total deadline (``timeout_s``, ``--timeout``) from connect through the TLS
   handshake, the request, the headers and the last byte of the body; a server that sends its
   answer a byte at a time is cut off at the deadline, not kept alive by each byte (see
-  endpoint_http.py); answers larger than :func:`response_cap` (from the tokens asked for, at
+  edgepack/http_deadline.py); answers larger than :func:`response_cap` (from the tokens asked for, at
   most ``MAX_RESPONSE_BYTES``) are refused as soon as that is known, and not retried;
 - connection errors, timeouts, 408, 429 and 5xx are retried with exponential backoff and full
   jitter (``Retry-After`` honoured, capped) for at most ``max_attempts`` tries; any other
@@ -60,7 +60,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 
 from edgepack.constants import TEACHER_API_KEY_ENV
 from edgepack.distill.answer_cache import AnswerCache, answer_key
-from edgepack.distill.endpoint_http import BodyTooLarge, Deadline, deadline_opener, read_body
+from edgepack.http_deadline import BodyTooLarge, Deadline, deadline_opener, read_body
 from edgepack.errors import TeacherEndpointError, UsageError
 
 if TYPE_CHECKING:

@@ -14,6 +14,7 @@ Redirects are not followed, so an API key is only ever sent to the configured ho
 
 from __future__ import annotations
 
+import http.client
 import json
 import urllib.error
 import urllib.request
@@ -85,16 +86,23 @@ def ask_teacher(target: FallbackTarget, kind: str, payload: dict[str, Any], time
                                      headers={"Content-Type": "application/json"})
     if target.api_key:
         request.add_header("Authorization", f"Bearer {target.api_key}")
-    opener = urllib.request.build_opener(_NoRedirect)
+    from edgepack.http_deadline import BodyTooLarge, Deadline, DeadlinePassed, deadline_opener, read_body
+
+    # One total deadline: a per-read timeout lets a teacher that drips a byte at a time hold
+    # the request (and its queue place) forever.
+    deadline = Deadline(max(0.1, timeout_s))
     try:
-        with opener.open(request, timeout=max(0.1, timeout_s)) as resp:
-            raw = resp.read(MAX_TEACHER_RESPONSE_BYTES + 1)
+        with deadline, deadline_opener(deadline, _NoRedirect()).open(request, timeout=deadline.seconds) as resp:
+            raw = read_body(resp, deadline, MAX_TEACHER_RESPONSE_BYTES)
     except urllib.error.HTTPError as exc:
         raise RuntimeFailure(f"teacher {target.spec} answered HTTP {exc.code}") from exc
-    except (urllib.error.URLError, OSError) as exc:
+    except BodyTooLarge as exc:
+        raise RuntimeFailure(f"teacher {target.spec} sent more than {MAX_TEACHER_RESPONSE_BYTES} bytes "
+                             f"({exc.detail})") from exc
+    except (DeadlinePassed, urllib.error.URLError, OSError, http.client.HTTPException) as exc:
+        if deadline.expired:
+            raise RuntimeFailure(f"teacher {target.spec} did not answer within {deadline.seconds:g} s") from exc
         raise RuntimeFailure(f"teacher {target.spec} unreachable: {exc}") from exc
-    if len(raw) > MAX_TEACHER_RESPONSE_BYTES:
-        raise RuntimeFailure(f"teacher {target.spec} sent more than {MAX_TEACHER_RESPONSE_BYTES} bytes")
     try:
         answer = json.loads(raw)
         choice = answer["choices"][0]

@@ -227,3 +227,26 @@ def test_nan_logprobs_never_reach_train_jsonl(tmp_path: Path) -> None:
     assert any("invalid" in w and str(train_odd) in w for w in report["warnings"])
     for path in (run / TEACHER_CACHE_DIR).rglob("*.json"):
         json.loads(path.read_text(), parse_constant=_refuse)
+
+
+@pytest.mark.parametrize("pattern", ["status-line", "body", "stall-then-resume", "silent"])
+def test_the_servers_fallback_teacher_has_a_total_deadline_too(pattern: str) -> None:
+    """``serve --fallback`` asked its teacher with a per-read timeout only: a drip held the request."""
+    from edgepack.errors import RuntimeFailure
+    from edgepack.runtime.server_fallback import ask_teacher, parse_fallback
+
+    with DripServer(DRIPS[pattern]) as server:
+        t0 = time.monotonic()
+        with pytest.raises(RuntimeFailure, match="within 2 s"):
+            ask_teacher(parse_fallback(server.spec()), "chat",
+                        {"messages": [{"role": "user", "content": "Boiler too hot"}]}, timeout_s=2)
+        assert time.monotonic() - t0 < HANG_BOUND_S
+
+
+def test_the_fallback_teacher_still_answers_inside_its_deadline() -> None:
+    from edgepack.runtime.server_fallback import ask_teacher, parse_fallback
+
+    with DripServer(lambda n, body: whole(GOOD)) as server:
+        answer = ask_teacher(parse_fallback(server.spec()), "chat",
+                             {"messages": [{"role": "user", "content": "Boiler too hot"}]}, timeout_s=5)
+    assert answer["choices"][0]["message"]["content"] == completion()["choices"][0]["message"]["content"]

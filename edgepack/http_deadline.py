@@ -1,18 +1,19 @@
-"""One HTTP exchange with an endpoint teacher under a total deadline and a size cap.
+"""One HTTP exchange with a teacher endpoint under a total deadline and a size cap.
 
 urllib (and http.client below it) bounds each socket operation by its ``timeout``: a server
 that sends a byte just before every timeout keeps a request alive forever (issue #20: 150 s
 at ``--timeout 5``, and on without end). :class:`Deadline` bounds the whole exchange —
 connect, TLS handshake, proxy tunnel, request, headers, body — however the bytes arrive, and
 :func:`read_body` refuses a body over a cap as soon as it is declared or sent. Used by
-endpoint.py (one :class:`Deadline` per try)::
+``distill/endpoint.py`` (endpoint teachers, one :class:`Deadline` per try) and
+``runtime/server_fallback.py`` (the server's fallback teacher)::
 
     deadline = Deadline(timeout_s)
     with deadline:
         with deadline_opener(deadline, extra_handler).open(request, timeout=timeout_s) as resp:
             raw = read_body(resp, deadline, cap)
 
-Staying on urllib keeps what it does for endpoint.py: proxies from the environment, HTTPS
+Staying on urllib keeps what it does for both callers: proxies from the environment, HTTPS
 with the default certificate checks, ``HTTPError`` for statuses.
 """
 
