@@ -14,6 +14,7 @@ import select
 import socket
 import threading
 import time
+from collections.abc import Iterable
 from typing import Any
 
 import pytest
@@ -53,6 +54,21 @@ def can_bind(source: str) -> bool:
         return False
 
 
+def drip_until_closed(sock: socket.socket, pieces: Iterable[bytes]) -> tuple[float | None, bytes]:
+    """Send ``pieces`` one at a time, each followed by a 0.2 s look for the server closing:
+    seconds until it did (None: never) and what it sent."""
+    start, got = time.monotonic(), b""
+    for piece in pieces:
+        try:
+            sock.send(piece)
+        except OSError:
+            return time.monotonic() - start, got
+        took, got = closed_by_server(sock, 0.2)
+        if took is not None:
+            return time.monotonic() - start, got
+    return None, got
+
+
 def test_a_request_is_answered_while_200_slow_connections_are_held(local: Any) -> None:
     server = local(n_ctx=CTX)
     with SlowClients(server.port, interval=0.5) as crowd:
@@ -73,17 +89,7 @@ def test_a_drip_is_cut_at_the_header_deadline(local: Any) -> None:
     server = local(n_ctx=CTX, header_timeout_s=1.5, read_timeout_s=30.0)
     request = b"GET /health HTTP/1.1\r\nHost: localhost\r\nX-Pad: " + b"a" * 200
     with connect(server.port) as sock:
-        start, gone = time.monotonic(), None
-        for byte in request:
-            try:
-                sock.send(bytes([byte]))
-            except OSError:
-                gone = time.monotonic() - start
-                break
-            took, got = closed_by_server(sock, 0.2)
-            if took is not None:
-                gone = time.monotonic() - start
-                break
+        gone, got = drip_until_closed(sock, (bytes([byte]) for byte in request))
         assert gone is not None, "still connected after dripping the whole header for 40 s"
         assert 1.0 < gone < 6.0, gone
         if got:
@@ -95,17 +101,7 @@ def test_a_slow_body_is_cut_at_the_body_deadline(local: Any) -> None:
     with connect(server.port) as sock:
         sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
                      b"Content-Length: 1000\r\n\r\n")
-        start, gone, got = time.monotonic(), None, b""
-        for _ in range(100):
-            try:
-                sock.send(b" ")
-            except OSError:
-                gone = time.monotonic() - start
-                break
-            took, got = closed_by_server(sock, 0.2)
-            if took is not None:
-                gone = time.monotonic() - start
-                break
+        gone, got = drip_until_closed(sock, (b" " for _ in range(100)))
         assert gone is not None and 1.0 < gone < 6.0, gone
         if got:
             assert got.split(b" ")[1] == b"408", got[:200]
