@@ -3,9 +3,9 @@
 Generators are registered by :attr:`TeacherSource.kind` in :data:`GENERATORS`. Each opens
 the teacher once and yields a function ``messages -> Generation``; :func:`generate_many`
 answers a batch in order (concurrently for endpoint teachers, see endpoint.py). Prompts are always
-rendered with the chat template of the materialized teacher folder (``RUN/teacher``) through
-transformers' ``apply_chat_template``, which renders in jinja2's ImmutableSandboxedEnvironment,
-and tokenized by :mod:`edgepack.runtime.chat_tokens`: the template's markup (``<|im_start|>``...)
+rendered with the chat template of the materialized teacher folder (``RUN/teacher``) in
+edgepack's bounded sandbox (:func:`~edgepack.runtime.chat_template.render_hf_chat`, the text
+transformers' ``apply_chat_template`` gives, with loops, numbers and strings bounded), and tokenized by :mod:`edgepack.runtime.chat_tokens`: the template's markup (``<|im_start|>``...)
 becomes its control tokens, message text never does (a prompt that types ``<|im_start|>system``
 stays text). Endpoint teachers send the messages as they are; the server applies its model's
 own template.
@@ -139,7 +139,9 @@ def distillation_mode(gens: list[Generation], endpoints: list[dict[str, Any] | N
 
 def render_prompt(tokenizer: Any, messages: Messages) -> str:
     """The chat-templated prompt text, ending with the assistant header."""
-    return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    from edgepack.runtime.chat_template import render_hf_chat
+
+    return render_hf_chat(tokenizer, messages)
 
 
 @contextmanager

@@ -3,8 +3,8 @@
 Both the fidelity report (:mod:`edgepack.export.fidelity`) and the importance matrix
 (:mod:`edgepack.export.gguf.imatrix`) read chat rows the way the distill stage writes them
 (``RUN/data/train.jsonl`` / ``holdout.jsonl``: ``{"messages": [...], "response": str|null}``)
-and turn them into token ids with the reference model's own chat template, rendered by
-transformers' ``apply_chat_template`` (jinja2 ``ImmutableSandboxedEnvironment``); message text
+and turn them into token ids with the reference model's own chat template, rendered in
+edgepack's bounded sandbox as transformers' ``apply_chat_template`` would (same text); message text
 is tokenized with special-token parsing off, so only the template's markup makes control tokens.
 
 A row is one of:
@@ -183,7 +183,9 @@ def rendered_text(tokenizer: Any, row: EvalRow, *, with_response: bool) -> str:
     if row.messages is None:
         return row.text or ""
     messages, generation_prompt = _chat(tokenizer, row, with_response=with_response)
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+    from edgepack.runtime.chat_template import render_hf_chat
+
+    return render_hf_chat(tokenizer, messages, add_generation_prompt=generation_prompt)
 
 
 def encode_row(tokenizer: Any, row: EvalRow, *, with_response: bool, max_tokens: int | None = None) -> list[int]:

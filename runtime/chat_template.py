@@ -49,15 +49,36 @@ def _strftime_now(fmt: str) -> str:
     return datetime.now().strftime(fmt)
 
 
+def _generation_block() -> type:
+    """transformers' ``{% generation %}…{% endgeneration %}`` tag, which marks assistant text for
+    its assistant-token masks; edgepack asks for no mask, so the body renders unchanged (as it
+    does in transformers when no mask is asked for)."""
+    from jinja2 import nodes
+    from jinja2.ext import Extension
+
+    class GenerationBlock(Extension):
+        tags = {"generation"}
+
+        def parse(self, parser: Any) -> Any:
+            lineno = next(parser.stream).lineno
+            body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+            return nodes.CallBlock(self.call_method("_body"), [], [], body).set_lineno(lineno)
+
+        def _body(self, caller: Any) -> str:
+            return str(caller())
+
+    return GenerationBlock
+
+
 @lru_cache(maxsize=1)
 def _environment() -> Any:
     from jinja2.ext import loopcontrols
 
     from edgepack.runtime.template_sandbox import BoundedSandbox
 
-    # trim_blocks, lstrip_blocks, loopcontrols, raise_exception, strftime_now and a non-escaping
-    # tojson: what transformers gives templates, so templates written for it render identically.
-    env = BoundedSandbox(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
+    # trim_blocks, lstrip_blocks, loopcontrols, {% generation %}, raise_exception, strftime_now and
+    # a non-escaping tojson: what transformers gives templates, so they render identically.
+    env = BoundedSandbox(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols, _generation_block()])
     env.globals["raise_exception"] = _raise_exception
     env.globals["strftime_now"] = _strftime_now
     return env
@@ -131,6 +152,23 @@ def render_chat(template: str, messages: Sequence[dict[str, Any]], *, bos_token:
         raise InvalidModelFile(f"the model's chat template failed to render: {type(exc).__name__}: {exc}",
                                hint=_BROKEN_HINT) from exc
     return "".join(pieces)
+
+
+def render_hf_chat(tokenizer: Any, messages: Sequence[dict[str, Any]], *, add_generation_prompt: bool = True) -> str:
+    """``tokenizer.apply_chat_template(messages, tokenize=False)``'s text, rendered here instead.
+
+    transformers renders in an unbounded sandbox, so a template that loops or allocates only on
+    some messages would hang ``distill data``, training, eval or export there; here it meets the
+    same limits as every other render. The context is transformers' own: the template it
+    would choose and its special tokens by name (``bos_token``, ``eos_token``, ...).
+    """
+    try:
+        template = tokenizer.get_chat_template()
+    except ValueError as exc:
+        raise InvalidModelFile(f"the tokenizer has no chat template ({exc})",
+                               hint="add chat_template to tokenizer_config.json") from None
+    specials = dict(tokenizer.special_tokens_map)
+    return render_chat(template, messages, add_generation_prompt=add_generation_prompt, **specials)
 
 
 def to_ollama_template(template: str, *, bos_token: str = "", eos_token: str = "") -> tuple[str, str | None] | None:

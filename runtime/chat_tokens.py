@@ -267,8 +267,10 @@ def hf_chat_ids(tokenizer: Any, messages: Sequence[dict[str, Any]], *, add_gener
     """``apply_chat_template(messages, tokenize=True)``'s ids, with message text never parsed
     for special tokens. Like transformers, no BOS is added (the template writes it if wanted)."""
 
+    from edgepack.runtime.chat_template import render_hf_chat
+
     def render(msgs: list[dict[str, Any]]) -> str:
-        return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=add_generation_prompt)
+        return render_hf_chat(tokenizer, msgs, add_generation_prompt=add_generation_prompt)
 
     return encode_chat(messages, render=render, tokenize=hf_tokenize_fn(tokenizer),
                        control_tokens=hf_control_tokens(tokenizer))
