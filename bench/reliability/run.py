@@ -492,7 +492,7 @@ def write_markdown(results: dict[str, Any], path: Path) -> None:
                       f"- trials: {c['inputs_tried']}, killed: {c['faults_injected']} (of which "
                       f"{c['kills_that_left_a_partial_write']} left a half-written temp file or folder behind), "
                       f"{c.get('kills_uniform')} at a uniformly random time in the call, {c.get('kills_inside_a_write')} "
-                      f"targeted inside an atomic write (a .part-/.tmp- name had appeared"
+                      f"targeted inside an atomic write (a temporary name had appeared"
                       + (f"; {c['kills_inside_the_final_save']} of them inside the final save of student/"
                          if c.get("kills_inside_the_final_save") else "")
                       + f"), finished before the kill: {c['completed_before_the_kill']}"]
