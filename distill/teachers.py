@@ -138,7 +138,7 @@ def check_hf_dir(path: Path, *, allow_pickle: bool = False, trust_remote_code: b
 
     Refuses (UnsafeModelError, naming the file) pickled weights unless ``allow_pickle``,
     an ``auto_map`` (modeling code in the folder) unless ``trust_remote_code``, and a chat
-    template that fails :func:`edgepack.vocab.check_chat_template` (a template bomb, an injection).
+    template that fails :func:`edgepack.export.gguf.vocab.check_chat_template` (a template bomb, an injection).
     """
     path = Path(path)
     config_path = path / "config.json"
@@ -150,7 +150,7 @@ def check_hf_dir(path: Path, *, allow_pickle: bool = False, trust_remote_code: b
             raise UnsafeModelError(
                 f"{path / name} has an auto_map: loading it would run Python code from the folder",
                 hint="review the modeling files and pass trust_remote_code only if you trust them")
-    from edgepack.vocab import read_chat_template
+    from edgepack.export.gguf.vocab import read_chat_template
 
     # transformers compiles the template (constant folding, no limits) on the first
     # apply_chat_template: a template bomb is refused here, before any stage loads the folder.
@@ -226,11 +226,11 @@ def _materialize_gguf(source: TeacherSource, tmp: Path) -> None:
     import torch
     from transformers import AutoModelForCausalLM, GenerationConfig
 
-    from edgepack.vocab import hf_tokenizer_from_gguf
+    from edgepack.export.gguf.vocab import hf_tokenizer_from_gguf
 
     assert source.path is not None
     # transformers' own GGUF tokenizer conversion is wrong for SmolLM2 (bos == eos, adds BOS);
-    # edgepack.vocab rebuilds the tokenizer from the GGUF vocab and merges instead.
+    # edgepack.export.gguf.vocab rebuilds the tokenizer from the GGUF vocab and merges instead.
     hf_tokenizer_from_gguf(source.path, tmp)
     from transformers.utils import logging as hf_logging
 

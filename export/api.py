@@ -127,7 +127,7 @@ def _export_locked(*, source: Path, fmt: str, hf_dir: Path, model: str, out: Pat
     export = EXPORTERS[fmt]
 
     def finish(model_dir: Path, merged_from: Path | None) -> dict[str, Any]:
-        from edgepack.vocab import read_chat_template
+        from edgepack.export.gguf.vocab import read_chat_template
 
         # The template travels into every artifact and is compiled by llama.cpp and transformers
         # there: a hostile one (a template bomb, an injection) is refused before any weights are read.

@@ -375,7 +375,7 @@ def token_injection_category(work: Path) -> dict[str, Any]:
     from edgepack.export.gguf.convert import convert_hf_to_gguf
     from edgepack.export.onnx.convert import export_onnx
     from edgepack.runtime.session import open_model
-    from edgepack.vocab import hf_tokenizer_from_gguf
+    from edgepack.export.gguf.vocab import hf_tokenizer_from_gguf
     from tests.tiny import build_tiny_llama
 
     work = Path(work) / "token-injection"

@@ -3,7 +3,7 @@
 ``convert_hf_to_gguf(hf_dir, out_path, outtype)`` is the whole recipe, top to bottom:
 
 1. read ``config.json`` and resolve the architecture (unknown → error before any weight);
-2. read the tokenizer into llama.cpp's vocab form (:mod:`edgepack.vocab`);
+2. read the tokenizer into llama.cpp's vocab form (:mod:`edgepack.export.gguf.vocab`);
 3. index the safetensors headers and map every tensor name (:mod:`.tensors`);
 4. write header, metadata and tensor infos, then stream tensors one at a time
    (checked for NaN/Inf, Q/K-permuted for Llama, cast) into ``<out>.part-<pid>``,
@@ -21,7 +21,7 @@ from typing import Any
 from edgepack.atomic import atomic_path
 from edgepack.errors import InvalidModelFile, ModelSourceError, UsageError
 from edgepack.progress import ProgressFn, null_progress
-from edgepack.vocab import gguf_vocab_from_hf, write_gguf_vocab
+from edgepack.export.gguf.vocab import gguf_vocab_from_hf, write_gguf_vocab
 from edgepack.export.gguf.arch import arch_for_config
 from edgepack.export.gguf.tensors import gguf_tensor_name
 from edgepack.export.gguf.weights import SafetensorsCheckpoint

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from edgepack.export.gguf.convert import convert_hf_to_gguf
-from edgepack.vocab import hf_tokenizer_from_gguf
+from edgepack.export.gguf.vocab import hf_tokenizer_from_gguf
 from tests.export.helpers import llama_logits
 
 

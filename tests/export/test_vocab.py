@@ -1,4 +1,4 @@
-"""edgepack.vocab: every pre-tokenizer row agrees with llama.cpp, both directions."""
+"""edgepack.export.gguf.vocab: every pre-tokenizer row agrees with llama.cpp, both directions."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from edgepack.errors import InvalidModelFile, UnsafeModelError, UnsupportedArchitecture
-from edgepack.vocab import (
+from edgepack.export.gguf.vocab import (
     PRE_TOKENIZERS,
     PreTokenizer,
     detect_pre_tokenizer,

@@ -63,7 +63,7 @@ def test_a_bomb_that_only_some_messages_trigger_is_bounded(tokenizer: Any) -> No
 def test_the_embedded_teachers_text_is_transformers_own(builtin_teacher_gguf: Path, tmp_path: Path) -> None:
     from transformers import AutoTokenizer
 
-    from edgepack.vocab import hf_tokenizer_from_gguf
+    from edgepack.export.gguf.vocab import hf_tokenizer_from_gguf
 
     hf_tokenizer_from_gguf(builtin_teacher_gguf, tmp_path)
     tok = AutoTokenizer.from_pretrained(tmp_path)
