@@ -24,7 +24,6 @@ so that training computes teacher logits under the same context (context distill
 
 from __future__ import annotations
 
-import hashlib
 import json
 import random
 import time
@@ -37,6 +36,7 @@ from edgepack.constants import (DATA_DIR, DATA_REPORT, HOLDOUT_FILE, TEACHER_CAC
                                 TEACHER_CORRECTED_DIR, TEACHER_DIR, TRAIN_FILE)
 from edgepack.distill.correct import CorrectionConfig
 from edgepack.distill.endpoint import is_invalid_answer
+from edgepack.hashing import sha256_file
 from edgepack.distill.filters import (DEMO_FORMAT, DROP_REASONS, drop_reason, fold_label, is_near_duplicate,
                                       parse_category, unify_labels)
 from edgepack.errors import DataError, RunDirError, UsageError
@@ -227,10 +227,10 @@ def _load_inputs(data: Path | None, *, strict: bool, seed: int, limit: int | Non
         train = load_prompts(DEMO_SEED, strict=True, system=DEMO_SYSTEM_PROMPT)
         hold = load_prompts(DEMO_HOLDOUT, strict=True, system=DEMO_SYSTEM_PROMPT)
         inputs = _Inputs("builtin:demo", train.rows, hold.rows, [], frozenset(DEMO_LABELS), load_demo_shots(),
-                         {p.name: _sha256(p) for p in (DEMO_SEED, DEMO_HOLDOUT, DEMO_SHOTS)})
+                         {p.name: sha256_file(p) for p in (DEMO_SEED, DEMO_HOLDOUT, DEMO_SHOTS)})
     else:
         prompts = load_prompts(data, strict=strict)
-        files = {Path(data).name: _sha256(Path(data))}
+        files = {Path(data).name: sha256_file(Path(data))}
         if holdout is None:  # a deterministic split of the data file
             tr, ho = split_rows(prompts.rows, seed)
             bad = prompts.bad
@@ -238,7 +238,7 @@ def _load_inputs(data: Path | None, *, strict: bool, seed: int, limit: int | Non
             held = load_prompts(holdout, strict=strict)
             tr, ho = prompts.rows, held.rows
             bad = prompts.bad + [{**b, "file": str(holdout)} for b in held.bad]
-            files[f"holdout:{Path(holdout).name}"] = _sha256(Path(holdout))
+            files[f"holdout:{Path(holdout).name}"] = sha256_file(Path(holdout))
         canonical, spellings = unify_labels(r.label for r in [*tr, *ho] if r.label is not None)
         tr, ho = ([replace(r, label=canonical[r.label]) if r.label is not None else r for r in rs] for rs in (tr, ho))
         labels = frozenset(canonical.values()) or None
@@ -246,10 +246,6 @@ def _load_inputs(data: Path | None, *, strict: bool, seed: int, limit: int | Non
     if limit is not None:
         inputs.train = inputs.train[:limit]
     return inputs
-
-
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
 @locked_stage("distill data", lambda kw: kw["run_dir"])

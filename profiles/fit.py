@@ -3,7 +3,10 @@
 ``fit_model(path, profile)`` reads the model's shape (HF dir, GGUF or ONNX) and returns
 ``{"deploy": [...], "train": {...}}``. The estimators themselves are pure functions of
 shapes, dtypes and settings (:func:`estimate_deploy`, :func:`estimate_train`), so they are
-tested without any model file and reused by the student sizer and the runtime preflight.
+tested without any model file and reused by the student sizer (``distill/student.py``) and
+the training planner (``distill/plan.py``). The runtime preflight does not use them yet: it
+estimates from the model file itself (``runtime/memory.py``, ``runtime/onnx_graph.py``) with
+its own allowance (issue #16 asks for one estimator).
 """
 
 from __future__ import annotations

@@ -51,6 +51,7 @@ from typing import Any
 from edgepack.constants import (ARTIFACTS_DIR, BUNDLE_SUFFIX, FAIL, M_ENTRYPOINT, M_FORMAT, M_QUANT, PASS,
                                 SIGNATURE_FILE, STUDENT_DIR, UNVERIFIED)
 from edgepack.errors import ModelSourceError, UsageError
+from edgepack.hashing import sha256_file
 from edgepack.locks import locked_stage
 from edgepack.profiles import Profile
 from edgepack.progress import ProgressFn, null_progress
@@ -242,14 +243,6 @@ def machine_info() -> dict[str, Any]:
             "python": platform.python_version(), **versions}
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while chunk := fh.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def artifact_digest(path: Path) -> str:
     """sha256 of a model file; for a folder (ONNX), the digest export.json records for it:
     sha256 over ``"<relative path>\t<file sha256>\n"`` of every file but ``.complete``, sorted."""
@@ -257,8 +250,8 @@ def artifact_digest(path: Path) -> str:
 
     path = Path(path)
     if path.is_file():
-        return _sha256(path)
-    return folder_digest((f.relative_to(path).as_posix(), _sha256(f)) for f in path.rglob("*")
+        return sha256_file(path)
+    return folder_digest((f.relative_to(path).as_posix(), sha256_file(f)) for f in path.rglob("*")
                          if f.is_file() and f.relative_to(path).as_posix() != COMPLETE_MARKER)
 
 
@@ -426,7 +419,7 @@ def run_gate(*, artifact: Path, profile: Profile, holdout: Path | None,
             measurements["quality"]["holdout"] = str(holdout)
         decode_efficiency = _efficiency(model_path, fmt, measurements, progress) if efficiency else None
     verdict, checks, reasons = decide(measurements, profile, host_ok, host_reason)
-    artifact_sha = model_sha if artifact == model_path else (_sha256(artifact) if artifact.is_file() else None)
+    artifact_sha = model_sha if artifact == model_path else (sha256_file(artifact) if artifact.is_file() else None)
     return {
         "verdict": verdict, "artifact": str(artifact.resolve()), "artifact_name": artifact.name,
         "artifact_sha256": artifact_sha, "model_sha256": model_sha,

@@ -24,13 +24,13 @@ files (with the chat template), so a runtime needs nothing else.
 
 from __future__ import annotations
 
-import hashlib
 import shutil
 from pathlib import Path
 from typing import Any
 
 from edgepack.atomic import atomic_dir, scratch
 from edgepack.errors import InvalidModelFile, RuntimeFailure, UsageError
+from edgepack.hashing import sha256_file
 from edgepack.progress import ProgressFn, null_progress
 from edgepack.export.gguf.arch import arch_for_config
 from edgepack.export.gguf.convert import read_config
@@ -139,11 +139,7 @@ def _parity_ids(hf_dir: Path) -> list[int]:
 def _files(folder: Path) -> list[dict[str, Any]]:
     out = []
     for f in sorted(p for p in folder.rglob("*") if p.is_file()):
-        h = hashlib.sha256()
-        with open(f, "rb") as fh:
-            while block := fh.read(1 << 20):
-                h.update(block)
-        out.append({"path": f.relative_to(folder).as_posix(), "bytes": f.stat().st_size, "sha256": h.hexdigest()})
+        out.append({"path": f.relative_to(folder).as_posix(), "bytes": f.stat().st_size, "sha256": sha256_file(f)})
     return out
 
 
@@ -196,7 +192,9 @@ def export_onnx(hf_dir: Path, out_dir: Path, quant: str = "int4", progress: Prog
         }
     progress("onnx", 4, 4)
     files = [f for f in _files(out_dir) if f["path"] != ".complete"]
-    digest = hashlib.sha256("".join(f"{f['path']}\t{f['sha256']}\n" for f in files).encode()).hexdigest()
+    from edgepack.runtime.gate import folder_digest  # the one definition the gate and pack check against
+
+    digest = folder_digest((f["path"], f["sha256"]) for f in files)
     return {"path": out_dir, "bytes": sum(f["bytes"] for f in files), "sha256": digest,
             "files": files, "parity": parity, "ops": ops,
             "block_size": options.block_size if scheme else None, "method": "rtn" if scheme else None}
