@@ -23,7 +23,7 @@ from typing import Any
 
 from edgepack.atomic import write_json
 from edgepack.constants import (ARTIFACTS_DIR, BUNDLE_SUFFIX, BUNDLES_DIR, DATA_DIR, EXPORT_REPORT, FAIL,
-                                HOLDOUT_FILE, PASS, RUN_DATA, RUN_PROFILE, RUN_SEED, RUN_TEACHER, UNVERIFIED)
+                                HOLDOUT_FILE, M_GATE, PASS, RUN_DATA, RUN_PROFILE, RUN_SEED, RUN_TEACHER, UNVERIFIED)
 from edgepack.errors import UsageError
 from edgepack.profiles import Profile
 from edgepack.progress import ProgressFn, null_progress
@@ -275,13 +275,29 @@ def _pack(cfg: PipelineConfig, found: dict[str, Any], out: dict[str, Any]) -> st
     out["choice"] = chosen["choice"]
     fmt, quant = chosen["choice"].split(":", 1)
     existing = sorted((Path(cfg.run_dir) / BUNDLES_DIR).glob(f"*-{cfg.profile.name}-{fmt}-{quant}{BUNDLE_SUFFIX}"))
-    if existing:
+    if existing and _holds(existing[0], Path(chosen["path"]), cfg.profile):
         out["bundle"] = str(existing[0])
         return f"{existing[0].name} (already packaged)"
     result = pack_run(run_dir=Path(cfg.run_dir), profile=cfg.profile, artifact=Path(chosen["path"]),
                       allow_unverified=cfg.allow_unverified)
     out.update(result)
     return Path(result["bundle"]).name
+
+
+def _holds(bundle: Path, artifact: Path, profile: Profile) -> bool:
+    """Whether an earlier ``bundle`` verifies and holds exactly ``artifact``'s bytes, gated for
+    this ``profile``; a stale, damaged or foreign file under the bundle's name is packed again."""
+    from edgepack.errors import BundleError, RunDirError
+    from edgepack.export.trust import check_bundle_binding
+    from edgepack.runtime.bundle import verify_bundle
+    from edgepack.runtime.gate import artifact_digest
+
+    try:
+        manifest = verify_bundle(bundle)
+        check_bundle_binding(manifest, artifact, artifact_digest(artifact))
+    except (BundleError, RunDirError, OSError):
+        return False
+    return (manifest.get(M_GATE) or {}).get("profile_sha256") == profile.content_hash()
 
 
 def _smoke_run(run: Path, bundle: Path, sample: dict[str, str]) -> str:

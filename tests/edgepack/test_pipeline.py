@@ -225,3 +225,26 @@ def test_pipeline_refuses_changed_settings(tiny_llama_dir: Path, tmp_path: Path)
                          data=_prompts(tmp_path / "p.jsonl", 4), run_dir=run, seed=2)
     with pytest.raises(RunDirError):
         run_pipeline(cfg)
+
+
+def test_a_bundle_that_does_not_hold_the_gated_artifact_is_packed_again(finished_run: dict[str, Any],
+                                                                        tmp_path: Path) -> None:
+    """A rerun reused any file in bundles/ with the expected name, unverified (#20, run-dir trust):
+    a stale or forged one was reported as the packaged bundle."""
+    import dataclasses
+    import shutil
+
+    from edgepack.hashing import sha256_file
+    from edgepack.pipeline import run_pipeline
+    from edgepack.runtime.bundle import inspect_bundle
+
+    run = tmp_path / "run"
+    shutil.copytree(finished_run["cfg"].run_dir, run, symlinks=True)
+    bundle = run / Path(finished_run["result"]["bundle"]).relative_to(finished_run["cfg"].run_dir)
+    good = bundle.read_bytes()
+    bundle.write_bytes(good[: len(good) // 2])  # stale, truncated, or someone else's file
+    again = run_pipeline(dataclasses.replace(finished_run["cfg"], run_dir=run))
+    assert Path(again["bundle"]) == bundle
+    manifest = inspect_bundle(bundle).manifest  # verifies, and holds the gated artifact's bytes
+    entry = next(f for f in manifest["files"] if f["path"] == manifest["entrypoint"])
+    assert entry["sha256"] == sha256_file(run / "artifacts" / manifest["entrypoint"])
