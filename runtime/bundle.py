@@ -420,11 +420,17 @@ def verify_bundle(path: Path, *, key: Path | Any | None = None) -> dict[str, Any
     return inspect_bundle(path, key=key).manifest
 
 
-def extract_bundle(path: Path, dest: Path, *, key: Path | Any | None = None) -> Path:
+def extract_bundle(path: Path, dest: Path, *, key: Path | Any | None = None,
+                   verified: BundleCheck | None = None) -> Path:
     """Verify (with ``key``: the signature too), then extract into ``dest`` (which must not
-    exist) via a staging folder."""
+    exist) via a staging folder.
+
+    ``verified``: the caller's own :func:`inspect_bundle` of ``path`` (with the same key), so
+    the bundle is not read a third time; extraction still re-hashes every member against it
+    and re-checks the tar's form, so a file changed since that check is refused.
+    """
     path, dest = Path(path), Path(dest)
-    check = inspect_bundle(path, key=key)
+    check = verified if verified is not None else inspect_bundle(path, key=key)
     if dest.exists():
         raise BundleError(f"{dest} already exists; extract into a new folder", hint="remove it or pick another")
     written: set[str] = set()

@@ -158,7 +158,7 @@ def _extract_cached(bundle: Path, check: BundleCheck, key: Any, note: Warn) -> P
              f"({problem}); re-extracting it from the bundle")
         _remove(folder)
     try:
-        extract_bundle(bundle, folder, key=key)  # hashes re-checked while writing
+        extract_bundle(bundle, folder, key=key, verified=check)  # hashes re-checked while writing
     except (BundleError, FileExistsError):
         # Another process may have finished the same extraction first; use it only if it matches.
         if cache_problem(folder, check.members) is not None:
