@@ -59,7 +59,7 @@ class Example:
 
 def _template_ids(tokenizer: Any, messages: list[dict[str, str]]) -> list[int]:
     # The runtime's ids for the same chat: message text never becomes control tokens.
-    from edgepack.runtime.chat_tokens import hf_chat_ids
+    from edgepack.runtime.chat.tokens import hf_chat_ids
 
     return hf_chat_ids(tokenizer, messages)
 

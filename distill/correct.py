@@ -145,7 +145,7 @@ def holdout_accuracy(source: Any, teacher_dir: Path, rows: list[Any], cfg: Corre
                      progress: ProgressFn, task: str) -> float | None:
     """Share of labelled ``rows`` whose greedy answer starts with the right ``Category:``."""
     from edgepack.distill.generate import DecodeParams, open_generator
-    from edgepack.runtime.quality import parse_label
+    from edgepack.export.gate.quality import parse_label
 
     if not rows:
         return None

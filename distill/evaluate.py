@@ -68,7 +68,7 @@ def _generate_answers(model: Any, tok: Any, rows: list[dict[str, Any]], progress
     """Greedy answers, GEN_BATCH prompts at a time (left-padded: one decode step serves all)."""
     import torch
 
-    from edgepack.runtime.chat_tokens import hf_chat_ids
+    from edgepack.runtime.chat.tokens import hf_chat_ids
 
     model.eval()
     eos = tok.eos_token_id

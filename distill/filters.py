@@ -20,7 +20,7 @@ groups the spellings that read the same (:func:`label_skeleton`) and gives each 
 label (:func:`fold_label` of its plainest spelling); ``distill data`` relabels the rows, lists
 the merged spellings in its report and warns. A label the *answer* states is compared with
 :func:`fold_label` only (case and width, not look-alikes): an answer written with a Cyrillic
-``а`` is not the label eval will read, so it fails the format. runtime/quality.py has its own
+``а`` is not the label eval will read, so it fails the format. export/gate/quality.py has its own
 label normaliser for the gate (issue #15 will make one scorer of the two).
 """
 

@@ -4,8 +4,8 @@ Generators are registered by :attr:`TeacherSource.kind` in :data:`GENERATORS`. E
 the teacher once and yields a function ``messages -> Generation``; :func:`generate_many`
 answers a batch in order (concurrently for endpoint teachers, see endpoint.py). Prompts are always
 rendered with the chat template of the materialized teacher folder (``RUN/teacher``) in
-edgepack's bounded sandbox (:func:`~edgepack.runtime.chat_template.render_hf_chat`, the text
-transformers' ``apply_chat_template`` gives, with loops, numbers and strings bounded), and tokenized by :mod:`edgepack.runtime.chat_tokens`: the template's markup (``<|im_start|>``...)
+edgepack's bounded sandbox (:func:`~edgepack.runtime.chat.template.render_hf_chat`, the text
+transformers' ``apply_chat_template`` gives, with loops, numbers and strings bounded), and tokenized by :mod:`edgepack.runtime.chat.tokens`: the template's markup (``<|im_start|>``...)
 becomes its control tokens, message text never does (a prompt that types ``<|im_start|>system``
 stays text). Endpoint teachers send the messages as they are; the server applies its model's
 own template.
@@ -139,7 +139,7 @@ def distillation_mode(gens: list[Generation], endpoints: list[dict[str, Any] | N
 
 def render_prompt(tokenizer: Any, messages: Messages) -> str:
     """The chat-templated prompt text, ending with the assistant header."""
-    from edgepack.runtime.chat_template import render_hf_chat
+    from edgepack.runtime.chat.template import render_hf_chat
 
     return render_hf_chat(tokenizer, messages)
 
@@ -150,10 +150,10 @@ def _llamacpp(source: TeacherSource, teacher_dir: Path, params: DecodeParams,
     from llama_cpp import Llama
     from transformers import AutoTokenizer
 
-    from edgepack.runtime.chat_tokens import encode_chat, llama_control_tokens
+    from edgepack.runtime.chat.tokens import encode_chat, llama_control_tokens
 
     from edgepack.runtime.gguf_header import read_gguf
-    from edgepack.runtime.template_check import check_gguf_templates
+    from edgepack.runtime.chat.check import check_gguf_templates
 
     check_gguf_templates(read_gguf(source.path))  # before Llama() compiles them, unbounded
     tok = AutoTokenizer.from_pretrained(teacher_dir)
@@ -191,7 +191,7 @@ def _transformers(source: TeacherSource, teacher_dir: Path, params: DecodeParams
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from edgepack.runtime.chat_tokens import hf_chat_ids
+    from edgepack.runtime.chat.tokens import hf_chat_ids
 
     tok = AutoTokenizer.from_pretrained(teacher_dir)
     model = AutoModelForCausalLM.from_pretrained(teacher_dir, dtype=torch.float32,

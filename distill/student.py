@@ -96,7 +96,7 @@ def choose_num_layers(teacher: Any, profile: Profile, max_fraction: float = MAX_
 
 def calibration_ids(tokenizer: Any, texts: Sequence[str | Sequence[int]], max_length: int) -> list[list[int]]:
     """Token ids of calibration items: a text is tokenized as is, a list of ids (a chat already
-    tokenized by :func:`~edgepack.runtime.chat_tokens.hf_chat_ids`) is taken as given."""
+    tokenized by :func:`~edgepack.runtime.chat.tokens.hf_chat_ids`) is taken as given."""
     return [(list(t) if not isinstance(t, str) else tokenizer(t, add_special_tokens=False).input_ids)[:max_length]
             for t in texts]
 

@@ -478,7 +478,7 @@ def _make_student(spec: str, teacher: Any, tok: Any, rows: list[dict[str, Any]],
 
     if spec == "auto":
         sizing = choose_num_layers(teacher, profile)
-        from edgepack.runtime.chat_tokens import hf_chat_ids
+        from edgepack.runtime.chat.tokens import hf_chat_ids
 
         # Calibration sees the ids training sees: message text never parsed for control tokens.
         texts = [hf_chat_ids(tok, r["messages"] + [{"role": "assistant", "content": r["response"]}],

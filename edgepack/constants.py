@@ -48,7 +48,7 @@ RUN_VERSION = "edgepack_version"
 
 # --- bundle manifest keys -----------------------------------------------------------------
 MANIFEST_FILE = "manifest.json"
-SIGNATURE_FILE = "manifest.sig"   # optional: ed25519 signature over manifest.json (runtime/signing.py)
+SIGNATURE_FILE = "manifest.sig"   # optional: ed25519 signature over manifest.json (runtime/bundle/signing.py)
 MANIFEST_SCHEMA_VERSION = 1
 M_SCHEMA = "schema_version"
 M_MODEL = "model"

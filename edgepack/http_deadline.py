@@ -6,7 +6,7 @@ at ``--timeout 5``, and on without end). :class:`Deadline` bounds the whole exch
 connect, TLS handshake, proxy tunnel, request, headers, body — however the bytes arrive, and
 :func:`read_body` refuses a body over a cap as soon as it is declared or sent. Used by
 ``distill/endpoint.py`` (endpoint teachers, one :class:`Deadline` per try) and
-``runtime/server_fallback.py`` (the server's fallback teacher)::
+``runtime/server/fallback.py`` (the server's fallback teacher)::
 
     deadline = Deadline(timeout_s)
     with deadline:

@@ -7,7 +7,7 @@ is written once inputs are validated, before any stage runs, and holds every set
 (``edgepack pipeline --config RUN/run.toml``).
 
 Export makes every format and quantization the profile's ``choices`` allow (GGUF and
-ONNX); the gate stage is ``gate --search`` (:func:`edgepack.runtime.search.search`): it
+ONNX); the gate stage is ``gate --search`` (:func:`edgepack.export.gate.search.search`): it
 gates the choices best quality first, the first that passes every budget is packaged, and
 the whole table goes into ``pipeline.json``.
 """
@@ -56,7 +56,7 @@ class PipelineConfig:
     correct_teacher: bool = _D["correct_teacher"].default
     """LoRA-SFT the teacher on the references before it labels the data."""
     search_quality: str = _D["search_quality"].default
-    """Which gated choices answer the holdout: ``all``, or ``until-pass`` (see runtime/search.py)."""
+    """Which gated choices answer the holdout: ``all``, or ``until-pass`` (see export/gate/search.py)."""
 
     def settings(self) -> dict[str, Any]:
         """run.toml's keys for this config (:data:`edgepack.runconfig.PIPELINE_SETTINGS`)."""
@@ -165,7 +165,7 @@ def run_pipeline(cfg: PipelineConfig, progress: ProgressFn = null_progress) -> d
     sample: dict[str, str] = {}
     if bundle.get("bundle"):
         stage("run", lambda: _smoke_run(run, Path(bundle["bundle"]), sample))
-    from edgepack.runtime.gate import machine_info  # where the numbers were measured
+    from edgepack.export.gate.gate import machine_info  # where the numbers were measured
 
     rows = [summary_row(r) for r in found["rows"]]
     result = {"run_dir": str(run), "profile": cfg.profile.name, "command": command_line(cfg.settings(), run),
@@ -253,7 +253,7 @@ def _export(cfg: PipelineConfig, progress: ProgressFn) -> str:
 
 def _gate(cfg: PipelineConfig, out: dict[str, Any], progress: ProgressFn) -> str:
     """``gate --search`` over the run: every choice gated, best quality first (reports reused)."""
-    from edgepack.runtime.search import search
+    from edgepack.export.gate.search import search
 
     run = Path(cfg.run_dir)
     holdout = run / DATA_DIR / HOLDOUT_FILE
@@ -265,7 +265,7 @@ def _gate(cfg: PipelineConfig, out: dict[str, Any], progress: ProgressFn) -> str
 
 def _pack(cfg: PipelineConfig, found: dict[str, Any], out: dict[str, Any]) -> str:
     """Package the search's choice (or, with allow_unverified, the best UNVERIFIED one)."""
-    from edgepack.export.pack import pack_run
+    from edgepack.export.pack.pack import pack_run
 
     chosen = next((r for r in found["rows"] if r["choice"] == found["chosen"]), None)
     if chosen is None and cfg.allow_unverified:
@@ -288,9 +288,9 @@ def _holds(bundle: Path, artifact: Path, profile: Profile) -> bool:
     """Whether an earlier ``bundle`` verifies and holds exactly ``artifact``'s bytes, gated for
     this ``profile``; a stale, damaged or foreign file under the bundle's name is packed again."""
     from edgepack.errors import BundleError, RunDirError
-    from edgepack.export.trust import check_bundle_binding
-    from edgepack.runtime.bundle import verify_bundle
-    from edgepack.runtime.gate import artifact_digest
+    from edgepack.export.pack.trust import check_bundle_binding
+    from edgepack.runtime.bundle.archive import verify_bundle
+    from edgepack.export.gate.gate import artifact_digest
 
     try:
         manifest = verify_bundle(bundle)

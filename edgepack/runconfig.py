@@ -44,7 +44,7 @@ class Setting:
 
 
 # Search quality modes, spelled here so run.toml's validation needs no runtime import
-# (the same tuple as edgepack.runtime.search.QUALITY_MODES; a test keeps them equal).
+# (the same tuple as edgepack.export.gate.search.QUALITY_MODES; a test keeps them equal).
 SEARCH_QUALITY_MODES = ("all", "until-pass")
 
 PIPELINE_SETTINGS: dict[str, Setting] = {

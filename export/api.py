@@ -212,7 +212,7 @@ def _imatrix(model_dir: Path, model: str, out: Path, calibration: Path, progress
 def _fidelity(source: Path, model_dir: Path, out: Path, report: dict[str, Any],
               progress: ProgressFn) -> dict[str, Any]:
     """Run the fidelity report over every artifact listed in ``report``; its summary for export.json."""
-    from edgepack.export.fidelity import fidelity_report
+    from edgepack.export.fidelity.report import fidelity_report
 
     holdout = source / DATA_DIR / HOLDOUT_FILE
     paths = [out / a["path"] for a in report["artifacts"] if (out / a["path"]).exists()]

@@ -47,7 +47,7 @@ from edgepack.errors import ModelSourceError, UsageError
 from edgepack.runtime.backends.base import Backend
 
 if TYPE_CHECKING:
-    from edgepack.runtime.bundle import BundleCheck
+    from edgepack.runtime.bundle.archive import BundleCheck
 
 DEFAULT_BARE_CTX = 2048
 Warn = Callable[[str], None]
@@ -147,7 +147,7 @@ def _remove(folder: Path) -> None:
 def _extract_cached(bundle: Path, check: BundleCheck, key: Any, note: Warn) -> Path:
     """The verified extraction of ``bundle`` in the cache: reused only when every byte matches."""
     from edgepack.errors import BundleError
-    from edgepack.runtime.bundle import extract_bundle
+    from edgepack.runtime.bundle.archive import extract_bundle
 
     folder = cache_root() / "bundles" / check.sha256
     if folder.exists() or folder.is_symlink():
@@ -267,8 +267,8 @@ def open_model(path: Path, *, threads: int | None = None, n_ctx: int | None = No
         raise UsageError(f"{path.name} is not a bundle; only .edgepack bundles carry a signature to check",
                          hint="drop --key, or pack the model with `edgepack pack --sign KEY`")
     if path.suffix == BUNDLE_SUFFIX:
-        from edgepack.runtime.bundle import inspect_bundle
-        from edgepack.runtime.signing import as_public_key
+        from edgepack.runtime.bundle.archive import inspect_bundle
+        from edgepack.runtime.bundle.signing import as_public_key
 
         public_key = as_public_key(key) if key is not None else None
         check = inspect_bundle(path, key=public_key)

@@ -1,9 +1,10 @@
-"""Shared fixtures: tiny random-init models built once per session, the embedded teacher."""
+"""Shared fixtures: tiny random-init models (HF, GGUF, ONNX) built once per session, the embedded teacher."""
 
 from __future__ import annotations
 
 import shutil
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -30,3 +31,35 @@ def builtin_teacher_gguf() -> Path:
     from edgepack.distill.teachers import builtin_teacher_path
 
     return builtin_teacher_path("smollm2-135m-instruct")
+
+
+@pytest.fixture(scope="session")
+def tiny_gguf(tiny_llama_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The shared tiny Llama converted to an F16 GGUF (about 200 KB; loads in milliseconds)."""
+    from edgepack.export.gguf.convert import convert_hf_to_gguf
+
+    return convert_hf_to_gguf(tiny_llama_dir, tmp_path_factory.mktemp("gguf") / "tiny-F16.gguf", outtype="F16")
+
+
+@pytest.fixture()
+def cache_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A private EDGEPACK_CACHE so bundle extraction never touches ~/.cache."""
+    folder = tmp_path / "cache"
+    monkeypatch.setenv("EDGEPACK_CACHE", str(folder))
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_onnx(tiny_llama_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """The shared tiny Llama exported to an int4 ONNX folder; export_onnx's report (path, sha256...)."""
+    from edgepack.export.onnx.convert import export_onnx
+
+    return export_onnx(tiny_llama_dir, tmp_path_factory.mktemp("onnx") / "tiny-onnx-int4", quant="int4")
+
+
+@pytest.fixture(scope="session")
+def tiny_onnx_fp32(tiny_llama_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """The shared tiny Llama exported to an FP32 ONNX folder (no quantization)."""
+    from edgepack.export.onnx.convert import export_onnx
+
+    return export_onnx(tiny_llama_dir, tmp_path_factory.mktemp("onnx") / "tiny-onnx-fp32", quant="fp32")

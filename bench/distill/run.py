@@ -38,7 +38,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from edgepack.runtime.gate import machine_info
+from edgepack.export.gate.gate import machine_info
 
 METHODS = {  # name → (label, TrainConfig overrides)
     "sft": ("SFT-only (CE on teacher text)", {"divergence": "sft"}),

@@ -43,11 +43,11 @@ def main() -> None:
     from run import _demo_rows, _write_jsonl  # bench/export/run.py: the same calibration and holdout text
 
     from edgepack.distill.data import DEMO_HOLDOUT, DEMO_SEED, DEMO_SYSTEM_PROMPT
-    from edgepack.export.fidelity import fidelity_report
+    from edgepack.export.fidelity.report import fidelity_report
     from edgepack.export.gguf.convert import convert_hf_to_gguf
     from edgepack.export.gguf.imatrix import build_imatrix
     from edgepack.export.gguf.quantize import quantize_gguf
-    from edgepack.runtime.gate import machine_info
+    from edgepack.export.gate.gate import machine_info
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", type=Path, default=Path("runs/demo/student"))

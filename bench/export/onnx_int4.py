@@ -10,7 +10,7 @@ exported once to fp32 ONNX (optimum), then each variant is quantized from that g
   prompt + prompt + reference answer), each distinct context once;
 * decode tok/s: the onnx runtime backend, 128-token prompt, 64 tokens, best of 2 after a
   warm-up, ``--threads`` threads (in this process, unlike run.py's fresh-process numbers);
-* holdout label accuracy (greedy, edgepack.runtime.quality) when the variant is marked.
+* holdout label accuracy (greedy, edgepack.export.gate.quality) when the variant is marked.
 
 Writes ``--out`` (JSON) and the same name with ``.md``. Load averages are recorded per row:
 on a shared machine the speed column is only comparable within one run.
@@ -76,13 +76,13 @@ def main() -> int:
 
     from edgepack.distill.data import DEMO_HOLDOUT, DEMO_SYSTEM_PROMPT
     from edgepack.export.api import resolve_source
-    from edgepack.export.fidelity_metrics import LogitStats, fresh_starts
-    from edgepack.export.fidelity_prompts import encode_row, load_rows
+    from edgepack.export.fidelity.metrics import LogitStats, fresh_starts
+    from edgepack.export.fidelity.prompts import encode_row, load_rows
     from edgepack.export.onnx.convert import OnnxCausalLM, export_onnx
     from edgepack.export.onnx.quantize import OnnxQuantOptions, quantize_onnx
     from edgepack.runtime.backends.onnxrt import OnnxRuntimeBackend
-    from edgepack.runtime.gate import machine_info
-    from edgepack.runtime.quality import evaluate_holdout, load_holdout
+    from edgepack.export.gate.gate import machine_info
+    from edgepack.export.gate.quality import evaluate_holdout, load_holdout
 
     sys.path.insert(0, str(Path(__file__).parent))
     from run import _demo_rows, _write_jsonl  # noqa: E402  (same holdout rows as run.py)
@@ -95,7 +95,7 @@ def main() -> int:
         fp32 = work / "fp32"
         _log("export fp32")
         export_onnx(hf_dir, fp32, quant="fp32")
-        from edgepack.export.fidelity_prompts import load_tokenizer
+        from edgepack.export.fidelity.prompts import load_tokenizer
 
         tok = load_tokenizer(fp32)
         seqs = [encode_row(tok, r, with_response=True, max_tokens=256)

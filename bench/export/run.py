@@ -14,10 +14,10 @@
 5. run the fidelity report over every artifact on the demo holdout (prompts the imatrix
    never saw): KLD vs the F16 GGUF (GGUF) or vs transformers (ONNX), top-1, size, bits per
    weight, tokenizer agreement, greedy agreement; logit metrics count each distinct
-   context once (the rows share the system prompt; see export/fidelity.py);
-6. decode speed of every artifact in a fresh process (edgepack.runtime.measure, as the
+   context once (the rows share the system prompt; see export/fidelity/report.py);
+6. decode speed of every artifact in a fresh process (edgepack.export.gate.measure, as the
    gate measures it) and the holdout label accuracy of every artifact (greedy, through the
-   runtime backends, edgepack.runtime.quality) on the same holdout.
+   runtime backends, edgepack.export.gate.quality) on the same holdout.
 
 Writes ``results.json`` (everything, including the full fidelity report) and ``results.md``
 beside it. The targets are reported, not asserted. Timings depend on the machine's load,
@@ -37,7 +37,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from edgepack.runtime.gate import machine_info
+from edgepack.export.gate.gate import machine_info
 
 GGUF_QUANTS = ["Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M", "Q4_0", "IQ4_XS"]
 IMATRIX_QUANTS = ["Q4_K_M", "Q4_0", "IQ4_XS"]
@@ -105,8 +105,8 @@ def _speed_and_accuracy(path: Path, holdout_rows: list[dict[str, Any]], threads:
                         with_accuracy: bool, accuracy_threads: int) -> dict[str, Any]:
     """Decode tok/s in a fresh process (as the gate measures it), then holdout accuracy."""
     from edgepack.runtime.backends.base import format_of, get_backend
-    from edgepack.runtime.measure import measure_artifact
-    from edgepack.runtime.quality import evaluate_holdout
+    from edgepack.export.gate.measure import measure_artifact
+    from edgepack.export.gate.quality import evaluate_holdout
 
     fmt = format_of(path)
     m = measure_artifact(path, fmt=fmt, threads=threads, n_ctx=512, prompt_tokens=128, decode_tokens=64, runs=3)
@@ -155,13 +155,13 @@ def _save_state(work: Path, state: dict[str, Any]) -> None:
 def benchmark(work: Path, *, model: str, max_prompts: int, max_tokens: int, threads: int | None,
               decode_threads: int, accuracy_for: set[str], accuracy_threads: int, command: str) -> dict[str, Any]:
     from edgepack.distill.data import DEMO_HOLDOUT, DEMO_SEED, DEMO_SYSTEM_PROMPT
-    from edgepack.export.fidelity import fidelity_report
+    from edgepack.export.fidelity.report import fidelity_report
     from edgepack.export.gguf.convert import convert_hf_to_gguf
     from edgepack.export.gguf.imatrix import build_imatrix
     from edgepack.export.gguf.quantize import quant_report, quantize_gguf
     from edgepack.export.onnx.convert import export_onnx
 
-    from edgepack.runtime.quality import load_holdout
+    from edgepack.export.gate.quality import load_holdout
 
     timer = Timer()
     state = json.loads((work / STATE_FILE).read_text(encoding="utf-8")) if (work / STATE_FILE).is_file() else {}
@@ -299,10 +299,10 @@ def _summarise(fid: dict[str, Any], produced: list[dict[str, Any]], speed: dict[
         "settings": {**settings, "accuracy_for": sorted(accuracy_for),
                      "threads_note": "threads: llama.cpp and torch in conversion and fidelity; onnxruntime sessions "
                                      "in the fidelity report use their default; decode_threads: speed and accuracy",
-                     "decode": "fresh process per artifact (edgepack.runtime.measure): 128-token prompt, 64 tokens, "
+                     "decode": "fresh process per artifact (edgepack.export.gate.measure): 128-token prompt, 64 tokens, "
                                "median of 3 runs after 1 warm-up; n_ctx 512",
                      "accuracy": "holdout label accuracy: greedy, at most 48 new tokens, label read from "
-                                 "'Category: <label>' (edgepack.runtime.quality)",
+                                 "'Category: <label>' (edgepack.export.gate.quality)",
                      "calibration": "distill/demo/seed.jsonl (demo system prompt + prompt + seed answer)",
                      "held_out": "distill/demo/holdout.jsonl (same format; never seen by the imatrix)"},
         "reference": {"source": model, "parameters": fid["reference"]["parameters"], "note": reference_note},

@@ -48,7 +48,7 @@ EFFICIENCY_TARGET = 0.6
 RAW_LLAMA = r"""
 import json, sys, time
 import llama_cpp
-from edgepack.runtime.measure import FILLER
+from edgepack.export.gate.measure import FILLER
 path, threads, n_ctx, prompt_tokens, decode_tokens, runs = sys.argv[1], *map(int, sys.argv[2:7])
 llm = llama_cpp.Llama(model_path=path, n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads, verbose=False)
 text = FILLER
@@ -174,7 +174,7 @@ def size_mb(path: Path) -> float:
 # --- sections --------------------------------------------------------------------------------
 def measure(path: Path, fmt: str, args: argparse.Namespace, *, timeout_s: float | None = None,
             runs: int | None = None, decode_tokens: int | None = None, required: bool = True) -> dict[str, Any]:
-    from edgepack.runtime.measure import measure_artifact
+    from edgepack.export.gate.measure import measure_artifact
 
     r = measure_artifact(path, fmt=fmt, threads=args.threads, n_ctx=args.n_ctx, prompt_tokens=args.prompt_tokens,
                          decode_tokens=decode_tokens or args.decode_tokens, runs=runs or args.runs,
@@ -194,7 +194,7 @@ def raw_llama(path: Path, args: argparse.Namespace) -> dict[str, Any]:
 WRAPPER_VS_RAW = r"""
 import json, sys, time
 from edgepack.runtime.backends.base import get_backend
-from edgepack.runtime.measure import exact_prompt
+from edgepack.export.gate.measure import exact_prompt
 path, threads, n_ctx, prompt_tokens, decode_tokens, rounds = sys.argv[1], *map(int, sys.argv[2:7])
 backend = get_backend("gguf").load(path, threads=threads, n_ctx=n_ctx)
 prompt = exact_prompt(backend, prompt_tokens)
@@ -284,7 +284,7 @@ def section_b(arts: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
 
 def section_c(arts: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
     """Decode efficiency of both artifacts against bandwidth measured now."""
-    from edgepack.runtime.bandwidth import artifact_efficiency, machine_bandwidth
+    from edgepack.export.gate.bandwidth import artifact_efficiency, machine_bandwidth
 
     log("(c) measuring memory bandwidth")
     bw = machine_bandwidth(refresh=True)
@@ -300,7 +300,7 @@ def section_c(arts: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
 def section_d(arts: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
     """The same artifact through run_gate three times; spread of its latency numbers."""
     from edgepack.profiles import load_profile
-    from edgepack.runtime.gate import run_gate
+    from edgepack.export.gate.gate import run_gate
 
     import dataclasses
 
@@ -324,7 +324,7 @@ def section_d(arts: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
 
 
 def machine() -> dict[str, Any]:
-    from edgepack.runtime.gate import machine_info
+    from edgepack.export.gate.gate import machine_info
 
     info = machine_info()
     info["load_average_start"] = load_average()

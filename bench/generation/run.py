@@ -105,7 +105,7 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
     from edgepack.constants import BUILTIN_TEACHER
     from edgepack.distill.generate import DecodeParams
     from edgepack.distill.teachers import materialize_teacher, resolve_teacher
-    from edgepack.runtime.gate import machine_info
+    from edgepack.export.gate.gate import machine_info
 
     started = datetime.now(timezone.utc).isoformat(timespec="seconds")
     t_start = time.perf_counter()

@@ -26,7 +26,7 @@ RUN_SCRIPT = Path(__file__).resolve().with_name("run.py")
 def server_category(fx: dict[str, Any], work: Path) -> dict[str, Any]:
     import psutil
 
-    from tests.runtime.server_helpers import USER, call, chat, launch, metrics
+    from tests.runtime.server.helpers import USER, call, chat, launch, metrics
 
     model = fx["gated"] / "artifacts" / "student-F16.gguf"
     folder = work / "server"

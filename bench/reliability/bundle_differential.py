@@ -113,8 +113,8 @@ def bundle_differential_category(work: Path, cases: int = 600, seed: int = 0) ->
     sys.path.insert(0, str(ROOT))
     from edgepack.constants import MANIFEST_FILE, SIGNATURE_FILE
     from edgepack.errors import BundleError
-    from edgepack.runtime.bundle import BundleFile, inspect_bundle, write_bundle
-    from edgepack.runtime.signing import generate_keypair, load_private_key, sign_manifest
+    from edgepack.runtime.bundle.archive import BundleFile, inspect_bundle, write_bundle
+    from edgepack.runtime.bundle.signing import generate_keypair, load_private_key, sign_manifest
 
     work.mkdir(parents=True, exist_ok=True)
     keys = generate_keypair(work / "keys" / "owner")

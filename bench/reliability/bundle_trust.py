@@ -289,8 +289,8 @@ def _cache_cases(model: Path, keys: tuple[Path, Path], work: Path, fail: Callabl
 
 def _signature_notice_cases(model: Path, keys: tuple[Path, Path], work: Path, fail: Callable[[str], None],
                             details: list[str]) -> tuple[int, int]:
-    from edgepack.runtime.gate import _materialize
-    from edgepack.runtime.server import ServeConfig, make_server
+    from edgepack.export.gate.gate import _materialize
+    from edgepack.runtime.server.serve import ServeConfig, make_server
     from edgepack.runtime.session import open_model
     from tests.reliability.bundle_forge import forge_bundle
 

@@ -82,7 +82,7 @@ def child(kind: str, run: str, marker: str) -> None:
         ready.write_text(str(time.time()))
         export_model(source=run_dir, fmt="gguf", quants=["Q8_0"], out_dir=None, fidelity=False)
     elif kind == "pack":
-        from edgepack.export.pack import pack_run
+        from edgepack.export.pack.pack import pack_run
 
         profile = load_profile(str(run_dir.parent / "profiles" / "tiny-ok.toml"))
         ready.write_text(str(time.time()))
@@ -295,9 +295,9 @@ def check_export(run: Path, fx: dict[str, Any]) -> tuple[list[str], dict[str, An
 
 
 def check_pack(run: Path, fx: dict[str, Any]) -> tuple[list[str], dict[str, Any]]:
-    from edgepack.export.pack import pack_run
+    from edgepack.export.pack.pack import pack_run
     from edgepack.profiles import load_profile
-    from edgepack.runtime.bundle import verify_bundle
+    from edgepack.runtime.bundle.archive import verify_bundle
 
     problems: list[str] = []
     seen: dict[str, Any] = {"debris_after_kill": debris(run)}
@@ -456,7 +456,7 @@ def main() -> None:
         (HERE / "results.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
         write_markdown(results, ROOT / "RELIABILITY.md")
         return
-    from edgepack.runtime.gate import machine_info
+    from edgepack.export.gate.gate import machine_info
 
     t0 = time.monotonic()
     load_start = [round(x, 2) for x in os.getloadavg()]

@@ -60,7 +60,7 @@ def _build(work: Path) -> tuple[Path, dict[str, Path]]:
     sys.path.insert(0, str(ROOT))
     from edgepack.atomic import write_json
     from edgepack.profiles import load_profile
-    from edgepack.runtime.gate import run_gate
+    from edgepack.export.gate.gate import run_gate
     from tests.runtime.helpers import make_run_dir, write_profile
     from tests.tiny import build_tiny_llama
 
@@ -96,7 +96,7 @@ class _Trial:
     def refused(self, label: str, change: Callable[[Path, Path], None], profile: Any = None,
                 artifact: str | None = None) -> None:
         from edgepack.errors import EdgepackError
-        from edgepack.export.pack import pack_run
+        from edgepack.export.pack.pack import pack_run
 
         run, outside = self.copy()
         change(run, outside)
@@ -274,7 +274,7 @@ def _forged_cases(trial: _Trial) -> int:
 
 
 def _collision_cases(trial: _Trial, work: Path, profiles: dict[str, Path]) -> tuple[int, int]:
-    from edgepack.export.pack import pack_run
+    from edgepack.export.pack.pack import pack_run
     from edgepack.profiles import load_profile
     from tests.runtime.helpers import write_profile
 
@@ -304,7 +304,7 @@ def _collision_cases(trial: _Trial, work: Path, profiles: dict[str, Path]) -> tu
 
 def _debris_cases(trial: _Trial, profiles: dict[str, Path]) -> tuple[int, int]:
     from edgepack.export.api import export_model
-    from edgepack.export.pack import pack_run
+    from edgepack.export.pack.pack import pack_run
     from edgepack.profiles import load_profile
 
     run, _ = trial.copy()
@@ -434,7 +434,7 @@ def _race(label: str, commands: list[tuple[str, list[str]]], run: Path, work: Pa
 def _verify_run(run: Path, label: str, failures: list[str]) -> None:
     """After a round: artifacts match export.json and parse, bundles verify, reports parse, nothing left over."""
     from edgepack.atomic import is_temp_name
-    from edgepack.runtime.bundle import verify_bundle
+    from edgepack.runtime.bundle.archive import verify_bundle
     from edgepack.runtime.gguf_header import read_gguf
 
     problems = []

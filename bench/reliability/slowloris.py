@@ -4,7 +4,7 @@ Imported by run.py (category ``slowloris``); also runnable on its own::
 
     nice -n 5 .venv/bin/python bench/reliability/slowloris.py
 
-The real server runs in a subprocess (``tests.runtime.server_helpers.launch``) with its default
+The real server runs in a subprocess (``tests.runtime.server.helpers.launch``) with its default
 connection limits (header deadline 10 s, body deadline 30 s, 512 pending connections, 256 per
 client address, 1 MiB bodies) on the tiny test GGUF (random weights, a byte-level BPE
 vocabulary with the ChatML special tokens, ``tests/tiny.py``), n_ctx 2048. Phases:
@@ -89,7 +89,7 @@ class _Run:
 def _legit(run: _Run, port: int, n: int, label: str, headers: dict[str, str] | None = None) -> list[float]:
     """``n`` chats and ``n`` /health calls that must be answered (200) within 30 s each; the
     times of those that were."""
-    from tests.runtime.server_helpers import call, chat
+    from tests.runtime.server.helpers import call, chat
 
     times = []
     for _ in range(n):
@@ -107,7 +107,7 @@ def _legit(run: _Run, port: int, n: int, label: str, headers: dict[str, str] | N
 
 def _pending_drains(port: int, run: _Run, label: str) -> None:
     """After the clients close, the server must hold no pending connection (nothing leaks)."""
-    from tests.runtime.server_helpers import metrics
+    from tests.runtime.server.helpers import metrics
 
     deadline = time.monotonic() + 5
     while (left := metrics(port).get("edgepack_pending_connections", 0)) and time.monotonic() < deadline:
@@ -116,7 +116,7 @@ def _pending_drains(port: int, run: _Run, label: str) -> None:
 
 
 def _crowd(run: _Run, port: int) -> None:
-    from tests.runtime.server_helpers import SlowClients
+    from tests.runtime.server.helpers import SlowClients
 
     kinds = ("idle", "half_header", "drip", "slow_body")
     crowds = {kind: SlowClients(port, source=src, interval=1.0) for kind, src in zip(kinds, _addresses(4))}
@@ -154,7 +154,7 @@ def _crowd(run: _Run, port: int) -> None:
 
 
 def _flood(run: _Run, port: int) -> None:
-    from tests.runtime.server_helpers import SlowClients
+    from tests.runtime.server.helpers import SlowClients
 
     flooder, other = _addresses(2, first=10)
     if flooder == other:
@@ -241,7 +241,7 @@ def _uploads(run: _Run, port: int, pid: int) -> None:
 
 
 def _keyed(run: _Run, model: Path, folder: Path) -> None:
-    from tests.runtime.server_helpers import SlowClients, chat, launch
+    from tests.runtime.server.helpers import SlowClients, chat, launch
 
     os.environ[KEY_ENV] = KEY
     server = launch(model, folder, n_ctx=N_CTX, threads=1, max_queue=4, timeout_s=60.0, api_key_env=KEY_ENV)
@@ -349,7 +349,7 @@ def _raw_status(port: int, data: bytes) -> tuple[int, float]:
 def _inputs(run: _Run, port: int, pid: int) -> None:
     import psutil
 
-    from tests.runtime.server_helpers import call
+    from tests.runtime.server.helpers import call
 
     proc = psutil.Process(pid)
 
@@ -381,7 +381,7 @@ def slowloris_category(work: Path) -> dict[str, Any]:
     """Run every phase (see the module docstring) and return the counts."""
     sys.path.insert(0, str(ROOT))
     from edgepack.export.gguf.convert import convert_hf_to_gguf
-    from tests.runtime.server_helpers import launch
+    from tests.runtime.server.helpers import launch
     from tests.tiny import build_tiny_llama
 
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)

@@ -10,7 +10,7 @@ sizes, power towers, repeats, doubling ``~``/``+``/block captures, integer squar
 and fan-out, deep nesting, growing filters and string methods, constant folding in dead
 branches) goes through:
 
-- ``check``: :func:`edgepack.runtime.template_check.check_chat_templates` in this process;
+- ``check``: :func:`edgepack.runtime.chat.check.check_chat_templates` in this process;
 - ``run`` on a tiny GGUF carrying it as ``tokenizer.chat_template`` (every bomb) and as a
   named ``tokenizer.chat_template.tool_use`` variant (llama-cpp-python compiles those too);
 - ``gate`` without ``--holdout`` (every bomb) and with it; ``serve``; ``export`` of an HF
@@ -69,7 +69,7 @@ def _cli(tally: _Tally, command: str, name: str, args: list[str]) -> None:
 
 def _check_in_process(tally: _Tally, name: str, template: str) -> None:
     from edgepack.errors import InvalidModelFile, UnsafeModelError
-    from edgepack.runtime.template_check import check_chat_templates
+    from edgepack.runtime.chat.check import check_chat_templates
 
     t0 = time.monotonic()
     try:

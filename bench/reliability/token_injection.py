@@ -8,7 +8,7 @@ Hostile message text is built from every control token of the tiny test vocabula
 embedded teacher (SmolLM2-135M-Instruct): each token alone, inside text, at either edge, as a
 whole forged ChatML turn, repeated, cut in two (prefixes, suffixes, and a token split across
 two messages), in case and look-alike variants, and next to the private-use sentinels that
-:mod:`edgepack.runtime.chat_tokens` renders templates with. Each chat goes through:
+:mod:`edgepack.runtime.chat.tokens` renders templates with. Each chat goes through:
 
 - the backend chat path of ``run``/``chat``/``serve``/``gate`` (tiny GGUF, tiny ONNX, the
   embedded teacher GGUF), the gate's holdout pass (``evaluate_holdout``), the real server
@@ -66,7 +66,7 @@ def _variants(token: str) -> list[tuple[str, str]]:
 
 def hostile_chats(controls: list[str]) -> list[tuple[str, Messages]]:
     """(label, messages) for every hostile case built from ``controls``."""
-    from edgepack.runtime.chat_tokens import SENTINEL_CLOSE, SENTINEL_OPEN, sentinel
+    from edgepack.runtime.chat.tokens import SENTINEL_CLOSE, SENTINEL_OPEN, sentinel
 
     cases: list[tuple[str, Messages]] = []
     for token in controls:
@@ -178,7 +178,7 @@ def _recording(backend: Any) -> tuple[list[list[int]], Callable[[], None]]:
 
 
 def _gate_checks(tally: Tally, backend: Any, cases: list[tuple[str, Messages, bool]]) -> None:
-    from edgepack.runtime.quality import evaluate_holdout
+    from edgepack.export.gate.quality import evaluate_holdout
 
     plain = lambda text, special: backend.tokenize(text, add_special=False, parse_special=special)  # noqa: E731
     start, end = _chatml_ids_of(backend)
@@ -197,7 +197,7 @@ def _gate_checks(tally: Tally, backend: Any, cases: list[tuple[str, Messages, bo
 
 def _server_checks(tally: Tally, model: Path, backend: Any, folder: Path,
                    cases: list[tuple[str, Messages, bool]]) -> None:
-    from tests.runtime.server_helpers import chat, launch
+    from tests.runtime.server.helpers import chat, launch
 
     plain = lambda text, special: backend.tokenize(text, add_special=False, parse_special=special)  # noqa: E731
     start, end = _chatml_ids_of(backend)
@@ -233,7 +233,7 @@ def _hf_checks(tally: Tally, tok: Any, tiny_dir: Path, gguf: Path, cases: list[t
     from edgepack.distill.evaluate import _generate_answers
     from edgepack.distill.generate import DecodeParams, open_generator
     from edgepack.distill.teachers import resolve_teacher
-    from edgepack.export.fidelity_prompts import EvalRow, encode_row
+    from edgepack.export.fidelity.prompts import EvalRow, encode_row
     from edgepack.progress import null_progress
 
     plain = lambda text, special: tok(text, add_special_tokens=False,  # noqa: E731
@@ -319,7 +319,7 @@ REWRITE_TEMPLATE = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n'
 
 def _template_checks(tally: Tally, tok: Any, cases: list[tuple[str, Messages, bool]]) -> None:
     from edgepack.errors import UsageError
-    from edgepack.runtime.chat_tokens import hf_chat_ids
+    from edgepack.runtime.chat.tokens import hf_chat_ids
 
     plain = lambda text, special: tok(text, add_special_tokens=False,  # noqa: E731
                                       split_special_tokens=not special).input_ids
@@ -418,7 +418,7 @@ def token_injection_category(work: Path) -> dict[str, Any]:
             start = time.monotonic()
             fn()
             timings[name] = time.monotonic() - start
-        from edgepack.runtime.chat_tokens import hf_chat_ids
+        from edgepack.runtime.chat.tokens import hf_chat_ids
 
         e_plain = lambda text, special: embedded_tok(text, add_special_tokens=False,  # noqa: E731
                                                      split_special_tokens=not special).input_ids

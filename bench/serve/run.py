@@ -212,7 +212,7 @@ def section_a(model: Path, args: argparse.Namespace, work: Path) -> dict[str, An
 def direct_prompt_ids(llm: Any, prompt: str) -> list[int]:
     """The prompt's token ids as the server builds them: the GGUF's chat template rendered in
     edgepack's sandbox (pure Jinja, no llama.cpp), tokenized by llama-cpp-python."""
-    from edgepack.runtime.chat_template import render_chat
+    from edgepack.runtime.chat.template import render_chat
 
     meta = llm.metadata
     bos = llm.detokenize([llm.token_bos()], special=True).decode() if llm.token_bos() >= 0 else ""
@@ -352,7 +352,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     from edgepack.distill.teachers import builtin_teacher_path
-    from edgepack.runtime.gate import machine_info
+    from edgepack.export.gate.gate import machine_info
 
     model = args.model or builtin_teacher_path("smollm2-135m-instruct")
     work = Path(tempfile.mkdtemp(prefix="edgepack-bench-serve-"))  # server logs, named in errors

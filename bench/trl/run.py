@@ -445,7 +445,7 @@ def main() -> None:
         return
 
     from edgepack.atomic import write_json, write_text
-    from edgepack.runtime.gate import machine_info
+    from edgepack.export.gate.gate import machine_info
 
     started = datetime.now(timezone.utc).isoformat(timespec="seconds")
     load_start = load_average()

@@ -20,7 +20,7 @@ def pack_cmd(
 ) -> None:
     """Package a gated artifact into a verifiable .edgepack bundle (signed with --sign)."""
     from edgepack.console import emit
-    from edgepack.export.pack import pack_run
+    from edgepack.export.pack.pack import pack_run
     from edgepack.profiles import load_profile
 
     result = pack_run(run_dir=run, profile=load_profile(profile), artifact=artifact,
@@ -35,7 +35,7 @@ def verify_cmd(
 ) -> None:
     """Check a bundle's schema, every file hash and, with --key, its signature; failures name the file."""
     from edgepack.console import emit, out
-    from edgepack.runtime.bundle import inspect_bundle
+    from edgepack.runtime.bundle.archive import inspect_bundle
 
     check = inspect_bundle(bundle, key=key)
     manifest = check.manifest
@@ -56,7 +56,7 @@ def keygen_cmd(
 ) -> None:
     """Create an Ed25519 key pair for `pack --sign` / `verify --key`."""
     from edgepack.console import emit, out
-    from edgepack.runtime.signing import generate_keypair
+    from edgepack.runtime.bundle.signing import generate_keypair
 
     result = generate_keypair(out_path)
     emit(result, json_out, lambda r: out.print(f"wrote {r['private_key']} (keep secret) and {r['public_key']}; "

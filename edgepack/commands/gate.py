@@ -39,8 +39,8 @@ def gate_cmd(
                              hint="drop --reference, or gate one artifact with it")
         _search(artifact, prof, holdout, report, stop_at_first, json_out)
         return
-    from edgepack.runtime.gate import run_gate
-    from edgepack.runtime.report import write_gate_reports
+    from edgepack.export.gate.gate import run_gate
+    from edgepack.export.gate.report import write_gate_reports
 
     with progress_bars(not json_out) as progress:
         result = run_gate(artifact=artifact, profile=prof, holdout=holdout, progress=progress, key=key,
@@ -102,8 +102,8 @@ def _search(target: Path, prof: Any, holdout: Path | None, report: Path | None, 
             json_out: bool) -> None:
     from edgepack.console import emit, out, progress_bars
     from edgepack.constants import ARTIFACTS_DIR, RUN_TOML
-    from edgepack.runtime.report import write_search_reports
-    from edgepack.runtime.search import search
+    from edgepack.export.gate.report import write_search_reports
+    from edgepack.export.gate.search import search
 
     is_run = target.is_dir() and ((target / RUN_TOML).is_file() or (target / ARTIFACTS_DIR).is_dir())
     with progress_bars(not json_out) as progress:

@@ -106,7 +106,7 @@ def serve_cmd(
     """Serve a bundle over an OpenAI-compatible HTTP API until Ctrl-C."""
     from edgepack.console import err, warn
     from edgepack.errors import UsageError
-    from edgepack.runtime.server import serve
+    from edgepack.runtime.server.serve import serve
 
     if (fallback is None) != (fallback_min_logprob is None):
         raise UsageError("--fallback and --fallback-min-logprob go together",

@@ -39,8 +39,8 @@ from typing import Any
 from edgepack.atomic import atomic_path
 from edgepack.errors import DataError, InvalidModelFile
 from edgepack.progress import ProgressFn, null_progress
-from edgepack.export.fidelity_models import torch_threads
-from edgepack.export.fidelity_prompts import EvalRow, encode_row, load_rows, load_tokenizer
+from edgepack.export.fidelity.models import torch_threads
+from edgepack.export.fidelity.prompts import EvalRow, encode_row, load_rows, load_tokenizer
 from edgepack.export.gguf.arch import arch_for_config
 from edgepack.export.gguf.convert import read_config
 from edgepack.export.gguf.tensors import gguf_tensor_name

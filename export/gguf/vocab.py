@@ -198,7 +198,7 @@ def read_chat_template(hf_dir: Path) -> str | None:
 
 
 def check_chat_template(template: str) -> None:
-    """Check ``template`` the way every loader does (:mod:`edgepack.runtime.template_check`).
+    """Check ``template`` the way every loader does (:mod:`edgepack.runtime.chat.check`).
 
     The template will be compiled by llama-cpp-python (in the exported GGUF) and by
     transformers (``apply_chat_template``), and rendered by edgepack's bounded sandbox: a
@@ -209,7 +209,7 @@ def check_chat_template(template: str) -> None:
     TypeError) raises :class:`InvalidModelFile`. A template that refuses a chat with its own
     ``raise_exception`` is not a finding.
     """
-    from edgepack.runtime.template_check import check_chat_templates
+    from edgepack.runtime.chat.check import check_chat_templates
 
     check_chat_templates({"chat_template": template}, render="chat_template",
                          compilers=("llama_cpp", "transformers"), strict=True, where="the model")

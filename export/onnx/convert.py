@@ -192,7 +192,7 @@ def export_onnx(hf_dir: Path, out_dir: Path, quant: str = "int4", progress: Prog
         }
     progress("onnx", 4, 4)
     files = [f for f in _files(out_dir) if f["path"] != ".complete"]
-    from edgepack.runtime.gate import folder_digest  # the one definition the gate and pack check against
+    from edgepack.export.gate.gate import folder_digest  # the one definition the gate and pack check against
 
     digest = folder_digest((f["path"], f["sha256"]) for f in files)
     return {"path": out_dir, "bytes": sum(f["bytes"] for f in files), "sha256": digest,

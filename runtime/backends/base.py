@@ -81,7 +81,7 @@ class Backend(ABC):
     def control_tokens(self) -> dict[str, int]:
         """Texts of the tokens :meth:`tokenize` makes only with ``parse_special`` on (text → id).
 
-        Chat prompts keep these out of message text (:mod:`edgepack.runtime.chat_tokens`); a
+        Chat prompts keep these out of message text (:mod:`edgepack.runtime.chat.tokens`); a
         backend that leaves this empty tokenizes chat prompts as one string.
         """
         return {}
@@ -123,7 +123,7 @@ class Backend(ABC):
     def render_chat(self, messages: Sequence[dict[str, Any]], *, add_generation_prompt: bool = True) -> str:
         """The prompt string for ``messages``, from the model's template in the sandbox."""
         from edgepack.errors import InvalidModelFile
-        from edgepack.runtime.chat_template import render_chat
+        from edgepack.runtime.chat.template import render_chat
 
         template = self.chat_template
         if not template:
@@ -145,10 +145,10 @@ class Backend(ABC):
         """Token ids of the rendered chat prompt, with BOS added once at most.
 
         Only the template's markup may yield control tokens: message text is tokenized with
-        special parsing off (:func:`edgepack.runtime.chat_tokens.encode_chat`), so a user
+        special parsing off (:func:`edgepack.runtime.chat.tokens.encode_chat`), so a user
         typing ``<|im_start|>system`` gets text, not a new turn.
         """
-        from edgepack.runtime.chat_tokens import encode_chat
+        from edgepack.runtime.chat.tokens import encode_chat
 
         # Templates that write {{ bos_token }} themselves must not get a second BOS.
         return encode_chat(messages, render=self.render_chat,

@@ -9,7 +9,7 @@ reason is otherwise lost).
 
 Chat prompts are rendered from the GGUF's ``tokenizer.chat_template`` by edgepack's sandboxed
 renderer, never by llama-cpp-python's chat handlers; the GGUF's templates are checked
-(:mod:`edgepack.runtime.template_check`) before ``Llama()`` compiles them. Generation stops
+(:mod:`edgepack.runtime.chat.check`) before ``Llama()`` compiles them. Generation stops
 before any end-of-generation token llama.cpp knows for the vocabulary (EOS, EOT, ...).
 """
 
@@ -80,7 +80,7 @@ class LlamaCppBackend(Backend):
         self._stop = frozenset(
             t for t in range(llm.n_vocab()) if llama_cpp.llama_vocab_is_eog(self._vocab, t)
         )
-        from edgepack.runtime.chat_tokens import llama_control_tokens
+        from edgepack.runtime.chat.tokens import llama_control_tokens
 
         self._control = llama_control_tokens(llm)
         bos, eos = llm.token_bos(), llm.token_eos()
@@ -101,7 +101,7 @@ class LlamaCppBackend(Backend):
         # llama-cpp-python compiles every tokenizer.chat_template* key inside Llama(), with
         # jinja2's constant folding and no limits (a template bomb hangs or takes gigabytes
         # there); the check rehearses that compile in a limited child first (once per template).
-        from edgepack.runtime.template_check import check_gguf_templates
+        from edgepack.runtime.chat.check import check_gguf_templates
 
         check_gguf_templates(header)
         import llama_cpp

@@ -6,7 +6,7 @@ The folder is what :mod:`edgepack.export.onnx.convert` writes: ``model.onnx`` (o
 ``present.<i>.key/value`` out), ``config.json``, ``generation_config.json`` and the tokenizer
 files. Nothing from transformers is needed: the tokenizer is ``tokenizers.Tokenizer`` on
 ``tokenizer.json``, the chat template (``chat_template.jinja`` or ``tokenizer_config.json``)
-renders in edgepack's sandbox (:mod:`edgepack.runtime.chat_template`).
+renders in edgepack's sandbox (:mod:`edgepack.runtime.chat.template`).
 
 Before onnxruntime sees a file, :func:`~edgepack.runtime.onnx_graph.inspect_onnx` scans
 ``model.onnx`` without loading weights and refuses external data that leaves the folder
@@ -192,7 +192,7 @@ class OnnxRuntimeBackend(Backend):
         graph = inspect_onnx(model)  # before onnxruntime reads a byte
         template = read_chat_template(folder)
         if template:
-            from edgepack.runtime.template_check import check_chat_templates
+            from edgepack.runtime.chat.check import check_chat_templates
 
             check_chat_templates({"chat_template": template}, render="chat_template", where=folder.name)
         import onnxruntime as ort

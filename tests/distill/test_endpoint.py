@@ -27,8 +27,7 @@ from edgepack.distill.endpoint import EndpointConfig
 from edgepack.distill.generate import DecodeParams, open_generator
 from edgepack.distill.teachers import resolve_teacher
 from edgepack.errors import DataError, TeacherEndpointError, UsageError
-from tests.runtime.conftest import tiny_gguf  # noqa: F401  (fixture)
-from tests.runtime.server_helpers import launch
+from tests.runtime.server.helpers import launch
 
 FAST = {"backoff_s": 0.01, "backoff_max_s": 0.05}
 PROMPTS = ["Motor M-1 tripped on overcurrent", "Pump P-2 bearing noisy", "Air header at 4 bar",

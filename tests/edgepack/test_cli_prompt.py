@@ -13,7 +13,6 @@ from pathlib import Path
 
 import pytest
 
-from tests.runtime.conftest import tiny_gguf  # noqa: F401  (fixture)
 
 ENV = {**os.environ, "EDGEPACK_DEBUG": "0", "COLUMNS": "200"}
 

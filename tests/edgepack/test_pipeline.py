@@ -65,8 +65,8 @@ def finished_run(tiny_teacher: Path, tmp_path_factory: pytest.TempPathFactory) -
 
 
 def test_pipeline_end_to_end_on_tiny_model(finished_run: dict[str, Any]) -> None:
-    from edgepack.runtime.bundle import verify_bundle
-    from edgepack.runtime.search import QUALITY_AFTER_PASS
+    from edgepack.runtime.bundle.archive import verify_bundle
+    from edgepack.export.gate.search import QUALITY_AFTER_PASS
 
     result, run = finished_run["result"], finished_run["cfg"].run_dir
     stages = [s["stage"] for s in result["stages"]]
@@ -152,7 +152,7 @@ def test_config_with_a_flag_overrides_that_key(finished_run: dict[str, Any], tmp
 
 
 def test_search_quality_all_answers_the_holdout_for_every_choice(finished_run: dict[str, Any], tmp_path: Path) -> None:
-    from edgepack.runtime.search import search
+    from edgepack.export.gate.search import search
 
     original = finished_run["cfg"].run_dir
     run = tmp_path / "run"
@@ -167,7 +167,7 @@ def test_search_quality_all_answers_the_holdout_for_every_choice(finished_run: d
 def test_until_pass_skips_the_holdout_where_latency_already_failed(finished_run: dict[str, Any],
                                                                     tmp_path: Path) -> None:
     """A choice that misses a latency budget FAILs whatever its quality: the holdout is not run for it."""
-    from edgepack.runtime.search import QUALITY_AFTER_MISS, search
+    from edgepack.export.gate.search import QUALITY_AFTER_MISS, search
 
     original = finished_run["cfg"].run_dir
     run = tmp_path / "run"
@@ -236,7 +236,7 @@ def test_a_bundle_that_does_not_hold_the_gated_artifact_is_packed_again(finished
 
     from edgepack.hashing import sha256_file
     from edgepack.pipeline import run_pipeline
-    from edgepack.runtime.bundle import inspect_bundle
+    from edgepack.runtime.bundle.archive import inspect_bundle
 
     run = tmp_path / "run"
     shutil.copytree(finished_run["cfg"].run_dir, run, symlinks=True)

@@ -49,7 +49,7 @@ def test_pipeline_config_roundtrip(tmp_path: Path) -> None:
 
 
 def test_every_pipeline_key_has_a_valid_default() -> None:
-    from edgepack.runtime.search import QUALITY_MODES
+    from edgepack.export.gate.search import QUALITY_MODES
 
     assert SEARCH_QUALITY_MODES == QUALITY_MODES
     assert pipeline_problems({k: v for k, v in pipeline_defaults().items() if k != "profile"}) == []

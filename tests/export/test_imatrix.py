@@ -14,8 +14,8 @@ from edgepack.constants import ARTIFACTS_DIR, COMPLETE_MARKER, DATA_DIR, EXPORT_
     TRAIN_FILE
 from edgepack.errors import DataError, RunDirError, UsageError
 from edgepack.export.api import export_model
-from edgepack.export.fidelity_metrics import kld_rows
-from edgepack.export.fidelity_prompts import BUILTIN_ROWS, encode_row, load_tokenizer
+from edgepack.export.fidelity.metrics import kld_rows
+from edgepack.export.fidelity.prompts import BUILTIN_ROWS, encode_row, load_tokenizer
 from edgepack.export.gguf.convert import convert_hf_to_gguf
 from edgepack.export.gguf.imatrix import (ImatrixStats, build_imatrix, collect_imatrix, is_imatrix_file,
                                           read_imatrix_meta, write_imatrix)
@@ -93,7 +93,7 @@ def test_sums_match_an_independent_computation(tiny_llama_dir: Path) -> None:
 
 
 def test_shared_prefix_is_run_once_with_the_same_sums(tiny_llama_dir: Path) -> None:
-    from edgepack.export.fidelity_prompts import EvalRow
+    from edgepack.export.fidelity.prompts import EvalRow
     from edgepack.export.gguf.imatrix import common_prefix
 
     tok = load_tokenizer(tiny_llama_dir)

@@ -30,7 +30,7 @@ HONEST_CTX = 256
 
 def make_keys(folder: Path) -> tuple[Path, Path]:
     """A fresh Ed25519 key pair under ``folder``: (private PEM, public PEM)."""
-    from edgepack.runtime.signing import generate_keypair
+    from edgepack.runtime.bundle.signing import generate_keypair
 
     made = generate_keypair(Path(folder) / "trust-test")
     return Path(made["private_key"]), Path(made["public_key"])
@@ -73,7 +73,7 @@ def forge_bundle(out: Path, model: Path, *, runtime: dict[str, Any] | None = Non
     raw = (json.dumps(manifest, indent=2) + "\n").encode()
     members = [_member(MANIFEST_FILE, raw)]
     if private_key is not None:
-        from edgepack.runtime.signing import load_private_key, sign_manifest
+        from edgepack.runtime.bundle.signing import load_private_key, sign_manifest
 
         members.append(_member(SIGNATURE_FILE, sign_manifest(raw, load_private_key(private_key))))
     members.append(_member(model.name, data))

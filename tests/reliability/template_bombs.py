@@ -238,7 +238,7 @@ def bomb_run_dir(src_run: Path, dst_run: Path, template: str) -> Path:
     import json
 
     from edgepack.constants import ARTIFACTS_DIR, GATE_DIR
-    from edgepack.runtime.gate import artifact_digest
+    from edgepack.export.gate.gate import artifact_digest
 
     shutil.copytree(src_run, dst_run, symlinks=True)
     for report_path in sorted((dst_run / GATE_DIR).glob("*.json")):

@@ -20,9 +20,9 @@ import pytest
 
 from edgepack.constants import MANIFEST_FILE, SIGNATURE_FILE
 from edgepack.errors import BundleError
-from edgepack.runtime.bundle import BundleFile, inspect_bundle, write_bundle
-from edgepack.runtime.signing import generate_keypair, load_private_key, sign_manifest
-from tests.runtime.test_bundle import FILES, base_manifest
+from edgepack.runtime.bundle.archive import BundleFile, inspect_bundle, write_bundle
+from edgepack.runtime.bundle.signing import generate_keypair, load_private_key, sign_manifest
+from tests.runtime.bundle.test_archive import FILES, base_manifest
 
 GNU_TAR = shutil.which("tar")
 pytestmark = pytest.mark.skipif(GNU_TAR is None, reason="GNU tar is not installed")
@@ -162,7 +162,7 @@ def test_a_huge_pax_header_is_refused_before_it_is_read(signed: tuple[Path, Path
         fh.write(raw[:end] + header("././@PaxHeader", declared, typeflag=b"x"))
         fh.truncate(end + BLOCK + declared + 20 * BLOCK)  # sparse on disk: no 300 MB written
     probe = ("import resource, sys; from pathlib import Path\n"
-             "from edgepack.runtime.bundle import inspect_bundle\n"
+             "from edgepack.runtime.bundle.archive import inspect_bundle\n"
              "from edgepack.errors import BundleError\n"
              "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
              "try:\n    inspect_bundle(Path(sys.argv[1]), key=Path(sys.argv[2]))\n"

@@ -37,7 +37,7 @@ RSS_BOUND = 256 << 20  # generous: `edgepack run` on the tiny bundle peaks near 
 
 @pytest.fixture(scope="module")
 def tiny_gguf(tiny_llama_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The shared tiny Llama as an F16 GGUF (as tests/runtime/conftest.py builds it)."""
+    """The shared tiny Llama as an F16 GGUF (as tests/conftest.py builds it)."""
     from edgepack.export.gguf.convert import convert_hf_to_gguf
 
     return convert_hf_to_gguf(tiny_llama_dir, tmp_path_factory.mktemp("gguf") / "tiny-F16.gguf", outtype="F16")
@@ -256,8 +256,8 @@ def test_signed_bundle_without_key_is_announced(tmp_path: Path, tiny_gguf: Path,
 
 def test_unsigned_check_notice_reaches_every_entry_point(tmp_path: Path, tiny_gguf: Path, keys: tuple[Path, Path],
                                                          cache_dir: Path) -> None:
-    from edgepack.runtime.gate import _materialize
-    from edgepack.runtime.server import ServeConfig, make_server
+    from edgepack.export.gate.gate import _materialize
+    from edgepack.runtime.server.serve import ServeConfig, make_server
 
     signed = forge_bundle(tmp_path / "s.edgepack", tiny_gguf, private_key=keys[0])
     plain = forge_bundle(tmp_path / "p.edgepack", tiny_gguf)

@@ -92,9 +92,9 @@ def test_every_stage_refuses_a_run_another_process_holds(hold: Any, tmp_path: Pa
     from edgepack.distill.train import train_student
     from edgepack.errors import RunDirLocked
     from edgepack.export.api import export_model
-    from edgepack.export.pack import pack_run
+    from edgepack.export.pack.pack import pack_run
     from edgepack.profiles import load_profile
-    from edgepack.runtime.search import search
+    from edgepack.export.gate.search import search
 
     run = tmp_path / "run"
     (run / "student").mkdir(parents=True)
@@ -119,7 +119,7 @@ def test_every_stage_refuses_a_run_another_process_holds(hold: Any, tmp_path: Pa
 def test_gate_on_an_artifact_of_a_held_run_is_refused(hold: Any, tmp_path: Path) -> None:
     from edgepack.errors import RunDirLocked
     from edgepack.profiles import load_profile
-    from edgepack.runtime.gate import run_gate
+    from edgepack.export.gate.gate import run_gate
 
     artifact = tmp_path / "run" / "artifacts" / "x.gguf"
     artifact.parent.mkdir(parents=True)

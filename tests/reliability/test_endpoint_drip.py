@@ -233,7 +233,7 @@ def test_nan_logprobs_never_reach_train_jsonl(tmp_path: Path) -> None:
 def test_the_servers_fallback_teacher_has_a_total_deadline_too(pattern: str) -> None:
     """``serve --fallback`` asked its teacher with a per-read timeout only: a drip held the request."""
     from edgepack.errors import RuntimeFailure
-    from edgepack.runtime.server_fallback import ask_teacher, parse_fallback
+    from edgepack.runtime.server.fallback import ask_teacher, parse_fallback
 
     with DripServer(DRIPS[pattern]) as server:
         t0 = time.monotonic()
@@ -244,7 +244,7 @@ def test_the_servers_fallback_teacher_has_a_total_deadline_too(pattern: str) -> 
 
 
 def test_the_fallback_teacher_still_answers_inside_its_deadline() -> None:
-    from edgepack.runtime.server_fallback import ask_teacher, parse_fallback
+    from edgepack.runtime.server.fallback import ask_teacher, parse_fallback
 
     with DripServer(lambda n, body: whole(GOOD)) as server:
         answer = ask_teacher(parse_fallback(server.spec()), "chat",

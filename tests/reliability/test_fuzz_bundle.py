@@ -1,4 +1,4 @@
-"""Fuzzing bundle reading (runtime/bundle.py: manifest parsing, tar walking, extraction).
+"""Fuzzing bundle reading (runtime/bundle/archive.py: manifest parsing, tar walking, extraction).
 
 Inputs: a valid bundle whose manifest is rewritten (keys dropped, values of the wrong type,
 huge numbers, deep nesting, raw bytes); bundles of generated tar members (every member type,
@@ -23,7 +23,7 @@ from hypothesis import strategies as st
 
 from edgepack.constants import MANIFEST_FILE
 from edgepack.errors import BundleError
-from edgepack.runtime.bundle import BundleCheck, BundleFile, check_member_name, extract_bundle, inspect_bundle, write_bundle
+from edgepack.runtime.bundle.archive import BundleCheck, BundleFile, check_member_name, extract_bundle, inspect_bundle, write_bundle
 from tests.reliability.conftest import FUZZ, bounded
 from tests.reliability.test_fuzz_gguf import mutate, ops
 

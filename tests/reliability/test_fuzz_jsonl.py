@@ -1,4 +1,4 @@
-"""Fuzzing the prompts/holdout JSONL readers (distill/data.py load_prompts, runtime/quality.py
+"""Fuzzing the prompts/holdout JSONL readers (distill/data.py load_prompts, export/gate/quality.py
 load_holdout).
 
 Lines are valid rows with fields replaced by values of any JSON type, arbitrary JSON values,
@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 
 from edgepack.distill.data import PromptSet, load_prompts
 from edgepack.errors import DataError
-from edgepack.runtime.quality import load_holdout
+from edgepack.export.gate.quality import load_holdout
 from tests.reliability.conftest import FUZZ, bounded
 
 pytestmark = pytest.mark.fuzz

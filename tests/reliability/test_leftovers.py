@@ -59,7 +59,7 @@ def test_training_cleans_a_half_written_student(tmp_path: Path, teacher4: Path) 
 
 def test_pack_cleans_a_half_written_bundle(tmp_path: Path, tiny_llama_dir: Path) -> None:
     from edgepack.constants import BUNDLES_DIR
-    from edgepack.export.pack import pack_run
+    from edgepack.export.pack.pack import pack_run
     from tests.runtime.helpers import make_run_dir, write_profile
 
     profile = write_profile(tmp_path, "tiny-ok", min_relative_quality=0.0)

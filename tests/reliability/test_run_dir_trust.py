@@ -19,9 +19,9 @@ import pytest
 
 from edgepack.constants import M_FILES, PASS
 from edgepack.errors import EdgepackError, GateFailed, RunDirError
-from edgepack.export.pack import pack_run
+from edgepack.export.pack.pack import pack_run
 from edgepack.profiles import Profile, load_profile
-from edgepack.runtime.bundle import verify_bundle
+from edgepack.runtime.bundle.archive import verify_bundle
 from tests.runtime.helpers import make_run_dir, write_profile
 
 Q8 = "student-Q8_0.gguf"
@@ -41,7 +41,7 @@ def built_run(tiny_llama_dir: Path, profiles: dict[str, Path], tmp_path_factory:
     """A real run gated for tiny-ok (both artifacts, with the holdout); Q8_0 also gated, without
     a holdout, for ``edge.old-1`` and for the custom ``cpu-x86-2c``."""
     from edgepack.atomic import write_json
-    from edgepack.runtime.gate import run_gate
+    from edgepack.export.gate.gate import run_gate
 
     run = make_run_dir(tmp_path_factory.mktemp("runs") / "run", tiny_llama_dir, [profiles["ok"]])
     for key in ("old", "shipped-name"):
@@ -192,7 +192,7 @@ def test_a_same_name_profile_with_impossible_budgets_is_not_packed(run: Path, tm
 
 def test_artifact_changed_while_packing_is_refused(run: Path, ok: Profile, monkeypatch: pytest.MonkeyPatch) -> None:
     """The file matches the gate when pack looks, and is swapped before its bytes are bundled."""
-    import edgepack.export.pack as pack
+    import edgepack.export.pack.pack as pack
 
     original = pack.PAYLOADS["gguf"]
 

@@ -19,8 +19,7 @@ from typing import Any
 
 import pytest
 
-from tests.runtime.conftest import tiny_gguf  # noqa: F401 - fixtures are requested by name
-from tests.runtime.server_helpers import CTX, SlowClients, call, chat, local  # noqa: F401
+from tests.runtime.server.helpers import CTX, SlowClients, call, chat, local  # noqa: F401
 
 KEY = "k" * 32
 
@@ -173,7 +172,7 @@ def test_handler_threads_past_the_cap_get_503_at_once(local: Any, monkeypatch: p
 def test_slow_uploads_cannot_fill_memory(local: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     # Bodies are collected before a thread sees them, within one budget for all pending
     # connections (here 512 KiB): past it the oldest upload still in progress is closed (503).
-    from edgepack.runtime import server_intake
+    from edgepack.runtime.server import intake as server_intake
 
     monkeypatch.setattr(server_intake, "MIN_BUFFERED_BYTES", 512 * 1024)
     server = local(n_ctx=CTX, max_body_bytes=256 * 1024)

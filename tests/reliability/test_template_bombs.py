@@ -59,7 +59,7 @@ def bomb_ggufs(tiny_gguf: Path, tmp_path_factory: pytest.TempPathFactory) -> dic
 
 @pytest.mark.parametrize("name", sorted(BOMBS))
 def test_sandbox_render_is_bounded(name: str) -> None:
-    from edgepack.runtime.chat_template import render_chat
+    from edgepack.runtime.chat.template import render_chat
 
     start = time.monotonic()
     try:
@@ -76,7 +76,7 @@ def test_sandbox_render_is_bounded(name: str) -> None:
 
 @pytest.mark.parametrize("name", sorted(BOMBS))
 def test_template_check_refuses_every_bomb(name: str) -> None:
-    from edgepack.runtime.template_check import check_chat_templates
+    from edgepack.runtime.chat.check import check_chat_templates
 
     start = time.monotonic()
     with pytest.raises((UnsafeModelError, InvalidModelFile)) as info:
@@ -89,7 +89,7 @@ def test_template_check_refuses_every_bomb(name: str) -> None:
 def test_a_compile_too_slow_for_any_size_limit_is_stopped_by_the_cpu_limit() -> None:
     """No size limit catches this fold (3 MB, then textwrap), but it costs seconds of CPU in
     llama-cpp-python's compile: the check's child is killed by RLIMIT_CPU and the template refused."""
-    from edgepack.runtime.template_check import check_chat_templates
+    from edgepack.runtime.chat.check import check_chat_templates
 
     template = "{% if false %}{{ ('y' * 3000000)|wordwrap(1) }}{% endif %}" + str(time.time())
     with pytest.raises(UnsafeModelError, match="template bomb.*(killed|still running)"):
@@ -97,7 +97,7 @@ def test_a_compile_too_slow_for_any_size_limit_is_stopped_by_the_cpu_limit() -> 
 
 
 def test_the_check_is_paid_once_per_template_and_inherited(monkeypatch: pytest.MonkeyPatch) -> None:
-    from edgepack.runtime.template_check import CHECKED_ENV, check_chat_templates, template_digest
+    from edgepack.runtime.chat.check import CHECKED_ENV, check_chat_templates, template_digest
 
     monkeypatch.setenv(CHECKED_ENV, "")
     template = CHATML_TEMPLATE + f"{{# {time.time()} #}}"  # not checked yet in this process
@@ -199,7 +199,7 @@ def test_pack_still_packs_the_real_template(gated_run: Path, profile: Path, tmp_
     "{{ 1 // 0 }}",                                                    # ZeroDivisionError
 ])
 def test_arithmetic_and_recursion_errors_are_clean(template: str) -> None:
-    from edgepack.runtime.chat_template import render_chat
+    from edgepack.runtime.chat.template import render_chat
 
     with pytest.raises((UnsafeModelError, InvalidModelFile)):
         render_chat(template, USER)
@@ -264,8 +264,8 @@ def _real_template(which: str, teacher_gguf: Path) -> str:
 @pytest.mark.parametrize("which", ["chatml", "complex", "smollm2", "llama3", "mistral", "mixtral"])
 def test_real_templates_render_identically(which: str, builtin_teacher_gguf: Path) -> None:
     from edgepack.errors import UsageError
-    from edgepack.runtime.chat_template import render_chat
-    from edgepack.runtime.template_check import check_chat_templates
+    from edgepack.runtime.chat.template import render_chat
+    from edgepack.runtime.chat.check import check_chat_templates
 
     template = _real_template(which, builtin_teacher_gguf)
     assert template
@@ -289,7 +289,7 @@ def test_real_templates_render_identically(which: str, builtin_teacher_gguf: Pat
 @pytest.mark.parametrize("which", ["chatml", "smollm2"])
 def test_the_limits_leave_room_for_long_real_chats(which: str, builtin_teacher_gguf: Path) -> None:
     """3001 turns, or one 3-million-character message: far past any context, still rendered."""
-    from edgepack.runtime.chat_template import render_chat
+    from edgepack.runtime.chat.template import render_chat
 
     template = _real_template(which, builtin_teacher_gguf)
     turns = [{"role": "user" if i % 2 == 0 else "assistant", "content": "x" * 300} for i in range(3001)]
@@ -305,7 +305,7 @@ def test_the_real_model_still_runs(tiny_gguf: Path) -> None:
 def test_a_template_failing_on_one_request_is_a_400_and_the_server_carries_on(tiny_gguf: Path,
                                                                               tmp_path: Path) -> None:
     """Defect 12: a template error on particular messages was an HTTP 500; it is the request's 400."""
-    from tests.runtime.server_helpers import chat, launch
+    from tests.runtime.server.helpers import chat, launch
 
     template = ("{% for m in messages %}{% if m['content'] == 'boom' %}{{ 1 // 0 }}{% endif %}"
                 "<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"

@@ -154,7 +154,7 @@ def make_run_dir(run: Path, student_src: Path, profiles: list[Path], *, quants: 
     from edgepack.export.api import export_model
     from edgepack.profiles import load_profile
     from edgepack.runconfig import write_run_config
-    from edgepack.runtime.gate import run_gate
+    from edgepack.export.gate.gate import run_gate
 
     run.mkdir(parents=True)
     write_run_config(run, {"profile": load_profile(str(profiles[0])).name, "teacher": "builtin:smollm2-135m-instruct",

@@ -74,8 +74,8 @@ def test_format_of() -> None:
 
 
 def test_heavy_modules_are_not_imported_by_runtime_modules() -> None:
-    code = ("import sys; import edgepack.runtime.gate, edgepack.runtime.session, edgepack.runtime.bundle, "
-            "edgepack.runtime.measure, edgepack.runtime.backends.base, edgepack.export.pack, edgepack.cli; "
+    code = ("import sys; import edgepack.export.gate.gate, edgepack.runtime.session, edgepack.runtime.bundle.archive, "
+            "edgepack.export.gate.measure, edgepack.runtime.backends.base, edgepack.export.pack.pack, edgepack.cli; "
             "heavy = [m for m in ('llama_cpp', 'torch', 'transformers', 'onnxruntime') if m in sys.modules]; "
             "print(heavy); sys.exit(1 if heavy else 0)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)

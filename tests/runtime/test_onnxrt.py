@@ -38,8 +38,8 @@ def test_registered_by_format_and_found_by_marker(tiny_onnx: dict[str, Any]) -> 
 
 
 def test_light_modules_import_no_heavy_runtime() -> None:
-    code = ("import sys, edgepack.runtime.backends.base, edgepack.runtime.onnx_graph, edgepack.runtime.search, "
-            "edgepack.runtime.report, edgepack.runtime.bandwidth, edgepack.runtime.gate\n"
+    code = ("import sys, edgepack.runtime.backends.base, edgepack.runtime.onnx_graph, edgepack.export.gate.search, "
+            "edgepack.export.gate.report, edgepack.export.gate.bandwidth, edgepack.export.gate.gate\n"
             "heavy = [m for m in ('onnxruntime', 'llama_cpp', 'torch', 'transformers', 'matplotlib', 'onnx') "
             "if m in sys.modules]\nassert not heavy, heavy")
     subprocess.run([sys.executable, "-c", code], check=True)
@@ -220,8 +220,8 @@ def test_symlinked_model_file_and_missing_data_are_refused(external_copy: Path, 
 
 
 def test_gate_and_measurement_refuse_an_escaping_folder(external_copy: Path, tmp_path: Path) -> None:
-    from edgepack.runtime.gate import run_gate
-    from edgepack.runtime.measure import measure_artifact
+    from edgepack.export.gate.gate import run_gate
+    from edgepack.export.gate.measure import measure_artifact
 
     set_location(external_copy, _escape_cases(external_copy)["dotdot"])
     r = measure_artifact(external_copy, fmt="onnx", threads=1, n_ctx=128, prompt_tokens=8, decode_tokens=4,
@@ -234,7 +234,7 @@ def test_gate_and_measurement_refuse_an_escaping_folder(external_copy: Path, tmp
 
 # --- measurement and gate ------------------------------------------------------------------
 def test_measurement_of_an_onnx_folder_in_a_child(tiny_onnx: dict[str, Any]) -> None:
-    from edgepack.runtime.measure import measure_artifact
+    from edgepack.export.gate.measure import measure_artifact
 
     r = measure_artifact(tiny_onnx["path"], fmt="onnx", threads=1, n_ctx=256, prompt_tokens=48, decode_tokens=24,
                          runs=3, min_seconds=0)
@@ -249,7 +249,7 @@ def test_measurement_of_an_onnx_folder_in_a_child(tiny_onnx: dict[str, Any]) -> 
 
 
 def test_gate_on_an_onnx_folder(tiny_onnx: dict[str, Any], tmp_path: Path, cache_dir: Path) -> None:
-    from edgepack.runtime.gate import run_gate
+    from edgepack.export.gate.gate import run_gate
 
     holdout = tmp_path / "holdout.jsonl"
     holdout.write_text("".join(json.dumps(r) + "\n" for r in HOLDOUT_ROWS))

@@ -9,7 +9,7 @@ import pytest
 
 from edgepack.errors import BudgetError, BundleError, ModelSourceError
 from edgepack.runtime import memory, session
-from edgepack.runtime.bundle import BundleFile, write_bundle
+from edgepack.runtime.bundle.archive import BundleFile, write_bundle
 from edgepack.runtime.gguf_header import read_gguf
 from edgepack.runtime.memory import estimate_gguf_memory, kv_cache_bytes, preflight
 from edgepack.runtime.session import open_model
@@ -148,7 +148,7 @@ def test_choose_context_refuses_a_nonsense_cli_value() -> None:
 
 
 def test_cache_problem_names_the_file(bundle: Path, cache_dir: Path) -> None:
-    from edgepack.runtime.bundle import inspect_bundle
+    from edgepack.runtime.bundle.archive import inspect_bundle
 
     check = inspect_bundle(bundle)
     with open_model(bundle):

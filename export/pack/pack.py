@@ -1,0 +1,475 @@
+"""`edgepack pack`: turn a gated artifact of a run into a verifiable ``.edgepack`` bundle.
+
+``pack_run`` reads the gate reports in ``RUN/gate/``, picks an artifact (the one asked for,
+or the first of the profile's choices, in preference order, whose verdict is PASS), checks
+that the file (or ONNX folder) is byte-for-byte the one that was gated (the gate's
+:func:`~edgepack.export.gate.gate.artifact_digest`), and writes
+``RUN/bundles/<model>-<profile>-<format>-<quant>.edgepack`` atomically (format:
+:mod:`edgepack.runtime.bundle.archive`). FAIL is never packed; UNVERIFIED only with
+``allow_unverified``, and the bundle says so (``gate_status`` and ``pack``).
+
+The run is untrusted input (:mod:`edgepack.export.pack.trust`): nothing is read through a symbolic
+link or from outside the run, a report counts only for the profile whose content hash it
+records and only with the verdict its own measurements give, and the model bytes in the
+written bundle are checked against the gated sha256 before the bundle gets its final name.
+One pack per run at a time (:mod:`edgepack.locks`).
+
+What goes in, besides the model file: ``manifest.json`` with every file's sha256, the gate
+report, the run's lineage (run.toml, teacher source, student shape, data and train reports,
+export entry, tool versions), the chat template, the tokenizer files when the run has them,
+a model card ``README.md`` with HF-style YAML front matter, and for GGUF an Ollama
+``Modelfile``. An ONNX folder goes in whole under its own name (model.onnx, external data,
+config and tokenizer files). Per-format contents are a registry (:data:`PAYLOADS`) keyed by
+format name. With ``sign_key`` the bundle also carries ``manifest.sig``, an Ed25519
+signature over the manifest (:mod:`edgepack.runtime.bundle.signing`).
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import re
+import tomllib
+from collections.abc import Callable
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from edgepack import __version__
+from edgepack.atomic import atomic_path, clean_stale
+from edgepack.constants import (ARTIFACTS_DIR, BUNDLE_SUFFIX, BUNDLES_DIR, DATA_DIR, DATA_REPORT,
+                                EXPORT_REPORT, FAIL, GATE_DIR, M_CHAT_TEMPLATE, M_ENTRYPOINT, M_FILES,
+                                M_FORMAT, M_GATE, M_GATE_STATUS, M_LINEAGE, M_MODEL, M_PACK, M_PROFILE,
+                                M_QUANT, M_RUNTIME, M_SCHEMA, MANIFEST_SCHEMA_VERSION, PASS, RUN_TOML,
+                                STUDENT_DIR, STUDENT_INFO, TEACHER_DIR, TEACHER_SOURCE, TRAIN_REPORT,
+                                UNVERIFIED)
+from edgepack.errors import GateFailed, RunDirError, UsageError
+from edgepack.export.pack.trust import (artifact_path, check_bundle_binding, check_verdict, list_run_folder,
+                                   profile_problem, read_run_file, read_run_json)
+from edgepack.locks import stage_lock
+from edgepack.profiles import Profile
+from edgepack.runtime.bundle.archive import BundleFile, write_bundle
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "generation_config.json")
+TOOLS = ("llama-cpp-python", "gguf", "transformers", "torch", "tokenizers", "peft", "onnxruntime")
+
+
+# --- choosing the artifact -------------------------------------------------------------------
+def _export_quants(run_dir: Path) -> dict[str, str]:
+    """Artifact name -> the quant it was exported as (``RUN/artifacts/export.json``).
+
+    A profile's choice (``onnx:int4``) names an export quant. Choices are matched against the
+    export's name for the artifact when the run has one, and otherwise against what the graph
+    holds (its narrowest MatMulNBits width; the manifest records the full mix, e.g. ``int4+int8``).
+    """
+    report = read_run_json(run_dir, f"{ARTIFACTS_DIR}/{EXPORT_REPORT}")
+    artifacts = report.get("artifacts") if isinstance(report, dict) else None
+    return {Path(str(a["path"])).name: str(a["quant"]) for a in artifacts or []
+            if isinstance(a, dict) and a.get("path") and a.get("quant")}
+
+
+def load_gate_reports(run_dir: Path) -> list[dict[str, Any]]:
+    """Every ``RUN/gate/*.json`` report, each with ``_report_path`` and ``_choice_quant``
+    (the export's quant name for the artifact, else the gate's) added. Read through no
+    symbolic link (:mod:`edgepack.export.pack.trust`)."""
+    gate_dir = Path(run_dir) / GATE_DIR
+    names = list_run_folder(run_dir, GATE_DIR)
+    if names is None:
+        raise RunDirError(f"{gate_dir} does not exist; nothing has been gated in this run",
+                          hint="run `edgepack gate` (or `edgepack pipeline`) first")
+    reports = []
+    exported = _export_quants(run_dir)
+    for name in (n for n in names if n.endswith(".json")):
+        report = read_run_json(run_dir, f"{GATE_DIR}/{name}")
+        if not isinstance(report, dict) or report.get("verdict") not in (PASS, FAIL, UNVERIFIED):
+            raise RunDirError(f"{gate_dir / name} is not a gate report (no verdict)")
+        quant = exported.get(_name(report), report.get("quant"))
+        reports.append({**report, "_report_path": str(gate_dir / name), "_choice_quant": quant})
+    if not reports:
+        raise RunDirError(f"{gate_dir} holds no gate reports", hint="run `edgepack gate` first")
+    return reports
+
+
+def _name(report: dict[str, Any]) -> str:
+    return str(report.get("artifact_name") or Path(str(report.get("artifact", ""))).name)
+
+
+def _choice(report: dict[str, Any]) -> tuple[Any, Any]:
+    """(format, quant) of a report, as a profile's choices name them."""
+    return report.get("format"), report.get("_choice_quant", report.get("quant"))
+
+
+def _acceptable(report: dict[str, Any], allow_unverified: bool) -> bool:
+    return report["verdict"] == PASS or (allow_unverified and report["verdict"] == UNVERIFIED)
+
+
+def choose_report(reports: list[dict[str, Any]], profile: Profile, artifact: Path | None,
+                  allow_unverified: bool) -> dict[str, Any]:
+    """The gate report to pack, by the rules in the module docstring; GateFailed otherwise.
+
+    A report counts only when it was gated against this very profile (its content hash, see
+    :func:`~edgepack.export.pack.trust.profile_problem`), and the one chosen must have the verdict
+    its own measurements give (:func:`~edgepack.export.pack.trust.check_verdict`).
+    """
+    allowed = [(c.format, c.quant) for c in profile.choices]
+    named = [r for r in reports if r.get("profile") == profile.name]
+    mine = [r for r in named if profile_problem(r, profile) is None]
+    foreign = [r for r in named if profile_problem(r, profile) is not None]
+    rerun = f"run `edgepack gate` with this profile ({profile.source or profile.name})"
+    if artifact is not None:
+        match = [r for r in mine if _name(r) == Path(artifact).name]
+        stale = [r for r in foreign if _name(r) == Path(artifact).name]
+        if not match and stale:
+            raise RunDirError(str(profile_problem(stale[-1], profile)), hint=rerun)
+        if not match:
+            others = sorted({str(r.get("profile")) for r in reports if _name(r) == Path(artifact).name})
+            raise RunDirError(f"no gate report for {Path(artifact).name} on profile {profile.name}"
+                              + (f" (gated only for {', '.join(others)})" if others else ""),
+                              hint=f"run `edgepack gate {artifact} --profile {profile.name}` first")
+        report = match[-1]
+        if _choice(report) not in allowed:
+            raise UsageError(f"{_name(report)} is {':'.join(map(str, _choice(report)))}, which profile "
+                             f"{profile.name} does not allow ({', '.join(map(str, profile.choices))})")
+        if not _acceptable(report, allow_unverified):
+            extra = " (pass --allow-unverified to package it anyway)" if report["verdict"] == UNVERIFIED else ""
+            raise GateFailed(f"{_name(report)}: gate verdict {report['verdict']}{extra}: "
+                             + "; ".join(report.get("reasons", [])[:3]))
+        check_verdict(report, profile)
+        return report
+    ranked = sorted((r for r in mine if _choice(r) in allowed), key=lambda r: allowed.index(_choice(r)))
+    for wanted in ([PASS, UNVERIFIED] if allow_unverified else [PASS]):
+        for report in ranked:
+            if report["verdict"] == wanted:
+                check_verdict(report, profile)
+                return report
+    if foreign and not ranked:
+        more = f" ({len(foreign) - 1} more like it)" if len(foreign) > 1 else ""
+        raise RunDirError(f"{profile_problem(foreign[0], profile)}{more}; such a report does not count for "
+                          "this profile", hint=rerun)
+    summary = "; ".join(f"{_name(r)}: {r['verdict']}" for r in ranked) or "no report for this profile's choices"
+    if foreign:
+        summary += f"; {len(foreign)} report(s) gated against another profile named {profile.name} do not count"
+    raise GateFailed(f"no artifact of this run passed the gate for {profile.name} ({summary})",
+                     hint="see RUN/gate/*.json; try a smaller quantization, or --allow-unverified "
+                          "when the gate could not run on the target device")
+
+
+def _locate_artifact(run_dir: Path, report: dict[str, Any], asked: Path | None) -> tuple[Path, str]:
+    """(``RUN/artifacts/<name>``, the sha256 the gate recorded for it), after checking that the
+    file (or ONNX folder) is reached through no link, is the one asked for, and is byte for byte
+    the gated one (:func:`~edgepack.export.gate.gate.artifact_digest`)."""
+    from edgepack.export.gate.gate import artifact_digest
+
+    path = artifact_path(run_dir, report, report["_report_path"])
+    if asked is not None and Path(asked).exists() and not Path(asked).samefile(path):
+        raise UsageError(f"{asked} is not {path}; pack takes the artifacts inside the run it packs",
+                         hint=f"pass --artifact {path}")
+    gated_sha = report.get("model_sha256") or report.get("artifact_sha256")
+    if not isinstance(gated_sha, str) or not gated_sha:
+        raise RunDirError(f"{report['_report_path']} records no sha256 of {path.name}; re-run the gate")
+    if artifact_digest(path) != gated_sha:
+        raise RunDirError(f"{path} is not the file that was gated (sha256 differs from "
+                          f"{report['_report_path']})", hint="re-run the gate on the current artifact")
+    return path, gated_sha
+
+
+# --- per-format payloads ----------------------------------------------------------------------
+# files (list[BundleFile]), entrypoint, chat_template, runtime, notes, has_tokenizer, and file_quant:
+# the quantization the file itself records, as the gate reads it (GGUF file type, ONNX graph widths).
+Payload = dict[str, Any]
+
+
+def _gguf_payload(model: Path, model_name: str, profile: Profile) -> Payload:
+    from edgepack.runtime.chat.template import to_ollama_template
+    from edgepack.runtime.gguf_header import read_gguf, stop_token_ids, token_texts
+    from edgepack.runtime.memory import estimate_gguf_memory
+
+    header = read_gguf(model, keep_arrays=("tokenizer.ggml.tokens",))
+    from edgepack.runtime.chat.check import check_gguf_templates
+
+    check_gguf_templates(header, strict=True)  # a template bomb never ships (llama.cpp compiles it on load)
+    stops = token_texts(header, stop_token_ids(header))
+    bos_id = header.metadata.get("tokenizer.ggml.bos_token_id")
+    specials = {"bos_token": token_texts(header, [bos_id]).get(bos_id, "") if isinstance(bos_id, int) else "",
+                "eos_token": stops.get(header.metadata.get("tokenizer.ggml.eos_token_id"), "")}
+    template = header.chat_template
+    notes: list[str] = []
+    lines = [f"# Ollama Modelfile written by edgepack {__version__}.",
+             f"# Build: ollama create {model_name} -f Modelfile", f"FROM ./{model.name}"]
+    derived = to_ollama_template(template, **specials) if template else None
+    if derived is not None:
+        go, system = derived
+        lines.append(f'TEMPLATE """{go}"""')
+        if system:
+            lines.append(f'SYSTEM """{system}"""')
+    else:
+        why = "the model has no chat template" if not template else \
+            "the chat template cannot be expressed as an Ollama TEMPLATE exactly"
+        lines.append(f"# TEMPLATE omitted: {why}; Ollama will use its default.")
+        notes.append(f"Modelfile: TEMPLATE omitted ({why})")
+    for tid, text in stops.items():
+        if '"' in text or "\n" in text:
+            notes.append(f"Modelfile: stop token {tid} {text!r} cannot be quoted; omitted")
+            continue
+        lines.append(f'PARAMETER stop "{text}"')
+    lines += [f"PARAMETER num_ctx {profile.context_length}", "PARAMETER temperature 0"]
+    import importlib.metadata as md
+
+    runtime = {
+        "backend": "llama.cpp", "requires": {"llama-cpp-python": f">={md.version('llama-cpp-python')}"},
+        "gguf_version": header.version, "architecture": header.architecture,
+        "context_length": profile.context_length, "threads": profile.threads, "device": profile.device,
+        "stop_tokens": [{"id": i, "text": t} for i, t in stops.items()], "special_tokens": specials,
+        "memory_estimate": estimate_gguf_memory(header, profile.context_length),
+    }
+    files = [BundleFile(model.name, model), BundleFile("Modelfile", ("\n".join(lines) + "\n").encode())]
+    if template:
+        files.append(BundleFile("chat_template.jinja", template.encode("utf-8")))
+    return {"files": files, "entrypoint": model.name, "chat_template": template, "runtime": runtime,
+            "notes": notes, "has_tokenizer": False, "file_quant": header.quant}
+
+
+def onnx_folder_files(folder: Path) -> list[BundleFile]:
+    """Every file of an exported ONNX folder as ``<folder>/<relative path>`` (not ``.complete``).
+
+    A symlink anywhere in the folder is refused: a bundle holds regular files only, and a
+    link could pull in a file from outside the folder.
+    """
+    from edgepack.constants import COMPLETE_MARKER
+
+    files = []
+    for p in sorted(folder.rglob("*")):
+        rel = p.relative_to(folder).as_posix()
+        if p.is_symlink():
+            raise RunDirError(f"{folder.name}/{rel} is a symbolic link; bundles hold regular files only",
+                              hint="re-export the ONNX folder, or copy the file in place of the link")
+        if p.is_file() and rel != COMPLETE_MARKER:
+            files.append(BundleFile(f"{folder.name}/{rel}", p))
+    return files
+
+
+def _onnx_payload(model: Path, model_name: str, profile: Profile) -> Payload:
+    """An ONNX folder (model.onnx, external data, config and tokenizer files) under its own name.
+
+    The entrypoint is ``<folder>/model.onnx``; the ONNX backend loads the folder around it.
+    ``runtime.artifact_sha256`` is the gate's folder digest, which the manifest's file list
+    reproduces (sha256 over ``"<path below the folder>\t<sha256>\n"``, sorted).
+    """
+    import importlib.metadata as md
+
+    from edgepack.runtime.backends.onnxrt import read_chat_template
+    from edgepack.export.gate.gate import artifact_digest
+    from edgepack.runtime.onnx_graph import MODEL_FILE, estimate_onnx_memory, inspect_onnx
+
+    if not model.is_dir():
+        raise UsageError(f"{model} is not an ONNX folder (expected a folder with {MODEL_FILE})")
+    graph = inspect_onnx(model)  # refuses external data that leaves the folder
+    template = read_chat_template(model)
+    if template:
+        from edgepack.runtime.chat.check import check_chat_templates
+
+        check_chat_templates({"chat_template": template}, render="chat_template", strict=True, where=model.name)
+    files = onnx_folder_files(model)
+    if template:
+        files.append(BundleFile("chat_template.jinja", template.encode("utf-8")))
+    runtime = {
+        "backend": "onnxruntime", "requires": {"onnxruntime": f">={md.version('onnxruntime')}"},
+        "artifact_dir": model.name, "artifact_sha256": artifact_digest(model), "onnx_quant": graph.quant, "onnx_quant_detail": graph.quant_detail,
+        "context_length": profile.context_length, "threads": profile.threads, "device": profile.device,
+        "memory_estimate": estimate_onnx_memory(model, profile.context_length),
+    }
+    notes = [] if template else ["the ONNX folder has no chat template; chat needs one"]
+    return {"files": files, "entrypoint": f"{model.name}/{MODEL_FILE}", "chat_template": template,
+            "runtime": runtime, "notes": notes, "has_tokenizer": (model / "tokenizer.json").is_file(),
+            "file_quant": graph.quant}
+
+
+PAYLOADS: dict[str, Callable[[Path, str, Profile], Payload]] = {"gguf": _gguf_payload, "onnx": _onnx_payload}
+
+
+# --- lineage and model card ---------------------------------------------------------------------
+def tool_versions() -> dict[str, str | None]:
+    """Versions of the tools that made the bundle (from package metadata; nothing imported)."""
+    import importlib.metadata as md
+
+    out: dict[str, str | None] = {"edgepack": __version__, "python": platform.python_version()}
+    for dist in TOOLS:
+        try:
+            out[dist] = md.version(dist)
+        except md.PackageNotFoundError:
+            out[dist] = None
+    return out
+
+
+def read_lineage(run_dir: Path, artifact_name: str) -> dict[str, Any]:
+    """What the run recorded about how the artifact was made; absent files are listed. Read
+    through no symbolic link (:func:`~edgepack.export.pack.trust.read_run_file`)."""
+    run = Path(run_dir)
+    sources = {"teacher": f"{TEACHER_DIR}/{TEACHER_SOURCE}", "student": f"{STUDENT_DIR}/{STUDENT_INFO}",
+               "data": f"{DATA_DIR}/{DATA_REPORT}", "train": f"{STUDENT_DIR}/{TRAIN_REPORT}"}
+    lineage: dict[str, Any] = {"missing": []}
+    raw = read_run_file(run, RUN_TOML)
+    if raw is not None:
+        try:
+            lineage["run"] = tomllib.loads(raw.decode("utf-8"))
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError, RecursionError) as exc:
+            raise RunDirError(f"{run / RUN_TOML}: not valid TOML ({exc})") from exc
+    else:
+        lineage["missing"].append(RUN_TOML)
+    for key, rel in sources.items():
+        value = read_run_json(run, rel)
+        if value is None:
+            lineage["missing"].append(rel)
+        elif not isinstance(value, dict):
+            raise RunDirError(f"{run / rel} is not a JSON object", hint="re-run the stage that writes it")
+        else:
+            lineage[key] = value
+    report = read_run_json(run, f"{ARTIFACTS_DIR}/{EXPORT_REPORT}")
+    if isinstance(report, dict):
+        entry = next((a for a in report.get("artifacts") or [] if isinstance(a, dict)
+                      and Path(str(a.get("path"))).name == artifact_name), None)
+        lineage["export"] = {"entry": entry, "notes": report.get("notes", []), "model": report.get("model"),
+                             "created": report.get("created")}
+    else:
+        lineage["missing"].append(f"{ARTIFACTS_DIR}/{EXPORT_REPORT}")
+    lineage["tools"] = tool_versions()
+    return lineage
+
+
+def _yaml_str(value: Any) -> str:
+    return json.dumps(str(value), ensure_ascii=False)  # a JSON string is a valid YAML scalar
+
+
+def model_card(manifest: dict[str, Any], *, license_name: str | None) -> str:
+    """README.md: HF-style YAML front matter, then what the bundle is and how it was judged."""
+    gate = manifest[M_GATE]
+    tags = ["edgepack", manifest[M_FORMAT], manifest[M_QUANT], manifest[M_PROFILE]["name"], "distillation"]
+    front = ["---"]
+    if license_name:
+        front.append(f"license: {_yaml_str(license_name)}")
+    front += [f"model_name: {_yaml_str(manifest[M_MODEL])}", "pipeline_tag: text-generation",
+              f"library_name: {_yaml_str(manifest[M_FORMAT])}",
+              "tags:", *[f"- {_yaml_str(t)}" for t in tags], "edgepack:",
+              f"  profile: {_yaml_str(manifest[M_PROFILE]['name'])}",
+              f"  gate_status: {_yaml_str(manifest[M_GATE_STATUS])}",
+              f"  quant: {_yaml_str(manifest[M_QUANT])}", "---", ""]
+    teacher = (manifest[M_LINEAGE].get("teacher") or {}).get("spec", "not recorded")
+    rows = [f"| {c['name']} | {c['measured']} | {c['budget']} | {c['unit']} | "
+            f"{ {True: 'yes', False: 'no'}.get(c['ok'], 'not measured') } |" for c in gate.get("checks", [])]
+    machine = gate.get("machine") if isinstance(gate.get("machine"), dict) else {}
+    body = [
+        f"# {manifest[M_MODEL]} for {manifest[M_PROFILE]['name']} ({manifest[M_FORMAT]} {manifest[M_QUANT]})", "",
+        f"Distilled from `{teacher}` by edgepack {__version__} and packed for the "
+        f"`{manifest[M_PROFILE]['name']}` profile: {manifest[M_PROFILE].get('description', '')}.", "",
+        f"## Gate: {manifest[M_GATE_STATUS]}", "",
+        f"Measured on {machine.get('system', '?')} {machine.get('machine', '?')}, {machine.get('cpu', '?')}, "
+        f"{machine.get('cpu_count', '?')} CPUs. Policy: {gate.get('policy', '')}", "",
+        "| check | measured | budget | unit | ok |", "|---|---|---|---|---|", *rows, "",
+        *[f"- {r}" for r in gate.get("reasons", [])], "",
+        "## Use", "", "```sh", f"edgepack verify {manifest['bundle_name']}",
+        f"edgepack run {manifest['bundle_name']} --prompt \"...\"", "```", "",
+        *(["For Ollama, extract the bundle and run `ollama create <name> -f Modelfile` in that folder.", ""]
+          if manifest[M_FORMAT] == "gguf" else []),
+        *([f"Signed with Ed25519 key `{signed['key_id']}` (sha256 of the raw public key): "
+           f"`edgepack verify {manifest['bundle_name']} --key PUBLIC_KEY.pem` checks the signature.", ""]
+          if (signed := (manifest.get(M_PACK) or {}).get("signed_by")) else []),
+        "## Files", "", "Every file's size and sha256 are listed in `manifest.json`; "
+        "`edgepack verify` checks them all.", "",
+    ]
+    if not license_name:
+        body += ["## License", "", "No license was recorded for this model; it inherits the terms of "
+                 "its teacher and training data.", ""]
+    return "\n".join(front + body)
+
+
+# --- the command ------------------------------------------------------------------------------
+def _safe(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-.") or "model"
+
+
+def pack_run(*, run_dir: Path, profile: Profile, artifact: Path | None,
+             allow_unverified: bool, sign_key: Path | None = None) -> dict[str, Any]:
+    """Package the run's best gated artifact for ``profile`` into RUN/bundles/*.edgepack.
+
+    ``sign_key``: an Ed25519 private key (PEM); the bundle then carries ``manifest.sig``,
+    a signature over its manifest (which lists every file's sha256).
+    """
+    run_dir = Path(run_dir)
+    signer, public_key, signed_by = None, None, None
+    if sign_key is not None:  # a bad key fails before anything is read or written
+        from edgepack.runtime.bundle.signing import key_id, load_private_key, sign_manifest
+
+        private_key = load_private_key(sign_key)
+        public_key = private_key.public_key()
+        signed_by = {"algorithm": "ed25519", "key_id": key_id(public_key)}
+
+        def signer(manifest_bytes: bytes) -> bytes:
+            return sign_manifest(manifest_bytes, private_key)
+    with stage_lock(run_dir, "pack"):
+        return _pack_locked(run_dir, profile, artifact, allow_unverified, signer, public_key, signed_by)
+
+
+def _check_payload(report: dict[str, Any], model: Path, fmt: str, quant: str, payload: Payload) -> None:
+    """What the file holds must be what the report (and, for GGUF, the profile's choice) says."""
+    from edgepack.runtime.backends.base import format_of
+
+    where = report["_report_path"]
+    if format_of(model) != fmt:
+        raise RunDirError(f"{where} says {model.name} is {fmt}, but it is {format_of(model)}", hint="re-run the gate")
+    if payload["file_quant"] != report.get("quant"):
+        raise RunDirError(f"{where} says {model.name} is {report.get('quant')}, but the file holds "
+                          f"{payload['file_quant']}", hint="re-run the gate")
+    if fmt == "gguf" and payload["file_quant"] is not None and quant != payload["file_quant"]:
+        raise RunDirError(f"{model.name} would be packed as {quant} (export.json) but the file holds "
+                          f"{payload['file_quant']}", hint="re-export the run")
+
+
+def _pack_locked(run_dir: Path, profile: Profile, artifact: Path | None, allow_unverified: bool,
+                 signer: Callable[[bytes], bytes] | None, public_key: Any,
+                 signed_by: dict[str, str] | None) -> dict[str, Any]:
+    """:func:`pack_run` while it holds the run's pack lock."""
+    report = choose_report(load_gate_reports(run_dir), profile, artifact, allow_unverified)
+    model_path, gated_sha = _locate_artifact(run_dir, report, artifact)
+    fmt, quant, verdict = str(report["format"]), str(_choice(report)[1]), str(report["verdict"])
+    if verdict == FAIL:  # unreachable through choose_report; kept as the invariant
+        raise GateFailed(f"{model_path.name} failed the gate")
+    if fmt not in PAYLOADS:
+        raise UsageError(f"packing {fmt!r} artifacts is not supported; supported: {', '.join(PAYLOADS)}")
+    lineage = read_lineage(run_dir, model_path.name)
+    model_name = _safe(str((lineage.get("export") or {}).get("model") or
+                           model_path.stem.removesuffix(f"-{quant}")))
+    payload = PAYLOADS[fmt](model_path, model_name, profile)
+    _check_payload(report, model_path, fmt, quant, payload)
+    bundle_name = f"{model_name}-{_safe(profile.name)}-{fmt}-{_safe(quant)}{BUNDLE_SUFFIX}"
+    notes = list(payload["notes"])
+    if verdict == UNVERIFIED:
+        notes.insert(0, "packaged with --allow-unverified: the gate could not confirm the budgets on the target "
+                        "device (" + "; ".join(report.get("reasons", [])[:2]) + ")")
+    gate = {k: v for k, v in report.items() if not k.startswith("_")}
+    manifest: dict[str, Any] = {
+        M_SCHEMA: MANIFEST_SCHEMA_VERSION, M_MODEL: model_name, M_FORMAT: fmt, M_QUANT: quant,
+        M_PROFILE: profile.describe(), M_ENTRYPOINT: payload["entrypoint"], M_FILES: [],
+        M_GATE_STATUS: verdict, M_GATE: gate, M_LINEAGE: lineage, M_RUNTIME: payload["runtime"],
+        M_CHAT_TEMPLATE: payload["chat_template"], "bundle_name": bundle_name,
+        M_PACK: {"allow_unverified": allow_unverified, "packed_unverified": verdict == UNVERIFIED,
+                 "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                 "edgepack": __version__, "notes": notes, "signed_by": signed_by},
+    }
+    files: list[BundleFile] = list(payload["files"])
+    for name in () if payload["has_tokenizer"] else TOKENIZER_FILES:
+        data = read_run_file(run_dir, f"{STUDENT_DIR}/{name}")  # bytes read through no link, now
+        if data is not None:
+            files.append(BundleFile(f"tokenizer/{name}", data))
+    license_name = (lineage.get("teacher") or {}).get("license")
+    files.append(BundleFile("README.md", model_card(manifest, license_name=license_name).encode("utf-8")))
+    out = run_dir / BUNDLES_DIR / bundle_name
+    list_run_folder(run_dir, BUNDLES_DIR)  # a bundles/ that is a link would put the bundle outside the run
+    clean_stale(run_dir / BUNDLES_DIR)  # what a killed pack left (only edgepack's temporary names)
+    with atomic_path(out) as staging:  # the final name appears only once the copy is proven the gated one
+        check = write_bundle(staging, manifest, files, signer=signer, key=public_key)
+        check_bundle_binding(check.manifest, model_path, gated_sha)
+    return {"bundle": str(out), "verdict": verdict, "artifact": str(model_path), "format": fmt,
+            "quant": quant, "profile": profile.name, "bytes": check.size, "sha256": check.sha256,
+            "files": len(check.members), "notes": notes,
+            "signature": check.signature.describe() if check.signature else None}

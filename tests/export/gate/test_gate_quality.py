@@ -1,0 +1,265 @@
+"""The gate's holdout pass: teacher agreement, a child process that crashes or hangs, and the
+KL divergence against the unquantized student (given, or found as RUN/student)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from edgepack.constants import FAIL, PASS
+from edgepack.errors import ModelSourceError, UsageError
+from edgepack.profiles import load_profile
+from edgepack.export.gate.gate import auto_reference, run_gate
+from edgepack.export.gate.quality import evaluate_holdout, load_holdout
+from edgepack.export.gate.quality_child import answer_timeout_s, holdout_kld
+from tests.runtime.helpers import write_profile
+
+ROWS = [
+    {"id": "h1", "messages": [{"role": "user", "content": "Pump P-101 bearing noise and vibration."}],
+     "label": "mechanical", "response": "Category: mechanical\nAction: Inspect the bearings."},
+    {"id": "h2", "prompt": "Motor starter contacts are burnt.", "label": "electrical",
+     "response": "Category: electrical\nAction: Replace the contacts."},
+    {"id": "h3", "prompt": "PLC rack 2 lost Profinet communication.", "label": None,
+     "response": "Category: network\nAction: Check the switch port."},
+]
+
+
+def write_holdout(path: Path, rows: list[dict[str, Any]] = ROWS) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+# --- (a) agreement with the teacher, counted on answers we choose ------------------------------
+class ScriptedBackend:
+    """Answers each prompt with a fixed text (the counting is under test, not a model)."""
+
+    def __init__(self, answers: dict[str, str]) -> None:
+        self.answers = answers
+        self.asked: list[str] = []
+
+    def stream_chat(self, messages: list[dict[str, str]], *, max_tokens: int, temperature: float) -> Iterator[str]:
+        prompt = messages[-1]["content"]
+        self.asked.append(prompt)
+        yield from self.answers[prompt].split(" ")  # pieces, as a runtime streams them
+
+
+def test_teacher_agreement_counts_rows_whose_teacher_names_a_label(tmp_path: Path) -> None:
+    rows = load_holdout(write_holdout(tmp_path / "h.jsonl", [
+        {"prompt": "p1", "label": "mechanical", "response": "Category: mechanical"},   # agree, correct
+        {"prompt": "p2", "label": "electrical", "response": "Category: mechanical"},   # agree, both wrong
+        {"prompt": "p3", "label": "electrical", "response": "Category: electrical"},   # disagree, wrong
+        {"prompt": "p4", "response": "Category: Network."},                            # agree, no gold label
+        {"prompt": "p5", "label": "thermal", "response": "I am not sure."},            # teacher names no label; correct
+        {"prompt": "p6"},                                                              # nothing to compare: not asked
+    ]))
+    backend = ScriptedBackend({"p1": "Category: mechanical", "p2": "Category:mechanical", "p3": "Category: thermal",
+                               "p4": "category: network", "p5": "Category: thermal\nAction: cool it"})
+    q = evaluate_holdout(backend, rows)
+    assert backend.asked == ["p1", "p2", "p3", "p4", "p5"]
+    assert (q["answered"], q["labelled"], q["correct"], q["accuracy"]) == (5, 4, 2, 0.5)
+    assert (q["teacher_agreement_rows"], q["teacher_agreed"], q["teacher_agreement"]) == (4, 3, 0.75)
+    assert (q["teacher_rows"], q["teacher_accuracy"], q["relative"]) == (4, 0.5, 1.0)
+    assert any("1 teacher responses name no label" in n for n in q["notes"])
+
+
+def test_no_teacher_label_means_no_agreement_figure(tmp_path: Path) -> None:
+    rows = load_holdout(write_holdout(tmp_path / "h.jsonl", [{"prompt": "p1", "label": "x", "response": "hmm"}]))
+    q = evaluate_holdout(ScriptedBackend({"p1": "Category: x"}), rows)
+    assert q["accuracy"] == 1.0 and q["teacher_agreement"] is None and q["teacher_agreement_rows"] == 0
+    assert any("agreement with the teacher not computed" in n for n in q["notes"])
+
+
+# --- the holdout pass runs in a child -----------------------------------------------------------
+@pytest.fixture(scope="module")
+def gated(tiny_gguf: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    folder = tmp_path_factory.mktemp("gate-quality")
+    profile = load_profile(str(write_profile(folder, "tiny-ok", min_relative_quality=0.0)))
+    with pytest.MonkeyPatch.context() as mp:
+        # Loading a model in the gate's own process is not allowed: only the children may.
+        import edgepack.runtime.backends.base as base
+
+        def refuse(*_: Any, **__: Any) -> Any:
+            raise AssertionError("the gate loaded a model in its own process")
+
+        mp.setattr(base, "get_backend", refuse)
+        return run_gate(artifact=tiny_gguf, profile=profile, holdout=write_holdout(folder / "h.jsonl"),
+                        efficiency=False)
+
+
+def test_the_holdout_is_answered_in_a_child_with_a_row_scaled_timeout(gated: dict[str, Any], tiny_gguf: Path) -> None:
+    assert gated["verdict"] == PASS, gated["reasons"]
+    q = gated["measurements"]["quality"]
+    assert (q["rows"], q["answered"], q["labelled"], q["teacher_rows"]) == (3, 3, 2, 2)
+    # a random-init model never answers "Category: ...": it agrees with the teacher on no row
+    assert (q["teacher_agreement"], q["teacher_agreement_rows"], q["unparsed"]) == (0.0, 3, 3)
+    assert q["timeout_s"] == pytest.approx(300 + 60 * tiny_gguf.stat().st_size / 1e9 + 30 * 3)
+    assert q["timeout_s"] == pytest.approx(answer_timeout_s(tiny_gguf, 3))
+    assert 0 < q["wall_s"] < q["timeout_s"]
+    assert gated["reference"] is None and "kld_vs_reference" not in q  # not under RUN/artifacts/
+
+
+def test_the_markdown_reports_agreement(gated: dict[str, Any]) -> None:
+    from edgepack.export.gate.report import gate_markdown
+
+    md = gate_markdown(gated)
+    assert "## Quality on the holdout" in md
+    assert "agreement with the teacher: 0.000 (0 of 3 rows whose teacher response names a label" in md
+
+
+# --- (b), (c) a child that crashes or hangs -----------------------------------------------------
+def _sabotage_children(monkeypatch: pytest.MonkeyPatch, folder: Path, code: str) -> None:
+    """Make every holdout child (and only those) run ``code`` at interpreter start-up."""
+    folder.mkdir()
+    (folder / "sitecustomize.py").write_text(
+        "import os, signal, sys, time\n"
+        "if 'edgepack.export.gate.quality_child' in getattr(sys, 'orig_argv', []):\n"
+        f"    {code}\n")
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(folder), os.environ.get("PYTHONPATH")])))
+
+
+@pytest.mark.parametrize(("code", "expected"), [
+    ("os.abort()", "holdout pass process was killed by SIGABRT"),
+    ("os.kill(os.getpid(), signal.SIGKILL)", "holdout pass process was killed by SIGKILL (the out-of-memory killer"),
+    ("os._exit(3)", "holdout pass process exited 3 without a JSON result"),
+])
+def test_a_crashed_holdout_child_is_a_fail_with_the_reason(tiny_gguf: Path, tmp_path: Path,
+                                                           monkeypatch: pytest.MonkeyPatch, code: str,
+                                                           expected: str) -> None:
+    _sabotage_children(monkeypatch, tmp_path / "site", code)
+    profile = load_profile(str(write_profile(tmp_path, "p", min_relative_quality=0.0)))
+    report = run_gate(artifact=tiny_gguf, profile=profile, holdout=write_holdout(tmp_path / "h.jsonl"),
+                      efficiency=False)
+    assert report["measurements"]["ok"] is True  # the latency child was not touched
+    assert report["verdict"] == FAIL
+    assert report["reasons"][0].startswith(f"relative_quality: the holdout could not be answered: {expected}")
+    q = report["measurements"]["quality"]
+    assert q["error"].startswith(expected) and q["wall_s"] < 60
+
+
+def test_a_hung_holdout_child_is_killed_at_the_timeout(tiny_gguf: Path, tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    pid_file = tmp_path / "child.pid"
+    _sabotage_children(monkeypatch, tmp_path / "site", f"open({str(pid_file)!r}, 'w').write(str(os.getpid())); "
+                                                       "time.sleep(600)")
+    profile = load_profile(str(write_profile(tmp_path, "p", min_relative_quality=0.0)))
+    start = time.monotonic()
+    report = run_gate(artifact=tiny_gguf, profile=profile, holdout=write_holdout(tmp_path / "h.jsonl"),
+                      efficiency=False, quality_timeout_s=1.5)
+    assert time.monotonic() - start < 120  # latency measurement + 1.5 s, not the child's 600 s
+    assert report["verdict"] == FAIL
+    assert ("the holdout could not be answered: holdout pass timed out after 1.5 s (child killed)"
+            in report["reasons"][0])
+    q = report["measurements"]["quality"]
+    assert 1.5 <= q["wall_s"] < 30 and q["timeout_s"] == 1.5
+    with pytest.raises(ProcessLookupError):
+        os.kill(int(pid_file.read_text()), 0)  # killed and reaped, not left behind
+
+
+# --- (d) KLD vs the unquantized student ---------------------------------------------------------
+@pytest.fixture(scope="module")
+def run_dir(tiny_llama_dir: Path, tiny_gguf: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """RUN/student (the tiny HF model) and RUN/artifacts/student-Q4_0.gguf quantized from its F16."""
+    from edgepack.export.gguf.quantize import quantize_gguf
+
+    run = tmp_path_factory.mktemp("kld") / "run"
+    shutil.copytree(tiny_llama_dir, run / "student")
+    (run / "artifacts").mkdir()
+    quantize_gguf(tiny_gguf, run / "artifacts" / "student-Q4_0.gguf", "Q4_0", threads=1)
+    write_holdout(run / "holdout.jsonl")
+    return run
+
+
+def test_auto_reference_is_the_runs_student(run_dir: Path, tiny_gguf: Path, tmp_path: Path) -> None:
+    assert auto_reference(run_dir / "artifacts" / "student-Q4_0.gguf") == (run_dir / "student").resolve()
+    assert auto_reference(run_dir / "artifacts" / "student-onnx-int4") == (run_dir / "student").resolve()
+    assert auto_reference(run_dir / "artifacts" / "student.edgepack") is None  # bundles: only when given
+    assert auto_reference(tiny_gguf) is None
+    (tmp_path / "artifacts").mkdir()
+    (tmp_path / "student").mkdir()  # no config.json: not a model
+    assert auto_reference(tmp_path / "artifacts" / "x.gguf") is None
+
+
+def test_kld_is_small_for_f16_and_larger_for_q4(run_dir: Path, tiny_llama_dir: Path, tiny_gguf: Path) -> None:
+    rows = load_holdout(run_dir / "holdout.jsonl")
+    f16 = holdout_kld(tiny_llama_dir, tiny_gguf, rows=rows, threads=1)
+    q4 = holdout_kld(tiny_llama_dir, run_dir / "artifacts" / "student-Q4_0.gguf", rows=rows, threads=1)
+    for k in (f16, q4):
+        assert "error" not in k, k
+        assert k["rows"] == 3 and k["positions"] > 20 and k["compared_with"] == "transformers (float32)"
+        assert k["tokenizer_ok"] is True
+    assert 0.0 <= f16["kld_mean"] < 1e-4 and f16["top1_agreement"] >= 0.98
+    assert q4["kld_mean"] > 10 * max(f16["kld_mean"], 1e-6)
+    assert q4["positions"] == f16["positions"]
+
+
+def test_gate_of_a_run_artifact_measures_kld_against_run_student(run_dir: Path) -> None:
+    from edgepack.export.gate.report import gate_markdown
+
+    profile = load_profile(str(write_profile(run_dir, "p", min_relative_quality=0.0)))
+    report = run_gate(artifact=run_dir / "artifacts" / "student-Q4_0.gguf", profile=profile,
+                      holdout=run_dir / "holdout.jsonl", efficiency=False)
+    assert report["verdict"] == PASS, report["reasons"]  # KLD is reported, not judged
+    student = str((run_dir / "student").resolve())
+    assert report["reference"] == {"path": student, "source": "auto"}
+    kld = report["measurements"]["quality"]["kld_vs_reference"]
+    assert kld["source"] == "auto" and kld["reference"] == student
+    assert kld["kld_mean"] > 1e-4 and 0.0 <= kld["top1_agreement"] <= 1.0 and kld["positions"] > 20
+    assert "not a budget" in kld["note"]
+    md = gate_markdown(report)
+    assert f"reference: `{student}` (auto)" in md and "mean KLD" in md
+
+
+def test_a_failed_kld_pass_is_reported_not_judged() -> None:
+    from edgepack.export.gate.gate import decide
+
+    quality = {"accuracy": 0.9, "teacher_accuracy": 0.9, "relative": 1.0, "notes": [],
+               "kld_vs_reference": {"reference": "RUN/student", "error": "KLD pass timed out after 9 s (child killed)"}}
+    m = {"ok": True, "ttft_ms": {"p95": 1.0}, "decode_tokens_per_s": {"p50": 100.0}, "peak_rss_mb": 10.0,
+         "gpu_offload": False, "quality": quality}
+    verdict, _, reasons = decide(m, load_profile("cpu-x86-2c"), True, "ok")
+    assert verdict == PASS
+    assert reasons == ["KLD vs reference RUN/student not measured (reported only, not a budget): "
+                       "KLD pass timed out after 9 s (child killed)"]
+
+
+def test_a_reference_needs_a_holdout_and_a_model(tiny_gguf: Path, tmp_path: Path) -> None:
+    profile = load_profile(str(write_profile(tmp_path, "p")))
+    with pytest.raises(UsageError, match="--reference needs --holdout"):
+        run_gate(artifact=tiny_gguf, profile=profile, holdout=None, reference=tmp_path)
+    with pytest.raises(ModelSourceError, match="neither an HF model dir"):
+        run_gate(artifact=tiny_gguf, profile=profile, holdout=write_holdout(tmp_path / "h.jsonl"),
+                 reference=tmp_path)
+
+
+def test_cli_gates_a_bundle_with_a_given_reference(run_dir: Path, tiny_gguf: Path, tmp_path: Path) -> None:
+    from edgepack.runtime.bundle.archive import BundleFile, write_bundle
+
+    bundle = run_dir / "artifacts" / "tiny.edgepack"  # under RUN/artifacts/, yet no auto reference
+    manifest = {"schema_version": 1, "model": "tiny", "format": "gguf", "quant": "F16", "profile": {"name": "t"},
+                "entrypoint": "tiny-F16.gguf", "files": [], "gate_status": "PASS"}
+    write_bundle(bundle, manifest, [BundleFile("tiny-F16.gguf", tiny_gguf)])
+    try:
+        profile = write_profile(tmp_path, "p", min_relative_quality=0.0)
+        report = tmp_path / "out" / "tiny.json"
+        out = subprocess.run([sys.executable, "-m", "edgepack", "gate", str(bundle), "--profile", str(profile),
+                              "--holdout", str(run_dir / "holdout.jsonl"), "--reference", str(run_dir),
+                              "--report", str(report)],
+                             capture_output=True, text=True, timeout=600, env={**os.environ, "COLUMNS": "200"})
+    finally:
+        bundle.unlink()
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "agreement with the teacher 0.000 (3 rows)" in out.stdout
+    assert "KLD vs reference" in out.stdout and "(auto)" not in out.stdout
+    data = json.loads(report.read_text())
+    kld = data["measurements"]["quality"]["kld_vs_reference"]
+    assert data["reference"]["source"] == kld["source"] == "given"
+    assert kld["reference"] == str(run_dir / "student") and 0.0 <= kld["kld_mean"] < 1e-4  # the F16 inside
