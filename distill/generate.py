@@ -152,7 +152,7 @@ def _llamacpp(source: TeacherSource, teacher_dir: Path, params: DecodeParams,
 
     from edgepack.runtime.chat.tokens import encode_chat, llama_control_tokens
 
-    from edgepack.runtime.gguf_header import read_gguf
+    from edgepack.gguf_header import read_gguf
     from edgepack.runtime.chat.check import check_gguf_templates
 
     check_gguf_templates(read_gguf(source.path))  # before Llama() compiles them, unbounded

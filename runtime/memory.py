@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from edgepack.errors import BudgetError
-from edgepack.runtime.gguf_header import GGUFInfo
+from edgepack.gguf_header import GGUFInfo
 
 MB = 1024 * 1024
 RUNTIME_ALLOWANCE_BYTES = 128 * MB

@@ -12,7 +12,7 @@ contain ``..``, or resolve (through a symlink) outside the model folder — the 
 of CVE-2022-25882 / CVE-2024-27318 — before onnxruntime opens any file. The same scan gives
 the quantization (``MatMulNBits`` ``bits``), the KV-cache shape and the bytes a decode step
 reads (:func:`onnx_traffic`, for the gate's decode efficiency), like
-:mod:`edgepack.runtime.gguf_header` does for GGUF.
+:mod:`edgepack.gguf_header` does for GGUF.
 
 Field numbers are those of ``onnx/onnx.proto`` (ModelProto.graph = 7, GraphProto.node = 1,
 initializer = 5, input = 11, TensorProto.external_data = 13, data_location = 14, ...).

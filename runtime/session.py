@@ -184,7 +184,7 @@ def _onnx_train_ctx(folder: Path) -> int | None:
 def _model_facts(model_path: Path, fmt: str) -> tuple[int | None, Callable[[int], dict[str, Any]] | None]:
     """(trained context, estimate(ctx)) read from the model file itself, for known formats."""
     if fmt == "gguf":
-        from edgepack.runtime.gguf_header import read_gguf
+        from edgepack.gguf_header import read_gguf
         from edgepack.runtime.memory import estimate_gguf_memory
 
         header = read_gguf(model_path)

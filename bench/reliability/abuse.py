@@ -212,7 +212,7 @@ def random_mutation(data: bytes, header_end: int, rng: random.Random) -> bytes:
 def native_category(fx: dict[str, Any], work: Path, files: int, rng: random.Random) -> dict[str, Any]:
     """Mutated GGUFs: edgepack's header check first; what it accepts goes to llama.cpp in a child."""
     from edgepack.errors import InvalidModelFile
-    from edgepack.runtime.gguf_header import read_gguf
+    from edgepack.gguf_header import read_gguf
 
     src = fx["gated"] / "artifacts" / "student-Q8_0.gguf"
     data = src.read_bytes()

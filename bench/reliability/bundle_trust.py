@@ -125,7 +125,7 @@ def _cpus() -> int:
 def _forged_manifest_cases(model: Path, keys: tuple[Path, Path], work: Path, fail: Callable[[str], None],
                            details: list[str]) -> tuple[int, int]:
     from edgepack.errors import BudgetError, BundleError, EdgepackError, UsageError
-    from edgepack.runtime.gguf_header import read_gguf
+    from edgepack.gguf_header import read_gguf
     from edgepack.runtime.memory import estimate_gguf_memory
     from edgepack.runtime.session import open_model
     from tests.reliability.bundle_forge import forge_bundle
@@ -233,7 +233,7 @@ def _child_rss_cases(model: Path, keys: tuple[Path, Path], work: Path, fail: Cal
 def _cache_cases(model: Path, keys: tuple[Path, Path], work: Path, fail: Callable[[str], None],
                  details: list[str]) -> tuple[int, int]:
     from edgepack.errors import EdgepackError
-    from edgepack.runtime.gguf_header import read_gguf
+    from edgepack.gguf_header import read_gguf
     from edgepack.runtime.session import open_model
     from tests.reliability.bundle_forge import apply_tamper, cached_folder, flip_byte, forge_bundle, tamper_variants
 

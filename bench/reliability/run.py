@@ -260,7 +260,7 @@ def check_export(run: Path, fx: dict[str, Any]) -> tuple[list[str], dict[str, An
     import gguf
 
     from edgepack.export.api import export_model
-    from edgepack.runtime.gguf_header import read_gguf
+    from edgepack.gguf_header import read_gguf
 
     problems: list[str] = []
     art = run / "artifacts"

@@ -435,7 +435,7 @@ def _verify_run(run: Path, label: str, failures: list[str]) -> None:
     """After a round: artifacts match export.json and parse, bundles verify, reports parse, nothing left over."""
     from edgepack.atomic import is_temp_name
     from edgepack.runtime.bundle.archive import verify_bundle
-    from edgepack.runtime.gguf_header import read_gguf
+    from edgepack.gguf_header import read_gguf
 
     problems = []
     export = run / "artifacts" / "export.json"

@@ -127,7 +127,7 @@ class GGUFArtifact:
         import llama_cpp
         from jinja2 import TemplateError
 
-        from edgepack.runtime.gguf_header import read_gguf
+        from edgepack.gguf_header import read_gguf
         from edgepack.runtime.chat.check import check_gguf_templates
 
         self.path = Path(path)

@@ -143,7 +143,7 @@ def gguf_traffic(path: Path) -> dict[str, Any]:
     """Weight bytes per token and KV bytes per position of a GGUF (header only)."""
     import math
 
-    from edgepack.runtime.gguf_header import read_gguf
+    from edgepack.gguf_header import read_gguf
     from edgepack.runtime.memory import estimate_gguf_memory
 
     info = read_gguf(Path(path))

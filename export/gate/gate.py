@@ -304,7 +304,7 @@ def _materialize(artifact: Path, key: Path | None = None, warn: Callable[[str], 
     quant = None
     if fmt == "gguf":
         from edgepack.errors import InvalidModelFile
-        from edgepack.runtime.gguf_header import read_gguf
+        from edgepack.gguf_header import read_gguf
 
         try:
             quant = read_gguf(artifact).quant

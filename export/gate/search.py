@@ -85,7 +85,7 @@ def _describe(path: Path) -> dict[str, Any]:
     path = Path(path)
     fmt = format_of(path)
     if fmt == "gguf":
-        from edgepack.runtime.gguf_header import read_gguf
+        from edgepack.gguf_header import read_gguf
 
         quant = read_gguf(path).quant
     elif fmt == "onnx":

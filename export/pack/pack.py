@@ -182,7 +182,7 @@ Payload = dict[str, Any]
 
 def _gguf_payload(model: Path, model_name: str, profile: Profile) -> Payload:
     from edgepack.runtime.chat.template import to_ollama_template
-    from edgepack.runtime.gguf_header import read_gguf, stop_token_ids, token_texts
+    from edgepack.gguf_header import read_gguf, stop_token_ids, token_texts
     from edgepack.runtime.memory import estimate_gguf_memory
 
     header = read_gguf(model, keep_arrays=("tokenizer.ggml.tokens",))

@@ -1,7 +1,7 @@
 """The ``gguf`` backend: llama.cpp through llama-cpp-python.
 
 Loading goes in two steps. First edgepack's own bounded header reader
-(:mod:`edgepack.runtime.gguf_header`) checks the file, so a truncated or hostile GGUF is
+(:mod:`edgepack.gguf_header`) checks the file, so a truncated or hostile GGUF is
 refused with :class:`~edgepack.errors.InvalidModelFile` before native code parses it. Then
 llama.cpp loads it quietly (``verbose=False``) while a log hook keeps llama.cpp's warnings
 and errors, so a refusal still says why (llama-cpp-python #2187: with verbose off the
@@ -25,7 +25,7 @@ from typing import Any
 
 from edgepack.errors import RuntimeFailure, UsageError
 from edgepack.runtime.backends.base import Backend, register_backend
-from edgepack.runtime.gguf_header import GGUFInfo, read_gguf
+from edgepack.gguf_header import GGUFInfo, read_gguf
 
 # llama.cpp log lines kept from the last load (WARN, ERROR and their continuations). The
 # numbering is current ggml's (NONE 0, DEBUG 1, INFO 2, WARN 3, ERROR 4, CONT 5); the comment

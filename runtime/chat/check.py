@@ -73,7 +73,7 @@ def gguf_templates(header: Any) -> dict[str, str]:
 
 
 def check_gguf_templates(header: Any, *, strict: bool = False) -> None:
-    """:func:`check_chat_templates` for a GGUF read by :func:`~edgepack.runtime.gguf_header.read_gguf`."""
+    """:func:`check_chat_templates` for a GGUF read by :func:`~edgepack.gguf_header.read_gguf`."""
     templates = gguf_templates(header)
     if templates:
         check_chat_templates(templates, render=GGUF_DEFAULT_KEY, compilers=("llama_cpp",), strict=strict,
@@ -83,7 +83,7 @@ def check_gguf_templates(header: Any, *, strict: bool = False) -> None:
 def check_artifact_templates(path: Path, fmt: str, *, strict: bool = True) -> None:
     """The check for an artifact ``gate`` and ``pack`` are given: a GGUF file or an ONNX folder."""
     if fmt == "gguf":
-        from edgepack.runtime.gguf_header import read_gguf
+        from edgepack.gguf_header import read_gguf
 
         try:
             header = read_gguf(path)

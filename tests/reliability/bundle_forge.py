@@ -38,7 +38,7 @@ def make_keys(folder: Path) -> tuple[Path, Path]:
 
 def honest_runtime(model: Path, ctx: int = HONEST_CTX) -> dict[str, Any]:
     """The ``runtime`` section ``pack`` would write for ``model`` at context ``ctx``."""
-    from edgepack.runtime.gguf_header import read_gguf
+    from edgepack.gguf_header import read_gguf
     from edgepack.runtime.memory import estimate_gguf_memory
 
     return {"backend": "llama.cpp", "context_length": ctx, "threads": 1, "device": "cpu",

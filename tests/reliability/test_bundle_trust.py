@@ -23,7 +23,7 @@ import pytest
 from edgepack.errors import BudgetError, BundleError
 from edgepack.runtime import memory
 from edgepack.runtime.backends.llamacpp import LlamaCppBackend
-from edgepack.runtime.gguf_header import read_gguf
+from edgepack.gguf_header import read_gguf
 from edgepack.runtime.memory import estimate_gguf_memory
 from edgepack.runtime.session import open_model
 from tests.reliability.bundle_forge import (apply_tamper, cached_folder, flip_byte, forge_bundle, make_keys,

@@ -40,7 +40,7 @@ def _cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
 
 def test_second_export_on_one_run_is_refused_while_the_first_runs(tiny_llama_dir: Path, tmp_path: Path) -> None:
     from edgepack.export.api import export_model
-    from edgepack.runtime.gguf_header import read_gguf
+    from edgepack.gguf_header import read_gguf
 
     run = _run_with_student(tiny_llama_dir, tmp_path / "run")
     seen: list[subprocess.CompletedProcess[str]] = []

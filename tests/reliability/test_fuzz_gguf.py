@@ -1,4 +1,4 @@
-"""Fuzzing the GGUF header reader (runtime/gguf_header.py) with hypothesis.
+"""Fuzzing the GGUF header reader (edgepack/gguf_header.py) with hypothesis.
 
 Three sources of input: well-formed headers generated from a spec (they must be read back
 exactly, and agree with gguf-py's reader); the same headers with one field overwritten by a
@@ -21,7 +21,7 @@ from hypothesis import assume, example, given
 from hypothesis import strategies as st
 
 from edgepack.errors import InvalidModelFile
-from edgepack.runtime.gguf_header import GGML_MAX_DIMS, GGUFInfo, read_gguf
+from edgepack.gguf_header import GGML_MAX_DIMS, GGUFInfo, read_gguf
 from tests.reliability.conftest import FUZZ, bounded
 from tests.reliability.gguf_bytes import ARRAY, FIXED, STRING, TENSOR_TYPES, Spec, build
 

@@ -252,7 +252,7 @@ def _plain_sandbox_render(template: str, messages: list[dict[str, str]], **kw: o
 def _real_template(which: str, teacher_gguf: Path) -> str:
     from llama_cpp import llama_chat_format as formats
 
-    from edgepack.runtime.gguf_header import read_gguf
+    from edgepack.gguf_header import read_gguf
 
     return {"chatml": CHATML_TEMPLATE, "complex": COMPLEX_TEMPLATE,
             "smollm2": read_gguf(teacher_gguf).chat_template or "",

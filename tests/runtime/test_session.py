@@ -10,7 +10,7 @@ import pytest
 from edgepack.errors import BudgetError, BundleError, ModelSourceError
 from edgepack.runtime import memory, session
 from edgepack.runtime.bundle.archive import BundleFile, write_bundle
-from edgepack.runtime.gguf_header import read_gguf
+from edgepack.gguf_header import read_gguf
 from edgepack.runtime.memory import estimate_gguf_memory, kv_cache_bytes, preflight
 from edgepack.runtime.session import open_model
 

@@ -58,7 +58,7 @@ def test_decode_efficiency_arithmetic() -> None:
 
 def test_gguf_traffic_counts_an_untied_embedding_as_one_row(tiny_gguf: Path, tmp_path: Path) -> None:
     from edgepack.export.gguf.convert import convert_hf_to_gguf
-    from edgepack.runtime.gguf_header import read_gguf
+    from edgepack.gguf_header import read_gguf
     from tests.tiny import build_tiny_llama
 
     tied = gguf_traffic(tiny_gguf)

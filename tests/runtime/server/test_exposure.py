@@ -71,7 +71,7 @@ def test_hostile_chat_template_refuses_to_serve(tiny_gguf: Path, tmp_path: Path)
 
 def test_serves_a_verified_bundle(tiny_gguf: Path, tmp_path: Path, cache_dir: Path, local: Any) -> None:
     from edgepack.runtime.bundle.archive import BundleFile, write_bundle
-    from edgepack.runtime.gguf_header import read_gguf
+    from edgepack.gguf_header import read_gguf
     from edgepack.runtime.memory import estimate_gguf_memory
 
     manifest = {"schema_version": 1, "model": "tiny", "format": "gguf", "quant": "F16",

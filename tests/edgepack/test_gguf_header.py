@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from edgepack.errors import InvalidModelFile, RuntimeFailure
-from edgepack.runtime.gguf_header import read_gguf, stop_token_ids, token_texts
+from edgepack.gguf_header import read_gguf, stop_token_ids, token_texts
 from tests.runtime.helpers import gguf_offsets, patch, rewrite_gguf
 
 
