@@ -1,6 +1,9 @@
-"""edgepack.runtime: run, measure, gate and package-verify deployed artifacts.
+"""Stage 3 of edgepack: run deployed artifacts on the device.
 
-``session.open_model`` loads a bundle or a model file for chatting; ``gate.run_gate`` measures
-an artifact against a profile; ``bundle`` reads and writes the ``.edgepack`` format;
-``backends`` maps a format name (``gguf``) to the library that runs it.
+``session.open_model`` loads a verified bundle or a bare model file (after the memory
+preflight of ``memory.py``) behind one object; ``backends/`` maps a format name to the library
+that runs it (llama.cpp, onnxruntime); ``chat/`` renders chat templates in a bounded sandbox
+and tokenizes messages; ``bundle/`` reads, verifies and signs the ``.edgepack`` format;
+``server/`` is the OpenAI-compatible HTTP server. Nothing here imports ``export`` or
+``distill`` (tests/edgepack/test_layers.py).
 """

@@ -1,0 +1,2 @@
+"""The ``.edgepack`` bundle: the archive reader/writer (archive.py), the manifest schema
+(manifest.py) and Ed25519 signatures (signing.py)."""
