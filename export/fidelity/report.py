@@ -33,9 +33,6 @@ memory at a time.
 
 from __future__ import annotations
 
-import importlib.metadata as md
-import os
-import platform
 import shlex
 import sys
 import tempfile
@@ -50,6 +47,7 @@ from edgepack.atomic import write_json, write_text
 from edgepack.constants import DATA_DIR, FIDELITY_MARKDOWN, FIDELITY_REPORT, HOLDOUT_FILE
 from edgepack.errors import UsageError
 from edgepack.progress import ProgressFn, null_progress
+from edgepack.provenance import host_info, package_versions
 from edgepack.export.fidelity.metrics import LogitStats, first_divergence, fresh_starts
 from edgepack.export.fidelity.models import (ARTIFACT_KINDS, UNQUANTIZED_FILE_TYPES, Greedy, TorchReference,
                                              detect_format, gguf_file_type, onnx_model_info)
@@ -207,18 +205,11 @@ def _targets(fmt: str, quant: str, entry: dict[str, Any]) -> list[dict[str, Any]
 
 
 def _produced_by(command: str | None) -> dict[str, Any]:
-    versions = {}
-    for dist in ("edgepack", "torch", "transformers", "llama-cpp-python", "onnxruntime", "gguf", "numpy"):
-        try:
-            versions[dist] = md.version(dist)
-        except md.PackageNotFoundError:
-            versions[dist] = None
-    load = os.getloadavg() if hasattr(os, "getloadavg") else None
     return {"function": "edgepack.export.fidelity.report.fidelity_report",
             "command": command if command is not None else shlex.join(sys.argv),
-            "versions": versions,
-            "host": {"platform": platform.platform(), "machine": platform.machine(), "python": platform.python_version(),
-                     "cpu_count": os.cpu_count(), "load_average_1_5_15": list(load) if load else None}}
+            "versions": package_versions(("edgepack", "torch", "transformers", "llama-cpp-python", "onnxruntime",
+                                          "gguf", "numpy")),
+            "host": host_info()}
 
 
 @dataclass

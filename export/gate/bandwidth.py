@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import statistics
 import time
 from collections.abc import Callable
@@ -33,28 +32,12 @@ from pathlib import Path
 from typing import Any
 
 from edgepack.progress import ProgressFn, null_progress
+from edgepack.provenance import machine_key
 
 DEFAULT_ARRAY_MB = 256
 DEFAULT_REPEATS = 5
 CACHE_FILE = "bandwidth.json"
 GB = 1e9
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def machine_key() -> str:
-    """What identifies 'this machine' for the cache: host, CPU model, CPU count, memory."""
-    import psutil
-
-    return f"{platform.node()}|{_cpu_model()}|{os.cpu_count()}|{psutil.virtual_memory().total // 2**20}MB"
 
 
 def _timed_passes(fn: Callable[[], Any], repeats: int, nbytes: int) -> list[float]:

@@ -54,6 +54,7 @@ from edgepack.errors import ModelSourceError, UsageError
 from edgepack.hashing import sha256_file
 from edgepack.locks import locked_stage
 from edgepack.profiles import Profile
+from edgepack.provenance import machine_info
 from edgepack.progress import ProgressFn, null_progress
 
 # platform.machine() spellings -> one canonical name.
@@ -216,31 +217,6 @@ def decide(measurements: dict[str, Any], profile: Profile, host_ok: bool,
     if misses:
         return FAIL, checks, misses + reasons
     return PASS, checks, reasons
-
-
-def machine_info() -> dict[str, Any]:
-    """Where a gate ran: OS, CPU, core count, memory, Python and runtime versions."""
-    import importlib.metadata as md
-
-    import psutil
-
-    cpu = platform.processor()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    versions = {}
-    for dist in ("llama-cpp-python", "onnxruntime"):
-        try:
-            versions[dist] = md.version(dist)
-        except md.PackageNotFoundError:
-            versions[dist] = None
-    return {"system": platform.system(), "release": platform.release(), "machine": platform.machine(),
-            "cpu": cpu, "cpu_count": os.cpu_count(), "memory_mb": psutil.virtual_memory().total // (1024 * 1024),
-            "python": platform.python_version(), **versions}
 
 
 def artifact_digest(path: Path) -> str:

@@ -27,7 +27,6 @@ signature over the manifest (:mod:`edgepack.runtime.bundle.signing`).
 from __future__ import annotations
 
 import json
-import platform
 import re
 import tomllib
 from collections.abc import Callable
@@ -48,11 +47,11 @@ from edgepack.export.pack.trust import (artifact_path, check_bundle_binding, che
                                    profile_problem, read_run_file, read_run_json)
 from edgepack.locks import stage_lock
 from edgepack.profiles import Profile
+from edgepack.provenance import tool_versions
 from edgepack.runtime.bundle.archive import BundleFile, write_bundle
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "generation_config.json")
-TOOLS = ("llama-cpp-python", "gguf", "transformers", "torch", "tokenizers", "peft", "onnxruntime")
 
 
 # --- choosing the artifact -------------------------------------------------------------------
@@ -289,19 +288,6 @@ PAYLOADS: dict[str, Callable[[Path, str, Profile], Payload]] = {"gguf": _gguf_pa
 
 
 # --- lineage and model card ---------------------------------------------------------------------
-def tool_versions() -> dict[str, str | None]:
-    """Versions of the tools that made the bundle (from package metadata; nothing imported)."""
-    import importlib.metadata as md
-
-    out: dict[str, str | None] = {"edgepack": __version__, "python": platform.python_version()}
-    for dist in TOOLS:
-        try:
-            out[dist] = md.version(dist)
-        except md.PackageNotFoundError:
-            out[dist] = None
-    return out
-
-
 def read_lineage(run_dir: Path, artifact_name: str) -> dict[str, Any]:
     """What the run recorded about how the artifact was made; absent files are listed. Read
     through no symbolic link (:func:`~edgepack.export.pack.trust.read_run_file`)."""
