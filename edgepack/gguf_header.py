@@ -8,8 +8,11 @@ header and raises :class:`~edgepack.errors.InvalidModelFile` naming what is wron
 
 ``read_gguf(path)`` returns a :class:`GGUFInfo` with the scalar/string metadata, a summary of
 every array (its element type and length, with the elements kept only for keys asked for)
-and the tensor table. The runtime uses it for the chat template, the stop tokens and the
-memory estimate; ``edgepack pack`` uses it for the manifest.
+and the tensor table; :func:`tensor_data` reads one unquantized tensor's elements from the
+span the table was checked to hold. It is the one GGUF reader of library code: the runtime
+uses it for the chat template, the stop tokens and the memory estimate; ``edgepack pack`` for
+the manifest; the exporter for the vocabulary (``tokenizer.ggml.*``), the importance matrix
+and what each tensor was quantized to; the gate for the bytes read per token.
 """
 
 from __future__ import annotations
@@ -76,6 +79,22 @@ class GGUFInfo:
     data_offset: int
     arrays: dict[str, list[Any]] = field(default_factory=dict)
     """Elements of the array keys that were asked for in ``read_gguf(keep_arrays=...)``."""
+
+    def array(self, key: str) -> list[Any] | None:
+        """The elements of array ``key`` (None when the key is absent).
+
+        Arrays of up to :data:`SMALL_ARRAY` elements are always at hand; a longer one must have
+        been named in ``read_gguf(keep_arrays=...)`` (ValueError otherwise, a caller's mistake).
+        A key that holds a scalar raises InvalidModelFile.
+        """
+        if key in self.arrays:
+            return self.arrays[key]
+        value = self.metadata.get(key)
+        if value is None or isinstance(value, list):
+            return value
+        if isinstance(value, ArrayInfo):
+            raise ValueError(f"read_gguf(..., keep_arrays=({key!r},)) is needed to read {key}")
+        raise InvalidModelFile(f"{self.path.name}: {key} holds a {type(value).__name__}, not an array")
 
     @property
     def architecture(self) -> str | None:
@@ -319,6 +338,36 @@ def _check_tensors(cur: _Cursor, raw: list[tuple[str, tuple[int, ...], int, int]
                            f"({data_size} data bytes; truncated?)")
         out.append(TensorInfo(name, shape, qtype.name, offset, nbytes))
     return out
+
+
+# ggml types whose data is a plain little-endian array, and the numpy dtype that reads it.
+PLAIN_DTYPES: dict[str, str] = {"F32": "<f4", "F16": "<f2", "F64": "<f8", "I8": "<i1", "I16": "<i2",
+                                "I32": "<i4", "I64": "<i8"}
+
+
+def tensor_data(info: GGUFInfo, name: str) -> Any:
+    """The elements of unquantized tensor ``name`` as a flat numpy array (``F32``, ``F16``...).
+
+    Reads exactly the span :func:`read_gguf` checked against the file size; a quantized tensor
+    (whose blocks need dequantizing) or a file that shrank since it was read raise
+    InvalidModelFile.
+    """
+    import numpy as np
+
+    tensor = next((t for t in info.tensors if t.name == name), None)
+    if tensor is None:
+        raise InvalidModelFile(f"{info.path.name} has no tensor {name!r}")
+    dtype = PLAIN_DTYPES.get(tensor.ggml_type)
+    if dtype is None:
+        raise InvalidModelFile(f"{info.path.name}: tensor {name!r} is {tensor.ggml_type}; only "
+                               f"{', '.join(PLAIN_DTYPES)} tensors are read as numbers")
+    with open(info.path, "rb") as fh:
+        fh.seek(info.data_offset + tensor.offset)
+        raw = fh.read(tensor.nbytes)
+    if len(raw) != tensor.nbytes:
+        raise InvalidModelFile(f"{info.path.name}: tensor {name!r} ends past the end of the file "
+                               "(was it truncated while being read?)")
+    return np.frombuffer(raw, dtype=dtype)
 
 
 def token_texts(info: GGUFInfo, ids: list[int]) -> dict[int, str]:

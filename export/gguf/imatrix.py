@@ -38,6 +38,7 @@ from typing import Any
 
 from edgepack.atomic import atomic_path
 from edgepack.errors import DataError, InvalidModelFile
+from edgepack.gguf_header import read_gguf
 from edgepack.progress import ProgressFn, null_progress
 from edgepack.export.fidelity.models import torch_threads
 from edgepack.export.fidelity.prompts import EvalRow, encode_row, load_rows, load_tokenizer
@@ -205,20 +206,14 @@ def write_imatrix(path: Path, stats: ImatrixStats, *, datasets: list[str], chunk
 
 def read_imatrix_meta(path: Path) -> dict[str, Any]:
     """``imatrix.*`` metadata of a GGUF imatrix (datasets, chunk count and size, entries)."""
-    from gguf import GGUFReader
-
     try:
-        reader = GGUFReader(Path(path))
-    except (ValueError, OSError, IndexError, KeyError) as exc:
+        info = read_gguf(Path(path), keep_arrays=(KEY_DATASETS,))
+    except InvalidModelFile as exc:
         raise InvalidModelFile(f"{Path(path).name} is not a GGUF file: {exc}") from exc
-    out: dict[str, Any] = {}
-    field_ = reader.fields.get("general.type")
-    out["type"] = field_.contents() if field_ is not None else None
-    for key, short in ((KEY_DATASETS, "datasets"), (KEY_CHUNK_COUNT, "chunk_count"), (KEY_CHUNK_SIZE, "chunk_size")):
-        f = reader.fields.get(key)
-        out[short] = f.contents() if f is not None else None
-    out["entries"] = sum(1 for t in reader.tensors if t.name.endswith(SUFFIX_SUM2))
-    return out
+    datasets = info.arrays.get(KEY_DATASETS, info.metadata.get(KEY_DATASETS))
+    return {"type": info.metadata.get("general.type"), "datasets": datasets,
+            "chunk_count": info.metadata.get(KEY_CHUNK_COUNT), "chunk_size": info.metadata.get(KEY_CHUNK_SIZE),
+            "entries": sum(1 for t in info.tensors if t.name.endswith(SUFFIX_SUM2))}
 
 
 def is_imatrix_file(path: Path) -> bool:

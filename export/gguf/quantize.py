@@ -26,6 +26,7 @@ from typing import Any
 
 from edgepack.atomic import atomic_path
 from edgepack.errors import InvalidModelFile, ModelSourceError, RuntimeFailure, UsageError
+from edgepack.gguf_header import read_gguf, tensor_data
 
 # edgepack quant name → (llama_cpp.LLAMA_FTYPE_* constant, the ggml type of most weight matrices)
 QUANT_TYPES: dict[str, tuple[str, str]] = {
@@ -61,24 +62,24 @@ def _ftype(qtype: str) -> int:
 def load_imatrix(path: Path) -> dict[str, list[float]]:
     """Per-tensor importance values from a GGUF imatrix (mean squared activations)."""
     import numpy as np
-    from gguf import GGUFReader
 
     path = Path(path)
     if not path.is_file():
         raise ModelSourceError(f"imatrix {path} does not exist")
     try:
-        reader = GGUFReader(path)
-    except (ValueError, OSError, IndexError, KeyError) as exc:
+        info = read_gguf(path)
+    except InvalidModelFile as exc:
         raise InvalidModelFile(f"{path.name} is not a GGUF imatrix (the legacy .dat format is not read): {exc}",
                                hint="regenerate it with a current llama-imatrix (GGUF output)") from exc
-    tensors = {t.name: np.asarray(t.data, dtype=np.float32).reshape(-1) for t in reader.tensors}
+    names = {t.name for t in info.tensors}
     out: dict[str, list[float]] = {}
-    for name, sums in tensors.items():
-        if not name.endswith(".in_sum2"):
-            continue
+    for name in (t.name for t in info.tensors if t.name.endswith(".in_sum2")):
         base = name[: -len(".in_sum2")]
-        counts = tensors.get(base + ".counts")
-        if counts is None or counts.size == 0 or sums.size % counts.size:
+        if base + ".counts" not in names:
+            raise InvalidModelFile(f"{path.name}: {base} has in_sum2 but no matching counts")
+        sums = tensor_data(info, name).astype(np.float32)
+        counts = tensor_data(info, base + ".counts").astype(np.float32)
+        if counts.size == 0 or sums.size % counts.size:
             raise InvalidModelFile(f"{path.name}: {base} has in_sum2 but no matching counts")
         per_expert = sums.reshape(counts.size, -1)
         # A zero count means the tensor never saw data: importance 1 (llama-quantize does the same).
@@ -152,10 +153,8 @@ def _captured_llama_log() -> Iterator[list[str]]:
 
 
 def tensor_types(path: Path) -> dict[str, str]:
-    """GGUF tensor name → ggml type name (e.g. ``Q4_K``), read from the file's metadata."""
-    from gguf import GGUFReader
-
-    return {t.name: t.tensor_type.name for t in GGUFReader(Path(path)).tensors}
+    """GGUF tensor name → ggml type name (e.g. ``Q4_K``), read from the file's tensor table."""
+    return {t.name: t.ggml_type for t in read_gguf(Path(path)).tensors}
 
 
 def quant_report(path: Path, qtype: str) -> dict[str, Any]:
@@ -164,13 +163,13 @@ def quant_report(path: Path, qtype: str) -> dict[str, Any]:
     block size (llama.cpp then falls back to another type for that tensor)."""
     import gguf
 
-    reader = gguf.GGUFReader(Path(path))
+    tensors = read_gguf(Path(path)).tensors
     counts: dict[str, int] = {}
-    for t in reader.tensors:
-        counts[t.tensor_type.name] = counts.get(t.tensor_type.name, 0) + 1
+    for t in tensors:
+        counts[t.ggml_type] = counts.get(t.ggml_type, 0) + 1
     primary = gguf.GGMLQuantizationType[QUANT_TYPES[qtype][1]]
     block = gguf.GGML_QUANT_SIZES[primary][0]
-    matrices = [t for t in reader.tensors if len(t.shape) >= 2]
+    matrices = [t for t in tensors if len(t.shape) >= 2]
     fallback = sum(1 for t in matrices if int(t.shape[0]) % block)  # shape[0] is ne0, the row length
     return {"tensor_types": dict(sorted(counts.items())), "fallback_tensors": fallback,
             "weight_matrices": len(matrices), "block_size": int(block)}

@@ -119,3 +119,43 @@ def test_llamacpp_refusal_keeps_its_reason(tiny_gguf: Path, tmp_path: Path) -> N
     with pytest.raises(RuntimeFailure, match="unknown model architecture: .notamodel.") as err:
         get_backend("gguf").load(odd, threads=1, n_ctx=64)
     assert len(str(err.value)) < 600  # the reason, not llama.cpp's whole metadata dump
+
+
+def test_tensor_data_matches_gguf_py(tiny_gguf: Path) -> None:
+    import gguf
+    import numpy as np
+
+    from edgepack.gguf_header import tensor_data
+
+    info = read_gguf(tiny_gguf)
+    plain = [t for t in gguf.GGUFReader(tiny_gguf).tensors if t.tensor_type.name in ("F32", "F16")]
+    assert {t.tensor_type.name for t in plain} == {"F32", "F16"}
+    for t in plain:
+        np.testing.assert_array_equal(tensor_data(info, t.name), np.asarray(t.data).reshape(-1))
+    with pytest.raises(InvalidModelFile, match="no tensor"):
+        tensor_data(info, "blk.9.attn_q.weight")
+
+
+def test_tensor_data_refuses_a_file_that_shrank(tiny_gguf: Path, tmp_path: Path) -> None:
+    from edgepack.gguf_header import tensor_data
+
+    copy = tmp_path / "copy.gguf"
+    copy.write_bytes(tiny_gguf.read_bytes())
+    info = read_gguf(copy)
+    last = max(info.tensors, key=lambda t: t.offset)
+    with open(copy, "r+b") as fh:
+        fh.truncate(info.data_offset + last.offset + 1)
+    with pytest.raises(InvalidModelFile, match="truncated"):
+        tensor_data(info, last.name)
+
+
+def test_array_elements(tiny_gguf: Path) -> None:
+    info = read_gguf(tiny_gguf)
+    with pytest.raises(ValueError, match="keep_arrays"):  # long and not asked for: a caller's mistake
+        info.array("tokenizer.ggml.tokens")
+    with pytest.raises(InvalidModelFile, match="not an array"):
+        info.array("general.architecture")
+    assert info.array("tokenizer.ggml.no_such_key") is None
+    kept = read_gguf(tiny_gguf, keep_arrays=("tokenizer.ggml.tokens",))
+    tokens = kept.array("tokenizer.ggml.tokens")
+    assert tokens is not None and tokens[2] == "<|im_end|>" and len(tokens) > 64

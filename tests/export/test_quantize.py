@@ -9,7 +9,8 @@ import pytest
 
 from edgepack.errors import InvalidModelFile, RuntimeFailure, UsageError
 from edgepack.export.gguf.convert import convert_hf_to_gguf
-from edgepack.export.gguf.quantize import QUANT_TYPES, quant_report, quantize_gguf, supported_quants, tensor_types
+from edgepack.export.gguf.quantize import (QUANT_TYPES, load_imatrix, quant_report, quantize_gguf, supported_quants,
+                                           tensor_types)
 from tests.export.helpers import PROMPTS, hf_logits, llama_logits, no_leftovers
 
 # hidden 64 / ff 128: rows divide 32 (Q8_0, Q4_0, Q4_1 apply as asked) but not 256, so
@@ -95,6 +96,30 @@ def test_malformed_imatrix_is_rejected(f16_gguf: Path, tmp_path: Path) -> None:
     with pytest.raises(InvalidModelFile, match="in_sum2"):
         quantize_gguf(f16_gguf, tmp_path / "out.gguf", "Q4_0", imatrix=f16_gguf)
     assert not (tmp_path / "out.gguf").exists()
+
+
+def test_truncated_imatrix_is_refused_before_its_data_is_read(tmp_path: Path) -> None:
+    from edgepack.export.gguf.imatrix import ImatrixStats, is_imatrix_file, write_imatrix
+
+    stats = ImatrixStats(chunks=1, tokens=4)
+    stats.sum2["blk.0.ffn_down.weight"] = np.arange(1, 129, dtype=np.float64)
+    stats.sum["blk.0.ffn_down.weight"] = np.zeros(128)
+    stats.counts["blk.0.ffn_down.weight"] = 4
+    path = write_imatrix(tmp_path / "imatrix.gguf", stats, datasets=["d"], chunk_size=8)
+    np.testing.assert_allclose(load_imatrix(path)["blk.0.ffn_down.weight"], np.arange(1, 129) / 4, rtol=1e-6)
+    path.write_bytes(path.read_bytes()[:-8])
+    with pytest.raises(InvalidModelFile, match="outside the file"):
+        load_imatrix(path)
+    assert not is_imatrix_file(path)
+
+
+def test_quantized_tensor_is_not_read_as_numbers(f16_gguf: Path, tmp_path: Path) -> None:
+    from edgepack.gguf_header import read_gguf, tensor_data
+
+    out = quantize_gguf(f16_gguf, tmp_path / "q8.gguf", "Q8_0", threads=1)
+    name = next(n for n, t in tensor_types(out).items() if t == "Q8_0")
+    with pytest.raises(InvalidModelFile, match="Q8_0"):
+        tensor_data(read_gguf(out), name)
 
 
 def test_unknown_quant_is_a_usage_error(f16_gguf: Path, tmp_path: Path) -> None:
