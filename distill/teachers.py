@@ -138,7 +138,8 @@ def check_hf_dir(path: Path, *, allow_pickle: bool = False, trust_remote_code: b
 
     Refuses (UnsafeModelError, naming the file) pickled weights unless ``allow_pickle``,
     an ``auto_map`` (modeling code in the folder) unless ``trust_remote_code``, and a chat
-    template that fails :func:`edgepack.export.gguf.vocab.check_chat_template` (a template bomb, an injection).
+    template that fails :func:`edgepack.runtime.chat.check.check_folder_template` (a template bomb, an
+    injection; the template read as transformers will read it).
     """
     path = Path(path)
     config_path = path / "config.json"
@@ -150,11 +151,11 @@ def check_hf_dir(path: Path, *, allow_pickle: bool = False, trust_remote_code: b
             raise UnsafeModelError(
                 f"{path / name} has an auto_map: loading it would run Python code from the folder",
                 hint="review the modeling files and pass trust_remote_code only if you trust them")
-    from edgepack.export.gguf.vocab import read_chat_template
+    from edgepack.runtime.chat.check import COMPILERS, check_folder_template
 
     # transformers compiles the template (constant folding, no limits) on the first
     # apply_chat_template: a template bomb is refused here, before any stage loads the folder.
-    read_chat_template(path)
+    check_folder_template(path, compilers=COMPILERS, strict=True, where="the model")
     safetensors = sorted(path.glob("*.safetensors"))
     if safetensors:
         return safetensors

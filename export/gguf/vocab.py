@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from edgepack.errors import InvalidModelFile, ModelSourceError, UnsupportedArchitecture
+from edgepack.gguf_header import read_gguf
 
 # llama.cpp token types (gguf.TokenType / LLAMA_TOKEN_TYPE_*).
 TOKEN_NORMAL = 1
@@ -174,27 +175,16 @@ def _token_content(entry: Any) -> str | None:
 
 
 def read_chat_template(hf_dir: Path) -> str | None:
-    """The chat template of an HF dir: tokenizer_config.json, else chat_template.jinja/.json.
+    """The chat template an artifact exported from ``hf_dir`` carries, checked as the exporter needs.
 
-    The template is parsed (never rendered) in jinja2's immutable sandbox so a broken one
-    fails here, at export, rather than on the device.
+    Read by the one folder reader (:func:`edgepack.runtime.chat.template.read_chat_template`:
+    ``chat_template.jinja``, else ``tokenizer_config.json``, as transformers chooses) and refused
+    here, at export, if it is hostile or cannot render a plain chat (:func:`check_chat_template`:
+    llama.cpp and transformers will compile it), rather than on the device.
     """
-    hf_dir = Path(hf_dir)
-    config = _read_json(hf_dir / "tokenizer_config.json") if (hf_dir / "tokenizer_config.json").is_file() else {}
-    template: Any = config.get("chat_template")
-    if template is None and (hf_dir / "chat_template.jinja").is_file():
-        template = (hf_dir / "chat_template.jinja").read_text(encoding="utf-8")
-    if template is None and (hf_dir / "chat_template.json").is_file():
-        template = _read_json(hf_dir / "chat_template.json").get("chat_template")
-    if isinstance(template, list):  # [{"name": "default", "template": ...}, ...]
-        named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
-        template = named.get("default")
-    if template is None:
-        return None
-    if not isinstance(template, str):
-        raise ModelSourceError(f"chat_template in {hf_dir} is not a string")
-    check_chat_template(template)
-    return template
+    from edgepack.runtime.chat.check import COMPILERS, check_folder_template
+
+    return check_folder_template(hf_dir, compilers=COMPILERS, strict=True, where="the model")
 
 
 def check_chat_template(template: str) -> None:
@@ -343,48 +333,48 @@ def write_gguf_vocab(writer: Any, vocab: GGUFVocab) -> None:
 # GGUF → HF
 # --------------------------------------------------------------------------------------
 
-def _field(reader: Any, key: str, default: Any = None) -> Any:
-    f = reader.fields.get(key)
-    return default if f is None else f.contents()
+_VOCAB_ARRAYS = ("tokenizer.ggml.tokens", "tokenizer.ggml.token_type", "tokenizer.ggml.merges")
 
 
 def read_gguf_vocab(gguf_path: Path) -> GGUFVocab:
-    """Read the ``tokenizer.ggml.*`` keys of a GGUF file (metadata only, via gguf.GGUFReader)."""
-    from gguf import GGUFReader
-
+    """Read the ``tokenizer.ggml.*`` keys of a GGUF file (its header only, through the bounded
+    :func:`~edgepack.gguf_header.read_gguf`)."""
     gguf_path = Path(gguf_path)
     if not gguf_path.is_file():
         raise ModelSourceError(f"{gguf_path} does not exist")
-    try:
-        reader = GGUFReader(gguf_path)
-    except (ValueError, OSError, IndexError, KeyError) as exc:
-        raise InvalidModelFile(f"{gguf_path} is not a readable GGUF file: {exc}") from exc
-    model = _field(reader, "tokenizer.ggml.model")
+    info = read_gguf(gguf_path, keep_arrays=_VOCAB_ARRAYS)
+    meta = info.metadata
+    model = meta.get("tokenizer.ggml.model")
     if model != "gpt2":
         raise UnsupportedArchitecture(
             f"{gguf_path.name}: tokenizer.ggml.model {model!r} is not byte-level BPE",
             hint="edgepack rebuilds HF tokenizers for gpt2-type (byte-level BPE) GGUF vocabularies only")
-    pre = _field(reader, "tokenizer.ggml.pre")
-    if pre is None:
+    pre = meta.get("tokenizer.ggml.pre")
+    if not isinstance(pre, str):
         raise UnsupportedArchitecture(f"{gguf_path.name} has no tokenizer.ggml.pre",
                                       hint=f"supported: {', '.join(supported_pre_tokenizers())}")
-    tokens = list(_field(reader, "tokenizer.ggml.tokens", []))
-    types = [int(t) for t in _field(reader, "tokenizer.ggml.token_type", [TOKEN_NORMAL] * len(tokens))]
-    merges = list(_field(reader, "tokenizer.ggml.merges", []))
-    if not tokens or len(types) != len(tokens):
+    tokens = info.array("tokenizer.ggml.tokens") or []
+    types = info.array("tokenizer.ggml.token_type")
+    types = [TOKEN_NORMAL] * len(tokens) if types is None else [int(t) for t in types]
+    merges = info.array("tokenizer.ggml.merges") or []
+    if not tokens or len(types) != len(tokens) or not all(isinstance(t, str) for t in (*tokens, *merges)):
         raise InvalidModelFile(f"{gguf_path.name}: token list and token types disagree or are empty")
 
     def tid(key: str) -> int | None:
-        v = _field(reader, f"tokenizer.ggml.{key}")
-        return int(v) if v is not None and 0 <= int(v) < len(tokens) else None
+        v = meta.get(f"tokenizer.ggml.{key}")
+        return v if isinstance(v, int) and not isinstance(v, bool) and 0 <= v < len(tokens) else None
 
+    template = meta.get("tokenizer.chat_template")
+    if template is not None and not isinstance(template, str):
+        raise InvalidModelFile(f"{gguf_path.name}: tokenizer.chat_template holds a {type(template).__name__}, "
+                               "not a template string")
     return GGUFVocab(
-        pre=pre, tokens=tokens, token_types=types, merges=merges,
+        pre=pre, tokens=list(tokens), token_types=types, merges=list(merges),
         bos_id=tid("bos_token_id"), eos_id=tid("eos_token_id"),
         pad_id=tid("padding_token_id"), unk_id=tid("unknown_token_id"),
-        add_bos=bool(_field(reader, "tokenizer.ggml.add_bos_token", False)),
-        add_eos=bool(_field(reader, "tokenizer.ggml.add_eos_token", False)),
-        chat_template=_field(reader, "tokenizer.chat_template"), model=model,
+        add_bos=bool(meta.get("tokenizer.ggml.add_bos_token", False)),
+        add_eos=bool(meta.get("tokenizer.ggml.add_eos_token", False)),
+        chat_template=template, model=model,
     )
 
 

@@ -257,18 +257,14 @@ def _onnx_payload(model: Path, model_name: str, profile: Profile) -> Payload:
     """
     import importlib.metadata as md
 
-    from edgepack.runtime.backends.onnxrt import read_chat_template
     from edgepack.export.gate.gate import artifact_digest
+    from edgepack.runtime.chat.check import check_folder_template
     from edgepack.runtime.onnx_graph import MODEL_FILE, estimate_onnx_memory, inspect_onnx
 
     if not model.is_dir():
         raise UsageError(f"{model} is not an ONNX folder (expected a folder with {MODEL_FILE})")
     graph = inspect_onnx(model)  # refuses external data that leaves the folder
-    template = read_chat_template(model)
-    if template:
-        from edgepack.runtime.chat.check import check_chat_templates
-
-        check_chat_templates({"chat_template": template}, render="chat_template", strict=True, where=model.name)
+    template = check_folder_template(model, strict=True)
     files = onnx_folder_files(model)
     if template:
         files.append(BundleFile("chat_template.jinja", template.encode("utf-8")))

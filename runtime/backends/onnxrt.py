@@ -28,6 +28,7 @@ from typing import Any
 
 from edgepack.errors import InvalidModelFile, RuntimeFailure, UnsupportedArchitecture, UsageError
 from edgepack.runtime.backends.base import Backend, register_backend
+from edgepack.runtime.chat.template import read_chat_template
 from edgepack.runtime.onnx_graph import MODEL_FILE, OnnxGraphInfo, inspect_onnx, model_file
 
 CUDA_PROVIDER = "CUDAExecutionProvider"
@@ -110,18 +111,6 @@ def _token_text(value: Any) -> str:
     if isinstance(value, dict):
         value = value.get("content")
     return value if isinstance(value, str) else ""
-
-
-def read_chat_template(folder: Path) -> str | None:
-    """``chat_template.jinja`` beside the model, else ``tokenizer_config.json``'s template."""
-    jinja = folder / "chat_template.jinja"
-    if jinja.is_file():
-        return jinja.read_text(encoding="utf-8")
-    template = _read_json(folder / "tokenizer_config.json").get("chat_template")
-    if isinstance(template, list):  # named templates: [{"name": "default", "template": ...}]
-        named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
-        template = named.get("default")
-    return template if isinstance(template, str) else None
 
 
 @register_backend("onnx")

@@ -47,7 +47,8 @@ _LIBRARIES = {"llama_cpp": "llama-cpp-python's Llama()", "transformers": "transf
 GGUF_DEFAULT_KEY = "tokenizer.chat_template"
 _PROGRESS = "edgepack-template-check:"
 _HINT = ("this model carries a hostile or broken chat template; do not use it, or replace "
-         "tokenizer.chat_template (tokenizer_config.json's chat_template) with a known-good one")
+         "tokenizer.chat_template (chat_template.jinja or tokenizer_config.json's chat_template) "
+         "with a known-good one")
 
 _PASSED: set[str] = set()                          # "<task>:<sha256>"
 _FAILED: dict[str, tuple[str, str]] = {}           # key -> (error class name, message)
@@ -80,6 +81,22 @@ def check_gguf_templates(header: Any, *, strict: bool = False) -> None:
                              where=header.path.name)
 
 
+def check_folder_template(folder: Path, *, compilers: Collection[str] = (), strict: bool = False,
+                          where: str | None = None) -> str | None:
+    """A model folder's chat template (:func:`~edgepack.runtime.chat.template.read_chat_template`),
+    refused by :func:`check_chat_templates` if hostile; None when the folder has none.
+
+    Every reader of a folder's template goes through here: the exporter and the teacher check
+    (``compilers`` both libraries, ``strict``), the ONNX loader, the gate and pack."""
+    from edgepack.runtime.chat.template import read_chat_template
+
+    template = read_chat_template(folder)
+    if template is not None:
+        check_chat_templates({"chat_template": template}, render="chat_template", compilers=compilers,
+                             strict=strict, where=where or Path(folder).name)
+    return template
+
+
 def check_artifact_templates(path: Path, fmt: str, *, strict: bool = True) -> None:
     """The check for an artifact ``gate`` and ``pack`` are given: a GGUF file or an ONNX folder."""
     if fmt == "gguf":
@@ -91,12 +108,8 @@ def check_artifact_templates(path: Path, fmt: str, *, strict: bool = True) -> No
             return  # no template can be read, and no loader opens it past the same check (the gate reports it)
         check_gguf_templates(header, strict=strict)
     elif fmt == "onnx":
-        from edgepack.runtime.backends.onnxrt import read_chat_template
-
-        template = read_chat_template(Path(path).parent if Path(path).is_file() else Path(path))
-        if template:
-            check_chat_templates({"chat_template": template}, render="chat_template", strict=strict,
-                                 where=Path(path).name)
+        check_folder_template(Path(path).parent if Path(path).is_file() else Path(path), strict=strict,
+                              where=Path(path).name)
 
 
 def check_chat_templates(templates: Mapping[str, str], *, render: str | None = None,

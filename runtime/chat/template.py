@@ -1,7 +1,8 @@
 """Render a model's chat template without letting the template run code.
 
-A chat template comes from the model file (GGUF ``tokenizer.chat_template`` or
-``tokenizer_config.json``), so it is untrusted input: llama-cpp-python once rendered it with a
+A chat template comes from the model file (GGUF ``tokenizer.chat_template``, or in a model
+folder what :func:`read_chat_template` finds, the one reader every stage uses), so it is
+untrusted input: llama-cpp-python once rendered it with a
 plain Jinja2 environment and a crafted GGUF got remote code execution (CVE-2024-34359).
 edgepack renders every template here, in :class:`~edgepack.runtime.chat.sandbox.BoundedSandbox`
 (jinja2's ``ImmutableSandboxedEnvironment`` plus limits on loop iterations, integer sizes, string
@@ -24,21 +25,76 @@ that does not parse or breaks (OverflowError, ZeroDivisionError and the like inc
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from datetime import datetime
 from functools import lru_cache
+from pathlib import Path
 from typing import Any
 
 from edgepack.errors import InvalidModelFile, UnsafeModelError, UsageError
 
 MAX_RENDERED_CHARS = 4_000_000   # far above any real prompt; stops a runaway loop's output
 _HOSTILE_HINT = ("this model file carries a hostile or broken chat template; do not use it, or replace "
-                 "tokenizer.chat_template (tokenizer_config.json's chat_template) with a known-good one")
+                 "tokenizer.chat_template (chat_template.jinja or tokenizer_config.json's chat_template) "
+                 "with a known-good one")
 _BROKEN_HINT = "fix tokenizer.chat_template in the model, or re-export it"
 
 
 class TemplateRejected(Exception):
     """Raised by ``raise_exception(...)`` inside a template: the messages were refused."""
+
+
+# A model folder's template files, in the order transformers' tokenizer loading prefers them.
+TEMPLATE_FILE = "chat_template.jinja"
+TOKENIZER_CONFIG = "tokenizer_config.json"
+PROCESSOR_TEMPLATE_FILE = "chat_template.json"  # processors' file; read last, as the exporter always has
+
+
+def read_chat_template(folder: Path) -> str | None:
+    """The default chat template of a model folder (HF, merged student, exported ONNX), or None.
+
+    The one reader, choosing as transformers 4.57's ``from_pretrained`` does, so the exporter,
+    the teacher check and the runtime see the template training rendered with:
+    ``chat_template.jinja`` first, else ``tokenizer_config.json``'s ``chat_template`` (a string, or
+    named templates ``[{"name": "default", "template": ...}]``), else ``chat_template.json``.
+    Reading never compiles: callers refuse a hostile template with
+    :func:`edgepack.runtime.chat.check.check_folder_template` before anything compiles it.
+    Raises InvalidModelFile for unreadable JSON or a template that is not text, UnsafeModelError
+    for a template file far over :data:`~edgepack.runtime.chat.sandbox.MAX_TEMPLATE_CHARS`.
+    """
+    from edgepack.runtime.chat.sandbox import MAX_TEMPLATE_CHARS
+
+    folder = Path(folder)
+    jinja = folder / TEMPLATE_FILE
+    if jinja.is_file():
+        if jinja.stat().st_size > 4 * MAX_TEMPLATE_CHARS:  # 4 bytes per character at most in UTF-8
+            raise UnsafeModelError(f"{jinja} is {jinja.stat().st_size:,} bytes; a chat template is a few KB",
+                                   hint=_HOSTILE_HINT)
+        try:
+            return jinja.read_text(encoding="utf-8") or None
+        except (OSError, UnicodeDecodeError) as exc:
+            raise InvalidModelFile(f"cannot read {jinja}: {exc}", hint=_BROKEN_HINT) from exc
+    template = _json_key(folder / TOKENIZER_CONFIG, "chat_template")
+    if template is None:
+        template = _json_key(folder / PROCESSOR_TEMPLATE_FILE, "chat_template")
+    if isinstance(template, list):  # named templates: [{"name": "default", "template": ...}, ...]
+        named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+        template = named.get("default")
+    if template is not None and not isinstance(template, str):
+        raise InvalidModelFile(f"the chat_template in {folder} is a {type(template).__name__}, not text",
+                               hint=_BROKEN_HINT)
+    return template or None  # "" is no template, as transformers treats it
+
+
+def _json_key(path: Path, key: str) -> Any:
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise InvalidModelFile(f"cannot read {path}: {exc}", hint=_BROKEN_HINT) from exc
+    return data.get(key) if isinstance(data, dict) else None
 
 
 def _raise_exception(message: str) -> None:

@@ -170,6 +170,25 @@ def test_gguf_sentencepiece_vocab_is_refused(tmp_path: Path) -> None:
         read_gguf_vocab(path)
 
 
+def test_gguf_vocab_is_read_through_the_bounded_header_reader(tiny_gguf: Path, tmp_path: Path) -> None:
+    import resource
+    import time
+
+    from tests.runtime.helpers import gguf_offsets, patch
+
+    vocab = read_gguf_vocab(tiny_gguf)
+    assert vocab.pre == "gpt-2" and vocab.tokens[2] == "<|im_end|>" and vocab.eos_id == 2
+    assert len(vocab.token_types) == len(vocab.tokens) > 64 and vocab.merges  # long arrays kept whole
+    # A token count the file cannot hold is refused before anything is allocated for it.
+    bad = patch(tiny_gguf, tmp_path / "bad.gguf", gguf_offsets(tiny_gguf)["tokens_count"], "<Q", 1 << 62)
+    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    t0 = time.perf_counter()
+    with pytest.raises(InvalidModelFile, match="cannot hold"):
+        read_gguf_vocab(bad)
+    assert time.perf_counter() - t0 < 1.0
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss_before < 64 * 1024
+
+
 def test_sentencepiece_hf_tokenizers_are_refused(tiny_llama_copy: Path) -> None:
     tj = json.loads((tiny_llama_copy / "tokenizer.json").read_text())
     tj["model"]["byte_fallback"] = True
@@ -197,10 +216,17 @@ def test_vocab_is_padded_to_the_embedding_rows(tiny_llama_dir: Path) -> None:
     assert padded.token_types[-3:] == [5, 5, 5]
 
 
-def test_chat_template_from_tokenizer_config_wins(tiny_llama_copy: Path) -> None:
+def test_chat_template_is_the_one_transformers_renders(tiny_llama_copy: Path) -> None:
+    """chat_template.jinja beats tokenizer_config.json, as in transformers' from_pretrained: the
+    GGUF carries the template the student was trained and evaluated with."""
+    from transformers import AutoTokenizer
+
     cfg = json.loads((tiny_llama_copy / "tokenizer_config.json").read_text())
     cfg["chat_template"] = "{{ messages[0]['content'] }}"
     (tiny_llama_copy / "tokenizer_config.json").write_text(json.dumps(cfg))
+    trained_with = AutoTokenizer.from_pretrained(tiny_llama_copy).get_chat_template()
+    assert gguf_vocab_from_hf(tiny_llama_copy).chat_template == trained_with == CHATML_TEMPLATE
+    (tiny_llama_copy / "chat_template.jinja").unlink()
     assert gguf_vocab_from_hf(tiny_llama_copy).chat_template == "{{ messages[0]['content'] }}"
 
 
