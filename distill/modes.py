@@ -31,6 +31,15 @@ DENSE, SOFT_LABELS, TOP_LOGPROBS, RESPONSE_ONLY = "dense", "soft-labels", "top-l
 SFT = "sft"
 """The divergence name of cross-entropy only (``--loss sft``)."""
 
+# How each mode holds the teacher while the student trains (what the memory planner counts):
+# ``online`` its weights and logits, ``cached`` soft labels read from disk, ``none`` nothing.
+TEACHER_WHILE_TRAINING: dict[str, str] = {
+    DENSE: "online",
+    SOFT_LABELS: "cached",
+    TOP_LOGPROBS: "none",  # the endpoint's logprobs are in the data rows
+    RESPONSE_ONLY: "none",
+}
+
 
 @dataclass(frozen=True)
 class TrainingMode:
@@ -41,6 +50,11 @@ class TrainingMode:
     @property
     def needs_teacher_weights(self) -> bool:
         return self.name in (DENSE, SOFT_LABELS)
+
+    @property
+    def teacher_while_training(self) -> str:
+        """``online``, ``cached`` or ``none``: see :data:`TEACHER_WHILE_TRAINING`."""
+        return TEACHER_WHILE_TRAINING[self.name]
 
 
 def read_data_report(run_dir: Path) -> dict[str, Any]:

@@ -1,0 +1,146 @@
+"""What the KD recipe (train.py) writes: checkpoints while it trains, then the student and its report.
+
+* :func:`save_progress` — ``RUN/checkpoints/step-N`` (checkpoint.py: weights, AdamW, schedule,
+  RNG, and state.json with the identity, the student's description, the loss curve and the
+  plan), written by rank 0 only.
+* :func:`train_report` — train_report.json's fields, a pure function of what training did and
+  the peak memory measured (:func:`peak_rss_mb`).
+* :func:`save_student` — ``RUN/student`` (or ``RUN/student-<variant>``) as a complete HF folder
+  (safetensors, the student's tokenizer and chat template, student.json, train_report.json,
+  loss_curve.png), atomically; LoRA adapters are merged first, so it is always a plain model.
+"""
+
+from __future__ import annotations
+
+import resource
+import shutil
+from dataclasses import asdict
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from edgepack.atomic import atomic_dir, is_temp_name, write_json
+from edgepack.constants import LOSS_CURVE_PNG, STUDENT_INFO, TRAIN_REPORT
+from edgepack.distill import checkpoint as ckpt
+from edgepack.distill.curves import loss_curve_png
+from edgepack.distill.modes import SOFT_LABELS, TOP_LOGPROBS
+from edgepack.distill.parallel import DataParallel
+from edgepack.distill.train_loss import OnlineTeacher
+from edgepack.distill.train_step import Trainee, TrainState
+
+if TYPE_CHECKING:
+    from edgepack.distill.train import TrainConfig
+    from edgepack.distill.train_setup import RunInputs, TrainData, TrainingRun, TrainRequest
+
+
+def save_progress(root: Path, trainee: Trainee, state: TrainState, identity: dict[str, Any], *, keep: int,
+                  parallel: DataParallel = DataParallel()) -> None:
+    """Checkpoint ``state.step`` under ``root`` (rank 0 writes, the other ranks hold the same state)."""
+    if parallel.is_main:
+        ckpt.save_checkpoint(root, state.step, trainee.model, trainee.optimizer, trainee.scheduler,
+                             {"identity": identity, "student": trainee.description, "history": state.history_dicts(),
+                              "elapsed": state.elapsed, "tokens": state.tokens, "plan": trainee.plan.describe()},
+                             keep=keep)
+    parallel.barrier()
+
+
+def train_report(request: TrainRequest, inputs: RunInputs, data: TrainData, run: TrainingRun, state: TrainState, *,
+                 peak_mb: float, peak_is_this_call: bool, world: int = 1) -> dict[str, Any]:
+    """train_report.json: what was trained, on what, how it went, and the memory it took."""
+    import torch
+
+    cfg, description, plan, mode = request.config, run.trainee.description, run.trainee.plan, data.mode
+    teacher = run.objective.targets
+    return {
+        "identity": inputs.identity,
+        "steps": request.steps,
+        "params": description["params"],
+        "teacher_params": description["teacher_params"],
+        "final_loss": state.history[-1].loss,
+        "first_loss": state.history[0].loss,
+        "loss_curve": state.history_dicts(),
+        "rows": len(data.rows), "rows_used": len(data.examples), "rows_too_long": data.too_long,
+        "mode": mode.name,
+        "mode_reason": mode.reason,
+        "teacher_prefix_tokens": teacher.prefix.length if isinstance(teacher, OnlineTeacher) else None,
+        "student_prefix_tokens": run.data.student_prefix,
+        **_targets_report(data, cfg),
+        "tokens": state.tokens,
+        "wall_s": round(state.elapsed, 2),
+        "tokens_per_s": round(state.tokens / state.elapsed, 1) if state.elapsed else None,
+        "peak_rss_mb": round(peak_mb, 1),
+        "peak_rss_scope": "this training call" if peak_is_this_call else "the whole process (peak not resettable here)",
+        "plan": plan.describe(),
+        "measured_over_planned_peak": round(peak_mb / plan.planned_peak_mb, 3),
+        "device": "cpu",
+        "device_note": None if request.profile.train_device == "cpu" else
+        f"profile {request.profile.name} trains on {request.profile.train_device}; this version trains on the CPU only",
+        "torch_threads": torch.get_num_threads(),
+        "resumed_from_step": run.start.step or None,
+        "data_parallel_processes": world,
+    }
+
+
+def _targets_report(data: TrainData, cfg: TrainConfig) -> dict[str, Any]:
+    """The sparse targets' report fields: the soft-label cache's k/samples, the endpoint's alignment stats."""
+    sparse: Any = data.sparse
+    return {"soft_labels": {"k": sparse.k, "samples": sparse.samples, "divergence": cfg.divergence}
+            if data.mode.name == SOFT_LABELS else None,
+            "endpoint_logprobs": sparse.stats if data.mode.name == TOP_LOGPROBS else None}
+
+
+def save_student(request: TrainRequest, inputs: RunInputs, data: TrainData, trainee: Trainee,
+                 report: dict[str, Any]) -> None:
+    """Write RUN/student (or RUN/student-<variant>) atomically (module docstring)."""
+    out, cfg, description = request.out, request.config, trainee.description
+    for stale in out.parent.glob(f"{out.name}.tmp-*"):  # a final save that was killed
+        if is_temp_name(stale.name):  # edgepack's own temporary name, never a user's folder
+            shutil.rmtree(stale, ignore_errors=True)
+    model = trainee.model.merge_and_unload() if trainee.plan.method == "lora" else trainee.model
+    with atomic_dir(out) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        _copy_tokenizer(data.tokenizer_dir, tmp)
+        write_json(tmp / STUDENT_INFO, {**description,
+                                        "teacher": str(inputs.teacher_dir or inputs.data_report["teacher"]["spec"]),
+                                        "teacher_sha256": inputs.teacher_sha256, "mode": data.mode.name,
+                                        "train_config": asdict(cfg)})
+        write_json(tmp / TRAIN_REPORT, report)
+        loss_curve_png(report["loss_curve"], tmp / LOSS_CURVE_PNG,
+                       f"{out.name}: {data.mode.name} ({cfg.divergence}), {description['params'] / 1e6:.1f}M parameters")
+
+
+def _copy_tokenizer(src: Path, dst: Path) -> None:
+    from edgepack.distill.teachers import HF_TOKENIZER_FILES
+
+    for name in HF_TOKENIZER_FILES:
+        if (src / name).is_file():
+            shutil.copyfile(src / name, dst / name)
+
+
+# ------------------------------------------------------------------ memory, measured for the report
+
+
+def reset_peak_rss() -> bool:
+    """Start the kernel's peak-RSS counter (VmHWM) afresh, so the peak is this call's (Linux)."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def peak_rss_mb() -> float:
+    """VmHWM (since the last reset) on Linux, else the process's lifetime ru_maxrss."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def rss_mb() -> float:
+    """The process's resident memory now."""
+    import psutil
+
+    return psutil.Process().memory_info().rss / 2**20

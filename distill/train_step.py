@@ -1,0 +1,155 @@
+"""One optimizer step of the KD recipe, and the typed state the recipe carries from step to step.
+
+A step takes ``batch_size`` rows (a pure function of seed and step: batching.batch_indices, so
+the step number is the data cursor), runs them in micro-batches of the plan's size — the
+student's logits at answer positions only, the mode's loss (train_loss.py) weighted by its
+share of the step's answer tokens, backward — sums the gradients over data-parallel ranks,
+clips them, and steps AdamW and the LR schedule. A non-finite loss or gradient norm, or a loss
+``explode_factor`` times the first step's, is not applied: the step returns the problem and the
+state it started from, and the recipe keeps the last good checkpoint.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from edgepack.distill.batching import Example, answer_hidden, batch_indices
+from edgepack.distill.parallel import DataParallel
+from edgepack.distill.plan import TrainPlan
+from edgepack.distill.train_loss import MicroBatch, Objective, mode_loss
+
+if TYPE_CHECKING:
+    from edgepack.distill.train import TrainConfig
+
+
+@dataclass(frozen=True)
+class StepLog:
+    """One row of the loss curve (train_report.json ``loss_curve``, checkpoint ``history``)."""
+
+    step: int
+    """Steps done, this one included (1-based)."""
+    loss: float
+    kd: float
+    ce: float
+    lr: float
+    """The learning rate after this step's schedule update."""
+    grad_norm: float
+    """The gradient norm before clipping."""
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class TrainState:
+    """How far training has come: what a checkpoint stores besides the weights and optimizer."""
+
+    step: int = 0
+    history: tuple[StepLog, ...] = ()
+    elapsed: float = 0.0
+    """Seconds spent in training steps (setup and checkpoints not counted)."""
+    tokens: int = 0
+    """Student tokens (prompt + answer) of the steps done."""
+
+    @staticmethod
+    def from_checkpoint(state: dict[str, Any]) -> TrainState:
+        """The state of a checkpoint's state.json (checkpoint.restore_training_state)."""
+        return TrainState(state["step"], tuple(StepLog(**h) for h in state["history"]), state["elapsed"],
+                          state["tokens"])
+
+    def history_dicts(self) -> list[dict[str, Any]]:
+        return [h.as_dict() for h in self.history]
+
+
+@dataclass(frozen=True)
+class Trainee:
+    """The student being trained and what updates it."""
+
+    model: Any
+    params: list[torch.nn.Parameter]
+    """The trainable parameters (all of them, or the LoRA adapters)."""
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    plan: TrainPlan
+    description: dict[str, Any]
+    """What the student is (student.json): its source, kept layers, parameter counts."""
+
+
+@dataclass(frozen=True)
+class StepData:
+    """The tokenized rows and how a step cuts them into micro-batches."""
+
+    examples: list[Example]
+    seed: int
+    pad_id: int
+    student_prefix: int = 0
+    """Prompt tokens every row shares, run once per micro-batch (0: none or not worth it)."""
+
+
+@dataclass(frozen=True)
+class StepResult:
+    """The state after a step, or, when ``problem`` says why it was not applied, the state before it."""
+
+    state: TrainState
+    problem: str | None = None
+
+
+def divergence_problem(loss: float, grad_norm: float, history: tuple[StepLog, ...], explode_factor: float) -> str | None:
+    """Why a step's loss or gradient must not be applied, or None when it is healthy."""
+    if not math.isfinite(loss):
+        return f"the loss is {loss}"
+    if not math.isfinite(grad_norm):
+        return f"the gradient norm is {grad_norm}"
+    if history and loss > explode_factor * max(history[0].loss, 1e-3):
+        return f"the loss exploded to {loss:.4g} (first step: {history[0].loss:.4g})"
+    return None
+
+
+def _micro_step(model: Any, indices: list[int], examples: list[Example], data: StepData, objective: Objective,
+                n_answer: int) -> tuple[list[float], int]:
+    """Forward and backward one micro-batch; its (loss, kd, ce) weighted by its share of the step's tokens."""
+    hidden, batch = answer_hidden(model.get_decoder(), [e.student_ids for e in examples],
+                                  [e.student_prompt for e in examples], data.pad_id,
+                                  data.student_prefix if len(examples) > 1 else 0)
+    s_logits = model.get_output_embeddings()(hidden)
+    terms = mode_loss(objective.mode)(s_logits, MicroBatch(indices, examples, batch.targets), objective)
+    weight = s_logits.shape[0] / n_answer  # the step loss is a mean over all answer tokens
+    (terms.loss * weight).backward()
+    values = [float(value.detach()) * weight for value in (terms.loss, terms.kd, terms.ce)]
+    return values, sum(len(e.student_ids) for e in examples)
+
+
+def train_step(trainee: Trainee, data: StepData, objective: Objective, state: TrainState, cfg: TrainConfig,
+               parallel: DataParallel = DataParallel()) -> StepResult:
+    """Optimizer step ``state.step`` (0-based): batch → loss → backward → clip → step (module docstring)."""
+    t0 = time.perf_counter()
+    indices = batch_indices(len(data.examples), data.seed, state.step, cfg.batch_size)
+    chosen = [data.examples[i] for i in indices]
+    n_answer = sum(e.answer_tokens for e in chosen)  # over the global batch, on every rank
+    size = trainee.plan.micro_batch
+    micro_batches = [(indices[i:i + size], chosen[i:i + size]) for i in range(0, len(chosen), size)]
+    totals, step_tokens = [0.0, 0.0, 0.0], 0
+    for part_indices, part in parallel.my_share(micro_batches):
+        values, tokens = _micro_step(trainee.model, part_indices, part, data, objective, n_answer)
+        totals = [total + value for total, value in zip(totals, values)]
+        step_tokens += tokens
+    parallel.sum_gradients(trainee.params)
+    *totals, step_tokens = parallel.sum_values([*totals, step_tokens])
+    grad_norm = float(torch.nn.utils.clip_grad_norm_(trainee.params, cfg.clip_norm))
+    loss, kd, ce = totals
+    problem = divergence_problem(loss, grad_norm, state.history, cfg.explode_factor)
+    if problem:
+        trainee.optimizer.zero_grad(set_to_none=True)  # the weights stay those after the last good step
+        return StepResult(state, problem)
+    trainee.optimizer.step()
+    trainee.scheduler.step()
+    trainee.optimizer.zero_grad(set_to_none=True)
+    log = StepLog(state.step + 1, round(loss, 6), round(kd, 6), round(ce, 6), trainee.scheduler.get_last_lr()[0],
+                  round(grad_norm, 4))
+    return StepResult(TrainState(state.step + 1, (*state.history, log), state.elapsed + time.perf_counter() - t0,
+                                 state.tokens + int(step_tokens)))
