@@ -68,6 +68,14 @@ def estimate_gguf_memory(info: GGUFInfo, n_ctx: int) -> dict[str, Any]:
             "total_bytes": weights + kv + RUNTIME_ALLOWANCE_BYTES, "n_ctx": n_ctx, "basis": basis}
 
 
+def gguf_artifact_memory(path: Path, n_ctx: int) -> dict[str, Any]:
+    """:func:`estimate_gguf_memory` of the GGUF file at ``path`` (header read by the bounded reader):
+    the ``gguf`` format's ``artifact_memory`` part, which the runtime preflight calls."""
+    from edgepack.gguf_header import read_gguf
+
+    return estimate_gguf_memory(read_gguf(Path(path)), n_ctx)
+
+
 def _cgroup_available_bytes() -> int | None:
     """Room left under a cgroup v2 ``memory.max`` (containers), or None when unlimited."""
     base = Path("/sys/fs/cgroup")

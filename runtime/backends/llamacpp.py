@@ -23,7 +23,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from edgepack.errors import RuntimeFailure, UsageError
+from edgepack.errors import InvalidModelFile, RuntimeFailure, UsageError
 from edgepack.runtime.backends.base import Backend, register_backend
 from edgepack.gguf_header import GGUFInfo, read_gguf
 
@@ -62,6 +62,33 @@ def _install_log_hook() -> None:
 
 def _log_detail(fallback: str) -> str:
     return "; ".join(line for line in _LOG_LINES if line) or fallback
+
+
+# --- what the format registry (edgepack.formats, ``gguf``) reads from a GGUF header ------------
+def trained_context(path: Path) -> int | None:
+    """``<arch>.context_length``: the context the model was trained for, if the header says."""
+    value = read_gguf(Path(path)).arch_value("context_length")
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
+
+
+def file_quant(path: Path) -> str | None:
+    """The file type llama.cpp's quantizer recorded (``Q4_K_M``); InvalidModelFile for a bad header."""
+    return read_gguf(Path(path)).quant
+
+
+def check_templates(path: Path, *, strict: bool = True) -> None:
+    """Check every chat template the GGUF holds, as ``Llama()`` would compile them.
+
+    An unreadable header is left to the loader, which refuses it past the same check with the
+    same error (the gate's measurement reports it as the reason for FAIL).
+    """
+    from edgepack.runtime.chat.check import check_gguf_templates
+
+    try:
+        header = read_gguf(Path(path))
+    except InvalidModelFile:
+        return
+    check_gguf_templates(header, strict=strict)
 
 
 @register_backend("gguf")

@@ -113,6 +113,31 @@ def _token_text(value: Any) -> str:
     return value if isinstance(value, str) else ""
 
 
+# --- what the format registry (edgepack.formats, ``onnx``) reads from an ONNX folder ------------
+def trained_context(path: Path) -> int | None:
+    """``max_position_embeddings`` from the folder's config.json, if it says."""
+    config = model_file(Path(path)).parent / "config.json"
+    try:
+        value = json.loads(config.read_text(encoding="utf-8")).get("max_position_embeddings")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
+
+
+def file_quant(path: Path) -> str | None:
+    """What the graph holds (the narrowest MatMulNBits width, else ``fp32``), not what the folder
+    is called; the scan refuses external data that leaves the folder."""
+    return inspect_onnx(Path(path)).quant
+
+
+def check_templates(path: Path, *, strict: bool = True) -> None:
+    """Check the chat template of the folder (given as the folder or its ``model.onnx``)."""
+    from edgepack.runtime.chat.check import check_folder_template
+
+    path = Path(path)
+    check_folder_template(path.parent if path.is_file() else path, strict=strict, where=path.name)
+
+
 @register_backend("onnx")
 class OnnxRuntimeBackend(Backend):
     """An exported ONNX folder in onnxruntime."""
