@@ -1,8 +1,11 @@
 """`edgepack export`: turn a run's student (or any HF dir) into deployable artifacts.
 
-``export_model`` resolves the source, converts it once to ``<model>-F16.gguf``, quantizes
-that file to each requested type as ``<model>-<QUANT>.gguf`` and records every artifact
-(size, sha256, what llama.cpp actually stored) in ``export.json`` beside them. Each file
+``export_model`` resolves the source, checks the requested quantizations with the format's
+``check_quants`` and runs the format's ``exporter`` (:mod:`edgepack.formats`), then records every
+artifact (size, sha256, what the file actually stores) in ``export.json`` beside them. The
+built-in exporters are here: :func:`export_gguf_artifacts` converts once to
+``<model>-F16.gguf`` and quantizes that file to each requested type as ``<model>-<QUANT>.gguf``;
+:func:`export_onnx_artifacts` writes one ``<model>-onnx-<quant>/`` folder per quantization. Each file
 is written under a temporary name and renamed when whole, so an interrupted export
 leaves no artifact under a final name; the next export removes what it left (and only that,
 :func:`~edgepack.atomic.clean_stale`). An export holds the run's ``export`` lock
@@ -22,6 +25,7 @@ from edgepack.atomic import atomic_path, clean_stale, is_complete, scratch, writ
 from edgepack.constants import (ARTIFACTS_DIR, COMPLETE_MARKER, DATA_DIR, EXPORT_REPORT, FIDELITY_MARKDOWN,
                                 FIDELITY_REPORT, HOLDOUT_FILE, RUN_TOML, STUDENT_DIR, TRAIN_FILE)
 from edgepack.errors import ModelSourceError, RunDirError, UsageError
+from edgepack.formats import Format, all_formats, get_format
 from edgepack.locks import stage_lock
 from edgepack.export.merge import ADAPTER_CONFIG
 from edgepack.progress import ProgressFn, null_progress
@@ -77,7 +81,8 @@ def _merge_report(out_dir: Path, report: dict[str, Any]) -> dict[str, Any]:
 def export_model(*, source: Path, fmt: str, quants: list[str], out_dir: Path | None,
                  progress: ProgressFn = null_progress, imatrix: bool = False, calibration: Path | None = None,
                  fidelity: bool = True, onnx_options: OnnxQuantOptions | None = None) -> dict[str, Any]:
-    """Export a model to GGUF or ONNX and record the artifacts in export.json.
+    """Export a model to an artifact format (GGUF, ONNX or a registered one) and record the
+    artifacts in export.json.
 
     ``source`` is a run directory (its ``student/`` must be complete; artifacts are named
     ``student-<QUANT>.gguf`` and go to ``RUN/artifacts`` by default) or an HF model dir
@@ -88,7 +93,9 @@ def export_model(*, source: Path, fmt: str, quants: list[str], out_dir: Path | N
     llama.cpp types (Q8_0, Q6_K, Q5_K_M, Q4_K_M, Q4_0, Q4_1, IQ4_XS) or F32/F16/BF16
     (default Q4_K_M). ONNX: one folder ``<model>-onnx-<quant>/`` (model.onnx + config and
     tokenizer files) per quant in fp32/int8/int4 (default int4), with its logits measured
-    against PyTorch. An empty ``quants`` list means the format's default.
+    against PyTorch. An empty ``quants`` list means the format's default. Options a format's
+    exporter does not take (``export_options``: ``imatrix`` for GGUF, ``options`` for ONNX) are
+    refused before any work.
     ``imatrix`` (GGUF): quantize with an importance matrix computed from ``calibration``
     (a JSONL of chat rows; default ``RUN/data/train.jsonl``) and saved as
     ``<model>.imatrix.gguf``; a ``calibration`` that is already a GGUF imatrix is used as is.
@@ -99,32 +106,35 @@ def export_model(*, source: Path, fmt: str, quants: list[str], out_dir: Path | N
     (``RUN/data/holdout.jsonl`` when there is one, else a built-in prompt set) and write
     ``fidelity.json`` and ``fidelity.md``. Returns the export.json dict.
     """
-    fmt = fmt.lower()
+    artifact_format = get_format(fmt.lower())
     hf_dir, model, default_out = resolve_source(Path(source))
     out = Path(out_dir) if out_dir is not None else default_out
     if out is None:
         raise UsageError(f"exporting the HF dir {source} needs an output folder", hint="pass --out DIR")
-    if fmt not in EXPORTERS:
-        raise UsageError(f"unknown export format {fmt!r}", hint=f"use one of: {', '.join(EXPORTERS)}")
-    wanted = _check_quants(fmt, quants)
-    calibration = _check_calibration(fmt, Path(source), default_out, imatrix, calibration)
-    if onnx_options is not None and fmt != "onnx":
-        raise UsageError("ONNX quantization options apply to --format onnx only")
+    if not artifact_format.provides("exporter"):
+        exporting = [f.name for f in all_formats() if f.provides("exporter")]
+        raise UsageError(f"format {artifact_format.name!r} has no exporter", hint=f"use one of: {', '.join(exporting)}")
+    wanted = _check_quants(artifact_format, quants)
+    calibration = _check_calibration(artifact_format, Path(source), default_out, imatrix, calibration)
+    if onnx_options is not None and "options" not in artifact_format.export_options:
+        takers = [f for f in all_formats() if "options" in f.export_options]
+        raise UsageError(f"{'/'.join(f.label for f in takers)} quantization options apply to "
+                         f"--format {' or '.join(f.name for f in takers)} only")
     # One export at a time per run (or per output folder for an HF dir): two would replace each
     # other's files mid-write (issue #20 defect 11).
     with stage_lock(Path(source) if default_out is not None else out, "export"):
-        return _export_locked(source=Path(source), fmt=fmt, hf_dir=hf_dir, model=model, out=out, wanted=wanted,
-                              calibration=calibration, fidelity=fidelity, onnx_options=onnx_options,
-                              progress=progress)
+        return _export_locked(source=Path(source), fmt=artifact_format, hf_dir=hf_dir, model=model, out=out,
+                              wanted=wanted, calibration=calibration, fidelity=fidelity,
+                              onnx_options=onnx_options, progress=progress)
 
 
-def _export_locked(*, source: Path, fmt: str, hf_dir: Path, model: str, out: Path, wanted: list[str],
+def _export_locked(*, source: Path, fmt: Format, hf_dir: Path, model: str, out: Path, wanted: list[str],
                    calibration: Path | None, fidelity: bool, onnx_options: OnnxQuantOptions | None,
                    progress: ProgressFn) -> dict[str, Any]:
     """:func:`export_model` once its inputs are checked and it holds the stage lock."""
     out.mkdir(parents=True, exist_ok=True)
     clean_stale(out)  # what an export killed earlier left (never a live process's file, never a user's)
-    export = EXPORTERS[fmt]
+    export = fmt.part("exporter")
 
     def finish(model_dir: Path, merged_from: Path | None) -> dict[str, Any]:
         from edgepack.export.gguf.vocab import read_chat_template
@@ -143,7 +153,7 @@ def _export_locked(*, source: Path, fmt: str, hf_dir: Path, model: str, out: Pat
         if merged_from is not None:
             notes.append(f"LoRA adapter {merged_from.name} was merged into its base before export")
         report = {
-            "source": str(source), "model": model, "hf_dir": str(hf_dir), "format": fmt,
+            "source": str(source), "model": model, "hf_dir": str(hf_dir), "format": fmt.name,
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "artifacts": artifacts, "notes": notes,
         }
@@ -168,13 +178,15 @@ def _export_locked(*, source: Path, fmt: str, hf_dir: Path, model: str, out: Pat
         return finish(merged, hf_dir)
 
 
-def _check_calibration(fmt: str, source: Path, run_artifacts: Path | None, imatrix: bool,
+def _check_calibration(fmt: Format, source: Path, run_artifacts: Path | None, imatrix: bool,
                        calibration: Path | None) -> Path | None:
     """The imatrix input (JSONL or GGUF imatrix) to use, checked before any work; None = no imatrix."""
     if not imatrix and calibration is None:
         return None
-    if fmt != "gguf":
-        raise UsageError("an importance matrix applies to GGUF quantization only", hint="drop --imatrix for ONNX")
+    if "imatrix" not in fmt.export_options:
+        takers = [f.label for f in all_formats() if "imatrix" in f.export_options]
+        raise UsageError(f"an importance matrix applies to {'/'.join(takers)} quantization only",
+                         hint=f"drop --imatrix for {fmt.label}")
     if calibration is None:
         if run_artifacts is None:
             raise UsageError("--imatrix on an HF dir needs calibration text",
@@ -233,19 +245,39 @@ def _command_line() -> str:
     return shlex.join(sys.argv)
 
 
-def _check_quants(fmt: str, quants: list[str]) -> list[str]:
-    """Validate the requested quant names for ``fmt`` before any work; default per format."""
-    if fmt == "onnx":
-        from edgepack.export.onnx.convert import ONNX_QUANTS
+def _check_quants(fmt: Format, quants: list[str]) -> list[str]:
+    """The requested quant names for ``fmt``, checked before any work; the format's default when empty.
 
-        wanted = list(dict.fromkeys(q.lower() for q in quants)) or ["int4"]
-        for q in wanted:
-            if q not in ONNX_QUANTS:
-                raise UsageError(f"{q!r} is not an ONNX quantization", hint=f"choose from {', '.join(ONNX_QUANTS)}")
-        return wanted
+    The format's ``check_quants`` decides where it has one; otherwise a name must be one of its
+    ``quants`` (case-blind, spelled as the format spells it).
+    """
+    asked = list(quants) or [fmt.default_quant or fmt.quants[0]]
+    if fmt.provides("check_quants"):
+        return list(fmt.part("check_quants")(asked))
+    canonical = {q.lower(): q for q in fmt.quants}
+    wanted = list(dict.fromkeys(canonical.get(q.lower(), q) for q in asked))
+    for q in wanted:
+        if q not in fmt.quants:
+            raise UsageError(f"{q!r} is not a {fmt.label} quantization", hint=f"choose from {', '.join(fmt.quants)}")
+    return wanted
+
+
+def check_onnx_quants(quants: list[str]) -> list[str]:
+    """ONNX quantizations, spelled lower case, as :mod:`edgepack.export.onnx.convert` makes them."""
+    from edgepack.export.onnx.convert import ONNX_QUANTS
+
+    wanted = list(dict.fromkeys(q.lower() for q in quants))
+    for q in wanted:
+        if q not in ONNX_QUANTS:
+            raise UsageError(f"{q!r} is not an ONNX quantization", hint=f"choose from {', '.join(ONNX_QUANTS)}")
+    return wanted
+
+
+def check_gguf_quants(quants: list[str]) -> list[str]:
+    """GGUF types, spelled upper case: F32/F16/BF16 or a type this llama.cpp build quantizes to."""
     from edgepack.export.gguf.quantize import QUANT_TYPES, supported_quants
 
-    wanted = list(dict.fromkeys(q.upper() for q in quants)) or ["Q4_K_M"]
+    wanted = list(dict.fromkeys(q.upper() for q in quants))
     for q in wanted:
         if q not in FLOAT_TYPES and q not in QUANT_TYPES:
             raise UsageError(f"unknown quantization {q!r}",
@@ -256,7 +288,7 @@ def _check_quants(fmt: str, quants: list[str]) -> list[str]:
     return wanted
 
 
-def _export_gguf(hf_dir: Path, model: str, out: Path, wanted: list[str],
+def export_gguf_artifacts(hf_dir: Path, model: str, out: Path, wanted: list[str],
                  progress: ProgressFn, imatrix: Path | None = None) -> tuple[list[dict[str, Any]], list[str]]:
     """``<model>-F16.gguf`` once, then each quant from it (weighted by ``imatrix`` when
     given); returns (artifacts, notes)."""
@@ -317,7 +349,7 @@ def _on_disk(out: Path, needed: int, name: str, write: Callable[[], Path]) -> Pa
         raise
 
 
-def _export_onnx(hf_dir: Path, model: str, out: Path, wanted: list[str], progress: ProgressFn,
+def export_onnx_artifacts(hf_dir: Path, model: str, out: Path, wanted: list[str], progress: ProgressFn,
                  options: OnnxQuantOptions | None = None) -> tuple[list[dict[str, Any]], list[str]]:
     """One ``<model>-onnx-<quant>/`` folder per quant; returns (artifacts, notes)."""
     from edgepack.export.onnx.convert import export_onnx
@@ -334,6 +366,3 @@ def _export_onnx(hf_dir: Path, model: str, out: Path, wanted: list[str], progres
                      f"top-1 agreement {p['top1_agreement_vs_torch']:.0%} on a {p['prompt_tokens']}-token prompt")
     progress("export", len(wanted), len(wanted))
     return artifacts, notes
-
-
-EXPORTERS = {"gguf": _export_gguf, "onnx": _export_onnx}

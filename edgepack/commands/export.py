@@ -10,7 +10,7 @@ import typer
 
 def export_cmd(
     source: Annotated[Path, typer.Argument(help="A run directory (its student/) or an HF model dir.")],
-    fmt: Annotated[str, typer.Option("--format", help="gguf or onnx.")] = "gguf",
+    fmt: Annotated[str, typer.Option("--format", help="gguf, onnx, or a format a package registers (edgepack.formats).")] = "gguf",
     quant: Annotated[list[str] | None, typer.Option("--quant", help="Quantization type; repeatable (default: Q4_K_M for gguf, int4 for onnx).")] = None,
     out: Annotated[Path | None, typer.Option(help="Output folder (default: RUN/artifacts).")] = None,
     imatrix: Annotated[bool, typer.Option("--imatrix", help="GGUF: quantize with an importance matrix computed from RUN/data/train.jsonl (or --calibration).")] = False,
@@ -22,7 +22,7 @@ def export_cmd(
     fidelity: Annotated[bool, typer.Option("--fidelity/--no-fidelity", help="Measure every artifact against the source model (fidelity.json, fidelity.md).")] = True,
     json_out: Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout.")] = False,
 ) -> None:
-    """Convert a model to GGUF or ONNX and quantize it."""
+    """Convert a model to GGUF, ONNX or a registered artifact format and quantize it."""
     from edgepack.console import emit, progress_bars
     from edgepack.export.api import export_model
 

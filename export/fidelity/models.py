@@ -1,13 +1,16 @@
 """The models a fidelity report compares: the transformers reference and each artifact.
 
-Every artifact kind is registered by format in :data:`ARTIFACT_KINDS` and offers the same
-small surface: ``logits(ids)`` for one prefill, ``tokenize(text, add_special)`` with its own
-tokenizer, ``greedy(ids, max_new_tokens)`` (or ``None`` when the kind cannot decode here)
-and ``close()``. :func:`detect_format` tells a GGUF file from an ONNX folder by content.
+Every artifact kind is named by its format's ``fidelity_model`` part (:mod:`edgepack.formats`)
+and offers the same small surface: ``describe(path)`` (what the report needs before opening it:
+:class:`ArtifactFacts`), ``logits(ids)`` for one prefill, ``tokenize(text, add_special)`` with its
+own tokenizer, ``greedy(ids, max_new_tokens)`` (or ``None`` when the kind cannot decode here) and
+``close()``.
 
 * ``gguf``: llama.cpp through llama-cpp-python, ``logits_all=True``; greedy decoding is a
   plain argmax loop over llama.cpp's logits that stops at any end-of-generation token of
-  the GGUF's vocab (``llama_vocab_is_eog``), as a deployed runtime does.
+  the GGUF's vocab (``llama_vocab_is_eog``), as a deployed runtime does. The file type comes
+  from the bounded header reader (:func:`edgepack.gguf_header.read_gguf`); an unquantized GGUF
+  (F16 preferred, :data:`REFERENCE_GGUF_ORDER`) is the KLD base of the quantized ones.
 * ``onnx``: one onnxruntime session (:class:`edgepack.export.onnx.convert.OnnxCausalLM`),
   with the HF tokenizer files carried in the folder; greedy decoding is an argmax loop with
   the graph's KV cache that stops at the folder's ``generation_config.json`` /
@@ -27,12 +30,28 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from edgepack.errors import InvalidModelFile, RuntimeFailure, UsageError
+from edgepack.errors import RuntimeFailure
 from edgepack.export.fidelity.metrics import top2_margin
 from edgepack.export.fidelity.prompts import load_tokenizer
 
 # GGUF general.file_type values that hold unquantized weights (gguf.LlamaFileType names).
 UNQUANTIZED_FILE_TYPES = ("ALL_F32", "MOSTLY_F16", "MOSTLY_BF16")
+# Which unquantized GGUF is the KLD base, most preferred first (llama-perplexity's convention).
+REFERENCE_GGUF_ORDER = ("MOSTLY_F16", "ALL_F32", "MOSTLY_BF16")
+
+
+@dataclass(frozen=True)
+class ArtifactFacts:
+    """What the fidelity report knows about an artifact before opening it."""
+
+    quant: str
+    """The quantization as the report names it (``Q4_K_M``, ``int4+int8``)."""
+    files: tuple[Path, ...]
+    """The files holding the model (its size and sha256s)."""
+    base_rank: int | None = None
+    """Rank as the KLD base of its format (0 = preferred); None: never a base."""
+    quantized: bool = False
+    """Compared with the KLD base of its format too, when the report has one."""
 
 
 @dataclass
@@ -123,6 +142,14 @@ class GGUFArtifact:
 
     format = "gguf"
 
+    @classmethod
+    def describe(cls, path: Path) -> ArtifactFacts:
+        """Its file type (``Q4_K_M``), and whether it is a KLD base or compared with one."""
+        file_type = gguf_file_type(path)
+        return ArtifactFacts(quant=file_type.removeprefix("MOSTLY_").removeprefix("ALL_"), files=(Path(path),),
+                             base_rank=REFERENCE_GGUF_ORDER.index(file_type) if file_type in REFERENCE_GGUF_ORDER
+                             else None, quantized=file_type not in UNQUANTIZED_FILE_TYPES)
+
     def __init__(self, path: Path, *, n_ctx: int, threads: int | None = None) -> None:
         import llama_cpp
         from jinja2 import TemplateError
@@ -175,12 +202,18 @@ class OnnxArtifact:
 
     format = "onnx"
 
+    @classmethod
+    def describe(cls, path: Path) -> ArtifactFacts:
+        """Its weight scheme (``int4+int8``) and model files; an ONNX folder is never a KLD base."""
+        scheme, files = onnx_model_info(_onnx_folder(path))
+        return ArtifactFacts(quant=scheme, files=tuple(files))
+
     def __init__(self, path: Path, *, n_ctx: int, threads: int | None = None) -> None:
         import json
 
         from edgepack.export.onnx.convert import OnnxCausalLM
 
-        self.path = Path(path)
+        self.path = _onnx_folder(path)
         self.tokenizer = load_tokenizer(self.path)
         self.model = OnnxCausalLM(self.path / "model.onnx", threads=threads)
         stop: set[int] = set()
@@ -206,40 +239,24 @@ class OnnxArtifact:
         self.model = None
 
 
-ARTIFACT_KINDS: dict[str, type[GGUFArtifact] | type[OnnxArtifact]] = {
-    "gguf": GGUFArtifact,
-    "onnx": OnnxArtifact,
-}
-
-
-def detect_format(path: Path) -> str:
-    """``gguf`` for a file starting with the GGUF magic, ``onnx`` for a folder holding
-    ``model.onnx``; anything else is a UsageError."""
+def _onnx_folder(path: Path) -> Path:
+    """The folder of an ONNX artifact given as the folder or as its ``model.onnx`` (a bundle's entrypoint)."""
     path = Path(path)
-    if path.is_file():
-        with open(path, "rb") as fh:
-            if fh.read(4) == b"GGUF":
-                return "gguf"
-        raise InvalidModelFile(f"{path} is not a GGUF file (no GGUF magic)")
-    if path.is_dir() and (path / "model.onnx").is_file():
-        return "onnx"
-    raise UsageError(f"{path} is neither a GGUF file nor an ONNX folder with model.onnx")
+    return path.parent if path.is_file() else path
 
 
 def gguf_file_type(path: Path) -> str:
-    """The GGUF's ``general.file_type`` as a gguf.LlamaFileType name (e.g. ``MOSTLY_Q4_K_M``)."""
-    import gguf
+    """The GGUF's ``general.file_type`` as a gguf.LlamaFileType name (e.g. ``MOSTLY_Q4_K_M``),
+    read by the bounded header reader (InvalidModelFile for a bad header)."""
+    from gguf.constants import LlamaFileType
 
-    try:
-        reader = gguf.GGUFReader(Path(path))
-    except (ValueError, OSError, IndexError, KeyError) as exc:
-        raise InvalidModelFile(f"{Path(path).name} has an unreadable GGUF header: {exc}") from exc
-    field_ = reader.fields.get("general.file_type")
-    if field_ is None:
+    from edgepack.gguf_header import read_gguf
+
+    value = read_gguf(Path(path)).metadata.get("general.file_type")
+    if not isinstance(value, int) or isinstance(value, bool):
         return "UNKNOWN"
-    value = int(field_.contents())
     try:
-        return gguf.LlamaFileType(value).name
+        return LlamaFileType(value).name
     except ValueError:
         return f"FILE_TYPE_{value}"
 

@@ -45,12 +45,12 @@ from typing import Any
 
 from edgepack.atomic import write_json, write_text
 from edgepack.constants import DATA_DIR, FIDELITY_MARKDOWN, FIDELITY_REPORT, HOLDOUT_FILE
-from edgepack.errors import UsageError
+from edgepack.errors import ModelSourceError, UsageError
 from edgepack.progress import ProgressFn, null_progress
 from edgepack.provenance import host_info, package_versions
 from edgepack.export.fidelity.metrics import LogitStats, first_divergence, fresh_starts
-from edgepack.export.fidelity.models import (ARTIFACT_KINDS, UNQUANTIZED_FILE_TYPES, Greedy, TorchReference,
-                                             detect_format, gguf_file_type, onnx_model_info)
+from edgepack.export.fidelity.models import ArtifactFacts, Greedy, TorchReference
+from edgepack.formats import Format, format_of
 from edgepack.export.fidelity.prompts import (BUILTIN_ROWS, TOKENIZER_STRINGS, EvalRow, as_rows, encode_row,
                                               load_rows, rendered_text)
 
@@ -59,7 +59,6 @@ DEFAULT_MAX_PROMPTS = 16      # held-out rows whose logits are compared
 DEFAULT_MAX_TOKENS = 256      # tokens per compared sequence at most
 DEFAULT_GREEDY_PROMPTS = 4    # chat prompts decoded greedily by reference and each GGUF
 DEFAULT_MAX_NEW_TOKENS = 48   # greedy tokens per prompt at most
-REFERENCE_GGUF_ORDER = ("MOSTLY_F16", "ALL_F32", "MOSTLY_BF16")  # which unquantized GGUF is the KLD base
 TEXT_PREVIEW = 160            # characters of generated text kept in the report
 
 # (format, quant) → (metric, comparison, target). The export issue's targets for a real
@@ -265,15 +264,18 @@ def fidelity_report(reference: Path, artifacts: list[Path], prompts: Sequence[An
     artifacts = [Path(a) for a in artifacts]
     if not artifacts:
         raise UsageError("no artifacts to measure", hint="export first, or pass artifact paths")
-    kinds = [detect_format(a) for a in artifacts]
-    file_types = {a: gguf_file_type(a) for a, k in zip(artifacts, kinds) if k == "gguf"}
+    kinds = [_fidelity_format(a) for a in artifacts]
+    facts = [k.part("fidelity_model").describe(a) for k, a in zip(kinds, artifacts)]
     rows, prompt_info = _load_prompt_rows(prompts, max_prompts)
     notes: list[str] = []
     if prompt_info["source"] == "builtin":
         notes.append("no holdout file: measured on edgepack's built-in prompt set, not the run's data")
-    base = next((a for ft in REFERENCE_GGUF_ORDER for a in artifacts if file_types.get(a) == ft), None)
-    if base is None and any(ft not in UNQUANTIZED_FILE_TYPES for ft in file_types.values()):
-        notes.append("no unquantized GGUF among the artifacts: quantized GGUFs are compared with transformers only")
+    base_idx = _kld_base(facts)
+    base = artifacts[base_idx] if base_idx is not None else None
+    for fmt in dict.fromkeys(k for k, f in zip(kinds, facts) if f.quantized):
+        if base_idx is None or kinds[base_idx] != fmt:
+            notes.append(f"no unquantized {fmt.label} among the artifacts: quantized {fmt.label}s are compared "
+                         "with transformers only")
     total_steps = 1 + len(artifacts)
     progress("fidelity", 0, total_steps)
 
@@ -294,9 +296,9 @@ def fidelity_report(reference: Path, artifacts: list[Path], prompts: Sequence[An
         order = sorted(range(len(artifacts)), key=lambda i: artifacts[i] != base)  # the KLD base first
         for step, idx in enumerate(order, start=2):
             path = artifacts[idx]
-            quantized = kinds[idx] == "gguf" and file_types[path] not in UNQUANTIZED_FILE_TYPES
-            role = "base" if path == base else ("quantized" if quantized and base is not None else "plain")
-            entries[idx] = _measure(plan, path, kinds[idx], file_types.get(path), role, base,
+            quantized = facts[idx].quantized and base_idx is not None and kinds[base_idx] == kinds[idx]
+            role = "base" if idx == base_idx else ("quantized" if quantized else "plain")
+            entries[idx] = _measure(plan, path, kinds[idx], facts[idx], role, base,
                                     torch_cache, base_cache, ref_greedy)
             progress("fidelity", step, total_steps)
 
@@ -322,15 +324,30 @@ def fidelity_report(reference: Path, artifacts: list[Path], prompts: Sequence[An
     return report
 
 
-def _measure(plan: _Plan, path: Path, fmt: str, file_type: str | None, role: str, base: Path | None,
+def _fidelity_format(path: Path) -> Format:
+    """The artifact's format, which must say how to load it for a fidelity comparison."""
+    try:
+        fmt = format_of(path)
+    except ModelSourceError as exc:
+        raise UsageError(f"{path} is neither a model file nor a model folder of a registered format: {exc}",
+                         hint="pass GGUF files or ONNX folders as exported by `edgepack export`") from None
+    if not fmt.provides("fidelity_model"):
+        raise UsageError(f"{path.name}: format {fmt.name!r} has no fidelity model to compare with the reference",
+                         hint="a format needs fidelity_model set to 'module:Class' to be measured")
+    return fmt
+
+
+def _kld_base(facts: list[ArtifactFacts]) -> int | None:
+    """Index of the artifact quantized ones are compared with: the best ranked, first given."""
+    ranked = [(f.base_rank, i) for i, f in enumerate(facts) if f.base_rank is not None]
+    return min(ranked)[1] if ranked else None
+
+
+def _measure(plan: _Plan, path: Path, fmt: Format, facts: ArtifactFacts, role: str, base: Path | None,
              torch_cache: _LogitCache, base_cache: _LogitCache, ref_greedy: list[Greedy]) -> dict[str, Any]:
-    """One artifact: logits vs transformers (and vs the base GGUF when quantized), tokenizer,
+    """One artifact: logits vs transformers (and vs the base artifact when quantized), tokenizer,
     greedy. ``role`` is ``base`` (its logits become the KLD base), ``quantized`` or ``plain``."""
-    if fmt == "gguf":
-        quant, files = (file_type or "UNKNOWN").removeprefix("MOSTLY_").removeprefix("ALL_"), [path]
-    else:
-        quant, files = onnx_model_info(path)
-    model = ARTIFACT_KINDS[fmt](path, n_ctx=plan.n_ctx, threads=plan.threads)
+    model = fmt.part("fidelity_model")(path, n_ctx=plan.n_ctx, threads=plan.threads)
     try:
         vs_torch, vs_base = LogitStats(), LogitStats()          # distinct contexts (headline)
         vs_torch_all, vs_base_all = LogitStats(), LogitStats()  # every position, repeats included
@@ -353,7 +370,8 @@ def _measure(plan: _Plan, path: Path, fmt: str, file_type: str | None, role: str
                                plan.max_new_tokens)
     finally:
         model.close()
-    entry = _entry(path, fmt, quant, files, plan.n_params, vs_torch, vs_base, base, tokenizer, greedy)
+    entry = _entry(path, fmt.name, facts.quant, list(facts.files), plan.n_params, vs_torch, vs_base, base,
+                   tokenizer, greedy)
     entry["vs_transformers_all_positions"] = _headline(vs_torch_all.summary())
     if vs_base_all.tokens:
         entry["vs_reference_gguf_all_positions"] = _headline(vs_base_all.summary())

@@ -14,11 +14,12 @@ the median and every sample kept. A copy (read + write) figure is recorded for r
 ``$EDGEPACK_CACHE/bandwidth.json`` (default ``~/.cache/edgepack``), keyed by host name, CPU
 model, CPU count and memory size.
 
-Bytes per token come from the artifact itself (:data:`TRAFFIC_ESTIMATORS`, by format): GGUF
-tensor bytes with the input embedding counted as one row when the output head is a separate
-tensor (a tied head reads the whole table), ONNX initializer bytes with ``Gather`` tables counted
-as one row; KV bytes per position from the cache shape (F16 in llama.cpp, the graph's dtype in
-ONNX). Efficiency above 1 means the weights were served from CPU caches (tiny models).
+Bytes per token come from the artifact itself (its format's ``traffic`` part,
+:mod:`edgepack.formats`): GGUF tensor bytes (:func:`gguf_traffic`) with the input embedding
+counted as one row when the output head is a separate tensor (a tied head reads the whole
+table), ONNX initializer bytes with ``Gather`` tables counted as one row; KV bytes per position
+from the cache shape (F16 in llama.cpp, the graph's dtype in ONNX). Efficiency above 1 means the
+weights were served from CPU caches (tiny models).
 """
 
 from __future__ import annotations
@@ -146,15 +147,6 @@ def gguf_traffic(path: Path) -> dict[str, Any]:
                      + "; F16 KV cache (llama.cpp default)"}
 
 
-def _onnx_traffic(path: Path) -> dict[str, Any]:
-    from edgepack.runtime.onnx_graph import onnx_traffic
-
-    return onnx_traffic(path)
-
-
-TRAFFIC_ESTIMATORS: dict[str, Callable[[Path], dict[str, Any]]] = {"gguf": gguf_traffic, "onnx": _onnx_traffic}
-
-
 def decode_efficiency(*, decode_tokens_per_s: float, weight_bytes_per_token: int, kv_bytes_per_position: int,
                       position: float, bandwidth_gb_s: float) -> dict[str, Any]:
     """Achieved GB/s while decoding (tok/s × bytes per token) as a fraction of ``bandwidth_gb_s``."""
@@ -172,10 +164,12 @@ def decode_efficiency(*, decode_tokens_per_s: float, weight_bytes_per_token: int
 def artifact_efficiency(model_path: Path, fmt: str, measurements: dict[str, Any],
                         bandwidth: dict[str, Any]) -> dict[str, Any]:
     """Decode efficiency of one gate measurement (median decode rate, mean decode position)."""
-    estimator = TRAFFIC_ESTIMATORS.get(fmt)
-    if estimator is None:
+    from edgepack.formats import get_format
+
+    artifact_format = get_format(fmt)
+    if not artifact_format.provides("traffic"):
         return {"efficiency": None, "note": f"no bytes-per-token estimator for format {fmt!r}"}
-    traffic = estimator(Path(model_path))
+    traffic = artifact_format.part("traffic")(Path(model_path))
     # Decoded tokens after the first sit at positions prompt+1 .. prompt+decode-1.
     position = measurements["prompt_tokens"] + measurements["decode_tokens"] / 2.0
     out = decode_efficiency(decode_tokens_per_s=float(measurements["decode_tokens_per_s"]["p50"]),

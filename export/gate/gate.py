@@ -24,7 +24,7 @@ Verdict rules (also in the report's ``policy``):
   (:mod:`edgepack.export.gate.quality_child`); a crash, OOM kill or timeout there is a FAIL
   ("the holdout could not be answered: ..."), never a hang.
 - Before anything is measured, the artifact's chat templates are checked and rendered
-  (:func:`~edgepack.runtime.chat.check.check_artifact_templates`), with or without a
+  (the format's ``check_templates``, :mod:`edgepack.runtime.chat.check`), with or without a
   holdout: a template bomb or a template that cannot render a plain chat is refused (exit 2),
   never given a verdict.
 - Agreement with the teacher (the artifact names the label the teacher's recorded response
@@ -50,7 +50,8 @@ from typing import Any
 
 from edgepack.constants import (ARTIFACTS_DIR, BUNDLE_SUFFIX, FAIL, M_ENTRYPOINT, M_FORMAT, M_QUANT, PASS,
                                 SIGNATURE_FILE, STUDENT_DIR, UNVERIFIED)
-from edgepack.errors import ModelSourceError, UsageError
+from edgepack.errors import InvalidModelFile, ModelSourceError, UsageError
+from edgepack.formats import Format, get_format
 from edgepack.hashing import sha256_file
 from edgepack.locks import locked_stage
 from edgepack.profiles import Profile
@@ -258,7 +259,7 @@ def _materialize(artifact: Path, key: Path | None = None, warn: Callable[[str], 
     """(model path, format, quant, manifest) of a bare artifact or a verified, extracted bundle
     (with ``key``, a public key the bundle's signature must verify against; without one, a
     signed bundle is announced through ``warn``: its signature was not checked)."""
-    from edgepack.runtime.backends.base import format_of
+    from edgepack.formats import format_of
     from edgepack.runtime.bundle.archive import extract_bundle
 
     if artifact.suffix == BUNDLE_SUFFIX:
@@ -277,22 +278,29 @@ def _materialize(artifact: Path, key: Path | None = None, warn: Callable[[str], 
         raise UsageError(f"--key verifies a bundle's signature, and {artifact} is not a {BUNDLE_SUFFIX} bundle",
                          hint="pack it with `edgepack pack --sign KEY`, or drop --key")
     fmt = format_of(artifact)
-    quant = None
-    if fmt == "gguf":
-        from edgepack.errors import InvalidModelFile
-        from edgepack.gguf_header import read_gguf
+    yield artifact, fmt.name, _file_quant(fmt, artifact), None
 
-        try:
-            quant = read_gguf(artifact).quant
-        except InvalidModelFile:
-            quant = None  # the measurement child reports the same error; the verdict is FAIL
-    elif fmt == "onnx":
-        from edgepack.runtime.onnx_graph import inspect_onnx
 
-        # What the graph holds (MatMulNBits bits), not what the folder is called. A folder
-        # that fails the scan is refused here, before any process loads it.
-        quant = inspect_onnx(artifact).quant
-    yield artifact, fmt, quant, None
+def _file_quant(fmt: Format, artifact: Path) -> str | None:
+    """What the artifact records as its quantization (the format's ``file_quant``), not what it is
+    called. An unreadable one is measured and FAILs where the format says its loader reports it
+    (``gate_measures_unreadable``), and is refused here, before any process loads it, otherwise."""
+    if not fmt.provides("file_quant"):
+        return None
+    try:
+        return fmt.part("file_quant")(artifact)
+    except InvalidModelFile:
+        if fmt.gate_measures_unreadable:
+            return None  # the measurement child reports the same error; the verdict is FAIL
+        raise
+
+
+def _check_templates(model_path: Path, fmt: Format) -> str | None:
+    """The format's chat-template check (strict); a note when the format has none."""
+    if not fmt.provides("check_templates"):
+        return f"chat templates not checked: format {fmt.name!r} provides no check_templates"
+    fmt.part("check_templates")(model_path, strict=True)
+    return None
 
 
 def resolve_reference(reference: Path) -> Path:
@@ -369,11 +377,9 @@ def run_gate(*, artifact: Path, profile: Profile, holdout: Path | None,
     started = datetime.now(timezone.utc)
     progress("gate: verify", 0, 1)
     with _materialize(artifact, key, warn) as (model_path, fmt, quant, manifest):
-        from edgepack.runtime.chat.check import check_artifact_templates
-
         # Rendered here whether or not there is a holdout: a template that hangs or explodes
         # must not get a verdict (the measurement itself never renders it).
-        check_artifact_templates(model_path, fmt)
+        unchecked = _check_templates(model_path, get_format(fmt))
         progress("gate: verify", 1, 1)
         host_ok, host_reason = host_matches(profile)
         # Other processes on the same cores distort latency (llama.cpp threads spin-wait on
@@ -398,6 +404,7 @@ def run_gate(*, artifact: Path, profile: Profile, holdout: Path | None,
     artifact_sha = model_sha if artifact == model_path else (sha256_file(artifact) if artifact.is_file() else None)
     return {
         "verdict": verdict, "artifact": str(artifact.resolve()), "artifact_name": artifact.name,
+    reasons += [unchecked] if unchecked else []
         "artifact_sha256": artifact_sha, "model_sha256": model_sha,
         "bundle_manifest_model": manifest.get("model") if manifest else None,
         "profile": profile.name, "profile_sha256": profile.content_hash(),  # pack binds the report to both hashes

@@ -79,22 +79,17 @@ def _export_artifacts(run_dir: Path) -> list[dict[str, Any]]:
 
 
 def _describe(path: Path) -> dict[str, Any]:
-    """Format and quantization of a bare artifact, read from the file itself."""
-    from edgepack.runtime.backends.base import format_of
+    """Format and quantization of a bare artifact, read from the file itself (the format's ``file_quant``)."""
+    from edgepack.formats import format_of
 
     path = Path(path)
     fmt = format_of(path)
-    if fmt == "gguf":
-        from edgepack.gguf_header import read_gguf
-
-        quant = read_gguf(path).quant
-    elif fmt == "onnx":
-        from edgepack.runtime.onnx_graph import inspect_onnx
-
-        quant = inspect_onnx(path).quant
-    else:
-        raise UsageError(f"{path.name}: format {fmt!r} cannot be searched (gguf or onnx only)")
-    return {"path": path, "format": fmt, "quant": quant or "", "recorded_sha256": None}
+    if not fmt.provides("file_quant"):
+        raise UsageError(f"{path.name}: format {fmt.name!r} cannot be searched: it does not say how to read "
+                         "an artifact's quantization",
+                         hint="a format needs file_quant set to 'module:attribute' to be searched by path")
+    quant = fmt.part("file_quant")(path)
+    return {"path": path, "format": fmt.name, "quant": quant or "", "recorded_sha256": None}
 
 
 def _size_bytes(path: Path) -> int:
@@ -199,27 +194,9 @@ def pareto_front(rows: list[dict[str, Any]]) -> tuple[list[str], list[str]]:
     return front, axes
 
 
-@locked_stage("gate", lambda kw: kw.get("run_dir"))  # held across every choice; run_gate's own take nests
-def search(*, profile: Profile, run_dir: Path | None = None, artifacts: list[Path] | None = None,
-           holdout: Path | None = None, progress: ProgressFn = null_progress, stop_at_first: bool = False,
-           reuse: bool = True, quality: str = QUALITY_ALL) -> dict[str, Any]:
-    """Gate ``profile``'s choices best-first and report the first that passes; see the module doc.
-
-    ``run_dir``: artifacts from its export.json, reports to its ``gate/`` folder, holdout
-    defaulting to its ``data/holdout.jsonl``. ``artifacts``: explicit files/folders instead
-    (reports go to ``run_dir/gate`` if a run is given, else beside each artifact in ``gate/``).
-    """
-    from edgepack.export.gate.gate import artifact_digest, host_matches
-
-    if run_dir is None and not artifacts:
-        raise UsageError("search needs a run directory or a list of artifacts")
-    if quality not in QUALITY_MODES:
-        raise UsageError(f"unknown search quality mode {quality!r}", hint=f"use one of: {', '.join(QUALITY_MODES)}")
-    run_dir = Path(run_dir) if run_dir is not None else None
-    found = [_describe(Path(a)) for a in artifacts] if artifacts else _export_artifacts(run_dir)  # type: ignore[arg-type]
-    if holdout is None and run_dir is not None and (run_dir / DATA_DIR / HOLDOUT_FILE).is_file():
-        holdout = run_dir / DATA_DIR / HOLDOUT_FILE
-    notes: list[str] = []
+def _by_choice(found: list[dict[str, Any]], profile: Profile,
+               notes: list[str]) -> dict[tuple[str, str], dict[str, Any]]:
+    """The first artifact of each (format, quant); duplicates and artifacts no choice names are noted."""
     by_choice: dict[tuple[str, str], dict[str, Any]] = {}
     for art in found:
         key = _choice_key(art["format"], art["quant"])
@@ -232,48 +209,45 @@ def search(*, profile: Profile, run_dir: Path | None = None, artifacts: list[Pat
     for key, art in by_choice.items():
         if key not in wanted:
             notes.append(f"{art['path'].name} ({art['format']}:{art['quant']}) is not a choice of {profile.name}")
+    return by_choice
 
-    rows: list[dict[str, Any]] = []
-    passed = False
-    total = len(profile.choices)
-    for i, choice in enumerate(profile.choices):
-        progress("search", i, total)
-        art = by_choice.get(_choice_key(choice.format, choice.quant))
-        if art is not None and not art["path"].exists():
-            notes.append(f"{art['path'].name} is recorded in export.json but missing on disk")
-        if art is None or not art["path"].exists() or (stop_at_first and passed):
-            rows.append(_row(str(choice), art if art is not None and art["path"].exists() else None, None))
-            continue
-        gate_dir = (run_dir / GATE_DIR) if run_dir is not None else art["path"].parent / GATE_DIR
-        sha = artifact_digest(art["path"])
-        if art["recorded_sha256"] and art["recorded_sha256"] != sha:
-            notes.append(f"{art['path'].name} changed since export (sha256 differs from export.json); "
-                         "gated as it is now")
 
-        def gate(answer: Path | None) -> tuple[dict[str, Any], Path, bool]:
-            return _gate_once(art["path"], gate_dir, sha, profile, answer, reuse, progress)
+def _gate_choice(choice: str, art: dict[str, Any], *, gate_dir: Path, profile: Profile, holdout: Path | None,
+                 quality: str, passed: bool, reuse: bool, progress: ProgressFn, notes: list[str]) -> dict[str, Any]:
+    """Gate one choice's artifact (the holdout where ``quality`` says it can matter); its row."""
+    from edgepack.export.gate.gate import artifact_digest
 
-        skipped = None
-        if holdout is None or quality == QUALITY_ALL:
+    sha = artifact_digest(art["path"])
+    if art["recorded_sha256"] and art["recorded_sha256"] != sha:
+        notes.append(f"{art['path'].name} changed since export (sha256 differs from export.json); gated as it is now")
+
+    def gate(answer: Path | None) -> tuple[dict[str, Any], Path, bool]:
+        return _gate_once(art["path"], gate_dir, sha, profile, answer, reuse, progress)
+
+    skipped = None
+    if holdout is None or quality == QUALITY_ALL:
+        report, report_path, reused = gate(holdout)
+    elif passed:
+        report, report_path, reused = gate(None)
+        skipped = QUALITY_AFTER_PASS
+    else:  # until-pass: latency and memory first; the holdout only where it can decide the verdict
+        full = _reusable(gate_dir, art["path"].name, profile, sha, holdout) if reuse else None
+        report, report_path, reused = (full[0], full[1], True) if full is not None else gate(None)
+        if full is None and _row(choice, art, report).get("budgets_met_here"):
             report, report_path, reused = gate(holdout)
-        elif passed:
-            report, report_path, reused = gate(None)
-            skipped = QUALITY_AFTER_PASS
-        else:  # until-pass: latency and memory first; the holdout only where it can decide the verdict
-            full = _reusable(gate_dir, art["path"].name, profile, sha, holdout) if reuse else None
-            report, report_path, reused = (full[0], full[1], True) if full is not None else gate(None)
-            if full is None and _row(str(choice), art, report).get("budgets_met_here"):
-                report, report_path, reused = gate(holdout)
-            elif full is None:
-                skipped = QUALITY_AFTER_MISS
-        row = _row(str(choice), art, report)
-        row.update(report=str(report_path), reused=reused,
-                   quality_measured=isinstance((report.get("measurements") or {}).get("quality"), dict))
-        if skipped and not row["quality_measured"]:
-            row["reasons"].append(skipped)
-        rows.append(row)
-        passed = passed or report["verdict"] == PASS
-    progress("search", total, total)
+        elif full is None:
+            skipped = QUALITY_AFTER_MISS
+    row = _row(choice, art, report)
+    row.update(report=str(report_path), reused=reused,
+               quality_measured=isinstance((report.get("measurements") or {}).get("quality"), dict))
+    if skipped and not row["quality_measured"]:
+        row["reasons"].append(skipped)
+    return row
+
+
+def _summary(profile: Profile, rows: list[dict[str, Any]], notes: list[str]) -> dict[str, Any]:
+    """The verdict, the chosen row, the best row on this host and the Pareto front of ``rows``."""
+    from edgepack.export.gate.gate import host_matches
 
     front, axes = pareto_front(rows)
     for row in rows:
@@ -289,10 +263,54 @@ def search(*, profile: Profile, run_dir: Path | None = None, artifacts: list[Pat
         "profile": profile.name, "verdict": verdict, "chosen": chosen["choice"] if chosen else None,
         "chosen_artifact": chosen["path"] if chosen else None, "chosen_report": chosen["report"] if chosen else None,
         "best_on_this_host": on_host["choice"] if on_host and not chosen else None,
-        "rows": rows, "pareto": front, "pareto_axes": axes, "holdout": str(holdout) if holdout else None,
+        "rows": rows, "pareto": front, "pareto_axes": axes, "host": {"ok": host_ok, "reason": host_reason},
+    }
+
+
+@locked_stage("gate", lambda kw: kw.get("run_dir"))  # held across every choice; run_gate's own take nests
+def search(*, profile: Profile, run_dir: Path | None = None, artifacts: list[Path] | None = None,
+           holdout: Path | None = None, progress: ProgressFn = null_progress, stop_at_first: bool = False,
+           reuse: bool = True, quality: str = QUALITY_ALL) -> dict[str, Any]:
+    """Gate ``profile``'s choices best-first and report the first that passes; see the module doc.
+
+    ``run_dir``: artifacts from its export.json, reports to its ``gate/`` folder, holdout
+    defaulting to its ``data/holdout.jsonl``. ``artifacts``: explicit files/folders instead
+    (reports go to ``run_dir/gate`` if a run is given, else beside each artifact in ``gate/``).
+    """
+    if run_dir is None and not artifacts:
+        raise UsageError("search needs a run directory or a list of artifacts")
+    if quality not in QUALITY_MODES:
+        raise UsageError(f"unknown search quality mode {quality!r}", hint=f"use one of: {', '.join(QUALITY_MODES)}")
+    run_dir = Path(run_dir) if run_dir is not None else None
+    found = [_describe(Path(a)) for a in artifacts] if artifacts else _export_artifacts(run_dir)  # type: ignore[arg-type]
+    if holdout is None and run_dir is not None and (run_dir / DATA_DIR / HOLDOUT_FILE).is_file():
+        holdout = run_dir / DATA_DIR / HOLDOUT_FILE
+    notes: list[str] = []
+    by_choice = _by_choice(found, profile, notes)
+    rows: list[dict[str, Any]] = []
+    passed = False
+    total = len(profile.choices)
+    for i, choice in enumerate(profile.choices):
+        progress("search", i, total)
+        art = by_choice.get(_choice_key(choice.format, choice.quant))
+        if art is not None and not art["path"].exists():
+            notes.append(f"{art['path'].name} is recorded in export.json but missing on disk")
+        if art is None or not art["path"].exists() or (stop_at_first and passed):
+            rows.append(_row(str(choice), art if art is not None and art["path"].exists() else None, None))
+            continue
+        gate_dir = (run_dir / GATE_DIR) if run_dir is not None else art["path"].parent / GATE_DIR
+        rows.append(_gate_choice(str(choice), art, gate_dir=gate_dir, profile=profile, holdout=holdout,
+                                 quality=quality, passed=passed, reuse=reuse, progress=progress, notes=notes))
+        passed = passed or rows[-1]["verdict"] == PASS
+    progress("search", total, total)
+    summary = _summary(profile, rows, notes)
+    return {
+        **{k: summary[k] for k in ("profile", "verdict", "chosen", "chosen_artifact", "chosen_report",
+                                   "best_on_this_host", "rows", "pareto", "pareto_axes")},
+        "holdout": str(holdout) if holdout else None,
         "min_decode_tokens_per_s": profile.min_decode_tokens_per_s, "ttft_p95_ms": profile.ttft_p95_ms,
         "memory_budget_mb": profile.memory_budget_mb, "stop_at_first": stop_at_first, "search_quality": quality,
-        "host": {"ok": host_ok, "reason": host_reason}, "notes": notes,
+        "host": summary["host"], "notes": notes,
         "run_dir": str(run_dir) if run_dir else None,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }

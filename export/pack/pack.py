@@ -19,8 +19,9 @@ report, the run's lineage (run.toml, teacher source, student shape, data and tra
 export entry, tool versions), the chat template, the tokenizer files when the run has them,
 a model card ``README.md`` with HF-style YAML front matter, and for GGUF an Ollama
 ``Modelfile``. An ONNX folder goes in whole under its own name (model.onnx, external data,
-config and tokenizer files). Per-format contents are a registry (:data:`PAYLOADS`) keyed by
-format name. With ``sign_key`` the bundle also carries ``manifest.sig``, an Ed25519
+config and tokenizer files). Per-format contents come from the format's ``payload`` part
+(:mod:`edgepack.formats`; :func:`gguf_payload`, :func:`onnx_payload` for the built-ins), so a
+third-party format packs the same way. With ``sign_key`` the bundle also carries ``manifest.sig``, an Ed25519
 signature over the manifest (:mod:`edgepack.runtime.bundle.signing`).
 """
 
@@ -43,6 +44,7 @@ from edgepack.constants import (ARTIFACTS_DIR, BUNDLE_SUFFIX, BUNDLES_DIR, DATA_
                                 STUDENT_DIR, STUDENT_INFO, TEACHER_DIR, TEACHER_SOURCE, TRAIN_REPORT,
                                 UNVERIFIED)
 from edgepack.errors import GateFailed, RunDirError, UsageError
+from edgepack.formats import all_formats, format_of, get_format
 from edgepack.export.pack.trust import (artifact_path, check_bundle_binding, check_verdict, list_run_folder,
                                    profile_problem, read_run_file, read_run_json)
 from edgepack.locks import stage_lock
@@ -179,7 +181,8 @@ def _locate_artifact(run_dir: Path, report: dict[str, Any], asked: Path | None) 
 Payload = dict[str, Any]
 
 
-def _gguf_payload(model: Path, model_name: str, profile: Profile) -> Payload:
+def gguf_payload(model: Path, model_name: str, profile: Profile) -> Payload:
+    """A GGUF file, its Ollama ``Modelfile`` and chat template; llama.cpp's runtime facts."""
     from edgepack.runtime.chat.template import to_ollama_template
     from edgepack.gguf_header import read_gguf, stop_token_ids, token_texts
     from edgepack.runtime.memory import estimate_gguf_memory
@@ -248,7 +251,7 @@ def onnx_folder_files(folder: Path) -> list[BundleFile]:
     return files
 
 
-def _onnx_payload(model: Path, model_name: str, profile: Profile) -> Payload:
+def onnx_payload(model: Path, model_name: str, profile: Profile) -> Payload:
     """An ONNX folder (model.onnx, external data, config and tokenizer files) under its own name.
 
     The entrypoint is ``<folder>/model.onnx``; the ONNX backend loads the folder around it.
@@ -278,9 +281,6 @@ def _onnx_payload(model: Path, model_name: str, profile: Profile) -> Payload:
     return {"files": files, "entrypoint": f"{model.name}/{MODEL_FILE}", "chat_template": template,
             "runtime": runtime, "notes": notes, "has_tokenizer": (model / "tokenizer.json").is_file(),
             "file_quant": graph.quant}
-
-
-PAYLOADS: dict[str, Callable[[Path, str, Profile], Payload]] = {"gguf": _gguf_payload, "onnx": _onnx_payload}
 
 
 # --- lineage and model card ---------------------------------------------------------------------
@@ -351,8 +351,7 @@ def model_card(manifest: dict[str, Any], *, license_name: str | None) -> str:
         *[f"- {r}" for r in gate.get("reasons", [])], "",
         "## Use", "", "```sh", f"edgepack verify {manifest['bundle_name']}",
         f"edgepack run {manifest['bundle_name']} --prompt \"...\"", "```", "",
-        *(["For Ollama, extract the bundle and run `ollama create <name> -f Modelfile` in that folder.", ""]
-          if manifest[M_FORMAT] == "gguf" else []),
+        *([usage, ""] if (usage := get_format(manifest[M_FORMAT]).card_usage) else []),
         *([f"Signed with Ed25519 key `{signed['key_id']}` (sha256 of the raw public key): "
            f"`edgepack verify {manifest['bundle_name']} --key PUBLIC_KEY.pem` checks the signature.", ""]
           if (signed := (manifest.get(M_PACK) or {}).get("signed_by")) else []),
@@ -394,15 +393,14 @@ def pack_run(*, run_dir: Path, profile: Profile, artifact: Path | None,
 
 def _check_payload(report: dict[str, Any], model: Path, fmt: str, quant: str, payload: Payload) -> None:
     """What the file holds must be what the report (and, for GGUF, the profile's choice) says."""
-    from edgepack.runtime.backends.base import format_of
-
     where = report["_report_path"]
-    if format_of(model) != fmt:
-        raise RunDirError(f"{where} says {model.name} is {fmt}, but it is {format_of(model)}", hint="re-run the gate")
+    found = format_of(model).name
+    if found != fmt:
+        raise RunDirError(f"{where} says {model.name} is {fmt}, but it is {found}", hint="re-run the gate")
     if payload["file_quant"] != report.get("quant"):
         raise RunDirError(f"{where} says {model.name} is {report.get('quant')}, but the file holds "
                           f"{payload['file_quant']}", hint="re-run the gate")
-    if fmt == "gguf" and payload["file_quant"] is not None and quant != payload["file_quant"]:
+    if get_format(fmt).exact_file_quant and payload["file_quant"] is not None and quant != payload["file_quant"]:
         raise RunDirError(f"{model.name} would be packed as {quant} (export.json) but the file holds "
                           f"{payload['file_quant']}", hint="re-export the run")
 
@@ -416,12 +414,15 @@ def _pack_locked(run_dir: Path, profile: Profile, artifact: Path | None, allow_u
     fmt, quant, verdict = str(report["format"]), str(_choice(report)[1]), str(report["verdict"])
     if verdict == FAIL:  # unreachable through choose_report; kept as the invariant
         raise GateFailed(f"{model_path.name} failed the gate")
-    if fmt not in PAYLOADS:
-        raise UsageError(f"packing {fmt!r} artifacts is not supported; supported: {', '.join(PAYLOADS)}")
+    artifact_format = get_format(fmt)
+    if not artifact_format.provides("payload"):
+        supported = [f.name for f in all_formats() if f.provides("payload")]
+        raise UsageError(f"packing {fmt!r} artifacts is not supported; supported: {', '.join(supported)}",
+                         hint="a format needs payload set to 'module:attribute' to be packed")
     lineage = read_lineage(run_dir, model_path.name)
     model_name = _safe(str((lineage.get("export") or {}).get("model") or
                            model_path.stem.removesuffix(f"-{quant}")))
-    payload = PAYLOADS[fmt](model_path, model_name, profile)
+    payload = artifact_format.part("payload")(model_path, model_name, profile)
     _check_payload(report, model_path, fmt, quant, payload)
     bundle_name = f"{model_name}-{_safe(profile.name)}-{fmt}-{_safe(quant)}{BUNDLE_SUFFIX}"
     notes = list(payload["notes"])

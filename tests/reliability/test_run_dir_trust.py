@@ -194,7 +194,7 @@ def test_artifact_changed_while_packing_is_refused(run: Path, ok: Profile, monke
     """The file matches the gate when pack looks, and is swapped before its bytes are bundled."""
     import edgepack.export.pack.pack as pack
 
-    original = pack.PAYLOADS["gguf"]
+    original = pack.gguf_payload  # the gguf format's payload part, looked up when pack runs
 
     def swap_then_build(model: Path, *args: Any) -> Any:
         with open(model, "r+b") as fh:
@@ -204,7 +204,7 @@ def test_artifact_changed_while_packing_is_refused(run: Path, ok: Profile, monke
             fh.write(bytes([last[0] ^ 1]))
         return original(model, *args)
 
-    monkeypatch.setitem(pack.PAYLOADS, "gguf", swap_then_build)
+    monkeypatch.setattr(pack, "gguf_payload", swap_then_build)
     with pytest.raises(RunDirError, match="changed while it was packed|not the file that was gated"):
         _pack(run, ok)
     assert _no_bundle(run)
