@@ -401,10 +401,10 @@ def run_gate(*, artifact: Path, profile: Profile, holdout: Path | None,
             measurements["quality"]["holdout"] = str(holdout)
         decode_efficiency = _efficiency(model_path, fmt, measurements, progress) if efficiency else None
     verdict, checks, reasons = decide(measurements, profile, host_ok, host_reason)
+    reasons += [unchecked] if unchecked else []
     artifact_sha = model_sha if artifact == model_path else (sha256_file(artifact) if artifact.is_file() else None)
     return {
         "verdict": verdict, "artifact": str(artifact.resolve()), "artifact_name": artifact.name,
-    reasons += [unchecked] if unchecked else []
         "artifact_sha256": artifact_sha, "model_sha256": model_sha,
         "bundle_manifest_model": manifest.get("model") if manifest else None,
         "profile": profile.name, "profile_sha256": profile.content_hash(),  # pack binds the report to both hashes
