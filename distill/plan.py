@@ -4,7 +4,7 @@
 fine-tuning before LoRA, no checkpointing before checkpointing, larger micro-batches before
 smaller ones (each a divisor of the step's batch, the rest is gradient accumulation) — and
 returns the first whose estimated peak fits the profile's training memory
-(``[training] memory_mb``). The estimate is ``profiles.fit.estimate_train`` (weights,
+(``[training] memory_mb``). The estimate is ``edgepack.memory.estimate_train`` (weights,
 gradients, AdamW state, activations, the teacher held for online KD) plus the process's
 resident memory before any model is loaded (Python, torch, the tokenizer). It is an upper
 bound: it counts full-sequence logits, while training computes them at answer positions only.
@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from edgepack.errors import UsageError
-from edgepack.profiles.fit import ModelShape, estimate_train
+from edgepack.memory import ModelShape, estimate_train
 
 METHODS = ("full", "lora")
 LORA_RANK = 16

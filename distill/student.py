@@ -13,10 +13,10 @@ per-layer lists in :data:`PER_LAYER_CONFIG_KEYS`) cut down.
 
 Sizing for a profile (:func:`choose_num_layers`): the largest block count whose parameters
 are at most ``MAX_PARAM_FRACTION`` of the teacher's and whose estimated deploy memory fits
-the profile's ``memory_budget_mb``. The estimate (:func:`estimate_deploy_mb`, via
-``edgepack.profiles.fit``) is the weights at the profile's first (preferred) format and
-quantization, the KV cache at ``context_length`` and the runtime's compute buffers; the
-gate measures the real number later.
+the profile's ``memory_budget_mb``. The estimate (:func:`estimate_deploy_mb`, the one estimator
+in ``edgepack/memory.py``) is the weights as the profile's first (preferred) format and
+quantization store them, the KV cache at ``context_length`` and the format's runtime
+allowance; the gate measures the real number later.
 """
 
 from __future__ import annotations
@@ -63,15 +63,15 @@ def layer_params(model: Any) -> tuple[int, list[int]]:
 
 
 def estimate_deploy_mb(n_params: int, n_layers: int, config: Any, profile: Profile) -> float:
-    """Deploy memory (MB) of a student with this many parameters and blocks, at the profile's
-    preferred (first) format and quantization and its context length (profiles/fit.py)."""
-    from edgepack.profiles.fit import estimate_deploy, shape_from_config
+    """Deploy memory (MiB) of a student with this many parameters and blocks, at the profile's
+    preferred (first) format and quantization and its context length: the one estimator's
+    prediction (``edgepack.memory.predict_memory``, the format's ``predict_memory`` part)."""
+    from edgepack.memory import predict_memory
+    from edgepack.profiles.fit import shape_from_config
 
     cfg = {**config.to_dict(), "num_hidden_layers": n_layers}
     choice = profile.choices[0]
-    est = estimate_deploy(shape_from_config(cfg, params=n_params), choice.format, choice.quant,
-                          profile.context_length, profile.memory_budget_mb * 2**20,
-                          prompt_tokens=profile.prompt_tokens)
+    est = predict_memory(choice.format, shape_from_config(cfg, params=n_params), choice.quant, profile.context_length)
     return est.total_bytes / 2**20
 
 

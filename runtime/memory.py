@@ -1,16 +1,15 @@
-"""Memory estimate and preflight: refuse a model up front instead of being OOM-killed.
+"""Memory preflight: refuse a model up front instead of being OOM-killed.
 
 mmap lets llama.cpp "load" a model larger than RAM and then crawl or be killed mid-answer
 (llama.cpp #711, llama-cpp-python #254). Before loading, edgepack compares an estimate with the
 memory this process can actually get (the smaller of psutil's MemAvailable and the cgroup v2
 limit) and refuses with both numbers, the way Ollama does.
 
-The estimate is a pure function of shapes: weights (tensor bytes) + KV cache
-(layers × context × kv_heads × (key_dim + value_dim) × 2 bytes for llama.cpp's default F16
-cache) + a fixed runtime allowance for the interpreter, the runtime library and compute
-buffers. The allowance was calibrated on the embedded 135M teacher (RSS after load minus
-weights and KV ≈ 60 MB with llama-cpp-python 0.3.36) and doubled; it is an estimate and
-is labelled as one wherever it is reported.
+The estimate is :mod:`edgepack.memory`'s, the one estimator ``profiles fit``, the student sizer
+and the manifest use too: :func:`gguf_artifact_memory` (the gguf format's ``artifact_memory``
+part) reads the tensor bytes, their types and the attention shape from the GGUF header and asks
+:func:`edgepack.memory.gguf_memory` for weights + F16 KV cache + the gguf runtime allowance. It is
+an estimate and is labelled as one wherever it is reported.
 """
 
 from __future__ import annotations
@@ -19,17 +18,14 @@ from pathlib import Path
 from typing import Any
 
 from edgepack.errors import BudgetError
-from edgepack.gguf_header import GGUFInfo
+from edgepack.formats import BUILTIN_FORMATS
+from edgepack.gguf_header import TOKENS_KEY, ArrayInfo, GGUFInfo, read_gguf
+from edgepack.memory import GGUF_KV_BYTES, GGUF_REPACKED_TYPES, gguf_memory, kv_cache_bytes
 
 MB = 1024 * 1024
-RUNTIME_ALLOWANCE_BYTES = 128 * MB
-KV_BYTES_PER_ELEMENT = 2  # llama.cpp's default cache type is F16
-
-
-def kv_cache_bytes(*, n_layer: int, n_ctx: int, n_head_kv: int, key_dim: int, value_dim: int,
-                   bytes_per_element: int = KV_BYTES_PER_ELEMENT) -> int:
-    """Bytes of a K+V cache for ``n_ctx`` positions."""
-    return n_layer * n_ctx * n_head_kv * (key_dim + value_dim) * bytes_per_element
+RUNTIME_ALLOWANCE_BYTES = min(f.runtime_base_bytes for f in BUILTIN_FORMATS)
+"""The smallest format base (edgepack/formats.py): what a bundle's model bytes must leave room for
+before its format's full estimate is known; never more than that estimate asks for."""
 
 
 def _as_int(value: Any) -> int | None:
@@ -42,37 +38,49 @@ def _as_int(value: Any) -> int | None:
     return None
 
 
-def estimate_gguf_memory(info: GGUFInfo, n_ctx: int) -> dict[str, Any]:
-    """Weights + KV + allowance for a GGUF loaded with context ``n_ctx``, in bytes.
+def _vocab_size(info: GGUFInfo) -> int:
+    """Vocabulary entries: the arch key, else the token list's length, else the embedding's rows."""
+    tokens = info.metadata.get(TOKENS_KEY)
+    length = tokens.length if isinstance(tokens, ArrayInfo) else len(tokens) if isinstance(tokens, list) else None
+    embd = next((t.shape[1] for t in info.tensors if t.name == "token_embd.weight" and len(t.shape) > 1), None)
+    return _as_int(info.arch_value("vocab_size")) or length or embd or 0
 
-    ``basis`` says what went into the number; a model whose metadata lacks the attention
-    shape gets no KV term and says so.
-    """
-    weights = info.tensor_bytes
+
+def _gguf_kv(info: GGUFInfo, n_ctx: int) -> tuple[int, str]:
+    """(F16 KV bytes, what went into them); 0 when the metadata lacks the attention shape."""
     n_layer = _as_int(info.arch_value("block_count"))
     n_head = _as_int(info.arch_value("attention.head_count"))
     n_head_kv = _as_int(info.arch_value("attention.head_count_kv")) or n_head
     n_embd = _as_int(info.arch_value("embedding_length"))
     key_dim = _as_int(info.arch_value("attention.key_length")) or (n_embd // n_head if n_embd and n_head else None)
     value_dim = _as_int(info.arch_value("attention.value_length")) or key_dim
-    if n_layer and n_head_kv and key_dim and value_dim:
-        kv = kv_cache_bytes(n_layer=n_layer, n_ctx=n_ctx, n_head_kv=n_head_kv,
-                            key_dim=key_dim, value_dim=value_dim)
-        basis = (f"weights {weights} B + F16 KV cache {n_layer} layers × {n_ctx} ctx × {n_head_kv} kv heads "
-                 f"× ({key_dim}+{value_dim}) + runtime allowance {RUNTIME_ALLOWANCE_BYTES // MB} MB (estimate)")
-    else:
-        kv = 0
-        basis = (f"weights {weights} B + runtime allowance {RUNTIME_ALLOWANCE_BYTES // MB} MB; no KV term: "
-                 "the metadata lacks the attention shape (estimate, likely low)")
-    return {"weights_bytes": weights, "kv_cache_bytes": kv, "runtime_allowance_bytes": RUNTIME_ALLOWANCE_BYTES,
-            "total_bytes": weights + kv + RUNTIME_ALLOWANCE_BYTES, "n_ctx": n_ctx, "basis": basis}
+    if not (n_layer and n_head_kv and key_dim and value_dim):
+        return 0, "no KV cache term (the metadata lacks the attention shape: likely low)"
+    kv = kv_cache_bytes(n_layers=n_layer, n_ctx=n_ctx, n_kv_heads=n_head_kv, key_dim=key_dim,
+                        value_dim=value_dim, bytes_per_value=GGUF_KV_BYTES)
+    return kv, f"F16 KV cache {n_layer} layers × {n_head_kv} kv heads × ({key_dim}+{value_dim})"
+
+
+def estimate_gguf_memory(info: GGUFInfo, n_ctx: int) -> dict[str, Any]:
+    """Weights + KV + allowance for a GGUF loaded with context ``n_ctx``, in bytes.
+
+    ``basis`` says what went into the number; a model whose metadata lacks the attention
+    shape gets no KV term and says so.
+    """
+    repacked = sum(t.nbytes for t in info.tensors
+                   if t.ggml_type in GGUF_REPACKED_TYPES and "token_embd" not in t.name)
+    kv, kv_note = _gguf_kv(info, n_ctx)
+    estimate = gguf_memory(weights_bytes=info.tensor_bytes, repacked_bytes=repacked, kv_bytes=kv, n_ctx=n_ctx,
+                           hidden=_as_int(info.arch_value("embedding_length")) or 0, vocab=_vocab_size(info),
+                           kv_note=kv_note)
+    return estimate.as_dict()
 
 
 def gguf_artifact_memory(path: Path, n_ctx: int) -> dict[str, Any]:
-    """:func:`estimate_gguf_memory` of the GGUF file at ``path`` (header read by the bounded reader):
-    the ``gguf`` format's ``artifact_memory`` part, which the runtime preflight calls."""
-    from edgepack.gguf_header import read_gguf
+    """The gguf format's ``artifact_memory`` part: :func:`estimate_gguf_memory` of the file at ``path``.
 
+    Keys: weights_bytes, kv_cache_bytes, runtime_allowance_bytes, total_bytes, n_ctx, basis.
+    """
     return estimate_gguf_memory(read_gguf(Path(path)), n_ctx)
 
 

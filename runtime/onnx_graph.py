@@ -384,15 +384,37 @@ def onnx_traffic(path: Path) -> dict[str, Any]:
                      f"({', '.join(lookups[:3])}); KV from the past_key_values input shapes"}
 
 
+CONFIG_MAX_BYTES = 4 * 2**20  # an exporter's config.json is a few KB; a larger one is not read
+
+
+def _positive(value: Any) -> int:
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
+
+
+def _config_widths(folder: Path) -> tuple[int, int]:
+    """(hidden_size, vocab_size) from the folder's ``config.json``; zeros when absent or unreadable."""
+    import json
+
+    path = folder / "config.json"
+    try:
+        if path.stat().st_size > CONFIG_MAX_BYTES:
+            return 0, 0
+        cfg = json.loads(path.read_text(encoding="utf-8"))
+        return _positive(cfg.get("hidden_size")), _positive(cfg.get("vocab_size"))
+    except (OSError, ValueError, AttributeError):
+        return 0, 0
+
+
 def estimate_onnx_memory(path: Path, n_ctx: int) -> dict[str, Any]:
-    """Weights + KV cache for ``n_ctx`` positions + runtime allowance, in bytes (an estimate)."""
-    from edgepack.runtime.memory import MB, RUNTIME_ALLOWANCE_BYTES
+    """The onnx format's ``artifact_memory`` part: :func:`edgepack.memory.onnx_memory` of the
+    folder's initializer bytes, the KV bytes per position its ``past_key_values`` inputs declare,
+    and the widths its ``config.json`` gives (the one estimator and allowance; an estimate).
+
+    The scan also refuses external data outside the folder (:func:`inspect_onnx`).
+    """
+    from edgepack.memory import onnx_memory
 
     traffic = onnx_traffic(path)
-    weights = traffic["weight_bytes_total"]
-    kv = traffic["kv_bytes_per_position"] * n_ctx
-    return {"weights_bytes": weights, "kv_cache_bytes": kv, "runtime_allowance_bytes": RUNTIME_ALLOWANCE_BYTES,
-            "total_bytes": weights + kv + RUNTIME_ALLOWANCE_BYTES, "n_ctx": n_ctx,
-            "basis": f"initializer bytes {weights} B + KV cache {traffic['kv_bytes_per_position']} B/position "
-                     f"× {n_ctx} ctx + runtime allowance {RUNTIME_ALLOWANCE_BYTES // MB} MB (estimate)"}
-
+    hidden, vocab = _config_widths(model_file(path).parent)
+    return onnx_memory(weights_bytes=traffic["weight_bytes_total"], n_ctx=n_ctx,
+                       kv_bytes_per_position=traffic["kv_bytes_per_position"], hidden=hidden, vocab=vocab).as_dict()

@@ -16,7 +16,7 @@ from edgepack.distill.plan import plan_training
 from edgepack.distill.train import TrainConfig, train_student
 from edgepack.errors import UsageError
 from edgepack.profiles import load_profile
-from edgepack.profiles.fit import ModelShape
+from edgepack.memory import ModelShape
 from tests.distill.conftest import make_run
 
 # SmolLM2-135M's shape, and a 14-block student pruned from it.

@@ -106,12 +106,15 @@ def test_two_layer_teacher_cannot_be_pruned_to_60_percent(tiny_llama_dir: Path) 
 
 
 def test_deploy_estimate_uses_first_choice_and_context(tiny4_dir: Path) -> None:
-    from edgepack.profiles.fit import GGUF_BITS
+    from edgepack.memory import predict_memory
+    from edgepack.profiles.fit import shape_from_config
 
     cfg = AutoModelForCausalLM.from_pretrained(tiny4_dir).config
     prof = load_profile("cpu-x86-2c")  # gguf:Q8_0 first, context 2048
     base = estimate_deploy_mb(1_000_000, 2, cfg, prof)
     q4 = estimate_deploy_mb(1_000_000, 2, cfg, replace(prof, choices=prof.choices[3:]))  # gguf:Q4_K_M
-    assert base - q4 == pytest.approx(1_000_000 * (GGUF_BITS["Q8_0"] - GGUF_BITS["Q4_K_M"]) / 8 / 2**20, abs=1e-5)
+    shape = shape_from_config({**cfg.to_dict(), "num_hidden_layers": 2}, params=1_000_000)
+    expected = [predict_memory("gguf", shape, q, 2048).total_bytes / 2**20 for q in ("Q8_0", "Q4_K_M")]
+    assert [base, q4] == pytest.approx(expected) and q4 < base
     assert estimate_deploy_mb(1_000_000, 2, cfg, replace(prof, context_length=4096)) > base
     assert estimate_deploy_mb(1_000_000, 4, cfg, prof) > base  # more blocks, more KV cache

@@ -11,7 +11,8 @@ from edgepack.errors import BudgetError, BundleError, ModelSourceError
 from edgepack.runtime import memory, session
 from edgepack.runtime.bundle.archive import BundleFile, write_bundle
 from edgepack.gguf_header import read_gguf
-from edgepack.runtime.memory import estimate_gguf_memory, kv_cache_bytes, preflight
+from edgepack.memory import kv_cache_bytes
+from edgepack.runtime.memory import estimate_gguf_memory, gguf_artifact_memory, preflight
 from edgepack.runtime.session import open_model
 
 USER = [{"role": "user", "content": "Compressor C-12 tripped on high vibration."}]
@@ -33,7 +34,8 @@ def test_bare_gguf(tiny_gguf: Path) -> None:
         assert s.manifest is None and s.name == "tiny-F16"
         assert s.backend.n_ctx == 512  # capped at the model's trained context (512), below the 2048 default
         assert s.memory_estimate and s.memory_estimate["kv_cache_bytes"] == kv_cache_bytes(
-            n_layer=2, n_ctx=512, n_head_kv=2, key_dim=16, value_dim=16)
+            n_layers=2, n_ctx=512, n_kv_heads=2, key_dim=16, value_dim=16, bytes_per_value=2)
+        assert s.memory_estimate == gguf_artifact_memory(tiny_gguf, 512)  # the format's artifact_memory part
         pieces = list(s.stream_chat(USER, max_tokens=8))
         assert all(isinstance(p, str) for p in pieces)
 
@@ -77,7 +79,8 @@ def test_tampered_bundle_is_refused_before_loading(bundle: Path, cache_dir: Path
 def test_memory_preflight_refuses_with_numbers(bundle: Path, tiny_gguf: Path, cache_dir: Path,
                                                monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(memory, "available_memory_bytes", lambda: (10 * 1024 * 1024, "MemAvailable"))
-    with pytest.raises(BudgetError, match=r"needs about 128 MB but only 10 MB is available \(MemAvailable\)"):
+    need = round((tiny_gguf.stat().st_size + memory.RUNTIME_ALLOWANCE_BYTES) / memory.MB)  # before extraction
+    with pytest.raises(BudgetError, match=rf"needs about {need} MB but only 10 MB is available \(MemAvailable\)"):
         with open_model(bundle):
             pass
     assert not (cache_dir / "bundles").exists()  # refused before extraction
@@ -120,6 +123,9 @@ def test_teacher_memory_estimate_matches_its_shape(builtin_teacher_gguf: Path) -
     # SmolLM2-135M: 30 layers, 3 KV heads of 64 dims, F16 cache.
     assert est["kv_cache_bytes"] == 30 * 2048 * 3 * (64 + 64) * 2
     assert est["weights_bytes"] == 96_576_768
+    # Q4_1 is not repacked: the allowance is the gguf base + activations + a 49,152-entry vocabulary.
+    assert est["total_bytes"] == est["weights_bytes"] + est["kv_cache_bytes"] + est["runtime_allowance_bytes"]
+    assert "vocabulary of 49152" in est["basis"] and "repacked Q4 copies 0.0 MiB" in est["basis"]
 
 
 @pytest.mark.parametrize("n_ctx,requested,trained,expected,noted", [
