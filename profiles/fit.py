@@ -170,10 +170,13 @@ def fit_model(model: Path, profile: Profile, context: int | None = None) -> dict
     budget = profile.memory_budget_mb * MIB
     shape, fmt, quant = _read_model(model)
     deploy: list[DeployEstimate] = []
+    notes: list[str] = []
     if fmt is not None and fmt.artifact_memory:
         estimate = fmt.part("artifact_memory")(model, ctx)
         deploy.append(deploy_verdict(fmt.name, quant, estimate, budget, as_is=True,
                                      file_bytes=_artifact_file_bytes(model)))
+    elif fmt is not None:
+        notes.append(f"format {fmt.name!r} gives no artifact_memory part: no estimate of {model.name} as it is")
     for choice in profile.choices:
         predicted = predict_memory(choice.format, shape, choice.quant, ctx)
         deploy.append(deploy_verdict(choice.format, choice.quant, predicted.as_dict(), budget))
@@ -184,5 +187,5 @@ def fit_model(model: Path, profile: Profile, context: int | None = None) -> dict
         "context": ctx, "budget_mb": profile.memory_budget_mb, "shape": asdict(shape),
         "deploy": [asdict(d) for d in deploy],
         "train": {**asdict(train), "note": "teacher of the same size, online dense logits"},
-        "estimate": True, "threads": profile.threads, "cpu_count": os.cpu_count(),
+        "estimate": True, "threads": profile.threads, "cpu_count": os.cpu_count(), "notes": notes,
     }

@@ -76,5 +76,7 @@ def fit_cmd(
         tr = r["train"]
         out.print(f"train on {tr['device']} ({tr['method']}): {tr['total_bytes'] / 2**20:.0f} MB of "
                   f"{tr['budget_bytes'] / 2**20:.0f} MB → {'fits' if tr['fits'] else 'does not fit'}")
+        for note in r.get("notes", []):
+            out.print(f"note: {note}")
 
     emit(result, json_out, human)

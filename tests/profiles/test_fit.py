@@ -121,3 +121,15 @@ def test_deploy_estimate_bounds_measured_rss(builtin_teacher_gguf: Path) -> None
     estimate = fit_model(builtin_teacher_gguf, load_profile("cpu-x86-2c"), context=2048)["deploy"][0]
     ratio = estimate["total_bytes"] / measured
     assert 1.0 <= ratio <= 1.2, f"estimate {estimate['total_bytes']} vs measured {measured} ({ratio:.2f})"
+
+
+def test_fit_says_when_a_format_gives_no_estimate(tiny_gguf: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import dataclasses
+
+    from edgepack import formats
+
+    bare = dataclasses.replace(formats.get_format("gguf"), artifact_memory="")
+    monkeypatch.setattr("edgepack.profiles.fit.format_of", lambda path: bare)
+    result = fit_model(tiny_gguf, load_profile("cpu-x86-2c"))
+    assert not any(d["as_is"] for d in result["deploy"])
+    assert result["notes"] and "artifact_memory" in result["notes"][0]
