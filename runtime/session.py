@@ -6,17 +6,20 @@ For a ``.edgepack`` bundle: verify every byte (one streaming pass that also yiel
 bundle's sha256), check up front that the model's own bytes fit in memory, extract once into a
 cache folder keyed by that sha256 (``$EDGEPACK_CACHE/bundles/<sha>/``, default
 ``~/.cache/edgepack``), then plan the load from the extracted model file and load the
-entrypoint through the backend registry. A bare ``.gguf`` is header-checked, planned and
-loaded directly; a bare ONNX folder is scanned (external data must stay inside it), planned and
-loaded the same way.
+entrypoint through the backend registry. A bare artifact (a ``.gguf`` file, an ONNX folder) is
+recognised by :func:`edgepack.formats.format_of`, planned and loaded directly. What is read from
+the model file comes from its :class:`~edgepack.formats.Format`: ``trained_context`` and
+``artifact_memory`` (a GGUF's header; an ONNX folder's scan, which also refuses external data
+that leaves the folder), so a third-party format gets the same preflight as the built-ins.
 
 Numbers inside a bundle are never trusted for a safety decision (issue #20, defect 6): a
 signature only says who packed it, not that the packer was careful or honest. The context
 length is the CLI's ``n_ctx``, else the manifest's ``runtime.context_length`` *capped* at the
-context the model file itself was trained for (GGUF ``<arch>.context_length``, ONNX
-``config.json``; :data:`DEFAULT_BARE_CTX` when the file does not say); the memory preflight
-recomputes weights + KV + allowance from the model file at that context
-(``runtime.memory_estimate`` is ignored); threads are capped at this machine's CPUs.
+context the model file itself was trained for (the format's ``trained_context``: GGUF
+``<arch>.context_length``, ONNX ``config.json``; :data:`DEFAULT_BARE_CTX` when the file does not
+say); the memory preflight recomputes weights + KV + allowance from the model file at that
+context (the format's ``artifact_memory``; ``runtime.memory_estimate`` is ignored); threads are
+capped at this machine's CPUs.
 The only manifest runtime value still used as given is ``device`` (``cuda``/``metal`` asks
 for GPU offload, which a CPU-only build ignores).
 
@@ -33,7 +36,6 @@ the user; anyone who can write it can also edit the installed edgepack).
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import shutil
 import stat
@@ -47,6 +49,7 @@ from edgepack.errors import ModelSourceError, UsageError
 from edgepack.runtime.backends.base import Backend
 
 if TYPE_CHECKING:
+    from edgepack.formats import Format
     from edgepack.runtime.bundle.archive import BundleCheck
 
 DEFAULT_BARE_CTX = 2048
@@ -172,29 +175,20 @@ def _positive_int(value: Any) -> int | None:
     return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
 
 
-def _onnx_train_ctx(folder: Path) -> int | None:
-    """``max_position_embeddings`` from an ONNX folder's config.json, if it says."""
-    try:
-        value = json.loads((folder / "config.json").read_text(encoding="utf-8")).get("max_position_embeddings")
-    except (OSError, ValueError, AttributeError):
-        return None
-    return _positive_int(value)
+def _model_facts(model_path: Path, fmt: Format,
+                 note: Warn) -> tuple[int | None, Callable[[int], dict[str, Any]] | None]:
+    """(trained context, estimate(ctx)) read from the model file itself by the format's parts.
 
-
-def _model_facts(model_path: Path, fmt: str) -> tuple[int | None, Callable[[int], dict[str, Any]] | None]:
-    """(trained context, estimate(ctx)) read from the model file itself, for known formats."""
-    if fmt == "gguf":
-        from edgepack.gguf_header import read_gguf
-        from edgepack.runtime.memory import estimate_gguf_memory
-
-        header = read_gguf(model_path)
-        return _positive_int(header.arch_value("context_length")), lambda ctx: estimate_gguf_memory(header, ctx)
-    if fmt == "onnx":
-        from edgepack.runtime.onnx_graph import estimate_onnx_memory, model_file
-
-        # estimate_onnx_memory also refuses external data outside the folder.
-        return _onnx_train_ctx(model_file(model_path).parent), lambda ctx: estimate_onnx_memory(model_path, ctx)
-    return None, None  # a third-party backend: nothing edgepack can read from its file
+    A format without ``artifact_memory`` loads without a memory preflight, and the session
+    says so; one without ``trained_context`` is capped at :data:`DEFAULT_BARE_CTX`.
+    """
+    trained = _positive_int(fmt.part("trained_context")(model_path)) if fmt.provides("trained_context") else None
+    if not fmt.provides("artifact_memory"):
+        note(f"format {fmt.name!r} gives no memory estimate (no artifact_memory part): "
+             f"{model_path.name} is loaded without a memory preflight")
+        return trained, None
+    estimate = fmt.part("artifact_memory")
+    return trained, lambda ctx: estimate(model_path, ctx)
 
 
 def choose_context(n_ctx: int | None, requested: Any, trained: int | None, note: Warn,
@@ -248,7 +242,8 @@ def open_model(path: Path, *, threads: int | None = None, n_ctx: int | None = No
     ``warn`` receives each warning as it happens (the CLI prints it); the session's ``notes``
     keep them too.
     """
-    from edgepack.runtime.backends.base import default_threads, format_of, get_backend
+    from edgepack.formats import format_of, get_format
+    from edgepack.runtime.backends.base import default_threads, get_backend
     from edgepack.runtime.memory import RUNTIME_ALLOWANCE_BYTES
 
     notes: list[str] = []
@@ -282,11 +277,11 @@ def open_model(path: Path, *, threads: int | None = None, n_ctx: int | None = No
                     "basis": f"model files {model_bytes} B + runtime allowance (before the KV cache)"},
                    f"bundle {path.name}")
         folder = _extract_cached(path, check, public_key, note)
-        model_path, fmt = folder / manifest[M_ENTRYPOINT], str(manifest[M_FORMAT])
+        model_path, fmt = folder / manifest[M_ENTRYPOINT], get_format(str(manifest[M_FORMAT]))
     else:
         fmt = format_of(path)
         model_path = path
-    trained, estimator = _model_facts(model_path, fmt)
+    trained, estimator = _model_facts(model_path, fmt, note)
     ctx = choose_context(n_ctx, runtime.get("context_length"), trained, note)
     estimate = estimator(ctx) if estimator is not None else None
     if estimate is not None:
@@ -297,7 +292,7 @@ def open_model(path: Path, *, threads: int | None = None, n_ctx: int | None = No
     threads_used = max(1, min(want_threads, default_threads()))
     # Offload every layer when the bundle targets a GPU; a CPU-only build ignores the request.
     gpu_layers = -1 if runtime.get("device") in ("cuda", "metal") else 0
-    backend = get_backend(fmt).load(model_path, threads=threads_used, n_ctx=ctx, gpu_layers=gpu_layers)
+    backend = get_backend(fmt.name).load(model_path, threads=threads_used, n_ctx=ctx, gpu_layers=gpu_layers)
     try:
         yield ModelSession(backend, source=path, manifest=manifest, memory_estimate=estimate, notes=notes)
     finally:

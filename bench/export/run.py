@@ -104,11 +104,12 @@ def _reference(model: str, work: Path, timer: Timer) -> tuple[Path, str, str]:
 def _speed_and_accuracy(path: Path, holdout_rows: list[dict[str, Any]], threads: int,
                         with_accuracy: bool, accuracy_threads: int) -> dict[str, Any]:
     """Decode tok/s in a fresh process (as the gate measures it), then holdout accuracy."""
-    from edgepack.runtime.backends.base import format_of, get_backend
     from edgepack.export.gate.measure import measure_artifact
     from edgepack.export.gate.quality import evaluate_holdout
+    from edgepack.formats import format_of
+    from edgepack.runtime.backends.base import get_backend
 
-    fmt = format_of(path)
+    fmt = format_of(path).name
     m = measure_artifact(path, fmt=fmt, threads=threads, n_ctx=512, prompt_tokens=128, decode_tokens=64, runs=3)
     out: dict[str, Any] = {"decode_tok_s": m["decode_tokens_per_s"]["p50"] if m.get("ok") else None,
                            "ttft_ms": m["ttft_ms"]["p50"] if m.get("ok") else None,

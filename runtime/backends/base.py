@@ -12,31 +12,25 @@ Registration is by exact format name, through the same decorator a third party w
     class MLCBackend(Backend):
         ...
 
-Built-in backends live in modules that are imported only when their format is first asked
-for (:data:`BUILTIN_BACKENDS`), and those modules import their heavy library (llama_cpp,
-onnxruntime) only inside ``load``, so ``edgepack --help`` imports neither.
+A format's backend module is named by its :class:`~edgepack.formats.Format` (``backend``) and
+imported only when that format is first asked for; the built-in modules import their heavy
+library (llama_cpp, onnxruntime) only inside ``load``, so ``edgepack --help`` imports neither.
+A backend registered for a format that :mod:`edgepack.formats` does not know still loads
+through :func:`get_backend`, but only a registered format gets the memory preflight, the gate
+and pack.
 """
 
 from __future__ import annotations
 
 import codecs
-import importlib
 import os
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar
 
-from edgepack.errors import ModelSourceError, UsageError
-
-# format name -> module whose import registers that format's backend.
-BUILTIN_BACKENDS: dict[str, str] = {
-    "gguf": "edgepack.runtime.backends.llamacpp",
-    "onnx": "edgepack.runtime.backends.onnxrt",
-}
-# How a bare artifact path announces its format (bundles say it in their manifest).
-FORMAT_BY_SUFFIX: dict[str, str] = {".gguf": "gguf", ".onnx": "onnx"}
-FORMAT_BY_MARKER_FILE: dict[str, str] = {"model.onnx": "onnx"}
+from edgepack.errors import UsageError
+from edgepack.formats import all_formats, find_format
 
 _REGISTRY: dict[str, type[Backend]] = {}
 B = TypeVar("B", bound="type[Backend]")
@@ -198,8 +192,9 @@ def register_backend(fmt: str) -> Callable[[B], B]:
         existing = _REGISTRY.get(fmt)
         if existing is not None and (existing.__module__, existing.__qualname__) != (cls.__module__, cls.__qualname__):
             raise ValueError(f"format {fmt!r} is already served by {existing.__module__}.{existing.__qualname__}")
-        if fmt in BUILTIN_BACKENDS and cls.__module__ != BUILTIN_BACKENDS[fmt]:
-            raise ValueError(f"format {fmt!r} is already served by the built-in {BUILTIN_BACKENDS[fmt]}")
+        declared = _declared_module(fmt)
+        if declared and cls.__module__ != declared:
+            raise ValueError(f"format {fmt!r} is already served by {declared}, the module its Format names")
         cls.format = fmt
         _REGISTRY[fmt] = cls
         return cls
@@ -207,33 +202,27 @@ def register_backend(fmt: str) -> Callable[[B], B]:
     return decorator
 
 
+def _declared_module(fmt: str) -> str | None:
+    """The backend module the registered :class:`~edgepack.formats.Format` named ``fmt`` declares."""
+    declared = find_format(fmt)
+    return declared.backend.partition(":")[0] if declared is not None and declared.backend else None
+
+
 def available_formats() -> list[str]:
-    """Every format with a backend: registered ones plus the lazily imported built-ins."""
-    return sorted(set(_REGISTRY) | set(BUILTIN_BACKENDS))
+    """Every format with a backend: registered backends plus those the format registry declares."""
+    return sorted(set(_REGISTRY) | {f.name for f in all_formats() if f.backend})
 
 
 def get_backend(fmt: str) -> type[Backend]:
-    """The backend class for ``fmt``, importing a built-in backend module on first use."""
-    if fmt not in _REGISTRY and fmt in BUILTIN_BACKENDS:
-        importlib.import_module(BUILTIN_BACKENDS[fmt])
+    """The backend class for ``fmt``, importing the module its Format declares on first use."""
+    declared = find_format(fmt) if fmt not in _REGISTRY else None
+    if declared is not None and declared.backend:
+        declared.part("backend")
     try:
         return _REGISTRY[fmt]
     except KeyError:
         raise UsageError(f"no runtime backend for format {fmt!r}; available: {', '.join(available_formats())}",
                          hint="install or import the package that registers that backend") from None
-
-
-def format_of(path: Path) -> str:
-    """The artifact format of a bare model path (a ``.gguf`` file, an ONNX folder)."""
-    path = Path(path)
-    if path.is_dir():
-        for marker, fmt in FORMAT_BY_MARKER_FILE.items():
-            if (path / marker).is_file():
-                return fmt
-    elif path.suffix.lower() in FORMAT_BY_SUFFIX:
-        return FORMAT_BY_SUFFIX[path.suffix.lower()]
-    known = ", ".join(sorted(FORMAT_BY_SUFFIX) + [f"a folder with {m}" for m in FORMAT_BY_MARKER_FILE])
-    raise ModelSourceError(f"{path}: not a model artifact edgepack can run (expected {known})")
 
 
 def default_threads() -> int:

@@ -11,7 +11,8 @@ import pytest
 
 from edgepack.errors import ModelSourceError, UsageError
 from edgepack.runtime.backends import base
-from edgepack.runtime.backends.base import Backend, format_of, get_backend, register_backend
+from edgepack.formats import format_of
+from edgepack.runtime.backends.base import Backend, get_backend, register_backend
 
 USER = [{"role": "user", "content": "Pump P-101 discharge pressure low alarm."}]
 
@@ -68,7 +69,7 @@ def test_streaming_never_splits_a_utf8_character(tmp_path: Path) -> None:
 
 
 def test_format_of() -> None:
-    assert format_of(Path("a/student-Q4_K_M.gguf")) == "gguf"
+    assert format_of(Path("a/student-Q4_K_M.gguf")).name == "gguf"
     with pytest.raises(ModelSourceError, match="expected"):
         format_of(Path("model.bin"))
 

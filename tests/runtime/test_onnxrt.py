@@ -17,7 +17,8 @@ import pytest
 from edgepack.constants import FAIL, PASS
 from edgepack.errors import InvalidModelFile, UnsafeModelError, UsageError
 from edgepack.profiles import load_profile
-from edgepack.runtime.backends.base import available_formats, format_of, get_backend
+from edgepack.formats import format_of
+from edgepack.runtime.backends.base import available_formats, get_backend
 from edgepack.runtime.onnx_graph import inspect_onnx, scan_onnx
 from tests.runtime.helpers import HOLDOUT_ROWS, write_profile
 
@@ -33,8 +34,8 @@ def test_registered_by_format_and_found_by_marker(tiny_onnx: dict[str, Any]) -> 
 
     assert "onnx" in available_formats()
     assert get_backend("onnx") is OnnxRuntimeBackend
-    assert format_of(tiny_onnx["path"]) == "onnx"
-    assert format_of(tiny_onnx["path"] / "model.onnx") == "onnx"
+    assert format_of(tiny_onnx["path"]).name == "onnx"
+    assert format_of(tiny_onnx["path"] / "model.onnx").name == "onnx"
 
 
 def test_light_modules_import_no_heavy_runtime() -> None:
