@@ -17,15 +17,13 @@ from pathlib import Path
 from typing import Any
 
 from edgepack.errors import ProfileError
+from edgepack.formats import all_formats, find_format
 
 PROFILE_DIR = Path(__file__).resolve().parent
 
 DEVICE_KINDS = ("cpu", "cuda", "metal")
-# Formats and quantization types a profile may allow, keyed by exact name.
-ALLOWED_QUANTS: dict[str, tuple[str, ...]] = {
-    "gguf": ("F32", "F16", "BF16", "Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M", "Q4_0", "Q4_1", "IQ4_XS"),
-    "onnx": ("fp32", "int8", "int4"),
-}
+# The formats and quantizations a profile may allow are each format's ``quants``
+# (edgepack.formats), so a registered third-party format is a valid choice too.
 
 
 @dataclass(frozen=True)
@@ -229,8 +227,9 @@ def _check_values(v: dict[str, Any]) -> list[str]:
             problems.append("deploy.choices: must list at least one format:quant")
         for c in v["choices"]:
             fmt, _, quant = str(c).partition(":")
-            if fmt not in ALLOWED_QUANTS or quant not in ALLOWED_QUANTS[fmt]:
-                allowed = ", ".join(f"{f}:{q}" for f, qs in ALLOWED_QUANTS.items() for q in qs)
+            known = find_format(fmt)
+            if known is None or quant not in known.quants:
+                allowed = ", ".join(f"{f.name}:{q}" for f in all_formats() for q in f.quants)
                 problems.append(f"deploy.choices: {c!r} is not one of {allowed}")
     if v.get("device") in ("cuda", "metal") and v.get("gpu_memory_mb", 0) <= 0:
         problems.append("device.gpu_memory_mb: required (> 0) for cuda and metal devices")

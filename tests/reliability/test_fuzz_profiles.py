@@ -21,7 +21,8 @@ from hypothesis import example, given
 from hypothesis import strategies as st
 
 from edgepack.errors import ProfileError
-from edgepack.profiles import ALLOWED_QUANTS, DEVICE_KINDS, PROFILE_DIR, Profile, load_profile
+from edgepack.formats import get_format
+from edgepack.profiles import DEVICE_KINDS, PROFILE_DIR, Profile, load_profile
 from tests.reliability.conftest import FUZZ, bounded
 from tests.reliability.test_fuzz_gguf import mutate, ops
 
@@ -82,7 +83,7 @@ def check_usable(p: Profile) -> None:
     assert p.name and "/" not in p.name and ".." not in p.name
     assert p.device in DEVICE_KINDS and p.choices
     for c in p.choices:
-        assert c.quant in ALLOWED_QUANTS[c.format]
+        assert c.quant in get_format(c.format).quants
     for value in (p.threads, p.memory_budget_mb, p.context_length, p.prompt_tokens, p.ttft_p95_ms,
                   p.min_decode_tokens_per_s, p.train_memory_mb):
         assert math.isfinite(value) and value > 0
