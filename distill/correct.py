@@ -145,7 +145,7 @@ def holdout_accuracy(source: Any, teacher_dir: Path, rows: list[Any], cfg: Corre
                      progress: ProgressFn, task: str) -> float | None:
     """Share of labelled ``rows`` whose greedy answer starts with the right ``Category:``."""
     from edgepack.distill.generate import DecodeParams, open_generator
-    from edgepack.export.gate.quality import parse_label
+    from edgepack.labels import extract_label
 
     if not rows:
         return None
@@ -153,7 +153,7 @@ def holdout_accuracy(source: Any, teacher_dir: Path, rows: list[Any], cfg: Corre
     progress(task, 0, len(rows))
     with open_generator(source, teacher_dir, DecodeParams(max_new_tokens=cfg.eval_max_tokens)) as generate:
         for i, row in enumerate(rows):
-            correct += parse_label(generate(row.messages).text) == row.label
+            correct += extract_label(generate(row.messages).text) == row.label
             progress(task, i + 1, len(rows))
     return round(correct / len(rows), 4)
 

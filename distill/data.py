@@ -20,6 +20,13 @@ from instructions alone; with a few worked examples in its prompt it does. Those
 demonstrations (``demo/shots.jsonl``) are given to the teacher only: stored rows hold the
 student's prompt (system + user), and ``data/teacher_context.json`` records the extra turns
 so that training computes teacher logits under the same context (context distillation).
+
+*The task.* :func:`build_dataset` also writes ``RUN/task.json`` (edgepack/task.py): the answer
+kind (``labels`` when the rows carry labels, ``text`` when they do not, or the user's
+``--format-regex`` / ``--format-schema``), the label set, the system prompt (the demo's, or
+``--system-prompt FILE``, given to every row without a system turn of its own), the teacher's
+demonstrations, the decoding and the primary metric that eval and the gate score with. Its
+hash is part of data/'s identity.
 """
 
 from __future__ import annotations
@@ -37,33 +44,22 @@ from edgepack.constants import (DATA_DIR, DATA_REPORT, HOLDOUT_FILE, TEACHER_CAC
 from edgepack.distill.correct import CorrectionConfig
 from edgepack.distill.endpoint import is_invalid_answer
 from edgepack.hashing import sha256_file
-from edgepack.distill.filters import (DEMO_FORMAT, DROP_REASONS, drop_reason, fold_label, is_near_duplicate,
-                                      parse_category, unify_labels)
+from edgepack.distill.filters import DROP_REASONS, drop_reason, is_near_duplicate
 from edgepack.errors import DataError, RunDirError, UsageError
+from edgepack.labels import fold_label, unify_labels
 from edgepack.locks import locked_stage
 from edgepack.progress import ProgressFn, null_progress
+from edgepack.task import DEMO_LABELS, DEMO_SYSTEM_PROMPT, TASK_FILE, build_task, save_task
 
 if TYPE_CHECKING:
     from edgepack.distill.endpoint import EndpointConfig
-    from edgepack.distill.filters import AnswerFormat
+    from edgepack.answers import JsonAnswer, RegexAnswer
 
 DEMO_DIR = Path(__file__).resolve().parent / "demo"
 DEMO_SEED = DEMO_DIR / "seed.jsonl"
 DEMO_HOLDOUT = DEMO_DIR / "holdout.jsonl"
 DEMO_SHOTS = DEMO_DIR / "shots.jsonl"
-DEMO_LABELS = ("electrical", "mechanical", "hydraulic_pneumatic", "thermal", "instrumentation", "network")
-DEMO_SYSTEM_PROMPT = """\
-You triage alarm and maintenance messages from plant equipment. Pick exactly one category:
-electrical: power supply, motors' windings, drives, breakers, fuses, cables, grounding
-mechanical: bearings, gears, belts, chains, couplings, alignment, vibration, wear
-hydraulic_pneumatic: hydraulic oil systems, cylinders, compressed air, pneumatic actuators
-thermal: temperatures, boilers, furnaces, HVAC, chillers, heat exchangers, cooling
-instrumentation: sensors, transmitters, gauges, analyzers, calibration, signal errors
-network: PLC, SCADA and HMI communication, switches, fieldbus, links
-Answer in exactly two lines:
-Category: <category>
-Action: <one sentence>"""
-
+# DEMO_LABELS and DEMO_SYSTEM_PROMPT are the demo task's (edgepack/task.py DEMO_TASK).
 HOLDOUT_FRACTION = 0.2
 _ROLES = ("system", "user", "assistant")
 
@@ -217,25 +213,27 @@ class _Inputs:
 
 
 def _load_inputs(data: Path | None, *, strict: bool, seed: int, limit: int | None,
-                 holdout: Path | None = None) -> _Inputs:
+                 holdout: Path | None = None, system: str | None = None) -> _Inputs:
+    """The rows (``system`` prepended to rows without a system turn; the demo's by default for
+    the demo), split, labels unified, plus the teacher context and input hashes."""
     if limit is not None and limit < 1:
         raise UsageError(f"--limit must be at least 1 (got {limit})")
     if holdout is not None and data is None:
         raise UsageError("--holdout replaces the split of your --data file; the demo domain has its own holdout",
                          hint="pass --data too, or drop --holdout")
     if data is None:
-        train = load_prompts(DEMO_SEED, strict=True, system=DEMO_SYSTEM_PROMPT)
-        hold = load_prompts(DEMO_HOLDOUT, strict=True, system=DEMO_SYSTEM_PROMPT)
+        train = load_prompts(DEMO_SEED, strict=True, system=system or DEMO_SYSTEM_PROMPT)
+        hold = load_prompts(DEMO_HOLDOUT, strict=True, system=system or DEMO_SYSTEM_PROMPT)
         inputs = _Inputs("builtin:demo", train.rows, hold.rows, [], frozenset(DEMO_LABELS), load_demo_shots(),
                          {p.name: sha256_file(p) for p in (DEMO_SEED, DEMO_HOLDOUT, DEMO_SHOTS)})
     else:
-        prompts = load_prompts(data, strict=strict)
+        prompts = load_prompts(data, strict=strict, system=system)
         files = {Path(data).name: sha256_file(Path(data))}
         if holdout is None:  # a deterministic split of the data file
             tr, ho = split_rows(prompts.rows, seed)
             bad = prompts.bad
         else:  # the user's own holdout: every data row trains
-            held = load_prompts(holdout, strict=strict)
+            held = load_prompts(holdout, strict=strict, system=system)
             tr, ho = prompts.rows, held.rows
             bad = prompts.bad + [{**b, "file": str(holdout)} for b in held.bad]
             files[f"holdout:{Path(holdout).name}"] = sha256_file(Path(holdout))
@@ -254,8 +252,8 @@ def build_dataset(*, teacher: str, data: Path | None, run_dir: Path, limit: int 
                   allow_pickle: bool = False, trust_remote_code: bool = False,
                   correct: bool = False, correction: CorrectionConfig | None = None,
                   samples: int = 1, sample_temperature: float = 0.8,
-                  endpoint: EndpointConfig | None = None,
-                  answer_format: AnswerFormat | None = None, holdout: Path | None = None) -> dict[str, Any]:
+                  endpoint: EndpointConfig | None = None, answer_format: RegexAnswer | JsonAnswer | None = None,
+                  holdout: Path | None = None, system_prompt: str | None = None) -> dict[str, Any]:
     """Generate, filter and store teacher data for distillation; return data/report.json.
 
     Nothing is written when the teacher spec or the prompts are bad. A complete data/ folder
@@ -272,8 +270,11 @@ def build_dataset(*, teacher: str, data: Path | None, run_dir: Path, limit: int 
     materialize, and the report's ``distillation`` says whether its answers came with logprobs
     (see endpoint.py). Every teacher's answers are cached under ``RUN/cache/teacher`` as they
     arrive, so a rerun after a crash resumes (``teacher_cache`` counts hits and misses).
-    ``answer_format`` (see filters.py) replaces the demo's format check; it is part of data/'s
-    identity and reported as ``format_check``.
+    ``answer_format`` (edgepack/task.py ``answer_from_options``) replaces the demo's format
+    check; it is part of data/'s identity and reported as ``format_check``. ``system_prompt``
+    (``--system-prompt``) is the system turn of every row without one (the demo's by default).
+    The task (answer kind, labels, system prompt, decoding, primary metric) goes to
+    ``RUN/task.json``; its hash is part of data/'s identity.
     """
     from edgepack.distill.contamination import contamination_report
     from edgepack.distill.correct import correct_teacher, load_corrected_source
@@ -286,7 +287,7 @@ def build_dataset(*, teacher: str, data: Path | None, run_dir: Path, limit: int 
     if remote and correct:
         raise UsageError("--correct-teacher needs the teacher's weights; an endpoint teacher has none",
                          hint="pass a local HF folder, a .gguf or builtin:NAME to correct it")
-    inputs = _load_inputs(data, strict=strict, seed=seed, limit=limit, holdout=holdout)
+    inputs = _load_inputs(data, strict=strict, seed=seed, limit=limit, holdout=holdout, system=system_prompt)
     if samples < 1 or sample_temperature <= 0:
         raise UsageError(f"--samples must be at least 1 and the sample temperature above 0 "
                          f"(got {samples}, {sample_temperature})")
@@ -297,14 +298,21 @@ def build_dataset(*, teacher: str, data: Path | None, run_dir: Path, limit: int 
     identity = {"teacher_sha256": source.sha256, "inputs": inputs.files, "seed": seed, "limit": limit,
                 "decoding": [p.describe() for p in sample_params], "correction": correction.describe() if correction else None}
     if answer_format is not None:  # absent for the demo format, so data/ built before the option stays valid
-        identity["format_check"] = answer_format.describe()
+        identity["format_check"] = answer_format.format_check()
+    # The corrected teacher answers without demonstrations (see below), so its task has none.
+    task = build_task(answer=answer_format, labels=inputs.labels,
+                      system_prompt=system_prompt or (DEMO_SYSTEM_PROMPT if data is None else None),
+                      demonstrations=[] if correction else inputs.context)
+    identity["task"] = task.sha256()
     run_dir = Path(run_dir)
     out = run_dir / DATA_DIR
     if is_complete(out):
         report = json.loads((out / DATA_REPORT).read_text())
-        if report.get("identity") != identity:
+        if not _same_identity(report.get("identity"), identity, system_prompt):
             raise RunDirError(f"{out} was built from another teacher or other inputs",
                               hint="use a new run folder, or the same --teacher/--data/--seed/--limit")
+        if not (run_dir / TASK_FILE).is_file():  # a run built before the task contract, or a crash before it
+            save_task(task, run_dir / TASK_FILE)
         return {**report, "skipped": True}
     if out.exists():
         raise RunDirError(f"{out} exists but is not complete", hint="delete it and rerun")
@@ -325,8 +333,8 @@ def build_dataset(*, teacher: str, data: Path | None, run_dir: Path, limit: int 
     hold_rows: list[dict[str, Any]] = []
     total = len(inputs.train) * samples + len(inputs.holdout)
     n_tokens = correct = labelled = 0
-    task = "data: teacher answers"
-    progress(task, 0, total)
+    step = "data: teacher answers"
+    progress(step, 0, total)
     kept: dict[str, list[str]] = {r.id: [] for r in inputs.train}
     done = 0
     invalid: list[str] = []  # why each refused invalid_answer row was invalid
@@ -343,7 +351,7 @@ def build_dataset(*, teacher: str, data: Path | None, run_dir: Path, limit: int 
         rows = inputs.train + (inputs.holdout if j == 0 else [])
         with open_generator(source, gen_dir, p, **gen_options) as generate:
             gens = generate_many(generate, [with_teacher_context(r.messages, inputs.context) for r in rows],
-                                 lambda n: progress(task, done + n, total))
+                                 lambda n: progress(step, done + n, total))
             answers += gens
             endpoints.append(describe_generator(generate))
             for k, v in (cache_stats(generate) or {}).items():
@@ -352,7 +360,7 @@ def build_dataset(*, teacher: str, data: Path | None, run_dir: Path, limit: int 
                 n_tokens += gen.tokens
                 if i < len(inputs.train):
                     reason = drop_reason(gen.text, finished=gen.finished, label=row.label, labels=inputs.labels,
-                                         answer_format=answer_format)
+                                         answer_format=task.answer)
                     if reason is None and is_invalid_answer(gen):
                         reason = "invalid_answer"
                         invalid.append(gen.no_logprobs_reason)
@@ -365,12 +373,10 @@ def build_dataset(*, teacher: str, data: Path | None, run_dir: Path, limit: int 
                         dropped[reason] += 1
                 else:
                     rec = row.record(gen.text.strip())
-                    stated = (parse_category(gen.text) if answer_format is None
-                              else answer_format.check(gen.text.strip())[1])
-                    rec["teacher_category"] = None if stated is None else fold_label(stated)
+                    rec["teacher_category"] = task.answer.label(gen.text)
                     hold_rows.append(rec)
-                    # A user format that states no label leaves the teacher's accuracy unmeasured (None).
-                    if row.label is not None and (answer_format is None or answer_format.label_from):
+                    # A format that states no label leaves the teacher's accuracy unmeasured (None).
+                    if row.label is not None and task.answer.label_from:
                         labelled += 1
                         correct += rec["teacher_category"] == row.label
                 done += 1
@@ -395,8 +401,9 @@ def build_dataset(*, teacher: str, data: Path | None, run_dir: Path, limit: int 
         "label_spellings": inputs.label_spellings,
         "decoding": [p.describe() for p in sample_params],
         "samples_per_prompt": samples,
-        # None: a free-form task (no labels) without a user format gets no format check.
-        "format_check": (answer_format or DEMO_FORMAT).describe() if answer_format or inputs.labels else None,
+        # None: a free-form (text) task without a user format gets no format check.
+        "format_check": task.answer.format_check(),
+        "task": {"file": TASK_FILE, **task.describe()},
         "teacher_cache": cache_counts,
         "teacher_context_turns": len(inputs.context),
         "input_rows": len(inputs.train) + len(inputs.holdout) + len(inputs.bad),
@@ -421,7 +428,18 @@ def build_dataset(*, teacher: str, data: Path | None, run_dir: Path, limit: int 
         write_json(tmp / TEACHER_CONTEXT, {"messages": inputs.context,
                                                  "note": "teacher-only turns inserted after the system turn"})
         write_json(tmp / DATA_REPORT, report)
+    save_task(task, run_dir / TASK_FILE)
     return report
+
+
+def _same_identity(recorded: Any, identity: dict[str, Any], system_prompt: str | None) -> bool:
+    """Whether a complete data/ was built from these inputs. One built before the task contract
+    has no ``task`` in its identity; its task follows from the same inputs unless a
+    ``--system-prompt`` (which did not exist then) is given now."""
+    if recorded == identity:
+        return True
+    legacy = {k: v for k, v in identity.items() if k != "task"}
+    return isinstance(recorded, dict) and "task" not in recorded and system_prompt is None and recorded == legacy
 
 
 def _warnings(spellings: dict[str, dict[str, int]], invalid: list[str], answers: int) -> list[str]:

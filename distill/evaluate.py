@@ -7,11 +7,14 @@
   its original folder.
 * **distilled** — ``RUN/student``.
 
-Per student: label accuracy (``Category:`` parsed leniently), strict-format rate and label
-agreement with the teacher, from greedy answers to the holdout prompts (transformers, batched
-with left padding); and teacher-forced on the teacher's holdout answers, the mean per-token KL(teacher ‖
-student) and the student's cross-entropy. "Gap closed" is the share of the undistilled→teacher
-gap that KD recovered. The report is also written to ``RUN/eval.json``.
+Every answer is scored under the run's task (``RUN/task.json``; the demo's contract for a run
+built before it) by :func:`edgepack.scoring.score_answers`, the scorer the gate uses: per
+model the task's metrics (``scores``, with ``primary``), plus label accuracy (the label read as
+the task reads it), format rate and label agreement with the teacher, from the task's decoding
+(greedy for the demo) of the holdout prompts (transformers, batched with left padding); and
+teacher-forced on the teacher's holdout answers, the mean per-token KL(teacher ‖ student) and
+the student's cross-entropy. "Gap closed" is the share of the undistilled→teacher gap that KD
+recovered. The report is also written to ``RUN/eval.json``.
 """
 
 from __future__ import annotations
@@ -24,10 +27,10 @@ from typing import Any
 from edgepack.atomic import is_complete, write_json
 from edgepack.constants import (DATA_DIR, DATA_REPORT, EVAL_REPORT, HOLDOUT_FILE, STUDENT_DIR, STUDENT_INFO,
                                 TEACHER_CONTEXT, TEACHER_DIR)
-from edgepack.errors import RunDirError
+from edgepack.errors import DataError, RunDirError
 from edgepack.progress import ProgressFn, null_progress
+from edgepack.task import Task, run_task
 
-MAX_NEW_TOKENS = 48   # demo answers are ~20 tokens; an undistilled student rambles to the limit
 GEN_BATCH = 16
 MAX_LENGTH = 1024
 
@@ -64,8 +67,10 @@ def answer_divergence(teacher: Any, student: Any, examples: list[Any], prefix: A
             "teacher_ce": teacher_ce_sum / max(n_tokens, 1) if known else None, "tokens": n_tokens}
 
 
-def _generate_answers(model: Any, tok: Any, rows: list[dict[str, Any]], progress: ProgressFn, task: str) -> list[str]:
-    """Greedy answers, GEN_BATCH prompts at a time (left-padded: one decode step serves all)."""
+def _generate_answers(model: Any, tok: Any, rows: list[dict[str, Any]], progress: ProgressFn, what: str,
+                      contract: Task) -> list[str]:
+    """Answers under the task's decoding (greedy for temperature 0), GEN_BATCH prompts at a
+    time (left-padded: one decode step serves all), cut at its stop strings."""
     import torch
 
     from edgepack.runtime.chat.tokens import hf_chat_ids
@@ -73,38 +78,52 @@ def _generate_answers(model: Any, tok: Any, rows: list[dict[str, Any]], progress
     model.eval()
     eos = tok.eos_token_id
     pad = tok.pad_token_id if tok.pad_token_id is not None else eos
+    decoding = contract.decoding
+    sampling = ({"do_sample": True, "temperature": decoding.temperature} if decoding.temperature > 0
+                else {"do_sample": False, "temperature": None, "top_p": None, "top_k": None})
     answers: list[str] = []
-    progress(task, 0, len(rows))
+    progress(what, 0, len(rows))
     for start in range(0, len(rows), GEN_BATCH):
         prompts = [hf_chat_ids(tok, r["messages"]) for r in rows[start:start + GEN_BATCH]]
         width = max(len(p) for p in prompts)
         ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts])
         mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
         with torch.no_grad():
-            out = model.generate(ids, attention_mask=mask, max_new_tokens=MAX_NEW_TOKENS, do_sample=False,
-                                 temperature=None, top_p=None, top_k=None, eos_token_id=eos, pad_token_id=pad)
+            out = model.generate(ids, attention_mask=mask, max_new_tokens=decoding.max_tokens, eos_token_id=eos,
+                                 pad_token_id=pad, **sampling)
         for row in out[:, width:].tolist():
             row = row[:row.index(eos)] if eos in row else row
-            answers.append(tok.decode(row, skip_special_tokens=True).strip())
-        progress(task, len(answers), len(rows))
+            answers.append(decoding.cut(tok.decode(row, skip_special_tokens=True)).strip())
+        progress(what, len(answers), len(rows))
     return answers
 
 
-def _answer_scores(answers: list[str], rows: list[dict[str, Any]], labels: frozenset[str] | None) -> dict[str, Any]:
-    from edgepack.distill.filters import ANSWER_RE, parse_category
+def answer_scores(task: Task, answers: list[str], rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """One model's holdout scores under ``task``: the scorer's (``scores``, ``primary``; the
+    gate's numbers for the same answers) and eval's summary fields beside them."""
+    from edgepack.scoring import format_rate, label_scores, score_answers, teacher_agreement
 
-    labelled = [(a, r) for a, r in zip(answers, rows) if r.get("label")]
-    cats = [parse_category(a) for a, _ in labelled]
-    with_teacher = [(parse_category(a), r.get("teacher_category")) for a, r in zip(answers, rows)
-                    if r.get("teacher_category")]
+    scores = score_answers(task, answers, rows)
+    labels = label_scores(task, answers, rows)
+    agreement = teacher_agreement(task, answers, rows)
+    fmt = format_rate(task, answers)
     return {
-        "label_accuracy": _ratio(sum(c == r["label"] for c, (_, r) in zip(cats, labelled)), len(labelled)),
-        "format_rate": _ratio(sum(bool(ANSWER_RE.match(a)) and (labels is None or ANSWER_RE.match(a).group(1) in labels)
-                                  for a in answers), len(answers)),
-        "teacher_label_agreement": _ratio(sum(a == b for a, b in with_teacher), len(with_teacher)),
+        "label_accuracy": _ratio(labels["correct"], labels["labelled"]) if labels["accuracy"] is not None else None,
+        "format_rate": None if fmt is None else round(fmt, 4),
+        "teacher_label_agreement": _ratio(agreement["agreed"], agreement["rows"]),
         "exact_match_with_teacher": _ratio(sum(a == (r.get("response") or "").strip() for a, r in zip(answers, rows)),
                                            len(rows)),
+        "primary": scores["primary"],
+        "scores": scores,
     }
+
+
+def _check_rows(task: Task, rows: list[dict[str, Any]], path: Path) -> None:
+    """Every holdout row fits the task, else a DataError naming the first that does not."""
+    for lineno, row in enumerate(rows, 1):
+        problem = task.row_problem(row)
+        if problem is not None:
+            raise DataError(f"{path}:{lineno}: {problem}", hint="rerun `edgepack distill data` in a new run folder")
 
 
 def _round(value: Any) -> Any:
@@ -155,7 +174,8 @@ def evaluate_run(*, run_dir: Path, variants: tuple[str, ...] = (), progress: Pro
         raise RunDirError(f"{data_dir / HOLDOUT_FILE} has no rows to evaluate on",
                           hint="use a prompts file with enough rows for a holdout split (20%)")
     data_report = json.loads((data_dir / DATA_REPORT).read_text()) if (data_dir / DATA_REPORT).is_file() else {}
-    labels = frozenset(data_report["labels"]) if data_report.get("labels") else None
+    task, task_source = run_task(run_dir)
+    _check_rows(task, rows, data_dir / HOLDOUT_FILE)  # before any model is loaded
     context_path = data_dir / TEACHER_CONTEXT
     context = json.loads(context_path.read_text())["messages"] if context_path.is_file() else []
     info = json.loads((student_dir / STUDENT_INFO).read_text())
@@ -183,8 +203,9 @@ def evaluate_run(*, run_dir: Path, variants: tuple[str, ...] = (), progress: Pro
     teacher_answers = [(r.get("response") or "").strip() for r in rows]
     report: dict[str, Any] = {
         "holdout_rows": len(rows),
+        "task": {"source": task_source, **task.describe()},
         "teacher": {"source": "data/holdout.jsonl (the teacher's recorded answers)",
-                    **_answer_scores(teacher_answers, rows, labels), "kl": None if kl_note else 0.0, "ce": None},
+                    **answer_scores(task, teacher_answers, rows), "kl": None if kl_note else 0.0, "ce": None},
         "teacher_context_turns": len(context),
         "forced_rows": len(examples), "forced_rows_too_long": too_long,
         "contamination": (data_report.get("contamination") or {}).get("status", "not checked"),
@@ -193,8 +214,8 @@ def evaluate_run(*, run_dir: Path, variants: tuple[str, ...] = (), progress: Pro
     entries: dict[str, dict[str, Any]] = {}
     for name, model in students.items():
         model.eval()
-        answers = _generate_answers(model, tok, rows, progress, f"eval: {name} answers")
-        entry = _answer_scores(answers, rows, labels)
+        answers = _generate_answers(model, tok, rows, progress, f"eval: {name} answers", task)
+        entry = answer_scores(task, answers, rows)
         if examples:
             scores = answer_divergence(kl_teacher, model, examples, prefix, pad_id)
             report["teacher"]["ce"] = _round(scores.pop("teacher_ce"))

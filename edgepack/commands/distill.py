@@ -44,16 +44,20 @@ def data_cmd(
     format_schema: Annotated[Path | None, typer.Option(
         help="Answer format: a JSON Schema file the answer (as JSON) must satisfy; a top-level `label` string is "
              "its label. Replaces the demo format check.")] = None,
+    system_prompt: Annotated[Path | None, typer.Option(
+        help="A text file with the task's system prompt, given to every row without a system turn of its own "
+             "(default: the demo's for the demo, none for --data). Recorded in RUN/task.json.")] = None,
     json_out: JsonOpt = False,
 ) -> None:
-    """Generate, filter and store teacher data for distillation."""
+    """Generate, filter and store teacher data for distillation; write the task contract (RUN/task.json)."""
     from edgepack.console import emit, progress_bars, warn
     from edgepack.distill.correct import CorrectionConfig
     from edgepack.distill.data import build_dataset
     from edgepack.distill.endpoint import EndpointConfig
-    from edgepack.distill.filters import answer_format_from_options
+    from edgepack.task import answer_from_options, read_system_prompt
 
-    answer_format = answer_format_from_options(format_regex, format_schema)
+    answer_format = answer_from_options(format_regex, format_schema)
+    system = read_system_prompt(system_prompt) if system_prompt is not None else None
     with progress_bars(not json_out) as progress:
         report = build_dataset(teacher=teacher, data=data, run_dir=out, limit=limit, strict=strict,
                                seed=seed, progress=progress, allow_pickle=allow_pickle,
@@ -62,7 +66,7 @@ def data_cmd(
                                sample_temperature=sample_temperature,
                                endpoint=EndpointConfig(concurrency=concurrency, api_key_env=api_key_env,
                                                        timeout_s=timeout),
-                               answer_format=answer_format, holdout=holdout)
+                               answer_format=answer_format, holdout=holdout, system_prompt=system)
     if report.get("distillation") == "response-only":
         warn(f"response-only distillation: {report.get('distillation_reason')}")
     for line in report.get("warnings") or []:  # merged label spellings, refused invalid answers
@@ -159,8 +163,12 @@ def _eval_table(report: dict) -> None:
     for name in columns:
         table.add_column(name, justify="right")
     fmt = lambda v: "–" if v is None else f"{v:.4g}" if isinstance(v, float) else str(v)  # noqa: E731
+    task = report.get("task") or {}
     for metric in (*GAP_METRICS, "format_rate", "params"):
         table.add_row(metric, *(fmt(e.get(metric)) for e in columns.values()))
+    if task.get("primary_metric"):
+        table.add_row(f"task ({task.get('kind')}): {task['primary_metric']}",
+                      *(fmt(e.get("primary")) for e in columns.values()))
     gaps = {"distilled": report["gap_closed"], **{f"variant {v}": e["gap_closed"]
                                                  for v, e in report.get("variants", {}).items()}}
     for metric in GAP_METRICS:

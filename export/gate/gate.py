@@ -200,8 +200,10 @@ def decide(measurements: dict[str, Any], profile: Profile, host_ok: bool,
         ok = relative >= profile.min_relative_quality
         checks.append(_check("relative_quality", relative, profile.min_relative_quality, ok, "x teacher", target))
         if not ok:
+            from edgepack.export.gate.quality import primary_vs_teacher
+
             misses.append(f"relative_quality: {relative:.3f} < budget {profile.min_relative_quality:g} "
-                          f"(accuracy {quality['accuracy']:.3f} vs teacher {quality['teacher_accuracy']:.3f})")
+                          f"({primary_vs_teacher(quality)})")
 
     kld = quality.get("kld_vs_reference") if isinstance(quality, dict) else None
     if isinstance(kld, dict) and kld.get("error"):
@@ -364,9 +366,10 @@ def run_gate(*, artifact: Path, profile: Profile, holdout: Path | None,
     artifact = Path(artifact)
     if not artifact.exists():
         raise ModelSourceError(f"artifact not found: {artifact}")
-    from edgepack.export.gate.quality import load_holdout
+    from edgepack.export.gate.quality import find_task, load_holdout
 
-    rows = load_holdout(holdout) if holdout is not None else None  # bad data fails before measuring
+    task, task_source = find_task(artifact, holdout) if holdout is not None else (None, None)
+    rows = load_holdout(holdout, task) if holdout is not None else None  # bad data fails before measuring
     if reference is not None:
         if holdout is None:
             raise UsageError("--reference needs --holdout: the KL divergence is measured on the holdout rows",
@@ -397,8 +400,8 @@ def run_gate(*, artifact: Path, profile: Profile, holdout: Path | None,
         if rows is not None and measurements.get("ok"):
             measurements["quality"] = _holdout_quality(model_path, fmt, rows, threads, profile.context_length,
                                                        gpu_layers, reference, reference_source,
-                                                       quality_timeout_s, progress)
-            measurements["quality"]["holdout"] = str(holdout)
+                                                       quality_timeout_s, progress, task)
+            measurements["quality"].update(holdout=str(holdout), task_source=task_source)
         decode_efficiency = _efficiency(model_path, fmt, measurements, progress) if efficiency else None
     verdict, checks, reasons = decide(measurements, profile, host_ok, host_reason)
     reasons += [unchecked] if unchecked else []
@@ -434,14 +437,14 @@ def _efficiency(model_path: Path, fmt: str, measurements: dict[str, Any],
 
 def _holdout_quality(model_path: Path, fmt: str, rows: list[dict[str, Any]], threads: int, n_ctx: int,
                      gpu_layers: int, reference: Path | None, reference_source: str, timeout_s: float | None,
-                     progress: ProgressFn) -> dict[str, Any]:
-    """The holdout answered by the artifact in a child process, then (with a reference) the KLD
-    child; a failed answer pass leaves the KLD unmeasured and says so."""
+                     progress: ProgressFn, task: Any = None) -> dict[str, Any]:
+    """The holdout answered by the artifact in a child process under ``task``, then (with a
+    reference) the KLD child; a failed answer pass leaves the KLD unmeasured and says so."""
     from edgepack.export.gate.quality_child import answer_holdout, holdout_kld
 
     progress("gate: holdout", 0, 1)
     quality = answer_holdout(model_path, fmt=fmt, rows=rows, threads=threads, n_ctx=n_ctx,
-                             gpu_layers=gpu_layers, timeout_s=timeout_s)
+                             gpu_layers=gpu_layers, timeout_s=timeout_s, task=task)
     progress("gate: holdout", 1, 1)
     if reference is None:
         return quality

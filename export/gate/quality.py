@@ -1,13 +1,17 @@
-"""The gate's quality check: holdout label accuracy of an artifact, relative to the teacher.
+"""The gate's quality check: holdout scores of an artifact under the task, relative to the teacher.
 
-Holdout rows (JSONL) carry ``messages`` (or a ``prompt`` string), a gold ``label`` and, when
-the data stage recorded it, the teacher's ``response``. The artifact answers every row that
-has a gold label or a teacher response with a label in it, greedily, through its own chat
-template; the label is read from the first ``Category: <label>`` in the answer. The
-teacher's accuracy is the same parse applied to its recorded responses, so the relative
-quality compares like with like. Agreement with the teacher is the fraction of rows whose
-teacher response names a label where the artifact names the same one (a gold label is not
-needed). Rows with neither are counted and skipped, never guessed.
+Holdout rows (JSONL) carry ``messages`` (or a ``prompt`` string) and, as the task needs, a gold
+``label``, a ``reference`` answer and the teacher's recorded ``response``. The task is
+``RUN/task.json`` of the run the holdout or the artifact belongs to (:func:`find_task`), else
+the demo's contract; a row that does not fit it (no label and no teacher response for a
+``labels`` task, no reference and no teacher response for a ``text`` task) is a DataError
+naming the file and line, before anything is measured. The artifact answers the rows it can be
+scored on (:func:`to_answer`) with the task's decoding, through its own chat template, and
+:func:`edgepack.scoring.score_answers` scores the answers, exactly as ``edgepack eval`` does.
+The teacher's score is the same scorer applied to its recorded responses, so the relative
+quality (``primary / teacher_primary``) compares like with like. For tasks whose answers state
+a label, ``accuracy`` is the label accuracy and agreement with the teacher is the fraction of
+rows whose teacher response names a label where the artifact names the same one.
 
 The gate runs :func:`evaluate_holdout` in a child process (:mod:`edgepack.export.gate.quality_child`).
 """
@@ -15,65 +19,73 @@ The gate runs :func:`evaluate_holdout` in a child process (:mod:`edgepack.export
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 from typing import Any
 
+from edgepack.constants import ARTIFACTS_DIR, DATA_DIR, HOLDOUT_FILE
 from edgepack.errors import DataError
+from edgepack.labels import fold_label
 from edgepack.progress import ProgressFn, null_progress
+from edgepack.task import DEMO_TASK, TASK_FILE, Task, load_task
 
-LABEL_PATTERN = re.compile(r"category\s*[:：]\s*\**\s*([A-Za-z0-9][A-Za-z0-9_\-/]*)", re.IGNORECASE)
-DEFAULT_MAX_TOKENS = 48
 _ROLES = ("system", "user", "assistant")
 
 
-def parse_label(text: str | None) -> str | None:
-    """The label after the first ``Category:`` in ``text``, normalised; None if absent."""
-    if not text:
-        return None
-    match = LABEL_PATTERN.search(text)
-    if not match:
-        return None
-    return normalize_label(match.group(1))
+def find_task(artifact: Path | None, holdout: Path | None) -> tuple[Task, str]:
+    """The task to score with, and where it came from: ``RUN/task.json`` of the run whose
+    ``data/holdout.jsonl`` is the holdout, else of the run whose ``artifacts/`` hold the
+    artifact, else the demo's contract (said so in the report, never silently)."""
+    runs = []
+    if holdout is not None and Path(holdout).name == HOLDOUT_FILE and Path(holdout).parent.name == DATA_DIR:
+        runs.append(Path(holdout).resolve().parent.parent)
+    if artifact is not None and Path(artifact).parent.name == ARTIFACTS_DIR:
+        runs.append(Path(artifact).resolve().parent.parent)
+    for run in runs:
+        if (run / TASK_FILE).is_file():
+            return load_task(run / TASK_FILE), str(run / TASK_FILE)
+    return DEMO_TASK, "the demo contract (no RUN/task.json beside the holdout or the artifact)"
 
 
-def normalize_label(label: str) -> str:
-    """Lower case, spaces/slashes/dashes as underscores, trailing punctuation removed."""
-    label = label.strip().strip(".,;:*").strip().lower()
-    return re.sub(r"[\s/\-]+", "_", label)
-
-
-def load_holdout(path: Path) -> list[dict[str, Any]]:
-    """Rows of a holdout JSONL with ``messages`` normalised; DataError names the bad line."""
+def load_holdout(path: Path, task: Task = DEMO_TASK) -> list[dict[str, Any]]:
+    """Rows of a holdout JSONL with ``messages`` normalised and labels folded; a DataError names
+    the line of a malformed row or of one that does not fit ``task``."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"holdout file not found: {path}")
     rows: list[dict[str, Any]] = []
     with open(path, "rb") as fh:
         for lineno, raw in enumerate(fh, 1):
-            row = _parse_line(raw, f"{path}:{lineno}")
+            where = f"{path}:{lineno}"
+            row = _parse_line(raw, where)
             if row is None:
                 continue
-            if isinstance(row.get("messages"), list) and row["messages"]:
-                messages = row["messages"]
-                bad = next((i for i, m in enumerate(messages) if not (
-                    isinstance(m, dict) and m.get("role") in _ROLES and isinstance(m.get("content"), str))), None)
-                if bad is not None:
-                    raise DataError(f"{path}:{lineno}: messages[{bad}] must be "
-                                    "{role: system|user|assistant, content: string}")
-                messages = [{"role": m["role"], "content": m["content"]} for m in messages]
-            elif isinstance(row.get("prompt"), str):
-                messages = [{"role": "user", "content": row["prompt"]}]
-            else:
-                raise DataError(f"{path}:{lineno}: needs a `messages` list or a `prompt` string")
-            label = row.get("label")
-            row_id = row.get("id")
-            rows.append({"id": row_id if isinstance(row_id, str) else str(lineno), "messages": messages,
-                         "label": normalize_label(label) if isinstance(label, str) and label.strip() else None,
-                         "response": row.get("response") if isinstance(row.get("response"), str) else None})
+            label, reference, response = (row.get(k) if isinstance(row.get(k), str) else None
+                                          for k in ("label", "reference", "response"))
+            out = {"id": row["id"] if isinstance(row.get("id"), str) else str(lineno),
+                   "messages": _messages(row, where),
+                   "label": fold_label(label) if label is not None and label.strip() else None,
+                   "reference": reference, "response": response}
+            problem = task.row_problem(out)
+            if problem is not None:
+                raise DataError(f"{where}: {problem}", hint=f"every row of a {task.kind} task needs it; "
+                                                              "fix the row or drop it from the holdout")
+            rows.append(out)
     if not rows:
         raise DataError(f"{path}: no rows")
     return rows
+
+
+def _messages(row: dict[str, Any], where: str) -> list[dict[str, str]]:
+    if isinstance(row.get("messages"), list) and row["messages"]:
+        messages = row["messages"]
+        bad = next((i for i, m in enumerate(messages) if not (
+            isinstance(m, dict) and m.get("role") in _ROLES and isinstance(m.get("content"), str))), None)
+        if bad is not None:
+            raise DataError(f"{where}: messages[{bad}] must be {{role: system|user|assistant, content: string}}")
+        return [{"role": m["role"], "content": m["content"]} for m in messages]
+    if isinstance(row.get("prompt"), str):
+        return [{"role": "user", "content": row["prompt"]}]
+    raise DataError(f"{where}: needs a `messages` list or a `prompt` string")
 
 
 def _parse_line(raw: bytes, where: str) -> dict[str, Any] | None:
@@ -99,61 +111,111 @@ def _parse_line(raw: bytes, where: str) -> dict[str, Any] | None:
     return row
 
 
-def teacher_accuracy(rows: list[dict[str, Any]]) -> tuple[float | None, int]:
-    """Accuracy of the recorded teacher responses on labelled rows, and how many it covers."""
-    scored = [r for r in rows if r["label"] is not None and r["response"] is not None]
-    if not scored:
-        return None, 0
-    correct = sum(parse_label(r["response"]) == r["label"] for r in scored)
-    return correct / len(scored), len(scored)
+def teacher_accuracy(rows: list[dict[str, Any]], task: Task = DEMO_TASK) -> tuple[float | None, int]:
+    """The task's primary metric of the recorded teacher responses, and how many rows it covers
+    (for a labels task: its accuracy on the labelled rows with a response)."""
+    from edgepack.scoring import score_answers
+
+    scores = score_answers(task, *_teacher_answers(rows))
+    return scores["primary"], scores["scored_rows"]
 
 
-def to_answer(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The rows the artifact answers: those with a gold label or a teacher response naming one."""
-    return [r for r in rows if r["label"] is not None or parse_label(r["response"]) is not None]
+def _teacher_answers(rows: list[dict[str, Any]]) -> tuple[list[str], list[dict[str, Any]]]:
+    with_response = [r for r in rows if r.get("response") is not None]
+    return [r["response"] for r in with_response], with_response
 
 
-def evaluate_holdout(backend: Any, rows: list[dict[str, Any]], *, max_tokens: int = DEFAULT_MAX_TOKENS,
-                     progress: ProgressFn = null_progress) -> dict[str, Any]:
-    """Label accuracy of ``backend`` on ``rows`` (greedy), with the teacher's for comparison,
-    and how often the artifact names the label the teacher's recorded response names."""
-    answered = to_answer(rows)
-    labelled = correct = unparsed = agreed = teacher_labelled = 0
-    examples: list[dict[str, Any]] = []
+def to_answer(rows: list[dict[str, Any]], task: Task = DEMO_TASK) -> list[dict[str, Any]]:
+    """The rows the artifact answers: those an answer can be scored on (for a labels task, rows
+    with a gold label or a teacher response naming one; see the answer kind's ``answerable``)."""
+    return [r for r in rows if task.answer.answerable(r)]
+
+
+def answer_row(backend: Any, row: dict[str, Any], task: Task, max_tokens: int) -> str:
+    """The artifact's answer to one row under the task's decoding (cut at its stop strings)."""
+    decoding = task.decoding
+    text = ""
+    for piece in backend.stream_chat(row["messages"], max_tokens=max_tokens, temperature=decoding.temperature):
+        text += piece
+        if decoding.stop and decoding.cut(text) != text:
+            break
+    return decoding.cut(text)
+
+
+def evaluate_holdout(backend: Any, rows: list[dict[str, Any]], task: Task = DEMO_TASK, *,
+                     max_tokens: int | None = None, progress: ProgressFn = null_progress) -> dict[str, Any]:
+    """Scores of ``backend``'s answers to ``rows`` under ``task`` (its decoding; ``max_tokens``
+    overrides its limit), with the teacher's for comparison and, for tasks whose answers state
+    a label, how often the artifact names the label the teacher's recorded response names."""
+    limit = max_tokens if max_tokens is not None else task.decoding.max_tokens
+    answered = to_answer(rows, task)
+    answers = []
     for i, row in enumerate(answered):
-        answer = "".join(backend.stream_chat(row["messages"], max_tokens=max_tokens, temperature=0.0))
-        predicted = parse_label(answer)
-        teacher = parse_label(row["response"])
-        unparsed += predicted is None
-        if row["label"] is not None:
-            labelled += 1
-            correct += predicted == row["label"]
-        if teacher is not None:
-            teacher_labelled += 1
-            agreed += predicted == teacher
-        if len(examples) < 3:
-            examples.append({"id": row["id"], "label": row["label"], "teacher": teacher, "predicted": predicted,
-                             "answer": answer[:200]})
+        answers.append(answer_row(backend, row, task, limit))
         progress("gate: holdout", i + 1, len(answered))
-    accuracy = correct / labelled if labelled else None
-    agreement = agreed / teacher_labelled if teacher_labelled else None
-    t_acc, t_n = teacher_accuracy(rows)
-    relative = accuracy / t_acc if accuracy is not None and t_acc else None
-    responses = sum(r["response"] is not None for r in rows)
+    return quality_report(task, rows, answered, answers, limit)
+
+
+def quality_report(task: Task, rows: list[dict[str, Any]], answered: list[dict[str, Any]], answers: list[str],
+                   max_tokens: int) -> dict[str, Any]:
+    """The gate's quality dict from the artifact's ``answers`` to the ``answered`` rows. Pure."""
+    from edgepack.scoring import label_scores, score_answers, teacher_agreement
+
+    scores = score_answers(task, answers, answered)
+    teacher = score_answers(task, *_teacher_answers(rows))
+    labels = label_scores(task, answers, answered)
+    teacher_labels = label_scores(task, *_teacher_answers(rows))
+    agreement = teacher_agreement(task, answers, answered)
+    primary, t_primary = scores["primary"], teacher["primary"]
+    examples = [{"id": r["id"], "label": r["label"], "teacher": task.answer.label(r.get("response")),
+                 "predicted": task.answer.label(a), "answer": a[:200]} for r, a in list(zip(answered, answers))[:3]]
+    relative = primary / t_primary if primary is not None and t_primary else None
+    return {"rows": len(rows), "answered": len(answered), "labelled": labels["labelled"],
+            "correct": labels["correct"], "unparsed": labels["unparsed"], "accuracy": labels["accuracy"],
+            "teacher_accuracy": teacher_labels["accuracy"], "teacher_rows": teacher["scored_rows"],
+            "relative": relative, "teacher_agreement": agreement["agreement"],
+            "teacher_agreement_rows": agreement["rows"], "teacher_agreed": agreement["agreed"],
+            "task": task.describe(), "primary_metric": task.primary_metric, "primary": primary,
+            "teacher_primary": t_primary, "scores": scores, "teacher_scores": teacher,
+            "decoding": _decoding_line(task, max_tokens), "examples": examples,
+            "notes": _notes(task, rows, scores, teacher, agreement)}
+
+
+def _decoding_line(task: Task, max_tokens: int) -> str:
+    line = task.decoding.describe().replace(f"max {task.decoding.max_tokens} tokens", f"max {max_tokens} tokens")
+    if task.decoding.repeat_penalty != 1.0:
+        line += " (not applied: the runtime backends decode with repeat penalty 1.0)"
+    return line
+
+
+def _notes(task: Task, rows: list[dict[str, Any]], scores: dict[str, Any], teacher: dict[str, Any],
+           agreement: dict[str, Any]) -> list[str]:
+    """What could not be measured, and why (the gate reports these, never guesses)."""
     notes = []
-    if not labelled:
-        notes.append("no holdout row has a label; accuracy not measured")
-    if t_acc is None:
-        notes.append("holdout rows carry no teacher responses; relative quality not computed")
-    elif t_acc == 0:
-        notes.append("the teacher's recorded responses score 0 accuracy; relative quality undefined")
-    if responses and not teacher_labelled:
-        notes.append("no teacher response names a label (`Category: ...`); agreement with the teacher not computed")
-    elif responses > teacher_labelled:
-        notes.append(f"{responses - teacher_labelled} teacher responses name no label and are left out of the "
-                     "agreement")
-    return {"rows": len(rows), "answered": len(answered), "labelled": labelled, "correct": correct,
-            "unparsed": unparsed, "accuracy": accuracy, "teacher_accuracy": t_acc, "teacher_rows": t_n,
-            "relative": relative, "teacher_agreement": agreement, "teacher_agreement_rows": teacher_labelled,
-            "teacher_agreed": agreed, "decoding": f"greedy, max {max_tokens} tokens", "examples": examples,
-            "notes": notes}
+    metric = task.primary_metric
+    if scores["primary"] is None:
+        notes.append(f"{metric} not measured: no holdout row could be scored for it")
+    if teacher["primary"] is None:
+        notes.append("holdout rows carry no teacher responses; relative quality not computed"
+                     if not any(r.get("response") is not None for r in rows)
+                     else f"the teacher's recorded responses give no {metric}; relative quality not computed")
+    elif teacher["primary"] == 0:
+        notes.append(f"the teacher's recorded responses score 0 {metric}; relative quality undefined")
+    responses = sum(r.get("response") is not None for r in rows)
+    if task.answer.label_from is not None:
+        if responses and not agreement["rows"]:
+            notes.append(f"no teacher response names a label ({task.answer.label_from}); agreement with the teacher "
+                         "not computed")
+        elif responses > agreement["rows"]:
+            notes.append(f"{responses - agreement['rows']} teacher responses name no label and are left out of the "
+                         "agreement")
+    return notes
+
+
+def primary_vs_teacher(quality: dict[str, Any]) -> str:
+    """``accuracy 0.400 vs teacher 0.800``: the measured primary metric beside the teacher's."""
+    metric = quality.get("primary_metric", "accuracy")
+    value = quality.get("primary", quality.get("accuracy"))
+    teacher = quality.get("teacher_primary", quality.get("teacher_accuracy"))
+    fmt = lambda v: "–" if v is None else f"{v:.3f}"  # noqa: E731
+    return f"{metric} {fmt(value)} vs teacher {fmt(teacher)}"

@@ -5,8 +5,8 @@ would take edgepack down with it and a hang would hang the gate. Two kinds of wo
 child of its own (``python -m edgepack.export.gate.quality_child answer|kld ...``):
 
 - ``answer``: load the artifact with its runtime backend and answer the holdout
-  (:func:`edgepack.export.gate.quality.evaluate_holdout`): label accuracy, relative quality,
-  agreement with the teacher's recorded responses.
+  (:func:`edgepack.export.gate.quality.evaluate_holdout`) under the task (written beside the
+  rows): its scores, relative quality, agreement with the teacher's recorded responses.
 - ``kld``: :func:`edgepack.export.fidelity.report.fidelity_report` of the artifact against an
   unquantized reference (an HF dir, e.g. ``RUN/student``) over the holdout rows' prompt +
   teacher-response tokens: mean KL divergence (reference ‖ artifact) and top-1 agreement.
@@ -25,9 +25,12 @@ import json
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from edgepack.errors import UnsafeModelError
+
+if TYPE_CHECKING:
+    from edgepack.task import Task
 
 ANSWER_BASE_S = 300.0        # interpreter, runtime library and model load ...
 LOAD_S_PER_GB = 60.0         # ... plus a minute per GB of model on disk
@@ -56,13 +59,19 @@ def kld_timeout_s(reference: Path, model_path: Path, n_rows: int) -> float:
             + KLD_S_PER_ROW * n_rows)
 
 
-def _run(args: list[str], rows: list[dict[str, Any]], *, timeout_s: float, what: str) -> dict[str, Any]:
-    """Write ``rows`` to a temp JSON file, run the child on it, return its result (or failure)."""
+def _run(args: list[str], rows: list[dict[str, Any]], *, timeout_s: float, what: str,
+         task: Task | None = None) -> dict[str, Any]:
+    """Write ``rows`` (and ``task``) to temp JSON files, run the child on them, return its result
+    (or failure)."""
     from edgepack.export.gate.measure import run_child
+    from edgepack.task import save_task
 
     with tempfile.TemporaryDirectory(prefix="edgepack-holdout-") as tmp:
         rows_file = Path(tmp) / "rows.json"
         rows_file.write_text(json.dumps(rows, ensure_ascii=False), encoding="utf-8")
+        if task is not None:
+            save_task(task, Path(tmp) / "task.json")
+            args = [*args, "--task", str(Path(tmp) / "task.json")]
         cmd = [sys.executable, "-m", "edgepack.export.gate.quality_child", *args, "--rows", str(rows_file)]
         result = run_child(cmd, timeout_s=timeout_s, what=what)
     if result.get("error_type") == UnsafeModelError.__name__:
@@ -72,8 +81,9 @@ def _run(args: list[str], rows: list[dict[str, Any]], *, timeout_s: float, what:
 
 
 def answer_holdout(model_path: Path, *, fmt: str, rows: list[dict[str, Any]], threads: int, n_ctx: int,
-                   gpu_layers: int = 0, timeout_s: float | None = None) -> dict[str, Any]:
-    """:func:`~edgepack.export.gate.quality.evaluate_holdout` of ``model_path`` in a child process.
+                   gpu_layers: int = 0, timeout_s: float | None = None, task: Task | None = None) -> dict[str, Any]:
+    """:func:`~edgepack.export.gate.quality.evaluate_holdout` of ``model_path`` in a child process,
+    scored under ``task`` (default: the demo's contract).
 
     Returns its dict (plus ``wall_s`` and ``timeout_s``), or ``{"error": ..., "relative": None}``
     when the child failed, crashed, was killed or timed out (``timeout_s``; default
@@ -81,10 +91,13 @@ def answer_holdout(model_path: Path, *, fmt: str, rows: list[dict[str, Any]], th
     """
     from edgepack.export.gate.quality import to_answer
 
-    limit = timeout_s if timeout_s is not None else answer_timeout_s(model_path, len(to_answer(rows)))
+    from edgepack.task import DEMO_TASK
+
+    task = task or DEMO_TASK
+    limit = timeout_s if timeout_s is not None else answer_timeout_s(model_path, len(to_answer(rows, task)))
     args = ["answer", str(Path(model_path).resolve()), "--format", fmt, "--threads", str(threads),
             "--n-ctx", str(n_ctx), "--gpu-layers", str(gpu_layers)]
-    result = _run(args, rows, timeout_s=limit, what="holdout pass")
+    result = _run(args, rows, timeout_s=limit, what="holdout pass", task=task)
     if not result.pop("ok", False):
         return {"error": result.get("error", "unknown error"), "relative": None, "notes": [],
                 "stderr_tail": result.get("stderr_tail", []), "wall_s": result.get("wall_s"), "timeout_s": limit}
@@ -116,10 +129,12 @@ def holdout_kld(reference: Path, model_path: Path, *, rows: list[dict[str, Any]]
 def _answer(args: argparse.Namespace, rows: list[dict[str, Any]]) -> dict[str, Any]:
     from edgepack.runtime.backends.base import get_backend
     from edgepack.export.gate.quality import evaluate_holdout
+    from edgepack.task import DEMO_TASK, load_task
 
+    task = load_task(args.task) if args.task is not None else DEMO_TASK
     with get_backend(args.format).load(args.model, threads=args.threads, n_ctx=args.n_ctx,
                                        gpu_layers=args.gpu_layers) as backend:
-        return {"ok": True, **evaluate_holdout(backend, rows)}
+        return {"ok": True, **evaluate_holdout(backend, rows, task)}
 
 
 def _kld(args: argparse.Namespace, rows: list[dict[str, Any]]) -> dict[str, Any]:
@@ -146,6 +161,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--n-ctx", type=int, default=0)
     parser.add_argument("--gpu-layers", type=int, default=0)
     parser.add_argument("--reference", type=Path)
+    parser.add_argument("--task", type=Path)
     args = parser.parse_args(argv)
     from edgepack.export.gate.measure import child_json_main
 

@@ -56,7 +56,7 @@ def test_hf_template_tokens_match_llama_cpp(teacher_dir: Path, builtin_teacher_g
 def test_two_demo_answers_through_llama_cpp(teacher_dir: Path) -> None:
     from edgepack.distill.data import (DEMO_HOLDOUT, DEMO_SYSTEM_PROMPT, load_demo_shots, load_prompts,
                                        with_teacher_context)
-    from edgepack.distill.filters import parse_category
+    from edgepack.labels import extract_label
     from edgepack.distill.generate import DecodeParams, open_generator
 
     rows = load_prompts(DEMO_HOLDOUT, system=DEMO_SYSTEM_PROMPT).rows[:2]
@@ -66,7 +66,7 @@ def test_two_demo_answers_through_llama_cpp(teacher_dir: Path) -> None:
         again = generate(with_teacher_context(rows[0].messages, shots))
     for a in answers:
         assert a.finished and 0 < a.tokens < 64 and a.text.strip()
-        assert parse_category(a.text) is not None  # the demonstrations teach the format
+        assert extract_label(a.text) is not None  # the demonstrations teach the format
     assert again == answers[0]  # greedy and deterministic, also with the prefix cache reused
 
 

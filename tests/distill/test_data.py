@@ -313,12 +313,12 @@ def _train_prompts(run: Path) -> list[str]:
 
 
 def test_a_user_regex_replaces_the_demo_format_check(tmp_path: Path, tiny_llama_dir: Path, scripted_teacher) -> None:
-    from edgepack.distill.filters import RegexFormat
+    from edgepack.task import RegexAnswer
 
     data = _write(tmp_path / "p.jsonl", [{"prompt": p, "label": LABELS[p]} for p in SCRIPT])
     run = tmp_path / "run"
     report = build_dataset(teacher=str(tiny_llama_dir), data=data, run_dir=run, seed=0,
-                           answer_format=RegexFormat(FREE_TEXT))
+                           answer_format=RegexAnswer(pattern=FREE_TEXT))
     train = _train_prompts(run)
     expected: dict[str, int] = {}
     for p in train:
@@ -353,7 +353,7 @@ ANSWER_SCHEMA = {"type": "object", "required": ["label", "action"],
 
 def test_a_json_schema_format_end_to_end(tmp_path: Path, tiny_llama_dir: Path,
                                          monkeypatch: pytest.MonkeyPatch) -> None:
-    from edgepack.distill.filters import JsonSchemaFormat
+    from edgepack.task import JsonAnswer
 
     script_teacher(monkeypatch, JSON_SCRIPT)
     schema = tmp_path / "answer.schema.json"
@@ -361,7 +361,7 @@ def test_a_json_schema_format_end_to_end(tmp_path: Path, tiny_llama_dir: Path,
     data = _write(tmp_path / "p.jsonl", [{"prompt": p, "label": LABELS[p]} for p in JSON_SCRIPT])
     run = tmp_path / "run"
     report = build_dataset(teacher=str(tiny_llama_dir), data=data, run_dir=run, seed=0,
-                           answer_format=JsonSchemaFormat(schema))
+                           answer_format=JsonAnswer.from_file(schema))
     train = _train_prompts(run)
     expected: dict[str, int] = {}
     for p in train:
@@ -382,17 +382,18 @@ def test_a_json_schema_format_end_to_end(tmp_path: Path, tiny_llama_dir: Path,
 
 
 def test_a_rerun_with_another_format_is_refused(tmp_path: Path, tiny_llama_dir: Path, scripted_teacher) -> None:
-    from edgepack.distill.filters import RegexFormat
     from edgepack.errors import RunDirError
+    from edgepack.task import RegexAnswer
 
     data = _write(tmp_path / "p.jsonl", [{"prompt": p, "label": LABELS[p]} for p in SCRIPT])
     run = tmp_path / "run"
-    build_dataset(teacher=str(tiny_llama_dir), data=data, run_dir=run, seed=0, answer_format=RegexFormat(FREE_TEXT))
-    for other in (RegexFormat(FREE_TEXT + "$"), None):
+    build_dataset(teacher=str(tiny_llama_dir), data=data, run_dir=run, seed=0,
+                  answer_format=RegexAnswer(pattern=FREE_TEXT))
+    for other in (RegexAnswer(pattern=FREE_TEXT + "$"), None):
         with pytest.raises(RunDirError, match="another teacher or other inputs"):
             build_dataset(teacher=str(tiny_llama_dir), data=data, run_dir=run, seed=0, answer_format=other)
     again = build_dataset(teacher=str(tiny_llama_dir), data=data, run_dir=run, seed=0,
-                          answer_format=RegexFormat(FREE_TEXT))
+                          answer_format=RegexAnswer(pattern=FREE_TEXT))
     assert again["skipped"] is True
 
 
@@ -549,3 +550,114 @@ def test_spellings_of_one_label_are_one_label_and_announced(tmp_path: Path, tiny
     stored = read_jsonl(run / DATA_DIR / TRAIN_FILE) + read_jsonl(run / DATA_DIR / HOLDOUT_FILE)
     assert {r["label"] for r in stored} == {"thermal", "network"}
     assert report["teacher_holdout_accuracy"] == 1.0
+
+
+# -- the task contract (RUN/task.json, issue #15) ------------------------------------------------
+
+def test_the_task_follows_the_data_and_the_flags(tmp_path: Path, tiny_llama_dir: Path, scripted_teacher) -> None:
+    from edgepack.task import TASK_FILE, load_task
+
+    labelled = _write(tmp_path / "p.jsonl", [{"prompt": p, "label": LABELS[p]} for p in SCRIPT])
+    report = build_dataset(teacher=str(tiny_llama_dir), data=labelled, run_dir=tmp_path / "a", seed=0)
+    task = load_task(tmp_path / "a" / TASK_FILE)
+    assert task.kind == "labels" and task.answer.labels == tuple(sorted(set(LABELS.values())))
+    assert task.primary_metric == "accuracy" and task.decoding.max_tokens == 48 and task.system_prompt is None
+    assert report["identity"]["task"] == task.sha256() and report["task"]["kind"] == "labels"
+    assert report["task"]["file"] == TASK_FILE
+
+    free = _write(tmp_path / "f.jsonl", [{"prompt": p} for p in SCRIPT])
+    build_dataset(teacher=str(tiny_llama_dir), data=free, run_dir=tmp_path / "b", seed=0)
+    text = load_task(tmp_path / "b" / TASK_FILE)
+    assert text.kind == "text" and text.primary_metric == "chrf" and text.decoding.max_tokens == 64
+
+    from edgepack.task import answer_from_options
+
+    build_dataset(teacher=str(tiny_llama_dir), data=labelled, run_dir=tmp_path / "c", seed=0,
+                  answer_format=answer_from_options(regex=r"Category: (?P<label>\w+)\nAction: .+"))
+    regex = load_task(tmp_path / "c" / TASK_FILE)
+    assert regex.kind == "regex" and regex.answer.labels == task.answer.labels
+    assert regex.primary_metric == "label_accuracy"
+
+
+def test_a_system_prompt_file_reaches_every_row_and_the_task(tmp_path: Path, tiny_llama_dir: Path,
+                                                             scripted_teacher) -> None:
+    from edgepack.task import TASK_FILE, load_task, read_system_prompt
+
+    prompt_file = tmp_path / "system.txt"
+    prompt_file.write_text("Triage plant alarms.\nAnswer with a category and an action.\n\n", encoding="utf-8")
+    system = read_system_prompt(prompt_file)
+    assert system == "Triage plant alarms.\nAnswer with a category and an action."
+    rows = [{"prompt": p, "label": LABELS[p]} for p in SCRIPT]
+    rows[0] = {"messages": [{"role": "system", "content": "own"}, {"role": "user", "content": rows[0]["prompt"]}],
+               "label": rows[0]["label"]}
+    data = _write(tmp_path / "p.jsonl", rows)
+    run = tmp_path / "run"
+    build_dataset(teacher=str(tiny_llama_dir), data=data, run_dir=run, seed=0, system_prompt=system)
+    stored = read_jsonl(run / DATA_DIR / TRAIN_FILE) + read_jsonl(run / DATA_DIR / HOLDOUT_FILE)
+    firsts = {r["messages"][-1]["content"]: r["messages"][0] for r in stored}
+    for prompt, first in firsts.items():  # a row's own system turn is kept
+        assert first == {"role": "system", "content": "own" if prompt == list(SCRIPT)[0] else system}
+    assert load_task(run / TASK_FILE).system_prompt == system
+    with pytest.raises(RunDirError, match="another teacher or other inputs"):  # the prompt is part of the identity
+        build_dataset(teacher=str(tiny_llama_dir), data=data, run_dir=run, seed=0)
+
+
+def test_data_built_before_the_task_contract_is_kept_and_gets_its_task(tmp_path: Path, tiny_llama_dir: Path,
+                                                                       scripted_teacher) -> None:
+    from edgepack.atomic import write_json
+    from edgepack.task import TASK_FILE, load_task
+
+    data = _write(tmp_path / "p.jsonl", [{"prompt": p, "label": LABELS[p]} for p in SCRIPT])
+    run = tmp_path / "run"
+    first = build_dataset(teacher=str(tiny_llama_dir), data=data, run_dir=run, seed=0)
+    task = load_task(run / TASK_FILE)
+    # What an older edgepack left: no task in the identity, no task.json.
+    report = json.loads((run / DATA_DIR / DATA_REPORT).read_text())
+    del report["identity"]["task"]
+    write_json(run / DATA_DIR / DATA_REPORT, report)
+    (run / TASK_FILE).unlink()
+    again = build_dataset(teacher=str(tiny_llama_dir), data=data, run_dir=run, seed=0)
+    assert again["skipped"] is True and again["kept"] == first["kept"]
+    assert load_task(run / TASK_FILE) == task
+    with pytest.raises(RunDirError, match="another teacher or other inputs"):  # a flag that did not exist then
+        build_dataset(teacher=str(tiny_llama_dir), data=data, run_dir=run, seed=0, system_prompt="New prompt.")
+
+
+def test_the_demo_task_is_one_instance_of_the_contract() -> None:
+    from edgepack.distill.data import DEMO_SHOTS, _load_inputs, load_demo_shots
+    from edgepack.task import DEMO_LABELS, DEMO_SYSTEM_PROMPT, DEMO_TASK, build_task
+
+    inputs = _load_inputs(None, strict=True, seed=0, limit=None)
+    task = build_task(answer=None, labels=inputs.labels, system_prompt=DEMO_SYSTEM_PROMPT,
+                      demonstrations=inputs.context)
+    assert task.kind == "labels" and set(task.answer.labels) == set(DEMO_LABELS)
+    assert task.demonstrations == tuple(load_demo_shots()) and len(task.demonstrations) == 2 * len(
+        read_jsonl(DEMO_SHOTS))
+    assert task.decoding == DEMO_TASK.decoding and task.primary_metric == DEMO_TASK.primary_metric == "accuracy"
+    from dataclasses import replace
+
+    assert replace(task, demonstrations=()) == DEMO_TASK
+    assert all(r.messages[0] == {"role": "system", "content": DEMO_SYSTEM_PROMPT} for r in inputs.holdout)
+
+
+@pytest.mark.parametrize(("content", "message"), [
+    (None, "--system-prompt file not found"),
+    (b"  \n\n", "is empty"),
+    (b"\xff\xfe bad", "is not UTF-8 text"),
+])
+def test_cli_bad_system_prompt_exits_2_and_writes_nothing(content: bytes | None, message: str, tmp_path: Path,
+                                                          tiny_llama_dir: Path,
+                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    from edgepack.cli import main
+
+    data = _write(tmp_path / "p.jsonl", [GOOD])
+    prompt = tmp_path / "system.txt"
+    if content is not None:
+        prompt.write_bytes(content)
+    run = tmp_path / "run"
+    rc = main(["distill", "data", "--teacher", str(tiny_llama_dir), "--data", str(data), "--out", str(run),
+               "--system-prompt", str(prompt)])
+    err = capsys.readouterr().err
+    errors = [ln for ln in err.splitlines() if ln.startswith("error:")]
+    assert rc == 2 and len(errors) == 1 and message in errors[0] and str(prompt) in errors[0]
+    assert not run.exists()

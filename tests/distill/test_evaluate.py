@@ -25,6 +25,9 @@ def test_evaluate_a_trained_tiny_run(tmp_path: Path, tiny4_dir: Path) -> None:
     assert report["holdout_rows"] == 4 and report["forced_rows"] == 4
     # The recorded teacher answers are perfect for these rows (they are the references).
     assert report["teacher"]["label_accuracy"] == 1.0 and report["teacher"]["format_rate"] == 1.0
+    assert report["task"]["kind"] == "labels" and "demo contract" in report["task"]["source"]  # no task.json
+    assert report["teacher"]["primary"] == report["teacher"]["scores"]["accuracy"] == 1.0
+    assert report["teacher"]["scores"]["macro_f1"] == 1.0 and report["teacher"]["scores"]["confusion"]["labels"]
     before, after = report["undistilled"], report["distilled"]
     for entry in (before, after):
         assert {"label_accuracy", "format_rate", "kl", "ce", "params", "samples"} <= set(entry)
@@ -65,3 +68,32 @@ def test_sft_variant_beside_the_kd_student(tmp_path: Path, tiny4_dir: Path) -> N
     assert report["teacher"]["ce"] is not None and report["teacher"]["ce"] > 0
     # KD on the teacher's distribution gets closer to it than SFT on its text alone.
     assert report["distilled"]["kl"] < entry["kl"]
+
+
+def test_eval_scores_through_the_runs_task_and_refuses_rows_that_do_not_fit(tmp_path: Path,
+                                                                            tiny4_dir: Path) -> None:
+    from edgepack.constants import DATA_DIR, HOLDOUT_FILE
+    from edgepack.distill.data import read_jsonl
+    from edgepack.errors import DataError
+    from edgepack.task import TASK_FILE, Task, TextAnswer, save_task
+
+    run = make_run(tmp_path / "run", tiny4_dir)
+    train_student(run_dir=run, profile=load_profile("cpu-x86-2c"), steps=2, seed=0, resume=False,
+                  config=TrainConfig(lr=1e-2, alpha=0.0, save_every=100))
+    save_task(Task(answer=TextAnswer()), run / TASK_FILE)
+    report = evaluate_run(run_dir=run)
+    assert report["task"]["kind"] == "text" and report["task"]["source"] == str(run / TASK_FILE)
+    teacher, distilled = report["teacher"], report["distilled"]
+    # No references: the teacher's own answers are the reference, so the teacher scores 1.
+    assert teacher["primary"] == teacher["scores"]["chrf"] == 1.0
+    assert teacher["scores"]["reference_from"] == {"reference": 0, "teacher": 4}
+    assert 0.0 <= distilled["primary"] < 1.0 and distilled["scores"]["primary_metric"] == "chrf"
+    assert distilled["label_accuracy"] is None and distilled["teacher_label_agreement"] is None  # states no label
+    holdout = run / DATA_DIR / HOLDOUT_FILE
+    rows = read_jsonl(holdout)
+    rows[2]["response"] = None
+    holdout.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (run / EVAL_REPORT).unlink()
+    with pytest.raises(DataError, match=r"holdout\.jsonl:3: has no `reference` and no teacher `response`"):
+        evaluate_run(run_dir=run)
+    assert not (run / EVAL_REPORT).exists()

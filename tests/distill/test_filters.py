@@ -1,11 +1,12 @@
-"""Answer filters and the lenient category parser, as tables."""
+"""Answer filters (drop reasons) under each answer format of the task, as tables."""
 
 from __future__ import annotations
 
 import pytest
 
-from edgepack.distill.filters import (drop_reason, fold_label, format_answer, is_near_duplicate, is_repetitive,
-                                      label_skeleton, parse_category, unify_labels)
+from edgepack.distill.filters import drop_reason, format_answer, is_near_duplicate, is_repetitive
+from edgepack.labels import extract_label
+from edgepack.task import JsonAnswer, RegexAnswer, answer_from_options
 
 LABELS = frozenset({"electrical", "mechanical", "network"})
 GOOD = "Category: electrical\nAction: Check the motor supply fuses."
@@ -40,23 +41,10 @@ def test_drop_reason(text: str, finished: bool, label, labels, expected) -> None
     assert drop_reason(text, finished=finished, label=label, labels=labels) == expected
 
 
-@pytest.mark.parametrize(("text", "expected"), [
-    (GOOD, "electrical"),
-    ("**Category:** Mechanical\nAction: x", "mechanical"),
-    ("I think category : network because", "network"),
-    ("Category: hydraulic_pneumatic\nAction: Fix the hose.", "hydraulic_pneumatic"),
-    ("No label here", None),
-    ("", None),
-    (None, None),
-])
-def test_parse_category(text, expected) -> None:
-    assert parse_category(text) == expected
-
-
 def test_format_answer_round_trips() -> None:
     text = format_answer("network", "Replace the patch cable.")
     assert drop_reason(text, finished=True, label="network", labels=LABELS) is None
-    assert parse_category(text) == "network"
+    assert extract_label(text) == "network"
 
 
 def test_short_answers_are_not_repetitive() -> None:
@@ -102,34 +90,29 @@ FORMAT_CASES = [
     ("regex", "water -> Check the supply.", None, None, None),        # no label set: any label
     ("regex", GOOD, "electrical", LABELS, "format"),                  # replaces the demo format
     ("regex", "", "electrical", LABELS, "empty"),                     # earlier reasons still first
-    ("json-schema", '{"label": "electrical", "action": "Check the fuses."}', "electrical", LABELS, None),
-    ("json-schema", ' {"action": "Check the fuses.", "label": "network"} ', "network", LABELS, None),
-    ("json-schema", '{"label": "electrical", "action": "Chk"}', "electrical", LABELS, "format"),
-    ("json-schema", '{"label": "electrical"}', "electrical", LABELS, "format"),
-    ("json-schema", '{"label": "electrical", "action": "Check.", "x": 1}', "electrical", LABELS, "format"),
-    ("json-schema", '{"label": "electrical", "action": "Check the fuses."', "electrical", LABELS, "format"),
-    ("json-schema", GOOD, "electrical", LABELS, "format"),
-    ("json-schema", '{"label": "mechanical", "action": "Replace it."}', "electrical", LABELS, "label_mismatch"),
-    ("json-schema", '{"label": "water", "action": "Check the supply."}', None, LABELS, "format"),
+    ("json", '{"label": "electrical", "action": "Check the fuses."}', "electrical", LABELS, None),
+    ("json", ' {"action": "Check the fuses.", "label": "network"} ', "network", LABELS, None),
+    ("json", '{"label": "electrical", "action": "Chk"}', "electrical", LABELS, "format"),
+    ("json", '{"label": "electrical"}', "electrical", LABELS, "format"),
+    ("json", '{"label": "electrical", "action": "Check.", "x": 1}', "electrical", LABELS, "format"),
+    ("json", '{"label": "electrical", "action": "Check the fuses."', "electrical", LABELS, "format"),
+    ("json", GOOD, "electrical", LABELS, "format"),
+    ("json", '{"label": "mechanical", "action": "Replace it."}', "electrical", LABELS, "label_mismatch"),
+    ("json", '{"label": "water", "action": "Check the supply."}', None, LABELS, "format"),
 ]
 
 
 @pytest.mark.parametrize(("kind", "text", "label", "labels", "expected"), FORMAT_CASES)
 def test_user_formats(kind: str, text: str, label, labels, expected, schema_file) -> None:
-    from edgepack.distill.filters import answer_format_from_options
-
-    fmt = (answer_format_from_options(regex=REGEX) if kind == "regex"
-           else answer_format_from_options(schema=schema_file))
-    assert fmt.kind == kind and fmt.describe()["kind"] == kind
+    fmt = answer_from_options(regex=REGEX) if kind == "regex" else answer_from_options(schema=schema_file)
+    assert fmt.kind == kind and fmt.format_check()["kind"] == {"regex": "regex", "json": "json-schema"}[kind]
     assert drop_reason(text, finished=True, label=label, labels=labels, answer_format=fmt) == expected
 
 
 def test_a_user_format_without_a_label_checks_no_label() -> None:
-    from edgepack.distill.filters import RegexFormat
-
-    fmt = RegexFormat(r"[A-Z][^\n]+\.")
-    assert fmt.label_from is None and fmt.describe() == {"kind": "regex", "pattern": r"[A-Z][^\n]+\.",
-                                                        "label_from": None}
+    fmt = RegexAnswer(pattern=r"[A-Z][^\n]+\.")
+    assert fmt.label_from is None and fmt.format_check() == {"kind": "regex", "pattern": r"[A-Z][^\n]+\.",
+                                                            "label_from": None}
     assert drop_reason("Check the fuses.", finished=True, label="electrical", labels=LABELS,
                        answer_format=fmt) is None
     assert drop_reason("check the fuses.", finished=True, label="electrical", labels=LABELS,
@@ -142,16 +125,14 @@ def test_schema_identity_is_its_content_hash(schema_file, tmp_path) -> None:
     import hashlib
     import json
 
-    from edgepack.distill.filters import JsonSchemaFormat
-
-    described = JsonSchemaFormat(schema_file).describe()
+    described = JsonAnswer.from_file(schema_file).format_check()
     assert described["sha256"] == hashlib.sha256(schema_file.read_bytes()).hexdigest()
     assert described["draft"] == "https://json-schema.org/draft/2020-12/schema"
     other = tmp_path / "other.json"
     other.write_text(json.dumps({**SCHEMA, "$schema": "http://json-schema.org/draft-07/schema#",
                                  "required": ["label"]}))
-    assert JsonSchemaFormat(other).describe()["sha256"] != described["sha256"]
-    assert JsonSchemaFormat(other).describe()["draft"] == "http://json-schema.org/draft-07/schema#"
+    assert JsonAnswer.from_file(other).format_check()["sha256"] != described["sha256"]
+    assert JsonAnswer.from_file(other).format_check()["draft"] == "http://json-schema.org/draft-07/schema#"
 
 
 @pytest.mark.parametrize(("regex", "schema", "message"), [
@@ -164,7 +145,6 @@ def test_schema_identity_is_its_content_hash(schema_file, tmp_path) -> None:
     ("x", "{}", "not both"),
 ])
 def test_bad_format_options_are_usage_errors(regex, schema, message: str, tmp_path) -> None:
-    from edgepack.distill.filters import answer_format_from_options
     from edgepack.errors import UsageError
 
     path = None
@@ -173,71 +153,36 @@ def test_bad_format_options_are_usage_errors(regex, schema, message: str, tmp_pa
         if schema != "missing":
             path.write_text(schema)
     with pytest.raises(UsageError) as exc:
-        answer_format_from_options(regex=regex, schema=path)
+        answer_from_options(regex=regex, schema=path)
     assert message in str(exc.value) and "\n" not in str(exc.value)
 
 
 def test_a_remote_ref_is_not_fetched(tmp_path) -> None:
     import json
 
-    from edgepack.distill.filters import JsonSchemaFormat
     from edgepack.errors import UsageError
 
     path = tmp_path / "s.json"
     path.write_text(json.dumps({"$ref": "https://example.invalid/answer.json"}))
     with pytest.raises(UsageError, match="cannot resolve \\$ref"):
-        JsonSchemaFormat(path)  # found before any generation
+        JsonAnswer.from_file(path)  # found before any generation
     # One reached only by some answers is found when an answer reaches it.
     path.write_text(json.dumps({"properties": {"detail": {"$ref": "https://example.invalid/detail.json"}}}))
-    fmt = JsonSchemaFormat(path)
+    fmt = JsonAnswer.from_file(path)
     assert fmt.check('{"label": "x"}') == (True, "x")
     with pytest.raises(UsageError, match="cannot resolve \\$ref"):
         fmt.check('{"label": "x", "detail": 1}')
 
 
-# --- label spellings (issue #20: six spellings of one label became six labels) -----------------------
+# --- labels the answer states (issue #20) ---------------------------------------------------------
 
 CYRILLIC_A = "therm\u0430l"  # Cyrillic а
-SPELLINGS = ["thermal", "Thermal", "THERMAL", "tHeRmAl", CYRILLIC_A, "\uff54\uff48\uff45\uff52\uff4d\uff41\uff4c"]
-
-
-@pytest.mark.parametrize("spelling", SPELLINGS + ["ther\u200bmal", " thermal ", "THERM\u0391L", "\u0442hermal".upper()])
-def test_spellings_of_one_label_share_a_skeleton(spelling: str) -> None:
-    assert label_skeleton(spelling) == "thermal"
-
-
-@pytest.mark.parametrize(("a", "b"), [("thermal", "termal"), ("zone1", "zonel"), ("network", "networks"),
-                                      ("\u0441\u0435\u0442\u044c", "network")])
-def test_different_labels_stay_different(a: str, b: str) -> None:
-    assert label_skeleton(a) != label_skeleton(b)
-
-
-def test_fold_is_case_and_width_but_not_script() -> None:
-    assert fold_label("THERMAL") == fold_label("\uff34hermal") == "thermal"
-    assert fold_label(CYRILLIC_A) != "thermal"  # look-alikes are grouped by the skeleton, not folded away
-
-
-def test_unify_labels_picks_one_plain_spelling_and_reports_the_others() -> None:
-    rows = ["thermal", CYRILLIC_A, CYRILLIC_A, CYRILLIC_A, "Thermal", "network", "Network", "NETWORK", "mechanical"]
-    canonical, merged = unify_labels(rows)
-    assert {canonical[s] for s in rows[:5]} == {"thermal"}  # the plain spelling wins over commoner look-alikes
-    assert {canonical[s] for s in rows[5:8]} == {"network"} and canonical["mechanical"] == "mechanical"
-    assert merged == {"thermal": {CYRILLIC_A: 3, "Thermal": 1}, "network": {"Network": 1, "NETWORK": 1}}
-
-
-def test_unify_labels_keeps_a_label_of_another_script() -> None:
-    canonical, merged = unify_labels(["\u0441\u0435\u0442\u044c", "\u0421\u0435\u0442\u044c", "network"])
-    assert canonical == {"\u0441\u0435\u0442\u044c": "\u0441\u0435\u0442\u044c",
-                         "\u0421\u0435\u0442\u044c": "\u0441\u0435\u0442\u044c", "network": "network"}
-    assert merged == {"\u0441\u0435\u0442\u044c": {"\u0421\u0435\u0442\u044c": 1}}
 
 
 def test_a_stated_label_is_compared_case_blind_but_not_look_alike_blind() -> None:
     answer = "Category: Thermal\nAction: Check the cooling fan."
     assert drop_reason(answer, finished=True, label="thermal", labels=frozenset({"thermal", "network"})) is None
     look_alike = f"Category: {CYRILLIC_A}\nAction: Check the cooling fan."
-    from edgepack.distill.filters import RegexFormat
-
-    fmt = RegexFormat(r"Category: (?P<label>\w+)\nAction: .+")
+    fmt = RegexAnswer(pattern=r"Category: (?P<label>\w+)\nAction: .+")
     assert drop_reason(look_alike, finished=True, label="thermal", labels=frozenset({"thermal"}),
                        answer_format=fmt) == "format"

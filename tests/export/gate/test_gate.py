@@ -143,7 +143,7 @@ def holdout(path: Path) -> Path:
          "label": "mechanical", "response": "Category: mechanical\nAction: Inspect the bearings."},
         {"id": "b", "prompt": "Motor starter contacts burnt.", "label": "electrical",
          "response": "Category: electrical\nAction: Replace the contacts."},
-        {"id": "c", "prompt": "Unlabelled row.", "label": None, "response": None},
+        {"id": "c", "prompt": "Unlabelled row.", "label": None, "response": "Not sure."},  # names no label
     ]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path

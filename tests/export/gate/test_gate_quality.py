@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -16,11 +17,12 @@ from typing import Any
 import pytest
 
 from edgepack.constants import FAIL, PASS
-from edgepack.errors import ModelSourceError, UsageError
+from edgepack.errors import DataError, ModelSourceError, UsageError
 from edgepack.profiles import load_profile
 from edgepack.export.gate.gate import auto_reference, run_gate
 from edgepack.export.gate.quality import evaluate_holdout, load_holdout
 from edgepack.export.gate.quality_child import answer_timeout_s, holdout_kld
+from edgepack.task import DEMO_TASK, JsonAnswer, Task, TextAnswer
 from tests.runtime.helpers import write_profile
 
 ROWS = [
@@ -59,7 +61,7 @@ def test_teacher_agreement_counts_rows_whose_teacher_names_a_label(tmp_path: Pat
         {"prompt": "p3", "label": "electrical", "response": "Category: electrical"},   # disagree, wrong
         {"prompt": "p4", "response": "Category: Network."},                            # agree, no gold label
         {"prompt": "p5", "label": "thermal", "response": "I am not sure."},            # teacher names no label; correct
-        {"prompt": "p6"},                                                              # nothing to compare: not asked
+        {"prompt": "p6", "response": "Hmm."},                                          # nothing to compare: not asked
     ]))
     backend = ScriptedBackend({"p1": "Category: mechanical", "p2": "Category:mechanical", "p3": "Category: thermal",
                                "p4": "category: network", "p5": "Category: thermal\nAction: cool it"})
@@ -68,7 +70,7 @@ def test_teacher_agreement_counts_rows_whose_teacher_names_a_label(tmp_path: Pat
     assert (q["answered"], q["labelled"], q["correct"], q["accuracy"]) == (5, 4, 2, 0.5)
     assert (q["teacher_agreement_rows"], q["teacher_agreed"], q["teacher_agreement"]) == (4, 3, 0.75)
     assert (q["teacher_rows"], q["teacher_accuracy"], q["relative"]) == (4, 0.5, 1.0)
-    assert any("1 teacher responses name no label" in n for n in q["notes"])
+    assert any("2 teacher responses name no label" in n for n in q["notes"])  # p5 and p6
 
 
 def test_no_teacher_label_means_no_agreement_figure(tmp_path: Path) -> None:
@@ -76,6 +78,109 @@ def test_no_teacher_label_means_no_agreement_figure(tmp_path: Path) -> None:
     q = evaluate_holdout(ScriptedBackend({"p1": "Category: x"}), rows)
     assert q["accuracy"] == 1.0 and q["teacher_agreement"] is None and q["teacher_agreement_rows"] == 0
     assert any("agreement with the teacher not computed" in n for n in q["notes"])
+
+
+class TextBackend(ScriptedBackend):
+    """Streams each answer in pieces that keep their spaces (the text is scored as a whole)."""
+
+    def stream_chat(self, messages: list[dict[str, str]], *, max_tokens: int, temperature: float) -> Iterator[str]:
+        self.asked.append(messages[-1]["content"])
+        yield from re.split(r"(?<= )", self.answers[messages[-1]["content"]])
+
+
+def test_the_gate_scores_every_answer_kind_through_the_task(tmp_path: Path) -> None:
+    text = Task(answer=TextAnswer())
+    rows = load_holdout(write_holdout(tmp_path / "t.jsonl", [
+        {"prompt": "p1", "reference": "Replace the bearing of pump P-101."},
+        {"prompt": "p2", "response": "Reset the breaker."},  # no reference: compared with the teacher's answer
+    ]), text)
+    q = evaluate_holdout(TextBackend({"p1": "Replace the bearing of pump P-101.", "p2": "Reset the fuse."}),
+                         rows, text)
+    assert q["task"]["kind"] == "text" and q["primary_metric"] == "chrf" and q["scores"]["reference_from"] == {
+        "reference": 1, "teacher": 1}
+    assert 0.5 < q["primary"] < 1.0 and q["scores"]["rouge_l"] == pytest.approx((1.0 + 2 / 3) / 2)
+    assert q["accuracy"] is None and q["teacher_agreement"] is None  # a text task states no label
+    assert q["relative"] == pytest.approx(q["primary"] / q["teacher_primary"])
+
+    schema = {"type": "object", "required": ["asset", "fault"], "additionalProperties": False,
+              "properties": {"asset": {"type": "string"}, "fault": {"enum": ["leak", "noise"]}}}
+    as_json = Task(answer=JsonAnswer(schema=schema, fields=("asset", "fault")))
+    rows = load_holdout(write_holdout(tmp_path / "j.jsonl", [
+        {"prompt": "p1", "reference": '{"asset": "P-101", "fault": "leak"}'},
+        {"prompt": "p2", "reference": '{"asset": "CV-3", "fault": "noise"}'},
+        {"prompt": "p3", "response": '{"asset": "AHU-2", "fault": "noise"}'},
+    ]), as_json)
+    backend = TextBackend({"p1": '{"asset": "P-101", "fault": "leak"}', "p2": '{"asset": "CV-3", "fault": "hum"}',
+                           "p3": "not json"})
+    q = evaluate_holdout(backend, rows, as_json)
+    sc = q["scores"]
+    assert (sc["valid_json_rate"], sc["schema_valid_rate"]) == pytest.approx((2 / 3, 1 / 3))
+    assert sc["field_exact"] == pytest.approx({"asset": 2 / 3, "fault": 1 / 3})
+    assert q["primary"] == sc["field_f1"] == pytest.approx((1.0 + 0.5 + 0.0) / 3)
+
+
+def test_the_tasks_decoding_is_applied(tmp_path: Path) -> None:
+    from edgepack.task import Decoding
+
+    task = Task(answer=TextAnswer(), decoding=Decoding(max_tokens=7, stop=("\nAction",), repeat_penalty=1.1))
+    rows = load_holdout(write_holdout(tmp_path / "h.jsonl", [{"prompt": "p1", "reference": "Category: thermal"}]), task)
+    seen: list[int] = []
+
+    class Recording(TextBackend):
+        def stream_chat(self, messages, *, max_tokens, temperature):
+            seen.append(max_tokens)
+            return super().stream_chat(messages, max_tokens=max_tokens, temperature=temperature)
+
+    q = evaluate_holdout(Recording({"p1": "Category: thermal\nAction: cool it"}), rows, task)
+    assert seen == [7] and q["examples"][0]["answer"] == "Category: thermal" and q["primary"] == 1.0
+    assert q["decoding"] == "greedy, max 7 tokens, repeat penalty 1.1, stop at ['\\nAction'] (not applied: the " \
+                            "runtime backends decode with repeat penalty 1.0)"
+
+
+def test_eval_and_the_gate_give_the_same_number(tiny_gguf: Path, tmp_path: Path) -> None:
+    """The same artifact and holdout: answers scored by eval's scorer path equal the gate's child's scores."""
+    from edgepack.distill.evaluate import answer_scores
+    from edgepack.export.gate.quality_child import answer_holdout
+    from edgepack.runtime.backends.base import get_backend
+
+    holdout = [{"id": f"h{i}", "prompt": p, "label": label, "reference": ref, "response": f"Category: {label}"}
+               for i, (p, label, ref) in enumerate([
+                   ("Pump P-101 bearing noise and vibration.", "mechanical", "Inspect the pump bearings."),
+                   ("Motor starter contacts are burnt.", "electrical", "Replace the starter contacts."),
+                   ("PLC rack 2 lost Profinet communication.", "network", "Check the switch port.")])]
+    for task in (Task(answer=TextAnswer()), DEMO_TASK):
+        rows = load_holdout(write_holdout(tmp_path / f"{task.kind}.jsonl", holdout), task)
+        gate = answer_holdout(tiny_gguf, fmt="gguf", rows=rows, threads=1, n_ctx=256, task=task)
+        assert "error" not in gate, gate
+        with get_backend("gguf").load(tiny_gguf, threads=1, n_ctx=256, gpu_layers=0) as backend:
+            answers = ["".join(backend.stream_chat(r["messages"], max_tokens=task.decoding.max_tokens,
+                                                   temperature=0.0)) for r in rows]
+        assert [e["answer"] for e in gate["examples"]] == [a[:200] for a in answers]
+        scored = answer_scores(task, answers, rows)
+        assert scored["primary"] == gate["primary"] and scored["scores"] == gate["scores"]
+        if task.kind == "text":
+            assert 0.0 < gate["primary"] < 1.0  # a random model's text: a number that could differ, and does not
+
+
+def test_a_gate_under_a_runs_task_json(tiny_gguf: Path, tmp_path: Path) -> None:
+    from edgepack.task import save_task
+
+    run = tmp_path / "run"
+    (run / "artifacts").mkdir(parents=True)
+    (run / "data").mkdir()
+    artifact = run / "artifacts" / "tiny-F16.gguf"
+    shutil.copy(tiny_gguf, artifact)
+    holdout = write_holdout(run / "data" / "holdout.jsonl", [{"prompt": "p1", "reference": "Check the pump."},
+                                                            {"prompt": "p2", "response": "Reset the breaker."}])
+    save_task(Task(answer=TextAnswer()), run / "task.json")
+    profile = load_profile(str(write_profile(tmp_path, "p", min_relative_quality=0.0)))
+    report = run_gate(artifact=artifact, profile=profile, holdout=holdout, efficiency=False)
+    q = report["measurements"]["quality"]
+    assert q["task_source"] == str((run / "task.json").resolve()) and q["task"]["kind"] == "text"
+    assert q["primary_metric"] == "chrf" and q["primary"] is not None and q["scores"]["scored_rows"] == 2
+    (run / "task.json").write_text('{"schema_version": 1}')
+    with pytest.raises(DataError, match="task.json: not a valid task: .*'answer' is a required property"):
+        run_gate(artifact=artifact, profile=profile, holdout=holdout, efficiency=False)
 
 
 # --- the holdout pass runs in a child -----------------------------------------------------------
