@@ -97,21 +97,6 @@ def check_folder_template(folder: Path, *, compilers: Collection[str] = (), stri
     return template
 
 
-def check_artifact_templates(path: Path, fmt: str, *, strict: bool = True) -> None:
-    """The check for an artifact ``gate`` and ``pack`` are given: a GGUF file or an ONNX folder."""
-    if fmt == "gguf":
-        from edgepack.gguf_header import read_gguf
-
-        try:
-            header = read_gguf(path)
-        except InvalidModelFile:
-            return  # no template can be read, and no loader opens it past the same check (the gate reports it)
-        check_gguf_templates(header, strict=strict)
-    elif fmt == "onnx":
-        check_folder_template(Path(path).parent if Path(path).is_file() else Path(path), strict=strict,
-                              where=Path(path).name)
-
-
 def check_chat_templates(templates: Mapping[str, str], *, render: str | None = None,
                          compilers: Collection[str] = (), strict: bool = False, where: str = "the model") -> None:
     """Refuse a hostile chat template before it is compiled or rendered anywhere.
