@@ -368,3 +368,34 @@ def test_cli_gates_a_bundle_with_a_given_reference(run_dir: Path, tiny_gguf: Pat
     kld = data["measurements"]["quality"]["kld_vs_reference"]
     assert data["reference"]["source"] == kld["source"] == "given"
     assert kld["reference"] == str(run_dir / "student") and 0.0 <= kld["kld_mean"] < 1e-4  # the F16 inside
+
+
+@pytest.mark.parametrize(("case", "fragment"), [
+    ("row", "data/holdout.jsonl:2: has no `label` and no teacher `response`"),
+    ("labels", "task.json: the label set has duplicates ('thermal' and 'Thermal' are one label)"),
+    ("regex", "task.json: answer.pattern does not compile"),
+    ("schema", "task.json: answer.schema is not a valid JSON Schema"),
+])
+def test_cli_gate_bad_input_exits_2_with_one_line_and_writes_nothing(case: str, fragment: str, tiny_gguf: Path,
+                                                                     tmp_path: Path,
+                                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    from edgepack.cli import main
+
+    run = tmp_path / "run"
+    (run / "data").mkdir(parents=True)
+    holdout = write_holdout(run / "data" / "holdout.jsonl", [{"prompt": "p1", "label": "thermal"}, {"prompt": "p2"}]
+                            if case == "row" else [{"prompt": "p1", "label": "thermal"}])
+    answers = {"labels": {"kind": "labels", "labels": ["thermal", "Thermal"]},
+               "regex": {"kind": "regex", "pattern": "(?P<label>"},
+               "schema": {"kind": "json", "schema": {"type": "nope"}}}
+    if case in answers:
+        task = {**DEMO_TASK.to_json(), "answer": answers[case],
+                "primary_metric": {"labels": "accuracy", "regex": "match_rate", "schema": "field_f1"}[case]}
+        (run / "task.json").write_text(json.dumps(task))
+    report = tmp_path / "out" / "gate.json"
+    profile = write_profile(tmp_path, "p", min_relative_quality=0.0)
+    rc = main(["gate", str(tiny_gguf), "--profile", str(profile), "--holdout", str(holdout), "--report", str(report)])
+    err = capsys.readouterr().err
+    errors = [ln for ln in err.splitlines() if ln.startswith("error:")]
+    assert rc == 2 and len(errors) == 1 and fragment in errors[0] and "Traceback" not in err, err
+    assert not report.parent.exists()
