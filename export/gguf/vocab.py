@@ -232,6 +232,40 @@ def gguf_vocab_from_hf(hf_dir: Path, vocab_size: int | None = None) -> GGUFVocab
         raise ModelSourceError(f"{hf_dir} has no tokenizer.json",
                                hint="save the tokenizer with a fast tokenizer (tokenizer.save_pretrained)")
     tj = _read_json(tj_path)
+    row = _check_byte_level_bpe(tj, tj_path)
+    model = tj.get("model") or {}
+    tokens, types = _token_table(model.get("vocab") or {}, tj.get("added_tokens", []), vocab_size, tj_path)
+    seen = {text: i for i, text in enumerate(tokens)}
+    merges = _merges(model.get("merges") or [], tj_path)
+    config = _read_json(hf_dir / "tokenizer_config.json") if (hf_dir / "tokenizer_config.json").is_file() else {}
+    model_cfg = _read_json(hf_dir / "config.json") if (hf_dir / "config.json").is_file() else {}
+
+    def special(kind: str) -> int | None:
+        text = _token_content(config.get(f"{kind}_token"))
+        if text is not None:
+            if text not in seen:
+                raise ModelSourceError(f"{kind}_token {text!r} is not in the vocabulary")
+            return seen[text]
+        tid = model_cfg.get(f"{kind}_token_id")
+        if isinstance(tid, list):
+            tid = tid[0] if tid else None
+        return tid if isinstance(tid, int) and 0 <= tid < len(tokens) else None
+
+    bos, eos = special("bos"), special("eos")
+    add_bos = config.get("add_bos_token")
+    if not isinstance(add_bos, bool):
+        add_bos = _add_bos_from_post_processor(tj.get("post_processor"), tokens[bos] if bos is not None else None)
+    add_eos = config.get("add_eos_token") if isinstance(config.get("add_eos_token"), bool) else False
+    return GGUFVocab(
+        pre=row.name, tokens=tokens, token_types=types, merges=merges,
+        bos_id=bos, eos_id=eos, pad_id=special("pad"), unk_id=special("unk"),
+        add_bos=add_bos, add_eos=add_eos, chat_template=read_chat_template(hf_dir),
+    )
+
+
+def _check_byte_level_bpe(tj: dict[str, Any], tj_path: Path) -> PreTokenizer:
+    """The pre-tokenizer row of a byte-level BPE ``tokenizer.json``; anything llama.cpp's gpt2
+    vocabulary cannot reproduce raises UnsupportedArchitecture."""
     model = tj.get("model") or {}
     if model.get("type") != "BPE" or model.get("byte_fallback"):
         kind = "SentencePiece-style BPE (byte_fallback)" if model.get("byte_fallback") else model.get("type")
@@ -251,9 +285,13 @@ def gguf_vocab_from_hf(hf_dir: Path, vocab_size: int | None = None) -> GGUFVocab
         raise UnsupportedArchitecture(f"normalizer {json.dumps(normalizer)[:200]} is not applied by llama.cpp")
     if model.get("ignore_merges") and not row.ignore_merges:
         raise UnsupportedArchitecture(f"tokenizer sets ignore_merges but llama.cpp's {row.name!r} does not")
+    return row
 
-    vocab: dict[str, int] = model.get("vocab") or {}
-    added = {int(t["id"]): t for t in tj.get("added_tokens", [])}
+
+def _token_table(vocab: dict[str, int], added_tokens: list[dict[str, Any]], vocab_size: int | None,
+                 tj_path: Path) -> tuple[list[str], list[int]]:
+    """Token texts and llama.cpp token types by id, padded to ``vocab_size``; texts must be unique."""
+    added = {int(t["id"]): t for t in added_tokens}
     size = max([*vocab.values(), *added.keys(), -1]) + 1
     if vocab_size is not None:
         if vocab_size < size:
@@ -275,9 +313,13 @@ def gguf_vocab_from_hf(hf_dir: Path, vocab_size: int | None = None) -> GGUFVocab
             raise UnsupportedArchitecture(f"token text {text!r} has ids {seen[text]} and {i}; "
                                           "llama.cpp needs unique token texts")
         seen[text] = i
+    return tokens, types
 
+
+def _merges(raw: list[Any], tj_path: Path) -> list[str]:
+    """``tokenizer.json`` merges (``"a b"`` strings or ``["a", "b"]`` pairs) as llama.cpp stores them."""
     merges: list[str] = []
-    for m in model.get("merges") or []:
+    for m in raw:
         pair = m.split(" ", 1) if isinstance(m, str) else m
         if len(pair) != 2:
             raise InvalidModelFile(f"malformed merge {m!r} in {tj_path}")
@@ -285,31 +327,7 @@ def gguf_vocab_from_hf(hf_dir: Path, vocab_size: int | None = None) -> GGUFVocab
         if " " in a or " " in b:
             raise UnsupportedArchitecture(f"merge {m!r} contains a space; llama.cpp cannot store it")
         merges.append(f"{a} {b}")
-
-    config = _read_json(hf_dir / "tokenizer_config.json") if (hf_dir / "tokenizer_config.json").is_file() else {}
-    model_cfg = _read_json(hf_dir / "config.json") if (hf_dir / "config.json").is_file() else {}
-
-    def special(kind: str) -> int | None:
-        text = _token_content(config.get(f"{kind}_token"))
-        if text is not None:
-            if text not in seen:
-                raise ModelSourceError(f"{kind}_token {text!r} is not in the vocabulary")
-            return seen[text]
-        tid = model_cfg.get(f"{kind}_token_id")
-        if isinstance(tid, list):
-            tid = tid[0] if tid else None
-        return tid if isinstance(tid, int) and 0 <= tid < size else None
-
-    bos, eos = special("bos"), special("eos")
-    add_bos = config.get("add_bos_token")
-    if not isinstance(add_bos, bool):
-        add_bos = _add_bos_from_post_processor(tj.get("post_processor"), tokens[bos] if bos is not None else None)
-    add_eos = config.get("add_eos_token") if isinstance(config.get("add_eos_token"), bool) else False
-    return GGUFVocab(
-        pre=row.name, tokens=tokens, token_types=types, merges=merges,
-        bos_id=bos, eos_id=eos, pad_id=special("pad"), unk_id=special("unk"),
-        add_bos=add_bos, add_eos=add_eos, chat_template=read_chat_template(hf_dir),
-    )
+    return merges
 
 
 def write_gguf_vocab(writer: Any, vocab: GGUFVocab) -> None:
