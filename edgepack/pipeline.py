@@ -10,6 +10,11 @@ Export makes every format and quantization the profile's ``choices`` allow (GGUF
 ONNX); the gate stage is ``gate --search`` (:func:`edgepack.export.gate.search.search`): it
 gates the choices best quality first, the first that passes every budget is packaged, and
 the whole table goes into ``pipeline.json``.
+
+Each stage call (:func:`distill_data`, :func:`distill_train`, :func:`evaluate`,
+:func:`export_artifacts`, :func:`gate_search`, :func:`pack_bundle`, :func:`smoke_run`) returns
+a frozen result (:class:`DataResult` ... :class:`SmokeResult`) with the line the stage table
+shows; :func:`run_pipeline` passes results on and assembles ``pipeline.json`` from them.
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, TypeVar
 
 from edgepack.atomic import write_json
 from edgepack.constants import (ARTIFACTS_DIR, BUNDLE_SUFFIX, BUNDLES_DIR, DATA_DIR, EXPORT_REPORT, FAIL,
@@ -27,6 +32,7 @@ from edgepack.constants import (ARTIFACTS_DIR, BUNDLE_SUFFIX, BUNDLES_DIR, DATA_
 from edgepack.errors import UsageError
 from edgepack.profiles import Profile
 from edgepack.progress import ProgressFn, null_progress
+from edgepack.provenance import load_average, machine_info
 from edgepack.runconfig import (PIPELINE_SETTINGS, RUN_METADATA, check_pipeline_settings, load_pipeline_config,
                                 pipeline_defaults, write_run_config)
 
@@ -137,53 +143,152 @@ def _validate_inputs(cfg: PipelineConfig) -> None:
         load_prompts(cfg.data, strict=False)
 
 
+# --- what each stage returns ----------------------------------------------------------------------
+# Each stage call returns one frozen result; run_pipeline assembles pipeline.json from them, so no
+# stage fills in a dict another one reads. ``summary`` is the one line the stage table shows.
+
+@dataclass(frozen=True)
+class DataResult:
+    """``distill data``: RUN/data written (or reused)."""
+
+    summary: str
+    report: dict[str, Any]
+    """build_dataset's report (kept/dropped rows, teacher correction...)."""
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    """``distill train``: RUN/student written (or resumed)."""
+
+    summary: str
+    report: dict[str, Any]
+    """train_student's report (steps, final loss, parameters...)."""
+
+
+@dataclass(frozen=True)
+class EvalResult:
+    """Teacher vs undistilled vs distilled student on the holdout (RUN/eval.json)."""
+
+    summary: str
+    scores: dict[str, dict[str, Any]]
+    """``teacher`` / ``undistilled`` / ``distilled`` → label_accuracy, teacher_label_agreement, kl, ce."""
+    gap_closed: Any
+    contamination: Any
+
+    def as_report(self) -> dict[str, Any]:
+        """pipeline.json's ``eval`` object."""
+        return {**self.scores, "gap_closed": self.gap_closed, "contamination": self.contamination}
+
+
+@dataclass(frozen=True)
+class ExportResult:
+    """Every format and quantization the profile allows, on disk (RUN/artifacts/export.json)."""
+
+    summary: str
+    artifacts: tuple[dict[str, Any], ...]
+    """export.json's artifact entries."""
+
+
+@dataclass(frozen=True)
+class GateResult:
+    """``gate --search`` over the run: every choice's row, best quality first."""
+
+    summary: str
+    search: dict[str, Any]
+    """search()'s report (:func:`edgepack.export.gate.search.search`)."""
+
+    @property
+    def rows(self) -> list[dict[str, Any]]:
+        return list(self.search["rows"])
+
+    @property
+    def chosen(self) -> str | None:
+        return self.search["chosen"]
+
+    @property
+    def verdict(self) -> str:
+        return self.search["verdict"]
+
+
+@dataclass(frozen=True)
+class PackResult:
+    """The bundle made (or reused) for the gate's choice; nothing when no choice passed."""
+
+    summary: str
+    choice: str | None = None
+    """``format:quant`` packaged."""
+    bundle: str | None = None
+    """Path of the bundle."""
+
+
+@dataclass(frozen=True)
+class SmokeResult:
+    """The finished bundle loaded as a device would, answering one holdout prompt."""
+
+    summary: str
+    sample: dict[str, str]
+    """``prompt`` and ``completion``."""
+
+
+class _StageResult(Protocol):
+    @property
+    def summary(self) -> str: ...
+
+
+_R = TypeVar("_R", bound=_StageResult)
+
+
+class _StageTimer:
+    """Runs stage calls in order, reporting progress and recording each one's seconds and summary."""
+
+    def __init__(self, progress: ProgressFn) -> None:
+        self.progress = progress
+        self.records: list[dict[str, Any]] = []
+
+    def run(self, name: str, fn: Callable[[], _R]) -> _R:
+        t0 = time.perf_counter()
+        self.progress(f"pipeline: {name}", 0, 1)
+        result = fn()
+        self.progress(f"pipeline: {name}", 1, 1)
+        self.records.append({"stage": name, "seconds": round(time.perf_counter() - t0, 2), "summary": result.summary})
+        return result
+
+
 def run_pipeline(cfg: PipelineConfig, progress: ProgressFn = null_progress) -> dict[str, Any]:
-    """Run (or resume) every stage; return a summary with the bundle path and the verdict."""
+    """Run (or resume) every stage; return pipeline.json's contents (bundle path, verdict, tables)."""
     _validate_inputs(cfg)
     run = Path(cfg.run_dir)
     run.mkdir(parents=True, exist_ok=True)
     write_run_config(run, cfg.settings(), defaults=pipeline_defaults())
-    started, load_start = _now(), _load_average()
-    stages: list[dict[str, Any]] = []
-
-    def stage(name: str, fn: Callable[[], str]) -> None:
-        t0 = time.perf_counter()
-        progress(f"pipeline: {name}", 0, 1)
-        summary = fn()
-        progress(f"pipeline: {name}", 1, 1)
-        stages.append({"stage": name, "seconds": round(time.perf_counter() - t0, 2), "summary": summary})
-
-    stage("distill data", lambda: _distill_data(cfg, progress))
-    stage("distill train", lambda: _distill_train(cfg, progress))
-    evaluation: dict[str, Any] = {}
-    stage("eval", lambda: _evaluate(cfg, evaluation, progress))
-    stage("export", lambda: _export(cfg, progress))
-    found: dict[str, Any] = {}
-    stage("gate", lambda: _gate(cfg, found, progress))
-    bundle: dict[str, Any] = {}
-    stage("pack", lambda: _pack(cfg, found, bundle))
-    sample: dict[str, str] = {}
-    if bundle.get("bundle"):
-        stage("run", lambda: _smoke_run(run, Path(bundle["bundle"]), sample))
-    from edgepack.export.gate.gate import machine_info  # where the numbers were measured
-
-    rows = [summary_row(r) for r in found["rows"]]
+    started, load_start = _now(), load_average()
+    stages = _StageTimer(progress)
+    stages.run("distill data", lambda: distill_data(cfg, progress))
+    stages.run("distill train", lambda: distill_train(cfg, progress))
+    evaluation = stages.run("eval", lambda: evaluate(cfg, progress))
+    stages.run("export", lambda: export_artifacts(cfg, progress))
+    gate = stages.run("gate", lambda: gate_search(cfg, progress))
+    packed = stages.run("pack", lambda: pack_bundle(cfg, gate))
+    smoke = None
+    if packed.bundle:
+        bundle = Path(packed.bundle)
+        smoke = stages.run("run", lambda: smoke_run(run, bundle))
+    rows = [summary_row(r) for r in gate.rows]
     result = {"run_dir": str(run), "profile": cfg.profile.name, "command": command_line(cfg.settings(), run),
               "machine": machine_info(), "started": started, "finished": _now(),
-              "load_average": {"start": load_start, "end": _load_average()},
-              "seconds": round(sum(s["seconds"] for s in stages), 2), "stages": stages,
+              "load_average": {"start": load_start, "end": load_average()},
+              "seconds": round(sum(s["seconds"] for s in stages.records), 2), "stages": stages.records,
               "gates": [{k: r.get(k) for k in ("artifact", "format", "quant", "verdict", "reasons")}
                         for r in rows if r["verdict"] in (PASS, FAIL, UNVERIFIED)],
-              "verdict": found["verdict"], "chosen": found["chosen"], "packaged": bundle.get("choice"),
-              "bundle": bundle.get("bundle"),
-              "sample": sample, "eval": evaluation, "summary": rows,
-              "search": {k: found.get(k) for k in ("pareto", "pareto_axes", "notes", "search_quality",
-                                                   "best_on_this_host", "holdout")}}
+              "verdict": gate.verdict, "chosen": gate.chosen, "packaged": packed.choice, "bundle": packed.bundle,
+              "sample": smoke.sample if smoke else {}, "eval": evaluation.as_report(), "summary": rows,
+              "search": {k: gate.search.get(k) for k in ("pareto", "pareto_axes", "notes", "search_quality",
+                                                         "best_on_this_host", "holdout")}}
     write_json(run / PIPELINE_FILE, result)
     return result
 
 
-def _distill_data(cfg: PipelineConfig, progress: ProgressFn) -> str:
+def distill_data(cfg: PipelineConfig, progress: ProgressFn = null_progress) -> DataResult:
+    """The teacher labels the prompts into RUN/data (reused when complete)."""
     from edgepack.distill.data import build_dataset
 
     report = build_dataset(teacher=cfg.teacher, data=cfg.data, run_dir=cfg.run_dir, limit=cfg.limit,
@@ -191,19 +296,21 @@ def _distill_data(cfg: PipelineConfig, progress: ProgressFn) -> str:
     fixed = report.get("teacher_correction")
     note = (f", teacher accuracy {fixed['accuracy_before']} → {fixed['accuracy_after']} after correction"
             if fixed else "")
-    return _short(report, ("kept", "dropped")) + note
+    return DataResult(_short(report, ("kept", "dropped")) + note, report)
 
 
-def _distill_train(cfg: PipelineConfig, progress: ProgressFn) -> str:
+def distill_train(cfg: PipelineConfig, progress: ProgressFn = null_progress) -> TrainResult:
+    """Knowledge distillation into RUN/student (resumed from its checkpoint)."""
     from edgepack.distill.train import train_student
 
     report = train_student(run_dir=cfg.run_dir, profile=cfg.profile, student="auto", steps=cfg.steps,
                            seed=cfg.seed, resume=True, progress=progress)
-    return _short(report, ("steps", "final_loss", "params"))
+    return TrainResult(_short(report, ("steps", "final_loss", "params")), report)
 
 
-def _evaluate(cfg: PipelineConfig, out: dict[str, Any], progress: ProgressFn) -> str:
-    """Teacher vs undistilled vs distilled student on the holdout (RUN/eval.json, reused on a rerun)."""
+def evaluate(cfg: PipelineConfig, progress: ProgressFn = null_progress) -> EvalResult:
+    """Teacher vs undistilled vs distilled student on the holdout (RUN/eval.json, reused on a rerun
+    unless the student is newer)."""
     from edgepack.constants import EVAL_REPORT, STUDENT_DIR
     from edgepack.distill.evaluate import evaluate_run
 
@@ -211,13 +318,12 @@ def _evaluate(cfg: PipelineConfig, out: dict[str, Any], progress: ProgressFn) ->
     report = _read_json(run / EVAL_REPORT)
     if not report or (run / EVAL_REPORT).stat().st_mtime < (run / STUDENT_DIR).stat().st_mtime:
         report = evaluate_run(run_dir=run, progress=progress)
-    out.update({name: {k: report[name].get(k) for k in ("label_accuracy", "teacher_label_agreement", "kl", "ce")}
-                for name in ("teacher", "undistilled", "distilled") if name in report})
-    out["gap_closed"] = report.get("gap_closed")
-    out["contamination"] = report.get("contamination")
-    acc = {name: out.get(name, {}).get("label_accuracy") for name in ("undistilled", "distilled", "teacher")}
-    return (f"holdout accuracy: undistilled {acc['undistilled']} → distilled {acc['distilled']} "
-            f"(teacher {acc['teacher']})")
+    scores = {name: {k: report[name].get(k) for k in ("label_accuracy", "teacher_label_agreement", "kl", "ce")}
+              for name in ("teacher", "undistilled", "distilled") if name in report}
+    acc = {name: scores.get(name, {}).get("label_accuracy") for name in ("undistilled", "distilled", "teacher")}
+    summary = (f"holdout accuracy: undistilled {acc['undistilled']} → distilled {acc['distilled']} "
+               f"(teacher {acc['teacher']})")
+    return EvalResult(summary, scores, report.get("gap_closed"), report.get("contamination"))
 
 
 def export_plan(profile: Profile) -> dict[str, list[str]]:
@@ -230,7 +336,7 @@ def export_plan(profile: Profile) -> dict[str, list[str]]:
     return plan
 
 
-def _export(cfg: PipelineConfig, progress: ProgressFn) -> str:
+def export_artifacts(cfg: PipelineConfig, progress: ProgressFn = null_progress) -> ExportResult:
     """Export each format whose choices are not all on disk yet (a rerun reuses the artifacts).
 
     ``export_model`` measures fidelity over every artifact in the folder, so only the last
@@ -246,42 +352,41 @@ def _export(cfg: PipelineConfig, progress: ProgressFn) -> str:
     for i, fmt in enumerate(todo):
         export_model(source=Path(cfg.run_dir), fmt=fmt, quants=plan[fmt], out_dir=None, progress=progress,
                      fidelity=i == len(todo) - 1)
-    done = _read_json(folder / EXPORT_REPORT)
-    return ", ".join(f"{a['format']} {a['quant']} {_size_mb(folder / a['path']):.1f} MB"
-                     for a in done["artifacts"])
+    artifacts = tuple(_read_json(folder / EXPORT_REPORT)["artifacts"])
+    return ExportResult(", ".join(f"{a['format']} {a['quant']} {_size_mb(folder / a['path']):.1f} MB"
+                                  for a in artifacts), artifacts)
 
 
-def _gate(cfg: PipelineConfig, out: dict[str, Any], progress: ProgressFn) -> str:
+def gate_search(cfg: PipelineConfig, progress: ProgressFn = null_progress) -> GateResult:
     """``gate --search`` over the run: every choice gated, best quality first (reports reused)."""
     from edgepack.export.gate.search import search
 
     run = Path(cfg.run_dir)
     holdout = run / DATA_DIR / HOLDOUT_FILE
-    out.update(search(profile=cfg.profile, run_dir=run, holdout=holdout if holdout.is_file() else None,
-                      progress=progress, quality=cfg.search_quality))
-    return "; ".join(f"{r['choice']}: {r['verdict'] or r['status']}" for r in out["rows"]) + \
-        f"; chosen: {out['chosen'] or 'none'}"
+    found = search(profile=cfg.profile, run_dir=run, holdout=holdout if holdout.is_file() else None,
+                   progress=progress, quality=cfg.search_quality)
+    summary = "; ".join(f"{r['choice']}: {r['verdict'] or r['status']}" for r in found["rows"]) + \
+        f"; chosen: {found['chosen'] or 'none'}"
+    return GateResult(summary, found)
 
 
-def _pack(cfg: PipelineConfig, found: dict[str, Any], out: dict[str, Any]) -> str:
-    """Package the search's choice (or, with allow_unverified, the best UNVERIFIED one)."""
+def pack_bundle(cfg: PipelineConfig, gate: GateResult) -> PackResult:
+    """Package the search's choice (or, with allow_unverified, the best UNVERIFIED one); an earlier
+    bundle is reused only when it holds exactly that artifact, gated for this profile."""
     from edgepack.export.pack.pack import pack_run
 
-    chosen = next((r for r in found["rows"] if r["choice"] == found["chosen"]), None)
+    chosen = next((r for r in gate.rows if r["choice"] == gate.chosen), None)
     if chosen is None and cfg.allow_unverified:
-        chosen = next((r for r in found["rows"] if r["verdict"] == UNVERIFIED), None)
+        chosen = next((r for r in gate.rows if r["verdict"] == UNVERIFIED), None)
     if chosen is None:
-        return "nothing packaged: no artifact passed the gate"
-    out["choice"] = chosen["choice"]
+        return PackResult("nothing packaged: no artifact passed the gate")
     fmt, quant = chosen["choice"].split(":", 1)
     existing = sorted((Path(cfg.run_dir) / BUNDLES_DIR).glob(f"*-{cfg.profile.name}-{fmt}-{quant}{BUNDLE_SUFFIX}"))
     if existing and _holds(existing[0], Path(chosen["path"]), cfg.profile):
-        out["bundle"] = str(existing[0])
-        return f"{existing[0].name} (already packaged)"
+        return PackResult(f"{existing[0].name} (already packaged)", chosen["choice"], str(existing[0]))
     result = pack_run(run_dir=Path(cfg.run_dir), profile=cfg.profile, artifact=Path(chosen["path"]),
                       allow_unverified=cfg.allow_unverified)
-    out.update(result)
-    return Path(result["bundle"]).name
+    return PackResult(Path(result["bundle"]).name, chosen["choice"], result["bundle"])
 
 
 def _holds(bundle: Path, artifact: Path, profile: Profile) -> bool:
@@ -300,7 +405,7 @@ def _holds(bundle: Path, artifact: Path, profile: Profile) -> bool:
     return (manifest.get(M_GATE) or {}).get("profile_sha256") == profile.content_hash()
 
 
-def _smoke_run(run: Path, bundle: Path, sample: dict[str, str]) -> str:
+def smoke_run(run: Path, bundle: Path) -> SmokeResult:
     """Load the finished bundle the way a device would and answer one holdout prompt."""
     from edgepack.runtime.session import open_model
 
@@ -308,8 +413,7 @@ def _smoke_run(run: Path, bundle: Path, sample: dict[str, str]) -> str:
         messages = json.loads(fh.readline())["messages"]
     with open_model(bundle) as session:
         text = "".join(session.stream_chat(messages, max_tokens=48, temperature=0.0))
-    sample.update(prompt=messages[-1]["content"], completion=text)
-    return text.strip().replace("\n", " ")[:80]
+    return SmokeResult(text.strip().replace("\n", " ")[:80], {"prompt": messages[-1]["content"], "completion": text})
 
 
 def summary_row(row: dict[str, Any]) -> dict[str, Any]:
@@ -342,12 +446,6 @@ def _now() -> str:
     from datetime import datetime, timezone
 
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
-
-
-def _load_average() -> list[float] | None:
-    import os
-
-    return [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None
 
 
 def _read_json(path: Path) -> dict[str, Any]:

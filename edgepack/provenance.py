@@ -1,7 +1,7 @@
 """Where and with what a result was produced: the machine and the tool versions.
 
 Every report that states a measurement records its provenance, and they all gather it here:
-the gate report and the pipeline report (``machine_info``), the bandwidth cache
+the gate report and the pipeline report (``machine_info``, ``load_average``), the bandwidth cache
 (``machine_key``), the fidelity report (``host_info``, ``package_versions``) and the bundle's
 lineage (``tool_versions``). Versions come from package metadata, so nothing heavy is
 imported; a package that is not installed is recorded as ``None``, never guessed.
@@ -69,6 +69,11 @@ def host_info() -> dict[str, Any]:
     load = os.getloadavg() if hasattr(os, "getloadavg") else None
     return {"platform": platform.platform(), "machine": platform.machine(), "python": platform.python_version(),
             "cpu_count": os.cpu_count(), "load_average_1_5_15": list(load) if load else None}
+
+
+def load_average() -> list[float] | None:
+    """The 1, 5 and 15 minute load averages, rounded to 2 places (None where the OS keeps none)."""
+    return [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None
 
 
 def tool_versions(dists: Iterable[str] = BUNDLE_TOOLS) -> dict[str, str | None]:

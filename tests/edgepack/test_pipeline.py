@@ -15,6 +15,8 @@ from edgepack.profiles import PROFILE_DIR, load_profile
 
 LABELS = ["electrical", "mechanical", "thermal", "network"]
 CHOICES = ["gguf:Q8_0", "gguf:Q4_0", "onnx:int4"]
+REPORT_KEYS = ["run_dir", "profile", "command", "machine", "started", "finished", "load_average", "seconds", "stages",
+               "gates", "verdict", "chosen", "packaged", "bundle", "sample", "eval", "summary", "search"]
 
 
 def _rows(n: int) -> list[dict[str, str]]:
@@ -100,6 +102,12 @@ def test_pipeline_end_to_end_on_tiny_model(finished_run: dict[str, Any]) -> None
         assert (run / stage_dir / COMPLETE_MARKER).is_file()
     written = json.loads((run / "pipeline.json").read_text())
     assert written["bundle"] and written["summary"] == rows and written["machine"]["cpu_count"] >= 1
+    assert list(written) == REPORT_KEYS  # pipeline.json's shape is the stages' typed results, assembled once
+    assert all(list(s) == ["stage", "seconds", "summary"] and isinstance(s["summary"], str) for s in written["stages"])
+    assert list(written["eval"]) == ["teacher", "undistilled", "distilled", "gap_closed", "contamination"]
+    assert list(written["search"]) == ["pareto", "pareto_axes", "notes", "search_quality", "best_on_this_host",
+                                       "holdout"]
+    assert list(written["sample"]) == ["prompt", "completion"]
     assert written["command"].startswith("edgepack pipeline --profile ") and "--steps 2" in written["command"]
     assert isinstance(result["sample"]["completion"], str)
 
@@ -114,6 +122,55 @@ def test_rerun_resumes_without_recomputing(finished_run: dict[str, Any]) -> None
     assert all(r["reused"] for r in again["summary"])
     after = {p: p.stat().st_mtime_ns for p in before}
     assert before == after
+
+
+def test_stage_calls_return_frozen_results(finished_run: dict[str, Any]) -> None:
+    """Each stage call returns its own typed result (the rerun reuses every output on disk), and
+    the next stage takes it as an argument: no stage fills a dict another one reads."""
+    import dataclasses
+
+    from edgepack.pipeline import EvalResult, GateResult, PackResult, evaluate, gate_search, pack_bundle
+
+    cfg, result = finished_run["cfg"], finished_run["result"]
+    evaluation = evaluate(cfg)
+    assert isinstance(evaluation, EvalResult) and evaluation.as_report() == result["eval"]
+    gate = gate_search(cfg)
+    assert isinstance(gate, GateResult) and gate.chosen == result["chosen"] and gate.verdict == result["verdict"]
+    assert [r["choice"] for r in gate.rows] == CHOICES and all(r["reused"] for r in gate.rows)
+    packed = pack_bundle(cfg, gate)
+    assert packed == PackResult(f"{Path(result['bundle']).name} (already packaged)", result["packaged"],
+                                result["bundle"])
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        packed.bundle = "elsewhere"  # type: ignore[misc]
+    stage_lines = {s["stage"]: s["summary"] for s in result["stages"]}
+    assert evaluation.summary == stage_lines["eval"] and gate.summary == stage_lines["gate"]
+
+
+@pytest.mark.parametrize("allow_unverified", [False, True])
+def test_pack_takes_the_gate_result(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, allow_unverified: bool) -> None:
+    """Nothing passed: nothing is packaged, unless an UNVERIFIED choice may be (then the best one is)."""
+    import edgepack.export.pack.pack as pack_module
+    from edgepack.pipeline import GateResult, PackResult, PipelineConfig, pack_bundle
+
+    rows = [{"choice": "gguf:Q8_0", "verdict": "FAIL", "path": str(tmp_path / "a-Q8_0.gguf")},
+            {"choice": "gguf:Q4_0", "verdict": "UNVERIFIED", "path": str(tmp_path / "a-Q4_0.gguf")},
+            {"choice": "onnx:int4", "verdict": "UNVERIFIED", "path": str(tmp_path / "a-onnx-int4")}]
+    gate = GateResult("", {"rows": rows, "chosen": None, "verdict": "FAIL"})
+    cfg = PipelineConfig(profile=load_profile("cpu-x86-2c"), teacher="builtin:smollm2-135m-instruct", data=None,
+                         run_dir=tmp_path / "run", allow_unverified=allow_unverified)
+    packed: list[dict[str, Any]] = []
+
+    def fake_pack_run(**kwargs: Any) -> dict[str, Any]:
+        packed.append(kwargs)
+        return {"bundle": str(tmp_path / "run" / "bundles" / "a.edgepack")}
+
+    monkeypatch.setattr(pack_module, "pack_run", fake_pack_run)
+    result = pack_bundle(cfg, gate)
+    if not allow_unverified:
+        assert result == PackResult("nothing packaged: no artifact passed the gate") and packed == []
+        return
+    assert result == PackResult("a.edgepack", "gguf:Q4_0", str(tmp_path / "run" / "bundles" / "a.edgepack"))
+    assert [(k["artifact"], k["allow_unverified"]) for k in packed] == [(tmp_path / "a-Q4_0.gguf", True)]
 
 
 def test_config_reproduces_the_settings_in_a_new_folder(finished_run: dict[str, Any], tmp_path: Path) -> None:
