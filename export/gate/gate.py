@@ -139,6 +139,29 @@ def _miss(name: str, measured: float, budget: float, unit: str, higher_is_better
     return f"{name}: {measured:.1f} {unit} {side} budget {budget:g} {unit} (misses by {gap:.1f} {unit}, {pct:.0f}%)"
 
 
+def _judge_quality(quality: dict[str, Any] | None, profile: Profile,
+                   target: bool) -> tuple[dict[str, Any], str | None, str | None]:
+    """(relative_quality check, the miss if its budget is missed, a reason if it was not compared)."""
+    relative = quality.get("relative") if isinstance(quality, dict) else None
+    if isinstance(quality, dict) and quality.get("error"):
+        return (_check("relative_quality", None, profile.min_relative_quality, False, "x teacher", target),
+                f"relative_quality: the holdout could not be answered: {quality['error']}", None)
+    if relative is None:
+        check = _check("relative_quality", None, profile.min_relative_quality, None, "x teacher", target)
+        if quality is None:
+            return check, None, "quality not measured (no holdout given); the verdict covers latency and memory only"
+        why = "; ".join(quality.get("notes") or []) or "relative quality could not be computed"
+        return check, None, f"quality not compared: {why}"
+    ok = relative >= profile.min_relative_quality
+    check = _check("relative_quality", relative, profile.min_relative_quality, ok, "x teacher", target)
+    if ok:
+        return check, None, None
+    from edgepack.export.gate.quality import primary_vs_teacher
+
+    return check, (f"relative_quality: {relative:.3f} < budget {profile.min_relative_quality:g} "
+                   f"({primary_vs_teacher(quality)})"), None
+
+
 def decide(measurements: dict[str, Any], profile: Profile, host_ok: bool,
            host_reason: str) -> tuple[str, list[dict[str, Any]], list[str]]:
     """Judge ``measurements`` against ``profile``'s budgets. Pure: no I/O, no clock.
@@ -185,25 +208,10 @@ def decide(measurements: dict[str, Any], profile: Profile, host_ok: bool,
         misses.append(_miss("peak_memory_mb", memory, profile.memory_budget_mb, "MB", higher_is_better=False))
 
     quality = m.get("quality")
-    relative = quality.get("relative") if isinstance(quality, dict) else None
-    if isinstance(quality, dict) and quality.get("error"):
-        checks.append(_check("relative_quality", None, profile.min_relative_quality, False, "x teacher", target))
-        misses.append(f"relative_quality: the holdout could not be answered: {quality['error']}")
-    elif relative is None:
-        checks.append(_check("relative_quality", None, profile.min_relative_quality, None, "x teacher", target))
-        if quality is None:
-            reasons.append("quality not measured (no holdout given); the verdict covers latency and memory only")
-        else:
-            why = "; ".join(quality.get("notes") or []) or "relative quality could not be computed"
-            reasons.append(f"quality not compared: {why}")
-    else:
-        ok = relative >= profile.min_relative_quality
-        checks.append(_check("relative_quality", relative, profile.min_relative_quality, ok, "x teacher", target))
-        if not ok:
-            from edgepack.export.gate.quality import primary_vs_teacher
-
-            misses.append(f"relative_quality: {relative:.3f} < budget {profile.min_relative_quality:g} "
-                          f"({primary_vs_teacher(quality)})")
+    check, miss, note = _judge_quality(quality, profile, target)
+    checks.append(check)
+    misses += [miss] if miss else []
+    reasons += [note] if note else []
 
     kld = quality.get("kld_vs_reference") if isinstance(quality, dict) else None
     if isinstance(kld, dict) and kld.get("error"):
