@@ -63,14 +63,21 @@ class Profile:
     """Budget: 95th-percentile time to first token at ``prompt_tokens``, in milliseconds."""
     min_decode_tokens_per_s: float
     """Budget: minimum decode speed (median over warm runs), tokens per second."""
-    min_relative_quality: float
-    """Quality floor: the artifact's holdout label accuracy divided by the teacher's."""
     train_device: str
     """Device used when distilling for this profile: ``cpu``, ``cuda`` or ``mps``."""
     train_memory_mb: int
     """Memory available to training on ``train_device`` (RAM for cpu, VRAM for cuda)."""
     gpu_memory_mb: int = 0
     """VRAM (cuda) or the unified-memory share (metal) of the device; 0 on CPU devices."""
+    min_relative_quality: float | None = None
+    """Relative quality budget: the artifact's score on the holdout (the task's primary metric)
+    divided by the teacher's score on its recorded responses, 0..1.5. None: no relative budget.
+    A holdout whose rows carry no teacher responses cannot verify it: the verdict is UNVERIFIED."""
+    min_score: float | None = None
+    """Absolute quality floor: the task's primary metric on the holdout (label accuracy for a
+    labels task, field F1 for a json task, chrF for a text task ...; see ``primary_metric`` in
+    RUN/task.json), 0..1. None: no floor. It needs no teacher responses, so a holdout of fresh
+    rows with gold labels or references can verify it."""
     source: str = ""
     """Where this profile was loaded from (file path)."""
 
@@ -89,7 +96,10 @@ class Profile:
         (a user's ``cpu-x86-2c.toml`` beside the shipped one) are different profiles. Comments
         and formatting of the TOML do not change it; any value does.
         """
-        values = {k: v for k, v in self.describe().items() if k != "source"}
+        # An optional key left unset is left out, so profiles written before it existed keep
+        # their hash (and the gate reports bound to it).
+        values = {k: v for k, v in self.describe().items()
+                  if k != "source" and not (k in _OPTIONAL and v is None)}
         return hashlib.sha256(json.dumps(values, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
@@ -105,10 +115,12 @@ _SCHEMA: dict[str, dict[str, tuple[str, type]]] = {
         "prompt_tokens": ("prompt_tokens", int), "ttft_p95_ms": ("ttft_p95_ms", float),
         "min_decode_tokens_per_s": ("min_decode_tokens_per_s", float),
     },
-    "quality": {"min_relative_quality": ("min_relative_quality", float)},
+    "quality": {"min_relative_quality": ("min_relative_quality", float), "min_score": ("min_score", float)},
     "training": {"device": ("train_device", str), "memory_mb": ("train_memory_mb", int)},
 }
-_OPTIONAL = {"gpu_memory_mb"}
+# [quality] sets one of these budgets or both (a profile that judges no quality is a mistake).
+_QUALITY_BUDGETS = ("min_relative_quality", "min_score")
+_OPTIONAL = {"gpu_memory_mb", *_QUALITY_BUDGETS}
 # A profile is a few hundred bytes; anything much larger is not one (and is not read whole).
 MAX_PROFILE_BYTES = 1 << 20
 # The name ends up in file names (gate reports, bundle names): no separators or dot-dot.
@@ -182,6 +194,10 @@ def _validate(raw: dict[str, Any], source: str) -> Profile:
                 problems.append(f"{_key(table, key)}: expected {typ.__name__}, got {type(value).__name__}")
                 continue
             values[field_name] = value
+    quality = raw.get("quality")
+    if isinstance(quality, dict) and not set(_QUALITY_BUDGETS) & set(quality):
+        problems.append(f"[quality]: set {' or '.join(_QUALITY_BUDGETS)} (or both); a profile judges quality by "
+                        "at least one of them")
     problems += _check_values(values)
     if problems:
         raise ProfileError(
@@ -220,6 +236,8 @@ def _check_values(v: dict[str, Any]) -> list[str]:
             problems.append(f"{key}: must be > 0, got {v[field_name]}")
     if "min_relative_quality" in v and not 0.0 <= v["min_relative_quality"] <= 1.5:
         problems.append("quality.min_relative_quality: must be between 0 and 1.5")
+    if "min_score" in v and not 0.0 <= v["min_score"] <= 1.0:
+        problems.append(f"quality.min_score: must be between 0 and 1 (the task's primary metric), got {v['min_score']}")
     if "prompt_tokens" in v and "context_length" in v and v["prompt_tokens"] >= v["context_length"]:
         problems.append("latency.prompt_tokens: must be smaller than deploy.context_length")
     if "choices" in v:

@@ -70,3 +70,79 @@ def test_invalid_toml_syntax(tmp_path: Path) -> None:
 def test_missing_profile_file() -> None:
     with pytest.raises(ProfileError, match="not found"):
         load_profile("/nonexistent/x.toml")
+
+
+QUALITY_TOML = """\
+name = "q"
+description = "x"
+[device]
+kind = "cpu"
+arch = "x86_64"
+threads = 1
+memory_budget_mb = 512
+[deploy]
+choices = ["gguf:Q8_0"]
+context_length = 256
+[latency]
+prompt_tokens = 16
+ttft_p95_ms = 100
+min_decode_tokens_per_s = 1
+[quality]
+{quality}
+[training]
+device = "cpu"
+memory_mb = 1024
+"""
+
+
+def _quality_profile(tmp_path: Path, quality: str) -> Profile:
+    path = tmp_path / "q.toml"
+    path.write_text(QUALITY_TOML.format(quality=quality))
+    return load_profile(str(path))
+
+
+def test_quality_budgets_relative_floor_or_both(tmp_path: Path) -> None:
+    floor = _quality_profile(tmp_path, "min_score = 0.7")
+    assert (floor.min_score, floor.min_relative_quality) == (0.7, None)
+    both = _quality_profile(tmp_path, "min_score = 1\nmin_relative_quality = 0.8")
+    assert (both.min_score, both.min_relative_quality) == (1.0, 0.8)
+    relative = _quality_profile(tmp_path, "min_relative_quality = 0.8")
+    assert (relative.min_score, relative.min_relative_quality) == (None, 0.8)
+
+
+def test_a_profile_must_judge_quality_somehow(tmp_path: Path) -> None:
+    with pytest.raises(ProfileError, match=r"\[quality\]: set min_relative_quality or min_score \(or both\)"):
+        _quality_profile(tmp_path, "")
+
+
+def test_bad_quality_budgets_are_reported_together(tmp_path: Path) -> None:
+    with pytest.raises(ProfileError) as info:
+        _quality_profile(tmp_path, "min_score = 1.2\nmin_relative_quality = -0.1")
+    msg = str(info.value)
+    assert "2 problem(s)" in msg
+    assert "quality.min_score: must be between 0 and 1 (the task's primary metric), got 1.2" in msg
+    assert "quality.min_relative_quality: must be between 0 and 1.5" in msg
+    with pytest.raises(ProfileError, match="quality.min_score: expected float, got str"):
+        _quality_profile(tmp_path, 'min_score = "high"')
+    with pytest.raises(ProfileError, match="quality.min_score: must be a finite number"):
+        _quality_profile(tmp_path, "min_score = nan")
+
+
+def test_an_unset_floor_leaves_the_hash_as_before_and_a_set_one_changes_it(tmp_path: Path) -> None:
+    import hashlib
+    import json
+
+    relative = _quality_profile(tmp_path, "min_relative_quality = 0.8")
+    # the hash as computed before min_score existed: every field but source
+    before = {k: v for k, v in relative.describe().items() if k not in ("source", "min_score")}
+    expected = hashlib.sha256(json.dumps(before, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+    assert relative.content_hash() == expected
+    assert _quality_profile(tmp_path, "min_relative_quality = 0.8\nmin_score = 0.7").content_hash() != expected
+
+
+@pytest.mark.parametrize("name", shipped_profiles())
+def test_shipped_profiles_set_no_floor_and_say_why(name: str) -> None:
+    """A floor on the primary metric belongs to the task, not the device (see the TOML comment)."""
+    p = load_profile(name)
+    assert p.min_score is None and p.min_relative_quality is not None
+    assert "No min_score" in (PROFILE_DIR / f"{name}.toml").read_text()
