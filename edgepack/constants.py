@@ -63,6 +63,8 @@ M_LINEAGE = "lineage"
 M_RUNTIME = "runtime"
 M_CHAT_TEMPLATE = "chat_template"
 M_PACK = "pack"                    # how/when the bundle was packed (allow_unverified, notes)
+M_TASK = "task"                    # optional: the task contract (task.json's object, edgepack/task.py)
+M_TASK_SCORES = "task_scores"      # optional: the gated scores under that task (export/pack/pack.py)
 BUNDLE_SUFFIX = ".edgepack"
 
 # --- gate verdicts --------------------------------------------------------------------------

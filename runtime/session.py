@@ -1,6 +1,8 @@
 """Open a model for chatting: a verified bundle or a bare model file, behind one object.
 
-``with open_model(path) as session: session.stream_chat(messages, max_tokens, temperature)``
+``with open_model(path) as session:``
+``    messages, decoding, schema = session.apply_task([{"role": "user", "content": text}])``
+``    for piece in session.answer(messages, decoding, schema): ...``
 
 For a ``.edgepack`` bundle: verify every byte (one streaming pass that also yields the
 bundle's sha256), check up front that the model's own bytes fit in memory, extract once into a
@@ -31,6 +33,16 @@ are not evidence, since an attacker who can write the file can restore both. A c
 differs is announced and rebuilt from the verified bundle, never loaded. What this cannot
 stop: a writer who swaps a file between the check and llama.cpp's open (the cache belongs to
 the user; anyone who can write it can also edit the installed edgepack).
+
+The task (issue #15): a bundle's manifest carries the task it was gated under
+(:func:`~edgepack.runtime.bundle.manifest.manifest_task`); a bare model file has none unless the
+caller gives one. ``run``, ``chat`` and ``serve`` ask :meth:`ModelSession.apply_task` for the
+messages, decoding and JSON schema of each request: the task's system prompt unless the
+request has its own system turn (or the caller passes ``system``), the task's decoding unless
+an explicit value overrides it, and for a ``json`` task the schema to constrain decoding with
+where the backend can (``Backend.constrains_json``; elsewhere the session says once that the
+answers are unconstrained). ``no_task=True`` gives the raw model. :meth:`ModelSession.answer`
+decodes with all of it and ends the text before the first stop string, as the gate does.
 """
 
 from __future__ import annotations
@@ -39,14 +51,16 @@ import hashlib
 import os
 import shutil
 import stat
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from edgepack.constants import BUNDLE_SUFFIX, COMPLETE_MARKER, M_ENTRYPOINT, M_FORMAT, M_MODEL, M_RUNTIME
 from edgepack.errors import ModelSourceError, UsageError
 from edgepack.runtime.backends.base import Backend
+from edgepack.task import Decoding, Task
 
 if TYPE_CHECKING:
     from edgepack.formats import Format
@@ -54,6 +68,7 @@ if TYPE_CHECKING:
 
 DEFAULT_BARE_CTX = 2048
 Warn = Callable[[str], None]
+Messages = list[dict[str, Any]]
 
 
 def cache_root() -> Path:
@@ -70,10 +85,11 @@ def unchecked_signature_note(bundle_name: str, key_id: str | None) -> str:
 
 
 class ModelSession:
-    """A loaded model plus where it came from; chat through :meth:`stream_chat`."""
+    """A loaded model plus where it came from and the task it answers; see the module docstring."""
 
     def __init__(self, backend: Backend, *, source: Path, manifest: dict[str, Any] | None,
-                 memory_estimate: dict[str, Any] | None, notes: list[str] | None = None) -> None:
+                 memory_estimate: dict[str, Any] | None, notes: list[str] | None = None,
+                 task: Task | None = None) -> None:
         self.backend = backend
         self.source = source
         self.manifest = manifest
@@ -81,20 +97,125 @@ class ModelSession:
         """What the preflight compared, recomputed from the model file (never the manifest's)."""
         self.notes = list(notes or [])
         """Warnings raised while opening (signature not checked, context capped, cache rebuilt)."""
+        self._task = task
 
     @property
     def name(self) -> str:
         return str(self.manifest[M_MODEL]) if self.manifest else self.source.stem
 
+    @property
+    def task(self) -> Task | None:
+        """The task applied by default (the bundle's, or the one given); None: the raw model."""
+        return self._task
+
+    def apply_task(self, messages: Sequence[dict[str, Any]], *, system: str | None = None,
+                   max_tokens: int | None = None, temperature: float | None = None,
+                   repeat_penalty: float | None = None,
+                   default_max_tokens: int | None = None) -> tuple[Messages, Decoding, dict[str, Any] | None]:
+        """(messages, decoding, JSON schema) for one request under this session's task.
+
+        See :func:`apply_task`; the schema is given only where the backend constrains JSON.
+        """
+        return apply_task(self._task, messages, system=system, max_tokens=max_tokens, temperature=temperature,
+                          repeat_penalty=repeat_penalty, default_max_tokens=default_max_tokens,
+                          constrains_json=bool(getattr(self.backend, "constrains_json", False)))
+
+    def answer(self, messages: Sequence[dict[str, Any]], decoding: Decoding,
+               json_schema: dict[str, Any] | None = None, seed: int | None = None) -> Iterator[str]:
+        """Stream the answer to ``messages`` decoded with ``decoding`` (and under ``json_schema``),
+        ending before the first of its stop strings."""
+        pieces = self.backend.stream_chat(messages, max_tokens=decoding.max_tokens,
+                                          temperature=decoding.temperature, seed=seed,
+                                          repeat_penalty=decoding.repeat_penalty, json_schema=json_schema)
+        return cut_at_stop(pieces, decoding.stop)
+
     def stream_chat(self, messages: Sequence[dict[str, Any]], max_tokens: int = 256,
                     temperature: float = 0.0, seed: int | None = None) -> Iterator[str]:
-        """Answer the chat's last message, streaming text pieces (greedy at temperature 0)."""
+        """Answer the chat's last message as given, streaming text pieces (greedy at temperature 0):
+        the raw model, no task applied."""
         return self.backend.stream_chat(messages, max_tokens=max_tokens, temperature=temperature, seed=seed)
 
     def complete(self, messages: Sequence[dict[str, Any]], max_tokens: int = 256,
                  temperature: float = 0.0, seed: int | None = None) -> str:
-        """The whole answer as one string."""
+        """The whole raw answer as one string (:meth:`stream_chat`)."""
         return "".join(self.stream_chat(messages, max_tokens=max_tokens, temperature=temperature, seed=seed))
+
+
+# --- the task, per request --------------------------------------------------------------------
+
+def apply_task(task: Task | None, messages: Sequence[dict[str, Any]], *, system: str | None = None,
+               max_tokens: int | None = None, temperature: float | None = None,
+               repeat_penalty: float | None = None, default_max_tokens: int | None = None,
+               constrains_json: bool = False) -> tuple[Messages, Decoding, dict[str, Any] | None]:
+    """The messages, decoding and JSON schema of one request. Pure.
+
+    System turn: the request's own wins, then ``system``, then the task's prompt. Decoding: the
+    task's, each explicit argument overriding its field; without a task, :class:`Decoding`'s
+    defaults with ``max_tokens`` or ``default_max_tokens``. Schema: a ``json`` task's, when the
+    backend ``constrains_json``; else None.
+    """
+    out = [dict(m) for m in messages]
+    if not (out and out[0].get("role") == "system"):
+        prompt = system if system is not None else (task.system_prompt if task is not None else None)
+        if prompt is not None:
+            out.insert(0, {"role": "system", "content": prompt})
+    base = task.decoding if task is not None else Decoding()
+    if task is None and default_max_tokens is not None:
+        base = replace(base, max_tokens=default_max_tokens)
+    given = {"max_tokens": max_tokens, "temperature": temperature, "repeat_penalty": repeat_penalty}
+    decoding = replace(base, **{k: v for k, v in given.items() if v is not None})
+    _check_decoding(decoding)
+    schema = getattr(task.answer, "schema", None) if task is not None and task.kind == "json" else None
+    return out, decoding, (schema if constrains_json else None)
+
+
+def _check_decoding(decoding: Decoding) -> None:
+    problems = []
+    if isinstance(decoding.max_tokens, bool) or not isinstance(decoding.max_tokens, int) or decoding.max_tokens < 1:
+        problems.append(f"max tokens must be a positive integer, got {decoding.max_tokens!r}")
+    if not decoding.temperature >= 0:
+        problems.append(f"temperature must be >= 0, got {decoding.temperature!r}")
+    if not decoding.repeat_penalty > 0:
+        problems.append(f"repeat penalty must be > 0, got {decoding.repeat_penalty!r}")
+    if problems:
+        raise UsageError("; ".join(problems))
+
+
+def cut_at_stop(pieces: Iterable[str], stop: Sequence[str]) -> Iterator[str]:
+    """Stream ``pieces`` up to the first stop string (excluded), then close the source.
+
+    Text that could be the start of a stop string is held back until it is known not to be,
+    so nothing after the cut is ever sent; the result equals :meth:`Decoding.cut` on the whole.
+    """
+    if not stop:
+        yield from pieces
+        return
+    held = ""
+    try:
+        for piece in pieces:
+            held += piece
+            ends = [i for i in (held.find(s) for s in stop) if i >= 0]
+            if ends:
+                if held[:min(ends)]:
+                    yield held[:min(ends)]
+                return
+            keep = _stop_prefix(held, stop)
+            if len(held) > keep:
+                yield held[:len(held) - keep]
+                held = held[len(held) - keep:]
+        if held:
+            yield held
+    finally:
+        getattr(pieces, "close", lambda: None)()  # stops the backend's generation now
+
+
+def _stop_prefix(text: str, stop: Sequence[str]) -> int:
+    """Length of the longest end of ``text`` that begins some stop string."""
+    longest = min(len(text), max(len(s) for s in stop) - 1)
+    for k in range(longest, 0, -1):
+        if any(s.startswith(text[-k:]) for s in stop):
+            return k
+    return 0
 
 
 # --- the extraction cache -------------------------------------------------------------------------
@@ -235,12 +356,14 @@ def _preflight(estimate: dict[str, Any], what: str) -> None:
 
 @contextmanager
 def open_model(path: Path, *, threads: int | None = None, n_ctx: int | None = None,
-               key: Path | None = None, warn: Warn | None = None) -> Iterator[ModelSession]:
+               key: Path | None = None, warn: Warn | None = None, task: Task | None = None,
+               no_task: bool = False) -> Iterator[ModelSession]:
     """Verify (bundles), preflight memory, load; yield a :class:`ModelSession`; always close.
 
     ``key``: an Ed25519 public key (PEM); the bundle must be signed by it (bundles only).
     ``warn`` receives each warning as it happens (the CLI prints it); the session's ``notes``
-    keep them too.
+    keep them too. The session's task is ``task`` when given, else the bundle's (a bare model
+    file has none); ``no_task`` gives the raw model.
     """
     from edgepack.formats import format_of, get_format
     from edgepack.runtime.backends.base import default_threads, get_backend
@@ -292,8 +415,26 @@ def open_model(path: Path, *, threads: int | None = None, n_ctx: int | None = No
     threads_used = max(1, min(want_threads, default_threads()))
     # Offload every layer when the bundle targets a GPU; a CPU-only build ignores the request.
     gpu_layers = -1 if runtime.get("device") in ("cuda", "metal") else 0
+    chosen = None if no_task else _session_task(path, manifest, task, note)
     backend = get_backend(fmt.name).load(model_path, threads=threads_used, n_ctx=ctx, gpu_layers=gpu_layers)
     try:
-        yield ModelSession(backend, source=path, manifest=manifest, memory_estimate=estimate, notes=notes)
+        if chosen is not None and chosen.kind == "json" and not getattr(backend, "constrains_json", False):
+            note(f"the {backend.format} backend cannot constrain decoding to the task's JSON schema: "
+                 "answers are unconstrained (the gate judged them the same way)")
+        yield ModelSession(backend, source=path, manifest=manifest, memory_estimate=estimate, notes=notes,
+                           task=chosen)
     finally:
         backend.close()
+
+
+def _session_task(path: Path, manifest: dict[str, Any] | None, given: Task | None, note: Warn) -> Task | None:
+    """``given``, else the bundle's task; a bundle packed without one is announced."""
+    if given is not None or manifest is None:
+        return given
+    from edgepack.runtime.bundle.manifest import manifest_task
+
+    task = manifest_task(manifest, path.name)
+    if task is None:
+        note(f"{path.name} carries no task (packed before bundles recorded one): answers get no task "
+             "system prompt and default decoding; pass --system to give one")
+    return task

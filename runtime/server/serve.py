@@ -9,6 +9,12 @@ Server-Sent Events ``data: {...}`` chunks ending in ``data: [DONE]`` with ``stre
 ``GET /metrics`` (Prometheus text). Every answer carries ``usage`` and an ``edgepack`` object:
 the model's sha256 and bundle, the gate status, the mean token log-probability and timings.
 
+A bundle's task applies to every chat request by default (:meth:`ModelServer.apply_task`, through
+:meth:`~edgepack.runtime.session.ModelSession.apply_task`): its system prompt unless the request
+sends its own system message (``ServeConfig.system`` replaces the task's prompt), its decoding
+unless the request sets a field, and a ``json`` task's schema. ``ServeConfig.no_task`` serves the
+raw model.
+
 Exposure defaults follow llama-server's README and the faults listed in THREATS.md #10:
 
 - binds 127.0.0.1; any other address is refused unless an API key is configured, and then
@@ -46,11 +52,11 @@ import signal
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from edgepack.constants import BUNDLE_SUFFIX, M_ENTRYPOINT, M_FILES, M_GATE_STATUS, M_PROFILE, M_QUANT
 from edgepack.errors import InvalidModelFile, UsageError
@@ -60,6 +66,10 @@ from edgepack.runtime.server.engine import Scheduler
 from edgepack.runtime.server.fallback import FallbackTarget, parse_fallback
 from edgepack.runtime.server.http import HTTPServer
 from edgepack.runtime.server.metrics import Metrics
+
+if TYPE_CHECKING:
+    from edgepack.runtime.session import ModelSession
+    from edgepack.task import Decoding
 
 
 @dataclass(frozen=True)
@@ -102,6 +112,10 @@ class ServeConfig:
     """On stop: how long running and queued requests may finish before being cancelled."""
     public_key: Path | None = None
     """Ed25519 public key (PEM): serve a bundle only when it is signed by this key."""
+    no_task: bool = False
+    """Serve the raw model: no task system prompt, decoding or schema (``--no-task``)."""
+    system: str | None = None
+    """System prompt for requests without one, instead of the task's (``--system``)."""
 
     def __post_init__(self) -> None:
         problems = []
@@ -175,6 +189,7 @@ class ModelServer:
         self.model_id = config.model_id or self.model_path.name.removesuffix(BUNDLE_SUFFIX).removesuffix(".gguf")
         self.identity: dict[str, Any] = {}
         self.backend: Any = None
+        self.session: ModelSession | None = None
         self.n_ctx = 0
         self.chat_problem: str | None = None
         self.created = int(time.time())
@@ -227,7 +242,7 @@ class ModelServer:
         progress("load model", 0, 1)
         session = self._stack.enter_context(open_model(self.model_path, threads=self.config.threads,
                                                        n_ctx=self.config.n_ctx, key=self.config.public_key,
-                                                       warn=warn))
+                                                       warn=warn, no_task=self.config.no_task))
         backend = session.backend
         self.identity = _identity(self.model_path, session.manifest)
         probe: list[int] | None = None
@@ -246,7 +261,7 @@ class ModelServer:
         getattr(tokens, "close", lambda: None)()
         if self.config.fallback is not None and logprob is None:
             raise UsageError(f"a fallback needs token logprobs, which the {backend.format} backend does not give")
-        self.backend, self.n_ctx = backend, backend.n_ctx
+        self.backend, self.session, self.n_ctx = backend, session, backend.n_ctx
         self._ready.set()
         self.metrics.gauges(model_loaded=True)
         progress("load model", 1, 1)
@@ -279,6 +294,18 @@ class ModelServer:
         self.close()
 
     # --- used by the request handler -----------------------------------------------------
+    def apply_task(self, messages: Sequence[dict[str, Any]], *, max_tokens: int | None = None,
+                   temperature: float | None = None, repeat_penalty: float | None = None,
+                   default_max_tokens: int | None = None) -> tuple[list[dict[str, Any]], Decoding, dict[str, Any] | None]:
+        """(messages, decoding, JSON schema) of one chat request: the session's task with this
+        server's ``--system`` (see :meth:`~edgepack.runtime.session.ModelSession.apply_task`)."""
+        if self.session is None:
+            raise HttpReject(503, "the model is still loading", reason="not_ready", error_type="server_error",
+                             headers={"Retry-After": "1"})
+        return self.session.apply_task(messages, system=self.config.system, max_tokens=max_tokens,
+                                       temperature=temperature, repeat_penalty=repeat_penalty,
+                                       default_max_tokens=default_max_tokens)
+
     def _queue_changed(self, queued: int, running: int) -> None:
         self.metrics.gauges(queue_depth=queued, running=running)
 
@@ -348,11 +375,12 @@ def serve(model: Path, *, host: str = "127.0.0.1", port: int = 8000, api_key_env
           n_ctx: int | None = None, threads: int | None = None, fallback: str | None = None,
           fallback_min_logprob: float | None = None, fallback_api_key_env: str | None = None,
           public_key: Path | None = None, on_ready: Callable[[str], None] | None = None, progress: ProgressFn = null_progress,
-          on_warning: Callable[[str], None] | None = None) -> None:
+          on_warning: Callable[[str], None] | None = None, no_task: bool = False, system: str | None = None) -> None:
     """Serve ``model`` (a .edgepack bundle or a .gguf) until SIGINT or SIGTERM, then stop cleanly.
 
     Refuses a non-loopback ``host`` unless ``api_key_env`` names a set variable; with
-    ``public_key`` serves a bundle only if it is signed by that Ed25519 key. ``on_ready``
+    ``public_key`` serves a bundle only if it is signed by that Ed25519 key. The bundle's task
+    applies to chat requests unless ``no_task``; ``system`` replaces its system prompt. ``on_ready``
     gets the base URL once the model has loaded; ``on_warning`` each loading warning (a
     signature not checked, a context capped). Call from the main thread (signals); to
     embed a server elsewhere use :func:`start_server`.
@@ -360,7 +388,8 @@ def serve(model: Path, *, host: str = "127.0.0.1", port: int = 8000, api_key_env
     target = parse_fallback(fallback, read_api_key(fallback_api_key_env)) if fallback else None
     config = ServeConfig(host=host, port=port, api_key=read_api_key(api_key_env), max_queue=max_queue,
                          timeout_s=timeout_s, max_body_bytes=max_body_bytes, n_ctx=n_ctx, threads=threads,
-                         fallback=target, fallback_min_logprob=fallback_min_logprob, public_key=public_key)
+                         fallback=target, fallback_min_logprob=fallback_min_logprob, public_key=public_key,
+                         no_task=no_task, system=system)
     stop = threading.Event()
     with make_server(model, config) as server:
         server.start()
