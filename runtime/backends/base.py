@@ -18,11 +18,26 @@ library (llama_cpp, onnxruntime) only inside ``load``, so ``edgepack --help`` im
 A backend registered for a format that :mod:`edgepack.formats` does not know still loads
 through :func:`get_backend`, but only a registered format gets the memory preflight, the gate
 and pack.
+
+Decoding options beyond greedy/temperature are llama.cpp's, so a deployed GGUF (llama-server,
+Ollama) and every backend here decode alike:
+
+* ``repeat_penalty`` — llama.cpp's repetition penalty over the last :data:`PENALTY_LAST_N`
+  tokens of prompt and answer together (as llama-server counts them); 1.0 = none.
+* ``json_schema`` — a JSON Schema the answer must satisfy. A backend with
+  :attr:`Backend.constrains_json` decodes under it as a grammar; one without ignores it, and the
+  caller says the answer is unconstrained (:meth:`Backend.check_json_schema` still refuses a
+  schema that is not one).
+
+The shared helpers (:meth:`Backend.stream_chat`, :meth:`Backend.stream`) pass an option to
+``generate`` only when it is set, so a backend written before the options existed still serves
+every request that does not ask for them.
 """
 
 from __future__ import annotations
 
 import codecs
+import math
 import os
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Sequence
@@ -35,12 +50,20 @@ from edgepack.formats import all_formats, find_format
 _REGISTRY: dict[str, type[Backend]] = {}
 B = TypeVar("B", bound="type[Backend]")
 
+# llama.cpp's penalty window (common.h ``penalty_last_n``, llama-server's ``repeat_last_n``,
+# Ollama's ``repeat_last_n``: 64 in all three).
+PENALTY_LAST_N = 64
+
 
 class Backend(ABC):
     """One loaded model. Subclasses implement loading, tokens and the token generator."""
 
     format: ClassVar[str] = ""
     """The exact format name this backend is registered under (set by the decorator)."""
+
+    constrains_json: ClassVar[bool] = False
+    """True when ``generate(json_schema=...)`` decodes under the schema; False: it is ignored and
+    callers announce the answer as unconstrained."""
 
     @classmethod
     def prepare(cls) -> None:
@@ -95,11 +118,44 @@ class Backend(ABC):
 
     @abstractmethod
     def generate(self, tokens: Sequence[int], *, max_tokens: int, temperature: float = 0.0,
-                 seed: int | None = None, stop_at_eos: bool = True) -> Iterator[int]:
+                 seed: int | None = None, stop_at_eos: bool = True, repeat_penalty: float = 1.0,
+                 json_schema: dict[str, Any] | None = None) -> Iterator[int]:
         """Yield new token ids after ``tokens`` (fresh state each call; greedy at temperature 0).
 
         Stops after ``max_tokens`` or, with ``stop_at_eos``, before a stop token.
+        ``repeat_penalty`` and ``json_schema``: see the module docstring. Bad arguments raise
+        UsageError when ``generate`` is called, before the first token is asked for.
         """
+
+    def check_json_schema(self, schema: Any) -> None:
+        """UsageError when ``schema`` is not a JSON Schema this backend can decode under.
+
+        The base check is the one the task contract uses (:class:`edgepack.answers.JsonAnswer`);
+        a constraining backend adds its own (llama.cpp: the schema must compile to a grammar).
+        """
+        from edgepack.answers import JsonAnswer
+
+        try:
+            JsonAnswer(schema=schema).validate("", UsageError)
+        except UsageError:
+            raise
+        except (ValueError, RecursionError) as exc:  # e.g. a pattern's {n} with 5000 digits, in re
+            raise UsageError(f"the JSON schema cannot be checked: {type(exc).__name__}: {str(exc)[:200]}") from None
+
+    def room_for(self, tokens: Sequence[int], *, max_tokens: int, temperature: float,
+                 repeat_penalty: float) -> int:
+        """How many tokens ``generate`` may produce after ``tokens``; UsageError for bad arguments."""
+        if not tokens:
+            raise UsageError("cannot generate from an empty prompt")
+        if not temperature >= 0:  # also refuses NaN
+            raise UsageError(f"temperature must be >= 0, got {temperature}")
+        if not (math.isfinite(repeat_penalty) and repeat_penalty > 0):
+            raise UsageError(f"repeat_penalty must be a number > 0 (1.0 = none), got {repeat_penalty}")
+        room = self.n_ctx - len(tokens)
+        if room <= 0:
+            raise UsageError(f"the prompt has {len(tokens)} tokens; the context holds {self.n_ctx}",
+                             hint="shorten the prompt or load the model with a larger context")
+        return min(max_tokens, room)
 
     def last_token_logprob(self, token: int) -> float | None:
         """Natural-log probability the model gave ``token`` at the step that just produced it.
@@ -162,19 +218,34 @@ class Backend(ABC):
         if tail:
             yield tail
 
-    def stream(self, prompt: str, *, max_tokens: int, temperature: float = 0.0,
-               seed: int | None = None) -> Iterator[str]:
+    def generate_with(self, tokens: Sequence[int], *, max_tokens: int, temperature: float = 0.0,
+                      seed: int | None = None, stop_at_eos: bool = True, repeat_penalty: float = 1.0,
+                      json_schema: dict[str, Any] | None = None) -> Iterator[int]:
+        """:meth:`generate`, passing ``repeat_penalty`` and ``json_schema`` only when they are set."""
+        options: dict[str, Any] = {}
+        if repeat_penalty != 1.0:
+            options["repeat_penalty"] = repeat_penalty
+        if json_schema is not None:
+            options["json_schema"] = json_schema
+        return self.generate(tokens, max_tokens=max_tokens, temperature=temperature, seed=seed,
+                             stop_at_eos=stop_at_eos, **options)
+
+    def stream(self, prompt: str, *, max_tokens: int, temperature: float = 0.0, seed: int | None = None,
+               repeat_penalty: float = 1.0, json_schema: dict[str, Any] | None = None) -> Iterator[str]:
         """Complete a raw prompt string (special tokens in it are parsed), streaming text."""
         tokens = self.tokenize(prompt, add_special=True, parse_special=True)
-        return self.decode_stream(self.generate(tokens, max_tokens=max_tokens,
-                                                temperature=temperature, seed=seed))
+        return self.decode_stream(self.generate_with(tokens, max_tokens=max_tokens, temperature=temperature,
+                                                     seed=seed, repeat_penalty=repeat_penalty,
+                                                     json_schema=json_schema))
 
     def stream_chat(self, messages: Sequence[dict[str, Any]], max_tokens: int = 256,
-                    temperature: float = 0.0, seed: int | None = None) -> Iterator[str]:
+                    temperature: float = 0.0, seed: int | None = None, repeat_penalty: float = 1.0,
+                    json_schema: dict[str, Any] | None = None) -> Iterator[str]:
         """Answer the last message of a chat, streaming text pieces."""
         tokens = self.chat_tokens(messages)
-        return self.decode_stream(self.generate(tokens, max_tokens=max_tokens,
-                                                temperature=temperature, seed=seed))
+        return self.decode_stream(self.generate_with(tokens, max_tokens=max_tokens, temperature=temperature,
+                                                     seed=seed, repeat_penalty=repeat_penalty,
+                                                     json_schema=json_schema))
 
     def __enter__(self) -> Backend:
         return self

@@ -11,20 +11,33 @@ Chat prompts are rendered from the GGUF's ``tokenizer.chat_template`` by edgepac
 renderer, never by llama-cpp-python's chat handlers; the GGUF's templates are checked
 (:mod:`edgepack.runtime.chat.check`) before ``Llama()`` compiles them. Generation stops
 before any end-of-generation token llama.cpp knows for the vocabulary (EOS, EOT, ...).
+
+Generation builds llama.cpp's sampler chain itself rather than calling ``Llama.generate``, for
+one reason: llama-server puts the prompt's tokens in the repeat-penalty window before the first
+answer token (``init_sampler`` accepts them), while ``Llama.generate`` counts only the tokens it
+generated; with a penalty the two pick different tokens, and the bundle's Modelfile is run by
+llama-server and Ollama. The chain is llama-cpp-python's own (penalties, then greedy, or top-k
+40 / typical 1 / top-p 0.95 / min-p 0.05 / temperature / seeded dist), so at penalty 1.0 the
+tokens are the ones ``Llama.generate`` picks. A ``json_schema`` becomes a grammar
+(llama-cpp-python's JSON-schema converter, the Python twin of llama.cpp's) placed after the
+penalties, so greedy decoding picks the best token the schema allows.
 """
 
 from __future__ import annotations
 
 import ctypes
+import json
 import os
+import re
 import sys
 from collections import deque
-from collections.abc import Iterator, Sequence
+from functools import lru_cache
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 from edgepack.errors import InvalidModelFile, RuntimeFailure, UsageError
-from edgepack.runtime.backends.base import Backend, register_backend
+from edgepack.runtime.backends.base import PENALTY_LAST_N, Backend, register_backend
 from edgepack.gguf_header import GGUFInfo, read_gguf
 
 # llama.cpp log lines kept from the last load (WARN, ERROR and their continuations). The
@@ -64,6 +77,69 @@ def _log_detail(fallback: str) -> str:
     return "; ".join(line for line in _LOG_LINES if line) or fallback
 
 
+# --- JSON Schema -> llama.cpp grammar ------------------------------------------------------------
+# llama-cpp-python's converter spells a bound such as maxItems or a regex {m,n} out in full (n
+# nested copies), so a schema asking for 10**9 items would take gigabytes before llama.cpp's own
+# parser (which refuses more than 2000 repetitions) ever sees it. Bounds are checked first.
+MAX_SCHEMA_REPEAT = 1000
+MAX_PATTERN_REPEAT = 10_000  # product of a pattern's counted repetitions (nesting multiplies them)
+_BOUND_KEYS = frozenset({"minItems", "maxItems", "minLength", "maxLength", "minProperties", "maxProperties",
+                         "minContains", "maxContains"})
+_QUANTIFIER = re.compile(r"(?<!\\)\{\s*(\d+)\s*(?:,\s*(\d*)\s*)?\}")
+# llama-cpp-python 0.3.36's converter lets a JSON string hold raw control characters, which JSON
+# forbids (json.loads refuses the answer); llama.cpp's own converter (common/json-schema-to-grammar.cpp)
+# excludes U+0000-U+001F and DEL. Its character class replaces the loose one.
+_LOOSE_CHAR = re.compile(r'^char ::= \[\^"\\\\\] \|', re.MULTILINE)
+_JSON_CHAR = r'char ::= [^"\\\x7F\x00-\x1F] |'
+
+
+def _schema_bound_problem(schema: Any) -> str | None:
+    """Why ``schema`` would make the grammar converter blow up, or None."""
+    stack = [schema]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, list):
+            stack.extend(node)
+        if not isinstance(node, dict):
+            continue
+        for key, value in node.items():
+            if key in _BOUND_KEYS and isinstance(value, int) and not isinstance(value, bool) \
+                    and value > MAX_SCHEMA_REPEAT:
+                return f"{key} {value} is over {MAX_SCHEMA_REPEAT}"
+            if key == "pattern" and isinstance(value, str):
+                product = 1
+                for low, high in _QUANTIFIER.findall(value):
+                    # int() refuses 4300+ digits; anything over 6 is over the limit anyway
+                    product *= max(1, *(10 ** 7 if len(n) > 6 else int(n or 0) for n in (low, high)))
+                    if product > MAX_PATTERN_REPEAT:
+                        return f"pattern {value[:60]!r} repeats more than {MAX_PATTERN_REPEAT} times"
+            stack.append(value)
+    return None
+
+
+@lru_cache(maxsize=64)
+def _grammar_text(schema_json: str) -> str:
+    """GBNF for a JSON Schema given as JSON text (cached: a task's schema is compiled once)."""
+    from llama_cpp.llama_grammar import json_schema_to_gbnf
+
+    return _LOOSE_CHAR.sub(lambda _: _JSON_CHAR, json_schema_to_gbnf(schema_json))
+
+
+def json_grammar(schema: Any) -> str:
+    """llama.cpp grammar text for ``schema``; UsageError naming why it cannot be one."""
+    problem = _schema_bound_problem(schema)
+    if problem is not None:
+        raise UsageError(f"the JSON schema is too large to decode under: {problem}",
+                         hint=f"keep length and item bounds at most {MAX_SCHEMA_REPEAT}")
+    try:
+        # Property order is generation order, so the JSON text keeps the schema's own order.
+        return _grammar_text(json.dumps(schema, ensure_ascii=False))
+    except Exception as exc:  # noqa: BLE001 - the converter raises what it likes on a schema it cannot read
+        raise UsageError(f"the JSON schema cannot be turned into a llama.cpp grammar: "
+                         f"{type(exc).__name__}: {str(exc)[:200]}",
+                         hint="inline $refs and use the keywords llama.cpp's json-schema-to-grammar supports") from None
+
+
 # --- what the format registry (edgepack.formats, ``gguf``) reads from a GGUF header ------------
 def trained_context(path: Path) -> int | None:
     """``<arch>.context_length``: the context the model was trained for, if the header says."""
@@ -94,6 +170,8 @@ def check_templates(path: Path, *, strict: bool = True) -> None:
 @register_backend("gguf")
 class LlamaCppBackend(Backend):
     """A GGUF model loaded in llama.cpp."""
+
+    constrains_json = True
 
     def __init__(self, llm: Any, header: GGUFInfo, gpu_layers: int) -> None:
         import llama_cpp
@@ -199,47 +277,89 @@ class LlamaCppBackend(Backend):
     def token_bytes(self, token: int) -> bytes:
         return self._piece(token, special=False)
 
-    def generate(self, tokens: Sequence[int], *, max_tokens: int, temperature: float = 0.0,
-                 seed: int | None = None, stop_at_eos: bool = True) -> Iterator[int]:
-        tokens = list(tokens)
-        if not tokens:
-            raise UsageError("cannot generate from an empty prompt")
-        if temperature < 0:
-            raise UsageError(f"temperature must be >= 0, got {temperature}")
-        room = self.n_ctx - len(tokens)
-        if room <= 0:
-            raise UsageError(f"the prompt has {len(tokens)} tokens; the context holds {self.n_ctx}",
-                             hint="shorten the prompt or load the model with a larger context")
-        return self._generate(tokens, min(max_tokens, room), temperature, seed, stop_at_eos)
+    def check_json_schema(self, schema: Any) -> None:
+        super().check_json_schema(schema)
+        self._free(self._grammar_sampler(json_grammar(schema)))
 
-    def _generate(self, tokens: list[int], max_tokens: int, temperature: float,
-                  seed: int | None, stop_at_eos: bool) -> Iterator[int]:
-        llm = self._llm
-        # A fresh state each call: llama-cpp-python would otherwise reuse a cached prompt,
-        # which both changes results and makes time-to-first-token meaningless.
-        llm.reset()
-        if seed is not None:
-            llm.set_seed(seed)
-        if max_tokens <= 0:
-            return
-        produced = 0
-        sampling = dict(top_k=40, top_p=0.95, min_p=0.05) if temperature > 0 else {}
+    def _grammar_sampler(self, grammar: str) -> Any:
         _install_log_hook()
         _LOG_LINES.clear()
-        stream = llm.generate(tokens, temp=temperature, repeat_penalty=1.0, reset=True, **sampling)
-        while True:
-            try:
-                tok = next(stream)
-            except StopIteration:
-                return
-            except RuntimeError as exc:  # llama_decode failed (out of memory, bad state)
-                raise RuntimeFailure(f"llama.cpp failed while generating: {_log_detail(str(exc))}") from exc
-            if stop_at_eos and tok in self._stop:
-                return
-            yield int(tok)
-            produced += 1
-            if produced >= max_tokens:
-                return
+        sampler = self._lib.llama_sampler_init_grammar(self._vocab, grammar.encode("utf-8"), b"root")
+        if not sampler:
+            raise UsageError(f"llama.cpp refused the grammar made from the JSON schema: "
+                             f"{_log_detail('the grammar does not parse')}")
+        return sampler
+
+    def _free(self, sampler: Any) -> None:
+        self._lib.llama_sampler_free(sampler)
+
+    def _sampler_chain(self, prompt: list[int], temperature: float, seed: int | None,
+                       repeat_penalty: float, grammar: str | None) -> Any:
+        """llama-cpp-python's chain (``Llama._init_sampler``), the prompt already in the penalty window."""
+        lib = self._lib
+        chain = lib.llama_sampler_chain_init(lib.llama_sampler_chain_default_params())
+        try:
+            penalties = lib.llama_sampler_init_penalties(self._n_vocab, PENALTY_LAST_N, repeat_penalty, 0.0, 0.0)
+            for token in prompt[-PENALTY_LAST_N:]:  # llama-server's init_sampler; never into the grammar
+                lib.llama_sampler_accept(penalties, token)
+            parts = [penalties]
+            if grammar is not None:
+                parts.append(self._grammar_sampler(grammar))
+            if temperature == 0:
+                parts.append(lib.llama_sampler_init_greedy())
+            else:
+                parts += [lib.llama_sampler_init_top_k(40), lib.llama_sampler_init_typical(1.0, 1),
+                          lib.llama_sampler_init_top_p(0.95, 1), lib.llama_sampler_init_min_p(0.05, 1),
+                          lib.llama_sampler_init_temp(temperature),
+                          lib.llama_sampler_init_dist(lib.LLAMA_DEFAULT_SEED if seed is None else seed)]
+            for part in parts:
+                lib.llama_sampler_chain_add(chain, part)  # the chain owns (and frees) each part
+        except BaseException:
+            self._free(chain)
+            raise
+        return chain
+
+    def generate(self, tokens: Sequence[int], *, max_tokens: int, temperature: float = 0.0,
+                 seed: int | None = None, stop_at_eos: bool = True, repeat_penalty: float = 1.0,
+                 json_schema: dict[str, Any] | None = None) -> Iterator[int]:
+        tokens = list(tokens)
+        budget = self.room_for(tokens, max_tokens=max_tokens, temperature=temperature, repeat_penalty=repeat_penalty)
+        grammar = None
+        if json_schema is not None:
+            self.check_json_schema(json_schema)  # every refusal happens here, not at the first token
+            grammar = json_grammar(json_schema)
+        return self._generate(tokens, budget, stop_at_eos,
+                              lambda: self._sampler_chain(tokens, temperature, seed, repeat_penalty, grammar))
+
+    def _generate(self, tokens: list[int], max_tokens: int, stop_at_eos: bool,
+                  make_chain: Callable[[], Any]) -> Iterator[int]:
+        if max_tokens <= 0:
+            return
+        llm, lib = self._llm, self._lib
+        chain = make_chain()  # made on the first next(): a generator never started never frees it
+        try:
+            # A fresh state each call: llama-cpp-python would otherwise reuse a cached prompt,
+            # which both changes results and makes time-to-first-token meaningless.
+            llm.reset()
+            _install_log_hook()
+            _LOG_LINES.clear()
+            step = tokens
+            for produced in range(1, max_tokens + 1):
+                try:
+                    llm.eval(step)
+                except RuntimeError as exc:  # llama_decode failed (out of memory, bad state)
+                    raise RuntimeFailure(f"llama.cpp failed while generating: {_log_detail(str(exc))}") from exc
+                # -1: the logits of the last position just decoded; sampling accepts the token
+                # into the chain (the penalty window, the grammar's state).
+                tok = int(lib.llama_sampler_sample(chain, llm.ctx, -1))
+                if stop_at_eos and tok in self._stop:
+                    return
+                yield tok
+                if produced >= max_tokens:
+                    return
+                step = [tok]
+        finally:
+            self._free(chain)
 
     def last_token_logprob(self, token: int) -> float | None:
         import numpy as np

@@ -13,21 +13,29 @@ Before onnxruntime sees a file, :func:`~edgepack.runtime.onnx_graph.inspect_onnx
 (absolute, ``..``, symlinks out); see :mod:`edgepack.runtime.onnx_graph`.
 
 Generation keeps the ``present`` outputs as ``OrtValue`` s and feeds them back as the next
-``past`` inputs (no numpy round trip). Sampling at temperature > 0 mirrors the llama.cpp
+``past`` inputs (no numpy round trip). The repeat penalty is llama.cpp's, applied to the
+logits here (:func:`repeat_penalized`, over the same window of prompt and answer tokens), so
+both backends pick the same tokens. Sampling at temperature > 0 mirrors the llama.cpp
 backend's chain: top-k 40, top-p 0.95, min-p 0.05 on the untempered distribution, then
-temperature. CPU runs on ``CPUExecutionProvider`` with ``intra_op_num_threads = threads``;
+temperature.
+
+Structured output: onnxruntime has no grammar-constrained decoding, so ``json_schema`` is
+ignored (``constrains_json = False``) and callers say the answer is unconstrained; the schema
+is still checked (:meth:`~edgepack.runtime.backends.base.Backend.check_json_schema`) so a bad
+one is refused on every backend alike. CPU runs on ``CPUExecutionProvider`` with ``intra_op_num_threads = threads``;
 ``gpu_layers != 0`` adds ``CUDAExecutionProvider`` when onnxruntime reports it.
 """
 
 from __future__ import annotations
 
 import json
+from collections import deque
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 from edgepack.errors import InvalidModelFile, RuntimeFailure, UnsupportedArchitecture, UsageError
-from edgepack.runtime.backends.base import Backend, register_backend
+from edgepack.runtime.backends.base import PENALTY_LAST_N, Backend, register_backend
 from edgepack.runtime.chat.template import read_chat_template
 from edgepack.runtime.onnx_graph import MODEL_FILE, OnnxGraphInfo, inspect_onnx, model_file
 
@@ -97,6 +105,25 @@ def token_bytes_table(tokenizer_json: dict[str, Any], vocab: dict[int, str],
     return out
 
 
+def repeat_penalized(logits: Any, window: Sequence[int], penalty: float) -> Any:
+    """``logits`` after llama.cpp's repeat penalty for the tokens in ``window``.
+
+    llama.cpp (``llama_sampler_penalties_apply``): each token id present in the window, however
+    often, has a positive logit divided by ``penalty`` and a negative (or zero) one multiplied
+    by it, in float32. Dividing alone, as the CTRL paper states it, would make a negative logit
+    *more* likely; the multiply is llama.cpp's fix. ``penalty`` 1.0 returns ``logits`` as given.
+    """
+    import numpy as np
+
+    if penalty == 1.0 or not window:
+        return logits
+    out = np.array(logits, dtype=np.float32)  # a copy: the caller's logits stay as computed
+    ids = np.fromiter({t for t in window if 0 <= t < out.size}, dtype=np.int64)
+    seen = out[ids]
+    out[ids] = np.where(seen <= 0, seen * np.float32(penalty), seen / np.float32(penalty))
+    return out
+
+
 def _read_json(path: Path) -> dict[str, Any]:
     if not path.is_file():
         return {}
@@ -141,6 +168,8 @@ def check_templates(path: Path, *, strict: bool = True) -> None:
 @register_backend("onnx")
 class OnnxRuntimeBackend(Backend):
     """An exported ONNX folder in onnxruntime."""
+
+    constrains_json = False  # onnxruntime offers no constrained decoding: see the module docstring
 
     def __init__(self, session: Any, folder: Path, graph: OnnxGraphInfo, n_ctx: int, threads: int) -> None:
         import numpy as np
@@ -268,17 +297,14 @@ class OnnxRuntimeBackend(Backend):
         return self._bytes[token] if 0 <= token < len(self._bytes) else b""
 
     def generate(self, tokens: Sequence[int], *, max_tokens: int, temperature: float = 0.0,
-                 seed: int | None = None, stop_at_eos: bool = True) -> Iterator[int]:
+                 seed: int | None = None, stop_at_eos: bool = True, repeat_penalty: float = 1.0,
+                 json_schema: dict[str, Any] | None = None) -> Iterator[int]:
+        """See :meth:`Backend.generate`; ``json_schema`` is checked, then ignored (unconstrained)."""
         tokens = [int(t) for t in tokens]
-        if not tokens:
-            raise UsageError("cannot generate from an empty prompt")
-        if temperature < 0:
-            raise UsageError(f"temperature must be >= 0, got {temperature}")
-        room = self._n_ctx - len(tokens)
-        if room <= 0:
-            raise UsageError(f"the prompt has {len(tokens)} tokens; the context holds {self._n_ctx}",
-                             hint="shorten the prompt or load the model with a larger context")
-        return self._generate(tokens, min(max_tokens, room), temperature, seed, stop_at_eos)
+        budget = self.room_for(tokens, max_tokens=max_tokens, temperature=temperature, repeat_penalty=repeat_penalty)
+        if json_schema is not None:
+            self.check_json_schema(json_schema)
+        return self._generate(tokens, budget, temperature, seed, stop_at_eos, repeat_penalty)
 
     def _empty_past(self) -> dict[str, Any]:
         np = self._np
@@ -308,13 +334,14 @@ class OnnxRuntimeBackend(Backend):
         return int(top[rng.choice(keep, p=q / q.sum())])
 
     def _generate(self, tokens: list[int], max_tokens: int, temperature: float,
-                  seed: int | None, stop_at_eos: bool) -> Iterator[int]:
+                  seed: int | None, stop_at_eos: bool, repeat_penalty: float) -> Iterator[int]:
         np = self._np
         from onnxruntime import OrtValue
 
         if max_tokens <= 0:
             return
         rng = np.random.default_rng(seed)
+        window = deque(tokens[-PENALTY_LAST_N:], maxlen=PENALTY_LAST_N)  # as llama-server fills it
         feeds: dict[str, Any] = {k: OrtValue.ortvalue_from_numpy(v) for k, v in self._empty_past().items()}
         step = np.array([tokens], dtype=np.int64)
         done = 0  # positions already in the cache
@@ -333,7 +360,8 @@ class OnnxRuntimeBackend(Backend):
             for past, present in zip(self._pasts, out[1:]):
                 feeds[past] = present
             done += n
-            tok = self._pick(logits, temperature, rng)
+            tok = self._pick(repeat_penalized(logits, window, repeat_penalty), temperature, rng)
+            window.append(tok)
             if stop_at_eos and tok in self._stop:
                 return
             yield tok
