@@ -118,7 +118,7 @@ class ModelSession:
         """
         return apply_task(self._task, messages, system=system, max_tokens=max_tokens, temperature=temperature,
                           repeat_penalty=repeat_penalty, default_max_tokens=default_max_tokens,
-                          constrains_json=bool(getattr(self.backend, "constrains_json", False)))
+                          constrains_json=self.backend.constrains_json)
 
     def answer(self, messages: Sequence[dict[str, Any]], decoding: Decoding,
                json_schema: dict[str, Any] | None = None, seed: int | None = None) -> Iterator[str]:
@@ -418,7 +418,7 @@ def open_model(path: Path, *, threads: int | None = None, n_ctx: int | None = No
     chosen = None if no_task else _session_task(path, manifest, task, note)
     backend = get_backend(fmt.name).load(model_path, threads=threads_used, n_ctx=ctx, gpu_layers=gpu_layers)
     try:
-        if chosen is not None and chosen.kind == "json" and not getattr(backend, "constrains_json", False):
+        if chosen is not None and chosen.kind == "json" and not backend.constrains_json:
             note(f"the {backend.format} backend cannot constrain decoding to the task's JSON schema: "
                  "answers are unconstrained (the gate judged them the same way)")
         yield ModelSession(backend, source=path, manifest=manifest, memory_estimate=estimate, notes=notes,

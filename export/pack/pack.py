@@ -15,10 +15,13 @@ written bundle are checked against the gated sha256 before the bundle gets its f
 One pack per run at a time (:mod:`edgepack.locks`).
 
 What goes in, besides the model file: ``manifest.json`` with every file's sha256, the gate
-report, the run's lineage (run.toml, teacher source, student shape, data and train reports,
-export entry, tool versions), the chat template, the tokenizer files when the run has them,
-a model card ``README.md`` with HF-style YAML front matter, and for GGUF an Ollama
-``Modelfile``. An ONNX folder goes in whole under its own name (model.onnx, external data,
+report, the run's task (``RUN/task.json``, or the demo contract for a run without one, said so
+in the bundle's notes) and the scores the gate measured under it (:func:`gated_task_scores`,
+``task_scores``), the run's lineage (run.toml, teacher source, student shape, data and train
+reports, export entry, tool versions), the chat template, the tokenizer files when the run has
+them, a model card ``README.md`` with HF-style YAML front matter and the task
+(:mod:`edgepack.export.pack.card`), and for GGUF an Ollama ``Modelfile`` whose SYSTEM and
+PARAMETERs are the task's (:mod:`edgepack.export.pack.modelfile`). An ONNX folder goes in whole under its own name (model.onnx, external data,
 config and tokenizer files). Per-format contents come from the format's ``payload`` part
 (:mod:`edgepack.formats`; :func:`gguf_payload`, :func:`onnx_payload` for the built-ins), so a
 third-party format packs the same way. With ``sign_key`` the bundle also carries ``manifest.sig``, an Ed25519
@@ -27,7 +30,6 @@ signature over the manifest (:mod:`edgepack.runtime.bundle.signing`).
 
 from __future__ import annotations
 
-import json
 import re
 import tomllib
 from collections.abc import Callable
@@ -40,17 +42,19 @@ from edgepack.atomic import atomic_path, clean_stale
 from edgepack.constants import (ARTIFACTS_DIR, BUNDLE_SUFFIX, BUNDLES_DIR, DATA_DIR, DATA_REPORT,
                                 EXPORT_REPORT, FAIL, GATE_DIR, M_CHAT_TEMPLATE, M_ENTRYPOINT, M_FILES,
                                 M_FORMAT, M_GATE, M_GATE_STATUS, M_LINEAGE, M_MODEL, M_PACK, M_PROFILE,
-                                M_QUANT, M_RUNTIME, M_SCHEMA, MANIFEST_SCHEMA_VERSION, PASS, RUN_TOML,
-                                STUDENT_DIR, STUDENT_INFO, TEACHER_DIR, TEACHER_SOURCE, TRAIN_REPORT,
-                                UNVERIFIED)
+                                M_QUANT, M_RUNTIME, M_SCHEMA, M_TASK, M_TASK_SCORES, MANIFEST_SCHEMA_VERSION,
+                                PASS, RUN_TOML, STUDENT_DIR, STUDENT_INFO, TEACHER_DIR, TEACHER_SOURCE,
+                                TRAIN_REPORT, UNVERIFIED)
 from edgepack.errors import GateFailed, RunDirError, UsageError
 from edgepack.formats import all_formats, format_of, get_format
-from edgepack.export.pack.trust import (artifact_path, check_bundle_binding, check_verdict, list_run_folder,
-                                   profile_problem, read_run_file, read_run_json)
+from edgepack.export.pack.card import model_card
+from edgepack.export.pack.trust import (RUN_TASK_SOURCE, artifact_path, check_bundle_binding, check_verdict,
+                                        list_run_folder, profile_problem, read_run_file, read_run_json, read_run_task)
 from edgepack.locks import stage_lock
 from edgepack.profiles import Profile
 from edgepack.provenance import tool_versions
 from edgepack.runtime.bundle.archive import BundleFile, write_bundle
+from edgepack.task import Task
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "generation_config.json")
@@ -156,6 +160,40 @@ def choose_report(reports: list[dict[str, Any]], profile: Profile, artifact: Pat
                           "when the gate could not run on the target device")
 
 
+def gated_task_scores(report: dict[str, Any], task: Task) -> tuple[dict[str, Any] | None, str | None]:
+    """(``task_scores`` for the manifest from the report's quality block, or None and why).
+
+    Scores count only when the gate measured them under this very task (its sha256 in the
+    quality block); a report gated without a holdout, one whose holdout pass failed, one from
+    before the task contract and one scored under another task give none, said so.
+    """
+    from edgepack.runtime.bundle.manifest import TASK_SCORES_SCHEMA, manifest_problems
+
+    quality = (report.get("measurements") or {}).get("quality")
+    gated = quality.get("task") if isinstance(quality, dict) else None
+    sha = gated.get("sha256") if isinstance(gated, dict) else None
+    if not isinstance(quality, dict):
+        return None, "no task scores: the artifact was gated without a holdout"
+    if quality.get("error"):
+        return None, f"no task scores: the gate could not answer the holdout ({str(quality['error'])[:120]})"
+    if sha is None:
+        return None, "no task scores: the gate report predates the task contract (its quality block names no task)"
+    if sha != task.sha256():
+        return None, (f"no task scores: the gate scored the holdout under another task (sha256 {str(sha)[:12]}…) "
+                      f"than the run's ({task.sha256()[:12]}…); re-run the gate to carry scores")
+    scores = {"primary_metric": task.primary_metric, "primary": quality.get("primary"),
+              "teacher_primary": quality.get("teacher_primary"), "relative": quality.get("relative"),
+              "scores": quality.get("scores"), "rows": quality.get("rows"), "answered": quality.get("answered"),
+              "decoding": task.decoding.to_json(), "decoding_line": quality.get("decoding"),
+              "structured_output": quality.get("structured_output"), "holdout": quality.get("holdout"),
+              "task_sha256": sha}
+    problems = manifest_problems(scores, TASK_SCORES_SCHEMA)
+    if problems:
+        raise RunDirError(f"{report['_report_path']}: its quality block cannot be carried as task scores: "
+                          + "; ".join(problems[:4]), hint="re-run the gate")
+    return scores, None
+
+
 def _locate_artifact(run_dir: Path, report: dict[str, Any], asked: Path | None) -> tuple[Path, str]:
     """(``RUN/artifacts/<name>``, the sha256 the gate recorded for it), after checking that the
     file (or ONNX folder) is reached through no link, is the one asked for, and is byte for byte
@@ -181,41 +219,28 @@ def _locate_artifact(run_dir: Path, report: dict[str, Any], asked: Path | None) 
 Payload = dict[str, Any]
 
 
-def gguf_payload(model: Path, model_name: str, profile: Profile) -> Payload:
-    """A GGUF file, its Ollama ``Modelfile`` and chat template; llama.cpp's runtime facts."""
-    from edgepack.runtime.chat.template import to_ollama_template
+def gguf_payload(model: Path, model_name: str, profile: Profile, task: Task, task_source: str) -> Payload:
+    """A GGUF file, its Ollama ``Modelfile`` (the task's system prompt and decoding) and chat
+    template; llama.cpp's runtime facts."""
+    from edgepack.export.pack.modelfile import write_modelfile
     from edgepack.gguf_header import read_gguf, stop_token_ids, token_texts
+    from edgepack.runtime.chat.check import check_gguf_templates
+    from edgepack.runtime.chat.template import to_ollama_template
     from edgepack.runtime.memory import estimate_gguf_memory
 
     header = read_gguf(model, keep_arrays=("tokenizer.ggml.tokens",))
-    from edgepack.runtime.chat.check import check_gguf_templates
-
     check_gguf_templates(header, strict=True)  # a template bomb never ships (llama.cpp compiles it on load)
     stops = token_texts(header, stop_token_ids(header))
     bos_id = header.metadata.get("tokenizer.ggml.bos_token_id")
     specials = {"bos_token": token_texts(header, [bos_id]).get(bos_id, "") if isinstance(bos_id, int) else "",
                 "eos_token": stops.get(header.metadata.get("tokenizer.ggml.eos_token_id"), "")}
     template = header.chat_template
-    notes: list[str] = []
-    lines = [f"# Ollama Modelfile written by edgepack {__version__}.",
-             f"# Build: ollama create {model_name} -f Modelfile", f"FROM ./{model.name}"]
     derived = to_ollama_template(template, **specials) if template else None
-    if derived is not None:
-        go, system = derived
-        lines.append(f'TEMPLATE """{go}"""')
-        if system:
-            lines.append(f'SYSTEM """{system}"""')
-    else:
-        why = "the model has no chat template" if not template else \
-            "the chat template cannot be expressed as an Ollama TEMPLATE exactly"
-        lines.append(f"# TEMPLATE omitted: {why}; Ollama will use its default.")
-        notes.append(f"Modelfile: TEMPLATE omitted ({why})")
-    for tid, text in stops.items():
-        if '"' in text or "\n" in text:
-            notes.append(f"Modelfile: stop token {tid} {text!r} cannot be quoted; omitted")
-            continue
-        lines.append(f'PARAMETER stop "{text}"')
-    lines += [f"PARAMETER num_ctx {profile.context_length}", "PARAMETER temperature 0"]
+    missing = None if derived is not None else ("the model has no chat template" if not template else
+                                                "the chat template cannot be expressed as an Ollama TEMPLATE exactly")
+    modelfile, notes = write_modelfile(model_file=model.name, model_name=model_name, template=derived,
+                                       template_missing=missing, stop_tokens=stops, task=task,
+                                       task_source=task_source, num_ctx=profile.context_length)
     import importlib.metadata as md
 
     runtime = {
@@ -225,7 +250,7 @@ def gguf_payload(model: Path, model_name: str, profile: Profile) -> Payload:
         "stop_tokens": [{"id": i, "text": t} for i, t in stops.items()], "special_tokens": specials,
         "memory_estimate": estimate_gguf_memory(header, profile.context_length),
     }
-    files = [BundleFile(model.name, model), BundleFile("Modelfile", ("\n".join(lines) + "\n").encode())]
+    files = [BundleFile(model.name, model), BundleFile("Modelfile", modelfile.encode("utf-8"))]
     if template:
         files.append(BundleFile("chat_template.jinja", template.encode("utf-8")))
     return {"files": files, "entrypoint": model.name, "chat_template": template, "runtime": runtime,
@@ -251,8 +276,9 @@ def onnx_folder_files(folder: Path) -> list[BundleFile]:
     return files
 
 
-def onnx_payload(model: Path, model_name: str, profile: Profile) -> Payload:
-    """An ONNX folder (model.onnx, external data, config and tokenizer files) under its own name.
+def onnx_payload(model: Path, model_name: str, profile: Profile, task: Task, task_source: str) -> Payload:
+    """An ONNX folder (model.onnx, external data, config and tokenizer files) under its own name
+    (the task travels in the manifest only: there is no ONNX counterpart of a Modelfile).
 
     The entrypoint is ``<folder>/model.onnx``; the ONNX backend loads the folder around it.
     ``runtime.artifact_sha256`` is the gate's folder digest, which the manifest's file list
@@ -319,51 +345,6 @@ def read_lineage(run_dir: Path, artifact_name: str) -> dict[str, Any]:
     return lineage
 
 
-def _yaml_str(value: Any) -> str:
-    return json.dumps(str(value), ensure_ascii=False)  # a JSON string is a valid YAML scalar
-
-
-def model_card(manifest: dict[str, Any], *, license_name: str | None) -> str:
-    """README.md: HF-style YAML front matter, then what the bundle is and how it was judged."""
-    gate = manifest[M_GATE]
-    tags = ["edgepack", manifest[M_FORMAT], manifest[M_QUANT], manifest[M_PROFILE]["name"], "distillation"]
-    front = ["---"]
-    if license_name:
-        front.append(f"license: {_yaml_str(license_name)}")
-    front += [f"model_name: {_yaml_str(manifest[M_MODEL])}", "pipeline_tag: text-generation",
-              f"library_name: {_yaml_str(manifest[M_FORMAT])}",
-              "tags:", *[f"- {_yaml_str(t)}" for t in tags], "edgepack:",
-              f"  profile: {_yaml_str(manifest[M_PROFILE]['name'])}",
-              f"  gate_status: {_yaml_str(manifest[M_GATE_STATUS])}",
-              f"  quant: {_yaml_str(manifest[M_QUANT])}", "---", ""]
-    teacher = (manifest[M_LINEAGE].get("teacher") or {}).get("spec", "not recorded")
-    rows = [f"| {c['name']} | {c['measured']} | {c['budget']} | {c['unit']} | "
-            f"{ {True: 'yes', False: 'no'}.get(c['ok'], 'not measured') } |" for c in gate.get("checks", [])]
-    machine = gate.get("machine") if isinstance(gate.get("machine"), dict) else {}
-    body = [
-        f"# {manifest[M_MODEL]} for {manifest[M_PROFILE]['name']} ({manifest[M_FORMAT]} {manifest[M_QUANT]})", "",
-        f"Distilled from `{teacher}` by edgepack {__version__} and packed for the "
-        f"`{manifest[M_PROFILE]['name']}` profile: {manifest[M_PROFILE].get('description', '')}.", "",
-        f"## Gate: {manifest[M_GATE_STATUS]}", "",
-        f"Measured on {machine.get('system', '?')} {machine.get('machine', '?')}, {machine.get('cpu', '?')}, "
-        f"{machine.get('cpu_count', '?')} CPUs. Policy: {gate.get('policy', '')}", "",
-        "| check | measured | budget | unit | ok |", "|---|---|---|---|---|", *rows, "",
-        *[f"- {r}" for r in gate.get("reasons", [])], "",
-        "## Use", "", "```sh", f"edgepack verify {manifest['bundle_name']}",
-        f"edgepack run {manifest['bundle_name']} --prompt \"...\"", "```", "",
-        *([usage, ""] if (usage := get_format(manifest[M_FORMAT]).card_usage) else []),
-        *([f"Signed with Ed25519 key `{signed['key_id']}` (sha256 of the raw public key): "
-           f"`edgepack verify {manifest['bundle_name']} --key PUBLIC_KEY.pem` checks the signature.", ""]
-          if (signed := (manifest.get(M_PACK) or {}).get("signed_by")) else []),
-        "## Files", "", "Every file's size and sha256 are listed in `manifest.json`; "
-        "`edgepack verify` checks them all.", "",
-    ]
-    if not license_name:
-        body += ["## License", "", "No license was recorded for this model; it inherits the terms of "
-                 "its teacher and training data.", ""]
-    return "\n".join(front + body)
-
-
 # --- the command ------------------------------------------------------------------------------
 def _safe(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-.") or "model"
@@ -410,6 +391,8 @@ def _pack_locked(run_dir: Path, profile: Profile, artifact: Path | None, allow_u
                  signed_by: dict[str, str] | None) -> dict[str, Any]:
     """:func:`pack_run` while it holds the run's pack lock."""
     report = choose_report(load_gate_reports(run_dir), profile, artifact, allow_unverified)
+    task, task_source = read_run_task(run_dir)  # a broken task.json stops pack before anything is read
+    task_scores, scores_note = gated_task_scores(report, task)
     model_path, gated_sha = _locate_artifact(run_dir, report, artifact)
     fmt, quant, verdict = str(report["format"]), str(_choice(report)[1]), str(report["verdict"])
     if verdict == FAIL:  # unreachable through choose_report; kept as the invariant
@@ -422,10 +405,11 @@ def _pack_locked(run_dir: Path, profile: Profile, artifact: Path | None, allow_u
     lineage = read_lineage(run_dir, model_path.name)
     model_name = _safe(str((lineage.get("export") or {}).get("model") or
                            model_path.stem.removesuffix(f"-{quant}")))
-    payload = artifact_format.part("payload")(model_path, model_name, profile)
+    payload = artifact_format.part("payload")(model_path, model_name, profile, task, task_source)
     _check_payload(report, model_path, fmt, quant, payload)
     bundle_name = f"{model_name}-{_safe(profile.name)}-{fmt}-{_safe(quant)}{BUNDLE_SUFFIX}"
-    notes = list(payload["notes"])
+    notes = [*([] if task_source == RUN_TASK_SOURCE else [f"task: {task_source}"]),
+             *([scores_note] if scores_note else []), *payload["notes"]]
     if verdict == UNVERIFIED:
         notes.insert(0, "packaged with --allow-unverified: the gate could not confirm the budgets on the target "
                         "device (" + "; ".join(report.get("reasons", [])[:2]) + ")")
@@ -435,6 +419,7 @@ def _pack_locked(run_dir: Path, profile: Profile, artifact: Path | None, allow_u
         M_PROFILE: profile.describe(), M_ENTRYPOINT: payload["entrypoint"], M_FILES: [],
         M_GATE_STATUS: verdict, M_GATE: gate, M_LINEAGE: lineage, M_RUNTIME: payload["runtime"],
         M_CHAT_TEMPLATE: payload["chat_template"], "bundle_name": bundle_name,
+        M_TASK: task.to_json(), M_TASK_SCORES: task_scores,
         M_PACK: {"allow_unverified": allow_unverified, "packed_unverified": verdict == UNVERIFIED,
                  "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                  "edgepack": __version__, "notes": notes, "signed_by": signed_by},
@@ -445,7 +430,8 @@ def _pack_locked(run_dir: Path, profile: Profile, artifact: Path | None, allow_u
         if data is not None:
             files.append(BundleFile(f"tokenizer/{name}", data))
     license_name = (lineage.get("teacher") or {}).get("license")
-    files.append(BundleFile("README.md", model_card(manifest, license_name=license_name).encode("utf-8")))
+    card = model_card(manifest, license_name=license_name, task=task, task_source=task_source)
+    files.append(BundleFile("README.md", card.encode("utf-8")))
     out = run_dir / BUNDLES_DIR / bundle_name
     list_run_folder(run_dir, BUNDLES_DIR)  # a bundles/ that is a link would put the bundle outside the run
     clean_stale(run_dir / BUNDLES_DIR)  # what a killed pack left (only edgepack's temporary names)
@@ -455,4 +441,6 @@ def _pack_locked(run_dir: Path, profile: Profile, artifact: Path | None, allow_u
     return {"bundle": str(out), "verdict": verdict, "artifact": str(model_path), "format": fmt,
             "quant": quant, "profile": profile.name, "bytes": check.size, "sha256": check.sha256,
             "files": len(check.members), "notes": notes,
+            "task": {"kind": task.kind, "source": task_source, "primary_metric": task.primary_metric,
+                     "primary": task_scores["primary"] if task_scores else None},
             "signature": check.signature.describe() if check.signature else None}

@@ -17,6 +17,9 @@ the run as untrusted input (issue #20 defect 7):
   and the artifact's sha256 must equal the report's, before packing and again in the written
   bundle (:func:`check_bundle_binding`).
 
+- The task (``RUN/task.json``) is read the same way and checked by the task contract's own
+  reader (:func:`read_run_task`); a run without one gets the demo contract, and pack says so.
+
 What this cannot catch: a report forged consistently (made-up measurements that meet the
 budgets, with the right hashes) by someone who can write the run folder. Hashes bind a report
 to an artifact and a profile; only a signature could bind it to the machine that measured it.
@@ -35,11 +38,13 @@ from typing import Any
 from edgepack.constants import ARTIFACTS_DIR, FAIL, M_FILES, PASS, UNVERIFIED
 from edgepack.errors import RunDirError
 from edgepack.profiles import Profile
+from edgepack.task import DEMO_TASK, TASK_FILE, Task, task_from_json
 
 MAX_RUN_FILE_BYTES = 256 << 20  # a tokenizer.json is tens of MB at most; reports and lineage far less
 # A verdict may be no better than the one its measurements give again (PASS > UNVERIFIED > FAIL).
 _RANK = {FAIL: 0, UNVERIFIED: 1, PASS: 2}
 _ARTIFACT_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._+-]{0,254}")
+RUN_TASK_SOURCE = f"the run's {TASK_FILE}"
 _LINK_HINT = "replace the link with the file itself (pack reads only regular files inside the run)"
 
 
@@ -121,6 +126,15 @@ def read_run_json(run_dir: Path, rel: str) -> Any:
         return json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, ValueError, RecursionError) as exc:
         raise RunDirError(f"cannot read {Path(run_dir) / rel}: {exc}") from exc
+
+
+def read_run_task(run_dir: Path) -> tuple[Task, str]:
+    """The run's task and where it came from: ``RUN/task.json`` read through no link and checked
+    (RunDirError naming the file and every problem), else the demo contract."""
+    obj = read_run_json(run_dir, TASK_FILE)
+    if obj is None:
+        return DEMO_TASK, "the demo contract: the run has no task.json"
+    return task_from_json(obj, str(Path(run_dir) / TASK_FILE), RunDirError), RUN_TASK_SOURCE
 
 
 def list_run_folder(run_dir: Path, rel: str) -> list[str] | None:

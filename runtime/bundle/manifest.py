@@ -43,6 +43,9 @@ TASK_SCORES_SCHEMA: dict[str, Any] = {
         "rows": _COUNT,
         "answered": _COUNT,
         "decoding": TASK_JSON_SCHEMA["properties"]["decoding"],
+        "decoding_line": {"type": ["string", "null"], "maxLength": 500},
+        "structured_output": {"type": ["object", "null"]},
+        "holdout": {"type": ["string", "null"]},
         "task_sha256": {"type": "string", "pattern": "^[0-9a-f]{64}$"},
     },
 }
@@ -96,14 +99,15 @@ def _validator() -> Any:
     return validators.extend(Draft202012Validator, type_checker=checker)
 
 
-def manifest_problems(manifest: Any) -> list[str]:
-    """Every way ``manifest`` breaks :data:`MANIFEST_SCHEMA`, as ``key: what`` lines (empty when valid)."""
-    validator = _validator()(MANIFEST_SCHEMA)
+def manifest_problems(manifest: Any, schema: dict[str, Any] = MANIFEST_SCHEMA) -> list[str]:
+    """Every way ``manifest`` breaks :data:`MANIFEST_SCHEMA` (or ``schema``, for one part of it, such
+    as :data:`TASK_SCORES_SCHEMA`), as ``key: what`` lines (empty when valid)."""
+    validator = _validator()(schema)
     problems = []
     for error in sorted(validator.iter_errors(manifest), key=lambda e: list(map(str, e.absolute_path))):
         where = ".".join(str(p) for p in error.absolute_path) or "(top level)"
         problems.append(f"{where}: {error.message[:160]}")
-    task = manifest.get(M_TASK) if isinstance(manifest, dict) else None
+    task = manifest.get(M_TASK) if schema is MANIFEST_SCHEMA and isinstance(manifest, dict) else None
     if isinstance(task, dict):
         try:
             task_from_json(task, M_TASK, BundleError)

@@ -139,12 +139,24 @@ HOLDOUT_ROWS = [
 ]
 
 
-def make_run_dir(run: Path, student_src: Path, profiles: list[Path], *, quants: tuple[str, ...] = ("Q8_0",)) -> Path:
+def tiny_task() -> Any:
+    """The demo's contract with a one-line system prompt: the gate prepends it to every holdout
+    row, and the demo's own prompt (~450 tokens) does not fit the tiny profiles' 256-token context."""
+    from dataclasses import replace
+
+    from edgepack.task import DEMO_TASK
+
+    return replace(DEMO_TASK, system_prompt="Name the alarm's category.")
+
+
+def make_run_dir(run: Path, student_src: Path, profiles: list[Path], *, quants: tuple[str, ...] = ("Q8_0",),
+                 task: Any = None, write_task: bool = True) -> Path:
     """A real run directory from the tiny model: every stage's files as the stages write them,
     artifacts exported by edgepack's own exporter and gated for each profile by the real gate.
 
     Distillation itself is not run (the tiny random model stands in for a trained student);
-    its reports are small but have the shape the distill stage writes.
+    its reports are small but have the shape the distill stage writes. ``task``: the RUN/task.json
+    ``distill data`` would write (default :func:`tiny_task`; none with ``write_task=False``).
     """
     import json
     import shutil
@@ -172,6 +184,10 @@ def make_run_dir(run: Path, student_src: Path, profiles: list[Path], *, quants: 
     (run / "data" / "holdout.jsonl").write_text("".join(json.dumps(r) + "\n" for r in HOLDOUT_ROWS))
     write_json(run / "data" / "report.json", {"kept": 2, "dropped": 0})
     (run / "data" / COMPLETE_MARKER).write_text("ok\n")
+    if write_task:
+        from edgepack.task import save_task
+
+        save_task(task or tiny_task(), run / "task.json")
     export = export_model(source=run, fmt="gguf", quants=list(quants), out_dir=None)
     for path in (run / "artifacts" / a["path"] for a in export["artifacts"]):
         for i, profile_path in enumerate(profiles):

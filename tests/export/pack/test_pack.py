@@ -14,8 +14,8 @@ from typing import Any
 import pytest
 
 from edgepack.constants import (FAIL, M_CHAT_TEMPLATE, M_ENTRYPOINT, M_FILES, M_FORMAT, M_GATE, M_GATE_STATUS,
-                                M_LINEAGE, M_MODEL, M_PACK, M_PROFILE, M_QUANT, M_RUNTIME, M_SCHEMA, PASS,
-                                UNVERIFIED)
+                                M_LINEAGE, M_MODEL, M_PACK, M_PROFILE, M_QUANT, M_RUNTIME, M_SCHEMA, M_TASK,
+                                M_TASK_SCORES, PASS, UNVERIFIED)
 from edgepack.errors import GateFailed, RunDirError, UsageError
 from edgepack.export.pack.pack import pack_run
 from edgepack.profiles import Profile, load_profile
@@ -319,3 +319,110 @@ def test_onnx_folder_with_a_symlink_is_refused(onnx_run: tuple[Path, Profile], t
     with pytest.raises(RunDirError, match="tokenizer.json is a symbolic link"):
         pack_run(run_dir=run, profile=onnx_run[1], artifact=None, allow_unverified=True)
     assert gate["model_sha256"]  # the digest alone would not have caught it
+
+
+# --- the task (issue #15) -------------------------------------------------------------------------
+
+def _extracted(bundle: Path, out: Path) -> Path:
+    from edgepack.runtime.bundle.archive import extract_bundle
+
+    extract_bundle(bundle, out)
+    return out
+
+
+def test_the_bundle_carries_the_task_and_its_gated_scores(run: Path, profiles: dict[str, Profile],
+                                                          cache: Path) -> None:
+    from edgepack.runtime.session import open_model
+    from tests.export.pack.ollama_modelfile import parse_modelfile
+    from tests.runtime.helpers import tiny_task
+
+    task = tiny_task()
+    result = pack_run(run_dir=run, profile=profiles["ok"], artifact=None, allow_unverified=False)
+    m = verify_bundle(Path(result["bundle"]))
+    quality = gate_report(run, "student-Q8_0.gguf.json")[1]["measurements"]["quality"]
+    assert m[M_TASK] == task.to_json() and quality["task"]["sha256"] == task.sha256()
+    scores = m[M_TASK_SCORES]
+    assert (scores["primary_metric"], scores["primary"], scores["rows"]) == ("accuracy", quality["primary"], 2)
+    assert scores["scores"] == quality["scores"] and scores["decoding"] == task.decoding.to_json()
+    assert result["task"] == {"kind": "labels", "source": "the run's task.json", "primary_metric": "accuracy",
+                              "primary": quality["primary"]}
+    assert not any(n.startswith(("task:", "no task scores")) for n in m[M_PACK]["notes"])
+
+    out = _extracted(Path(result["bundle"]), run / "x")
+    commands = parse_modelfile((out / "Modelfile").read_text())
+    assert [v for c, v in commands if c == "system"] == ["Name the alarm's category."]
+    params = {c: v for c, v in commands if c in ("temperature", "repeat_penalty", "num_predict")}
+    assert params == {"temperature": "0.0", "repeat_penalty": "1.0", "num_predict": "48"}
+    readme = (out / "README.md").read_text()
+    assert "## Task" in readme and "A `labels` task (the run's task.json); primary metric **accuracy**" in readme
+    assert "`electrical`" in readme and "Name the alarm's category." in readme
+    assert f"| accuracy (primary) | {quality['primary']:.3f} |" in readme
+    with open_model(Path(result["bundle"])) as session:
+        assert session.task == task
+
+
+def test_a_run_without_task_json_packs_the_demo_contract_and_says_so(run: Path,
+                                                                     profiles: dict[str, Profile]) -> None:
+    from edgepack.task import DEMO_TASK
+
+    (run / "task.json").unlink()  # the reports were gated under the run's (tiny) task, not the demo's
+    result = pack_run(run_dir=run, profile=profiles["ok"], artifact=None, allow_unverified=False)
+    m = verify_bundle(Path(result["bundle"]))
+    assert m[M_TASK] == DEMO_TASK.to_json() and m[M_TASK_SCORES] is None
+    notes = m[M_PACK]["notes"]
+    assert notes[0] == "task: the demo contract: the run has no task.json"
+    assert "gate scored the holdout under another task" in notes[1]
+    readme = (_extracted(Path(result["bundle"]), run / "x") / "README.md").read_text()
+    assert "No gated scores" in readme
+
+
+@pytest.mark.parametrize("content,problem", [
+    ("{", "not valid JSON|cannot read"),
+    (json.dumps({"schema_version": 1, "answer": {"kind": "labels", "labels": ["a", "A"]},
+                 "decoding": {"max_tokens": 8, "temperature": 0, "repeat_penalty": 1, "stop": []},
+                 "primary_metric": "accuracy"}), "duplicates"),
+])
+def test_a_broken_task_json_stops_pack(run: Path, profiles: dict[str, Profile], content: str, problem: str) -> None:
+    (run / "task.json").write_text(content)
+    with pytest.raises(RunDirError, match=problem) as info:
+        pack_run(run_dir=run, profile=profiles["ok"], artifact=None, allow_unverified=False)
+    assert "task.json" in str(info.value)
+    assert not (run / "bundles").exists() or not list((run / "bundles").iterdir())
+
+
+def test_a_linked_task_json_is_refused(run: Path, profiles: dict[str, Profile], tmp_path: Path) -> None:
+    elsewhere = tmp_path / "task.json"
+    elsewhere.write_bytes((run / "task.json").read_bytes())
+    (run / "task.json").unlink()
+    (run / "task.json").symlink_to(elsewhere)
+    with pytest.raises(RunDirError, match="task.json is a symbolic link"):
+        pack_run(run_dir=run, profile=profiles["ok"], artifact=None, allow_unverified=False)
+
+
+def _report(quality: Any) -> dict[str, Any]:
+    return {"_report_path": "RUN/gate/x.json", "measurements": {"ok": True, "quality": quality}}
+
+
+def test_gated_task_scores_only_for_the_task_that_was_gated() -> None:
+    from edgepack.export.pack.pack import gated_task_scores
+    from edgepack.task import DEMO_TASK
+
+    quality = {"task": {"sha256": DEMO_TASK.sha256()}, "primary": 0.5, "teacher_primary": 1.0, "relative": 0.5,
+               "scores": {"accuracy": 0.5, "scored_rows": 2}, "rows": 2, "answered": 2, "decoding": "greedy"}
+    scores, note = gated_task_scores(_report(quality), DEMO_TASK)
+    assert note is None and scores is not None
+    assert (scores["primary"], scores["relative"], scores["decoding"]) == (0.5, 0.5, DEMO_TASK.decoding.to_json())
+    for bad, why in [(None, "without a holdout"), ({"error": "timeout"}, "could not answer"),
+                     ({k: v for k, v in quality.items() if k != "task"}, "predates the task contract"),
+                     ({**quality, "task": {"sha256": "0" * 64}}, "another task")]:
+        scores, note = gated_task_scores(_report(bad), DEMO_TASK)
+        assert scores is None and note is not None and why in note
+
+
+def test_a_forged_quality_block_is_refused_naming_the_report() -> None:
+    from edgepack.export.pack.pack import gated_task_scores
+    from edgepack.task import DEMO_TASK
+
+    forged = {"task": {"sha256": DEMO_TASK.sha256()}, "primary": "0.9", "scores": {}, "rows": -1}
+    with pytest.raises(RunDirError, match=r"RUN/gate/x.json: .*task_scores|RUN/gate/x.json: .*primary"):
+        gated_task_scores(_report(forged), DEMO_TASK)
