@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -151,16 +152,58 @@ def evaluate_run(*, run_dir: Path, variants: tuple[str, ...] = (), progress: Pro
     ``variants`` adds students trained beside the main one (``distill train --variant NAME``,
     e.g. an SFT-only baseline with ``--loss sft``), each with its own gap closed.
     """
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     from edgepack.distill.batching import TeacherPrefix, tokenize_rows
+
+    run = _read_eval_inputs(Path(run_dir), variants)  # every refusal before any model is loaded
+    t0 = time.perf_counter()
+    models = _load_eval_models(run)
+    forced_rows = [r for r in run.rows if r.get("response")]
+    examples, too_long = tokenize_rows(models.tok, forced_rows, run.context, MAX_LENGTH)
+    prefix = TeacherPrefix(models.kl_teacher, examples) if examples and models.kl_teacher is not None else None
+    report = _report_head(run, models.kl_note, forced=len(examples), too_long=too_long)
+    entries: dict[str, dict[str, Any]] = {}
+    for name, model in models.students.items():
+        entries[name] = _student_entry(name, model, run, models, examples, prefix, report["teacher"], progress)
+    report.update(_comparison(entries, report["teacher"], variants))
+    report["seconds"] = round(time.perf_counter() - t0, 1)
+    write_json(run.run_dir / EVAL_REPORT, report)
+    return report
+
+
+@dataclass(frozen=True)
+class EvalInputs:
+    """What eval reads from the run folder, checked before any model is loaded."""
+
+    run_dir: Path
+    student_dir: Path
+    teacher_dir: Path | None  # None: an endpoint teacher (no local weights)
+    variant_dirs: dict[str, Path]
+    rows: list[dict[str, Any]]  # the holdout
+    data_report: dict[str, Any]
+    task: Task
+    task_source: str
+    context: list[dict[str, Any]]  # the teacher-only context turns
+    info: dict[str, Any]  # student.json
+
+
+@dataclass(frozen=True)
+class EvalModels:
+    """The loaded students (undistilled, distilled, variants), their tokenizer and the teacher for KL."""
+
+    tok: Any
+    pad_id: int
+    students: dict[str, Any]
+    kl_teacher: Any  # None when KL cannot be computed (``kl_note`` says why)
+    kl_note: str | None
+
+
+def _read_eval_inputs(run_dir: Path, variants: tuple[str, ...]) -> EvalInputs:
+    """The run's folders (each complete, else RunDirError naming the stage to run), holdout rows,
+    task, teacher context and student info."""
     from edgepack.distill.data import read_jsonl, teacher_dir_of
-    from edgepack.distill.modes import is_endpoint_run, read_data_report, tokenizer_mismatch
-    from edgepack.distill.student import prune_teacher
+    from edgepack.distill.modes import is_endpoint_run, read_data_report
     from edgepack.distill.train import student_dir_name
 
-    run_dir = Path(run_dir)
     data_dir, student_dir = run_dir / DATA_DIR, run_dir / STUDENT_DIR
     remote = is_complete(data_dir) and is_endpoint_run(read_data_report(run_dir))
     teacher_dir = None if remote else teacher_dir_of(run_dir) if is_complete(data_dir) else run_dir / TEACHER_DIR
@@ -175,59 +218,81 @@ def evaluate_run(*, run_dir: Path, variants: tuple[str, ...] = (), progress: Pro
                           hint="use a prompts file with enough rows for a holdout split (20%)")
     data_report = json.loads((data_dir / DATA_REPORT).read_text()) if (data_dir / DATA_REPORT).is_file() else {}
     task, task_source = run_task(run_dir)
-    _check_rows(task, rows, data_dir / HOLDOUT_FILE)  # before any model is loaded
+    _check_rows(task, rows, data_dir / HOLDOUT_FILE)
     context_path = data_dir / TEACHER_CONTEXT
     context = json.loads(context_path.read_text())["messages"] if context_path.is_file() else []
     info = json.loads((student_dir / STUDENT_INFO).read_text())
-    t0 = time.perf_counter()
+    return EvalInputs(run_dir=run_dir, student_dir=student_dir, teacher_dir=teacher_dir, variant_dirs=variant_dirs,
+                      rows=rows, data_report=data_report, task=task, task_source=task_source, context=context,
+                      info=info)
 
-    tok = AutoTokenizer.from_pretrained(student_dir)  # the student's own: the teacher's, unless it differs
+
+def _load_eval_models(run: EvalInputs) -> EvalModels:
+    """The teacher (local only), the undistilled student (the teacher's kept blocks rebuilt, or a
+    user student's original folder), the distilled student and the variants, in fp32."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from edgepack.distill.modes import tokenizer_mismatch
+    from edgepack.distill.student import prune_teacher
+
+    tok = AutoTokenizer.from_pretrained(run.student_dir)  # the student's own: the teacher's, unless it differs
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    teacher = None if teacher_dir is None else AutoModelForCausalLM.from_pretrained(teacher_dir, dtype=torch.float32).eval()
+    teacher = None if run.teacher_dir is None else \
+        AutoModelForCausalLM.from_pretrained(run.teacher_dir, dtype=torch.float32).eval()
+    info = run.info
     if info.get("source") == "auto" or info.get("kept_layers"):
         undistilled, _ = prune_teacher(teacher, tok, keep=info["kept_layers"], kept_channels=info.get("kept_channels"))
     else:
         undistilled = AutoModelForCausalLM.from_pretrained(info["source"], dtype=torch.float32)
     students = {"undistilled": undistilled,
-                "distilled": AutoModelForCausalLM.from_pretrained(student_dir, dtype=torch.float32),
+                "distilled": AutoModelForCausalLM.from_pretrained(run.student_dir, dtype=torch.float32),
                 **{f"variant {v}": AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32)
-                   for v, d in variant_dirs.items()}}
+                   for v, d in run.variant_dirs.items()}}
     # KL needs the teacher's logits on the student's vocabulary: a local teacher with the same tokenizer.
-    kl_note = ("the teacher is an endpoint (no local weights)" if teacher_dir is None else
-               tokenizer_mismatch(AutoTokenizer.from_pretrained(teacher_dir), tok))
-    kl_teacher = None if kl_note else teacher
+    kl_note = ("the teacher is an endpoint (no local weights)" if run.teacher_dir is None else
+               tokenizer_mismatch(AutoTokenizer.from_pretrained(run.teacher_dir), tok))
+    return EvalModels(tok=tok, pad_id=pad_id, students=students, kl_teacher=None if kl_note else teacher,
+                      kl_note=kl_note)
 
-    forced_rows = [r for r in rows if r.get("response")]
-    examples, too_long = tokenize_rows(tok, forced_rows, context, MAX_LENGTH)
-    prefix = TeacherPrefix(kl_teacher, examples) if examples and kl_teacher is not None else None
-    teacher_answers = [(r.get("response") or "").strip() for r in rows]
-    report: dict[str, Any] = {
-        "holdout_rows": len(rows),
-        "task": {"source": task_source, **task.describe()},
+
+def _report_head(run: EvalInputs, kl_note: str | None, *, forced: int, too_long: int) -> dict[str, Any]:
+    """The report's fields before any student is scored, the teacher's recorded answers scored."""
+    teacher_answers = [(r.get("response") or "").strip() for r in run.rows]
+    return {
+        "holdout_rows": len(run.rows),
+        "task": {"source": run.task_source, **run.task.describe()},
         "teacher": {"source": "data/holdout.jsonl (the teacher's recorded answers)",
-                    **answer_scores(task, teacher_answers, rows), "kl": None if kl_note else 0.0, "ce": None},
-        "teacher_context_turns": len(context),
-        "forced_rows": len(examples), "forced_rows_too_long": too_long,
-        "contamination": (data_report.get("contamination") or {}).get("status", "not checked"),
+                    **answer_scores(run.task, teacher_answers, run.rows), "kl": None if kl_note else 0.0, "ce": None},
+        "teacher_context_turns": len(run.context),
+        "forced_rows": forced, "forced_rows_too_long": too_long,
+        "contamination": (run.data_report.get("contamination") or {}).get("status", "not checked"),
         "kl_note": f"KL to the teacher not computed: {kl_note}" if kl_note else None,
     }
-    entries: dict[str, dict[str, Any]] = {}
-    for name, model in students.items():
-        model.eval()
-        answers = _generate_answers(model, tok, rows, progress, f"eval: {name} answers", task)
-        entry = answer_scores(task, answers, rows)
-        if examples:
-            scores = answer_divergence(kl_teacher, model, examples, prefix, pad_id)
-            report["teacher"]["ce"] = _round(scores.pop("teacher_ce"))
-            entry.update({k: _round(v) for k, v in scores.items()})
-        entry["params"] = sum(p.numel() for p in model.parameters())
-        entry["samples"] = [{"id": r["id"], "label": r.get("label"), "answer": a} for r, a in zip(rows[:5], answers)]
-        entries[name] = entry
-    before, target = entries["undistilled"], report["teacher"]
-    gaps = {name: {m: _gap_closed(before.get(m), e.get(m), target.get(m)) for m in GAP_METRICS}
+
+
+def _student_entry(name: str, model: Any, run: EvalInputs, models: EvalModels, examples: list[Any], prefix: Any,
+                   teacher: dict[str, Any], progress: ProgressFn) -> dict[str, Any]:
+    """One student's report entry: its generated answers scored, and teacher-forced KL/CE on
+    ``examples``; sets the teacher's own CE in ``teacher`` (the same for every student)."""
+    model.eval()
+    answers = _generate_answers(model, models.tok, run.rows, progress, f"eval: {name} answers", run.task)
+    entry = answer_scores(run.task, answers, run.rows)
+    if examples:
+        scores = answer_divergence(models.kl_teacher, model, examples, prefix, models.pad_id)
+        teacher["ce"] = _round(scores.pop("teacher_ce"))
+        entry.update({k: _round(v) for k, v in scores.items()})
+    entry["params"] = sum(p.numel() for p in model.parameters())
+    entry["samples"] = [{"id": r["id"], "label": r.get("label"), "answer": a} for r, a in zip(run.rows[:5], answers)]
+    return entry
+
+
+def _comparison(entries: dict[str, dict[str, Any]], teacher: dict[str, Any], variants: tuple[str, ...]
+                ) -> dict[str, Any]:
+    """The undistilled and distilled entries, the distilled student's gap closed, and each variant
+    with its own."""
+    before = entries["undistilled"]
+    gaps = {name: {m: _gap_closed(before.get(m), e.get(m), teacher.get(m)) for m in GAP_METRICS}
             for name, e in entries.items() if name != "undistilled"}
-    report.update(undistilled=entries["undistilled"], distilled=entries["distilled"], gap_closed=gaps["distilled"],
-                  variants={v: {**entries[f"variant {v}"], "gap_closed": gaps[f"variant {v}"]} for v in variants})
-    report["seconds"] = round(time.perf_counter() - t0, 1)
-    write_json(run_dir / EVAL_REPORT, report)
-    return report
+    return {"undistilled": before, "distilled": entries["distilled"], "gap_closed": gaps["distilled"],
+            "variants": {v: {**entries[f"variant {v}"], "gap_closed": gaps[f"variant {v}"]} for v in variants}}

@@ -33,6 +33,7 @@ import hashlib
 import json
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -233,8 +234,6 @@ def cache_soft_labels(run_dir: Path, *, k: int = DEFAULT_K, samples: int = 0, se
     the teacher per position. A rerun skips finished shards; a complete store with the same
     settings is returned as is (``skipped``).
     """
-    import torch
-
     run_dir = Path(run_dir)
     if k < 1:
         raise UsageError(f"k must be at least 1 (got {k})")
@@ -249,26 +248,70 @@ def cache_soft_labels(run_dir: Path, *, k: int = DEFAULT_K, samples: int = 0, se
                          shard_rows=shard_rows)
     out = run_dir / SOFTLABELS_DIR
     if is_complete(out):
-        index = _read_index(out)
-        if index.get("identity") != identity:
-            raise RunDirError(f"{out} holds soft labels cached with other settings",
-                              hint=f"delete {out} to cache again, or use the same k/samples/seed/max_length")
-        if all((out / s["file"]).is_file() and sha256_file(out / s["file"]) == s["sha256"] for s in index["shards"]):
-            return {**index, "skipped": True}
-        (out / COMPLETE_MARKER).unlink()  # a shard was deleted or damaged: recompute just that one
-    # Shard digests of an earlier pass (its index), so a damaged shard is recomputed, not trusted.
-    try:
-        known = {s["file"]: s["sha256"] for s in _read_index(out)["shards"]} if (out / SOFTLABELS_INDEX).is_file() \
-            else {}
-    except (RunDirError, KeyError, TypeError):
-        known = {}
+        whole = _whole_store(out, identity)
+        if whole is not None:
+            return whole
+    known = _known_digests(out)
+    import transformers  # noqa: F401  (before the clock: wall_s times the caching, not the import)
+    t_start = time.perf_counter()
+    rows, examples, too_long, teacher, pad_id = _load_teacher_inputs(run_dir, teacher_dir, k=k, max_length=max_length)
+    out.mkdir(parents=True, exist_ok=True)
+    clean_stale(out)
+    run = _CachePass(teacher=teacher, examples=examples, pad_id=pad_id, progress=progress,
+                     total_tokens=sum(e.answer_tokens for e in examples))
+    run.advance(0, 0)
+    shards: list[dict[str, Any]] = []
+    stats: list[dict[str, Any]] = []
+    for number, start in enumerate(range(0, len(examples), shard_rows)):
+        end = min(start + shard_rows, len(examples))
+        path = out / SHARD_NAME.format(number)
+        found = _existing_shard(path, identity, (start, end), known.get(path.name))
+        if found is None:
+            found = _compute_shard(run, path, identity, (start, end), micro_batch=micro_batch)
+        else:
+            run.advance(end - start, found["tokens"])
+        stats.append(found)
+        shards.append({"file": path.name, "rows": [start, end], "tokens": found["tokens"],
+                       "bytes": path.stat().st_size, "sha256": sha256_file(path)})
+    index = _index(identity, shards, stats, examples=len(examples), rows=len(rows), too_long=too_long,
+                   vocab=teacher.get_output_embeddings().weight.shape[0], computed=run.computed, timing=run.timing,
+                   wall_s=time.perf_counter() - t_start, computed_tokens=run.computed_tokens)
+    write_json(out / SOFTLABELS_INDEX, index)
+    write_text(out / COMPLETE_MARKER, "ok\n")  # last: the store is whole
+    return index
 
+
+def _whole_store(out: Path, identity: dict[str, Any]) -> dict[str, Any] | None:
+    """A complete store's index (``skipped``) if every shard is intact; None, with the marker
+    removed, if one was deleted or damaged (just that one is recomputed). Other settings: RunDirError."""
+    index = _read_index(out)
+    if index.get("identity") != identity:
+        raise RunDirError(f"{out} holds soft labels cached with other settings",
+                          hint=f"delete {out} to cache again, or use the same k/samples/seed/max_length")
+    if all((out / s["file"]).is_file() and sha256_file(out / s["file"]) == s["sha256"] for s in index["shards"]):
+        return {**index, "skipped": True}
+    (out / COMPLETE_MARKER).unlink()
+    return None
+
+
+def _known_digests(out: Path) -> dict[str, str]:
+    """Shard digests of an earlier pass (its index), so a damaged shard is recomputed, not trusted."""
+    try:
+        index = _read_index(out) if (out / SOFTLABELS_INDEX).is_file() else {"shards": []}
+        return {s["file"]: s["sha256"] for s in index["shards"]}
+    except (RunDirError, KeyError, TypeError):
+        return {}
+
+
+def _load_teacher_inputs(run_dir: Path, teacher_dir: Path, *, k: int, max_length: int
+                         ) -> tuple[list[dict[str, Any]], list[Any], int, Any, int]:
+    """(train rows, their Examples as training builds them, rows too long, the fp32 teacher, pad id)."""
+    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from edgepack.distill.batching import TeacherPrefix, tokenize_rows
+    from edgepack.distill.batching import tokenize_rows
     from edgepack.distill.data import read_jsonl
 
-    t_start = time.perf_counter()
     tok = AutoTokenizer.from_pretrained(teacher_dir)
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     data_dir = run_dir / DATA_DIR
@@ -283,65 +326,64 @@ def cache_soft_labels(run_dir: Path, *, k: int = DEFAULT_K, samples: int = 0, se
     vocab = teacher.get_output_embeddings().weight.shape[0]
     if k > vocab:
         raise UsageError(f"k={k} is larger than the teacher's vocabulary ({vocab} tokens)")
+    return rows, examples, too_long, teacher, pad_id
 
-    out.mkdir(parents=True, exist_ok=True)
-    clean_stale(out)
-    spans = [(s, min(s + shard_rows, len(examples))) for s in range(0, len(examples), shard_rows)]
-    total_tokens = sum(e.answer_tokens for e in examples)
-    shards: list[dict[str, Any]] = []
-    stats: list[dict[str, Any]] = []
-    timing: dict[str, Any] = {"forward_s": 0.0, "sparsify_s": 0.0, "write_s": 0.0, "teacher_input_tokens": 0,
-                              "teacher_prefix_tokens": None}
-    prefix = None
-    computed = computed_tokens = done_rows = done_tokens = 0
-    progress("soft labels: rows", 0, len(examples))
-    progress("soft labels: tokens", 0, total_tokens)
-    for number, (start, end) in enumerate(spans):
-        path = out / SHARD_NAME.format(number)
-        found = _existing_shard(path, identity, (start, end), known.get(path.name))
-        if found is None:
-            if prefix is None:
-                prefix = TeacherPrefix(teacher, examples)
-                timing["teacher_prefix_tokens"] = prefix.length
-            parts = []
-            for mb in range(start, end, micro_batch):
-                part = examples[mb:min(mb + micro_batch, end)]
-                t0 = time.perf_counter()
-                logits = prefix.logits(teacher, part, pad_id)
-                t1 = time.perf_counter()
-                # Sparsified per micro-batch: a shard's dense logits would be rows × V fp32.
-                parts.append(_sparsify(logits, list(range(mb, mb + len(part))), [e.answer_tokens for e in part],
-                                       k=k, samples=samples, seed=seed))
-                timing["forward_s"] += t1 - t0
-                timing["sparsify_s"] += time.perf_counter() - t1
-                timing["teacher_input_tokens"] += sum(len(e.teacher_ids) - prefix.length for e in part)
-                done_rows += len(part)
-                done_tokens += sum(e.answer_tokens for e in part)
-                progress("soft labels: rows", done_rows, len(examples))
-                progress("soft labels: tokens", done_tokens, total_tokens)
-            t0 = time.perf_counter()
-            tensors = _shard_tensors(parts, [e.answer_tokens for e in examples[start:end]],
-                                     [e.student_ids[e.student_prompt:] for e in examples[start:end]])
-            _write_shard(path, tensors, identity, (start, end))
-            timing["write_s"] += time.perf_counter() - t0
-            found = _shard_stats(tensors)
-            computed += 1
-            computed_tokens += found["tokens"]
-        else:
-            done_rows += end - start
-            done_tokens += found["tokens"]
-            progress("soft labels: rows", done_rows, len(examples))
-            progress("soft labels: tokens", done_tokens, total_tokens)
-        stats.append(found)
-        shards.append({"file": path.name, "rows": [start, end], "tokens": found["tokens"],
-                       "bytes": path.stat().st_size, "sha256": sha256_file(path)})
 
-    index = _index(identity, shards, stats, examples=len(examples), rows=len(rows), too_long=too_long,
-                   vocab=vocab, computed=computed, timing=timing, wall_s=time.perf_counter() - t_start,
-                   computed_tokens=computed_tokens)
-    write_json(out / SOFTLABELS_INDEX, index)
-    write_text(out / COMPLETE_MARKER, "ok\n")  # last: the store is whole
-    return index
+@dataclass
+class _CachePass:
+    """One pass's running state: the prefix cache (built for the first shard computed), timings, progress."""
+
+    teacher: Any
+    examples: list[Any]
+    pad_id: int
+    progress: ProgressFn
+    total_tokens: int
+    prefix: Any = None
+    done_rows: int = 0
+    done_tokens: int = 0
+    computed: int = 0
+    computed_tokens: int = 0
+    timing: dict[str, Any] = field(default_factory=lambda: {"forward_s": 0.0, "sparsify_s": 0.0, "write_s": 0.0,
+                                                            "teacher_input_tokens": 0, "teacher_prefix_tokens": None})
+
+    def advance(self, rows: int, tokens: int) -> None:
+        self.done_rows += rows
+        self.done_tokens += tokens
+        self.progress("soft labels: rows", self.done_rows, len(self.examples))
+        self.progress("soft labels: tokens", self.done_tokens, self.total_tokens)
+
+
+def _compute_shard(run: _CachePass, path: Path, identity: dict[str, Any], rows: tuple[int, int], *,
+                   micro_batch: int) -> dict[str, Any]:
+    """Run the teacher over examples ``rows``, write their shard and return its stats."""
+    from edgepack.distill.batching import TeacherPrefix
+
+    if run.prefix is None:
+        run.prefix = TeacherPrefix(run.teacher, run.examples)
+        run.timing["teacher_prefix_tokens"] = run.prefix.length
+    start, end = rows
+    parts = []
+    for mb in range(start, end, micro_batch):
+        part = run.examples[mb:min(mb + micro_batch, end)]
+        t0 = time.perf_counter()
+        logits = run.prefix.logits(run.teacher, part, run.pad_id)
+        t1 = time.perf_counter()
+        # Sparsified per micro-batch: a shard's dense logits would be rows × V fp32.
+        parts.append(_sparsify(logits, list(range(mb, mb + len(part))), [e.answer_tokens for e in part],
+                               k=identity["k"], samples=identity["samples"], seed=identity["seed"]))
+        run.timing["forward_s"] += t1 - t0
+        run.timing["sparsify_s"] += time.perf_counter() - t1
+        run.timing["teacher_input_tokens"] += sum(len(e.teacher_ids) - run.prefix.length for e in part)
+        run.advance(len(part), sum(e.answer_tokens for e in part))
+    t0 = time.perf_counter()
+    tensors = _shard_tensors(parts, [e.answer_tokens for e in run.examples[start:end]],
+                             [e.student_ids[e.student_prompt:] for e in run.examples[start:end]])
+    _write_shard(path, tensors, identity, rows)
+    run.timing["write_s"] += time.perf_counter() - t0
+    found = _shard_stats(tensors)
+    run.computed += 1
+    run.computed_tokens += found["tokens"]
+    return found
 
 
 def _write_shard(path: Path, tensors: dict[str, Any], identity: dict[str, Any], rows: tuple[int, int]) -> None:
