@@ -50,9 +50,9 @@ def gate_cmd(
     def human(r: dict[str, Any]) -> None:
         from rich.table import Table
 
-        t = Table("check", "measured", "budget", "ok", title=f"gate {r['artifact']} on {r['profile']}")
+        t = Table("check", "measured", "budget", "unit", "ok", title=f"gate {r['artifact']} on {r['profile']}")
         for c in r["checks"]:
-            t.add_row(c["name"], str(c["measured"]), str(c["budget"]),
+            t.add_row(c["name"], str(c["measured"]), str(c["budget"]), c.get("unit", ""),
                       {True: "[green]yes[/green]", False: "[red]no[/red]"}.get(c["ok"], "n/a"))
         out.print(t)
         spread = (r.get("spread") or {}).get("decode_tokens_per_s")
@@ -76,16 +76,26 @@ def gate_cmd(
 
 
 def _quality_summary(q: dict[str, Any] | None) -> list[str]:
-    """One or two plain lines on the holdout pass (accuracy, teacher agreement, KLD)."""
+    """A few plain lines on the holdout pass: the task's primary metric, the teacher's, relative
+    quality, agreement with the teacher (tasks whose answers name a label), JSON validity with
+    and without the grammar (json tasks), KLD."""
     if not isinstance(q, dict) or q.get("error"):
         return []  # no holdout, or its failure is already the verdict's reason
+    from edgepack.export.gate.report import structured_summary
 
     def num(v: Any, d: int = 3) -> str:
         return "n/a" if v is None else f"{v:.{d}f}"
 
-    lines = [f"holdout: accuracy {num(q.get('accuracy'))} ({q.get('labelled')} labelled rows), teacher "
-             f"{num(q.get('teacher_accuracy'))}, relative {num(q.get('relative'))}; agreement with the teacher "
-             f"{num(q.get('teacher_agreement'))} ({q.get('teacher_agreement_rows')} rows)"]
+    metric = q.get("primary_metric", "accuracy")
+    scored = (q.get("scores") or {}).get("scored_rows", q.get("labelled"))
+    line = (f"holdout: {metric} {num(q.get('primary', q.get('accuracy')))} ({scored} scored rows), teacher "
+            f"{num(q.get('teacher_primary', q.get('teacher_accuracy')))}, relative {num(q.get('relative'))}")
+    if q.get("teacher_agreement_rows") or q.get("accuracy") is not None:
+        line += (f"; agreement with the teacher {num(q.get('teacher_agreement'))} "
+                 f"({q.get('teacher_agreement_rows')} rows)")
+    lines = [line]
+    json_line = structured_summary(q.get("structured_output"))
+    lines += [json_line] if json_line else []
     kld = q.get("kld_vs_reference")
     if isinstance(kld, dict):
         where = f"{kld.get('reference')}" + (" (auto)" if kld.get("source") == "auto" else "")
@@ -102,7 +112,7 @@ def _search(target: Path, prof: Any, holdout: Path | None, report: Path | None, 
             json_out: bool) -> None:
     from edgepack.console import emit, out, progress_bars
     from edgepack.constants import ARTIFACTS_DIR, RUN_TOML
-    from edgepack.export.gate.report import write_search_reports
+    from edgepack.export.gate.report import search_metric, write_search_reports
     from edgepack.export.gate.search import search
 
     is_run = target.is_dir() and ((target / RUN_TOML).is_file() or (target / ARTIFACTS_DIR).is_dir())
@@ -118,14 +128,14 @@ def _search(target: Path, prof: Any, holdout: Path | None, report: Path | None, 
         def num(v: Any, d: int = 1) -> str:
             return "-" if v is None else f"{v:.{d}f}"
 
-        t = Table("choice", "size MB", "TTFT p95 ms", "decode tok/s", "peak RSS MB", "quality", "verdict", "Pareto",
-                  title=f"search on {r['profile']}")
+        t = Table("choice", "size MB", "TTFT p95 ms", "decode tok/s", "peak RSS MB", search_metric(r), "× teacher",
+                  "verdict", "Pareto", title=f"search on {r['profile']}")
         for row in r["rows"]:
             verdict = row["verdict"] or row["status"]
             colour = {"PASS": "green", "FAIL": "red"}.get(verdict, "yellow")
             t.add_row(row["choice"], num(row["size_mb"]), num(row["ttft_p95_ms"]), num(row["decode_tokens_per_s"]),
-                      num(row["peak_rss_mb"]), num(row["quality"], 3), f"[{colour}]{verdict}[/{colour}]",
-                      "yes" if row["pareto"] else "")
+                      num(row["peak_rss_mb"]), num(row.get("score"), 3), num(row["quality"], 3),
+                      f"[{colour}]{verdict}[/{colour}]", "yes" if row["pareto"] else "")
         out.print(t)
         out.print(f"chosen: [bold]{r['chosen'] or 'none'}[/bold]; Pareto front: {', '.join(r['pareto']) or '-'}")
         for note in r["notes"]:

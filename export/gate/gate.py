@@ -12,14 +12,21 @@ Verdict rules (also in the report's ``policy``):
 - FAIL: this host matches and a budget is missed (each miss named with its margin), or the
   artifact could not be measured at all (load failure, crash, OOM kill, timeout) on any host.
 - UNVERIFIED: the host does not match the profile (other arch, too few cores, no NVIDIA GPU
-  for ``cuda``, not Apple Silicon for ``metal``), or the GPU could not be used/measured. The
-  numbers are reported but marked ``from_target: false``; UNVERIFIED is never PASS.
+  for ``cuda``, not Apple Silicon for ``metal``), or the GPU could not be used/measured (the
+  numbers are reported but marked ``from_target: false``), or a quality budget could not be
+  verified on the holdout (below); UNVERIFIED is never PASS.
 - Decode efficiency (``efficiency``: decode tok/s × bytes read per token ÷ this machine's
   measured memory bandwidth, :mod:`edgepack.export.gate.bandwidth`) and the run-to-run spread
   (``spread``: stdev, min/max, coefficient of variation) are reported, never judged.
-- Quality is measured only with a holdout. Without one the quality check is ``ok: null``, a
-  reason says "quality not measured", and the verdict covers latency and memory only. With a
-  holdout whose rows carry no teacher responses the accuracy is reported but not compared.
+- Quality is measured only with a holdout. Without one the quality checks are ``ok: null``, a
+  reason says "quality not measured", and the verdict covers latency and memory only. With one
+  the artifact answers it as the bundle will (the task's system prompt and decoding; a json task
+  under its schema where the runtime can constrain it) and each quality budget the profile sets
+  is judged on the task's primary metric: ``relative_quality`` (``min_relative_quality``: the
+  metric ÷ the teacher's on its recorded responses) and ``score`` (``min_score``: an absolute
+  floor on the metric). A budget whose number cannot be computed (no teacher responses for the
+  relative one, a metric that is None, zero scorable rows) makes the verdict UNVERIFIED with the
+  reason, never PASS; a missed one is a FAIL.
   The holdout is answered in a fresh child process under a timeout scaled to the rows
   (:mod:`edgepack.export.gate.quality_child`); a crash, OOM kill or timeout there is a FAIL
   ("the holdout could not be answered: ..."), never a hang.
@@ -66,7 +73,9 @@ ARCH_ALIASES: dict[str, str] = {
 
 POLICY = ("PASS needs a matching host and every measured budget met; a host mismatch gives "
           "UNVERIFIED (numbers not from the target); a missed budget or a failed measurement gives "
-          "FAIL; quality without a holdout is 'not measured' and does not block PASS.")
+          "FAIL; quality without a holdout is 'not measured' and does not block PASS; with a holdout, "
+          "a quality budget that cannot be computed (no teacher responses for a relative budget, no "
+          "scorable rows) gives UNVERIFIED.")
 
 
 def canonical_arch(name: str) -> str:
@@ -139,27 +148,60 @@ def _miss(name: str, measured: float, budget: float, unit: str, higher_is_better
     return f"{name}: {measured:.1f} {unit} {side} budget {budget:g} {unit} (misses by {gap:.1f} {unit}, {pct:.0f}%)"
 
 
-def _judge_quality(quality: dict[str, Any] | None, profile: Profile,
-                   target: bool) -> tuple[dict[str, Any], str | None, str | None]:
-    """(relative_quality check, the miss if its budget is missed, a reason if it was not compared)."""
-    relative = quality.get("relative") if isinstance(quality, dict) else None
-    if isinstance(quality, dict) and quality.get("error"):
-        return (_check("relative_quality", None, profile.min_relative_quality, False, "x teacher", target),
-                f"relative_quality: the holdout could not be answered: {quality['error']}", None)
-    if relative is None:
-        check = _check("relative_quality", None, profile.min_relative_quality, None, "x teacher", target)
-        if quality is None:
-            return check, None, "quality not measured (no holdout given); the verdict covers latency and memory only"
-        why = "; ".join(quality.get("notes") or []) or "relative quality could not be computed"
-        return check, None, f"quality not compared: {why}"
-    ok = relative >= profile.min_relative_quality
-    check = _check("relative_quality", relative, profile.min_relative_quality, ok, "x teacher", target)
-    if ok:
-        return check, None, None
-    from edgepack.export.gate.quality import primary_vs_teacher
+def _quality_budgets(profile: Profile, quality: dict[str, Any] | None) -> list[tuple[str, float, str]]:
+    """(check name, budget, unit) of each quality budget the profile sets: the relative one, then
+    the floor on the task's primary metric (its unit is the metric's name)."""
+    metric = quality.get("primary_metric", "accuracy") if isinstance(quality, dict) else "primary metric"
+    budgets = [("relative_quality", profile.min_relative_quality, "x teacher"), ("score", profile.min_score, metric)]
+    return [(name, budget, unit) for name, budget, unit in budgets if budget is not None]
 
-    return check, (f"relative_quality: {relative:.3f} < budget {profile.min_relative_quality:g} "
-                   f"({primary_vs_teacher(quality)})"), None
+
+def _quality_value(quality: dict[str, Any], name: str) -> float | None:
+    """The measured number a quality budget is judged on; None when it could not be computed
+    (no teacher score for a ratio, a metric that is None, zero scorable rows)."""
+    if (quality.get("scores") or {}).get("scored_rows") == 0:
+        return None
+    if name == "relative_quality":
+        return quality.get("relative")
+    return quality["primary"] if "primary" in quality else quality.get("accuracy")  # reports before the task contract
+
+
+def _judge_quality(quality: dict[str, Any] | None, profile: Profile,
+                   target: bool) -> tuple[list[dict[str, Any]], list[str], list[str], list[str]]:
+    """(a check per quality budget, misses, unverified budgets, other reasons).
+
+    No holdout: quality is not measured and blocks nothing. With one, a budget whose number cannot
+    be computed is *unverified* (the verdict becomes UNVERIFIED, never PASS), with the reason.
+    """
+    budgets = _quality_budgets(profile, quality)
+    if quality is None:
+        return ([_check(name, None, budget, None, unit, target) for name, budget, unit in budgets], [], [],
+                ["quality not measured (no holdout given); the verdict covers latency and memory only"])
+    if quality.get("error"):
+        first = budgets[0][0] if budgets else "quality"
+        return ([_check(name, None, budget, False, unit, target) for name, budget, unit in budgets],
+                [f"{first}: the holdout could not be answered: {quality['error']}"], [], [])
+    checks, misses, unverified = [], [], []
+    for name, budget, unit in budgets:
+        value = _quality_value(quality, name)
+        ok = None if value is None else value >= budget
+        checks.append(_check(name, value, budget, ok, unit, target))
+        if value is None:
+            why = ((quality.get("unmeasured") or {}).get(name) or "; ".join(quality.get("notes") or [])
+                   or "it could not be computed from the holdout")
+            unverified.append(f"{name} budget {budget:g} not verified: {why}")
+        elif not ok:
+            misses.append(_quality_miss(quality, name, value, budget, unit))
+    reasons = [] if budgets else ["quality reported, not judged: the profile sets no quality budget"]
+    return checks, misses, unverified, reasons
+
+
+def _quality_miss(quality: dict[str, Any], name: str, value: float, budget: float, unit: str) -> str:
+    if name == "relative_quality":
+        from edgepack.export.gate.quality import primary_vs_teacher
+
+        return f"relative_quality: {value:.3f} < budget {budget:g} ({primary_vs_teacher(quality)})"
+    return f"score: {unit} {value:.3f} < floor {budget:g}"
 
 
 def decide(measurements: dict[str, Any], profile: Profile, host_ok: bool,
@@ -185,7 +227,8 @@ def decide(measurements: dict[str, Any], profile: Profile, host_ok: bool,
         checks = [_check("ttft_p95_ms", None, profile.ttft_p95_ms, None, "ms", target),
                   _check("decode_tokens_per_s", None, profile.min_decode_tokens_per_s, None, "tok/s", target),
                   _check("peak_memory_mb", m.get("peak_rss_mb"), profile.memory_budget_mb, None, "MB", target),
-                  _check("relative_quality", None, profile.min_relative_quality, None, "x teacher", target)]
+                  *[_check(name, None, budget, None, unit, target)
+                    for name, budget, unit in _quality_budgets(profile, m.get("quality"))]]
         reasons.append(f"measurement failed: {m.get('error', 'unknown error')}")
         return FAIL, checks, reasons
 
@@ -208,10 +251,10 @@ def decide(measurements: dict[str, Any], profile: Profile, host_ok: bool,
         misses.append(_miss("peak_memory_mb", memory, profile.memory_budget_mb, "MB", higher_is_better=False))
 
     quality = m.get("quality")
-    check, miss, note = _judge_quality(quality, profile, target)
-    checks.append(check)
-    misses += [miss] if miss else []
-    reasons += [note] if note else []
+    quality_checks, quality_misses, unverified, notes = _judge_quality(quality, profile, target)
+    checks += quality_checks
+    misses += quality_misses
+    reasons += unverified + notes
 
     kld = quality.get("kld_vs_reference") if isinstance(quality, dict) else None
     if isinstance(kld, dict) and kld.get("error"):
@@ -227,7 +270,7 @@ def decide(measurements: dict[str, Any], profile: Profile, host_ok: bool,
         return UNVERIFIED, checks, reasons
     if misses:
         return FAIL, checks, misses + reasons
-    return PASS, checks, reasons
+    return (UNVERIFIED if unverified else PASS), checks, reasons
 
 
 def artifact_digest(path: Path) -> str:
@@ -358,8 +401,8 @@ def run_gate(*, artifact: Path, profile: Profile, holdout: Path | None,
     without one, a signed bundle is announced through ``warn``: its signature was not checked).
     Latency and memory are measured in a fresh child process (:mod:`edgepack.export.gate.measure`);
     with ``holdout`` the artifact answers it in another child
-    (:mod:`edgepack.export.gate.quality_child`): label accuracy, relative quality, agreement with
-    the teacher. With a holdout and ``reference`` (an unquantized HF dir; by default
+    (:mod:`edgepack.export.gate.quality_child`) as the bundle will (the task's system prompt and
+    decoding): the task's scores, relative quality, agreement with the teacher. With a holdout and ``reference`` (an unquantized HF dir; by default
     ``RUN/student`` when the artifact lies under ``RUN/artifacts/``, see
     :func:`auto_reference`) a third child measures the KL divergence of the artifact's logits
     from the reference's. ``quality_timeout_s`` overrides each holdout child's wall-clock

@@ -6,12 +6,17 @@ Holdout rows (JSONL) carry ``messages`` (or a ``prompt`` string) and, as the tas
 the demo's contract; a row that does not fit it (no label and no teacher response for a
 ``labels`` task, no reference and no teacher response for a ``text`` task) is a DataError
 naming the file and line, before anything is measured. The artifact answers the rows it can be
-scored on (:func:`to_answer`) with the task's decoding, through its own chat template, and
-:func:`edgepack.scoring.score_answers` scores the answers, exactly as ``edgepack eval`` does.
+scored on (:func:`to_answer`) exactly as its bundle will: the task's system prompt before a row
+without a system turn, the task's decoding (max tokens, temperature, repeat penalty, stop
+strings), through its own chat template, and for a json task under the task's schema where the
+runtime constrains JSON (:func:`decodes_under_schema`; then a second pass without it gives the
+unconstrained valid-JSON rate, ``structured_output``). :func:`edgepack.scoring.score_answers`
+scores the answers, exactly as ``edgepack eval`` does.
 The teacher's score is the same scorer applied to its recorded responses, so the relative
 quality (``primary / teacher_primary``) compares like with like. For tasks whose answers state
 a label, ``accuracy`` is the label accuracy and agreement with the teacher is the fraction of
-rows whose teacher response names a label where the artifact names the same one.
+rows whose teacher response names a label where the artifact names the same one. What could not
+be computed is said (``unmeasured``, keyed by the gate's quality check names, and ``notes``).
 
 The gate runs :func:`evaluate_holdout` in a child process (:mod:`edgepack.export.gate.quality_child`).
 """
@@ -131,34 +136,68 @@ def to_answer(rows: list[dict[str, Any]], task: Task = DEMO_TASK) -> list[dict[s
     return [r for r in rows if task.answer.answerable(r)]
 
 
-def answer_row(backend: Any, row: dict[str, Any], task: Task, max_tokens: int) -> str:
-    """The artifact's answer to one row under the task's decoding (cut at its stop strings)."""
-    decoding = task.decoding
-    text = ""
-    for piece in backend.stream_chat(row["messages"], max_tokens=max_tokens, temperature=decoding.temperature):
-        text += piece
-        if decoding.stop and decoding.cut(text) != text:
-            break
-    return decoding.cut(text)
+def decodes_under_schema(task: Task, backend: Any) -> bool:
+    """Whether the bundle decodes ``task``'s answers under its JSON schema on ``backend``: what
+    :func:`edgepack.runtime.session.apply_task` decides for every request (a json task, a backend
+    that constrains JSON)."""
+    from edgepack.runtime.session import apply_task
+
+    return apply_task(task, [], constrains_json=bool(getattr(backend, "constrains_json", False)))[2] is not None
+
+
+def answer_passes(task: Task) -> int:
+    """How many times the gate may answer the holdout under ``task``: twice for a json task (under
+    its schema, then without it, for the unconstrained valid-JSON rate), once otherwise."""
+    return 2 if task.kind == "json" else 1
+
+
+def answer_row(backend: Any, row: dict[str, Any], task: Task, max_tokens: int, *, constrained: bool = True) -> str:
+    """The artifact's answer to one row as the bundle gives it, through the same
+    :func:`~edgepack.runtime.session.apply_task` as ``run``, ``chat`` and ``serve``: the task's system
+    prompt before a row without a system turn, its decoding (temperature, repeat penalty, ended
+    before its first stop string) and, for a json task on a backend that constrains JSON, its
+    schema as a grammar (``constrained=False``: without it)."""
+    from edgepack.runtime.session import apply_task, cut_at_stop
+
+    messages, decoding, schema = apply_task(task, row["messages"], max_tokens=max_tokens,
+                                            constrains_json=constrained and bool(getattr(backend, "constrains_json",
+                                                                                         False)))
+    pieces = backend.stream_chat(messages, max_tokens=decoding.max_tokens, temperature=decoding.temperature,
+                                 repeat_penalty=decoding.repeat_penalty, json_schema=schema)
+    return "".join(cut_at_stop(pieces, decoding.stop))
 
 
 def evaluate_holdout(backend: Any, rows: list[dict[str, Any]], task: Task = DEMO_TASK, *,
                      max_tokens: int | None = None, progress: ProgressFn = null_progress) -> dict[str, Any]:
-    """Scores of ``backend``'s answers to ``rows`` under ``task`` (its decoding; ``max_tokens``
-    overrides its limit), with the teacher's for comparison and, for tasks whose answers state
-    a label, how often the artifact names the label the teacher's recorded response names."""
+    """Scores of ``backend``'s answers to ``rows`` under ``task`` (its system prompt and decoding;
+    ``max_tokens`` overrides its limit), with the teacher's for comparison and, for tasks whose
+    answers state a label, how often the artifact names the label the teacher's recorded
+    response names. A json task on a backend that constrains JSON is answered under its schema
+    (what the verdict judges) and again without it (``structured_output``: the valid-JSON rate
+    the grammar is worth); elsewhere its answers are unconstrained, and the report says so."""
     limit = max_tokens if max_tokens is not None else task.decoding.max_tokens
     answered = to_answer(rows, task)
-    answers = []
-    for i, row in enumerate(answered):
-        answers.append(answer_row(backend, row, task, limit))
-        progress("gate: holdout", i + 1, len(answered))
-    return quality_report(task, rows, answered, answers, limit)
+    grammar = decodes_under_schema(task, backend)
+    total = (2 if grammar else 1) * len(answered)
+
+    def answer_all(constrained: bool, done: int) -> list[str]:
+        answers = []
+        for i, row in enumerate(answered):
+            answers.append(answer_row(backend, row, task, limit, constrained=constrained))
+            progress("gate: holdout", done + i + 1, total)
+        return answers
+
+    answers = answer_all(True, 0)
+    free = answer_all(False, len(answered)) if grammar else None
+    return quality_report(task, rows, answered, answers, limit, unconstrained=free,
+                          runtime=str(getattr(backend, "format", "") or "this"))
 
 
 def quality_report(task: Task, rows: list[dict[str, Any]], answered: list[dict[str, Any]], answers: list[str],
-                   max_tokens: int) -> dict[str, Any]:
-    """The gate's quality dict from the artifact's ``answers`` to the ``answered`` rows. Pure."""
+                   max_tokens: int, *, unconstrained: list[str] | None = None, runtime: str = "this") -> dict[str, Any]:
+    """The gate's quality dict from the artifact's ``answers`` to the ``answered`` rows (for a json
+    task decoded under its schema when ``unconstrained``, the same rows answered without it, is
+    given; ``runtime`` names the backend's format for the report). Pure."""
     from edgepack.scoring import label_scores, score_answers, teacher_agreement
 
     scores = score_answers(task, answers, answered)
@@ -170,6 +209,8 @@ def quality_report(task: Task, rows: list[dict[str, Any]], answered: list[dict[s
     examples = [{"id": r["id"], "label": r["label"], "teacher": task.answer.label(r.get("response")),
                  "predicted": task.answer.label(a), "answer": a[:200]} for r, a in list(zip(answered, answers))[:3]]
     relative = primary / t_primary if primary is not None and t_primary else None
+    unmeasured = _unmeasured(task, rows, scores, teacher)
+    structured = _structured_output(task, answered, scores, unconstrained, runtime)
     return {"rows": len(rows), "answered": len(answered), "labelled": labels["labelled"],
             "correct": labels["correct"], "unparsed": labels["unparsed"], "accuracy": labels["accuracy"],
             "teacher_accuracy": teacher_labels["accuracy"], "teacher_rows": teacher["scored_rows"],
@@ -177,32 +218,77 @@ def quality_report(task: Task, rows: list[dict[str, Any]], answered: list[dict[s
             "teacher_agreement_rows": agreement["rows"], "teacher_agreed": agreement["agreed"],
             "task": task.describe(), "primary_metric": task.primary_metric, "primary": primary,
             "teacher_primary": t_primary, "scores": scores, "teacher_scores": teacher,
-            "decoding": _decoding_line(task, max_tokens), "examples": examples,
-            "notes": _notes(task, rows, scores, teacher, agreement)}
+            "decoding": _decoding_line(task, max_tokens, structured), "structured_output": structured,
+            "unmeasured": unmeasured, "examples": examples,
+            "notes": _notes(task, rows, agreement, unmeasured)}
 
 
-def _decoding_line(task: Task, max_tokens: int) -> str:
+def _structured_output(task: Task, answered: list[dict[str, Any]], scores: dict[str, Any],
+                       unconstrained: list[str] | None, runtime: str) -> dict[str, Any] | None:
+    """For a json task: how its answers were decoded, and the valid-JSON rate with and without the
+    schema as a grammar (None for other kinds)."""
+    if task.kind != "json":
+        return None
+    from edgepack.scoring import score_answers
+
+    rates = ("valid_json_rate", "schema_valid_rate")
+    if unconstrained is None:
+        return {"decoding": "unconstrained", "constrained": None,
+                "unconstrained": {k: scores[k] for k in rates},
+                "note": f"the {runtime} runtime cannot constrain decoding to a JSON schema: the answers were "
+                        "decoded unconstrained, as the bundle will decode them"}
+    free = score_answers(task, unconstrained, answered)
+    return {"decoding": "constrained", "constrained": {k: scores[k] for k in rates},
+            "unconstrained": {k: free[k] for k in rates} | {"primary": free["primary"]},
+            "note": f"answered under the task's JSON schema as a grammar ({runtime}, as the bundle decodes; the "
+                    "verdict judges these), and again without it for the unconstrained rates"}
+
+
+def _decoding_line(task: Task, max_tokens: int, structured: dict[str, Any] | None) -> str:
     line = task.decoding.describe().replace(f"max {task.decoding.max_tokens} tokens", f"max {max_tokens} tokens")
-    if task.decoding.repeat_penalty != 1.0:
-        line += " (not applied: the runtime backends decode with repeat penalty 1.0)"
+    if task.system_prompt is not None:
+        line += ", the task's system prompt"
+    if structured is not None:
+        line += (", under the task's JSON schema" if structured["decoding"] == "constrained"
+                 else ", JSON unconstrained")
     return line
 
 
-def _notes(task: Task, rows: list[dict[str, Any]], scores: dict[str, Any], teacher: dict[str, Any],
-           agreement: dict[str, Any]) -> list[str]:
-    """What could not be measured, and why (the gate reports these, never guesses)."""
-    notes = []
+def _unmeasured(task: Task, rows: list[dict[str, Any]], scores: dict[str, Any],
+                teacher: dict[str, Any]) -> dict[str, str | None]:
+    """Why each quality budget's number could not be computed, keyed by its check name (None:
+    it was). :func:`edgepack.export.gate.gate.decide` turns a reason into UNVERIFIED."""
     metric = task.primary_metric
-    if scores["primary"] is None:
-        notes.append(f"{metric} not measured: no holdout row could be scored for it")
-    if teacher["primary"] is None:
-        notes.append("holdout rows carry no teacher responses; relative quality not computed"
-                     if not any(r.get("response") is not None for r in rows)
-                     else f"the teacher's recorded responses give no {metric}; relative quality not computed")
-    elif teacher["primary"] == 0:
-        notes.append(f"the teacher's recorded responses score 0 {metric}; relative quality undefined")
+    score = None
+    if scores["primary"] is None or not scores.get("scored_rows"):
+        score = (f"{metric} not measured: none of the {scores['rows']} answered rows could be scored for it "
+                 f"(a {task.kind} task scores against {_SCORED_AGAINST.get(task.kind, 'what its rows carry')})")
+    relative = score
+    if relative is None and teacher["primary"] is None:
+        relative = ("the holdout rows carry no teacher responses, so there is no teacher score to compare with "
+                    "(record them in the holdout, as `edgepack distill data` does, or judge by [quality] min_score)"
+                    if not any(r.get("response") is not None for r in rows)
+                    else f"the teacher's recorded responses give no {metric}")
+    elif relative is None and teacher["primary"] == 0:
+        relative = f"the teacher's recorded responses score 0 {metric}; a ratio to 0 is undefined"
+    return {"score": score, "relative_quality": relative}
+
+
+# what a row's answer is compared with, per answer kind (for the reason a metric is missing)
+_SCORED_AGAINST = {"labels": "a gold `label`", "regex": "a gold `label` (label_accuracy; match_rate needs none)",
+                   "json": "a JSON `reference` or the teacher's JSON `response`",
+                   "text": "a `reference` or the teacher's `response`"}
+
+
+def _notes(task: Task, rows: list[dict[str, Any]], agreement: dict[str, Any],
+           unmeasured: dict[str, str | None]) -> list[str]:
+    """What could not be measured, and why (the gate reports these, never guesses)."""
+    notes = [unmeasured["score"]] if unmeasured["score"] else []
+    if unmeasured["relative_quality"] and unmeasured["relative_quality"] != unmeasured["score"]:
+        notes.append(f"relative quality not computed: {unmeasured['relative_quality']}")
     responses = sum(r.get("response") is not None for r in rows)
-    if task.answer.label_from is not None:
+    # agreement is about labels: only for a task with a label set (a json schema without one says nothing)
+    if task.answer.label_from is not None and (task.kind == "labels" or task.labels):
         if responses and not agreement["rows"]:
             notes.append(f"no teacher response names a label ({task.answer.label_from}); agreement with the teacher "
                          "not computed")

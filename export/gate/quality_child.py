@@ -6,7 +6,8 @@ child of its own (``python -m edgepack.export.gate.quality_child answer|kld ...`
 
 - ``answer``: load the artifact with its runtime backend and answer the holdout
   (:func:`edgepack.export.gate.quality.evaluate_holdout`) under the task (written beside the
-  rows): its scores, relative quality, agreement with the teacher's recorded responses.
+  rows; its system prompt and decoding, a json task under its schema where the backend can
+  constrain it): its scores, relative quality, agreement with the teacher's recorded responses.
 - ``kld``: :func:`edgepack.export.fidelity.report.fidelity_report` of the artifact against an
   unquantized reference (an HF dir, e.g. ``RUN/student``) over the holdout rows' prompt +
   teacher-response tokens: mean KL divergence (reference ‖ artifact) and top-1 agreement.
@@ -46,7 +47,8 @@ def _gigabytes(path: Path) -> float:
 
 
 def answer_timeout_s(model_path: Path, n_rows: int) -> float:
-    """Wall-clock limit of the answer child: 300 s + 60 s per GB of model + 30 s per answered row.
+    """Wall-clock limit of the answer child: 300 s + 60 s per GB of model + 30 s per answer
+    (``n_rows``: answered rows × passes, see :func:`~edgepack.export.gate.quality.answer_passes`).
 
     Generous on purpose: only a hang or a pathological slowdown should reach it.
     """
@@ -89,12 +91,13 @@ def answer_holdout(model_path: Path, *, fmt: str, rows: list[dict[str, Any]], th
     when the child failed, crashed, was killed or timed out (``timeout_s``; default
     :func:`answer_timeout_s`). Raises :class:`UnsafeModelError` for a hostile model.
     """
-    from edgepack.export.gate.quality import to_answer
-
+    from edgepack.export.gate.quality import answer_passes, to_answer
     from edgepack.task import DEMO_TASK
 
     task = task or DEMO_TASK
-    limit = timeout_s if timeout_s is not None else answer_timeout_s(model_path, len(to_answer(rows, task)))
+    # a json task may be answered twice (under its schema, then without): the limit covers both
+    answers = answer_passes(task) * len(to_answer(rows, task))
+    limit = timeout_s if timeout_s is not None else answer_timeout_s(model_path, answers)
     args = ["answer", str(Path(model_path).resolve()), "--format", fmt, "--threads", str(threads),
             "--n-ctx", str(n_ctx), "--gpu-layers", str(gpu_layers)]
     result = _run(args, rows, timeout_s=limit, what="holdout pass", task=task)

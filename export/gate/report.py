@@ -109,20 +109,28 @@ def gate_markdown(report: dict[str, Any], png_name: str | None = None) -> str:
 
 
 def quality_lines(q: dict[str, Any], reference: dict[str, Any] | None = None) -> list[str]:
-    """Markdown lines for the holdout pass: accuracy, teacher agreement, KLD vs the reference."""
+    """Markdown lines for the holdout pass: the task's primary metric and its other scores, the
+    teacher's, relative quality, agreement with the teacher, JSON validity with and without the
+    schema as a grammar (json tasks), KLD vs the reference."""
     limit = f" (limit {_fmt(q.get('timeout_s'), 0)} s)" if q.get("timeout_s") is not None else ""
     if q.get("error"):
         lines = [f"The holdout `{q.get('holdout')}` could not be answered: {q['error']}{limit}."]
         lines += [f"    {t}" for t in q.get("stderr_tail") or []]
         return lines
+    metric = q.get("primary_metric", "accuracy")
+    task = q.get("task") or {}
     lines = [f"`{q.get('holdout')}`: {q.get('answered', q.get('labelled'))} of {q.get('rows')} rows answered by the "
              f"artifact itself ({q.get('decoding')}) in a fresh process in {_fmt(q.get('wall_s'), 1)} s{limit}.", "",
-             f"- label accuracy: {_fmt(q.get('accuracy'), 3)} ({q.get('correct')} of {q.get('labelled')} labelled "
-             f"rows; {q.get('unparsed')} answers named no label)",
-             f"- teacher's recorded accuracy: {_fmt(q.get('teacher_accuracy'), 3)} ({q.get('teacher_rows')} rows); "
-             f"relative quality {_fmt(q.get('relative'), 3)}",
-             f"- agreement with the teacher: {_fmt(q.get('teacher_agreement'), 3)} ({q.get('teacher_agreed')} of "
-             f"{q.get('teacher_agreement_rows')} rows whose teacher response names a label; reported, not a budget)"]
+             f"- {metric} (the {task.get('kind', 'labels')} task's primary metric): "
+             f"{_fmt(q.get('primary', q.get('accuracy')), 3)} {_primary_detail(q, metric)}",
+             *_other_scores(q, metric),
+             f"- teacher's recorded {metric}: {_fmt(q.get('teacher_primary', q.get('teacher_accuracy')), 3)} "
+             f"({q.get('teacher_rows')} rows); relative quality {_fmt(q.get('relative'), 3)}"]
+    if q.get("accuracy") is not None or q.get("teacher_agreement_rows") or task.get("kind", "labels") == "labels":
+        lines.append(f"- agreement with the teacher: {_fmt(q.get('teacher_agreement'), 3)} ({q.get('teacher_agreed')} "
+                     f"of {q.get('teacher_agreement_rows')} rows whose teacher response names a label; reported, "
+                     "not a budget)")
+    lines += _structured_lines(q.get("structured_output"))
     kld = q.get("kld_vs_reference")
     if isinstance(kld, dict):
         source = " (auto)" if kld.get("source") == "auto" else ""
@@ -138,6 +146,47 @@ def quality_lines(q: dict[str, Any], reference: dict[str, Any] | None = None) ->
         lines.append(f"- KLD vs reference `{reference.get('path')}`: not measured")
     lines += [f"- note: {n}" for n in q.get("notes") or []]
     return lines
+
+
+def _primary_detail(q: dict[str, Any], metric: str) -> str:
+    if metric == "accuracy" and q.get("labelled") is not None:
+        return (f"({q.get('correct')} of {q.get('labelled')} labelled rows; {q.get('unparsed')} answers named "
+                "no label)")
+    scored = (q.get("scores") or {}).get("scored_rows")
+    return f"({scored} scored rows)" if scored is not None else ""
+
+
+# Scorer keys that are counts or the primary value again, not metrics.
+_NOT_METRICS = {"primary", "rows", "scored_rows", "labelled_rows"}
+
+
+def _other_scores(q: dict[str, Any], metric: str) -> list[str]:
+    """The task's other metrics in one line (macro F1, schema-valid rate, ROUGE-L, ...)."""
+    scores = q.get("scores") or {}
+    shown = [f"{k} {_fmt(v, 3)}" for k, v in scores.items()
+             if isinstance(v, float) and k != metric and k not in _NOT_METRICS]
+    return [f"- other scores: {', '.join(shown)}"] if shown else []
+
+
+def structured_summary(s: dict[str, Any] | None) -> str | None:
+    """One line on a json task's decoding: valid-JSON (and schema-valid) rates under the schema as
+    a grammar and without it, or that the answers were unconstrained. None for other tasks."""
+    if not isinstance(s, dict):
+        return None
+
+    def rates(r: dict[str, Any] | None) -> str:
+        r = r or {}
+        return f"valid JSON {_fmt(r.get('valid_json_rate'), 3)}, schema-valid {_fmt(r.get('schema_valid_rate'), 3)}"
+
+    if s.get("decoding") == "constrained":
+        return (f"JSON under the task's schema (grammar; the verdict judges these): {rates(s.get('constrained'))}; "
+                f"without the grammar: {rates(s.get('unconstrained'))}")
+    return f"JSON unconstrained: {rates(s.get('unconstrained'))} ({s.get('note')})"
+
+
+def _structured_lines(s: dict[str, Any] | None) -> list[str]:
+    line = structured_summary(s)
+    return [f"- {line}"] if line else []
 
 
 def _budget_line(ax: Any, value: float | None, data: list[float], label: str, vertical: bool) -> None:
@@ -217,14 +266,14 @@ def search_markdown(result: dict[str, Any], png_name: str | None = None) -> str:
     lines = [f"# Search for {result.get('profile')}: "
              + (f"**{chosen}** passes every budget" if chosen else f"**no choice passed** ({result.get('verdict')})"),
              "", f"Host: {(result.get('host') or {}).get('reason')}. Holdout: {result.get('holdout') or 'none'}.", "",
-             "| choice | artifact | size MB | TTFT p95 ms | decode tok/s | peak RSS MB | quality | "
-             "efficiency | verdict | Pareto | report |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---|---|---|"]
+             f"| choice | artifact | size MB | TTFT p95 ms | decode tok/s | peak RSS MB | {search_metric(result)} | "
+             "× teacher | efficiency | verdict | Pareto | report |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---|---|---|"]
     for r in result.get("rows", []):
         eff = r.get("efficiency")
         lines.append(f"| {r['choice']} | {r.get('artifact') or '-'} | {_fmt(r.get('size_mb'))} | "
                      f"{_fmt(r.get('ttft_p95_ms'))} | {_fmt(r.get('decode_tokens_per_s'))} | "
-                     f"{_fmt(r.get('peak_rss_mb'))} | {_fmt(r.get('quality'), 3)} | "
+                     f"{_fmt(r.get('peak_rss_mb'))} | {_fmt(r.get('score'), 3)} | {_fmt(r.get('quality'), 3)} | "
                      f"{'n/a' if eff is None else f'{100 * eff:.1f}%'} | {r.get('verdict') or r.get('status')} | "
                      f"{'yes' if r.get('pareto') else ''} | "
                      f"{('reused ' if r.get('reused') else '') + Path(r['report']).name if r.get('report') else ''} |")
@@ -240,6 +289,13 @@ def search_markdown(result: dict[str, Any], png_name: str | None = None) -> str:
     if png_name:
         lines += ["", f"![size vs speed]({png_name})"]
     return "\n".join(lines) + "\n"
+
+
+def search_metric(result: dict[str, Any]) -> str:
+    """The column title of a search's quality scores: the task's primary metric (every row answers
+    the same holdout under the same task), ``score`` when no row measured one."""
+    metrics = {r.get("metric") for r in result.get("rows", []) if r.get("metric")}
+    return metrics.pop() if len(metrics) == 1 else "score"
 
 
 def pareto_png(result: dict[str, Any], path: Path) -> bool:
@@ -259,7 +315,7 @@ def pareto_png(result: dict[str, Any], path: Path) -> bool:
         ax.scatter(r["size_mb"], r["decode_tokens_per_s"], color=colours.get(r.get("verdict"), "grey"), s=40, zorder=3)
         if r.get("pareto"):
             ax.scatter(r["size_mb"], r["decode_tokens_per_s"], facecolors="none", edgecolors="black", s=140, zorder=2)
-        label = r["choice"] + (f"\nq={r['quality']:.2f}" if r.get("quality") is not None else "")
+        label = r["choice"] + (f"\n{r.get('metric')}={r['score']:.2f}" if r.get("score") is not None else "")
         ax.annotate(label, (r["size_mb"], r["decode_tokens_per_s"]), textcoords="offset points", xytext=(5, 5),
                     fontsize=8)
     budget = result.get("min_decode_tokens_per_s")

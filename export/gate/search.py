@@ -6,9 +6,10 @@
 first), gates every choice that has an artifact, and returns:
 
 - ``chosen``: the first choice whose gate verdict is PASS (None if none passed);
-- ``rows``: one row per choice (size MB, TTFT p95, decode tok/s, peak RSS MB, quality,
-  decode efficiency, verdict, the report it came from), choices without an artifact marked
-  ``not exported``;
+- ``rows``: one row per choice (size MB, TTFT p95, decode tok/s, peak RSS MB, ``score``: the
+  task's primary metric on the holdout and its name in ``metric``, ``quality``: the relative
+  quality, decode efficiency, verdict, the report it came from), choices without an artifact
+  marked ``not exported``;
 - ``pareto``: the choices no other measured choice beats on size, decode speed and quality
   (quality only when every measured choice has it; the axes used are in ``pareto_axes``).
 
@@ -16,7 +17,8 @@ Gate reports go to ``RUN/gate/<artifact>.json`` (with ``.md`` and ``.png`` besid
 ``edgepack gate`` writes them; when that file already holds another profile's report, this
 profile's goes to ``<artifact>.<profile>.json``. An existing report is reused only when it is
 for this profile, was measured from an artifact with the same sha256 as the file now on disk,
-and measured quality if a holdout is given now; otherwise the artifact is gated again.
+was judged under the gate's current ``policy``, and measured quality if a holdout is given now;
+otherwise the artifact is gated again.
 With ``stop_at_first`` the walk stops at the first PASS (the rest are ``skipped``); by
 default every choice is gated so the table is complete.
 
@@ -41,6 +43,7 @@ from typing import Any
 
 from edgepack.constants import ARTIFACTS_DIR, DATA_DIR, EXPORT_REPORT, FAIL, GATE_DIR, HOLDOUT_FILE, PASS, UNVERIFIED
 from edgepack.errors import RunDirError, UsageError
+from edgepack.export.gate.gate import POLICY
 from edgepack.locks import locked_stage
 from edgepack.profiles import Profile
 from edgepack.progress import ProgressFn, null_progress
@@ -112,6 +115,8 @@ def _reusable(gate_dir: Path, name: str, profile: Profile, sha: str,
             continue
         if report.get("profile_sha256") != profile.content_hash():  # a same-name profile with other budgets
             continue
+        if report.get("policy") != POLICY:  # judged by other rules (e.g. before a budget it could not verify
+            continue                        # became UNVERIFIED): gate again
         if (report.get("model_sha256") or report.get("artifact_sha256")) != sha:
             continue
         quality = (report.get("measurements") or {}).get("quality")
@@ -135,7 +140,8 @@ def _report_stem(gate_dir: Path, name: str, profile: Profile) -> str:
 
 def _row(choice: str, art: dict[str, Any] | None, report: dict[str, Any] | None) -> dict[str, Any]:
     row: dict[str, Any] = {"choice": choice, "artifact": None, "path": None, "size_mb": None, "ttft_p95_ms": None,
-                           "decode_tokens_per_s": None, "peak_rss_mb": None, "quality": None, "efficiency": None,
+                           "decode_tokens_per_s": None, "peak_rss_mb": None, "quality": None, "score": None,
+                           "metric": None, "efficiency": None,
                            "verdict": None, "status": NOT_EXPORTED if art is None else SKIPPED, "reasons": [],
                            "report": None, "reused": False, "pareto": False, "quality_measured": False}
     if art is not None:
@@ -144,14 +150,20 @@ def _row(choice: str, art: dict[str, Any] | None, report: dict[str, Any] | None)
         return row
     checks = {c["name"]: c for c in report.get("checks", [])}
     eff = report.get("efficiency")
+    quality = (report.get("measurements") or {}).get("quality")
+    if isinstance(quality, dict) and not quality.get("error"):
+        row.update(score=quality.get("primary", quality.get("accuracy")),
+                   metric=quality.get("primary_metric", "accuracy"))
     row.update(status="gated", verdict=report["verdict"], reasons=list(report.get("reasons", [])),
                ttft_p95_ms=checks.get("ttft_p95_ms", {}).get("measured"),
                decode_tokens_per_s=checks.get("decode_tokens_per_s", {}).get("measured"),
                peak_rss_mb=checks.get("peak_memory_mb", {}).get("measured"),
                quality=checks.get("relative_quality", {}).get("measured"),
                efficiency=eff.get("efficiency") if isinstance(eff, dict) else None,
+               # a quality budget the holdout could not verify is not met here either
                budgets_met_here=bool(checks) and all(c.get("ok") is not False for c in checks.values())
-               and (report.get("measurements") or {}).get("ok", False))
+               and (report.get("measurements") or {}).get("ok", False)
+               and not (isinstance(quality, dict) and any(c.get("ok") is None for c in checks.values())))
     return row
 
 
@@ -174,16 +186,18 @@ def _gate_once(path: Path, gate_dir: Path, sha: str, profile: Profile, holdout: 
 def pareto_front(rows: list[dict[str, Any]]) -> tuple[list[str], list[str]]:
     """Choices not dominated on (smaller size, faster decode, higher quality); and the axes used.
 
-    Quality is an axis only when every measured row has it: comparing a measured quality with
-    a missing one would invent a number.
+    Quality is the task's primary metric on the holdout (``score``; every row of a search answers
+    the same holdout, so it ranks as the relative quality does, and needs no teacher). It is an
+    axis only when every measured row has it: comparing a measured quality with a missing one
+    would invent a number.
     """
     measured = [r for r in rows if r.get("size_mb") is not None and r.get("decode_tokens_per_s") is not None]
-    use_quality = bool(measured) and all(r.get("quality") is not None for r in measured)
+    use_quality = bool(measured) and all(r.get("score") is not None for r in measured)
     axes = ["size_mb (lower)", "decode_tokens_per_s (higher)"] + (["quality (higher)"] if use_quality else [])
 
     def vec(r: dict[str, Any]) -> tuple[float, ...]:  # all "higher is better"
         base = (-float(r["size_mb"]), float(r["decode_tokens_per_s"]))
-        return base + ((float(r["quality"]),) if use_quality else ())
+        return base + ((float(r["score"]),) if use_quality else ())
 
     front = []
     for r in measured:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -34,3 +35,49 @@ def test_gate_and_search_cli(tiny_llama_dir: Path, tmp_path: Path) -> None:
     result = json.loads(out.stdout)
     assert {"rows", "chosen", "pareto"} <= set(result)
     assert out.returncode == (0 if result["chosen"] else 1)
+
+
+ALARMS = [("Breaker CB-{i} tripped on overcurrent at the motor control centre.", "electrical"),
+          ("Gearbox GB-{i} vibration above the alarm limit on the drive end.", "mechanical"),
+          ("Hydraulic unit HPU-{i} oil pressure dropped below 80 bar.", "hydraulic_pneumatic"),
+          ("Chiller CH-{i} supply water temperature rising past setpoint.", "thermal"),
+          ("Pressure transmitter PT-{i} reads a frozen value; signal error.", "instrumentation"),
+          ("PLC rack {i} lost Profinet communication with the SCADA server.", "network")]
+
+
+def test_a_holdout_of_fresh_rows_without_teacher_answers_is_never_pass(tiny_gguf: Path, tmp_path: Path) -> None:
+    """40 new alarm rows with gold labels and no recorded teacher responses, as a new user brings
+    them: the relative budget cannot be computed, so the verdict is UNVERIFIED (exit 1) with the
+    reason, where it used to be PASS with the budget unmeasured. A floor on the primary metric
+    needs no teacher: the same rows verify it."""
+    rows = [{"prompt": text.format(i=i), "label": label} for i in range(40 // len(ALARMS) + 1)
+            for text, label in ALARMS][:40]
+    holdout = tmp_path / "fresh.jsonl"
+    holdout.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    relative = _profile(tmp_path).read_text().replace("min_relative_quality = 0.8", "min_relative_quality = 0.0")
+    (tmp_path / "relative.toml").write_text(relative.replace('name = "tiny-1t"', 'name = "relative"'))
+    report = tmp_path / "out" / "gate.json"
+    out = subprocess.run([sys.executable, "-m", "edgepack", "gate", str(tiny_gguf), "--profile",
+                          str(tmp_path / "relative.toml"), "--holdout", str(holdout), "--report", str(report)],
+                         capture_output=True, text=True, timeout=600, env={**os.environ, "COLUMNS": "300"})
+    assert out.returncode == 1, out.stdout + out.stderr
+    data = json.loads(report.read_text())
+    assert data["verdict"] == "UNVERIFIED" and data["host"]["ok"] is True
+    q = data["measurements"]["quality"]
+    assert (q["rows"], q["answered"], q["teacher_rows"], q["relative"]) == (40, 40, 0, None)
+    assert q["primary_metric"] == "accuracy" and q["primary"] is not None  # measured, just not comparable
+    assert data["reasons"][0].startswith("relative_quality budget 0 not verified: the holdout rows carry no "
+                                         "teacher responses")
+    assert "verdict: UNVERIFIED" in out.stdout and "holdout: accuracy" in out.stdout and "(40 scored rows)" in out.stdout
+    assert "relative_quality budget 0 not verified" in report.with_suffix(".md").read_text()
+
+    floor = relative.replace("min_relative_quality = 0.0", "min_score = 0.0").replace('name = "tiny-1t"',
+                                                                                     'name = "floor"')
+    (tmp_path / "floor.toml").write_text(floor)
+    out = subprocess.run([sys.executable, "-m", "edgepack", "gate", str(tiny_gguf), "--profile",
+                          str(tmp_path / "floor.toml"), "--holdout", str(holdout), "--json"],
+                         capture_output=True, text=True, timeout=600)
+    data = json.loads(out.stdout)
+    assert data["verdict"] == "PASS" and out.returncode == 0, data["reasons"]
+    score = next(c for c in data["checks"] if c["name"] == "score")
+    assert (score["budget"], score["unit"], score["ok"]) == (0.0, "accuracy", True)

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from edgepack.constants import FAIL, PASS, UNVERIFIED
-from edgepack.profiles import load_profile
+from edgepack.profiles import PROFILE_DIR, load_profile
 from edgepack.export.gate.gate import canonical_arch, decide, host_matches, run_gate
 from tests.runtime.helpers import write_profile
 
@@ -124,8 +124,89 @@ def test_quality_checks() -> None:
     assert verdict == FAIL and by_name(checks)["relative_quality"]["ok"] is False
     assert "relative_quality: 0.500 < budget 0.8 (accuracy 0.400 vs teacher 0.800)" in reasons
     verdict, checks, reasons = decide(meas(quality=none), X86, True, "ok")
-    assert verdict == PASS and by_name(checks)["relative_quality"]["ok"] is None
-    assert any("no teacher responses" in r for r in reasons)
+    # a holdout was given, yet the relative budget cannot be computed: never PASS
+    assert verdict == UNVERIFIED and by_name(checks)["relative_quality"]["ok"] is None
+    assert reasons == ["relative_quality budget 0.8 not verified: holdout rows carry no teacher responses; "
+                       "relative quality not computed"]
+
+
+def quality(primary: float | None = 0.72, teacher: float | None = 0.8, scored: int = 40, metric: str = "accuracy",
+            **extra: Any) -> dict[str, Any]:
+    """A quality block as the holdout pass writes it (the task's primary metric, the teacher's)."""
+    relative = primary / teacher if primary is not None and teacher else None
+    return {"primary_metric": metric, "primary": primary, "teacher_primary": teacher, "relative": relative,
+            "accuracy": primary if metric == "accuracy" else None, "scores": {"scored_rows": scored},
+            "unmeasured": {"score": None if primary is not None else f"{metric} not measured: no row",
+                           "relative_quality": None if relative is not None else (
+                               f"{metric} not measured: no row" if primary is None
+                               else "no teacher responses" if teacher is None else "the teacher scores 0")},
+            "notes": [], **extra}
+
+
+def profile_with(tmp_path: Path, quality_toml: str) -> Any:
+    text = (PROFILE_DIR / "cpu-x86-2c.toml").read_text()
+    start = text.index("[quality]")
+    path = tmp_path / "q.toml"
+    path.write_text(text[:start] + "[quality]\n" + quality_toml + "\n" + text[text.index("[training]"):])
+    return load_profile(str(path))
+
+
+@pytest.mark.parametrize(("q", "why"), [
+    (quality(teacher=None), "relative_quality budget 0.8 not verified: no teacher responses"),
+    (quality(primary=None), "relative_quality budget 0.8 not verified: accuracy not measured: no row"),
+    # zero scorable rows, whatever number sits beside them
+    (quality(scored=0), "relative_quality budget 0.8 not verified: it could not be computed from the holdout"),
+    (quality(teacher=0.0), "relative_quality budget 0.8 not verified: the teacher scores 0"),
+])
+def test_a_quality_budget_that_cannot_be_computed_is_unverified_never_pass(q: dict[str, Any], why: str) -> None:
+    verdict, checks, reasons = decide(meas(quality=q), X86, True, "ok")
+    assert verdict == UNVERIFIED and reasons[0] == why
+    assert by_name(checks)["relative_quality"]["ok"] is None and by_name(checks)["relative_quality"]["measured"] is None
+
+
+def test_the_floor_on_the_primary_metric(tmp_path: Path) -> None:
+    floor = profile_with(tmp_path, "min_score = 0.7")
+    verdict, checks, reasons = decide(meas(quality=quality(primary=0.72, teacher=None)), floor, True, "ok")
+    assert verdict == PASS and "relative_quality" not in by_name(checks)  # no teacher needed for a floor
+    score = by_name(checks)["score"]
+    assert (score["measured"], score["budget"], score["ok"], score["unit"]) == (0.72, 0.7, True, "accuracy")
+    verdict, checks, reasons = decide(meas(quality=quality(primary=0.55, metric="field_f1")), floor, True, "ok")
+    assert verdict == FAIL and reasons == ["score: field_f1 0.550 < floor 0.7"]
+    assert by_name(checks)["score"]["unit"] == "field_f1"
+    verdict, _, reasons = decide(meas(quality=quality(primary=None, metric="chrf")), floor, True, "ok")
+    assert verdict == UNVERIFIED and reasons == ["score budget 0.7 not verified: chrf not measured: no row"]
+
+
+def test_both_budgets_are_judged_and_a_real_miss_beats_an_unverified_one(tmp_path: Path) -> None:
+    both = profile_with(tmp_path, "min_relative_quality = 0.8\nmin_score = 0.7")
+    verdict, checks, _ = decide(meas(quality=quality(primary=0.72, teacher=0.8)), both, True, "ok")
+    assert verdict == PASS and [c["name"] for c in checks[3:]] == ["relative_quality", "score"]
+    verdict, _, reasons = decide(meas(quality=quality(primary=0.6, teacher=None)), both, True, "ok")
+    assert verdict == FAIL and reasons == ["score: accuracy 0.600 < floor 0.7",
+                                           "relative_quality budget 0.8 not verified: no teacher responses"]
+    verdict, _, reasons = decide(meas(ttft=5000.0, quality=quality(teacher=None)), both, True, "ok")
+    assert verdict == FAIL and reasons[0].startswith("ttft_p95_ms")
+    # on another host it stays UNVERIFIED, the unverifiable budget named beside the host
+    verdict, _, reasons = decide(meas(quality=quality(teacher=None)), both, False, "arch aarch64 != x86_64")
+    assert verdict == UNVERIFIED and any("not verified: no teacher responses" in r for r in reasons)
+
+
+def test_no_holdout_leaves_every_quality_budget_unmeasured_and_passes(tmp_path: Path) -> None:
+    both = profile_with(tmp_path, "min_relative_quality = 0.8\nmin_score = 0.7")
+    verdict, checks, reasons = decide(meas(), both, True, "ok")
+    assert verdict == PASS and [(c["name"], c["ok"], c["unit"]) for c in checks[3:]] == [
+        ("relative_quality", None, "x teacher"), ("score", None, "primary metric")]
+    assert reasons == ["quality not measured (no holdout given); the verdict covers latency and memory only"]
+    verdict, checks, reasons = decide({"ok": False, "error": "crashed"}, both, True, "ok")
+    assert verdict == FAIL and [c["name"] for c in checks] == ["ttft_p95_ms", "decode_tokens_per_s",
+                                                               "peak_memory_mb", "relative_quality", "score"]
+
+
+def test_an_unanswered_holdout_fails_every_quality_budget(tmp_path: Path) -> None:
+    floor = profile_with(tmp_path, "min_score = 0.7")
+    verdict, checks, reasons = decide(meas(quality={"error": "holdout pass timed out"}), floor, True, "ok")
+    assert verdict == FAIL and by_name(checks)["score"]["ok"] is False
+    assert reasons == ["score: the holdout could not be answered: holdout pass timed out"]
 
 
 def test_decide_is_pure() -> None:
@@ -138,12 +219,16 @@ def test_decide_is_pure() -> None:
 
 # --- real gate runs -----------------------------------------------------------------------------
 def holdout(path: Path) -> Path:
+    # Each row carries its own short system turn, as the demo's holdout carries the demo prompt
+    # (the gate would prepend the demo's ~450-token prompt, more than the tiny profiles' context).
+    system = {"role": "system", "content": "Name the alarm's category."}
     rows = [
-        {"id": "a", "messages": [{"role": "user", "content": "Pump P-101 bearing noise."}],
+        {"id": "a", "messages": [system, {"role": "user", "content": "Pump P-101 bearing noise."}],
          "label": "mechanical", "response": "Category: mechanical\nAction: Inspect the bearings."},
-        {"id": "b", "prompt": "Motor starter contacts burnt.", "label": "electrical",
-         "response": "Category: electrical\nAction: Replace the contacts."},
-        {"id": "c", "prompt": "Unlabelled row.", "label": None, "response": "Not sure."},  # names no label
+        {"id": "b", "messages": [system, {"role": "user", "content": "Motor starter contacts burnt."}],
+         "label": "electrical", "response": "Category: electrical\nAction: Replace the contacts."},
+        {"id": "c", "messages": [system, {"role": "user", "content": "Unlabelled row."}], "label": None,
+         "response": "Not sure."},  # names no label
     ]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path

@@ -25,13 +25,16 @@ from edgepack.export.gate.quality_child import answer_timeout_s, holdout_kld
 from edgepack.task import DEMO_TASK, JsonAnswer, Task, TextAnswer
 from tests.runtime.helpers import write_profile
 
+# Each row carries its own short system turn, as the demo's holdout carries the demo prompt (the
+# gate would prepend the demo's ~450-token prompt, more than the tiny profiles' 256-token context).
+SYSTEM = {"role": "system", "content": "Name the alarm's category."}
 ROWS = [
-    {"id": "h1", "messages": [{"role": "user", "content": "Pump P-101 bearing noise and vibration."}],
+    {"id": "h1", "messages": [SYSTEM, {"role": "user", "content": "Pump P-101 bearing noise and vibration."}],
      "label": "mechanical", "response": "Category: mechanical\nAction: Inspect the bearings."},
-    {"id": "h2", "prompt": "Motor starter contacts are burnt.", "label": "electrical",
-     "response": "Category: electrical\nAction: Replace the contacts."},
-    {"id": "h3", "prompt": "PLC rack 2 lost Profinet communication.", "label": None,
-     "response": "Category: network\nAction: Check the switch port."},
+    {"id": "h2", "messages": [SYSTEM, {"role": "user", "content": "Motor starter contacts are burnt."}],
+     "label": "electrical", "response": "Category: electrical\nAction: Replace the contacts."},
+    {"id": "h3", "messages": [SYSTEM, {"role": "user", "content": "PLC rack 2 lost Profinet communication."}],
+     "label": None, "response": "Category: network\nAction: Check the switch port."},
 ]
 
 
@@ -42,16 +45,30 @@ def write_holdout(path: Path, rows: list[dict[str, Any]] = ROWS) -> Path:
 
 # --- (a) agreement with the teacher, counted on answers we choose ------------------------------
 class ScriptedBackend:
-    """Answers each prompt with a fixed text (the counting is under test, not a model)."""
+    """Answers each prompt with a fixed text (the counting is under test, not a model), and
+    records how it was asked (the Backend.stream_chat keywords)."""
+
+    format = "scripted"
+    constrains_json = False
 
     def __init__(self, answers: dict[str, str]) -> None:
         self.answers = answers
         self.asked: list[str] = []
+        self.calls: list[dict[str, Any]] = []
 
-    def stream_chat(self, messages: list[dict[str, str]], *, max_tokens: int, temperature: float) -> Iterator[str]:
+    def stream_chat(self, messages: list[dict[str, str]], *, max_tokens: int, temperature: float,
+                    repeat_penalty: float = 1.0, json_schema: dict[str, Any] | None = None) -> Iterator[str]:
         prompt = messages[-1]["content"]
         self.asked.append(prompt)
-        yield from self.answers[prompt].split(" ")  # pieces, as a runtime streams them
+        self.calls.append({"messages": messages, "max_tokens": max_tokens, "temperature": temperature,
+                           "repeat_penalty": repeat_penalty, "json_schema": json_schema})
+        yield from self.pieces(self.answer(prompt, json_schema))
+
+    def answer(self, prompt: str, json_schema: dict[str, Any] | None) -> str:
+        return self.answers[prompt]
+
+    def pieces(self, text: str) -> list[str]:
+        return text.split(" ")  # pieces, as a runtime streams them
 
 
 def test_teacher_agreement_counts_rows_whose_teacher_names_a_label(tmp_path: Path) -> None:
@@ -83,9 +100,8 @@ def test_no_teacher_label_means_no_agreement_figure(tmp_path: Path) -> None:
 class TextBackend(ScriptedBackend):
     """Streams each answer in pieces that keep their spaces (the text is scored as a whole)."""
 
-    def stream_chat(self, messages: list[dict[str, str]], *, max_tokens: int, temperature: float) -> Iterator[str]:
-        self.asked.append(messages[-1]["content"])
-        yield from re.split(r"(?<= )", self.answers[messages[-1]["content"]])
+    def pieces(self, text: str) -> list[str]:
+        return re.split(r"(?<= )", text)
 
 
 def test_the_gate_scores_every_answer_kind_through_the_task(tmp_path: Path) -> None:
@@ -119,22 +135,90 @@ def test_the_gate_scores_every_answer_kind_through_the_task(tmp_path: Path) -> N
     assert q["primary"] == sc["field_f1"] == pytest.approx((1.0 + 0.5 + 0.0) / 3)
 
 
-def test_the_tasks_decoding_is_applied(tmp_path: Path) -> None:
+def test_the_tasks_decoding_and_system_prompt_are_applied(tmp_path: Path) -> None:
     from edgepack.task import Decoding
 
-    task = Task(answer=TextAnswer(), decoding=Decoding(max_tokens=7, stop=("\nAction",), repeat_penalty=1.1))
-    rows = load_holdout(write_holdout(tmp_path / "h.jsonl", [{"prompt": "p1", "reference": "Category: thermal"}]), task)
-    seen: list[int] = []
+    task = Task(answer=TextAnswer(), system_prompt="Answer tersely.",
+                decoding=Decoding(max_tokens=7, temperature=0.3, stop=("\nAction",), repeat_penalty=1.1))
+    rows = load_holdout(write_holdout(tmp_path / "h.jsonl", [
+        {"prompt": "p1", "reference": "Category: thermal"},
+        {"messages": [{"role": "system", "content": "Own prompt."}, {"role": "user", "content": "p2"}],
+         "reference": "x"}]), task)
+    backend = TextBackend({"p1": "Category: thermal\nAction: cool it", "p2": "x"})
+    q = evaluate_holdout(backend, rows, task)
+    first, second = backend.calls
+    assert first["messages"] == [{"role": "system", "content": "Answer tersely."}, {"role": "user", "content": "p1"}]
+    assert second["messages"][0] == {"role": "system", "content": "Own prompt."}  # a row's own system turn wins
+    assert (first["max_tokens"], first["temperature"], first["repeat_penalty"], first["json_schema"]) == (7, 0.3, 1.1,
+                                                                                                         None)
+    assert q["examples"][0]["answer"] == "Category: thermal" and q["primary"] == 1.0  # cut at the stop string
+    assert q["decoding"] == ("temperature 0.3, max 7 tokens, repeat penalty 1.1, stop at ['\\nAction'], the task's "
+                             "system prompt")
+    assert q["structured_output"] is None  # not a json task
 
-    class Recording(TextBackend):
-        def stream_chat(self, messages, *, max_tokens, temperature):
-            seen.append(max_tokens)
-            return super().stream_chat(messages, max_tokens=max_tokens, temperature=temperature)
 
-    q = evaluate_holdout(Recording({"p1": "Category: thermal\nAction: cool it"}), rows, task)
-    assert seen == [7] and q["examples"][0]["answer"] == "Category: thermal" and q["primary"] == 1.0
-    assert q["decoding"] == "greedy, max 7 tokens, repeat penalty 1.1, stop at ['\\nAction'] (not applied: the " \
-                            "runtime backends decode with repeat penalty 1.0)"
+SCHEMA = {"type": "object", "required": ["asset", "fault"], "additionalProperties": False,
+          "properties": {"asset": {"type": "string"}, "fault": {"enum": ["leak", "noise"]}}}
+JSON_TASK = Task(answer=JsonAnswer(schema=SCHEMA, fields=("asset", "fault")))
+
+
+class GrammarBackend(TextBackend):
+    """A backend that constrains JSON: under a schema it answers the valid JSON, without one the
+    scripted (sometimes broken) text, as a model decoding with and without a grammar would."""
+
+    format = "gguf"
+    constrains_json = True
+
+    def __init__(self, answers: dict[str, str], constrained: dict[str, str]) -> None:
+        super().__init__(answers)
+        self.constrained = constrained
+
+    def answer(self, prompt: str, json_schema: dict[str, Any] | None) -> str:
+        return self.constrained[prompt] if json_schema is not None else self.answers[prompt]
+
+
+def test_a_json_task_is_gated_under_its_schema_and_reports_the_rate_without_it(tmp_path: Path) -> None:
+    rows = load_holdout(write_holdout(tmp_path / "j.jsonl", [
+        {"prompt": "p1", "reference": '{"asset": "P-101", "fault": "leak"}'},
+        {"prompt": "p2", "reference": '{"asset": "CV-3", "fault": "noise"}'}]), JSON_TASK)
+    backend = GrammarBackend({"p1": '{"asset": "P-101", "fault": "leak"}', "p2": "asset CV-3, noise"},
+                             {"p1": '{"asset": "P-101", "fault": "leak"}', "p2": '{"asset": "CV-3", "fault": "noise"}'})
+    seen: list[tuple[str, int, int]] = []
+    q = evaluate_holdout(backend, rows, JSON_TASK, progress=lambda what, done, total: seen.append((what, done, total)))
+    assert [c["json_schema"] for c in backend.calls] == [SCHEMA, SCHEMA, None, None]  # under the schema, then without
+    assert seen[-1] == ("gate: holdout", 4, 4)
+    assert q["scores"]["valid_json_rate"] == 1.0 and q["primary"] == 1.0  # the verdict judges the constrained pass
+    so = q["structured_output"]
+    assert so["decoding"] == "constrained" and so["constrained"] == {"valid_json_rate": 1.0, "schema_valid_rate": 1.0}
+    assert so["unconstrained"]["valid_json_rate"] == 0.5 and so["unconstrained"]["schema_valid_rate"] == 0.5
+    assert so["unconstrained"]["primary"] == pytest.approx(0.5)
+    assert q["decoding"].endswith("under the task's JSON schema")
+
+
+def test_a_json_task_on_a_backend_that_cannot_constrain_says_unconstrained(tmp_path: Path) -> None:
+    rows = load_holdout(write_holdout(tmp_path / "j.jsonl", [
+        {"prompt": "p1", "reference": '{"asset": "P-101", "fault": "leak"}'}]), JSON_TASK)
+    backend = TextBackend({"p1": "no json here"})
+    backend.format = "onnx"
+    q = evaluate_holdout(backend, rows, JSON_TASK)
+    assert [c["json_schema"] for c in backend.calls] == [None]  # one pass, nothing to constrain with
+    so = q["structured_output"]
+    assert so["decoding"] == "unconstrained" and so["constrained"] is None
+    assert so["unconstrained"] == {"valid_json_rate": 0.0, "schema_valid_rate": 0.0}
+    assert "the onnx runtime cannot constrain decoding to a JSON schema" in so["note"]
+    assert q["decoding"].endswith("JSON unconstrained")
+
+
+def test_what_cannot_be_computed_is_said_per_budget(tmp_path: Path) -> None:
+    fresh = load_holdout(write_holdout(tmp_path / "f.jsonl", [{"prompt": "p1", "label": "thermal"}]))
+    q = evaluate_holdout(ScriptedBackend({"p1": "Category: thermal"}), fresh)
+    assert q["primary"] == 1.0 and q["unmeasured"]["score"] is None
+    assert q["unmeasured"]["relative_quality"].startswith("the holdout rows carry no teacher responses")
+    unscored = load_holdout(write_holdout(tmp_path / "u.jsonl", [{"prompt": "p1", "response": "Category: thermal"}]))
+    q = evaluate_holdout(ScriptedBackend({"p1": "Category: thermal"}), unscored)
+    assert q["primary"] is None and q["unmeasured"]["score"] == q["unmeasured"]["relative_quality"] == (
+        "accuracy not measured: none of the 1 answered rows could be scored for it (a labels task scores against "
+        "a gold `label`)")
 
 
 def test_eval_and_the_gate_give_the_same_number(tiny_gguf: Path, tmp_path: Path) -> None:
@@ -148,13 +232,18 @@ def test_eval_and_the_gate_give_the_same_number(tiny_gguf: Path, tmp_path: Path)
                    ("Pump P-101 bearing noise and vibration.", "mechanical", "Inspect the pump bearings."),
                    ("Motor starter contacts are burnt.", "electrical", "Replace the starter contacts."),
                    ("PLC rack 2 lost Profinet communication.", "network", "Check the switch port.")])]
-    for task in (Task(answer=TextAnswer()), DEMO_TASK):
+    from tests.runtime.helpers import tiny_task
+
+    # tiny_task: the demo's contract with a one-line system prompt, which the gate prepends
+    for task in (Task(answer=TextAnswer()), tiny_task()):
         rows = load_holdout(write_holdout(tmp_path / f"{task.kind}.jsonl", holdout), task)
         gate = answer_holdout(tiny_gguf, fmt="gguf", rows=rows, threads=1, n_ctx=256, task=task)
         assert "error" not in gate, gate
         with get_backend("gguf").load(tiny_gguf, threads=1, n_ctx=256, gpu_layers=0) as backend:
-            answers = ["".join(backend.stream_chat(r["messages"], max_tokens=task.decoding.max_tokens,
-                                                   temperature=0.0)) for r in rows]
+            # as the bundle answers: the task's system prompt before a row without one
+            answers = ["".join(backend.stream_chat(task.prompt_messages(r["messages"]),
+                                                   max_tokens=task.decoding.max_tokens, temperature=0.0))
+                       for r in rows]
         assert [e["answer"] for e in gate["examples"]] == [a[:200] for a in answers]
         scored = answer_scores(task, answers, rows)
         assert scored["primary"] == gate["primary"] and scored["scores"] == gate["scores"]

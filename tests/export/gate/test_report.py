@@ -83,7 +83,8 @@ def test_markdown_names_an_off_scale_budget_and_efficiency() -> None:
 
 def test_search_reports(tmp_path: Path) -> None:
     rows = [{"choice": "gguf:Q8_0", "artifact": "m-Q8_0.gguf", "size_mb": 100.0, "ttft_p95_ms": 300.0,
-             "decode_tokens_per_s": 30.0, "peak_rss_mb": 200.0, "quality": None, "efficiency": 0.4,
+             "decode_tokens_per_s": 30.0, "peak_rss_mb": 200.0, "quality": 0.9, "score": 0.72,
+             "metric": "field_f1", "efficiency": 0.4,
              "verdict": "FAIL", "status": "gated", "reasons": ["decode_tokens_per_s: 30.0 < 40"],
              "report": str(tmp_path / "gate" / "m-Q8_0.gguf.json"), "reused": False, "pareto": False},
             {"choice": "gguf:Q4_K_M", "artifact": "m-Q4_K_M.gguf", "size_mb": 60.0, "ttft_p95_ms": 250.0,
@@ -101,6 +102,10 @@ def test_search_reports(tmp_path: Path) -> None:
     assert paths["png"].read_bytes()[:8] == PNG_MAGIC
     md = paths["md"].read_text()
     assert "**gguf:Q4_K_M** passes every budget" in md
-    assert "| gguf:Q8_0 | m-Q8_0.gguf | 100.0 | 300.0 | 30.0 | 200.0 | n/a | 40.0% | FAIL |  | m-Q8_0.gguf.json |" in md
+    # the task's primary metric names its column (not "accuracy" for a json task), then × teacher
+    assert "| peak RSS MB | field_f1 | × teacher | efficiency |" in md
+    assert ("| gguf:Q8_0 | m-Q8_0.gguf | 100.0 | 300.0 | 30.0 | 200.0 | 0.720 | 0.900 | 40.0% | FAIL |  | "
+            "m-Q8_0.gguf.json |") in md
+    assert "| gguf:Q4_K_M | m-Q4_K_M.gguf | 60.0 | 250.0 | 45.0 | 150.0 | n/a | n/a |" in md
     assert "| onnx:int4 | - |" in md and "not exported" in md
     assert "- gguf:Q8_0: decode_tokens_per_s: 30.0 < 40" in md

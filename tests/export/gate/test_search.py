@@ -101,6 +101,11 @@ def test_reports_are_reused_only_for_the_same_file_and_profile(run: Path, tmp_pa
     again = search(profile=easy, run_dir=run)
     assert [r["reused"] for r in again["rows"] if r["status"] == "gated"] == [True, True, True]
     assert [r["decode_tokens_per_s"] for r in again["rows"]] == [r["decode_tokens_per_s"] for r in first["rows"]]
+    # A report judged under other rules (an older gate's policy) is not reused: the verdict could differ.
+    q8 = Path(next(r["report"] for r in first["rows"] if r["choice"] == "gguf:Q8_0"))
+    q8.write_text(json.dumps({**json.loads(q8.read_text()), "policy": "an older policy"}))
+    rerun = {r["choice"]: r for r in search(profile=easy, run_dir=run)["rows"]}
+    assert rerun["gguf:Q8_0"]["reused"] is False and rerun["gguf:F16"]["reused"] is True
     # Change the ONNX folder (one byte of its config): its digest changes, so it is gated again.
     onnx = next(p for p in (run / ARTIFACTS_DIR).iterdir() if p.is_dir())
     (onnx / "config.json").write_text((onnx / "config.json").read_text() + "\n")
@@ -116,6 +121,10 @@ def test_reports_are_reused_only_for_the_same_file_and_profile(run: Path, tmp_pa
 def test_a_holdout_given_now_needs_a_report_with_quality(run: Path, tmp_path: Path) -> None:
     from tests.runtime.helpers import HOLDOUT_ROWS
 
+    from edgepack.task import save_task
+    from tests.runtime.helpers import tiny_task
+
+    save_task(tiny_task(), run / "task.json")  # the demo's prompt would not fit the tiny context
     easy = profile(tmp_path, "easy", choices='["gguf:Q8_0"]', min_relative_quality=0.0)
     search(profile=easy, run_dir=run)
     holdout = tmp_path / "holdout.jsonl"
@@ -123,7 +132,11 @@ def test_a_holdout_given_now_needs_a_report_with_quality(run: Path, tmp_path: Pa
     result = search(profile=easy, run_dir=run, holdout=holdout)
     row = result["rows"][0]
     assert row["reused"] is False and row["quality"] is not None and result["holdout"] == str(holdout)
+    assert row["metric"] == "accuracy" and row["score"] is not None  # the task's primary metric
     assert result["pareto_axes"][-1] == "quality (higher)"
+    from edgepack.export.gate.report import search_markdown
+
+    assert "| peak RSS MB | accuracy | × teacher |" in search_markdown(result)
 
 
 def test_explicit_artifact_list_without_a_run(artifacts_run: Path, tmp_path: Path, cache_dir: Path) -> None:
@@ -138,12 +151,13 @@ def test_explicit_artifact_list_without_a_run(artifacts_run: Path, tmp_path: Pat
 
 
 def test_pareto_front_is_pure() -> None:
-    rows = [{"choice": "a", "size_mb": 10.0, "decode_tokens_per_s": 50.0, "quality": 0.9},
-            {"choice": "b", "size_mb": 5.0, "decode_tokens_per_s": 80.0, "quality": 0.8},
-            {"choice": "c", "size_mb": 6.0, "decode_tokens_per_s": 70.0, "quality": 0.8},   # dominated by b
-            {"choice": "d", "size_mb": None, "decode_tokens_per_s": None, "quality": None}]  # not measured
+    # quality is the task's primary metric (score): it needs no teacher, unlike the relative quality
+    rows = [{"choice": "a", "size_mb": 10.0, "decode_tokens_per_s": 50.0, "score": 0.9, "quality": None},
+            {"choice": "b", "size_mb": 5.0, "decode_tokens_per_s": 80.0, "score": 0.8, "quality": None},
+            {"choice": "c", "size_mb": 6.0, "decode_tokens_per_s": 70.0, "score": 0.8},   # dominated by b
+            {"choice": "d", "size_mb": None, "decode_tokens_per_s": None, "score": None}]  # not measured
     front, axes = pareto_front(rows)
     assert front == ["a", "b"] and axes[-1] == "quality (higher)"
-    rows[0]["quality"] = None  # a missing quality drops the quality axis instead of inventing one
+    rows[0]["score"] = None  # a missing quality drops the quality axis instead of inventing one
     front, axes = pareto_front(rows)
     assert front == ["b"] and len(axes) == 2
