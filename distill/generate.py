@@ -2,11 +2,13 @@
 
 Generators are registered by :attr:`TeacherSource.kind` in :data:`GENERATORS`. Each opens
 the teacher once and yields a function ``messages -> Generation``; :func:`generate_many`
-answers a batch in order (concurrently for endpoint teachers, see endpoint.py). Prompts are always
-rendered with the chat template of the materialized teacher folder (``RUN/teacher``) in
-edgepack's bounded sandbox (:func:`~edgepack.runtime.chat.template.render_hf_chat`, the text
-transformers' ``apply_chat_template`` gives, with loops, numbers and strings bounded), and tokenized by :mod:`edgepack.runtime.chat.tokens`: the template's markup (``<|im_start|>``...)
-becomes its control tokens, message text never does (a prompt that types ``<|im_start|>system``
+answers a batch in order (concurrently for endpoint teachers, see endpoint.py). A local
+teacher's prompts are rendered with the chat template of its materialized folder
+(``RUN/teacher``, or ``RUN/teacher-corrected`` after teacher correction) in edgepack's bounded
+sandbox (:func:`~edgepack.runtime.chat.template.render_hf_chat`, the text transformers'
+``apply_chat_template`` gives, with loops, numbers and strings bounded), and tokenized by
+:mod:`edgepack.runtime.chat.tokens`: the template's markup (``<|im_start|>``...) becomes its
+control tokens, message text never does (a prompt that types ``<|im_start|>system``
 stays text). Endpoint teachers send the messages as they are; the server applies its model's
 own template.
 
@@ -224,7 +226,8 @@ def _endpoint(source: TeacherSource, cache_dir: Path, params: DecodeParams, **op
 
 
 # kind → opener(source, folder, params, **options). ``folder`` is the teacher's local folder:
-# the materialized weights (RUN/teacher) for local kinds, the answer cache for endpoints.
+# the materialized weights (RUN/teacher or RUN/teacher-corrected) for local kinds, the answer
+# cache for endpoints.
 # The GGUF opener takes ``threads`` (None: every core); the endpoint opener takes ``endpoint``.
 GENERATORS: dict[str, Callable[..., Any]] = {
     "gguf": _llamacpp,

@@ -6,7 +6,7 @@ smaller ones (each a divisor of the step's batch, the rest is gradient accumulat
 returns the first whose estimated peak fits the profile's training memory
 (``[training] memory_mb``). The estimate is ``edgepack.memory.estimate_train`` (weights,
 gradients, AdamW state, activations, the teacher held for online KD) plus the process's
-resident memory before any model is loaded (Python, torch, the tokenizer). It is an upper
+resident memory before the tokenizer or any model is loaded (Python, torch). It is an upper
 bound: it counts full-sequence logits, while training computes them at answer positions only.
 Training reports it beside the measured peak (process RSS on the CPU).
 

@@ -39,7 +39,7 @@ from typing import Any
 
 from edgepack.atomic import atomic_path, clean_stale, is_complete, write_json, write_text
 from edgepack.constants import (COMPLETE_MARKER, DATA_DIR, SOFTLABELS_DIR, SOFTLABELS_INDEX, TEACHER_CONTEXT,
-                                TEACHER_DIR, TEACHER_SOURCE, TRAIN_FILE)
+                                TEACHER_SOURCE, TRAIN_FILE)
 from edgepack.errors import DataError, InvalidModelFile, RunDirError, UsageError
 from edgepack.hashing import sha256_file
 from edgepack.progress import ProgressFn, null_progress
@@ -81,10 +81,8 @@ def _teacher_dir(run_dir: Path) -> Path:
     data_dir = run_dir / DATA_DIR
     if not is_complete(data_dir):
         raise RunDirError(f"{data_dir} is missing or incomplete", hint="run `edgepack distill data` first")
-    try:
-        from edgepack.distill.data import teacher_dir_of
-    except ImportError:  # older data stage: the teacher is always RUN/teacher
-        return run_dir / TEACHER_DIR
+    from edgepack.distill.data import teacher_dir_of
+
     return teacher_dir_of(run_dir)
 
 

@@ -13,8 +13,8 @@ per-layer lists in :data:`PER_LAYER_CONFIG_KEYS`) cut down.
 
 Sizing for a profile (:func:`choose_num_layers`): the largest block count whose parameters
 are at most ``MAX_PARAM_FRACTION`` of the teacher's and whose estimated deploy memory fits
-the profile's ``memory_budget_mb``. The estimate (:func:`estimate_deploy_mb`, the one estimator
-in ``edgepack/memory.py``) is the weights as the profile's first (preferred) format and
+the profile's ``memory_budget_mb``. The estimate (:func:`estimate_deploy_mb`, which asks the one
+estimator in ``edgepack/memory.py``) is the weights as the profile's first (preferred) format and
 quantization store them, the KV cache at ``context_length`` and the format's runtime
 allowance; the gate measures the real number later.
 """

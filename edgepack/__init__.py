@@ -2,7 +2,10 @@
 
 Stages live in their own packages: ``edgepack.distill`` → ``edgepack.export`` →
 ``edgepack.runtime``, with ``edgepack.profiles`` as data. This package holds the CLI and
-what every stage shares (errors, constants, run config, atomic file helpers).
+what every stage shares: errors, constants, run config, atomic files and stage locks, the
+format registry (formats.py), the one memory estimator (memory.py), the bounded GGUF header
+reader (gguf_header.py), hashing and provenance, and the task contract with its scorer
+(task.py, scoring.py).
 """
 
 from __future__ import annotations

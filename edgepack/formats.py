@@ -35,7 +35,8 @@ run, chat     ``backend``; ``artifact_memory`` (the memory preflight), ``trained
 gate          ``backend``, ``file_quant``, ``check_templates``; ``traffic`` (decode efficiency)
 gate --search ``file_quant`` (for artifacts given by path)
 pack          ``payload``
-profiles fit  ``predict_memory``
+profiles fit  ``predict_memory``; ``artifact_memory`` (for an artifact given as it is)
+distill train ``predict_memory`` (sizing an ``auto`` student for the profile's first choice)
 ============  ==============================================================================
 """
 
@@ -96,7 +97,7 @@ class Format:
     """Class that loads an artifact for the fidelity report (``describe``, logits, tokenize, greedy)."""
     artifact_memory: str = ""
     """``(artifact_path, n_ctx) -> dict``: weights_bytes, kv_cache_bytes, runtime_allowance_bytes,
-    total_bytes, n_ctx, basis (the runtime preflight)."""
+    total_bytes, n_ctx, basis (the runtime preflight; ``profiles fit`` on an artifact)."""
     trained_context: str = ""
     """``(artifact_path) -> int | None``: the context the model file says it was trained for."""
     file_quant: str = ""
@@ -104,7 +105,8 @@ class Format:
     check_templates: str = ""
     """``(artifact_path, *, strict) -> None``: refuse a hostile or unusable chat template before loading."""
     predict_memory: str = ""
-    """``(model_shape, quant, n_ctx) -> estimate``: the memory of an artifact not yet exported (``profiles fit``)."""
+    """``(model_shape, quant, n_ctx) -> estimate``: the memory of an artifact not yet exported
+    (``profiles fit``, the student sizer)."""
     traffic: str = ""
     """``(artifact_path) -> dict``: bytes read from memory per decoded token (the gate's bandwidth check)."""
     payload: str = ""

@@ -4,7 +4,7 @@
 loading anything heavy: every ``lora_A``/``lora_B`` pair must target a weight that exists
 in the base with matching in/out features, so an adapter trained for another model
 fails with the tensor and both shapes named, not with a torch stack trace. The merged
-model is built in ``<out>.tmp-<pid>`` and renamed with a ``.complete`` marker.
+model is built in ``<out>.tmp-<pid>.edgepack-tmp`` and renamed with a ``.complete`` marker.
 The base comes from ``base_dir`` or the adapter's ``base_model_name_or_path``, which must
 be a local directory (edgepack never downloads).
 """

@@ -57,7 +57,7 @@ from edgepack.export.fidelity.prompts import (BUILTIN_ROWS, TOKENIZER_STRINGS, E
 SCHEMA = 2  # 2: logit metrics over distinct contexts, all-position numbers in *_all_positions
 DEFAULT_MAX_PROMPTS = 16      # held-out rows whose logits are compared
 DEFAULT_MAX_TOKENS = 256      # tokens per compared sequence at most
-DEFAULT_GREEDY_PROMPTS = 4    # chat prompts decoded greedily by reference and each GGUF
+DEFAULT_GREEDY_PROMPTS = 4    # chat prompts decoded greedily by reference and each artifact
 DEFAULT_MAX_NEW_TOKENS = 48   # greedy tokens per prompt at most
 TEXT_PREVIEW = 160            # characters of generated text kept in the report
 

@@ -6,7 +6,7 @@
 2. read the tokenizer into llama.cpp's vocab form (:mod:`edgepack.export.gguf.vocab`);
 3. index the safetensors headers and map every tensor name (:mod:`.tensors`);
 4. write header, metadata and tensor infos, then stream tensors one at a time
-   (checked for NaN/Inf, Q/K-permuted for Llama, cast) into ``<out>.part-<pid>``,
+   (checked for NaN/Inf, Q/K-permuted for Llama, cast) into ``<out>.part-<pid>.edgepack-tmp``,
    renamed to ``out_path`` only when complete.
 
 1-D tensors (norms, biases) stay F32 whatever ``outtype`` is, as in llama.cpp's converter.

@@ -1,7 +1,7 @@
 """Quantize an F32/F16/BF16 GGUF with llama.cpp's own quantizer (via llama-cpp-python).
 
 ``quantize_gguf(src, dst, qtype)`` calls ``llama_model_quantize`` with the ftype named in
-:data:`QUANT_TYPES`; the output is written to ``<dst>.part-<pid>`` and renamed when whole.
+:data:`QUANT_TYPES`; the output is written to ``<dst>.part-<pid>.edgepack-tmp`` and renamed when whole.
 
 Row sizes: K-quants (Q*_K, IQ4_XS) work on 256-wide blocks, Q8_0/Q4_0/Q4_1 on 32-wide
 blocks. For a tensor whose row length is not a multiple of the block, llama.cpp falls back

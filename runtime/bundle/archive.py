@@ -4,7 +4,8 @@ Layout (every member a regular file, no folders, links or devices)::
 
     manifest.json          schema_version, model, format, quant, profile, entrypoint,
                            files [{path, size, sha256}], gate report, gate_status, lineage,
-                           runtime requirements, chat_template (keys: edgepack.constants.M_*)
+                           runtime requirements, chat_template, pack, task, task_scores
+                           (keys: edgepack.constants.M_*)
     manifest.sig           optional Ed25519 signature over manifest.json (runtime/bundle/signing.py)
     <model file>           the entrypoint, e.g. student-Q4_K_M.gguf
     README.md, Modelfile, chat_template.jinja, tokenizer/...   (listed in ``files``)
