@@ -25,9 +25,9 @@ Ollama) and every backend here decode alike:
 * ``repeat_penalty`` — llama.cpp's repetition penalty over the last :data:`PENALTY_LAST_N`
   tokens of prompt and answer together (as llama-server counts them); 1.0 = none.
 * ``json_schema`` — a JSON Schema the answer must satisfy. A backend with
-  :attr:`Backend.constrains_json` decodes under it as a grammar; one without ignores it, and the
-  caller says the answer is unconstrained (:meth:`Backend.check_json_schema` still refuses a
-  schema that is not one).
+  :attr:`Backend.constrains_json` decodes under it as a grammar (all of it but
+  :meth:`Backend.unenforced_keywords`); one without ignores it, and the caller says the answer
+  is unconstrained (:meth:`Backend.check_json_schema` still refuses a schema that is not one).
 
 The shared helpers (:meth:`Backend.stream_chat`, :meth:`Backend.stream`) pass an option to
 ``generate`` only when it is set, so a backend written before the options existed still serves
@@ -141,6 +141,12 @@ class Backend(ABC):
             raise
         except (ValueError, RecursionError) as exc:  # e.g. a pattern's {n} with 5000 digits, in re
             raise UsageError(f"the JSON schema cannot be checked: {type(exc).__name__}: {str(exc)[:200]}") from None
+
+    def unenforced_keywords(self, schema: Any) -> tuple[str, ...]:
+        """JSON Schema keywords of ``schema`` that decoding under it does not enforce (an answer may
+        break them; the scorer still checks them). Only meaningful where :attr:`constrains_json`:
+        elsewhere nothing is enforced."""
+        return ()
 
     def room_for(self, tokens: Sequence[int], *, max_tokens: int, temperature: float,
                  repeat_penalty: float) -> int:

@@ -20,7 +20,10 @@ llama-server and Ollama. The chain is llama-cpp-python's own (penalties, then gr
 40 / typical 1 / top-p 0.95 / min-p 0.05 / temperature / seeded dist), so at penalty 1.0 the
 tokens are the ones ``Llama.generate`` picks. A ``json_schema`` becomes a grammar
 (llama-cpp-python's JSON-schema converter, the Python twin of llama.cpp's) placed after the
-penalties, so greedy decoding picks the best token the schema allows.
+penalties, so greedy decoding picks the best token the schema allows. That converter drops some
+keywords (:data:`UNENFORCED_KEYWORDS`, integer ``minimum``/``maximum`` among them) and writes other
+whitespace rules than llama-server's C++ converter, so a constrained answer can differ from
+llama-server's for the same schema.
 """
 
 from __future__ import annotations
@@ -115,6 +118,38 @@ def _schema_bound_problem(schema: Any) -> str | None:
                         return f"pattern {value[:60]!r} repeats more than {MAX_PATTERN_REPEAT} times"
             stack.append(value)
     return None
+
+
+# Keywords llama-cpp-python 0.3.36's converter drops, so the grammar lets an answer break them
+# (llama.cpp's C++ converter, which llama-server uses, does enforce integer minimum/maximum).
+# ``format`` is left out: JSON Schema makes it an annotation, and so does edgepack's scorer.
+UNENFORCED_KEYWORDS = frozenset({
+    "minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum", "multipleOf", "not", "if", "then", "else",
+    "uniqueItems", "contains", "minContains", "maxContains", "minProperties", "maxProperties", "propertyNames",
+    "patternProperties", "dependentRequired", "dependentSchemas", "unevaluatedProperties", "unevaluatedItems"})
+_SUBSCHEMA_MAPS = ("properties", "$defs", "definitions", "patternProperties", "dependentSchemas")
+_SUBSCHEMA_ONE = ("items", "additionalProperties", "additionalItems", "not", "if", "then", "else", "contains",
+                  "propertyNames", "unevaluatedProperties", "unevaluatedItems")
+_SUBSCHEMA_LISTS = ("allOf", "anyOf", "oneOf", "prefixItems", "items")
+
+
+def unenforced_keywords(schema: Any) -> tuple[str, ...]:
+    """The :data:`UNENFORCED_KEYWORDS` used anywhere in ``schema`` (its subschemas, not property names)."""
+    found: set[str] = set()
+    stack = [schema]
+    while stack:
+        node = stack.pop()
+        if not isinstance(node, dict):
+            continue
+        found |= UNENFORCED_KEYWORDS & node.keys()
+        for key in _SUBSCHEMA_MAPS:
+            if isinstance(node.get(key), dict):
+                stack.extend(node[key].values())
+        stack.extend(node.get(key) for key in _SUBSCHEMA_ONE)
+        for key in _SUBSCHEMA_LISTS:
+            if isinstance(node.get(key), list):
+                stack.extend(node[key])
+    return tuple(sorted(found))
 
 
 @lru_cache(maxsize=64)
@@ -280,6 +315,9 @@ class LlamaCppBackend(Backend):
     def check_json_schema(self, schema: Any) -> None:
         super().check_json_schema(schema)
         self._free(self._grammar_sampler(json_grammar(schema)))
+
+    def unenforced_keywords(self, schema: Any) -> tuple[str, ...]:
+        return unenforced_keywords(schema)
 
     def _grammar_sampler(self, grammar: str) -> Any:
         _install_log_hook()

@@ -34,7 +34,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from edgepack.errors import InvalidModelFile, RuntimeFailure, UnsupportedArchitecture, UsageError
+from edgepack.errors import InvalidModelFile, RuntimeFailure, UnsupportedArchitecture
 from edgepack.runtime.backends.base import PENALTY_LAST_N, Backend, register_backend
 from edgepack.runtime.chat.template import read_chat_template
 from edgepack.runtime.onnx_graph import MODEL_FILE, OnnxGraphInfo, inspect_onnx, model_file

@@ -5,24 +5,35 @@ range or a sampling option this server cannot honour is a 400 that names the fie
 silently ignored. Options that only matter at a value that changes nothing (``n: 1``,
 ``top_p: 1``, penalties of 0, ``logprobs: false``) are accepted at that value.
 
-Defaults differ from OpenAI's in one place, on purpose: ``temperature`` defaults to 0
-(greedy), the decoding the gate measured the bundle with (:data:`DEFAULT_TEMPERATURE`).
-At ``temperature > 0`` llama.cpp samples with fixed filters (top-k 40, top-p 0.95, min-p 0.05).
+Beyond OpenAI's fields: ``repeat_penalty`` (llama.cpp's, as llama-server spells it; > 0, 1 = none).
+``response_format`` takes OpenAI's three shapes (:func:`parse_response_format`): ``text``,
+``json_object`` and ``json_schema`` (``name``, optional ``description``, ``schema``, ``strict``).
+
+Defaults differ from OpenAI's on purpose: a field the request leaves out (``max_tokens``,
+``temperature``, ``repeat_penalty``, ``stop``) is None here and takes the bundle's task decoding,
+the one the gate measured (:mod:`edgepack.runtime.server.decoding`); without a task, greedy and
+no penalty (:class:`edgepack.task.Decoding`'s defaults). At ``temperature > 0`` llama.cpp
+samples with fixed filters (top-k 40, top-p 0.95, min-p 0.05).
 """
 
 from __future__ import annotations
 
 import math
+import re
 import time
 import uuid
 from dataclasses import dataclass
 from typing import Any
 
-DEFAULT_TEMPERATURE = 0.0
 MAX_TEMPERATURE = 2.0
 MAX_STOP_SEQUENCES = 4
 MAX_STOP_CHARS = 256
 MAX_SEED = 2**32 - 1  # llama.cpp seeds are uint32
+MAX_REPEAT_PENALTY = 10.0  # llama.cpp takes any float; past this every seen token is all but banned
+SCHEMA_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")  # OpenAI's rule for json_schema.name
+RESPONSE_FORMATS = ("text", "json_object", "json_schema")
+JSON_OBJECT_SCHEMA: dict[str, Any] = {"type": "object"}
+"""What ``json_object`` (and a ``json_schema`` without a schema) decodes under: any JSON object."""
 MESSAGE_ROLES = ("system", "developer", "user", "assistant")
 
 # Arguments accepted only at the value where they change nothing, and why others are refused.
@@ -39,9 +50,9 @@ _NEUTRAL: dict[str, tuple[tuple[Any, ...], str]] = {
     "parallel_tool_calls": ((False, True), ""),
     "tool_choice": (("none",), "tools are not supported"),
     "tools": (([],), "tools are not supported"),
-    "response_format": (({"type": "text"},), "structured output is not supported"),
 }
-_COMMON = ("model", "max_tokens", "temperature", "seed", "stop", "stream", "stream_options", "user")
+_COMMON = ("model", "max_tokens", "temperature", "seed", "stop", "stream", "stream_options", "user",
+           "repeat_penalty", "response_format")
 CHAT_KEYS = frozenset(_COMMON + ("messages", "max_completion_tokens") + tuple(_NEUTRAL))
 COMPLETION_KEYS = frozenset(_COMMON + ("prompt",) + tuple(_NEUTRAL))
 
@@ -76,19 +87,34 @@ def _bad(message: str, param: str | None = None) -> HttpReject:
 
 
 @dataclass(frozen=True)
+class ResponseFormat:
+    """A request's ``response_format``: ``text``, or JSON under ``schema``."""
+
+    type: str                           # one of RESPONSE_FORMATS
+    schema: dict[str, Any] | None = None
+    """The schema to decode under (``json_object``: :data:`JSON_OBJECT_SCHEMA`); None for text."""
+    name: str | None = None
+    strict: bool | None = None
+    """Accepted as sent; a backend that constrains JSON always decodes under the schema."""
+
+
+@dataclass(frozen=True)
 class GenerationRequest:
-    """A validated chat or text completion request."""
+    """A validated chat or text completion request. None means the request left a field out
+    (the task's decoding, or the server's default, decides it)."""
 
     kind: str                           # "chat" or "completion"
     model: str | None
     messages: list[dict[str, str]] | None
     prompt: str | None
-    max_tokens: int | None              # None: the server default, capped by the context
-    temperature: float
+    max_tokens: int | None
+    temperature: float | None
     seed: int | None
-    stop: tuple[str, ...]
+    stop: tuple[str, ...] | None
     stream: bool
     include_usage: bool
+    repeat_penalty: float | None = None
+    response_format: ResponseFormat | None = None
 
 
 def _is_int(v: Any) -> bool:
@@ -134,9 +160,9 @@ def _messages(value: Any) -> list[dict[str, str]]:
     return out
 
 
-def _stop(value: Any) -> tuple[str, ...]:
+def _stop(value: Any) -> tuple[str, ...] | None:
     if value is None:
-        return ()
+        return None
     stops = [value] if isinstance(value, str) else value
     if not isinstance(stops, list) or not all(isinstance(s, str) and s for s in stops):
         raise _bad("stop must be a non-empty string or an array of non-empty strings", "stop")
@@ -144,6 +170,51 @@ def _stop(value: Any) -> tuple[str, ...]:
         raise _bad(f"stop takes at most {MAX_STOP_SEQUENCES} strings of at most {MAX_STOP_CHARS} characters",
                    "stop")
     return tuple(stops)
+
+
+def parse_response_format(value: Any) -> ResponseFormat | None:
+    """OpenAI's ``response_format`` shapes; HttpReject(400) naming what is wrong. The schema
+    itself is checked later, by the backend that decodes under it."""
+    if value is None:
+        return None
+    param = "response_format"
+    if not isinstance(value, dict) or value.get("type") not in RESPONSE_FORMATS:
+        raise _bad(f"response_format must be an object whose type is one of {', '.join(RESPONSE_FORMATS)}", param)
+    kind = value["type"]
+    allowed = {"type", "json_schema"} if kind == "json_schema" else {"type"}
+    if set(value) - allowed:
+        raise _bad(f"response_format of type {kind} takes no field(s) {', '.join(sorted(set(value) - allowed))}", param)
+    if kind == "text":
+        return ResponseFormat("text")
+    if kind == "json_object":
+        return ResponseFormat("json_object", dict(JSON_OBJECT_SCHEMA))
+    spec = value.get("json_schema")
+    if not isinstance(spec, dict):
+        raise _bad("response_format.json_schema must be an object with a name and a schema", param)
+    unknown = sorted(set(spec) - {"name", "description", "schema", "strict"})
+    if unknown:
+        raise _bad(f"response_format.json_schema: unsupported field(s) {', '.join(unknown)}", param)
+    name = spec.get("name")
+    if not (isinstance(name, str) and SCHEMA_NAME.fullmatch(name)):
+        raise _bad("response_format.json_schema.name is required: 1-64 characters of a-z, A-Z, 0-9, _ and -", param)
+    if spec.get("description") is not None and not isinstance(spec["description"], str):
+        raise _bad("response_format.json_schema.description must be a string", param)
+    schema = spec.get("schema")
+    if schema is not None and not isinstance(schema, dict):
+        raise _bad("response_format.json_schema.schema must be a JSON Schema object", param)
+    strict = spec.get("strict")
+    if strict is not None and not isinstance(strict, bool):
+        raise _bad("response_format.json_schema.strict must be a boolean", param)
+    return ResponseFormat("json_schema", dict(JSON_OBJECT_SCHEMA) if schema is None else schema, name, strict)
+
+
+def _repeat_penalty(value: Any) -> float | None:
+    if value is None:
+        return None
+    if not _is_number(value) or not 0 < value <= MAX_REPEAT_PENALTY:
+        raise _bad(f"repeat_penalty must be a number above 0 and at most {MAX_REPEAT_PENALTY:g} (1 = none)",
+                   "repeat_penalty")
+    return float(value)
 
 
 def parse_request(body: Any, kind: str) -> GenerationRequest:
@@ -178,9 +249,7 @@ def parse_request(body: Any, kind: str) -> GenerationRequest:
     if max_tokens is not None and (not _is_int(max_tokens) or max_tokens < 1):
         raise _bad(f"{max_key} must be a positive integer", max_key)
     temperature = body.get("temperature")
-    if temperature is None:
-        temperature = DEFAULT_TEMPERATURE
-    if not _is_number(temperature) or not 0 <= temperature <= MAX_TEMPERATURE:
+    if temperature is not None and (not _is_number(temperature) or not 0 <= temperature <= MAX_TEMPERATURE):
         raise _bad(f"temperature must be a number from 0 to {MAX_TEMPERATURE:g}", "temperature")
     seed = body.get("seed")
     if seed is not None and (not _is_int(seed) or not 0 <= seed <= MAX_SEED):
@@ -203,8 +272,10 @@ def parse_request(body: Any, kind: str) -> GenerationRequest:
     if user is not None and not isinstance(user, str):
         raise _bad("user must be a string", "user")
     return GenerationRequest(kind=kind, model=model, messages=messages, prompt=prompt, max_tokens=max_tokens,
-                             temperature=float(temperature), seed=seed, stop=_stop(body.get("stop")),
-                             stream=stream, include_usage=include_usage)
+                             temperature=None if temperature is None else float(temperature), seed=seed,
+                             stop=_stop(body.get("stop")), stream=stream, include_usage=include_usage,
+                             repeat_penalty=_repeat_penalty(body.get("repeat_penalty")),
+                             response_format=parse_response_format(body.get("response_format")))
 
 
 # --- responses ------------------------------------------------------------------------------

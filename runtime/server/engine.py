@@ -25,6 +25,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from edgepack.runtime.backends.base import Backend
 
@@ -176,6 +177,9 @@ class Job:
     temperature: float
     seed: int | None
     stop: tuple[str, ...] = ()
+    repeat_penalty: float = 1.0
+    json_schema: dict[str, Any] | None = None
+    """Decode under this JSON Schema (only set for a backend that constrains JSON)."""
 
 
 @dataclass(frozen=True)
@@ -219,8 +223,8 @@ def run_job(backend: Backend, job: Job, *, should_stop: Callable[[], str | None]
         hits = [i for i in (text.find(s) for s in job.stop) if i >= 0]
         return min(hits) if hits else -1
 
-    tokens = backend.generate(job.prompt_tokens, max_tokens=job.max_tokens,
-                              temperature=job.temperature, seed=job.seed)
+    tokens = backend.generate_with(job.prompt_tokens, max_tokens=job.max_tokens, temperature=job.temperature,
+                                   seed=job.seed, repeat_penalty=job.repeat_penalty, json_schema=job.json_schema)
     try:
         for token in _checked(tokens, should_stop, lambda: produced):
             produced += 1

@@ -40,7 +40,8 @@ if TYPE_CHECKING:
 
 LOGPROB_BASIS = ("mean natural-log probability of the generated tokens under the model's own "
                  "distribution (temperature 1, before sampling filters)")
-SAMPLING = "temperature 0 = greedy; above 0 llama.cpp samples with top-k 40, top-p 0.95, min-p 0.05"
+SAMPLING = ("temperature 0 = greedy; above 0 llama.cpp samples with top-k 40, top-p 0.95, min-p 0.05; "
+            "repeat_penalty is llama.cpp's, over the last 64 tokens of prompt and answer")
 # (method, path) -> handler method; the endpoint label in /metrics is the path.
 ROUTES = {
     ("GET", "/health"): "_health",
@@ -354,6 +355,7 @@ class Handler(BaseHTTPRequestHandler):
         meta = dict(app.identity, n_ctx=app.n_ctx, max_queue=app.config.max_queue,
                     timeout_s=app.config.timeout_s, default_max_tokens=app.config.default_max_tokens,
                     sampling=SAMPLING, logprob_basis=LOGPROB_BASIS, chat_available=app.chat_problem is None,
+                    constrains_json=bool(app.backend.constrains_json),
                     fallback=app.config.fallback.describe() if app.config.fallback else None,
                     fallback_min_logprob=app.config.fallback_min_logprob)
         return {"id": app.model_id, "object": "model", "created": app.created, "owned_by": "edgepack",

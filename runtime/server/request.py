@@ -17,7 +17,8 @@ Each check is a function of the request's headers (and the server's settings) th
   tokenized (llama.cpp takes quadratic time on text dense in special tokens: 1 MB cost tens of
   CPU-seconds, issue #20 defect 10; 400);
 - :func:`tokenize_within` — tokenize on a worker thread under the request's deadline (504);
-- :func:`fit_job` — refuse a prompt (or prompt plus ``max_tokens``) beyond the context (400).
+- :func:`fit_job` — refuse a prompt (or prompt plus ``max_tokens``) beyond the context (400)
+  and build the job from the request as :mod:`~edgepack.runtime.server.decoding` resolved it.
 
 :class:`PeerWatch` tells, without blocking, whether the client has gone (a queued or
 generating request then frees its slot).
@@ -40,6 +41,7 @@ from edgepack.runtime.server.api import GenerationRequest, HttpReject
 from edgepack.runtime.server.engine import Job, Reservation, Stop
 
 if TYPE_CHECKING:
+    from edgepack.runtime.server.decoding import Plan
     from edgepack.runtime.server.serve import ModelServer
 
 # Text runs about 2-6 bytes per token; 32 is far above any real prompt that fits the context,
@@ -236,8 +238,10 @@ def tokenize_within(app: ModelServer, req: GenerationRequest, reservation: Reser
     return state["tokens"]
 
 
-def fit_job(tokens: list[int], req: GenerationRequest, app: ModelServer) -> Job:
-    """The :class:`Job` for ``req``'s ``tokens``, once they (and ``max_tokens``) fit the context."""
+def fit_job(tokens: list[int], plan: Plan, app: ModelServer) -> Job:
+    """The :class:`Job` for ``plan``'s ``tokens``, once they (and an explicit ``max_tokens``) fit
+    the context; a default ``max_tokens`` (the task's or the server's) is capped to what is left."""
+    req = plan.request
     room = app.n_ctx - len(tokens)
     if room <= 0:
         raise HttpReject(400, f"the prompt has {len(tokens)} tokens; this model's context holds {app.n_ctx} "
@@ -247,9 +251,9 @@ def fit_job(tokens: list[int], req: GenerationRequest, app: ModelServer) -> Job:
         raise HttpReject(400, f"max_tokens {req.max_tokens} plus the prompt's {len(tokens)} tokens exceeds "
                               f"this model's context of {app.n_ctx} tokens", reason="context_overflow",
                          param="max_tokens")
-    max_tokens = req.max_tokens or min(app.config.default_max_tokens, room)
-    return Job(prompt_tokens=tokens, max_tokens=max_tokens, temperature=req.temperature, seed=req.seed,
-               stop=req.stop)
+    max_tokens = req.max_tokens or min(plan.default_max_tokens, room)
+    return Job(prompt_tokens=tokens, max_tokens=max_tokens, temperature=float(req.temperature or 0.0), seed=req.seed,
+               stop=req.stop or (), repeat_penalty=plan.repeat_penalty, json_schema=plan.json_schema)
 
 
 class PeerWatch:

@@ -62,6 +62,7 @@ from edgepack.constants import BUNDLE_SUFFIX, M_ENTRYPOINT, M_FILES, M_GATE_STAT
 from edgepack.errors import InvalidModelFile, UsageError
 from edgepack.progress import ProgressFn, null_progress
 from edgepack.runtime.server.api import HttpReject
+from edgepack.runtime.server.decoding import announce_unconstrained
 from edgepack.runtime.server.engine import Scheduler
 from edgepack.runtime.server.fallback import FallbackTarget, parse_fallback
 from edgepack.runtime.server.http import HTTPServer
@@ -262,6 +263,7 @@ class ModelServer:
         if self.config.fallback is not None and logprob is None:
             raise UsageError(f"a fallback needs token logprobs, which the {backend.format} backend does not give")
         self.backend, self.session, self.n_ctx = backend, session, backend.n_ctx
+        announce_unconstrained(backend, warn)
         self._ready.set()
         self.metrics.gauges(model_loaded=True)
         progress("load model", 1, 1)

@@ -1,7 +1,8 @@
 """One generation request, from the queue to the last byte: whole answers and SSE streams.
 
 :class:`Generation` runs ``POST /v1/chat/completions`` and ``/v1/completions`` for a
-:class:`~edgepack.runtime.server.http.Handler`: it parses and checks the request
+:class:`~edgepack.runtime.server.http.Handler`: it parses the request, resolves it against the
+bundle's task and its ``response_format`` (:mod:`~edgepack.runtime.server.decoding`), checks it
 (:mod:`~edgepack.runtime.server.request`), takes a place in line
 (:class:`~edgepack.runtime.server.engine.Scheduler`), tokenizes under the request's deadline,
 waits for the model, generates
@@ -24,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 from edgepack.errors import RuntimeFailure
 from edgepack.runtime.server.api import (GenerationRequest, HttpReject, chunk_body, completion_body, error_body,
                                          new_id, parse_request, usage)
+from edgepack.runtime.server.decoding import plan_request, structured_headers
 from edgepack.runtime.server.engine import Job, Outcome, Stop, run_job
 from edgepack.runtime.server.fallback import consult_teacher, teacher_text, teacher_usage
 from edgepack.runtime.server.request import PeerWatch, check_prompt_size, fit_job, tokenize_within
@@ -49,6 +51,7 @@ class Generation:
         self.deadline = self.t0 + self.app.config.timeout_s
         self.gen_started = self.t0
         self.stream_ids: tuple[str, int] = ("", 0)
+        self.structured: dict[str, Any] | None = None  # edgepack.structured_output of the reply
 
     def run(self) -> None:
         """Parse, check, queue, generate, reply; an HttpReject propagates to the handler."""
@@ -58,6 +61,8 @@ class Generation:
             if req.model is not None and req.model != app.model_id:
                 raise HttpReject(404, f"model {req.model!r} is not served here; this server serves "
                                       f"{app.model_id!r}", reason="not_found", param="model")
+            plan = plan_request(app, backend, req)
+            req, self.structured = plan.request, plan.structured
             check_prompt_size(req, app.n_ctx)
             watch = PeerWatch(self.http.connection)
             # With a fallback the answer is only known once complete, so a stream is buffered.
@@ -67,7 +72,7 @@ class Generation:
                 reservation = app.scheduler.reserve()
                 try:
                     tokens = tokenize_within(app, req, reservation, self.deadline, watch.gone)
-                    job = fit_job(tokens, req, app)
+                    job = fit_job(tokens, plan, app)
                     app.scheduler.acquire(self.deadline, watch.gone, reservation)
                 finally:
                     reservation.release()  # nothing left to release once used or taken over
@@ -79,7 +84,7 @@ class Generation:
             try:
                 queued_s = time.monotonic() - self.t0
                 if live:
-                    self._open_stream(req)
+                    self._open_stream(req, self.structured)
                 outcome = self._generate(backend, job, watch, req if live else None)
             except Stop as stop:
                 stopped = stop
@@ -154,13 +159,13 @@ class Generation:
             gone = isinstance(exc, TimeoutError) and time.monotonic() >= self.deadline
             raise Stop("deadline" if gone else "client_disconnect", f"stream write failed: {exc}") from None
 
-    def _open_stream(self, req: GenerationRequest) -> None:
+    def _open_stream(self, req: GenerationRequest, structured: dict[str, Any] | None) -> None:
         """Status line, headers and the opening chunk of an SSE reply."""
         self.stream_ids = (new_id(req.kind), int(time.time()))
         rid, created = self.stream_ids
         remaining = max(0.05, self.deadline - time.monotonic())
         self.http.connection.settimeout(min(self.app.config.read_timeout_s, remaining))
-        self.http.start_reply(200, "text/event-stream", {"X-Accel-Buffering": "no"})
+        self.http.start_reply(200, "text/event-stream", {"X-Accel-Buffering": "no", **structured_headers(structured)})
         self._sse(chunk_body(req.kind, rid, created, self.app.model_id, role=True))
 
     def _finish_stream(self, req: GenerationRequest, job: Job, outcome: Outcome, queued_s: float,
@@ -191,9 +196,10 @@ class Generation:
     def _answer(self, req: GenerationRequest, job: Job, outcome: Outcome, queued_s: float) -> None:
         """Reply with the student's answer, or the teacher's when the fallback takes over."""
         decided = self._decide(req, job, outcome, queued_s)
+        structured = decided["meta"]["structured_output"]
         if req.stream:  # fallback configured: the stream was buffered to decide first
             try:
-                self._open_stream(req)
+                self._open_stream(req, structured)
             except Stop:
                 self._client_gone()
                 return
@@ -202,7 +208,7 @@ class Generation:
         body = completion_body(req.kind, new_id(req.kind), self.app.model_id, decided["text"], decided["finish"],
                                decided["usage"], decided["meta"])
         self._observe(outcome)
-        self.http.send_json(200, body)
+        self.http.send_json(200, body, structured_headers(structured))
 
     def _observe(self, outcome: Outcome) -> None:
         ttft = None if outcome.first_token_s is None else self.gen_started - self.t0 + outcome.first_token_s
@@ -218,7 +224,7 @@ class Generation:
                    if outcome.completion_tokens > 1 and decode_s > 0 else None}
         return dict(self.app.identity, served_by="student",
                     mean_token_logprob=None if outcome.mean_logprob is None else round(outcome.mean_logprob, 6),
-                    fallback=None, timings=timings)
+                    fallback=None, timings=timings, structured_output=self.structured)
 
     def _decide(self, req: GenerationRequest, job: Job, outcome: Outcome, queued_s: float) -> dict[str, Any]:
         """Student or teacher: text, finish reason, usage and metadata of the reply."""
@@ -238,4 +244,9 @@ class Generation:
         text, finish = teacher_text(verdict.answer, req.kind)
         t_usage = teacher_usage(verdict.answer)
         verdict.info.update(student_usage=student_usage, teacher_usage_missing=t_usage is None)
-        return {"text": text, "finish": finish, "usage": t_usage, "meta": dict(meta, served_by="teacher")}
+        structured = meta["structured_output"]
+        if structured is not None:  # the teacher is asked without the schema (fallback.py)
+            structured = dict(structured, constrained=False, unenforced=[],
+                              note="answered by the teacher fallback, which is not constrained to the schema")
+        return {"text": text, "finish": finish, "usage": t_usage,
+                "meta": dict(meta, served_by="teacher", structured_output=structured)}
