@@ -16,8 +16,18 @@ TORCH_FLAGS := $(if $(TORCH_INDEX),--extra-index-url $(TORCH_INDEX),)
 LLAMA_CPP_VERSION := $(shell sed -n 's/.*"llama-cpp-python==\([0-9.]*\)".*/\1/p' pyproject.toml)
 LLAMA_CMAKE_ARGS ?= $(if $(filter x86_64,$(shell uname -m)),-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON,)
 WHEELHOUSE := $(HOME)/.cache/edgepack/wheels/$(shell echo '$(LLAMA_CPP_VERSION) $(LLAMA_CMAKE_ARGS)' | sha256sum | cut -c1-12)
+# llama.cpp's own server, for the test that the bundle gives its gated answers there too (#15):
+# built from the llama.cpp source vendored in the same llama-cpp-python sdist, with the same
+# LLAMA_CMAKE_ARGS as the wheel, static (one self-contained file), without HTTPS or the web UI
+# (nothing downloaded at build time; the test talks to it on loopback), only the llama-server
+# target. Kept in a folder keyed by version and flags like WHEELHOUSE: the first build takes
+# about 10 min on 2 cores (measured 9 min 57 s; a 15 MB binary), later runs reuse it.
+LLAMA_SERVER_FLAGS := -DCMAKE_BUILD_TYPE=Release -DBUILD_SHARED_LIBS=OFF -DLLAMA_BUILD_SERVER=ON \
+	-DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_OPENSSL=OFF -DLLAMA_USE_PREBUILT_UI=OFF
+LLAMA_SERVER_DIR := $(HOME)/.cache/edgepack/llama-server/$(shell echo '$(LLAMA_CPP_VERSION) $(LLAMA_CMAKE_ARGS) $(LLAMA_SERVER_FLAGS)' | sha256sum | cut -c1-12)
+LLAMA_SERVER := $(LLAMA_SERVER_DIR)/llama-server
 
-.PHONY: setup demo test test-fast bench clean
+.PHONY: setup demo test test-fast bench clean llama-server
 
 setup: $(STAMP)
 
@@ -41,11 +51,25 @@ demo: setup
 		--correct-teacher --steps 150
 
 # pytest exits 5 when no test ran; that is a failure here, never a pass.
-test: setup
-	$(BIN)/python -m pytest -q
+# EDGEPACK_LLAMA_SERVER names the binary; a parity test that finds none there fails, never skips.
+test: setup llama-server
+	EDGEPACK_LLAMA_SERVER=$(LLAMA_SERVER) $(BIN)/python -m pytest -q
 
 test-fast: setup
 	$(BIN)/python -m pytest -q -m "not slow"
+
+llama-server: $(LLAMA_SERVER)
+
+$(LLAMA_SERVER): | $(STAMP)
+	rm -rf $(LLAMA_SERVER_DIR)/src $(LLAMA_SERVER_DIR)/build
+	$(BIN)/pip download --quiet --no-binary :all: --no-deps -d $(LLAMA_SERVER_DIR)/src \
+		llama-cpp-python==$(LLAMA_CPP_VERSION)
+	tar -xzf $(LLAMA_SERVER_DIR)/src/llama_cpp_python-$(LLAMA_CPP_VERSION).tar.gz -C $(LLAMA_SERVER_DIR)/src
+	cmake -S $(LLAMA_SERVER_DIR)/src/llama_cpp_python-$(LLAMA_CPP_VERSION)/vendor/llama.cpp \
+		-B $(LLAMA_SERVER_DIR)/build $(LLAMA_CMAKE_ARGS) $(LLAMA_SERVER_FLAGS)
+	cmake --build $(LLAMA_SERVER_DIR)/build --target llama-server -j2
+	cp $(LLAMA_SERVER_DIR)/build/bin/llama-server $@.part && mv $@.part $@
+	rm -rf $(LLAMA_SERVER_DIR)/src $(LLAMA_SERVER_DIR)/build
 
 # BENCHMARKS.md and bench/plots/*.png from the committed bench/*/results*.json; measures nothing.
 # The stage table of runs/demo/pipeline.json (when present) is copied to bench/pipeline/results.json.
