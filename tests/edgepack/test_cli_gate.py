@@ -35,6 +35,13 @@ def test_gate_and_search_cli(tiny_llama_dir: Path, tmp_path: Path) -> None:
     result = json.loads(out.stdout)
     assert {"rows", "chosen", "pareto"} <= set(result)
     assert out.returncode == (0 if result["chosen"] else 1)
+    # the human table (the reports just written are reused): the quality columns are the task's
+    # primary metric ("score" when no holdout measured one) and the relative quality
+    out = subprocess.run([sys.executable, "-m", "edgepack", "gate", str(gguf), "--profile", str(profile),
+                          "--search"], capture_output=True, text=True, timeout=600,
+                         env={**os.environ, "COLUMNS": "300"})
+    header = next(line for line in out.stdout.splitlines() if "choice" in line)
+    assert "score" in header and "× teacher" in header and "accuracy" not in header, out.stdout
 
 
 ALARMS = [("Breaker CB-{i} tripped on overcurrent at the motor control centre.", "electrical"),

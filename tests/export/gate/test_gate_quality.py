@@ -488,3 +488,57 @@ def test_cli_gate_bad_input_exits_2_with_one_line_and_writes_nothing(case: str, 
     errors = [ln for ln in err.splitlines() if ln.startswith("error:")]
     assert rc == 2 and len(errors) == 1 and fragment in errors[0] and "Traceback" not in err, err
     assert not report.parent.exists()
+
+
+# --- a json task gated in the real runtimes -----------------------------------------------------
+SMALL_SCHEMA = {"type": "object", "required": ["asset", "fault"], "additionalProperties": False,
+                "properties": {"asset": {"type": "string", "maxLength": 8}, "fault": {"enum": ["leak", "noise"]}}}
+
+
+def _json_run(tmp_path: Path, artifact: Path) -> tuple[Path, Path, Any]:
+    """A run folder holding ``artifact`` under artifacts/, a json task.json, fresh holdout rows with
+    references (no teacher answers), and a profile judged by a floor only."""
+    from edgepack.task import Decoding, save_task
+
+    run = tmp_path / "run"
+    (run / "artifacts").mkdir(parents=True)
+    (run / "data").mkdir()
+    target = run / "artifacts" / artifact.name
+    (shutil.copytree if artifact.is_dir() else shutil.copy)(artifact, target)
+    save_task(Task(answer=JsonAnswer(schema=SMALL_SCHEMA, fields=("asset", "fault")),
+                   system_prompt="Extract the work order as JSON.", decoding=Decoding(max_tokens=48)),
+              run / "task.json")
+    holdout = write_holdout(run / "data" / "holdout.jsonl", [
+        {"prompt": "Pump P-101 is leaking at the seal.", "reference": '{"asset": "P-101", "fault": "leak"}'},
+        {"prompt": "Fan F-7 makes a grinding noise.", "reference": '{"asset": "F-7", "fault": "noise"}'}])
+    text = write_profile(tmp_path, "floor", min_relative_quality=0.5, choices='["gguf:F16", "onnx:int4"]').read_text()
+    (tmp_path / "floor.toml").write_text(text.replace("min_relative_quality = 0.5", "min_score = 0.0"))
+    return target, holdout, load_profile(str(tmp_path / "floor.toml"))
+
+
+def test_a_json_task_on_gguf_is_gated_under_the_grammar_with_both_rates(tiny_gguf: Path, tmp_path: Path) -> None:
+    artifact, holdout, profile = _json_run(tmp_path, tiny_gguf)
+    report = run_gate(artifact=artifact, profile=profile, holdout=holdout, efficiency=False)
+    assert report["verdict"] == PASS, report["reasons"]  # a floor needs no teacher answers
+    q = report["measurements"]["quality"]
+    so = q["structured_output"]
+    assert so["decoding"] == "constrained" and q["decoding"].endswith("under the task's JSON schema")
+    # random weights, yet every answer is schema-valid JSON: llama.cpp's grammar forces it
+    assert so["constrained"] == {"valid_json_rate": 1.0, "schema_valid_rate": 1.0} == {
+        k: q["scores"][k] for k in ("valid_json_rate", "schema_valid_rate")}
+    assert so["unconstrained"]["valid_json_rate"] is not None and so["unconstrained"]["primary"] is not None
+    assert q["timeout_s"] == pytest.approx(answer_timeout_s(artifact, 2 * 2))  # two rows, two passes
+    from edgepack.export.gate.report import gate_markdown
+
+    assert "- JSON under the task's schema (grammar; the verdict judges these): valid JSON 1.000" in gate_markdown(report)
+
+
+def test_a_json_task_on_onnx_is_gated_unconstrained_and_says_so(tiny_onnx: dict[str, Any], tmp_path: Path) -> None:
+    artifact, holdout, profile = _json_run(tmp_path, Path(tiny_onnx["path"]))
+    report = run_gate(artifact=artifact, profile=profile, holdout=holdout, efficiency=False)
+    q = report["measurements"]["quality"]
+    so = q["structured_output"]
+    assert so["decoding"] == "unconstrained" and so["constrained"] is None
+    assert "the onnx runtime cannot constrain decoding to a JSON schema" in so["note"]
+    assert q["decoding"].endswith("JSON unconstrained") and q["primary_metric"] == "field_f1"
+    assert so["unconstrained"]["valid_json_rate"] == q["scores"]["valid_json_rate"]
