@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -45,9 +45,23 @@ def verify_cmd(
     def human(_: object) -> None:
         signed = ("signature verified (key " + signature["key_id"][:16] + "…)" if signature and signature["verified"]
                   else "signed, signature not checked (pass --key)" if signature else "unsigned")
-        out.print(f"[green]OK[/green] {bundle}: {len(manifest['files'])} files verified; {signed}")
+        out.print(f"[green]OK[/green] {bundle}: {len(manifest['files'])} files verified; {signed}; "
+                  f"{_task_line(manifest)}")
 
     emit(result, json_out, human)
+
+
+def _task_line(manifest: dict[str, Any]) -> str:
+    """``task labels, accuracy 0.800 gated`` (or why there is no task or score) for verify's line."""
+    from edgepack.constants import M_TASK, M_TASK_SCORES
+
+    task, scores = manifest.get(M_TASK), manifest.get(M_TASK_SCORES)
+    if not isinstance(task, dict):
+        return "no task (packed before bundles carried one)"
+    kind = task["answer"]["kind"]
+    if not isinstance(scores, dict) or scores.get("primary") is None:
+        return f"task {kind}, no gated score"
+    return f"task {kind}, {scores['primary_metric']} {scores['primary']:.3f} gated"
 
 
 def keygen_cmd(

@@ -95,3 +95,38 @@ def test_chat_applies_the_task_every_turn(bundle: Path, cache_dir: Path) -> None
     reply = _expected(bundle, first, task.decoding)
     second = [*first, {"role": "assistant", "content": reply}, {"role": "user", "content": "Again"}]
     assert out.stdout.replace("> ", "").splitlines() == [reply, _expected(bundle, second, task.decoding)]
+
+
+def test_verify_names_the_task(bundle: Path, tiny_gguf: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from edgepack.cli import main
+
+    old = _bundle(tiny_gguf, tmp_path / "old.edgepack", None)
+    assert main(["verify", str(bundle)]) == 0 and main(["verify", str(old)]) == 0
+    text = " ".join(capsys.readouterr().out.split())  # rich wraps at the terminal's width
+    first, second = (part.strip() for part in text.split("OK ")[1:])
+    assert first.endswith("task labels, no gated score") and second.endswith("no task (packed before bundles "
+                                                                             "carried one)")
+
+
+@pytest.mark.parametrize("config,system", [({}, "Classify the alarm."), ({"system": "Be brief."}, "Be brief."),
+                                           ({"no_task": True}, None)])
+def test_serve_applies_the_task_its_system_flag_and_no_task(bundle: Path, config: dict[str, Any],
+                                                            system: str | None) -> None:
+    """``serve --system`` / ``--no-task`` reach every chat request; a request's own system turn wins."""
+    import urllib.request
+
+    from edgepack.runtime.server.serve import ServeConfig, start_server
+
+    user = [{"role": "user", "content": PROMPT}]
+    own = [{"role": "system", "content": "Answer in French."}, *user]
+    with start_server(bundle, ServeConfig(port=0, threads=1, **config)) as app:
+        assert (app.session.task is None) is bool(config.get("no_task"))
+        messages, decoding, _ = app.apply_task(user, max_tokens=12)  # as the request below asks
+        assert messages == ([{"role": "system", "content": system}] if system else []) + user
+        assert app.apply_task(own)[0] == own
+        body = json.dumps({"messages": user, "max_tokens": 12}).encode()
+        req = urllib.request.Request(f"{app.url}/v1/chat/completions", data=body,
+                                     headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=120) as resp:
+            served = json.loads(resp.read())["choices"][0]["message"]["content"]
+        assert served == "".join(app.session.answer(messages, decoding))

@@ -330,8 +330,8 @@ def _extracted(bundle: Path, out: Path) -> Path:
     return out
 
 
-def test_the_bundle_carries_the_task_and_its_gated_scores(run: Path, profiles: dict[str, Profile],
-                                                          cache: Path) -> None:
+def test_the_bundle_carries_the_task_and_its_gated_scores(run: Path, profiles: dict[str, Profile], cache: Path,
+                                                          capsys: pytest.CaptureFixture[str]) -> None:
     from edgepack.runtime.session import open_model
     from tests.export.pack.ollama_modelfile import parse_modelfile
     from tests.runtime.helpers import tiny_task
@@ -359,6 +359,10 @@ def test_the_bundle_carries_the_task_and_its_gated_scores(run: Path, profiles: d
     assert f"| accuracy (primary) | {quality['primary']:.3f} |" in readme
     with open_model(Path(result["bundle"])) as session:
         assert session.task == task
+    from edgepack.cli import main
+
+    assert main(["verify", result["bundle"]]) == 0
+    assert f"task labels, accuracy {quality['primary']:.3f} gated" in " ".join(capsys.readouterr().out.split())
 
 
 def test_a_run_without_task_json_packs_the_demo_contract_and_says_so(run: Path,
