@@ -3,11 +3,15 @@
 Input is a JSONL file, one object per line, with either ``"prompt": str`` or
 ``"messages": [{"role", "content"}, ...]`` (ending with a user turn), and optionally
 ``"id"``, ``"label"`` and ``"reference"`` (a seed answer). Bad rows are reported with their
-line numbers and skipped (``strict`` turns the first one into a DataError). Without a file,
-the shipped demo domain is used (``distill/demo``): plant alarm triage with a fixed train
-and holdout file. Spellings of one label (case, width, look-alike letters; see filters.py)
-are one label: rows are stored with it, and the report's ``label_spellings`` and
-``warnings`` say which spellings were merged.
+line numbers and skipped (``strict`` turns the first one into a DataError); the report's
+``warnings`` count them and name the first lines. Instead of a file, ``builtin:NAME`` runs a
+domain shipped with edgepack (distill/shipped.py ``SHIPPED_DOMAINS``, keyed by the exact name):
+``demo``, the default (``distill/demo``: plant alarm triage, six labels), and ``workorders``
+(``distill/domains/workorders``: maintenance work orders → a JSON object). Each has a fixed train
+and holdout file, the teacher's worked examples, its system prompt and its answer kind.
+Spellings of one label (case, width, look-alike letters; see filters.py) are one label: rows
+are stored with it, and the report's ``label_spellings`` and ``warnings`` say which spellings
+were merged.
 
 :func:`build_dataset` validates everything before writing anything, materializes the
 teacher (``RUN/teacher``), asks it one greedy answer per prompt, drops bad answers with a
@@ -17,16 +21,16 @@ is not regenerated, and every teacher answer is kept in ``RUN/cache/teacher`` as
 
 *Teacher context.* The demo's teacher is a 135M model that does not follow the answer format
 from instructions alone; with a few worked examples in its prompt it does. Those
-demonstrations (``demo/shots.jsonl``) are given to the teacher only: stored rows hold the
-student's prompt (system + user), and ``data/teacher_context.json`` records the extra turns
-so that training computes teacher logits under the same context (context distillation).
+demonstrations (a shipped domain's ``shots.jsonl``) are given to the teacher only: stored rows
+hold the student's prompt (system + user), and ``data/teacher_context.json`` records the extra
+turns so that training computes teacher logits under the same context (context distillation).
 
 *The task.* :func:`build_dataset` also writes ``RUN/task.json`` (edgepack/task.py): the answer
-kind (``labels`` when the rows carry labels, ``text`` when they do not, or the user's
-``--format-regex`` / ``--format-schema``), the label set, the system prompt (the demo's, or
-``--system-prompt FILE``, given to every row without a system turn of its own), the teacher's
-demonstrations, the decoding and the primary metric that eval and the gate score with. Its
-hash is part of data/'s identity.
+kind (``labels`` when the rows carry labels, ``text`` when they do not, a shipped domain's own,
+or the user's ``--format-regex`` / ``--format-schema``), the label set, the system prompt (a
+shipped domain's, or ``--system-prompt FILE``, given to every row without a system turn of its
+own), the teacher's demonstrations, the decoding and the primary metric that eval and the gate
+score with. Its hash is part of data/'s identity.
 """
 
 from __future__ import annotations
@@ -49,17 +53,15 @@ from edgepack.errors import DataError, RunDirError, UsageError
 from edgepack.labels import fold_label, unify_labels
 from edgepack.locks import locked_stage
 from edgepack.progress import ProgressFn, null_progress
-from edgepack.task import DEMO_LABELS, DEMO_SYSTEM_PROMPT, TASK_FILE, build_task, save_task
+# The demo's files (distill/shipped.py) and task constants (edgepack/task.py DEMO_TASK) are
+# re-exported: bench scripts and tests import them from here.
+from edgepack.distill.shipped import DEMO_HOLDOUT, DEMO_SEED, DEMO_SHOTS, SHIPPED_DOMAINS, shipped_domain  # noqa: F401
+from edgepack.task import DEMO_LABELS, DEMO_SYSTEM_PROMPT, TASK_FILE, build_task, save_task  # noqa: F401
 
 if TYPE_CHECKING:
     from edgepack.distill.endpoint import EndpointConfig
     from edgepack.answers import JsonAnswer, RegexAnswer
 
-DEMO_DIR = Path(__file__).resolve().parent / "demo"
-DEMO_SEED = DEMO_DIR / "seed.jsonl"
-DEMO_HOLDOUT = DEMO_DIR / "holdout.jsonl"
-DEMO_SHOTS = DEMO_DIR / "shots.jsonl"
-# DEMO_LABELS and DEMO_SYSTEM_PROMPT are the demo task's (edgepack/task.py DEMO_TASK).
 HOLDOUT_FRACTION = 0.2
 _ROLES = ("system", "user", "assistant")
 
@@ -190,13 +192,18 @@ def with_teacher_context(messages: list[dict[str, str]], context: list[dict[str,
     return messages[:n_sys] + context + messages[n_sys:]
 
 
-def load_demo_shots() -> list[dict[str, str]]:
-    """The demo's worked examples as alternating user/assistant turns."""
+def load_shots(path: Path) -> list[dict[str, str]]:
+    """A shipped domain's worked examples (``shots.jsonl``) as alternating user/assistant turns."""
     turns: list[dict[str, str]] = []
-    for row in load_prompts(DEMO_SHOTS, strict=True).rows:
+    for row in load_prompts(path, strict=True).rows:
         turns += [{"role": "user", "content": row.messages[-1]["content"]},
                   {"role": "assistant", "content": row.reference or ""}]
     return turns
+
+
+def load_demo_shots() -> list[dict[str, str]]:
+    """The demo's worked examples as alternating user/assistant turns."""
+    return load_shots(DEMO_SHOTS)
 
 
 @dataclass
@@ -210,22 +217,28 @@ class _Inputs:
     files: dict[str, str]
     label_spellings: dict[str, dict[str, int]] = field(default_factory=dict)
     """Per label, the other spellings of it found in the rows (and their row counts)."""
+    system_prompt: str | None = None
+    """The system turn given to rows without one (the user's, else a shipped domain's)."""
+    answer: JsonAnswer | None = None
+    """A shipped domain's answer kind (None: the rows' labels, or free text)."""
 
 
-def _load_inputs(data: Path | None, *, strict: bool, seed: int, limit: int | None,
+def _load_inputs(data: Path | str | None, *, strict: bool, seed: int, limit: int | None,
                  holdout: Path | None = None, system: str | None = None) -> _Inputs:
-    """The rows (``system`` prepended to rows without a system turn; the demo's by default for
-    the demo), split, labels unified, plus the teacher context and input hashes."""
+    """The rows (``system`` prepended to rows without a system turn; a shipped domain's by
+    default for that domain), split, labels unified, plus the teacher context and input hashes."""
     if limit is not None and limit < 1:
         raise UsageError(f"--limit must be at least 1 (got {limit})")
-    if holdout is not None and data is None:
-        raise UsageError("--holdout replaces the split of your --data file; the demo domain has its own holdout",
-                         hint="pass --data too, or drop --holdout")
-    if data is None:
-        train = load_prompts(DEMO_SEED, strict=True, system=system or DEMO_SYSTEM_PROMPT)
-        hold = load_prompts(DEMO_HOLDOUT, strict=True, system=system or DEMO_SYSTEM_PROMPT)
-        inputs = _Inputs("builtin:demo", train.rows, hold.rows, [], frozenset(DEMO_LABELS), load_demo_shots(),
-                         {p.name: sha256_file(p) for p in (DEMO_SEED, DEMO_HOLDOUT, DEMO_SHOTS)})
+    domain = shipped_domain(data)
+    if holdout is not None and domain is not None:
+        raise UsageError(f"--holdout replaces the split of your --data file; {domain.spec} has its own holdout",
+                         hint="pass --data FILE too, or drop --holdout")
+    if domain is not None:
+        system = system or domain.system()
+        train = load_prompts(domain.seed, strict=True, system=system)
+        hold = load_prompts(domain.holdout, strict=True, system=system)
+        inputs = _Inputs(domain.spec, train.rows, hold.rows, [], frozenset(domain.labels) if domain.labels else None,
+                         load_shots(domain.shots), domain.files(), system_prompt=system, answer=domain.answer())
     else:
         prompts = load_prompts(data, strict=strict, system=system)
         files = {Path(data).name: sha256_file(Path(data))}
@@ -233,6 +246,8 @@ def _load_inputs(data: Path | None, *, strict: bool, seed: int, limit: int | Non
             tr, ho = split_rows(prompts.rows, seed)
             bad = prompts.bad
         else:  # the user's own holdout: every data row trains
+            if not Path(holdout).is_file():
+                raise DataError(f"holdout file not found: {holdout}", hint="pass --holdout FILE.jsonl, or drop it")
             held = load_prompts(holdout, strict=strict, system=system)
             tr, ho = prompts.rows, held.rows
             bad = prompts.bad + [{**b, "file": str(holdout)} for b in held.bad]
@@ -240,14 +255,21 @@ def _load_inputs(data: Path | None, *, strict: bool, seed: int, limit: int | Non
         canonical, spellings = unify_labels(r.label for r in [*tr, *ho] if r.label is not None)
         tr, ho = ([replace(r, label=canonical[r.label]) if r.label is not None else r for r in rs] for rs in (tr, ho))
         labels = frozenset(canonical.values()) or None
-        inputs = _Inputs(str(data), tr, ho, bad, labels, [], files, spellings)
+        inputs = _Inputs(str(data), tr, ho, bad, labels, [], files, spellings, system_prompt=system)
     if limit is not None:
         inputs.train = inputs.train[:limit]
     return inputs
 
 
+def check_inputs(data: Path | str | None, *, holdout: Path | None = None, strict: bool = False,
+                 limit: int | None = None) -> None:
+    """Read and check the prompts (a file, or ``builtin:NAME``) and the holdout as
+    :func:`build_dataset` will, writing nothing: the DataError or UsageError it would raise."""
+    _load_inputs(data, strict=strict, seed=0, limit=limit, holdout=holdout)
+
+
 @locked_stage("distill data", lambda kw: kw["run_dir"])
-def build_dataset(*, teacher: str, data: Path | None, run_dir: Path, limit: int | None = None,
+def build_dataset(*, teacher: str, data: Path | str | None, run_dir: Path, limit: int | None = None,
                   strict: bool = False, seed: int = 0, progress: ProgressFn = null_progress,
                   allow_pickle: bool = False, trust_remote_code: bool = False,
                   correct: bool = False, correction: CorrectionConfig | None = None,
@@ -256,6 +278,7 @@ def build_dataset(*, teacher: str, data: Path | None, run_dir: Path, limit: int 
                   holdout: Path | None = None, system_prompt: str | None = None) -> dict[str, Any]:
     """Generate, filter and store teacher data for distillation; return data/report.json.
 
+    ``data`` is a prompts JSONL or ``builtin:NAME`` (a shipped domain; None: the demo).
     Nothing is written when the teacher spec or the prompts are bad. A complete data/ folder
     from the same teacher and inputs is returned as is (``"skipped": true``).
     ``allow_pickle`` / ``trust_remote_code`` opt in to loading an HF teacher folder that
@@ -270,9 +293,10 @@ def build_dataset(*, teacher: str, data: Path | None, run_dir: Path, limit: int 
     materialize, and the report's ``distillation`` says whether its answers came with logprobs
     (see endpoint.py). Every teacher's answers are cached under ``RUN/cache/teacher`` as they
     arrive, so a rerun after a crash resumes (``teacher_cache`` counts hits and misses).
-    ``answer_format`` (edgepack/task.py ``answer_from_options``) replaces the demo's format
-    check; it is part of data/'s identity and reported as ``format_check``. ``system_prompt``
-    (``--system-prompt``) is the system turn of every row without one (the demo's by default).
+    ``answer_format`` (edgepack/task.py ``answer_from_options``) replaces the data's own format
+    check (the demo's, a shipped domain's schema); it is part of data/'s identity and reported
+    as ``format_check``. ``system_prompt`` (``--system-prompt``) is the system turn of every row
+    without one (a shipped domain's by default).
     The task (answer kind, labels, system prompt, decoding, primary metric) goes to
     ``RUN/task.json``; its hash is part of data/'s identity.
     """
@@ -297,11 +321,11 @@ def build_dataset(*, teacher: str, data: Path | None, run_dir: Path, limit: int 
     correction = (correction or CorrectionConfig()) if correct else None
     identity = {"teacher_sha256": source.sha256, "inputs": inputs.files, "seed": seed, "limit": limit,
                 "decoding": [p.describe() for p in sample_params], "correction": correction.describe() if correction else None}
+    answer_format = answer_format or inputs.answer  # the user's format, else a shipped domain's
     if answer_format is not None:  # absent for the demo format, so data/ built before the option stays valid
         identity["format_check"] = answer_format.format_check()
     # The corrected teacher answers without demonstrations (see below), so its task has none.
-    task = build_task(answer=answer_format, labels=inputs.labels,
-                      system_prompt=system_prompt or (DEMO_SYSTEM_PROMPT if data is None else None),
+    task = build_task(answer=answer_format, labels=inputs.labels, system_prompt=inputs.system_prompt,
                       demonstrations=[] if correction else inputs.context)
     identity["task"] = task.sha256()
     run_dir = Path(run_dir)
@@ -420,7 +444,7 @@ def build_dataset(*, teacher: str, data: Path | None, run_dir: Path, limit: int 
         "generated_tokens": n_tokens,
         "seconds": round(seconds, 2),
         "generated_tokens_per_s": round(n_tokens / seconds, 1) if seconds > 0 else None,
-        "warnings": _warnings(inputs.label_spellings, invalid, len(answers)),
+        "warnings": _warnings(inputs.label_spellings, invalid, len(answers), inputs.bad),
     }
     with atomic_dir(out) as tmp:
         _write_jsonl(tmp / TRAIN_FILE, train_rows)
@@ -442,9 +466,20 @@ def _same_identity(recorded: Any, identity: dict[str, Any], system_prompt: str |
     return isinstance(recorded, dict) and "task" not in recorded and system_prompt is None and recorded == legacy
 
 
-def _warnings(spellings: dict[str, dict[str, int]], invalid: list[str], answers: int) -> list[str]:
+SHOWN_BAD_LINES = 5  # line numbers named in the warning; every one is in the report's bad_row_details
+
+
+def _warnings(spellings: dict[str, dict[str, int]], invalid: list[str], answers: int,
+              bad: list[dict[str, Any]]) -> list[str]:
     """One line per thing the user should know about the data that is not an error."""
     lines = []
+    if bad:
+        shown = ", ".join(f"{Path(b['file']).name}:{b['line']}" if b.get("file") else str(b["line"])
+                          for b in bad[:SHOWN_BAD_LINES])
+        more = f" and {len(bad) - SHOWN_BAD_LINES} more" if len(bad) > SHOWN_BAD_LINES else ""
+        lines.append(f"{len(bad)} bad data line{'s' if len(bad) > 1 else ''} skipped (line{'s' if len(bad) > 1 else ''} "
+                     f"{shown}{more}; first: {bad[0]['reason']}); each is in data/report.json bad_row_details, "
+                     "and --strict stops at the first instead")
     for label, others in spellings.items():
         shown = ", ".join(f"{ascii(s)} ({n} rows{', look-alike letters' if _looks_alike(s, label) else ''})"
                           for s, n in others.items())

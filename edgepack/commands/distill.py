@@ -17,7 +17,9 @@ JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON document o
 def data_cmd(
     out: Annotated[Path, typer.Option("--out", help="Run directory to write.")],
     teacher: Annotated[str, typer.Option(help="HF dir, .gguf, builtin:NAME or openai:URL#MODEL.")] = BUILTIN_TEACHER,
-    data: Annotated[Path | None, typer.Option(help="Prompts JSONL (default: the shipped demo domain).")] = None,
+    data: Annotated[Path | None, typer.Option(
+        help="Prompts JSONL, or builtin:NAME for a shipped domain: builtin:demo (alarm triage, the default) or "
+             "builtin:workorders (work orders → JSON).")] = None,
     holdout: Annotated[Path | None, typer.Option(
         help="Your own holdout prompts (JSONL like --data); then every --data row trains.")] = None,
     limit: Annotated[int | None, typer.Option(help="Use at most N training prompts.")] = None,
@@ -69,7 +71,7 @@ def data_cmd(
                                answer_format=answer_format, holdout=holdout, system_prompt=system)
     if report.get("distillation") == "response-only":
         warn(f"response-only distillation: {report.get('distillation_reason')}")
-    for line in report.get("warnings") or []:  # merged label spellings, refused invalid answers
+    for line in report.get("warnings") or []:  # skipped bad lines, merged label spellings, refused invalid answers
         warn(line)
     emit(report, json_out)
 

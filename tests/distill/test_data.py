@@ -661,3 +661,86 @@ def test_cli_bad_system_prompt_exits_2_and_writes_nothing(content: bytes | None,
     errors = [ln for ln in err.splitlines() if ln.startswith("error:")]
     assert rc == 2 and len(errors) == 1 and message in errors[0] and str(prompt) in errors[0]
     assert not run.exists()
+
+
+# -- shipped domains (--data builtin:NAME) and skipped lines, reported (issue #15) ----------------
+
+def test_builtin_demo_is_the_default_data() -> None:
+    from edgepack.distill.data import _load_inputs
+
+    assert _load_inputs("builtin:demo", strict=False, seed=0, limit=None) == \
+        _load_inputs(None, strict=False, seed=0, limit=None)
+
+
+def test_builtin_workorders_is_a_json_task_from_its_folder(tmp_path: Path, tiny_llama_dir: Path,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """The second shipped domain runs from its files alone: rows with its system prompt, its shots as
+    the teacher's demonstrations, a json task from schema.json, and the identity of its files."""
+    from edgepack.distill.data import SHIPPED_DOMAINS, load_shots
+    from edgepack.task import TASK_FILE, load_task
+
+    domain = SHIPPED_DOMAINS["workorders"]
+    script = {r["prompt"]: (r["reference"], True) for r in read_jsonl(domain.seed) + read_jsonl(domain.holdout)}
+    asked = script_teacher(monkeypatch, script)
+    run = tmp_path / "run"
+    report = build_dataset(teacher=str(tiny_llama_dir), data="builtin:workorders", run_dir=run, seed=0, limit=6)
+    system = (domain.folder / "system.txt").read_text(encoding="utf-8").rstrip()
+    task = load_task(run / TASK_FILE)
+    assert task.kind == "json" and task.primary_metric == "field_f1"
+    assert task.answer.schema == json.loads((domain.folder / "schema.json").read_text())
+    assert task.answer.fields == ("asset", "fault", "priority", "action") and task.answer.file == "schema.json"
+    assert task.system_prompt == system and task.demonstrations == tuple(load_shots(domain.shots))
+    assert len(task.demonstrations) == 2 * len(read_jsonl(domain.shots))
+    assert report["data"] == "builtin:workorders" and report["format_check"]["kind"] == "json-schema"
+    assert report["kept"] == report["train_prompts"] == 6 and report["holdout_prompts"] == len(read_jsonl(domain.holdout))
+    assert set(report["identity"]["inputs"]) == {"seed.jsonl", "holdout.jsonl", "shots.jsonl"}
+    stored = read_jsonl(run / DATA_DIR / TRAIN_FILE) + read_jsonl(run / DATA_DIR / HOLDOUT_FILE)
+    assert all(r["messages"][0] == {"role": "system", "content": system} and len(r["messages"]) == 2 for r in stored)
+    assert all(m[0]["content"] == system and m[1:-1] == list(task.demonstrations) for m in asked)  # teacher only
+    again = build_dataset(teacher=str(tiny_llama_dir), data=Path("builtin:workorders"), run_dir=run, seed=0, limit=6)
+    assert again["skipped"] is True
+    with pytest.raises(RunDirError, match="another teacher or other inputs"):  # another domain, another run
+        build_dataset(teacher=str(tiny_llama_dir), data=None, run_dir=run, seed=0, limit=6)
+
+
+@pytest.mark.parametrize(("data", "kwargs", "message"), [
+    ("builtin:nope", {}, "unknown shipped domain 'builtin:nope'"),
+    ("builtin:workorders", {"holdout": "h.jsonl"}, "builtin:workorders has its own holdout"),
+])
+def test_a_bad_builtin_domain_writes_nothing(data: str, kwargs: dict, message: str, tmp_path: Path,
+                                             tiny_llama_dir: Path) -> None:
+    run = tmp_path / "run"
+    kwargs = {k: _write(tmp_path / v, [GOOD]) for k, v in kwargs.items()}
+    with pytest.raises(UsageError, match=message) as info:
+        build_dataset(teacher=str(tiny_llama_dir), data=data, run_dir=run, seed=0, **kwargs)
+    assert not run.exists()
+    if "unknown" in message:
+        assert "builtin:demo, builtin:workorders" in info.value.hint
+
+
+def test_skipped_lines_are_counted_and_named_in_the_warnings(tmp_path: Path, tiny_llama_dir: Path,
+                                                             scripted_teacher) -> None:
+    rows: list[str | dict] = [{"prompt": p, "label": LABELS[p]} for p in SCRIPT]
+    for at in (2, 5, 6, 8, 9, 11):  # six bad lines among the good ones (1-based line numbers)
+        rows.insert(at - 1, "{broken")
+    holdout = _write(tmp_path / "h.jsonl", [{"prompt": "Pump P-2 bearing noisy", "label": "mechanical"}, "[1]"])
+    data = _write(tmp_path / "p.jsonl", rows)
+    report = build_dataset(teacher=str(tiny_llama_dir), data=data, run_dir=tmp_path / "run", seed=0,
+                           holdout=holdout)
+    assert report["bad_rows"] == 7 and [b["line"] for b in report["bad_row_details"]] == [2, 5, 6, 8, 9, 11, 2]
+    warning = next(w for w in report["warnings"] if "bad data lines skipped" in w)
+    assert warning.startswith("7 bad data lines skipped (lines 2, 5, 6, 8, 9 and 2 more; first: not valid JSON")
+    assert "--strict" in warning
+    with pytest.raises(DataError, match=r"p\.jsonl:2: not valid JSON"):
+        build_dataset(teacher=str(tiny_llama_dir), data=data, run_dir=tmp_path / "strict", seed=0, strict=True)
+
+
+def test_cli_prints_the_skipped_lines(tmp_path: Path, tiny_llama_dir: Path, scripted_teacher,
+                                      capsys: pytest.CaptureFixture[str]) -> None:
+    from edgepack.cli import main
+
+    data = _write(tmp_path / "p.jsonl", [{"prompt": p, "label": LABELS[p]} for p in SCRIPT] + ["{broken"])
+    assert main(["distill", "data", "--teacher", str(tiny_llama_dir), "--data", str(data),
+                 "--out", str(tmp_path / "run")]) == 0
+    err = " ".join(capsys.readouterr().err.split())
+    assert "1 bad data line skipped (line 11; first: not valid JSON" in err
