@@ -49,7 +49,7 @@ class PipelineConfig:
     teacher: str
     """Teacher spec: HF dir, .gguf, builtin:NAME or openai:URL#MODEL."""
     data: Path | None
-    """Prompts JSONL; None = the shipped demo domain."""
+    """Prompts JSONL, or ``builtin:NAME`` (a shipped domain, see distill/shipped.py); None = the demo."""
     run_dir: Path
     """The run directory (not in run.toml: it is where run.toml lives)."""
     steps: int = _D["steps"].default
@@ -63,14 +63,27 @@ class PipelineConfig:
     """LoRA-SFT the teacher on the references before it labels the data."""
     search_quality: str = _D["search_quality"].default
     """Which gated choices answer the holdout: ``all``, or ``until-pass`` (see export/gate/search.py)."""
+    format_regex: str | None = _D["format_regex"].default
+    """``distill data --format-regex``: a regex the whole answer must match (a ``regex`` task)."""
+    format_schema: Path | None = _D["format_schema"].default
+    """``distill data --format-schema``: the answer's JSON Schema file (a ``json`` task)."""
+    system_prompt: Path | None = _D["system_prompt"].default
+    """``distill data --system-prompt``: a file with the task's system prompt."""
+    holdout: Path | None = _D["holdout"].default
+    """``distill data --holdout``: your own holdout prompts; then every data row trains."""
+    strict: bool = _D["strict"].default
+    """``distill data --strict``: the first bad data line stops the run (else each is skipped, and reported)."""
 
     def settings(self) -> dict[str, Any]:
         """run.toml's keys for this config (:data:`edgepack.runconfig.PIPELINE_SETTINGS`)."""
+        path = lambda p: None if p is None else str(p)  # noqa: E731
         return {RUN_PROFILE: self.profile.name if Path(self.profile.source).parent == _shipped_dir()
                 else self.profile.source, RUN_TEACHER: self.teacher,
                 RUN_DATA: str(self.data) if self.data else _D[RUN_DATA].default, RUN_SEED: self.seed,
                 "steps": self.steps, "limit": self.limit, "allow_unverified": self.allow_unverified,
-                "correct_teacher": self.correct_teacher, "search_quality": self.search_quality}
+                "correct_teacher": self.correct_teacher, "search_quality": self.search_quality,
+                "format_regex": self.format_regex, "format_schema": path(self.format_schema),
+                "system_prompt": path(self.system_prompt), "holdout": path(self.holdout), "strict": self.strict}
 
 
 def config_from_settings(settings: dict[str, Any], run_dir: Path) -> PipelineConfig:
@@ -85,11 +98,14 @@ def config_from_settings(settings: dict[str, Any], run_dir: Path) -> PipelineCon
         raise UsageError("no profile given", hint="pass --profile NAME, or --config RUN/run.toml")
     s = pipeline_defaults() | {k: v for k, v in settings.items() if v is not None and k not in RUN_METADATA}
     data = s[RUN_DATA]
+    path = lambda key: None if s[key] is None else Path(s[key])  # noqa: E731
     return PipelineConfig(profile=load_profile(str(s[RUN_PROFILE])), teacher=s[RUN_TEACHER],
                           data=None if data == _D[RUN_DATA].default else Path(data), run_dir=Path(run_dir),
                           steps=s["steps"], limit=s["limit"], seed=s[RUN_SEED],
                           allow_unverified=s["allow_unverified"], correct_teacher=s["correct_teacher"],
-                          search_quality=s["search_quality"])
+                          search_quality=s["search_quality"], format_regex=s["format_regex"],
+                          format_schema=path("format_schema"), system_prompt=path("system_prompt"),
+                          holdout=path("holdout"), strict=s["strict"])
 
 
 def resolve_config(*, config: Path | None, run_dir: Path | None, overrides: dict[str, Any]) -> PipelineConfig:
@@ -133,14 +149,25 @@ def _shipped_dir() -> Path:
 
 
 def _validate_inputs(cfg: PipelineConfig) -> None:
-    """Fail on bad input before anything is written under the run directory."""
-    from edgepack.distill.data import load_prompts
+    """Fail on bad input before anything is written under the run directory: the settings, the
+    teacher spec, the data and holdout (as ``distill data`` reads them), the answer format and
+    the system prompt file."""
+    from edgepack.distill.data import check_inputs
     from edgepack.distill.teachers import resolve_teacher
 
     check_pipeline_settings(cfg.settings(), source="pipeline settings")
     resolve_teacher(cfg.teacher)
-    if cfg.data is not None:
-        load_prompts(cfg.data, strict=False)
+    _task_options(cfg)
+    check_inputs(cfg.data, holdout=cfg.holdout, strict=cfg.strict, limit=cfg.limit)
+
+
+def _task_options(cfg: PipelineConfig) -> dict[str, Any]:
+    """``build_dataset``'s task arguments from the pipeline's flags (each checked: a regex that
+    does not compile, a schema that is not one, an empty system prompt file are UsageErrors)."""
+    from edgepack.task import answer_from_options, read_system_prompt
+
+    return {"answer_format": answer_from_options(cfg.format_regex, cfg.format_schema),
+            "system_prompt": read_system_prompt(cfg.system_prompt) if cfg.system_prompt is not None else None}
 
 
 # --- what each stage returns ----------------------------------------------------------------------
@@ -154,6 +181,11 @@ class DataResult:
     summary: str
     report: dict[str, Any]
     """build_dataset's report (kept/dropped rows, teacher correction...)."""
+
+    @property
+    def warnings(self) -> list[str]:
+        """What the user should know about the data (skipped bad lines, merged label spellings...)."""
+        return list(self.report.get("warnings") or [])
 
 
 @dataclass(frozen=True)
@@ -171,7 +203,8 @@ class EvalResult:
 
     summary: str
     scores: dict[str, dict[str, Any]]
-    """``teacher`` / ``undistilled`` / ``distilled`` → label_accuracy, teacher_label_agreement, kl, ce."""
+    """``teacher`` / ``undistilled`` / ``distilled`` → label_accuracy, teacher_label_agreement, kl, ce and
+    ``primary``, the task's primary metric (eval.json's ``task.primary_metric``)."""
     gap_closed: Any
     contamination: Any
 
@@ -262,7 +295,7 @@ def run_pipeline(cfg: PipelineConfig, progress: ProgressFn = null_progress) -> d
     write_run_config(run, cfg.settings(), defaults=pipeline_defaults())
     started, load_start = _now(), load_average()
     stages = _StageTimer(progress)
-    stages.run("distill data", lambda: distill_data(cfg, progress))
+    data = stages.run("distill data", lambda: distill_data(cfg, progress))
     stages.run("distill train", lambda: distill_train(cfg, progress))
     evaluation = stages.run("eval", lambda: evaluate(cfg, progress))
     stages.run("export", lambda: export_artifacts(cfg, progress))
@@ -282,7 +315,8 @@ def run_pipeline(cfg: PipelineConfig, progress: ProgressFn = null_progress) -> d
               "verdict": gate.verdict, "chosen": gate.chosen, "packaged": packed.choice, "bundle": packed.bundle,
               "sample": smoke.sample if smoke else {}, "eval": evaluation.as_report(), "summary": rows,
               "search": {k: gate.search.get(k) for k in ("pareto", "pareto_axes", "notes", "search_quality",
-                                                         "best_on_this_host", "holdout")}}
+                                                         "best_on_this_host", "holdout")},
+              "warnings": data.warnings}
     write_json(run / PIPELINE_FILE, result)
     return result
 
@@ -292,11 +326,22 @@ def distill_data(cfg: PipelineConfig, progress: ProgressFn = null_progress) -> D
     from edgepack.distill.data import build_dataset
 
     report = build_dataset(teacher=cfg.teacher, data=cfg.data, run_dir=cfg.run_dir, limit=cfg.limit,
-                           strict=False, seed=cfg.seed, progress=progress, correct=cfg.correct_teacher)
+                           strict=cfg.strict, seed=cfg.seed, progress=progress, correct=cfg.correct_teacher,
+                           holdout=cfg.holdout, **_task_options(cfg))
     fixed = report.get("teacher_correction")
+    # A task without labels (json, text) has no label accuracy to show for the correction.
     note = (f", teacher accuracy {fixed['accuracy_before']} → {fixed['accuracy_after']} after correction"
-            if fixed else "")
-    return DataResult(_short(report, ("kept", "dropped")) + note, report)
+            if fixed and fixed.get("accuracy_after") is not None else "")
+    return DataResult(_short(report, ("kept", "dropped")) + note + _skipped(report), report)
+
+
+def _skipped(report: dict[str, Any], shown: int = 5) -> str:
+    """``, 3 bad data lines skipped (lines 4, 9, holdout.jsonl:2)``, or "" when none was."""
+    bad = report.get("bad_row_details") or []
+    if not report.get("bad_rows"):
+        return ""
+    lines = ", ".join(f"{Path(b['file']).name}:{b['line']}" if b.get("file") else str(b["line"]) for b in bad[:shown])
+    return f", {report['bad_rows']} bad data line{'s' if report['bad_rows'] > 1 else ''} skipped (lines {lines})"
 
 
 def distill_train(cfg: PipelineConfig, progress: ProgressFn = null_progress) -> TrainResult:
@@ -318,11 +363,15 @@ def evaluate(cfg: PipelineConfig, progress: ProgressFn = null_progress) -> EvalR
     report = _read_json(run / EVAL_REPORT)
     if not report or (run / EVAL_REPORT).stat().st_mtime < (run / STUDENT_DIR).stat().st_mtime:
         report = evaluate_run(run_dir=run, progress=progress)
-    scores = {name: {k: report[name].get(k) for k in ("label_accuracy", "teacher_label_agreement", "kl", "ce")}
+    scores = {name: {k: report[name].get(k) for k in ("label_accuracy", "teacher_label_agreement", "kl", "ce",
+                                                      "primary")}
               for name in ("teacher", "undistilled", "distilled") if name in report}
-    acc = {name: scores.get(name, {}).get("label_accuracy") for name in ("undistilled", "distilled", "teacher")}
-    summary = (f"holdout accuracy: undistilled {acc['undistilled']} → distilled {acc['distilled']} "
-               f"(teacher {acc['teacher']})")
+    # The task's primary metric (label accuracy for the demo); eval.json before the task contract has only that.
+    metric = (report.get("task") or {}).get("primary_metric") or "accuracy"
+    value = {name: _round(s["primary"], 4) if s.get("primary") is not None else s.get("label_accuracy")
+             for name, s in scores.items()}
+    summary = (f"holdout {metric}: undistilled {value.get('undistilled')} → distilled {value.get('distilled')} "
+               f"(teacher {value.get('teacher')})")
     return EvalResult(summary, scores, report.get("gap_closed"), report.get("contamination"))
 
 
@@ -406,19 +455,23 @@ def _holds(bundle: Path, artifact: Path, profile: Profile) -> bool:
 
 
 def smoke_run(run: Path, bundle: Path) -> SmokeResult:
-    """Load the finished bundle the way a device would and answer one holdout prompt."""
+    """Load the finished bundle the way a device would and answer one holdout prompt sent bare (the
+    user turn alone): the bundle's task supplies the system prompt, the decoding and, for a json
+    task on a backend that constrains JSON, the schema, as ``edgepack run`` applies them."""
     from edgepack.runtime.session import open_model
 
     with open(run / DATA_DIR / HOLDOUT_FILE, encoding="utf-8") as fh:
-        messages = json.loads(fh.readline())["messages"]
+        prompt = json.loads(fh.readline())["messages"][-1]["content"]
     with open_model(bundle) as session:
-        text = "".join(session.stream_chat(messages, max_tokens=48, temperature=0.0))
-    return SmokeResult(text.strip().replace("\n", " ")[:80], {"prompt": messages[-1]["content"], "completion": text})
+        messages, decoding, schema = session.apply_task([{"role": "user", "content": prompt}])
+        text = "".join(session.answer(messages, decoding, schema))
+    return SmokeResult(text.strip().replace("\n", " ")[:80], {"prompt": prompt, "completion": text})
 
 
 def summary_row(row: dict[str, Any]) -> dict[str, Any]:
     """One line of the pipeline's table from a search row: artifact, format, size, latency,
-    memory, quality, verdict (``not exported`` / ``skipped`` when it was not gated)."""
+    memory, quality (label accuracy, and the task's primary metric), verdict (``not exported`` /
+    ``skipped`` when it was not gated)."""
     report = _read_json(Path(row["report"])) if row.get("report") else {}
     quality = (report.get("measurements") or {}).get("quality") or {}
     fmt, quant = row["choice"].split(":", 1)
@@ -426,7 +479,8 @@ def summary_row(row: dict[str, Any]) -> dict[str, Any]:
             "size_mb": _round(row.get("size_mb")), "ttft_p95_ms": _round(row.get("ttft_p95_ms")),
             "decode_tokens_per_s": _round(row.get("decode_tokens_per_s")),
             "peak_memory_mb": _round(row.get("peak_rss_mb")),
-            "accuracy": _round(quality.get("accuracy"), 3), "relative_quality": _round(row.get("quality"), 3),
+            "accuracy": _round(quality.get("accuracy"), 3), "primary_metric": quality.get("primary_metric"),
+            "primary": _round(quality.get("primary"), 3), "relative_quality": _round(row.get("quality"), 3),
             "quality_measured": row.get("quality_measured", False),
             "efficiency": _round(row.get("efficiency"), 3), "verdict": row.get("verdict") or row.get("status"),
             "reasons": row.get("reasons", []), "pareto": row.get("pareto", False), "reused": row.get("reused", False),

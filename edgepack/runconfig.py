@@ -50,7 +50,7 @@ SEARCH_QUALITY_MODES = ("all", "until-pass")
 PIPELINE_SETTINGS: dict[str, Setting] = {
     RUN_PROFILE: Setting(str, None, "profile name or path to a profile .toml (required)"),
     RUN_TEACHER: Setting(str, BUILTIN_TEACHER, "teacher spec: HF dir, .gguf, builtin:NAME or openai:URL#MODEL"),
-    RUN_DATA: Setting(str, "builtin:demo", "prompts JSONL, or builtin:demo for the shipped demo domain"),
+    RUN_DATA: Setting(str, "builtin:demo", "prompts JSONL, or builtin:NAME for a shipped domain (demo, workorders)"),
     RUN_SEED: Setting(int, 0, "seed of data sampling and training", minimum=0),
     "steps": Setting(int, 30, "KD optimizer steps", minimum=1),
     "limit": Setting(int, None, "use at most this many training prompts (absent: all)", minimum=1),
@@ -58,6 +58,12 @@ PIPELINE_SETTINGS: dict[str, Setting] = {
     "correct_teacher": Setting(bool, False, "LoRA-SFT the teacher on the references first"),
     "search_quality": Setting(str, "until-pass", "which gated choices answer the holdout: all, or until-pass "
                               "(only where it can decide the verdict)", choices=SEARCH_QUALITY_MODES),
+    # `distill data`'s task flags, passed through by the pipeline (absent: the data decides)
+    "format_regex": Setting(str, None, "answer format: a regex the whole answer must match"),
+    "format_schema": Setting(str, None, "answer format: a JSON Schema file the answer must satisfy"),
+    "system_prompt": Setting(str, None, "a text file with the task's system prompt"),
+    "holdout": Setting(str, None, "your own holdout prompts (JSONL); then every data row trains"),
+    "strict": Setting(bool, False, "stop at the first bad data line instead of skipping it (reported)"),
 }
 
 

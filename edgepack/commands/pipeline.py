@@ -16,7 +16,9 @@ def pipeline_cmd(
                                                                  "flags given with it override its keys.")] = None,
     teacher: Annotated[str | None, typer.Option(help="HF dir, .gguf, builtin:NAME or openai:URL#MODEL "
                                                      "(default: builtin:smollm2-135m-instruct).")] = None,
-    data: Annotated[Path | None, typer.Option(help="Prompts JSONL (default: the shipped demo domain).")] = None,
+    data: Annotated[Path | None, typer.Option(
+        help="Prompts JSONL, or builtin:NAME for a shipped domain: builtin:demo (alarm triage, the default) or "
+             "builtin:workorders (work orders → JSON).")] = None,
     steps: Annotated[int | None, typer.Option(help="KD optimizer steps (default 30).")] = None,
     limit: Annotated[int | None, typer.Option(help="Use at most N training prompts.")] = None,
     seed: Annotated[int | None, typer.Option(help="Seed (default 0).")] = None,
@@ -28,19 +30,35 @@ def pipeline_cmd(
     search_quality: Annotated[str | None, typer.Option(
         help="Which gated choices answer the holdout: until-pass (default: only where it can decide the "
              "verdict, i.e. before the first PASS and within the latency and memory budgets) or all.")] = None,
+    format_regex: Annotated[str | None, typer.Option(
+        help="As `distill data --format-regex`: the answer is a regex match (a `label` group is its label).")] = None,
+    format_schema: Annotated[Path | None, typer.Option(
+        help="As `distill data --format-schema`: the answer is JSON valid under this JSON Schema file.")] = None,
+    system_prompt: Annotated[Path | None, typer.Option(
+        help="As `distill data --system-prompt`: a text file with the task's system prompt.")] = None,
+    holdout: Annotated[Path | None, typer.Option(
+        help="As `distill data --holdout`: your own holdout prompts; then every --data row trains.")] = None,
+    strict: Annotated[bool | None, typer.Option(
+        "--strict/--no-strict", help="Stop at the first bad data line (default: skip each one, and report them).")
+    ] = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout.")] = False,
 ) -> None:
     """Run every stage end to end (export: every format the profile allows; gate: --search) and
     print the search table, the bundle path and the gate verdict."""
-    from edgepack.console import emit, out as console, progress_bars
+    from edgepack.console import emit, out as console, progress_bars, warn
     from edgepack.pipeline import resolve_config, run_pipeline
 
-    overrides = {"profile": profile, "teacher": teacher, "data": str(data) if data is not None else None,
+    path = lambda p: str(p) if p is not None else None  # noqa: E731
+    overrides = {"profile": profile, "teacher": teacher, "data": path(data),
                  "steps": steps, "limit": limit, "seed": seed, "allow_unverified": allow_unverified,
-                 "correct_teacher": correct_teacher, "search_quality": search_quality}
+                 "correct_teacher": correct_teacher, "search_quality": search_quality,
+                 "format_regex": format_regex, "format_schema": path(format_schema),
+                 "system_prompt": path(system_prompt), "holdout": path(holdout), "strict": strict}
     cfg = resolve_config(config=config, run_dir=out, overrides=overrides)
     with progress_bars(not json_out) as progress:
         result = run_pipeline(cfg, progress=progress)
+    for line in result.get("warnings") or []:  # skipped bad data lines, merged label spellings...
+        warn(line)
 
     def human(r: dict[str, Any]) -> None:
         from rich.table import Table
@@ -53,15 +71,18 @@ def pipeline_cmd(
             from rich import box
 
             # Short headers so the table fits 80 columns: TTFT95 = TTFT p95 in ms, acc = holdout label
-            # accuracy, ×teach = accuracy relative to the teacher's.
+            # accuracy (or the task's primary metric, named), ×teach = that relative to the teacher's.
+            metric = next((row["primary_metric"] for row in r["summary"] if row.get("primary_metric")), "accuracy")
+            score = "acc" if metric == "accuracy" else metric
             g = Table(title=f"gate --search on {r['profile']}, best quality first (* packaged)", box=box.SIMPLE_HEAD,
                       pad_edge=False, collapse_padding=True)
-            for name in ("artifact", "fmt", "MB", "TTFT95", "tok/s", "peakMB", "acc", "×teach", "verdict"):
+            for name in ("artifact", "fmt", "MB", "TTFT95", "tok/s", "peakMB", score, "×teach", "verdict"):
                 g.add_column(name, no_wrap=True)
             for row in r["summary"]:
+                row = {**row, "score": row["primary"] if row.get("primary") is not None else row["accuracy"]}
                 cells = [str(row[k]) if row[k] is not None else "-" for k in
                          ("artifact", "format", "size_mb", "ttft_p95_ms", "decode_tokens_per_s", "peak_memory_mb",
-                          "accuracy", "relative_quality", "verdict")]
+                          "score", "relative_quality", "verdict")]
                 if row["choice"] == r.get("packaged"):
                     cells[-1] += "*"
                 g.add_row(*cells)

@@ -16,7 +16,7 @@ from edgepack.profiles import PROFILE_DIR, load_profile
 LABELS = ["electrical", "mechanical", "thermal", "network"]
 CHOICES = ["gguf:Q8_0", "gguf:Q4_0", "onnx:int4"]
 REPORT_KEYS = ["run_dir", "profile", "command", "machine", "started", "finished", "load_average", "seconds", "stages",
-               "gates", "verdict", "chosen", "packaged", "bundle", "sample", "eval", "summary", "search"]
+               "gates", "verdict", "chosen", "packaged", "bundle", "sample", "eval", "summary", "search", "warnings"]
 
 
 def _rows(n: int) -> list[dict[str, str]]:
@@ -305,3 +305,132 @@ def test_a_bundle_that_does_not_hold_the_gated_artifact_is_packed_again(finished
     manifest = inspect_bundle(bundle).manifest  # verifies, and holds the gated artifact's bytes
     entry = next(f for f in manifest["files"] if f["path"] == manifest["entrypoint"])
     assert entry["sha256"] == sha256_file(run / "artifacts" / manifest["entrypoint"])
+
+
+# -- distill data's task flags, passed through (issue #15) -----------------------------------------
+
+def _scripted_teacher(monkeypatch: pytest.MonkeyPatch, answer: Any) -> list[list[dict[str, str]]]:
+    """The HF teacher replaced by ``answer(prompt) -> text`` (the real one runs in the end-to-end tests)."""
+    from contextlib import contextmanager
+
+    from edgepack.distill import generate as gen
+
+    asked: list[list[dict[str, str]]] = []
+
+    @contextmanager
+    def scripted(source: Any, teacher_dir: Path, params: Any) -> Any:
+        def generate(messages: list[dict[str, str]]) -> Any:
+            asked.append(messages)
+            text = answer(messages[-1]["content"])
+            return gen.Generation(text=text, tokens=len(text.split()), finished=True)
+        yield generate
+
+    monkeypatch.setitem(gen.GENERATORS, "hf", scripted)
+    return asked
+
+
+def _flag_config(folder: Path, teacher: Path, **flags: Any) -> Any:
+    from edgepack.pipeline import PipelineConfig
+
+    rows: list[Any] = [json.dumps({"prompt": r["prompt"], "label": r["label"]}) for r in _rows(10)]
+    rows[2:2] = ["{broken"]
+    rows[6:6] = ['["not an object"]']
+    data = folder / "p.jsonl"
+    data.write_text("\n".join(rows) + "\n")
+    (folder / "system.txt").write_text("Answer as `label: action`.\n")
+    (folder / "h.jsonl").write_text("\n".join(json.dumps(r) for r in _rows(14)[10:]) + "\n")
+    return PipelineConfig(profile=load_profile("cpu-x86-2c"), teacher=str(teacher), data=data, run_dir=folder / "run",
+                          system_prompt=folder / "system.txt", holdout=folder / "h.jsonl", **flags)
+
+
+def test_the_task_flags_reach_distill_data(tiny_llama_dir: Path, tmp_path: Path,
+                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """--format-regex, --system-prompt and --holdout reach the data stage (task.json, the rows);
+    without --strict the bad lines are skipped and named in the stage line and the warnings."""
+    from edgepack.pipeline import distill_data
+    from edgepack.task import TASK_FILE, load_task
+
+    label_of = {r["prompt"]: r["label"] for r in _rows(14)}
+    asked = _scripted_teacher(monkeypatch, lambda prompt: f"{label_of[prompt]}: inspect it now")
+    cfg = _flag_config(tmp_path, tiny_llama_dir, format_regex=r"(?P<label>\w+): .+")
+    result = distill_data(cfg)
+    task = load_task(cfg.run_dir / TASK_FILE)
+    assert task.kind == "regex" and task.answer.pattern == cfg.format_regex
+    assert task.system_prompt == "Answer as `label: action`." and task.primary_metric == "label_accuracy"
+    assert all(m[0]["content"] == task.system_prompt for m in asked)
+    holdout = [json.loads(line) for line in (cfg.run_dir / "data" / "holdout.jsonl").read_text().splitlines()]
+    assert [h["messages"][-1]["content"] for h in holdout] == [r["prompt"] for r in _rows(14)[10:]]
+    assert result.report["train_prompts"] == 10 and result.report["bad_rows"] == 2
+    assert result.summary.endswith(", 2 bad data lines skipped (lines 3, 7)"), result.summary
+    assert any(w.startswith("2 bad data lines skipped (lines 3, 7;") for w in result.warnings)
+
+
+def test_a_json_schema_reaches_distill_data(tiny_llama_dir: Path, tmp_path: Path,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    from edgepack.pipeline import distill_data
+    from edgepack.task import TASK_FILE, load_task
+
+    label_of = {r["prompt"]: r["label"] for r in _rows(14)}
+    _scripted_teacher(monkeypatch, lambda prompt: json.dumps({"label": label_of[prompt], "action": "Inspect it."}))
+    schema = tmp_path / "answer.json"
+    schema.write_text(json.dumps({"type": "object", "required": ["label", "action"], "additionalProperties": False,
+                                  "properties": {"label": {"type": "string"}, "action": {"type": "string"}}}))
+    cfg = _flag_config(tmp_path, tiny_llama_dir, format_schema=schema)
+    distill_data(cfg)
+    task = load_task(cfg.run_dir / TASK_FILE)
+    assert task.kind == "json" and task.answer.fields == ("label", "action") and task.answer.file == "answer.json"
+
+
+def test_strict_stops_at_the_first_bad_line_before_anything_is_written(tiny_llama_dir: Path, tmp_path: Path) -> None:
+    from edgepack.errors import DataError
+    from edgepack.pipeline import run_pipeline
+
+    cfg = _flag_config(tmp_path, tiny_llama_dir, strict=True)
+    with pytest.raises(DataError, match=r"p\.jsonl:3: not valid JSON"):
+        run_pipeline(cfg)
+    assert not cfg.run_dir.exists()
+
+
+def test_the_task_flags_go_to_run_toml_and_the_command_line(tiny_llama_dir: Path, tmp_path: Path) -> None:
+    from edgepack.pipeline import command_line, config_from_settings
+    from edgepack.runconfig import load_pipeline_config, write_run_config
+
+    cfg = _flag_config(tmp_path, tiny_llama_dir, format_regex=r"(?P<label>\w+): .+", strict=True)
+    write_run_config(tmp_path, cfg.settings())
+    back = config_from_settings(load_pipeline_config(tmp_path / "run.toml"), cfg.run_dir)
+    assert back == cfg
+    words = command_line(cfg.settings(), cfg.run_dir)
+    for flag in (f"--format-regex '{cfg.format_regex}'", f"--system-prompt {cfg.system_prompt}",
+                 f"--holdout {cfg.holdout}", "--strict"):
+        assert flag in words, words
+    assert "--format-schema" not in words
+
+
+@pytest.mark.parametrize("flags,needle", [
+    (["--format-regex", "(unclosed"], "--format-regex does not compile"),
+    (["--format-schema", "{missing}"], "--format-schema file not found"),
+    (["--format-regex", "x", "--format-schema", "{schema}"], "give --format-regex or --format-schema, not both"),
+    (["--system-prompt", "{empty}"], "is empty"),
+    (["--holdout", "{missing}"], "holdout file not found"),
+    (["--data", "builtin:nope"], "unknown shipped domain 'builtin:nope'"),
+    (["--data", "builtin:workorders", "--holdout", "{holdout}"], "builtin:workorders has its own holdout"),
+])
+def test_bad_task_flags_are_one_line_exit_2_and_write_nothing(tmp_path: Path, tiny_llama_dir: Path,
+                                                              capsys: pytest.CaptureFixture[str], flags: list[str],
+                                                              needle: str) -> None:
+    from edgepack.cli import main
+
+    (tmp_path / "empty.txt").write_text("\n")
+    (tmp_path / "schema.json").write_text('{"type": "object"}')
+    (tmp_path / "holdout.jsonl").write_text(json.dumps({"prompt": "x"}) + "\n")
+    files = {"missing": tmp_path / "absent.json", "empty": tmp_path / "empty.txt",
+             "schema": tmp_path / "schema.json", "holdout": tmp_path / "holdout.jsonl"}
+    flags = [f.format(**files) for f in flags]
+    if "--data" not in flags:
+        flags += ["--data", str(_prompts(tmp_path / "p.jsonl", 4))]
+    out = tmp_path / "out"
+    assert main(["pipeline", "--profile", "cpu-x86-2c", "--teacher", str(tiny_llama_dir), "--out", str(out),
+                 *flags]) == 2
+    lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+    assert lines[0].startswith("error:") and needle in lines[0], lines
+    assert not out.exists()
