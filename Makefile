@@ -50,6 +50,13 @@ demo: setup
 	$(BIN)/edgepack pipeline --profile cpu-x86-2c --teacher builtin:smollm2-135m-instruct --out runs/demo \
 		--correct-teacher --steps 150
 
+# The second shipped domain (distill/domains/workorders): work orders → a JSON object, a json task
+# gated on its field F1, with the demo's recipe.
+.PHONY: demo-workorders
+demo-workorders: setup
+	$(BIN)/edgepack pipeline --profile cpu-x86-2c --teacher builtin:smollm2-135m-instruct --out runs/workorders \
+		--data builtin:workorders --correct-teacher --steps 150
+
 # pytest exits 5 when no test ran; that is a failure here, never a pass.
 # EDGEPACK_LLAMA_SERVER names the binary; a parity test that finds none there fails, never skips.
 test: setup llama-server
