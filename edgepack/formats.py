@@ -110,7 +110,7 @@ class Format:
     traffic: str = ""
     """``(artifact_path) -> dict``: bytes read from memory per decoded token (the gate's bandwidth check)."""
     payload: str = ""
-    """``(artifact_path, name, profile, task, task_source) -> Payload``: the files a bundle carries for this artifact."""
+    """``(artifact_path, name, profile) -> Payload``: the files a bundle carries for this artifact."""
     extra: dict[str, str] = field(default_factory=dict, hash=False)
     """Further named parts a third-party format needs (same ``module:attribute`` form); not hashed,
     so a Format stays usable as a dict key."""

@@ -110,14 +110,14 @@ def task_section(task: Task, task_source: str, scores: dict[str, Any] | None) ->
     lines = ["## Task", "", f"A `{task.kind}` task ({task_source}); primary metric **{task.primary_metric}**.", "",
              *ANSWER_SPECS.get(task.kind, lambda _: [])(task)]
     if task.system_prompt is not None:
-        lines += ["System prompt (`edgepack run`, `chat` and `serve` send it, and the Modelfile's SYSTEM holds it, "
-                  "unless a request brings its own system message):", "", *_fenced(task.system_prompt), ""]
+        lines += ["System prompt (`edgepack run`, `chat` and `serve` send it unless a request brings its own "
+                  "system message):", "", *_fenced(task.system_prompt), ""]
     else:
         lines += ["The task has no system prompt of its own: requests are answered as they come.", ""]
     d = task.decoding
     lines += [f"Decoding: {d.describe()} (temperature {d.temperature:g}, repeat penalty {d.repeat_penalty:g}, "
-              f"stop strings {list(d.stop) or 'none'}); `run`, `chat`, `serve` and the Modelfile use it. "
-              "Ollama and llama.cpp's server default to repeat penalty 1.1: set 1.0 there too.", "",
+              f"stop strings {list(d.stop) or 'none'}): the gate's; `run`, `chat` and `serve` decode so. Another "
+              "runtime needs the same settings (many default to a repeat penalty of 1.1).", "",
               "### Gated scores", "", *_scores(task, scores)]
     return lines
 

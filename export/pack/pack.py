@@ -214,14 +214,16 @@ def _locate_artifact(run_dir: Path, report: dict[str, Any], asked: Path | None) 
 
 
 # --- per-format payloads ----------------------------------------------------------------------
-# files (list[BundleFile]), entrypoint, chat_template, runtime, notes, has_tokenizer, and file_quant:
-# the quantization the file itself records, as the gate reads it (GGUF file type, ONNX graph widths).
+# files (list[BundleFile]), entrypoint, chat_template, runtime, notes, has_tokenizer, file_quant (the
+# quantization the file itself records, as the gate reads it: GGUF file type, ONNX graph widths) and,
+# optionally, task_files: (task, task_source) -> (files, notes), the files that state the task (the
+# GGUF Modelfile), made once pack has read the run's task.
 Payload = dict[str, Any]
 
 
-def gguf_payload(model: Path, model_name: str, profile: Profile, task: Task, task_source: str) -> Payload:
-    """A GGUF file, its Ollama ``Modelfile`` (the task's system prompt and decoding) and chat
-    template; llama.cpp's runtime facts."""
+def gguf_payload(model: Path, model_name: str, profile: Profile) -> Payload:
+    """A GGUF file and its chat template, llama.cpp's runtime facts, and as ``task_files`` its
+    Ollama ``Modelfile`` (the task's system prompt and decoding, :mod:`~edgepack.export.pack.modelfile`)."""
     from edgepack.export.pack.modelfile import write_modelfile
     from edgepack.gguf_header import read_gguf, stop_token_ids, token_texts
     from edgepack.runtime.chat.check import check_gguf_templates
@@ -238,9 +240,12 @@ def gguf_payload(model: Path, model_name: str, profile: Profile, task: Task, tas
     derived = to_ollama_template(template, **specials) if template else None
     missing = None if derived is not None else ("the model has no chat template" if not template else
                                                 "the chat template cannot be expressed as an Ollama TEMPLATE exactly")
-    modelfile, notes = write_modelfile(model_file=model.name, model_name=model_name, template=derived,
-                                       template_missing=missing, stop_tokens=stops, task=task,
-                                       task_source=task_source, num_ctx=profile.context_length)
+
+    def modelfile(task: Task, task_source: str) -> tuple[list[BundleFile], list[str]]:
+        text, notes = write_modelfile(model_file=model.name, model_name=model_name, template=derived,
+                                      template_missing=missing, stop_tokens=stops, task=task,
+                                      task_source=task_source, num_ctx=profile.context_length)
+        return [BundleFile("Modelfile", text.encode("utf-8"))], notes
     import importlib.metadata as md
 
     runtime = {
@@ -250,11 +255,11 @@ def gguf_payload(model: Path, model_name: str, profile: Profile, task: Task, tas
         "stop_tokens": [{"id": i, "text": t} for i, t in stops.items()], "special_tokens": specials,
         "memory_estimate": estimate_gguf_memory(header, profile.context_length),
     }
-    files = [BundleFile(model.name, model), BundleFile("Modelfile", modelfile.encode("utf-8"))]
+    files = [BundleFile(model.name, model)]
     if template:
         files.append(BundleFile("chat_template.jinja", template.encode("utf-8")))
     return {"files": files, "entrypoint": model.name, "chat_template": template, "runtime": runtime,
-            "notes": notes, "has_tokenizer": False, "file_quant": header.quant}
+            "notes": [], "has_tokenizer": False, "file_quant": header.quant, "task_files": modelfile}
 
 
 def onnx_folder_files(folder: Path) -> list[BundleFile]:
@@ -276,9 +281,9 @@ def onnx_folder_files(folder: Path) -> list[BundleFile]:
     return files
 
 
-def onnx_payload(model: Path, model_name: str, profile: Profile, task: Task, task_source: str) -> Payload:
+def onnx_payload(model: Path, model_name: str, profile: Profile) -> Payload:
     """An ONNX folder (model.onnx, external data, config and tokenizer files) under its own name
-    (the task travels in the manifest only: there is no ONNX counterpart of a Modelfile).
+    (no ``task_files``: the task travels in the manifest, there is no ONNX counterpart of a Modelfile).
 
     The entrypoint is ``<folder>/model.onnx``; the ONNX backend loads the folder around it.
     ``runtime.artifact_sha256`` is the gate's folder digest, which the manifest's file list
@@ -405,11 +410,12 @@ def _pack_locked(run_dir: Path, profile: Profile, artifact: Path | None, allow_u
     lineage = read_lineage(run_dir, model_path.name)
     model_name = _safe(str((lineage.get("export") or {}).get("model") or
                            model_path.stem.removesuffix(f"-{quant}")))
-    payload = artifact_format.part("payload")(model_path, model_name, profile, task, task_source)
+    payload = artifact_format.part("payload")(model_path, model_name, profile)
     _check_payload(report, model_path, fmt, quant, payload)
+    task_files, task_notes = payload["task_files"](task, task_source) if payload.get("task_files") else ([], [])
     bundle_name = f"{model_name}-{_safe(profile.name)}-{fmt}-{_safe(quant)}{BUNDLE_SUFFIX}"
     notes = [*([] if task_source == RUN_TASK_SOURCE else [f"task: {task_source}"]),
-             *([scores_note] if scores_note else []), *payload["notes"]]
+             *([scores_note] if scores_note else []), *payload["notes"], *task_notes]
     if verdict == UNVERIFIED:
         notes.insert(0, "packaged with --allow-unverified: the gate could not confirm the budgets on the target "
                         "device (" + "; ".join(report.get("reasons", [])[:2]) + ")")
@@ -424,7 +430,7 @@ def _pack_locked(run_dir: Path, profile: Profile, artifact: Path | None, allow_u
                  "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                  "edgepack": __version__, "notes": notes, "signed_by": signed_by},
     }
-    files: list[BundleFile] = list(payload["files"])
+    files: list[BundleFile] = [*payload["files"], *task_files]
     for name in () if payload["has_tokenizer"] else TOKENIZER_FILES:
         data = read_run_file(run_dir, f"{STUDENT_DIR}/{name}")  # bytes read through no link, now
         if data is not None:
