@@ -20,7 +20,9 @@ llama-server and Ollama. The chain is llama-cpp-python's own (penalties, then gr
 40 / typical 1 / top-p 0.95 / min-p 0.05 / temperature / seeded dist), so at penalty 1.0 the
 tokens are the ones ``Llama.generate`` picks. A ``json_schema`` becomes a grammar
 (llama-cpp-python's JSON-schema converter, the Python twin of llama.cpp's) placed after the
-penalties, so greedy decoding picks the best token the schema allows. That converter drops some
+penalties, so greedy decoding picks the best token the schema allows; tokens that would make the
+answer's bytes invalid UTF-8 are banned first (:mod:`edgepack.runtime.backends.utf8`: llama.cpp's
+grammar reads bytes leniently and would let them through). That converter drops some
 keywords (:data:`UNENFORCED_KEYWORDS`, integer ``minimum``/``maximum`` among them) and writes other
 whitespace rules than llama-server's C++ converter, so a constrained answer can differ from
 llama-server's for the same schema.
@@ -41,6 +43,7 @@ from typing import Any
 
 from edgepack.errors import InvalidModelFile, RuntimeFailure, UsageError
 from edgepack.runtime.backends.base import PENALTY_LAST_N, Backend, register_backend
+from edgepack.runtime.backends.utf8 import Utf8Guard
 from edgepack.gguf_header import GGUFInfo, read_gguf
 
 # llama.cpp log lines kept from the last load (WARN, ERROR and their continuations). The
@@ -223,6 +226,7 @@ class LlamaCppBackend(Backend):
         from edgepack.runtime.chat.tokens import llama_control_tokens
 
         self._control = llama_control_tokens(llm)
+        self._utf8: Utf8Guard | None = None  # built on the first grammar-constrained generation
         bos, eos = llm.token_bos(), llm.token_eos()
         self._special = {
             "bos_token": self._piece(bos, special=True).decode("utf-8", "replace") if bos >= 0 else "",
@@ -366,15 +370,22 @@ class LlamaCppBackend(Backend):
         if json_schema is not None:
             self.check_json_schema(json_schema)  # every refusal happens here, not at the first token
             grammar = json_grammar(json_schema)
+        guard = self._utf8_guard() if grammar is not None else None
         return self._generate(tokens, budget, stop_at_eos,
-                              lambda: self._sampler_chain(tokens, temperature, seed, repeat_penalty, grammar))
+                              lambda: self._sampler_chain(tokens, temperature, seed, repeat_penalty, grammar), guard)
+
+    def _utf8_guard(self) -> Utf8Guard:
+        if self._utf8 is None:
+            self._utf8 = Utf8Guard([self.token_bytes(t) for t in range(self._n_vocab)])
+        return self._utf8
 
     def _generate(self, tokens: list[int], max_tokens: int, stop_at_eos: bool,
-                  make_chain: Callable[[], Any]) -> Iterator[int]:
+                  make_chain: Callable[[], Any], guard: Utf8Guard | None) -> Iterator[int]:
         if max_tokens <= 0:
             return
-        llm, lib = self._llm, self._lib
+        llm = self._llm
         chain = make_chain()  # made on the first next(): a generator never started never frees it
+        utf8 = 0  # the guard's state: between characters
         try:
             # A fresh state each call: llama-cpp-python would otherwise reuse a cached prompt,
             # which both changes results and makes time-to-first-token meaningless.
@@ -387,9 +398,9 @@ class LlamaCppBackend(Backend):
                     llm.eval(step)
                 except RuntimeError as exc:  # llama_decode failed (out of memory, bad state)
                     raise RuntimeFailure(f"llama.cpp failed while generating: {_log_detail(str(exc))}") from exc
-                # -1: the logits of the last position just decoded; sampling accepts the token
-                # into the chain (the penalty window, the grammar's state).
-                tok = int(lib.llama_sampler_sample(chain, llm.ctx, -1))
+                tok = self._sample(chain, guard, utf8)
+                if guard is not None:
+                    utf8 = guard.after(utf8, tok)
                 if stop_at_eos and tok in self._stop:
                     return
                 yield tok
@@ -398,6 +409,24 @@ class LlamaCppBackend(Backend):
                 step = [tok]
         finally:
             self._free(chain)
+
+    def _sample(self, chain: Any, guard: Utf8Guard | None, utf8: int) -> int:
+        """One token from the chain, which accepts it (penalty window, grammar state). -1: the
+        logits of the last position decoded; with a ``guard``, tokens that would break the
+        answer's UTF-8 are set to -inf for the pick and restored after it (the logprob of the
+        token is still the model's own)."""
+        lib = self._lib
+        if guard is None:
+            return int(lib.llama_sampler_sample(chain, self._llm.ctx, -1))
+        import numpy as np
+
+        logits = np.ctypeslib.as_array(lib.llama_get_logits_ith(self._llm.ctx, -1), shape=(self._n_vocab,))
+        kept = logits.copy()
+        logits[guard.banned(utf8)] = -np.inf
+        try:
+            return int(lib.llama_sampler_sample(chain, self._llm.ctx, -1))
+        finally:
+            logits[:] = kept
 
     def last_token_logprob(self, token: int) -> float | None:
         import numpy as np

@@ -4,7 +4,8 @@ JSON-schema constrained output, on the tiny GGUF and ONNX models.
 The penalty's reference is written out here in numpy (:func:`repeat_penalized`, llama.cpp's
 formula) and checked against each backend token by token; the two backends are then checked
 against each other. The JSON tests rely on random weights: unconstrained, the tiny model never
-writes JSON, so a schema-valid answer is the grammar's doing.
+writes JSON, so a schema-valid answer is the grammar's doing; it also writes bytes that are not
+UTF-8, which llama.cpp's grammar alone lets through (the UTF-8 guard's tests).
 """
 
 from __future__ import annotations
@@ -189,3 +190,54 @@ def test_bad_schema_is_a_usage_error_before_the_first_token(case: str, gguf32: A
         gguf32.generate(gguf32.chat_tokens(MESSAGES), max_tokens=4, json_schema=schema)
     with pytest.raises(UsageError, match=message):
         gguf32.check_json_schema(schema)
+
+
+# --- UTF-8 under a grammar ------------------------------------------------------------------------
+def _is_utf8_prefix(data: bytes) -> bool:
+    import codecs
+
+    try:
+        codecs.getincrementaldecoder("utf-8")("strict").decode(data, final=False)
+        return True
+    except UnicodeDecodeError:
+        return False
+
+
+def test_utf8_guard_bans_exactly_what_breaks_utf8() -> None:
+    """Against Python's strict decoder (RFC 3629: no overlongs, surrogates or > U+10FFFF)."""
+    import random
+
+    from edgepack.runtime.backends.utf8 import Utf8Guard
+
+    rng = random.Random(5)
+    pieces = [b"", b"a", b'"', b"\xc3", b"\xa9", b"\xc3\xa9", b"\xe2\x82", b"\xac", b"\xf0\x9f", b"\x98\x80",
+              b"\xe0\x80\x80", b"\xed\xa0\x80", b"\xf4\x90\x80\x80", b"\xf8\xbf\x89\x89", b"\xc0\xaf", b"\xb0",
+              b"\xe6\x97\xa5\xe6", b"\x9c\xac", b"\xf4\x8f\xbf\xbf", b"\xef\xbf\xbd"]
+    pieces += [bytes(rng.randrange(256) for _ in range(rng.randrange(1, 4))) for _ in range(60)]
+    guard = Utf8Guard(pieces)
+    for _ in range(300):
+        text, state = b"", 0
+        for _ in range(8):
+            banned = guard.banned(state)
+            for tok, piece in enumerate(pieces):
+                assert bool(banned[tok]) == (not _is_utf8_prefix(text + piece) or (piece == b"" and state != 0)), \
+                    (text, piece)
+            allowed = [t for t in range(len(pieces)) if not banned[t]]
+            tok = rng.choice(allowed)
+            text, state = text + pieces[tok], guard.after(state, tok)
+        assert (state == 0) == (_is_utf8_prefix(text) and text.decode("utf-8", "ignore").encode() == text)
+
+
+def test_a_grammar_never_lets_invalid_utf8_through(tiny_gguf: Path) -> None:
+    """The tiny model, asked for a free string, writes bytes llama.cpp's grammar alone would accept
+    (5 of these 12 answers, without the guard)."""
+    import jsonschema
+
+    schema = {"type": "object", "properties": {"note": {"type": "string", "maxLength": 24}}, "required": ["note"]}
+    with get_backend("gguf").load(tiny_gguf, threads=1, n_ctx=256) as backend:
+        for text in PROMPTS:
+            for penalty in (1.0, 1.3, 1.5):
+                tokens = backend.generate(backend.chat_tokens([{"role": "user", "content": text}]), max_tokens=80,
+                                          json_schema=schema, repeat_penalty=penalty)
+                raw = b"".join(backend.token_bytes(t) for t in tokens)
+                jsonschema.validate(json.loads(raw.decode("utf-8")), schema)  # strict: no replacement characters

@@ -37,7 +37,7 @@ SCHEMA = {"type": "object",
 OTHER = {"type": "object", "properties": {"ok": {"type": "boolean"}, "n": {"type": "integer"}},
          "required": ["ok", "n"], "additionalProperties": False}
 JSON_TASK = Task(answer=JsonAnswer(schema=SCHEMA, fields=("asset", "priority", "hours")),
-                 system_prompt="Extract the work order as JSON.", decoding=Decoding(max_tokens=64))
+                 system_prompt="Extract the work order as JSON.", decoding=Decoding(max_tokens=160))
 PROMPTS = ["Compressor C-12 tripped on high vibration.", "Pump P-101 discharge pressure low alarm.",
            "PLC rack 2 lost Profinet communication."]
 
