@@ -254,7 +254,9 @@ def test_gate_on_an_onnx_folder(tiny_onnx: dict[str, Any], tmp_path: Path, cache
 
     holdout = tmp_path / "holdout.jsonl"
     holdout.write_text("".join(json.dumps(r) + "\n" for r in HOLDOUT_ROWS))
-    easy = load_profile(str(write_profile(tmp_path, "easy", choices='["onnx:int4"]', min_relative_quality=0.0)))
+    # 512: the gate asks with the demo task's system prompt (about 440 tiny-tokenizer tokens).
+    easy = load_profile(str(write_profile(tmp_path, "easy", choices='["onnx:int4"]', min_relative_quality=0.0,
+                                          context_length=512)))
     report = run_gate(artifact=tiny_onnx["path"], profile=easy, holdout=holdout)
     assert report["verdict"] == PASS, report["reasons"]
     assert (report["format"], report["quant"]) == ("onnx", "int4")
