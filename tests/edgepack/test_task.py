@@ -171,3 +171,12 @@ def test_flag_errors_are_usage_errors(tmp_path: Path) -> None:
     (tmp_path / "s.json").write_text(json.dumps({"type": "object", "properties": {"a": {"type": "nope"}}}))
     with pytest.raises(UsageError, match=r"--format-schema .*s\.json is not a valid JSON Schema"):
         answer_from_options(schema=tmp_path / "s.json")
+
+
+def test_a_schema_pattern_python_cannot_compile_is_a_usage_error(tmp_path: Path) -> None:
+    """jsonschema's check raises a bare ValueError for a{<5000 digits>}; it must be one clear line, exit 2."""
+    from edgepack.task import answer_from_options
+
+    (tmp_path / "s.json").write_text(json.dumps({"type": "string", "pattern": "a{" + "9" * 5000 + "}"}))
+    with pytest.raises(UsageError, match=r"--format-schema .*s\.json is not a usable JSON Schema"):
+        answer_from_options(schema=tmp_path / "s.json")
