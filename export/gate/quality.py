@@ -159,9 +159,8 @@ def answer_row(backend: Any, row: dict[str, Any], task: Task, max_tokens: int, *
     schema as a grammar (``constrained=False``: without it)."""
     from edgepack.runtime.session import apply_task, cut_at_stop
 
-    messages, decoding, schema = apply_task(task, row["messages"], max_tokens=max_tokens,
-                                            constrains_json=constrained and bool(getattr(backend, "constrains_json",
-                                                                                         False)))
+    constrains = constrained and bool(getattr(backend, "constrains_json", False))
+    messages, decoding, schema = apply_task(task, row["messages"], max_tokens=max_tokens, constrains_json=constrains)
     pieces = backend.stream_chat(messages, max_tokens=decoding.max_tokens, temperature=decoding.temperature,
                                  repeat_penalty=decoding.repeat_penalty, json_schema=schema)
     return "".join(cut_at_stop(pieces, decoding.stop))
