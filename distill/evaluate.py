@@ -85,18 +85,43 @@ def _generate_answers(model: Any, tok: Any, rows: list[dict[str, Any]], progress
     answers: list[str] = []
     progress(what, 0, len(rows))
     for start in range(0, len(rows), GEN_BATCH):
-        prompts = [hf_chat_ids(tok, r["messages"]) for r in rows[start:start + GEN_BATCH]]
+        # the task's system prompt where a row has none, as the gate and the bundle ask
+        prompts = [hf_chat_ids(tok, contract.prompt_messages(r["messages"])) for r in rows[start:start + GEN_BATCH]]
         width = max(len(p) for p in prompts)
         ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts])
         mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+        penalty = _llama_repeat_penalty(decoding.repeat_penalty, [width - len(p) for p in prompts])
         with torch.no_grad():
             out = model.generate(ids, attention_mask=mask, max_new_tokens=decoding.max_tokens, eos_token_id=eos,
-                                 pad_token_id=pad, **sampling)
+                                 pad_token_id=pad, **sampling, **penalty)
         for row in out[:, width:].tolist():
             row = row[:row.index(eos)] if eos in row else row
             answers.append(decoding.cut(tok.decode(row, skip_special_tokens=True)).strip())
         progress(what, len(answers), len(rows))
     return answers
+
+
+def _llama_repeat_penalty(penalty: float, pad_widths: list[int]) -> dict[str, Any]:
+    """``generate`` kwargs applying llama.cpp's repeat penalty (the runtime's, not transformers'
+    ``repetition_penalty``, which penalizes the whole context): each token id among a row's last
+    PENALTY_LAST_N prompt-and-answer tokens (left padding excluded) has a positive logit divided
+    by ``penalty``, a negative one multiplied. Nothing for 1.0."""
+    if penalty == 1.0:
+        return {}
+    import torch
+    from transformers import LogitsProcessor, LogitsProcessorList
+
+    from edgepack.runtime.backends.base import PENALTY_LAST_N
+
+    class LlamaRepeatPenalty(LogitsProcessor):
+        def __call__(self, input_ids: Any, scores: Any) -> Any:
+            for row, start in enumerate(pad_widths):
+                window = input_ids[row, max(start, input_ids.shape[1] - PENALTY_LAST_N):].unique()
+                seen = scores[row, window]
+                scores[row, window] = torch.where(seen <= 0, seen * penalty, seen / penalty)
+            return scores
+
+    return {"logits_processor": LogitsProcessorList([LlamaRepeatPenalty()])}
 
 
 def answer_scores(task: Task, answers: list[str], rows: list[dict[str, Any]]) -> dict[str, Any]:

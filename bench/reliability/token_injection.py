@@ -230,7 +230,10 @@ def _hf_checks(tally: Tally, tok: Any, tiny_dir: Path, gguf: Path, cases: list[t
     from transformers import LlamaForCausalLM
 
     from edgepack.distill.batching import tokenize_rows
+    from dataclasses import replace
+
     from edgepack.distill.evaluate import _generate_answers
+    from edgepack.task import DEMO_TASK
     from edgepack.distill.generate import DecodeParams, open_generator
     from edgepack.distill.teachers import resolve_teacher
     from edgepack.export.fidelity.prompts import EvalRow, encode_row
@@ -274,7 +277,8 @@ def _hf_checks(tally: Tally, tok: Any, tiny_dir: Path, gguf: Path, cases: list[t
             return torch.cat([ids, torch.full((ids.shape[0], 1), tok.eos_token_id)], dim=1)
 
     model = Recorder()
-    _generate_answers(model, tok, [{"messages": m} for _, m, _ in cases], null_progress, "eval")
+    _generate_answers(model, tok, [{"messages": m} for _, m, _ in cases], null_progress, "eval",
+                      replace(DEMO_TASK, system_prompt=None))
     for (label, messages, hostile), got in zip(cases, model.prompts):
         tally.record("eval", label, hostile, _guarded(lambda: judge(got, messages, hostile)))
 

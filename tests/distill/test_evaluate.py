@@ -97,3 +97,29 @@ def test_eval_scores_through_the_runs_task_and_refuses_rows_that_do_not_fit(tmp_
     with pytest.raises(DataError, match=r"holdout\.jsonl:3: has no `reference` and no teacher `response`"):
         evaluate_run(run_dir=run)
     assert not (run / EVAL_REPORT).exists()
+
+
+def test_eval_repeat_penalty_is_llama_cpps() -> None:
+    """eval's penalty equals the runtime's (llama.cpp semantics over the last 64 tokens, left
+    padding excluded), so eval and the gate decode a task with repeat_penalty alike."""
+    import numpy as np
+    import torch
+
+    from edgepack.distill.evaluate import _llama_repeat_penalty
+    from edgepack.runtime.backends.base import PENALTY_LAST_N
+    from edgepack.runtime.backends.onnxrt import repeat_penalized
+
+    assert _llama_repeat_penalty(1.0, [0]) == {}
+    gen = torch.Generator().manual_seed(0)
+    pads = [3, 0]
+    ids = torch.randint(0, 49, (2, 40), generator=gen)  # shorter than the window: all of it counts
+    ids[0, :3] = 49  # padding that must not be penalized
+    scores = torch.randn(2, 50, generator=gen)
+    processor = _llama_repeat_penalty(1.3, pads)["logits_processor"]
+    got = processor(ids, scores.clone())
+    for row, start in enumerate(pads):
+        window = ids[row, max(start, ids.shape[1] - PENALTY_LAST_N):].tolist()
+        want = repeat_penalized(scores[row].numpy(), window, 1.3)
+        np.testing.assert_allclose(got[row].numpy(), want, rtol=1e-6)
+    assert not torch.equal(got, scores)
+    assert got[0, 49] == scores[0, 49]  # id 49 stands only in row 0's padding

@@ -211,12 +211,15 @@ class RecordingModel:
 
 
 def test_eval_answers_from_the_plain_text_prompt(hf_tok: Any) -> None:
+    from dataclasses import replace
+
     from edgepack.distill.evaluate import _generate_answers
     from edgepack.progress import null_progress
+    from edgepack.task import DEMO_TASK
 
     model = RecordingModel(hf_tok.eos_token_id)
     rows = [{"messages": injected()}, {"messages": BENIGN[0]}]
-    _generate_answers(model, hf_tok, rows, null_progress, "eval")
+    _generate_answers(model, hf_tok, rows, null_progress, "eval", replace(DEMO_TASK, system_prompt=None))
     assert model.prompts[0] == chatml_ids(hf_tokenize(hf_tok), TINY_SPECIALS, injected())
     assert model.prompts[1] == list(hf_tok.apply_chat_template(BENIGN[0], add_generation_prompt=True))
 
