@@ -27,11 +27,8 @@ import argparse
 import http.client
 import json
 import os
-import re
 import shlex
-import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
@@ -41,6 +38,9 @@ from pathlib import Path
 from typing import Any
 
 from edgepack.atomic import write_json, write_text
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from serve_process import ServeProcess  # noqa: E402
 
 PROMPTS = [
     "Compressor C-12 tripped on high vibration. What should the operator check first?",
@@ -66,38 +66,10 @@ def stats(values: list[float]) -> dict[str, float]:
 
 
 # --- the server process ------------------------------------------------------------------------
-class Server:
-    """``python -m edgepack serve`` on a free port; :meth:`stop` sends SIGTERM and waits."""
-
-    def __init__(self, model: Path, log_path: Path, *, threads: int, n_ctx: int, max_queue: int,
-                 timeout_s: float) -> None:
-        self.cmd = [sys.executable, "-m", "edgepack", "serve", str(model), "--port", "0", "--threads", str(threads),
-                    "--ctx", str(n_ctx), "--max-queue", str(max_queue), "--timeout", str(timeout_s)]
-        self.log_path = log_path
-        self._log = open(log_path, "wb")
-        started = time.monotonic()
-        self.proc = subprocess.Popen(self.cmd, stdout=self._log, stderr=subprocess.STDOUT)
-        while True:
-            found = re.search(r"serving (http://\S+)", log_path.read_text(errors="replace"))
-            if found:
-                self.url = found.group(1)
-                break
-            if self.proc.poll() is not None or time.monotonic() - started > 180:
-                self.proc.kill()
-                raise RuntimeError(f"the server did not start:\n{log_path.read_text(errors='replace')}")
-            time.sleep(0.05)
-        self.port = int(self.url.rsplit(":", 1)[1])
-        self.start_s = time.monotonic() - started
-
-    def stop(self) -> int:
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            code = self.proc.wait(30)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            code = self.proc.wait()
-        self._log.close()
-        return code
+def Server(model: Path, log_path: Path, *, threads: int, n_ctx: int, max_queue: int, timeout_s: float) -> ServeProcess:
+    """``edgepack serve`` with the benchmark's threads, context, queue and timeout."""
+    return ServeProcess(model, log_path, ["--threads", str(threads), "--ctx", str(n_ctx), "--max-queue", str(max_queue),
+                                          "--timeout", str(timeout_s)], start_timeout_s=180.0)
 
 
 def request(port: int, method: str, path: str, body: Any = None, timeout: float = 600.0) -> tuple[int, bytes, float]:

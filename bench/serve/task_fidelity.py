@@ -18,10 +18,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import re
 import shlex
-import signal
-import subprocess
 import sys
 import tempfile
 import time
@@ -31,6 +28,9 @@ from typing import Any
 
 from edgepack.atomic import write_json, write_text
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from serve_process import ServeProcess  # noqa: E402
+
 TOLERANCE = 0.03
 
 
@@ -39,32 +39,9 @@ def log(msg: str) -> None:
     sys.stderr.flush()
 
 
-class Server:
-    """``python -m edgepack serve BUNDLE --port 0`` on loopback; :meth:`stop` sends SIGTERM and waits."""
-
-    def __init__(self, bundle: Path, log_path: Path, *, threads: int | None, timeout_s: float) -> None:
-        self.cmd = [sys.executable, "-m", "edgepack", "serve", str(bundle), "--port", "0",
-                    "--timeout", str(timeout_s), *(["--threads", str(threads)] if threads else [])]
-        self._log = open(log_path, "wb")
-        started = time.monotonic()
-        self.proc = subprocess.Popen(self.cmd, stdout=self._log, stderr=subprocess.STDOUT)
-        while not (found := re.search(r"serving (http://\S+)", log_path.read_text(errors="replace"))):
-            if self.proc.poll() is not None or time.monotonic() - started > 300:
-                self.proc.kill()
-                raise RuntimeError(f"the server did not start:\n{log_path.read_text(errors='replace')[-3000:]}")
-            time.sleep(0.05)
-        self.url = found.group(1)
-        self.start_s = time.monotonic() - started
-
-    def stop(self) -> int:
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            code = self.proc.wait(30)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            code = self.proc.wait()
-        self._log.close()
-        return code
+def Server(bundle: Path, log_path: Path, *, threads: int | None, timeout_s: float) -> ServeProcess:
+    """``edgepack serve BUNDLE`` on loopback with the bundle's own task applied."""
+    return ServeProcess(bundle, log_path, ["--timeout", str(timeout_s), *(["--threads", str(threads)] if threads else [])])
 
 
 def bare(messages: list[dict[str, str]]) -> list[dict[str, str]]:
