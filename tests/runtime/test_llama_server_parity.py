@@ -10,10 +10,12 @@ of llama-server, ``edgepack run`` and ``edgepack serve`` (both sent the bare use
 bundle's task supplies the rest) and, for the holdout rows, the answers in the gate's report must
 be the same text.
 
-Twice: at the task's repeat penalty 1.0 (what the shipped tasks use), and at 1.1, where
-llama-server answers some prompt differently than at 1.0, so the Modelfile's repeat_penalty
-is shown to matter and to be decoded alike by all of them (llama-server also counts the
-prompt's tokens in the penalty window; the edgepack backends must too).
+Twice: at the task's repeat penalty 1.0 (what the shipped tasks use), and at 1.1 (llama.cpp's
+and Ollama's default), where llama-server answers some prompt differently than at 1.0, so the
+Modelfile's repeat_penalty is shown to matter and to be decoded alike by all of them. llama-server
+counts the prompt's last tokens in the penalty window too; llama-cpp-python's ``Llama.generate``
+counts only the answer's, and answers some prompt of this case differently (checked here, so the
+case keeps telling the two apart).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import shutil
 import subprocess
 import sys
 from dataclasses import dataclass, replace
+from itertools import islice, takewhile
 from pathlib import Path
 
 import pytest
@@ -38,7 +41,7 @@ from tests.runtime.llama_server import (LoopbackServer, Modelfile, free_port, ll
 
 pytestmark = pytest.mark.slow  # two gated and packed runs, four ways of answering each prompt
 
-SYSTEM = "You sort plant alarms into electrical or mechanical faults. Answer: Category: <label>"
+SYSTEM = "You sort plant alarms. Answer: Category: <label>."
 MAX_TOKENS = 24
 PENALTIES = (1.0, 1.1)
 # The holdout prompts (make_run_dir's holdout; the gate's report keeps their answers) and three
@@ -68,7 +71,7 @@ def profile(tmp_path_factory: pytest.TempPathFactory) -> Profile:
 
 
 @pytest.fixture(scope="module")
-def stop(binary: Path, tiny_gguf: Path) -> tuple[str, str, str]:
+def stop(tiny_gguf: Path) -> tuple[str, str, str]:
     """(stop string, prompt id, that prompt's answer without it): two printable ASCII characters
     that first occur inside a greedy answer of the tiny F16 GGUF (the artifact the runs export),
     so that the task's stop string cuts it."""
@@ -95,6 +98,8 @@ class Deployed:
     llama_server: dict[str, str]
     llama_server_penalty_1: dict[str, str]
     """llama-server at repeat_penalty 1.0, everything else as the Modelfile says."""
+    answer_only_window: dict[str, str]
+    """``Llama.generate`` at the task's penalty: only the answer's tokens in the penalty window."""
     run: dict[str, str]
     serve: dict[str, str]
     gate: dict[str, str]
@@ -128,6 +133,29 @@ def edgepack_run(bundle: Path, prompt: str, env: dict[str, str]) -> str:
     return str(json.loads(out.stdout)["completion"])
 
 
+def answer_only_window(model: Path, modelfile: Modelfile, task: Task) -> dict[str, str]:
+    """What llama-cpp-python's ``Llama.generate`` answers with the task's penalty: it counts only
+    the answer's own tokens in the penalty window. Same prompt tokens (edgepack's chat rendering,
+    which the parity test shows llama-server agrees with), same text decoding and stop cut."""
+    import llama_cpp
+
+    from edgepack.runtime.session import open_model
+
+    decoding, answers = task.decoding, {}
+    llm = llama_cpp.Llama(model_path=str(model), n_ctx=256, n_threads=1, verbose=False)
+    try:
+        with open_model(model, threads=1, n_ctx=256, no_task=True) as session:
+            backend = session.backend
+            for pid, prompt in PROMPTS.items():
+                tokens = backend.chat_tokens(request_body(modelfile, prompt)["messages"])
+                stream = llm.generate(tokens, temp=0.0, repeat_penalty=decoding.repeat_penalty)
+                answer = islice(takewhile(lambda t: t not in backend.stop_tokens, stream), decoding.max_tokens)
+                answers[pid] = decoding.cut("".join(backend.decode_stream(answer)))
+    finally:
+        llm.close()
+    return answers
+
+
 def deploy(bundle: Path, task: Task, binary: Path, folder: Path) -> Deployed:
     from edgepack.runtime.bundle.archive import extract_bundle, verify_bundle
 
@@ -137,6 +165,7 @@ def deploy(bundle: Path, task: Task, binary: Path, folder: Path) -> Deployed:
     with llama_server(binary, extracted / manifest[M_ENTRYPOINT], modelfile, folder / "llama-server.log") as server:
         theirs = {rid: server.chat(request_body(modelfile, m)) for rid, m in PROMPTS.items()}
         at_1 = {rid: server.chat({**request_body(modelfile, m), "repeat_penalty": 1.0}) for rid, m in PROMPTS.items()}
+    only_answer = answer_only_window(extracted / manifest[M_ENTRYPOINT], modelfile, task)
     env = {**os.environ, "EDGEPACK_CACHE": str(folder / "cache")}
     runs = {rid: edgepack_run(bundle, m[-1]["content"], env) for rid, m in PROMPTS.items()}
     port = free_port()
@@ -144,7 +173,7 @@ def deploy(bundle: Path, task: Task, binary: Path, folder: Path) -> Deployed:
                         folder / "serve.log", env=env) as served:
         serves = {rid: served.chat({"messages": m}) for rid, m in PROMPTS.items()}  # bare user turns
     gate = {e["id"]: e["answer"] for e in manifest[M_GATE]["measurements"]["quality"]["examples"]}
-    return Deployed(task, modelfile, theirs, at_1, runs, serves, gate)
+    return Deployed(task, modelfile, theirs, at_1, only_answer, runs, serves, gate)
 
 
 @pytest.fixture(scope="module")
@@ -196,3 +225,10 @@ def test_the_repeat_penalty_changes_some_answer(deployed: dict[float, Deployed])
 
     assert changed(deployed[1.0]) == []  # the same request asked twice
     assert changed(deployed[1.1]), "repeat_penalty 1.1 changed no answer of llama-server: the case shows nothing"
+
+
+def test_counting_only_the_answer_in_the_penalty_window_would_differ(deployed: dict[float, Deployed]) -> None:
+    d = deployed[1.1]
+    assert any(d.answer_only_window[pid] != d.llama_server[pid] for pid in PROMPTS), \
+        "Llama.generate's penalty window gives llama-server's answers here: the case no longer tells them apart"
+    assert deployed[1.0].answer_only_window == deployed[1.0].llama_server  # no penalty, no difference
