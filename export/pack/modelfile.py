@@ -2,7 +2,7 @@
 
 ``SYSTEM`` is the task's system prompt (what the gate measured with), not the chat template's
 default; the ``PARAMETER`` lines reproduce the gate's decoding: ``temperature``,
-``repeat_penalty`` (written even at 1.0: llama.cpp's server and Ollama default to 1.1),
+``repeat_penalty`` (written even at 1.0: Ollama defaults to 1.1, as llama-server's /completion docs do),
 ``repeat_last_n`` (llama.cpp's window, as the backends count it), ``num_predict`` (the task's max
 tokens) and a ``stop`` per stop token of the model and per stop string of the task.
 
@@ -83,7 +83,7 @@ def write_modelfile(*, model_file: str, model_name: str, template: tuple[str, st
         out.value("PARAMETER stop", text, "the task's stop string")
     decoding = task.decoding
     out.lines += [f"PARAMETER num_ctx {num_ctx}",
-                  "# The gate's decoding (the task's); Ollama and llama.cpp's server default to repeat_penalty 1.1.",
+                  "# The gate's decoding (the task's); Ollama's default repeat_penalty is 1.1.",
                   f"PARAMETER temperature {_number(decoding.temperature)}",
                   f"PARAMETER repeat_penalty {_number(decoding.repeat_penalty)}",
                   f"PARAMETER repeat_last_n {PENALTY_LAST_N}",
