@@ -15,9 +15,9 @@ were merged.
 
 :func:`build_dataset` validates everything before writing anything, materializes the
 teacher (``RUN/teacher``), asks it one greedy answer per prompt, drops bad answers with a
-counted reason (see filters.py) and writes ``RUN/data`` atomically. A complete ``RUN/data``
-is not regenerated, and every teacher answer is kept in ``RUN/cache/teacher`` as it arrives
-(answer_cache.py), so a run killed during generation resumes where it stopped.
+counted reason (data_answers.py, filters.py) and writes ``RUN/data`` atomically. A complete
+``RUN/data`` is not regenerated, and every teacher answer is kept in ``RUN/cache/teacher`` as it
+arrives (answer_cache.py), so a run killed during generation resumes where it stopped.
 
 *Teacher context.* The demo's teacher is a 135M model that does not follow the answer format
 from instructions alone; with a few worked examples in its prompt it does. Those
@@ -48,7 +48,6 @@ from edgepack.constants import (DATA_DIR, DATA_REPORT, HOLDOUT_FILE, TEACHER_CAC
 from edgepack.distill.correct import CorrectionConfig
 from edgepack.distill.endpoint import is_invalid_answer
 from edgepack.hashing import sha256_file
-from edgepack.distill.filters import DROP_REASONS, drop_reason, is_near_duplicate
 from edgepack.errors import DataError, RunDirError, UsageError
 from edgepack.labels import fold_label, unify_labels
 from edgepack.locks import locked_stage
@@ -59,8 +58,12 @@ from edgepack.distill.shipped import DEMO_HOLDOUT, DEMO_SEED, DEMO_SHOTS, SHIPPE
 from edgepack.task import DEMO_LABELS, DEMO_SYSTEM_PROMPT, TASK_FILE, build_task, save_task  # noqa: F401
 
 if TYPE_CHECKING:
-    from edgepack.distill.endpoint import EndpointConfig
     from edgepack.answers import JsonAnswer, RegexAnswer
+    from edgepack.distill.data_answers import TeacherAnswers
+    from edgepack.distill.endpoint import EndpointConfig
+    from edgepack.distill.generate import DecodeParams
+    from edgepack.distill.teachers import TeacherSource
+    from edgepack.task import Task
 
 HOLDOUT_FRACTION = 0.2
 _ROLES = ("system", "user", "assistant")
@@ -268,6 +271,35 @@ def check_inputs(data: Path | str | None, *, holdout: Path | None = None, strict
     _load_inputs(data, strict=strict, seed=0, limit=limit, holdout=holdout)
 
 
+@dataclass
+class _Plan:
+    """What :func:`build_dataset` settles before it touches the run folder."""
+
+    source: TeacherSource
+    remote: bool
+    """An endpoint teacher (``openai:URL#MODEL``): no weights, answers over HTTP."""
+    inputs: _Inputs
+    sample_params: list[DecodeParams]
+    """Sample 0: the greedy answer; samples 1..: drawn at the sample temperature, seeds ``seed + j``."""
+    correction: CorrectionConfig | None
+    task: Task
+    identity: dict[str, Any]
+    """data/'s identity: a complete data/ is reused only when it was built with the same one."""
+
+
+@dataclass(frozen=True)
+class _AnsweringTeacher:
+    """The teacher that answers the prompts: the resolved one, or the corrected one."""
+
+    source: TeacherSource
+    folder: Path
+    """Its folder: RUN/teacher, RUN/teacher-corrected, or an endpoint's answer cache."""
+    context: list[dict[str, str]]
+    """The teacher-only turns before each prompt (none for a corrected teacher)."""
+    corrected: dict[str, Any] | None
+    """correct.py's report of the correction (None: not corrected)."""
+
+
 @locked_stage("distill data", lambda kw: kw["run_dir"])
 def build_dataset(*, teacher: str, data: Path | str | None, run_dir: Path, limit: int | None = None,
                   strict: bool = False, seed: int = 0, progress: ProgressFn = null_progress,
@@ -287,8 +319,8 @@ def build_dataset(*, teacher: str, data: Path | str | None, run_dir: Path, limit
     prompts without demonstrations, and training and eval use it (``teacher_dir`` in the report).
     ``samples`` answers are asked per training prompt: the greedy one, then samples drawn at
     ``sample_temperature``; answers that repeat a kept one for the same prompt are dropped as
-    ``duplicate``. The report's ``contamination`` compares the holdout with the training
-    prompts and the kept answers (see contamination.py).
+    ``duplicate`` (see data_answers.py). The report's ``contamination`` compares the holdout
+    with the training prompts and the kept answers (see contamination.py).
     An endpoint teacher (``openai:URL#MODEL``, called as ``endpoint`` says) has no weights to
     materialize, and the report's ``distillation`` says whether its answers came with logprobs
     (see endpoint.py). Every teacher's answers are cached under ``RUN/cache/teacher`` as they
@@ -300,11 +332,39 @@ def build_dataset(*, teacher: str, data: Path | str | None, run_dir: Path, limit
     The task (answer kind, labels, system prompt, decoding, primary metric) goes to
     ``RUN/task.json``; its hash is part of data/'s identity.
     """
-    from edgepack.distill.contamination import contamination_report
-    from edgepack.distill.correct import correct_teacher, load_corrected_source
-    from edgepack.distill.generate import (DecodeParams, cache_stats, describe_generator, distillation_mode,
-                                           generate_many, open_generator)
-    from edgepack.distill.teachers import materialize_teacher, resolve_teacher
+    from edgepack.distill.data_answers import answer_prompts
+
+    plan = _plan(teacher=teacher, data=data, limit=limit, strict=strict, seed=seed, allow_pickle=allow_pickle,
+                 trust_remote_code=trust_remote_code, correct=correct, correction=correction, samples=samples,
+                 sample_temperature=sample_temperature, answer_format=answer_format, holdout=holdout,
+                 system_prompt=system_prompt)
+    run_dir = Path(run_dir)
+    out = run_dir / DATA_DIR
+    reused = _complete_report(out, run_dir, plan, system_prompt)
+    if reused is not None:
+        return reused
+    t0 = time.perf_counter()
+    answering = _answering_teacher(plan, run_dir, seed, progress)
+    # Endpoint teachers keep their answers in the folder they are given (``answering.folder``
+    # is RUN/cache/teacher); local ones get the same cache through ``cache_dir``.
+    options = {"endpoint": endpoint} if plan.remote else {"cache_dir": run_dir / TEACHER_CACHE_DIR}
+    answers = answer_prompts(answering.source, answering.folder, options, plan.sample_params,
+                             train=plan.inputs.train, holdout=plan.inputs.holdout, context=answering.context,
+                             labels=plan.inputs.labels, task=plan.task, progress=progress)
+    report = _report(plan, answering, answers, seconds=time.perf_counter() - t0)
+    _write_data(out, answers, answering.context, report)
+    save_task(plan.task, run_dir / TASK_FILE)
+    return report
+
+
+def _plan(*, teacher: str, data: Path | str | None, limit: int | None, strict: bool, seed: int,
+          allow_pickle: bool, trust_remote_code: bool, correct: bool, correction: CorrectionConfig | None,
+          samples: int, sample_temperature: float, answer_format: RegexAnswer | JsonAnswer | None,
+          holdout: Path | None, system_prompt: str | None) -> _Plan:
+    """Resolve the teacher and the inputs, check the options, and derive the task and data/'s
+    identity (:func:`build_dataset`'s arguments); raises before anything is written."""
+    from edgepack.distill.generate import DecodeParams
+    from edgepack.distill.teachers import resolve_teacher
 
     source = resolve_teacher(teacher, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
     remote = source.kind == "openai"  # an endpoint: no weights, answers over HTTP
@@ -324,136 +384,104 @@ def build_dataset(*, teacher: str, data: Path | str | None, run_dir: Path, limit
     answer_format = answer_format or inputs.answer  # the user's format, else a shipped domain's
     if answer_format is not None:  # absent for the demo format, so data/ built before the option stays valid
         identity["format_check"] = answer_format.format_check()
-    # The corrected teacher answers without demonstrations (see below), so its task has none.
+    # The corrected teacher answers without demonstrations (see _answering_teacher), so its task has none.
     task = build_task(answer=answer_format, labels=inputs.labels, system_prompt=inputs.system_prompt,
                       demonstrations=[] if correction else inputs.context)
     identity["task"] = task.sha256()
-    run_dir = Path(run_dir)
-    out = run_dir / DATA_DIR
+    return _Plan(source, remote, inputs, sample_params, correction, task, identity)
+
+
+def _complete_report(out: Path, run_dir: Path, plan: _Plan, system_prompt: str | None) -> dict[str, Any] | None:
+    """The report of a complete data/ built with ``plan``'s identity (``"skipped": true``), or
+    None when there is no data/ yet; a data/ from other inputs, or an incomplete one, is refused."""
     if is_complete(out):
         report = json.loads((out / DATA_REPORT).read_text())
-        if not _same_identity(report.get("identity"), identity, system_prompt):
+        if not _same_identity(report.get("identity"), plan.identity, system_prompt):
             raise RunDirError(f"{out} was built from another teacher or other inputs",
                               hint="use a new run folder, or the same --teacher/--data/--seed/--limit")
         if not (run_dir / TASK_FILE).is_file():  # a run built before the task contract, or a crash before it
-            save_task(task, run_dir / TASK_FILE)
+            save_task(plan.task, run_dir / TASK_FILE)
         return {**report, "skipped": True}
     if out.exists():
         raise RunDirError(f"{out} exists but is not complete", hint="delete it and rerun")
+    return None
 
-    t0 = time.perf_counter()
-    teacher_dir = (run_dir / TEACHER_CACHE_DIR if remote
-                   else materialize_teacher(source, run_dir / TEACHER_DIR, progress))
-    corrected: dict[str, Any] | None = None
-    if correction is not None:
-        corrected = correct_teacher(teacher_dir=teacher_dir, before=source, train=inputs.train,
-                                    holdout=inputs.holdout, out_dir=run_dir / TEACHER_CORRECTED_DIR, seed=seed,
-                                    config=correction, progress=progress)
-        teacher_dir = run_dir / TEACHER_CORRECTED_DIR
-        source = load_corrected_source(teacher_dir)
-        inputs.context = []  # the corrected teacher answers the student's prompt as it is
-    dropped = dict.fromkeys(DROP_REASONS, 0)
-    train_rows: list[dict[str, Any]] = []
-    hold_rows: list[dict[str, Any]] = []
-    total = len(inputs.train) * samples + len(inputs.holdout)
-    n_tokens = correct = labelled = 0
-    step = "data: teacher answers"
-    progress(step, 0, total)
-    kept: dict[str, list[str]] = {r.id: [] for r in inputs.train}
-    done = 0
-    invalid: list[str] = []  # why each refused invalid_answer row was invalid
-    answers: list[Any] = []
-    endpoints: list[dict[str, Any] | None] = []
-    cache_counts = {"hits": 0, "misses": 0}
-    # Endpoint teachers keep their answers in the folder they are given; local ones get the
-    # same cache through ``cache_dir``.
-    gen_dir, gen_options = ((run_dir / TEACHER_CACHE_DIR, {"endpoint": endpoint}) if remote
-                            else (teacher_dir, {"cache_dir": run_dir / TEACHER_CACHE_DIR}))
-    # Sample 0 is the teacher's greedy answer (also the holdout's); samples 1.. are drawn at
-    # ``sample_temperature`` with their own seeds, for training prompts only.
-    for j, p in enumerate(sample_params):
-        rows = inputs.train + (inputs.holdout if j == 0 else [])
-        with open_generator(source, gen_dir, p, **gen_options) as generate:
-            gens = generate_many(generate, [with_teacher_context(r.messages, inputs.context) for r in rows],
-                                 lambda n: progress(step, done + n, total))
-            answers += gens
-            endpoints.append(describe_generator(generate))
-            for k, v in (cache_stats(generate) or {}).items():
-                cache_counts[k] += v
-            for i, (row, gen) in enumerate(zip(rows, gens)):
-                n_tokens += gen.tokens
-                if i < len(inputs.train):
-                    reason = drop_reason(gen.text, finished=gen.finished, label=row.label, labels=inputs.labels,
-                                         answer_format=task.answer)
-                    if reason is None and is_invalid_answer(gen):
-                        reason = "invalid_answer"
-                        invalid.append(gen.no_logprobs_reason)
-                    if reason is None and is_near_duplicate(gen.text, kept[row.id]):
-                        reason = "duplicate"
-                    if reason is None:
-                        kept[row.id].append(gen.text.strip())
-                        train_rows.append({**row.record(gen.text.strip()), "sample": j, **gen.soft_labels()})
-                    else:
-                        dropped[reason] += 1
-                else:
-                    rec = row.record(gen.text.strip())
-                    rec["teacher_category"] = task.answer.label(gen.text)
-                    hold_rows.append(rec)
-                    # A format that states no label leaves the teacher's accuracy unmeasured (None).
-                    if row.label is not None and task.answer.label_from:
-                        labelled += 1
-                        correct += rec["teacher_category"] == row.label
-                done += 1
-    if not train_rows:
-        raise DataError(f"the teacher produced no usable answer for {len(inputs.train)} prompts "
-                        f"(dropped: {_nonzero(dropped)})",
-                        hint=f"the endpoint's answers are invalid ({invalid[0]})" if invalid else
-                        "check the prompts' format instructions, or use a stronger teacher")
-    seconds = time.perf_counter() - t0
-    contamination = contamination_report(hold_rows, [r.record(None) for r in inputs.train], train_rows)
-    report = {
-        "identity": identity,
-        "teacher": source.describe(),
-        "teacher_dir": None if remote else teacher_dir.name,
+
+def _answering_teacher(plan: _Plan, run_dir: Path, seed: int, progress: ProgressFn) -> _AnsweringTeacher:
+    """Materialize the teacher (``RUN/teacher``; an endpoint has nothing to materialize) and,
+    when ``plan`` asks for it, correct it (``RUN/teacher-corrected``, see correct.py)."""
+    from edgepack.distill.correct import correct_teacher, load_corrected_source
+    from edgepack.distill.teachers import materialize_teacher
+
+    teacher_dir = (run_dir / TEACHER_CACHE_DIR if plan.remote
+                   else materialize_teacher(plan.source, run_dir / TEACHER_DIR, progress))
+    if plan.correction is None:
+        return _AnsweringTeacher(plan.source, teacher_dir, plan.inputs.context, None)
+    corrected = correct_teacher(teacher_dir=teacher_dir, before=plan.source, train=plan.inputs.train,
+                                holdout=plan.inputs.holdout, out_dir=run_dir / TEACHER_CORRECTED_DIR, seed=seed,
+                                config=plan.correction, progress=progress)
+    folder = run_dir / TEACHER_CORRECTED_DIR
+    # The corrected teacher answers the student's prompt as it is, without demonstrations.
+    return _AnsweringTeacher(load_corrected_source(folder), folder, [], corrected)
+
+
+_CORRECTION_KEYS = ("rows_used", "steps", "first_loss", "final_loss", "train_s",
+                    "accuracy_before", "accuracy_after", "holdout_labelled")  # correct.py's report, in data's
+
+
+def _report(plan: _Plan, answering: _AnsweringTeacher, answers: TeacherAnswers, *, seconds: float) -> dict[str, Any]:
+    """data/report.json: the identity, the teacher and task, what was asked, kept and dropped
+    (and why), the teacher's holdout accuracy, contamination, timing and warnings."""
+    from edgepack.distill.contamination import contamination_report
+    from edgepack.distill.generate import distillation_mode
+
+    inputs, task, corrected = plan.inputs, plan.task, answering.corrected
+    contamination = contamination_report(answers.hold_rows, [r.record(None) for r in inputs.train],
+                                         answers.train_rows)
+    return {
+        "identity": plan.identity,
+        "teacher": answering.source.describe(),
+        "teacher_dir": None if plan.remote else answering.folder.name,
         # Answers refused as invalid are not training data, so they do not decide the mode.
-        **distillation_mode([a for a in answers if not is_invalid_answer(a)], endpoints),
-        "teacher_correction": None if corrected is None else
-        {k: corrected.get(k) for k in ("rows_used", "steps", "first_loss", "final_loss", "train_s",
-                                       "accuracy_before", "accuracy_after", "holdout_labelled")},
+        **distillation_mode([a for a in answers.answers if not is_invalid_answer(a)], answers.endpoints),
+        "teacher_correction": None if corrected is None else {k: corrected.get(k) for k in _CORRECTION_KEYS},
         "data": inputs.source,
         "labels": sorted(inputs.labels) if inputs.labels else None,
         "label_spellings": inputs.label_spellings,
-        "decoding": [p.describe() for p in sample_params],
-        "samples_per_prompt": samples,
+        "decoding": [p.describe() for p in plan.sample_params],
+        "samples_per_prompt": len(plan.sample_params),
         # None: a free-form (text) task without a user format gets no format check.
         "format_check": task.answer.format_check(),
         "task": {"file": TASK_FILE, **task.describe()},
-        "teacher_cache": cache_counts,
-        "teacher_context_turns": len(inputs.context),
+        "teacher_cache": answers.cache,
+        "teacher_context_turns": len(answering.context),
         "input_rows": len(inputs.train) + len(inputs.holdout) + len(inputs.bad),
         "bad_rows": len(inputs.bad),
         "bad_row_details": inputs.bad[:100],
         "train_prompts": len(inputs.train),
-        "kept": len(train_rows),
-        "dropped": sum(dropped.values()),
-        "drop_reasons": dropped,
-        "holdout_prompts": len(hold_rows),
-        "teacher_holdout_accuracy": round(correct / labelled, 4) if labelled else None,
-        "teacher_holdout_labelled": labelled,
+        "kept": len(answers.train_rows),
+        "dropped": sum(answers.dropped.values()),
+        "drop_reasons": answers.dropped,
+        "holdout_prompts": len(answers.hold_rows),
+        "teacher_holdout_accuracy": round(answers.correct / answers.labelled, 4) if answers.labelled else None,
+        "teacher_holdout_labelled": answers.labelled,
         "contamination": contamination,
-        "generated_tokens": n_tokens,
+        "generated_tokens": answers.tokens,
         "seconds": round(seconds, 2),
-        "generated_tokens_per_s": round(n_tokens / seconds, 1) if seconds > 0 else None,
-        "warnings": _warnings(inputs.label_spellings, invalid, len(answers), inputs.bad),
+        "generated_tokens_per_s": round(answers.tokens / seconds, 1) if seconds > 0 else None,
+        "warnings": _warnings(inputs.label_spellings, answers.invalid, len(answers.answers), inputs.bad),
     }
+
+
+def _write_data(out: Path, answers: TeacherAnswers, context: list[dict[str, str]], report: dict[str, Any]) -> None:
+    """Write RUN/data atomically (atomic.py: complete only once every file is in): the kept
+    training rows, the holdout rows, the teacher-only context and the report."""
     with atomic_dir(out) as tmp:
-        _write_jsonl(tmp / TRAIN_FILE, train_rows)
-        _write_jsonl(tmp / HOLDOUT_FILE, hold_rows)
-        write_json(tmp / TEACHER_CONTEXT, {"messages": inputs.context,
-                                                 "note": "teacher-only turns inserted after the system turn"})
+        _write_jsonl(tmp / TRAIN_FILE, answers.train_rows)
+        _write_jsonl(tmp / HOLDOUT_FILE, answers.hold_rows)
+        write_json(tmp / TEACHER_CONTEXT, {"messages": context,
+                                           "note": "teacher-only turns inserted after the system turn"})
         write_json(tmp / DATA_REPORT, report)
-    save_task(task, run_dir / TASK_FILE)
-    return report
 
 
 def _same_identity(recorded: Any, identity: dict[str, Any], system_prompt: str | None) -> bool:
@@ -494,10 +522,6 @@ def _warnings(spellings: dict[str, dict[str, int]], invalid: list[str], answers:
 def _looks_alike(spelling: str, label: str) -> bool:
     """Merged only because letters of another script read as Latin ones (not by case or width)."""
     return fold_label(spelling) != label
-
-
-def _nonzero(counts: dict[str, int]) -> str:
-    return ", ".join(f"{k} {v}" for k, v in counts.items() if v) or "none"
 
 
 def _write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:

@@ -45,7 +45,7 @@ def pipeline_cmd(
 ) -> None:
     """Run every stage end to end (export: every format the profile allows; gate: --search) and
     print the search table, the bundle path and the gate verdict."""
-    from edgepack.console import emit, out as console, progress_bars, warn
+    from edgepack.console import emit, progress_bars, warn
     from edgepack.pipeline import resolve_config, run_pipeline
 
     path = lambda p: str(p) if p is not None else None  # noqa: E731
@@ -59,40 +59,44 @@ def pipeline_cmd(
         result = run_pipeline(cfg, progress=progress)
     for line in result.get("warnings") or []:  # skipped bad data lines, merged label spellings...
         warn(line)
-
-    def human(r: dict[str, Any]) -> None:
-        from rich.table import Table
-
-        t = Table("stage", "seconds", "result", title=f"pipeline {r['run_dir']}")
-        for s in r["stages"]:
-            t.add_row(s["stage"], f"{s['seconds']:.1f}", s["summary"])
-        console.print(t)
-        if r.get("summary"):
-            from rich import box
-
-            # Short headers so the table fits 80 columns: TTFT95 = TTFT p95 in ms, acc = holdout label
-            # accuracy (or the task's primary metric, named), ×teach = that relative to the teacher's.
-            metric = next((row["primary_metric"] for row in r["summary"] if row.get("primary_metric")), "accuracy")
-            score = "acc" if metric == "accuracy" else metric
-            g = Table(title=f"gate --search on {r['profile']}, best quality first (* packaged)", box=box.SIMPLE_HEAD,
-                      pad_edge=False, collapse_padding=True)
-            for name in ("artifact", "fmt", "MB", "TTFT95", "tok/s", "peakMB", score, "×teach", "verdict"):
-                g.add_column(name, no_wrap=True)
-            for row in r["summary"]:
-                row = {**row, "score": row["primary"] if row.get("primary") is not None else row["accuracy"]}
-                cells = [str(row[k]) if row[k] is not None else "-" for k in
-                         ("artifact", "format", "size_mb", "ttft_p95_ms", "decode_tokens_per_s", "peak_memory_mb",
-                          "score", "relative_quality", "verdict")]
-                if row["choice"] == r.get("packaged"):
-                    cells[-1] += "*"
-                g.add_row(*cells)
-            console.print(g)
-            for row in r["summary"]:
-                if row["verdict"] not in ("PASS", "skipped", "not exported") and row["reasons"]:
-                    console.print(f"{row['artifact']}: {row['reasons'][0]}", highlight=False, markup=False)
-        console.print(f"bundle: [bold]{r['bundle']}[/bold]")
-        console.print(f"gate verdict: [bold]{r['verdict']}[/bold]")
-
-    emit(result, json_out, human)
+    emit(result, json_out, _print_result)
     if not result["bundle"]:
         raise typer.Exit(1)
+
+
+def _print_result(r: dict[str, Any]) -> None:
+    """The human form of the pipeline's result: the stage table, the gate --search table, the
+    first reason of each failed choice, the bundle path and the gate verdict."""
+    from rich.table import Table
+
+    from edgepack.console import out as console
+
+    t = Table("stage", "seconds", "result", title=f"pipeline {r['run_dir']}")
+    for s in r["stages"]:
+        t.add_row(s["stage"], f"{s['seconds']:.1f}", s["summary"])
+    console.print(t)
+    if r.get("summary"):
+        from rich import box
+
+        # Short headers so the table fits 80 columns: TTFT95 = TTFT p95 in ms, acc = holdout label
+        # accuracy (or the task's primary metric, named), ×teach = that relative to the teacher's.
+        metric = next((row["primary_metric"] for row in r["summary"] if row.get("primary_metric")), "accuracy")
+        score = "acc" if metric == "accuracy" else metric
+        g = Table(title=f"gate --search on {r['profile']}, best quality first (* packaged)", box=box.SIMPLE_HEAD,
+                  pad_edge=False, collapse_padding=True)
+        for name in ("artifact", "fmt", "MB", "TTFT95", "tok/s", "peakMB", score, "×teach", "verdict"):
+            g.add_column(name, no_wrap=True)
+        for row in r["summary"]:
+            row = {**row, "score": row["primary"] if row.get("primary") is not None else row["accuracy"]}
+            cells = [str(row[k]) if row[k] is not None else "-" for k in
+                     ("artifact", "format", "size_mb", "ttft_p95_ms", "decode_tokens_per_s", "peak_memory_mb",
+                      "score", "relative_quality", "verdict")]
+            if row["choice"] == r.get("packaged"):
+                cells[-1] += "*"
+            g.add_row(*cells)
+        console.print(g)
+        for row in r["summary"]:
+            if row["verdict"] not in ("PASS", "skipped", "not exported") and row["reasons"]:
+                console.print(f"{row['artifact']}: {row['reasons'][0]}", highlight=False, markup=False)
+    console.print(f"bundle: [bold]{r['bundle']}[/bold]")
+    console.print(f"gate verdict: [bold]{r['verdict']}[/bold]")
