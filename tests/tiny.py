@@ -85,8 +85,9 @@ def build_tiny_llama(out_dir: Path, *, layers: int = 2, hidden: int = 64, seed: 
 
 
 def teach_tiny(model_dir: Path, pairs: list[tuple[str, str]], *, steps: int = 150, lr: float = 3e-3,
-               seed: int = 0) -> Path:
-    """Supervised-fine-tune a tiny model in place until it answers ``pairs`` (user → answer).
+               seed: int = 0, system: str | None = None) -> Path:
+    """Supervised-fine-tune a tiny model in place until it answers ``pairs`` (user → answer; after
+    ``system`` as the system turn when given).
 
     A random-init teacher answers nothing in the task format, so every teacher answer would
     be filtered out; a few seconds of SFT make it a competent (memorising) tiny teacher.
@@ -99,7 +100,8 @@ def teach_tiny(model_dir: Path, pairs: list[tuple[str, str]], *, steps: int = 15
     model = AutoModelForCausalLM.from_pretrained(model_dir)
     batch_ids, batch_labels = [], []
     for user, answer in pairs:
-        prompt = tok.apply_chat_template([{"role": "user", "content": user}], tokenize=False,
+        turns = [{"role": "system", "content": system}] if system is not None else []
+        prompt = tok.apply_chat_template([*turns, {"role": "user", "content": user}], tokenize=False,
                                          add_generation_prompt=True)
         p_ids = tok(prompt, add_special_tokens=False)["input_ids"]
         a_ids = tok(answer + "<|im_end|>", add_special_tokens=False)["input_ids"]
