@@ -197,3 +197,19 @@ def make_run_dir(run: Path, student_src: Path, profiles: list[Path], *, quants: 
             name = f"{path.name}.json" if i == 0 else f"{path.name}.{profile.name}.json"
             write_json(run / GATE_DIR / name, report)
     return run
+
+
+def task_bundle(tiny_gguf: Path, path: Path, task: Any, *, n_ctx: int = 512) -> Path:
+    """A bundle of the tiny GGUF (gate status PASS) carrying ``task`` (a Task, or None for none)."""
+    from edgepack.gguf_header import read_gguf
+    from edgepack.runtime.bundle.archive import BundleFile, write_bundle
+    from edgepack.runtime.memory import estimate_gguf_memory
+
+    manifest = {"schema_version": 1, "model": "tiny", "format": "gguf", "quant": "F16", "profile": {"name": "t"},
+                "entrypoint": "tiny-F16.gguf", "files": [], "gate_status": "PASS",
+                "runtime": {"context_length": n_ctx, "threads": 1,
+                            "memory_estimate": estimate_gguf_memory(read_gguf(tiny_gguf), n_ctx)}}
+    if task is not None:
+        manifest["task"] = task.to_json()
+    write_bundle(path, manifest, [BundleFile("tiny-F16.gguf", tiny_gguf)])
+    return path

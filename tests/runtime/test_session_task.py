@@ -15,10 +15,9 @@ import pytest
 
 from edgepack.answers import JsonAnswer
 from edgepack.errors import BundleError, UsageError
-from edgepack.gguf_header import read_gguf
 from edgepack.runtime.bundle.archive import BundleFile, write_bundle
 from edgepack.runtime.bundle.manifest import manifest_problems
-from edgepack.runtime.memory import estimate_gguf_memory
+from tests.runtime.helpers import task_bundle
 from edgepack.runtime.session import apply_task, cut_at_stop, open_model
 from edgepack.task import DEMO_SYSTEM_PROMPT, DEMO_TASK, Decoding, Task
 
@@ -119,14 +118,7 @@ def test_cut_at_stop_closes_the_source_at_the_stop() -> None:
 # --- the session ----------------------------------------------------------------------------------
 
 def _bundle(tiny_gguf: Path, path: Path, task: Task | None) -> Path:
-    manifest = {"schema_version": 1, "model": "tiny", "format": "gguf", "quant": "F16", "profile": {"name": "t"},
-                "entrypoint": "tiny-F16.gguf", "files": [], "gate_status": "PASS",
-                "runtime": {"context_length": 256, "threads": 1,
-                            "memory_estimate": estimate_gguf_memory(read_gguf(tiny_gguf), 256)}}
-    if task is not None:
-        manifest["task"] = task.to_json()
-    write_bundle(path, manifest, [BundleFile("tiny-F16.gguf", tiny_gguf)])
-    return path
+    return task_bundle(tiny_gguf, path, task, n_ctx=256)
 
 
 def test_a_bundle_applies_its_task_and_no_task_gives_the_raw_model(tiny_gguf: Path, tmp_path: Path,

@@ -27,6 +27,7 @@ from edgepack.runtime.server.decoding import STRUCTURED_HEADER
 from edgepack.runtime.server.serve import ServeConfig, make_server
 from edgepack.runtime.session import open_model
 from edgepack.task import Decoding, Task
+from tests.runtime.helpers import task_bundle
 from tests.runtime.server.helpers import USER, call, chat, local  # noqa: F401 - fixtures are requested by name
 
 SCHEMA = {"type": "object",
@@ -47,18 +48,7 @@ def as_schema(schema: dict[str, Any], name: str = "workorder", **extra: Any) -> 
 
 
 def gguf_bundle(tiny_gguf: Path, path: Path, task: Task | None) -> Path:
-    from edgepack.gguf_header import read_gguf
-    from edgepack.runtime.bundle.archive import BundleFile, write_bundle
-    from edgepack.runtime.memory import estimate_gguf_memory
-
-    manifest = {"schema_version": 1, "model": "tiny", "format": "gguf", "quant": "F16", "profile": {"name": "t"},
-                "entrypoint": "tiny-F16.gguf", "files": [], "gate_status": "PASS",
-                "runtime": {"context_length": 512, "threads": 1,
-                            "memory_estimate": estimate_gguf_memory(read_gguf(tiny_gguf), 512)}}
-    if task is not None:
-        manifest["task"] = task.to_json()
-    write_bundle(path, manifest, [BundleFile("tiny-F16.gguf", tiny_gguf)])
-    return path
+    return task_bundle(tiny_gguf, path, task, n_ctx=512)
 
 
 def onnx_bundle(folder: Path, path: Path, task: Task) -> Path:
