@@ -258,7 +258,7 @@ class JsonAnswer:
         except jsonschema.exceptions.SchemaError as exc:
             raise error(f"{subject} is not a valid JSON Schema: {' '.join(exc.message.split())[:200]}") from None
         except (ValueError, RecursionError) as exc:  # a pattern Python's re cannot compile, e.g. a{<5000 digits>}
-            raise error(f"{subject} is not a usable JSON Schema: {' '.join(str(exc).split())[:200]}") from None
+            raise error(f"{subject} is not a usable JSON Schema (it cannot be checked): {' '.join(str(exc).split())[:200]}") from None
         _check_labels(self.labels, subject, error)
         self.check("null")  # a top-level $ref that cannot be resolved fails here, before any generation
 
