@@ -79,11 +79,12 @@ def _print_result(r: dict[str, Any]) -> None:
         from rich import box
 
         # Short headers so the table fits 80 columns: TTFT95 = TTFT p95 in ms, acc = holdout label
-        # accuracy (or the task's primary metric, named), ×teach = that relative to the teacher's.
+        # accuracy (score: the task's primary metric, named in the title), ×teach = that relative to
+        # the teacher's.
         metric = next((row["primary_metric"] for row in r["summary"] if row.get("primary_metric")), "accuracy")
-        score = "acc" if metric == "accuracy" else metric
-        g = Table(title=f"gate --search on {r['profile']}, best quality first (* packaged)", box=box.SIMPLE_HEAD,
-                  pad_edge=False, collapse_padding=True)
+        score, named = ("acc", "") if metric == "accuracy" else ("score", f"; score = {metric}")
+        g = Table(title=f"gate --search on {r['profile']}, best quality first (* packaged{named})",
+                  box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True)
         for name in ("artifact", "fmt", "MB", "TTFT95", "tok/s", "peakMB", score, "×teach", "verdict"):
             g.add_column(name, no_wrap=True)
         for row in r["summary"]:

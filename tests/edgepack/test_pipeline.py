@@ -434,3 +434,23 @@ def test_bad_task_flags_are_one_line_exit_2_and_write_nothing(tmp_path: Path, ti
     lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
     assert lines[0].startswith("error:") and needle in lines[0], lines
     assert not out.exists()
+
+
+def test_the_gate_table_names_a_json_tasks_metric_within_80_columns(capsys: pytest.CaptureFixture[str]) -> None:
+    from edgepack.commands.pipeline import _print_result
+
+    def row(choice: str, primary: float | None) -> dict[str, Any]:
+        fmt, quant = choice.split(":")
+        return {"choice": choice, "artifact": f"student-{quant}.gguf", "format": fmt, "quant": quant, "size_mb": 80.6,
+                "ttft_p95_ms": 140.2, "decode_tokens_per_s": 131.4, "peak_memory_mb": 176.6, "accuracy": None,
+                "primary_metric": "field_f1" if primary is not None else None, "primary": primary,
+                "relative_quality": 0.921 if primary is not None else None, "verdict": "PASS", "reasons": []}
+
+    _print_result({"run_dir": "runs/workorders", "profile": "cpu-x86-2c", "bundle": "b.edgepack", "verdict": "PASS",
+                   "packaged": "gguf:Q8_0", "stages": [{"stage": "gate", "seconds": 1.0, "summary": "ok"}],
+                   "summary": [row("gguf:Q8_0", 0.537), row("gguf:Q6_K", None)]})
+    lines = capsys.readouterr().out.splitlines()
+    assert any("score = field_f1" in ln for ln in lines)
+    assert any("score" in ln.split() and "×teach" in ln.split() for ln in lines)
+    assert any("0.537" in ln and "PASS*" in ln for ln in lines)
+    assert max(len(ln.rstrip()) for ln in lines) <= 80
