@@ -207,7 +207,10 @@ class JsonAnswer:
     """The answer must be JSON valid under ``schema`` (the ``jsonschema`` package, the draft the
     schema's ``$schema`` names, 2020-12 when none; ``format`` is an annotation, as the spec's
     default says). ``fields`` (by default the schema's top-level ``properties``) are scored one
-    by one; a top-level string property ``label`` is the answer's label. ``$ref`` to other
+    by one by exact match; ``text_fields`` (by default the properties the schema annotates with
+    ``"x-edgepack-score": "chrf"``, free text such as a suggested action) by chrF against the
+    reference's value instead, outside the exact-match F1. A top-level string property ``label``
+    is the answer's label. ``$ref`` to other
     documents is not fetched: an unresolvable one is a UsageError."""
 
     kind: ClassVar[str] = "json"
@@ -216,11 +219,13 @@ class JsonAnswer:
         "type": "object", "required": ["kind", "schema"], "additionalProperties": False,
         "properties": {"kind": {"const": "json"}, "schema": {"type": ["object", "boolean"]},
                        "fields": {"type": "array", "items": {"type": "string", "minLength": 1}},
+                       "text_fields": {"type": "array", "items": {"type": "string", "minLength": 1}},
                        "file": {"type": ["string", "null"]}, "sha256": {"type": ["string", "null"]},
                        "labels": {"anyOf": [_LABEL_LIST, {"type": "null"}]}}}
     label_from: ClassVar[str] = "property 'label'"
     schema: Any
     fields: tuple[str, ...] = ()
+    text_fields: tuple[str, ...] = ()
     file: str | None = None
     """The schema file's name (not its folder: moving it keeps data/'s identity)."""
     sha256: str | None = None
@@ -240,8 +245,8 @@ class JsonAnswer:
         except (ValueError, RecursionError) as exc:
             raise UsageError(f"--format-schema {path} is not valid JSON ({getattr(exc, 'msg', None) or str(exc)[:80]})",
                              hint="the file must hold one JSON Schema document") from None
-        answer = cls(schema=schema, fields=schema_fields(schema), file=path.name,
-                     sha256=hashlib.sha256(raw).hexdigest())
+        answer = cls(schema=schema, fields=schema_fields(schema), text_fields=schema_text_fields(schema),
+                     file=path.name, sha256=hashlib.sha256(raw).hexdigest())
         answer._validate(f"--format-schema {path}", UsageError)
         return answer
 
@@ -260,6 +265,9 @@ class JsonAnswer:
         except (ValueError, RecursionError) as exc:  # a pattern Python's re cannot compile, e.g. a{<5000 digits>}
             raise error(f"{subject} is not a usable JSON Schema (it cannot be checked): {' '.join(str(exc).split())[:200]}") from None
         _check_labels(self.labels, subject, error)
+        both = sorted(set(self.fields) & set(self.text_fields))
+        if both:
+            raise error(f"{subject}: {', '.join(both)} listed both in fields (exact match) and in text_fields (chrF)")
         self.check("null")  # a top-level $ref that cannot be resolved fails here, before any generation
 
     @cached_property
@@ -312,14 +320,30 @@ class JsonAnswer:
                 "draft": self.validator.META_SCHEMA.get("$schema"), "label_from": self.label_from}
 
     def to_json(self) -> dict[str, Any]:
-        return {"kind": self.kind, "schema": self.schema, "fields": list(self.fields), "file": self.file,
+        return {"kind": self.kind, "schema": self.schema, "fields": list(self.fields),
+                "text_fields": list(self.text_fields), "file": self.file,
                 "sha256": self.sha256, "labels": None if self.labels is None else list(self.labels)}
 
 
-def schema_fields(schema: Any) -> tuple[str, ...]:
-    """The fields a JSON task scores by default: the schema's top-level ``properties``."""
+TEXT_SCORE_KEYWORD = "x-edgepack-score"
+"""The schema annotation that marks a free-text property (value ``"chrf"``): scored by chrF, not exact match."""
+
+
+def _properties(schema: Any) -> dict[str, Any]:
     props = schema.get("properties") if isinstance(schema, dict) else None
-    return tuple(props) if isinstance(props, dict) else ()
+    return props if isinstance(props, dict) else {}
+
+
+def schema_fields(schema: Any) -> tuple[str, ...]:
+    """The fields a JSON task scores by exact match by default: the schema's top-level
+    ``properties`` except the free-text ones (:func:`schema_text_fields`)."""
+    return tuple(k for k in _properties(schema) if k not in schema_text_fields(schema))
+
+
+def schema_text_fields(schema: Any) -> tuple[str, ...]:
+    """The top-level properties annotated ``"x-edgepack-score": "chrf"``: scored by chrF."""
+    return tuple(k for k, v in _properties(schema).items()
+                 if isinstance(v, dict) and v.get(TEXT_SCORE_KEYWORD) == "chrf")
 
 
 @dataclass(frozen=True)

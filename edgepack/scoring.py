@@ -12,7 +12,10 @@ the task kind's metrics, each from a well-kept library, registered by the exact 
   pattern has a ``label`` group.
 * ``json`` — ``valid_json_rate``, ``schema_valid_rate`` (jsonschema), exact match per field
   (``field_exact``, JSON values equal) and their mean ``field_accuracy``, and ``field_f1``: the
-  F1 of the (field, value) pairs per row, averaged over rows (scikit-learn, ``average="samples"``).
+  F1 of the (field, value) pairs per row, averaged over rows (scikit-learn, ``average="samples"``);
+  free-text ``text_fields`` instead get ``field_chrf``: sacrebleu's chrF of the answer's value
+  against the reference's, over the rows whose reference has the field (a missing or non-string
+  value is an empty hypothesis).
   Each row is compared with its ``reference`` when that is a JSON object, else the teacher's.
 * ``text`` — ``chrf`` (sacrebleu's corpus chrF, divided by 100) and ``rouge_l`` (rouge-score's
   ROUGE-L F-measure, mean over rows; its tokenizer keeps ASCII letters and digits only, so chrF
@@ -128,23 +131,36 @@ def _json(task: Task, answers: Sequence[str], rows: Sequence[Row]) -> dict[str, 
         "schema_valid_rate": _mean([float(task.answer.check(a.strip())[0]) for a in answers]),
     }
     refs = [_json_reference(task, r) for r in rows]
-    fields = list(task.answer.fields) or sorted({k for ref, _ in refs if ref for k in ref})
+    text_fields = list(task.answer.text_fields)
+    fields = list(task.answer.fields) or sorted({k for ref, _ in refs if ref for k in ref} - set(text_fields))
     scored = [({} if not isinstance(value, dict) else value, ref, source)
-              for (_, value), (ref, source) in zip(parsed, refs) if ref is not None and set(ref) & set(fields)]
+              for (_, value), (ref, source) in zip(parsed, refs)
+              if ref is not None and set(ref) & set(fields + text_fields)]
     exact = {}
     for f in fields:
         hits = [float(f in pred and _canon(pred[f]) == _canon(ref[f])) for pred, ref, _ in scored if f in ref]
         exact[f] = _mean(hits)
     measured = [v for v in exact.values() if v is not None]
     field_f1 = None
-    if scored:
-        pairs = [({f"{f}={_canon(p[f])}" for f in fields if f in p}, {f"{f}={_canon(r[f])}" for f in fields if f in r})
-                 for p, r, _ in scored]
+    pairs = [({f"{f}={_canon(p[f])}" for f in fields if f in p}, {f"{f}={_canon(r[f])}" for f in fields if f in r})
+             for p, r, _ in scored if set(r) & set(fields)]
+    if pairs:
         binarizer = MultiLabelBinarizer().fit([s for pair in pairs for s in pair])
         predicted, gold = binarizer.transform([p for p, _ in pairs]), binarizer.transform([g for _, g in pairs])
         field_f1 = float(f1_score(gold, predicted, average="samples", zero_division=0))
     return {**out, "field_accuracy": _mean(measured), "field_f1": field_f1, "field_exact": exact,
+            "field_chrf": {f: _field_chrf(f, scored) for f in text_fields},
             "scored_rows": len(scored), "reference_from": _sources(s for _, _, s in scored)}
+
+
+def _field_chrf(field: str, scored: Sequence[tuple[dict[str, Any], dict[str, Any], str]]) -> float | None:
+    """chrF (0–1) of a free-text field's values against the references', over rows that have it."""
+    import sacrebleu
+
+    pairs = [(p.get(field) if isinstance(p.get(field), str) else "", str(r[field])) for p, r, _ in scored if field in r]
+    if not pairs:
+        return None
+    return sacrebleu.corpus_chrf([h for h, _ in pairs], [[r for _, r in pairs]]).score / 100.0
 
 
 def _sources(sources: Any) -> dict[str, int]:

@@ -42,7 +42,8 @@ from pathlib import Path
 from typing import Any
 
 from edgepack.answers import (ANSWER_KINDS, DEMO_ANSWER_RE, LABEL_MAX_TOKENS, Answer, AnswerKind, JsonAnswer,
-                              LabelsAnswer, RegexAnswer, TextAnswer, fail, schema_fields)
+                              LabelsAnswer, RegexAnswer, TextAnswer, fail, schema_fields,
+                              schema_text_fields)
 from edgepack.errors import DataError, EdgepackError, UsageError
 from edgepack.labels import fold_label
 
@@ -215,12 +216,14 @@ def task_from_json(obj: Any, where: str, error: type[EdgepackError] = DataError)
     if problems:
         raise fail(error, where, "not a valid task: " + "; ".join(problems), hint)
     spec = {k: v for k, v in obj["answer"].items() if k != "kind"}
-    for key in ("labels", "fields"):
+    for key in ("labels", "fields", "text_fields"):
         if spec.get(key) is not None:
             spec[key] = tuple(spec[key])
     answer = ANSWER_KINDS[obj["answer"]["kind"]](**spec)
     if isinstance(answer, JsonAnswer) and "fields" not in spec:
         answer = replace(answer, fields=schema_fields(answer.schema))
+    if isinstance(answer, JsonAnswer) and "text_fields" not in spec:
+        answer = replace(answer, text_fields=schema_text_fields(answer.schema))
     answer.validate(where, error)
     d = obj["decoding"]
     decoding = Decoding(max_tokens=d["max_tokens"], temperature=float(d["temperature"]),

@@ -66,6 +66,31 @@ def test_json_rates_per_field_exact_match_and_field_f1() -> None:
     assert s["scored_rows"] == 3 and s["reference_from"] == {"reference": 2, "teacher": 1}
 
 
+def test_json_text_fields_get_chrf_and_stay_out_of_the_exact_f1() -> None:
+    import sacrebleu
+
+    from edgepack.answers import schema_fields, schema_text_fields
+
+    schema = {"type": "object", "properties": {"fault": {"enum": ["leak", "noise"]},
+                                               "action": {"type": "string", "x-edgepack-score": "chrf"}}}
+    assert schema_fields(schema) == ("fault",) and schema_text_fields(schema) == ("action",)
+    task = Task(answer=JsonAnswer(schema=schema, fields=schema_fields(schema), text_fields=("action",)))
+    rows = [{"reference": '{"fault": "leak", "action": "Replace the seal on P-1."}'},
+            {"reference": '{"fault": "noise", "action": "Grease the bearing."}'},
+            {"reference": '{"action": "Check the fan."}'}]                   # a text field only: no F1 row
+    answers = ['{"fault": "leak", "action": "Replace the pump seal."}', '{"fault": "noise", "action": 7}',
+               '{"action": "Check the fan."}']
+    s = score_answers(task, answers, rows)
+    # the free text does not spoil the exact scores: both faults are right
+    assert s["field_exact"] == {"fault": 1.0} and s["field_f1"] == pytest.approx(1.0)
+    hyps, refs = ["Replace the pump seal.", "", "Check the fan."], ["Replace the seal on P-1.", "Grease the bearing.",
+                                                                    "Check the fan."]
+    assert s["field_chrf"]["action"] == pytest.approx(sacrebleu.corpus_chrf(hyps, [refs]).score / 100)
+    assert 0.0 < s["field_chrf"]["action"] < 1.0 and s["scored_rows"] == 3
+    with pytest.raises(Exception, match="both in fields"):
+        JsonAnswer(schema=schema, fields=("fault", "action"), text_fields=("action",)).validate("t", ValueError)
+
+
 def test_text_chrf_and_rouge_l_against_the_reference_or_the_teacher() -> None:
     import sacrebleu
 
