@@ -1,140 +1,102 @@
-"""The bundle's model card (``README.md``): HF-style YAML front matter, the task, the gate, use.
+"""The bundle's model card (``README.md``): an HF model card with the task, the gate and how to use it.
 
 Written by :func:`~edgepack.export.pack.pack.pack_run` from the manifest it is about to write,
-so the card says nothing the manifest does not hold. The task section states what the model
-was gated to do (issue #15): the answer kind, its labels, pattern or JSON schema, the primary
-metric, the system prompt and decoding that ``run``, ``chat``, ``serve`` and the Modelfile apply,
-and the scores the gate measured under them (``task_scores``).
+so the card says nothing the manifest does not hold. Its front matter (built with
+huggingface_hub's ``ModelCardData`` in :mod:`edgepack.model_card`) carries ``license``,
+``base_model``, ``pipeline_tag: text-generation``, ``tags`` (edgepack, distillation, the format,
+the quant, the profile), ``language`` when the teacher lists one, and ``model-index`` with the
+scores the gate measured under the task. The task section states what the model was gated to
+do (issue #15): the answer kind, its spec, the primary metric, the system prompt and decoding
+that ``run``, ``chat``, ``serve`` and the Modelfile apply, and those scores (``task_scores``).
 """
 
 from __future__ import annotations
 
-import json
-import re
-from collections.abc import Callable
 from typing import Any
 
 from edgepack import __version__
 from edgepack.constants import (M_FORMAT, M_GATE, M_GATE_STATUS, M_LINEAGE, M_MODEL, M_PACK, M_PROFILE, M_QUANT,
                                 M_TASK_SCORES)
 from edgepack.formats import get_format
+from edgepack.model_card import (CardLicense, card_license, eval_results, intended_use_section, license_section,
+                                 limitations_section, render_card, task_section, value_text)
 from edgepack.task import Task
 
 
-def _yaml_str(value: Any) -> str:
-    return json.dumps(str(value), ensure_ascii=False)  # a JSON string is a valid YAML scalar
+def teacher_record(lineage: dict[str, Any]) -> dict[str, Any]:
+    """The teacher as the run recorded it: ``teacher/source.json``, else data/report.json's ``teacher``
+    (an endpoint teacher has no folder)."""
+    teacher = lineage.get("teacher") or (lineage.get("data") or {}).get("teacher")
+    return teacher if isinstance(teacher, dict) else {}
 
 
-def _fenced(text: str, lang: str = "text") -> list[str]:
-    """``text`` in a code fence longer than any run of backticks inside it."""
-    fence = "`" * max(3, 1 + max((len(m) for m in re.findall(r"`+", text)), default=0))
-    return [f"{fence}{lang}", text, fence]
+def bundle_license(lineage: dict[str, Any], override: str | None) -> CardLicense:
+    """``--license``, else what ``distill train`` recorded for the student, else the teacher's license."""
+    student = (lineage.get("student") or {}).get("license")
+    student = student if isinstance(student, dict) else {}
+    return card_license(override, [
+        (f"`distill train` ({student.get('source')})", student.get("id") if student.get("source") else None),
+        ("the teacher's source (`teacher/source.json`)", teacher_record(lineage).get("license"))])
 
 
-def _value(value: Any) -> str:
-    return "–" if value is None else f"{value:.3f}" if isinstance(value, float) else str(value)
-
-
-def _front(manifest: dict[str, Any], task: Task, license_name: str | None) -> list[str]:
-    tags = ["edgepack", manifest[M_FORMAT], manifest[M_QUANT], manifest[M_PROFILE]["name"], "distillation"]
-    front = ["---"]
-    if license_name:
-        front.append(f"license: {_yaml_str(license_name)}")
-    return front + [f"model_name: {_yaml_str(manifest[M_MODEL])}", "pipeline_tag: text-generation",
-                    f"library_name: {_yaml_str(manifest[M_FORMAT])}",
-                    "tags:", *[f"- {_yaml_str(t)}" for t in tags], "edgepack:",
-                    f"  profile: {_yaml_str(manifest[M_PROFILE]['name'])}",
-                    f"  gate_status: {_yaml_str(manifest[M_GATE_STATUS])}",
-                    f"  quant: {_yaml_str(manifest[M_QUANT])}",
-                    f"  task_kind: {_yaml_str(task.kind)}",
-                    f"  primary_metric: {_yaml_str(task.primary_metric)}", "---", ""]
-
-
-def _labels_spec(task: Task) -> list[str]:
-    labels = ", ".join(f"`{x}`" for x in task.answer.labels or ())
-    return [f"Each answer names one of {len(task.answer.labels or ())} labels: {labels}. The label is read with "
-            f"the pattern `{getattr(task.answer, 'pattern', '')}`.", ""]
-
-
-def _regex_spec(task: Task) -> list[str]:
-    labels = ", ".join(f"`{x}`" for x in task.answer.labels or ())
-    return ["The whole answer must match this regular expression:", "",
-            *_fenced(getattr(task.answer, "pattern", "")), "",
-            *([f"Its `label` group names one of: {labels}.", ""] if labels else [])]
-
-
-def _json_spec(task: Task) -> list[str]:
-    fields = ", ".join(f"`{f}`" for f in getattr(task.answer, "fields", ())) or "every field of the schema"
-    return [f"Each answer is one JSON object under this schema; the scored fields are {fields}.", "",
-            *_fenced(json.dumps(getattr(task.answer, "schema", {}), indent=2, ensure_ascii=False), "json"), ""]
-
-
-def _text_spec(task: Task) -> list[str]:
-    return ["Free text, scored against the holdout's reference answers (or the teacher's where a row has none).", ""]
-
-
-# answer kind (task.json's answer.kind) -> what a correct answer is, for the card
-ANSWER_SPECS: dict[str, Callable[[Task], list[str]]] = {
-    "labels": _labels_spec,
-    "regex": _regex_spec,
-    "json": _json_spec,
-    "text": _text_spec,
-}
-
-
-def _scores(task: Task, scores: dict[str, Any] | None) -> list[str]:
-    """The gated scores as a table, or why there are none."""
-    if scores is None:
-        return ["No gated scores: the gate measured no holdout under this task (see the gate section).", ""]
-    measured = scores.get("scores") or {}
-    rows = [f"| {m}{' (primary)' if m == task.primary_metric else ''} | {_value(measured.get(m))} |"
-            for m in task.answer.metrics]
-    rows += [f"| {f} exact | {_value(v)} |" for f, v in (measured.get("field_exact") or {}).items()]
-    lines = [f"Measured by the gate on {scores.get('answered', scores['rows'])} of {scores['rows']} holdout rows, "
-             f"decoded as above ({scores.get('decoding_line') or 'the task decoding'}):", "",
-             "| metric | value |", "|---|---|", *rows, ""]
-    if scores.get("teacher_primary") is not None:
-        relative = f"; relative quality {_value(scores.get('relative'))}" if scores.get("relative") is not None else ""
-        lines += [f"The teacher's recorded answers score {task.primary_metric} {_value(scores['teacher_primary'])}"
-                  f"{relative}.", ""]
-    structured = scores.get("structured_output")
-    if isinstance(structured, dict):
-        free = structured.get("unconstrained") or {}
-        lines += [f"Structured output: decoded {structured.get('decoding')}; valid-JSON rate without the grammar "
-                  f"{_value(free.get('valid_json_rate'))}. {structured.get('note', '')}".rstrip(), ""]
-    return lines
-
-
-def task_section(task: Task, task_source: str, scores: dict[str, Any] | None) -> list[str]:
-    """``## Task``: the kind and its spec, the primary metric, the prompt, the decoding, the scores."""
-    lines = ["## Task", "", f"A `{task.kind}` task ({task_source}); primary metric **{task.primary_metric}**.", "",
-             *ANSWER_SPECS.get(task.kind, lambda _: [])(task)]
-    if task.system_prompt is not None:
-        lines += ["System prompt (`edgepack run`, `chat` and `serve` send it unless a request brings its own "
-                  "system message):", "", *_fenced(task.system_prompt), ""]
+def _made_section(manifest: dict[str, Any], teacher: str) -> list[str]:
+    """``## How it was made``: distilled (the train and data reports), quantized (the export entry)."""
+    lineage = manifest[M_LINEAGE]
+    train, data = lineage.get("train") or {}, lineage.get("data") or {}
+    entry = (lineage.get("export") or {}).get("entry") or {}
+    lines = ["## How it was made", ""]
+    if train.get("steps"):
+        params = f"{train['params'] / 1e6:.1f}M" if isinstance(train.get("params"), (int, float)) else "?"
+        lines.append(f"- Distilled from `{teacher}` ({train.get('mode', '?')} distillation): {train['steps']} steps "
+                     f"on {train.get('rows_used', '?')} rows, loss {value_text(train.get('first_loss'))} → "
+                     f"{value_text(train.get('final_loss'))}; {params} parameters.")
     else:
-        lines += ["The task has no system prompt of its own: requests are answered as they come.", ""]
-    d = task.decoding
-    lines += [f"Decoding: {d.describe()} (temperature {d.temperature:g}, repeat penalty {d.repeat_penalty:g}, "
-              f"stop strings {list(d.stop) or 'none'}): the gate's; `run`, `chat` and `serve` decode so. Another "
-              "runtime needs the same settings (many default to a repeat penalty of 1.1).", "",
-              "### Gated scores", "", *_scores(task, scores)]
+        lines.append(f"- Distilled from `{teacher}`; the run recorded no training steps.")
+    if data.get("kept") is not None:
+        lines.append(f"- Data: the teacher's answers to the run's prompts, {data['kept']} kept and "
+                     f"{data.get('dropped', '?')} dropped by the answer filters.")
+    lines.append(f"- Quantized: {manifest[M_FORMAT]} {manifest[M_QUANT]}"
+                 + (f", {entry['bytes'] / 2**20:.1f} MiB." if isinstance(entry.get("bytes"), int) else "."))
+    lines += [f"- Gated: {manifest[M_GATE_STATUS]} on the `{manifest[M_PROFILE]['name']}` profile (below).", ""]
     return lines
 
 
-def model_card(manifest: dict[str, Any], *, license_name: str | None, task: Task, task_source: str) -> str:
-    """README.md: HF-style YAML front matter, then what the bundle is, its task and how it was judged."""
-    gate = manifest[M_GATE]
-    teacher = (manifest[M_LINEAGE].get("teacher") or {}).get("spec", "not recorded")
+def _front(manifest: dict[str, Any], task: Task, lic: CardLicense, teacher: dict[str, Any]) -> Any:
+    """The front matter as a ``ModelCardData``."""
+    from huggingface_hub import ModelCardData
+
+    profile, fmt, quant = manifest[M_PROFILE]["name"], manifest[M_FORMAT], manifest[M_QUANT]
+    results = eval_results(task, manifest.get(M_TASK_SCORES))
+    return ModelCardData(
+        license=lic.id, **({} if lic.known else {"license_name": "unknown"}),
+        base_model=teacher.get("base_model") or teacher.get("name"), pipeline_tag="text-generation",
+        library_name=fmt, tags=["edgepack", "distillation", fmt, quant, profile],
+        language=list(teacher.get("language") or []) or None,
+        model_name=manifest[M_MODEL], eval_results=results or None,
+        edgepack={"profile": profile, "gate_status": manifest[M_GATE_STATUS], "quant": quant, "task_kind": task.kind,
+                  "primary_metric": task.primary_metric, "license_source": lic.source or None})
+
+
+def model_card(manifest: dict[str, Any], *, license: CardLicense, task: Task, task_source: str,
+               tokenizer_folder: bool = False) -> str:
+    """README.md: the front matter, then what the bundle is, its task, how it was made and judged, and use
+    (``tokenizer_folder``: the bundle has a ``tokenizer/`` folder, which the Use section names)."""
+    gate, teacher = manifest[M_GATE], teacher_record(manifest[M_LINEAGE])
+    teacher_name = teacher.get("spec", "not recorded")
     rows = [f"| {c['name']} | {c['measured']} | {c['budget']} | {c['unit']} | "
             f"{ {True: 'yes', False: 'no'}.get(c['ok'], 'not measured') } |" for c in gate.get("checks", [])]
     machine = gate.get("machine") if isinstance(gate.get("machine"), dict) else {}
-    name = manifest["bundle_name"]
+    name, profile = manifest["bundle_name"], manifest[M_PROFILE]
     body = [
-        f"# {manifest[M_MODEL]} for {manifest[M_PROFILE]['name']} ({manifest[M_FORMAT]} {manifest[M_QUANT]})", "",
-        f"Distilled from `{teacher}` by edgepack {__version__} and packed for the "
-        f"`{manifest[M_PROFILE]['name']}` profile: {manifest[M_PROFILE].get('description', '')}.", "",
+        f"# {manifest[M_MODEL]} for {profile['name']} ({manifest[M_FORMAT]} {manifest[M_QUANT]})", "",
+        f"Distilled from `{teacher_name}` by edgepack {__version__} and packed for the "
+        f"`{profile['name']}` profile: {profile.get('description', '')}.", "",
+        *intended_use_section(task, f"on devices like the `{profile['name']}` profile's"),
         *task_section(task, task_source, manifest.get(M_TASK_SCORES)),
+        *_made_section(manifest, teacher_name),
+        *limitations_section(teacher_name, [
+            f"- Quantized to {manifest[M_QUANT]}: the gate's scores are this file's, not the unquantized student's.",
+            f"- The latency and memory budgets hold for the `{profile['name']}` profile's device as measured below."]),
         f"## Gate: {manifest[M_GATE_STATUS]}", "",
         f"Measured on {machine.get('system', '?')} {machine.get('machine', '?')}, {machine.get('cpu', '?')}, "
         f"{machine.get('cpu_count', '?')} CPUs. Policy: {gate.get('policy', '')}", "",
@@ -143,14 +105,16 @@ def model_card(manifest: dict[str, Any], *, license_name: str | None, task: Task
         "## Use", "", "```sh", f"edgepack verify {name}",
         f"edgepack run {name} --prompt \"...\"              # the task's system prompt and decoding",
         f"edgepack run {name} --prompt \"...\" --no-task    # the raw model", "```", "",
+        "`tokenizer/` is a transformers tokenizer folder with the gated chat template: "
+        "`AutoTokenizer.from_pretrained(\"tokenizer\").apply_chat_template(messages, tokenize=False, "
+        "add_generation_prompt=True)` renders the prompt the gate measured." if tokenizer_folder else "",
+        "",
         *([usage, ""] if (usage := get_format(manifest[M_FORMAT]).card_usage) else []),
         *([f"Signed with Ed25519 key `{signed['key_id']}` (sha256 of the raw public key): "
            f"`edgepack verify {name} --key PUBLIC_KEY.pem` checks the signature.", ""]
           if (signed := (manifest.get(M_PACK) or {}).get("signed_by")) else []),
         "## Files", "", "Every file's size and sha256 are listed in `manifest.json`; "
         "`edgepack verify` checks them all.", "",
+        *license_section(license, teacher_name),
     ]
-    if not license_name:
-        body += ["## License", "", "No license was recorded for this model; it inherits the terms of "
-                 "its teacher and training data.", ""]
-    return "\n".join(_front(manifest, task, license_name) + body)
+    return render_card(_front(manifest, task, license, teacher), body)

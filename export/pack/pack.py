@@ -47,7 +47,7 @@ from edgepack.constants import (ARTIFACTS_DIR, BUNDLE_SUFFIX, BUNDLES_DIR, DATA_
                                 TRAIN_REPORT, UNVERIFIED)
 from edgepack.errors import GateFailed, RunDirError, UsageError
 from edgepack.formats import all_formats, format_of, get_format
-from edgepack.export.pack.card import model_card
+from edgepack.export.pack.card import bundle_license, model_card
 from edgepack.export.pack.trust import (RUN_TASK_SOURCE, artifact_path, check_bundle_binding, check_verdict,
                                         list_run_folder, profile_problem, read_run_file, read_run_json, read_run_task)
 from edgepack.locks import stage_lock
@@ -350,17 +350,35 @@ def read_lineage(run_dir: Path, artifact_name: str) -> dict[str, Any]:
     return lineage
 
 
+def tokenizer_folder(run_dir: Path, chat_template: str | None) -> list[BundleFile]:
+    """``tokenizer/``: the student's tokenizer files, read through no link, plus the gated chat
+    template as ``chat_template.jinja`` (which transformers prefers over ``tokenizer_config.json``'s),
+    so ``AutoTokenizer.from_pretrained`` on the folder renders the prompts the gate measured.
+    Empty when the run has no tokenizer files."""
+    from edgepack.runtime.chat.template import TEMPLATE_FILE
+
+    files = []
+    for name in TOKENIZER_FILES:
+        data = read_run_file(run_dir, f"{STUDENT_DIR}/{name}")  # bytes read through no link, now
+        if data is not None:
+            files.append(BundleFile(f"tokenizer/{name}", data))
+    if files and chat_template:
+        files.append(BundleFile(f"tokenizer/{TEMPLATE_FILE}", chat_template.encode("utf-8")))
+    return files
+
+
 # --- the command ------------------------------------------------------------------------------
 def _safe(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-.") or "model"
 
 
 def pack_run(*, run_dir: Path, profile: Profile, artifact: Path | None,
-             allow_unverified: bool, sign_key: Path | None = None) -> dict[str, Any]:
+             allow_unverified: bool, sign_key: Path | None = None, license: str | None = None) -> dict[str, Any]:
     """Package the run's best gated artifact for ``profile`` into RUN/bundles/*.edgepack.
 
     ``sign_key``: an Ed25519 private key (PEM); the bundle then carries ``manifest.sig``,
-    a signature over its manifest (which lists every file's sha256).
+    a signature over its manifest (which lists every file's sha256). ``license``: the Hub
+    license id the model card states (default: the student's or the teacher's recorded one).
     """
     run_dir = Path(run_dir)
     signer, public_key, signed_by = None, None, None
@@ -374,7 +392,7 @@ def pack_run(*, run_dir: Path, profile: Profile, artifact: Path | None,
         def signer(manifest_bytes: bytes) -> bytes:
             return sign_manifest(manifest_bytes, private_key)
     with stage_lock(run_dir, "pack"):
-        return _pack_locked(run_dir, profile, artifact, allow_unverified, signer, public_key, signed_by)
+        return _pack_locked(run_dir, profile, artifact, allow_unverified, signer, public_key, signed_by, license)
 
 
 def _check_payload(report: dict[str, Any], model: Path, fmt: str, quant: str, payload: Payload) -> None:
@@ -393,7 +411,7 @@ def _check_payload(report: dict[str, Any], model: Path, fmt: str, quant: str, pa
 
 def _pack_locked(run_dir: Path, profile: Profile, artifact: Path | None, allow_unverified: bool,
                  signer: Callable[[bytes], bytes] | None, public_key: Any,
-                 signed_by: dict[str, str] | None) -> dict[str, Any]:
+                 signed_by: dict[str, str] | None, license: str | None = None) -> dict[str, Any]:
     """:func:`pack_run` while it holds the run's pack lock."""
     report = choose_report(load_gate_reports(run_dir), profile, artifact, allow_unverified)
     task, task_source = read_run_task(run_dir)  # a broken task.json stops pack before anything is read
@@ -431,13 +449,10 @@ def _pack_locked(run_dir: Path, profile: Profile, artifact: Path | None, allow_u
                  "edgepack": __version__, "notes": notes, "signed_by": signed_by},
     }
     files: list[BundleFile] = [*payload["files"], *task_files]
-    for name in () if payload["has_tokenizer"] else TOKENIZER_FILES:
-        data = read_run_file(run_dir, f"{STUDENT_DIR}/{name}")  # bytes read through no link, now
-        if data is not None:
-            files.append(BundleFile(f"tokenizer/{name}", data))
-    license_name = (lineage.get("teacher") or {}).get("license")
-    card = model_card(manifest, license_name=license_name, task=task, task_source=task_source)
-    files.append(BundleFile("README.md", card.encode("utf-8")))
+    tokenizer = [] if payload["has_tokenizer"] else tokenizer_folder(run_dir, payload["chat_template"])
+    card = model_card(manifest, license=bundle_license(lineage, license), task=task, task_source=task_source,
+                      tokenizer_folder=bool(tokenizer))
+    files += [*tokenizer, BundleFile("README.md", card.encode("utf-8"))]
     out = run_dir / BUNDLES_DIR / bundle_name
     list_run_folder(run_dir, BUNDLES_DIR)  # a bundles/ that is a link would put the bundle outside the run
     clean_stale(run_dir / BUNDLES_DIR)  # what a killed pack left (only edgepack's temporary names)

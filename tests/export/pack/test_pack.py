@@ -79,7 +79,8 @@ def test_pack_builds_a_verifiable_bundle(run: Path, profiles: dict[str, Profile]
     assert m[M_PROFILE]["name"] == "tiny-ok" and m[M_ENTRYPOINT] == "student-Q8_0.gguf"
     assert {f["path"] for f in m[M_FILES]} == {"student-Q8_0.gguf", "Modelfile", "chat_template.jinja", "README.md",
                                                 "tokenizer/tokenizer.json", "tokenizer/tokenizer_config.json",
-                                                "tokenizer/special_tokens_map.json", "tokenizer/generation_config.json"}
+                                                "tokenizer/special_tokens_map.json", "tokenizer/generation_config.json",
+                                                "tokenizer/chat_template.jinja"}
     model_entry = next(f for f in m[M_FILES] if f["path"] == "student-Q8_0.gguf")
     assert model_entry["sha256"] == m[M_GATE]["model_sha256"]  # the gated bytes are the packed bytes
     assert m[M_GATE]["verdict"] == PASS and "_report_path" not in m[M_GATE]
