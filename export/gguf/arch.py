@@ -60,6 +60,10 @@ class Arch:
 
     gguf_arch: str = "llama"
     permute_qk: bool = False
+    activation: tuple[str, str] = ("hidden_act", "silu")
+    """(config key, the one value llama.cpp's graph for this architecture computes)."""
+    tied_by_default: bool = False
+    """``tie_word_embeddings`` when config.json omits it (the HF config class's default)."""
     block_tensors: tuple[str, ...] = (
         "attn_norm.weight", "attn_q.weight", "attn_k.weight", "attn_v.weight", "attn_output.weight",
         "ffn_norm.weight", "ffn_gate.weight", "ffn_up.weight", "ffn_down.weight",
@@ -77,10 +81,11 @@ class Arch:
             raise InvalidModelFile(f"config.json lacks a required field: {exc}") from exc
         self.n_head_kv = int(config.get("num_key_value_heads") or self.n_head)
         self.head_dim = int(config.get("head_dim") or self.n_embd // self.n_head)
-        self.tied = bool(config.get("tie_word_embeddings", False))
-        act = config.get("hidden_act", "silu")
-        if act != "silu":
-            raise UnsupportedArchitecture(f"hidden_act {act!r}: llama.cpp's {self.gguf_arch} graph uses SiLU")
+        self.tied = bool(config.get("tie_word_embeddings", self.tied_by_default))
+        key, want = self.activation
+        act = config.get(key, want)
+        if act != want:
+            raise UnsupportedArchitecture(f"{key} {act!r}: llama.cpp's {self.gguf_arch} graph uses {want}")
 
     @property
     def hf_name(self) -> str:
@@ -200,3 +205,115 @@ class Qwen3Arch(Arch):
 
     gguf_arch = "qwen3"
     block_tensors = (*Arch.block_tensors, "attn_q_norm.weight", "attn_k_norm.weight")
+
+
+@register("Gemma3ForCausalLM")
+class Gemma3Arch(Arch):
+    """Gemma 3 text (270M/1B; the text tower of the larger ones is ``Gemma3ForConditionalGeneration``).
+
+    As llama.cpp's ``Gemma3Model``: NeoX RoPE (no permutation), q/k RMSNorm, four norms per
+    block, tied embeddings. llama.cpp itself scales the embedding by sqrt(hidden), uses
+    sliding-window attention on five layers of every six with RoPE base 10000 there, and the
+    config's ``rope_theta`` on the sixth; a config it would compute differently is refused.
+    """
+
+    gguf_arch = "gemma3"
+    tied_by_default = True
+    activation = ("hidden_activation", "gelu_pytorch_tanh")
+    block_tensors = (*Arch.block_tensors, "attn_q_norm.weight", "attn_k_norm.weight",
+                     "post_attention_norm.weight", "post_ffw_norm.weight")
+
+    def __init__(self, config: dict[str, Any]) -> None:
+        super().__init__(config)
+        self.n_swa = int(config.get("sliding_window") or 0)
+        for key in ("attn_logit_softcapping", "final_logit_softcapping"):
+            if config.get(key) is not None:
+                raise UnsupportedArchitecture(f"Gemma 3 with {key}={config[key]}: llama.cpp's gemma3 graph has no softcapping")
+        # llama.cpp's gemma3 graph fixes these (llama-model.cpp, LLM_ARCH_GEMMA3): pattern 6,
+        # local base 10000, and Q scaled by 1/sqrt(head_dim) (1/sqrt(hidden/heads) for 27B).
+        scalar = float(config.get("query_pre_attn_scalar") or self.head_dim)
+        wanted = self.n_embd // self.n_head if self.n_layer == 62 else self.head_dim
+        problems = []
+        if scalar != wanted:
+            problems.append(f"query_pre_attn_scalar {scalar:g} (llama.cpp uses {wanted})")
+        if float(config.get("rope_local_base_freq") or 10000.0) != 10000.0:
+            problems.append(f"rope_local_base_freq {config['rope_local_base_freq']} (llama.cpp uses 10000)")
+        pattern = ["full_attention" if self.n_swa == 0 or (i + 1) % 6 == 0 else "sliding_attention"
+                   for i in range(self.n_layer)]
+        if config.get("layer_types") and list(config["layer_types"]) != pattern:
+            problems.append("layer_types is not sliding on five layers of every six")
+        if problems:
+            raise UnsupportedArchitecture(f"Gemma 3 config differs from llama.cpp's gemma3 graph: {'; '.join(problems)}")
+
+    def rope_theta(self) -> float:
+        return float(self.config.get("rope_theta") or 1_000_000.0)
+
+    def write_hparams(self, writer: Any) -> None:
+        super().write_hparams(writer)  # linear rope_scaling there applies to the global layers only
+        if self.head_dim == self.n_embd // self.n_head:  # convert_hf_to_gguf.py always writes them for gemma3
+            writer.add_key_length(self.head_dim)
+            writer.add_value_length(self.head_dim)
+        writer.add_sliding_window(self.n_swa)
+
+    def transform(self, hf_name: str, tensor: torch.Tensor) -> torch.Tensor:
+        # Gemma3RMSNorm computes x * (1 + w); llama.cpp's RMSNorm computes x * w, so the
+        # converter stores w + 1 (norm_shift in convert_hf_to_gguf.py), in F32.
+        if hf_name.endswith("norm.weight"):
+            import torch
+
+            return tensor.to(torch.float32) + 1.0
+        return tensor
+
+
+@register("Phi3ForCausalLM")
+class Phi3Arch(Arch):
+    """Phi-3 / Phi-3.5-mini and Phi-4-mini: fused ``qkv_proj`` (``attn_qkv``) and ``gate_up_proj``
+    (``ffn_up``, which llama.cpp's phi3 graph splits itself), NeoX RoPE, optional partial
+    rotary and LongRoPE factors as the ``rope_factors_long/short`` tensors (as
+    ``Phi3MiniModel`` in llama.cpp's converter). llama.cpp ignores Phi's sliding window."""
+
+    gguf_arch = "phi3"
+    block_tensors = ("attn_norm.weight", "attn_qkv.weight", "attn_output.weight",
+                     "ffn_norm.weight", "ffn_up.weight", "ffn_down.weight")
+
+    def __init__(self, config: dict[str, Any]) -> None:
+        super().__init__(config)
+        self.rope_dims = int(float(config.get("partial_rotary_factor") or 1.0) * self.n_embd) // self.n_head
+        self.orig_ctx = int(config.get("original_max_position_embeddings")
+                            or config.get("max_position_embeddings", 4096))
+        rs = self.rope_scaling()
+        if rs is not None and (rs.get("rope_type") or rs.get("type")) not in ("longrope", "su"):
+            raise UnsupportedArchitecture(f"Phi-3 rope_scaling type {rs.get('rope_type') or rs.get('type')!r}",
+                                          hint="supported rope_scaling: none, longrope")
+        if rs is not None and not (len(rs.get("long_factor") or []) == len(rs.get("short_factor") or [])
+                                   == self.rope_dims // 2):
+            raise InvalidModelFile(f"rope_scaling long_factor/short_factor must each have {self.rope_dims // 2} values")
+
+    def write_hparams(self, writer: Any) -> None:
+        cfg = self.config
+        writer.add_context_length(int(cfg.get("max_position_embeddings", 4096)))
+        writer.add_rope_scaling_orig_ctx_len(self.orig_ctx)
+        writer.add_embedding_length(self.n_embd)
+        writer.add_feed_forward_length(self.n_ff)
+        writer.add_block_count(self.n_layer)
+        writer.add_head_count(self.n_head)
+        writer.add_head_count_kv(self.n_head_kv)
+        writer.add_layer_norm_rms_eps(float(cfg.get("rms_norm_eps", 1e-5)))
+        writer.add_rope_dimension_count(self.rope_dims)
+        writer.add_rope_freq_base(self.rope_theta())
+        writer.add_vocab_size(self.n_vocab)
+        writer.add_sliding_window(int(cfg.get("sliding_window") or 0))  # 0 marks Phi-4 in llama.cpp
+        if self.rope_scaling() is not None:
+            scale = int(cfg.get("max_position_embeddings", 4096)) / self.orig_ctx
+            # LongRoPE's attention factor, as HF's _compute_longrope_parameters and llama.cpp.
+            writer.add_rope_scaling_attn_factors(
+                math.sqrt(1 + math.log(scale) / math.log(self.orig_ctx)) if scale > 1.0 else 1.0)
+
+    def extra_tensors(self) -> dict[str, torch.Tensor]:
+        rs = self.rope_scaling()
+        if rs is None:
+            return {}
+        import torch
+
+        return {"rope_factors_long.weight": torch.tensor(rs["long_factor"], dtype=torch.float32),
+                "rope_factors_short.weight": torch.tensor(rs["short_factor"], dtype=torch.float32)}

@@ -47,6 +47,20 @@ def read_config(hf_dir: Path) -> dict[str, Any]:
     return config
 
 
+# llama.cpp (llama_vocab::impl::load) gives these tokens Phi-3 attributes with
+# token_to_id.at() whenever general.name contains "phi3"/"phi-3", so loading fails on a
+# vocabulary without them (a Phi-4-mini tokenizer, a test tokenizer).
+_PHI3_NAME_TOKENS = ("</s>", "<unk>", "<s>", "<|endoftext|>")
+
+
+def model_name(hf_dir: Path, tokens: list[str]) -> str:
+    """``general.name``: the dir's name, unless llama.cpp's Phi-3 name hook would then fail."""
+    name = Path(hf_dir).name
+    if any(k in name.lower() for k in ("phi3", "phi-3")) and not set(_PHI3_NAME_TOKENS) <= set(tokens):
+        name = name.lower().replace("phi-3", "phi_3").replace("phi3", "phi_3")
+    return name
+
+
 def _to_numpy(tensor: Any, qtype: str) -> Any:
     import numpy as np
     import torch
@@ -92,7 +106,7 @@ def convert_hf_to_gguf(hf_dir: Path, out_path: Path, outtype: str = "F16",
         with atomic_path(out_path) as tmp:
             writer = gguf.GGUFWriter(tmp, arch.gguf_arch)
             try:
-                writer.add_name(hf_dir.name)
+                writer.add_name(model_name(hf_dir, vocab.tokens))
                 writer.add_type("model")
                 arch.write_hparams(writer)
                 writer.add_file_type(int(gguf.LlamaFileType[ftype_name]))

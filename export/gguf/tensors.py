@@ -14,7 +14,9 @@ from dataclasses import dataclass
 
 from edgepack.errors import UnsupportedArchitecture
 
-_ALL = ("llama", "qwen2", "qwen3")
+_ALL = ("llama", "qwen2", "qwen3", "gemma3", "phi3")
+_SPLIT = ("llama", "qwen2", "qwen3", "gemma3")  # separate q/k/v and gate/up projections
+_NOT_GEMMA = ("llama", "qwen2", "qwen3", "phi3")
 
 # (HF template, GGUF template, GGUF architectures that have it)
 TENSOR_NAMES: tuple[tuple[str, str | None, tuple[str, ...]], ...] = (
@@ -22,19 +24,25 @@ TENSOR_NAMES: tuple[tuple[str, str | None, tuple[str, ...]], ...] = (
     ("model.norm.weight", "output_norm.weight", _ALL),                              # every family
     ("lm_head.weight", "output.weight", _ALL),                                      # untied heads only
     ("model.layers.{bid}.input_layernorm.weight", "blk.{bid}.attn_norm.weight", _ALL),
-    ("model.layers.{bid}.self_attn.q_proj.weight", "blk.{bid}.attn_q.weight", _ALL),
-    ("model.layers.{bid}.self_attn.k_proj.weight", "blk.{bid}.attn_k.weight", _ALL),
-    ("model.layers.{bid}.self_attn.v_proj.weight", "blk.{bid}.attn_v.weight", _ALL),
+    ("model.layers.{bid}.self_attn.q_proj.weight", "blk.{bid}.attn_q.weight", _SPLIT),
+    ("model.layers.{bid}.self_attn.k_proj.weight", "blk.{bid}.attn_k.weight", _SPLIT),
+    ("model.layers.{bid}.self_attn.v_proj.weight", "blk.{bid}.attn_v.weight", _SPLIT),
     ("model.layers.{bid}.self_attn.o_proj.weight", "blk.{bid}.attn_output.weight", _ALL),
     ("model.layers.{bid}.self_attn.q_proj.bias", "blk.{bid}.attn_q.bias", ("qwen2", "llama")),  # Qwen2; Llama attention_bias
     ("model.layers.{bid}.self_attn.k_proj.bias", "blk.{bid}.attn_k.bias", ("qwen2", "llama")),  # Qwen2; Llama attention_bias
     ("model.layers.{bid}.self_attn.v_proj.bias", "blk.{bid}.attn_v.bias", ("qwen2", "llama")),  # Qwen2; Llama attention_bias
     ("model.layers.{bid}.self_attn.o_proj.bias", "blk.{bid}.attn_output.bias", ("llama",)),      # Llama attention_bias
-    ("model.layers.{bid}.self_attn.q_norm.weight", "blk.{bid}.attn_q_norm.weight", ("qwen3",)),  # Qwen3 QK-norm
-    ("model.layers.{bid}.self_attn.k_norm.weight", "blk.{bid}.attn_k_norm.weight", ("qwen3",)),  # Qwen3 QK-norm
-    ("model.layers.{bid}.post_attention_layernorm.weight", "blk.{bid}.ffn_norm.weight", _ALL),
-    ("model.layers.{bid}.mlp.gate_proj.weight", "blk.{bid}.ffn_gate.weight", _ALL),
-    ("model.layers.{bid}.mlp.up_proj.weight", "blk.{bid}.ffn_up.weight", _ALL),
+    ("model.layers.{bid}.self_attn.q_norm.weight", "blk.{bid}.attn_q_norm.weight", ("qwen3", "gemma3")),  # QK-norm
+    ("model.layers.{bid}.self_attn.k_norm.weight", "blk.{bid}.attn_k_norm.weight", ("qwen3", "gemma3")),  # QK-norm
+    ("model.layers.{bid}.self_attn.qkv_proj.weight", "blk.{bid}.attn_qkv.weight", ("phi3",)),    # Phi-3 fused q|k|v
+    ("model.layers.{bid}.post_attention_layernorm.weight", "blk.{bid}.ffn_norm.weight", _NOT_GEMMA),
+    # Gemma 3 normalises after attention and before and after the MLP (sandwich norms)
+    ("model.layers.{bid}.post_attention_layernorm.weight", "blk.{bid}.post_attention_norm.weight", ("gemma3",)),
+    ("model.layers.{bid}.pre_feedforward_layernorm.weight", "blk.{bid}.ffn_norm.weight", ("gemma3",)),
+    ("model.layers.{bid}.post_feedforward_layernorm.weight", "blk.{bid}.post_ffw_norm.weight", ("gemma3",)),
+    ("model.layers.{bid}.mlp.gate_proj.weight", "blk.{bid}.ffn_gate.weight", _SPLIT),
+    ("model.layers.{bid}.mlp.up_proj.weight", "blk.{bid}.ffn_up.weight", _SPLIT),
+    ("model.layers.{bid}.mlp.gate_up_proj.weight", "blk.{bid}.ffn_up.weight", ("phi3",)),        # Phi-3 fused gate|up
     ("model.layers.{bid}.mlp.down_proj.weight", "blk.{bid}.ffn_down.weight", _ALL),
     ("model.layers.{bid}.self_attn.rotary_emb.inv_freq", None, _ALL),               # old Llama checkpoints: recomputed
 )

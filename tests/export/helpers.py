@@ -112,16 +112,54 @@ def build_qwen3(tok_dir: Path, out: Path) -> Path:
     return _save_model(Qwen3ForCausalLM, cfg, tok_dir, out, seed=5)
 
 
+def build_gemma3(tok_dir: Path, out: Path) -> Path:
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    # Six layers so that one is global (llama.cpp's pattern: five sliding, then one full) and a
+    # window of 8 that the test prompts exceed; Q scaled by 1/sqrt(head_dim) as llama.cpp does.
+    cfg = Gemma3TextConfig(**{**_common(tok_dir), "num_hidden_layers": 6}, head_dim=16,
+                           query_pre_attn_scalar=16, sliding_window=8, rope_theta=1000000.0,
+                           rope_local_base_freq=10000.0, tie_word_embeddings=True,
+                           architectures=["Gemma3ForCausalLM"])
+    return _save_model(Gemma3ForCausalLM, cfg, tok_dir, out, seed=6)
+
+
+def build_phi3(tok_dir: Path, out: Path) -> Path:
+    from transformers import Phi3Config, Phi3ForCausalLM
+
+    cfg = Phi3Config(**_common(tok_dir), tie_word_embeddings=False, rope_theta=10000.0,
+                     original_max_position_embeddings=512, architectures=["Phi3ForCausalLM"])
+    return _save_model(Phi3ForCausalLM, cfg, tok_dir, out, seed=7)
+
+
+def build_phi3_longrope(tok_dir: Path, out: Path) -> Path:
+    from transformers import Phi3Config, Phi3ForCausalLM
+
+    # Phi-3.5-mini's long-context shape: LongRoPE factors, partial rotary, 2x the original
+    # context (the short factors apply below original_max_position_embeddings in both runtimes).
+    common = {**_common(tok_dir), "max_position_embeddings": 1024}
+    half = int(0.75 * 64) // 4 // 2
+    cfg = Phi3Config(**common, tie_word_embeddings=False, partial_rotary_factor=0.75,
+                     original_max_position_embeddings=512,
+                     rope_scaling={"type": "longrope", "long_factor": [1.0 + i for i in range(half)],
+                                   "short_factor": [1.0 + 0.25 * i for i in range(half)]},
+                     architectures=["Phi3ForCausalLM"])
+    return _save_model(Phi3ForCausalLM, cfg, tok_dir, out, seed=8)
+
+
 # One builder per registered HF architecture (test_convert checks this covers the registry);
 # extra variants exercise options of an architecture already covered.
 ARCH_BUILDERS: dict[str, Callable[[Path, Path], Path]] = {
     "MistralForCausalLM": build_mistral,
     "Qwen2ForCausalLM": build_qwen2,
     "Qwen3ForCausalLM": build_qwen3,
+    "Gemma3ForCausalLM": build_gemma3,
+    "Phi3ForCausalLM": build_phi3,
 }
 VARIANT_BUILDERS: dict[str, Callable[[Path, Path], Path]] = {
     "llama-untied": build_llama_untied,
     "llama-llama3-rope": build_llama3_rope,
+    "phi3-longrope": build_phi3_longrope,
 }
 
 
