@@ -143,7 +143,7 @@ def serve_cmd(
     host: Annotated[str, typer.Option(help="Bind address (loopback by default; others need an API key).")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Port.")] = 8000,
     api_key_env: Annotated[str | None, typer.Option(help="Env var holding the API key (Bearer token).")] = None,
-    max_queue: Annotated[int, typer.Option(help="Requests that may wait; more get 429.")] = 4,
+    max_queue: Annotated[int, typer.Option(help="Requests that may wait; more get 429 with Retry-After.")] = 16,
     timeout: Annotated[float, typer.Option(help="Per-request deadline in seconds.")] = 300.0,
     max_body: Annotated[int, typer.Option(help="Largest request body in bytes (413 above).")] = 1 << 20,
     ctx: Annotated[int | None, typer.Option(help="Context length (default: the bundle's profile).")] = None,

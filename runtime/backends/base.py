@@ -24,6 +24,8 @@ Ollama) and every backend here decode alike:
 
 * ``repeat_penalty`` — llama.cpp's repetition penalty over the last :data:`PENALTY_LAST_N`
   tokens of prompt and answer together (as llama-server counts them); 1.0 = none.
+* ``sampling`` — :class:`Sampling`: top-p, top-k, min-p and OpenAI's presence/frequency
+  penalties; a backend lists what it honours in :attr:`Backend.sampling_options`.
 * ``json_schema`` — a JSON Schema the answer must satisfy. A backend with
   :attr:`Backend.constrains_json` decodes under it as a grammar (all of it but
   :meth:`Backend.unenforced_keywords`); one without ignores it, and the caller says the answer
@@ -41,6 +43,7 @@ import math
 import os
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar
 
@@ -49,6 +52,40 @@ from edgepack.formats import all_formats, find_format
 
 _REGISTRY: dict[str, type[Backend]] = {}
 B = TypeVar("B", bound="type[Backend]")
+
+@dataclass(frozen=True)
+class Sampling:
+    """Sampling filters and penalties beyond temperature; None = the backend's default.
+
+    They matter only at ``temperature > 0`` (the penalties also at 0: they change the logits).
+    A backend names what it honours in :attr:`Backend.sampling_options`; callers refuse the rest.
+    """
+
+    top_p: float | None = None
+    top_k: int | None = None
+    """0: no limit."""
+    min_p: float | None = None
+    presence_penalty: float | None = None
+    """OpenAI's: subtracted once from the logit of every token already in the window."""
+    frequency_penalty: float | None = None
+    """OpenAI's: subtracted from a token's logit once per time it is in the window."""
+
+    def given(self) -> tuple[str, ...]:
+        """Names of the options set (not None)."""
+        return tuple(f.name for f in fields(self) if getattr(self, f.name) is not None)
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """One position's log-probability (natural log, the model's own distribution at temperature
+    1, before any sampling filter) and its most likely alternatives."""
+
+    token: int
+    logprob: float | None
+    """None for a prompt's first token: nothing precedes it."""
+    top: tuple[tuple[int, float], ...] = ()
+    """(token, logprob), most likely first."""
+
 
 # llama.cpp's penalty window (common.h ``penalty_last_n``, llama-server's ``repeat_last_n``,
 # Ollama's ``repeat_last_n``: 64 in all three).
@@ -64,6 +101,13 @@ class Backend(ABC):
     constrains_json: ClassVar[bool] = False
     """True when ``generate(json_schema=...)`` decodes under the schema; False: it is ignored and
     callers announce the answer as unconstrained."""
+
+    sampling_options: ClassVar[frozenset[str]] = frozenset()
+    """The :class:`Sampling` fields ``generate(sampling=...)`` honours; callers refuse the others."""
+
+    serves_logprobs: ClassVar[bool] = False
+    """True when :meth:`top_logprobs` and :meth:`prompt_logprobs` answer."""
+
 
     @classmethod
     def prepare(cls) -> None:
@@ -119,11 +163,11 @@ class Backend(ABC):
     @abstractmethod
     def generate(self, tokens: Sequence[int], *, max_tokens: int, temperature: float = 0.0,
                  seed: int | None = None, stop_at_eos: bool = True, repeat_penalty: float = 1.0,
-                 json_schema: dict[str, Any] | None = None) -> Iterator[int]:
+                 json_schema: dict[str, Any] | None = None, sampling: Sampling | None = None) -> Iterator[int]:
         """Yield new token ids after ``tokens`` (fresh state each call; greedy at temperature 0).
 
         Stops after ``max_tokens`` or, with ``stop_at_eos``, before a stop token.
-        ``repeat_penalty`` and ``json_schema``: see the module docstring. Bad arguments raise
+        ``repeat_penalty``, ``json_schema`` and ``sampling``: see the module docstring. Bad arguments raise
         UsageError when ``generate`` is called, before the first token is asked for.
         """
 
@@ -171,6 +215,22 @@ class Backend(ABC):
         where the backend cannot say. Used by the server's confidence metadata and fallback.
         """
         return None
+
+    def top_logprobs(self, token: int, k: int) -> TokenLogprob:
+        """:meth:`last_token_logprob` of ``token`` with the ``k`` most likely tokens of the same
+        step; only where :attr:`serves_logprobs`."""
+        raise UsageError(f"the {self.format} backend does not return per-token logprobs")
+
+    def prompt_logprobs(self, tokens: Sequence[int], k: int) -> list[TokenLogprob]:
+        """Each prompt token's logprob given the tokens before it (the first: None), with the
+        ``k`` most likely tokens at each position; only where :attr:`serves_logprobs`."""
+        raise UsageError(f"the {self.format} backend does not return per-token logprobs")
+
+    @property
+    def vocab_size(self) -> int | None:
+        """Token ids run from 0 to this minus one (None: unknown)."""
+        size = self.info.get("n_vocab")
+        return size if isinstance(size, int) else None
 
     def close(self) -> None:
         """Free the model; the default does nothing."""
@@ -226,9 +286,11 @@ class Backend(ABC):
 
     def generate_with(self, tokens: Sequence[int], *, max_tokens: int, temperature: float = 0.0,
                       seed: int | None = None, stop_at_eos: bool = True, repeat_penalty: float = 1.0,
-                      json_schema: dict[str, Any] | None = None) -> Iterator[int]:
-        """:meth:`generate`, passing ``repeat_penalty`` and ``json_schema`` only when they are set."""
+                      json_schema: dict[str, Any] | None = None, sampling: Sampling | None = None) -> Iterator[int]:
+        """:meth:`generate`, passing ``repeat_penalty``, ``json_schema`` and ``sampling`` only when they are set."""
         options: dict[str, Any] = {}
+        if sampling is not None and sampling.given():
+            options["sampling"] = sampling
         if repeat_penalty != 1.0:
             options["repeat_penalty"] = repeat_penalty
         if json_schema is not None:

@@ -42,7 +42,7 @@ from pathlib import Path
 from typing import Any
 
 from edgepack.errors import InvalidModelFile, RuntimeFailure, UsageError
-from edgepack.runtime.backends.base import PENALTY_LAST_N, Backend, register_backend
+from edgepack.runtime.backends.base import PENALTY_LAST_N, Backend, Sampling, TokenLogprob, register_backend
 from edgepack.runtime.backends.utf8 import Utf8Guard
 from edgepack.gguf_header import GGUFInfo, read_gguf
 
@@ -210,6 +210,8 @@ class LlamaCppBackend(Backend):
     """A GGUF model loaded in llama.cpp."""
 
     constrains_json = True
+    sampling_options = frozenset({"top_p", "top_k", "min_p", "presence_penalty", "frequency_penalty"})
+    serves_logprobs = True
 
     def __init__(self, llm: Any, header: GGUFInfo, gpu_layers: int) -> None:
         import llama_cpp
@@ -336,12 +338,15 @@ class LlamaCppBackend(Backend):
         self._lib.llama_sampler_free(sampler)
 
     def _sampler_chain(self, prompt: list[int], temperature: float, seed: int | None,
-                       repeat_penalty: float, grammar: str | None) -> Any:
-        """llama-cpp-python's chain (``Llama._init_sampler``), the prompt already in the penalty window."""
+                       repeat_penalty: float, grammar: str | None, sampling: Sampling) -> Any:
+        """llama-cpp-python's chain (``Llama._init_sampler``), the prompt already in the penalty window.
+        Filters the request leaves out keep llama-cpp-python's defaults (top-k 40, top-p 0.95, min-p 0.05)."""
         lib = self._lib
+        s = sampling
         chain = lib.llama_sampler_chain_init(lib.llama_sampler_chain_default_params())
         try:
-            penalties = lib.llama_sampler_init_penalties(self._n_vocab, PENALTY_LAST_N, repeat_penalty, 0.0, 0.0)
+            penalties = lib.llama_sampler_init_penalties(self._n_vocab, PENALTY_LAST_N, repeat_penalty,
+                                                         s.frequency_penalty or 0.0, s.presence_penalty or 0.0)
             for token in prompt[-PENALTY_LAST_N:]:  # llama-server's init_sampler; never into the grammar
                 lib.llama_sampler_accept(penalties, token)
             parts = [penalties]
@@ -350,8 +355,10 @@ class LlamaCppBackend(Backend):
             if temperature == 0:
                 parts.append(lib.llama_sampler_init_greedy())
             else:
-                parts += [lib.llama_sampler_init_top_k(40), lib.llama_sampler_init_typical(1.0, 1),
-                          lib.llama_sampler_init_top_p(0.95, 1), lib.llama_sampler_init_min_p(0.05, 1),
+                parts += [lib.llama_sampler_init_top_k(40 if s.top_k is None else s.top_k),
+                          lib.llama_sampler_init_typical(1.0, 1),
+                          lib.llama_sampler_init_top_p(0.95 if s.top_p is None else s.top_p, 1),
+                          lib.llama_sampler_init_min_p(0.05 if s.min_p is None else s.min_p, 1),
                           lib.llama_sampler_init_temp(temperature),
                           lib.llama_sampler_init_dist(lib.LLAMA_DEFAULT_SEED if seed is None else seed)]
             for part in parts:
@@ -363,8 +370,9 @@ class LlamaCppBackend(Backend):
 
     def generate(self, tokens: Sequence[int], *, max_tokens: int, temperature: float = 0.0,
                  seed: int | None = None, stop_at_eos: bool = True, repeat_penalty: float = 1.0,
-                 json_schema: dict[str, Any] | None = None) -> Iterator[int]:
+                 json_schema: dict[str, Any] | None = None, sampling: Sampling | None = None) -> Iterator[int]:
         tokens = list(tokens)
+        sampling = sampling or Sampling()
         budget = self.room_for(tokens, max_tokens=max_tokens, temperature=temperature, repeat_penalty=repeat_penalty)
         grammar = None
         if json_schema is not None:
@@ -372,7 +380,8 @@ class LlamaCppBackend(Backend):
             grammar = json_grammar(json_schema)
         guard = self._utf8_guard() if grammar is not None else None
         return self._generate(tokens, budget, stop_at_eos,
-                              lambda: self._sampler_chain(tokens, temperature, seed, repeat_penalty, grammar), guard)
+                              lambda: self._sampler_chain(tokens, temperature, seed, repeat_penalty, grammar,
+                                                          sampling), guard)
 
     def _utf8_guard(self) -> Utf8Guard:
         if self._utf8 is None:
@@ -439,6 +448,57 @@ class LlamaCppBackend(Backend):
         logits = np.ctypeslib.as_array(ptr, shape=(self._n_vocab,)).astype(np.float64)
         top = logits.max()
         return float(logits[token] - top - np.log(np.exp(logits - top).sum()))
+
+    def top_logprobs(self, token: int, k: int) -> TokenLogprob:
+        import numpy as np
+
+        ptr = self._lib.llama_get_logits_ith(self._llm.ctx, -1)
+        return _token_logprob(np.ctypeslib.as_array(ptr, shape=(self._n_vocab,)), token, k)
+
+    def prompt_logprobs(self, tokens: Sequence[int], k: int) -> list[TokenLogprob]:
+        """One decode of the prompt with logits kept for every position (llama-cpp-python keeps
+        them only with ``logits_all``, fixed at load; its batch helper takes the flag per call)."""
+        import numpy as np
+
+        tokens = list(tokens)
+        if not tokens:
+            raise UsageError("cannot score an empty prompt")
+        if len(tokens) > self.n_ctx:
+            raise UsageError(f"the prompt has {len(tokens)} tokens; the context holds {self.n_ctx}")
+        llm = self._llm
+        llm.reset()
+        llm._ctx.kv_cache_seq_rm(-1, 0, -1)
+        out = [TokenLogprob(tokens[0], None)]
+        for start in range(0, len(tokens), llm.n_batch):
+            chunk = tokens[start:start + llm.n_batch]
+            llm._batch.set_batch(batch=chunk, n_past=start, logits_all=True)
+            try:
+                llm._ctx.decode(llm._batch)
+            except RuntimeError as exc:
+                raise RuntimeFailure(f"llama.cpp failed while scoring the prompt: {_log_detail(str(exc))}") from exc
+            rows = np.ctypeslib.as_array(self._lib.llama_get_logits(llm.ctx), shape=(len(chunk), self._n_vocab))
+            # Row i predicts the token after chunk[i]; the last row predicts past the prompt.
+            for i in range(len(chunk)):
+                at = start + i + 1
+                if at < len(tokens):
+                    out.append(_token_logprob(rows[i], tokens[at], k))
+        llm.reset()  # the next generation starts from a clean cache
+        return out
+
+
+def _token_logprob(logits: Any, token: int, k: int) -> TokenLogprob:
+    """log-softmax of one row of logits at ``token``, with the ``k`` most likely tokens."""
+    import numpy as np
+
+    row = np.asarray(logits, dtype=np.float64)
+    top = row.max()
+    logz = top + np.log(np.exp(row - top).sum())
+    best: tuple[tuple[int, float], ...] = ()
+    if k > 0:
+        ids = np.argpartition(-row, min(k, row.size - 1))[:k]
+        ids = ids[np.argsort(-row[ids], kind="stable")]
+        best = tuple((int(i), float(row[i] - logz)) for i in ids)
+    return TokenLogprob(token, float(row[token] - logz), best)
 
     def close(self) -> None:
         llm, self._llm = self._llm, None

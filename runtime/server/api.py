@@ -1,19 +1,24 @@
 """The OpenAI wire format: validate request bodies, shape responses and stream chunks.
 
-Parsing is strict, as OpenAI's own API is: an unknown argument, a wrong type, a value out of
-range or a sampling option this server cannot honour is a 400 that names the field, never
-silently ignored. Options that only matter at a value that changes nothing (``n: 1``,
-``top_p: 1``, penalties of 0, ``logprobs: false``) are accepted at that value.
+Parsing checks every field it knows as OpenAI's own API does: a wrong type or a value out of
+range is a 400 that names the field. A field it does not know is ignored and named (the reply's
+:data:`IGNORED_HEADER` and a log line), as vLLM does; tools and functions are refused (400),
+and ``logit_bias``/``best_of`` are accepted only at the value that changes nothing.
 
-Beyond OpenAI's fields: ``repeat_penalty`` (llama.cpp's, as llama-server spells it; > 0, 1 = none).
-``response_format`` takes OpenAI's three shapes (:func:`parse_response_format`): ``text``,
-``json_object`` and ``json_schema`` (``name``, optional ``description``, ``schema``, ``strict``).
+Sampling: ``top_p``, ``top_k``, ``min_p``, ``presence_penalty``, ``frequency_penalty`` (a
+:class:`~edgepack.runtime.backends.base.Sampling`, refused by a backend that cannot honour
+them), ``seed``, ``stop`` and ``repeat_penalty`` (llama.cpp's, as llama-server spells it; > 0,
+1 = none). ``n`` (at most :data:`MAX_N`), a list of prompts or token-id prompts, ``echo`` and
+``logprobs`` make a request that is answered whole (:mod:`~edgepack.runtime.server.choices`;
+not streamed). ``response_format`` takes OpenAI's three shapes (:func:`parse_response_format`):
+``text``, ``json_object`` and ``json_schema`` (``name``, optional ``description``, ``schema``,
+``strict``).
 
 Defaults differ from OpenAI's on purpose: a field the request leaves out (``max_tokens``,
 ``temperature``, ``repeat_penalty``, ``stop``) is None here and takes the bundle's task decoding,
 the one the gate measured (:mod:`edgepack.runtime.server.decoding`); without a task, greedy and
-no penalty (:class:`edgepack.task.Decoding`'s defaults). At ``temperature > 0`` llama.cpp
-samples with fixed filters (top-k 40, top-p 0.95, min-p 0.05).
+no penalty (:class:`edgepack.task.Decoding`'s defaults). At ``temperature > 0`` a filter the
+request leaves out keeps llama-cpp-python's default (top-k 40, top-p 0.95, min-p 0.05).
 """
 
 from __future__ import annotations
@@ -24,6 +29,8 @@ import time
 import uuid
 from dataclasses import dataclass
 from typing import Any
+
+from edgepack.runtime.backends.base import Sampling
 
 MAX_TEMPERATURE = 2.0
 MAX_STOP_SEQUENCES = 4
@@ -36,25 +43,28 @@ JSON_OBJECT_SCHEMA: dict[str, Any] = {"type": "object"}
 """What ``json_object`` (and a ``json_schema`` without a schema) decodes under: any JSON object."""
 MESSAGE_ROLES = ("system", "developer", "user", "assistant")
 
+MAX_N = 8  # choices per request (each is one more generation on the one model slot)
+MAX_PROMPTS = 64  # prompts in one /v1/completions request (lm-eval batches a few)
+MAX_TOP_LOGPROBS = 20  # alternatives per token, as OpenAI's chat top_logprobs allows
+MAX_PENALTY = 2.0  # OpenAI's range for presence_penalty and frequency_penalty: -2 to 2
+
 # Arguments accepted only at the value where they change nothing, and why others are refused.
 _NEUTRAL: dict[str, tuple[tuple[Any, ...], str]] = {
-    "n": ((1,), "only one choice per request is generated"),
-    "top_p": ((1, 1.0), "sampling filters are fixed (top-k 40, top-p 0.95, min-p 0.05)"),
-    "frequency_penalty": ((0, 0.0), "penalties are not supported"),
-    "presence_penalty": ((0, 0.0), "penalties are not supported"),
     "logit_bias": (({},), "logit_bias is not supported"),
-    "logprobs": ((False, 0), "per-token logprobs are not returned; see edgepack.mean_token_logprob"),
-    "top_logprobs": ((0,), "per-token logprobs are not returned"),
-    "echo": ((False,), "echo is not supported"),
-    "best_of": ((1,), "best_of is not supported"),
+    "best_of": ((1,), "best_of is not supported; use n"),
     "parallel_tool_calls": ((False, True), ""),
     "tool_choice": (("none",), "tools are not supported"),
     "tools": (([],), "tools are not supported"),
+    "functions": (([],), "functions (tools) are not supported"),
+    "function_call": (("none",), "functions (tools) are not supported"),
 }
+_SAMPLING = ("n", "top_p", "top_k", "min_p", "presence_penalty", "frequency_penalty", "logprobs")
 _COMMON = ("model", "max_tokens", "temperature", "seed", "stop", "stream", "stream_options", "user",
-           "repeat_penalty", "response_format")
-CHAT_KEYS = frozenset(_COMMON + ("messages", "max_completion_tokens") + tuple(_NEUTRAL))
-COMPLETION_KEYS = frozenset(_COMMON + ("prompt",) + tuple(_NEUTRAL))
+           "repeat_penalty", "response_format") + _SAMPLING
+CHAT_KEYS = frozenset(_COMMON + ("messages", "max_completion_tokens", "top_logprobs") + tuple(_NEUTRAL))
+COMPLETION_KEYS = frozenset(_COMMON + ("prompt", "echo") + tuple(_NEUTRAL))
+IGNORED_HEADER = "X-Edgepack-Ignored-Fields"
+"""Names the request fields this server does not know and ignored (as vLLM does), comma-separated."""
 
 
 class HttpReject(Exception):
@@ -115,6 +125,22 @@ class GenerationRequest:
     include_usage: bool
     repeat_penalty: float | None = None
     response_format: ResponseFormat | None = None
+    prompts: tuple[str | tuple[int, ...], ...] = ()
+    """Every prompt of a completion (text, or token ids sent as they are); ``prompt`` is the
+    first when there is one text prompt."""
+    n: int = 1
+    echo: bool = False
+    logprobs: int | None = None
+    """Per-token logprobs with this many alternatives each (0: the chosen token only); None: none."""
+    sampling: Sampling = Sampling()
+    ignored: tuple[str, ...] = ()
+    """Unknown top-level fields, ignored and named in :data:`IGNORED_HEADER`."""
+
+    @property
+    def single(self) -> bool:
+        """One text prompt (or a chat), one choice, no logprobs, no echo: the path that may stream."""
+        return self.n == 1 and not self.echo and self.logprobs is None and \
+            (self.kind == "chat" or (len(self.prompts) == 1 and isinstance(self.prompts[0], str)))
 
 
 def _is_int(v: Any) -> bool:
@@ -217,43 +243,95 @@ def _repeat_penalty(value: Any) -> float | None:
     return float(value)
 
 
-def parse_request(body: Any, kind: str) -> GenerationRequest:
-    """Validate a decoded JSON body for ``kind`` (``chat`` or ``completion``); HttpReject(400)."""
-    if not isinstance(body, dict):
-        raise _bad("the request body must be a JSON object")
-    allowed = CHAT_KEYS if kind == "chat" else COMPLETION_KEYS
-    unknown = sorted(set(body) - allowed)
-    if unknown:
-        raise _bad(f"unrecognized request argument(s): {', '.join(unknown)}", unknown[0])
-    for key, (neutral, why) in _NEUTRAL.items():
-        value = body.get(key)
-        if value is not None and not any(value == v and type(value) is type(v) for v in neutral):
-            raise _bad(f"{key}={value!r} is not supported: {why}", key)
-    model = body.get("model")
-    if model is not None and not isinstance(model, str):
-        raise _bad("model must be a string", "model")
-    messages = prompt = None
-    if kind == "chat":
-        messages = _messages(body.get("messages"))
+def _prompts(value: Any) -> tuple[str | tuple[int, ...], ...]:
+    """``prompt`` as OpenAI takes it: a string, a list of strings, a token-id list, or a list
+    of token-id lists. Token ids are checked against the vocabulary later, by the server."""
+    bad = _bad("prompt must be a non-empty string, a list of strings, a list of token ids or a list of "
+               f"token-id lists (at most {MAX_PROMPTS} prompts)", "prompt")
+    if isinstance(value, str):
+        items: list[Any] = [value]
+    elif isinstance(value, list) and value and all(_is_int(t) for t in value):
+        items = [value]
+    elif isinstance(value, list) and value:
+        items = value
     else:
-        prompt = body.get("prompt")
-        if isinstance(prompt, list) and len(prompt) == 1:
-            prompt = prompt[0]
-        if not isinstance(prompt, str) or not prompt:
-            raise _bad("prompt must be a non-empty string (token arrays and batches are not supported)",
-                       "prompt")
+        raise bad
+    if len(items) > MAX_PROMPTS:
+        raise bad
+    out: list[str | tuple[int, ...]] = []
+    for item in items:
+        if isinstance(item, str) and item:
+            out.append(item)
+        elif isinstance(item, list) and item and all(_is_int(t) and t >= 0 for t in item):
+            out.append(tuple(item))
+        else:
+            raise bad
+    return tuple(out)
+
+
+def _number(body: dict[str, Any], key: str, low: float, high: float, what: str) -> float | None:
+    value = body.get(key)
+    if value is None:
+        return None
+    if not _is_number(value) or not low <= value <= high:
+        raise _bad(f"{key} must be {what}", key)
+    return float(value)
+
+
+def _sampling(body: dict[str, Any]) -> Sampling:
+    top_k = body.get("top_k")
+    if top_k is not None and (not _is_int(top_k) or top_k < -1):
+        raise _bad("top_k must be an integer (0 or -1: no limit)", "top_k")
+    return Sampling(top_p=_number(body, "top_p", 0.0, 1.0, "a number from 0 to 1"),
+                    top_k=None if top_k is None else max(top_k, 0),
+                    min_p=_number(body, "min_p", 0.0, 1.0, "a number from 0 to 1"),
+                    presence_penalty=_number(body, "presence_penalty", -MAX_PENALTY, MAX_PENALTY,
+                                             f"a number from -{MAX_PENALTY:g} to {MAX_PENALTY:g}"),
+                    frequency_penalty=_number(body, "frequency_penalty", -MAX_PENALTY, MAX_PENALTY,
+                                              f"a number from -{MAX_PENALTY:g} to {MAX_PENALTY:g}"))
+
+
+def _logprobs(body: dict[str, Any], kind: str) -> int | None:
+    """How many alternatives per token to return (None: no logprobs). Chat: ``logprobs: true``
+    with ``top_logprobs: k``; completions: ``logprobs: k``."""
+    value, top = body.get("logprobs"), body.get("top_logprobs")
+    if kind == "chat":
+        if value is not None and not isinstance(value, bool):
+            raise _bad("logprobs must be a boolean (the number of alternatives is top_logprobs)", "logprobs")
+        if top is not None and (not _is_int(top) or not 0 <= top <= MAX_TOP_LOGPROBS):
+            raise _bad(f"top_logprobs must be an integer from 0 to {MAX_TOP_LOGPROBS}", "top_logprobs")
+        if top and not value:
+            raise _bad("top_logprobs needs logprobs: true", "top_logprobs")
+        return (top or 0) if value else None
+    if value is None or value is False:
+        return None
+    if not _is_int(value) or not 0 <= value <= MAX_TOP_LOGPROBS:
+        raise _bad(f"logprobs must be an integer from 0 to {MAX_TOP_LOGPROBS}", "logprobs")
+    return value
+
+
+def _choices(body: dict[str, Any]) -> int:
+    n = body.get("n")
+    if n is None:
+        return 1
+    if not _is_int(n) or not 1 <= n <= MAX_N:
+        raise _bad(f"n must be an integer from 1 to {MAX_N} (choices per request on this server)", "n")
+    return n
+
+
+def _max_tokens(body: dict[str, Any], kind: str, echo: bool) -> int | None:
     max_key = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
     if kind == "chat" and body.get("max_tokens") is not None and body.get("max_completion_tokens") is not None:
         raise _bad("give max_tokens or max_completion_tokens, not both", "max_tokens")
     max_tokens = body.get(max_key)
-    if max_tokens is not None and (not _is_int(max_tokens) or max_tokens < 1):
-        raise _bad(f"{max_key} must be a positive integer", max_key)
-    temperature = body.get("temperature")
-    if temperature is not None and (not _is_number(temperature) or not 0 <= temperature <= MAX_TEMPERATURE):
-        raise _bad(f"temperature must be a number from 0 to {MAX_TEMPERATURE:g}", "temperature")
-    seed = body.get("seed")
-    if seed is not None and (not _is_int(seed) or not 0 <= seed <= MAX_SEED):
-        raise _bad(f"seed must be an integer from 0 to {MAX_SEED}", "seed")
+    # 0 only with echo: the prompt's own logprobs, nothing generated (loglikelihood scoring).
+    if max_tokens is not None and (not _is_int(max_tokens) or max_tokens < (0 if echo else 1)):
+        raise _bad(f"{max_key} must be a positive integer (0 only with echo: true)", max_key)
+    return max_tokens
+
+
+def _stream(body: dict[str, Any]) -> tuple[bool, bool]:
+    """(stream, include_usage)."""
     stream = body.get("stream", False)
     if stream is None:
         stream = False
@@ -268,14 +346,54 @@ def parse_request(body: Any, kind: str) -> GenerationRequest:
                 or not isinstance(options.get("include_usage", False), bool):
             raise _bad("stream_options may only hold include_usage (a boolean)", "stream_options")
         include_usage = bool(options.get("include_usage", False))
+    return stream, include_usage
+
+
+def parse_request(body: Any, kind: str) -> GenerationRequest:
+    """Validate a decoded JSON body for ``kind`` (``chat`` or ``completion``); HttpReject(400).
+    Unknown top-level fields are ignored and listed in ``ignored``."""
+    if not isinstance(body, dict):
+        raise _bad("the request body must be a JSON object")
+    allowed = CHAT_KEYS if kind == "chat" else COMPLETION_KEYS
+    ignored = tuple(sorted(k[:64] for k in set(body) - allowed))
+    for key, (neutral, why) in _NEUTRAL.items():
+        value = body.get(key)
+        if value is not None and not any(value == v and type(value) is type(v) for v in neutral):
+            raise _bad(f"{key}={value!r} is not supported: {why}", key)
+    model = body.get("model")
+    if model is not None and not isinstance(model, str):
+        raise _bad("model must be a string", "model")
+    messages, prompts = None, ()
+    if kind == "chat":
+        messages = _messages(body.get("messages"))
+    else:
+        prompts = _prompts(body.get("prompt"))
+    echo = body.get("echo", False) if kind == "completion" else False
+    if not isinstance(echo, bool):
+        raise _bad("echo must be a boolean", "echo")
+    max_tokens = _max_tokens(body, kind, echo)
+    temperature = body.get("temperature")
+    if temperature is not None and (not _is_number(temperature) or not 0 <= temperature <= MAX_TEMPERATURE):
+        raise _bad(f"temperature must be a number from 0 to {MAX_TEMPERATURE:g}", "temperature")
+    seed = body.get("seed")
+    if seed is not None and (not _is_int(seed) or not 0 <= seed <= MAX_SEED):
+        raise _bad(f"seed must be an integer from 0 to {MAX_SEED}", "seed")
+    stream, include_usage = _stream(body)
     user = body.get("user")
     if user is not None and not isinstance(user, str):
         raise _bad("user must be a string", "user")
-    return GenerationRequest(kind=kind, model=model, messages=messages, prompt=prompt, max_tokens=max_tokens,
-                             temperature=None if temperature is None else float(temperature), seed=seed,
-                             stop=_stop(body.get("stop")), stream=stream, include_usage=include_usage,
-                             repeat_penalty=_repeat_penalty(body.get("repeat_penalty")),
-                             response_format=parse_response_format(body.get("response_format")))
+    req = GenerationRequest(kind=kind, model=model, messages=messages,
+                            prompt=prompts[0] if len(prompts) == 1 and isinstance(prompts[0], str) else None,
+                            max_tokens=max_tokens, temperature=None if temperature is None else float(temperature),
+                            seed=seed, stop=_stop(body.get("stop")), stream=stream, include_usage=include_usage,
+                            repeat_penalty=_repeat_penalty(body.get("repeat_penalty")),
+                            response_format=parse_response_format(body.get("response_format")), prompts=prompts,
+                            n=_choices(body), echo=echo, logprobs=_logprobs(body, kind), sampling=_sampling(body),
+                            ignored=ignored)
+    if stream and not req.single:
+        raise _bad("stream: true is not supported with n > 1, several or token-id prompts, logprobs or echo; "
+                   "send stream: false", "stream")
+    return req
 
 
 # --- responses ------------------------------------------------------------------------------

@@ -66,16 +66,31 @@ def plan_request(app: ModelServer, backend: Backend, req: GenerationRequest) -> 
     the two cannot be honoured (a bad decoding value, a schema that is not one)."""
     try:
         messages, decoding, task_schema = app.apply_task(
-            req.messages if req.kind == "chat" else [], max_tokens=req.max_tokens, temperature=req.temperature,
+            # max_tokens 0 (echo: score the prompt only) is the request's own; the task checks the rest.
+            req.messages if req.kind == "chat" else [], max_tokens=req.max_tokens or None, temperature=req.temperature,
             repeat_penalty=req.repeat_penalty, default_max_tokens=app.config.default_max_tokens)
     except UsageError as exc:
         raise HttpReject(400, str(exc), reason="invalid_request") from None
     resolved = replace(req, messages=messages if req.kind == "chat" else None, temperature=decoding.temperature,
                        repeat_penalty=decoding.repeat_penalty,
                        stop=req.stop if req.stop is not None else tuple(decoding.stop))
+    _check_backend_options(backend, req)
     schema, structured = _json_schema(app, backend, req, task_schema)
     return Plan(request=resolved, default_max_tokens=decoding.max_tokens, repeat_penalty=decoding.repeat_penalty,
                 json_schema=schema, structured=structured)
+
+
+def _check_backend_options(backend: Backend, req: GenerationRequest) -> None:
+    """400 naming the backend for a sampling option or logprobs it cannot honour (never ignored)."""
+    missing = [name for name in req.sampling.given() if name not in backend.sampling_options]
+    if missing:
+        raise HttpReject(400, f"{', '.join(missing)} {'is' if len(missing) == 1 else 'are'} not supported by the "
+                              f"{backend.format} backend of this model; leave "
+                              f"{'it' if len(missing) == 1 else 'them'} out", reason="invalid_request",
+                         param=missing[0])
+    if req.logprobs is not None and not backend.serves_logprobs:
+        raise HttpReject(400, f"logprobs are not returned by the {backend.format} backend of this model "
+                              "(see edgepack.mean_token_logprob instead)", reason="invalid_request", param="logprobs")
 
 
 def _json_schema(app: ModelServer, backend: Backend, req: GenerationRequest,

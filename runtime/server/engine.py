@@ -13,13 +13,15 @@ and a tokenization that outlives its request keeps its place until it ends.
 :func:`run_job` runs one generation while holding the slot: it asks ``should_stop`` before
 every token (deadline, client gone, shutdown), so a request never holds the model past its
 deadline by more than one token, records each token's log-probability for the mean the
-response reports, and applies OpenAI ``stop`` strings without ever emitting a character
-that turns out to be the start of a stop string.
+response reports (and, when the job asks, each token's logprob with its top alternatives),
+passes the request's sampling options to the backend, and applies OpenAI ``stop`` strings
+without ever emitting a character that turns out to be the start of a stop string.
 """
 
 from __future__ import annotations
 
 import codecs
+import math
 import threading
 import time
 from collections import deque
@@ -27,9 +29,10 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from edgepack.runtime.backends.base import Backend
+from edgepack.runtime.backends.base import Backend, Sampling, TokenLogprob
 
 POLL_S = 0.2  # how often a queued request re-checks its client and deadline
+MAX_RETRY_AFTER_S = 30  # a 429's Retry-After cap; the openai SDK honours up to 60 s
 
 
 class Stop(Exception):
@@ -58,6 +61,8 @@ class Scheduler:
         self._waiting: deque[object] = deque()
         self._closing = False
         self._on_change = on_change or (lambda queued, running: None)
+        self._held_since = 0.0
+        self._hold_s = 1.0  # running mean of how long one request holds the model (seconds)
 
     @property
     def closing(self) -> bool:
@@ -111,6 +116,7 @@ class Scheduler:
                         raise Stop("client_disconnect", "the client disconnected while queued")
                     self._cond.wait(min(remaining, POLL_S))
                 self._busy = True
+                self._held_since = time.monotonic()
             finally:
                 self._waiting.remove(ticket)
                 self._changed()
@@ -118,9 +124,18 @@ class Scheduler:
 
     def release(self) -> None:
         with self._cond:
+            if self._busy:
+                self._hold_s = 0.8 * self._hold_s + 0.2 * (time.monotonic() - self._held_since)
             self._busy = False
             self._changed()
             self._cond.notify_all()
+
+    def retry_after_s(self) -> int:
+        """Seconds a refused client should wait: the line ahead of it at the recent hold time
+        (1 to :data:`MAX_RETRY_AFTER_S`), so a client's few default retries land once places free up."""
+        with self._cond:
+            ahead = int(self._busy) + len(self._waiting) + self._preparing
+            return max(1, min(MAX_RETRY_AFTER_S, math.ceil(self._hold_s * max(1, ahead) / 2)))
 
     def close(self) -> None:
         """Refuse new requests and wake every waiter (they leave with ``shutting_down``)."""
@@ -180,6 +195,9 @@ class Job:
     repeat_penalty: float = 1.0
     json_schema: dict[str, Any] | None = None
     """Decode under this JSON Schema (only set for a backend that constrains JSON)."""
+    sampling: Sampling = Sampling()
+    logprobs: int | None = None
+    """Record each generated token's logprob with this many alternatives (None: do not)."""
 
 
 @dataclass(frozen=True)
@@ -194,6 +212,8 @@ class Outcome:
     """Mean natural-log probability of the generated tokens; None if none or unknown."""
     first_token_s: float | None
     generate_s: float
+    token_logprobs: tuple[TokenLogprob, ...] = ()
+    """Per generated token, when the job asked for logprobs (a stop string's token included)."""
 
 
 def run_job(backend: Backend, job: Job, *, should_stop: Callable[[], str | None],
@@ -212,6 +232,7 @@ def run_job(backend: Backend, job: Job, *, should_stop: Callable[[], str | None]
     logprob_sum, logprob_known = 0.0, True
     first_token_s: float | None = None
     hit_stop_string = False
+    recorded: list[TokenLogprob] = []
 
     def out(text: str) -> None:
         if text:
@@ -224,12 +245,15 @@ def run_job(backend: Backend, job: Job, *, should_stop: Callable[[], str | None]
         return min(hits) if hits else -1
 
     tokens = backend.generate_with(job.prompt_tokens, max_tokens=job.max_tokens, temperature=job.temperature,
-                                   seed=job.seed, repeat_penalty=job.repeat_penalty, json_schema=job.json_schema)
+                                   seed=job.seed, repeat_penalty=job.repeat_penalty, json_schema=job.json_schema,
+                                   sampling=job.sampling)
     try:
         for token in _checked(tokens, should_stop, lambda: produced):
             produced += 1
             if first_token_s is None:
                 first_token_s = time.monotonic() - start
+            if job.logprobs is not None:
+                recorded.append(backend.top_logprobs(token, job.logprobs))
             lp = backend.last_token_logprob(token)
             if lp is None:
                 logprob_known = False
@@ -260,7 +284,7 @@ def run_job(backend: Backend, job: Job, *, should_stop: Callable[[], str | None]
     finish = "length" if produced >= job.max_tokens and not hit_stop_string else "stop"
     return Outcome(text="".join(pieces), completion_tokens=produced, finish_reason=finish,
                    mean_logprob=(logprob_sum / produced) if produced and logprob_known else None,
-                   first_token_s=first_token_s, generate_s=time.monotonic() - start)
+                   first_token_s=first_token_s, generate_s=time.monotonic() - start, token_logprobs=tuple(recorded))
 
 
 def _checked(tokens: Iterator[int], should_stop: Callable[[], str | None],

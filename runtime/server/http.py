@@ -5,12 +5,19 @@
 thread, until their request has arrived (headers and body within their deadlines), so idle or
 dripping clients cannot hold the handlers (slowloris). A complete request gets a handler thread
 unless ``max_connections`` requests are already being handled (then a fixed 503 at once).
-:class:`Handler` answers one request per connection (HTTP/1.0): it routes by method and path
+:class:`Handler` answers one request (HTTP/1.1): it routes by method and path
 (:data:`ROUTES`), checks the Host header and the API key
 (:mod:`~edgepack.runtime.server.request`), answers ``/health``, ``/metrics`` and
 ``/v1/models`` itself and hands generation to
 :class:`~edgepack.runtime.server.stream.Generation`. Every error becomes an OpenAI-style JSON
 body, counted once in ``/metrics``.
+
+Keep-alive: a reply with a ``Content-Length`` to a client that keeps the connection (HTTP/1.1
+without ``Connection: close``, or HTTP/1.0 with ``Connection: keep-alive``) whose request was
+read whole (no unread body, nothing pipelined after it) says ``Connection: keep-alive``, and the
+socket goes back to the intake (:meth:`~edgepack.runtime.server.intake.Intake.keep`) to wait
+for its next request under the same deadlines as a new connection, plus an idle timeout; no
+thread waits on it. Streams, errors before the body was read and a stopping server close it.
 """
 
 from __future__ import annotations
@@ -40,8 +47,9 @@ if TYPE_CHECKING:
 
 LOGPROB_BASIS = ("mean natural-log probability of the generated tokens under the model's own "
                  "distribution (temperature 1, before sampling filters)")
-SAMPLING = ("temperature 0 = greedy; above 0 llama.cpp samples with top-k 40, top-p 0.95, min-p 0.05; "
-            "repeat_penalty is llama.cpp's, over the last 64 tokens of prompt and answer")
+SAMPLING = ("temperature 0 = greedy; above 0 llama.cpp samples with top-k 40, top-p 0.95, min-p 0.05 unless "
+            "the request sets top_k/top_p/min_p; repeat_penalty, presence_penalty and frequency_penalty are "
+            "llama.cpp's, over the last 64 tokens of prompt and answer")
 # (method, path) -> handler method; the endpoint label in /metrics is the path.
 ROUTES = {
     ("GET", "/health"): "_health",
@@ -84,7 +92,8 @@ class HTTPServer(ThreadingHTTPServer):
                                                        body_timeout_s=config.body_timeout_s,
                                                        max_pending=config.max_pending,
                                                        max_pending_per_client=config.max_pending_per_client,
-                                                       max_buffered_bytes=2 * config.max_body_bytes),
+                                                       max_buffered_bytes=2 * config.max_body_bytes,
+                                                       keepalive_idle_s=config.keepalive_s),
                              app.metrics, self.body_to_collect, self.dispatch, config.max_connections)
 
     def server_bind(self) -> None:
@@ -146,8 +155,11 @@ class HTTPServer(ThreadingHTTPServer):
             self._closed_one()
 
     def shutdown_request(self, request: Any) -> None:
-        """Close the connection, or give it back to the intake to discard an unread body."""
-        if request.drain_left > 0:
+        """Close the connection, or give it back to the intake: to wait for the next request
+        (keep-alive), or to discard an unread body."""
+        if request.keep:
+            self.intake.keep(request)
+        elif request.drain_left > 0:
             self.intake.drain(request)
         else:
             try:
@@ -167,11 +179,12 @@ class HTTPServer(ThreadingHTTPServer):
 
 
 class Handler(BaseHTTPRequestHandler):
-    """One request per connection; every error is an OpenAI-style JSON body."""
+    """One request per handler thread; every error is an OpenAI-style JSON body."""
 
     server: HTTPServer
     server_version = "edgepack"
     sys_version = ""
+    protocol_version = "HTTP/1.1"
 
     def setup(self) -> None:
         # The intake has read the request already; rfile serves those bytes, then the socket.
@@ -186,6 +199,14 @@ class Handler(BaseHTTPRequestHandler):
         self.streaming = False  # an SSE reply has begun: an error becomes the stream's last event
         self._recorded = False
         self._body_read = True
+        self._consumed = arrival.head_end  # bytes of arrival.data this request used
+        self.keep_alive = False  # decided per request in _dispatch; start_reply may still say close
+        self.reply_headers: dict[str, str] = {}  # added to every reply (X-Edgepack-Ignored-Fields)
+
+    def handle(self) -> None:
+        """One request; a kept-alive connection's next one arrives through the intake again."""
+        self.close_connection = True
+        self.handle_one_request()
 
     @property
     def app(self) -> ModelServer:
@@ -219,6 +240,7 @@ class Handler(BaseHTTPRequestHandler):
     def _dispatch(self, method: str) -> None:
         path = request_path(self.path)
         model_path = path.startswith("/v1/models/")
+        self.keep_alive = not self.close_connection and not self.app.closing  # what the client asked
         self.endpoint = path if path in _PATHS else ("/v1/models" if model_path else "other")
         # A body the handler never reads is drained after the reply (see _drain).
         self._body_read = method != "POST" and not self.headers.get("Content-Length") \
@@ -259,6 +281,7 @@ class Handler(BaseHTTPRequestHandler):
     def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
         """http.server's own errors (bad request line, oversized headers) as JSON too."""
         self.endpoint = "other"
+        self.keep_alive = False
         self.app.metrics.reject("invalid_request" if code < 500 else
                                 "method_not_allowed" if code == 501 else "internal_error")
         self.close_connection = True
@@ -270,6 +293,7 @@ class Handler(BaseHTTPRequestHandler):
         length = body_length(self.headers, self.app.config.max_body_bytes)
         raw = self.rfile.read(length)
         self._body_read = True
+        self._consumed += length
         return parse_json_body(raw, length)
 
     def _drain(self) -> None:
@@ -322,17 +346,22 @@ class Handler(BaseHTTPRequestHandler):
 
     def start_reply(self, status: int, content_type: str, headers: dict[str, str] | None = None,
                     length: int | None = None) -> None:
-        """Status line and headers (no CORS headers, ever; one request per connection)."""
+        """Status line and headers (no CORS headers, ever); whether the connection stays open
+        is decided here, once the reply's framing is known (see the module docstring)."""
         self.status = status
         self.streaming = content_type == "text/event-stream"
+        arrival: Arrival = self.request
+        keep = (self.keep_alive and length is not None and self._body_read and not self.app.closing
+                and self._consumed == len(arrival.data))
+        arrival.keep = keep
         self.send_response(status)
         self.send_header("Content-Type", content_type)
         self.send_header("Cache-Control", "no-store")
         self.send_header("X-Content-Type-Options", "nosniff")
-        self.send_header("Connection", "close")
+        self.send_header("Connection", "keep-alive" if keep else "close")
         if length is not None:
             self.send_header("Content-Length", str(length))
-        for key, value in (headers or {}).items():
+        for key, value in {**self.reply_headers, **(headers or {})}.items():
             self.send_header(key, value)
         self.end_headers()
 

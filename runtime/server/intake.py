@@ -27,6 +27,12 @@ past either closes the *oldest* pending one (that client's, or anyone's) with 50
 dripping connections can be displaced, a request that arrives whole cannot. Requests being
 handled are capped separately (``max_connections``, 503 at once; see ``server_http``).
 
+Keep-alive: after a complete reply the handler may give the socket back (:meth:`Intake.keep`);
+it waits here, like a new connection, for its next request: idle at most ``keepalive_idle_s``
+(then closed quietly, no 408), and once the next request's first byte comes, its headers and
+body under the same deadlines as above. An idle kept connection displaced by the pending caps
+is closed quietly too (the client opens a new one).
+
 After an early error reply the handler gives the socket back (:meth:`Intake.drain`): the intake
 discards the unread body -- bounded by :data:`DRAIN_LIMIT_BYTES`, :data:`DRAIN_SECONDS` and
 :data:`DRAIN_IDLE_S` -- so the client reads the reply instead of a reset, and no thread waits
@@ -81,6 +87,8 @@ class IntakeLimits:
     max_pending: int
     max_pending_per_client: int
     max_buffered_bytes: int = MIN_BUFFERED_BYTES
+    keepalive_idle_s: float = 5.0
+    """How long a kept-alive connection may wait for its next request (httpx keeps 5 s)."""
 
 
 class Arrival:
@@ -91,6 +99,7 @@ class Arrival:
     def __init__(self, sock: socket.socket, address: Any, data: bytes, head_end: int) -> None:
         self.sock, self.address, self.data, self.head_end = sock, address, data, head_end
         self.drain_left = 0
+        self.keep = False  # the handler replied in full and the connection stays open
 
 
 class PrefixedReader(io.RawIOBase):
@@ -178,7 +187,7 @@ def fd_room(max_connections: int) -> int:
 
 class _Pending:
     __slots__ = ("sock", "address", "client", "seq", "data", "phase", "need", "head_end", "deadline",
-                 "heap_at", "drain_end", "left")
+                 "heap_at", "drain_end", "left", "idle")
 
     def __init__(self, sock: socket.socket, address: Any, seq: int, deadline: float) -> None:
         self.sock, self.address, self.seq = sock, address, seq
@@ -188,6 +197,7 @@ class _Pending:
         self.deadline = self.heap_at = deadline
         self.drain_end = deadline
         self.left = 0
+        self.idle = False  # a kept-alive connection that has not started its next request
 
 
 class Intake:
@@ -334,7 +344,7 @@ class Intake:
 
     def _refuse(self, pending: _Pending, status: int, reason: str, reply: bytes) -> None:
         self._forget(pending)
-        if pending.phase == _DRAIN:  # its reply went out already
+        if pending.phase == _DRAIN or pending.idle:  # its reply went out already / it asked nothing
             pending.sock.close()
             return
         self._metrics.reject(reason)
@@ -367,6 +377,9 @@ class Intake:
                 self._forget(pending)
                 pending.sock.close()
             return
+        if pending.idle:  # the next request on a kept-alive connection: a new connection's deadline
+            pending.idle = False
+            pending.deadline = time.monotonic() + self.limits.header_timeout_s
         scanned = max(0, len(pending.data) - 3)
         pending.data += chunk
         self._buffered += len(chunk)
@@ -443,6 +456,15 @@ class Intake:
             self._returned.append(arrival)
         self._wake()
 
+    def keep(self, arrival: Arrival) -> None:
+        """Take back a connection whose reply is complete, to wait for its next request (any thread)."""
+        with self._lock:
+            if self._stopping:
+                arrival.sock.close()
+                return
+            self._returned.append(arrival)
+        self._wake()
+
     def _take_returned(self) -> None:
         try:
             while self._wake_r.recv(4096):
@@ -457,9 +479,13 @@ class Intake:
                 arrival.sock.close()
                 continue
             arrival.sock.setblocking(False)
-            pending = _Pending(arrival.sock, arrival.address, next(self._seq), now + DRAIN_IDLE_S)
-            pending.phase, pending.left = _DRAIN, min(arrival.drain_left, DRAIN_LIMIT_BYTES)
-            pending.drain_end = now + DRAIN_SECONDS
+            if arrival.keep:
+                pending = _Pending(arrival.sock, arrival.address, next(self._seq), now + self.limits.keepalive_idle_s)
+                pending.idle = True
+            else:
+                pending = _Pending(arrival.sock, arrival.address, next(self._seq), now + DRAIN_IDLE_S)
+                pending.phase, pending.left = _DRAIN, min(arrival.drain_left, DRAIN_LIMIT_BYTES)
+                pending.drain_end = now + DRAIN_SECONDS
             if len(self._pending) >= self.max_pending:
                 self._evict(next(iter(self._pending.values())))
             self._track(pending)

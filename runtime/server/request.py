@@ -157,11 +157,11 @@ def lone_surrogate(body: Any) -> tuple[str, str] | None:
 
 
 def prompt_bytes(req: GenerationRequest) -> int:
-    """UTF-8 size of the text a request asks the model to read."""
+    """UTF-8 size of the text a request asks the model to read (the largest of its prompts)."""
     if req.kind == "chat":
         return sum(len(m["content"].encode("utf-8", "surrogatepass"))
                    + len(m.get("name", "").encode("utf-8", "surrogatepass")) for m in req.messages or [])
-    return len((req.prompt or "").encode("utf-8", "surrogatepass"))
+    return max((len(p.encode("utf-8", "surrogatepass")) for p in req.prompts if isinstance(p, str)), default=0)
 
 
 def check_prompt_size(req: GenerationRequest, n_ctx: int) -> None:
@@ -251,9 +251,22 @@ def fit_job(tokens: list[int], plan: Plan, app: ModelServer) -> Job:
         raise HttpReject(400, f"max_tokens {req.max_tokens} plus the prompt's {len(tokens)} tokens exceeds "
                               f"this model's context of {app.n_ctx} tokens", reason="context_overflow",
                          param="max_tokens")
-    max_tokens = req.max_tokens or min(plan.default_max_tokens, room)
+    max_tokens = req.max_tokens if req.max_tokens is not None else min(plan.default_max_tokens, room)
     return Job(prompt_tokens=tokens, max_tokens=max_tokens, temperature=float(req.temperature or 0.0), seed=req.seed,
-               stop=req.stop or (), repeat_penalty=plan.repeat_penalty, json_schema=plan.json_schema)
+               stop=req.stop or (), repeat_penalty=plan.repeat_penalty, json_schema=plan.json_schema,
+               sampling=req.sampling, logprobs=req.logprobs)
+
+
+def check_token_ids(ids: tuple[int, ...], vocab_size: int | None) -> list[int]:
+    """A token-id prompt as sent, once every id is in the vocabulary (400)."""
+    if vocab_size is None:
+        raise HttpReject(400, "this backend does not take token-id prompts; send text", reason="invalid_request",
+                         param="prompt")
+    bad = [t for t in ids if t >= vocab_size]
+    if bad:
+        raise HttpReject(400, f"prompt token id {bad[0]} is outside this model's vocabulary (0-{vocab_size - 1})",
+                         reason="invalid_request", param="prompt")
+    return list(ids)
 
 
 class PeerWatch:

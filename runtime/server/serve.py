@@ -81,7 +81,7 @@ class ServeConfig:
     port: int = 8000
     api_key: str | None = None
     """Bearer token every endpoint but /health requires; required for a non-loopback host."""
-    max_queue: int = 4
+    max_queue: int = 16
     """Requests that may wait while one generates; the next is refused with 429."""
     timeout_s: float = 300.0
     """Per-request deadline (queue + generation); past it the request ends with 504."""
@@ -96,6 +96,8 @@ class ServeConfig:
     """Total time from connecting to the end of the request headers, however often bytes arrive (408)."""
     body_timeout_s: float = 30.0
     """Total time from the end of the headers to the end of the body (408)."""
+    keepalive_s: float = 5.0
+    """How long a kept-alive connection may sit idle between requests (then closed, no reply)."""
     default_max_tokens: int = 512
     """max_tokens when a request gives none (capped by what is left of the context)."""
     n_ctx: int | None = None
@@ -127,7 +129,7 @@ class ServeConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or value < (0 if name == "max_queue" else 1):
                 problems.append(f"{name} must be a {'non-negative' if name == 'max_queue' else 'positive'} integer")
-        for name in ("timeout_s", "read_timeout_s", "header_timeout_s", "body_timeout_s"):
+        for name in ("timeout_s", "read_timeout_s", "header_timeout_s", "body_timeout_s", "keepalive_s"):
             if not getattr(self, name) > 0:
                 problems.append(f"{name} must be > 0")
         if self.fallback is not None and self.fallback_min_logprob is None:
@@ -373,7 +375,7 @@ def start_server(model: Path, config: ServeConfig | None = None,
 
 
 def serve(model: Path, *, host: str = "127.0.0.1", port: int = 8000, api_key_env: str | None = None,
-          max_queue: int = 4, timeout_s: float = 300.0, max_body_bytes: int = 1 << 20,
+          max_queue: int = 16, timeout_s: float = 300.0, max_body_bytes: int = 1 << 20,
           n_ctx: int | None = None, threads: int | None = None, fallback: str | None = None,
           fallback_min_logprob: float | None = None, fallback_api_key_env: str | None = None,
           public_key: Path | None = None, on_ready: Callable[[str], None] | None = None, progress: ProgressFn = null_progress,

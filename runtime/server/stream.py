@@ -1,5 +1,10 @@
 """One generation request, from the queue to the last byte: whole answers and SSE streams.
 
+A request with ``n > 1``, several or token-id prompts, ``logprobs`` or ``echo`` is handed to
+:func:`~edgepack.runtime.server.choices.answer_choices` once parsed and planned (never
+streamed); unknown fields it carried are named in the reply's ``X-Edgepack-Ignored-Fields``
+header and a warning on the ``edgepack.serve`` logger.
+
 :class:`Generation` runs ``POST /v1/chat/completions`` and ``/v1/completions`` for a
 :class:`~edgepack.runtime.server.http.Handler`: it parses the request, resolves it against the
 bundle's task and its ``response_format`` (:mod:`~edgepack.runtime.server.decoding`), checks it
@@ -19,12 +24,14 @@ yet, else the stream's last event (no ``[DONE]`` follows, as with OpenAI).
 from __future__ import annotations
 
 import json
+import logging
 import time
 from typing import TYPE_CHECKING, Any
 
 from edgepack.errors import RuntimeFailure
-from edgepack.runtime.server.api import (GenerationRequest, HttpReject, chunk_body, completion_body, error_body,
-                                         new_id, parse_request, usage)
+from edgepack.runtime.server.api import (IGNORED_HEADER, GenerationRequest, HttpReject, chunk_body, completion_body,
+                                         error_body, new_id, parse_request, usage)
+from edgepack.runtime.server.choices import answer_choices
 from edgepack.runtime.server.decoding import plan_request, structured_headers
 from edgepack.runtime.server.engine import Job, Outcome, Stop, run_job
 from edgepack.runtime.server.fallback import consult_teacher, teacher_text, teacher_usage
@@ -32,6 +39,8 @@ from edgepack.runtime.server.request import PeerWatch, check_prompt_size, fit_jo
 
 if TYPE_CHECKING:
     from edgepack.runtime.server.http import Handler
+
+_log = logging.getLogger("edgepack.serve")
 
 _STOP_REPLY = {  # Stop reason -> (status, OpenAI error type)
     "queue_full": (429, "rate_limit_error"),
@@ -58,6 +67,10 @@ class Generation:
         app = self.app
         with app.using_model() as backend:
             req = parse_request(self.http.read_json(), self.kind)
+            if req.ignored:
+                names = ", ".join(req.ignored)
+                self.http.reply_headers[IGNORED_HEADER] = names
+                _log.warning("%s: ignored unknown request field(s): %s", self.http.endpoint, names)
             if req.model is not None and req.model != app.model_id:
                 raise HttpReject(404, f"model {req.model!r} is not served here; this server serves "
                                       f"{app.model_id!r}", reason="not_found", param="model")
@@ -65,6 +78,9 @@ class Generation:
             req, self.structured = plan.request, plan.structured
             check_prompt_size(req, app.n_ctx)
             watch = PeerWatch(self.http.connection)
+            if not req.single:
+                answer_choices(self, backend, plan, watch)
+                return
             # With a fallback the answer is only known once complete, so a stream is buffered.
             live = req.stream and app.config.fallback is None
             try:
@@ -144,8 +160,9 @@ class Generation:
             message = f"the request ran past its {self.app.config.timeout_s:g} s deadline ({stop})"
         if self.http.streaming:  # a reader that stalled the stream must not stall this too
             self.http.connection.settimeout(1.0)
+        retry = self.app.scheduler.retry_after_s() if status == 429 else 1
         self.http.fail(status, error_body(message, error_type, code=stop.reason),
-                       {"Retry-After": "1"} if status in (429, 503) else None)
+                       {"Retry-After": str(retry)} if status in (429, 503) else None)
 
     def _client_gone(self) -> None:
         self.app.metrics.reject("client_disconnect")
