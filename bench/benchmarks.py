@@ -316,7 +316,34 @@ def pipeline_results(source: Path, command: str) -> dict[str, Any]:
             or datetime.fromtimestamp(source.stat().st_mtime, timezone.utc).isoformat(timespec="seconds"),
             "load_average": p.get("load_average"), "copied_from": _shown(source), "copied_by": command,
             "profile": p.get("profile"), "verdict": p.get("verdict"), "bundle": p.get("bundle"),
-            "stages": p.get("stages", []), "summary": p.get("summary", []), "eval": p.get("eval")}
+            "stages": p.get("stages", []), "summary": p.get("summary", []), "eval": p.get("eval"),
+            "data": _run_data(run), "task_scores": packaged_quality(p)}
+
+
+def _run_data(run: Path) -> str | None:
+    """The run's ``data`` setting (a shipped domain's ``builtin:NAME`` or a file), from its run.toml."""
+    import tomllib
+
+    toml = run / "run.toml"
+    data = tomllib.loads(toml.read_text(encoding="utf-8")).get("data") if toml.is_file() else None
+    return str(data) if data else "builtin:demo"
+
+
+def packaged_quality(p: dict[str, Any]) -> dict[str, Any] | None:
+    """The packaged choice's gated quality: primary metric, the teacher's, per-kind scores and, for
+    a JSON task, the valid-JSON rates with and without the grammar (from its gate report)."""
+    row = next((r for r in p.get("summary") or [] if r.get("choice") == p.get("packaged") and r.get("report")), None)
+    if row is None or not Path(row["report"]).is_file():
+        return None
+    q = (json.loads(Path(row["report"]).read_text(encoding="utf-8")).get("measurements") or {}).get("quality") or {}
+    scores = q.get("scores") or {}
+    keep = ("accuracy", "macro_f1", "match_rate", "label_accuracy", "valid_json_rate", "schema_valid_rate",
+            "field_f1", "field_exact", "field_chrf", "chrf", "rouge_l", "scored_rows")
+    return {"choice": row["choice"], "primary_metric": q.get("primary_metric"), "primary": q.get("primary"),
+            "teacher_primary": q.get("teacher_primary"), "relative": q.get("relative"), "rows": q.get("answered"),
+            "decoding": q.get("decoding"), "scores": {k: scores[k] for k in keep if k in scores},
+            "teacher_scores": {k: (q.get("teacher_scores") or {})[k] for k in keep if k in (q.get("teacher_scores") or {})},
+            "structured_output": q.get("structured_output")}
 
 
 def _shown(path: Path) -> str:
@@ -366,6 +393,44 @@ def section_pipeline(doc: Doc, pipe: dict[str, Any] | None) -> None:
     doc.image("pipeline_stages.png", "seconds per pipeline stage", draw, size=(6.4, 3.2))
 
 
+def section_tasks(doc: Doc, pipes: list[dict[str, Any]], fidelity: list[dict[str, Any]]) -> None:
+    """Each shipped domain's gated task scores (the packaged choice) and its scores through serve."""
+    doc.add("## Task scores of the shipped domains")
+    pipes = [p for p in pipes if p and p.get("task_scores")]
+    if not pipes:
+        doc.add(f"*{NOT_RUN}*: run `make demo` and `make demo-workorders`, then this script with `--pipeline` and "
+                "`--workorders`.")
+        return
+    rows = []
+    for p in pipes:
+        t = p["task_scores"]
+        detail = {**(t["scores"].get("field_exact") or {}), **{f"{k} (chrF)": v for k, v in
+                                                               (t["scores"].get("field_chrf") or {}).items()}}
+        so = t.get("structured_output") or {}
+        rows.append([p.get("data"), t["choice"], p.get("verdict"), f"{t['primary_metric']} {_num(t['primary'], '.3f')}",
+                     _num(t.get("teacher_primary"), ".3f"), _num(t.get("relative"), ".3f"),
+                     ", ".join(f"{k} {_num(v, '.2f')}" for k, v in detail.items()) or "-",
+                     _valid_json(so.get("constrained")), _valid_json(so.get("unconstrained"))])
+    doc.add("The packaged choice of each domain's pipeline run, gated on its holdout under the task's own "
+            "metric, system prompt and decoding (per field: exact match; chrF for free-text fields). Valid JSON: "
+            "the rate with the schema as a grammar (as the bundle decodes) and without it. " +
+            " ".join(provenance(p) for p in pipes),
+            table(["data", "packaged", "verdict", "primary (gated)", "teacher", "relative", "per field",
+                   "valid JSON (grammar)", "valid JSON (none)"], rows))
+    if fidelity:
+        doc.add("Through `edgepack serve` with bare user messages (no system turn, no decoding settings: the "
+                "server applies the bundle's task), scored by the same scorer (`bench/serve/task_fidelity.py`, "
+                "target: within 0.03 of the gated score). " + " ".join(provenance(f) for f in fidelity),
+                table(["bundle", "metric", "served", "gated", "delta", "ok"],
+                      [[f["bundle"]["name"], f["task"].get("primary_metric"), _num(f["served"]["primary"], ".3f"),
+                        _num(f["gated"]["primary"], ".3f"), _num(f["comparison"].get("delta"), "+.3f"),
+                        f["comparison"].get("ok")] for f in fidelity if f.get("bundle")]))
+
+
+def _valid_json(rates: dict[str, Any] | None) -> str:
+    return _num((rates or {}).get("valid_json_rate"), ".2f") if rates else "-"
+
+
 def section_others(doc: Doc, serve: dict[str, Any] | None, soft: dict[str, Any] | None,
                    rel: dict[str, Any] | None) -> None:
     doc.add("## Serving (`edgepack serve`)")
@@ -407,13 +472,16 @@ def section_others(doc: Doc, serve: dict[str, Any] | None, soft: dict[str, Any] 
 # --- the command ------------------------------------------------------------------------------
 
 def generate(*, bench: Path = BENCH, out: Path = ROOT / "BENCHMARKS.md", plots: Path | None = None,
-             pipeline: Path | None = ROOT / "runs" / "demo" / "pipeline.json", command: str = "") -> dict[str, Any]:
+             pipeline: Path | None = ROOT / "runs" / "demo" / "pipeline.json",
+             workorders: Path | None = None, command: str = "") -> dict[str, Any]:
     """Write ``out`` and the PNGs; returns what was written and which sources were missing."""
     from edgepack.atomic import write_json, write_text
 
     plots = plots if plots is not None else bench / "plots"
     if pipeline is not None and pipeline.is_file():
         write_json(bench / "pipeline" / "results.json", pipeline_results(pipeline, command))
+    if workorders is not None and workorders.is_file():
+        write_json(bench / "pipeline" / "workorders.json", pipeline_results(workorders, command))
     doc = Doc(out, plots)
     doc.add("# Benchmarks",
             f"Generated by `{command}` from the committed `bench/*/results*.json`; each section names "
@@ -428,6 +496,8 @@ def generate(*, bench: Path = BENCH, out: Path = ROOT / "BENCHMARKS.md", plots: 
     section_efficiency(doc, gates)
     section_stability(doc, gates)
     section_pipeline(doc, load(bench, "pipeline"))
+    section_tasks(doc, [load(bench, "pipeline"), load(bench, "pipeline", "workorders.json")],
+                  [json.loads(f.read_text(encoding="utf-8")) for f in sorted((bench / "serve").glob("task_fidelity*.json"))])
     section_others(doc, load(bench, "serve"), load(bench, "softlabels"), load(bench, "reliability"))
     write_text(out, doc.text())
     missing = [n for n in ("distill", "trl", "generation", "export", "gate", "pipeline", "serve", "softlabels",
@@ -440,12 +510,15 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--pipeline", type=Path, default=ROOT / "runs" / "demo" / "pipeline.json",
                         help="pipeline.json of a finished run; its stage table is copied to bench/pipeline/results.json")
+    parser.add_argument("--workorders", type=Path, default=ROOT / "runs" / "workorders" / "pipeline.json",
+                        help="pipeline.json of a `make demo-workorders` run; copied to bench/pipeline/workorders.json")
     parser.add_argument("--bench", type=Path, default=BENCH, help="folder holding <name>/results.json")
     parser.add_argument("--out", type=Path, default=ROOT / "BENCHMARKS.md")
     parser.add_argument("--plots", type=Path, default=None, help="PNG folder (default: BENCH/plots)")
     args = parser.parse_args(argv)
     command = shlex.join([".venv/bin/python", "bench/benchmarks.py", *(sys.argv[1:] if argv is None else argv)])
-    result = generate(bench=args.bench, out=args.out, plots=args.plots, pipeline=args.pipeline, command=command)
+    result = generate(bench=args.bench, out=args.out, plots=args.plots, pipeline=args.pipeline,
+                      workorders=args.workorders, command=command)
     print(f"wrote {result['markdown']} and {len(result['plots'])} plots; not yet run: "
           f"{', '.join(result['missing']) or 'none'}", file=sys.stderr)
     return 0

@@ -44,7 +44,7 @@ def provenance(results: dict[str, Any]) -> str:
 
 
 def _load_text(results: dict[str, Any]) -> str | None:
-    for key in ("load_average", "loadavg_start"):
+    for key in ("load_average", "loadavg_start", "load_average_start"):
         value = results.get(key)
         if isinstance(value, dict) and value.get("start"):
             return f"{value['start']} at start"

@@ -95,8 +95,8 @@ def test_generates_markdown_and_plots(benchmarks: ModuleType, tmp_path: Path) ->
     assert "| 4-bit | Q4_K_M | 3.2 | 0.0900 | int4 | 3.6 | 0.1100 |" in section
     assert "40.0%" in text and "Target: every run within ±10% of the mean: **met**" in text
     assert "| distill train | 30 | 67% | steps=2 |" in text and "Total 45 s" in text
-    # the distill, generation, softlabels and reliability results do not exist here
-    assert text.count("*not yet run*") == 5 and "bench/distill/results.json" in text
+    # the distill, generation, softlabels and reliability results and the task scores do not exist here
+    assert text.count("*not yet run*") == 6 and "bench/distill/results.json" in text
     assert set(result["missing"]) == {"distill", "trl", "generation", "softlabels", "reliability"}
     # the stage table is copied next to the other results, so it can be committed
     copied = json.loads((bench / "pipeline" / "results.json").read_text())
@@ -159,3 +159,37 @@ def test_trl_and_generation_results_are_rendered_when_present(benchmarks: Module
     assert "| edgepack | 45 | 40 | 50 | 2 |" in generation and "**PASS**" in generation
     assert "| 1 | 45 | 46 |" in generation
     assert (bench / "plots" / "training_vs_trl.png").is_file()
+
+
+def test_task_scores_of_both_domains_and_their_fidelity_through_serve(benchmarks: ModuleType, tmp_path: Path) -> None:
+    bench = _bench(tmp_path)
+    runs = []
+    for name, data, quality in (
+            ("demo", None, {"primary_metric": "accuracy", "primary": 0.8, "teacher_primary": 0.88, "relative": 0.909,
+                            "answered": 66, "scores": {"accuracy": 0.8, "macro_f1": 0.78}}),
+            ("wo", "builtin:workorders", {
+                "primary_metric": "field_f1", "primary": 0.55, "teacher_primary": 0.6, "relative": 0.917, "answered": 60,
+                "scores": {"field_f1": 0.55, "field_exact": {"asset": 0.95, "fault": 0.75}, "field_chrf": {"action": 0.41}},
+                "structured_output": {"constrained": {"valid_json_rate": 1.0}, "unconstrained": {"valid_json_rate": 0.9}}})):
+        run = tmp_path / name
+        _write(run / "gate" / "m-Q8_0.gguf.json", {"measurements": {"quality": quality}})
+        if data:
+            (run / "run.toml").write_text(f'profile = "cpu-x86-2c"\ndata = "{data}"\n')
+        _write(run / "pipeline.json", {
+            "command": f"edgepack pipeline --out {name}", "machine": MACHINE, "profile": "cpu-x86-2c", "verdict": "PASS",
+            "packaged": "gguf:Q8_0", "stages": [{"stage": "gate", "seconds": 5.0, "summary": "PASS"}],
+            "summary": [{"choice": "gguf:Q4_0", "report": str(run / "gate" / "missing.json"), "verdict": "skipped"},
+                        {"choice": "gguf:Q8_0", "report": str(run / "gate" / "m-Q8_0.gguf.json"), "verdict": "PASS"}]})
+        runs.append(run / "pipeline.json")
+    _write(bench / "serve" / "task_fidelity.json", {
+        "command": "python bench/serve/task_fidelity.py b.edgepack", "machine": MACHINE, "bundle": {"name": "b.edgepack"},
+        "task": {"primary_metric": "accuracy"}, "served": {"primary": 0.79}, "gated": {"primary": 0.8},
+        "comparison": {"ok": True, "delta": -0.01}})
+    out = tmp_path / "BENCHMARKS.md"
+    benchmarks.generate(bench=bench, out=out, pipeline=runs[0], workorders=runs[1], command="make benchmarks")
+    section = out.read_text().split("## Task scores of the shipped domains")[1].split("\n## ")[0]
+    assert "| builtin:demo | gguf:Q8_0 | PASS | accuracy 0.800 | 0.880 | 0.909 | - | - | - |" in section
+    assert ("| builtin:workorders | gguf:Q8_0 | PASS | field_f1 0.550 | 0.600 | 0.917 | asset 0.95, fault 0.75, "
+            "action (chrF) 0.41 | 1.00 | 0.90 |") in section
+    assert "| b.edgepack | accuracy | 0.790 | 0.800 | -0.010 | yes |" in section
+    assert json.loads((bench / "pipeline" / "workorders.json").read_text())["task_scores"]["primary"] == 0.55
