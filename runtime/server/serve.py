@@ -350,9 +350,12 @@ def _identity(path: Path, manifest: dict[str, Any] | None) -> dict[str, Any]:
         return {"model_sha256": entry["sha256"], "model_file": entry["path"], "bundle": path.name,
                 "gate_status": manifest.get(M_GATE_STATUS), "quant": manifest.get(M_QUANT),
                 "profile": profile.get("name") if isinstance(profile, dict) else profile}
-    with open(path, "rb") as fh:
+    # An ONNX folder is identified by its graph file, as a bundle's entrypoint is (folder/model.onnx).
+    target = path / "model.onnx" if path.is_dir() else path
+    with open(target, "rb") as fh:
         digest = hashlib.file_digest(fh, "sha256").hexdigest()
-    return {"model_sha256": digest, "model_file": path.name, "bundle": None, "gate_status": None,
+    name = f"{path.name}/{target.name}" if target != path else path.name
+    return {"model_sha256": digest, "model_file": name, "bundle": None, "gate_status": None,
             "quant": None, "profile": None}
 
 

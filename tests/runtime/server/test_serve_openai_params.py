@@ -13,7 +13,7 @@ import pytest
 from edgepack.runtime.backends.base import Sampling
 from edgepack.runtime.server.api import IGNORED_HEADER, MAX_N
 from tests.runtime.server.helpers import (  # noqa: F401 - fixtures are requested by name
-    CTX, USER, call, chat, port, proc_server, reference)
+    CTX, USER, call, chat, local, port, proc_server, reference)
 
 openai = pytest.importorskip("openai", reason="the openai package is not installed (dev extra: pip install -e .[dev])")
 PROMPT = "Compressor C-12 tripped on high vibration."
@@ -134,3 +134,15 @@ def test_chat_logprobs_and_n(client: Any, reference: Any) -> None:
     assert [c.message.content for c in again.choices] == [c.message.content for c in several.choices]
     with pytest.raises(openai.BadRequestError):
         client.chat.completions.create(model="tiny-F16", messages=USER, max_tokens=2, n=2, stream=True)
+
+
+def test_onnx_backend_refuses_what_it_cannot_honour(local: Any, tiny_onnx_fp32: dict[str, Any]) -> None:
+    """Announce, never silently ignore: the ONNX backend has no sampling filters or logprobs."""
+    server = local(Path(tiny_onnx_fp32["path"]), n_ctx=512)
+    for extra, param in (({"top_p": 0.5}, "top_p"), ({"top_k": 5, "min_p": 0.1}, "top_k"),
+                         ({"logprobs": 2}, "logprobs"), ({"echo": True, "max_tokens": 0, "logprobs": 1}, "logprobs")):
+        reply = call(server.port, "POST", "/v1/completions", {"prompt": PROMPT, "max_tokens": 2, **extra})
+        error = reply.json()["error"]
+        assert reply.status == 400 and error["param"] == param and "onnx backend" in error["message"], reply.body
+    plain = call(server.port, "POST", "/v1/completions", {"prompt": [PROMPT, PROMPT], "max_tokens": 2, "n": 2})
+    assert plain.status == 200 and [c["index"] for c in plain.json()["choices"]] == [0, 1, 2, 3]
