@@ -2,9 +2,9 @@
 
 ``export_onnx(hf_dir, out_dir, quant)`` is the recipe:
 
-1. resolve the architecture with the GGUF exporter's registry (same supported set,
-   same error before any weight is read) and validate every weight (safetensors only,
-   no NaN/Inf) — optimum would otherwise load whatever it finds;
+1. check that optimum exports the architecture as a KV-cached decoder
+   (:mod:`edgepack.export.onnx.arch`, before any weight is read); validate every
+   weight (safetensors only, no NaN/Inf) — optimum would otherwise load whatever it finds;
 2. export with optimum (task ``text-generation-with-past``: one ``model.onnx`` taking
    ``input_ids``, ``attention_mask``, ``position_ids`` and ``past_key_values.<i>.key/value``
    of shape ``[batch, kv_heads, past_len, head_dim]``; returning ``logits`` and
@@ -32,9 +32,9 @@ from edgepack.atomic import atomic_dir, scratch
 from edgepack.errors import InvalidModelFile, RuntimeFailure, UsageError
 from edgepack.hashing import sha256_file
 from edgepack.progress import ProgressFn, null_progress
-from edgepack.export.gguf.arch import arch_for_config
 from edgepack.export.gguf.convert import read_config
 from edgepack.export.gguf.weights import SafetensorsCheckpoint
+from edgepack.export.onnx.arch import check_onnx_architecture
 from edgepack.export.onnx.quantize import OnnxQuantOptions, quantize_onnx
 
 # edgepack ONNX quant name → MatMulNBits bits; None: keep FP32
@@ -157,7 +157,7 @@ def export_onnx(hf_dir: Path, out_dir: Path, quant: str = "int4", progress: Prog
     scheme = ONNX_QUANTS[quant]
     if scheme is not None:
         options.check(scheme)
-    arch_for_config(read_config(hf_dir))
+    check_onnx_architecture(read_config(hf_dir))
     progress("onnx", 0, 4)
     validate_weights(hf_dir)
     ids = _parity_ids(hf_dir)
