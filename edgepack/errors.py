@@ -41,6 +41,12 @@ class ModelSourceError(EdgepackError, FileNotFoundError):
     default_hint = "pass a local HF model dir, a .gguf file, or builtin:smollm2-135m-instruct"
 
 
+class ArtifactPathError(ModelSourceError):
+    """A path given to run, chat, serve or gate that is missing or not a runnable artifact."""
+
+    default_hint = "pass a .edgepack bundle, a .gguf file or an ONNX folder"
+
+
 class UnsafeModelError(EdgepackError, PermissionError):
     """A model that would execute code to load (pickle, remote code, template injection)."""
 

@@ -49,7 +49,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from edgepack.errors import ModelSourceError, UsageError
+from edgepack.errors import ArtifactPathError, ModelSourceError, UsageError
 
 MIB = 1024 * 1024
 ENTRY_POINT_GROUP = "edgepack.formats"
@@ -277,4 +277,4 @@ def format_of(path: Path) -> Format:
         return found[0]
     known = [s for f in all_formats() for s in f.suffixes] + \
             [f"a folder with {m}" for f in all_formats() for m in f.marker_files]
-    raise ModelSourceError(f"{path}: not a model artifact edgepack can run (expected {', '.join(known)})")
+    raise ArtifactPathError(f"{path}: not a model artifact edgepack can run (expected {', '.join(known)})")

@@ -58,7 +58,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from edgepack.constants import BUNDLE_SUFFIX, COMPLETE_MARKER, M_ENTRYPOINT, M_FORMAT, M_MODEL, M_RUNTIME
-from edgepack.errors import ModelSourceError, UsageError
+from edgepack.errors import ArtifactPathError, ModelSourceError, UsageError
 from edgepack.runtime.backends.base import Backend
 from edgepack.task import Decoding, Task
 
@@ -378,7 +378,7 @@ def open_model(path: Path, *, threads: int | None = None, n_ctx: int | None = No
 
     path = Path(path)
     if not path.exists():
-        raise ModelSourceError(f"model not found: {path}")
+        raise ArtifactPathError(f"model not found: {path}")
     manifest: dict[str, Any] | None = None
     runtime: dict[str, Any] = {}
     if key is not None and path.suffix != BUNDLE_SUFFIX:

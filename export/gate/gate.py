@@ -57,7 +57,7 @@ from typing import Any
 
 from edgepack.constants import (ARTIFACTS_DIR, BUNDLE_SUFFIX, FAIL, M_ENTRYPOINT, M_FORMAT, M_QUANT, PASS,
                                 SIGNATURE_FILE, STUDENT_DIR, UNVERIFIED)
-from edgepack.errors import InvalidModelFile, ModelSourceError, UsageError
+from edgepack.errors import ArtifactPathError, InvalidModelFile, ModelSourceError, UsageError
 from edgepack.formats import Format, get_format
 from edgepack.hashing import sha256_file
 from edgepack.locks import locked_stage
@@ -416,7 +416,7 @@ def run_gate(*, artifact: Path, profile: Profile, holdout: Path | None,
 
     artifact = Path(artifact)
     if not artifact.exists():
-        raise ModelSourceError(f"artifact not found: {artifact}")
+        raise ArtifactPathError(f"artifact not found: {artifact}")
     from edgepack.export.gate.quality import find_task, load_holdout
 
     task, task_source = find_task(artifact, holdout) if holdout is not None else (None, None)

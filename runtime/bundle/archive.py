@@ -48,7 +48,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO
 
 from edgepack.atomic import atomic_dir, atomic_path
-from edgepack.constants import M_ENTRYPOINT, M_FILES, M_SCHEMA, MANIFEST_FILE, MANIFEST_SCHEMA_VERSION, SIGNATURE_FILE
+from edgepack.constants import (BUNDLE_SUFFIX, M_ENTRYPOINT, M_FILES, M_SCHEMA, MANIFEST_FILE, MANIFEST_SCHEMA_VERSION,
+                                SIGNATURE_FILE)
 from edgepack.errors import BundleError
 
 if TYPE_CHECKING:
@@ -389,6 +390,11 @@ def inspect_bundle(path: Path, *, key: Path | Any | None = None) -> BundleCheck:
         from edgepack.runtime.bundle.signing import as_public_key
 
         public_key = as_public_key(key)  # a bad key file fails before the bundle is read
+    if path.is_dir():
+        inside = sorted(p.name for p in path.glob(f"*{BUNDLE_SUFFIX}"))
+        raise BundleError(f"{path} is a directory; pass the .edgepack file",
+                          hint=f"it holds {', '.join(inside)}" if inside else
+                          "`edgepack pack` writes RUN/bundles/<name>.edgepack")
     if not path.is_file():
         raise BundleError(f"{path}: no such bundle file", hint="check the path")
     actual: dict[str, tuple[int, str]] = {}
