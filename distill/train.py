@@ -105,7 +105,7 @@ def student_dir_name(variant: str | None = None) -> str:
 def train_student(*, run_dir: Path, profile: Profile, student: str = "auto", steps: int = 20, seed: int = 0,
                   resume: bool = False, progress: ProgressFn = null_progress,
                   config: TrainConfig | None = None, variant: str | None = None,
-                  method: str = "auto", mlp_keep: float = 1.0) -> dict[str, Any]:
+                  method: str = "auto", mlp_keep: float = 1.0, license: str | None = None) -> dict[str, Any]:
     """Distill the teacher into a student sized for the profile; return train_report.json.
 
     ``variant`` trains into ``RUN/student-<variant>`` (checkpoints in ``RUN/checkpoints-<variant>``)
@@ -113,7 +113,8 @@ def train_student(*, run_dir: Path, profile: Profile, student: str = "auto", ste
     and are compared by ``edgepack eval RUN --variants``. ``method`` forces ``full`` fine-tuning or
     ``lora``; ``auto`` lets the planner (plan.py) choose from the profile's training memory, along
     with the micro-batch and gradient checkpointing. ``mlp_keep`` < 1 also width-prunes an ``auto``
-    student's MLPs to that fraction of their channels (width.py).
+    student's MLPs to that fraction of their channels (width.py). ``license`` is the Hub license id
+    the student's model card (README.md) states; by default the teacher's recorded one.
     """
     from edgepack.distill.batching import deterministic_torch
     from edgepack.distill.parallel import from_env
@@ -122,7 +123,8 @@ def train_student(*, run_dir: Path, profile: Profile, student: str = "auto", ste
 
     request = TrainRequest(run_dir=Path(run_dir), profile=profile, config=config or TrainConfig(),
                            out=Path(run_dir) / student_dir_name(variant), student=student, steps=steps, seed=seed,
-                           resume=resume, variant=variant, method=method, mlp_keep=mlp_keep)
+                           resume=resume, variant=variant, method=method, mlp_keep=mlp_keep,
+                           license=license)
     inputs = check_inputs(request)
     if is_complete(request.out):
         return _finished(request.out, inputs.identity)

@@ -7,7 +7,8 @@
   the peak memory measured (:func:`peak_rss_mb`).
 * :func:`save_student` — ``RUN/student`` (or ``RUN/student-<variant>``) as a complete HF folder
   (safetensors, the student's tokenizer and chat template, student.json, train_report.json,
-  loss_curve.png), atomically; LoRA adapters are merged first, so it is always a plain model.
+  loss_curve.png, and an HF model card README.md from :func:`edgepack.model_card.student_card`),
+  atomically; LoRA adapters are merged first, so it is always a plain model.
 """
 
 from __future__ import annotations
@@ -25,7 +26,10 @@ from edgepack.distill.curves import loss_curve_png
 from edgepack.distill.modes import SOFT_LABELS, TOP_LOGPROBS
 from edgepack.distill.parallel import DataParallel
 from edgepack.distill.train_loss import OnlineTeacher
+from edgepack.distill.teachers import SOURCE_FILE
 from edgepack.distill.train_step import Trainee, TrainState
+from edgepack.model_card import card_license, student_card
+from edgepack.task import run_task
 
 if TYPE_CHECKING:
     from edgepack.distill.train import TrainConfig
@@ -96,16 +100,32 @@ def save_student(request: TrainRequest, inputs: RunInputs, data: TrainData, trai
         if is_temp_name(stale.name):  # edgepack's own temporary name, never a user's folder
             shutil.rmtree(stale, ignore_errors=True)
     model = trainee.model.merge_and_unload() if trainee.plan.method == "lora" else trainee.model
+    teacher = _teacher_record(inputs)
+    license = card_license(request.license, [("the teacher's source (`teacher/source.json`)", teacher.get("license"))])
     with atomic_dir(out) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         _copy_tokenizer(data.tokenizer_dir, tmp)
         write_json(tmp / STUDENT_INFO, {**description,
                                         "teacher": str(inputs.teacher_dir or inputs.data_report["teacher"]["spec"]),
                                         "teacher_sha256": inputs.teacher_sha256, "mode": data.mode.name,
-                                        "train_config": asdict(cfg)})
+                                        "train_config": asdict(cfg), "license": license.to_json()})
         write_json(tmp / TRAIN_REPORT, report)
+        task, task_source = run_task(request.run_dir)
+        (tmp / "README.md").write_text(student_card(name=out.name, teacher=teacher, license=license, task=task,
+                                                    task_source=task_source, report=report), encoding="utf-8")
         loss_curve_png(report["loss_curve"], tmp / LOSS_CURVE_PNG,
                        f"{out.name}: {data.mode.name} ({cfg.divergence}), {description['params'] / 1e6:.1f}M parameters")
+
+
+def _teacher_record(inputs: RunInputs) -> dict[str, Any]:
+    """The teacher as ``distill data`` recorded it: ``teacher/source.json``, else the data report's
+    (an endpoint teacher has no folder)."""
+    import json
+
+    source = inputs.teacher_dir / SOURCE_FILE if inputs.teacher_dir is not None else None
+    record = json.loads(source.read_text()) if source is not None and source.is_file() else \
+        inputs.data_report.get("teacher")
+    return record if isinstance(record, dict) else {}
 
 
 def _copy_tokenizer(src: Path, dst: Path) -> None:

@@ -65,6 +65,8 @@ class TrainRequest:
     variant: str | None = None
     method: str = "auto"
     mlp_keep: float = 1.0
+    license: str | None = None
+    """The Hub license id the student's model card states (None: the teacher's recorded one)."""
 
     @property
     def checkpoints(self) -> Path:

@@ -194,3 +194,33 @@ def task_section(task: Task, task_source: str, scores: dict[str, Any] | None, *,
     return lines
 
 
+def student_card(*, name: str, teacher: dict[str, Any], license: CardLicense, task: Task | None, task_source: str,
+                 report: dict[str, Any]) -> str:
+    """The student folder's ``README.md`` (written by ``distill train``): an HF card for the
+    safetensors beside it, before any export or gate (so no ``model-index`` yet)."""
+    from huggingface_hub import ModelCardData
+
+    teacher_name = str(teacher.get("spec") or "not recorded")
+    data = ModelCardData(license=license.id, **({} if license.known else {"license_name": "unknown"}),
+                         base_model=teacher.get("base_model") or teacher.get("name"), pipeline_tag="text-generation",
+                         library_name="transformers", tags=["edgepack", "distillation", "safetensors"],
+                         language=list(teacher.get("language") or []) or None, model_name=name,
+                         edgepack={"stage": "distill train", "mode": report.get("mode"),
+                                   "license_source": license.source or None})
+    params = report.get("params")
+    size = f"{params / 1e6:.1f}M parameters" if isinstance(params, (int, float)) else "parameters not recorded"
+    body = [f"# {name}", "",
+            f"A student distilled by edgepack from `{teacher_name}`: {report.get('mode', '?')} distillation, "
+            f"{report.get('steps', '?')} steps on {report.get('rows_used', '?')} rows, loss "
+            f"{value_text(report.get('first_loss'))} → {value_text(report.get('final_loss'))}, {size}.", ""]
+    if task is not None:
+        body += [*intended_use_section(task, "after `edgepack export` and `edgepack gate` (this folder is the "
+                                             "unquantized, ungated student)"),
+                 *task_section(task, task_source, None, unscored="Not gated yet: `edgepack gate` measures the "
+                               "exported artifacts on the holdout, and the bundle's card carries the scores.")]
+    body += [*limitations_section(teacher_name, ["- Not quantized and not gated: `edgepack export`, `gate` and "
+                                                 "`pack` measure it against a device profile."]),
+             "## Files", "", "`model.safetensors` and `config.json` (a transformers model), the tokenizer and chat "
+             "template, `student.json` (what was kept of the teacher), `train_report.json` (every number above) "
+             "and `loss_curve.png`.", "", *license_section(license, teacher_name)]
+    return render_card(data, body)
