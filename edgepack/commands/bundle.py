@@ -16,6 +16,8 @@ def pack_cmd(
     artifact: Annotated[Path | None, typer.Option(help="Which gated artifact (default: the best PASS).")] = None,
     allow_unverified: Annotated[bool, typer.Option(help="Also package an UNVERIFIED gate (recorded).")] = False,
     sign: Annotated[Path | None, typer.Option("--sign", help="Ed25519 private key (PEM) to sign with.")] = None,
+    license_id: Annotated[str | None, typer.Option(
+        "--license", help="Hub license id the model card states (default: the student's, else the teacher's).")] = None,
     json_out: JsonOpt = False,
 ) -> None:
     """Package a gated artifact into a verifiable .edgepack bundle (signed with --sign)."""
@@ -24,7 +26,7 @@ def pack_cmd(
     from edgepack.profiles import load_profile
 
     result = pack_run(run_dir=run, profile=load_profile(profile), artifact=artifact,
-                      allow_unverified=allow_unverified, sign_key=sign)
+                      allow_unverified=allow_unverified, sign_key=sign, license=license_id)
     emit(result, json_out)
 
 

@@ -102,6 +102,7 @@ def train_cmd(
     variant: Annotated[str | None, typer.Option(
         help="Train into RUN/student-NAME instead of RUN/student (a baseline or another loss beside the main "
              "student; compare with `edgepack eval RUN --variants NAME`).")] = None,
+    license_id: Annotated[str | None, typer.Option("--license", help="Hub license id the model card states (default: the one recorded for the teacher).")] = None,
     json_out: JsonOpt = False,
 ) -> None:
     """Distill the teacher into a student sized for the profile."""
@@ -120,7 +121,8 @@ def train_cmd(
     with progress_bars(not json_out) as progress:
         report = train_student(run_dir=run, profile=prof, student=student, steps=steps, seed=seed,
                                resume=resume, progress=progress, config=config, variant=variant,
-                               method="lora" if lora else "full" if full else "auto", mlp_keep=mlp_keep)
+                               method="lora" if lora else "full" if full else "auto", mlp_keep=mlp_keep,
+                               license=license_id)
     if report.get("mode_reason"):
         warn(f"{report['mode']} distillation: {report['mode_reason']}")
     aligned = report.get("endpoint_logprobs") or {}
