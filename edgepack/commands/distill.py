@@ -102,7 +102,8 @@ def train_cmd(
     variant: Annotated[str | None, typer.Option(
         help="Train into RUN/student-NAME instead of RUN/student (a baseline or another loss beside the main "
              "student; compare with `edgepack eval RUN --variants NAME`).")] = None,
-    license_id: Annotated[str | None, typer.Option("--license", help="Hub license id the model card states (default: the one recorded for the teacher).")] = None,
+    license_id: Annotated[str | None, typer.Option(
+        "--license", help="Hub license id the model card states (default: the one recorded for the teacher).")] = None,
     json_out: JsonOpt = False,
 ) -> None:
     """Distill the teacher into a student sized for the profile."""
