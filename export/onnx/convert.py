@@ -16,7 +16,11 @@
    (:mod:`edgepack.export.onnx.quantize`: round-to-nearest per block with integer zero
    points, ``accuracy_level`` 4, the tied output head / embedding table at 8 bits and
    stored once; all tunable with :class:`~edgepack.export.onnx.quantize.OnnxQuantOptions`);
-5. build it all in ``<out>.tmp-<pid>.edgepack-tmp`` and rename with a ``.complete`` marker.
+5. write what other ONNX clients need (:mod:`edgepack.export.onnx.genai`): onnxruntime-genai's
+   ``genai_config.json`` from the graph's names and shapes, and ``model_input_names`` in
+   ``tokenizer_config.json`` so the tokenizer returns no ``token_type_ids`` (optimum's
+   ``ORTModelForCausalLM.generate(**tokenizer(text))``);
+6. build it all in ``<out>.tmp-<pid>.edgepack-tmp`` and rename with a ``.complete`` marker.
 
 The folder also carries ``config.json``, ``generation_config.json`` and the tokenizer
 files (with the chat template), so a runtime needs nothing else.
@@ -35,6 +39,7 @@ from edgepack.progress import ProgressFn, null_progress
 from edgepack.export.gguf.convert import read_config
 from edgepack.export.gguf.weights import SafetensorsCheckpoint
 from edgepack.export.onnx.arch import check_onnx_architecture
+from edgepack.export.onnx.genai import write_client_files
 from edgepack.export.onnx.quantize import OnnxQuantOptions, quantize_onnx
 
 # edgepack ONNX quant name → MatMulNBits bits; None: keep FP32
@@ -157,7 +162,8 @@ def export_onnx(hf_dir: Path, out_dir: Path, quant: str = "int4", progress: Prog
     scheme = ONNX_QUANTS[quant]
     if scheme is not None:
         options.check(scheme)
-    check_onnx_architecture(read_config(hf_dir))
+    hf_config = read_config(hf_dir)
+    check_onnx_architecture(hf_config)
     progress("onnx", 0, 4)
     validate_weights(hf_dir)
     ids = _parity_ids(hf_dir)
@@ -182,6 +188,7 @@ def export_onnx(hf_dir: Path, out_dir: Path, quant: str = "int4", progress: Prog
                 shutil.copy(f, tmp / f.name)
         if scheme is not None:
             ops = quantize_onnx(fp32, tmp / "model.onnx", scheme, options)
+        clients = write_client_files(tmp, hf_config)
         progress("onnx", 3, 4)
         got = onnx_logits(tmp / "model.onnx", ids)
         parity = {
@@ -196,5 +203,5 @@ def export_onnx(hf_dir: Path, out_dir: Path, quant: str = "int4", progress: Prog
 
     digest = folder_digest((f["path"], f["sha256"]) for f in files)
     return {"path": out_dir, "bytes": sum(f["bytes"] for f in files), "sha256": digest,
-            "files": files, "parity": parity, "ops": ops,
+            "files": files, "parity": parity, "ops": ops, "clients": clients,
             "block_size": options.block_size if scheme else None, "method": "rtn" if scheme else None}

@@ -140,6 +140,29 @@ def _token_text(value: Any) -> str:
     return value if isinstance(value, str) else ""
 
 
+def stop_token_ids(folder: Path, tokenizer: Any | None = None) -> frozenset[int]:
+    """Token ids that end generation in the ONNX folder ``folder``: ``eos_token_id`` of
+    generation_config.json and config.json, the tokenizer's eos token, and every special token
+    llama.cpp treats as end-of-generation (:data:`END_OF_GENERATION_TEXTS`). The export writes
+    the same set into ``genai_config.json`` so onnxruntime-genai stops where this backend does.
+    ``tokenizer``: the folder's ``tokenizers.Tokenizer`` if already loaded."""
+    if tokenizer is None:
+        from tokenizers import Tokenizer
+
+        tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
+    special = {i for i, t in tokenizer.get_added_tokens_decoder().items() if t.special}
+    eos_text = _token_text(_read_json(folder / "tokenizer_config.json").get("eos_token"))
+    stop: set[int] = set()
+    for cfg in (_read_json(folder / "generation_config.json"), _read_json(folder / "config.json")):
+        eos = cfg.get("eos_token_id")
+        stop |= {int(e) for e in (eos if isinstance(eos, list) else [eos]) if isinstance(e, int)}
+    for text in [eos_text, *END_OF_GENERATION_TEXTS]:
+        tid = tokenizer.token_to_id(text) if text else None
+        if tid is not None and (tid in special or text == eos_text):
+            stop.add(tid)
+    return frozenset(stop)
+
+
 # --- what the format registry (edgepack.formats, ``onnx``) reads from an ONNX folder ------------
 def trained_context(path: Path) -> int | None:
     """``max_position_embeddings`` from the folder's config.json, if it says."""
@@ -196,15 +219,7 @@ class OnnxRuntimeBackend(Backend):
         self._bytes = token_bytes_table(json.loads(tok_path.read_text(encoding="utf-8")), vocab, special)
         self._special = {"bos_token": _token_text(tok_config.get("bos_token")),
                          "eos_token": _token_text(tok_config.get("eos_token"))}
-        stop: set[int] = set()
-        for cfg in (_read_json(folder / "generation_config.json"), _read_json(folder / "config.json")):
-            eos = cfg.get("eos_token_id")
-            stop |= {int(e) for e in (eos if isinstance(eos, list) else [eos]) if isinstance(e, int)}
-        for text in [self._special["eos_token"], *END_OF_GENERATION_TEXTS]:
-            tid = self._tok.token_to_id(text) if text else None
-            if tid is not None and (tid in special or text == self._special["eos_token"]):
-                stop.add(tid)
-        self._stop = frozenset(stop)
+        self._stop = stop_token_ids(folder, self._tok)
         self._template = read_chat_template(folder)
         self._inputs = {i.name: i for i in session.get_inputs()}
         self._outputs = [o.name for o in session.get_outputs()]
