@@ -73,6 +73,8 @@ class PipelineConfig:
     """``distill data --holdout``: your own holdout prompts; then every data row trains."""
     strict: bool = _D["strict"].default
     """``distill data --strict``: the first bad data line stops the run (else each is skipped, and reported)."""
+    license: str | None = _D["license"].default
+    """``distill train`` / ``pack --license``: the license the model cards state (None: the teacher's)."""
 
     def settings(self) -> dict[str, Any]:
         """run.toml's keys for this config (:data:`edgepack.runconfig.PIPELINE_SETTINGS`)."""
@@ -83,7 +85,8 @@ class PipelineConfig:
                 "steps": self.steps, "limit": self.limit, "allow_unverified": self.allow_unverified,
                 "correct_teacher": self.correct_teacher, "search_quality": self.search_quality,
                 "format_regex": self.format_regex, "format_schema": path(self.format_schema),
-                "system_prompt": path(self.system_prompt), "holdout": path(self.holdout), "strict": self.strict}
+                "system_prompt": path(self.system_prompt), "holdout": path(self.holdout), "strict": self.strict,
+                "license": self.license}
 
 
 def config_from_settings(settings: dict[str, Any], run_dir: Path) -> PipelineConfig:
@@ -105,7 +108,7 @@ def config_from_settings(settings: dict[str, Any], run_dir: Path) -> PipelineCon
                           allow_unverified=s["allow_unverified"], correct_teacher=s["correct_teacher"],
                           search_quality=s["search_quality"], format_regex=s["format_regex"],
                           format_schema=path("format_schema"), system_prompt=path("system_prompt"),
-                          holdout=path("holdout"), strict=s["strict"])
+                          holdout=path("holdout"), strict=s["strict"], license=s["license"])
 
 
 def resolve_config(*, config: Path | None, run_dir: Path | None, overrides: dict[str, Any]) -> PipelineConfig:
@@ -349,7 +352,7 @@ def distill_train(cfg: PipelineConfig, progress: ProgressFn = null_progress) -> 
     from edgepack.distill.train import train_student
 
     report = train_student(run_dir=cfg.run_dir, profile=cfg.profile, student="auto", steps=cfg.steps,
-                           seed=cfg.seed, resume=True, progress=progress)
+                           seed=cfg.seed, resume=True, progress=progress, license=cfg.license)
     return TrainResult(_short(report, ("steps", "final_loss", "params")), report)
 
 
@@ -434,7 +437,7 @@ def pack_bundle(cfg: PipelineConfig, gate: GateResult) -> PackResult:
     if existing and _holds(existing[0], Path(chosen["path"]), cfg.profile):
         return PackResult(f"{existing[0].name} (already packaged)", chosen["choice"], str(existing[0]))
     result = pack_run(run_dir=Path(cfg.run_dir), profile=cfg.profile, artifact=Path(chosen["path"]),
-                      allow_unverified=cfg.allow_unverified)
+                      allow_unverified=cfg.allow_unverified, license=cfg.license)
     return PackResult(Path(result["bundle"]).name, chosen["choice"], result["bundle"])
 
 

@@ -64,6 +64,7 @@ PIPELINE_SETTINGS: dict[str, Setting] = {
     "system_prompt": Setting(str, None, "a text file with the task's system prompt"),
     "holdout": Setting(str, None, "your own holdout prompts (JSONL); then every data row trains"),
     "strict": Setting(bool, False, "stop at the first bad data line instead of skipping it (reported)"),
+    "license": Setting(str, None, "Hub license id the model cards state (absent: the teacher's recorded one)"),
 }
 
 

@@ -41,6 +41,8 @@ def pipeline_cmd(
     strict: Annotated[bool | None, typer.Option(
         "--strict/--no-strict", help="Stop at the first bad data line (default: skip each one, and report them).")
     ] = None,
+    license_id: Annotated[str | None, typer.Option(
+        "--license", help="Hub license id the model cards state (default: the teacher's recorded license).")] = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout.")] = False,
 ) -> None:
     """Run every stage end to end (export: every format the profile allows; gate: --search) and
@@ -53,7 +55,8 @@ def pipeline_cmd(
                  "steps": steps, "limit": limit, "seed": seed, "allow_unverified": allow_unverified,
                  "correct_teacher": correct_teacher, "search_quality": search_quality,
                  "format_regex": format_regex, "format_schema": path(format_schema),
-                 "system_prompt": path(system_prompt), "holdout": path(holdout), "strict": strict}
+                 "system_prompt": path(system_prompt), "holdout": path(holdout), "strict": strict,
+                 "license": license_id}
     cfg = resolve_config(config=config, run_dir=out, overrides=overrides)
     with progress_bars(not json_out) as progress:
         result = run_pipeline(cfg, progress=progress)
