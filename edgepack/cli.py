@@ -19,6 +19,16 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     add_completion=False,
 )
+
+
+@app.callback()
+def _options(verbose: bool = typer.Option(False, "--verbose", "-v", help="Also show third-party logs and "
+                                          "warnings on stderr (they always go to RUN/logs/<stage>.log).")) -> None:
+    from edgepack.logs import set_verbose
+
+    set_verbose(verbose)
+
+
 app.add_typer(profiles.app, name="profiles")
 app.add_typer(distill.app, name="distill")
 app.command("eval")(distill.eval_cmd)

@@ -21,22 +21,69 @@ err = Console(stderr=True)
 
 
 def emit(result: Any, as_json: bool, human: Callable[[Any], None] | None = None) -> None:
-    """Print ``result`` as one JSON document (``as_json``) or through ``human``."""
+    """Print ``result`` as one JSON document (``as_json``) or through ``human``.
+
+    Without a renderer, people get :func:`summary_lines`: a JSON document on stdout is for
+    ``--json`` only.
+    """
     if as_json:
         sys.stdout.write(json.dumps(result, indent=2, default=str) + "\n")
         sys.stdout.flush()
     elif human is not None:
         human(result)
     else:
-        out.print_json(json.dumps(result, default=str))
+        for line in summary_lines(result):
+            out.print(line, highlight=False, soft_wrap=True, markup=False)
+
+
+def summary_lines(result: Any, limit: int = 20) -> list[str]:
+    """A result's top-level scalars as ``key: value`` lines, containers by size; the rest is in ``--json``."""
+    if not isinstance(result, dict):
+        return [str(result)]
+    lines = []
+    for key, value in result.items():
+        if isinstance(value, (list, tuple)):
+            lines.append(f"{key}: {len(value)} item{'s' if len(value) != 1 else ''}")
+        elif isinstance(value, dict):
+            scalars = [f"{k}={v}" for k, v in value.items() if isinstance(v, (str, int, float, bool)) and v != ""]
+            lines.append(f"{key}: {', '.join(scalars[:6])}{', …' if len(scalars) > 6 else ''}" if scalars
+                         else f"{key}: {len(value)} fields")
+        elif value is not None:
+            lines.append(f"{key}: {value}")
+    return [*lines[:limit], *(["…"] if len(lines) > limit else []), "(--json prints the full report)"]
 
 
 @contextmanager
 def progress_bars(enabled: bool = True) -> Iterator[Callable[[str, int, int | None], None]]:
-    """A progress callback backed by rich bars on stderr (one bar per task name)."""
+    """A progress callback: rich bars on a terminal (unless ``enabled`` is False, as with
+    ``--json``), else whole lines with rate and ETA on stderr. Either way the lines also go to
+    the stage log (:func:`edgepack.logs.log_progress`).
+    """
+    from edgepack.logs import log_progress
+    from edgepack.progress import LineProgress
+
+    to_log = LineProgress(log_progress)
     if not enabled or not err.is_terminal:
-        yield _quiet_progress
+        to_err = LineProgress(_print_line)
+
+        def lines(task: str, done: int, total: int | None = None) -> None:
+            to_log(task, done, total)
+            to_err(task, done, total)
+
+        yield lines
         return
+    with _rich_bars() as bars:
+
+        def both(task: str, done: int, total: int | None = None) -> None:
+            to_log(task, done, total)
+            bars(task, done, total)
+
+        yield both
+
+
+@contextmanager
+def _rich_bars() -> Iterator[Callable[[str, int, int | None], None]]:
+    """One rich bar per task name on stderr (a terminal)."""
     from rich.progress import (BarColumn, MofNCompleteColumn, Progress, ProgressColumn,
                                TextColumn, TimeElapsedColumn, TimeRemainingColumn)
     from rich.text import Text
@@ -58,17 +105,17 @@ def progress_bars(enabled: bool = True) -> Iterator[Callable[[str, int, int | No
         yield update
 
 
+def _print_line(line: str) -> None:
+    from rich.markup import escape
+
+    err.print(f"[dim]{escape(line)}[/dim]", highlight=False, soft_wrap=True)
+
+
 def warn(message: str) -> None:
     """One ``warning:`` line on stderr (a degraded mode the report also records)."""
     from rich.markup import escape
 
     err.print(f"[yellow]warning:[/yellow] {escape(message)}", highlight=False, soft_wrap=True)
-
-
-def _quiet_progress(task: str, done: int, total: int | None = None) -> None:
-    # Not a terminal (CI, pipes): print a line at the start and end of each task only.
-    if done == 0 or (total is not None and done >= total):
-        err.print(f"[dim]{task}: {done}/{total if total is not None else '?'}[/dim]")
 
 
 def report_error(exc: BaseException) -> int:

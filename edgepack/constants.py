@@ -22,6 +22,7 @@ ARTIFACTS_DIR = "artifacts"        # export: .gguf / onnx folders + export.json
 GATE_DIR = "gate"                  # gate: <artifact>.json reports
 BUNDLES_DIR = "bundles"            # pack: <model>-<profile>-<format>-<quant>.edgepack
 COMPLETE_MARKER = ".complete"      # written last in a stage's output folder
+LOGS_DIR = "logs"                  # every stage: <stage>.log, third-party output and progress lines
 
 TRAIN_FILE = "train.jsonl"
 HOLDOUT_FILE = "holdout.jsonl"

@@ -23,10 +23,12 @@ def pack_cmd(
     """Package a gated artifact into a verifiable .edgepack bundle (signed with --sign)."""
     from edgepack.console import emit
     from edgepack.export.pack.pack import pack_run
+    from edgepack.logs import stage_log
     from edgepack.profiles import load_profile
 
-    result = pack_run(run_dir=run, profile=load_profile(profile), artifact=artifact,
-                      allow_unverified=allow_unverified, sign_key=sign, license=license_id)
+    with stage_log("pack", run):
+        result = pack_run(run_dir=run, profile=load_profile(profile), artifact=artifact,
+                          allow_unverified=allow_unverified, sign_key=sign, license=license_id)
     emit(result, json_out)
 
 

@@ -56,11 +56,12 @@ def data_cmd(
     from edgepack.distill.correct import CorrectionConfig
     from edgepack.distill.data import build_dataset
     from edgepack.distill.endpoint import EndpointConfig
+    from edgepack.logs import stage_log
     from edgepack.task import answer_from_options, read_system_prompt
 
     answer_format = answer_from_options(format_regex, format_schema)
     system = read_system_prompt(system_prompt) if system_prompt is not None else None
-    with progress_bars(not json_out) as progress:
+    with stage_log("data", out), progress_bars(not json_out) as progress:
         report = build_dataset(teacher=teacher, data=data, run_dir=out, limit=limit, strict=strict,
                                seed=seed, progress=progress, allow_pickle=allow_pickle,
                                trust_remote_code=trust_remote_code, correct=correct_teacher,
@@ -110,6 +111,7 @@ def train_cmd(
     from edgepack.console import emit, progress_bars, warn
     from edgepack.distill.train import LOSS_NAMES, TrainConfig, train_student
     from edgepack.errors import UsageError
+    from edgepack.logs import stage_log
     from edgepack.profiles import load_profile
 
     if loss not in LOSS_NAMES:
@@ -119,7 +121,7 @@ def train_cmd(
     prof = load_profile(profile)
     config = TrainConfig(divergence=LOSS_NAMES[loss], soft_labels=soft_labels, soft_k=soft_k,
                          soft_samples=soft_samples)
-    with progress_bars(not json_out) as progress:
+    with stage_log("train", run), progress_bars(not json_out) as progress:
         report = train_student(run_dir=run, profile=prof, student=student, steps=steps, seed=seed,
                                resume=resume, progress=progress, config=config, variant=variant,
                                method="lora" if lora else "full" if full else "auto", mlp_keep=mlp_keep,
@@ -147,9 +149,10 @@ def eval_cmd(
     """Compare teacher, undistilled student and distilled student on the holdout."""
     from edgepack.console import emit, progress_bars
     from edgepack.distill.evaluate import evaluate_run
+    from edgepack.logs import stage_log
 
     names = tuple(v.strip() for v in variants.split(",") if v.strip())
-    with progress_bars(not json_out) as progress:
+    with stage_log("eval", run), progress_bars(not json_out) as progress:
         report = evaluate_run(run_dir=run, variants=names, progress=progress)
     emit(report, json_out, _eval_table)
 

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
+
+from edgepack.constants import ARTIFACTS_DIR, EXPORT_REPORT, FIDELITY_MARKDOWN, RUN_TOML
 
 
 def export_cmd(
@@ -25,14 +27,31 @@ def export_cmd(
     """Convert a model to GGUF, ONNX or a registered artifact format and quantize it."""
     from edgepack.console import emit, progress_bars
     from edgepack.export.api import export_model
+    from edgepack.logs import stage_log
 
     from edgepack.export.onnx.quantize import OnnxQuantOptions
 
     given = {"block_size": onnx_block_size, "symmetric": onnx_symmetric, "accuracy_level": onnx_accuracy_level,
              "head_bits": onnx_head_bits}
     given = {k: v for k, v in given.items() if v is not None}
-    with progress_bars(not json_out) as progress:
+    run_dir = source if (source / RUN_TOML).is_file() else None
+    with stage_log("export", run_dir), progress_bars(not json_out) as progress:
         report = export_model(source=source, fmt=fmt, quants=quant or [], out_dir=out, progress=progress,
                               imatrix=imatrix or calibration is not None, calibration=calibration,
                               fidelity=fidelity, onnx_options=OnnxQuantOptions(**given) if given else None)
-    emit(report, json_out)
+    emit(report, json_out, lambda r: _summary(r, out or source / ARTIFACTS_DIR))
+
+
+def _summary(report: dict[str, Any], out: Path) -> None:
+    """One line per artifact (size, quant), the notes, and where export.json is."""
+    from edgepack.console import out as stdout
+
+    for art in report.get("artifacts") or []:
+        stdout.print(f"{art['format']} {art['quant']}: {out / art['path']} ({art['bytes'] / 1e6:.1f} MB)",
+                     highlight=False, soft_wrap=True)
+    for note in report.get("notes") or []:
+        stdout.print(f"note: {note}", highlight=False, soft_wrap=True)
+    fidelity = report.get("fidelity")
+    if fidelity:
+        stdout.print(f"fidelity: {out / FIDELITY_MARKDOWN}", highlight=False, soft_wrap=True)
+    stdout.print(f"report: {out / EXPORT_REPORT} (--json prints it)", highlight=False, soft_wrap=True)

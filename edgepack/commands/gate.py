@@ -42,7 +42,9 @@ def gate_cmd(
     from edgepack.export.gate.gate import run_gate
     from edgepack.export.gate.report import write_gate_reports
 
-    with progress_bars(not json_out) as progress:
+    from edgepack.logs import run_dir_of, stage_log
+
+    with stage_log("gate", run_dir_of(artifact)), progress_bars(not json_out) as progress:
         result = run_gate(artifact=artifact, profile=prof, holdout=holdout, progress=progress, key=key,
                           reference=reference, warn=warn)
     written = write_gate_reports(result, report.parent, stem=report.stem) if report is not None else {}
@@ -116,7 +118,9 @@ def _search(target: Path, prof: Any, holdout: Path | None, report: Path | None, 
     from edgepack.export.gate.search import search
 
     is_run = target.is_dir() and ((target / RUN_TOML).is_file() or (target / ARTIFACTS_DIR).is_dir())
-    with progress_bars(not json_out) as progress:
+    from edgepack.logs import run_dir_of, stage_log
+
+    with stage_log("gate", run_dir_of(target)), progress_bars(not json_out) as progress:
         result = search(profile=prof, run_dir=target if is_run else None, artifacts=None if is_run else [target],
                         holdout=holdout, progress=progress, stop_at_first=stop_at_first)
     # Never into RUN/gate/: `edgepack pack` reads every JSON there as a gate report.

@@ -58,7 +58,9 @@ def pipeline_cmd(
                  "system_prompt": path(system_prompt), "holdout": path(holdout), "strict": strict,
                  "license": license_id}
     cfg = resolve_config(config=config, run_dir=out, overrides=overrides)
-    with progress_bars(not json_out) as progress:
+    from edgepack.logs import stage_log
+
+    with stage_log("pipeline", cfg.run_dir), progress_bars(not json_out) as progress:
         result = run_pipeline(cfg, progress=progress)
     for line in result.get("warnings") or []:  # skipped bad data lines, merged label spellings...
         warn(line)
