@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from edgepack.progress import LineProgress, format_seconds, progress_line
 
 
@@ -64,7 +66,7 @@ def test_formatting() -> None:
     assert progress_line("x", 1, 100, 0.01, None) == "x: 1/100 (1%) 100s each, ETA 2h45m"
 
 
-def test_cli_progress_goes_to_stderr_and_the_stage_log(tmp_path: Path) -> None:
+def test_cli_progress_goes_to_stderr_and_the_stage_log(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     from edgepack.console import progress_bars
     from edgepack.logs import stage_log
 
@@ -73,6 +75,9 @@ def test_cli_progress_goes_to_stderr_and_the_stage_log(tmp_path: Path) -> None:
             progress("train", done, 10)
     log = (tmp_path / "logs" / "train.log").read_text()
     assert "train: 0/10 (0%)" in log and "train: 10/10 (100%)" in log
+    err = capsys.readouterr().err
+    assert err.startswith("train: 0/10 (0%)\n") and "train: 10/10 (100%)" in err and "\r" not in err
+    assert len(err.splitlines()) == 11  # 10 steps of 10%: every one is a line, each printed once
 
 
 def test_distill_train_through_a_pipe_prints_progress_lines_with_eta(tmp_path: Path) -> None:
