@@ -30,6 +30,11 @@ def check_onnx_architecture(config: dict[str, Any]) -> str:
     model_type = config.get("model_type")
     if not isinstance(model_type, str) or not model_type:
         raise InvalidModelFile("config.json has no model_type; not an HF transformers model")
+    supported = onnx_model_types()
+    if model_type not in supported:
+        raise UnsupportedArchitecture(
+            f"model_type {model_type!r} cannot be exported to ONNX as a text-generation model by optimum",
+            hint=f"supported model types: {', '.join(supported)}")
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
     archs = config.get("architectures") or []
@@ -39,10 +44,5 @@ def check_onnx_architecture(config: dict[str, Any]) -> str:
         # the gate drive a text-only decoder, transformers' causal-LM class for the model_type.
         raise UnsupportedArchitecture(
             f"architecture {archs[0] if archs else None!r} is not the causal LM of model_type {model_type!r}",
-            hint=f"the ONNX exporter takes {causal or 'a *ForCausalLM model'}")
-    supported = onnx_model_types()
-    if model_type not in supported:
-        raise UnsupportedArchitecture(
-            f"model_type {model_type!r} cannot be exported to ONNX as a text-generation model by optimum",
-            hint=f"supported model types: {', '.join(supported)}")
+            hint=f"the ONNX exporter takes {causal or 'a text-only *ForCausalLM model'}")
     return model_type
