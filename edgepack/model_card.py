@@ -85,8 +85,8 @@ def eval_results(task: Task, scores: dict[str, Any] | None) -> list[Any]:
     rows = (scores or {}).get("rows")
     return [EvalResult(task_type="text-generation", task_name=f"{task.kind} task ({task.primary_metric})",
                        dataset_type="edgepack-holdout", dataset_name=f"edgepack holdout ({rows} rows)",
-                       dataset_split="holdout", metric_type=m, metric_name=m + (" (primary)" if m == task.primary_metric else ""),
-                       metric_value=measured[m])
+                       dataset_split="holdout", metric_type=m, metric_value=measured[m],
+                       metric_name=m + (" (primary)" if m == task.primary_metric else ""))
             for m in metrics if isinstance(measured.get(m), (int, float))]
 
 
@@ -100,7 +100,8 @@ def intended_use_section(task: Task, where: str) -> list[str]:
 def limitations_section(teacher: str, extra: list[str]) -> list[str]:
     """``## Limitations``: what a small distilled model cannot be trusted with."""
     return ["## Limitations", "",
-            f"- It learned from `{teacher}`'s answers: it repeats the teacher's mistakes and biases, usually more often.",
+            f"- It learned from `{teacher}`'s answers: it repeats the teacher's mistakes and biases, usually more "
+            "often.",
             "- Its scores come from a holdout drawn from the same prompts as its training data; other inputs, "
             "languages or phrasings can score much lower.",
             "- A few-million to few-hundred-million parameter model: no world knowledge to rely on, and "

@@ -5,8 +5,8 @@ the gate report and the pipeline report (``machine_info``, ``load_average``), th
 (``machine_key``), the fidelity report (``host_info``, ``package_versions``) and the bundle's
 lineage (``tool_versions``). A teacher's license and languages, as its GGUF header or HF model
 card states them, are read here too (``gguf_model_facts``, ``hf_folder_facts``) and recorded in
-its ``source.json`` for the model cards (:mod:`edgepack.model_card`). Versions come from package metadata, so nothing heavy is
-imported; a package that is not installed is recorded as ``None``, never guessed.
+its ``source.json`` for the model cards (:mod:`edgepack.model_card`). Versions come from package
+metadata, so nothing heavy is imported; a package that is not installed is recorded as ``None``, never guessed.
 """
 
 from __future__ import annotations

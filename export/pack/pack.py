@@ -18,8 +18,9 @@ What goes in, besides the model file: ``manifest.json`` with every file's sha256
 report, the run's task (``RUN/task.json``, or the demo contract for a run without one, said so
 in the bundle's notes) and the scores the gate measured under it (:func:`gated_task_scores`,
 ``task_scores``), the run's lineage (run.toml, teacher source, student shape, data and train
-reports, export entry, tool versions), the chat template, the tokenizer files when the run has
-them, a model card ``README.md`` with HF-style YAML front matter and the task
+reports, export entry, tool versions), the chat template, ``tokenizer/`` (the student's tokenizer
+files and the gated chat template, for ``AutoTokenizer``) when the run has them, a Hugging Face
+model card ``README.md`` with the license, the task and the gated scores
 (:mod:`edgepack.export.pack.card`), and for GGUF an Ollama ``Modelfile`` whose SYSTEM and
 PARAMETERs are the task's (:mod:`edgepack.export.pack.modelfile`). An ONNX folder goes in whole under its own name (model.onnx, external data,
 config and tokenizer files). Per-format contents come from the format's ``payload`` part

@@ -21,7 +21,7 @@ from huggingface_hub import ModelCard
 
 from edgepack.constants import M_CHAT_TEMPLATE, M_RUNTIME, M_TASK, M_TASK_SCORES
 from edgepack.export.pack.pack import pack_run
-from edgepack.model_card import LICENSE_UNKNOWN, card_license
+from edgepack.model_card import LICENSE_UNKNOWN, CardLicense, card_license
 from edgepack.profiles import Profile, load_profile
 from edgepack.runtime.bundle.archive import extract_bundle, verify_bundle
 from edgepack.task import task_from_json
@@ -118,7 +118,7 @@ def test_bundle_tokenizer_folder_renders_the_gated_template(run: Path, profile: 
 
 def test_card_license_precedence() -> None:
     assert card_license(" Apache-2.0 ", [("a", "mit")]).id == "apache-2.0"
-    assert card_license(None, [("a", None), ("b", "MIT")]) == card_license("", [("b", "mit")]).__class__("mit", "b")
+    assert card_license(None, [("a", None), ("b", "MIT")]) == card_license("", [("b", "mit")]) == CardLicense("mit", "b")
     unknown = card_license(None, [("a", None), ("b", "")])
     assert unknown.id == LICENSE_UNKNOWN and not unknown.known
 
