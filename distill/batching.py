@@ -162,7 +162,11 @@ def answer_hidden(decoder: Any, seqs: list[list[int]], prompt_lens: list[int], p
         hidden = decoder(input_ids=batch.ids, attention_mask=batch.attention, use_cache=False).last_hidden_state
         return hidden[batch.predicts], batch
     if prefix_cache is None:
-        cache = decoder(input_ids=torch.tensor([seqs[0][:prefix_len]]), use_cache=True).past_key_values
+        from transformers import DynamicCache
+
+        # An explicit cache: Gemma 3 makes none by itself in training mode.
+        cache = decoder(input_ids=torch.tensor([seqs[0][:prefix_len]]), use_cache=True,
+                        past_key_values=DynamicCache(config=decoder.config)).past_key_values
     else:
         cache = copy.deepcopy(prefix_cache)  # extended in place by the forward below
     cache.batch_repeat_interleave(len(seqs))

@@ -42,7 +42,10 @@ from edgepack.errors import DataError, RunDirError
 from edgepack.progress import ProgressFn, null_progress
 
 CORRECTION_REPORT = "correction.json"
-LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+# Every attention and MLP Linear of the supported families; PEFT skips names a model lacks.
+# Phi-3 fuses q|k|v into qkv_proj and gate|up into gate_up_proj.
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
+                "qkv_proj", "gate_up_proj")
 
 
 @dataclass(frozen=True)

@@ -154,6 +154,27 @@ def select_layers(importance: Sequence[float], num_layers: int) -> list[int]:
     return sorted({0, n - 1, *middle})
 
 
+def _student_config(config: Any, keep: list[int], n_teacher: int) -> Any:
+    """The teacher's config for the blocks in ``keep``: per-layer entries sliced like the blocks.
+
+    A config with a fixed sliding-window pattern (Gemma 3: five sliding layers, then one
+    global) gets the pattern again for its new depth rather than the kept layers' types:
+    llama.cpp's gemma3 graph computes the pattern from the layer index alone, so a sliced
+    pattern could not be exported to GGUF.
+    """
+    cfg = copy.deepcopy(config)
+    cfg.num_hidden_layers = len(keep)
+    for key in PER_LAYER_CONFIG_KEYS:
+        value = getattr(cfg, key, None)
+        if isinstance(value, list) and len(value) == n_teacher:
+            setattr(cfg, key, [value[i] for i in keep])
+    pattern = getattr(cfg, "_sliding_window_pattern", None)
+    if isinstance(pattern, int) and pattern > 0 and isinstance(getattr(cfg, "layer_types", None), list):
+        cfg.layer_types = ["full_attention" if (i + 1) % pattern == 0 else "sliding_attention"
+                           for i in range(len(keep))]
+    return cfg
+
+
 def build_student(teacher: Any, keep: Sequence[int]) -> Any:
     """A new model of the teacher's class holding copies of the blocks in ``keep``."""
     import torch
@@ -163,12 +184,7 @@ def build_student(teacher: Any, keep: Sequence[int]) -> Any:
     keep = list(keep)
     if not keep or sorted(set(keep)) != keep or keep[-1] >= len(layers) or keep[0] < 0:
         raise UsageError(f"invalid block selection {keep} for a {len(layers)}-block teacher")
-    cfg = copy.deepcopy(teacher.config)
-    cfg.num_hidden_layers = len(keep)
-    for key in PER_LAYER_CONFIG_KEYS:
-        value = getattr(cfg, key, None)
-        if isinstance(value, list) and len(value) == len(layers):
-            setattr(cfg, key, [value[i] for i in keep])
+    cfg = _student_config(teacher.config, keep, len(layers))
     dtype = next(teacher.parameters()).dtype
     student = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
     src = teacher.state_dict()

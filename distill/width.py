@@ -20,12 +20,15 @@ from typing import Any
 from edgepack.errors import UsageError
 
 CHANNEL_MULTIPLE = 32
-# HF architectures[0] → (gate, up, down) projection attribute names of ``layer.mlp``.
+# HF architectures[0] → (gate, up, down) projection attribute names of ``layer.mlp``; gate ==
+# up names a fused projection whose output rows are [gate; up] (each intermediate_size long).
 GATED_MLPS: dict[str, tuple[str, str, str]] = {
     "LlamaForCausalLM": ("gate_proj", "up_proj", "down_proj"),    # Llama family, SmolLM2
     "MistralForCausalLM": ("gate_proj", "up_proj", "down_proj"),
     "Qwen2ForCausalLM": ("gate_proj", "up_proj", "down_proj"),    # Qwen2 / Qwen2.5
     "Qwen3ForCausalLM": ("gate_proj", "up_proj", "down_proj"),
+    "Gemma3ForCausalLM": ("gate_proj", "up_proj", "down_proj"),   # Gemma 3 text (GELU-tanh gate)
+    "Phi3ForCausalLM": ("gate_up_proj", "gate_up_proj", "down_proj"),  # Phi-3: one fused [gate; up] Linear
 }
 
 
@@ -100,13 +103,16 @@ def prune_mlp(model: Any, keep: Sequence[Sequence[int]]) -> Any:
     pruned = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
     state = model.state_dict()
     index = [torch.tensor(list(k), dtype=torch.long) for k in keep]
+    if gate_name == up_name:  # fused: keep channel c's gate row c and its up row c + intermediate
+        width = model.config.intermediate_size
+        index = [torch.cat([ix, ix + width]) for ix in index]
     for i in range(len(layers)):
         base = f"{prefix}.{i}.mlp."
-        for name in (gate_name, up_name):
+        for name in dict.fromkeys((gate_name, up_name)):
             state[f"{base}{name}.weight"] = state[f"{base}{name}.weight"][index[i]]
             if f"{base}{name}.bias" in state:
                 state[f"{base}{name}.bias"] = state[f"{base}{name}.bias"][index[i]]
-        state[f"{base}{down_name}.weight"] = state[f"{base}{down_name}.weight"][:, index[i]]
+        state[f"{base}{down_name}.weight"] = state[f"{base}{down_name}.weight"][:, index[i][:len(keep[i])]]
     with torch.no_grad():
         pruned.load_state_dict({k: v.contiguous() for k, v in state.items()}, strict=True)
     pruned.generation_config = copy.deepcopy(model.generation_config)
