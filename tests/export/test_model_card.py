@@ -100,6 +100,20 @@ def test_license_option_overrides_and_an_unknown_license_says_how_to_set_it(run:
     assert "No license was recorded" not in card.text and "pass --license ID" in card.text
 
 
+def test_pack_cli_license_option_reaches_the_card(run: Path, profile: Profile, tmp_path: Path) -> None:
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "EDGEPACK_CACHE": str(tmp_path / "cache")}
+    packed = subprocess.run([sys.executable, "-m", "edgepack", "pack", str(run), "--profile", str(profile.source),
+                             "--license", "mit", "--json"], capture_output=True, text=True, env=env, timeout=300)
+    assert packed.returncode == 0, packed.stderr
+    out = tmp_path / "x"
+    extract_bundle(Path(json.loads(packed.stdout)["bundle"]), out)
+    assert ModelCard.load(out / "README.md").data.license == "mit"
+
+
 def test_bundle_tokenizer_folder_renders_the_gated_template(run: Path, profile: Profile) -> None:
     from transformers import AutoTokenizer
 
