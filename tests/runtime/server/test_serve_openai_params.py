@@ -146,3 +146,15 @@ def test_onnx_backend_refuses_what_it_cannot_honour(local: Any, tiny_onnx_fp32: 
         assert reply.status == 400 and error["param"] == param and "onnx backend" in error["message"], reply.body
     plain = call(server.port, "POST", "/v1/completions", {"prompt": [PROMPT, PROMPT], "max_tokens": 2, "n": 2})
     assert plain.status == 200 and [c["index"] for c in plain.json()["choices"]] == [0, 1, 2, 3]
+
+
+def test_prompt_logprobs_across_decode_batches(reference: Any) -> None:
+    """A prompt longer than llama.cpp's batch (512) is scored in chunks; positions on both sides
+    of a chunk edge equal generation's own logprob."""
+    backend = reference.backend
+    ids = backend.tokenize(" ".join(f"pump {i} bearing hot" for i in range(200)), add_special=True)[:1100]
+    scored = backend.prompt_logprobs(ids, 2)
+    assert len(scored) == len(ids) and scored[0].logprob is None
+    for i in (1, 511, 512, 513, 1024, 1099):
+        assert scored[i].logprob == pytest.approx(_own_logprob(backend, ids[:i], ids[i]), abs=1e-4)
+        assert scored[i].top[0][1] >= scored[i].top[1][1] and scored[i].logprob <= scored[i].top[0][1] + 1e-9
