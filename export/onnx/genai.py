@@ -102,8 +102,10 @@ def genai_config(folder: Path, hf_config: dict[str, Any],
             "num_key_value_heads": hf_config.get("num_key_value_heads") or n_head,
             "head_dim": hf_config.get("head_dim") or int(hf_config["hidden_size"]) // n_head}
     wrong = [f"{k}: graph {expect[k]}, config.json {have[k]}" for k in expect if expect[k] != have[k]]
-    if wrong or "logits" not in outputs or "input_ids" not in inputs:
-        raise InvalidModelFile("the ONNX graph does not match config.json: " + "; ".join(wrong or ["no logits"]))
+    wrong += [f"no {name} {kind} in the graph" for name, kind, names in
+              (("input_ids", "input", inputs), ("logits", "output", outputs)) if name not in names]
+    if wrong:
+        raise InvalidModelFile("the ONNX graph does not match config.json: " + "; ".join(wrong))
     generation = _read(folder / "generation_config.json")
     eos = sorted(stop_token_ids(folder))
     pad = _ids(generation.get("pad_token_id", hf_config.get("pad_token_id"))) or eos[:1]
