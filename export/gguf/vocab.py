@@ -14,9 +14,11 @@ llama.cpp does not run the HF pre-tokenizer; it picks a hard-coded regex list fr
 :data:`PRE_TOKENIZERS` pairs each name we support with the HF ``pre_tokenizer`` JSON that
 splits text the same way; tests check the pairing on real llama.cpp for every row.
 
-Only byte-level BPE (``tokenizer.ggml.model = "gpt2"``) is supported. SentencePiece
-vocabularies (``tokenizer.model``, or a ``tokenizer.json`` BPE with ``byte_fallback``) and
-Unigram/WordPiece raise :class:`~edgepack.errors.UnsupportedArchitecture`.
+Byte-level BPE (``tokenizer.ggml.model = "gpt2"``) goes both ways. A SentencePiece-style
+``tokenizer.json`` (BPE with ``byte_fallback``: Gemma, Llama 2, Phi-3) is exported as
+llama.cpp's ``llama`` vocab with scores (:mod:`edgepack.export.gguf.vocab_spm`), not yet
+read back. A bare ``tokenizer.model`` and Unigram/WordPiece raise
+:class:`~edgepack.errors.UnsupportedArchitecture`.
 """
 
 from __future__ import annotations
@@ -27,6 +29,12 @@ from pathlib import Path
 from typing import Any
 
 from edgepack.errors import InvalidModelFile, ModelSourceError, UnsupportedArchitecture
+from edgepack.export.gguf.vocab_spm import (
+    is_sentencepiece_bpe,
+    spm_add_space_prefix,
+    spm_byte_types,
+    spm_scores,
+)
 from edgepack.gguf_header import read_gguf
 
 # llama.cpp token types (gguf.TokenType / LLAMA_TOKEN_TYPE_*).
@@ -150,6 +158,10 @@ class GGUFVocab:
     chat_template: str | None = None
     model: str = "gpt2"
     notes: list[str] = field(default_factory=list)
+    scores: list[float] | None = None
+    """Per-token scores (SentencePiece ``llama`` vocabularies only)."""
+    add_space_prefix: bool | None = None
+    """SentencePiece: prepend ``▁`` to the text before tokenizing (None: not written)."""
 
     def special_text(self, token_id: int | None) -> str | None:
         return None if token_id is None else self.tokens[token_id]
@@ -232,11 +244,16 @@ def gguf_vocab_from_hf(hf_dir: Path, vocab_size: int | None = None) -> GGUFVocab
         raise ModelSourceError(f"{hf_dir} has no tokenizer.json",
                                hint="save the tokenizer with a fast tokenizer (tokenizer.save_pretrained)")
     tj = _read_json(tj_path)
-    row = _check_byte_level_bpe(tj, tj_path)
+    spm = is_sentencepiece_bpe(tj)
+    space_prefix = spm_add_space_prefix(tj, tj_path) if spm else None
+    pre = "default" if spm else _check_byte_level_bpe(tj, tj_path).name
     model = tj.get("model") or {}
     tokens, types = _token_table(model.get("vocab") or {}, tj.get("added_tokens", []), vocab_size, tj_path)
     seen = {text: i for i, text in enumerate(tokens)}
     merges = _merges(model.get("merges") or [], tj_path)
+    scores = spm_scores(tokens, merges) if spm else None
+    if spm:
+        types = spm_byte_types(tokens, types, TOKEN_BYTE, TOKEN_NORMAL)
     config = _read_json(hf_dir / "tokenizer_config.json") if (hf_dir / "tokenizer_config.json").is_file() else {}
     model_cfg = _read_json(hf_dir / "config.json") if (hf_dir / "config.json").is_file() else {}
 
@@ -257,9 +274,10 @@ def gguf_vocab_from_hf(hf_dir: Path, vocab_size: int | None = None) -> GGUFVocab
         add_bos = _add_bos_from_post_processor(tj.get("post_processor"), tokens[bos] if bos is not None else None)
     add_eos = config.get("add_eos_token") if isinstance(config.get("add_eos_token"), bool) else False
     return GGUFVocab(
-        pre=row.name, tokens=tokens, token_types=types, merges=merges,
+        pre=pre, tokens=tokens, token_types=types, merges=[] if spm else merges,
         bos_id=bos, eos_id=eos, pad_id=special("pad"), unk_id=special("unk"),
         add_bos=add_bos, add_eos=add_eos, chat_template=read_chat_template(hf_dir),
+        model="llama" if spm else "gpt2", scores=scores, add_space_prefix=space_prefix,
     )
 
 
@@ -336,7 +354,12 @@ def write_gguf_vocab(writer: Any, vocab: GGUFVocab) -> None:
     writer.add_tokenizer_pre(vocab.pre)
     writer.add_token_list(vocab.tokens)
     writer.add_token_types(vocab.token_types)
-    writer.add_token_merges(vocab.merges)
+    if vocab.scores is not None:
+        writer.add_token_scores(vocab.scores)
+    if vocab.model == "gpt2":
+        writer.add_token_merges(vocab.merges)
+    if vocab.add_space_prefix is not None:
+        writer.add_add_space_prefix(vocab.add_space_prefix)
     for kind, tid in (("bos", vocab.bos_id), ("eos", vocab.eos_id),
                       ("pad", vocab.pad_id), ("unk", vocab.unk_id)):
         if tid is not None:

@@ -59,6 +59,58 @@ def _save_model(model_cls: Any, config: Any, tokenizer_dir: Path, out_dir: Path,
     return out_dir
 
 
+# TOKENIZER_STRINGS with Gemma's turn markers for ChatML's (llama.cpp makes any token spelt
+# <|im_end|> a control token, so a SentencePiece vocab must not learn it as text).
+SPM_STRINGS = [s for s in TOKENIZER_STRINGS if "<|" not in s] + [
+    "<start_of_turn>user\nHi there<end_of_turn>\n<start_of_turn>model\n",
+    "Straße ø 中文 🚀 bytes the vocabulary never saw", "<bos>x<eos>",
+]
+SPM_SPECIALS = ("<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "<end_of_turn>")
+SPM_TEMPLATE = ("{{ bos_token }}{% for m in messages %}<start_of_turn>{{ m['role'] }}\n{{ m['content'] }}"
+                "<end_of_turn>\n{% endfor %}{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}")
+
+
+def build_spm_tokenizer(out: Path, *, space_prefix: bool) -> Path:
+    """A SentencePiece-style tokenizer.json (BPE + byte fallback, spaces as ▁) trained on the test
+    strings: Gemma's form (``space_prefix=False``) or Llama 2 / Phi-3's (a ``▁`` prepended).
+    Specials first, then the 256 ``<0xXX>`` byte tokens, then the learned pieces (Gemma's order)."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    norm = [normalizers.Replace(" ", "\u2581")]
+    if space_prefix:
+        norm.insert(0, normalizers.Prepend("\u2581"))
+    learner = Tokenizer(models.BPE(byte_fallback=True, unk_token="<unk>", fuse_unk=True))
+    learner.normalizer = normalizers.Sequence(norm) if space_prefix else norm[0]
+    # Pieces are learned within words (as SentencePiece does), the tokenizer then has no pre-tokenizer.
+    learner.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="never", split=True)
+    corpus = [*SPM_STRINGS, *PROMPTS[::2]] * 3 + ["the pump the motor the valve alarm alarm pressure"] * 5
+    learner.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=400, special_tokens=[], show_progress=False))
+    tj = json.loads(learner.to_str())
+    pieces = [t for t, _ in sorted(tj["model"]["vocab"].items(), key=lambda kv: kv[1])]
+    order = [*SPM_SPECIALS, *(f"<0x{b:02X}>" for b in range(256)), *(p for p in pieces if p not in SPM_SPECIALS)]
+    vocab = {t: i for i, t in enumerate(dict.fromkeys(order))}
+    # Merges as transformers' SentencePiece converter writes them: every split of every piece
+    # into two pieces, pieces in score order (here: learned order), splits by (left id, right id).
+    merges = [[a, b] for piece in pieces
+              for a, b in sorted(((piece[:i], piece[i:]) for i in range(1, len(piece))
+                                  if piece[:i] in vocab and piece[i:] in vocab),
+                                 key=lambda ab: (vocab[ab[0]], vocab[ab[1]]))]
+    tj["model"]["vocab"], tj["model"]["merges"] = vocab, merges
+    tj["added_tokens"] = [{"id": i, "content": t, "single_word": False, "lstrip": False, "rstrip": False,
+                           "normalized": False, "special": True} for i, t in enumerate(SPM_SPECIALS)]
+    tj["pre_tokenizer"] = None
+    tok = Tokenizer.from_str(json.dumps(tj))
+    tok.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>",
+                                   unk_token="<unk>", additional_special_tokens=list(SPM_SPECIALS[4:]),
+                                   clean_up_tokenization_spaces=False)
+    fast.chat_template = SPM_TEMPLATE
+    out.mkdir(parents=True, exist_ok=True)
+    fast.save_pretrained(out)
+    return out
+
+
 def _common(tok_dir: Path) -> dict[str, Any]:
     from transformers import AutoTokenizer
 

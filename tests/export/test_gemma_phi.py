@@ -153,3 +153,64 @@ def test_onnx_refusal_names_optimum_types_not_the_gguf_list(arch_model_dirs: dic
     assert check_onnx_architecture({"model_type": "phi3", "architectures": ["Phi3ForCausalLM"]}) == "phi3"
     assert check_onnx_architecture({"model_type": "gemma3_text", "architectures": ["Gemma3ForCausalLM"]}) \
         == "gemma3_text"
+
+
+@pytest.fixture(scope="module", params=[False, True], ids=["gemma-spm", "llama2-spm"])
+def spm_model(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> tuple[bool, Path, Path]:
+    """(space_prefix, HF dir, F32 GGUF): Gemma 3 with Gemma's tokenizer form, Phi-3 with Llama 2's."""
+    from tests.export.helpers import build_gemma3, build_phi3, build_spm_tokenizer
+
+    prefix = request.param
+    root = tmp_path_factory.mktemp("spm")
+    tok_dir = build_spm_tokenizer(root / "tok", space_prefix=prefix)
+    hf_dir = (build_phi3 if prefix else build_gemma3)(tok_dir, root / "model")
+    return prefix, hf_dir, convert_hf_to_gguf(hf_dir, root / "m-F32.gguf", outtype="F32")
+
+
+def test_sentencepiece_vocab_tokenizes_like_transformers(spm_model: tuple[bool, Path, Path]) -> None:
+    import gguf
+    from llama_cpp import Llama
+    from transformers import AutoTokenizer
+
+    from tests.export.helpers import SPM_STRINGS
+
+    prefix, hf_dir, path = spm_model
+    reader = gguf.GGUFReader(path)
+    field = {k: f.contents() for k, f in reader.fields.items() if k in (
+        "tokenizer.ggml.model", "tokenizer.ggml.add_space_prefix", "tokenizer.ggml.pre")}
+    assert field == {"tokenizer.ggml.model": "llama", "tokenizer.ggml.add_space_prefix": prefix,
+                     "tokenizer.ggml.pre": "default"}
+    tokens = reader.fields["tokenizer.ggml.tokens"].contents()
+    types = reader.fields["tokenizer.ggml.token_type"].contents()
+    assert types[tokens.index("<0x0A>")] == 6 and types[tokens.index("<start_of_turn>")] == 3
+    tok = AutoTokenizer.from_pretrained(hf_dir)
+    llm = Llama(str(path), vocab_only=True, verbose=False)
+    try:
+        unseen = "ŵ∮ ẞ ⛽ the tokenizer never saw these"  # spelt with <0xXX> byte tokens
+        for text in [*SPM_STRINGS, PROMPTS[0], PROMPTS[2], unseen]:
+            ids = tok.encode(text, add_special_tokens=False)
+            assert llm.tokenize(text.encode(), add_bos=False, special=True) == ids, text
+            assert llm.detokenize(ids, special=True).decode() == tok.decode(ids), text
+        assert any(t.startswith("<0x") for t in tok.convert_ids_to_tokens(tok.encode(unseen)))
+    finally:
+        llm.close()
+    ids = tok.encode(PROMPTS[0], add_special_tokens=False)
+    ref, got = hf_logits(hf_dir, ids), llama_logits(path, ids)
+    assert np.array_equal(ref.argmax(-1), got.argmax(-1)) and float(np.abs(ref - got).max()) < 1e-2
+
+
+@pytest.mark.parametrize("edit,match", [
+    (lambda tj: tj["model"]["vocab"].pop("<0x41>"), "<0x41>"),
+    (lambda tj: tj.__setitem__("pre_tokenizer", {"type": "Whitespace"}), "pre_tokenizer"),
+    (lambda tj: tj.__setitem__("normalizer", {"type": "NFKC"}), "byte_fallback"),
+])
+def test_sentencepiece_forms_llama_cpp_cannot_reproduce_are_refused(edit, match: str, spm_model, tmp_path: Path) -> None:
+    from edgepack.export.gguf.vocab import gguf_vocab_from_hf
+
+    hf_dir = tmp_path / "m"
+    shutil.copytree(spm_model[1], hf_dir)
+    tj = json.loads((hf_dir / "tokenizer.json").read_text())
+    edit(tj)
+    (hf_dir / "tokenizer.json").write_text(json.dumps(tj))
+    with pytest.raises(UnsupportedArchitecture, match=match):
+        gguf_vocab_from_hf(hf_dir)
