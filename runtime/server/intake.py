@@ -379,7 +379,7 @@ class Intake:
             return
         if pending.idle:  # the next request on a kept-alive connection: a new connection's deadline
             pending.idle = False
-            pending.deadline = time.monotonic() + self.limits.header_timeout_s
+            self._set_deadline(pending, time.monotonic() + self.limits.header_timeout_s)
         scanned = max(0, len(pending.data) - 3)
         pending.data += chunk
         self._buffered += len(chunk)
