@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote, urlsplit
 
 from edgepack.errors import UsageError
-from edgepack.runtime.server.api import HttpReject, error_body
+from edgepack.runtime.server.api import MAX_N, HttpReject, error_body
 from edgepack.runtime.server.intake import (DRAIN_LIMIT_BYTES, Arrival, Intake, IntakeLimits, PrefixedReader,
                                             SocketWriter, canned_reply, send_and_close)
 from edgepack.runtime.server.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
@@ -384,7 +384,9 @@ class Handler(BaseHTTPRequestHandler):
         meta = dict(app.identity, n_ctx=app.n_ctx, max_queue=app.config.max_queue,
                     timeout_s=app.config.timeout_s, default_max_tokens=app.config.default_max_tokens,
                     sampling=SAMPLING, logprob_basis=LOGPROB_BASIS, chat_available=app.chat_problem is None,
-                    constrains_json=bool(app.backend.constrains_json),
+                    constrains_json=bool(app.backend.constrains_json), max_n=MAX_N,
+                    logprobs=bool(app.backend.serves_logprobs),
+                    sampling_options=sorted(app.backend.sampling_options),
                     fallback=app.config.fallback.describe() if app.config.fallback else None,
                     fallback_min_logprob=app.config.fallback_min_logprob)
         return {"id": app.model_id, "object": "model", "created": app.created, "owned_by": "edgepack",

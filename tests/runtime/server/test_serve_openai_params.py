@@ -33,6 +33,12 @@ def _own_logprob(backend: Any, prefix: list[int], token: int) -> float:
     return value
 
 
+def test_model_card_names_what_is_served(port: int) -> None:
+    meta = call(port, "GET", "/v1/models").json()["data"][0]["edgepack"]
+    assert meta["max_n"] == MAX_N and meta["logprobs"] is True
+    assert meta["sampling_options"] == ["frequency_penalty", "min_p", "presence_penalty", "top_k", "top_p"]
+
+
 def test_unknown_fields_are_ignored_and_named(port: int) -> None:
     reply = chat(port, max_tokens=2, frobnicate=1, add_generation_prompt=True)
     assert reply.status == 200, reply.body
