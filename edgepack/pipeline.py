@@ -28,7 +28,7 @@ from typing import Any, Protocol, TypeVar
 
 from edgepack.atomic import write_json
 from edgepack.constants import (ARTIFACTS_DIR, BUNDLE_SUFFIX, BUNDLES_DIR, DATA_DIR, EXPORT_REPORT, FAIL,
-                                HOLDOUT_FILE, M_GATE, PASS, RUN_DATA, RUN_PROFILE, RUN_SEED, RUN_TEACHER, UNVERIFIED)
+                                HOLDOUT_FILE, M_GATE, M_TASK, PASS, RUN_DATA, RUN_PROFILE, RUN_SEED, RUN_TEACHER, UNVERIFIED)
 from edgepack.errors import UsageError
 from edgepack.profiles import Profile
 from edgepack.progress import ProgressFn, null_progress
@@ -434,27 +434,33 @@ def pack_bundle(cfg: PipelineConfig, gate: GateResult) -> PackResult:
         return PackResult("nothing packaged: no artifact passed the gate")
     fmt, quant = chosen["choice"].split(":", 1)
     existing = sorted((Path(cfg.run_dir) / BUNDLES_DIR).glob(f"*-{cfg.profile.name}-{fmt}-{quant}{BUNDLE_SUFFIX}"))
-    if existing and _holds(existing[0], Path(chosen["path"]), cfg.profile):
+    if existing and _holds(existing[0], Path(chosen["path"]), cfg.profile, Path(cfg.run_dir), chosen["report"]):
         return PackResult(f"{existing[0].name} (already packaged)", chosen["choice"], str(existing[0]))
     result = pack_run(run_dir=Path(cfg.run_dir), profile=cfg.profile, artifact=Path(chosen["path"]),
                       allow_unverified=cfg.allow_unverified, license=cfg.license)
     return PackResult(Path(result["bundle"]).name, chosen["choice"], result["bundle"])
 
 
-def _holds(bundle: Path, artifact: Path, profile: Profile) -> bool:
+def _holds(bundle: Path, artifact: Path, profile: Profile, run_dir: Path, report: str | None) -> bool:
     """Whether an earlier ``bundle`` verifies and holds exactly ``artifact``'s bytes, gated for
-    this ``profile``; a stale, damaged or foreign file under the bundle's name is packed again."""
+    this ``profile``, with the gate report the search chose (``report``) and the run's task now;
+    a stale, damaged or foreign file under the bundle's name, or one packed before the task or
+    the report changed, is packed again."""
     from edgepack.errors import BundleError, RunDirError
-    from edgepack.export.pack.trust import check_bundle_binding
-    from edgepack.runtime.bundle.archive import verify_bundle
     from edgepack.export.gate.gate import artifact_digest
+    from edgepack.export.pack.trust import check_bundle_binding, read_run_task
+    from edgepack.runtime.bundle.archive import verify_bundle
 
     try:
         manifest = verify_bundle(bundle)
         check_bundle_binding(manifest, artifact, artifact_digest(artifact))
-    except (BundleError, RunDirError, OSError):
+        gated = json.loads(Path(report).read_text(encoding="utf-8")) if report else {}
+        gated = {k: v for k, v in gated.items() if not k.startswith("_")}  # as pack writes it
+        task = read_run_task(run_dir)[0].to_json()
+    except (BundleError, RunDirError, OSError, ValueError):
         return False
-    return (manifest.get(M_GATE) or {}).get("profile_sha256") == profile.content_hash()
+    return ((manifest.get(M_GATE) or {}).get("profile_sha256") == profile.content_hash()
+            and manifest.get(M_GATE) == gated and manifest.get(M_TASK) == task)
 
 
 def smoke_run(run: Path, bundle: Path) -> SmokeResult:

@@ -77,6 +77,8 @@ POLICY = ("PASS needs a matching host and every measured budget met; a host mism
           "a quality budget that cannot be computed (no teacher responses for a relative budget, no "
           "scorable rows) gives UNVERIFIED.")
 
+NO_HOLDOUT_REASON = "quality not measured (no holdout given); the verdict covers latency and memory only"
+
 
 def canonical_arch(name: str) -> str:
     """``amd64`` → ``x86_64``, ``aarch64`` → ``arm64``; unknown names unchanged."""
@@ -176,7 +178,7 @@ def _judge_quality(quality: dict[str, Any] | None, profile: Profile,
     budgets = _quality_budgets(profile, quality)
     if quality is None:
         return ([_check(name, None, budget, None, unit, target) for name, budget, unit in budgets], [], [],
-                ["quality not measured (no holdout given); the verdict covers latency and memory only"])
+                [NO_HOLDOUT_REASON])
     if quality.get("error"):
         first = budgets[0][0] if budgets else "quality"
         return ([_check(name, None, budget, False, unit, target) for name, budget, unit in budgets],

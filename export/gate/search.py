@@ -229,7 +229,7 @@ def _by_choice(found: list[dict[str, Any]], profile: Profile,
 def _gate_choice(choice: str, art: dict[str, Any], *, gate_dir: Path, profile: Profile, holdout: Path | None,
                  quality: str, passed: bool, reuse: bool, progress: ProgressFn, notes: list[str]) -> dict[str, Any]:
     """Gate one choice's artifact (the holdout where ``quality`` says it can matter); its row."""
-    from edgepack.export.gate.gate import artifact_digest
+    from edgepack.export.gate.gate import NO_HOLDOUT_REASON, artifact_digest
 
     sha = artifact_digest(art["path"])
     if art["recorded_sha256"] and art["recorded_sha256"] != sha:
@@ -255,7 +255,8 @@ def _gate_choice(choice: str, art: dict[str, Any], *, gate_dir: Path, profile: P
     row.update(report=str(report_path), reused=reused,
                quality_measured=isinstance((report.get("measurements") or {}).get("quality"), dict))
     if skipped and not row["quality_measured"]:
-        row["reasons"].append(skipped)
+        # the search gave this gate no holdout on purpose: say why, not "no holdout given"
+        row["reasons"] = [r for r in row["reasons"] if r != NO_HOLDOUT_REASON] + [skipped]
     return row
 
 

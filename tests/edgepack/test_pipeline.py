@@ -68,6 +68,7 @@ def finished_run(tiny_teacher: Path, tmp_path_factory: pytest.TempPathFactory) -
 
 def test_pipeline_end_to_end_on_tiny_model(finished_run: dict[str, Any]) -> None:
     from edgepack.runtime.bundle.archive import verify_bundle
+    from edgepack.export.gate.gate import NO_HOLDOUT_REASON
     from edgepack.export.gate.search import QUALITY_AFTER_PASS
 
     result, run = finished_run["result"], finished_run["cfg"].run_dir
@@ -93,6 +94,7 @@ def test_pipeline_end_to_end_on_tiny_model(finished_run: dict[str, Any]) -> None
     assert result["chosen"] == "gguf:Q8_0" and result["packaged"] == "gguf:Q8_0"
     for row in rows[1:]:
         assert row["relative_quality"] is None and QUALITY_AFTER_PASS in row["reasons"], row
+        assert NO_HOLDOUT_REASON not in row["reasons"], row  # a holdout was given; the search skipped it
     assert result["search"]["search_quality"] == "until-pass"
     bundle = Path(result["bundle"])
     assert bundle.is_file() and bundle.name.endswith("-tiny-cpu-gguf-Q8_0.edgepack")
@@ -224,6 +226,7 @@ def test_search_quality_all_answers_the_holdout_for_every_choice(finished_run: d
 def test_until_pass_skips_the_holdout_where_latency_already_failed(finished_run: dict[str, Any],
                                                                     tmp_path: Path) -> None:
     """A choice that misses a latency budget FAILs whatever its quality: the holdout is not run for it."""
+    from edgepack.export.gate.gate import NO_HOLDOUT_REASON
     from edgepack.export.gate.search import QUALITY_AFTER_MISS, search
 
     original = finished_run["cfg"].run_dir
@@ -235,6 +238,7 @@ def test_until_pass_skips_the_holdout_where_latency_already_failed(finished_run:
     assert [r["verdict"] for r in result["rows"]] == ["FAIL", "FAIL", "FAIL"]
     for row in result["rows"]:
         assert not row["quality_measured"] and QUALITY_AFTER_MISS in row["reasons"], row
+        assert NO_HOLDOUT_REASON not in row["reasons"], row
         assert any(reason.startswith("ttft_p95_ms") for reason in row["reasons"])
 
 
@@ -305,6 +309,29 @@ def test_a_bundle_that_does_not_hold_the_gated_artifact_is_packed_again(finished
     manifest = inspect_bundle(bundle).manifest  # verifies, and holds the gated artifact's bytes
     entry = next(f for f in manifest["files"] if f["path"] == manifest["entrypoint"])
     assert entry["sha256"] == sha256_file(run / "artifacts" / manifest["entrypoint"])
+
+
+def test_a_bundle_packed_under_another_task_is_packed_again(finished_run: dict[str, Any], tmp_path: Path) -> None:
+    """A resumed pipeline reused a bundle that verified and held the artifact even when the run's
+    task.json had changed since (the bundle carried the old task, or none)."""
+    import dataclasses
+    import shutil
+
+    from edgepack.pipeline import gate_search, pack_bundle
+    from edgepack.runtime.bundle.archive import inspect_bundle
+
+    run = tmp_path / "run"
+    shutil.copytree(finished_run["cfg"].run_dir, run, symlinks=True)
+    cfg = dataclasses.replace(finished_run["cfg"], run_dir=run)
+    gate = gate_search(cfg)  # the copy's holdout path differs, so its choice is gated (and packed) again
+    pack_bundle(cfg, gate)
+    assert pack_bundle(cfg, gate).summary.endswith("(already packaged)")
+    task = json.loads((run / "task.json").read_text())
+    task["system_prompt"] = "Answer tersely."
+    (run / "task.json").write_text(json.dumps(task))
+    packed = pack_bundle(cfg, gate)
+    assert not packed.summary.endswith("(already packaged)")
+    assert inspect_bundle(Path(packed.bundle)).manifest["task"]["system_prompt"] == "Answer tersely."
 
 
 # -- distill data's task flags, passed through (issue #15) -----------------------------------------
