@@ -133,7 +133,10 @@ def _regex_spec(task: Task) -> list[str]:
 
 def _json_spec(task: Task) -> list[str]:
     fields = ", ".join(f"`{f}`" for f in getattr(task.answer, "fields", ())) or "every field of the schema"
-    return [f"Each answer is one JSON object under this schema; the scored fields are {fields}.", "",
+    text = ", ".join(f"`{f}`" for f in getattr(task.answer, "text_fields", ()))
+    text = f"; free-text fields scored by chrF against the reference: {text}" if text else ""
+    return [f"Each answer is one JSON object under this schema; the fields scored by exact match are {fields}{text}.",
+            "",
             *fenced(json.dumps(getattr(task.answer, "schema", {}), indent=2, ensure_ascii=False), "json"), ""]
 
 
@@ -161,6 +164,7 @@ def _scores(task: Task, scores: dict[str, Any] | None, unscored: str) -> list[st
     rows = [f"| {m}{' (primary)' if m == task.primary_metric else ''} | {value_text(measured.get(m))} |"
             for m in task.answer.metrics]
     rows += [f"| {f} exact | {value_text(v)} |" for f, v in (measured.get("field_exact") or {}).items()]
+    rows += [f"| {f} chrF | {value_text(v)} |" for f, v in (measured.get("field_chrf") or {}).items()]
     lines = [f"Measured by the gate on {scores.get('answered', scores['rows'])} of {scores['rows']} holdout rows, "
              f"decoded as above ({scores.get('decoding_line') or 'the task decoding'}):", "",
              "| metric | value |", "|---|---|", *rows, ""]

@@ -179,3 +179,18 @@ def test_distill_train_writes_a_student_card(tiny_llama_dir: Path, tmp_path: Pat
     assert f"{report['steps']} steps" in card.text and "## Intended use" in card.text and "Not gated yet" in card.text
     info = json.loads((run / "student" / "student.json").read_text())
     assert info["license"] == {"id": "apache-2.0", "source": "the teacher's source (`teacher/source.json`)"}
+
+
+def test_a_json_tasks_card_names_its_exact_and_free_text_fields_and_their_scores() -> None:
+    from edgepack.answers import JsonAnswer
+    from edgepack.model_card import task_section
+    from edgepack.task import Task
+
+    schema = {"type": "object", "properties": {"fault": {"enum": ["leak"]},
+                                               "action": {"type": "string", "x-edgepack-score": "chrf"}}}
+    task = Task(answer=JsonAnswer(schema=schema, fields=("fault",), text_fields=("action",)))
+    scores = {"rows": 4, "answered": 4, "scores": {"field_f1": 0.5, "field_exact": {"fault": 0.5},
+                                                   "field_chrf": {"action": 0.375}}}
+    text = "\n".join(task_section(task, "RUN/task.json", scores))
+    assert "exact match are `fault`; free-text fields scored by chrF against the reference: `action`" in text
+    assert "| fault exact | 0.5" in text and "| action chrF | 0.375" in text
