@@ -16,8 +16,8 @@ splits text the same way; tests check the pairing on real llama.cpp for every ro
 
 Byte-level BPE (``tokenizer.ggml.model = "gpt2"``) goes both ways. A SentencePiece-style
 ``tokenizer.json`` (BPE with ``byte_fallback``: Gemma, Llama 2, Phi-3) is exported as
-llama.cpp's ``llama`` vocab with scores (:mod:`edgepack.export.gguf.vocab_spm`), not yet
-read back. A bare ``tokenizer.model`` and Unigram/WordPiece raise
+llama.cpp's ``llama`` vocab with scores (:mod:`edgepack.export.gguf.vocab_spm`), and such a
+GGUF vocab (a Gemma 3 teacher) is rebuilt as that ``tokenizer.json``. A bare ``tokenizer.model`` and Unigram/WordPiece raise
 :class:`~edgepack.errors.UnsupportedArchitecture`.
 """
 
@@ -34,6 +34,7 @@ from edgepack.export.gguf.vocab_spm import (
     spm_add_space_prefix,
     spm_byte_types,
     spm_scores,
+    spm_tokenizer_json,
 )
 from edgepack.gguf_header import read_gguf
 
@@ -374,7 +375,8 @@ def write_gguf_vocab(writer: Any, vocab: GGUFVocab) -> None:
 # GGUF → HF
 # --------------------------------------------------------------------------------------
 
-_VOCAB_ARRAYS = ("tokenizer.ggml.tokens", "tokenizer.ggml.token_type", "tokenizer.ggml.merges")
+_VOCAB_ARRAYS = ("tokenizer.ggml.tokens", "tokenizer.ggml.token_type", "tokenizer.ggml.merges",
+                 "tokenizer.ggml.scores")
 
 
 def read_gguf_vocab(gguf_path: Path) -> GGUFVocab:
@@ -386,11 +388,11 @@ def read_gguf_vocab(gguf_path: Path) -> GGUFVocab:
     info = read_gguf(gguf_path, keep_arrays=_VOCAB_ARRAYS)
     meta = info.metadata
     model = meta.get("tokenizer.ggml.model")
-    if model != "gpt2":
+    if model not in ("gpt2", "llama"):
         raise UnsupportedArchitecture(
-            f"{gguf_path.name}: tokenizer.ggml.model {model!r} is not byte-level BPE",
-            hint="edgepack rebuilds HF tokenizers for gpt2-type (byte-level BPE) GGUF vocabularies only")
-    pre = meta.get("tokenizer.ggml.pre")
+            f"{gguf_path.name}: tokenizer.ggml.model {model!r} is neither byte-level BPE nor SentencePiece",
+            hint="edgepack rebuilds HF tokenizers for gpt2 (byte-level BPE) and llama (SentencePiece) vocabularies")
+    pre = meta.get("tokenizer.ggml.pre", "default" if model == "llama" else None)
     if not isinstance(pre, str):
         raise UnsupportedArchitecture(f"{gguf_path.name} has no tokenizer.ggml.pre",
                                       hint=f"supported: {', '.join(supported_pre_tokenizers())}")
@@ -400,6 +402,9 @@ def read_gguf_vocab(gguf_path: Path) -> GGUFVocab:
     merges = info.array("tokenizer.ggml.merges") or []
     if not tokens or len(types) != len(tokens) or not all(isinstance(t, str) for t in (*tokens, *merges)):
         raise InvalidModelFile(f"{gguf_path.name}: token list and token types disagree or are empty")
+    scores = info.array("tokenizer.ggml.scores")
+    if model == "llama" and (scores is None or len(scores) != len(tokens)):
+        raise InvalidModelFile(f"{gguf_path.name}: a SentencePiece vocab needs one score per token")
 
     def tid(key: str) -> int | None:
         v = meta.get(f"tokenizer.ggml.{key}")
@@ -416,11 +421,37 @@ def read_gguf_vocab(gguf_path: Path) -> GGUFVocab:
         add_bos=bool(meta.get("tokenizer.ggml.add_bos_token", False)),
         add_eos=bool(meta.get("tokenizer.ggml.add_eos_token", False)),
         chat_template=template, model=model,
+        scores=[float(x) for x in scores] if model == "llama" and scores is not None else None,
+        add_space_prefix=bool(meta.get("tokenizer.ggml.add_space_prefix", True)) if model == "llama" else None,
     )
 
 
+def _bos_template(vocab: GGUFVocab) -> dict[str, Any] | None:
+    """A post-processor that prepends BOS when the GGUF asks for it (None when it does not)."""
+    if not vocab.add_bos or vocab.bos_id is None:
+        return None
+    bos = vocab.tokens[vocab.bos_id]
+    return {
+        "type": "TemplateProcessing",
+        "single": [{"SpecialToken": {"id": bos, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}],
+        "pair": [{"SpecialToken": {"id": bos, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}},
+                 {"SpecialToken": {"id": bos, "type_id": 1}}, {"Sequence": {"id": "B", "type_id": 1}}],
+        "special_tokens": {bos: {"id": bos, "ids": [vocab.bos_id], "tokens": [bos]}},
+    }
+
+
 def tokenizer_json_from_vocab(vocab: GGUFVocab) -> dict[str, Any]:
-    """The HF ``tokenizer.json`` object equivalent to a byte-level GGUF vocab."""
+    """The HF ``tokenizer.json`` object equivalent to a GGUF vocab (byte-level BPE or SentencePiece)."""
+    if vocab.model == "llama":
+        assert vocab.scores is not None
+        added = [{"id": i, "content": text, "single_word": False, "lstrip": False, "rstrip": False,
+                  "normalized": False, "special": t in (TOKEN_CONTROL, TOKEN_UNKNOWN)}
+                 for i, (text, t) in enumerate(zip(vocab.tokens, vocab.token_types))
+                 if t in (TOKEN_CONTROL, TOKEN_UNKNOWN, TOKEN_USER_DEFINED)]
+        tj = spm_tokenizer_json(vocab.tokens, vocab.scores, vocab.token_types, bool(vocab.add_space_prefix),
+                                added, vocab.special_text(vocab.unk_id), (TOKEN_NORMAL,))
+        tj["post_processor"] = _bos_template(vocab)
+        return tj
     row = pre_tokenizer_by_name(vocab.pre)
     index: dict[str, int] = {}
     for i, text in enumerate(vocab.tokens):
@@ -440,16 +471,9 @@ def tokenizer_json_from_vocab(vocab: GGUFVocab) -> dict[str, Any]:
         if t in (TOKEN_CONTROL, TOKEN_UNKNOWN, TOKEN_USER_DEFINED)
     ]
     byte_level_post = {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": False, "use_regex": True}
-    post: dict[str, Any] = byte_level_post
-    if vocab.add_bos and vocab.bos_id is not None:
-        bos = vocab.tokens[vocab.bos_id]
-        post = {"type": "Sequence", "processors": [byte_level_post, {
-            "type": "TemplateProcessing",
-            "single": [{"SpecialToken": {"id": bos, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}],
-            "pair": [{"SpecialToken": {"id": bos, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}},
-                     {"SpecialToken": {"id": bos, "type_id": 1}}, {"Sequence": {"id": "B", "type_id": 1}}],
-            "special_tokens": {bos: {"id": bos, "ids": [vocab.bos_id], "tokens": [bos]}},
-        }]}
+    bos_post = _bos_template(vocab)
+    post: dict[str, Any] = byte_level_post if bos_post is None else \
+        {"type": "Sequence", "processors": [byte_level_post, bos_post]}
     return {
         "version": "1.0", "truncation": None, "padding": None, "added_tokens": added,
         "normalizer": row.normalizer, "pre_tokenizer": row.hf, "post_processor": post,

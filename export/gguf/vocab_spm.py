@@ -83,3 +83,37 @@ def spm_byte_types(tokens: list[str], types: list[int], byte_type: int, normal: 
         if out[i] == normal and len(text) == 6 and text.startswith("<0x") and text.endswith(">"):
             out[i] = byte_type
     return out
+
+
+def spm_merges_from_scores(tokens: list[str], scores: list[float], usable: list[bool]) -> list[list[str]]:
+    """HF merges for a SentencePiece vocab, as transformers' SentencePiece converter derives them:
+    every split of every piece into two pieces, pieces by descending score, then by the two ids."""
+    index = {t: i for i, t in enumerate(tokens) if usable[i]}
+    merges: list[tuple[float, int, int, str, str]] = []
+    for piece, i in index.items():
+        for cut in range(1, len(piece)):
+            left, right = piece[:cut], piece[cut:]
+            if left in index and right in index:
+                merges.append((-scores[i], index[left], index[right], left, right))
+    merges.sort(key=lambda m: (m[0], m[1], m[2]))
+    return [[left, right] for _, _, _, left, right in merges]
+
+
+def spm_tokenizer_json(tokens: list[str], scores: list[float], types: list[int], add_space_prefix: bool,
+                       added: list[dict[str, Any]], unk: str | None, normal_types: tuple[int, ...]) -> dict[str, Any]:
+    """The HF ``tokenizer.json`` equivalent to a SentencePiece GGUF vocab (the inverse of the export)."""
+    usable = [t in normal_types for t in types]
+    vocab = {text: i for i, text in enumerate(tokens)}
+    normalizer = next(n for n, prefix in SPM_NORMALIZERS if prefix == add_space_prefix)
+    decoders: list[dict[str, Any]] = [{"type": "Replace", "pattern": {"String": SPM_SPACE}, "content": " "},
+                                      {"type": "ByteFallback"}, {"type": "Fuse"}]
+    if add_space_prefix:
+        decoders.append({"type": "Strip", "content": " ", "start": 1, "stop": 0})
+    return {
+        "version": "1.0", "truncation": None, "padding": None, "added_tokens": added,
+        "normalizer": normalizer, "pre_tokenizer": None, "post_processor": None,
+        "decoder": {"type": "Sequence", "decoders": decoders},
+        "model": {"type": "BPE", "dropout": None, "unk_token": unk, "continuing_subword_prefix": None,
+                  "end_of_word_suffix": None, "fuse_unk": True, "byte_fallback": True, "ignore_merges": False,
+                  "vocab": vocab, "merges": spm_merges_from_scores(tokens, scores, usable)},
+    }

@@ -123,3 +123,32 @@ def test_distill_train_then_gguf_matches_transformers(name: str, mlp_keep: float
         worst = max(worst, float(np.abs(ref - got).max()))
         assert np.array_equal(ref.argmax(-1), got.argmax(-1)), prompt
     assert worst < 1e-2
+
+
+def test_a_gemma3_gguf_teacher_materializes_for_distill_data(tiny_llama_dir: Path, tmp_path: Path) -> None:
+    """A Gemma 3 GGUF (SentencePiece vocab) as the teacher: its rebuilt tokenizer and dequantized
+    model agree with llama.cpp on the GGUF. head_dim 256 as in Gemma 3 270M/1B: a GGUF does not
+    store query_pre_attn_scalar, and transformers' default (256) is right only there."""
+    from llama_cpp import Llama
+    from transformers import AutoTokenizer, Gemma3ForCausalLM, Gemma3TextConfig
+
+    from edgepack.distill.teachers import materialize_teacher, resolve_teacher
+    from tests.export.helpers import build_spm_tokenizer
+
+    tok_dir = build_spm_tokenizer(tmp_path / "tok", space_prefix=False)
+    cfg = Gemma3TextConfig(**{**_common(tok_dir), "num_hidden_layers": 6}, head_dim=256, sliding_window=8,
+                           architectures=["Gemma3ForCausalLM"])
+    hf_dir = _save_model(Gemma3ForCausalLM, cfg, tok_dir, tmp_path / "gemma", seed=13)
+    gguf_path = convert_hf_to_gguf(hf_dir, tmp_path / "gemma-F16.gguf", outtype="F16")
+    teacher = materialize_teacher(resolve_teacher(str(gguf_path)), tmp_path / "teacher")
+    tok = AutoTokenizer.from_pretrained(teacher)
+    llm = Llama(str(gguf_path), vocab_only=True, verbose=False)
+    try:
+        for prompt in PROMPTS[::2]:
+            assert tok.encode(prompt, add_special_tokens=False) == \
+                llm.tokenize(prompt.encode(), add_bos=False, special=True)
+    finally:
+        llm.close()
+    ids = tok.encode(PROMPTS[0], add_special_tokens=False)
+    ref, got = hf_logits(teacher, ids), llama_logits(gguf_path, ids)
+    assert np.array_equal(ref.argmax(-1), got.argmax(-1)) and float(np.abs(ref - got).max()) < 0.05

@@ -101,7 +101,8 @@ def build_spm_tokenizer(out: Path, *, space_prefix: bool) -> Path:
                            "normalized": False, "special": True} for i, t in enumerate(SPM_SPECIALS)]
     tj["pre_tokenizer"] = None
     tok = Tokenizer.from_str(json.dumps(tj))
-    tok.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()])
+    steps = [decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()]
+    tok.decoder = decoders.Sequence(steps + [decoders.Strip(" ", 1, 0)] if space_prefix else steps)
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>",
                                    unk_token="<unk>", additional_special_tokens=list(SPM_SPECIALS[4:]),
                                    clean_up_tokenization_spaces=False)

@@ -164,9 +164,14 @@ def test_gguf_with_unknown_pre_is_refused(tmp_path: Path) -> None:
     assert not (tmp_path / "out").exists()
 
 
-def test_gguf_sentencepiece_vocab_is_refused(tmp_path: Path) -> None:
+def test_gguf_vocab_of_another_tokenizer_model_is_refused(tmp_path: Path) -> None:
+    # SentencePiece (llama) vocabularies are read since #19 (tests/export/test_gemma_phi.py); one
+    # without its scores cannot be, and other tokenizer models are refused.
     path = _write_vocab_only_gguf(tmp_path / "v.gguf", pre="default", model="llama")
-    with pytest.raises(UnsupportedArchitecture, match="byte-level"):
+    with pytest.raises(InvalidModelFile, match="score per token"):
+        read_gguf_vocab(path)
+    path = _write_vocab_only_gguf(tmp_path / "t.gguf", pre="default", model="t5")
+    with pytest.raises(UnsupportedArchitecture, match="neither byte-level BPE nor SentencePiece"):
         read_gguf_vocab(path)
 
 
