@@ -449,15 +449,13 @@ class Intake:
         except OSError:
             arrival.sock.close()
             return
-        with self._lock:
-            if self._stopping:
-                arrival.sock.close()
-                return
-            self._returned.append(arrival)
-        self._wake()
+        self._take_back(arrival)
 
     def keep(self, arrival: Arrival) -> None:
         """Take back a connection whose reply is complete, to wait for its next request (any thread)."""
+        self._take_back(arrival)
+
+    def _take_back(self, arrival: Arrival) -> None:
         with self._lock:
             if self._stopping:
                 arrival.sock.close()
