@@ -2,7 +2,7 @@
 
 ``torchrun --nproc_per_node N -m edgepack distill train …`` or ``accelerate launch -m edgepack
 distill train …`` set ``WORLD_SIZE``/``RANK`` (and the rendezvous variables); :func:`from_env`
-then joins the process group (gloo: training runs on the CPU in this version). Every rank builds the same example
+then joins the process group (NCCL when the processes train on CUDA, gloo otherwise: device.py). Every rank builds the same example
 order (batch_indices is a pure function of seed and step), takes every N-th micro-batch of
 each optimizer step, and the gradients are summed across ranks before the identical optimizer
 step on every rank. Per-token weights are computed over the *global* batch, so N processes
@@ -17,6 +17,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
+from edgepack.distill.device import CPU, Device, ddp_backend
+
 T = TypeVar("T")
 
 
@@ -24,6 +26,8 @@ T = TypeVar("T")
 class DataParallel:
     rank: int = 0
     world: int = 1
+    device: str = "cpu"
+    """Where the collectives' tensors live (NCCL reduces CUDA tensors only)."""
 
     @property
     def is_main(self) -> bool:
@@ -52,7 +56,7 @@ class DataParallel:
         import torch
         import torch.distributed as dist
 
-        t = torch.tensor(list(values), dtype=torch.float64)
+        t = torch.tensor(list(values), dtype=torch.float64, device=self.device)
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
         return t.tolist()
 
@@ -63,13 +67,17 @@ class DataParallel:
             dist.barrier()
 
 
-def from_env() -> DataParallel:
-    """The launch's data-parallel group (joined once); a plain ``python`` process is rank 0 of 1."""
+def from_env(device: Device = CPU) -> DataParallel:
+    """The launch's data-parallel group (joined once; NCCL for CUDA processes, gloo otherwise: device.py);
+    a plain ``python`` process is rank 0 of 1."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return DataParallel()
+    import torch
     import torch.distributed as dist
 
     if not dist.is_initialized():
-        dist.init_process_group(backend="gloo")
-    return DataParallel(rank=dist.get_rank(), world=dist.get_world_size())
+        if device.name == "cuda":  # each process its own GPU, by its local rank
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group(backend=ddp_backend(device.name))
+    return DataParallel(rank=dist.get_rank(), world=dist.get_world_size(), device=device.name)

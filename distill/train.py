@@ -22,9 +22,12 @@ One recipe, top to bottom (:func:`train_student`), each part a function of its o
 
 Logits are computed only at answer positions (the LM head is the largest matmul of a small
 model), and the teacher's KV cache for the prompt prefix every row shares (system prompt,
-demonstrations) is computed once. Training runs on the CPU (a profile's ``train_device`` of
-cuda/mps is recorded as a note, not used yet). The run is deterministic: the same seed gives
-bit-identical weights, with or without an interruption and resume.
+demonstrations) is computed once. Training runs on ``device`` (device.py: ``--device``, else the
+profile's ``[training] device``; refused before anything is loaded when absent), in fp32 on the
+CPU by default and under bf16/fp16 autocast on accelerators. On the CPU the run is deterministic:
+the same seed gives bit-identical weights, with or without an interruption and resume. On an
+accelerator a resume continues at the same step, data position and RNG state, and the report
+says the weights are not bit-reproducible.
 """
 
 from __future__ import annotations
@@ -105,7 +108,8 @@ def student_dir_name(variant: str | None = None) -> str:
 def train_student(*, run_dir: Path, profile: Profile, student: str = "auto", steps: int = 20, seed: int = 0,
                   resume: bool = False, progress: ProgressFn = null_progress,
                   config: TrainConfig | None = None, variant: str | None = None,
-                  method: str = "auto", mlp_keep: float = 1.0, license: str | None = None) -> dict[str, Any]:
+                  method: str = "auto", mlp_keep: float = 1.0, license: str | None = None,
+                  device: str | None = None, precision: str = "auto") -> dict[str, Any]:
     """Distill the teacher into a student sized for the profile; return train_report.json.
 
     ``variant`` trains into ``RUN/student-<variant>`` (checkpoints in ``RUN/checkpoints-<variant>``)
@@ -115,27 +119,34 @@ def train_student(*, run_dir: Path, profile: Profile, student: str = "auto", ste
     with the micro-batch and gradient checkpointing. ``mlp_keep`` < 1 also width-prunes an ``auto``
     student's MLPs to that fraction of their channels (width.py). ``license`` is the Hub license id
     the student's model card (README.md) states; by default the teacher's recorded one.
+    ``device`` is cpu, cuda, mps or auto (None: the profile's ``[training] device``) and
+    ``precision`` fp32, bf16, fp16 or auto (device.py); an absent device is refused before any work.
     """
     from edgepack.distill.batching import deterministic_torch
+    from edgepack.distill.device import peak_memory_mb, reset_peak_memory, resolve_device
     from edgepack.distill.parallel import from_env
     from edgepack.distill.train_save import peak_rss_mb, reset_peak_rss, rss_mb, save_student, train_report
     from edgepack.distill.train_setup import TrainRequest, build_training, check_inputs, read_training_data
 
+    resolved = resolve_device(device, profile.train_device, precision)
     request = TrainRequest(run_dir=Path(run_dir), profile=profile, config=config or TrainConfig(),
                            out=Path(run_dir) / student_dir_name(variant), student=student, steps=steps, seed=seed,
                            resume=resume, variant=variant, method=method, mlp_keep=mlp_keep,
-                           license=license)
+                           license=license, device=resolved)
     inputs = check_inputs(request)
     if is_complete(request.out):
         return _finished(request.out, inputs.identity)
-    parallel = from_env()
-    baseline_mb = rss_mb()  # the process before any model is loaded: the planner's fixed part
+    parallel = from_env(resolved)
+    # The process before any model is loaded: the planner's fixed part (on an accelerator the
+    # planner plans device memory, which starts empty).
+    baseline_mb = rss_mb() if resolved.name == "cpu" else 0.0
     peak_is_this_call = reset_peak_rss()
+    reset_peak_memory(resolved)
     with deterministic_torch(seed):
         data = read_training_data(request, inputs, progress)
         run = build_training(request, inputs, data, baseline_mb=baseline_mb, parallel=parallel, progress=progress)
         state = _train(request, inputs.identity, run, parallel, progress)
-        report = train_report(request, inputs, data, run, state, peak_mb=peak_rss_mb(),
+        report = train_report(request, inputs, data, run, state, peak_mb=peak_memory_mb(resolved, peak_rss_mb()),
                               peak_is_this_call=peak_is_this_call, world=parallel.world)
         if parallel.is_main:  # rank 0 writes the student; the others wait for it
             save_student(request, inputs, data, run.trainee, report)

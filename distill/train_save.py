@@ -23,6 +23,7 @@ from edgepack.atomic import atomic_dir, is_temp_name, write_json
 from edgepack.constants import LOSS_CURVE_PNG, STUDENT_INFO, TRAIN_REPORT
 from edgepack.distill import checkpoint as ckpt
 from edgepack.distill.curves import loss_curve_png
+from edgepack.distill.device import peak_measure
 from edgepack.distill.modes import SOFT_LABELS, TOP_LOGPROBS
 from edgepack.distill.parallel import DataParallel
 from edgepack.distill.train_loss import OnlineTeacher
@@ -75,9 +76,8 @@ def train_report(request: TrainRequest, inputs: RunInputs, data: TrainData, run:
         "peak_rss_scope": "this training call" if peak_is_this_call else "the whole process (peak not resettable here)",
         "plan": plan.describe(),
         "measured_over_planned_peak": round(peak_mb / plan.planned_peak_mb, 3),
-        "device": "cpu",
-        "device_note": None if request.profile.train_device == "cpu" else
-        f"profile {request.profile.name} trains on {request.profile.train_device}; this version trains on the CPU only",
+        **request.device.describe(),  # device, precision, bit_reproducible (and why not)
+        "peak_measure": peak_measure(request.device),
         "torch_threads": torch.get_num_threads(),
         "resumed_from_step": run.start.step or None,
         "data_parallel_processes": world,

@@ -33,6 +33,7 @@ from edgepack.constants import CHECKPOINT_DIR, DATA_DIR, TEACHER_CONTEXT, TRAIN_
 from edgepack.distill import checkpoint as ckpt
 from edgepack.distill.batching import Example, TeacherPrefix, shared_prefix_len, tokenize_rows
 from edgepack.distill.data import read_jsonl, teacher_dir_of
+from edgepack.distill.device import CPU, Device
 from edgepack.distill.losses import DIVERGENCES, SPARSE_DIVERGENCES
 from edgepack.distill.modes import (SFT, SOFT_LABELS, TOP_LOGPROBS, TrainingMode, choose_mode, is_endpoint_run,
                                     read_data_report, tokenizer_mismatch)
@@ -67,6 +68,8 @@ class TrainRequest:
     mlp_keep: float = 1.0
     license: str | None = None
     """The Hub license id the student's model card states (None: the teacher's recorded one)."""
+    device: Device = CPU
+    """Where training runs and in what precision (device.py), resolved before anything is loaded."""
 
     @property
     def checkpoints(self) -> Path:
@@ -236,13 +239,20 @@ def build_training(request: TrainRequest, inputs: RunInputs, data: TrainData, *,
     if data.mode.teacher_while_training != "online":
         teacher = None  # only dense KD reads the teacher while training (the planner counts it so)
         gc.collect()
+    device = request.device
+    # The student keeps fp32 master weights on the device (autocast lowers its forward); the frozen
+    # teacher, which only runs forward, is held in the device's half precision (fp32 on the CPU).
+    model = model.to(device.name)
+    if teacher is not None:
+        teacher = teacher.to(device.name, dtype=device.teacher_dtype)
     if plan.checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
     trainee = _trainee(model, description, plan, request)
     start = TrainState() if last is None else \
         TrainState.from_checkpoint(ckpt.restore_training_state(last, trainee.optimizer, trainee.scheduler))
-    objective = _objective(data, teacher, request.config)
+    with device.placement():  # the teacher's shared-prefix KV cache is computed on the device
+        objective = _objective(data, teacher, request.config)
     # The student runs the shared prompt prefix once per micro-batch (with gradients) rather
     # than once per row; checkpointed layers would drop the prefix's KV cache, so not then.
     student_prefix = 0 if plan.checkpointing or plan.micro_batch < 2 else \
@@ -300,7 +310,8 @@ def _trainee(model: Any, description: dict[str, Any], plan: TrainPlan, request: 
     warmup = max(1, round(cfg.warmup_fraction * steps))
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_factor(s, steps, warmup, cfg.min_lr_ratio))
-    return Trainee(model, params, optimizer, scheduler, plan, description)
+    return Trainee(model, params, optimizer, scheduler, plan, description, request.device,
+                   request.device.grad_scaler())
 
 
 def lr_factor(step: int, total: int, warmup: int, min_lr_ratio: float) -> float:
@@ -330,9 +341,12 @@ def plan_for(model: Any, teacher: Any, mode: TrainingMode, request: TrainRequest
     def shape(m: Any) -> Any:
         return shape_from_config(m.config.to_dict(), params=count_params(m))
 
+    from edgepack.distill.device import device_memory_mb
+
     cfg, profile = request.config, request.profile
+    budget_mb, _source = device_memory_mb(request.device, profile.train_memory_mb)
     return plan_training(shape(model), teacher=shape(teacher) if teacher is not None else None,
-                         teacher_mode=mode.teacher_while_training, budget_mb=profile.train_memory_mb,
+                         teacher_mode=mode.teacher_while_training, budget_mb=budget_mb,
                          baseline_mb=baseline_mb, batch_size=cfg.batch_size, micro_batch=cfg.micro_batch,
                          seq_len=cfg.max_length, method=method, profile_name=profile.name)
 

@@ -4,7 +4,10 @@ A step takes ``batch_size`` rows (a pure function of seed and step: batching.bat
 the step number is the data cursor), runs them in micro-batches of the plan's size — the
 student's logits at answer positions only, the mode's loss (train_loss.py) weighted by its
 share of the step's answer tokens, backward — sums the gradients over data-parallel ranks,
-clips them, and steps AdamW and the LR schedule. A non-finite loss or gradient norm, or a loss
+clips them, and steps AdamW and the LR schedule. The student's forward runs under the device's
+autocast (device.py: bf16/fp16 on accelerators, bf16 on the CPU when asked) and the losses in
+fp32; with fp16 the gradients are scaled (GradScaler), and an overflowed step is redone with a
+lower scale rather than stopping. A non-finite loss or gradient norm, or a loss
 ``explode_factor`` times the first step's, is not applied: the step returns the problem and the
 state it started from, and the recipe keeps the last good checkpoint.
 """
@@ -19,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from edgepack.distill.batching import Example, answer_hidden, batch_indices
+from edgepack.distill.device import CPU, Device
 from edgepack.distill.parallel import DataParallel
 from edgepack.distill.plan import TrainPlan
 from edgepack.distill.train_loss import MicroBatch, Objective, mode_loss
@@ -78,6 +82,10 @@ class Trainee:
     plan: TrainPlan
     description: dict[str, Any]
     """What the student is (student.json): its source, kept layers, parameter counts."""
+    device: Device = CPU
+    """Where the student runs and its autocast precision (device.py)."""
+    scaler: Any = None
+    """torch.amp.GradScaler for fp16 autocast (device.py); None otherwise."""
 
 
 @dataclass(frozen=True)
@@ -110,16 +118,22 @@ def divergence_problem(loss: float, grad_norm: float, history: tuple[StepLog, ..
     return None
 
 
-def _micro_step(model: Any, indices: list[int], examples: list[Example], data: StepData, objective: Objective,
-                n_answer: int) -> tuple[list[float], int]:
+def _micro_step(trainee: Trainee, indices: list[int], examples: list[Example], data: StepData,
+                objective: Objective, n_answer: int) -> tuple[list[float], int]:
     """Forward and backward one micro-batch; its (loss, kd, ce) weighted by its share of the step's tokens."""
-    hidden, batch = answer_hidden(model.get_decoder(), [e.student_ids for e in examples],
-                                  [e.student_prompt for e in examples], data.pad_id,
-                                  data.student_prefix if len(examples) > 1 else 0)
-    s_logits = model.get_output_embeddings()(hidden)
-    terms = mode_loss(objective.mode)(s_logits, MicroBatch(indices, examples, batch.targets), objective)
+    model, device = trainee.model, trainee.device
+    with device.placement(), device.autocast():
+        hidden, batch = answer_hidden(model.get_decoder(), [e.student_ids for e in examples],
+                                      [e.student_prompt for e in examples], data.pad_id,
+                                      data.student_prefix if len(examples) > 1 else 0)
+        s_logits = model.get_output_embeddings()(hidden)
+    # The losses run in fp32 outside autocast: log-softmax over the vocabulary in bf16/fp16
+    # loses the small probabilities KD is about.
+    with device.placement():
+        terms = mode_loss(objective.mode)(s_logits.float(), MicroBatch(indices, examples, batch.targets), objective)
     weight = s_logits.shape[0] / n_answer  # the step loss is a mean over all answer tokens
-    (terms.loss * weight).backward()
+    scaled = terms.loss * weight
+    (scaled if trainee.scaler is None else trainee.scaler.scale(scaled)).backward()
     values = [float(value.detach()) * weight for value in (terms.loss, terms.kd, terms.ce)]
     return values, sum(len(e.student_ids) for e in examples)
 
@@ -135,18 +149,30 @@ def train_step(trainee: Trainee, data: StepData, objective: Objective, state: Tr
     micro_batches = [(indices[i:i + size], chosen[i:i + size]) for i in range(0, len(chosen), size)]
     totals, step_tokens = [0.0, 0.0, 0.0], 0
     for part_indices, part in parallel.my_share(micro_batches):
-        values, tokens = _micro_step(trainee.model, part_indices, part, data, objective, n_answer)
+        values, tokens = _micro_step(trainee, part_indices, part, data, objective, n_answer)
         totals = [total + value for total, value in zip(totals, values)]
         step_tokens += tokens
     parallel.sum_gradients(trainee.params)
     *totals, step_tokens = parallel.sum_values([*totals, step_tokens])
+    scaler = trainee.scaler
+    if scaler is not None:
+        scaler.unscale_(trainee.optimizer)  # clip the true gradients, not the scaled ones
     grad_norm = float(torch.nn.utils.clip_grad_norm_(trainee.params, cfg.clip_norm))
     loss, kd, ce = totals
+    if scaler is not None and not math.isfinite(grad_norm) and math.isfinite(loss):
+        # fp16 overflow of the scaled gradients: lower the scale and redo this step (same batch).
+        scaler.update(scaler.get_scale() / 2)
+        trainee.optimizer.zero_grad(set_to_none=True)
+        return StepResult(state)
     problem = divergence_problem(loss, grad_norm, state.history, cfg.explode_factor)
     if problem:
         trainee.optimizer.zero_grad(set_to_none=True)  # the weights stay those after the last good step
         return StepResult(state, problem)
-    trainee.optimizer.step()
+    if scaler is None:
+        trainee.optimizer.step()
+    else:
+        scaler.step(trainee.optimizer)
+        scaler.update()
     trainee.scheduler.step()
     trainee.optimizer.zero_grad(set_to_none=True)
     log = StepLog(state.step + 1, round(loss, 6), round(kd, 6), round(ce, 6), trainee.scheduler.get_last_lr()[0],

@@ -105,6 +105,10 @@ def train_cmd(
              "student; compare with `edgepack eval RUN --variants NAME`).")] = None,
     license_id: Annotated[str | None, typer.Option(
         "--license", help="Hub license id the model card states (default: the one recorded for the teacher).")] = None,
+    device: Annotated[str | None, typer.Option(
+        help="cpu, cuda, mps or auto (default: the profile's [training] device); refused when absent.")] = None,
+    precision: Annotated[str, typer.Option(
+        help="auto (fp32 on cpu, bf16 or fp16+scaling on GPUs), fp32, bf16 or fp16.")] = "auto",
     json_out: JsonOpt = False,
 ) -> None:
     """Distill the teacher into a student sized for the profile."""
@@ -125,7 +129,7 @@ def train_cmd(
         report = train_student(run_dir=run, profile=prof, student=student, steps=steps, seed=seed,
                                resume=resume, progress=progress, config=config, variant=variant,
                                method="lora" if lora else "full" if full else "auto", mlp_keep=mlp_keep,
-                               license=license_id)
+                               license=license_id, device=device, precision=precision)
     if report.get("mode_reason"):
         warn(f"{report['mode']} distillation: {report['mode_reason']}")
     aligned = report.get("endpoint_logprobs") or {}

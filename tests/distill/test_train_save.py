@@ -22,7 +22,8 @@ from tests.distill.test_train_setup import CFG, make_request
 REPORT_FIELDS = ["identity", "steps", "params", "teacher_params", "final_loss", "first_loss", "loss_curve", "rows",
                  "rows_used", "rows_too_long", "mode", "mode_reason", "teacher_prefix_tokens", "student_prefix_tokens",
                  "soft_labels", "endpoint_logprobs", "tokens", "wall_s", "tokens_per_s", "peak_rss_mb",
-                 "peak_rss_scope", "plan", "measured_over_planned_peak", "device", "device_note", "torch_threads",
+                 "peak_rss_scope", "plan", "measured_over_planned_peak", "device", "precision", "device_reason",
+                 "bit_reproducible", "bit_reproducible_reason", "peak_measure", "torch_threads",
                  "resumed_from_step", "data_parallel_processes"]
 STATE = TrainState(2, (StepLog(1, 4.0, 4.5, 2.0, 5e-3, 1.5), StepLog(2, 3.0, 3.25, 2.0, 1e-2, 1.25)), 2.0, 500)
 

@@ -1,0 +1,191 @@
+"""Where training runs and in what precision: one decision, made before any model is loaded.
+
+:func:`resolve_device` turns ``--device`` (or the profile's ``[training] device``) and
+``--precision`` into a :class:`Device`: the torch device name, the autocast dtype (None: plain
+fp32), whether a GradScaler is needed (fp16 autocast only: bf16 has fp32's exponent range), the
+dtype the frozen teacher is held in, and whether the run is bit-reproducible. Everyone else asks
+the Device (train_setup.py places the models, train_step.py autocasts and scales, train_save.py
+reports); nothing else decides on a device name. :func:`ddp_backend` picks the data-parallel
+backend from the device type.
+
+Precision ``auto``: fp32 on the CPU (the deterministic default), bf16 on CUDA devices that
+support it (Ampere and later) and fp16 + gradient scaling on older ones, fp16 on MPS. ``bf16``
+on the CPU is allowed (CPU autocast), so the autocast path runs in CPU tests.
+"""
+
+from __future__ import annotations
+
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from edgepack.errors import UsageError
+
+DEVICES = ("auto", "cpu", "cuda", "mps")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass(frozen=True)
+class Device:
+    """The resolved training device and precision policy."""
+
+    name: str
+    """``cpu``, ``cuda`` or ``mps`` (a torch device type)."""
+    precision: str
+    """``fp32``, ``bf16`` or ``fp16``: the dtype the student's forward runs in (autocast)."""
+    reason: str
+    """Why this device/precision (what was asked, what was found)."""
+
+    @property
+    def type(self) -> str:
+        return self.name
+
+    @property
+    def autocast_dtype(self) -> torch.dtype | None:
+        """The autocast dtype; None runs plain fp32 (no autocast)."""
+        return None if self.precision == "fp32" else _DTYPES[self.precision]
+
+    @property
+    def needs_grad_scaler(self) -> bool:
+        """fp16 gradients underflow without loss scaling; bf16 and fp32 do not."""
+        return self.precision == "fp16"
+
+    @property
+    def teacher_dtype(self) -> torch.dtype:
+        """The frozen teacher: half precision on accelerators (it only runs forward), fp32 on the CPU."""
+        return torch.float32 if self.name == "cpu" else _DTYPES[self.precision]
+
+    @property
+    def bit_reproducible(self) -> bool:
+        """Only the CPU's kernels are bit-deterministic here; GPU kernels (atomics, cuBLAS) are not."""
+        return self.name == "cpu"
+
+    @property
+    def not_reproducible_reason(self) -> str | None:
+        if self.bit_reproducible:
+            return None
+        return (f"{self.name} kernels (atomic adds, cuBLAS/Metal reductions) are not bit-deterministic: a rerun or "
+                "resume continues at the same step, data position and RNG state, but the weights may differ in "
+                "the last bits")
+
+    def autocast(self) -> AbstractContextManager[Any]:
+        """The forward's autocast context (a no-op for fp32)."""
+        dtype = self.autocast_dtype
+        return nullcontext() if dtype is None else torch.autocast(device_type=self.name, dtype=dtype)
+
+    def placement(self) -> AbstractContextManager[Any]:
+        """Tensors made inside (batches, masks, targets) are made on this device; a no-op on the CPU."""
+        return nullcontext() if self.name == "cpu" else torch.device(self.name)
+
+    def grad_scaler(self) -> Any | None:
+        """A torch.amp.GradScaler for fp16; None otherwise."""
+        return torch.amp.GradScaler(self.name) if self.needs_grad_scaler else None
+
+    def describe(self) -> dict[str, Any]:
+        """train_report.json's device fields."""
+        return {"device": self.name, "precision": self.precision, "device_reason": self.reason,
+                "bit_reproducible": self.bit_reproducible,
+                "bit_reproducible_reason": self.not_reproducible_reason}
+
+
+CPU = Device("cpu", "fp32", "default")
+
+
+def available_devices() -> list[str]:
+    """The device types this process can train on."""
+    found = ["cpu"]
+    if torch.cuda.is_available():
+        found.append("cuda")
+    mps = getattr(torch.backends, "mps", None)
+    if mps is not None and mps.is_available():
+        found.append("mps")
+    return found
+
+
+def resolve_device(requested: str | None, profile_device: str = "cpu", precision: str = "auto",
+                   available: list[str] | None = None, cuda_bf16: bool | None = None) -> Device:
+    """The Device for ``requested`` (None: the profile's ``[training] device``); UsageError when absent.
+
+    ``auto`` takes the profile's device when present and the CPU otherwise (said in ``reason``).
+    ``available`` and ``cuda_bf16`` default to what this process finds; tests pass them.
+    """
+    found = available_devices() if available is None else available
+    asked = profile_device if requested is None else requested
+    if asked not in DEVICES:
+        raise UsageError(f"--device {asked!r} is not one of {', '.join(DEVICES)}")
+    if precision not in PRECISIONS:
+        raise UsageError(f"--precision {precision!r} is not one of {', '.join(PRECISIONS)}")
+    if asked == "auto":
+        name = profile_device if profile_device in found else "cpu"
+        reason = f"auto: profile device {profile_device}" + ("" if name == profile_device else " absent, using cpu")
+    elif asked not in found:
+        origin = "--device" if requested is not None else "the profile's [training] device"
+        raise UsageError(f"{origin} {asked} is not available in this process (found: {', '.join(found)})",
+                         hint="pass --device cpu, or install a torch build for that device")
+    else:
+        name, reason = asked, ("--device " if requested is not None else "profile device ") + asked
+    return Device(name, _precision(name, precision, cuda_bf16), reason)
+
+
+def _precision(name: str, precision: str, cuda_bf16: bool | None) -> str:
+    if name == "cpu":
+        if precision == "fp16":  # CPU autocast's fp16 coverage is thin and no GradScaler exists for it
+            raise UsageError("--precision fp16 is for accelerators", hint="use fp32 or bf16 on the CPU")
+        return "fp32" if precision == "auto" else precision
+    if precision != "auto":
+        if name == "cuda" and precision == "bf16" and not _cuda_bf16(cuda_bf16):
+            raise UsageError("--precision bf16: this CUDA device does not support bfloat16",
+                             hint="use --precision fp16 (gradients are scaled) or fp32")
+        return precision
+    if name == "cuda":
+        return "bf16" if _cuda_bf16(cuda_bf16) else "fp16"
+    return "fp16"  # mps: bf16 autocast needs macOS 14+; fp16 is supported everywhere
+
+
+def _cuda_bf16(given: bool | None) -> bool:
+    return given if given is not None else bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported())
+
+
+def ddp_backend(device_type: str) -> str:
+    """The torch.distributed backend for processes on ``device_type``: NCCL for CUDA, gloo otherwise."""
+    return "nccl" if device_type == "cuda" else "gloo"
+
+
+def device_memory_mb(device: Device, profile_mb: int) -> tuple[int, str]:
+    """The memory the planner plans within, and where the number came from.
+
+    On CUDA the free device memory (torch.cuda.mem_get_info), capped at the profile's
+    ``memory_mb`` (the profile's board may be smaller than this GPU); elsewhere the profile's.
+    """
+    if device.name == "cuda" and torch.cuda.is_available():
+        free, _total = torch.cuda.mem_get_info()
+        free_mb = int(free // (1 << 20))
+        if free_mb < profile_mb:
+            return free_mb, f"free CUDA memory ({free_mb} MB) below the profile's {profile_mb} MB"
+        return profile_mb, f"profile memory_mb (free CUDA memory {free_mb} MB)"
+    return profile_mb, "profile memory_mb"
+
+
+def reset_peak_memory(device: Device) -> None:
+    """Start measuring the device's peak allocation (CUDA); the CPU's peak is RSS (train_save.py)."""
+    if device.name == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+
+
+def peak_memory_mb(device: Device, rss_peak_mb: float) -> float:
+    """The measured training peak the planner's estimate is compared with: torch.cuda.max_memory_allocated
+    on CUDA, MPS's driver-allocated memory on Apple GPUs, the process's peak RSS on the CPU."""
+    if device.name == "cuda":
+        return torch.cuda.max_memory_allocated() / (1 << 20)
+    if device.name == "mps":
+        return torch.mps.driver_allocated_memory() / (1 << 20)
+    return rss_peak_mb
+
+
+def peak_measure(device: Device) -> str:
+    """What :func:`peak_memory_mb` measured, for the report."""
+    return {"cuda": "torch.cuda.max_memory_allocated", "mps": "torch.mps.driver_allocated_memory"}.get(
+        device.name, "peak RSS")

@@ -1,0 +1,150 @@
+"""Device and precision selection (device.py), and the autocast / gradient-scaling paths of a training
+step run on the CPU — the same code a CUDA or MPS run takes, with the CPU as the device."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+
+from edgepack.distill.batching import deterministic_torch
+from edgepack.distill.device import (CPU, Device, ddp_backend, device_memory_mb, peak_memory_mb, resolve_device)
+from edgepack.distill.train import TrainConfig, train_student
+from edgepack.distill.train_step import TrainState, train_step
+from edgepack.errors import UsageError
+from edgepack.profiles import load_profile
+from tests.distill.conftest import make_run
+from tests.distill.test_train_step import CFG, _setup
+
+CPU_ONLY = ["cpu"]
+ALL = ["cpu", "cuda", "mps"]
+
+
+def test_cpu_defaults_to_fp32_and_is_bit_reproducible() -> None:
+    device = resolve_device(None, "cpu", available=CPU_ONLY)
+    assert (device.name, device.precision, device.autocast_dtype) == ("cpu", "fp32", None)
+    assert device.bit_reproducible and device.not_reproducible_reason is None
+    assert device.grad_scaler() is None and device.teacher_dtype == torch.float32
+
+
+@pytest.mark.parametrize(("requested", "profile_device", "cuda_bf16", "expected"), [
+    ("cuda", "cpu", True, ("cuda", "bf16", False)),   # Ampere+: bf16 autocast, no scaling
+    ("cuda", "cpu", False, ("cuda", "fp16", True)),   # Turing/Pascal: fp16 + GradScaler
+    (None, "cuda", True, ("cuda", "bf16", False)),    # the profile's [training] device
+    (None, "mps", None, ("mps", "fp16", True)),
+    ("auto", "mps", None, ("mps", "fp16", True)),
+    ("cpu", "cuda", None, ("cpu", "fp32", False)),    # --device overrides the profile
+])
+def test_accelerators_autocast_in_half_precision(requested: str | None, profile_device: str, cuda_bf16: bool | None,
+                                                  expected: tuple[str, str, bool]) -> None:
+    device = resolve_device(requested, profile_device, available=ALL, cuda_bf16=cuda_bf16)
+    assert (device.name, device.precision, device.needs_grad_scaler) == expected
+    if device.name != "cpu":
+        assert not device.bit_reproducible and "not bit-deterministic" in device.not_reproducible_reason
+        assert device.teacher_dtype == device.autocast_dtype
+
+
+@pytest.mark.parametrize(("requested", "profile_device", "precision", "cuda_bf16", "words"), [
+    ("cuda", "cpu", "auto", None, "--device cuda is not available in this process (found: cpu)"),
+    (None, "mps", "auto", None, "the profile's [training] device mps is not available"),
+    ("tpu", "cpu", "auto", None, "'tpu' is not one of auto, cpu, cuda, mps"),
+    ("cpu", "cpu", "fp16", None, "fp16 is for accelerators"),
+    ("cpu", "cpu", "int8", None, "'int8' is not one of auto, fp32, bf16, fp16"),
+])
+def test_absent_devices_and_bad_precisions_are_refused(requested: str | None, profile_device: str, precision: str,
+                                                       cuda_bf16: bool | None, words: str) -> None:
+    with pytest.raises(UsageError) as caught:
+        resolve_device(requested, profile_device, precision, available=CPU_ONLY, cuda_bf16=cuda_bf16)
+    assert words in str(caught.value) and caught.value.exit_code == 2
+
+
+def test_bf16_on_a_cuda_device_without_it_is_refused() -> None:
+    with pytest.raises(UsageError, match="does not support bfloat16"):
+        resolve_device("cuda", "cpu", "bf16", available=ALL, cuda_bf16=False)
+
+
+def test_auto_falls_back_to_the_cpu_and_says_so() -> None:
+    device = resolve_device("auto", "cuda", available=CPU_ONLY)
+    assert device.name == "cpu" and "absent, using cpu" in device.reason
+
+
+def test_bf16_on_the_cpu_is_allowed_so_autocast_runs_in_cpu_tests() -> None:
+    device = resolve_device("cpu", "cpu", "bf16", available=CPU_ONLY)
+    assert device.autocast_dtype == torch.bfloat16 and not device.needs_grad_scaler
+    with device.autocast():
+        assert (torch.ones(2, 3) @ torch.ones(3, 2)).dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize(("device_type", "backend"), [("cuda", "nccl"), ("cpu", "gloo"), ("mps", "gloo")])
+def test_data_parallel_backend_follows_the_device(device_type: str, backend: str) -> None:
+    assert ddp_backend(device_type) == backend
+
+
+def test_planner_budget_and_peak_on_the_cpu_are_the_profile_and_rss() -> None:
+    assert device_memory_mb(CPU, 3000) == (3000, "profile memory_mb")
+    assert peak_memory_mb(CPU, 123.0) == 123.0
+
+
+def _forward_dtypes(trainee) -> list[torch.dtype]:
+    seen: list[torch.dtype] = []
+    layer = trainee.model.get_decoder().layers[0].mlp.down_proj
+    layer.register_forward_hook(lambda _m, _i, out: seen.append(out.dtype))
+    return seen
+
+
+def test_a_bf16_autocast_step_runs_the_student_in_bf16_and_learns(tiny4_dir: Path) -> None:
+    trainee, data, objective = _setup(tiny4_dir)
+    trainee = replace(trainee, device=Device("cpu", "bf16", "test"))
+    seen = _forward_dtypes(trainee)
+    with deterministic_torch(0):
+        first = train_step(trainee, data, objective, TrainState(), CFG)
+        again = train_step(trainee, data, objective, TrainState(), CFG)
+    assert first.problem is None and set(seen) == {torch.bfloat16}
+    assert all(p.dtype == torch.float32 for p in trainee.params)  # fp32 master weights
+    assert again.state.history[0].loss < first.state.history[0].loss
+
+
+def test_gradient_scaling_steps_and_an_overflow_redoes_the_step_with_a_lower_scale(tiny4_dir: Path) -> None:
+    # The GradScaler path a fp16 GPU run takes, on the CPU (torch.amp.GradScaler("cpu")).
+    trainee, data, objective = _setup(tiny4_dir)
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    trainee = replace(trainee, device=Device("cpu", "bf16", "test"), scaler=scaler)
+    before = {k: v.detach().clone() for k, v in trainee.model.named_parameters()}
+    # An fp16 overflow, as a GPU would see it: one backward's gradient becomes inf.
+    overflow = trainee.params[-1].register_hook(lambda g: g * float("inf"))
+    with deterministic_torch(0):
+        overflowed = train_step(trainee, data, objective, TrainState(), CFG)
+    overflow.remove()
+    assert overflowed.problem is None and overflowed.state.step == 0  # not applied, not fatal: redone
+    assert scaler.get_scale() < 1024.0
+    assert all(torch.equal(before[k], v) for k, v in trainee.model.named_parameters())
+    scaler.update(1024.0)
+    with deterministic_torch(0):
+        stepped = train_step(trainee, data, objective, TrainState(), CFG)
+    assert stepped.problem is None and stepped.state.step == 1
+    assert any(not torch.equal(before[k], v) for k, v in trainee.model.named_parameters())
+
+
+def test_training_in_bf16_on_the_cpu_reports_device_and_precision(tmp_path: Path, tiny4_dir: Path) -> None:
+    run = make_run(tmp_path / "run", tiny4_dir)
+    report = train_student(run_dir=run, profile=load_profile("cpu-x86-2c"), steps=2, seed=0, device="cpu",
+                           precision="bf16", config=TrainConfig(lr=1e-2, alpha=0.0))
+    assert (report["device"], report["precision"], report["bit_reproducible"]) == ("cpu", "bf16", True)
+    assert report["peak_measure"] == "peak RSS" and report["final_loss"] > 0
+    saved = json.loads((run / "student" / "train_report.json").read_text())
+    assert saved["precision"] == "bf16"
+
+
+def test_cli_refuses_an_absent_device_in_one_line(tmp_path: Path) -> None:
+    if torch.cuda.is_available():
+        pytest.skip("LOUD: this machine has CUDA, so --device cuda is not absent here")
+    done = subprocess.run([sys.executable, "-m", "edgepack", "distill", "train", str(tmp_path), "-p", "cpu-x86-2c",
+                           "--device", "cuda"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert any("--device cuda is not available in this process (found: cpu" in line for line in lines)
