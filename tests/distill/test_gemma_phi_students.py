@@ -1,5 +1,6 @@
 """Gemma 3 (text) and Phi-3 as teachers and students: depth and width pruning, LoRA targets,
-and `distill train` on a tiny teacher whose student converts to GGUF and matches on llama.cpp."""
+`distill train` (full and LoRA) on a tiny teacher whose student converts to GGUF and ONNX and
+matches transformers on llama.cpp and onnxruntime, and a Gemma 3 GGUF as the teacher."""
 
 from __future__ import annotations
 
@@ -100,13 +101,17 @@ def test_correction_lora_targets_reach_phi3_fused_projections(teachers: dict[str
         assert adapted == wanted, name
 
 
-@pytest.mark.parametrize("name,mlp_keep", [("Gemma3ForCausalLM", 1.0), ("Phi3ForCausalLM", 0.5)])
-def test_distill_train_then_gguf_matches_transformers(name: str, mlp_keep: float, teachers: dict[str, Path],
-                                                      tmp_path: Path) -> None:
+@pytest.mark.parametrize("name,method,mlp_keep", [("Gemma3ForCausalLM", "full", 1.0), ("Phi3ForCausalLM", "full", 0.5),
+                                                  ("Phi3ForCausalLM", "lora", 1.0)])
+def test_distill_train_then_gguf_and_onnx_match_transformers(name: str, method: str, mlp_keep: float,
+                                                             teachers: dict[str, Path], tmp_path: Path) -> None:
+    from edgepack.export.onnx.convert import export_onnx
+
     run = make_run(tmp_path / "run", teachers[name])
     report = train_student(run_dir=run, profile=PROFILE, student="auto", steps=4, seed=0, resume=False,
-                           config=FAST, mlp_keep=mlp_keep)
+                           config=FAST, method=method, mlp_keep=mlp_keep)
     assert len(report["loss_curve"]) == 4 and all(np.isfinite(h["loss"]) for h in report["loss_curve"])
+    assert report["plan"]["method"] == method  # lora: all-linear adapters on Phi-3's fused projections, merged
     student = run / STUDENT_DIR
     info = (student / STUDENT_INFO).read_text()
     assert '"kept_layers"' in info
@@ -123,6 +128,8 @@ def test_distill_train_then_gguf_matches_transformers(name: str, mlp_keep: float
         worst = max(worst, float(np.abs(ref - got).max()))
         assert np.array_equal(ref.argmax(-1), got.argmax(-1)), prompt
     assert worst < 1e-2
+    onnx = export_onnx(student, tmp_path / "onnx", quant="fp32")
+    assert onnx["parity"]["top1_agreement_vs_torch"] == 1.0 and onnx["parity"]["fp32_vs_torch_max_abs_diff"] < 1e-3
 
 
 def test_a_gemma3_gguf_teacher_materializes_for_distill_data(tiny_llama_dir: Path, tmp_path: Path) -> None:
