@@ -154,15 +154,16 @@ def ddp_backend(device_type: str) -> str:
     return "nccl" if device_type == "cuda" else "gloo"
 
 
-def device_memory_mb(device: Device, profile_mb: int) -> tuple[int, str]:
+def device_memory_mb(device: Device, profile_mb: int, free_mb: int | None = None) -> tuple[int, str]:
     """The memory the planner plans within, and where the number came from.
 
-    On CUDA the free device memory (torch.cuda.mem_get_info), capped at the profile's
-    ``memory_mb`` (the profile's board may be smaller than this GPU); elsewhere the profile's.
+    On CUDA the free device memory (``free_mb``; by default torch.cuda.mem_get_info), capped at
+    the profile's ``memory_mb`` (the profile's board may be smaller than this GPU); elsewhere the
+    profile's.
     """
-    if device.name == "cuda" and torch.cuda.is_available():
-        free, _total = torch.cuda.mem_get_info()
-        free_mb = int(free // (1 << 20))
+    if device.name == "cuda":
+        if free_mb is None:
+            free_mb = int(torch.cuda.mem_get_info()[0] // (1 << 20))
         if free_mb < profile_mb:
             return free_mb, f"free CUDA memory ({free_mb} MB) below the profile's {profile_mb} MB"
         return profile_mb, f"profile memory_mb (free CUDA memory {free_mb} MB)"

@@ -8,7 +8,9 @@ returns the first whose estimated peak fits the profile's training memory
 gradients, AdamW state, activations, the teacher held for online KD) plus the process's
 resident memory before the tokenizer or any model is loaded (Python, torch). It is an upper
 bound: it counts full-sequence logits, while training computes them at answer positions only.
-Training reports it beside the measured peak (process RSS on the CPU).
+Training reports it beside the measured peak (process RSS on the CPU,
+torch.cuda.max_memory_allocated on CUDA: distill/device.py, which also gives the budget there —
+free device memory capped at the profile's).
 
 A budget nothing meets is refused before any model is loaded, with the smallest need and
 what to change.
@@ -55,11 +57,14 @@ def _lora_fraction(shape: ModelShape) -> float:
 
 def plan_training(student: ModelShape, *, teacher: ModelShape | None, teacher_mode: str, budget_mb: float,
                   baseline_mb: float, batch_size: int, micro_batch: int, seq_len: int, device: str = "cpu",
-                  method: str = "auto", profile_name: str = "") -> TrainPlan:
+                  method: str = "auto", profile_name: str = "", precision: str = "fp32") -> TrainPlan:
     """The first candidate that fits (see module docstring); UsageError when none does.
 
     ``teacher_mode``: ``online`` (dense KD: the teacher's weights and logits in memory),
     ``cached`` (soft labels from disk) or ``none`` (response-only, endpoint logprobs).
+    ``precision``: the student's autocast precision (distill/device.py); bf16/fp16 halve the saved
+    activations and the teacher. On an accelerator ``budget_mb`` is device memory and
+    ``baseline_mb`` 0 (the measured peak there is torch.cuda.max_memory_allocated).
     """
     if method not in ("auto", *METHODS):
         raise UsageError(f"training method must be auto, full or lora (got {method!r})")
@@ -74,7 +79,8 @@ def plan_training(student: ModelShape, *, teacher: ModelShape | None, teacher_mo
                 est = estimate_train(student, budget_bytes=int(budget), device=device, method=m, micro_batch=mb,
                                      seq_len=seq_len, teacher=teacher if teacher_mode != "none" else None,
                                      teacher_mode="cached" if teacher_mode == "cached" else "online",
-                                     lora_fraction=_lora_fraction(student), checkpointing=checkpointing)
+                                     lora_fraction=_lora_fraction(student), checkpointing=checkpointing,
+                                     half=precision != "fp32")
                 peak = baseline_mb + est.total_bytes / MIB
                 what = f"{m}, micro-batch {mb}{', checkpointing' if checkpointing else ''}"
                 if est.fits:

@@ -348,7 +348,8 @@ def plan_for(model: Any, teacher: Any, mode: TrainingMode, request: TrainRequest
     return plan_training(shape(model), teacher=shape(teacher) if teacher is not None else None,
                          teacher_mode=mode.teacher_while_training, budget_mb=budget_mb,
                          baseline_mb=baseline_mb, batch_size=cfg.batch_size, micro_batch=cfg.micro_batch,
-                         seq_len=cfg.max_length, method=method, profile_name=profile.name)
+                         seq_len=cfg.max_length, method=method, profile_name=profile.name,
+                         device=request.device.name, precision=request.device.precision)
 
 
 def _with_lora(model: Any) -> Any:

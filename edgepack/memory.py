@@ -450,12 +450,16 @@ class TrainEstimate:
 def estimate_train(shape: ModelShape, *, budget_bytes: int, device: str, method: str = "full",
                    micro_batch: int = 4, seq_len: int = 256, teacher: ModelShape | None = None,
                    teacher_mode: str = "online", lora_fraction: float = 0.01,
-                   checkpointing: bool = False) -> TrainEstimate:
+                   checkpointing: bool = False, half: bool = False) -> TrainEstimate:
     """fp32 AdamW training memory: weights, gradients, optimizer state, activations, teacher.
 
     ``teacher_mode`` "online" keeps the teacher's fp32 weights and dense logits in memory;
-    "cached" reads sparse top-k soft labels from disk instead (a few MB per batch).
+    "cached" reads sparse top-k soft labels from disk instead (a few MB per batch). ``half``:
+    bf16/fp16 autocast on an accelerator (distill/device.py) — the student keeps fp32 weights,
+    gradients and AdamW state, its saved activations are half precision, the losses (and so the
+    logits) stay fp32, and the frozen teacher is held in half precision.
     """
+    act = 2 if half else 4
     p = shape.params
     trainable = p if method == "full" else int(p * lora_fraction)
     weights = 4 * p
@@ -465,13 +469,13 @@ def estimate_train(shape: ModelShape, *, budget_bytes: int, device: str, method:
     # Per layer and token: ~34·hidden bytes of saved activations at fp32 (Korthikanti et al.
     # count 34·h at fp16 for the MLP/attention inputs; we store fewer, in fp32) plus the
     # attention probabilities; checkpointing keeps only each block's input.
-    per_layer = tokens * (shape.hidden * 4 if checkpointing else 17 * shape.hidden * 4
-                          + shape.n_heads * seq_len * 4)
+    per_layer = tokens * (shape.hidden * act if checkpointing else 17 * shape.hidden * act
+                          + shape.n_heads * seq_len * act)
     logits = 3 * tokens * shape.vocab * 4       # student logits, their gradient, log-softmax
     acts = shape.n_layers * per_layer + logits
     teacher_b = 0
     if teacher is not None:
-        teacher_b = (4 * teacher.params + tokens * teacher.vocab * 4) if teacher_mode == "online" \
+        teacher_b = (act * teacher.params + tokens * teacher.vocab * act) if teacher_mode == "online" \
             else tokens * 32 * 8
     total = weights + grads + optim + acts + teacher_b
     return TrainEstimate(device, method, micro_batch, seq_len, weights, grads, optim, acts,

@@ -90,6 +90,13 @@ def test_planner_budget_and_peak_on_the_cpu_are_the_profile_and_rss() -> None:
     assert peak_memory_mb(CPU, 123.0) == 123.0
 
 
+@pytest.mark.parametrize(("free_mb", "expected"), [(6000, 4096), (3000, 3000)])
+def test_on_cuda_the_planner_plans_within_free_memory_capped_at_the_profile(free_mb: int, expected: int) -> None:
+    cuda = Device("cuda", "bf16", "test")
+    budget, source = device_memory_mb(cuda, 4096, free_mb=free_mb)
+    assert budget == expected and str(free_mb) in source
+
+
 def _forward_dtypes(trainee) -> list[torch.dtype]:
     seen: list[torch.dtype] = []
     layer = trainee.model.get_decoder().layers[0].mlp.down_proj
@@ -148,3 +155,24 @@ def test_cli_refuses_an_absent_device_in_one_line(tmp_path: Path) -> None:
     assert done.returncode == 2
     lines = [line for line in done.stderr.splitlines() if line.strip()]
     assert any("--device cuda is not available in this process (found: cpu" in line for line in lines)
+
+
+def test_planner_arithmetic_for_an_8gb_cuda_board_in_bf16_and_fp32() -> None:
+    # The VRAM plan of a 1B-class student (Llama-3.2-1B's shape) on an 8 GB CUDA board with 7800 MB
+    # free: full fine-tuning never fits (fp32 master weights + AdamW alone are ~19 GB), so LoRA;
+    # bf16 autocast saves half-size activations and so affords micro-batch 4 where fp32 needs 2.
+    from edgepack.distill.plan import plan_training
+    from edgepack.memory import ModelShape
+
+    shape = ModelShape(16, 2048, 32, 8, 64, 8192, 128256, 1_235_814_400, 128256 * 2048, True)
+    budget, source = device_memory_mb(Device("cuda", "bf16", "test"), 8192, free_mb=7800)
+    assert budget == 7800 and "below the profile's 8192 MB" in source
+
+    def planned(precision: str):
+        return plan_training(shape, teacher=None, teacher_mode="none", budget_mb=budget, baseline_mb=0,
+                             batch_size=8, micro_batch=4, seq_len=256, device="cuda", precision=precision)
+
+    fp32, bf16 = planned("fp32"), planned("bf16")
+    assert (fp32.method, fp32.micro_batch, fp32.checkpointing) == ("lora", 2, False)
+    assert (bf16.method, bf16.micro_batch, bf16.checkpointing) == ("lora", 4, False)
+    assert fp32.planned_peak_mb == pytest.approx(6938.8, abs=1) and bf16.planned_peak_mb == pytest.approx(7690.3, abs=1)
