@@ -43,6 +43,7 @@ Verdict rules (also in the report's ``policy``):
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import os
 import platform
@@ -503,6 +504,10 @@ def _holdout_quality(model_path: Path, fmt: str, rows: list[dict[str, Any]], thr
         return quality
     if quality.get("error"):
         kld: dict[str, Any] = {"reference": str(reference), "skipped": "the holdout could not be answered"}
+    elif missing := [p for p in ("torch", "transformers") if importlib.util.find_spec(p) is None]:
+        # The lean runtime install (dist/runtime) has no torch: say so as the gate's reason, never skip silently.
+        kld = {"reference": str(reference), "error": f"{' and '.join(missing)} not installed (the lean runtime "
+               "install): the KLD child runs the unquantized student in transformers; gate with the full install"}
     else:
         progress("gate: KLD vs reference", 0, 1)
         kld = holdout_kld(reference, model_path, rows=rows, threads=threads, timeout_s=timeout_s)

@@ -16,6 +16,7 @@ legend instead of squashing the axis.
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 from typing import Any
 
@@ -104,6 +105,8 @@ def gate_markdown(report: dict[str, Any], png_name: str | None = None) -> str:
             lines.append(f"Not computed: {eff.get('error') or eff.get('note')}")
     if png_name:
         lines += ["", f"![latency distribution]({png_name})"]
+    elif not has_matplotlib():
+        lines += ["", NO_MATPLOTLIB]
     lines += ["", f"Policy: {report.get('policy', '')}", ""]
     return "\n".join(lines)
 
@@ -199,6 +202,14 @@ def _budget_line(ax: Any, value: float | None, data: list[float], label: str, ve
     (ax.axvline if vertical else ax.axhline)(value, color="red", linestyle="--", label=label)
 
 
+NO_MATPLOTLIB = "No plot: matplotlib is not installed (the lean runtime install leaves it out)."
+
+
+def has_matplotlib() -> bool:
+    """Whether plots can be drawn; the lean runtime install (dist/runtime) has no matplotlib."""
+    return importlib.util.find_spec("matplotlib") is not None
+
+
 def latency_png(report: dict[str, Any], path: Path) -> bool:
     """Plot TTFT per run and the per-token decode-time distribution with budget lines.
 
@@ -207,7 +218,7 @@ def latency_png(report: dict[str, Any], path: Path) -> bool:
     m = report.get("measurements") or {}
     ttft = list((m.get("ttft_ms") or {}).get("samples") or [])
     gaps = list((m.get("inter_token_ms") or {}).get("samples") or [])
-    if not m.get("ok") or not ttft:
+    if not m.get("ok") or not ttft or not has_matplotlib():
         return False
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -288,6 +299,8 @@ def search_markdown(result: dict[str, Any], png_name: str | None = None) -> str:
             lines.append(f"- {r['choice']}: {'; '.join(r['reasons'][:3])}")
     if png_name:
         lines += ["", f"![size vs speed]({png_name})"]
+    elif not has_matplotlib():
+        lines += ["", NO_MATPLOTLIB]
     return "\n".join(lines) + "\n"
 
 
@@ -302,7 +315,7 @@ def pareto_png(result: dict[str, Any], path: Path) -> bool:
     """Size (MB) vs decode speed, one point per measured choice, Pareto points ringed."""
     rows = [r for r in result.get("rows", []) if r.get("size_mb") is not None
             and r.get("decode_tokens_per_s") is not None]
-    if not rows:
+    if not rows or not has_matplotlib():
         return False
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
