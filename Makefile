@@ -2,7 +2,12 @@
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
-STAMP  := $(VENV)/.edgepack-installed
+# GPU=cuda (`make setup GPU=cuda`): llama-cpp-python built with CUDA offload (-DGGML_CUDA=on, needs
+# nvcc), and, with TORCH_INDEX set to a PyTorch CUDA wheel index (e.g. .../whl/cu128), a CUDA torch.
+# Unset (the default) is the CPU build below. Metal is on by default in macOS builds of llama.cpp.
+GPU ?=
+$(if $(filter-out cuda,$(GPU)),$(error GPU=$(GPU): only GPU=cuda is supported (leave it unset for the CPU build)))
+STAMP  := $(VENV)/.edgepack-installed$(if $(GPU),-$(GPU),)
 # torch is pinned to the CPU build; pip finds the wheel via PIP_FIND_LINKS where a local
 # copy exists, else set TORCH_INDEX to a PyTorch CPU wheel index for your platform.
 TORCH_INDEX ?=
@@ -14,7 +19,7 @@ TORCH_FLAGS := $(if $(TORCH_INDEX),--extra-index-url $(TORCH_INDEX),)
 # native or GPU build. The wheel is kept in a folder keyed by version and flags, because pip's own
 # wheel cache ignores CMAKE_ARGS and would hand back whatever it built first.
 LLAMA_CPP_VERSION := $(shell sed -n 's/.*"llama-cpp-python==\([0-9.]*\)".*/\1/p' pyproject.toml)
-LLAMA_CMAKE_ARGS ?= $(if $(filter x86_64,$(shell uname -m)),-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON,)
+LLAMA_CMAKE_ARGS ?= $(if $(filter x86_64,$(shell uname -m)),-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON,)$(if $(filter cuda,$(GPU)), -DGGML_CUDA=on,)
 WHEELHOUSE := $(HOME)/.cache/edgepack/wheels/$(shell echo '$(LLAMA_CPP_VERSION) $(LLAMA_CMAKE_ARGS)' | sha256sum | cut -c1-12)
 # llama.cpp's own server, for the test that the bundle gives its gated answers there too (#15):
 # built from the llama.cpp source vendored in the same llama-cpp-python sdist, with the same
