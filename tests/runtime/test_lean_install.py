@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import platform
 import socket
 import subprocess
 from pathlib import Path
@@ -52,7 +53,8 @@ def device(tiny_gguf: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[st
     holdout = folder / "holdout.jsonl"
     holdout.write_text("".join(json.dumps(r) + "\n" for r in HOLDOUT_ROWS))
     return {"bundle": task_bundle(tiny_gguf, folder / "tiny.edgepack", tiny_task(), n_ctx=512),
-            "profile": write_profile(folder, "lean", choices='["gguf:F16"]', context_length=512),
+            "profile": write_profile(folder, "lean", choices='["gguf:F16"]', context_length=512,
+                                      arch=platform.machine()),
             "holdout": holdout, "cache": folder / "cache"}
 
 
@@ -110,3 +112,25 @@ def test_serve_answers_one_request(lean_bin: Path, device: dict[str, Path]) -> N
     with LoopbackServer(command, port, device["cache"].parent / "serve.log", env=env) as server:
         assert server.chat({"model": "tiny", "messages": [{"role": "user", "content": "Pump noise"}],
                             "max_tokens": 4})
+
+
+def test_onnx_folder_runs_and_gates(lean_bin: Path, device: dict[str, Path], tiny_onnx: dict[str, Any]) -> None:
+    """The ONNX backend needs onnxruntime and tokenizers only (no onnx, no optimum)."""
+    folder = tiny_onnx["path"]
+    ran = _edgepack(lean_bin, device, "run", str(folder), "--prompt", "Pump noise", "--max-tokens", "4", "--json")
+    assert json.loads(ran.stdout)["completion"]
+    profile = write_profile(device["cache"].parent, "lean-onnx", choices='["onnx:int4"]', context_length=512,
+                            arch=platform.machine())
+    gate = _edgepack(lean_bin, device, "gate", str(folder), "-p", str(profile), "--json")  # generous budgets: PASS
+    assert json.loads(gate.stdout)["measurements"]["ok"]
+
+
+def test_runtime_pyproject_takes_the_pins_from_pyproject() -> None:
+    """The lean distribution's pins are the full one's (selected, never written twice)."""
+    build = _build_module()
+    root = (ROOT / "pyproject.toml").read_text()
+    generated = build.runtime_pyproject(root)
+    assert 'name = "edgepack-runtime"' in generated and "torch" not in build.runtime_pins()
+    assert all(f'"{pin}",' in root for pin in build.runtime_pins())
+    assert len(build.runtime_pins()) == len(build.RUNTIME)
+    assert generated.split("[tool.setuptools]")[1] == root.split("[tool.setuptools]")[1]  # same package layout
