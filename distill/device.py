@@ -190,3 +190,19 @@ def peak_measure(device: Device) -> str:
     """What :func:`peak_memory_mb` measured, for the report."""
     return {"cuda": "torch.cuda.max_memory_allocated", "mps": "torch.mps.driver_allocated_memory"}.get(
         device.name, "peak RSS")
+
+
+def to_device(value: Any, where: torch.device | str) -> Any:
+    """``value``'s tensors on ``where``: a tensor, a dataclass of tensors (losses.SparseTargets) or a
+    tuple of those. Targets read from disk live on the CPU; the student's logits on the device.
+    On the CPU nothing is copied (Tensor.to returns the tensor itself)."""
+    import dataclasses
+
+    if isinstance(value, torch.Tensor):
+        return value.to(where)
+    if isinstance(value, tuple):
+        return tuple(to_device(v, where) for v in value)
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return dataclasses.replace(value, **{f.name: to_device(getattr(value, f.name), where)
+                                             for f in dataclasses.fields(value) if f.init})
+    return value

@@ -35,7 +35,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from edgepack.atomic import atomic_path, clean_stale, is_complete, write_json, write_text
 from edgepack.constants import (COMPLETE_MARKER, DATA_DIR, SOFTLABELS_DIR, SOFTLABELS_INDEX, TEACHER_CONTEXT,
@@ -43,6 +43,9 @@ from edgepack.constants import (COMPLETE_MARKER, DATA_DIR, SOFTLABELS_DIR, SOFTL
 from edgepack.errors import DataError, InvalidModelFile, RunDirError, UsageError
 from edgepack.hashing import sha256_file
 from edgepack.progress import ProgressFn, null_progress
+
+if TYPE_CHECKING:
+    from edgepack.distill.device import Device
 
 FORMAT_VERSION = 1
 DEFAULT_K = 32
@@ -87,7 +90,7 @@ def _teacher_dir(run_dir: Path) -> Path:
 
 
 def _identity(run_dir: Path, teacher_dir: Path, *, k: int, samples: int, seed: int, max_length: int,
-              shard_rows: int) -> dict[str, Any]:
+              shard_rows: int, device: Device | None = None) -> dict[str, Any]:
     data_dir = run_dir / DATA_DIR
     context = data_dir / TEACHER_CONTEXT
     return {
@@ -99,6 +102,8 @@ def _identity(run_dir: Path, teacher_dir: Path, *, k: int, samples: int, seed: i
         "context_sha256": sha256_file(context) if context.is_file() else None,
         "k": k, "samples": samples, "seed": seed, "max_length": max_length, "shard_rows": shard_rows,
         "temperature": 1.0,
+        **({} if device is None or device.name == "cpu" else {"teacher_device": device.name,  # CPU: no key
+                                                              "teacher_dtype": str(device.teacher_dtype)}),
     }
 
 
@@ -224,9 +229,12 @@ def _existing_shard(path: Path, identity: dict[str, Any], rows: tuple[int, int],
 
 def cache_soft_labels(run_dir: Path, *, k: int = DEFAULT_K, samples: int = 0, seed: int = 0,
                       shard_rows: int = DEFAULT_SHARD_ROWS, max_length: int = DEFAULT_MAX_LENGTH,
-                      micro_batch: int = MICRO_BATCH, progress: ProgressFn = null_progress) -> dict[str, Any]:
+                      micro_batch: int = MICRO_BATCH, progress: ProgressFn = null_progress,
+                      device: Device | None = None) -> dict[str, Any]:
     """Cache the teacher's sparse distribution at every answer token of RUN/data/train.jsonl.
 
+    ``device`` (distill/device.py; None: the CPU) runs the teacher, in half precision on an
+    accelerator (in the identity); top-k and sampling run on the CPU.
     Writes RUN/softlabels/ (shards, index.json, .complete) and returns the index. ``k`` top
     tokens per position plus the tail mass; ``samples`` > 0 also stores that many draws from
     the teacher per position. A rerun skips finished shards; a complete store with the same
@@ -242,7 +250,7 @@ def cache_soft_labels(run_dir: Path, *, k: int = DEFAULT_K, samples: int = 0, se
     teacher_dir = _teacher_dir(run_dir)
     if not is_complete(teacher_dir):
         raise RunDirError(f"{teacher_dir} is missing or incomplete", hint="run `edgepack distill data` first")
-    identity = _identity(run_dir, teacher_dir, k=k, samples=samples, seed=seed, max_length=max_length,
+    identity = _identity(run_dir, teacher_dir, k=k, samples=samples, seed=seed, max_length=max_length, device=device,
                          shard_rows=shard_rows)
     out = run_dir / SOFTLABELS_DIR
     if is_complete(out):
@@ -252,11 +260,12 @@ def cache_soft_labels(run_dir: Path, *, k: int = DEFAULT_K, samples: int = 0, se
     known = _known_digests(out)
     import transformers  # noqa: F401  (before the clock: wall_s times the caching, not the import)
     t_start = time.perf_counter()
-    rows, examples, too_long, teacher, pad_id = _load_teacher_inputs(run_dir, teacher_dir, k=k, max_length=max_length)
+    rows, examples, too_long, teacher, pad_id = _load_teacher_inputs(run_dir, teacher_dir, k=k, max_length=max_length,
+                                                                     device=device)
     out.mkdir(parents=True, exist_ok=True)
     clean_stale(out)
     run = _CachePass(teacher=teacher, examples=examples, pad_id=pad_id, progress=progress,
-                     total_tokens=sum(e.answer_tokens for e in examples))
+                     total_tokens=sum(e.answer_tokens for e in examples), device=device or _cpu())
     run.advance(0, 0)
     shards: list[dict[str, Any]] = []
     stats: list[dict[str, Any]] = []
@@ -301,7 +310,7 @@ def _known_digests(out: Path) -> dict[str, str]:
         return {}
 
 
-def _load_teacher_inputs(run_dir: Path, teacher_dir: Path, *, k: int, max_length: int
+def _load_teacher_inputs(run_dir: Path, teacher_dir: Path, *, k: int, max_length: int, device: Device | None
                          ) -> tuple[list[dict[str, Any]], list[Any], int, Any, int]:
     """(train rows, their Examples as training builds them, rows too long, the fp32 teacher, pad id)."""
     import torch
@@ -320,11 +329,19 @@ def _load_teacher_inputs(run_dir: Path, teacher_dir: Path, *, k: int, max_length
     if not examples:
         raise DataError(f"no training row fits max_length={max_length} tokens ({too_long} too long)")
     teacher = AutoModelForCausalLM.from_pretrained(teacher_dir, dtype=torch.float32)
+    if device is not None:
+        teacher = teacher.to(device.name, dtype=device.teacher_dtype)
     teacher.eval().requires_grad_(False)
     vocab = teacher.get_output_embeddings().weight.shape[0]
     if k > vocab:
         raise UsageError(f"k={k} is larger than the teacher's vocabulary ({vocab} tokens)")
     return rows, examples, too_long, teacher, pad_id
+
+
+def _cpu() -> Device:
+    from edgepack.distill.device import CPU
+
+    return CPU
 
 
 @dataclass
@@ -336,6 +353,7 @@ class _CachePass:
     pad_id: int
     progress: ProgressFn
     total_tokens: int
+    device: Any = None
     prefix: Any = None
     done_rows: int = 0
     done_tokens: int = 0
@@ -357,14 +375,16 @@ def _compute_shard(run: _CachePass, path: Path, identity: dict[str, Any], rows: 
     from edgepack.distill.batching import TeacherPrefix
 
     if run.prefix is None:
-        run.prefix = TeacherPrefix(run.teacher, run.examples)
+        with run.device.placement():
+            run.prefix = TeacherPrefix(run.teacher, run.examples)
         run.timing["teacher_prefix_tokens"] = run.prefix.length
     start, end = rows
     parts = []
     for mb in range(start, end, micro_batch):
         part = run.examples[mb:min(mb + micro_batch, end)]
         t0 = time.perf_counter()
-        logits = run.prefix.logits(run.teacher, part, run.pad_id)
+        with run.device.placement():
+            logits = run.prefix.logits(run.teacher, part, run.pad_id).float().cpu()
         t1 = time.perf_counter()
         # Sparsified per micro-batch: a shard's dense logits would be rows × V fp32.
         parts.append(_sparsify(logits, list(range(mb, mb + len(part))), [e.answer_tokens for e in part],

@@ -30,6 +30,7 @@ from typing import Any, Protocol
 import torch
 
 from edgepack.distill.batching import Example, TeacherPrefix
+from edgepack.distill.device import to_device
 from edgepack.distill.losses import blend, cross_entropy
 from edgepack.distill.modes import DENSE, RESPONSE_ONLY, SOFT_LABELS, TOP_LOGPROBS
 from edgepack.errors import UsageError
@@ -157,8 +158,9 @@ def dense_loss(s_logits: torch.Tensor, micro: MicroBatch, objective: Objective) 
 def soft_labels_loss(s_logits: torch.Tensor, micro: MicroBatch, objective: Objective) -> LossTerms:
     """KD against the cached sparse targets (aligned with the answer positions, checked), blended with CE."""
     divergence, targets = _checked(objective)
-    return _blended(s_logits, micro, objective,
-                    lambda: divergence(s_logits, targets.targets(micro.indices, micro.examples)))
+    return _blended(s_logits, micro, objective,  # the cache is read on the CPU; the logits may be on a GPU
+                    lambda: divergence(s_logits, to_device(targets.targets(micro.indices, micro.examples),
+                                                           s_logits.device)))
 
 
 @register_mode_loss(TOP_LOGPROBS)
@@ -167,7 +169,7 @@ def top_logprobs_loss(s_logits: torch.Tensor, micro: MicroBatch, objective: Obje
     divergence, targets = _checked(objective)
 
     def kd() -> torch.Tensor:
-        sparse, mask = targets.targets(micro.indices, micro.examples)
+        sparse, mask = to_device(targets.targets(micro.indices, micro.examples), s_logits.device)
         return divergence(s_logits, sparse, mask)
 
     return _blended(s_logits, micro, objective, kd)

@@ -197,7 +197,7 @@ def _cached_soft_labels(request: TrainRequest, tok: Any, rows: list[dict[str, An
 
     cfg = request.config
     cache_soft_labels(request.run_dir, k=cfg.soft_k, samples=cfg.soft_samples, seed=request.seed,
-                      max_length=cfg.max_length, progress=progress)
+                      max_length=cfg.max_length, progress=progress, device=request.device)
     return open_soft_labels(request.run_dir, max_length=cfg.max_length)
 
 

@@ -176,3 +176,14 @@ def test_planner_arithmetic_for_an_8gb_cuda_board_in_bf16_and_fp32() -> None:
     assert (fp32.method, fp32.micro_batch, fp32.checkpointing) == ("lora", 2, False)
     assert (bf16.method, bf16.micro_batch, bf16.checkpointing) == ("lora", 4, False)
     assert fp32.planned_peak_mb == pytest.approx(6938.8, abs=1) and bf16.planned_peak_mb == pytest.approx(7690.3, abs=1)
+
+
+def test_targets_read_on_the_cpu_follow_the_logits_device_without_a_copy_on_the_cpu() -> None:
+    from edgepack.distill.device import to_device
+    from edgepack.distill.losses import SparseTargets
+
+    sparse = SparseTargets(torch.zeros(2, 3, dtype=torch.long), torch.zeros(2, 3), torch.zeros(2))
+    moved, mask = to_device((sparse, torch.ones(2, dtype=torch.bool)), torch.device("cpu"))
+    assert moved.topk_ids is sparse.topk_ids and moved.sample_ids is None and mask.dtype == torch.bool
+    on_meta = to_device(sparse, "meta")  # another device: every tensor field moves
+    assert {t.device.type for t in (on_meta.topk_ids, on_meta.topk_logprobs, on_meta.tail_logmass)} == {"meta"}
