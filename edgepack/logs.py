@@ -71,11 +71,13 @@ class _StageFileHandler(logging.FileHandler):
 
 
 @contextmanager
-def stage_log(stage: str, run_dir: Path | None = None) -> Iterator[Path]:
+def stage_log(stage: str, run_dir: Path | None = None, *, hf_logging: bool = True) -> Iterator[Path]:
     """Route third-party logs, warnings and progress lines of ``stage`` to its log file.
 
     Yields the log's path. On an exception the path is printed once (when anything was
-    written) and the exception propagates unchanged.
+    written) and the exception propagates unchanged. ``hf_logging=False``: a stage that never
+    loads transformers or optimum in its own process (the gate) leaves their logging alone, since
+    rerouting it imports them (about 2 s with torch, and absent from the lean runtime install).
     """
     path = stage_log_path(stage, run_dir)
     handler = _StageFileHandler(path, stage)
@@ -86,7 +88,7 @@ def stage_log(stage: str, run_dir: Path | None = None) -> Iterator[Path]:
             stack.enter_context(_root_handlers(handler, verbose))
             stack.enter_context(_progress_logger(handler))
             stack.enter_context(_captured_warnings())
-            stack.callback(_quiet_libraries(verbose))
+            stack.callback(_quiet_libraries(verbose, hf_logging))
             yield path
     except BaseException:
         handler.close()
@@ -147,14 +149,14 @@ def _captured_warnings() -> Iterator[None]:
             logging.captureWarnings(False)
 
 
-def _quiet_libraries(verbose: bool) -> Callable[[], None]:
+def _quiet_libraries(verbose: bool, hf_logging: bool = True) -> Callable[[], None]:
     """Turn off transformers' own stderr handler and bars, tqdm and onnxruntime's C++ log; return the undo."""
     undo: list[Callable[[], None]] = []
     if not verbose and "tqdm" not in sys.modules:  # tqdm reads TQDM_* defaults once, at import
         previous = os.environ.get("TQDM_DISABLE")
         os.environ["TQDM_DISABLE"] = "1"  # transformers' GGUF loader uses tqdm directly
         undo.append(lambda: _restore_env("TQDM_DISABLE", previous))
-    for package, module in HF_STYLE_LOGGING:
+    for package, module in HF_STYLE_LOGGING if hf_logging else ():
         if importlib.util.find_spec(package) is not None:
             undo.append(_reroute_hf_logging(importlib.import_module(module), verbose))
     if importlib.util.find_spec("onnxruntime") is not None:

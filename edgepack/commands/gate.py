@@ -44,7 +44,8 @@ def gate_cmd(
 
     from edgepack.logs import run_dir_of, stage_log
 
-    with stage_log("gate", run_dir_of(artifact)), progress_bars(not json_out) as progress:
+    # The gate loads no transformers here (its KLD child is a process of its own).
+    with stage_log("gate", run_dir_of(artifact), hf_logging=False), progress_bars(not json_out) as progress:
         result = run_gate(artifact=artifact, profile=prof, holdout=holdout, progress=progress, key=key,
                           reference=reference, warn=warn)
     written = write_gate_reports(result, report.parent, stem=report.stem) if report is not None else {}
@@ -120,7 +121,7 @@ def _search(target: Path, prof: Any, holdout: Path | None, report: Path | None, 
     is_run = target.is_dir() and ((target / RUN_TOML).is_file() or (target / ARTIFACTS_DIR).is_dir())
     from edgepack.logs import run_dir_of, stage_log
 
-    with stage_log("gate", run_dir_of(target)), progress_bars(not json_out) as progress:
+    with stage_log("gate", run_dir_of(target), hf_logging=False), progress_bars(not json_out) as progress:
         result = search(profile=prof, run_dir=target if is_run else None, artifacts=None if is_run else [target],
                         holdout=holdout, progress=progress, stop_at_first=stop_at_first)
     # Never into RUN/gate/: `edgepack pack` reads every JSON there as a gate report.
