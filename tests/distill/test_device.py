@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from edgepack.distill.batching import deterministic_torch
-from edgepack.distill.device import (CPU, Device, ddp_backend, device_memory_mb, peak_memory_mb, resolve_device)
+from edgepack.distill.device import CPU, Device, ddp_backend, device_memory_mb, peak_memory_mb, resolve_device
 from edgepack.distill.train import TrainConfig, train_student
 from edgepack.distill.train_step import TrainState, train_step
 from edgepack.errors import UsageError
@@ -187,3 +187,14 @@ def test_targets_read_on_the_cpu_follow_the_logits_device_without_a_copy_on_the_
     assert moved.topk_ids is sparse.topk_ids and moved.sample_ids is None and mask.dtype == torch.bool
     on_meta = to_device(sparse, "meta")  # another device: every tensor field moves
     assert {t.device.type for t in (on_meta.topk_ids, on_meta.topk_logprobs, on_meta.tail_logmass)} == {"meta"}
+
+
+def test_the_gpu_check_refuses_without_cuda_in_one_line(tmp_path: Path) -> None:
+    # bench/gpu/check.py has not run on a GPU here; on the CPU only its refusal can be checked.
+    if torch.cuda.is_available():
+        pytest.skip("LOUD: this machine has CUDA; run bench/gpu/check.py itself instead")
+    root = Path(__file__).resolve().parents[2]
+    done = subprocess.run([sys.executable, str(root / "bench" / "gpu" / "check.py"), "--out", str(tmp_path / "r.json")],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and not (tmp_path / "r.json").exists()
+    assert done.stderr.strip().count("\n") == 0 and "no CUDA device" in done.stderr
