@@ -134,3 +134,31 @@ def test_runtime_pyproject_takes_the_pins_from_pyproject() -> None:
     assert all(f'"{pin}",' in root for pin in build.runtime_pins())
     assert len(build.runtime_pins()) == len(build.RUNTIME)
     assert generated.split("[tool.setuptools]")[1] == root.split("[tool.setuptools]")[1]  # same package layout
+
+
+# Runs the CLI in the full venv, then names every workstation package the command imported.
+_IMPORTS_PROBE = """
+import atexit, json, sys
+watched = set(sys.argv.pop(1).split(","))
+atexit.register(lambda: sys.stderr.write("IMPORTED " + json.dumps(sorted(
+    {m.split(".")[0] for m in sys.modules} & watched)) + "\\n"))
+from edgepack.cli import main
+sys.argv[0] = "edgepack"
+main()
+"""
+
+
+@pytest.mark.parametrize("command", [["verify"], ["run", "--prompt", "hi", "--max-tokens", "1"],
+                                     ["chat", "--max-tokens", "1"], ["gate", "-p", "{profile}"]])
+def test_device_commands_import_no_workstation_package_in_the_full_install(
+        device: dict[str, Path], command: list[str]) -> None:
+    """In the full install too: the device commands never pay for torch's import (``gate`` did, to
+    reroute transformers' logging)."""
+    import sys
+
+    args = [command[0], str(device["bundle"]), *(a.format(profile=device["profile"]) for a in command[1:])]
+    env = dict(os.environ, EDGEPACK_CACHE=str(device["cache"]))
+    done = subprocess.run([sys.executable, "-c", _IMPORTS_PROBE, ",".join(ABSENT + ("sklearn", "scipy")), *args],
+                          input="hi\n\n", capture_output=True, text=True, env=env, timeout=600, cwd=ROOT)
+    assert done.returncode == 0, done.stderr
+    assert "IMPORTED []" in done.stderr, done.stderr[-2000:]
