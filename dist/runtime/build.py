@@ -73,8 +73,8 @@ def build(out_dir: Path) -> Path:
                                "-w", str(out_dir), str(stage)], capture_output=True, text=True)
         if done.returncode:
             raise SystemExit(f"pip wheel failed:\n{done.stdout}{done.stderr}")
-    wheels = sorted(set(out_dir.glob("edgepack_runtime-*.whl")) - before) or sorted(out_dir.glob("edgepack_runtime-*.whl"))
-    return wheels[-1]
+    made = set(out_dir.glob("edgepack_runtime-*.whl"))
+    return sorted(made - before or made)[-1]  # an unchanged rebuild overwrites the same file
 
 
 def runtime_pins() -> list[str]:
