@@ -34,6 +34,12 @@ NAME = "edgepack-runtime"
 RUNTIME = ("llama-cpp-python", "onnxruntime", "numpy", "tokenizers", "gguf", "jinja2", "rich", "typer",
            "psutil", "cryptography", "jsonschema", "scikit-learn", "sacrebleu", "rouge-score")
 SOURCES = ("edgepack", "distill", "export", "runtime", "profiles", "README.md")
+
+
+class BuildError(RuntimeError):
+    """The runtime distribution or its venv could not be made (the message says which step)."""
+
+
 _DEPS = re.compile(r"^dependencies = \[\n(.*?)^\]\n", re.M | re.S)
 
 
@@ -41,17 +47,17 @@ def runtime_pyproject(text: str) -> str:
     """The repository's pyproject.toml renamed to ``edgepack-runtime`` with only the RUNTIME pins."""
     block = _DEPS.search(text)
     if block is None:
-        raise SystemExit("pyproject.toml: no `dependencies = [` block")
+        raise BuildError("pyproject.toml: no `dependencies = [` block")
     pins = {re.split(r"[=<>!~\[ ]", line.strip().strip('",'))[0].lower(): line
             for line in block.group(1).splitlines() if line.strip().startswith('"')}
     missing = [n for n in RUNTIME if n not in pins]
     if missing:
-        raise SystemExit(f"pyproject.toml pins none of {missing}: update RUNTIME in {__file__}")
+        raise BuildError(f"pyproject.toml pins none of {missing}: update RUNTIME in {__file__}")
     deps = "".join(pins[n] + "\n" for n in RUNTIME)
     out = text[:block.start()] + f"dependencies = [\n{deps}]\n" + text[block.end():]
     out, n = re.subn(r'^name = "edgepack"$', f'name = "{NAME}"', out, count=1, flags=re.M)
     if n != 1:
-        raise SystemExit('pyproject.toml: no `name = "edgepack"` line')
+        raise BuildError('pyproject.toml: no `name = "edgepack"` line')
     return out
 
 
@@ -72,7 +78,7 @@ def build(out_dir: Path) -> Path:
         done = subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-build-isolation",
                                "-w", str(out_dir), str(stage)], capture_output=True, text=True)
         if done.returncode:
-            raise SystemExit(f"pip wheel failed:\n{done.stdout}{done.stderr}")
+            raise BuildError(f"pip wheel failed:\n{done.stdout}{done.stderr}")
     made = set(out_dir.glob("edgepack_runtime-*.whl"))
     return sorted(made - before or made)[-1]  # an unchanged rebuild overwrites the same file
 
@@ -107,7 +113,7 @@ def lean_venv(cache: Path, wheelhouses: list[Path]) -> Path:
 def _run(cmd: list[str]) -> None:
     done = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PIP_DISABLE_PIP_VERSION_CHECK": "1"})
     if done.returncode:
-        raise SystemExit(f"{' '.join(cmd)} failed:\n{done.stdout}{done.stderr}")
+        raise BuildError(f"{' '.join(cmd)} failed:\n{done.stdout}{done.stderr}")
 
 
 def default_wheelhouses() -> list[Path]:
@@ -120,9 +126,12 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "build" / "runtime", help="wheel folder")
     parser.add_argument("--venv", action="store_true", help="also make the cached lean venv (~/.cache/edgepack)")
     args = parser.parse_args()
-    print(build(args.out))
-    if args.venv:
-        print(lean_venv(Path.home() / ".cache" / "edgepack", default_wheelhouses()))
+    try:
+        print(build(args.out))
+        if args.venv:
+            print(lean_venv(Path.home() / ".cache" / "edgepack", default_wheelhouses()))
+    except BuildError as e:
+        raise SystemExit(f"error: {e}") from None
 
 
 if __name__ == "__main__":
