@@ -159,3 +159,25 @@ def test_a_gemma3_gguf_teacher_materializes_for_distill_data(tiny_llama_dir: Pat
     ids = tok.encode(PROMPTS[0], add_special_tokens=False)
     ref, got = hf_logits(teacher, ids), llama_logits(gguf_path, ids)
     assert np.array_equal(ref.argmax(-1), got.argmax(-1)) and float(np.abs(ref - got).max()) < 0.05
+
+
+@pytest.mark.slow  # about 2 minutes per family on 2 cores: the whole pipeline, three artifacts gated
+@pytest.mark.parametrize("name", list(BUILDERS))
+def test_pipeline_gates_a_gemma3_or_phi3_student(name: str, tiny_llama_dir: Path, tmp_path: Path) -> None:
+    """distill data → train → eval → export (GGUF and ONNX) → gate → pack → run, for each family."""
+    from edgepack.pipeline import PipelineConfig, run_pipeline
+    from tests.edgepack.test_pipeline import _lenient_profile, _prompts, _rows
+    from tests.tiny import teach_tiny
+
+    teacher = teach_tiny(BUILDERS[name](tiny_llama_dir, tmp_path / "teacher"),
+                         [(r["prompt"], r["reference"]) for r in _rows(12)])
+    cfg = PipelineConfig(profile=load_profile(_lenient_profile(tmp_path)), teacher=str(teacher),
+                         data=_prompts(tmp_path / "p.jsonl", 12), run_dir=tmp_path / "run", steps=2, limit=None, seed=0)
+    result = run_pipeline(cfg)
+    assert [s["stage"] for s in result["stages"]] == ["distill data", "distill train", "eval", "export", "gate",
+                                                      "pack", "run"]
+    assert result["verdict"] == "PASS", result["gates"]
+    # Every choice (GGUF Q8_0 and Q4_0, ONNX int4) was exported, measured and is a row of the gate table.
+    assert [r["format"] for r in result["summary"]] == ["gguf", "gguf", "onnx"]
+    assert all(r["decode_tokens_per_s"] > 0 and r["peak_memory_mb"] > 0 for r in result["summary"])
+    assert _load(tmp_path / "run" / STUDENT_DIR).config.architectures == [name]
