@@ -171,6 +171,19 @@ def device_memory_mb(device: Device, profile_mb: int, free_mb: int | None = None
     return profile_mb, "profile memory_mb"
 
 
+def seeded(device: Device, seed: int) -> AbstractContextManager[Any]:
+    """The training recipe's RNG context: on the CPU seeded and deterministic algorithms on
+    (bit-identical weights); elsewhere seeded only — torch's deterministic mode raises on CUDA
+    for cuBLAS without CUBLAS_WORKSPACE_CONFIG and for ops with no deterministic kernel, and the
+    run is reported as not bit-reproducible anyway."""
+    from edgepack.distill.batching import deterministic_torch
+
+    if device.bit_reproducible:
+        return deterministic_torch(seed)
+    torch.manual_seed(seed)  # seeds every device's generator
+    return nullcontext()
+
+
 def reset_peak_memory(device: Device) -> None:
     """Start measuring the device's peak allocation (CUDA); the CPU's peak is RSS (train_save.py)."""
     if device.name == "cuda":

@@ -122,8 +122,7 @@ def train_student(*, run_dir: Path, profile: Profile, student: str = "auto", ste
     ``device`` is cpu, cuda, mps or auto (None: the profile's ``[training] device``) and
     ``precision`` fp32, bf16, fp16 or auto (device.py); an absent device is refused before any work.
     """
-    from edgepack.distill.batching import deterministic_torch
-    from edgepack.distill.device import peak_memory_mb, reset_peak_memory, resolve_device
+    from edgepack.distill.device import peak_memory_mb, reset_peak_memory, resolve_device, seeded
     from edgepack.distill.parallel import from_env
     from edgepack.distill.train_save import peak_rss_mb, reset_peak_rss, rss_mb, save_student, train_report
     from edgepack.distill.train_setup import TrainRequest, build_training, check_inputs, read_training_data
@@ -142,7 +141,7 @@ def train_student(*, run_dir: Path, profile: Profile, student: str = "auto", ste
     baseline_mb = rss_mb() if resolved.name == "cpu" else 0.0
     peak_is_this_call = reset_peak_rss()
     reset_peak_memory(resolved)
-    with deterministic_torch(seed):
+    with seeded(resolved, seed):
         data = read_training_data(request, inputs, progress)
         run = build_training(request, inputs, data, baseline_mb=baseline_mb, parallel=parallel, progress=progress)
         state = _train(request, inputs.identity, run, parallel, progress)

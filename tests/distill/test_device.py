@@ -198,3 +198,17 @@ def test_the_gpu_check_refuses_without_cuda_in_one_line(tmp_path: Path) -> None:
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 2 and not (tmp_path / "r.json").exists()
     assert done.stderr.strip().count("\n") == 0 and "no CUDA device" in done.stderr
+
+
+def test_deterministic_algorithms_only_where_the_run_is_bit_reproducible() -> None:
+    # CUDA's deterministic mode raises on cuBLAS matmuls without CUBLAS_WORKSPACE_CONFIG: not turned on there.
+    from edgepack.distill.device import seeded
+
+    before = torch.are_deterministic_algorithms_enabled()
+    with seeded(CPU, 3):
+        assert torch.are_deterministic_algorithms_enabled()
+        first = torch.rand(2)
+    with seeded(Device("cuda", "bf16", "test"), 3):
+        assert torch.are_deterministic_algorithms_enabled() == before
+        assert torch.equal(torch.rand(2), first)  # seeded all the same
+    assert torch.are_deterministic_algorithms_enabled() == before
