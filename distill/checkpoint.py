@@ -88,7 +88,10 @@ def _write(tmp: Path, step: int, model: Any, optimizer: Any, scheduler: Any, sta
     write_json(tmp / OPTIMIZER_META, {"param_groups": opt["param_groups"], "scalars": scalars,
                                       "param_ids": sorted(opt["state"])})
     write_json(tmp / SCHEDULER_FILE, scheduler.state_dict())
-    save_file({"torch_cpu": torch.get_rng_state()}, str(tmp / RNG_FILE))
+    rng = {"torch_cpu": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():  # a CUDA run (distill/device.py)
+        rng["torch_cuda"] = torch.cuda.get_rng_state()
+    save_file(rng, str(tmp / RNG_FILE))
     write_json(tmp / STATE_FILE, {**state, "step": step})
 
 
@@ -133,7 +136,10 @@ def restore_training_state(path: Path, optimizer: Any, scheduler: Any) -> dict[s
             state.setdefault(int(pid), {})[key] = value
         optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
         scheduler.load_state_dict(json.loads((path / SCHEDULER_FILE).read_text(encoding="utf-8")))
-        torch.set_rng_state(load_file(str(path / RNG_FILE))["torch_cpu"])
+        rng = load_file(str(path / RNG_FILE))
+        torch.set_rng_state(rng["torch_cpu"])
+        if "torch_cuda" in rng and torch.cuda.is_available():
+            torch.cuda.set_rng_state(rng["torch_cuda"])
     except (OSError, ValueError, KeyError, TypeError, AttributeError, RuntimeError, SafetensorError) as exc:
         raise _damaged(path, f"{type(exc).__name__}: {exc}") from exc
     return read_state(path)
