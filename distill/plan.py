@@ -91,6 +91,6 @@ def plan_training(student: ModelShape, *, teacher: ModelShape | None, teacher_mo
                     smallest = (peak, what)
     assert smallest is not None
     raise UsageError(f"training needs at least {smallest[0]:.0f} MB ({smallest[1]}), more than the "
-                     f"{budget_mb:.0f} MB profile {profile_name} allows for training",
+                     f"{budget_mb:.0f} MB profile {profile_name} allows for training on {device}",
                      hint="raise [training] memory_mb in the profile, train against cached soft labels "
                           "(--soft-labels: no teacher in memory), or use a smaller student")

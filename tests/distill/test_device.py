@@ -212,3 +212,16 @@ def test_deterministic_algorithms_only_where_the_run_is_bit_reproducible() -> No
         assert torch.are_deterministic_algorithms_enabled() == before
         assert torch.equal(torch.rand(2), first)  # seeded all the same
     assert torch.are_deterministic_algorithms_enabled() == before
+
+
+def test_a_vram_budget_nothing_meets_names_the_device_and_the_numbers() -> None:
+    from edgepack.distill.plan import plan_training
+    from edgepack.memory import ModelShape
+
+    shape = ModelShape(16, 2048, 32, 8, 64, 8192, 128256, 1_235_814_400, 128256 * 2048, True)
+    budget, _ = device_memory_mb(Device("cuda", "bf16", "test"), 4096, free_mb=3500)
+    with pytest.raises(UsageError, match=r"training needs at least \d+ MB .*more than the 3500 MB profile "
+                                         r"gpu-4gb allows for training on cuda") as caught:
+        plan_training(shape, teacher=None, teacher_mode="none", budget_mb=budget, baseline_mb=0, batch_size=8,
+                      micro_batch=4, seq_len=256, device="cuda", precision="bf16", profile_name="gpu-4gb")
+    assert caught.value.exit_code == 2
