@@ -240,7 +240,9 @@ def cache_soft_labels(run_dir: Path, *, k: int = DEFAULT_K, samples: int = 0, se
     the teacher per position. A rerun skips finished shards; a complete store with the same
     settings is returned as is (``skipped``).
     """
-    run_dir = Path(run_dir)
+    from edgepack.distill.device import CPU
+
+    run_dir, device = Path(run_dir), device or CPU
     if k < 1:
         raise UsageError(f"k must be at least 1 (got {k})")
     if not 0 <= samples <= MAX_SAMPLES:
@@ -265,7 +267,7 @@ def cache_soft_labels(run_dir: Path, *, k: int = DEFAULT_K, samples: int = 0, se
     out.mkdir(parents=True, exist_ok=True)
     clean_stale(out)
     run = _CachePass(teacher=teacher, examples=examples, pad_id=pad_id, progress=progress,
-                     total_tokens=sum(e.answer_tokens for e in examples), device=device or _cpu())
+                     total_tokens=sum(e.answer_tokens for e in examples), device=device)
     run.advance(0, 0)
     shards: list[dict[str, Any]] = []
     stats: list[dict[str, Any]] = []
@@ -310,7 +312,7 @@ def _known_digests(out: Path) -> dict[str, str]:
         return {}
 
 
-def _load_teacher_inputs(run_dir: Path, teacher_dir: Path, *, k: int, max_length: int, device: Device | None
+def _load_teacher_inputs(run_dir: Path, teacher_dir: Path, *, k: int, max_length: int, device: Device
                          ) -> tuple[list[dict[str, Any]], list[Any], int, Any, int]:
     """(train rows, their Examples as training builds them, rows too long, the fp32 teacher, pad id)."""
     import torch
@@ -328,20 +330,13 @@ def _load_teacher_inputs(run_dir: Path, teacher_dir: Path, *, k: int, max_length
     examples, too_long = tokenize_rows(tok, rows, context, max_length)
     if not examples:
         raise DataError(f"no training row fits max_length={max_length} tokens ({too_long} too long)")
-    teacher = AutoModelForCausalLM.from_pretrained(teacher_dir, dtype=torch.float32)
-    if device is not None:
-        teacher = teacher.to(device.name, dtype=device.teacher_dtype)
+    teacher = AutoModelForCausalLM.from_pretrained(teacher_dir, dtype=torch.float32).to(
+        device.name, dtype=device.teacher_dtype)  # a no-op on the CPU
     teacher.eval().requires_grad_(False)
     vocab = teacher.get_output_embeddings().weight.shape[0]
     if k > vocab:
         raise UsageError(f"k={k} is larger than the teacher's vocabulary ({vocab} tokens)")
     return rows, examples, too_long, teacher, pad_id
-
-
-def _cpu() -> Device:
-    from edgepack.distill.device import CPU
-
-    return CPU
 
 
 @dataclass
@@ -353,7 +348,7 @@ class _CachePass:
     pad_id: int
     progress: ProgressFn
     total_tokens: int
-    device: Any = None
+    device: Device
     prefix: Any = None
     done_rows: int = 0
     done_tokens: int = 0
