@@ -150,6 +150,13 @@ def _cuda_bf16(given: bool | None) -> bool:
     return given if given is not None else bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported())
 
 
+def bitsandbytes_usable(device: Device) -> bool:
+    """8-bit optimizer states are planned only on CUDA and only where bitsandbytes is installed."""
+    import importlib.util
+
+    return device.name == "cuda" and importlib.util.find_spec("bitsandbytes") is not None
+
+
 def ddp_backend(device_type: str) -> str:
     """The torch.distributed backend for processes on ``device_type``: NCCL for CUDA, gloo otherwise."""
     return "nccl" if device_type == "cuda" else "gloo"

@@ -42,6 +42,9 @@ class TrainPlan:
     baseline_mb: float
     rejected: tuple[str, ...]
     """Faster candidates that did not fit, one line each."""
+    optimizer: str = "adamw"
+    """``adamw`` (fp32 states) or ``adamw8bit`` (bitsandbytes, CUDA only: full fine-tuning that
+    fits with 8-bit states is tried before LoRA)."""
 
     def describe(self) -> dict[str, Any]:
         return asdict(self)
@@ -57,13 +60,15 @@ def _lora_fraction(shape: ModelShape) -> float:
 
 def plan_training(student: ModelShape, *, teacher: ModelShape | None, teacher_mode: str, budget_mb: float,
                   baseline_mb: float, batch_size: int, micro_batch: int, seq_len: int, device: str = "cpu",
-                  method: str = "auto", profile_name: str = "", precision: str = "fp32") -> TrainPlan:
+                  method: str = "auto", profile_name: str = "", precision: str = "fp32",
+                  eight_bit: bool = False) -> TrainPlan:
     """The first candidate that fits (see module docstring); UsageError when none does.
 
     ``teacher_mode``: ``online`` (dense KD: the teacher's weights and logits in memory),
     ``cached`` (soft labels from disk) or ``none`` (response-only, endpoint logprobs).
     ``precision``: the student's autocast precision (distill/device.py); bf16/fp16 halve the saved
-    activations and the teacher. On an accelerator ``budget_mb`` is device memory and
+    activations and the teacher. ``eight_bit`` (bitsandbytes imports, CUDA): full fine-tuning
+    with 8-bit AdamW states is a candidate after fp32 states and before LoRA. On an accelerator ``budget_mb`` is device memory and
     ``baseline_mb`` 0 (the measured peak there is torch.cuda.max_memory_allocated).
     """
     if method not in ("auto", *METHODS):
@@ -73,19 +78,22 @@ def plan_training(student: ModelShape, *, teacher: ModelShape | None, teacher_mo
     budget = budget_mb * MIB - baseline_mb * MIB
     rejected: list[str] = []
     smallest: tuple[float, str] | None = None
-    for m in methods:
+    candidates = [(m, o) for m in methods
+                  for o in (("adamw", "adamw8bit") if eight_bit and m == "full" else ("adamw",))]
+    for m, optimizer in candidates:
         for checkpointing in (False, True):
             for mb in micro_batches:
                 est = estimate_train(student, budget_bytes=int(budget), device=device, method=m, micro_batch=mb,
                                      seq_len=seq_len, teacher=teacher if teacher_mode != "none" else None,
                                      teacher_mode="cached" if teacher_mode == "cached" else "online",
                                      lora_fraction=_lora_fraction(student), checkpointing=checkpointing,
-                                     half=precision != "fp32")
+                                     half=precision != "fp32", optim_8bit=optimizer == "adamw8bit")
                 peak = baseline_mb + est.total_bytes / MIB
-                what = f"{m}, micro-batch {mb}{', checkpointing' if checkpointing else ''}"
+                what = (f"{m}{', 8-bit AdamW' if optimizer == 'adamw8bit' else ''}, micro-batch {mb}"
+                        f"{', checkpointing' if checkpointing else ''}")
                 if est.fits:
                     return TrainPlan(m, mb, batch_size // mb, checkpointing, round(peak, 1), budget_mb,
-                                     round(baseline_mb, 1), tuple(rejected))
+                                     round(baseline_mb, 1), tuple(rejected), optimizer)
                 rejected.append(f"{what}: {peak:.0f} MB")
                 if smallest is None or peak < smallest[0]:
                     smallest = (peak, what)

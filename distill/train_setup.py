@@ -306,7 +306,12 @@ def _new_student(request: TrainRequest, data: TrainData, teacher: Any, baseline_
 def _trainee(model: Any, description: dict[str, Any], plan: TrainPlan, request: TrainRequest) -> Trainee:
     cfg, steps = request.config, request.steps
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if plan.optimizer == "adamw8bit":  # planned only where bitsandbytes imports, on CUDA (device.py)
+        import bitsandbytes as bnb
+
+        optimizer = bnb.optim.AdamW8bit(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    else:
+        optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     warmup = max(1, round(cfg.warmup_fraction * steps))
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_factor(s, steps, warmup, cfg.min_lr_ratio))
@@ -341,7 +346,7 @@ def plan_for(model: Any, teacher: Any, mode: TrainingMode, request: TrainRequest
     def shape(m: Any) -> Any:
         return shape_from_config(m.config.to_dict(), params=count_params(m))
 
-    from edgepack.distill.device import device_memory_mb
+    from edgepack.distill.device import bitsandbytes_usable, device_memory_mb
 
     cfg, profile = request.config, request.profile
     budget_mb, _source = device_memory_mb(request.device, profile.train_memory_mb)
@@ -349,7 +354,8 @@ def plan_for(model: Any, teacher: Any, mode: TrainingMode, request: TrainRequest
                          teacher_mode=mode.teacher_while_training, budget_mb=budget_mb,
                          baseline_mb=baseline_mb, batch_size=cfg.batch_size, micro_batch=cfg.micro_batch,
                          seq_len=cfg.max_length, method=method, profile_name=profile.name,
-                         device=request.device.name, precision=request.device.precision)
+                         device=request.device.name, precision=request.device.precision,
+                         eight_bit=bitsandbytes_usable(request.device))
 
 
 def _with_lora(model: Any) -> Any:

@@ -450,21 +450,22 @@ class TrainEstimate:
 def estimate_train(shape: ModelShape, *, budget_bytes: int, device: str, method: str = "full",
                    micro_batch: int = 4, seq_len: int = 256, teacher: ModelShape | None = None,
                    teacher_mode: str = "online", lora_fraction: float = 0.01,
-                   checkpointing: bool = False, half: bool = False) -> TrainEstimate:
+                   checkpointing: bool = False, half: bool = False, optim_8bit: bool = False) -> TrainEstimate:
     """fp32 AdamW training memory: weights, gradients, optimizer state, activations, teacher.
 
     ``teacher_mode`` "online" keeps the teacher's fp32 weights and dense logits in memory;
     "cached" reads sparse top-k soft labels from disk instead (a few MB per batch). ``half``:
     bf16/fp16 autocast on an accelerator (distill/device.py) — the student keeps fp32 weights,
     gradients and AdamW state, its saved activations are half precision, the losses (and so the
-    logits) stay fp32, and the frozen teacher is held in half precision.
+    logits) stay fp32, and the frozen teacher is held in half precision. ``optim_8bit``:
+    bitsandbytes' 8-bit AdamW (m and v one byte each; its per-block scales are < 1%).
     """
     act = 2 if half else 4
     p = shape.params
     trainable = p if method == "full" else int(p * lora_fraction)
     weights = 4 * p
     grads = 4 * trainable
-    optim = 8 * trainable                       # Adam m and v in fp32
+    optim = (2 if optim_8bit else 8) * trainable  # Adam m and v in fp32 (or 8-bit)
     tokens = micro_batch * seq_len
     # Per layer and token: ~34·hidden bytes of saved activations at fp32 (Korthikanti et al.
     # count 34·h at fp16 for the MLP/attention inputs; we store fewer, in fp32) plus the

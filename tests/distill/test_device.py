@@ -225,3 +225,24 @@ def test_a_vram_budget_nothing_meets_names_the_device_and_the_numbers() -> None:
         plan_training(shape, teacher=None, teacher_mode="none", budget_mb=budget, baseline_mb=0, batch_size=8,
                       micro_batch=4, seq_len=256, device="cuda", precision="bf16", profile_name="gpu-4gb")
     assert caught.value.exit_code == 2
+
+
+def test_where_bitsandbytes_imports_full_fine_tuning_with_8bit_adamw_comes_before_lora() -> None:
+    # Planner arithmetic only: bitsandbytes is not installed here, so the 8-bit optimizer itself has not run.
+    from edgepack.distill.device import bitsandbytes_usable
+    from edgepack.distill.plan import plan_training
+    from edgepack.memory import ModelShape
+
+    shape = ModelShape(16, 2048, 32, 8, 64, 8192, 128256, 1_235_814_400, 128256 * 2048, True)
+
+    def planned(eight_bit: bool):
+        return plan_training(shape, teacher=None, teacher_mode="cached", budget_mb=16000, baseline_mb=0,
+                             batch_size=8, micro_batch=4, seq_len=256, device="cuda", precision="bf16",
+                             eight_bit=eight_bit)
+
+    without, with_8bit = planned(False), planned(True)
+    assert (without.method, without.optimizer) == ("lora", "adamw")
+    assert (with_8bit.method, with_8bit.optimizer) == ("full", "adamw8bit")
+    assert with_8bit.rejected[:6] == without.rejected[:6]  # fp32 states were tried first, the same way
+    assert with_8bit.describe()["optimizer"] == "adamw8bit"
+    assert not bitsandbytes_usable(CPU)  # never on the CPU, installed or not
