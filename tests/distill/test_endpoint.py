@@ -365,9 +365,10 @@ def test_cli_warns_about_response_only(mock, tmp_path: Path) -> None:
 def test_edgepack_serve_as_the_teacher(tiny_gguf: Path, tmp_path: Path) -> None:  # noqa: F811
     """`edgepack serve` on the tiny GGUF answers build_dataset; its answers equal llama.cpp's own.
 
-    edgepack's server refuses logprobs (400), so this is the response-only path over real HTTP.
-    The tiny random model never says EOS within 64 tokens, so every training answer is
-    dropped as truncated and build_dataset stops with a DataError; the cache keeps them all.
+    edgepack's server returns the chat logprobs the endpoint teacher asks for (#17), so every
+    answer carries per-token logprobs and their top-k alternatives over real HTTP. The tiny
+    random model never says EOS within 64 tokens, so every training answer is dropped as
+    truncated and build_dataset stops with a DataError; the cache keeps them all.
     """
     from edgepack.runtime.session import open_model
 
@@ -386,9 +387,15 @@ def test_edgepack_serve_as_the_teacher(tiny_gguf: Path, tmp_path: Path) -> None:
     finally:
         assert server.stop() == 0
     assert len(entries) == 5
-    assert all(e["generation"]["no_logprobs_reason"].startswith("the endpoint refused logprobs: HTTP 400")
-               for e in entries)
-    assert all(e["generation"]["tokens"] == 64 and not e["generation"]["finished"] for e in entries)
+    assert all(e["generation"]["no_logprobs_reason"] is None for e in entries)
+    for e in entries:
+        g = e["generation"]
+        assert g["tokens"] == 64 and not g["finished"]
+        assert len(g["token_logprobs"]) == len(g["top_logprobs"]) == 64
+        for (token, logprob), alternatives in zip(g["token_logprobs"], g["top_logprobs"]):
+            best = [lp for _, lp in alternatives]
+            # greedy decoding: the chosen token is the most likely one, listed first among the alternatives
+            assert logprob <= 0 and best == sorted(best, reverse=True) and logprob == pytest.approx(best[0], abs=1e-4)
     with open_model(tiny_gguf, threads=1, n_ctx=2048) as session:
         expected = session.complete([{"role": "user", "content": PROMPTS[0]}], max_tokens=64, temperature=0.0, seed=0)
     assert gen.text == expected and gen.tokens == 64
@@ -396,7 +403,8 @@ def test_edgepack_serve_as_the_teacher(tiny_gguf: Path, tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_edgepack_serve_with_the_embedded_teacher(builtin_teacher_gguf: Path, tmp_path: Path) -> None:
-    """The embedded teacher behind `edgepack serve`: a complete response-only data folder."""
+    """The embedded teacher behind `edgepack serve`: a complete data folder with the served
+    top-k logprobs, ready for top-logprobs distillation."""
     server = launch(builtin_teacher_gguf, tmp_path, n_ctx=2048, threads=2, max_queue=4, timeout_s=120.0)
     try:
         spec = f"openai:{server.url}/v1#{builtin_teacher_gguf.stem}"
@@ -407,8 +415,7 @@ def test_edgepack_serve_with_the_embedded_teacher(builtin_teacher_gguf: Path, tm
                                endpoint=EndpointConfig(concurrency=2))
     finally:
         assert server.stop() == 0
-    assert report["distillation"] == "response-only" and "refused logprobs" in report["distillation_reason"]
-    # 6 answers, plus the first tries with logprobs that were refused (one per worker at most)
-    assert report["kept"] >= 1 and 6 < report["teacher_endpoint"]["requests"] <= 6 + 2
+    assert report["distillation"] == "top-logprobs" and report["distillation_reason"] is None
+    assert report["kept"] >= 1 and report["teacher_endpoint"]["requests"] == 6  # one request per prompt
     rows = read_jsonl(tmp_path / "run" / DATA_DIR / TRAIN_FILE)
-    assert all(r["response"] for r in rows)
+    assert all(r["response"] and r["teacher_logprobs"] and r["teacher_top_logprobs"] for r in rows)
