@@ -317,7 +317,7 @@ def pipeline_results(source: Path, command: str) -> dict[str, Any]:
             "load_average": p.get("load_average"), "copied_from": _shown(source), "copied_by": command,
             "profile": p.get("profile"), "verdict": p.get("verdict"), "bundle": p.get("bundle"),
             "stages": p.get("stages", []), "summary": p.get("summary", []), "eval": p.get("eval"),
-            "data": _run_data(run), "task_scores": packaged_quality(p)}
+            "data": _run_data(run), "task_scores": packaged_quality(source, p)}
 
 
 def _run_data(run: Path) -> str | None:
@@ -329,13 +329,23 @@ def _run_data(run: Path) -> str | None:
     return str(data) if data else "builtin:demo"
 
 
-def packaged_quality(p: dict[str, Any]) -> dict[str, Any] | None:
+def _from_run(source: Path, p: dict[str, Any], path: str) -> Path:
+    """A path pipeline.json recorded relative to the folder the pipeline ran in (where its
+    ``run_dir`` was relative too), resolved from where that pipeline.json is now."""
+    found, run_dir = Path(path), Path(str(p.get("run_dir") or ""))
+    if found.is_absolute() or run_dir.is_absolute() or not run_dir.parts:
+        return found
+    return source.resolve().parent.parents[len(run_dir.parts) - 1] / found
+
+
+def packaged_quality(source: Path, p: dict[str, Any]) -> dict[str, Any] | None:
     """The packaged choice's gated quality: primary metric, the teacher's, per-kind scores and, for
     a JSON task, the valid-JSON rates with and without the grammar (from its gate report)."""
     row = next((r for r in p.get("summary") or [] if r.get("choice") == p.get("packaged") and r.get("report")), None)
-    if row is None or not Path(row["report"]).is_file():
+    report = _from_run(source, p, row["report"]) if row else None
+    if report is None or not report.is_file():
         return None
-    q = (json.loads(Path(row["report"]).read_text(encoding="utf-8")).get("measurements") or {}).get("quality") or {}
+    q = (json.loads(report.read_text(encoding="utf-8")).get("measurements") or {}).get("quality") or {}
     scores = q.get("scores") or {}
     keep = ("accuracy", "macro_f1", "match_rate", "label_accuracy", "valid_json_rate", "schema_valid_rate",
             "field_f1", "field_exact", "field_chrf", "chrf", "rouge_l", "scored_rows")

@@ -1,6 +1,6 @@
 """Task fidelity of a bundle through `edgepack serve`: bare user messages vs the gated score.
 
-    nice -n 5 .venv/bin/python bench/serve/task_fidelity.py RUN/bundles/X.edgepack \\
+    .venv/bin/python bench/serve/task_fidelity.py RUN/bundles/X.edgepack \\
         --holdout RUN/data/holdout.jsonl --out bench/serve/task_fidelity.json
 
 A deployer sends users' messages as they come, with no system turn and no decoding settings.
@@ -161,8 +161,8 @@ def main(argv: list[str] | None = None) -> int:
 
     started = datetime.now(timezone.utc)
     t0 = time.monotonic()
-    command = "nice -n 5 .venv/bin/python bench/serve/task_fidelity.py " + shlex.join(
-        argv if argv is not None else sys.argv[1:])
+    command = shlex.join([".venv/bin/python", "bench/serve/task_fidelity.py",
+                          *(argv if argv is not None else sys.argv[1:])])
     res: dict[str, Any] = {"command": command, "started": started.isoformat(timespec="seconds"),
                            "machine": machine_info(), "load_average_start": load_average()}
     work = Path(tempfile.mkdtemp(prefix="edgepack-task-fidelity-"))  # the server log, named in errors

@@ -175,11 +175,14 @@ def test_task_scores_of_both_domains_and_their_fidelity_through_serve(benchmarks
         _write(run / "gate" / "m-Q8_0.gguf.json", {"measurements": {"quality": quality}})
         if data:
             (run / "run.toml").write_text(f'profile = "cpu-x86-2c"\ndata = "{data}"\n')
+        # the demo's run recorded its paths relative to the folder it ran in (tmp_path), as `make demo` does
+        report = f"{name}/gate/m-Q8_0.gguf.json" if name == "demo" else str(run / "gate" / "m-Q8_0.gguf.json")
         _write(run / "pipeline.json", {
             "command": f"edgepack pipeline --out {name}", "machine": MACHINE, "profile": "cpu-x86-2c", "verdict": "PASS",
+            "run_dir": name if name == "demo" else str(run),
             "packaged": "gguf:Q8_0", "stages": [{"stage": "gate", "seconds": 5.0, "summary": "PASS"}],
             "summary": [{"choice": "gguf:Q4_0", "report": str(run / "gate" / "missing.json"), "verdict": "skipped"},
-                        {"choice": "gguf:Q8_0", "report": str(run / "gate" / "m-Q8_0.gguf.json"), "verdict": "PASS"}]})
+                        {"choice": "gguf:Q8_0", "report": report, "verdict": "PASS"}]})
         runs.append(run / "pipeline.json")
     _write(bench / "serve" / "task_fidelity.json", {
         "command": "python bench/serve/task_fidelity.py b.edgepack", "machine": MACHINE, "bundle": {"name": "b.edgepack"},
