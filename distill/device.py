@@ -21,9 +21,10 @@ from typing import Any
 
 import torch
 
+from edgepack.constants import TRAINING_DEVICES
 from edgepack.errors import UsageError
 
-DEVICES = ("auto", "cpu", "cuda", "mps")
+DEVICES = TRAINING_DEVICES
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -124,8 +125,8 @@ def resolve_device(requested: str | None, profile_device: str = "cpu", precision
     elif asked not in found:
         origin = "--device" if requested is not None else "the profile's [training] device"
         raise UsageError(f"{origin} {asked} is not available in this process (found: {', '.join(found)})",
-                         hint="`distill train --device cpu` (or auto) trains on the CPU; or install a torch "
-                              "build for that device")
+                         hint="`--device cpu` (or auto) on `distill train` or `pipeline` trains on the CPU; or "
+                              "install a torch build for that device")
     else:
         name, reason = asked, ("--device " if requested is not None else "profile device ") + asked
     return Device(name, _precision(name, precision, cuda_bf16), reason)

@@ -7,6 +7,7 @@ rename is one edit.
 from __future__ import annotations
 
 BUILTIN_TEACHER = "builtin:smollm2-135m-instruct"
+TRAINING_DEVICES = ("auto", "cpu", "cuda", "mps")  # distill train / pipeline --device
 TEACHER_API_KEY_ENV = "EDGEPACK_TEACHER_API_KEY"  # default variable holding an endpoint teacher's key
 
 # --- run directory layout (each entry written by exactly one stage) -------------------

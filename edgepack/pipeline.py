@@ -75,6 +75,8 @@ class PipelineConfig:
     """``distill data --strict``: the first bad data line stops the run (else each is skipped, and reported)."""
     license: str | None = _D["license"].default
     """``distill train`` / ``pack --license``: the license the model cards state (None: the teacher's)."""
+    device: str | None = _D["device"].default
+    """``distill train --device``: auto, cpu, cuda or mps (None: the profile's ``[training] device``)."""
 
     def settings(self) -> dict[str, Any]:
         """run.toml's keys for this config (:data:`edgepack.runconfig.PIPELINE_SETTINGS`)."""
@@ -86,7 +88,7 @@ class PipelineConfig:
                 "correct_teacher": self.correct_teacher, "search_quality": self.search_quality,
                 "format_regex": self.format_regex, "format_schema": path(self.format_schema),
                 "system_prompt": path(self.system_prompt), "holdout": path(self.holdout), "strict": self.strict,
-                "license": self.license}
+                "license": self.license, "device": self.device}
 
 
 def config_from_settings(settings: dict[str, Any], run_dir: Path) -> PipelineConfig:
@@ -108,7 +110,7 @@ def config_from_settings(settings: dict[str, Any], run_dir: Path) -> PipelineCon
                           allow_unverified=s["allow_unverified"], correct_teacher=s["correct_teacher"],
                           search_quality=s["search_quality"], format_regex=s["format_regex"],
                           format_schema=path("format_schema"), system_prompt=path("system_prompt"),
-                          holdout=path("holdout"), strict=s["strict"], license=s["license"])
+                          holdout=path("holdout"), strict=s["strict"], license=s["license"], device=s["device"])
 
 
 def resolve_config(*, config: Path | None, run_dir: Path | None, overrides: dict[str, Any]) -> PipelineConfig:
@@ -352,7 +354,8 @@ def distill_train(cfg: PipelineConfig, progress: ProgressFn = null_progress) -> 
     from edgepack.distill.train import train_student
 
     report = train_student(run_dir=cfg.run_dir, profile=cfg.profile, student="auto", steps=cfg.steps,
-                           seed=cfg.seed, resume=True, progress=progress, license=cfg.license)
+                           seed=cfg.seed, resume=True, progress=progress, license=cfg.license,
+                           device=cfg.device)
     return TrainResult(_short(report, ("steps", "final_loss", "params")), report)
 
 

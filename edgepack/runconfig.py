@@ -18,7 +18,7 @@ from typing import Any
 from edgepack import __version__
 from edgepack.atomic import write_text
 from edgepack.constants import (BUILTIN_TEACHER, RUN_CREATED, RUN_DATA, RUN_PROFILE, RUN_SCHEMA, RUN_SEED,
-                                RUN_TEACHER, RUN_TOML, RUN_VERSION)
+                                RUN_TEACHER, RUN_TOML, RUN_VERSION, TRAINING_DEVICES)
 from edgepack.errors import RunDirError, UsageError
 
 RUN_SCHEMA_VERSION = 1
@@ -65,6 +65,8 @@ PIPELINE_SETTINGS: dict[str, Setting] = {
     "holdout": Setting(str, None, "your own holdout prompts (JSONL); then every data row trains"),
     "strict": Setting(bool, False, "stop at the first bad data line instead of skipping it (reported)"),
     "license": Setting(str, None, "Hub license id the model cards state (absent: the teacher's recorded one)"),
+    "device": Setting(str, None, "where distill train runs: auto, cpu, cuda or mps (absent: the profile's "
+                      "[training] device)", choices=TRAINING_DEVICES),
 }
 
 

@@ -43,6 +43,9 @@ def pipeline_cmd(
     ] = None,
     license_id: Annotated[str | None, typer.Option(
         "--license", help="Hub license id the model cards state (default: the teacher's recorded license).")] = None,
+    device: Annotated[str | None, typer.Option(
+        help="As `distill train --device`: auto, cpu, cuda or mps (default: the profile's [training] device).")
+    ] = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout.")] = False,
 ) -> None:
     """Run every stage end to end (export: every format the profile allows; gate: --search) and
@@ -56,7 +59,7 @@ def pipeline_cmd(
                  "correct_teacher": correct_teacher, "search_quality": search_quality,
                  "format_regex": format_regex, "format_schema": path(format_schema),
                  "system_prompt": path(system_prompt), "holdout": path(holdout), "strict": strict,
-                 "license": license_id}
+                 "license": license_id, "device": device}
     cfg = resolve_config(config=config, run_dir=out, overrides=overrides)
     from edgepack.logs import stage_log
 

@@ -33,7 +33,9 @@ from typing import Any
 from edgepack.runtime.backends.base import Sampling
 
 MAX_TEMPERATURE = 2.0
-MAX_STOP_SEQUENCES = 4
+# OpenAI allows 4 stop strings; lm-eval's generate_until sends a task's whole `until` list, and vLLM and
+# llama-server set no limit. Each is searched in the text held back, not in the whole answer.
+MAX_STOP_SEQUENCES = 16
 MAX_STOP_CHARS = 256
 MAX_SEED = 2**32 - 1  # llama.cpp seeds are uint32
 MAX_REPEAT_PENALTY = 10.0  # llama.cpp takes any float; past this every seen token is all but banned

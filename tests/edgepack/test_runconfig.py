@@ -41,7 +41,8 @@ def test_pipeline_config_roundtrip(tmp_path: Path) -> None:
     from edgepack.profiles import load_profile
 
     cfg = PipelineConfig(profile=load_profile("cpu-x86-2c"), teacher="builtin:smollm2-135m-instruct", data=None,
-                         run_dir=tmp_path, steps=7, limit=20, seed=3, correct_teacher=True, search_quality="all")
+                         run_dir=tmp_path, steps=7, limit=20, seed=3, correct_teacher=True, search_quality="all",
+                         device="cpu")
     write_run_config(tmp_path, cfg.settings())
     back = config_from_settings(load_pipeline_config(tmp_path / "run.toml"), tmp_path)
     assert back == cfg
@@ -62,6 +63,7 @@ def test_every_pipeline_key_has_a_valid_default() -> None:
     ({"teacher": ""}, "teacher = '': must not be empty"),
     ({"allow_unverified": 1}, "allow_unverified = 1: must be true or false"),
     ({"search_quality": "best"}, "must be one of all, until-pass"),
+    ({"device": "tpu"}, "device = 'tpu': must be one of auto, cpu, cuda, mps"),
     ({"schema": 2}, "schema = 2"),
     ({"colour": "red"}, "unknown key 'colour'"),
 ])
@@ -79,3 +81,21 @@ def test_every_problem_is_reported_at_once(tmp_path: Path) -> None:
     assert "\n" not in str(info.value)
     with pytest.raises(UsageError, match="config file not found"):
         load_pipeline_config(tmp_path / "nope.toml")
+
+
+def test_the_pipeline_trains_where_device_says(tmp_path: Path) -> None:
+    """pipeline's device setting reaches distill train: on this CPU-only machine device = "cuda"
+    is refused before any training work (a UsageError: one line, exit 2), not replaced silently."""
+    import torch
+
+    from edgepack.errors import UsageError
+    from edgepack.pipeline import PipelineConfig, distill_train
+    from edgepack.profiles import load_profile
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA: the refusal cannot be observed here")
+    cfg = PipelineConfig(profile=load_profile("gpu-8gb"), teacher="builtin:smollm2-135m-instruct", data=None,
+                         run_dir=tmp_path, device="cuda")
+    with pytest.raises(UsageError, match="--device cuda is not available"):
+        distill_train(cfg)
+    assert not (tmp_path / "student").exists()

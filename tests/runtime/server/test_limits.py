@@ -31,7 +31,7 @@ from tests.runtime.server.helpers import (  # noqa: F401 - fixtures are requeste
     ({"seed": 2**40}, "seed"),
     ({"stream": "yes"}, "stream"),
     ({"stop": [""]}, "stop"),
-    ({"stop": ["a", "b", "c", "d", "e"]}, "stop"),
+    ({"stop": [str(i) for i in range(17)]}, "stop"),  # 16 at most
     ({"n": 9}, "n"),
     ({"top_p": 1.5}, "top_p"),
     ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
