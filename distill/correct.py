@@ -10,9 +10,10 @@ merges it, and saves the result as ``RUN/teacher-corrected``:
   which training loads for the teacher's logits;
 * the same model as a GGUF (:data:`CorrectionConfig.generation_quant`), which the data stage
   generates with through llama.cpp (the fast path on CPU);
-* ``correction.json``: the recipe, the loss curve and the teacher's holdout label accuracy
-  before and after, both measured the same way (greedy llama.cpp answers to the student's
-  prompt, no demonstrations).
+* ``correction.json``: the recipe, the loss curve and the teacher's holdout score under the
+  task's primary metric (label accuracy for the demo, field F1 for a JSON task...) before and
+  after, both measured the same way (greedy llama.cpp answers to the student's prompt, no
+  demonstrations, scored by :func:`edgepack.scoring.score_answers`).
 
 The recipe, top to bottom: setup (LoRA on every linear layer) → train (AdamW, warmup then
 linear decay, loss on the answer tokens only) → merge → convert → measure. The prompt prefix
@@ -40,6 +41,7 @@ from edgepack.atomic import atomic_dir, is_complete, write_json
 from edgepack.constants import TEACHER_CORRECTED_DIR, TEACHER_SOURCE
 from edgepack.errors import DataError, RunDirError
 from edgepack.progress import ProgressFn, null_progress
+from edgepack.task import DEMO_TASK, LabelsAnswer, Task
 
 CORRECTION_REPORT = "correction.json"
 # Every attention and MLP Linear of the supported families; PEFT skips names a model lacks.
@@ -64,7 +66,8 @@ class CorrectionConfig:
     generation_quant: str = "Q8_0"
     """The GGUF type the corrected teacher generates with (``F16`` for no quantization)."""
     eval_max_tokens: int = 16
-    """Enough for ``Category: <label>``; accuracy reads only the label."""
+    """A labels task's answers are cut here (enough for ``Category: <label>``: accuracy reads only
+    the label); other kinds are scored on whole answers (the task's max tokens)."""
 
     def describe(self) -> dict[str, Any]:
         """As stored in reports (JSON types: the tuple becomes a list, so a reread compares equal)."""
@@ -76,13 +79,14 @@ def gguf_name(config: CorrectionConfig) -> str:
 
 
 def correct_teacher(*, teacher_dir: Path, before: Any, train: list[Any], holdout: list[Any], out_dir: Path,
-                    seed: int = 0, config: CorrectionConfig | None = None,
+                    seed: int = 0, config: CorrectionConfig | None = None, task: Task = DEMO_TASK,
                     progress: ProgressFn = null_progress) -> dict[str, Any]:
     """LoRA-SFT ``teacher_dir`` on ``train`` rows with references; return correction.json.
 
-    ``before`` is the original teacher's :class:`TeacherSource` (its holdout accuracy is
-    measured through the same generator the data stage uses). ``train``/``holdout`` are
-    ``PromptRow``s; only training rows with a ``reference`` are learned from.
+    ``before`` is the original teacher's :class:`TeacherSource` (its holdout score under
+    ``task``'s primary metric is measured through the same generator the data stage uses).
+    ``train``/``holdout`` are ``PromptRow``s; only training rows with a ``reference`` are
+    learned from, only holdout rows with a label or a reference are scored.
     """
     cfg = config or CorrectionConfig()
     out_dir = Path(out_dir)
@@ -101,15 +105,15 @@ def correct_teacher(*, teacher_dir: Path, before: Any, train: list[Any], holdout
     if out_dir.exists():
         raise RunDirError(f"{out_dir} exists but is not complete", hint="delete it and rerun")
 
-    labelled = [r for r in holdout if r.label]
-    acc_before = holdout_accuracy(before, Path(teacher_dir), labelled, cfg, progress, "correct: accuracy before")
+    scored = [r for r in holdout if r.label or r.reference]
+    score_before = holdout_score(before, Path(teacher_dir), scored, task, cfg, progress, "correct: score before")
     t0 = time.perf_counter()
     with atomic_dir(out_dir) as tmp:
         history, used = _train_lora(Path(teacher_dir), sft_rows, tmp, seed, cfg, progress)
         train_s = time.perf_counter() - t0
         gguf = _write_gguf(tmp, cfg, progress)
         source = corrected_source(tmp, gguf, before_sha)
-        acc_after = holdout_accuracy(source, tmp, labelled, cfg, progress, "correct: accuracy after")
+        score_after = holdout_score(source, tmp, scored, task, cfg, progress, "correct: score after")
         report = {
             "identity": identity,
             "method": "LoRA SFT on the training split's references, merged (peft)",
@@ -118,11 +122,12 @@ def correct_teacher(*, teacher_dir: Path, before: Any, train: list[Any], holdout
             "first_loss": history[0]["loss"], "final_loss": history[-1]["loss"], "loss_curve": history,
             "train_s": round(train_s, 1),
             "generation_gguf": gguf.name,
-            "holdout_labelled": len(labelled),
-            "accuracy_before": acc_before,
-            "accuracy_after": acc_after,
-            "accuracy_note": "greedy llama.cpp/transformers answers to the student's prompt (no demonstrations); "
-                             "label = first `Category:` of the answer",
+            "holdout_scored": len(scored),
+            "metric": task.primary_metric,
+            "score_before": score_before,
+            "score_after": score_after,
+            "score_note": "greedy llama.cpp/transformers answers to the student's prompt (no demonstrations), "
+                          f"scored by the task's {task.primary_metric} against the holdout's labels or references",
         }
         write_json(tmp / TEACHER_SOURCE, source.describe() | {"path": gguf.name, "corrected_from": before_sha})
         write_json(tmp / CORRECTION_REPORT, report)
@@ -144,21 +149,23 @@ def load_corrected_source(folder: Path) -> Any:
     return corrected_source(Path(folder), Path(folder) / recorded["path"], recorded["corrected_from"])
 
 
-def holdout_accuracy(source: Any, teacher_dir: Path, rows: list[Any], cfg: CorrectionConfig,
-                     progress: ProgressFn, task: str) -> float | None:
-    """Share of labelled ``rows`` whose greedy answer starts with the right ``Category:``."""
+def holdout_score(source: Any, teacher_dir: Path, rows: list[Any], task: Task, cfg: CorrectionConfig,
+                  progress: ProgressFn, what: str) -> float | None:
+    """``task``'s primary metric of the greedy answers to ``rows`` (None: nothing to score)."""
     from edgepack.distill.generate import DecodeParams, open_generator
-    from edgepack.labels import extract_label
+    from edgepack.scoring import score_answers
 
     if not rows:
         return None
-    correct = 0
-    progress(task, 0, len(rows))
-    with open_generator(source, teacher_dir, DecodeParams(max_new_tokens=cfg.eval_max_tokens)) as generate:
+    max_tokens = cfg.eval_max_tokens if isinstance(task.answer, LabelsAnswer) else task.decoding.max_tokens
+    answers = []
+    progress(what, 0, len(rows))
+    with open_generator(source, teacher_dir, DecodeParams(max_new_tokens=max_tokens)) as generate:
         for i, row in enumerate(rows):
-            correct += extract_label(generate(row.messages).text) == row.label
-            progress(task, i + 1, len(rows))
-    return round(correct / len(rows), 4)
+            answers.append(generate(row.messages).text)
+            progress(what, i + 1, len(rows))
+    primary = score_answers(task, answers, [{"label": r.label, "reference": r.reference} for r in rows])["primary"]
+    return None if primary is None else round(primary, 4)
 
 
 def _rows_digest(rows: list[Any]) -> str:

@@ -419,14 +419,14 @@ def _answering_teacher(plan: _Plan, run_dir: Path, seed: int, progress: Progress
         return _AnsweringTeacher(plan.source, teacher_dir, plan.inputs.context, None)
     corrected = correct_teacher(teacher_dir=teacher_dir, before=plan.source, train=plan.inputs.train,
                                 holdout=plan.inputs.holdout, out_dir=run_dir / TEACHER_CORRECTED_DIR, seed=seed,
-                                config=plan.correction, progress=progress)
+                                config=plan.correction, task=plan.task, progress=progress)
     folder = run_dir / TEACHER_CORRECTED_DIR
     # The corrected teacher answers the student's prompt as it is, without demonstrations.
     return _AnsweringTeacher(load_corrected_source(folder), folder, [], corrected)
 
 
 _CORRECTION_KEYS = ("rows_used", "steps", "first_loss", "final_loss", "train_s",
-                    "accuracy_before", "accuracy_after", "holdout_labelled")  # correct.py's report, in data's
+                    "metric", "score_before", "score_after", "holdout_scored")  # correct.py's report, in data's
 
 
 def _report(plan: _Plan, answering: _AnsweringTeacher, answers: TeacherAnswers, *, seconds: float) -> dict[str, Any]:

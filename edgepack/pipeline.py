@@ -335,8 +335,8 @@ def distill_data(cfg: PipelineConfig, progress: ProgressFn = null_progress) -> D
                            holdout=cfg.holdout, **_task_options(cfg))
     fixed = report.get("teacher_correction")
     # A task without labels (json, text) has no label accuracy to show for the correction.
-    note = (f", teacher accuracy {fixed['accuracy_before']} → {fixed['accuracy_after']} after correction"
-            if fixed and fixed.get("accuracy_after") is not None else "")
+    note = (f", teacher {fixed.get('metric', 'accuracy')} {fixed['score_before']} → {fixed['score_after']} "
+            "after correction" if fixed and fixed.get("score_after") is not None else "")
     return DataResult(_short(report, ("kept", "dropped")) + note + _skipped(report), report)
 
 

@@ -42,17 +42,18 @@ def test_correction_makes_the_teacher_competent_and_reports_before_and_after(cor
     folder = run / TEACHER_CORRECTED_DIR
     assert is_complete(folder) and is_complete(run / TEACHER_DIR)
     correction = json.loads((folder / CORRECTION_REPORT).read_text())
-    assert correction["accuracy_before"] == 0.0
-    assert correction["accuracy_after"] == 1.0
+    assert correction["metric"] == "accuracy"
+    assert correction["score_before"] == 0.0
+    assert correction["score_after"] == 1.0
     assert correction["final_loss"] < correction["first_loss"] / 2
     # The holdout (20% of the rows) is never trained on.
-    assert correction["rows"] == 16 and correction["holdout_labelled"] == 4
+    assert correction["rows"] == 16 and correction["holdout_scored"] == 4
     assert (folder / "model.safetensors").is_file() and (folder / "teacher-Q8_0.gguf").is_file()
     assert not (folder / "teacher-F16.gguf").exists()
     # The data stage generated with the corrected teacher (through llama.cpp) and says so.
     assert report["teacher_dir"] == TEACHER_CORRECTED_DIR
     assert report["teacher"]["kind"] == "gguf"
-    assert report["teacher_correction"]["accuracy_after"] == 1.0
+    assert report["teacher_correction"]["score_after"] == 1.0
     assert report["kept"] == 16 and report["teacher_holdout_accuracy"] == 1.0
     assert all(r["response"].startswith("Category: mechanical\n") for r in read_jsonl(run / DATA_DIR / "train.jsonl"))
 
@@ -93,3 +94,23 @@ def test_correction_without_references_is_refused_and_writes_no_data(tmp_path: P
         build_dataset(teacher=str(tiny_llama_dir), data=_prompts(tmp_path / "p.jsonl", reference=False),
                       run_dir=run, seed=0, correct=True, correction=FAST)
     assert not (run / DATA_DIR).exists() and not (run / TEACHER_CORRECTED_DIR).exists()
+
+
+def test_a_json_tasks_correction_is_scored_by_its_field_f1(tmp_path: Path, tiny4_dir: Path) -> None:
+    """correction.json scores the task's primary metric, not a `Category:` label: for a JSON task
+    the field F1 against the holdout references (it was null, with a note about labels)."""
+    from edgepack.answers import JsonAnswer
+
+    schema = tmp_path / "schema.json"
+    schema.write_text(json.dumps({"type": "object", "required": ["asset", "fault"], "additionalProperties": False,
+                                  "properties": {"asset": {"type": "string"}, "fault": {"enum": ["leak", "noise"]}}}))
+    answer = json.dumps({"asset": "P-1", "fault": "leak"}, separators=(",", ":"))
+    rows = [{"id": f"p{i}", "reference": answer,
+             "messages": [{"role": "system", "content": "Extract the work order as JSON."},
+                          {"role": "user", "content": f"Pump P-1 is leaking at the seal, note {i}"}]} for i in range(20)]
+    (tmp_path / "p.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    report = build_dataset(teacher=str(tiny4_dir), data=tmp_path / "p.jsonl", run_dir=tmp_path / "run", seed=0,
+                           correct=True, correction=FAST, answer_format=JsonAnswer.from_file(schema))
+    correction = report["teacher_correction"]
+    assert correction["metric"] == "field_f1" and correction["holdout_scored"] == 4
+    assert correction["score_before"] == 0.0 and correction["score_after"] == 1.0
