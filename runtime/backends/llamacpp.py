@@ -485,6 +485,11 @@ class LlamaCppBackend(Backend):
         llm.reset()  # the next generation starts from a clean cache
         return out
 
+    def close(self) -> None:
+        llm, self._llm = self._llm, None
+        if llm is not None:
+            llm.close()
+
 
 def _token_logprob(logits: Any, token: int, k: int) -> TokenLogprob:
     """log-softmax of one row of logits at ``token``, with the ``k`` most likely tokens."""
@@ -499,9 +504,3 @@ def _token_logprob(logits: Any, token: int, k: int) -> TokenLogprob:
         ids = ids[np.argsort(-row[ids], kind="stable")]
         best = tuple((int(i), float(row[i] - logz)) for i in ids)
     return TokenLogprob(token, float(row[token] - logz), best)
-
-    def close(self) -> None:
-        llm, self._llm = self._llm, None
-        if llm is not None:
-            llm.close()
-

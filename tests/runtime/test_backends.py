@@ -163,3 +163,15 @@ def test_broken_template_in_gguf_is_an_invalid_model_file(tiny_gguf: Path, tmp_p
     broken = rewrite_gguf(tiny_gguf, tmp_path / "b.gguf", {"tokenizer.chat_template": "{% for m in messages %}"})
     with pytest.raises(InvalidModelFile, match="chat template does not parse"):
         get_backend("gguf").load(broken, threads=1, n_ctx=256)
+
+
+def test_closing_frees_the_llama_cpp_model(tiny_gguf: Path) -> None:
+    """close() is the backend's own (a module function once swallowed it as dead code after a
+    return, so the base class's no-op ran and the model stayed loaded until garbage collection)."""
+    from edgepack.runtime.backends.llamacpp import LlamaCppBackend
+
+    assert "close" in LlamaCppBackend.__dict__
+    with get_backend("gguf").load(tiny_gguf, threads=1, n_ctx=256) as backend:
+        llm = backend._llm
+        assert llm is not None
+    assert backend._llm is None and llm._ctx.ctx is None  # llama-cpp-python freed the native context
