@@ -97,6 +97,13 @@ class TeacherEndpointError(EdgepackError, ConnectionError):
                     "http://host:8000/v1); answers already received are cached and a rerun resumes")
 
 
+class RemoteError(EdgepackError, ConnectionError):
+    """A device reached over ssh (``gate --on ssh://...``) that cannot be reached, refuses the
+    key, lacks edgepack, drops the copy or whose gate crashes. Exit 2: nothing was gated there."""
+
+    default_hint = "check `ssh user@host` by hand (host, port, key, known_hosts), then gate again"
+
+
 class BudgetError(EdgepackError, ValueError):
     """A memory or latency budget that no configuration can meet."""
 

@@ -24,6 +24,14 @@ def gate_cmd(
                                                         "against on the holdout; default: RUN/student for an artifact "
                                                         "under RUN/artifacts/. Reported, not a budget.")] = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout.")] = False,
+    on: Annotated[list[str] | None, typer.Option(
+        "--on", help="Gate on a device instead: ssh://user@host[:port] (repeatable; in parallel). The device "
+                     "runs its own `edgepack gate`; the report comes back into RUN/gate/.")] = None,
+    ssh_option: Annotated[list[str] | None, typer.Option("--ssh-option", help="With --on: an ssh/scp -o KEY=VALUE "
+                                                                              "(repeatable).")] = None,
+    remote_command: Annotated[str, typer.Option(help="With --on: the device's edgepack command.")] = "edgepack",
+    remote_dir: Annotated[str, typer.Option(help="With --on: the device's bundle cache (relative: to its home).")]
+        = ".cache/edgepack/bundles",
 ) -> None:
     """Measure latency, memory and quality in the real runtime; exit 0 only on PASS."""
     from edgepack.console import emit, out, progress_bars, warn
@@ -31,6 +39,14 @@ def gate_cmd(
     from edgepack.profiles import load_profile
 
     prof = load_profile(profile)
+    if on:
+        if search or holdout is not None or reference is not None or key is not None:
+            from edgepack.errors import UsageError
+
+            raise UsageError("--on gates one file on the device; --search, --holdout, --reference and --key are "
+                             "for a gate on this machine", hint="run those on the device itself")
+        _remote(artifact, profile, on, ssh_option or [], remote_command, remote_dir, report, json_out)
+        return
     if search:
         if reference is not None:
             from edgepack.errors import UsageError
@@ -151,3 +167,50 @@ def _search(target: Path, prof: Any, holdout: Path | None, report: Path | None, 
     emit(result, json_out, human)
     if result["chosen"] is None:
         raise typer.Exit(1)
+
+
+def _remote(artifact: Path, profile: str, on: list[str], ssh_option: list[str], command: str, remote_dir: str,
+            report: Path | None, json_out: bool) -> None:
+    """``--on``: gate on each device (:mod:`edgepack.export.gate.remote`), one table; exit 2 on the
+    first target that could not be gated, else 1 unless every verdict is PASS."""
+    from edgepack.console import emit, out
+    from edgepack.constants import PASS
+    from edgepack.export.gate.remote import SshSettings, gate_remote, parse_options, parse_target
+
+    targets = [parse_target(u) for u in on]
+    settings = SshSettings(options=parse_options(ssh_option), command=command, remote_dir=remote_dir)
+    outcomes = gate_remote(artifact, profile, targets, settings, report=report)
+
+    def human(rows: list[dict[str, Any]]) -> None:
+        from rich.table import Table
+
+        t = Table("device", "machine", "copied", "TTFT p95 ms", "decode tok/s", "verdict", "report",
+                  title=f"gate {artifact.name} on {profile}")
+        for o, row in zip(outcomes, rows):
+            if o.report is None:
+                t.add_row(o.target.url, "-", "-", "-", "-", "[red]ERROR[/red]", str(o.error))
+                continue
+            m, mach = o.report.get("measurements") or {}, o.report.get("machine") or {}
+            colour = {"PASS": "green", "FAIL": "red"}.get(row["verdict"], "yellow")
+            t.add_row(o.target.url, f"{mach.get('machine')} {mach.get('cpu_count')} CPUs", "yes" if o.copied else "no",
+                      _num((m.get("ttft_ms") or {}).get("p95")), _num((m.get("decode_tokens_per_s") or {}).get("p50")),
+                      f"[{colour}]{row['verdict']}[/{colour}]", str(o.written.get("json", "")))
+        out.print(t)
+        for o in outcomes:
+            if o.report is not None and o.report.get("reasons"):
+                out.print(f"{o.target.url}: {'; '.join(o.report['reasons'][:3])}")
+
+    rows = [{"on": o.target.url, "verdict": o.report["verdict"] if o.report else "ERROR",
+             "report": str(o.written.get("json")) if o.written else None,
+             "error": str(o.error) if o.error else None, "copied": o.copied,
+             "machine": (o.report or {}).get("machine")} for o in outcomes]
+    emit(rows, json_out, human)
+    failed = [o.error for o in outcomes if o.error is not None]
+    if failed:
+        raise failed[0]
+    if any(r["verdict"] != PASS for r in rows):
+        raise typer.Exit(1)
+
+
+def _num(v: Any) -> str:
+    return "-" if not isinstance(v, (int, float)) else f"{v:.1f}"
