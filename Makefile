@@ -32,7 +32,7 @@ LLAMA_SERVER_FLAGS := -DCMAKE_BUILD_TYPE=Release -DBUILD_SHARED_LIBS=OFF -DLLAMA
 LLAMA_SERVER_DIR := $(HOME)/.cache/edgepack/llama-server/$(shell echo '$(LLAMA_CPP_VERSION) $(LLAMA_CMAKE_ARGS) $(LLAMA_SERVER_FLAGS)' | sha256sum | cut -c1-12)
 LLAMA_SERVER := $(LLAMA_SERVER_DIR)/llama-server
 
-.PHONY: setup demo test test-fast bench clean llama-server
+.PHONY: setup demo test test-fast bench clean llama-server sshd
 
 setup: $(STAMP)
 
@@ -64,13 +64,20 @@ demo-workorders: setup
 
 # pytest exits 5 when no test ran; that is a failure here, never a pass.
 # EDGEPACK_LLAMA_SERVER names the binary; a parity test that finds none there fails, never skips.
-test: setup llama-server
+test: setup llama-server sshd
 	EDGEPACK_LLAMA_SERVER=$(LLAMA_SERVER) $(BIN)/python -m pytest -q
 
 test-fast: setup
 	$(BIN)/python -m pytest -q -m "not slow"
 
 llama-server: $(LLAMA_SERVER)
+
+# tests/export/gate/test_remote_gate.py starts its own OpenSSH server on loopback (#21); Debian's
+# openssh-server is installed only when /usr/sbin/sshd is absent and apt-get is there (else the
+# test fails, saying how to install it).
+sshd:
+	@test -x /usr/sbin/sshd || ! command -v apt-get >/dev/null || \
+		{ apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq openssh-server; }
 
 $(LLAMA_SERVER): | $(STAMP)
 	rm -rf $(LLAMA_SERVER_DIR)/src $(LLAMA_SERVER_DIR)/build
