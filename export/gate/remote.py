@@ -103,6 +103,14 @@ def parse_options(pairs: list[str]) -> tuple[str, ...]:
     return tuple(pairs)
 
 
+def remote_word(word: str) -> str:
+    """``word`` quoted for the remote shell, except a leading ``~/``, which the remote shell expands
+    (so ``--remote-command '~/venv/bin/edgepack'`` names the device user's home)."""
+    if word.startswith("~/"):
+        return "~/" + shlex.quote(word[2:])
+    return shlex.quote(word)
+
+
 def _common(settings: SshSettings) -> list[str]:
     # BatchMode: never prompt (a password prompt would hang a thread); host keys as the user's config says.
     opts = ["BatchMode=yes", f"ConnectTimeout={settings.connect_timeout_s}", *settings.options]
@@ -141,12 +149,12 @@ def connection_error(target: Target, stderr: str, doing: str) -> RemoteError:
 def _probe(target: Target, settings: SshSettings, wanted: list[tuple[str, str]]) -> set[str]:
     """Which remote paths of ``wanted`` ((path, sha256)) are missing; RemoteError when the device
     cannot be reached or has no remote command."""
-    q = shlex.quote
+    q = remote_word
     script = [f"command -v {q(settings.command)} >/dev/null 2>&1 || {{ echo {q(_MISSING)} >&2; exit 127; }}",
               f"mkdir -p {q(settings.remote_dir)} || exit 3"]
-    for path, sha in wanted:
+    for i, (path, sha) in enumerate(wanted):
         script.append(f"if [ -f {q(path)} ] && [ \"$(sha256sum < {q(path)} | cut -c1-64)\" = {sha} ]; "
-                      f"then echo have {q(path)}; else echo need {q(path)}; fi")
+                      f"then echo have {i}; else echo need {i}; fi")
     done = _ssh(target, settings, "; ".join(script), settings.connect_timeout_s * 4 + 120)
     if done.returncode == 255:
         raise connection_error(target, done.stderr, "checking the device")
@@ -156,7 +164,7 @@ def _probe(target: Target, settings: SshSettings, wanted: list[tuple[str, str]])
     if done.returncode != 0:
         raise RemoteError(f"{target.url}: could not prepare {settings.remote_dir} (exit {done.returncode}: "
                           f"{_tail(done.stderr)})")
-    return {ln.split(" ", 1)[1] for ln in done.stdout.splitlines() if ln.startswith("need ")}
+    return {wanted[int(ln.split(" ", 1)[1])][0] for ln in done.stdout.splitlines() if ln.startswith("need ")}
 
 
 def _copy(target: Target, settings: SshSettings, local: Path, remote: str) -> None:
@@ -171,11 +179,11 @@ def _copy(target: Target, settings: SshSettings, local: Path, remote: str) -> No
                           f"{settings.gate_timeout_s:.0f} s") from exc
     if done.returncode != 0:
         # Best effort: the partial name is never read, and a next copy picks a fresh one.
-        _ssh(target, settings, f"rm -f {shlex.quote(partial)}", settings.connect_timeout_s * 2 + 30)
+        _ssh(target, settings, f"rm -f {remote_word(partial)}", settings.connect_timeout_s * 2 + 30)
         error = connection_error(target, done.stderr, f"copying {local.name}")
         raise RemoteError(f"{target.url}: copying {local.name} was cut off; nothing was left under its final name "
                           f"({_tail(done.stderr)})", hint=error.hint)
-    moved = _ssh(target, settings, f"mv -f {shlex.quote(partial)} {shlex.quote(remote)}",
+    moved = _ssh(target, settings, f"mv -f {remote_word(partial)} {remote_word(remote)}",
                  settings.connect_timeout_s * 2 + 30)
     if moved.returncode != 0:
         raise connection_error(target, moved.stderr, f"renaming the copy of {local.name}")
@@ -183,7 +191,7 @@ def _copy(target: Target, settings: SshSettings, local: Path, remote: str) -> No
 
 def _run_remote_gate(target: Target, settings: SshSettings, bundle: str, profile: str) -> dict[str, Any]:
     argv = [settings.command, "gate", bundle, "--profile", profile, "--json"]
-    done = _ssh(target, settings, " ".join(shlex.quote(a) for a in argv), settings.gate_timeout_s)
+    done = _ssh(target, settings, " ".join(remote_word(a) for a in argv), settings.gate_timeout_s)
     if done.returncode == 255:
         raise connection_error(target, done.stderr, "gating")
     try:

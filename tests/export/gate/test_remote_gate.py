@@ -148,10 +148,12 @@ def test_gate_on_the_device_then_pack_its_report(sshd: dict[str, Any], lean_bin:
 
 def test_two_targets_gate_in_parallel_into_one_table(sshd: dict[str, Any], lean_bin: Path,  # noqa: F811
                                                      run: dict[str, Any], tmp_path: Path) -> None:
-    """Two URLs for the one sshd (by name and by address): two reports, one table."""
+    """Two URLs for the one sshd (by name and by address): two reports, one table. The remote
+    command is named from the device user's home (``~/``, expanded there)."""
     bundle = shutil.copy(run["artifact"], tmp_path / "loose.gguf")  # outside a run: reports beside it
+    command = f"~/{(lean_bin / 'edgepack').relative_to(Path.home())}"  # the cached venv lives under ~/.cache
     args = [sys.executable, "-m", "edgepack", "gate", str(bundle), "--profile", str(run["profile"]),
-            "--remote-command", str(lean_bin / "edgepack"), "--remote-dir", str(sshd["folder"] / "device-cache")]
+            "--remote-command", command, "--remote-dir", str(sshd["folder"] / "device-cache")]
     for host in ("127.0.0.1", "localhost"):
         args += ["--on", f"ssh://{sshd['user']}@{host}:{sshd['port']}"]
     known = Path(sshd["options"][0].split("=", 1)[1])
