@@ -9,6 +9,7 @@ upload off after 40 kB: a connection dropped mid-copy.
 
 from __future__ import annotations
 
+import getpass
 import json
 import os
 import platform
@@ -77,7 +78,7 @@ def sshd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
         time.sleep(0.1)
     options = [f"UserKnownHostsFile={known}", f"IdentityFile={client}", "IdentitiesOnly=yes"]
     try:
-        yield {"port": port, "folder": folder, "options": options, "user": os.environ.get("USER") or "root"}
+        yield {"port": port, "folder": folder, "options": options, "user": getpass.getuser()}
     finally:
         server.terminate()
         server.wait(timeout=10)
