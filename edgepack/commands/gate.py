@@ -34,7 +34,7 @@ def gate_cmd(
         = ".cache/edgepack/bundles",
 ) -> None:
     """Measure latency, memory and quality in the real runtime; exit 0 only on PASS."""
-    from edgepack.console import emit, out, progress_bars, warn
+    from edgepack.console import emit, progress_bars, warn
     from edgepack.constants import PASS
     from edgepack.profiles import load_profile
 
@@ -66,32 +66,36 @@ def gate_cmd(
                           reference=reference, warn=warn)
     written = write_gate_reports(result, report.parent, stem=report.stem) if report is not None else {}
 
-    def human(r: dict[str, Any]) -> None:
-        from rich.table import Table
-
-        t = Table("check", "measured", "budget", "unit", "ok", title=f"gate {r['artifact']} on {r['profile']}")
-        for c in r["checks"]:
-            t.add_row(c["name"], str(c["measured"]), str(c["budget"]), c.get("unit", ""),
-                      {True: "[green]yes[/green]", False: "[red]no[/red]"}.get(c["ok"], "n/a"))
-        out.print(t)
-        spread = (r.get("spread") or {}).get("decode_tokens_per_s")
-        if spread:
-            out.print(f"decode spread over {spread['n']} runs: stdev {spread['stdev']:.1f} tok/s "
-                      f"(min {spread['min']:.1f}, max {spread['max']:.1f})")
-        for line in _quality_summary((r.get("measurements") or {}).get("quality")):
-            out.print(line)
-        eff = r.get("efficiency") or {}
-        if eff.get("efficiency") is not None:
-            out.print(f"decode efficiency: {100 * eff['efficiency']:.1f}% of {eff['bandwidth_gb_s']:.1f} GB/s")
-        colour = {"PASS": "green", "FAIL": "red"}.get(r["verdict"], "yellow")
-        out.print(f"verdict: [bold {colour}]{r['verdict']}[/bold {colour}]"
-                  + (f" — {'; '.join(r['reasons'])}" if r.get("reasons") else ""))
-        for kind, path in written.items():
-            out.print(f"{kind}: {path}")
-
-    emit(result, json_out, human)
+    emit(result, json_out, lambda r: _print_gate(r, written))
     if result["verdict"] != PASS:
         raise typer.Exit(1)
+
+
+def _print_gate(r: dict[str, Any], written: dict[str, Any]) -> None:
+    """The human rendering of one gate: the checks, the spread, the quality lines, the verdict."""
+    from rich.table import Table
+
+    from edgepack.console import out
+
+    t = Table("check", "measured", "budget", "unit", "ok", title=f"gate {r['artifact']} on {r['profile']}")
+    for c in r["checks"]:
+        t.add_row(c["name"], str(c["measured"]), str(c["budget"]), c.get("unit", ""),
+                  {True: "[green]yes[/green]", False: "[red]no[/red]"}.get(c["ok"], "n/a"))
+    out.print(t)
+    spread = (r.get("spread") or {}).get("decode_tokens_per_s")
+    if spread:
+        out.print(f"decode spread over {spread['n']} runs: stdev {spread['stdev']:.1f} tok/s "
+                  f"(min {spread['min']:.1f}, max {spread['max']:.1f})")
+    for line in _quality_summary((r.get("measurements") or {}).get("quality")):
+        out.print(line)
+    eff = r.get("efficiency") or {}
+    if eff.get("efficiency") is not None:
+        out.print(f"decode efficiency: {100 * eff['efficiency']:.1f}% of {eff['bandwidth_gb_s']:.1f} GB/s")
+    colour = {"PASS": "green", "FAIL": "red"}.get(r["verdict"], "yellow")
+    out.print(f"verdict: [bold {colour}]{r['verdict']}[/bold {colour}]"
+              + (f" — {'; '.join(r['reasons'])}" if r.get("reasons") else ""))
+    for kind, path in written.items():
+        out.print(f"{kind}: {path}")
 
 
 def _quality_summary(q: dict[str, Any] | None) -> list[str]:
