@@ -20,7 +20,7 @@ is written atomically, so a rerun keeps finished shards and computes only the mi
 ``index.json`` (k, samples, teacher sha256, tokenizer identity, bytes, retained mass, timings)
 and the ``.complete`` marker are written last.
 
-:class:`SoftLabels` reads the store back: ``targets(indices)`` returns a
+:class:`~edgepack.distill.softlabels_read.SoftLabels` (softlabels_read.py) reads the store back: ``targets(indices)`` returns a
 :class:`~edgepack.distill.losses.SparseTargets` whose rows line up with ``hidden[batch.predicts]``
 for ``collate`` over the same examples, in the same order. Row *i* is example *i* of
 ``tokenize_rows(..., max_length)`` with the store's ``max_length``.
@@ -28,11 +28,9 @@ for ``collate`` over the same examples, in the same order. Row *i* is example *i
 
 from __future__ import annotations
 
-import bisect
 import hashlib
 import json
 import time
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -40,7 +38,7 @@ from typing import TYPE_CHECKING, Any
 from edgepack.atomic import atomic_path, clean_stale, is_complete, write_json, write_text
 from edgepack.constants import (COMPLETE_MARKER, DATA_DIR, SOFTLABELS_DIR, SOFTLABELS_INDEX, TEACHER_CONTEXT,
                                 TEACHER_SOURCE, TRAIN_FILE)
-from edgepack.errors import DataError, InvalidModelFile, RunDirError, UsageError
+from edgepack.errors import DataError, RunDirError, UsageError
 from edgepack.hashing import sha256_file
 from edgepack.progress import ProgressFn, null_progress
 
@@ -476,137 +474,3 @@ def _read_index(folder: Path) -> dict[str, Any]:
         raise RunDirError(f"{folder / SOFTLABELS_INDEX} is not a soft-label index of format {FORMAT_VERSION}",
                           hint=f"delete {folder} and cache the soft labels again")
     return index
-
-
-class SoftLabels:
-    """Read access to a complete RUN/softlabels store, validated on open.
-
-    ``teacher_sha256`` / ``tokenizer_sha256`` / ``max_length``, when given, must match what the
-    store was cached with (else RunDirError). Every shard's size (and with ``verify`` its sha256)
-    is checked against the index (else InvalidModelFile naming the shard).
-    """
-
-    def __init__(self, folder: Path, *, teacher_sha256: str | None = None, tokenizer_sha256: str | None = None,
-                 max_length: int | None = None, verify: bool = True) -> None:
-        self.folder = Path(folder)
-        if not is_complete(self.folder):
-            raise RunDirError(f"{self.folder} is missing or incomplete (no {COMPLETE_MARKER} marker)",
-                              hint="cache the soft labels first; a rerun resumes from the finished shards")
-        self.index = _read_index(self.folder)
-        expected = {"teacher_sha256": teacher_sha256, "tokenizer_sha256": tokenizer_sha256, "max_length": max_length}
-        for key, want in expected.items():
-            have = self.index["identity"].get(key)
-            if want is not None and have != want:
-                raise RunDirError(f"{self.folder} was cached with {key} {have}, this run has {want}",
-                                  hint=f"delete {self.folder} and cache the soft labels again for this run")
-        self._starts: list[int] = []
-        for shard in self.index["shards"]:
-            path = self.folder / shard["file"]
-            if not path.is_file():
-                raise InvalidModelFile(f"soft-label shard {path} is missing",
-                                       hint=RECOMPUTE_HINT)
-            size = path.stat().st_size
-            if size != shard["bytes"]:
-                raise InvalidModelFile(f"soft-label shard {path} is truncated or altered ({size} bytes, "
-                                       f"the index says {shard['bytes']})",
-                                       hint=RECOMPUTE_HINT)
-            if verify and sha256_file(path) != shard["sha256"]:
-                raise InvalidModelFile(f"soft-label shard {path} does not match its sha256 in the index",
-                                       hint=RECOMPUTE_HINT)
-            self._starts.append(shard["rows"][0])
-        self._open: dict[int, tuple[Any, dict[str, Any]]] = {}
-
-    @property
-    def k(self) -> int:
-        return int(self.index["k"])
-
-    @property
-    def samples(self) -> int:
-        return int(self.index["samples"])
-
-    def __len__(self) -> int:
-        return int(self.index["rows"])
-
-    def _shard(self, number: int) -> tuple[Any, dict[str, Any]]:
-        from safetensors import SafetensorError, safe_open
-
-        if number not in self._open:
-            path = self.folder / self.index["shards"][number]["file"]
-            try:
-                fh = safe_open(str(path), framework="pt")
-                meta = fh.metadata() or {}
-                small = {"row_offsets": fh.get_tensor("row_offsets")}
-                if "sample_offsets" in fh.keys():
-                    small["sample_offsets"] = fh.get_tensor("sample_offsets").long()
-            except (OSError, SafetensorError, ValueError) as exc:
-                raise InvalidModelFile(f"soft-label shard {path} cannot be read: {exc}",
-                                       hint=RECOMPUTE_HINT) from exc
-            header = _shard_header(meta)
-            if header.get("identity") != self.index["identity"] or \
-                    header.get("rows") != self.index["shards"][number]["rows"]:
-                raise InvalidModelFile(f"soft-label shard {path} belongs to another store than {SOFTLABELS_INDEX}",
-                                       hint=f"delete {self.folder} and cache the soft labels again")
-            self._open[number] = (fh, small)
-        return self._open[number]
-
-    def row(self, i: int) -> Any:
-        """The teacher's sparse targets at example ``i``'s answer positions (SparseTargets)."""
-        import torch
-
-        from edgepack.distill.losses import SparseTargets
-
-        if not 0 <= i < len(self):
-            raise IndexError(f"soft-label row {i} out of range (the store holds {len(self)})")
-        number = bisect.bisect_right(self._starts, i) - 1
-        fh, small = self._shard(number)
-        local = i - self._starts[number]
-        p0, p1 = (int(x) for x in small["row_offsets"][local:local + 2])
-        out: dict[str, Any] = {
-            "topk_ids": fh.get_slice("topk_ids")[p0:p1].long(),
-            "topk_logprobs": fh.get_slice("topk_logprobs")[p0:p1].float(),
-            "tail_logmass": fh.get_slice("tail_logmass")[p0:p1].float(),
-            "tokens": fh.get_slice("tokens")[p0:p1].long(),
-        }
-        if "sample_offsets" in small:
-            offsets = small["sample_offsets"][p0:p1 + 1]
-            q0, q1 = int(offsets[0]), int(offsets[-1])
-            lengths = offsets[1:] - offsets[:-1]
-            width = int(lengths.max()) if lengths.numel() else 0
-            # Row-major boolean assignment fills each position's slots left to right, in file order.
-            filled = torch.arange(width)[None, :] < lengths[:, None]
-            ids = torch.zeros(p1 - p0, width, dtype=torch.long)
-            lps = torch.zeros(p1 - p0, width)
-            weights = torch.zeros(p1 - p0, width)
-            ids[filled] = fh.get_slice("sample_ids")[q0:q1].long()
-            lps[filled] = fh.get_slice("sample_logprobs")[q0:q1].float()
-            weights[filled] = fh.get_slice("sample_counts")[q0:q1].float() / self.samples
-            out.update(sample_ids=ids, sample_logprobs=lps, sample_weights=weights)
-        return SparseTargets(**out)
-
-    def targets(self, indices: Sequence[int], examples: Sequence[Any] | None = None) -> Any:
-        """Targets for rows ``indices``, concatenated in order: row-aligned with
-        ``hidden[collate(...).predicts]`` over ``[examples[i] for i in indices]``.
-
-        With ``examples`` (the Examples of those rows), each row's stored answer tokens are
-        checked against them, so a store cached from other data can never be silently misaligned.
-        """
-        from edgepack.distill.losses import SparseTargets
-
-        parts = [self.row(i) for i in indices]
-        if examples is not None:
-            if len(examples) != len(parts):
-                raise ValueError(f"{len(examples)} examples for {len(parts)} rows")
-            for i, e, p in zip(indices, examples, parts):
-                if p.tokens.tolist() != list(e.student_ids[e.student_prompt:]):
-                    raise RunDirError(f"soft-label row {i} does not match training example {i}'s answer tokens",
-                                      hint=f"the data or max_length changed since caching; delete {self.folder} "
-                                           "and cache again")
-        return SparseTargets.cat(parts)
-
-
-def open_soft_labels(run_dir: Path, *, max_length: int | None = None, verify: bool = True) -> SoftLabels:
-    """The run's soft-label store, checked against the run's teacher and tokenizer."""
-    run_dir = Path(run_dir)
-    teacher_dir = _teacher_dir(run_dir)
-    return SoftLabels(run_dir / SOFTLABELS_DIR, teacher_sha256=teacher_sha256(teacher_dir),
-                      tokenizer_sha256=tokenizer_identity(teacher_dir), max_length=max_length, verify=verify)

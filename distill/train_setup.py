@@ -193,7 +193,8 @@ def read_training_data(request: TrainRequest, inputs: RunInputs, progress: Progr
 
 def _cached_soft_labels(request: TrainRequest, tok: Any, rows: list[dict[str, Any]], examples: list[Example],
                         progress: ProgressFn) -> Targets:
-    from edgepack.distill.softlabels import cache_soft_labels, open_soft_labels
+    from edgepack.distill.softlabels import cache_soft_labels
+    from edgepack.distill.softlabels_read import open_soft_labels
 
     cfg = request.config
     cache_soft_labels(request.run_dir, k=cfg.soft_k, samples=cfg.soft_samples, seed=request.seed,

@@ -87,7 +87,8 @@ def plain_forward(run: Path) -> dict[str, Any]:
 
 
 def cache(run: Path, samples: int) -> dict[str, Any]:
-    from edgepack.distill.softlabels import cache_soft_labels, open_soft_labels
+    from edgepack.distill.softlabels import cache_soft_labels
+    from edgepack.distill.softlabels_read import open_soft_labels
 
     shutil.rmtree(run / "softlabels", ignore_errors=True)
     t0 = time.perf_counter()

@@ -12,7 +12,8 @@ import torch.nn.functional as F
 
 from edgepack.atomic import is_complete
 from edgepack.constants import COMPLETE_MARKER, SOFTLABELS_DIR, SOFTLABELS_INDEX, TEACHER_DIR
-from edgepack.distill.softlabels import SoftLabels, cache_soft_labels, open_soft_labels, sample_support
+from edgepack.distill.softlabels import cache_soft_labels, sample_support
+from edgepack.distill.softlabels_read import SoftLabels, open_soft_labels
 from edgepack.errors import InvalidModelFile, RunDirError, UsageError
 from tests.distill.conftest import make_run, train_rows
 
