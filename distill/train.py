@@ -92,6 +92,20 @@ class TrainConfig:
     """Top-k tokens per answer position kept in the soft-label cache."""
     soft_samples: int = 0
     """Tokens drawn from the teacher per position for ``sampled_forward_kl`` (0: none cached)."""
+    on_policy: float = 0.0
+    """GKD's λ: the fraction of steps whose completions the student samples and the teacher
+    scores (onpolicy.py); 0 trains off-policy only."""
+    on_policy_temperature: float = 1.0
+    """The student's sampling temperature on on-policy steps."""
+    on_policy_max_new: int = 0
+    """Most tokens a sampled completion has (0: the longest answer in the training data)."""
+    on_policy_teacher: str = "auto"
+    """Who scores the sampled tokens: ``hf``, ``gguf``, ``endpoint`` or ``auto`` (onpolicy.SCORERS)."""
+
+
+ON_POLICY_DEFAULTS = {"on_policy": 0.0, "on_policy_temperature": 1.0, "on_policy_max_new": 0, "on_policy_teacher": "auto"}
+"""The on-policy fields at their defaults are left out of a run's identity, so that runs trained
+before on-policy distillation existed still resume and are still recognised as finished."""
 
 
 def student_dir_name(variant: str | None = None) -> str:

@@ -79,6 +79,8 @@ class Objective:
     """Weight of CE; 1 - alpha weights the KD term."""
     temperature: float = 1.0
     """Softens both distributions of dense KD (sparse targets are held at temperature 1)."""
+    on_policy: Any = None
+    """onpolicy.OnPolicy: how on-policy steps sample and score (their loss is its ``loss``); None: off-policy only."""
 
 
 @dataclass(frozen=True)

@@ -79,6 +79,7 @@ def train_report(request: TrainRequest, inputs: RunInputs, data: TrainData, run:
         **request.device.describe(),  # device, precision, bit_reproducible (and why not)
         "peak_measure": peak_measure(request.device),
         "torch_threads": torch.get_num_threads(),
+        "on_policy": run.objective.on_policy.describe(state.history) if run.objective.on_policy else None,
         "resumed_from_step": run.start.step or None,
         "data_parallel_processes": world,
     }

@@ -31,6 +31,7 @@ import torch
 from edgepack.atomic import clean_stale, is_complete
 from edgepack.constants import CHECKPOINT_DIR, DATA_DIR, TEACHER_CONTEXT, TRAIN_FILE
 from edgepack.distill import checkpoint as ckpt
+from edgepack.distill import onpolicy
 from edgepack.distill.batching import Example, TeacherPrefix, shared_prefix_len, tokenize_rows
 from edgepack.distill.data import read_jsonl, teacher_dir_of
 from edgepack.distill.device import CPU, Device
@@ -103,6 +104,13 @@ class TrainData:
     mode: TrainingMode
     sparse: Targets | None = None
     """SoftLabels (soft-labels) or EndpointTargets (top-logprobs); None for the other modes."""
+    on_policy: str | None = None
+    """The scorer of on-policy steps (onpolicy.SCORERS); None: off-policy only."""
+
+    @property
+    def teacher_while_training(self) -> str:
+        """How the teacher is held while training: the mode's, or ``online`` for the HF on-policy scorer."""
+        return onpolicy.teacher_while_training(self.on_policy, self.mode)
 
 
 @dataclass(frozen=True)
@@ -133,10 +141,14 @@ def check_inputs(request: TrainRequest) -> RunInputs:
         raise UsageError("an endpoint teacher has no weights to derive an `auto` student from",
                          hint="pass --student PATH (an HF model folder) to train on the endpoint's answers")
     _check_options(request)
+    onpolicy.check_options(request.config, endpoint_run=remote)
     teacher_sha = (data_report["teacher"]["sha256"] if teacher_dir is None
                    else json.loads((teacher_dir / SOURCE_FILE).read_text())["sha256"])
+    from edgepack.distill.train import ON_POLICY_DEFAULTS
+
+    config = {k: v for k, v in asdict(request.config).items() if ON_POLICY_DEFAULTS.get(k, object()) != v}
     identity = {"teacher_sha256": teacher_sha, "student": request.student, "steps": request.steps,
-                "seed": request.seed, "profile": request.profile.name, "config": asdict(request.config)}
+                "seed": request.seed, "profile": request.profile.name, "config": config}
     # Absent at their defaults, so runs from before these options still resume.
     identity.update({k: v for k, v in (("method", request.method), ("mlp_keep", request.mlp_keep))
                      if v not in ("auto", 1.0)})
@@ -186,9 +198,10 @@ def read_training_data(request: TrainRequest, inputs: RunInputs, progress: Progr
     examples, too_long = tokenize_rows(tok, rows, context, cfg.max_length)
     if not examples:
         raise DataError(f"no training row fits max_length={cfg.max_length} tokens ({too_long} too long)")
+    scorer = onpolicy.scorer_name(cfg, mode, request.run_dir)
     opener = SPARSE_TARGETS.get(mode.name)
     sparse = opener(request, tok, rows, examples, progress) if opener is not None else None
-    return TrainData(tok, tokenizer_dir, pad_id, rows, examples, too_long, mode, sparse)
+    return TrainData(tok, tokenizer_dir, pad_id, rows, examples, too_long, mode, sparse, scorer)
 
 
 def _cached_soft_labels(request: TrainRequest, tok: Any, rows: list[dict[str, Any]], examples: list[Example],
@@ -237,8 +250,8 @@ def build_training(request: TrainRequest, inputs: RunInputs, data: TrainData, *,
         model, description, plan = _resumed_student(request, inputs, data, teacher, last, baseline_mb)
     else:
         model, description, plan = _new_student(request, data, teacher, baseline_mb, progress)
-    if data.mode.teacher_while_training != "online":
-        teacher = None  # only dense KD reads the teacher while training (the planner counts it so)
+    if data.teacher_while_training != "online":
+        teacher = None  # only dense KD (or on-policy scoring in torch) reads it while training; the planner counts it so
         gc.collect()
     device = request.device
     # The student keeps fp32 master weights on the device (autocast lowers its forward); the frozen
@@ -253,7 +266,7 @@ def build_training(request: TrainRequest, inputs: RunInputs, data: TrainData, *,
     start = TrainState() if last is None else \
         TrainState.from_checkpoint(ckpt.restore_training_state(last, trainee.optimizer, trainee.scheduler))
     with device.placement():  # the teacher's shared-prefix KV cache is computed on the device
-        objective = _objective(data, teacher, request.config)
+        objective = _objective(request, inputs, data, teacher)
     # The student runs the shared prompt prefix once per micro-batch (with gradients) rather
     # than once per row; checkpointed layers would drop the prefix's KV cache, so not then.
     student_prefix = 0 if plan.checkpointing or plan.micro_batch < 2 else \
@@ -290,7 +303,7 @@ def _resumed_student(request: TrainRequest, inputs: RunInputs, data: TrainData, 
     else:
         model = AutoModelForCausalLM.from_pretrained(last, dtype=torch.float32)
     plan = (TrainPlan(**{**planned, "rejected": tuple(planned["rejected"])}) if planned is not None
-            else plan_for(model, teacher, data.mode, request, baseline_mb, "full"))
+            else plan_for(model, teacher, data, request, baseline_mb, "full"))
     return model, description, plan
 
 
@@ -298,7 +311,7 @@ def _new_student(request: TrainRequest, data: TrainData, teacher: Any, baseline_
                  progress: ProgressFn) -> tuple[Any, dict[str, Any], TrainPlan]:
     """A fresh student and the plan that fits it in the profile's training memory (LoRA adapters added)."""
     model, description = make_student(request, data, teacher, progress)
-    plan = plan_for(model, teacher, data.mode, request, baseline_mb, request.method)
+    plan = plan_for(model, teacher, data, request, baseline_mb, request.method)
     if plan.method == "lora":
         model = _with_lora(model)
     return model, description, plan
@@ -328,16 +341,22 @@ def lr_factor(step: int, total: int, warmup: int, min_lr_ratio: float) -> float:
     return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
-def _objective(data: TrainData, teacher: Any, cfg: TrainConfig) -> Objective:
-    """The mode's loss inputs: the online teacher (dense), the sparse targets, or CE alone."""
+def _objective(request: TrainRequest, inputs: RunInputs, data: TrainData, teacher: Any) -> Objective:
+    """The mode's loss inputs (the online teacher for dense KD, the sparse targets, or CE alone) and
+    the on-policy steps' sampling and scorer (onpolicy.py; an endpoint is probed here)."""
+    cfg = request.config
+    online = None if teacher is None else OnlineTeacher(teacher, TeacherPrefix(teacher, data.examples), data.pad_id)
+    on_policy = onpolicy.open_on_policy(data.on_policy, cfg, run_dir=request.run_dir, examples=data.examples,
+                                        tokenizer=data.tokenizer, pad_id=data.pad_id, seed=request.seed,
+                                        online_teacher=online, data_report=inputs.data_report)
     if data.mode.teacher_while_training == "online":  # dense KD: the teacher runs beside the student
-        targets: Targets = OnlineTeacher(teacher, TeacherPrefix(teacher, data.examples), data.pad_id)
-        return Objective(data.mode.name, DIVERGENCES[cfg.divergence], targets, cfg.alpha, cfg.temperature)
+        assert online is not None
+        return Objective(data.mode.name, DIVERGENCES[cfg.divergence], online, cfg.alpha, cfg.temperature, on_policy)
     divergence = SPARSE_DIVERGENCES[cfg.divergence] if data.sparse is not None else None
-    return Objective(data.mode.name, divergence, data.sparse, cfg.alpha, cfg.temperature)
+    return Objective(data.mode.name, divergence, data.sparse, cfg.alpha, cfg.temperature, on_policy)
 
 
-def plan_for(model: Any, teacher: Any, mode: TrainingMode, request: TrainRequest, baseline_mb: float,
+def plan_for(model: Any, teacher: Any, data: TrainData, request: TrainRequest, baseline_mb: float,
              method: str) -> TrainPlan:
     """The memory plan (plan.py) for training ``model`` in ``mode`` within the profile's training memory."""
     from edgepack.distill.plan import plan_training
@@ -351,9 +370,11 @@ def plan_for(model: Any, teacher: Any, mode: TrainingMode, request: TrainRequest
 
     cfg, profile = request.config, request.profile
     budget_mb, _source = device_memory_mb(request.device, profile.train_memory_mb)
+    # A llama.cpp scorer's mapped GGUF and logits live in the process beside the student.
+    outside_torch = onpolicy.scorer_memory_mb(data.on_policy, request.run_dir, cfg, model.config.vocab_size)
     return plan_training(shape(model), teacher=shape(teacher) if teacher is not None else None,
-                         teacher_mode=mode.teacher_while_training, budget_mb=budget_mb,
-                         baseline_mb=baseline_mb, batch_size=cfg.batch_size, micro_batch=cfg.micro_batch,
+                         teacher_mode=data.teacher_while_training, budget_mb=budget_mb,
+                         baseline_mb=baseline_mb + outside_torch, batch_size=cfg.batch_size, micro_batch=cfg.micro_batch,
                          seq_len=cfg.max_length, method=method, profile_name=profile.name,
                          device=request.device.name, precision=request.device.precision,
                          eight_bit=bitsandbytes_usable(request.device))

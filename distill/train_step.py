@@ -25,7 +25,7 @@ from edgepack.distill.batching import Example, answer_hidden, batch_indices
 from edgepack.distill.device import CPU, Device
 from edgepack.distill.parallel import DataParallel
 from edgepack.distill.plan import TrainPlan
-from edgepack.distill.train_loss import MicroBatch, Objective, mode_loss
+from edgepack.distill.train_loss import MicroBatch, ModeLoss, Objective, mode_loss
 
 if TYPE_CHECKING:
     from edgepack.distill.train import TrainConfig
@@ -44,9 +44,14 @@ class StepLog:
     """The learning rate after this step's schedule update."""
     grad_norm: float
     """The gradient norm before clipping."""
+    on_policy: bool = False
+    """The student sampled this step's answers and the teacher scored them (onpolicy.py; ``ce`` is 0)."""
 
     def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        out = asdict(self)
+        if not self.on_policy:  # off-policy rows read as they did before on-policy steps existed
+            del out["on_policy"]
+        return out
 
 
 @dataclass(frozen=True)
@@ -119,7 +124,7 @@ def divergence_problem(loss: float, grad_norm: float, history: tuple[StepLog, ..
 
 
 def _micro_step(trainee: Trainee, indices: list[int], examples: list[Example], data: StepData,
-                objective: Objective, n_answer: int) -> tuple[list[float], int]:
+                objective: Objective, n_answer: int, loss: ModeLoss) -> tuple[list[float], int]:
     """Forward and backward one micro-batch; its (loss, kd, ce) weighted by its share of the step's tokens."""
     model, device = trainee.model, trainee.device
     with device.placement(), device.autocast():
@@ -130,7 +135,7 @@ def _micro_step(trainee: Trainee, indices: list[int], examples: list[Example], d
     # The losses run in fp32 outside autocast: log-softmax over the vocabulary in bf16/fp16
     # loses the small probabilities KD is about.
     with device.placement():
-        terms = mode_loss(objective.mode)(s_logits.float(), MicroBatch(indices, examples, batch.targets), objective)
+        terms = loss(s_logits.float(), MicroBatch(indices, examples, batch.targets), objective)
     weight = s_logits.shape[0] / n_answer  # the step loss is a mean over all answer tokens
     scaled = terms.loss * weight
     (scaled if trainee.scaler is None else trainee.scaler.scale(scaled)).backward()
@@ -144,12 +149,22 @@ def train_step(trainee: Trainee, data: StepData, objective: Objective, state: Tr
     t0 = time.perf_counter()
     indices = batch_indices(len(data.examples), data.seed, state.step, cfg.batch_size)
     chosen = [data.examples[i] for i in indices]
-    n_answer = sum(e.answer_tokens for e in chosen)  # over the global batch, on every rank
     size = trainee.plan.micro_batch
     micro_batches = [(indices[i:i + size], chosen[i:i + size]) for i in range(0, len(chosen), size)]
+    mine = parallel.my_share(micro_batches)
+    on_policy = objective.on_policy is not None and objective.on_policy.applies(state.step)
+    if on_policy:  # the student's own completions replace the teacher's answers (onpolicy.py)
+        mine = [(part_indices, objective.on_policy.sample(trainee.model, part, trainee.device, step=state.step,
+                                                          first_row=part_indices[0]))
+                for part_indices, part in mine]
+        n_answer = int(parallel.sum_values([sum(e.answer_tokens for _, part in mine for e in part)])[0])
+        loss_fn: ModeLoss = objective.on_policy.loss
+    else:
+        n_answer = sum(e.answer_tokens for e in chosen)  # over the global batch, on every rank
+        loss_fn = mode_loss(objective.mode)
     totals, step_tokens = [0.0, 0.0, 0.0], 0
-    for part_indices, part in parallel.my_share(micro_batches):
-        values, tokens = _micro_step(trainee, part_indices, part, data, objective, n_answer)
+    for part_indices, part in mine:
+        values, tokens = _micro_step(trainee, part_indices, part, data, objective, n_answer, loss_fn)
         totals = [total + value for total, value in zip(totals, values)]
         step_tokens += tokens
     parallel.sum_gradients(trainee.params)
@@ -176,6 +191,6 @@ def train_step(trainee: Trainee, data: StepData, objective: Objective, state: Tr
     trainee.scheduler.step()
     trainee.optimizer.zero_grad(set_to_none=True)
     log = StepLog(state.step + 1, round(loss, 6), round(kd, 6), round(ce, 6), trainee.scheduler.get_last_lr()[0],
-                  round(grad_norm, 4))
+                  round(grad_norm, 4), on_policy)
     return StepResult(TrainState(state.step + 1, (*state.history, log), state.elapsed + time.perf_counter() - t0,
                                  state.tokens + int(step_tokens)))

@@ -94,6 +94,16 @@ def train_cmd(
                               "instead of the online teacher.")] = False,
     soft_k: Annotated[int, typer.Option(help="Top-k tokens per position in the soft-label cache.")] = 32,
     soft_samples: Annotated[int, typer.Option(help="Importance-sampled tokens per position (0 = none).")] = 0,
+    on_policy: Annotated[float, typer.Option(
+        "--on-policy", help="On-policy distillation (GKD's lambda): the fraction of steps whose answers the student "
+                            "samples and the teacher scores; 0 = off-policy only.")] = 0.0,
+    on_policy_temperature: Annotated[float, typer.Option(help="The student's sampling temperature on "
+                                                              "on-policy steps.")] = 1.0,
+    on_policy_max_new: Annotated[int, typer.Option(help="Most tokens per sampled completion (0 = the longest "
+                                                        "answer in the data).")] = 0,
+    on_policy_teacher: Annotated[str, typer.Option(
+        help="Who scores the sampled tokens: hf (the local teacher in torch), gguf (the run's GGUF teacher "
+             "through llama.cpp), endpoint, or auto.")] = "auto",
     lora: Annotated[bool, typer.Option("--lora", help="Train LoRA adapters (merged at the end) instead of "
                                                       "letting the planner choose from the profile's memory.")] = False,
     full: Annotated[bool, typer.Option("--full", help="Full fine-tuning, whatever the planner would choose.")] = False,
@@ -124,7 +134,8 @@ def train_cmd(
         raise UsageError("--lora and --full exclude each other", hint="give one, or neither to let the planner choose")
     prof = load_profile(profile)
     config = TrainConfig(divergence=LOSS_NAMES[loss], soft_labels=soft_labels, soft_k=soft_k,
-                         soft_samples=soft_samples)
+                         soft_samples=soft_samples, on_policy=on_policy, on_policy_temperature=on_policy_temperature,
+                         on_policy_max_new=on_policy_max_new, on_policy_teacher=on_policy_teacher)
     with stage_log("train", run), progress_bars(not json_out) as progress:
         report = train_student(run_dir=run, profile=prof, student=student, steps=steps, seed=seed,
                                resume=resume, progress=progress, config=config, variant=variant,
