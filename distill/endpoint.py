@@ -5,7 +5,8 @@ so answers come over HTTP (``POST URL/chat/completions``, the standard library's
 so proxies configured in the environment apply).
 :func:`open_endpoint` is the generator registered for kind ``openai`` in
 ``generate.GENERATORS``; it yields an :class:`EndpointTeacher`, callable per prompt like the
-local generators, with :meth:`EndpointTeacher.generate_many` for a batch in order.
+local generators, with :meth:`EndpointTeacher.generate_many` for a batch in order. Its HTTP
+plumbing, :class:`EndpointClient`, also carries the endpoint scorer's requests (score_endpoint.py).
 
 What makes it safe to point at a remote service:
 
@@ -150,8 +151,18 @@ class _Retryable(Exception):
         self.wait_s, self.hint = wait_s, hint
 
 
-class _LogprobsRefused(Exception):
-    """Internal: a 400 whose error names logprobs; ask again without them."""
+class Refused(Exception):
+    """A 4xx answer the caller's ``refused`` test picked out (the message: status and the server's
+    words, redacted): the caller asks otherwise (the teacher: without logprobs) or explains."""
+
+
+RefusalTest = Callable[[int, str, "str | None"], bool]
+"""``(status, error message, error param) → True``: raise :class:`Refused` instead of failing."""
+
+
+def _names_logprobs(status: int, message: str, param: str | None) -> bool:
+    """A 400/422 about logprobs (``edgepack serve`` names the param; others say it in words)."""
+    return status in (400, 422) and (param in ("logprobs", "top_logprobs") or "logprob" in message.lower())
 
 
 class EndpointTeacher:
@@ -166,12 +177,13 @@ class EndpointTeacher:
         self.config.check()
         self.cache = AnswerCache(cache_dir)
         self.url = f"{source.url}/chat/completions"
-        self._key = read_api_key(self.config.api_key_env)
+        self.client = EndpointClient(self.url, source.model, self.config, too_large_hint=(
+            "a chat completion is far smaller; check that the URL is the API base of a chat-completions "
+            "server (e.g. http://host:8000/v1)"))
         self.response_cap = response_cap(params.max_new_tokens)
         self._lock = threading.Lock()
         self._logprobs_refused: str | None = None  # sticky: the endpoint said no once
-        self._in_flight = 0
-        self.stats = {"requests": 0, "cache_hits": 0, "retries": 0, "max_in_flight": 0}
+        self.stats = {"cache_hits": 0}
 
     # --- public -------------------------------------------------------------------------
 
@@ -223,8 +235,11 @@ class EndpointTeacher:
         """Settings and counters for the data report (the key's variable name, never its value)."""
         with self._lock:
             stats = dict(self.stats)
+        client = self.client.counters()
         return {"url": self.url, "model": self.source.model, **self.config.describe(),
-                "api_key_sent": self._key is not None, "logprobs_refused": self._logprobs_refused, **stats}
+                "api_key_sent": self.client.key_sent, "logprobs_refused": self._logprobs_refused,
+                "requests": client["requests"], **stats, "retries": client["retries"],
+                "max_in_flight": client["max_in_flight"]}
 
     # --- one request ----------------------------------------------------------------------
 
@@ -234,16 +249,85 @@ class EndpointTeacher:
             refused = self._logprobs_refused
         if refused is None and self.config.top_logprobs > 0:
             try:
-                return self._post({**body, "logprobs": True, "top_logprobs": self.config.top_logprobs}), None
-            except _LogprobsRefused as exc:
+                return self._post({**body, "logprobs": True, "top_logprobs": self.config.top_logprobs},
+                                  refused=_names_logprobs), None
+            except Refused as exc:
                 with self._lock:
-                    self._logprobs_refused = self._logprobs_refused or str(exc)
+                    self._logprobs_refused = self._logprobs_refused or f"the endpoint refused logprobs: {exc}"
                     refused = self._logprobs_refused
         elif self.config.top_logprobs == 0:
             refused = "top_logprobs is 0: logprobs were not asked for"
         return self._post(body), refused
 
-    def _post(self, body: dict[str, Any]) -> dict[str, Any]:
+    def _post(self, body: dict[str, Any], refused: RefusalTest | None = None) -> dict[str, Any]:
+        return self.client.post(body, cap=self.response_cap, cap_for=f"{self.params.max_new_tokens} new tokens",
+                                refused=refused)
+
+    # --- answers ----------------------------------------------------------------------------
+
+    def _generation(self, answer: dict[str, Any], refused: str | None) -> Generation:
+        from edgepack.distill.generate import Generation
+
+        try:
+            choice = answer["choices"][0]
+            text = choice["message"].get("content") or ""
+            finish = choice.get("finish_reason")
+        except (KeyError, IndexError, TypeError, AttributeError):
+            raise TeacherEndpointError(f"teacher endpoint {self.url}: HTTP 200 but no chat completion in the "
+                                       "answer (choices[0].message missing)") from None
+        if not isinstance(text, str):
+            raise TeacherEndpointError(f"teacher endpoint {self.url}: the answer's content is not text")
+        try:
+            chosen, top = _logprobs(choice.get("logprobs"), self.config.top_logprobs,
+                                    max_positions=self.params.max_new_tokens + 1)
+            if _has_surrogate(text):
+                text = "".join("\ufffd" if "\ud800" <= c <= "\udfff" else c for c in text)
+                raise BadAnswer("the text holds a lone UTF-16 surrogate (not Unicode text)")
+        except BadAnswer as exc:
+            # Not kept as training data: the mark lets `distill data` refuse the row with a
+            # counted reason (the holdout keeps the text, surrogates replaced).
+            chosen, top, refused = None, None, f"{INVALID_ANSWER}: {exc}"
+        reason = None
+        if chosen is None:
+            reason = refused or "the endpoint answered without per-token logprobs (it ignored logprobs: true)"
+        usage = answer.get("usage") if isinstance(answer.get("usage"), dict) else {}
+        tokens = usage.get("completion_tokens")
+        if not isinstance(tokens, int) or isinstance(tokens, bool) or not 0 <= tokens <= 1 << 31:
+            tokens = len(chosen) if chosen is not None else 0
+        return Generation(text=text, tokens=tokens, finished=finish == "stop", token_logprobs=chosen,
+                          top_logprobs=top, no_logprobs_reason=reason)
+
+
+class EndpointClient:
+    """POSTs JSON to one endpoint URL with the safety the module docstring lists: the key only in
+    the ``Authorization`` header, no redirects, one total deadline per try, a size cap, retries
+    with backoff and jitter, errors redacted to one line naming the URL. Thread-safe; shared by
+    the endpoint teacher (chat answers) and the endpoint scorer (score_endpoint.py)."""
+
+    def __init__(self, url: str, model: str, config: EndpointConfig, *, too_large_hint: str) -> None:
+        self.url, self.model, self.config = url, model, config
+        self.too_large_hint = too_large_hint
+        self._key = read_api_key(config.api_key_env)
+        self._lock = threading.Lock()
+        self._in_flight = 0
+        self.stats = {"requests": 0, "retries": 0, "max_in_flight": 0}
+
+    @property
+    def key_sent(self) -> bool:
+        return self._key is not None
+
+    def counters(self) -> dict[str, int]:
+        with self._lock:
+            return dict(self.stats)
+
+    def post(self, body: dict[str, Any], *, cap: int, cap_for: str,
+             refused: RefusalTest | None = None) -> dict[str, Any]:
+        """The endpoint's JSON object answer to ``body``, retried as the module docstring says.
+
+        ``cap``: the largest body read (``cap_for`` says what it was sized for, in the error).
+        ``refused(status, message, param)``: a 4xx it is true for raises :class:`Refused` (the
+        caller asks otherwise or explains); any other failure is a TeacherEndpointError.
+        """
         data = json.dumps(body, ensure_ascii=False).encode("utf-8")
         last, hint = "", None
         for attempt in range(1, self.config.max_attempts + 1):
@@ -251,7 +335,7 @@ class EndpointTeacher:
                 with self._lock:
                     self.stats["retries"] += 1
             try:
-                return self._try(data, logprobs="logprobs" in body)
+                return self._try(data, cap, cap_for, refused)
             except _Retryable as exc:
                 last, hint = str(exc), exc.hint
                 if attempt == self.config.max_attempts:
@@ -264,7 +348,7 @@ class EndpointTeacher:
         raise TeacherEndpointError(f"teacher endpoint {self.url}: {last} (gave up after "
                                    f"{self.config.max_attempts} attempts)", hint=hint)
 
-    def _try(self, data: bytes, *, logprobs: bool) -> dict[str, Any]:
+    def _try(self, data: bytes, cap: int, cap_for: str, refused: RefusalTest | None) -> dict[str, Any]:
         request = urllib.request.Request(self.url, data=data, method="POST",
                                          headers={"Content-Type": "application/json",
                                                   "Accept": "application/json"})
@@ -280,17 +364,15 @@ class EndpointTeacher:
                 try:
                     # An opener per try: its handlers carry this try's deadline to the connection.
                     with deadline_opener(deadline, _NoRedirect()).open(request, timeout=self.config.timeout_s) as resp:
-                        raw = read_body(resp, deadline, self.response_cap)
+                        raw = read_body(resp, deadline, cap)
                 except urllib.error.HTTPError as exc:
-                    self._http_error(exc, logprobs=logprobs)  # reads the error body under the deadline too
-        except (TeacherEndpointError, _Retryable, _LogprobsRefused):
+                    self._http_error(exc, refused)  # reads the error body under the deadline too
+        except (TeacherEndpointError, _Retryable, Refused):
             raise
         except BodyTooLarge as exc:  # not retried: a retry would not shrink it
             raise TeacherEndpointError(
                 f"teacher endpoint {self.url}: the answer is more than {_mib(exc.cap)} ({exc.detail}; the cap for "
-                f"{self.params.max_new_tokens} new tokens)",
-                hint="a chat completion is far smaller; check that the URL is the API base of a chat-completions "
-                     "server (e.g. http://host:8000/v1)") from None
+                f"{cap_for})", hint=self.too_large_hint) from None
         except (urllib.error.URLError, OSError, http.client.HTTPException, ValueError) as exc:
             # At the deadline the socket is shut down: that surfaces as EOF, IncompleteRead, an
             # SSL error or a timeout, whichever read noticed; the deadline is what happened.
@@ -314,7 +396,7 @@ class EndpointTeacher:
             raise TeacherEndpointError(f"teacher endpoint {self.url}: HTTP 200 but the body is not a JSON object")
         return answer
 
-    def _http_error(self, exc: urllib.error.HTTPError, *, logprobs: bool) -> NoReturn:
+    def _http_error(self, exc: urllib.error.HTTPError, refused: RefusalTest | None) -> NoReturn:
         status = exc.code
         try:
             raw = exc.read(64 * 1024)
@@ -324,14 +406,14 @@ class EndpointTeacher:
         detail = f"HTTP {status}" + (f" ({self._redact(message)})" if message else "")
         if status in _RETRY_STATUSES or status >= 500:
             raise _Retryable(detail, _retry_after(exc.headers.get("Retry-After") if exc.headers else None))
-        if logprobs and status in (400, 422) and (param in ("logprobs", "top_logprobs") or "logprob" in message.lower()):
-            raise _LogprobsRefused(f"the endpoint refused logprobs: {detail}")
+        if refused is not None and refused(status, message, param):
+            raise Refused(detail)
         hint = None
         if status in (401, 403):
             hint = (f"set the endpoint's API key in ${self.config.api_key_env} (or name another variable with "
                     "--api-key-env)")
         elif status == 404:
-            hint = f"check the URL (the API base, usually ending in /v1) and that the server serves {self.source.model!r}"
+            hint = f"check the URL (the API base, usually ending in /v1) and that the server serves {self.model!r}"
         raise TeacherEndpointError(f"teacher endpoint {self.url}: {detail}", hint=hint)
 
     def _redact(self, text: str) -> str:
@@ -340,40 +422,6 @@ class EndpointTeacher:
         if self._key:
             text = text.replace(self._key, "***")
         return text[:200]
-
-    # --- answers ----------------------------------------------------------------------------
-
-    def _generation(self, answer: dict[str, Any], refused: str | None) -> Generation:
-        from edgepack.distill.generate import Generation
-
-        try:
-            choice = answer["choices"][0]
-            text = choice["message"].get("content") or ""
-            finish = choice.get("finish_reason")
-        except (KeyError, IndexError, TypeError, AttributeError):
-            raise TeacherEndpointError(f"teacher endpoint {self.url}: HTTP 200 but no chat completion in the "
-                                       "answer (choices[0].message missing)") from None
-        if not isinstance(text, str):
-            raise TeacherEndpointError(f"teacher endpoint {self.url}: the answer's content is not text")
-        try:
-            chosen, top = _logprobs(choice.get("logprobs"), self.config.top_logprobs,
-                                    max_positions=self.params.max_new_tokens + 1)
-            if _has_surrogate(text):
-                text = "".join("\ufffd" if "\ud800" <= c <= "\udfff" else c for c in text)
-                raise _BadAnswer("the text holds a lone UTF-16 surrogate (not Unicode text)")
-        except _BadAnswer as exc:
-            # Not kept as training data: the mark lets `distill data` refuse the row with a
-            # counted reason (the holdout keeps the text, surrogates replaced).
-            chosen, top, refused = None, None, f"{INVALID_ANSWER}: {exc}"
-        reason = None
-        if chosen is None:
-            reason = refused or "the endpoint answered without per-token logprobs (it ignored logprobs: true)"
-        usage = answer.get("usage") if isinstance(answer.get("usage"), dict) else {}
-        tokens = usage.get("completion_tokens")
-        if not isinstance(tokens, int) or isinstance(tokens, bool) or not 0 <= tokens <= 1 << 31:
-            tokens = len(chosen) if chosen is not None else 0
-        return Generation(text=text, tokens=tokens, finished=finish == "stop", token_logprobs=chosen,
-                          top_logprobs=top, no_logprobs_reason=reason)
 
 
 def response_cap(max_new_tokens: int) -> int:
@@ -409,8 +457,8 @@ def _retry_after(value: str | None) -> float | None:
         return None  # an HTTP date: fall back to our own backoff
 
 
-class _BadAnswer(ValueError):
-    """Internal: the answer's logprobs or text are there but unusable (the message says where)."""
+class BadAnswer(ValueError):
+    """The answer's logprobs or text are there but unusable (the message says where; the scorer reads it too)."""
 
 
 def _has_surrogate(text: str) -> bool:
@@ -427,48 +475,48 @@ def _logprobs(obj: Any, k: int, *, max_positions: int) -> tuple[list[tuple[str, 
 
     Reads the chat format ``{"content": [{"token", "logprob", "top_logprobs": [...]}, ...]}``;
     without a ``content`` list there are no logprobs. A content list that is malformed, longer
-    than ``max_positions``, or holds a bad token or logprob raises :class:`_BadAnswer`. Only
+    than ``max_positions``, or holds a bad token or logprob raises :class:`BadAnswer`. Only
     the first ``k`` alternatives per position are read.
     """
     content = obj.get("content") if isinstance(obj, dict) else None
     if not isinstance(content, list) or not content:
         return None, None
     if len(content) > max_positions:
-        raise _BadAnswer(f"logprobs for {len(content)} token positions for at most {max_positions - 1} tokens asked for")
+        raise BadAnswer(f"logprobs for {len(content)} token positions for at most {max_positions - 1} tokens asked for")
     chosen: list[tuple[str, float]] = []
     top: list[list[tuple[str, float]]] = []
     for i, item in enumerate(content):
         if not isinstance(item, dict):
-            raise _BadAnswer(f"logprobs of token {i} is not an object")
-        chosen.append(_token_logprob(item, i))
+            raise BadAnswer(f"logprobs of token {i} is not an object")
+        chosen.append(token_logprob(item, i))
         alts = item.get("top_logprobs") or []
         if not isinstance(alts, list):
-            raise _BadAnswer(f"logprobs of token {i}: top_logprobs is not a list")
-        top.append([_token_logprob(a, i) for a in alts[:k]])
+            raise BadAnswer(f"logprobs of token {i}: top_logprobs is not a list")
+        top.append([token_logprob(a, i) for a in alts[:k]])
     return chosen, top
 
 
-def _token_logprob(item: Any, i: int) -> tuple[str, float]:
+def token_logprob(item: Any, i: int) -> tuple[str, float]:
     """(token, logprob) of one entry: text of at most MAX_TOKEN_CHARS, a finite number ≤ 0."""
     if not isinstance(item, dict):
-        raise _BadAnswer(f"logprobs of token {i}: an alternative is not an object")
+        raise BadAnswer(f"logprobs of token {i}: an alternative is not an object")
     token, lp = item.get("token"), item.get("logprob")
     if not isinstance(token, str):
-        raise _BadAnswer(f"logprobs of token {i}: the token is not text")
+        raise BadAnswer(f"logprobs of token {i}: the token is not text")
     if len(token) > MAX_TOKEN_CHARS:  # before anything that reads the whole token
-        raise _BadAnswer(f"logprobs of token {i}: a token of {len(token):,} characters (at most {MAX_TOKEN_CHARS})")
+        raise BadAnswer(f"logprobs of token {i}: a token of {len(token):,} characters (at most {MAX_TOKEN_CHARS})")
     if _has_surrogate(token):
-        raise _BadAnswer(f"logprobs of token {i}: the token holds a lone UTF-16 surrogate (not Unicode text)")
+        raise BadAnswer(f"logprobs of token {i}: the token holds a lone UTF-16 surrogate (not Unicode text)")
     if isinstance(lp, bool) or not isinstance(lp, (int, float)):  # bool is an int in Python
-        raise _BadAnswer(f"logprobs of token {i}: logprob {_show(lp)} is not a number")
+        raise BadAnswer(f"logprobs of token {i}: logprob {_show(lp)} is not a number")
     try:
         value = float(lp)  # an integer of 400 digits does not fit a float
     except OverflowError:
         value = math.inf
     if not math.isfinite(value):  # json.loads reads NaN, Infinity and 1e999 as such floats
-        raise _BadAnswer(f"logprobs of token {i}: logprob {_show(lp)} is not a finite number")
+        raise BadAnswer(f"logprobs of token {i}: logprob {_show(lp)} is not a finite number")
     if value > 1e-3:  # a probability above 1; tiny positive values are rounding and are clamped later
-        raise _BadAnswer(f"logprobs of token {i}: logprob {value:g} is above 0")
+        raise BadAnswer(f"logprobs of token {i}: logprob {value:g} is above 0")
     return token, value
 
 
