@@ -155,6 +155,51 @@ def test_the_teacher_is_scored_on_its_own_prompt(served: str, tiny_gguf: Path, t
     assert [c[t] for c, (t, _) in zip(chosen, teacher)] != pytest.approx(student, abs=1e-3)
 
 
+def test_on_policy_training_with_an_endpoint_teacher(mock, served: str, tiny_llama_dir: Path, tiny4_dir: Path,  # noqa: F811
+                                                     tmp_path: Path) -> None:
+    """`distill train --on-policy 1` on an endpoint run: the student's samples are scored by `edgepack serve`.
+
+    The run's endpoint answers chat requests (the data: the tiny teacher's answers and logprobs,
+    scripted as in test_train_endpoint.py) and hands completions requests to the real server
+    running the same teacher's GGUF, so every on-policy score comes from `edgepack serve`."""
+    import urllib.error
+    import urllib.request
+
+    from edgepack.distill.data import build_dataset
+    from edgepack.distill.train import TrainConfig, train_student
+    from tests.distill.test_endpoint import prompts_file
+    from tests.distill.test_train_endpoint import PROFILE, teacher_script
+
+    chat = teacher_script(tiny_llama_dir)
+    real, model = served.split(":", 1)[1].split("#")
+
+    def script(body: dict[str, Any], n: int) -> tuple[int, Any]:
+        if "messages" in body:
+            return chat(body, n)
+        request = urllib.request.Request(f"{real}/completions", data=json.dumps({**body, "model": model}).encode(),
+                                         headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(request, timeout=60) as resp:
+                return resp.status, json.loads(resp.read())
+        except urllib.error.HTTPError as exc:
+            return exc.code, json.loads(exc.read())
+
+    server = mock(script)
+    run = tmp_path / "run"
+    build_dataset(teacher=server.spec, data=prompts_file(tmp_path / "p.jsonl"), run_dir=run,
+                  endpoint=EndpointConfig(top_logprobs=5, **FAST))
+    out = train_student(run_dir=run, profile=PROFILE, student=str(tiny4_dir), steps=4, seed=0,
+                        config=TrainConfig(lr=1e-2, alpha=0.0, batch_size=4, micro_batch=2, on_policy=1.0))
+    op, curve = out["on_policy"], out["loss_curve"]
+    assert op["teacher"] == "endpoint" and op["steps_on_policy"] == 4 and all(h["on_policy"] for h in curve)
+    scored = op["scorer"]
+    assert scored["kind"] == "endpoint" and scored["rows_scored"] == 16 and scored["rows_unaligned"] == 0
+    assert scored["positions"] > 0 and scored["positions_masked"] == 0
+    completions = [r for r in server.requests if r["path"] == "/v1/completions"]
+    assert len(completions) == scored["requests"] == 16 + 1  # the probe, then one per sampled row
+    assert all(h["kd"] > 0 for h in curve) and curve[-1]["kd"] < curve[0]["kd"]
+
+
 def swapped_tokenizer(tiny_llama_dir: Path, folder: Path, exs: list[Example]) -> tuple[Path, int]:
     """The tiny tokenizer with two tokens' ids swapped: one only the last example uses, one none uses.
 
