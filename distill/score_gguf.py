@@ -19,9 +19,13 @@ How llama.cpp is driven, and why:
   after their common prefix (all rows share the system prompt and demonstrations), and the
   stale cells past it are removed first (``llama_memory_seq_rm``). Positions whose logits are
   needed are always evaluated now, so the prefix kept stops before the first of them.
-* The KV cache is float32 (llama.cpp's default is f16): with an f16 cache, llama.cpp's logits
-  of an F32 GGUF differ from transformers' by ~1e-3, with f32 by ~1e-6; scoring contexts are
-  training sequences (hundreds of tokens), so the doubled cache is small — size ``n_ctx`` to them.
+* The KV cache is float32 by default (llama.cpp's default is f16): on an F32 GGUF, llama.cpp's
+  log-probs then match transformers' to ~2e-6 (f16: ~1e-3). Scoring contexts are training
+  sequences (hundreds of tokens), so the doubled cache is small — size ``n_ctx`` to them.
+  ``kv_cache="f16"`` reproduces llama-server and the runtime backend bit for bit. On a quantized
+  teacher neither is closer to the dequantized fp32 model: llama.cpp's quantized matmuls round
+  the activations to 8 bits (SmolLM2-135M Q4_1: ~0.1 nats mean, ~0.5 max on top-k log-probs
+  against transformers on the dequantized weights, with either cache).
 
 The GGUF's vocabulary must be the student tokenizer's, id for id (token texts as stored in
 ``tokenizer.ggml.tokens`` and in ``tokenizer.json``), or token-level scores would silently
@@ -53,6 +57,8 @@ if TYPE_CHECKING:
 KIND = "gguf"
 DEFAULT_K = 32
 DEFAULT_BATCH = 512
+# KV cache element type by name (ggml type ids of llama_cpp.GGML_TYPE_F32 / GGML_TYPE_F16).
+KV_CACHE_TYPES = {"f32": 0, "f16": 1}
 _TOKENS_KEY = "tokenizer.ggml.tokens"
 _TYPES_KEY = "tokenizer.ggml.token_type"
 _MISMATCH_HINT = ("on-policy scores are compared token id by token id: use the GGUF of the student tokenizer's "
@@ -65,13 +71,14 @@ class GgufScorer:
     kind = KIND
 
     def __init__(self, gguf_path: Path, tokenizer: Any, *, k: int = DEFAULT_K, n_ctx: int = 0,
-                 threads: int | None = None, n_batch: int = DEFAULT_BATCH) -> None:
+                 threads: int | None = None, n_batch: int = DEFAULT_BATCH, kv_cache: str = "f32") -> None:
         """Open ``gguf_path`` in llama.cpp on the CPU.
 
         ``tokenizer``: the student's HF tokenizer (its ids must be the GGUF's); ``k``: top-k kept
         per position; ``n_ctx``: the context (0: the GGUF's trained context; pass the longest
         teacher sequence to keep the KV cache small); ``threads``: llama.cpp threads (None: the
-        CPUs this process may use); ``n_batch``: tokens per llama.cpp decode call.
+        CPUs this process may use); ``n_batch``: tokens per llama.cpp decode call; ``kv_cache``:
+        the KV cache's element type, a key of :data:`KV_CACHE_TYPES` (module docstring).
         """
         from edgepack.gguf_header import read_gguf
         from edgepack.runtime.chat.check import check_gguf_templates
@@ -82,6 +89,8 @@ class GgufScorer:
         if n_ctx < 0 or n_batch < 1:
             raise UsageError(f"n_ctx must be 0 (the trained context) or more, n_batch at least 1 "
                              f"(got {n_ctx}, {n_batch})")
+        if kv_cache not in KV_CACHE_TYPES:
+            raise UsageError(f"unknown KV cache type {kv_cache!r}", hint=f"use one of {', '.join(KV_CACHE_TYPES)}")
         # The bounded header reader first: a hostile file is refused before native code parses it,
         # and the vocabulary is compared before any weights are loaded.
         header = read_gguf(self.path, keep_arrays=(_TOKENS_KEY, _TYPES_KEY))
@@ -90,8 +99,9 @@ class GgufScorer:
             raise UsageError(f"k={k} is larger than the vocabulary ({self.n_known} tokens)")
         # llama-cpp-python compiles the GGUF's chat templates inside Llama(): check them first.
         check_gguf_templates(header)
-        self.k = k
-        self._llm, self._threads = _open_llama(self.path, n_ctx=n_ctx, threads=threads, n_batch=n_batch)
+        self.k, self.kv_cache = k, kv_cache
+        self._llm, self._threads = _open_llama(self.path, n_ctx=n_ctx, threads=threads, n_batch=n_batch,
+                                               kv_type=KV_CACHE_TYPES[kv_cache])
         import llama_cpp
 
         self._lib = llama_cpp
@@ -220,7 +230,7 @@ class GgufScorer:
         return {
             "kind": KIND, "path": str(self.path), "sha256": _sha256(self.path), "bytes": self.path.stat().st_size,
             "k": self.k, "n_ctx": self.n_ctx, "n_batch": self.n_batch, "threads": self._threads,
-            "n_vocab": self.n_vocab, "tokenizer_tokens": self.n_known, "kv_cache": "f32",
+            "n_vocab": self.n_vocab, "tokenizer_tokens": self.n_known, "kv_cache": self.kv_cache,
             "llama_cpp_python": llama_cpp.__version__,
             **{key: round(v, 3) if isinstance(v, float) else v for key, v in stats.items()},
             "tokens_per_s": round(evaluated / decode_s, 1) if decode_s else None,
@@ -247,7 +257,7 @@ class GgufScorer:
         self.close()
 
 
-def _open_llama(path: Path, *, n_ctx: int, threads: int | None, n_batch: int) -> tuple[Any, int]:
+def _open_llama(path: Path, *, n_ctx: int, threads: int | None, n_batch: int, kv_type: int) -> tuple[Any, int]:
     import llama_cpp
 
     from edgepack.runtime.backends.base import default_threads
@@ -256,7 +266,7 @@ def _open_llama(path: Path, *, n_ctx: int, threads: int | None, n_batch: int) ->
     try:
         llm = llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, n_batch=n_batch, n_ubatch=n_batch,
                               n_threads=threads, n_threads_batch=threads, n_gpu_layers=0, logits_all=False,
-                              type_k=llama_cpp.GGML_TYPE_F32, type_v=llama_cpp.GGML_TYPE_F32, verbose=False)
+                              type_k=kv_type, type_v=kv_type, verbose=False)
     except (ValueError, RuntimeError, OSError) as exc:
         raise RuntimeFailure(f"llama.cpp could not load {path.name}: {exc}",
                              hint="check the file was exported for this llama.cpp version "
@@ -291,16 +301,20 @@ def topk_tail(logits: Any, k: int, n_known: int | None = None) -> tuple[Any, Any
     (None: all), every other id's mass is in the tail."""
     import torch
 
-    logprobs = torch.log_softmax(logits.float(), dim=-1)
-    known = logprobs if n_known is None else logprobs[:, :n_known]
-    top_lp, top_ids = known.topk(k, dim=-1)
-    if k >= logprobs.shape[-1]:
-        tail = torch.full((logprobs.shape[0],), float("-inf"))
+    logits = logits.float()
+    # log p = logit - logsumexp(logits): the top-k of the logits are the top-k of the log-probs,
+    # so no [N, V] log-softmax is materialized (the V-wide passes dominate on a large vocabulary).
+    log_z = torch.logsumexp(logits, dim=-1, keepdim=True)
+    known = logits if n_known is None else logits[:, :n_known]
+    top, top_ids = known.topk(k, dim=-1)
+    top_lp = top - log_z
+    if k >= logits.shape[-1]:
+        tail = torch.full((logits.shape[0],), float("-inf"))
     else:
         # Exact tail from the tokens outside the top-k, not log1p(-Σ p_top) (cancellation), as
         # softlabels._sparsify computes it.
-        tail = torch.logsumexp(logprobs.scatter(-1, top_ids, float("-inf")), dim=-1)
-    return top_ids.long(), top_lp.contiguous(), tail
+        tail = (torch.logsumexp(logits.scatter(-1, top_ids, float("-inf")), dim=-1, keepdim=True) - log_z)[:, 0]
+    return top_ids.long(), top_lp, tail
 
 
 @lru_cache(maxsize=8)
@@ -348,7 +362,7 @@ def run_teacher_gguf(run_dir: Path) -> Path | None:
         path = path if path.is_absolute() else teacher_dir / path  # a corrected teacher's GGUF: a name in its folder
     if not path.is_file():
         raise RunDirError(f"the run's teacher GGUF {path} no longer exists ({source_path} records it)",
-                          hint=f"put the file back, or rerun `edgepack distill data` with the teacher in a new run folder")
+                          hint="put the file back, or rerun `edgepack distill data` with the teacher in a new run folder")
     if _sha256(path) != recorded_sha:
         raise RunDirError(f"the run's teacher GGUF {path} has changed since the run's data was made "
                           f"(sha256 differs from {source_path})",

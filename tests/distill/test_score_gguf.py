@@ -150,7 +150,8 @@ def test_a_gguf_with_another_vocabulary_is_refused(f32_gguf: Path, tiny_llama_di
 def test_gguf_tokens_past_the_tokenizer_must_be_padding(tokenizer) -> None:
     pieces = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
     normal, unused = 1, 5
-    assert check_vocab(Path("t.gguf"), [*pieces, "[PAD400]"], [normal] * len(pieces) + [unused], tokenizer) == len(pieces)
+    padded = check_vocab(Path("t.gguf"), [*pieces, "[PAD400]"], [normal] * len(pieces) + [unused], tokenizer)
+    assert padded == len(pieces)
     with pytest.raises(UsageError, match="is not padding"):
         check_vocab(Path("t.gguf"), [*pieces, "extra"], [normal] * (len(pieces) + 1), tokenizer)
 
@@ -176,6 +177,11 @@ def test_padded_teacher_keeps_padding_mass_in_the_tail(tiny_llama_dir: Path, tok
     ref = hf_answer_logprobs(padded, examples[:2])
     assert float(ref[:, len(tokenizer):].logsumexp(-1).exp().max()) > 0.01  # padding holds real mass
     assert_matches_dense(targets, ref, K, n_known=len(tokenizer))
+
+
+def test_unknown_kv_cache_type_is_refused(f32_gguf: Path, tokenizer) -> None:
+    with pytest.raises(UsageError, match="unknown KV cache type"):
+        GgufScorer(f32_gguf, tokenizer, kv_cache="q8")
 
 
 def test_topk_tail_with_the_whole_vocabulary_has_no_tail() -> None:
@@ -236,3 +242,29 @@ def test_run_teacher_gguf_for_the_builtin_teacher(builtin_teacher_gguf: Path, tm
     described = resolve_teacher("builtin:smollm2-135m-instruct").describe() | {"path": "/elsewhere/x.gguf"}
     (folder / TEACHER_SOURCE).write_text(json.dumps(described))
     assert run_teacher_gguf(tmp_path / "run") == builtin_teacher_gguf
+
+
+@pytest.mark.slow
+def test_builtin_teacher_scores_equal_the_runtime_backends(builtin_teacher_gguf: Path, tmp_path: Path) -> None:
+    """A real quantized teacher (SmolLM2-135M Q4_1) with the tokenizer edgepack rebuilds from it: the
+    vocabulary is accepted, and with llama.cpp's f16 KV cache the scores are the runtime backend's
+    prompt logprobs (llama-cpp-python's own batch, all positions, from scratch) — KV reuse included."""
+    from transformers import AutoTokenizer
+
+    from edgepack.export.gguf.vocab import hf_tokenizer_from_gguf
+    from edgepack.runtime.backends.base import get_backend
+
+    hf_tokenizer_from_gguf(builtin_teacher_gguf, tmp_path)
+    tok = AutoTokenizer.from_pretrained(tmp_path)
+    examples, _ = tokenize_rows(tok, train_rows(2), [], max_length=256)
+    with GgufScorer(builtin_teacher_gguf, tok, k=K, n_ctx=256, threads=2, kv_cache="f16") as scorer:
+        targets = scorer.targets([0, 1], examples)
+        assert scorer.describe()["tokens_reused"] > 0
+    backend = get_backend("gguf").load(builtin_teacher_gguf, threads=2, n_ctx=256)
+    try:
+        rows = [lp for e in examples for lp in backend.prompt_logprobs(e.teacher_ids, K)[e.teacher_prompt:]]
+    finally:
+        backend.close()
+    assert len(rows) == len(targets)
+    assert torch.allclose(targets.topk_logprobs, torch.tensor([[lp for _, lp in r.top] for r in rows]), atol=1e-4)
+    assert torch.equal(targets.topk_ids, torch.tensor([[i for i, _ in r.top] for r in rows]))
