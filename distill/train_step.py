@@ -112,14 +112,19 @@ class StepResult:
     problem: str | None = None
 
 
-def divergence_problem(loss: float, grad_norm: float, history: tuple[StepLog, ...], explode_factor: float) -> str | None:
-    """Why a step's loss or gradient must not be applied, or None when it is healthy."""
+def divergence_problem(loss: float, grad_norm: float, history: tuple[StepLog, ...], explode_factor: float,
+                       on_policy: bool = False) -> str | None:
+    """Why a step's loss or gradient must not be applied, or None when it is healthy.
+
+    A loss explodes against the first step *of the same kind*: an on-policy step's loss is KD
+    on the student's own samples, an off-policy one (1-α)·KD + α·CE on the teacher's text."""
     if not math.isfinite(loss):
         return f"the loss is {loss}"
     if not math.isfinite(grad_norm):
         return f"the gradient norm is {grad_norm}"
-    if history and loss > explode_factor * max(history[0].loss, 1e-3):
-        return f"the loss exploded to {loss:.4g} (first step: {history[0].loss:.4g})"
+    first = next((h for h in history if h.on_policy == on_policy), None)
+    if first is not None and loss > explode_factor * max(first.loss, 1e-3):
+        return f"the loss exploded to {loss:.4g} (first {'on-policy ' if on_policy else ''}step: {first.loss:.4g})"
     return None
 
 
@@ -179,7 +184,7 @@ def train_step(trainee: Trainee, data: StepData, objective: Objective, state: Tr
         scaler.update(scaler.get_scale() / 2)
         trainee.optimizer.zero_grad(set_to_none=True)
         return StepResult(state)
-    problem = divergence_problem(loss, grad_norm, state.history, cfg.explode_factor)
+    problem = divergence_problem(loss, grad_norm, state.history, cfg.explode_factor, on_policy)
     if problem:
         trainee.optimizer.zero_grad(set_to_none=True)  # the weights stay those after the last good step
         return StepResult(state, problem)

@@ -46,9 +46,14 @@ METHODS = {  # name → (label, TrainConfig overrides)
     "sampled": ("KD sampled, 16 per position (cached)", {"soft_labels": True, "soft_samples": 16,
                                                           "divergence": "sampled_forward_kl"}),
     "dense": ("KD dense forward KL (online teacher)", {}),
+    "onpolicy50": ("on-policy KD, λ 0.5 (student samples half the steps)", {"on_policy": 0.5}),
+    "onpolicy100": ("on-policy KD, λ 1 (student samples every step)", {"on_policy": 1.0}),
 }
-KD_METHODS = ("topk", "sampled", "dense")
-METRICS = ("label_accuracy", "teacher_label_agreement", "kl", "ce")
+KD_METHODS = ("topk", "sampled", "dense", "onpolicy50", "onpolicy100")
+ON_POLICY_METHODS = ("onpolicy50", "onpolicy100")
+OFF_POLICY_BASELINE = "dense"
+METRICS = ("primary", "label_accuracy", "teacher_label_agreement", "kl", "ce")
+TARGET_ON_POLICY_WINS, TARGET_RETAINED = 2, 0.92
 LOWER_IS_BETTER = ("kl", "ce")
 TARGET_GAP, TARGET_PARAMS = 0.5, 0.6
 
@@ -71,8 +76,11 @@ def train_variant(run: Path, scratch_root: Path, method: str, name: str, seed: i
     final = run / student_dir_name(name)
     config = TrainConfig(**{**ident["config"], **METHODS[method][1]})
     if is_complete(final):  # trained by an earlier invocation: reused if the settings match
+        from edgepack.distill.train import ON_POLICY_DEFAULTS
+
         report = json.loads((final / TRAIN_REPORT).read_text())
-        same = (report["identity"]["config"] == json.loads(json.dumps(config.__dict__))
+        recorded = {k: v for k, v in config.__dict__.items() if ON_POLICY_DEFAULTS.get(k, object()) != v}
+        same = (report["identity"]["config"] == json.loads(json.dumps(recorded))
                 and report["identity"]["seed"] == seed and report["identity"]["steps"] == steps)
         if same:
             return report
@@ -94,7 +102,26 @@ def spread(values: list[float | None]) -> dict[str, float] | None:
             "stdev": statistics.stdev(values) if len(values) > 1 else 0.0}
 
 
-def summarize(rows: list[dict[str, Any]], params_ratio: float) -> dict[str, Any]:
+def on_policy_targets(by_method: dict[str, list[dict[str, Any]]], teacher_primary: float | None,
+                      params_ratio: float) -> dict[str, Any]:
+    """Issue #19's targets: on-policy beats off-policy (dense KD) on the holdout task score in ≥ 2 of
+    the seeds; the best method keeps ≥ 0.92 of the teacher's task score at ≤ 60% of its parameters."""
+    base = {r["seed"]: r for r in by_method.get(OFF_POLICY_BASELINE, [])}
+    out: dict[str, Any] = {}
+    for key in (k for k in ON_POLICY_METHODS if k in by_method):
+        wins = {r["seed"]: r["primary"] > base[r["seed"]]["primary"] for r in by_method[key] if r["seed"] in base}
+        out[key] = {"wins_over_off_policy": wins, "met": sum(wins.values()) >= TARGET_ON_POLICY_WINS}
+    means = {k: statistics.fmean(r["primary"] for r in rs) for k, rs in by_method.items()
+             if rs and all(r["primary"] is not None for r in rs)}
+    if means and teacher_primary:
+        best = max(means, key=lambda k: means[k])
+        kept = means[best] / teacher_primary
+        out["best"] = {"method": best, "mean_primary": means[best], "retained": kept,
+                       "met": kept >= TARGET_RETAINED and params_ratio <= TARGET_PARAMS}
+    return out
+
+
+def summarize(rows: list[dict[str, Any]], params_ratio: float, teacher_primary: float | None = None) -> dict[str, Any]:
     """Mean/spread per method over seeds, and the targets judged seed by seed."""
     by_method: dict[str, list[dict[str, Any]]] = {}
     for r in rows:
@@ -118,7 +145,8 @@ def summarize(rows: list[dict[str, Any]], params_ratio: float) -> dict[str, Any]
                         "beats_sft_every_seed": bool(seeds) and all(all(b.values()) for b in beats.values()),
                         "closes_gap": closes, "closes_gap_every_seed": all(all(c.values()) for c in closes.values()),
                         "params_ratio": params_ratio, "params_ok": params_ratio <= TARGET_PARAMS}
-    return {"methods": methods, "targets": targets}
+    return {"methods": methods, "targets": targets,
+            "on_policy_targets": on_policy_targets(by_method, teacher_primary, params_ratio)}
 
 
 def main() -> None:
@@ -159,12 +187,18 @@ def main() -> None:
     ev = evaluate_run(run_dir=args.run, variants=tuple(variants))
     load["end"] = os.getloadavg()[0]
 
+    teacher_primary, base_primary = ev["teacher"].get("primary"), ev["undistilled"].get("primary")
+
     def row(key: str, seed: int, entry: dict[str, Any], gap: dict[str, Any] | None,
             train: dict[str, Any] | None) -> dict[str, Any]:
+        if gap is not None:  # the task's primary score: share of the undistilled → teacher gap closed
+            span = (teacher_primary or 0.0) - (base_primary or 0.0)
+            gap = {**gap, "primary": round((entry["primary"] - base_primary) / span, 4)
+                   if span and entry.get("primary") is not None else None}
         return {"key": key, "method": METHODS[key][0] if key in METHODS else key, "seed": seed,
                 **{m: entry.get(m) for m in METRICS}, "gap_closed": gap,
                 **({k: train.get(k) for k in ("wall_s", "tokens_per_s", "peak_rss_mb", "steps", "mode", "call_s",
-                                              "student_prefix_tokens")} if train else {})}
+                                              "student_prefix_tokens", "on_policy")} if train else {})}
 
     rows = [row("undistilled", ident["seed"], ev["undistilled"], None, None)]
     rows += [row(method, seed, ev["variants"][name], ev["variants"][name]["gap_closed"], report)
@@ -175,7 +209,7 @@ def main() -> None:
                "teacher": ev["teacher"], "holdout_rows": ev["holdout_rows"], "contamination": ev["contamination"],
                "steps": steps, "student_params": main_report["params"],
                "teacher_params": main_report["teacher_params"], "rows": rows,
-               "summary": summarize(rows, params_ratio)}
+               "task": ev.get("task"), "summary": summarize(rows, params_ratio, teacher_primary)}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=1) + "\n")
     args.out.with_suffix(".md").write_text(render(results))
@@ -185,33 +219,50 @@ def main() -> None:
 def render(results: dict[str, Any]) -> str:
     fmt = lambda v: "–" if v is None else f"{v:.4g}" if isinstance(v, float) else str(v)  # noqa: E731
     ev_teacher, load, summary = results["teacher"], results["load_average"], results["summary"]
-    md = [f"# Distillation: base / SFT-only / KD on {results['run']}", "", f"Command: `{results['command']}`  ",
+    primary = (results.get("task") or {}).get("primary_metric", "primary")
+    md = [f"# Distillation: base / SFT-only / KD (off- and on-policy) on {results['run']}", "",
+          f"Command: `{results['command']}`  ",
           f"Machine: {results['machine']['cpu']} ({results['machine']['cpu_count']} CPUs); load average "
           f"{load['start']:.2f} → {load['end']:.2f}; {results['seconds']} s in all. Holdout: {results['holdout_rows']} "
           f"rows, contamination {results['contamination']}; {results['steps']} steps per student; student "
           f"{results['student_params']:,} parameters = {results['student_params'] / results['teacher_params']:.0%} "
-          "of the teacher's.", "",
-          "Wall s and tokens/s are the training steps only (train_report `wall_s`); the cached methods' "
-          "soft-label pass (once per store) and deriving the student are not in them (`call_s` in results.json "
-          "has the whole call).", "",
+          f"of the teacher's. Task score: `{primary}` (the task's primary metric, greedy, on the holdout).", "",
+          "Wall s and tokens/s are the training steps only (train_report `wall_s`, on-policy sampling and "
+          "scoring included); the cached methods' soft-label pass (once per store) and deriving the student are "
+          "not in them (`call_s` in results.json has the whole call).", "",
           "## Every student", "",
-          "| method | seed | label acc. | teacher agreement | KL | CE | gap closed (acc / agree / KL / CE) | "
-          "wall s | tokens/s | peak RSS MB |", "|---|---:|---:|---:|---:|---:|---|---:|---:|---:|",
-          f"| teacher | – | {fmt(ev_teacher['label_accuracy'])} | 1 | 0 | {fmt(ev_teacher['ce'])} | – | – | – | – |"]
+          f"| method | seed | {primary} | label acc. | teacher agreement | KL | CE | gap closed ({primary} / acc / "
+          "agree / KL / CE) | wall s | tokens/s | peak RSS MB |", "|---|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|",
+          f"| teacher | – | {fmt(ev_teacher.get('primary'))} | {fmt(ev_teacher['label_accuracy'])} | "
+          f"{'1' if ev_teacher['label_accuracy'] is not None else '–'} | 0 | {fmt(ev_teacher['ce'])} | – | – | – | – |"]
     for r in results["rows"]:
         gap = " / ".join(fmt((r["gap_closed"] or {}).get(m)) for m in METRICS) if r["gap_closed"] else "–"
-        md.append(f"| {r['method']} | {r['seed']} | " + " | ".join(fmt(r[m]) for m in METRICS)
+        md.append(f"| {r['method']} | {r['seed']} | " + " | ".join(fmt(r.get(m)) for m in METRICS)
                   + f" | {gap} | {fmt(r.get('wall_s'))} | {fmt(r.get('tokens_per_s'))} | {fmt(r.get('peak_rss_mb'))} |")
     md += ["", "## Mean over seeds (min – max)", "",
-           "| method | seeds | label acc. | teacher agreement | KL | CE | gap closed acc. | gap closed agree | "
-           "tokens/s | peak RSS MB |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+           f"| method | seeds | {primary} | label acc. | teacher agreement | KL | CE | gap closed {primary} | "
+           "wall s | tokens/s | peak RSS MB |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     cell = lambda s: "–" if s is None else f"{s['mean']:.4g} ({s['min']:.4g} – {s['max']:.4g})"  # noqa: E731
+    mean = lambda s: "–" if s is None else f"{s['mean']:.0f}"  # noqa: E731
     for key, m in summary["methods"].items():
-        gaps = [cell(m["gap_closed"][g]) for g in ("label_accuracy", "teacher_label_agreement")]
-        md.append(f"| {m['label']} | {', '.join(map(str, m['seeds']))} | " + " | ".join(cell(m[x]) for x in METRICS)
-                  + f" | {' | '.join(gaps)} | {m['tokens_per_s']['mean']:.0f} | {m['peak_rss_mb']['mean']:.0f} |")
+        md.append(f"| {m['label']} | {', '.join(map(str, m['seeds']))} | " + " | ".join(cell(m.get(x)) for x in METRICS)
+                  + f" | {cell(m['gap_closed'].get('primary'))} | {mean(m['wall_s'])} | {mean(m['tokens_per_s'])} | "
+                  f"{mean(m['peak_rss_mb'])} |")
+    ok = lambda b: "met" if b else "NOT met"  # noqa: E731
+    on_policy = summary.get("on_policy_targets") or {}
+    if on_policy:
+        md += ["", "## Targets (issue #19)", "",
+               f"| target | per seed | judged |", "|---|---|---|"]
+        for key in (k for k in ON_POLICY_METHODS if k in on_policy):
+            wins = ", ".join(f"s{s}: {'✓' if w else '✗'}" for s, w in on_policy[key]["wins_over_off_policy"].items())
+            md.append(f"| {METHODS[key][0]} beats off-policy dense KD on {primary} in ≥ {TARGET_ON_POLICY_WINS} "
+                      f"seeds | {wins or '– (no dense run)'} | {ok(on_policy[key]['met'])} |")
+        if "best" in on_policy:
+            b = on_policy["best"]
+            md.append(f"| best method keeps ≥ {TARGET_RETAINED} of the teacher's {primary} at ≤ "
+                      f"{TARGET_PARAMS:.0%} of its parameters | {METHODS[b['method']][0]}: {b['mean_primary']:.4g} / "
+                      f"{fmt(ev_teacher.get('primary'))} = {b['retained']:.3f} | {ok(b['met'])} |")
     if summary["targets"]:
-        ok = lambda b: "met" if b else "NOT met"  # noqa: E731
         md += ["", "## Targets (issue #4)", "",
                "| KD method | beats SFT-only on KL and CE, per seed | every seed | gap closed ≥ 50% on agreement and "
                "accuracy, per seed | every seed | ≤ 60% of the teacher's parameters |", "|---|---|---|---|---|---|"]

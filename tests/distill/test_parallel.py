@@ -17,9 +17,9 @@ from tests.distill.conftest import make_run
 ARGS = ["distill", "train", "--profile", "cpu-x86-2c", "--steps", "12", "--seed", "3", "--json"]
 
 
-def _train(run: Path, launcher: list[str]) -> dict:
+def _train(run: Path, launcher: list[str], extra: list[str] = ()) -> dict:
     env = {**os.environ, "EDGEPACK_DEBUG": "1", "OMP_NUM_THREADS": "1"}
-    done = subprocess.run([*launcher, "-m", "edgepack", *ARGS, str(run)], capture_output=True, text=True,
+    done = subprocess.run([*launcher, "-m", "edgepack", *ARGS, *extra, str(run)], capture_output=True, text=True,
                           env=env, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
     return json.loads((run / STUDENT_DIR / TRAIN_REPORT).read_text())
@@ -42,3 +42,16 @@ def test_two_gloo_processes_match_one(tmp_path: Path, tiny4_dir: Path) -> None:
     # Rank 0 alone wrote the step-10 checkpoint; no rank left a half-written one beside it.
     names = sorted(p.name for p in (tmp_path / "two" / CHECKPOINT_DIR).iterdir())
     assert names and names == sorted(p.name for p in (tmp_path / "one" / CHECKPOINT_DIR).iterdir())
+
+
+def test_on_policy_steps_sample_the_same_completions_on_two_processes(tmp_path: Path, tiny4_dir: Path) -> None:
+    """Each micro-batch samples from its own stream (seed, step, first row): which rank runs it does not matter."""
+    extra = ["--on-policy", "0.5", "--steps", "4"]
+    one = _train(make_run(tmp_path / "one", tiny4_dir), [sys.executable], extra)
+    two = _train(make_run(tmp_path / "two", tiny4_dir),
+                 [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"], extra)
+    assert one["on_policy"]["steps_on_policy"] == two["on_policy"]["steps_on_policy"] >= 1
+    assert one["tokens"] == two["tokens"]  # the same sampled completions, summed over both ranks
+    for a, b in zip(one["loss_curve"], two["loss_curve"]):
+        assert a.get("on_policy") == b.get("on_policy")
+        assert abs(a["loss"] - b["loss"]) < 1e-4 * max(1.0, abs(a["loss"]))

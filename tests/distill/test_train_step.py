@@ -101,6 +101,12 @@ def test_divergence_problem() -> None:
     assert divergence_problem(20.5, 1.0, healthy, 10.0) == "the loss exploded to 20.5 (first step: 2)"
     # A first loss near zero is floored, so a tiny absolute rise is not an explosion.
     assert divergence_problem(5e-3, 1.0, (StepLog(1, 1e-6, 0.0, 0.0, 1e-3, 1.0),), 10.0) is None
+    # On- and off-policy losses are different quantities: each is compared with the first of its kind.
+    mixed = (StepLog(1, 0.05, 0.05, 0.0, 1e-3, 1.0, on_policy=True), StepLog(2, 2.0, 1.0, 3.0, 1e-3, 1.0))
+    assert divergence_problem(1.2, 1.0, mixed, 10.0) is None
+    assert divergence_problem(0.6, 1.0, mixed, 10.0, on_policy=True) == \
+        "the loss exploded to 0.6 (first on-policy step: 0.05)"
+    assert divergence_problem(100.0, 1.0, mixed[1:], 10.0, on_policy=True) is None  # its first on-policy step
 
 
 def test_train_state_round_trips_through_a_checkpoints_state() -> None:
