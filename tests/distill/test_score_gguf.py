@@ -257,10 +257,10 @@ def test_builtin_teacher_scores_equal_the_runtime_backends(builtin_teacher_gguf:
     hf_tokenizer_from_gguf(builtin_teacher_gguf, tmp_path)
     tok = AutoTokenizer.from_pretrained(tmp_path)
     examples, _ = tokenize_rows(tok, train_rows(2), [], max_length=256)
-    with GgufScorer(builtin_teacher_gguf, tok, k=K, n_ctx=256, threads=2, kv_cache="f16") as scorer:
+    with GgufScorer(builtin_teacher_gguf, tok, k=K, n_ctx=256, threads=1, kv_cache="f16") as scorer:
         targets = scorer.targets([0, 1], examples)
         assert scorer.describe()["tokens_reused"] > 0
-    backend = get_backend("gguf").load(builtin_teacher_gguf, threads=2, n_ctx=256)
+    backend = get_backend("gguf").load(builtin_teacher_gguf, threads=1, n_ctx=256)
     try:
         rows = [lp for e in examples for lp in backend.prompt_logprobs(e.teacher_ids, K)[e.teacher_prompt:]]
     finally:
