@@ -40,6 +40,7 @@ silently trained off-policy.
 from __future__ import annotations
 
 import hashlib
+import os
 import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -266,11 +267,20 @@ def open_on_policy(name: str | None, cfg: TrainConfig, *, run_dir: Path, example
 
         path = _teacher_gguf(run_dir)
         assert path is not None  # scorer_name checked it
-        scorer = GgufScorer(path, tokenizer, k=cfg.soft_k, n_ctx=cfg.max_length)
+        # llama.cpp runs between the student's torch ops on the same cores: half of them, so that
+        # torch's spinning threads and llama.cpp's do not fight over every core.
+        scorer = GgufScorer(path, tokenizer, k=cfg.soft_k, n_ctx=teacher_context(examples, cfg),
+                            threads=max(1, (os.cpu_count() or 2) // 2))
     else:
         scorer = _endpoint_scorer(data_report, tokenizer, examples)
     return OnPolicy(cfg.on_policy, cfg.on_policy_temperature, default_max_new(examples, cfg), cfg.max_length, seed,
                     pad_id, tokenizer.eos_token_id, name, scorer, kd_of(cfg))
+
+
+def teacher_context(examples: Sequence[Example], cfg: TrainConfig) -> int:
+    """The longest teacher sequence an on-policy step can score: the student's ``max_length`` plus
+    the teacher-only context turns its prompt carries."""
+    return cfg.max_length + max(e.teacher_prompt - e.student_prompt for e in examples)
 
 
 def _endpoint_scorer(data_report: dict[str, Any], tokenizer: Any, examples: Sequence[Example]) -> Any:
@@ -286,10 +296,15 @@ def _endpoint_scorer(data_report: dict[str, Any], tokenizer: Any, examples: Sequ
     return scorer
 
 
-def scorer_memory_mb(name: str | None, run_dir: Path, cfg: TrainConfig, vocab_size: int) -> float:
-    """Process memory a scorer holds outside torch: llama.cpp's mapped GGUF and its logits buffer."""
+def scorer_memory_mb(name: str | None, run_dir: Path, cfg: TrainConfig, teacher_config: Any) -> float:
+    """Process memory a scorer holds outside torch: llama.cpp's mapped GGUF, its f32 KV cache over
+    the context, and the logits of one example's answer (llama.cpp's buffer and two copies)."""
     if name != GGUF:
         return 0.0
     path = _teacher_gguf(run_dir)
-    logits = cfg.max_length * vocab_size * 4  # logits_all: one float row per evaluated position
-    return ((path.stat().st_size if path is not None else 0) + logits) / 2**20
+    c = teacher_config
+    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    kv_heads = getattr(c, "num_key_value_heads", None) or c.num_attention_heads
+    kv = cfg.max_length * c.num_hidden_layers * 2 * kv_heads * head_dim * 4
+    logits = 3 * cfg.max_length * c.vocab_size * 4
+    return ((path.stat().st_size if path is not None else 0) + kv + logits) / 2**20

@@ -371,7 +371,8 @@ def plan_for(model: Any, teacher: Any, data: TrainData, request: TrainRequest, b
     cfg, profile = request.config, request.profile
     budget_mb, _source = device_memory_mb(request.device, profile.train_memory_mb)
     # A llama.cpp scorer's mapped GGUF and logits live in the process beside the student.
-    outside_torch = onpolicy.scorer_memory_mb(data.on_policy, request.run_dir, cfg, model.config.vocab_size)
+    outside_torch = onpolicy.scorer_memory_mb(data.on_policy, request.run_dir, cfg,
+                                              (teacher if teacher is not None else model).config)
     return plan_training(shape(model), teacher=shape(teacher) if teacher is not None else None,
                          teacher_mode=data.teacher_while_training, budget_mb=budget_mb,
                          baseline_mb=baseline_mb + outside_torch, batch_size=cfg.batch_size, micro_batch=cfg.micro_batch,

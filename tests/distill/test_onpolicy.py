@@ -130,3 +130,21 @@ def test_a_student_with_another_tokenizer_cannot_train_on_policy(tmp_path: Path,
     with pytest.raises(UsageError, match="response-only"):
         train_student(run_dir=run, profile=PROFILE, student=str(other), steps=2, seed=0,
                       config=TrainConfig(on_policy=1.0))
+
+
+def test_a_gguf_teacher_scores_on_policy_steps_through_llama_cpp(tmp_path: Path, tiny4_dir: Path) -> None:
+    """--soft-labels with a GGUF teacher: off-policy steps read the cache, on-policy steps ask llama.cpp."""
+    from edgepack.export.gguf.convert import convert_hf_to_gguf
+
+    gguf = convert_hf_to_gguf(tiny4_dir, tmp_path / "teacher-F32.gguf", outtype="F32")
+    run = make_run(tmp_path / "run", gguf)
+    report = train_student(run_dir=run, profile=PROFILE, steps=6, seed=2,
+                           config=TrainConfig(lr=1e-2, alpha=0.2, soft_labels=True, on_policy=0.5))
+    op = report["on_policy"]
+    assert report["mode"] == "soft-labels" and op["teacher"] == "gguf"
+    assert op["scorer"]["kind"] == "gguf" and op["scorer"]["path"] == str(gguf.resolve())
+    assert 1 <= op["steps_on_policy"] < 6 and op["scorer"]["positions"] > 0
+    # The llama.cpp scorer's memory is in the plan (its GGUF file at least).
+    assert report["plan"]["baseline_mb"] >= gguf.stat().st_size / 2**20
+    on = [h for h in report["loss_curve"] if h.get("on_policy")]
+    assert all(h["ce"] == 0.0 and h["kd"] > 0 for h in on)
