@@ -84,12 +84,20 @@ def _masked_kd(cfg: TrainConfig) -> Callable[[torch.Tensor, Any], torch.Tensor]:
     return kd
 
 
-# Scorer name → (the KD on its targets, the divergences it supports, how the teacher is held
-# while training: what the memory planner counts, as modes.TEACHER_WHILE_TRAINING).
-SCORERS: dict[str, tuple[Callable[[TrainConfig], Callable[[torch.Tensor, Any], torch.Tensor]], tuple[str, ...], str]] = {
-    HF: (_dense_kd, tuple(DIVERGENCES), "online"),
-    GGUF: (_sparse_kd, ("forward_kl", "reverse_kl", "jsd"), "none"),
-    ENDPOINT: (_masked_kd, ("forward_kl",), "none"),
+@dataclass(frozen=True)
+class ScorerKind:
+    """What a scorer's targets need: the KD taken on them, the divergences it supports, and how
+    the teacher is held while training (what the memory planner counts, as modes.TEACHER_WHILE_TRAINING)."""
+
+    kd: Callable[[TrainConfig], Callable[[torch.Tensor, Any], torch.Tensor]]
+    divergences: tuple[str, ...]
+    teacher: str
+
+
+SCORERS: dict[str, ScorerKind] = {
+    HF: ScorerKind(_dense_kd, tuple(DIVERGENCES), "online"),
+    GGUF: ScorerKind(_sparse_kd, ("forward_kl", "reverse_kl", "jsd"), "none"),  # top-k + tail: no samples
+    ENDPOINT: ScorerKind(_masked_kd, ("forward_kl",), "none"),  # as the endpoint's top-logprobs mode
 }
 
 
@@ -136,7 +144,7 @@ def scorer_name(cfg: TrainConfig, mode: TrainingMode, run_dir: Path) -> str | No
         if _teacher_gguf(run_dir) is None:
             raise UsageError("--on-policy-teacher gguf: this run's teacher came from an HF folder, not a GGUF",
                              hint="use --on-policy-teacher hf")
-    supported = SCORERS[name][1]
+    supported = SCORERS[name].divergences
     if cfg.divergence not in supported:
         raise UsageError(f"the {name} scorer supports {', '.join(supported)} on on-policy steps (got {cfg.divergence})",
                          hint="pick --loss fkl" + (", rkl or jsd" if len(supported) > 1 else ""))
@@ -151,7 +159,7 @@ def _teacher_gguf(run_dir: Path) -> Path | None:
 
 def teacher_while_training(name: str | None, mode: TrainingMode) -> str:
     """``online`` when the on-policy scorer is the HF teacher in torch, else the mode's own."""
-    return "online" if name is not None and SCORERS[name][2] == "online" else mode.teacher_while_training
+    return "online" if name is not None and SCORERS[name].teacher == "online" else mode.teacher_while_training
 
 
 @dataclass(frozen=True)
@@ -259,7 +267,7 @@ def open_on_policy(name: str | None, cfg: TrainConfig, *, run_dir: Path, example
     """The run's :class:`OnPolicy` with its scorer opened (an endpoint is probed first); None when off."""
     if name is None:
         return None
-    kd_of = SCORERS[name][0]
+    kd_of = SCORERS[name].kd
     if name == HF:
         scorer = online_teacher
     elif name == GGUF:
