@@ -47,3 +47,16 @@ def make_run(run: Path, teacher_dir: Path, rows: list[dict] | None = None,
         if context is not None:
             (tmp / TEACHER_CONTEXT).write_text(json.dumps({"messages": context}))
     return run
+
+
+def student_with_another_tokenizer(student_dir: Path, out: Path) -> Path:
+    """A copy of ``student_dir`` whose tokenizer has one added token (so it differs from the teacher's)."""
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    shutil.copytree(student_dir, out)
+    tok = AutoTokenizer.from_pretrained(out)
+    tok.add_tokens(["<|extra|>"])
+    tok.save_pretrained(out)
+    return out

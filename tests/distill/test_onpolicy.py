@@ -15,7 +15,7 @@ from edgepack.distill.onpolicy import OnPolicy, sample_completions
 from edgepack.distill.train import TrainConfig, train_student
 from edgepack.errors import UsageError
 from edgepack.profiles import load_profile
-from tests.distill.conftest import make_run
+from tests.distill.conftest import make_run, student_with_another_tokenizer
 
 PROFILE = load_profile("cpu-x86-2c")
 
@@ -117,15 +117,7 @@ def test_bad_on_policy_options_are_refused_before_training(tmp_path: Path, tiny4
 
 def test_a_student_with_another_tokenizer_cannot_train_on_policy(tmp_path: Path, tiny4_dir: Path,
                                                                   tiny_llama_dir: Path) -> None:
-    import shutil
-
-    from transformers import AutoTokenizer
-
-    other = tmp_path / "other"
-    shutil.copytree(tiny_llama_dir, other)
-    tok = AutoTokenizer.from_pretrained(other)
-    tok.add_tokens(["<|extra|>"])
-    tok.save_pretrained(other)
+    other = student_with_another_tokenizer(tiny_llama_dir, tmp_path / "other")
     run = make_run(tmp_path / "run", tiny4_dir)
     with pytest.raises(UsageError, match="response-only"):
         train_student(run_dir=run, profile=PROFILE, student=str(other), steps=2, seed=0,

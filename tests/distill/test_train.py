@@ -16,7 +16,7 @@ from edgepack.distill.checkpoint import checkpoint_dirs
 from edgepack.distill.train import TrainConfig, train_student
 from edgepack.errors import RunDirError, RuntimeFailure, UsageError
 from edgepack.profiles import load_profile
-from tests.distill.conftest import make_run, train_rows
+from tests.distill.conftest import make_run, student_with_another_tokenizer, train_rows
 
 PROFILE = load_profile("cpu-x86-2c")
 FAST = TrainConfig(lr=1e-2, save_every=2, warmup_fraction=0.2, alpha=0.0)
@@ -206,11 +206,7 @@ def test_user_student_smaller_and_tokenizer_mismatch_is_response_only(tmp_path: 
     assert report["params"] < report["teacher_params"]
     assert report["mode"] == "dense" and report["mode_reason"] is None
     # Another tokenizer (one added token): never misaligned logits, response-only with the reason.
-    other = tmp_path / "other"
-    shutil.copytree(tiny_llama_dir, other)
-    tok = AutoTokenizer.from_pretrained(other)
-    tok.add_tokens(["<|extra|>"])
-    tok.save_pretrained(other)
+    other = student_with_another_tokenizer(tiny_llama_dir, tmp_path / "other")
     run2 = make_run(tmp_path / "run2", tiny4_dir)
     report = train_student(run_dir=run2, profile=PROFILE, student=str(other), steps=2, seed=0, resume=False,
                            config=FAST)
