@@ -26,6 +26,9 @@ from edgepack.errors import UnsupportedArchitecture
 SPM_SPACE = "\u2581"  # ▁, SentencePiece's visible space
 _REPLACE_SPACE = {"type": "Replace", "pattern": {"String": " "}, "content": SPM_SPACE}
 _PREPEND_SPACE = {"type": "Prepend", "prepend": SPM_SPACE}
+# transformers' GemmaConverter (4.5x) also writes this pre-tokenizer; after either normalizer
+# below has replaced every " " with ▁ it splits nothing (transformers#43062), so it is accepted.
+_SPLIT_SPACE = {"type": "Split", "pattern": {"String": " "}, "behavior": "MergedWithPrevious", "invert": False}
 
 # HF normalizer → llama.cpp add_space_prefix, as the families ship them.
 SPM_NORMALIZERS: tuple[tuple[Any, bool], ...] = (
@@ -52,7 +55,7 @@ def spm_add_space_prefix(tokenizer_json: dict[str, Any], path: Path) -> bool:
             f"tokenizer.json BPE with byte_fallback (SentencePiece-style) in {path}: normalizer "
             f"{json.dumps(normalizer)[:200]} is not one llama.cpp applies",
             hint="supported: Replace(' ', '▁') (Gemma) or Prepend('▁') + Replace (Llama 2, Phi-3)")
-    if tokenizer_json.get("pre_tokenizer") is not None:
+    if tokenizer_json.get("pre_tokenizer") not in (None, _SPLIT_SPACE):
         raise UnsupportedArchitecture(f"{path} has a pre_tokenizer; llama.cpp's SentencePiece tokenizer has none")
     model = tokenizer_json.get("model") or {}
     vocab = model.get("vocab") or {}
