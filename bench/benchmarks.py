@@ -75,6 +75,37 @@ def section_distill(doc: Doc, distill: dict[str, Any] | None) -> None:
     doc.image("distill_gap_closed.png", "gap closed per metric and method", draw)
 
 
+def section_on_policy(doc: Doc, runs: list[dict[str, Any]]) -> None:
+    """bench/distill/results-<domain>.json: off- vs on-policy KD scored by the task's primary metric (issue #19)."""
+    doc.add("## On-policy vs off-policy distillation (task score on the holdout)")
+    runs = [r for r in runs if (r.get("summary") or {}).get("on_policy_targets")]
+    if not runs:
+        doc.add(f"*{NOT_RUN}*: no `bench/distill/results-*.json` with on-policy methods (issue #19).")
+        return
+    verdict = lambda ok: "**met**" if ok else "**not met**"  # noqa: E731
+    for r in runs:
+        metric = (r.get("task") or {}).get("primary_metric", "primary")
+        teacher = r["teacher"].get("primary")
+        methods = r["summary"]["methods"]
+        body = [[m["label"], ", ".join(map(str, m["seeds"])),
+                 *[(m.get(k) or {}).get(stat) for k in ("primary", "kl") for stat in ("mean", "min", "max")],
+                 (m.get("wall_s") or {}).get("mean")] for m in methods.values()]
+        doc.add(f"**{r['run']}** ({r['steps']} steps per student, teacher {metric} {teacher}). " + provenance(r),
+                table(["method", "seeds", f"{metric} mean", "min", "max", "KL mean", "min", "max", "train wall s"],
+                      body))
+        targets = r["summary"]["on_policy_targets"]
+        lines = []
+        for key, t in targets.items():
+            if key == "best":
+                lines.append(f"best method ({methods[t['method']]['label']}) keeps {t['retained']:.3f} of the "
+                             f"teacher's {metric} (target ≥ 0.92 at ≤ 60% of its parameters) {verdict(t['met'])}")
+            else:
+                wins = sum(t["wins_over_off_policy"].values())
+                lines.append(f"{methods[key]['label']} beats off-policy dense KD in {wins} of "
+                             f"{len(t['wins_over_off_policy'])} seeds (target ≥ 2) {verdict(t['met'])}")
+        doc.add("Targets (issue #19): " + "; ".join(lines) + ".")
+
+
 TRAINING_METRICS = (("tokens_per_s", "tokens/s"), ("tokens_per_s_incl_cache", "tokens/s incl. soft-label cache share"),
                     ("tokens_per_s_after_step1", "tokens/s after step 1"),
                     ("peak_rss_mb", "peak RSS MB"), ("training_peak_rss_mb", "training peak RSS MB"))
@@ -499,6 +530,8 @@ def generate(*, bench: Path = BENCH, out: Path = ROOT / "BENCHMARKS.md", plots: 
             "is shared by other jobs, so timings carry the load average recorded with them.")
     distill = load(bench, "distill")
     section_distill(doc, distill)
+    section_on_policy(doc, [json.loads(f.read_text(encoding="utf-8"))
+                            for f in sorted((bench / "distill").glob("results-*.json"))])
     section_training(doc, load(bench, "trl"), distill)
     section_generation(doc, load(bench, "generation"))
     section_export(doc, load(bench, "export"))

@@ -96,7 +96,7 @@ def test_generates_markdown_and_plots(benchmarks: ModuleType, tmp_path: Path) ->
     assert "40.0%" in text and "Target: every run within ±10% of the mean: **met**" in text
     assert "| distill train | 30 | 67% | steps=2 |" in text and "Total 45 s" in text
     # the distill, generation, softlabels and reliability results and the task scores do not exist here
-    assert text.count("*not yet run*") == 6 and "bench/distill/results.json" in text
+    assert text.count("*not yet run*") == 7 and "bench/distill/results.json" in text
     assert set(result["missing"]) == {"distill", "trl", "generation", "softlabels", "reliability"}
     # the stage table is copied next to the other results, so it can be committed
     copied = json.loads((bench / "pipeline" / "results.json").read_text())
@@ -119,12 +119,36 @@ def test_distill_results_are_rendered_when_present(benchmarks: ModuleType, tmp_p
     benchmarks.generate(bench=bench, out=out, pipeline=None, command="make benchmarks")
     text = out.read_text()
     section = text.split("## Distillation quality")[1].split("## Teacher generation")[0]
+    on_policy = section.split("## On-policy")[1].split("\n## ")[0]  # no results-<domain>.json here
+    section = section.replace(on_policy, "")
     assert "Command: `python bench/distill/run.py`" in section and "not yet run" not in section
     assert "| kd-topk | 0.6 | 0.7 | 2 |" in section
     assert "| kd-topk | 0 | 150 | 900 | 2 | 0.5 |" in section  # ×TRL tokens/s and ×TRL peak memory
     assert (bench / "plots" / "distill_gap_closed.png").is_file()
     assert (bench / "plots" / "distill_throughput.png").is_file()
     assert "*not yet run*: no `bench/pipeline/results.json`" in text
+
+
+def test_on_policy_results_are_rendered_with_their_targets(benchmarks: ModuleType, tmp_path: Path) -> None:
+    bench = _bench(tmp_path)
+    spread = lambda mean, lo, hi: {"mean": mean, "min": lo, "max": hi, "stdev": 0.0}  # noqa: E731
+    methods = {"dense": {"label": "KD dense", "seeds": [0, 1, 2], "primary": spread(0.4, 0.3, 0.5),
+                         "kl": spread(0.9, 0.8, 1.0), "wall_s": spread(300.0, 290.0, 310.0)},
+               "onpolicy50": {"label": "on-policy KD, λ 0.5", "seeds": [0, 1, 2], "primary": spread(0.45, 0.4, 0.5),
+                              "kl": spread(0.8, 0.7, 0.9), "wall_s": spread(500.0, 480.0, 520.0)}}
+    targets = {"onpolicy50": {"wins_over_off_policy": {"0": True, "1": False, "2": True}, "met": True},
+               "best": {"method": "onpolicy50", "mean_primary": 0.45, "retained": 0.776, "met": False}}
+    _write(bench / "distill" / "results-workorders.json", {
+        "command": "python bench/distill/run.py --run runs/workorders", "machine": MACHINE, "run": "runs/workorders",
+        "steps": 40, "teacher": {"primary": 0.58}, "task": {"primary_metric": "field_f1"},
+        "summary": {"methods": methods, "targets": {}, "on_policy_targets": targets}})
+    out = tmp_path / "BENCHMARKS.md"
+    benchmarks.generate(bench=bench, out=out, pipeline=None, command="make benchmarks")
+    section = out.read_text().split("## On-policy vs off-policy")[1].split("\n## ")[0]
+    assert "Command: `python bench/distill/run.py --run runs/workorders`" in section and "not yet run" not in section
+    assert "| on-policy KD, λ 0.5 | 0, 1, 2 | 0.45 | 0.4 | 0.5 | 0.8 | 0.7 | 0.9 | 500 |" in section
+    assert "beats off-policy dense KD in 2 of 3 seeds (target ≥ 2) **met**" in section
+    assert "keeps 0.776 of the teacher's field_f1 (target ≥ 0.92 at ≤ 60% of its parameters) **not met**" in section
 
 
 def test_trl_and_generation_results_are_rendered_when_present(benchmarks: ModuleType, tmp_path: Path) -> None:
