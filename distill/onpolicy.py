@@ -118,7 +118,8 @@ def check_options(cfg: TrainConfig, *, endpoint_run: bool) -> None:
         raise UsageError("--loss sft learns the teacher's text only; on-policy steps need the teacher's scores",
                          hint="pick a KD loss (fkl, rkl, jsd) with --on-policy, or drop --on-policy")
     if endpoint_run and cfg.on_policy_teacher not in (AUTO, ENDPOINT):
-        raise UsageError(f"this run's teacher is an endpoint; --on-policy-teacher {cfg.on_policy_teacher} needs local weights",
+        raise UsageError(f"this run's teacher is an endpoint; --on-policy-teacher {cfg.on_policy_teacher} "
+                         "needs local weights",
                          hint="use --on-policy-teacher endpoint (or auto)")
     if not endpoint_run and cfg.on_policy_teacher == ENDPOINT:
         raise UsageError("--on-policy-teacher endpoint: this run's teacher is local, not an endpoint",
@@ -189,9 +190,10 @@ class OnPolicy:
                ) -> list[Example]:
         """``examples`` with their answers replaced by completions the student samples now."""
         prompts = [e.student_ids[:e.student_prompt] for e in examples]
-        room = min(self.max_length - len(p) for p in prompts)
+        room = min(self.max_length - len(p) for p in prompts)  # no sequence past max_length
         completions = sample_completions(model, prompts, pad_id=self.pad_id, eos_id=self.eos_id,
-                                         temperature=self.temperature, max_new_tokens=max(1, min(self.max_new_tokens, room)),
+                                         temperature=self.temperature,
+                                         max_new_tokens=max(1, min(self.max_new_tokens, room)),
                                          seed=_stream_seed(self.seed, step, first_row), device=device)
         return [Example(e.student_ids[:e.student_prompt] + c, e.student_prompt,
                         e.teacher_ids[:e.teacher_prompt] + c, e.teacher_prompt, e.row)

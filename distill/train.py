@@ -12,7 +12,10 @@ One recipe, top to bottom (:func:`train_student`), each part a function of its o
    at the answer positions only, the mode's loss from a registry keyed by mode name
    (train_loss.py: (1-α)·KD + α·CE on the teacher's tokens, CE alone when response-only),
    backward, gradient clipping, the optimizer step. A non-finite or exploding loss is not
-   applied: training stops and the last good state is checkpointed. Under torchrun /
+   applied: training stops and the last good state is checkpointed. With ``on_policy`` (GKD's
+   λ, onpolicy.py) a fraction of the steps first replaces each row's answer with a completion
+   the student samples, and takes KD alone against the teacher's scores of those tokens (the
+   local teacher, the run's GGUF through llama.cpp, or the endpoint). Under torchrun /
    accelerate launch the micro-batches of each step are spread over the processes and their
    gradients summed (parallel.py).
 3. checkpoint (train_save.py) — every ``save_every`` steps, RUN/checkpoints/step-N (checkpoint.py).

@@ -375,8 +375,8 @@ def plan_for(model: Any, teacher: Any, data: TrainData, request: TrainRequest, b
                                               (teacher if teacher is not None else model).config)
     return plan_training(shape(model), teacher=shape(teacher) if teacher is not None else None,
                          teacher_mode=data.teacher_while_training, budget_mb=budget_mb,
-                         baseline_mb=baseline_mb + outside_torch, batch_size=cfg.batch_size, micro_batch=cfg.micro_batch,
-                         seq_len=cfg.max_length, method=method, profile_name=profile.name,
+                         baseline_mb=baseline_mb + outside_torch, batch_size=cfg.batch_size,
+                         micro_batch=cfg.micro_batch, seq_len=cfg.max_length, method=method, profile_name=profile.name,
                          device=request.device.name, precision=request.device.precision,
                          eight_bit=bitsandbytes_usable(request.device))
 
