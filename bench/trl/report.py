@@ -1,7 +1,8 @@
 """The TRL comparison's summary and markdown (bench/trl/run.py measures; this renders).
 
-``summarize`` turns the per-round runs into means and ratios against issue #4's targets;
-``render`` writes results.md. ``run.py --render`` re-renders a results.json without measuring.
+``summarize`` turns the per-round runs into means and ratios of each edgepack mode against the
+TRL trainer that does the same job (``MODES``), judged against issue #19's targets; ``render``
+writes results.md. ``run.py --render`` re-renders a results.json without measuring.
 """
 
 from __future__ import annotations
@@ -9,13 +10,26 @@ from __future__ import annotations
 from typing import Any
 
 TARGET_SPEEDUP = 1.5
-"""edgepack's training tokens/s must be at least this multiple of TRL's (issue #4)."""
+"""edgepack's training tokens/s must be at least this multiple of TRL's (issues #4, #19)."""
 TARGET_MEMORY_RATIO = 0.7
 """... at most this fraction of TRL's peak memory."""
 TEACHER = "teacher-corrected"
 BATCH_SIZE, MICRO_BATCH, MAX_LENGTH, LR, SEED = 4, 2, 256, 3e-4, 0
-"""The job both trainers run: rows per step, rows per micro-batch, max tokens, learning rate, seed."""
+"""The job every trainer runs: rows per step, rows per micro-batch, max tokens, learning rate, seed."""
+SOFT_K = 32
+"""Top-k of the cached soft labels in the cached mode (edgepack's default k)."""
 
+TRL_TRAINERS = {
+    "trl-gkd": "TRL `trl.experimental.gkd.GKDTrainer`, `lmbda=0` (off-policy: the teacher's answers)",
+    "trl-distill": "TRL `trl.DistillationTrainer` (on-policy every step: the student samples, the teacher scores)",
+}
+"""The TRL trainers (workers.py runs them), by the name the runs record."""
+MODES = {
+    "edgepack": ("trl-gkd", "off-policy dense KD, teacher online"),
+    "edgepack-onpolicy": ("trl-distill", "on-policy KD, λ = 1 (`on_policy=1.0`, hf scorer)"),
+    "edgepack-topk": ("trl-gkd", f"off-policy KD from cached top-{SOFT_K} soft labels (no teacher in memory)"),
+}
+"""edgepack's modes in the comparison → (the TRL trainer it is judged against, what it is)."""
 
 METRICS = {
     # key in a run's result: its label in the tables
@@ -23,190 +37,207 @@ METRICS = {
     "tokens_per_s_after_step1": "tokens/s, steps 2..N",
     "tokens_per_cpu_s": "tokens per CPU-second",
     "best_step_tokens_per_s": "tokens/s of the fastest step",
+    "s_per_step": "seconds per step",
     "peak_rss_mb": "process peak RSS MB (incl. saving the student)",
     "training_peak_rss_mb": "peak RSS MB at the last step's end (before saving)",
 }
+LOWER_IS_BETTER = {"s_per_step", "peak_rss_mb", "training_peak_rss_mb"}
 
 
 def with_derived(run: dict[str, Any]) -> dict[str, Any]:
-    """``run`` plus the rate of its fastest step (least disturbed by the other jobs, as timeit's minimum)."""
+    """``run`` plus the rate of its fastest step (least disturbed by the other jobs, as timeit's minimum)
+    and its mean seconds per optimizer step."""
     rates = [t / s for t, s in zip(run["step_tokens"], run["step_seconds"])]
-    return {**run, "best_step_tokens_per_s": round(max(rates), 2)}
-
-
-SOFT_K = 32
-"""Top-k of the cached soft labels in the cached mode (edgepack's default k)."""
-MODES = {
-    "edgepack": "dense KD, teacher online (like for like)",
-    "edgepack-topk": f"KD from cached top-{SOFT_K} soft labels (no teacher in memory)",
-}
-"""edgepack's trainers in the comparison, each judged against TRL on its own."""
+    return {**run, "best_step_tokens_per_s": round(max(rates), 2),
+            "s_per_step": round(run["step_time_s"] / len(run["step_seconds"]), 3)}
 
 
 def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
-    """Per-round edgepack / TRL ratios of every metric for each edgepack mode that ran, their means
-    over rounds, and the targets' verdicts (judged on the mean tokens/s and the mean process peak RSS,
-    as issue #4 states them). The cached mode's tokens/s counts its share of the caching pass."""
+    """Per-round edgepack / TRL ratios of every metric for each edgepack mode that ran beside its TRL
+    counterpart, their means over rounds, and the targets' verdicts (judged on the mean tokens/s and
+    the mean process peak RSS). The cached mode's tokens/s counts its share of the caching pass."""
     runs = [with_derived(r) for r in runs]
     rounds = sorted({r["round"] for r in runs})
     pick = {(r["round"], r["trainer"]): r for r in runs}
-    kinds = [k for k in (*MODES, "trl") if all((n, k) in pick for n in rounds)]
+    kinds = [k for k in (*MODES, *TRL_TRAINERS) if all((n, k) in pick for n in rounds)]
     metrics = dict(METRICS, tokens_per_s_incl_cache="tokens/s incl. the soft-label cache pass")
-    means = {kind: {key: round(sum(pick[n, kind].get(key, pick[n, kind]["tokens_per_s"]) for n in rounds)
-                               / len(rounds), 2) for key in metrics}
+
+    def value(n: int, kind: str, key: str) -> float:
+        run = pick[n, kind]
+        return run[key] if run.get(key) is not None else run["tokens_per_s"]
+
+    means = {kind: {key: round(sum(value(n, kind, key) for n in rounds) / len(rounds), 3) for key in metrics}
              for kind in kinds}
     versus = {}
-    for kind in (k for k in MODES if k in kinds):
-        per_round = [{"round": n, **{key: round(pick[n, kind].get(key, pick[n, kind]["tokens_per_s"])
-                                                / pick[n, "trl"][key if key in METRICS else "tokens_per_s"], 3)
-                                     for key in metrics}} for n in rounds]
-        ratio = {key: round(means[kind][key] / means["trl"][key if key in METRICS else "tokens_per_s"], 3)
-                 for key in metrics}
+    for kind, (trl, _) in MODES.items():
+        if kind not in kinds or trl not in kinds:
+            continue
+        base = lambda key: key if key in METRICS else "tokens_per_s"  # noqa: E731
+        per_round = [{"round": n, **{key: round(value(n, kind, key) / value(n, trl, base(key)), 3) for key in metrics}}
+                     for n in rounds]
+        ratio = {key: round(means[kind][key] / means[trl][base(key)], 3) for key in metrics}
         speed_key = "tokens_per_s_incl_cache"  # = tokens_per_s when nothing is cached
         versus[kind] = {
-            "ratio_of_means": ratio, "per_round": per_round,
+            "against": trl, "ratio_of_means": ratio, "per_round": per_round,
             "speedup": ratio[speed_key], "speedup_worst_round": min(p[speed_key] for p in per_round),
             "memory_ratio": ratio["peak_rss_mb"], "memory_ratio_worst_round": max(p["peak_rss_mb"] for p in per_round),
             "meets_speedup": ratio[speed_key] >= TARGET_SPEEDUP,
             "meets_memory": ratio["peak_rss_mb"] <= TARGET_MEMORY_RATIO,
         }
-    return {"means": means, "versus_trl": versus, "modes": {k: MODES[k] for k in versus},
+    return {"means": means, "versus_trl": versus, "modes": {k: MODES[k][1] for k in versus},
+            "trl_trainers": {k: v for k, v in TRL_TRAINERS.items() if k in kinds},
             "target_speedup": TARGET_SPEEDUP, "target_memory_ratio": TARGET_MEMORY_RATIO}
+
+
+def _run_row(r: dict[str, Any]) -> str:
+    losses = r["losses"]
+    completion = r.get("completion_tokens")
+    return (f"| {r['round']} | {r['trainer']} | {r['order']} | {r['tokens']} | "
+            f"{sum(completion) if completion else '–'} | {r['step_time_s']:.1f} | "
+            f"{r['tokens_per_s']:.1f} | {r['tokens_per_s_after_step1']:.1f} | {r['tokens_per_cpu_s']:.1f} | "
+            f"{r['cpu_utilisation']:.2f} | {r['peak_rss_mb']:.0f} | {r['training_peak_rss_mb']:.0f} | "
+            f"{r['rss_before_first_step_mb']:.0f} | {r['train_call_s']:.1f} | {r['process_s']:.1f} | "
+            f"{losses[0]:.3f} → {losses[-1]:.3f} | {r['load_average']['before'][0]} |")
 
 
 def render(results: dict[str, Any]) -> str:
     m, s, p = results["machine"], results["summary"], results["prepared"]
     v = results["versions"]
+    load = results["load_average"]
+    busy = max(load["start"][0], load["end"][0]) > 2.5 or results.get("other_jobs")
     lines = [
-        "# edgepack KD vs TRL GKDTrainer (lmbda = 0) on the same model pair and data", "",
+        "# edgepack vs TRL 1.x: off-policy (GKDTrainer, λ = 0) and on-policy (DistillationTrainer) KD on the "
+        "same model pair and data", "",
         f"Command: `{results['command']}`", "",
         f"Machine: {m['cpu']}, {m['cpu_count']} CPUs, {m['memory_mb']} MB, {m['system']} {m['release']}; "
         f"Python {m['python']}; torch {v['torch']}, {results['threads']} threads per trainer. "
-        f"TRL {v['trl']}, transformers {v['transformers']}, accelerate {v['accelerate']}, datasets {v['datasets']} "
-        f"(TRL side in `{results['trl_python']}`, edgepack side in `.venv`).", "",
-        f"Load average (1/5/15 min): start {results['load_average']['start']}, end {results['load_average']['end']}"
-        + ("; other agents' jobs shared the 2 cores, so absolute tokens/s are noisy" if
-           max(results['load_average']['start'][0], results['load_average']['end'][0]) > 2.5 else
+        f"TRL {v['trl']}, transformers {v['transformers']}, accelerate {v['accelerate']}, datasets {v['datasets']}, "
+        f"peft {v['peft']}, tokenizers {v['tokenizers']} (TRL side in `{results['trl_python']}`; edgepack side in "
+        "`.venv`, transformers 4.57 as pinned).", "",
+        f"Load average (1/5/15 min): start {load['start']}, end {load['end']}"
+        + ("; " + results["other_jobs"] if results.get("other_jobs") else "")
+        + ("; other jobs shared the 2 cores, so absolute tokens/s are noisy" if busy else
            " (no other heavy job; the trainers themselves keep the 1-minute load near 2)")
-        + ". Each round runs the trainers back to back in fresh processes, each leading one round in turn, so "
-        "the per-round ratios compare like with like.", "",
-        f"Job: teacher `runs/demo/{TEACHER}` ({p['student']['teacher_params']:,} params) → the undistilled auto student "
-        f"(blocks {p['student']['kept_layers']}, {p['student']['params']:,} params), identical starting weights on "
-        f"both sides; {results['steps']} optimizer steps × {BATCH_SIZE} rows (micro-batch {MICRO_BATCH} × "
-        f"{BATCH_SIZE // MICRO_BATCH} accumulation) from `runs/demo/data/train.jsonl` in the same order "
-        f"({p['edgepack_tokens_expected']} student tokens, {p['answer_tokens']} answer tokens, longest row "
-        f"{p['max_sequence']} tokens); AdamW lr {LR}, warmup 10 %, cosine to 0.1×, clip 1.0; fp32, no gradient "
-        "checkpointing; loss forward KL(teacher ‖ student), T = 1, answer tokens only (edgepack "
-        "`divergence=forward_kl, alpha=0`; TRL `beta=0, lmbda=0, seq_kd=False`).", "",
-        "Tokens/s counts the student's non-pad input tokens (prompt + answer) per second of training-step time "
-        "on both sides (edgepack: train_report `tokens / wall_s`; TRL: `num_input_tokens_seen` with "
-        "`non_padding` over `on_epoch_begin` → last `on_step_end`). Tokens/CPU-s divides the same count by the "
-        "process's CPU time (user + sys, all threads) over those steps: time the process waited for a core "
-        "does not count, so it moves less with the other jobs; CPU use = CPU time / wall time (2.0 = both "
-        "threads busy all the time). Peak memory is the process's peak RSS (VmHWM). KD losses are per answer "
-        "token; TRL's logged loss is divided by its 2 accumulation steps (see the notes).", "",
-        "| round | trainer | order | tokens | step time s | tokens/s | tokens/s steps 2..N | tokens/CPU-s "
-        "| CPU use | peak RSS MB | peak RSS before save MB | RSS before step 1 MB | train call s | process s "
-        "| first → last KD loss | load avg before |",
-        "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|",
+        + ". Each round runs every trainer back to back in fresh processes, the order rotating so each leads "
+        "one round, so the per-round ratios compare like with like.", "",
+        f"Job: teacher `{results['run']}/{TEACHER}` ({p['student']['teacher_params']:,} params) → the undistilled "
+        f"auto student (blocks {p['student']['kept_layers']}, {p['student']['params']:,} params), identical starting "
+        f"weights for every trainer; {results['steps']} optimizer steps × {BATCH_SIZE} rows (micro-batch "
+        f"{MICRO_BATCH} × {BATCH_SIZE // MICRO_BATCH} accumulation) from `{results['run']}/data/train.jsonl` in "
+        f"the same order ({p['edgepack_tokens_expected']} student tokens with the teacher's answers, "
+        f"{p['prompt_tokens']} of them prompt, {p['answer_tokens']} answer; longest row {p['max_sequence']} tokens); "
+        f"AdamW lr {LR}, warmup 10 %, cosine to 0.1×, weight decay 0, clip 1.0; fp32 on the CPU, no gradient "
+        "checkpointing; loss forward KL(teacher ‖ student) at T = 1 on the answer (or sampled) tokens only.", "",
+        "* Off-policy (the teacher's fixed answers): edgepack `divergence=forward_kl, alpha=0` against TRL's "
+        "`GKDTrainer` with `lmbda=0, beta=0, seq_kd=False` — TRL 1.x's `DistillationTrainer` has no λ (every "
+        "step samples), so GKDTrainer (still shipped, under `trl.experimental.gkd`) is TRL 1.x's off-policy KD.",
+        f"* On-policy (λ = 1: every step the student samples a completion per prompt, the teacher scores it, KD on "
+        f"those tokens only): edgepack `on_policy=1.0, on_policy_temperature=1.0, on_policy_max_new="
+        f"{p['max_new_tokens']}` (the HF teacher scores) against `DistillationTrainer` with `beta=0, "
+        f"temperature=1.0, max_completion_length={p['max_new_tokens']}, top_k=0, top_p=1.0` "
+        f"({p['max_new_tokens']} = the longest answer in the data, edgepack's default). Both sample with "
+        "transformers' `generate` (KV cache) and stop a row at <|im_end|>; the completions differ (different RNG "
+        "streams), so each side's token count is its own.", "",
+        "Tokens/s counts the student's non-pad input tokens (prompt + answer, or prompt + sampled completion) per "
+        "second of training-step time (sampling included on on-policy steps): edgepack's train_report "
+        "`tokens / wall_s`; TRL's `num_input_tokens_seen` (GKDTrainer: `include_num_input_tokens_seen=non_padding`; "
+        "DistillationTrainer counts prompt + completion itself) over `on_epoch_begin` → the last `on_step_end`. "
+        "Tokens/CPU-s divides the same count by the process's CPU time (user + sys, all threads): time the process "
+        "waited for a core does not count, so it moves less with the other jobs; CPU use = CPU time / wall time. "
+        "Peak memory is the process's peak RSS (VmHWM, saving the student included).", "",
+        "| round | trainer | order | tokens | completion tokens | step time s | tokens/s | tokens/s steps 2..N "
+        "| tokens/CPU-s | CPU use | peak RSS MB | peak RSS before save MB | RSS before step 1 MB | train call s "
+        "| process s | first → last KD loss | load avg before |",
+        "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|",
+        *(_run_row(r) for r in results["runs"]),
     ]
-    for r in results["runs"]:
-        losses = r["losses"]
-        lines.append(
-            f"| {r['round']} | {r['trainer']} | {r['order']} | {r['tokens']} | {r['step_time_s']:.1f} | "
-            f"{r['tokens_per_s']:.1f} | {r['tokens_per_s_after_step1']:.1f} | {r['tokens_per_cpu_s']:.1f} | "
-            f"{r['cpu_utilisation']:.2f} | {r['peak_rss_mb']:.0f} | "
-            f"{r['training_peak_rss_mb']:.0f} | {r['rss_before_first_step_mb']:.0f} | "
-            f"{r['train_call_s']:.1f} | {r['process_s']:.1f} | {losses[0]:.3f} → {losses[-1]:.3f} | "
-            f"{r['load_average']['before'][0]} |")
     ok = lambda b: "met" if b else "NOT met"  # noqa: E731
+    label = dict(METRICS, tokens_per_s_incl_cache="tokens/s incl. cache pass share")
     for kind, cmp in s["versus_trl"].items():
-        keys = list(cmp["per_round"][0])[1:]
-        label = dict(METRICS, tokens_per_s_incl_cache="tokens/s incl. cache pass share")
-        lines += ["", f"{kind} ({s['modes'][kind]}) / TRL per round (tokens/s: higher is better; memory: lower "
-                  "is better):", "",
+        keys = [k for k in cmp["per_round"][0] if k != "round"]
+        lines += ["", f"{kind} ({s['modes'][kind]}) / {cmp['against']} per round (tokens/s: higher is better; "
+                  "seconds and memory: lower is better):", "",
                   "| round | " + " | ".join(label[k] for k in keys) + " |", "|---:|" + "---:|" * len(keys),
                   *(f"| {q['round']} | " + " | ".join(f"{q[k]:.2f}×" for k in keys) + " |" for q in cmp["per_round"])]
-    lines += ["", "| edgepack mode | target (issue #4) | measured (ratio of the means over rounds) | worst round | verdict |",
-              "|---|---|---|---|---|"]
+    lines += ["", "| edgepack mode | against | target (issue #19) | measured (ratio of the means over rounds) "
+              "| worst round | verdict |", "|---|---|---|---|---|---|"]
     for kind, cmp in s["versus_trl"].items():
+        trl = cmp["against"]
         lines += [
-            f"| {kind} | tokens/s ≥ {TARGET_SPEEDUP}× TRL | {cmp['speedup']:.2f}× "
-            f"({s['means'][kind]['tokens_per_s_incl_cache']:.1f} vs {s['means']['trl']['tokens_per_s']:.1f}) | "
+            f"| {kind} | {trl} | tokens/s ≥ {TARGET_SPEEDUP}× TRL | {cmp['speedup']:.2f}× "
+            f"({s['means'][kind]['tokens_per_s_incl_cache']:.1f} vs {s['means'][trl]['tokens_per_s']:.1f}) | "
             f"{cmp['speedup_worst_round']:.2f}× | {ok(cmp['meets_speedup'])} |",
-            f"| {kind} | peak memory ≤ {TARGET_MEMORY_RATIO}× TRL | {cmp['memory_ratio']:.2f}× "
-            f"({s['means'][kind]['peak_rss_mb']:.0f} vs {s['means']['trl']['peak_rss_mb']:.0f} MB) | "
+            f"| {kind} | {trl} | peak memory ≤ {TARGET_MEMORY_RATIO}× TRL | {cmp['memory_ratio']:.2f}× "
+            f"({s['means'][kind]['peak_rss_mb']:.0f} vs {s['means'][trl]['peak_rss_mb']:.0f} MB) | "
             f"{cmp['memory_ratio_worst_round']:.2f}× | {ok(cmp['meets_memory'])} |"]
     caches = [r["soft_label_cache"] for r in results["runs"] if r.get("soft_label_cache")]
     if caches:
         c = caches[0]
         lines += ["", f"The cached mode's soft labels: one teacher pass over all {c['rows']} train rows "
                   f"({c['tokens']} answer tokens, top-{SOFT_K} + tail mass) took "
-                  f"{', '.join(str(x['s']) for x in caches)} s in its runs (peak RSS during it "
-                  f"{max(x['peak_rss_mb'] for x in caches):.0f} MB); each run is charged the share for the "
+                  f"{', '.join(str(x['s']) for x in caches)} s in its runs; each run is charged the share for the "
                   f"{BATCH_SIZE * results['steps']} rows it trains on (`tokens/s incl. the cache pass`), which "
-                  "the target is judged on. Over more epochs the pass is paid once."]
+                  "the target is judged on."]
     lines.append("")
-    prof = results.get("profile") or {}
-    if len(prof) == 2 and all(v["ops"] for v in prof.values()):
-        e, t = prof["edgepack"]["ops"], prof["trl"]["ops"]
+    prof = {k: r for k, r in (results.get("profile") or {}).items() if r.get("ops")}
+    for kind, cmp in s["versus_trl"].items():
+        trl = cmp["against"]
+        if kind not in prof or trl not in prof:
+            continue
+        e, t = prof[kind]["ops"], prof[trl]["ops"]
         lines += [
-            f"Where the time goes: torch.profiler over steps {e['profiled_steps']} of one extra run per trainer "
-            f"(`--profile-steps`), same rows, self CPU time per op:", "",
-            "| | edgepack | TRL | edgepack / TRL |", "|---|---:|---:|---:|",
-            f"| matmul GFLOP | {e['matmul_gflop']} | {t['matmul_gflop']} | {e['matmul_gflop'] / t['matmul_gflop']:.2f} |",
+            f"Where the time goes, {kind} vs {trl}: torch.profiler over steps {e['profiled_steps']} of one extra "
+            "run each (`--profile-steps`), same rows, self CPU time per op:", "",
+            f"| | {kind} | {trl} | ratio |", "|---|---:|---:|---:|",
+            f"| matmul GFLOP | {e['matmul_gflop']} | {t['matmul_gflop']} | {e['matmul_gflop'] / max(t['matmul_gflop'], 1e-9):.2f} |",
             f"| matmul self CPU s | {e['matmul_self_cpu_s']} | {t['matmul_self_cpu_s']} | "
-            f"{e['matmul_self_cpu_s'] / t['matmul_self_cpu_s']:.2f} |",
+            f"{e['matmul_self_cpu_s'] / max(t['matmul_self_cpu_s'], 1e-9):.2f} |",
             f"| all ops self CPU s | {e['self_cpu_s']} | {t['self_cpu_s']} | {e['self_cpu_s'] / t['self_cpu_s']:.2f} |",
             f"| wall s (profiled steps) | {e['wall_s']} | {t['wall_s']} | {e['wall_s'] / t['wall_s']:.2f} |", "",
-            "| edgepack op | self CPU s | share | calls | TRL op | self CPU s | share | calls |",
+            f"| {kind} op | self CPU s | share | calls | {trl} op | self CPU s | share | calls |",
             "|---|---:|---:|---:|---|---:|---:|---:|",
             *(f"| {a['op']} | {a['self_cpu_s']} | {a['share']:.1%} | {a['calls']} | {b['op']} | {b['self_cpu_s']} | "
               f"{b['share']:.1%} | {b['calls']} |" for a, b in zip(e["top_ops"][:10], t["top_ops"][:10])), "",
         ]
     floor = p["state_floor_mb"]
-    lines += [f"Memory both trainers must hold (fp32 teacher + student weights, student gradients, two AdamW "
-              f"moments): {floor:.0f} MB, {floor / s['means']['trl']['peak_rss_mb']:.2f}× TRL's mean peak. Above it: "
-              f"edgepack {s['means']['edgepack']['peak_rss_mb'] - floor:.0f} MB, TRL "
-              f"{s['means']['trl']['peak_rss_mb'] - floor:.0f} MB (imports, per-step tensors, allocator slack).", ""]
+    trl_peaks = {k: s["means"][k]["peak_rss_mb"] for k in s["trl_trainers"]}
+    lines += [f"Memory every trainer with the teacher online must hold (fp32 teacher + student weights, student "
+              f"gradients, two AdamW moments): {floor:.0f} MB, "
+              + ", ".join(f"{floor / peak:.2f}× {k}'s mean peak" for k, peak in trl_peaks.items())
+              + f". The student's own part (weights, gradients, moments: {p['student_state_mb']:.0f} MB) is "
+              + ", ".join(f"{p['student_state_mb'] / peak:.2f}× {k}'s" for k, peak in trl_peaks.items()) + ".", ""]
     if results.get("notes"):
         lines += ["Notes:", "", *(f"- {n}" for n in results["notes"]), ""]
     return "\n".join(lines)
 
 
 NOTES = [
-    "TRL 0.27's GKDTrainer.compute_loss ignores `num_items_in_batch`, and the Trainer then skips dividing by "
-    "`gradient_accumulation_steps` (Llama's forward accepts **kwargs), so its logged loss and its gradient "
-    "before clipping are the sum of the 2 micro-batch means; the table shows the logged loss / 2, which "
-    "matches edgepack's first-step loss to within a few tenths of a percent (same weights, same rows). Both "
-    "sides clip at 1.0 and the gradient norms are far above it, so the updates differ little.",
-    "Both trainers hold the same weights in memory (fp32 teacher, student, its gradients and two AdamW moments), "
-    "so that floor dominates both peaks; the difference is what each builds per step. TRL's GKDTrainer runs both "
-    "models over every position and keeps full [batch, sequence, vocab] fp32 logits, log-softmaxes and the "
-    "element-wise KL; edgepack computes the LM head only at answer positions and runs the teacher only past "
-    "the prompt prefix all rows share (its KV cache is computed once).",
+    "TRL 1.x's `DistillationTrainer` is on-policy only: every optimizer step it generates one completion per prompt "
+    "(once per generation batch of per_device_train_batch_size × gradient_accumulation_steps rows) and trains on "
+    "those; it has no `lmbda`, `seq_kd` or `max_new_tokens` (its cap is `max_completion_length`). Off-policy KD "
+    "in TRL 1.x is `trl.experimental.gkd.GKDTrainer` with `lmbda=0` (its warning at `lmbda=1, temperature=1` "
+    "points to DistillationTrainer as the replacement for the on-policy case only).",
+    "DistillationTrainer's loss never materialises [batch, sequence, vocab] logits: the student's and teacher's "
+    "last hidden states go through a chunked divergence that projects tiles of positions through each lm_head "
+    "(`trl/kernels/chunked_divergence.py`); on the CPU (no Triton) every completion position of the padded "
+    "batch is projected, padding included, then masked. GKDTrainer still runs both models' full heads over "
+    "every position.",
+    "edgepack's student runs the prompt prefix every row shares (the system prompt) once per micro-batch and the "
+    "rest against its KV cache, with gradients flowing through the cache, and the teacher's prefix KV cache is "
+    "computed once per run; the LM head runs at answer (or sampled) positions only. On on-policy steps edgepack "
+    "samples per micro-batch (2 rows), TRL per generation batch (4 rows).",
     "edgepack trains under `torch.use_deterministic_algorithms(True)` (bit-identical resume) with PyTorch's "
-    "`torch.utils.deterministic.fill_uninitialized_memory` off (its default fills every new tensor with NaN first, "
-    "about 8% of a step in session 3's profile); the `aten::fill_` calls left are zero-initialisations "
-    "(gradients, masks).",
-    "edgepack's student runs the prompt prefix every row shares (the system prompt, 158 tokens of ~200) once "
-    "per micro-batch and the rest of each row against its KV cache, with gradients flowing through the cache "
-    "(`distill/batching.py: answer_hidden`; a test checks values and gradients against the full batch), and the "
-    "teacher's prefix cache is computed once per run; with logits only at answer positions that is why its "
-    "matmul FLOPs are about a third of TRL's.",
-    "Memory: the cached mode holds no teacher; what it keeps is the student's fp32 weights (311 MB), AdamW's "
-    "two moments (623 MB), the gradients accumulated across the 2 micro-batches (311 MB) and ~220 MB of "
-    "torch + transformers imports, about 1.47 GB, plus one micro-batch's activations and the dense gradient "
-    "transients of the tied 49152 × 576 embedding / output head (113 MB each) during backward. That floor "
-    "alone is 0.48× TRL's peak, which leaves ~680 MB for activations and allocator slack to stay under 0.7×; "
-    "the measured peak is ~890 MB above the floor. Lower would take another recipe (LoRA, gradient "
-    "checkpointing, 8-bit optimizer states), which would no longer be the same training as TRL's.",
-    "TRL's process also imports datasets/pandas/pyarrow (see 'RSS after imports' in results.json); that is "
-    "part of its footprint as shipped.",
-    "TRL's DataCollatorForChatML labels the assistant turn's trailing newline after <|im_end|> as well, so its "
-    "token count is one token per row higher than edgepack's; each side's own count is used for its rate.",
-    "GKDTrainer slices logits from the batch's longest prompt onward (`prompts.shape[1]`), so in a micro-batch "
-    "whose rows have different prompt and answer lengths a few answer tokens of the shorter-prompt row fall "
-    "outside its loss; the compute is unchanged, so the throughput comparison is unaffected, and its KD loss "
-    "values are close to, not equal to, edgepack's.",
+    "`fill_uninitialized_memory` off; TRL runs with PyTorch's defaults.",
+    "TRL's processes also import datasets/pandas/pyarrow (see 'RSS after imports' in results.json); that is part "
+    "of its footprint as shipped. The TRL side runs transformers 5, the edgepack side the project's pinned "
+    "transformers 4.57 (its venv is not changed for a benchmark).",
+    "Learning-rate schedule: both sides warm up over 10 % of the steps (1 of 6), but transformers' warmup starts "
+    "at lr 0 (its step 1 applies no update) while edgepack's reaches the full lr at step 1, so the loss curves "
+    "differ from step 2 on; every step does the same work either way, so the throughput is unaffected. The "
+    "first-step KD losses (same weights, same rows) agree to within 1 % off-policy, where GKDTrainer now "
+    "divides by the tokens of the whole accumulated batch (`num_items_in_batch`, TRL 0.27 summed the "
+    "micro-batch means).",
+    "TRL's DataCollatorForChatML (GKDTrainer) labels the assistant turn's trailing newline after <|im_end|> as "
+    "well, so its token count is one token per row higher than edgepack's; each side's own count is used for "
+    "its rate.",
 ]

@@ -1,61 +1,63 @@
-"""Side-by-side benchmark: edgepack's KD recipe vs TRL's GKDTrainer (lmbda = 0) on the same job.
+"""Side-by-side benchmark: edgepack's KD recipes vs TRL 1.x, off-policy and on-policy, on the same job.
 
-Both trainers distill the corrected demo teacher (``runs/demo/teacher-corrected``, SmolLM2-135M
-after teacher correction) into the *same* undistilled student: the teacher depth-pruned to the
-blocks ``runs/demo/student/student.json`` keeps (``prune_teacher(keep=...)``), saved once to a
-scratch HF folder, so neither side pays for pruning and both start from identical weights. Data:
-``runs/demo/data/train.jsonl`` (system + user prompt, the teacher's answer), the rows in the
-exact order edgepack's sampler (``batching.batch_indices``, seed 0) consumes them; TRL reads
-that list with a sequential sampler.
+Every trainer distills the corrected teacher of a run (``--run``, default ``runs/workorders``:
+``RUN/teacher-corrected``, SmolLM2-135M after teacher correction) into the *same* undistilled
+student: the teacher depth-pruned to the blocks ``RUN/student/student.json`` keeps
+(``prune_teacher(keep=...)``), saved once to a scratch HF folder, so no trainer pays for pruning and
+all start from identical weights. Data: ``RUN/data/train.jsonl`` (system + user prompt, the
+teacher's answer), the rows in the exact order edgepack's sampler (``batching.batch_indices``,
+seed 0) consumes them; the TRL trainers read that list in order.
 
-Same job on both sides: 4 rows per optimizer step as 2 micro-batches of 2 (TRL:
+The pairs (report.MODES), each judged on its own:
+
+* off-policy: ``edgepack`` (dense KD, teacher online, ``divergence="forward_kl"``, ``alpha=0``) vs
+  ``trl-gkd``: ``trl.experimental.gkd.GKDTrainer`` with ``lmbda=0, beta=0, seq_kd=False`` (TRL 1.x's
+  ``DistillationTrainer`` has no λ: it samples every step, so GKDTrainer is TRL 1.x's off-policy KD);
+* on-policy (λ = 1): ``edgepack-onpolicy`` (``on_policy=1.0``, temperature 1, at most
+  ``max_new_tokens`` sampled tokens, the HF teacher scores) vs ``trl-distill``:
+  ``trl.DistillationTrainer`` with ``beta=0, temperature=1.0, max_completion_length`` the same,
+  ``top_k=0, top_p=1.0``, ``shuffle_dataset=False``;
+* with ``--topk``, also ``edgepack-topk`` (KD from cached top-k soft labels) vs ``trl-gkd``.
+
+Same job for all: 4 rows per optimizer step as 2 micro-batches of 2 (TRL:
 ``per_device_train_batch_size=2``, ``gradient_accumulation_steps=2``), ``--steps`` steps, AdamW
 lr 3e-4 with 10% warmup and cosine to 0.1×, weight decay 0, clip 1.0, fp32 on the CPU, no
-gradient checkpointing, ``--threads`` torch threads, loss = forward KL(teacher ‖ student) at
-temperature 1 on the answer tokens only (edgepack: ``divergence="forward_kl"``, ``alpha=0``;
-TRL 0.27: ``beta=0``, which its ``generalized_jsd_loss`` special-cases to
-``F.kl_div(student_logp, teacher_logp, log_target=True)`` = KL(teacher ‖ student) since
-huggingface/trl#3043; before that PR beta=0 meant a different mixture), ``lmbda=0`` (no
-on-policy generation: the teacher's fixed answers), ``seq_kd=False``. TRL's SFTConfig defaults
-``bf16=True`` and ``gradient_checkpointing=True``; both are switched off to match.
+gradient checkpointing (TRL's configs default ``bf16=True`` and ``gradient_checkpointing=True``;
+both are switched off to match), ``--threads`` torch threads, loss = forward KL(teacher ‖ student)
+at temperature 1 on the answer (or sampled) tokens only.
 
-Measured per trainer, each in a fresh, niced process, one after the other, alternating the
-order over ``--rounds`` rounds (the machine's 2 cores are shared; ``os.getloadavg()`` is
+Measured per trainer, each in a fresh, niced process (workers.py), one after the other, rotating
+the order over ``--rounds`` rounds (the machine's 2 cores are shared; ``os.getloadavg()`` is
 recorded around every run):
 
-* tokens/s = the student's non-pad input tokens (prompt + answer, the attention mask's sum) per
-  second of training-step time. edgepack's train_report counts exactly that (``tokens``) over
-  ``wall_s`` (per step: sampling the batch, collate, forward, backward, clip, optimizer; no
-  checkpoint saves, ``save_every`` is set past the last step). For TRL the same count is the
-  Trainer's ``num_input_tokens_seen`` with ``include_num_input_tokens_seen="non_padding"``, over
-  the time from ``on_epoch_begin`` to the last ``on_step_end`` (fetching + collating batches,
-  forward, backward, clip, optimizer, per-step logging). Both trainers' own throughput figures
-  are kept in the JSON too (``train_samples_per_second`` etc. for TRL). Also reported, not judged:
-  the rate over steps 2..N, per CPU-second of the process (user + sys, all threads: waiting for a
-  core does not count) and of each run's fastest step (the least disturbed one, as timeit's minimum).
+* tokens/s = the student's non-pad input tokens (prompt + answer, or prompt + sampled completion)
+  per second of training-step time (sampling included). edgepack's train_report counts exactly
+  that (``tokens``) over ``wall_s`` (per step: sampling the batch, generating on on-policy steps,
+  collate, forward, backward, clip, optimizer; no checkpoint saves). For TRL the same count is
+  ``num_input_tokens_seen`` (GKDTrainer: ``include_num_input_tokens_seen="non_padding"``;
+  DistillationTrainer adds prompt + completion tokens itself) over the time from
+  ``on_epoch_begin`` to the last ``on_step_end``. Also reported, not judged: the rate over steps
+  2..N, per CPU-second of the process (user + sys, all threads) and of each run's fastest step.
 * peak memory = the process's peak RSS (``VmHWM`` from /proc/self/status) at the end (saving the
-  student included) and at the last step's end, plus RSS after imports and right before the first
-  step, to show what the peak is made of.
-* wall time of the training call (``train_student`` / ``trainer.train()`` + ``save_model``) and of
-  the process.
-* with ``--profile-steps N``, one more run per trainer under torch.profiler over steps 2..N: self CPU
-  time per op and the matmul FLOPs (where the time goes).
+  student included) and at each step's end, plus RSS after imports and right before the first step.
+* with ``--profile-steps N``, one more run per trainer under torch.profiler over steps 2..N.
 
 Setup (TRL must not enter the project's .venv: it would move the pins)::
 
-    python3.11 -m venv /tmp/trl-venv
-    /tmp/trl-venv/bin/pip install torch==2.13.0        # the local CPU wheel (PIP_FIND_LINKS=/opt/wheels)
-    /tmp/trl-venv/bin/pip install transformers==4.57.6 tokenizers==0.22.2 'trl==0.27.*' datasets \\
-        accelerate==1.15.0 peft==0.21.2 safetensors==0.8.0 numpy==2.4.6
+    python3.11 -m venv /tmp/trl1-venv
+    PIP_FIND_LINKS=/opt/wheels /tmp/trl1-venv/bin/pip install torch==2.13.0   # the local CPU wheel
+    /tmp/trl1-venv/bin/pip install trl==1.16.0 transformers==5.25.0 accelerate==1.16.0 datasets==5.2.0 \\
+        peft==0.21.2 tokenizers==0.23.3
 
 Run (the orchestrator and edgepack's side use .venv; the TRL side runs as a subprocess under
-``--trl-python``; this script imports nothing from edgepack at module level so the TRL venv can
-run its worker mode)::
+``--trl-python``)::
 
-    nice -n 10 .venv/bin/python bench/trl/run.py            # --steps 6 --rounds 3 --profile-steps 3
+    nice -n 10 .venv/bin/python bench/trl/run.py            # --run runs/workorders --steps 6 --rounds 3
 
-writes ``bench/trl/results.json`` and ``bench/trl/results.md``. Scratch files go to ``--work``
-(default: a temporary folder, removed at the end); ``runs/demo`` is only read.
+writes ``bench/trl/results.json`` and ``bench/trl/results.md`` (TRL 0.27's GKDTrainer results on
+runs/demo are kept as ``results-trl0.27.*``). Scratch files go to ``--work`` (default: a temporary
+folder, removed at the end); the run folder is only read. ``bench/trl/memory.py`` measures what
+lowers edgepack's peak.
 """
 
 from __future__ import annotations
@@ -63,7 +65,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import shlex
 import shutil
 import subprocess
@@ -74,11 +75,11 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from report import (BATCH_SIZE, LR, MAX_LENGTH, MICRO_BATCH, NOTES, SEED, SOFT_K, TEACHER,  # bench/trl/report.py (this folder is on sys.path)
+from report import (BATCH_SIZE, MAX_LENGTH, MODES, NOTES, SEED, TEACHER,  # bench/trl/report.py (this folder is on sys.path)
                     render, summarize)
 
 ROOT = Path(__file__).resolve().parents[2]
-PROCESS_START = time.perf_counter()
+WORKERS = Path(__file__).resolve().parent / "workers.py"
 STUDENT_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                            "chat_template.jinja", "generation_config.json")
 
@@ -92,63 +93,9 @@ def load_average() -> list[float]:
     return [round(x, 2) for x in os.getloadavg()]
 
 
-def proc_status_mb(key: str) -> float:
-    """``VmRSS`` / ``VmHWM`` of this process in MB (Linux)."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(key + ":"):
-            return round(int(line.split()[1]) / 1024, 1)
-    raise RuntimeError(f"{key} not in /proc/self/status")
-
-
-def memory_now() -> dict[str, float]:
-    return {"rss_mb": proc_status_mb("VmRSS"), "peak_rss_mb": proc_status_mb("VmHWM")}
-
-
-def set_threads(threads: int) -> None:
-    import torch
-
-    torch.set_num_threads(threads)
-
-
-class StepProfiler:
-    """torch.profiler over steps 2..N of a training run (``enabled``), else nothing: each op's self CPU
-    time and call count, and the matmul FLOPs, so the two trainers' work can be compared op by op."""
-
-    TOP = 15
-
-    def __init__(self, enabled: bool, steps: int) -> None:
-        self.enabled, self.steps, self.prof, self.seconds = enabled and steps > 1, steps, None, 0.0
-
-    def step_end(self, done: int) -> None:
-        if not self.enabled:
-            return
-        import torch
-
-        if done == 1:
-            self.prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], with_flops=True)
-            self.prof.__enter__()
-            self.seconds = -time.perf_counter()
-        elif done == self.steps and self.prof is not None:
-            self.prof.__exit__(None, None, None)
-            self.seconds += time.perf_counter()
-
-    def summary(self) -> dict[str, Any] | None:
-        if self.prof is None:
-            return None
-        ops = [e for e in self.prof.key_averages() if e.self_cpu_time_total > 0]
-        total = sum(e.self_cpu_time_total for e in ops) / 1e6
-        top = sorted(ops, key=lambda e: -e.self_cpu_time_total)[: self.TOP]
-        mm = [e for e in ops if e.key in ("aten::mm", "aten::addmm", "aten::bmm")]
-        return {"profiled_steps": f"2..{self.steps}", "wall_s": round(self.seconds, 2), "self_cpu_s": round(total, 2),
-                "matmul_gflop": round(sum(e.flops for e in mm) / 1e9, 1),
-                "matmul_self_cpu_s": round(sum(e.self_cpu_time_total for e in mm) / 1e6, 2),
-                "top_ops": [{"op": e.key, "self_cpu_s": round(e.self_cpu_time_total / 1e6, 2), "calls": e.count,
-                             "share": round(e.self_cpu_time_total / 1e6 / total, 4)} for e in top]}
-
-
 # ---------------------------------------------------------------------------- preparation (.venv)
 
-def prepare(demo: Path, work: Path, steps: int) -> dict[str, Any]:
+def prepare(run: Path, work: Path, steps: int) -> dict[str, Any]:
     """The shared undistilled student folder and the rows in edgepack's order (for TRL)."""
     import torch
     from transformers import AutoTokenizer
@@ -157,8 +104,8 @@ def prepare(demo: Path, work: Path, steps: int) -> dict[str, Any]:
     from edgepack.distill.data import read_jsonl
     from edgepack.distill.student import derive_student
 
-    teacher_dir = demo / TEACHER
-    info = json.loads((demo / "student" / "student.json").read_text())
+    teacher_dir = run / TEACHER
+    info = json.loads((run / "student" / "student.json").read_text())
     keep = info["kept_layers"]
     student_dir = work / "student-undistilled"
     with torch.no_grad():
@@ -169,11 +116,11 @@ def prepare(demo: Path, work: Path, steps: int) -> dict[str, Any]:
             shutil.copyfile(teacher_dir / name, student_dir / name)
 
     tok = AutoTokenizer.from_pretrained(teacher_dir)
-    rows = read_jsonl(demo / "data" / "train.jsonl")
-    context_path = demo / "data" / "teacher_context.json"
+    rows = read_jsonl(run / "data" / "train.jsonl")
+    context_path = run / "data" / "teacher_context.json"
     context = json.loads(context_path.read_text())["messages"] if context_path.is_file() else []
     if context:
-        # GKDTrainer feeds the teacher the student's own input; teacher-only turns have no TRL equivalent.
+        # The TRL trainers feed the teacher the student's own input; teacher-only turns have no TRL equivalent.
         raise SystemExit(f"{context_path} holds teacher-only turns; the TRL comparison needs a run without them")
     examples, too_long = tokenize_rows(tok, rows, context, MAX_LENGTH)
     order = [examples[i] for step in range(steps) for i in batch_indices(len(examples), SEED, step, BATCH_SIZE)]
@@ -181,225 +128,52 @@ def prepare(demo: Path, work: Path, steps: int) -> dict[str, Any]:
                 for e in order]
     rows_path = work / "rows.jsonl"
     rows_path.write_text("".join(json.dumps(r) + "\n" for r in trl_rows))
+    steps_of = lambda f: [sum(f(e) for e in order[i:i + BATCH_SIZE]) for i in range(0, len(order), BATCH_SIZE)]  # noqa: E731
+    # The student's part of what full fine-tuning with AdamW holds (fp32: weights, gradients, two moments),
+    # and with the fp32 teacher loaded beside it.
+    student_state = 4 * 4 * description["params"] / 2**20
     return {
         "student_dir": str(student_dir), "teacher_dir": str(teacher_dir), "rows_path": str(rows_path),
         "student": {"kept_layers": keep, "num_layers": description["num_layers"], "params": description["params"],
                     "teacher_params": description["teacher_params"]},
-        # What full fine-tuning with AdamW must hold while the fp32 teacher is loaded: teacher weights,
-        # student weights, gradients and two moments (4 bytes each).
-        "state_floor_mb": round(4 * (description["teacher_params"] + 4 * description["params"]) / 2**20, 1),
+        "student_state_mb": round(student_state, 1),
+        "state_floor_mb": round(student_state + 4 * description["teacher_params"] / 2**20, 1),
         "rows": len(rows), "rows_used": len(examples), "rows_too_long": too_long,
         "edgepack_tokens_expected": sum(len(e.student_ids) for e in order),
-        "step_tokens": [sum(len(e.student_ids) for e in order[i:i + BATCH_SIZE])
-                        for i in range(0, len(order), BATCH_SIZE)],
+        "step_tokens": steps_of(lambda e: len(e.student_ids)),
+        "step_prompt_tokens": steps_of(lambda e: e.student_prompt),
+        "prompt_tokens": sum(e.student_prompt for e in order),
         "answer_tokens": sum(e.answer_tokens for e in order),
         "max_sequence": max(len(e.student_ids) for e in order),
+        # On-policy completions are capped at edgepack's default: the longest answer of the data.
+        "max_new_tokens": max(e.answer_tokens for e in examples),
+        "max_prompt": max(e.student_prompt for e in examples),
     }
 
 
-def make_run_dir(demo: Path, dst: Path) -> Path:
+def make_run_dir(run: Path, dst: Path) -> Path:
     """A fresh run folder for train_student: a copy of RUN/data and a link to the teacher folder."""
     dst.mkdir(parents=True)
-    shutil.copytree(demo / "data", dst / "data")
-    (dst / TEACHER).symlink_to((demo / TEACHER).resolve(), target_is_directory=True)
+    shutil.copytree(run / "data", dst / "data")
+    (dst / TEACHER).symlink_to((run / TEACHER).resolve(), target_is_directory=True)
     return dst
-
-
-# ---------------------------------------------------------------------------- workers (fresh processes)
-
-def worker_edgepack(spec: dict[str, Any]) -> dict[str, Any]:
-    mem_imports0 = memory_now()
-    set_threads(spec["threads"])
-    import torch
-
-    from edgepack.distill.train import TrainConfig, train_student
-    from edgepack.profiles import load_profile
-
-    mem_imports = memory_now()
-    marks: list[dict[str, Any]] = []
-    profiler = StepProfiler(spec.get("profile_ops", False), spec["steps"])
-
-    def progress(task: str, done: int, total: int | None = None) -> None:
-        if task == "train":
-            marks.append({"step": done, "t": time.perf_counter(), "cpu": time.process_time(), **memory_now()})
-            profiler.step_end(done)
-
-    soft = bool(spec.get("soft_labels"))
-    cache: dict[str, Any] | None = None
-    if soft:  # the teacher's pass that caches top-k soft labels for every train row, timed apart
-        from edgepack.distill.softlabels import cache_soft_labels
-
-        t0 = time.perf_counter()
-        index = cache_soft_labels(Path(spec["run_dir"]), k=SOFT_K, seed=SEED, max_length=MAX_LENGTH)
-        cache = {"s": round(time.perf_counter() - t0, 2), "rows": int(index["rows"]), "tokens": int(index["tokens"]),
-                 "peak_rss_mb": proc_status_mb("VmHWM"), "rss_after_mb": proc_status_mb("VmRSS")}
-    config = TrainConfig(lr=LR, batch_size=BATCH_SIZE, micro_batch=MICRO_BATCH, max_length=MAX_LENGTH,
-                         divergence="forward_kl", temperature=1.0, alpha=0.0, save_every=spec["steps"] + 1,
-                         soft_labels=soft, soft_k=SOFT_K)
-    t0 = time.perf_counter()
-    report = train_student(run_dir=Path(spec["run_dir"]), profile=load_profile(spec["profile"]),
-                           student=spec["student_dir"], steps=spec["steps"], seed=SEED, progress=progress,
-                           config=config)
-    call_s = time.perf_counter() - t0
-    step_s = float(report["wall_s"])
-    step_tokens = spec["step_tokens"][: spec["steps"]]
-    if report["tokens"] != sum(step_tokens) or len(marks) != spec["steps"] + 1:
-        raise SystemExit(f"edgepack trained on {report['tokens']} tokens in {len(marks) - 1} steps; the prepared "
-                         f"order has {sum(step_tokens)} in {spec['steps']}")
-    rows_trained = BATCH_SIZE * spec["steps"]
-    # The cache pass is paid once per row and epoch: its share for the rows this run trains on.
-    cache_share_s = cache["s"] * rows_trained / cache["rows"] if cache else 0.0
-    return {
-        "trainer": "edgepack-topk" if soft else "edgepack", "tokens": report["tokens"], "step_time_s": step_s,
-        "tokens_per_s": round(report["tokens"] / step_s, 2),
-        "soft_label_cache": cache and {**cache, "share_s": round(cache_share_s, 2)},
-        "tokens_per_s_incl_cache": round(report["tokens"] / (step_s + cache_share_s), 2),
-        **per_step([m["t"] for m in marks], [m["cpu"] for m in marks], step_tokens),
-        "training_peak_rss_mb": marks[-1]["peak_rss_mb"],
-        "train_call_s": round(call_s, 2), "process_s": round(time.perf_counter() - PROCESS_START, 2),
-        "peak_rss_mb": proc_status_mb("VmHWM"),
-        "rss_after_imports_mb": mem_imports["rss_mb"], "rss_at_start_mb": mem_imports0["rss_mb"],
-        "rss_before_first_step_mb": marks[0]["rss_mb"], "peak_rss_before_first_step_mb": marks[0]["peak_rss_mb"],
-        "ru_maxrss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
-        "losses": [h["kd"] for h in report["loss_curve"]],
-        "ops": profiler.summary(),
-        "own_report": {k: report.get(k) for k in ("tokens", "wall_s", "tokens_per_s", "peak_rss_mb", "mode",
-                                                  "teacher_prefix_tokens", "student_prefix_tokens", "torch_threads",
-                                                  "params")},
-        "torch_threads": torch.get_num_threads(),
-    }
-
-
-def worker_trl(spec: dict[str, Any]) -> dict[str, Any]:
-    mem_imports0 = memory_now()
-    set_threads(spec["threads"])
-    import importlib.metadata as md
-
-    import torch
-    from datasets import Dataset
-    from torch.utils.data import SequentialSampler
-    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
-    from trl.experimental.gkd import GKDConfig, GKDTrainer
-
-    mem_imports = memory_now()
-
-    class InOrder(GKDTrainer):
-        """The rows are already in edgepack's sampling order; read them as given."""
-
-        def _get_train_sampler(self, train_dataset: Any = None) -> Any:
-            return SequentialSampler(train_dataset if train_dataset is not None else self.train_dataset)
-
-    profiler = StepProfiler(spec.get("profile_ops", False), spec["steps"])
-
-    class Clock(TrainerCallback):
-        def __init__(self) -> None:
-            self.begin: float | None = None
-            self.ends: list[float] = []
-            self.tokens: list[int] = []
-            self.begin_cpu = 0.0
-            self.cpu: list[float] = []
-            self.end_mem: dict[str, float] = {}
-            self.begin_mem: dict[str, float] = {}
-            self.logs: list[dict[str, Any]] = []
-
-        def on_epoch_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
-            self.begin, self.begin_cpu = time.perf_counter(), time.process_time()
-            self.begin_mem = memory_now()
-
-        def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
-            self.ends.append(time.perf_counter())
-            self.cpu.append(time.process_time())
-            self.tokens.append(int(state.num_input_tokens_seen))
-            self.end_mem = memory_now()
-            profiler.step_end(state.global_step)
-
-        def on_log(self, args: Any, state: Any, control: Any, logs: Any = None, **kw: Any) -> None:
-            self.logs.append(dict(logs or {}))
-
-    tok = AutoTokenizer.from_pretrained(spec["student_dir"])
-    student = AutoModelForCausalLM.from_pretrained(spec["student_dir"], dtype=torch.float32)
-    teacher = AutoModelForCausalLM.from_pretrained(spec["teacher_dir"], dtype=torch.float32)
-    rows = [json.loads(line) for line in Path(spec["rows_path"]).read_text().splitlines() if line.strip()]
-    steps = spec["steps"]
-    if len(rows) < steps * BATCH_SIZE:
-        raise SystemExit(f"{spec['rows_path']} has {len(rows)} rows, expected {steps * BATCH_SIZE}")
-    rows = rows[: steps * BATCH_SIZE]  # the first steps of edgepack's order
-    args = GKDConfig(
-        output_dir=spec["out_dir"], per_device_train_batch_size=MICRO_BATCH,
-        gradient_accumulation_steps=BATCH_SIZE // MICRO_BATCH, max_steps=steps, num_train_epochs=1,
-        learning_rate=LR, lr_scheduler_type="cosine_with_min_lr", lr_scheduler_kwargs={"min_lr_rate": 0.1},
-        warmup_ratio=0.1, weight_decay=0.0, max_grad_norm=1.0, optim="adamw_torch",
-        lmbda=0.0, beta=0.0, temperature=1.0, seq_kd=False, max_length=MAX_LENGTH + 8,
-        use_cpu=True, bf16=False, fp16=False, gradient_checkpointing=False,
-        save_strategy="no", report_to=[], logging_steps=1, disable_tqdm=True, dataloader_num_workers=0,
-        seed=SEED, include_num_input_tokens_seen="non_padding",
-    )
-    clock = Clock()
-    trainer = InOrder(model=student, teacher_model=teacher, args=args, train_dataset=Dataset.from_list(rows),
-                      processing_class=tok, callbacks=[clock])
-    t0 = time.perf_counter()
-    out = trainer.train()
-    trainer.save_model(spec["out_dir"])  # as train_student saves its student: part of the job
-    call_s = time.perf_counter() - t0
-    if clock.begin is None or len(clock.ends) != steps:
-        raise SystemExit(f"TRL ran {len(clock.ends)} steps, expected {steps}")
-    step_s = clock.ends[-1] - clock.begin
-    tokens = int(trainer.state.num_input_tokens_seen)
-    return {
-        "trainer": "trl", "tokens": tokens, "step_time_s": round(step_s, 3),
-        "tokens_per_s": round(tokens / step_s, 2),
-        **per_step([clock.begin, *clock.ends], [clock.begin_cpu, *clock.cpu],
-                   [b - a for a, b in zip([0, *clock.tokens], clock.tokens)]),
-        "training_peak_rss_mb": clock.end_mem["peak_rss_mb"],
-        "train_call_s": round(call_s, 2), "process_s": round(time.perf_counter() - PROCESS_START, 2),
-        "peak_rss_mb": proc_status_mb("VmHWM"),
-        "rss_after_imports_mb": mem_imports["rss_mb"], "rss_at_start_mb": mem_imports0["rss_mb"],
-        "rss_before_first_step_mb": clock.begin_mem["rss_mb"],
-        "peak_rss_before_first_step_mb": clock.begin_mem["peak_rss_mb"],
-        "ru_maxrss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
-        # GKDTrainer.compute_loss ignores num_items_in_batch, and the Trainer then skips its division by the
-        # accumulation steps (Llama's forward takes **kwargs): the logged loss (and the gradient, before
-        # clipping) is the *sum* of the micro-batch means. Divided back here to compare with edgepack's mean.
-        "losses": [round(lg["loss"] / args.gradient_accumulation_steps, 6) for lg in clock.logs if "loss" in lg],
-        "losses_logged": [lg["loss"] for lg in clock.logs if "loss" in lg],
-        "grad_norms_logged": [lg["grad_norm"] for lg in clock.logs if "grad_norm" in lg],
-        "ops": profiler.summary(),
-        "own_report": dict(out.metrics),
-        "gradient_checkpointing": args.gradient_checkpointing, "bf16": args.bf16,
-        "versions": {d: md.version(d) for d in ("trl", "transformers", "torch", "accelerate", "datasets", "peft")},
-        "torch_threads": torch.get_num_threads(),
-    }
-
-
-def per_step(times: list[float], cpu: list[float], tokens: list[int]) -> dict[str, Any]:
-    """Per-step wall and CPU seconds and tokens; rates without step 1 (one-off allocation and page-in
-    costs) and per CPU second (the process's user + sys time over all threads: time the process was
-    not scheduled does not count, so this rate moves less with the other jobs on a shared machine)."""
-    secs = [b - a for a, b in zip(times, times[1:])]
-    cpu_secs = [b - a for a, b in zip(cpu, cpu[1:])]
-    rest_s = sum(secs[1:])
-    return {"step_seconds": [round(x, 3) for x in secs], "step_cpu_seconds": [round(x, 3) for x in cpu_secs],
-            "step_tokens": tokens,
-            "tokens_per_s_after_step1": round(sum(tokens[1:]) / rest_s, 2) if rest_s else None,
-            "tokens_per_cpu_s": round(sum(tokens) / sum(cpu_secs), 2),
-            "cpu_utilisation": round(sum(cpu_secs) / sum(secs), 3)}
-
-
-def worker_main(kind: str, spec_path: Path, out_path: Path) -> None:
-    spec = json.loads(spec_path.read_text())
-    result = {"edgepack": worker_edgepack, "trl": worker_trl}[kind](spec)
-    out_path.write_text(json.dumps(result, indent=2))
 
 
 # ---------------------------------------------------------------------------- orchestration
 
-def run_worker(kind: str, python: str, spec: dict[str, Any], work: Path, tag: str, threads: int) -> dict[str, Any]:
+def worker_of(kind: str) -> str:
+    """The workers.py worker that runs a trainer kind (edgepack's modes are one worker with flags)."""
+    return kind if kind.startswith("trl-") else "edgepack"
+
+
+def run_worker(kind: str, python: str, spec: dict[str, Any], work: Path, tag: str, threads: int,
+               env_extra: dict[str, str] | None = None) -> dict[str, Any]:
     spec_path, out_path = work / f"{tag}.spec.json", work / f"{tag}.result.json"
     spec_path.write_text(json.dumps(spec))
-    cmd = ["nice", "-n", "10", python, str(Path(__file__).resolve()), "worker", kind, str(spec_path), str(out_path)]
+    cmd = ["nice", "-n", "10", python, str(WORKERS), worker_of(kind), str(spec_path), str(out_path)]
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
            "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
-           "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1", "PYTHONWARNINGS": "ignore"}
+           "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1", "PYTHONWARNINGS": "ignore", **(env_extra or {})}
     load_before = load_average()
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True)
@@ -413,38 +187,85 @@ def run_worker(kind: str, python: str, spec: dict[str, Any], work: Path, tag: st
             "command": " ".join(shlex.quote(c) for c in cmd)}
 
 
+def spec_for(kind: str, args: argparse.Namespace, prepared: dict[str, Any], work: Path, tag: str,
+             steps: int) -> tuple[dict[str, Any], str]:
+    """The worker spec of one run of ``kind`` and the python that runs it."""
+    spec: dict[str, Any] = {
+        "threads": args.threads, "steps": steps, "student_dir": prepared["student_dir"],
+        "teacher_dir": prepared["teacher_dir"], "rows_path": prepared["rows_path"], "profile": args.profile,
+        "step_tokens": prepared["step_tokens"], "step_prompt_tokens": prepared["step_prompt_tokens"],
+        "max_new_tokens": prepared["max_new_tokens"], "soft_labels": kind == "edgepack-topk",
+        "on_policy": 1.0 if kind == "edgepack-onpolicy" else 0.0, "on_policy_temperature": 1.0}
+    if kind.startswith("trl-"):
+        spec["out_dir"] = str(work / f"{tag}-out")
+        return spec, args.trl_python
+    spec["run_dir"] = str(make_run_dir(args.run, work / f"{tag}-run"))
+    return spec, args.edgepack_python
+
+
+def measure(args: argparse.Namespace, work: Path) -> tuple[dict[str, Any], list[dict[str, Any]], dict[str, Any]]:
+    log(f"prepare: student folder, ordered rows from {args.run}")
+    prepared = prepare(args.run, work, args.steps)
+    if prepared["max_new_tokens"] + prepared["max_prompt"] > MAX_LENGTH:
+        # edgepack caps a completion at max_length - prompt; TRL does not: the caps would differ.
+        raise SystemExit(f"prompt {prepared['max_prompt']} + {prepared['max_new_tokens']} new tokens exceed "
+                         f"max_length {MAX_LENGTH}")
+    kinds = [k for k in args.trainers.split(",") if k]
+    runs: list[dict[str, Any]] = []
+    for n in range(1, args.rounds + 1):
+        shift = (n - 1) % len(kinds)
+        for position, kind in enumerate(kinds[shift:] + kinds[:shift], 1):  # each kind leads a round in turn
+            tag = f"round{n}-{kind}"
+            spec, python = spec_for(kind, args, prepared, work, tag, args.steps)
+            log(f"round {n}: {kind} (load {load_average()})")
+            result = run_worker(kind, python, spec, work, tag, args.threads)
+            runs.append({**result, "round": n, "order": position})
+            log(f"  {result['tokens_per_s']} tokens/s, peak RSS {result['peak_rss_mb']} MB, "
+                f"step time {result['step_time_s']} s")
+            if "run_dir" in spec:
+                shutil.rmtree(spec["run_dir"], ignore_errors=True)
+    profiles: dict[str, Any] = {}
+    if args.profile_steps > 1:
+        for kind in kinds:
+            tag = f"profile-{kind}"
+            spec, python = spec_for(kind, args, prepared, work, tag, min(args.profile_steps, args.steps))
+            spec["profile_ops"] = True
+            log(f"profile: {kind} (load {load_average()})")
+            profiles[kind] = run_worker(kind, python, spec, work, tag, args.threads)
+    return prepared, runs, profiles
+
+
 def main() -> None:
-    if len(sys.argv) > 1 and sys.argv[1] == "worker":
-        worker_main(sys.argv[2], Path(sys.argv[3]), Path(sys.argv[4]))
-        return
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--demo", type=Path, default=ROOT / "runs" / "demo")
+    parser.add_argument("--run", type=Path, default=ROOT / "runs" / "workorders",
+                        help="the run whose corrected teacher, student shape and train rows are used (only read)")
     parser.add_argument("--steps", type=int, default=6,
-                        help="optimizer steps per run (6 keeps a TRL run under 10 min on the shared 2-core machine)")
+                        help="optimizer steps per run (6 keeps a TRL run around a minute on the shared 2-core machine)")
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--profile-steps", type=int, default=3,
+    parser.add_argument("--trainers", default="edgepack,trl-gkd,edgepack-onpolicy,trl-distill",
+                        help=f"comma-separated, of {', '.join([*MODES, 'trl-gkd', 'trl-distill'])}")
+    parser.add_argument("--profile-steps", type=int, default=0,
                         help="after the rounds, one torch.profiler run per trainer over steps 2..N (0: none)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--profile", default="cpu-x86-2c")
-    parser.add_argument("--trl-python", default="/tmp/trl-venv/bin/python")
+    parser.add_argument("--trl-python", default="/tmp/trl1-venv/bin/python")
     parser.add_argument("--edgepack-python", default=str(ROOT / ".venv" / "bin" / "python"))
     parser.add_argument("--work", type=Path, default=None, help="scratch folder (default: a temporary one, removed)")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "trl" / "results.json")
-    parser.add_argument("--topk", action=argparse.BooleanOptionalAction, default=True,
-                        help="also run edgepack from cached top-k soft labels (no teacher in memory while training)")
+    parser.add_argument("--other-jobs", default="",
+                        help="what else ran on the machine during the measurement, stated in results.md")
     parser.add_argument("--render", action="store_true",
                         help="measure nothing: recompute the summary of the --out JSON and rewrite it and results.md")
     args = parser.parse_args()
-    if args.render:  # the summary is derived from the runs' raw numbers: recompute it too
-        from edgepack.atomic import write_json, write_text
+    from edgepack.atomic import write_json, write_text
 
+    if args.render:  # the summary is derived from the runs' raw numbers: recompute it too
         results = json.loads(args.out.read_text())
         results["summary"] = summarize(results["runs"])
         write_json(args.out, results)
         write_text(args.out.with_suffix(".md"), render(results))
         return
 
-    from edgepack.atomic import write_json, write_text
     from edgepack.export.gate.gate import machine_info
 
     started = datetime.now(timezone.utc).isoformat(timespec="seconds")
@@ -457,55 +278,21 @@ def main() -> None:
         work = args.work
         work.mkdir(parents=True, exist_ok=False)
     try:
-        log("prepare: student folder, ordered rows")
-        prepared = prepare(args.demo, work, args.steps)
-        runs: list[dict[str, Any]] = []
-        kinds = ["edgepack", "trl"] + (["edgepack-topk"] if args.topk else [])
-        for n in range(1, args.rounds + 1):
-            order = kinds[(n - 1) % len(kinds):] + kinds[:(n - 1) % len(kinds)]  # each kind leads a round in turn
-            for position, kind in enumerate(order, 1):
-                tag = f"round{n}-{kind}"
-                spec: dict[str, Any] = {"threads": args.threads, "steps": args.steps, "student_dir": prepared["student_dir"],
-                                        "teacher_dir": prepared["teacher_dir"], "rows_path": prepared["rows_path"],
-                                        "profile": args.profile, "step_tokens": prepared["step_tokens"],
-                                        "soft_labels": kind == "edgepack-topk"}
-                if kind != "trl":
-                    spec["run_dir"] = str(make_run_dir(args.demo, work / f"{tag}-run"))
-                    python = args.edgepack_python
-                else:
-                    spec["out_dir"] = str(work / f"{tag}-out")
-                    python = args.trl_python
-                log(f"round {n}: {kind} (load {load_average()})")
-                result = run_worker("trl" if kind == "trl" else "edgepack", python, spec, work, tag, args.threads)
-                runs.append({**result, "round": n, "order": position})
-                log(f"  {result['tokens_per_s']} tokens/s, peak RSS {result['peak_rss_mb']} MB, "
-                    f"step time {result['step_time_s']} s")
-                if kind != "trl":
-                    shutil.rmtree(spec["run_dir"], ignore_errors=True)
-        profiles: dict[str, Any] = {}
-        if args.profile_steps > 1:
-            for kind in ("edgepack", "trl"):
-                tag = f"profile-{kind}"
-                spec = {"threads": args.threads, "steps": min(args.profile_steps, args.steps), "profile_ops": True,
-                        "student_dir": prepared["student_dir"], "teacher_dir": prepared["teacher_dir"],
-                        "rows_path": prepared["rows_path"], "profile": args.profile,
-                        "step_tokens": prepared["step_tokens"]}
-                if kind == "edgepack":
-                    spec["run_dir"] = str(make_run_dir(args.demo, work / f"{tag}-run"))
-                else:
-                    spec["out_dir"] = str(work / f"{tag}-out")
-                log(f"profile: {kind} (load {load_average()})")
-                python = args.edgepack_python if kind == "edgepack" else args.trl_python
-                profiles[kind] = run_worker(kind, python, spec, work, tag, args.threads)
+        prepared, runs, profiles = measure(args, work)
     finally:
         if tmp is not None:
             tmp.cleanup()
-    trl_versions = next(r["versions"] for r in runs if r["trainer"] == "trl")
+    trl_versions = next(r["versions"] for r in runs if r["trainer"].startswith("trl-"))
+    try:
+        run_name = str(args.run.resolve().relative_to(ROOT))
+    except ValueError:
+        run_name = str(args.run)
     results = {
         "command": "nice -n 10 .venv/bin/python " + " ".join(shlex.quote(a) for a in sys.argv),
-        "started": started, "machine": machine_info(), "versions": trl_versions,
+        "started": started, "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "machine": machine_info(), "versions": trl_versions, "run": run_name,
         "trl_python": args.trl_python, "threads": args.threads, "steps": args.steps, "edgepack_profile": args.profile,
-        "load_average": {"start": load_start, "end": load_average()},
+        "load_average": {"start": load_start, "end": load_average()}, "other_jobs": args.other_jobs,
         "prepared": {k: v for k, v in prepared.items() if not k.endswith(("_dir", "_path"))},
         "runs": runs, "summary": summarize(runs),
         "profile": {k: {"ops": r["ops"], "load_average": r["load_average"], "tokens": r["tokens"]}
