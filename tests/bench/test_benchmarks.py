@@ -154,17 +154,21 @@ def test_on_policy_results_are_rendered_with_their_targets(benchmarks: ModuleTyp
 def test_trl_and_generation_results_are_rendered_when_present(benchmarks: ModuleType, tmp_path: Path) -> None:
     bench = _bench(tmp_path)
     means = {"edgepack": {"tokens_per_s": 300.0, "peak_rss_mb": 700.0},
-             "edgepack-topk": {"tokens_per_s": 330.0, "peak_rss_mb": 1540.0},
-             "trl": {"tokens_per_s": 150.0, "peak_rss_mb": 1400.0}}
-    versus = {"edgepack": {"ratio_of_means": {"tokens_per_s": 2.0, "peak_rss_mb": 0.5}, "per_round": [{}, {}],
-                           "speedup": 2.0, "memory_ratio": 0.5, "meets_speedup": True, "meets_memory": True},
-              "edgepack-topk": {"ratio_of_means": {"tokens_per_s": 2.2, "peak_rss_mb": 1.1}, "per_round": [{}, {}],
-                                "speedup": 2.2, "memory_ratio": 1.1, "meets_speedup": True, "meets_memory": False}}
+             "edgepack-onpolicy": {"tokens_per_s": 110.0, "peak_rss_mb": 1540.0},
+             "trl-gkd": {"tokens_per_s": 150.0, "peak_rss_mb": 1400.0},
+             "trl-distill": {"tokens_per_s": 100.0, "peak_rss_mb": 1400.0}}
+    versus = {"edgepack": {"against": "trl-gkd", "ratio_of_means": {"tokens_per_s": 2.0, "peak_rss_mb": 0.5},
+                           "per_round": [{}, {}], "speedup": 2.0, "memory_ratio": 0.5, "meets_speedup": True,
+                           "meets_memory": True},
+              "edgepack-onpolicy": {"against": "trl-distill", "ratio_of_means": {"tokens_per_s": 1.1, "peak_rss_mb": 1.1},
+                                    "per_round": [{}, {}], "speedup": 1.1, "memory_ratio": 1.1, "meets_speedup": False,
+                                    "meets_memory": False}}
     _write(bench / "trl" / "results.json", {
         "command": "nice -n 10 .venv/bin/python bench/trl/run.py --steps 20", "machine": MACHINE, "steps": 20,
         "threads": 2, "summary": {"means": means, "versus_trl": versus, "target_speedup": 1.5,
                                   "target_memory_ratio": 0.7,
-                                  "modes": {"edgepack": "dense", "edgepack-topk": "cached top-32"}}})
+                                  "trl_trainers": {"trl-gkd": "GKDTrainer lmbda=0", "trl-distill": "DistillationTrainer"},
+                                  "modes": {"edgepack": "dense", "edgepack-onpolicy": "on-policy λ 1"}}})
     _write(bench / "generation" / "results.json", {
         "command": "python bench/generation/run.py", "machine": MACHINE, "target": 0.9, "verdict": "PASS",
         "edgepack_tok_s": {"median": 45.0, "min": 40.0, "max": 50.0, "n": 2},
@@ -175,10 +179,11 @@ def test_trl_and_generation_results_are_rendered_when_present(benchmarks: Module
     text = out.read_text()
     training = text.split("## Training throughput")[1].split("\n## ")[0]
     assert "Command: `nice -n 10 .venv/bin/python bench/trl/run.py --steps 20`" in training
-    assert "| edgepack / TRL | 2 | 0.5 |" in training and "| edgepack-topk / TRL | 2.2 | 1.1 |" in training
-    assert "edgepack (dense): tokens/s ≥ 1.5× TRL's **met** (2.0×)" in training
-    assert "edgepack-topk (cached top-32): tokens/s ≥ 1.5× TRL's **met** (2.2×), peak memory ≤ 0.7× TRL's " \
-           "**not met** (1.1×)" in training
+    assert "| edgepack / trl-gkd | 2 | 0.5 |" in training and "| edgepack-onpolicy / trl-distill | 1.1 | 1.1 |" in training
+    assert "| trl-distill | 100 | 1,400 |" in training and "trl-distill = DistillationTrainer" in training
+    assert "edgepack (dense) vs trl-gkd: tokens/s ≥ 1.5× **met** (2.0×)" in training
+    assert "edgepack-onpolicy (on-policy λ 1) vs trl-distill: tokens/s ≥ 1.5× **not met** (1.1×), peak memory ≤ " \
+           "0.7× **not met** (1.1×)" in training
     generation = text.split("## Teacher generation")[1].split("\n## ")[0]
     assert "| edgepack | 45 | 40 | 50 | 2 |" in generation and "**PASS**" in generation
     assert "| 1 | 45 | 46 |" in generation
