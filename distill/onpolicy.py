@@ -136,13 +136,11 @@ def scorer_name(cfg: TrainConfig, mode: TrainingMode, run_dir: Path) -> str | No
                          hint="drop --on-policy, or use a student with the teacher's tokenizer / an endpoint "
                               "that returns logprobs")
     name = cfg.on_policy_teacher
+    gguf = _teacher_gguf(run_dir) if name == GGUF or (name == AUTO and mode.name == SOFT_LABELS) else None
     if name == AUTO:
-        if mode.name == TOP_LOGPROBS:
-            name = ENDPOINT
-        else:
-            name = GGUF if mode.name == SOFT_LABELS and _teacher_gguf(run_dir) is not None else HF
+        name = ENDPOINT if mode.name == TOP_LOGPROBS else GGUF if gguf is not None else HF
     if name == GGUF:
-        if _teacher_gguf(run_dir) is None:
+        if gguf is None:
             raise UsageError("--on-policy-teacher gguf: this run's teacher came from an HF folder, not a GGUF",
                              hint="use --on-policy-teacher hf")
     supported = SCORERS[name].divergences
@@ -299,7 +297,7 @@ def _endpoint_scorer(data_report: dict[str, Any], tokenizer: Any, examples: Sequ
     from edgepack.distill.teachers import resolve_teacher
 
     source = resolve_teacher(data_report["teacher"]["spec"])
-    recorded = data_report.get("endpoint") or {}
+    recorded = data_report.get("teacher_endpoint") or {}  # how `distill data` called it (key variable, deadline)
     known = {k: recorded[k] for k in ("concurrency", "timeout_s", "api_key_env") if k in recorded}
     scorer = EndpointScorer(source, tokenizer, config=EndpointConfig(**known))
     scorer.probe(examples[0])
