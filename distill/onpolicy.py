@@ -25,6 +25,11 @@ fraction λ of the optimizer steps instead:
    forms) on those positions alone: the loss is KD only, since there is no reference text to
    take cross-entropy against (the curve's ``ce`` is 0 on on-policy steps, which are marked).
 
+``--on-policy-after N`` is an off-policy warm-up: the first N steps always train on the
+teacher's answers, λ applies from step N. A student pruned from the teacher samples noise at
+first, and the teacher's scores of noise teach little (GKD and on-policy distillation both start
+from a student that already answers in the right shape).
+
 Which steps are on-policy is a pure function of (seed, step), and each micro-batch samples
 from its own RNG stream seeded from (seed, step, its first row) inside ``torch.random.fork_rng``:
 the global RNG is untouched, so a resumed run draws the same completions, and on the CPU
@@ -101,12 +106,18 @@ SCORERS: dict[str, ScorerKind] = {
 }
 
 
-def check_options(cfg: TrainConfig, *, endpoint_run: bool) -> None:
+def check_options(cfg: TrainConfig, *, endpoint_run: bool, steps: int) -> None:
     """The on-policy options on their own (before anything is loaded); UsageError naming the first wrong one."""
     if not 0.0 <= cfg.on_policy <= 1.0:
         raise UsageError(f"--on-policy is the fraction of steps the student samples, from 0 to 1 (got {cfg.on_policy})")
     if cfg.on_policy == 0.0:
+        if cfg.on_policy_after:
+            raise UsageError(f"--on-policy-after {cfg.on_policy_after} without --on-policy: no step would sample",
+                             hint="add --on-policy LAMBDA, or drop --on-policy-after")
         return
+    if not 0 <= cfg.on_policy_after < steps:
+        raise UsageError(f"--on-policy-after {cfg.on_policy_after} leaves no on-policy step in --steps {steps}",
+                         hint=f"use a warm-up from 0 to {steps - 1} steps")
     if not cfg.on_policy_temperature > 0:
         raise UsageError(f"--on-policy-temperature must be positive (got {cfg.on_policy_temperature})")
     if cfg.on_policy_max_new < 0:
@@ -166,6 +177,8 @@ class OnPolicy:
     """How this run's on-policy steps sample and score (module docstring)."""
 
     fraction: float
+    after: int
+    """Optimizer steps before this one are off-policy (the warm-up)."""
     temperature: float
     max_new_tokens: int
     max_length: int
@@ -180,6 +193,8 @@ class OnPolicy:
 
     def applies(self, step: int) -> bool:
         """Whether optimizer step ``step`` (0-based) samples: a pure function of (seed, step)."""
+        if step < self.after:
+            return False
         if self.fraction >= 1.0:
             return True
         return random.Random(f"{self.seed}:on-policy:{step}").random() < self.fraction
@@ -205,7 +220,7 @@ class OnPolicy:
         return LossTerms(kd, kd, torch.zeros((), device=s_logits.device))
 
     def describe(self, history: Sequence[Any] = ()) -> dict[str, Any]:
-        return {"fraction": self.fraction, "temperature": self.temperature, "max_new_tokens": self.max_new_tokens,
+        return {"fraction": self.fraction, "after": self.after, "temperature": self.temperature, "max_new_tokens": self.max_new_tokens,
                 "teacher": self.scorer_name, "scorer": _describe(self.scorer),
                 "steps_on_policy": sum(1 for h in history if getattr(h, "on_policy", False))}
 
@@ -281,7 +296,8 @@ def open_on_policy(name: str | None, cfg: TrainConfig, *, run_dir: Path, example
                             threads=max(1, (os.cpu_count() or 2) // 2))
     else:
         scorer = _endpoint_scorer(data_report, tokenizer, examples)
-    return OnPolicy(cfg.on_policy, cfg.on_policy_temperature, default_max_new(examples, cfg), cfg.max_length, seed,
+    return OnPolicy(cfg.on_policy, cfg.on_policy_after, cfg.on_policy_temperature, default_max_new(examples, cfg),
+                    cfg.max_length, seed,
                     pad_id, tokenizer.eos_token_id, name, scorer, kd_of(cfg))
 
 

@@ -104,9 +104,13 @@ class TrainConfig:
     """Most tokens a sampled completion has (0: the longest answer in the training data)."""
     on_policy_teacher: str = "auto"
     """Who scores the sampled tokens: ``hf``, ``gguf``, ``endpoint`` or ``auto`` (onpolicy.SCORERS)."""
+    on_policy_after: int = 0
+    """Off-policy warm-up: the first this many optimizer steps train on the teacher's answers
+    whatever λ is; λ applies from this step on (0: from the first step)."""
 
 
-ON_POLICY_DEFAULTS = {"on_policy": 0.0, "on_policy_temperature": 1.0, "on_policy_max_new": 0, "on_policy_teacher": "auto"}
+ON_POLICY_DEFAULTS = {"on_policy": 0.0, "on_policy_temperature": 1.0, "on_policy_max_new": 0, "on_policy_teacher": "auto",
+                      "on_policy_after": 0}
 """The on-policy fields at their defaults are left out of a run's identity, so that runs trained
 before on-policy distillation existed still resume and are still recognised as finished."""
 

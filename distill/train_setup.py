@@ -141,7 +141,7 @@ def check_inputs(request: TrainRequest) -> RunInputs:
         raise UsageError("an endpoint teacher has no weights to derive an `auto` student from",
                          hint="pass --student PATH (an HF model folder) to train on the endpoint's answers")
     _check_options(request)
-    onpolicy.check_options(request.config, endpoint_run=remote)
+    onpolicy.check_options(request.config, endpoint_run=remote, steps=request.steps)
     teacher_sha = (data_report["teacher"]["sha256"] if teacher_dir is None
                    else json.loads((teacher_dir / SOURCE_FILE).read_text())["sha256"])
     from edgepack.distill.train import ON_POLICY_DEFAULTS

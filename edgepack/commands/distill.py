@@ -104,6 +104,9 @@ def train_cmd(
     on_policy_teacher: Annotated[str, typer.Option(
         help="Who scores the sampled tokens: hf (the local teacher in torch), gguf (the run's GGUF teacher "
              "through llama.cpp), endpoint, or auto.")] = "auto",
+    on_policy_after: Annotated[int, typer.Option(
+        help="Off-policy warm-up: the first N steps train on the teacher's answers; --on-policy applies "
+             "from step N on.")] = 0,
     lora: Annotated[bool, typer.Option("--lora", help="Train LoRA adapters (merged at the end) instead of "
                                                       "letting the planner choose from the profile's memory.")] = False,
     full: Annotated[bool, typer.Option("--full", help="Full fine-tuning, whatever the planner would choose.")] = False,
@@ -135,7 +138,8 @@ def train_cmd(
     prof = load_profile(profile)
     config = TrainConfig(divergence=LOSS_NAMES[loss], soft_labels=soft_labels, soft_k=soft_k,
                          soft_samples=soft_samples, on_policy=on_policy, on_policy_temperature=on_policy_temperature,
-                         on_policy_max_new=on_policy_max_new, on_policy_teacher=on_policy_teacher)
+                         on_policy_max_new=on_policy_max_new, on_policy_teacher=on_policy_teacher,
+                         on_policy_after=on_policy_after)
     with stage_log("train", run), progress_bars(not json_out) as progress:
         report = train_student(run_dir=run, profile=prof, student=student, steps=steps, seed=seed,
                                resume=resume, progress=progress, config=config, variant=variant,

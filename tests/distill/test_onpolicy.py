@@ -43,11 +43,23 @@ def test_sampling_is_seeded_stops_at_eos_and_leaves_the_training_rng_alone(tiny4
 
 
 def test_which_steps_sample_is_a_function_of_seed_and_step() -> None:
-    op = OnPolicy(0.5, 1.0, 8, 256, 3, 0, 1, "hf", None, lambda s, t: s.sum())
+    op = OnPolicy(0.5, 0, 1.0, 8, 256, 3, 0, 1, "hf", None, lambda s, t: s.sum())
     picks = [op.applies(step) for step in range(200)]
     assert picks == [op.applies(step) for step in range(200)]
     assert 70 < sum(picks) < 130
-    assert all(OnPolicy(1.0, 1.0, 8, 256, 3, 0, 1, "hf", None, None).applies(s) for s in range(50))
+    assert all(OnPolicy(1.0, 0, 1.0, 8, 256, 3, 0, 1, "hf", None, None).applies(s) for s in range(50))
+    warm = OnPolicy(0.5, 20, 1.0, 8, 256, 3, 0, 1, "hf", None, None)  # the warm-up is off-policy, then as before
+    assert [warm.applies(s) for s in range(200)] == [s >= 20 and p for s, p in enumerate(picks)]
+
+
+def test_an_off_policy_warm_up_precedes_the_on_policy_steps(tmp_path: Path, tiny4_dir: Path) -> None:
+    run = make_run(tmp_path / "run", tiny4_dir)
+    report = train_student(run_dir=run, profile=PROFILE, steps=4, seed=0,
+                           config=TrainConfig(lr=1e-2, alpha=0.2, on_policy=1.0, on_policy_after=2))
+    assert [h.get("on_policy", False) for h in report["loss_curve"]] == [False, False, True, True]
+    assert all(h["ce"] > 0 for h in report["loss_curve"][:2])
+    assert report["on_policy"]["after"] == 2 and report["on_policy"]["steps_on_policy"] == 2
+    assert report["identity"]["config"]["on_policy_after"] == 2
 
 
 def test_on_policy_training_lowers_the_kd_on_the_students_own_samples(tmp_path: Path, tiny4_dir: Path) -> None:
@@ -106,6 +118,9 @@ def test_default_options_keep_the_identity_of_earlier_runs(tmp_path: Path, tiny4
     (TrainConfig(on_policy=0.5, on_policy_teacher="vllm"), "unknown --on-policy-teacher"),
     (TrainConfig(on_policy=0.5, on_policy_teacher="endpoint"), "teacher is local"),
     (TrainConfig(on_policy=0.5, on_policy_teacher="gguf"), "came from an HF folder"),
+    (TrainConfig(on_policy=0.5, on_policy_after=2), "leaves no on-policy step in --steps 2"),
+    (TrainConfig(on_policy=0.5, on_policy_after=-1), "leaves no on-policy step"),
+    (TrainConfig(on_policy_after=1), "without --on-policy"),
 ])
 def test_bad_on_policy_options_are_refused_before_training(tmp_path: Path, tiny4_dir: Path, config: TrainConfig,
                                                             match: str) -> None:
