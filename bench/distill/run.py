@@ -48,10 +48,20 @@ METHODS = {  # name → (label, TrainConfig overrides)
     "dense": ("KD dense forward KL (online teacher)", {}),
     "onpolicy50": ("on-policy KD, λ 0.5 (student samples half the steps)", {"on_policy": 0.5}),
     "onpolicy100": ("on-policy KD, λ 1 (student samples every step)", {"on_policy": 1.0}),
+    "warmup100": ("on-policy KD, λ 1 after a 50% off-policy warm-up", {"on_policy": 1.0, "on_policy_after": "half"}),
+    "densewall": ("KD dense forward KL, steps for the on-policy wall clock", {}),
 }
-KD_METHODS = ("topk", "sampled", "dense", "onpolicy50", "onpolicy100")
-ON_POLICY_METHODS = ("onpolicy50", "onpolicy100")
+KD_METHODS = ("topk", "sampled", "dense", "onpolicy50", "onpolicy100", "warmup100", "densewall")
+ON_POLICY_METHODS = ("onpolicy50", "onpolicy100", "warmup100")
 OFF_POLICY_BASELINE = "dense"
+EQUAL_WALL_BASELINE = "densewall"
+"""Dense KD trained for as many steps as fit the wall clock of ``--equal-wall METHOD`` (the mean
+over seeds of METHOD's training seconds ÷ dense KD's seconds per step): the same-budget comparison."""
+
+
+def method_config(method: str, steps: int) -> dict[str, Any]:
+    """A method's TrainConfig overrides for ``steps`` (``half``: the warm-up is half the steps)."""
+    return {k: steps // 2 if v == "half" else v for k, v in METHODS[method][1].items()}
 METRICS = ("primary", "label_accuracy", "teacher_label_agreement", "kl", "ce")
 TARGET_ON_POLICY_WINS, TARGET_RETAINED = 2, 0.92
 LOWER_IS_BETTER = ("kl", "ce")
@@ -74,7 +84,7 @@ def train_variant(run: Path, scratch_root: Path, method: str, name: str, seed: i
     from edgepack.distill.train import TrainConfig, student_dir_name, train_student
 
     final = run / student_dir_name(name)
-    config = TrainConfig(**{**ident["config"], **METHODS[method][1]})
+    config = TrainConfig(**{**ident["config"], **method_config(method, steps)})
     if is_complete(final):  # trained by an earlier invocation: reused if the settings match
         from edgepack.distill.train import ON_POLICY_DEFAULTS
 
@@ -95,6 +105,14 @@ def train_variant(run: Path, scratch_root: Path, method: str, name: str, seed: i
     return report
 
 
+def equal_wall_steps(variants: dict[str, tuple[str, int, dict[str, Any]]], method: str, steps: int) -> int:
+    """Dense KD steps that take ``method``'s mean training wall clock (both trained in this invocation)."""
+    walls = {m: [r["wall_s"] / r["steps"] for k, s, r in variants.values() if k == m] for m in (method, OFF_POLICY_BASELINE)}
+    if not all(walls.values()):
+        raise SystemExit(f"--equal-wall {method} needs {method} and {OFF_POLICY_BASELINE} in --methods")
+    return round(steps * statistics.fmean(walls[method]) / statistics.fmean(walls[OFF_POLICY_BASELINE]))
+
+
 def spread(values: list[float | None]) -> dict[str, float] | None:
     if not values or any(v is None for v in values):  # a metric this run has no figure for (no labels)
         return None
@@ -107,10 +125,14 @@ def on_policy_targets(by_method: dict[str, list[dict[str, Any]]], teacher_primar
     """Issue #19's targets: on-policy beats off-policy (dense KD) on the holdout task score in ≥ 2 of
     the seeds; the best method keeps ≥ 0.92 of the teacher's task score at ≤ 60% of its parameters."""
     base = {r["seed"]: r for r in by_method.get(OFF_POLICY_BASELINE, [])}
+    wall = {r["seed"]: r for r in by_method.get(EQUAL_WALL_BASELINE, [])}
     out: dict[str, Any] = {}
     for key in (k for k in ON_POLICY_METHODS if k in by_method):
         wins = {r["seed"]: r["primary"] > base[r["seed"]]["primary"] for r in by_method[key] if r["seed"] in base}
         out[key] = {"wins_over_off_policy": wins, "met": sum(wins.values()) >= TARGET_ON_POLICY_WINS}
+        if wall:
+            same = {r["seed"]: r["primary"] > wall[r["seed"]]["primary"] for r in by_method[key] if r["seed"] in wall}
+            out[key] |= {"wins_at_equal_wall": same, "met_at_equal_wall": sum(same.values()) >= TARGET_ON_POLICY_WINS}
     means = {k: statistics.fmean(r["primary"] for r in rs) for k, rs in by_method.items()
              if rs and all(r["primary"] is not None for r in rs)}
     if means and teacher_primary:
@@ -162,6 +184,8 @@ def main() -> None:
                         help="scratch run folders for cached variants (default: RUN-bench-scratch, removed at the end)")
     parser.add_argument("--steps", type=int, default=None,
                         help="optimizer steps per student (default: the run's own student's)")
+    parser.add_argument("--equal-wall", default=None, metavar="METHOD",
+                        help="also train dense KD for as many steps as METHOD's mean wall clock allows (densewall)")
     parser.add_argument("--out", type=Path, default=Path("bench/distill/results.json"))
     args = parser.parse_args()
     methods = args.methods.split(",")
@@ -182,6 +206,13 @@ def main() -> None:
             print(f"[{time.strftime('%H:%M:%S')}] training {name} (load {os.getloadavg()[0]:.2f})", file=sys.stderr)
             variants[name] = (method, seed, train_variant(args.run, scratch_root, method, name, seed, ident, profile,
                                                           steps))
+    if args.equal_wall:
+        wall_steps = equal_wall_steps(variants, args.equal_wall, steps)
+        for seed in (int(s) for s in args.seeds.split(",")):
+            name = EQUAL_WALL_BASELINE if seed == ident["seed"] else f"{EQUAL_WALL_BASELINE}-s{seed}"
+            print(f"[{time.strftime('%H:%M:%S')}] training {name}: {wall_steps} steps", file=sys.stderr)
+            variants[name] = (EQUAL_WALL_BASELINE, seed, train_variant(args.run, scratch_root, EQUAL_WALL_BASELINE,
+                                                                        name, seed, ident, profile, wall_steps))
     shutil.rmtree(scratch_root, ignore_errors=True)
     print(f"[{time.strftime('%H:%M:%S')}] eval", file=sys.stderr)
     ev = evaluate_run(run_dir=args.run, variants=tuple(variants))
@@ -231,13 +262,15 @@ def render(results: dict[str, Any]) -> str:
           "scoring included); the cached methods' soft-label pass (once per store) and deriving the student are "
           "not in them (`call_s` in results.json has the whole call).", "",
           "## Every student", "",
-          f"| method | seed | {primary} | label acc. | teacher agreement | KL | CE | gap closed ({primary} / acc / "
-          "agree / KL / CE) | wall s | tokens/s | peak RSS MB |", "|---|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|",
-          f"| teacher | – | {fmt(ev_teacher.get('primary'))} | {fmt(ev_teacher['label_accuracy'])} | "
+          f"| method | seed | steps | {primary} | label acc. | teacher agreement | KL | CE | gap closed ({primary} / "
+          "acc / agree / KL / CE) | wall s | tokens/s | peak RSS MB |",
+          "|---|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|",
+          f"| teacher | – | – | {fmt(ev_teacher.get('primary'))} | {fmt(ev_teacher['label_accuracy'])} | "
           f"{'1' if ev_teacher['label_accuracy'] is not None else '–'} | 0 | {fmt(ev_teacher['ce'])} | – | – | – | – |"]
     for r in results["rows"]:
         gap = " / ".join(fmt((r["gap_closed"] or {}).get(m)) for m in METRICS) if r["gap_closed"] else "–"
-        md.append(f"| {r['method']} | {r['seed']} | " + " | ".join(fmt(r.get(m)) for m in METRICS)
+        md.append(f"| {r['method']} | {r['seed']} | {fmt(r.get('steps'))} | "
+                  + " | ".join(fmt(r.get(m)) for m in METRICS)
                   + f" | {gap} | {fmt(r.get('wall_s'))} | {fmt(r.get('tokens_per_s'))} | {fmt(r.get('peak_rss_mb'))} |")
     md += ["", "## Mean over seeds (min – max)", "",
            f"| method | seeds | {primary} | label acc. | teacher agreement | KL | CE | gap closed {primary} | "
@@ -257,6 +290,11 @@ def render(results: dict[str, Any]) -> str:
             wins = ", ".join(f"s{s}: {'✓' if w else '✗'}" for s, w in on_policy[key]["wins_over_off_policy"].items())
             md.append(f"| {METHODS[key][0]} beats off-policy dense KD on {primary} in ≥ {TARGET_ON_POLICY_WINS} "
                       f"seeds | {wins or '– (no dense run)'} | {ok(on_policy[key]['met'])} |")
+            if "wins_at_equal_wall" in on_policy[key]:
+                same = ", ".join(f"s{s}: {'✓' if w else '✗'}" for s, w in on_policy[key]["wins_at_equal_wall"].items())
+                md.append(f"| {METHODS[key][0]} beats dense KD at the same wall clock ({METHODS[EQUAL_WALL_BASELINE][0]}) "
+                          f"on {primary} in ≥ {TARGET_ON_POLICY_WINS} seeds | {same} | "
+                          f"{ok(on_policy[key]['met_at_equal_wall'])} |")
         if "best" in on_policy:
             b = on_policy["best"]
             md.append(f"| best method keeps ≥ {TARGET_RETAINED} of the teacher's {primary} at ≤ "
