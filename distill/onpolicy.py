@@ -222,7 +222,9 @@ class OnPolicy:
     def describe(self, history: Sequence[Any] = ()) -> dict[str, Any]:
         return {"fraction": self.fraction, "after": self.after, "temperature": self.temperature, "max_new_tokens": self.max_new_tokens,
                 "teacher": self.scorer_name, "scorer": _describe(self.scorer),
-                "steps_on_policy": sum(1 for h in history if getattr(h, "on_policy", False))}
+                "steps_on_policy": sum(1 for h in history if getattr(h, "on_policy", False)),
+                "completions": sum(getattr(h, "sampled", 0) for h in history),
+                "completions_capped": sum(getattr(h, "capped", 0) for h in history)}
 
 
 def _describe(scorer: Any) -> dict[str, Any]:

@@ -46,11 +46,16 @@ class StepLog:
     """The gradient norm before clipping."""
     on_policy: bool = False
     """The student sampled this step's answers and the teacher scored them (onpolicy.py; ``ce`` is 0)."""
+    sampled: int = 0
+    """On-policy steps: completions sampled (the batch's rows)."""
+    capped: int = 0
+    """On-policy steps: completions that hit the token cap before the student ended its turn."""
 
     def as_dict(self) -> dict[str, Any]:
         out = asdict(self)
         if not self.on_policy:  # off-policy rows read as they did before on-policy steps existed
-            del out["on_policy"]
+            for key in ("on_policy", "sampled", "capped"):
+                del out[key]
         return out
 
 
@@ -162,10 +167,13 @@ def train_step(trainee: Trainee, data: StepData, objective: Objective, state: Tr
         mine = [(part_indices, objective.on_policy.sample(trainee.model, part, trainee.device, step=state.step,
                                                           first_row=part_indices[0]))
                 for part_indices, part in mine]
-        n_answer = int(parallel.sum_values([sum(e.answer_tokens for _, part in mine for e in part)])[0])
+        eos = objective.on_policy.eos_id
+        n_answer, sampled, capped = (int(v) for v in parallel.sum_values([
+            sum(e.answer_tokens for _, part in mine for e in part), sum(len(part) for _, part in mine),
+            sum(e.student_ids[-1] != eos for _, part in mine for e in part)]))
         loss_fn: ModeLoss = objective.on_policy.loss
     else:
-        n_answer = sum(e.answer_tokens for e in chosen)  # over the global batch, on every rank
+        n_answer, sampled, capped = sum(e.answer_tokens for e in chosen), 0, 0  # global batch, every rank
         loss_fn = mode_loss(objective.mode)
     totals, step_tokens = [0.0, 0.0, 0.0], 0
     for part_indices, part in mine:
@@ -196,6 +204,6 @@ def train_step(trainee: Trainee, data: StepData, objective: Objective, state: Tr
     trainee.scheduler.step()
     trainee.optimizer.zero_grad(set_to_none=True)
     log = StepLog(state.step + 1, round(loss, 6), round(kd, 6), round(ce, 6), trainee.scheduler.get_last_lr()[0],
-                  round(grad_norm, 4), on_policy)
+                  round(grad_norm, 4), on_policy, sampled, capped)
     return StepResult(TrainState(state.step + 1, (*state.history, log), state.elapsed + time.perf_counter() - t0,
                                  state.tokens + int(step_tokens)))

@@ -57,7 +57,7 @@ def test_an_off_policy_warm_up_precedes_the_on_policy_steps(tmp_path: Path, tiny
     report = train_student(run_dir=run, profile=PROFILE, steps=4, seed=0,
                            config=TrainConfig(lr=1e-2, alpha=0.2, on_policy=1.0, on_policy_after=2))
     assert [h.get("on_policy", False) for h in report["loss_curve"]] == [False, False, True, True]
-    assert all(h["ce"] > 0 for h in report["loss_curve"][:2])
+    assert all(h["ce"] > 0 and "sampled" not in h for h in report["loss_curve"][:2])
     assert report["on_policy"]["after"] == 2 and report["on_policy"]["steps_on_policy"] == 2
     assert report["identity"]["config"]["on_policy_after"] == 2
 
@@ -71,6 +71,8 @@ def test_on_policy_training_lowers_the_kd_on_the_students_own_samples(tmp_path: 
     assert (curve[-1]["kd"] + curve[-2]["kd"]) / 2 < 0.7 * curve[0]["kd"], curve
     op = report["on_policy"]
     assert op["teacher"] == "hf" and op["steps_on_policy"] == 8 and op["max_new_tokens"] > 0
+    assert op["completions"] == sum(h["sampled"] for h in curve) == 8 * TrainConfig().batch_size
+    assert op["completions_capped"] == sum(h["capped"] for h in curve) <= op["completions"]
     assert report["identity"]["config"]["on_policy"] == 1.0
     saved = json.loads((run / STUDENT_DIR / TRAIN_REPORT).read_text())
     assert saved["on_policy"] == op
