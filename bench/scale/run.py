@@ -1,0 +1,548 @@
+"""Cost vs model size on this CPU: random-init Llama students at SmolLM2 widths (issue #18, item 5).
+
+    OMP_NUM_THREADS=1 nice -n 5 .venv/bin/python bench/scale/run.py --sizes 135m,360m,1b
+
+writes ``bench/scale/results.json`` and ``results.md``. Nothing is downloaded: each size is a
+random-init ``LlamaForCausalLM`` with SmolLM2's tokenizer (vocab 49152, tied embeddings), copied
+from a run's teacher folder (``--tokenizer-from``, default ``runs/workorders/teacher``). Per size,
+in a scratch run folder ``runs/scale/<size>/`` (``--scratch``; gitignored, big files removed when
+the size is done) built from a copy of ``--run``'s data (the first ``--rows`` training rows):
+
+1. **teacher** = a random-init model of that size (seed 0), **student** = another (seed 1); both
+   are the same shape, so the soft-label cost grows with size as the training cost does.
+2. **soft labels**: ``distill.softlabels.cache_soft_labels`` (top-32 + tail, no samples) in a
+   fresh process: wall time (model load included), the teacher forward / sparsify / write split,
+   bytes on disk and per answer token, time per 1k answer tokens.
+3. **training**: ``edgepack distill train RUN --student <init> --soft-labels --steps N --profile P``
+   (the real CLI, a fresh process): tokens/s, the planner's choice (full / LoRA, micro-batch,
+   checkpointing), its planned peak and the measured peak RSS, from train_report.json.
+4. **export**: ``export.api.export_gguf_artifacts`` (what ``edgepack export --format gguf --quant
+   Q4_K_M`` runs): HF → F16 GGUF time, F16 → Q4_K_M time, file sizes, tensor types.
+5. **gate decode**: ``export.gate.measure.measure_artifact`` (the gate's child-process measurement:
+   the profile's prompt length and threads, 64 decoded tokens with end-of-sequence ignored) and
+   ``bandwidth.artifact_efficiency`` against ``machine_bandwidth()``.
+6. **per-token cost split** (``--worker overhead``): the same prompt and greedy chain as the gate,
+   timing separately ``Llama.eval([token])`` (llama_decode + llama-cpp-python's logits copy),
+   llama.cpp's own decode time (``llama_perf_context``) and ``llama_sampler_sample``; against the
+   bandwidth bound ``bytes per token / read GB/s``. Also run on the 78M demo student
+   (``--demo-gguf``) so its 0.41 efficiency can be explained from measured parts.
+
+A size already in ``--out`` is kept (the script is resumable per size); ``--redo`` recomputes it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[2]
+PYTHON = sys.executable
+
+
+@dataclass(frozen=True)
+class Shape:
+    """A Llama shape at SmolLM2's widths (vocab and tied embeddings come with the tokenizer)."""
+
+    hidden: int
+    layers: int
+    heads: int
+    kv_heads: int
+    intermediate: int
+    reference: str
+    """The released model whose widths these are."""
+
+
+SIZES: dict[str, Shape] = {
+    "135m": Shape(576, 30, 9, 3, 1536, "SmolLM2-135M"),
+    "360m": Shape(960, 32, 15, 5, 2560, "SmolLM2-360M"),
+    # SmolLM2-1.7B's width with 14 of its 24 layers: about 1.0B parameters.
+    "1b": Shape(2048, 14, 32, 32, 8192, "SmolLM2-1.7B width, 14 layers"),
+}
+# A tiny shape for the script's own test (tests/bench/test_scale.py); not in the plots.
+TEST_SIZES: dict[str, Shape] = {"tiny": Shape(64, 2, 4, 2, 128, "test only")}
+
+
+def parse_sizes(text: str, known: dict[str, Shape]) -> list[str]:
+    """``135m,360m,1b`` → names in SIZES; ValueError naming the unknown ones and the known ones."""
+    names = [s.strip().lower() for s in text.split(",") if s.strip()]
+    unknown = [n for n in names if n not in known]
+    if not names or unknown:
+        raise ValueError(f"unknown size(s) {', '.join(unknown) or '(none given)'}; known: {', '.join(known)}")
+    return names
+
+
+def param_count(shape: Shape, vocab: int) -> int:
+    """Parameters of a Llama with tied embeddings (no biases): embedding + per-layer + final norm."""
+    head_dim = shape.hidden // shape.heads
+    attn = shape.hidden * shape.heads * head_dim * 2 + shape.hidden * shape.kv_heads * head_dim * 2
+    mlp = 3 * shape.hidden * shape.intermediate
+    norms = 2 * shape.hidden
+    return vocab * shape.hidden + shape.layers * (attn + mlp + norms) + shape.hidden
+
+
+def llama_config(shape: Shape, base: dict[str, Any]) -> dict[str, Any]:
+    """``base`` (a SmolLM2 config.json: vocab, special ids, rope) with ``shape``'s widths."""
+    return {**base, "hidden_size": shape.hidden, "num_hidden_layers": shape.layers,
+            "num_attention_heads": shape.heads, "num_key_value_heads": shape.kv_heads,
+            "intermediate_size": shape.intermediate, "head_dim": shape.hidden // shape.heads,
+            "tie_word_embeddings": True, "architectures": ["LlamaForCausalLM"], "model_type": "llama",
+            "_model_name_or_path": f"random-init {shape.reference}"}
+
+
+def log(msg: str) -> None:
+    sys.stderr.write(f"[{time.strftime('%H:%M:%S')}] {msg}\n")
+    sys.stderr.flush()
+
+
+def load_average() -> list[float]:
+    return [round(x, 2) for x in os.getloadavg()]
+
+
+def available_mb() -> int:
+    with open("/proc/meminfo", encoding="ascii") as fh:
+        for line in fh:
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) // 1024
+    raise RuntimeError("no MemAvailable in /proc/meminfo")
+
+
+def peak_rss_mb() -> float:
+    from edgepack.export.gate.measure import _peak_rss_mb
+
+    return round(_peak_rss_mb(), 1)
+
+
+# ------------------------------------------------------------------ models and the scratch run
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
+                   "generation_config.json")
+
+
+def make_model(folder: Path, shape: Shape, *, seed: int, tokenizer_from: Path, dtype: str) -> int:
+    """A random-init model of ``shape`` saved in ``folder`` (``dtype`` on disk) with the tokenizer; its params."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    base = json.loads((tokenizer_from / "config.json").read_text())
+    config = LlamaConfig(**{k: v for k, v in llama_config(shape, base).items() if not k.startswith("_")})
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config)
+    n = sum(p.numel() for p in model.parameters())
+    model.to(getattr(torch, dtype)).save_pretrained(folder, safe_serialization=True)
+    for name in TOKENIZER_FILES:
+        if (tokenizer_from / name).is_file():
+            shutil.copy2(tokenizer_from / name, folder / name)
+    return n
+
+
+def make_run(run: Path, shape: Shape, *, data_from: Path, rows: int, tokenizer_from: Path,
+             dtype: str) -> dict[str, Any]:
+    """RUN/data (first ``rows`` training rows of ``data_from``), RUN/teacher (seed 0), RUN/../init (seed 1)."""
+    from edgepack.hashing import sha256_file
+
+    if run.exists():
+        shutil.rmtree(run)
+    data = run / "data"
+    data.mkdir(parents=True)
+    lines = (data_from / "data" / "train.jsonl").read_text(encoding="utf-8").splitlines()[:rows]
+    (data / "train.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    if (data_from / "data" / "teacher_context.json").is_file():
+        shutil.copy2(data_from / "data" / "teacher_context.json", data / "teacher_context.json")
+    t0 = time.perf_counter()
+    teacher = run / "teacher"
+    n = make_model(teacher, shape, seed=0, tokenizer_from=tokenizer_from, dtype=dtype)
+    sha = sha256_file(teacher / "model.safetensors")
+    (teacher / "source.json").write_text(json.dumps({
+        "spec": f"random-init:{shape.reference}", "kind": "hf", "name": f"random-init-{shape.hidden}x{shape.layers}",
+        "sha256": sha, "path": None, "url": None, "model": None, "allow_pickle": False,
+        "trust_remote_code": False, "files": sorted(p.name for p in teacher.iterdir())}, indent=2))
+    (teacher / ".complete").write_text("ok\n")
+    # The copied data report, pointing at this teacher (the source run's may name teacher-corrected).
+    report = json.loads((data_from / "data" / "report.json").read_text())
+    report["teacher_dir"] = "teacher"
+    report.setdefault("teacher", {})["sha256"] = sha
+    (data / "report.json").write_text(json.dumps(report, indent=2))
+    (data / ".complete").write_text("ok\n")
+    init = run.parent / "init"
+    if init.exists():
+        shutil.rmtree(init)
+    make_model(init, shape, seed=1, tokenizer_from=tokenizer_from, dtype=dtype)
+    return {"params": n, "params_formula": param_count(shape, json.loads(
+        (tokenizer_from / "config.json").read_text())["vocab_size"]), "rows": len(lines),
+        "init_s": round(time.perf_counter() - t0, 1), "weights_on_disk_dtype": dtype}
+
+
+# ------------------------------------------------------------------ workers (fresh processes)
+
+def worker_cache(run: Path) -> dict[str, Any]:
+    """Soft-label caching exactly as training's first use builds it (k=32, no samples)."""
+    from edgepack.distill.softlabels import cache_soft_labels
+
+    t0 = time.perf_counter()
+    index = cache_soft_labels(run, k=32, samples=0, max_length=256)
+    wall = time.perf_counter() - t0
+    t = index["timing"]
+    busy = t["forward_s"] + t["sparsify_s"] + t["write_s"]
+    return {"rows": index["rows"], "answer_tokens": index["tokens"], "bytes": index["bytes"],
+            "bytes_per_token": index["bytes_per_token"], "wall_s_incl_load": round(wall, 2),
+            "busy_s": round(busy, 2), "forward_s": t["forward_s"], "sparsify_s": t["sparsify_s"],
+            "write_s": t["write_s"], "teacher_input_tokens": t.get("teacher_input_tokens"),
+            "teacher_prefix_tokens": t.get("teacher_prefix_tokens"),
+            "s_per_1k_answer_tokens": round(1000 * busy / index["tokens"], 2),
+            "s_per_1k_answer_tokens_incl_load": round(1000 * wall / index["tokens"], 2),
+            "tokens_per_s": round(index["tokens"] / busy, 2),
+            "peak_rss_mb": peak_rss_mb()}
+
+
+def worker_export(run: Path) -> dict[str, Any]:
+    """HF → F16 GGUF, then Q4_K_M, with the time of each (export_gguf_artifacts' progress marks)."""
+    from edgepack.export.api import export_gguf_artifacts
+
+    marks: dict[int, float] = {}
+
+    def progress(stage: str, done: int, total: int | None = None) -> None:
+        if stage == "export":
+            marks[done] = time.perf_counter()
+
+    out = run / "artifacts"
+    out.mkdir(exist_ok=True)
+    t0 = time.perf_counter()
+    artifacts, notes = export_gguf_artifacts(run / "student", "student", out, ["Q4_K_M"], progress)
+    end = time.perf_counter()
+    by = {a["quant"]: a for a in artifacts}
+    q = by["Q4_K_M"]
+    return {"convert_f16_s": round(marks[1] - t0, 2), "quantize_q4_k_m_s": round(end - marks[1], 2),
+            "total_s": round(end - t0, 2), "f16_bytes": by["F16"]["bytes"], "q4_k_m_bytes": q["bytes"],
+            "q4_k_m_tensor_types": q.get("tensor_types"), "fallback_tensors": q.get("fallback_tensors"),
+            "weight_matrices": q.get("weight_matrices"), "notes": notes, "peak_rss_mb": peak_rss_mb()}
+
+
+def worker_overhead(gguf: Path, threads: int, prompt_tokens: int, decode_tokens: int, rounds: int) -> dict[str, Any]:
+    """Per decoded token: eval (llama_decode + the Python wrapper), llama.cpp's own decode time, sampling."""
+    import statistics
+
+    import llama_cpp
+
+    from edgepack.export.gate.measure import exact_prompt
+    from edgepack.runtime.backends.base import get_backend
+
+    backend_cls = get_backend("gguf")
+    backend_cls.prepare()
+    backend = backend_cls.load(gguf, threads=threads, n_ctx=2048)
+    llm, lib = backend._llm, backend._lib
+    prompt = exact_prompt(backend, prompt_tokens)
+    evals, samples, inside, totals = [], [], [], []
+    for r in range(rounds + 1):  # round 0 warms up
+        chain = backend._sampler_chain(prompt, 0.0, None, 1.0, None, _sampling())
+        try:
+            llm.reset()
+            llm.eval(prompt)
+            tok = int(lib.llama_sampler_sample(chain, llm.ctx, -1))
+            llama_cpp.llama_perf_context_reset(llm.ctx)
+            e_s = s_s = 0.0
+            start = time.perf_counter()
+            for _ in range(decode_tokens - 1):
+                t0 = time.perf_counter()
+                llm.eval([tok])
+                t1 = time.perf_counter()
+                tok = int(lib.llama_sampler_sample(chain, llm.ctx, -1))
+                t2 = time.perf_counter()
+                e_s += t1 - t0
+                s_s += t2 - t1
+            total = time.perf_counter() - start
+            perf = llama_cpp.llama_perf_context(llm.ctx)
+        finally:
+            backend._free(chain)
+        if r == 0:
+            continue
+        n = decode_tokens - 1
+        evals.append(1000 * e_s / n)
+        samples.append(1000 * s_s / n)
+        inside.append(perf.t_eval_ms / max(perf.n_eval, 1))
+        totals.append(1000 * total / n)
+    backend.close()
+    med = statistics.median
+    return {"artifact": str(gguf), "threads": threads, "prompt_tokens": len(prompt), "decode_tokens": decode_tokens,
+            "rounds": rounds, "ms_per_token": round(med(totals), 3),
+            "eval_ms": round(med(evals), 3), "llama_decode_ms": round(med(inside), 3),
+            "wrapper_ms": round(med(evals) - med(inside), 3), "sample_ms": round(med(samples), 3),
+            "loop_ms": round(med(totals) - med(evals) - med(samples), 3),
+            "samples": {"total": [round(x, 3) for x in totals], "eval": [round(x, 3) for x in evals],
+                        "llama_decode": [round(x, 3) for x in inside], "sample": [round(x, 3) for x in samples]}}
+
+
+def _sampling() -> Any:
+    from edgepack.runtime.backends.llamacpp import Sampling
+
+    return Sampling()
+
+
+def run_worker(args: list[str], *, threads: int, timeout_s: float = 3600) -> dict[str, Any]:
+    """``run.py --worker ...`` in a fresh process (its own peak RSS); its last stdout line is JSON."""
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    proc = subprocess.run([PYTHON, str(Path(__file__).resolve()), "--worker", *args], capture_output=True,
+                          text=True, env=env, timeout=timeout_s, cwd=ROOT)
+    if proc.returncode != 0:
+        raise RuntimeError(f"worker {args[0]} failed ({proc.returncode}): {proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+# ------------------------------------------------------------------ stages run by the parent
+
+def train(run: Path, init: Path, *, profile: str, steps: int, threads: int) -> dict[str, Any]:
+    """``edgepack distill train`` (the CLI) against the cached soft labels; train_report.json's cost fields."""
+    cmd = [PYTHON, "-m", "edgepack", "distill", "train", str(run), "--profile", profile, "--student", str(init),
+           "--soft-labels", "--steps", str(steps), "--json"]
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
+    wall = time.perf_counter() - t0
+    if proc.returncode != 0:
+        raise RuntimeError(f"distill train failed ({proc.returncode}): {proc.stderr[-3000:]}")
+    r = json.loads((run / "student" / "train_report.json").read_text())
+    plan = r["plan"]
+    return {"command": "edgepack " + " ".join(shlex.quote(c) for c in cmd[3:]),
+            "steps": r["steps"], "tokens": r["tokens"], "train_s": r["wall_s"], "tokens_per_s": r["tokens_per_s"],
+            "process_wall_s": round(wall, 1), "params": r["params"], "mode": r["mode"],
+            "plan": {k: plan[k] for k in ("method", "micro_batch", "grad_accumulation", "checkpointing",
+                                          "optimizer", "budget_mb", "baseline_mb", "rejected")},
+            "planned_peak_mb": plan["planned_peak_mb"], "measured_peak_mb": r["peak_rss_mb"],
+            "measured_over_planned": r["measured_over_planned_peak"], "peak_scope": r["peak_rss_scope"],
+            "torch_threads": r["torch_threads"], "first_loss": r["first_loss"], "final_loss": r["final_loss"]}
+
+
+def gate_decode(gguf: Path, *, threads: int, prompt_tokens: int, decode_tokens: int) -> dict[str, Any]:
+    """The gate's own measurement and decode efficiency for one GGUF."""
+    from edgepack.export.gate.bandwidth import artifact_efficiency, gguf_traffic, machine_bandwidth, measure_bandwidth
+    from edgepack.export.gate.measure import measure_artifact
+
+    m = measure_artifact(gguf, fmt="gguf", threads=threads, n_ctx=2048, prompt_tokens=prompt_tokens,
+                         decode_tokens=decode_tokens)
+    if not m.get("ok"):
+        raise RuntimeError(f"gate measurement of {gguf} failed: {m.get('error')}")
+    # The gate divides by the machine's cached figure; a fresh one, taken right after the
+    # decode runs under the same load, is what the efficiency here uses (both are recorded).
+    cached = machine_bandwidth()
+    bw = measure_bandwidth(threads=threads)
+    eff = artifact_efficiency(gguf, "gguf", m, bw)
+    traffic = gguf_traffic(gguf)
+    return {"decode_tokens_per_s": round(m["decode_tokens_per_s"]["p50"], 2),
+            "decode_tokens_per_s_p95": round(m["decode_tokens_per_s"]["p95"], 2),
+            "ttft_p95_ms": round(m["ttft_ms"]["p95"], 1), "runs": m["runs"], "peak_rss_mb": round(m["peak_rss_mb"], 1),
+            "threads": threads, "prompt_tokens": m["prompt_tokens"], "decode_tokens": m["decode_tokens"],
+            "efficiency": round(eff["efficiency"], 4), "achieved_gb_s": round(eff["achieved_gb_s"], 3),
+            "bandwidth_gb_s": round(eff["bandwidth_gb_s"], 3), "bytes_per_token": eff["bytes_per_token"],
+            "bound_tokens_per_s": round(eff["bound_tokens_per_s"], 1), "basis": eff["basis"],
+            "weight_bytes_total": traffic["weight_bytes_total"],
+            "bandwidth_fresh": {k: bw[k] for k in ("read_gb_s", "read", "method", "load_average")},
+            "bandwidth_gate_cache_gb_s": round(cached["read_gb_s"], 3),
+            "efficiency_vs_gate_cache": round(eff["achieved_gb_s"] / cached["read_gb_s"], 4)}
+
+
+def split_overhead(decode: dict[str, Any], parts: dict[str, Any]) -> dict[str, Any]:
+    """Per-token time vs the bandwidth bound, and what the rest is made of (ms per token)."""
+    bound_ms = 1000 * decode["bytes_per_token"] / (decode["bandwidth_gb_s"] * 1e9)
+    return {"ms_per_token_gate": round(1000 / decode["decode_tokens_per_s"], 3),
+            "ms_per_token_split_run": parts["ms_per_token"],
+            "bandwidth_bound_ms": round(bound_ms, 3),
+            "llama_decode_ms": parts["llama_decode_ms"],
+            "llama_decode_over_bound_ms": round(parts["llama_decode_ms"] - bound_ms, 3),
+            "wrapper_ms": parts["wrapper_ms"], "sample_ms": parts["sample_ms"], "loop_ms": parts["loop_ms"],
+            "efficiency_of_llama_decode_alone": round(bound_ms / parts["llama_decode_ms"], 4)}
+
+
+def measure_size(name: str, shape: Shape, args: argparse.Namespace) -> dict[str, Any]:
+    folder = args.scratch / name
+    run = folder / "run"
+    log(f"{name}: random-init teacher and student ({shape.reference})")
+    made = make_run(run, shape, data_from=args.run, rows=args.rows, tokenizer_from=args.tokenizer_from,
+                    dtype=args.dtype)
+    log(f"{name}: {made['params']:,} parameters (formula {made['params_formula']:,})")
+    result: dict[str, Any] = {"size": name, "shape": asdict(shape), **made, "load_average": {"start": load_average()},
+                              "available_mb_at_start": available_mb()}
+    log(f"{name}: soft-label cache")
+    result["softlabels"] = run_worker(["cache", str(run)], threads=args.threads)
+    log(f"{name}: {result['softlabels']}")
+    need = args.min_available_mb if made["params"] > 700e6 else 0
+    while need and available_mb() < need:
+        log(f"{name}: {available_mb()} MB available < {need} MB; waiting 60 s")
+        time.sleep(60)
+    result["available_mb_before_train"] = available_mb()
+    result["load_average"]["before_train"] = load_average()
+    log(f"{name}: distill train ({args.steps} steps, profile {args.profile})")
+    result["train"] = train(run, folder / "init", profile=args.profile, steps=args.steps, threads=args.threads)
+    log(f"{name}: {result['train']['tokens_per_s']} tokens/s, planned {result['train']['planned_peak_mb']} MB, "
+        f"measured {result['train']['measured_peak_mb']} MB, plan {result['train']['plan']['method']}")
+    shutil.rmtree(run / "teacher")  # disk: the rest needs only the student
+    shutil.rmtree(folder / "init")
+    log(f"{name}: export")
+    result["export"] = run_worker(["export", str(run)], threads=args.threads)
+    log(f"{name}: {result['export']['convert_f16_s']} s F16, {result['export']['quantize_q4_k_m_s']} s Q4_K_M")
+    gguf = run / "artifacts" / "student-Q4_K_M.gguf"
+    (run / "artifacts" / "student-F16.gguf").unlink()
+    shutil.rmtree(run / "student")
+    result["load_average"]["before_gate"] = load_average()
+    log(f"{name}: gate decode")
+    result["decode"] = gate_decode(gguf, threads=args.gate_threads, prompt_tokens=args.prompt_tokens,
+                                   decode_tokens=args.decode_tokens)
+    # One llama.cpp thread as well: on two cores shared with other jobs, two threads wait on
+    # each other at every graph barrier (the load average is recorded beside both).
+    result["decode_1_thread"] = gate_decode(gguf, threads=1, prompt_tokens=args.prompt_tokens,
+                                            decode_tokens=args.decode_tokens)
+    parts = run_worker(["overhead", str(gguf), str(args.gate_threads), str(args.prompt_tokens),
+                        str(args.decode_tokens), str(args.rounds)], threads=args.threads)
+    result["per_token"] = {**split_overhead(result["decode"], parts), "raw": parts}
+    one = run_worker(["overhead", str(gguf), "1", str(args.prompt_tokens), str(args.decode_tokens),
+                      str(args.rounds)], threads=args.threads)
+    result["per_token_1_thread"] = {k: one[k] for k in SPLIT_KEYS}
+    log(f"{name}: {result['decode']['decode_tokens_per_s']} tok/s, efficiency {result['decode']['efficiency']}")
+    result["load_average"]["end"] = load_average()
+    if not args.keep:
+        shutil.rmtree(folder)
+    return result
+
+
+SPLIT_KEYS = ("ms_per_token", "eval_ms", "llama_decode_ms", "wrapper_ms", "sample_ms", "loop_ms")
+
+
+def demo_overhead(gguf: Path, args: argparse.Namespace) -> dict[str, Any]:
+    """The 78M demo student's Q4_K_M through the same gate measurement and split."""
+    decode = gate_decode(gguf, threads=args.gate_threads, prompt_tokens=args.prompt_tokens,
+                         decode_tokens=args.decode_tokens)
+    decode_1 = gate_decode(gguf, threads=1, prompt_tokens=args.prompt_tokens, decode_tokens=args.decode_tokens)
+    parts = run_worker(["overhead", str(gguf), str(args.gate_threads), str(args.prompt_tokens),
+                        str(args.decode_tokens), str(args.rounds)], threads=args.threads)
+    one = run_worker(["overhead", str(gguf), "1", str(args.prompt_tokens), str(args.decode_tokens),
+                      str(args.rounds)], threads=args.threads)
+    return {"artifact": str(gguf), "bytes": gguf.stat().st_size, "decode": decode, "decode_1_thread": decode_1,
+            "load_average": load_average(),
+            "per_token": {**split_overhead(decode, parts), "raw": parts},
+            "per_token_1_thread": {k: one[k] for k in SPLIT_KEYS}}
+
+
+def render(results: dict[str, Any]) -> str:
+    """results.md: the command, the machine, one table per size, the demo's per-token split."""
+    m = results["machine"]
+    lines = ["# Cost vs model size on this CPU (random-init SmolLM2-shaped students)", "",
+             f"Command: `{results['command']}`", "",
+             f"Machine: {m.get('cpu')}, {m.get('cpu_count')} CPUs, {m.get('memory_mb')} MB; torch {results['torch']}, "
+             f"{results['threads']} torch thread(s) for caching/training/export, {results['gate_threads']} llama.cpp "
+             f"threads for decoding (profile {results['profile']}).", "",
+             "| size | params | soft labels: s / 1k tokens | bytes / token | train tokens/s | plan | planned peak MB "
+             "| measured peak MB | measured / planned | HF→F16 s | F16→Q4_K_M s | Q4_K_M MB | decode tok/s "
+             "| efficiency | load avg (train) |",
+             "|---|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+    for name, r in results["sizes"].items():
+        t, s, e, d = r["train"], r["softlabels"], r["export"], r["decode"]
+        plan = t["plan"]
+        lines.append(
+            f"| {name} | {r['params'] / 1e6:.1f}M | {s['s_per_1k_answer_tokens']} | {s['bytes_per_token']} | "
+            f"{t['tokens_per_s']} | {plan['method']}, micro-batch {plan['micro_batch']}"
+            f"{', checkpointing' if plan['checkpointing'] else ''} | {t['planned_peak_mb']} | {t['measured_peak_mb']} | "
+            f"{t['measured_over_planned']} | {e['convert_f16_s']} | {e['quantize_q4_k_m_s']} | "
+            f"{e['q4_k_m_bytes'] / 1e6:.0f} | {d['decode_tokens_per_s']} | {d['efficiency']:.2f} | "
+            f"{r['load_average'].get('before_train')} |")
+    lines += ["", "Per decoded token (ms, median over rounds; bound = bytes per token / measured read bandwidth):", "",
+              "| model | total (gate) | bandwidth bound | llama_decode | decode − bound | Python eval wrapper | sampling "
+              "| loop | efficiency |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    rows = [(n, r["per_token"], r["decode"]) for n, r in results["sizes"].items()]
+    if "demo" in results:
+        rows.append(("78M demo", results["demo"]["per_token"], results["demo"]["decode"]))
+    for n, p, d in rows:
+        lines.append(f"| {n} | {p['ms_per_token_gate']} | {p['bandwidth_bound_ms']} | {p['llama_decode_ms']} | "
+                     f"{p['llama_decode_over_bound_ms']} | {p['wrapper_ms']} | {p['sample_ms']} | {p['loop_ms']} | "
+                     f"{d['efficiency']:.2f} |")
+    lines += ["", *results.get("findings", [])]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--worker", nargs="+", help=argparse.SUPPRESS)
+    parser.add_argument("--sizes", default="135m,360m,1b")
+    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "scale" / "results.json")
+    parser.add_argument("--run", type=Path, default=ROOT / "runs" / "workorders", help="run whose data is copied")
+    parser.add_argument("--tokenizer-from", type=Path, default=ROOT / "runs" / "workorders" / "teacher")
+    parser.add_argument("--scratch", type=Path, default=ROOT / "runs" / "scale")
+    parser.add_argument("--rows", type=int, default=12, help="training rows copied (steps × batch 4)")
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--profile", default="cpu-x86-2c")
+    parser.add_argument("--threads", type=int, default=1, help="OMP/torch threads for caching, training, export")
+    parser.add_argument("--gate-threads", type=int, default=2, help="llama.cpp threads (the profile's)")
+    parser.add_argument("--prompt-tokens", type=int, default=128, help="the profile's [latency] prompt_tokens")
+    parser.add_argument("--decode-tokens", type=int, default=64)
+    parser.add_argument("--rounds", type=int, default=5, help="timed rounds of the per-token split")
+    parser.add_argument("--dtype", default="bfloat16", help="on-disk dtype of the random-init folders")
+    parser.add_argument("--min-available-mb", type=int, default=19000, help="wait for this much before ~1B training")
+    parser.add_argument("--demo-gguf", type=Path, default=Path("/work/tmp/m1/runs/demo/artifacts/student-Q4_K_M.gguf"))
+    parser.add_argument("--redo", action="store_true")
+    parser.add_argument("--keep", action="store_true", help="keep the scratch folders")
+    parser.add_argument("--test-sizes", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+
+    if args.worker:
+        kind, *rest = args.worker
+        if kind == "cache":
+            out = worker_cache(Path(rest[0]))
+        elif kind == "export":
+            out = worker_export(Path(rest[0]))
+        elif kind == "overhead":
+            out = worker_overhead(Path(rest[0]), int(rest[1]), int(rest[2]), int(rest[3]), int(rest[4]))
+        else:
+            raise SystemExit(f"unknown worker {kind!r}")
+        print(json.dumps(out))
+        return
+
+    known = TEST_SIZES if args.test_sizes else SIZES
+    try:
+        sizes = parse_sizes(args.sizes, known)
+    except ValueError as exc:
+        parser.error(str(exc))
+
+    import torch
+
+    from edgepack.provenance import machine_info
+
+    results: dict[str, Any] = json.loads(args.out.read_text()) if args.out.is_file() else {}
+    results.setdefault("sizes", {})
+    results.update({"command": f"OMP_NUM_THREADS={args.threads} nice -n 5 .venv/bin/python "
+                               + " ".join(shlex.quote(a) for a in sys.argv),
+                    "machine": machine_info(), "torch": torch.__version__, "threads": args.threads,
+                    "gate_threads": args.gate_threads, "profile": args.profile, "steps": args.steps,
+                    "rows": args.rows, "prompt_tokens": args.prompt_tokens, "decode_tokens": args.decode_tokens})
+    for name in sizes:
+        if name in results["sizes"] and not args.redo:
+            log(f"{name}: kept from {args.out}")
+            continue
+        started = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        t0 = time.perf_counter()
+        results["sizes"][name] = {**measure_size(name, known[name], args), "started": started,
+                                  "took_s": round(time.perf_counter() - t0, 1)}
+        write_results(args.out, results)
+    if args.demo_gguf and args.demo_gguf.is_file() and ("demo" not in results or args.redo):
+        log("demo: gate decode and per-token split")
+        results["demo"] = demo_overhead(args.demo_gguf, args)
+    write_results(args.out, results)
+    log(f"wrote {args.out} and {args.out.with_suffix('.md')}")
+
+
+def write_results(out: Path, results: dict[str, Any]) -> None:
+    from edgepack.atomic import write_json, write_text
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    write_json(out, results)
+    write_text(out.with_suffix(".md"), render(results))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,88 @@
+"""bench/scale/run.py: the shapes and their parameter counts, and one tiny size through the real
+stages (random-init teacher and student, soft-label cache, `edgepack distill train`, GGUF export,
+the per-token decode split) — everything but the gate's 10-second timing loop."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+WORKORDERS = ROOT / "runs" / "workorders"
+TEACHER = WORKORDERS / "teacher"
+
+
+@pytest.fixture(scope="module")
+def scale() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("bench_scale", ROOT / "bench" / "scale" / "run.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while the class is made
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_sizes_are_parsed_and_unknown_ones_named(scale: ModuleType) -> None:
+    assert scale.parse_sizes("135m, 1B", scale.SIZES) == ["135m", "1b"]
+    with pytest.raises(ValueError, match=r"unknown size\(s\) 7b; known: 135m, 360m, 1b"):
+        scale.parse_sizes("135m,7b", scale.SIZES)
+    with pytest.raises(ValueError, match="none given"):
+        scale.parse_sizes(" , ", scale.SIZES)
+
+
+def test_parameter_counts_match_smollm2_and_transformers(scale: ModuleType) -> None:
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    # The released SmolLM2 checkpoints' parameter counts (tied embeddings, vocab 49152).
+    assert scale.param_count(scale.SIZES["135m"], 49152) == 134_515_008
+    assert scale.param_count(scale.SIZES["360m"], 49152) == 361_821_120
+    assert 0.95e9 < scale.param_count(scale.SIZES["1b"], 49152) < 1.1e9
+    shape = scale.TEST_SIZES["tiny"]
+    config = scale.llama_config(shape, {"vocab_size": 1000, "rms_norm_eps": 1e-5})
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(**{k: v for k, v in config.items() if not k.startswith("_")}))
+    assert sum(p.numel() for p in model.parameters()) == scale.param_count(shape, 1000)
+
+
+def test_split_overhead_is_the_bound_and_the_measured_parts(scale: ModuleType) -> None:
+    decode = {"decode_tokens_per_s": 200.0, "bytes_per_token": 60_000_000, "bandwidth_gb_s": 30.0}
+    parts = {"ms_per_token": 5.2, "llama_decode_ms": 4.5, "wrapper_ms": 0.2, "sample_ms": 0.4, "loop_ms": 0.1}
+    out = scale.split_overhead(decode, parts)
+    assert out["ms_per_token_gate"] == 5.0 and out["bandwidth_bound_ms"] == 2.0
+    assert out["llama_decode_over_bound_ms"] == 2.5 and out["efficiency_of_llama_decode_alone"] == 0.4444
+
+
+@pytest.mark.skipif(not (TEACHER / "tokenizer.json").is_file() or not (WORKORDERS / "data" / "train.jsonl").is_file(),
+                    reason="needs runs/workorders (make demo-workorders) for the tokenizer and data")
+def test_tiny_size_through_the_real_stages(scale: ModuleType, tmp_path: Path) -> None:
+    shape = scale.TEST_SIZES["tiny"]
+    run = tmp_path / "tiny" / "run"
+    made = scale.make_run(run, shape, data_from=WORKORDERS, rows=4, tokenizer_from=TEACHER, dtype="float32")
+    assert made["params"] == made["params_formula"] and made["rows"] == 4
+    report = json.loads((run / "data" / "report.json").read_text())
+    source = json.loads((run / "teacher" / "source.json").read_text())
+    assert report["teacher_dir"] == "teacher" and report["teacher"]["sha256"] == source["sha256"]
+
+    cache = scale.worker_cache(run)
+    assert cache["rows"] == 4 and cache["answer_tokens"] > 0 and cache["bytes"] > 0
+    assert cache["s_per_1k_answer_tokens"] > 0 and cache["peak_rss_mb"] > 0
+
+    train = scale.train(run, run.parent / "init", profile="cpu-x86-2c", steps=1, threads=1)
+    assert train["mode"] == "soft-labels" and train["steps"] == 1 and train["tokens"] > 0
+    assert train["plan"]["method"] == "full" and train["planned_peak_mb"] > 0 and train["measured_peak_mb"] > 0
+    assert train["params"] == made["params"]
+
+    export = scale.worker_export(run)
+    gguf = run / "artifacts" / "student-Q4_K_M.gguf"
+    assert gguf.is_file() and export["q4_k_m_bytes"] == gguf.stat().st_size and export["convert_f16_s"] > 0
+
+    parts = scale.worker_overhead(gguf, 1, 16, 6, 1)
+    assert parts["decode_tokens"] == 6 and parts["prompt_tokens"] == 16
+    assert 0 < parts["llama_decode_ms"] <= parts["eval_ms"] <= parts["ms_per_token"]
+    assert parts["sample_ms"] > 0
