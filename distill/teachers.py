@@ -18,7 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -76,10 +76,16 @@ class TeacherSource:
     """What model cards name as ``base_model``: the Hub repo of a builtin, else the display name."""
     language: tuple[str, ...] = ()
     """Languages the teacher's metadata lists (GGUF ``general.languages``, HF card ``language``)."""
+    chat_template: str | None = None
+    """A chat template the user gave (``--chat-template``): written into the materialized folder,
+    for a teacher that has none (a base model) or in place of its own."""
 
     def describe(self) -> dict[str, Any]:
         out = asdict(self)
         out["path"] = str(self.path) if self.path else None
+        template = out.pop("chat_template")
+        if template is not None:  # recorded by hash (absent when none was given, as before the option)
+            out["chat_template_sha256"] = hashlib.sha256(template.encode()).hexdigest()
         return out
 
 
@@ -102,12 +108,48 @@ def builtin_teacher_path(name: str) -> Path:
     return path
 
 
-def resolve_teacher(spec: str, *, allow_pickle: bool = False, trust_remote_code: bool = False) -> TeacherSource:
+def resolve_teacher(spec: str, *, allow_pickle: bool = False, trust_remote_code: bool = False,
+                    chat_template: Path | None = None) -> TeacherSource:
     """Parse and check a teacher spec without loading any weights.
 
     Raises ModelSourceError for a missing path or a folder that is not a model, and
     UnsafeModelError for pickled weights or remote code the user did not opt in to.
+    ``chat_template`` (a Jinja file) is read and rendered once in the sandbox here
+    (:func:`read_user_template`); an endpoint renders its own and is refused one.
     """
+    source = _resolve(spec, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
+    if chat_template is None:
+        return source
+    if source.kind == "openai":
+        raise UsageError("--chat-template: an endpoint teacher renders its own chat template",
+                         hint="drop --chat-template, or set the template on the server")
+    return replace(source, chat_template=read_user_template(chat_template))
+
+
+def read_user_template(path: Path) -> str:
+    """A user's chat template file, checked by rendering a one-turn conversation in the sandbox."""
+    from edgepack.errors import EdgepackError
+    from edgepack.runtime.chat.template import render_chat
+
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UsageError(f"--chat-template {path} cannot be read ({exc})",
+                         hint="give a UTF-8 Jinja file, as in tokenizer_config.json's chat_template") from None
+    probe = "edgepack template probe"
+    try:
+        rendered = render_chat(text, [{"role": "user", "content": probe}], add_generation_prompt=True)
+    except EdgepackError as exc:
+        raise UsageError(f"--chat-template {path} does not render a user turn: {exc}",
+                         hint="fix the template (transformers' chat_template Jinja: messages, "
+                              "add_generation_prompt, bos_token/eos_token)") from None
+    if probe not in rendered:
+        raise UsageError(f"--chat-template {path} renders a user turn without its text",
+                         hint="the template must print each message's content")
+    return text
+
+
+def _resolve(spec: str, *, allow_pickle: bool, trust_remote_code: bool) -> TeacherSource:
     from edgepack.provenance import gguf_model_facts, hf_folder_facts
 
     if spec.startswith("builtin:"):
@@ -218,6 +260,9 @@ def materialize_teacher(source: TeacherSource, out_dir: Path, progress: Progress
         if recorded.get("sha256") != source.sha256:
             raise RunDirError(f"{out_dir} holds another teacher ({recorded.get('spec')!r})",
                               hint="use a new run folder for a different teacher")
+        if recorded.get("chat_template_sha256") != source.describe().get("chat_template_sha256"):
+            raise RunDirError(f"{out_dir} holds this teacher with another chat template",
+                              hint="use a new run folder, or the same --chat-template")
         return out_dir
     if out_dir.exists():
         raise RunDirError(f"{out_dir} exists but is not a finished teacher folder (no .complete marker)",
@@ -229,6 +274,8 @@ def materialize_teacher(source: TeacherSource, out_dir: Path, progress: Progress
     progress("teacher: materialize", 0, 1)
     with atomic_dir(out_dir) as tmp:
         writer(source, tmp)
+        if source.chat_template is not None:
+            _set_chat_template(tmp, source.chat_template)
         _check_tokenizer(tmp)
         from edgepack.atomic import write_json
 
@@ -311,6 +358,15 @@ def _load_tokenizer(folder: Path) -> Any:
     return AutoTokenizer.from_pretrained(folder)
 
 
+def _set_chat_template(folder: Path, template: str) -> None:
+    """The user's template replaces whatever the teacher's tokenizer carries (or supplies the missing one)."""
+    tok = _load_tokenizer(folder)
+    for name in ("chat_template.jinja", "chat_template.json"):
+        (folder / name).unlink(missing_ok=True)
+    tok.chat_template = template
+    tok.save_pretrained(folder)
+
+
 def _check_tokenizer(folder: Path) -> None:
     """A teacher folder must carry a tokenizer with a chat template and an EOS token."""
     try:
@@ -318,7 +374,8 @@ def _check_tokenizer(folder: Path) -> None:
     except (OSError, ValueError) as exc:
         raise ModelSourceError(f"teacher tokenizer in {folder} cannot be loaded ({exc})") from exc
     if not tok.chat_template:
-        raise ModelSourceError("the teacher's tokenizer has no chat template",
-                               hint="add a chat_template to tokenizer_config.json")
+        raise ModelSourceError("the teacher's tokenizer has no chat template (a base model?)",
+                               hint="give one with --chat-template FILE (a Jinja chat template), or add "
+                                    "chat_template to tokenizer_config.json")
     if tok.eos_token_id is None:
         raise ModelSourceError("the teacher's tokenizer has no EOS token")

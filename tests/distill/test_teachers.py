@@ -154,3 +154,53 @@ def test_symlinked_weights_are_copied_as_files(tiny_llama_dir: Path, tmp_path: P
     assert (out / "model.safetensors").read_bytes() == (tiny_llama_dir / "model.safetensors").read_bytes()
     shutil.rmtree(linked)
     assert (out / "model.safetensors").is_file()
+
+
+GEMMA_STYLE = ("{{ bos_token }}{% for m in messages %}<start_of_turn>{{ 'model' if m['role'] == 'assistant' "
+               "else m['role'] }}\n{{ m['content'] }}<end_of_turn>\n{% endfor %}"
+               "{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}")
+
+
+def _without_template(folder: Path) -> Path:
+    (folder / "chat_template.jinja").unlink(missing_ok=True)
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    config.pop("chat_template", None)
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    return folder
+
+
+def test_a_teacher_without_a_chat_template_takes_the_users(tiny_llama_copy: Path, tmp_path: Path) -> None:
+    from transformers import AutoTokenizer
+
+    base = _without_template(tiny_llama_copy)
+    with pytest.raises(ModelSourceError, match="no chat template.*") as refused:
+        materialize_teacher(resolve_teacher(str(base)), tmp_path / "refused")
+    assert "--chat-template" in (refused.value.hint or "")
+    template = tmp_path / "gemma.jinja"
+    template.write_text(GEMMA_STYLE)
+    src = resolve_teacher(str(base), chat_template=template)
+    out = materialize_teacher(src, tmp_path / "teacher")
+    assert AutoTokenizer.from_pretrained(out).chat_template == GEMMA_STYLE
+    recorded = json.loads((out / SOURCE_FILE).read_text())
+    assert len(recorded["chat_template_sha256"]) == 64 and "chat_template" not in recorded
+    assert "chat_template_sha256" not in resolve_teacher(str(base)).describe()  # none given: as before
+    other = tmp_path / "other.jinja"
+    other.write_text(GEMMA_STYLE.replace("<start_of_turn>", "<turn>"))
+    with pytest.raises(RunDirError, match="another chat template"):
+        materialize_teacher(resolve_teacher(str(base), chat_template=other), out)
+
+
+@pytest.mark.parametrize(("text", "match"), [
+    ("{% for m in messages %}{{ m['content'] }", "does not render"),
+    ("{{ raise_exception('no user turns') }}", "does not render"),
+    ("<start_of_turn>user\n<end_of_turn>\n", "without its text"),
+])
+def test_a_bad_chat_template_file_is_refused(tiny_llama_dir: Path, tmp_path: Path, text: str, match: str) -> None:
+    bad = tmp_path / "bad.jinja"
+    bad.write_text(text)
+    with pytest.raises(UsageError, match=match):
+        resolve_teacher(str(tiny_llama_dir), chat_template=bad)
+    with pytest.raises(UsageError, match="cannot be read"):
+        resolve_teacher(str(tiny_llama_dir), chat_template=tmp_path / "missing.jinja")
+    with pytest.raises(UsageError, match="endpoint teacher renders its own"):
+        resolve_teacher("openai:http://127.0.0.1:9/v1#m", chat_template=bad)
