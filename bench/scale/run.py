@@ -391,78 +391,132 @@ def measure_size(name: str, shape: Shape, args: argparse.Namespace) -> dict[str,
     gguf = run / "artifacts" / "student-Q4_K_M.gguf"
     (run / "artifacts" / "student-F16.gguf").unlink()
     shutil.rmtree(run / "student")
-    result["load_average"]["before_gate"] = load_average()
-    log(f"{name}: gate decode")
-    result["decode"] = gate_decode(gguf, threads=args.gate_threads, prompt_tokens=args.prompt_tokens,
-                                   decode_tokens=args.decode_tokens)
-    # One llama.cpp thread as well: on two cores shared with other jobs, two threads wait on
-    # each other at every graph barrier (the load average is recorded beside both).
-    result["decode_1_thread"] = gate_decode(gguf, threads=1, prompt_tokens=args.prompt_tokens,
-                                            decode_tokens=args.decode_tokens)
-    parts = run_worker(["overhead", str(gguf), str(args.gate_threads), str(args.prompt_tokens),
-                        str(args.decode_tokens), str(args.rounds)], threads=args.threads)
-    result["per_token"] = {**split_overhead(result["decode"], parts), "raw": parts}
-    one = run_worker(["overhead", str(gguf), "1", str(args.prompt_tokens), str(args.decode_tokens),
-                      str(args.rounds)], threads=args.threads)
-    result["per_token_1_thread"] = {k: one[k] for k in SPLIT_KEYS}
-    log(f"{name}: {result['decode']['decode_tokens_per_s']} tok/s, efficiency {result['decode']['efficiency']}")
+    result.update(measure_decode(name, gguf, args))
     result["load_average"]["end"] = load_average()
-    if not args.keep:
-        shutil.rmtree(folder)
+    if not args.keep:  # the Q4_K_M stays (small), so --decode-only can measure it again on a quieter machine
+        for path in folder.rglob("*"):
+            if path.is_file() and path != gguf:
+                path.unlink()
     return result
 
 
-SPLIT_KEYS = ("ms_per_token", "eval_ms", "llama_decode_ms", "wrapper_ms", "sample_ms", "loop_ms")
+def measure_decode(name: str, gguf: Path, args: argparse.Namespace) -> dict[str, Any]:
+    """The gate's decode measurement on the profile's threads and on 1, and the per-token split of each."""
+    out: dict[str, Any] = {"decode_load_average_start": load_average(),
+                           "decode_measured": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+    log(f"{name}: gate decode")
+    out["decode"] = gate_decode(gguf, threads=args.gate_threads, prompt_tokens=args.prompt_tokens,
+                                decode_tokens=args.decode_tokens)
+    # One llama.cpp thread as well: on two cores shared with other jobs, two threads wait on
+    # each other at every graph barrier (the load average is recorded beside both).
+    out["decode_1_thread"] = gate_decode(gguf, threads=1, prompt_tokens=args.prompt_tokens,
+                                         decode_tokens=args.decode_tokens)
+    parts = run_worker(["overhead", str(gguf), str(args.gate_threads), str(args.prompt_tokens),
+                        str(args.decode_tokens), str(args.rounds)], threads=args.threads)
+    out["per_token"] = {**split_overhead(out["decode"], parts), "raw": parts}
+    one = run_worker(["overhead", str(gguf), "1", str(args.prompt_tokens), str(args.decode_tokens),
+                      str(args.rounds)], threads=args.threads)
+    out["per_token_1_thread"] = {**split_overhead(out["decode_1_thread"], one), "raw": one}
+    out["decode_load_average_end"] = load_average()
+    log(f"{name}: {out['decode']['decode_tokens_per_s']} tok/s, efficiency {out['decode']['efficiency']}; "
+        f"1 thread {out['decode_1_thread']['decode_tokens_per_s']} tok/s, {out['decode_1_thread']['efficiency']}")
+    return out
 
 
 def demo_overhead(gguf: Path, args: argparse.Namespace) -> dict[str, Any]:
     """The 78M demo student's Q4_K_M through the same gate measurement and split."""
-    decode = gate_decode(gguf, threads=args.gate_threads, prompt_tokens=args.prompt_tokens,
-                         decode_tokens=args.decode_tokens)
-    decode_1 = gate_decode(gguf, threads=1, prompt_tokens=args.prompt_tokens, decode_tokens=args.decode_tokens)
-    parts = run_worker(["overhead", str(gguf), str(args.gate_threads), str(args.prompt_tokens),
-                        str(args.decode_tokens), str(args.rounds)], threads=args.threads)
-    one = run_worker(["overhead", str(gguf), "1", str(args.prompt_tokens), str(args.decode_tokens),
-                      str(args.rounds)], threads=args.threads)
-    return {"artifact": str(gguf), "bytes": gguf.stat().st_size, "decode": decode, "decode_1_thread": decode_1,
-            "load_average": load_average(),
-            "per_token": {**split_overhead(decode, parts), "raw": parts},
-            "per_token_1_thread": {k: one[k] for k in SPLIT_KEYS}}
+    return {"artifact": str(gguf), "bytes": gguf.stat().st_size, **measure_decode("demo", gguf, args)}
+
+
+def fit_line(xs: list[float], ys: list[float]) -> tuple[float, float]:
+    """Least-squares ``y = a + b·x``: (a, b)."""
+    n = len(xs)
+    if n < 2 or len(set(xs)) < 2:
+        raise ValueError("need two or more distinct x values")
+    mx, my = sum(xs) / n, sum(ys) / n
+    b = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
+    return my - b * mx, b
+
+
+def findings(results: dict[str, Any]) -> list[str]:
+    """Sentences computed from the numbers (results.md and BENCHMARKS.md show them as they are)."""
+    sizes = sorted(results["sizes"].values(), key=lambda r: r["params"])
+    out = []
+    for r in sizes:
+        t = r["train"]
+        ratio = t["measured_over_planned"]
+        out.append(f"- {r['size']} ({r['params']:,} parameters): the planner chose {t['plan']['method']} "
+                   f"(micro-batch {t['plan']['micro_batch']}{', checkpointing' if t['plan']['checkpointing'] else ''}"
+                   f"; rejected first: {'; '.join(t['plan']['rejected']) or 'nothing'}) under the "
+                   f"{t['plan']['budget_mb']:.0f} MB budget of {results['profile']}; measured peak {t['measured_peak_mb']} "
+                   f"MB = {ratio}× the planned {t['planned_peak_mb']} MB "
+                   f"({'within' if abs(ratio - 1) <= 0.15 else 'outside'} ±15%).")
+    pts = [(r, key) for r in sizes + ([results["demo"]] if "demo" in results else [])
+           for key in ("per_token", "per_token_1_thread") if key in r]
+    for key, label in (("per_token", f"{results['gate_threads']} threads"), ("per_token_1_thread", "1 thread")):
+        rows = [r[key] for r, k in pts if k == key]
+        if len(rows) >= 2:
+            a, b = fit_line([p["bandwidth_bound_ms"] for p in rows], [p["llama_decode_ms"] for p in rows])
+            out.append(f"- llama_decode time per token against its bandwidth bound ({label}, {len(rows)} models): "
+                       f"{a:.2f} ms + {b:.2f} × bound — a fixed {a:.2f} ms per token whatever the size, and the "
+                       f"weights streamed at {1 / b:.2f}× the measured read bandwidth.")
+    if "demo" in results:
+        p, d = results["demo"]["per_token"], results["demo"]["decode"]
+        out.append(f"- The 78M demo student (Q4_K_M, {d['bytes_per_token'] / 2**20:.1f} MiB read per token): "
+                   f"{p['ms_per_token_gate']} ms per token in the gate against a bandwidth bound of "
+                   f"{p['bandwidth_bound_ms']} ms (efficiency {d['efficiency']:.2f}); of the rest, llama_decode "
+                   f"beyond the bound {p['llama_decode_over_bound_ms']} ms, llama-cpp-python's eval wrapper "
+                   f"{p['wrapper_ms']} ms, sampling (greedy chain with the repetition-penalty stage over "
+                   f"{VOCAB} logits) {p['sample_ms']} ms.")
+    return out
+
+
+VOCAB = 49152
 
 
 def render(results: dict[str, Any]) -> str:
-    """results.md: the command, the machine, one table per size, the demo's per-token split."""
+    """results.md: the command, the machine, one table, the per-token split, the findings."""
     m = results["machine"]
     lines = ["# Cost vs model size on this CPU (random-init SmolLM2-shaped students)", "",
-             f"Command: `{results['command']}`", "",
+             f"Command: `{results.get('command')}`", "",
+             *(f"Decode measured again: `{c}`" for c in results.get("decode_commands", [])), "",
              f"Machine: {m.get('cpu')}, {m.get('cpu_count')} CPUs, {m.get('memory_mb')} MB; torch {results['torch']}, "
              f"{results['threads']} torch thread(s) for caching/training/export, {results['gate_threads']} llama.cpp "
-             f"threads for decoding (profile {results['profile']}).", "",
-             "| size | params | soft labels: s / 1k tokens | bytes / token | train tokens/s | plan | planned peak MB "
-             "| measured peak MB | measured / planned | HF→F16 s | F16→Q4_K_M s | Q4_K_M MB | decode tok/s "
-             "| efficiency | load avg (train) |",
-             "|---|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
-    for name, r in results["sizes"].items():
+             f"threads for the gate's decode measurement (profile {results['profile']}) and 1 thread beside it. "
+             "Other jobs shared the two cores: load averages are recorded per size in results.json.", "",
+             f"Teacher for the soft labels: a random-init model of the same size (seed 0); student: another (seed 1). "
+             f"Data: the first {results['rows']} rows of runs/workorders/data/train.jsonl; {results['steps']} "
+             "optimizer steps of 4 rows, KD against the cached top-32 soft labels.", "",
+             "| size | params | soft labels: s / 1k answer tokens | bytes / token | train tokens/s | plan "
+             "| planned peak MB | measured peak MB | measured / planned | HF→F16 s | F16→Q4_K_M s | Q4_K_M MB "
+             "| decode tok/s | efficiency | decode tok/s (1 thread) | efficiency (1 thread) |",
+             "|---|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    sizes = sorted(results["sizes"].values(), key=lambda r: r["params"])
+    for r in sizes:
         t, s, e, d = r["train"], r["softlabels"], r["export"], r["decode"]
+        d1 = r.get("decode_1_thread") or {}
         plan = t["plan"]
         lines.append(
-            f"| {name} | {r['params'] / 1e6:.1f}M | {s['s_per_1k_answer_tokens']} | {s['bytes_per_token']} | "
+            f"| {r['size']} | {r['params'] / 1e6:.1f}M | {s['s_per_1k_answer_tokens']} | {s['bytes_per_token']} | "
             f"{t['tokens_per_s']} | {plan['method']}, micro-batch {plan['micro_batch']}"
             f"{', checkpointing' if plan['checkpointing'] else ''} | {t['planned_peak_mb']} | {t['measured_peak_mb']} | "
             f"{t['measured_over_planned']} | {e['convert_f16_s']} | {e['quantize_q4_k_m_s']} | "
             f"{e['q4_k_m_bytes'] / 1e6:.0f} | {d['decode_tokens_per_s']} | {d['efficiency']:.2f} | "
-            f"{r['load_average'].get('before_train')} |")
-    lines += ["", "Per decoded token (ms, median over rounds; bound = bytes per token / measured read bandwidth):", "",
-              "| model | total (gate) | bandwidth bound | llama_decode | decode − bound | Python eval wrapper | sampling "
-              "| loop | efficiency |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    rows = [(n, r["per_token"], r["decode"]) for n, r in results["sizes"].items()]
-    if "demo" in results:
-        rows.append(("78M demo", results["demo"]["per_token"], results["demo"]["decode"]))
-    for n, p, d in rows:
-        lines.append(f"| {n} | {p['ms_per_token_gate']} | {p['bandwidth_bound_ms']} | {p['llama_decode_ms']} | "
-                     f"{p['llama_decode_over_bound_ms']} | {p['wrapper_ms']} | {p['sample_ms']} | {p['loop_ms']} | "
-                     f"{d['efficiency']:.2f} |")
-    lines += ["", *results.get("findings", [])]
+            f"{d1.get('decode_tokens_per_s')} | {d1.get('efficiency')} |")
+    lines += ["", "Per decoded token (ms, median over rounds; bound = bytes read per token / read bandwidth measured "
+              "right after the gate's runs; llama_decode = llama.cpp's own decode time, llama_perf_context):", "",
+              "| model | threads | total (gate) | bandwidth bound | llama_decode | llama_decode − bound "
+              "| Python eval wrapper | sampling | efficiency |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    rows = [(r["size"], r) for r in sizes] + ([("78M demo", results["demo"])] if "demo" in results else [])
+    for n, r in rows:
+        for key, dkey in (("per_token", "decode"), ("per_token_1_thread", "decode_1_thread")):
+            p, d = r.get(key), r.get(dkey)
+            if not p or "bandwidth_bound_ms" not in p:
+                continue
+            lines.append(f"| {n} | {d['threads']} | {p['ms_per_token_gate']} | {p['bandwidth_bound_ms']} | "
+                         f"{p['llama_decode_ms']} | {p['llama_decode_over_bound_ms']} | {p['wrapper_ms']} | "
+                         f"{p['sample_ms']} | {d['efficiency']:.2f} |")
+    lines += ["", "## Findings", "", *findings(results), *results.get("notes", [])]
     return "\n".join(lines) + "\n"
 
 
@@ -486,6 +540,8 @@ def main() -> None:
     parser.add_argument("--min-available-mb", type=int, default=19000, help="wait for this much before ~1B training")
     parser.add_argument("--demo-gguf", type=Path, default=Path("/work/tmp/m1/runs/demo/artifacts/student-Q4_K_M.gguf"))
     parser.add_argument("--redo", action="store_true")
+    parser.add_argument("--decode-only", action="store_true",
+                        help="measure decode again on the kept Q4_K_M files (and the demo's); keep the rest")
     parser.add_argument("--keep", action="store_true", help="keep the scratch folders")
     parser.add_argument("--test-sizes", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -515,11 +571,24 @@ def main() -> None:
 
     results: dict[str, Any] = json.loads(args.out.read_text()) if args.out.is_file() else {}
     results.setdefault("sizes", {})
-    results.update({"command": f"OMP_NUM_THREADS={args.threads} nice -n 5 .venv/bin/python "
-                               + " ".join(shlex.quote(a) for a in sys.argv),
-                    "machine": machine_info(), "torch": torch.__version__, "threads": args.threads,
+    command = f"OMP_NUM_THREADS={args.threads} nice -n 5 .venv/bin/python " + " ".join(shlex.quote(a) for a in sys.argv)
+    if args.decode_only:
+        results["decode_commands"] = [*results.get("decode_commands", []), command]
+    else:
+        results["command"] = command
+    results.update({"machine": machine_info(), "torch": torch.__version__, "threads": args.threads,
                     "gate_threads": args.gate_threads, "profile": args.profile, "steps": args.steps,
                     "rows": args.rows, "prompt_tokens": args.prompt_tokens, "decode_tokens": args.decode_tokens})
+    if args.decode_only:
+        for name in sizes:
+            gguf = args.scratch / name / "run" / "artifacts" / "student-Q4_K_M.gguf"
+            if name in results["sizes"] and gguf.is_file():
+                results["sizes"][name].update(measure_decode(name, gguf, args))
+                write_results(args.out, results)
+        if args.demo_gguf and args.demo_gguf.is_file():
+            results["demo"] = demo_overhead(args.demo_gguf, args)
+        write_results(args.out, results)
+        return
     for name in sizes:
         if name in results["sizes"] and not args.redo:
             log(f"{name}: kept from {args.out}")
@@ -540,6 +609,8 @@ def write_results(out: Path, results: dict[str, Any]) -> None:
     from edgepack.atomic import write_json, write_text
 
     out.parent.mkdir(parents=True, exist_ok=True)
+    if results.get("sizes"):
+        results["findings"] = findings(results)
     write_json(out, results)
     write_text(out.with_suffix(".md"), render(results))
 

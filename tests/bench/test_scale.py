@@ -58,6 +58,44 @@ def test_split_overhead_is_the_bound_and_the_measured_parts(scale: ModuleType) -
     assert out["llama_decode_over_bound_ms"] == 2.5 and out["efficiency_of_llama_decode_alone"] == 0.4444
 
 
+def test_fit_line_recovers_a_fixed_cost_and_a_slope(scale: ModuleType) -> None:
+    a, b = scale.fit_line([1.0, 2.0, 4.0], [2.5, 4.0, 7.0])
+    assert (round(a, 6), round(b, 6)) == (1.0, 1.5)
+    with pytest.raises(ValueError):
+        scale.fit_line([1.0, 1.0], [2.0, 3.0])
+
+
+def _size(name: str, params: int, planned: float, measured: float, bound: float, decode: float) -> dict:
+    per_token = {"ms_per_token_gate": decode + 1, "bandwidth_bound_ms": bound, "llama_decode_ms": decode,
+                 "llama_decode_over_bound_ms": decode - bound, "wrapper_ms": 0.1, "sample_ms": 0.3}
+    return {"size": name, "params": params,
+            "train": {"plan": {"method": "full", "micro_batch": 2, "checkpointing": False, "budget_mb": 16384.0,
+                               "rejected": []},
+                      "planned_peak_mb": planned, "measured_peak_mb": measured,
+                      "measured_over_planned": round(measured / planned, 3), "tokens_per_s": 40.0},
+            "softlabels": {"s_per_1k_answer_tokens": 9.0, "bytes_per_token": 202.7},
+            "export": {"convert_f16_s": 4.0, "quantize_q4_k_m_s": 3.0, "q4_k_m_bytes": 100_000_000},
+            "decode": {"threads": 2, "decode_tokens_per_s": 1000 / (decode + 1), "efficiency": bound / (decode + 1)},
+            "per_token": per_token}
+
+
+def test_findings_and_report_from_the_numbers(scale: ModuleType) -> None:
+    results = {"command": "python bench/scale/run.py --sizes 135m,1b", "profile": "cpu-x86-2c", "gate_threads": 2,
+               "threads": 1, "torch": "2.x", "rows": 12, "steps": 3,
+               "machine": {"cpu": "Test CPU", "cpu_count": 2, "memory_mb": 4096},
+               "sizes": {"1b": _size("1b", 1_040_246_784, 5000.0, 8500.0, 40.0, 50.8),
+                         "135m": _size("135m", 134_515_008, 3362.0, 3682.7, 6.0, 10.0)}}
+    found = scale.findings(results)
+    assert "135m (134,515,008 parameters)" in found[0] and "1.095× the planned 3362.0 MB (within ±15%)" in found[0]
+    assert "1.7× the planned 5000.0 MB (outside ±15%)" in found[1]
+    # llama_decode = 2.8 ms + 1.2 × bound exactly through both points
+    assert "2.80 ms + 1.20 × bound" in found[2] and "0.83× the measured read bandwidth" in found[2]
+    text = scale.render(results)
+    table = [line for line in text.splitlines() if line.startswith("| 1") and "M |" in line]
+    assert [line.split(" | ")[0] for line in table] == ["| 135m", "| 1b"]
+    assert "## Findings" in text and found[1] in text
+
+
 @pytest.mark.skipif(not (TEACHER / "tokenizer.json").is_file() or not (WORKORDERS / "data" / "train.jsonl").is_file(),
                     reason="needs runs/workorders (make demo-workorders) for the tokenizer and data")
 def test_tiny_size_through_the_real_stages(scale: ModuleType, tmp_path: Path) -> None:
