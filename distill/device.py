@@ -26,6 +26,8 @@ from edgepack.errors import UsageError
 
 DEVICES = TRAINING_DEVICES
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+TEACHER_PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+"""``--teacher-precision``: the frozen teacher's dtype (``auto``: :attr:`Device.teacher_dtype`)."""
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -58,6 +60,13 @@ class Device:
     def teacher_dtype(self) -> torch.dtype:
         """The frozen teacher: half precision on accelerators (it only runs forward), fp32 on the CPU."""
         return torch.float32 if self.name == "cpu" else _DTYPES[self.precision]
+
+    def teacher_dtype_for(self, teacher_precision: str) -> torch.dtype:
+        """The frozen teacher's dtype under ``--teacher-precision`` (checked by :func:`check_teacher_precision`).
+
+        ``bf16`` on the CPU halves the teacher's weights and logits (-235 MB for bench/trl's 135M
+        teacher); its logits are widened to fp32 inside the losses (losses.py), chunk by chunk."""
+        return self.teacher_dtype if teacher_precision == "auto" else _DTYPES[teacher_precision]
 
     @property
     def bit_reproducible(self) -> bool:
@@ -130,6 +139,14 @@ def resolve_device(requested: str | None, profile_device: str = "cpu", precision
     else:
         name, reason = asked, ("--device " if requested is not None else "profile device ") + asked
     return Device(name, _precision(name, precision, cuda_bf16), reason)
+
+
+def check_teacher_precision(device: Device, teacher_precision: str) -> None:
+    """UsageError for an unknown ``--teacher-precision`` or fp16 on the CPU (its fp16 kernels are thin and slow)."""
+    if teacher_precision not in TEACHER_PRECISIONS:
+        raise UsageError(f"--teacher-precision {teacher_precision!r} is not one of {', '.join(TEACHER_PRECISIONS)}")
+    if teacher_precision == "fp16" and device.name == "cpu":
+        raise UsageError("--teacher-precision fp16 is for accelerators", hint="use fp32 or bf16 on the CPU")
 
 
 def _precision(name: str, precision: str, cuda_bf16: bool | None) -> str:

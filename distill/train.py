@@ -107,12 +107,22 @@ class TrainConfig:
     on_policy_after: int = 0
     """Off-policy warm-up: the first this many optimizer steps train on the teacher's answers
     whatever λ is; λ applies from this step on (0: from the first step)."""
+    optimizer: str = "auto"
+    """A name in optim.OPTIMIZERS (``adamw``: fp32 moments; ``adamw-bf16``: bf16 moments, half the
+    state; ``adamw8bit``: bitsandbytes on CUDA), or ``auto``: the planner chooses (plan.py)."""
+    teacher_precision: str = "auto"
+    """The frozen teacher's dtype (device.TEACHER_PRECISIONS): ``auto`` is fp32 on the CPU and the
+    autocast precision on accelerators; ``bf16`` halves it on the CPU (logits widened for the loss)."""
 
 
 ON_POLICY_DEFAULTS = {"on_policy": 0.0, "on_policy_temperature": 1.0, "on_policy_max_new": 0, "on_policy_teacher": "auto",
                       "on_policy_after": 0}
 """The on-policy fields at their defaults are left out of a run's identity, so that runs trained
 before on-policy distillation existed still resume and are still recognised as finished."""
+
+IDENTITY_DEFAULTS = {**ON_POLICY_DEFAULTS, "optimizer": "auto", "teacher_precision": "auto"}
+"""Every TrainConfig field added after runs existed, at its default: left out of the run's identity
+(train_setup.check_inputs), so those runs still resume and are still recognised as finished."""
 
 
 def student_dir_name(variant: str | None = None) -> str:

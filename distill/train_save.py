@@ -75,6 +75,7 @@ def train_report(request: TrainRequest, inputs: RunInputs, data: TrainData, run:
         "peak_rss_mb": round(peak_mb, 1),
         "peak_rss_scope": "this training call" if peak_is_this_call else "the whole process (peak not resettable here)",
         "plan": plan.describe(),
+        **_memory_parts(run),
         "measured_over_planned_peak": round(peak_mb / plan.planned_peak_mb, 3),
         **request.device.describe(),  # device, precision, bit_reproducible (and why not)
         "peak_measure": peak_measure(request.device),
@@ -83,6 +84,22 @@ def train_report(request: TrainRequest, inputs: RunInputs, data: TrainData, run:
         "resumed_from_step": run.start.step or None,
         "data_parallel_processes": world,
     }
+
+
+def _memory_parts(run: TrainingRun) -> dict[str, Any]:
+    """The optimizer and the frozen teacher as held (the plan has what the planner counted): the
+    optimizer's name and state, the teacher's dtype and weights (None: no teacher in memory)."""
+    import torch
+
+    state = sum(v.numel() * v.element_size() for s in run.trainee.optimizer.state.values() for v in s.values()
+                if isinstance(v, torch.Tensor))
+    holders = (run.objective.targets, getattr(run.objective.on_policy, "scorer", None))  # dense KD; hf scorer
+    teacher = next((h.model for h in holders if isinstance(h, OnlineTeacher)), None)
+    weights = None if teacher is None else sum(t.numel() * t.element_size()
+                                               for t in (*teacher.parameters(), *teacher.buffers()))
+    return {"optimizer": run.trainee.plan.optimizer, "optimizer_state_mb": round(state / 2**20, 1),
+            "teacher_dtype": None if teacher is None else str(teacher.dtype).removeprefix("torch."),
+            "teacher_weights_mb": None if weights is None else round(weights / 2**20, 1)}
 
 
 def _targets_report(data: TrainData, cfg: TrainConfig) -> dict[str, Any]:

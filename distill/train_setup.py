@@ -31,10 +31,10 @@ import torch
 from edgepack.atomic import clean_stale, is_complete
 from edgepack.constants import CHECKPOINT_DIR, DATA_DIR, TEACHER_CONTEXT, TRAIN_FILE
 from edgepack.distill import checkpoint as ckpt
-from edgepack.distill import onpolicy
+from edgepack.distill import onpolicy, optim
 from edgepack.distill.batching import Example, TeacherPrefix, shared_prefix_len, tokenize_rows
 from edgepack.distill.data import read_jsonl, teacher_dir_of
-from edgepack.distill.device import CPU, Device
+from edgepack.distill.device import CPU, Device, bitsandbytes_usable, check_teacher_precision
 from edgepack.distill.losses import DIVERGENCES, SPARSE_DIVERGENCES
 from edgepack.distill.modes import (SFT, SOFT_LABELS, TOP_LOGPROBS, TrainingMode, choose_mode, is_endpoint_run,
                                     read_data_report, tokenizer_mismatch)
@@ -144,9 +144,9 @@ def check_inputs(request: TrainRequest) -> RunInputs:
     onpolicy.check_options(request.config, endpoint_run=remote, steps=request.steps)
     teacher_sha = (data_report["teacher"]["sha256"] if teacher_dir is None
                    else json.loads((teacher_dir / SOURCE_FILE).read_text())["sha256"])
-    from edgepack.distill.train import ON_POLICY_DEFAULTS
+    from edgepack.distill.train import IDENTITY_DEFAULTS
 
-    config = {k: v for k, v in asdict(request.config).items() if ON_POLICY_DEFAULTS.get(k, object()) != v}
+    config = {k: v for k, v in asdict(request.config).items() if IDENTITY_DEFAULTS.get(k, object()) != v}
     identity = {"teacher_sha256": teacher_sha, "student": request.student, "steps": request.steps,
                 "seed": request.seed, "profile": request.profile.name, "config": config}
     # Absent at their defaults, so runs from before these options still resume.
@@ -165,6 +165,8 @@ def _check_options(request: TrainRequest) -> None:
     if cfg.batch_size % cfg.micro_batch or cfg.divergence not in names:
         raise UsageError("batch_size must be a multiple of micro_batch and divergence one of "
                          f"{', '.join(names)}")
+    optim.candidates(cfg.optimizer, request.device.name, bitsandbytes_usable(request.device))  # UsageError
+    check_teacher_precision(request.device, cfg.teacher_precision)
     if cfg.soft_labels and cfg.temperature != 1.0:
         raise UsageError("cached soft labels hold the teacher at temperature 1; a tempered teacher needs "
                          "the whole vocabulary", hint="use temperature 1 with --soft-labels, or train online")
@@ -255,10 +257,11 @@ def build_training(request: TrainRequest, inputs: RunInputs, data: TrainData, *,
         gc.collect()
     device = request.device
     # The student keeps fp32 master weights on the device (autocast lowers its forward); the frozen
-    # teacher, which only runs forward, is held in the device's half precision (fp32 on the CPU).
+    # teacher, which only runs forward, is held in the device's half precision (fp32 on the CPU), or
+    # as --teacher-precision says. An ``auto`` student was pruned from the fp32 teacher above.
     model = model.to(device.name)
     if teacher is not None:
-        teacher = teacher.to(device.name, dtype=device.teacher_dtype)
+        teacher = teacher.to(device.name, dtype=device.teacher_dtype_for(request.config.teacher_precision))
     if plan.checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
@@ -320,12 +323,7 @@ def _new_student(request: TrainRequest, data: TrainData, teacher: Any, baseline_
 def _trainee(model: Any, description: dict[str, Any], plan: TrainPlan, request: TrainRequest) -> Trainee:
     cfg, steps = request.config, request.steps
     params = [p for p in model.parameters() if p.requires_grad]
-    if plan.optimizer == "adamw8bit":  # planned only where bitsandbytes imports, on CUDA (device.py)
-        import bitsandbytes as bnb
-
-        optimizer = bnb.optim.AdamW8bit(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    else:
-        optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    optimizer = optim.build_optimizer(plan.optimizer, params, cfg.lr, cfg.weight_decay)
     warmup = max(1, round(cfg.warmup_fraction * steps))
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_factor(s, steps, warmup, cfg.min_lr_ratio))
@@ -366,9 +364,9 @@ def plan_for(model: Any, teacher: Any, data: TrainData, request: TrainRequest, b
     def shape(m: Any) -> Any:
         return shape_from_config(m.config.to_dict(), params=count_params(m))
 
-    from edgepack.distill.device import bitsandbytes_usable, device_memory_mb
+    from edgepack.distill.device import device_memory_mb
 
-    cfg, profile = request.config, request.profile
+    cfg, profile, device = request.config, request.profile, request.device
     budget_mb, _source = device_memory_mb(request.device, profile.train_memory_mb)
     # A llama.cpp scorer's mapped GGUF and logits live in the process beside the student.
     outside_torch = onpolicy.scorer_memory_mb(data.on_policy, request.run_dir, cfg,
@@ -377,8 +375,9 @@ def plan_for(model: Any, teacher: Any, data: TrainData, request: TrainRequest, b
                          teacher_mode=data.teacher_while_training, budget_mb=budget_mb,
                          baseline_mb=baseline_mb + outside_torch, batch_size=cfg.batch_size,
                          micro_batch=cfg.micro_batch, seq_len=cfg.max_length, method=method, profile_name=profile.name,
-                         device=request.device.name, precision=request.device.precision,
-                         eight_bit=bitsandbytes_usable(request.device))
+                         device=device.name, precision=device.precision,
+                         optimizers=optim.candidates(cfg.optimizer, device.name, bitsandbytes_usable(device)),
+                         teacher_dtype=str(device.teacher_dtype_for(cfg.teacher_precision)).removeprefix("torch."))
 
 
 def _with_lora(model: Any) -> Any:

@@ -118,6 +118,12 @@ def train_cmd(
              "student; compare with `edgepack eval RUN --variants NAME`).")] = None,
     license_id: Annotated[str | None, typer.Option(
         "--license", help="Hub license id the model card states (default: the one recorded for the teacher).")] = None,
+    optimizer: Annotated[str, typer.Option(
+        help="auto (the planner: fp32 AdamW, or bitsandbytes' 8-bit on CUDA when needed), adamw (fp32 moments), "
+             "adamw-bf16 (bf16 moments: half the optimizer state) or adamw8bit (CUDA).")] = "auto",
+    teacher_precision: Annotated[str, typer.Option(
+        help="The frozen teacher's dtype: auto (fp32 on cpu, the autocast precision on GPUs), fp32, bf16 "
+             "(half the teacher's memory on cpu) or fp16 (GPUs).")] = "auto",
     device: Annotated[str | None, typer.Option(
         help="cpu, cuda, mps or auto (default: the profile's [training] device); refused when absent.")] = None,
     precision: Annotated[str, typer.Option(
@@ -139,7 +145,7 @@ def train_cmd(
     config = TrainConfig(divergence=LOSS_NAMES[loss], soft_labels=soft_labels, soft_k=soft_k,
                          soft_samples=soft_samples, on_policy=on_policy, on_policy_temperature=on_policy_temperature,
                          on_policy_max_new=on_policy_max_new, on_policy_teacher=on_policy_teacher,
-                         on_policy_after=on_policy_after)
+                         on_policy_after=on_policy_after, optimizer=optimizer, teacher_precision=teacher_precision)
     with stage_log("train", run), progress_bars(not json_out) as progress:
         report = train_student(run_dir=run, profile=prof, student=student, steps=steps, seed=seed,
                                resume=resume, progress=progress, config=config, variant=variant,

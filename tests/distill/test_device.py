@@ -230,6 +230,7 @@ def test_a_vram_budget_nothing_meets_names_the_device_and_the_numbers() -> None:
 def test_where_bitsandbytes_imports_full_fine_tuning_with_8bit_adamw_comes_before_lora() -> None:
     # Planner arithmetic only: bitsandbytes is not installed here, so the 8-bit optimizer itself has not run.
     from edgepack.distill.device import bitsandbytes_usable
+    from edgepack.distill.optim import candidates
     from edgepack.distill.plan import plan_training
     from edgepack.memory import ModelShape
 
@@ -238,7 +239,7 @@ def test_where_bitsandbytes_imports_full_fine_tuning_with_8bit_adamw_comes_befor
     def planned(eight_bit: bool):
         return plan_training(shape, teacher=None, teacher_mode="cached", budget_mb=16000, baseline_mb=0,
                              batch_size=8, micro_batch=4, seq_len=256, device="cuda", precision="bf16",
-                             eight_bit=eight_bit)
+                             optimizers=candidates("auto", "cuda", eight_bit))
 
     without, with_8bit = planned(False), planned(True)
     assert (without.method, without.optimizer) == ("lora", "adamw")

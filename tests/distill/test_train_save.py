@@ -22,7 +22,8 @@ from tests.distill.test_train_setup import CFG, make_request
 REPORT_FIELDS = ["identity", "steps", "params", "teacher_params", "final_loss", "first_loss", "loss_curve", "rows",
                  "rows_used", "rows_too_long", "mode", "mode_reason", "teacher_prefix_tokens", "student_prefix_tokens",
                  "soft_labels", "endpoint_logprobs", "tokens", "wall_s", "tokens_per_s", "peak_rss_mb",
-                 "peak_rss_scope", "plan", "measured_over_planned_peak", "device", "precision", "device_reason",
+                 "peak_rss_scope", "plan", "optimizer", "optimizer_state_mb", "teacher_dtype", "teacher_weights_mb",
+                 "measured_over_planned_peak", "device", "precision", "device_reason",
                  "bit_reproducible", "bit_reproducible_reason", "peak_measure", "torch_threads",
                  "on_policy", "resumed_from_step", "data_parallel_processes"]
 STATE = TrainState(2, (StepLog(1, 4.0, 4.5, 2.0, 5e-3, 1.5), StepLog(2, 3.0, 3.25, 2.0, 1e-2, 1.25)), 2.0, 500)
@@ -72,6 +73,9 @@ def test_train_report_fields_and_values(tmp_path: Path, tiny4_dir: Path) -> None
     assert report["tokens"] == 500 and report["tokens_per_s"] == 250.0 and report["wall_s"] == 2.0
     assert report["peak_rss_mb"] == 600.0 and report["peak_rss_scope"] == "this training call"
     assert report["measured_over_planned_peak"] == round(600.0 / built.trainee.plan.planned_peak_mb, 3)
+    teacher = built.objective.targets.model  # the online teacher, fp32 on the CPU by default
+    assert (report["optimizer"], report["teacher_dtype"]) == ("adamw", "float32")
+    assert report["teacher_weights_mb"] == round(sum(p.numel() * 4 for p in teacher.parameters()) / 2**20, 1)
     assert report["on_policy"] is None and report["resumed_from_step"] is None and report["data_parallel_processes"] == 1
     json.dumps(report)  # written as JSON as it is
 
