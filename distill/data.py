@@ -45,7 +45,7 @@ from typing import TYPE_CHECKING, Any
 from edgepack.atomic import atomic_dir, is_complete, write_json
 from edgepack.constants import (DATA_DIR, DATA_REPORT, HOLDOUT_FILE, TEACHER_CACHE_DIR, TEACHER_CONTEXT,
                                 TEACHER_CORRECTED_DIR, TEACHER_DIR, TRAIN_FILE)
-from edgepack.distill.correct import CorrectionConfig
+from edgepack.distill.correct import CorrectionConfig, device_identity
 from edgepack.distill.endpoint import is_invalid_answer
 from edgepack.hashing import sha256_file
 from edgepack.errors import DataError, RunDirError, UsageError
@@ -60,6 +60,7 @@ from edgepack.task import DEMO_LABELS, DEMO_SYSTEM_PROMPT, TASK_FILE, build_task
 if TYPE_CHECKING:
     from edgepack.answers import JsonAnswer, RegexAnswer
     from edgepack.distill.data_answers import TeacherAnswers
+    from edgepack.distill.device import Device
     from edgepack.distill.endpoint import EndpointConfig
     from edgepack.distill.generate import DecodeParams
     from edgepack.distill.teachers import TeacherSource
@@ -285,6 +286,8 @@ class _Plan:
     task: Task
     identity: dict[str, Any]
     """data/'s identity: a complete data/ is reused only when it was built with the same one."""
+    correction_device: Device | None = None
+    """Where teacher correction trains (None: no correction)."""
 
 
 @dataclass(frozen=True)
@@ -307,7 +310,8 @@ def build_dataset(*, teacher: str, data: Path | str | None, run_dir: Path, limit
                   correct: bool = False, correction: CorrectionConfig | None = None,
                   samples: int = 1, sample_temperature: float = 0.8,
                   endpoint: EndpointConfig | None = None, answer_format: RegexAnswer | JsonAnswer | None = None,
-                  holdout: Path | None = None, system_prompt: str | None = None) -> dict[str, Any]:
+                  holdout: Path | None = None, system_prompt: str | None = None, device: str | None = None,
+                  precision: str = "auto", profile_device: str = "cpu") -> dict[str, Any]:
     """Generate, filter and store teacher data for distillation; return data/report.json.
 
     ``data`` is a prompts JSONL or ``builtin:NAME`` (a shipped domain; None: the demo).
@@ -317,6 +321,9 @@ def build_dataset(*, teacher: str, data: Path | str | None, run_dir: Path, limit
     needs them (refused by default). ``correct`` first adapts the teacher to the training
     rows' references (see correct.py); the corrected teacher then answers the student's
     prompts without demonstrations, and training and eval use it (``teacher_dir`` in the report).
+    The correction trains where ``device``/``precision`` say (device.py ``resolve_device``; None:
+    ``profile_device``, the CPU unless the pipeline passes its profile's ``[training] device``);
+    an absent device is refused before anything is loaded. Without ``correct`` they are unused.
     ``samples`` answers are asked per training prompt: the greedy one, then samples drawn at
     ``sample_temperature``; answers that repeat a kept one for the same prompt are dropped as
     ``duplicate`` (see data_answers.py). The report's ``contamination`` compares the holdout
@@ -337,7 +344,7 @@ def build_dataset(*, teacher: str, data: Path | str | None, run_dir: Path, limit
     plan = _plan(teacher=teacher, data=data, limit=limit, strict=strict, seed=seed, allow_pickle=allow_pickle,
                  trust_remote_code=trust_remote_code, correct=correct, correction=correction, samples=samples,
                  sample_temperature=sample_temperature, answer_format=answer_format, holdout=holdout,
-                 system_prompt=system_prompt)
+                 system_prompt=system_prompt, device=device, precision=precision, profile_device=profile_device)
     run_dir = Path(run_dir)
     out = run_dir / DATA_DIR
     reused = _complete_report(out, run_dir, plan, system_prompt)
@@ -360,7 +367,8 @@ def build_dataset(*, teacher: str, data: Path | str | None, run_dir: Path, limit
 def _plan(*, teacher: str, data: Path | str | None, limit: int | None, strict: bool, seed: int,
           allow_pickle: bool, trust_remote_code: bool, correct: bool, correction: CorrectionConfig | None,
           samples: int, sample_temperature: float, answer_format: RegexAnswer | JsonAnswer | None,
-          holdout: Path | None, system_prompt: str | None) -> _Plan:
+          holdout: Path | None, system_prompt: str | None, device: str | None = None, precision: str = "auto",
+          profile_device: str = "cpu") -> _Plan:
     """Resolve the teacher and the inputs, check the options, and derive the task and data/'s
     identity (:func:`build_dataset`'s arguments); raises before anything is written."""
     from edgepack.distill.generate import DecodeParams
@@ -371,6 +379,11 @@ def _plan(*, teacher: str, data: Path | str | None, limit: int | None, strict: b
     if remote and correct:
         raise UsageError("--correct-teacher needs the teacher's weights; an endpoint teacher has none",
                          hint="pass a local HF folder, a .gguf or builtin:NAME to correct it")
+    correction_device = None
+    if correct:
+        from edgepack.distill.device import resolve_device
+
+        correction_device = resolve_device(device, profile_device, precision)
     inputs = _load_inputs(data, strict=strict, seed=seed, limit=limit, holdout=holdout, system=system_prompt)
     if samples < 1 or sample_temperature <= 0:
         raise UsageError(f"--samples must be at least 1 and the sample temperature above 0 "
@@ -381,6 +394,8 @@ def _plan(*, teacher: str, data: Path | str | None, limit: int | None, strict: b
     correction = (correction or CorrectionConfig()) if correct else None
     identity = {"teacher_sha256": source.sha256, "inputs": inputs.files, "seed": seed, "limit": limit,
                 "decoding": [p.describe() for p in sample_params], "correction": correction.describe() if correction else None}
+    if (where := device_identity(correction_device)) is not None:  # absent for the CPU in fp32 (the default)
+        identity["correction_device"] = where
     answer_format = answer_format or inputs.answer  # the user's format, else a shipped domain's
     if answer_format is not None:  # absent for the demo format, so data/ built before the option stays valid
         identity["format_check"] = answer_format.format_check()
@@ -388,7 +403,7 @@ def _plan(*, teacher: str, data: Path | str | None, limit: int | None, strict: b
     task = build_task(answer=answer_format, labels=inputs.labels, system_prompt=inputs.system_prompt,
                       demonstrations=[] if correction else inputs.context)
     identity["task"] = task.sha256()
-    return _Plan(source, remote, inputs, sample_params, correction, task, identity)
+    return _Plan(source, remote, inputs, sample_params, correction, task, identity, correction_device)
 
 
 def _complete_report(out: Path, run_dir: Path, plan: _Plan, system_prompt: str | None) -> dict[str, Any] | None:
@@ -419,13 +434,14 @@ def _answering_teacher(plan: _Plan, run_dir: Path, seed: int, progress: Progress
         return _AnsweringTeacher(plan.source, teacher_dir, plan.inputs.context, None)
     corrected = correct_teacher(teacher_dir=teacher_dir, before=plan.source, train=plan.inputs.train,
                                 holdout=plan.inputs.holdout, out_dir=run_dir / TEACHER_CORRECTED_DIR, seed=seed,
-                                config=plan.correction, task=plan.task, progress=progress)
+                                config=plan.correction, task=plan.task, device=plan.correction_device,
+                                progress=progress)
     folder = run_dir / TEACHER_CORRECTED_DIR
     # The corrected teacher answers the student's prompt as it is, without demonstrations.
     return _AnsweringTeacher(load_corrected_source(folder), folder, [], corrected)
 
 
-_CORRECTION_KEYS = ("rows_used", "steps", "first_loss", "final_loss", "train_s",
+_CORRECTION_KEYS = ("rows_used", "steps", "first_loss", "final_loss", "train_s", "device", "precision",
                     "metric", "score_before", "score_after", "holdout_scored")  # correct.py's report, in data's
 
 

@@ -76,7 +76,8 @@ class PipelineConfig:
     license: str | None = _D["license"].default
     """``distill train`` / ``pack --license``: the license the model cards state (None: the teacher's)."""
     device: str | None = _D["device"].default
-    """``distill train --device``: auto, cpu, cuda or mps (None: the profile's ``[training] device``)."""
+    """``distill train --device``, and ``distill data --device`` when the teacher is corrected: auto, cpu,
+    cuda or mps (None: the profile's ``[training] device``)."""
 
     def settings(self) -> dict[str, Any]:
         """run.toml's keys for this config (:data:`edgepack.runconfig.PIPELINE_SETTINGS`)."""
@@ -155,12 +156,14 @@ def _shipped_dir() -> Path:
 
 def _validate_inputs(cfg: PipelineConfig) -> None:
     """Fail on bad input before anything is written under the run directory: the settings, the
-    teacher spec, the data and holdout (as ``distill data`` reads them), the answer format and
-    the system prompt file."""
+    teacher spec, the data and holdout (as ``distill data`` reads them), the answer format, the
+    system prompt file and the training device (where teacher correction and ``distill train`` run)."""
     from edgepack.distill.data import check_inputs
+    from edgepack.distill.device import resolve_device
     from edgepack.distill.teachers import resolve_teacher
 
     check_pipeline_settings(cfg.settings(), source="pipeline settings")
+    resolve_device(cfg.device, cfg.profile.train_device)
     resolve_teacher(cfg.teacher)
     _task_options(cfg)
     check_inputs(cfg.data, holdout=cfg.holdout, strict=cfg.strict, limit=cfg.limit)
@@ -332,7 +335,8 @@ def distill_data(cfg: PipelineConfig, progress: ProgressFn = null_progress) -> D
 
     report = build_dataset(teacher=cfg.teacher, data=cfg.data, run_dir=cfg.run_dir, limit=cfg.limit,
                            strict=cfg.strict, seed=cfg.seed, progress=progress, correct=cfg.correct_teacher,
-                           holdout=cfg.holdout, **_task_options(cfg))
+                           holdout=cfg.holdout, device=cfg.device, profile_device=cfg.profile.train_device,
+                           **_task_options(cfg))
     fixed = report.get("teacher_correction")
     # A task without labels (json, text) has no label accuracy to show for the correction.
     note = (f", teacher {fixed.get('metric', 'accuracy')} {fixed['score_before']} → {fixed['score_after']} "

@@ -17,6 +17,10 @@ Sections, each run through the real CLI in a subprocess, each recorded (or its e
 * ``gate``: the student exported to Q4_K_M and gated on profile gpu-8gb (llama.cpp offload
   of every layer where llama-cpp-python was built with CUDA: ``make setup GPU=cuda``): TTFT,
   decode tok/s, and the GPU memory used during the gate (NVML via nvidia-ml-py when importable).
+* ``correct``: teacher correction on CUDA (``distill data --correct-teacher --device cuda``,
+  ``CORRECT_STEPS`` LoRA steps on a fresh scratch run of ``--limit`` demo prompts): the device,
+  precision and loss curve its correction.json records, its LoRA wall time, the holdout score
+  before and after, and the fp16 steps skipped for gradient overflow (GPUs without bf16).
 
 With no CUDA device it refuses in one line, exit 2, before doing anything. It has not yet been
 run on a GPU (README, "Training on a GPU").
@@ -27,6 +31,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -40,6 +45,7 @@ EDGEPACK = [sys.executable, "-m", "edgepack"]
 TEACHER = "builtin:smollm2-135m-instruct"
 PROFILE = "gpu-8gb"
 STEPS = 20
+CORRECT_STEPS = 10
 
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
@@ -121,6 +127,21 @@ def softlabels(run: Path) -> dict[str, Any]:
             "teacher_dtype": index["identity"].get("teacher_dtype")}
 
 
+def correct(args: argparse.Namespace) -> dict[str, Any]:
+    """Teacher correction's LoRA steps on CUDA; merge, GGUF and scoring stay on the CPU (correct.py)."""
+    run = args.scratch / "correct"
+    if run.exists():  # a fresh correction each time: a finished one would be reused, not timed
+        shutil.rmtree(run)
+    data = edgepack("distill", "data", "--out", str(run), "--teacher", TEACHER, "--limit", str(args.limit),
+                    "--correct-teacher", "--correct-steps", str(CORRECT_STEPS), "--device", "cuda", timeout=360)
+    c = json.loads((run / "teacher-corrected" / "correction.json").read_text())
+    keys = ("device", "precision", "bit_reproducible", "bit_reproducible_reason", "steps", "rows_used",
+            "first_loss", "final_loss", "train_s", "metric", "score_before", "score_after", "holdout_scored")
+    return {k: c.get(k) for k in keys} | {
+        "skipped_fp16_overflow": sum(1 for h in c["loss_curve"] if h.get("skipped_fp16_overflow")),
+        "identity_device": c["identity"].get("device"), "data_kept": data.get("kept")}
+
+
 class NvmlPeak:
     """Peak GPU memory used (NVML, 10 Hz) while a section runs; None without nvidia-ml-py."""
 
@@ -176,7 +197,8 @@ def main(argv: list[str] | None = None) -> int:
                 ("train_cpu", lambda: train(run, "cpu", "cpu", args.cpu_steps)),
                 ("resume", lambda: killed_and_resumed(run)),
                 ("softlabels", lambda: softlabels(run)),
-                ("gate", lambda: gate(run))]
+                ("gate", lambda: gate(run)),
+                ("correct", lambda: correct(args))]
     for name, section in sections:
         if time.monotonic() - t0 > args.budget_s:
             out["sections"][name] = {"skipped": f"past the {args.budget_s:.0f} s budget"}

@@ -11,6 +11,13 @@ from edgepack.constants import BUILTIN_TEACHER, TEACHER_API_KEY_ENV
 
 app = typer.Typer(help="Distillation: teacher data, then KD training.", no_args_is_help=True)
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout.")]
+# --device/--precision of `distill train` and of teacher correction (`distill data`): device.py resolves them.
+PrecisionOpt = Annotated[str, typer.Option(
+    help="auto (fp32 on cpu, bf16 or fp16+scaling on GPUs), fp32, bf16 or fp16.")]
+
+
+def _device_option(default: str, note: str = "") -> typer.models.OptionInfo:
+    return typer.Option(help=f"cpu, cuda, mps or auto (default: {default}); refused when absent.{note}")
 
 
 @app.command("data")
@@ -28,6 +35,9 @@ def data_cmd(
     correct_teacher: Annotated[bool, typer.Option(
         "--correct-teacher", help="First LoRA-SFT the teacher on the rows' references (teacher correction).")] = False,
     correct_steps: Annotated[int, typer.Option(help="Optimizer steps of teacher correction.")] = 40,
+    device: Annotated[str | None, _device_option(
+        "cpu", " Where --correct-teacher trains (auto: cpu, as no profile is given here).")] = None,
+    precision: PrecisionOpt = "auto",
     samples: Annotated[int, typer.Option(help="Teacher answers per training prompt (greedy, then sampled).")] = 1,
     sample_temperature: Annotated[float, typer.Option(help="Temperature of the samples after the first.")] = 0.8,
     allow_pickle: Annotated[bool, typer.Option(
@@ -56,9 +66,13 @@ def data_cmd(
     from edgepack.distill.correct import CorrectionConfig
     from edgepack.distill.data import build_dataset
     from edgepack.distill.endpoint import EndpointConfig
+    from edgepack.errors import UsageError
     from edgepack.logs import stage_log
     from edgepack.task import answer_from_options, read_system_prompt
 
+    if not correct_teacher and (device is not None or precision != "auto"):
+        raise UsageError("--device and --precision say where teacher correction trains; there is none to train",
+                         hint="add --correct-teacher, or drop --device/--precision")
     answer_format = answer_from_options(format_regex, format_schema)
     system = read_system_prompt(system_prompt) if system_prompt is not None else None
     with stage_log("data", out), progress_bars(not json_out) as progress:
@@ -69,7 +83,8 @@ def data_cmd(
                                sample_temperature=sample_temperature,
                                endpoint=EndpointConfig(concurrency=concurrency, api_key_env=api_key_env,
                                                        timeout_s=timeout),
-                               answer_format=answer_format, holdout=holdout, system_prompt=system)
+                               answer_format=answer_format, holdout=holdout, system_prompt=system,
+                               device=device, precision=precision)
     if report.get("distillation") == "response-only":
         warn(f"response-only distillation: {report.get('distillation_reason')}")
     for line in report.get("warnings") or []:  # skipped bad lines, merged label spellings, refused invalid answers
@@ -124,10 +139,8 @@ def train_cmd(
     teacher_precision: Annotated[str, typer.Option(
         help="The frozen teacher's dtype: auto (fp32 on cpu, the autocast precision on GPUs), fp32, bf16 "
              "(half the teacher's memory on cpu) or fp16 (GPUs).")] = "auto",
-    device: Annotated[str | None, typer.Option(
-        help="cpu, cuda, mps or auto (default: the profile's [training] device); refused when absent.")] = None,
-    precision: Annotated[str, typer.Option(
-        help="auto (fp32 on cpu, bf16 or fp16+scaling on GPUs), fp32, bf16 or fp16.")] = "auto",
+    device: Annotated[str | None, _device_option("the profile's [training] device")] = None,
+    precision: PrecisionOpt = "auto",
     json_out: JsonOpt = False,
 ) -> None:
     """Distill the teacher into a student sized for the profile."""
