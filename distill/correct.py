@@ -25,7 +25,8 @@ makes a step about four times cheaper for the demo, whose system prompt is 180 o
 The LoRA steps run on the :class:`~edgepack.distill.device.Device` the caller resolved
 (``distill data --device/--precision``, the pipeline's ``device``): the adapted model on it,
 the forward under its autocast (bf16/fp16 on accelerators, bf16 on the CPU when asked), fp16
-gradients scaled. The weights stay fp32 (the merge adds the adapters to them), and the merge,
+gradients scaled (a step whose scaled gradients overflow is skipped, as GradScaler does, and
+marked ``skipped_fp16_overflow`` in the loss curve). The weights stay fp32 (the merge adds the adapters to them), and the merge,
 the GGUF conversion and the scoring run on the CPU as before. The CPU in fp32 is the default
 and leaves correction.json's identity as it always was; any other device or precision enters
 it (:func:`device_identity`), and correction.json records where it trained and whether the

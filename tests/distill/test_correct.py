@@ -245,7 +245,9 @@ def test_the_pipeline_corrects_on_its_device_setting_or_its_profiles(tmp_path: P
     assert not (tmp_path / "run").exists()
 
 
-def test_the_fp16_gradient_scaling_path_learns(corrected_run, tmp_path: Path) -> None:
+# An overflowed step is skipped by GradScaler and still advances the schedule (a fixed step count).
+@pytest.mark.filterwarnings("ignore:Detected call of `lr_scheduler.step\\(\\)` before `optimizer.step\\(\\)`")
+def test_the_fp16_gradient_scaling_path_learns_and_skips_overflowed_steps(corrected_run, tmp_path: Path) -> None:
     """The steps an fp16 GPU takes (autocast fp16, GradScaler: scale, unscale, clip, step, update),
     on the CPU: a Device built directly, as resolve_device refuses fp16 on the CPU."""
     import torch
@@ -263,3 +265,17 @@ def test_the_fp16_gradient_scaling_path_learns(corrected_run, tmp_path: Path) ->
     assert history[-1]["loss"] < history[0]["loss"] and not any(h.get("skipped_fp16_overflow") for h in history)
     merged = load_file(tmp_path / "merged" / "model.safetensors")
     assert {t.dtype for t in merged.values()} == {torch.float32}  # fp32 weights, merged on the CPU
+    teacher = load_file(fp32_run / TEACHER_DIR / "model.safetensors")
+    assert any(not torch.equal(merged[k], teacher[k]) for k in teacher)
+
+    class OverflowingDevice(Device):
+        """A loss scale no fp16 gradient survives: every step overflows, as a bad fp16 step on a GPU."""
+
+        def grad_scaler(self) -> torch.amp.GradScaler:
+            return torch.amp.GradScaler("cpu", init_scale=1e30)
+
+    history, _ = _train_lora(fp32_run / TEACHER_DIR, train, tmp_path / "overflowed", 0, replace(FAST, steps=2),
+                             OverflowingDevice("cpu", "fp16", "test"), lambda *a: None)
+    assert all(h["skipped_fp16_overflow"] for h in history)  # recorded in the loss curve...
+    overflowed = load_file(tmp_path / "overflowed" / "model.safetensors")
+    assert all(torch.equal(overflowed[k], teacher[k]) for k in teacher)  # ...and not applied
