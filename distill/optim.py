@@ -15,15 +15,14 @@ name           what                                                        state
 considers. The planner counts ``state_bytes`` per trainable parameter, so planned and measured
 peaks stay comparable.
 
-Why our own bf16 AdamW rather than a library's (bench/trl/optim_probe.py, the student's 77.9M
-parameter shapes, 1 thread, torch 2.13 on the CPU): bitsandbytes 0.50's AdamW8bit runs there but
-takes ~3.4 s per step against AdamW's ~0.6 s, and its step's temporaries peak ~80 MB *above* fp32
-AdamW's (it works on whole tensors); torchao 0.18's AdamW8bit compiles its step with inductor
-(~65 s for the first step, ~8 s per step after) and holds +393 MB after the steps against bf16
-moments' +245 MB; torchao's ``_AdamW(bf16_stochastic_round=True)`` rounds bf16 *parameters* and
-keeps fp32 moments for fp32 ones. And neither library's state is plain tensors that the
-checkpoints' safetensors files (checkpoint.py: no pickles) hold. bench/trl/results-memory.md has
-the numbers.
+Why our own bf16 AdamW rather than a library's (bench/trl/optim_probe.json: the student's 77.9M
+parameter shapes, one loaded core, torch 2.13 on the CPU): AdamWBf16 takes ~0.7 s per step and
++232 MB (state and step together) against torch AdamW's ~0.9 s and +758 MB; bitsandbytes 0.50's
+AdamW8bit runs on the CPU but takes ~3.5 s per step and peaks at +821 MB (it dequantizes whole
+tensors); torchao 0.18's AdamW8bit compiles its step with inductor (15-65 s for the first step,
+~6.5 s per step after) and peaks at +546 MB; torchao's ``_AdamW(bf16_stochastic_round=True)``
+rounds bf16 *parameters* and keeps fp32 moments for fp32 ones. Neither library's state is plain
+tensors that the checkpoints' safetensors files (checkpoint.py: no pickles) hold.
 """
 
 from __future__ import annotations

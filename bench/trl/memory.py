@@ -30,13 +30,21 @@ Variants (``VARIANTS``, by exact name; ``+`` combines them, e.g. ``foreach-off+b
 ``mmap-1m``         ``MALLOC_MMAP_THRESHOLD_=1048576``: the same from 1 MiB up (fewer mmap calls and page faults)
 ``arena-1``         ``MALLOC_ARENA_MAX=1``: one malloc arena for all threads
 ``trim-step``       ``malloc_trim(0)`` after every optimizer step (returns free heap pages)
+``checkpointing``   the planner's plan with gradient checkpointing on (what it picks when the profile's
+                    memory is short): each block's activations recomputed in backward, and the student's
+                    shared-prefix pass off (train_setup.py turns it off under checkpointing)
 =================  =====================================================================================
+
+Trainer options (``OPTION_VARIANTS``): the real ``distill train`` options, set in the worker's
+TrainConfig (no patch): ``optimizer=adamw-bf16`` (optim.AdamWBf16: bf16 moments, stochastic
+rounding, updated in 64K-element chunks) and ``teacher=bf16`` (``--teacher-precision bf16``).
 
 Run (the machine's other jobs change tokens/s, not peaks; compare tokens/s within one call)::
 
     nice -n 10 .venv/bin/python bench/trl/memory.py --variants baseline,foreach-off,bf16-moments,...
 
-writes ``bench/trl/memory.json`` and ``bench/trl/memory.md``.
+writes ``bench/trl/memory.json`` and ``bench/trl/memory.md`` (``--out`` elsewhere: the trainer options'
+measurement is ``--out bench/trl/results-memory.json``).
 """
 
 from __future__ import annotations
@@ -57,6 +65,8 @@ from typing import Any
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
+
+from report import OPTION_VARIANTS  # noqa: E402  (bench/trl/report.py: the variants that are trainer options)
 
 ROOT = HERE.parents[1]
 ENV_VARIANTS = {"mmap-64k": {"MALLOC_MMAP_THRESHOLD_": "65536"}, "mmap-1m": {"MALLOC_MMAP_THRESHOLD_": "1048576"},
@@ -135,14 +145,29 @@ def _precision_bf16() -> None:
     train.train_student = functools.partial(train.train_student, precision="bf16")
 
 
+def _checkpointing() -> None:
+    import dataclasses
+
+    from edgepack.distill import plan
+
+    original = plan.plan_training
+
+    def with_checkpointing(*a: Any, **kw: Any) -> Any:
+        return dataclasses.replace(original(*a, **kw), checkpointing=True)
+
+    plan.plan_training = with_checkpointing
+
+
 def _trim_each_step() -> None:
     libc = ctypes.CDLL("libc.so.6")
     PHASES.after_step.append(lambda: libc.malloc_trim(0))
 
 
+TITLE = "What lowers edgepack's training peak RSS (bench/trl/memory.py)"
+
 PATCHES = {"foreach-off": _adamw_foreach_off, "bf16-moments": _adamw_bf16_moments, "teacher-bf16": _teacher_bf16,
-           "precision-bf16": _precision_bf16, "trim-step": _trim_each_step}
-VARIANTS = ("baseline", *PATCHES, *ENV_VARIANTS)
+           "precision-bf16": _precision_bf16, "trim-step": _trim_each_step, "checkpointing": _checkpointing}
+VARIANTS = ("baseline", *PATCHES, *ENV_VARIANTS, *OPTION_VARIANTS)
 
 
 class Phases:
@@ -192,9 +217,13 @@ def _instrument() -> None:
 
     onpolicy.sample_completions = phase("generate", onpolicy.sample_completions)
     torch.nn.utils.clip_grad_norm_ = phase("clip", torch.nn.utils.clip_grad_norm_)
-    optimizer_class = torch.optim.AdamW
-    plain_step = optimizer_class.step
+    from edgepack.distill.optim import AdamWBf16
 
+    for optimizer_class in (torch.optim.AdamW, AdamWBf16):
+        optimizer_class.step = _phase_step(optimizer_class.step, memory_now)
+
+
+def _phase_step(plain_step: Any, memory_now: Any) -> Any:
     def step(self: Any, *a: Any, **kw: Any) -> Any:
         before = memory_now()
         PHASES.phase = "optimizer"
@@ -207,7 +236,7 @@ def _instrument() -> None:
                                  **{k + "_after": v for k, v in memory_now().items()}})
             PHASES.phase = "forward+backward"
 
-    optimizer_class.step = step
+    return step
 
 
 def worker(variant: str, spec_path: Path, out_path: Path, sample_ms: float) -> None:
@@ -238,7 +267,8 @@ def run_variant(variant: str, mode: str, prepared: dict[str, Any], args: argpars
             "teacher_dir": prepared["teacher_dir"], "rows_path": prepared["rows_path"], "profile": args.profile,
             "step_tokens": prepared["step_tokens"], "step_prompt_tokens": prepared["step_prompt_tokens"],
             "max_new_tokens": prepared["max_new_tokens"], "on_policy": 1.0 if mode == "on-policy" else 0.0,
-            "run_dir": str(make_run_dir(args.run, work / f"{tag}-run"))}
+            "run_dir": str(make_run_dir(args.run, work / f"{tag}-run")),
+            **{k: v for name in variant.split("+") for k, v in OPTION_VARIANTS.get(name, {}).items()}}
     spec_path, out_path = work / f"{tag}.spec.json", work / f"{tag}.result.json"
     spec_path.write_text(json.dumps(spec))
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "TOKENIZERS_PARALLELISM": "false",
@@ -247,18 +277,34 @@ def run_variant(variant: str, mode: str, prepared: dict[str, Any], args: argpars
         env.update(ENV_VARIANTS.get(name, {}))
     cmd = ["nice", "-n", "10", args.edgepack_python, str(Path(__file__).resolve()), "worker", variant,
            str(spec_path), str(out_path), str(args.sample_ms)]
+    available = _wait_for_memory(args.min_available_mb)
     load = load_average()
     proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True)
     (work / f"{tag}.log").write_text(proc.stdout + proc.stderr)
     if proc.returncode != 0:
         raise SystemExit(f"{tag} failed (exit {proc.returncode}):\n{(proc.stdout + proc.stderr)[-3000:]}")
     r = json.loads(out_path.read_text())
-    return {"variant": variant, "mode": mode, "tag": tag, "load_before": load,
+    return {"variant": variant, "mode": mode, "tag": tag, "load_before": load, "mem_available_before_mb": available,
             "env": {k: v for n in variant.split("+") for k, v in ENV_VARIANTS.get(n, {}).items()},
             **{k: r[k] for k in ("peak_rss_mb", "training_peak_rss_mb", "tokens", "tokens_per_s", "tokens_per_cpu_s",
                                  "step_time_s", "rss_after_imports_mb", "rss_before_first_step_mb", "losses",
                                  "step_end_rss_mb", "step_end_peak_rss_mb", "phase_peak_rss_mb", "optimizer_steps",
-                                 "completion_tokens")}}
+                                 "completion_tokens")},
+            "own_report": r.get("own_report")}
+
+
+def _wait_for_memory(min_mb: float) -> float:
+    """MemAvailable (MB) once it is at least ``min_mb``: other jobs share this machine, and a peak
+    measured while the kernel reclaims pages is not the trainer's own."""
+    from run import log
+
+    while True:
+        meminfo = dict(line.split(":", 1) for line in Path("/proc/meminfo").read_text().splitlines())
+        available = int(meminfo["MemAvailable"].split()[0]) / 1024
+        if available >= min_mb:
+            return round(available)
+        log(f"  waiting: {available:.0f} MB available, below {min_mb:.0f} MB")
+        time.sleep(30)
 
 
 def render(results: dict[str, Any]) -> str:
@@ -266,7 +312,7 @@ def render(results: dict[str, Any]) -> str:
             for m in ("off-policy", "on-policy")}
     trl = results.get("trl_peaks_mb") or {}
     lines = [
-        "# What lowers edgepack's training peak RSS (bench/trl/memory.py)", "",
+        f"# {results.get('title', TITLE)}", "",
         f"Command: `{results['command']}`", "",
         f"Job: bench/trl's (run `{results['run']}`, {results['steps']} steps × 4 rows, micro-batch 2, full fine-tuning "
         f"of the {results['prepared']['student']['params']:,}-parameter student in fp32, dense KD with the fp32 "
@@ -291,8 +337,46 @@ def render(results: dict[str, Any]) -> str:
             + f"{r['tokens_per_s']:.1f} | {r['rss_before_first_step_mb']:.0f} | "
             f"{ph.get('forward+backward', 0):.0f} | {ph.get('optimizer', 0):.0f} | {ph.get('generate', 0) or '–'} | "
             f"{r['losses'][0]:.3f} → {r['losses'][-1]:.3f} | {r['load_before'][0]} |")
+    lines += _verdicts(results["runs"], trl)
     lines += ["", *results.get("findings", []), ""]
     return "\n".join(lines)
+
+
+COUNTERPART = {"off-policy": "trl-gkd", "on-policy": "trl-distill"}
+"""The TRL trainer each mode is compared with (run.py): GKDTrainer λ = 0, DistillationTrainer."""
+TARGET = 0.7
+"""Issue #19: edgepack's peak memory ≤ 0.7× TRL's on the same job."""
+
+
+def _verdicts(runs: list[dict[str, Any]], trl: dict[str, float]) -> list[str]:
+    """Each (mode, variant)'s mean peak over its runs against its mode's TRL trainer and the target,
+    with the planner's estimate and what the trainer reported holding."""
+    if not trl:
+        return []
+    groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for r in runs:
+        groups.setdefault((r["mode"], r["variant"]), []).append(r)
+    lines = ["", f"Against the target (issue #19: peak ≤ {TARGET}× the TRL trainer's on the same job; TRL's peaks "
+             "are the means over rounds in results.json, measured on this machine before TRL's venv was removed):", "",
+             "| mode | variant | runs | peak RSS MB (each) | mean | TRL trainer | TRL peak MB | ratio | verdict "
+             "| planned peak MB | measured / planned | optimizer state MB | teacher held |",
+             "|---|---|---:|---|---:|---|---:|---:|---|---:|---:|---:|---|"]
+    for (mode, variant), group in groups.items():
+        name = COUNTERPART[mode]
+        if name not in trl:
+            continue
+        mean = sum(r["peak_rss_mb"] for r in group) / len(group)
+        ratio = mean / trl[name]
+        own = group[-1].get("own_report") or {}
+        planned = (own.get("plan") or {}).get("planned_peak_mb")
+        teacher = f"{own['teacher_dtype']}, {own['teacher_weights_mb']:.0f} MB" if own.get("teacher_dtype") else "–"
+        each = ", ".join(f"{r['peak_rss_mb']:.0f}" for r in group)
+        lines.append(f"| {mode} | {variant} | {len(group)} | {each} | "
+                     f"{mean:.0f} | {name} | {trl[name]:.0f} | {ratio:.3f}× | "
+                     f"{'met' if ratio <= TARGET else 'NOT met'} | {planned if planned is not None else '–'} | "
+                     f"{f'{mean / planned:.2f}' if planned else '–'} | {own.get('optimizer_state_mb') or '–'} | "
+                     f"{teacher} |")
+    return lines
 
 
 def main() -> None:
@@ -320,6 +404,9 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=HERE / "memory.json")
     parser.add_argument("--render", action="store_true", help="rewrite memory.md from --out without measuring")
     parser.add_argument("--append", action="store_true", help="add these runs to those already in --out")
+    parser.add_argument("--min-available-mb", type=float, default=5000,
+                        help="wait before each variant until this much memory is available (shared machine)")
+    parser.add_argument("--title", default=TITLE)
     args = parser.parse_args()
     from edgepack.atomic import write_json, write_text
 
@@ -353,7 +440,7 @@ def main() -> None:
                 log(f"  peak {r['peak_rss_mb']} MB, {r['tokens_per_s']} tokens/s, phases {r['phase_peak_rss_mb']}")
                 runs.append(r)
                 # Written after every variant, so an interrupted measurement keeps what it has.
-                results = {"command": " && ".join(commands), "commands": commands,
+                results = {"title": args.title, "command": " && ".join(commands), "commands": commands,
                            "started": earlier.get("started", started), "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                            "run": run_label(args.run), "steps": args.steps, "sample_ms": args.sample_ms,
                            "threads": args.threads,

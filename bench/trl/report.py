@@ -44,6 +44,11 @@ METRICS = {
 LOWER_IS_BETTER = {"s_per_step", "peak_rss_mb", "training_peak_rss_mb"}
 
 
+OPTION_VARIANTS = {"optimizer=adamw-bf16": {"optimizer": "adamw-bf16"},
+                   "teacher=bf16": {"teacher_precision": "bf16"}}
+"""memory.py's variants that are `distill train` options: TrainConfig fields the edgepack worker sets
+(workers.worker_edgepack); a field's flag is ``--`` + its name with dashes."""
+
 def with_derived(run: dict[str, Any]) -> dict[str, Any]:
     """``run`` plus the rate of its fastest step (least disturbed by the other jobs, as timeit's minimum)
     and its mean seconds per optimizer step."""
@@ -100,7 +105,9 @@ def _run_row(r: dict[str, Any]) -> str:
             f"{losses[0]:.3f} → {losses[-1]:.3f} | {r['load_average']['before'][0]} |")
 
 
-def render(results: dict[str, Any]) -> str:
+def render(results: dict[str, Any], memory: dict[str, Any] | None = None) -> str:
+    """results.md from results.json; ``memory``: results-memory.json (memory.py's measurement of the
+    trainer's memory options), whose verdicts are added below the targets table."""
     m, s, p = results["machine"], results["summary"], results["prepared"]
     v = results["versions"]
     load = results["load_average"]
@@ -170,6 +177,7 @@ def render(results: dict[str, Any]) -> str:
             f"| {kind} | {trl} | peak memory ≤ {TARGET_MEMORY_RATIO}× TRL | {cmp['memory_ratio']:.2f}× "
             f"({s['means'][kind]['peak_rss_mb']:.0f} vs {s['means'][trl]['peak_rss_mb']:.0f} MB) | "
             f"{cmp['memory_ratio_worst_round']:.2f}× | {ok(cmp['meets_memory'])} |"]
+    lines += _memory_options(memory, s)
     caches = [r["soft_label_cache"] for r in results["runs"] if r.get("soft_label_cache")]
     if caches:
         c = caches[0]
@@ -209,6 +217,39 @@ def render(results: dict[str, Any]) -> str:
     if results.get("notes"):
         lines += ["Notes:", "", *(f"- {n}" for n in results["notes"]), ""]
     return "\n".join(lines)
+
+
+def _memory_options(memory: dict[str, Any] | None, s: dict[str, Any]) -> list[str]:
+    """The peak-memory target again with `distill train`'s memory options (results-memory.json: the
+    edgepack side re-measured, the same job; TRL's peaks are this file's means)."""
+    if not memory:
+        return []
+    chosen = [r for r in memory["runs"] if r["variant"] != "baseline" and "+" in r["variant"]]
+    if not chosen:
+        return []
+    lines = ["", f"With `distill train`'s memory options (bench/trl/results-memory.md, measured {memory['finished']}; "
+             "the edgepack side re-measured alone on the same job, against TRL's means above: TRL's venv was "
+             "removed since; `+ checkpointing` is a patch, not an option):", "",
+             "| edgepack mode | options | against | target (issue #19) | measured (mean over runs) | runs | verdict |",
+             "|---|---|---|---|---|---:|---|"]
+    groups: dict[tuple[str, str], list[float]] = {}
+    for r in chosen:
+        groups.setdefault((r["mode"], r["variant"]), []).append(r["peak_rss_mb"])
+    kinds = {"off-policy": "edgepack", "on-policy": "edgepack-onpolicy"}
+    for (mode, variant), peaks in groups.items():
+        cmp = s["versus_trl"].get(kinds[mode])
+        if cmp is None:
+            continue
+        trl = cmp["against"]
+        mean, trl_peak = sum(peaks) / len(peaks), s["means"][trl]["peak_rss_mb"]
+        parts = variant.split("+")
+        options = " ".join(f"--{k.replace('_', '-')} {v}" for part in parts
+                           for k, v in OPTION_VARIANTS.get(part, {}).items())
+        options = f"`{options}`" + "".join(f" + {part}" for part in parts if part not in OPTION_VARIANTS)
+        lines.append(f"| {kinds[mode]} | {options} | {trl} | peak memory ≤ {TARGET_MEMORY_RATIO}× TRL | "
+                     f"{mean / trl_peak:.3f}× ({mean:.0f} vs {trl_peak:.0f} MB) | {len(peaks)} | "
+                     f"{'met' if mean / trl_peak <= TARGET_MEMORY_RATIO else 'NOT met'} |")
+    return lines
 
 
 NOTES = [

@@ -235,6 +235,12 @@ def measure(args: argparse.Namespace, work: Path) -> tuple[dict[str, Any], list[
     return prepared, runs, profiles
 
 
+def _memory_results(out: Path) -> dict[str, Any] | None:
+    """results-memory.json beside ``out`` (memory.py's measurement of the trainer's memory options), if any."""
+    path = out.with_name("results-memory.json")
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--run", type=Path, default=ROOT / "runs" / "workorders",
@@ -263,7 +269,7 @@ def main() -> None:
         results = json.loads(args.out.read_text())
         results["summary"] = summarize(results["runs"])
         write_json(args.out, results)
-        write_text(args.out.with_suffix(".md"), render(results))
+        write_text(args.out.with_suffix(".md"), render(results, _memory_results(args.out)))
         return
 
     from edgepack.export.gate.gate import machine_info
@@ -301,7 +307,7 @@ def main() -> None:
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     write_json(args.out, results)
-    write_text(args.out.with_suffix(".md"), render(results))
+    write_text(args.out.with_suffix(".md"), render(results, _memory_results(args.out)))
     log(f"wrote {args.out} and {args.out.with_suffix('.md')}")
 
 

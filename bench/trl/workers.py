@@ -132,7 +132,9 @@ def worker_edgepack(spec: dict[str, Any]) -> dict[str, Any]:
                          soft_labels=soft, soft_k=SOFT_K, on_policy=on_policy,
                          on_policy_temperature=spec.get("on_policy_temperature", 1.0),
                          on_policy_max_new=spec.get("max_new_tokens", 0),
-                         on_policy_teacher="hf" if on_policy else "auto")
+                         on_policy_teacher="hf" if on_policy else "auto",
+                         optimizer=spec.get("optimizer", "auto"),
+                         teacher_precision=spec.get("teacher_precision", "auto"))
     t0 = time.perf_counter()
     report = train_student(run_dir=Path(spec["run_dir"]), profile=load_profile(spec["profile"]),
                            student=spec["student_dir"], steps=spec["steps"], seed=SEED, progress=progress,
@@ -171,7 +173,8 @@ def worker_edgepack(spec: dict[str, Any]) -> dict[str, Any]:
         "ops": profiler.summary(),
         "own_report": {k: report.get(k) for k in ("tokens", "wall_s", "tokens_per_s", "peak_rss_mb", "mode",
                                                   "teacher_prefix_tokens", "student_prefix_tokens", "torch_threads",
-                                                  "params", "on_policy", "plan")},
+                                                  "params", "on_policy", "plan", "optimizer",
+                                                  "optimizer_state_mb", "teacher_dtype", "teacher_weights_mb")},
         "torch_threads": torch.get_num_threads(),
     }
 
