@@ -458,15 +458,19 @@ def findings(results: dict[str, Any]) -> list[str]:
                    f"{t['measured_peak_mb'] - t['planned_peak_mb']:.0f} MB, is of the order of the teacher's fp32 "
                    f"weights ({r['params'] * 4 / 2**20:.0f} MB), which setup loads even with cached soft labels "
                    "while the planner counts no teacher for them.")
-    pts = [(r, key) for r in sizes + ([results["demo"]] if "demo" in results else [])
-           for key in ("per_token", "per_token_1_thread") if key in r]
-    for key, label in (("per_token", f"{results['gate_threads']} threads"), ("per_token_1_thread", "1 thread")):
-        rows = [r[key] for r, k in pts if k == key]
-        if len(rows) >= 2:
-            a, b = fit_line([p["bandwidth_bound_ms"] for p in rows], [p["llama_decode_ms"] for p in rows])
-            out.append(f"- llama_decode time per token against its bandwidth bound ({label}, {len(rows)} models): "
-                       f"{a:.2f} ms + {b:.2f} × bound — a fixed {a:.2f} ms per token whatever the size, and the "
-                       f"weights streamed at {1 / b:.2f}× the measured read bandwidth.")
+    for key, label in (("per_token_1_thread", "1 thread"), ("per_token", f"{results['gate_threads']} threads")):
+        rows = [(r["size"], r[key]) for r in sizes if r.get(key)]
+        if not rows:
+            continue
+        out.append(f"- Per decoded token on {label}: " + "; ".join(
+            f"{n} {p['ms_per_token_gate']} ms against a bandwidth bound of {p['bandwidth_bound_ms']} ms "
+            f"(llama.cpp's decode beyond the bound {p['llama_decode_over_bound_ms']} ms, Python eval wrapper "
+            f"{p['wrapper_ms']} ms, sampling {p['sample_ms']} ms)" for n, p in rows) + ".")
+        if len(rows) >= 3:
+            a, b = fit_line([p["bandwidth_bound_ms"] for _, p in rows], [p["llama_decode_ms"] for _, p in rows])
+            out.append(f"  Least-squares over the sizes: llama_decode ≈ {a:.2f} ms + {b:.2f} × bound"
+                       + (f" (a fixed {a:.2f} ms per token; weights streamed at {1 / b:.2f}× the measured bandwidth)."
+                          if a > 0 and b > 0 else " — no fixed per-token part separates from these measurements."))
     demo = results.get("demo") or {}
     for pkey, dkey in (("per_token", "decode"), ("per_token_1_thread", "decode_1_thread")):
         p, d = demo.get(pkey), demo.get(dkey)

@@ -84,16 +84,18 @@ def test_findings_and_report_from_the_numbers(scale: ModuleType) -> None:
                "threads": 1, "torch": "2.x", "rows": 12, "steps": 3,
                "machine": {"cpu": "Test CPU", "cpu_count": 2, "memory_mb": 4096},
                "sizes": {"1b": _size("1b", 1_040_246_784, 5000.0, 8500.0, 40.0, 50.8),
-                         "135m": _size("135m", 134_515_008, 3362.0, 3682.7, 6.0, 10.0)}}
+                         "135m": _size("135m", 134_515_008, 3362.0, 3682.7, 6.0, 10.0),
+                         "360m": _size("360m", 361_821_120, 7382.0, 8483.8, 23.0, 30.4)}}
     found = scale.findings(results)
     assert "135m (134,515,008 parameters)" in found[0] and "1.095× the planned 3362.0 MB (within ±15%)" in found[0]
-    assert "1.7× the planned 5000.0 MB (outside ±15%)" in found[1]
-    # llama_decode = 2.8 ms + 1.2 × bound exactly through both points
-    assert "2.80 ms + 1.20 × bound" in found[2] and "0.83× the measured read bandwidth" in found[2]
+    assert "1.7× the planned 5000.0 MB (outside ±15%)" in found[2]
+    assert found[3].startswith("- Per decoded token on 2 threads: 135m 11.0 ms against a bandwidth bound of 6.0 ms")
+    # llama_decode = 2.8 ms + 1.2 × bound exactly through the three points
+    assert "2.80 ms + 1.20 × bound" in found[4] and "streamed at 0.83× the measured bandwidth" in found[4]
     text = scale.render(results)
-    table = [line for line in text.splitlines() if line.startswith("| 1") and "M |" in line]
-    assert [line.split(" | ")[0] for line in table] == ["| 135m", "| 1b"]
-    assert "## Findings" in text and found[1] in text
+    table = [line for line in text.splitlines() if line.startswith(("| 1", "| 3")) and "M |" in line]
+    assert [line.split(" | ")[0] for line in table] == ["| 135m", "| 360m", "| 1b"]
+    assert "## Findings" in text and found[2] in text
 
 
 @pytest.mark.skipif(not (TEACHER / "tokenizer.json").is_file() or not (WORKORDERS / "data" / "train.jsonl").is_file(),
