@@ -5,10 +5,14 @@ fine-tuning before LoRA, no checkpointing before checkpointing, larger micro-bat
 smaller ones (each a divisor of the step's batch, the rest is gradient accumulation) — and
 returns the first whose estimated peak fits the profile's training memory
 (``[training] memory_mb``). The estimate is ``edgepack.memory.estimate_train`` (weights,
-gradients, AdamW state, activations, the teacher held for online KD) plus the process's
-resident memory before the tokenizer or any model is loaded (Python, torch). It is an upper
-bound: it counts full-sequence logits, while training computes them at answer positions only.
-Training reports it beside the measured peak (process RSS on the CPU,
+gradients, optimizer state, activations, the teacher held for online KD), with the optimizer's
+state recounted at its own bytes per parameter (optim.OPTIMIZERS: 8 for fp32 AdamW, 4 for bf16
+moments, 2 for 8-bit) and the online teacher at its dtype (``--teacher-precision``), plus the
+process's resident memory before the tokenizer or any model is loaded (Python, torch). It is
+meant as an upper bound — it counts full-sequence logits, while training computes them at answer
+positions only — but on bench/trl's CPU job the measured peak is 1.11× (defaults) to 1.19× (bf16
+moments and teacher) of it: the forward + backward transients are under-counted
+(bench/trl/results-memory.md). Training reports it beside the measured peak (process RSS on the CPU,
 torch.cuda.max_memory_allocated on CUDA: distill/device.py, which also gives the budget there —
 free device memory capped at the profile's).
 

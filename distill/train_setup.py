@@ -201,6 +201,11 @@ def read_training_data(request: TrainRequest, inputs: RunInputs, progress: Progr
     if not examples:
         raise DataError(f"no training row fits max_length={cfg.max_length} tokens ({too_long} too long)")
     scorer = onpolicy.scorer_name(cfg, mode, request.run_dir)
+    if cfg.teacher_precision != "auto" and onpolicy.teacher_while_training(scorer, mode) != "online":
+        on = f", on-policy scorer {scorer}" if scorer else ""
+        raise UsageError(f"--teacher-precision {cfg.teacher_precision}: this run ({mode.name} distillation{on}) "
+                         "holds no teacher in torch while training",
+                         hint="drop --teacher-precision: it sets the dtype of the online teacher (dense KD, hf scorer)")
     opener = SPARSE_TARGETS.get(mode.name)
     sparse = opener(request, tok, rows, examples, progress) if opener is not None else None
     return TrainData(tok, tokenizer_dir, pad_id, rows, examples, too_long, mode, sparse, scorer)

@@ -190,6 +190,15 @@ def test_registry_and_refusals() -> None:
         candidates("adamw8bit", "cpu", False)
 
 
+def test_a_teacher_precision_for_a_run_without_an_online_teacher_is_refused(tmp_path: Path, tiny4_dir: Path) -> None:
+    run = make_run(tmp_path / "run", tiny4_dir)
+    cfg = TrainConfig(**{**FAST.__dict__, "divergence": "sft", "teacher_precision": "bf16"})  # response-only
+    with pytest.raises(UsageError, match="holds no teacher in torch while training") as caught:
+        train_student(run_dir=run, profile=PROFILE, steps=1, seed=0, config=cfg)
+    assert caught.value.exit_code == 2 and "\n" not in str(caught.value)
+    assert not (run / STUDENT_DIR).exists()
+
+
 @pytest.mark.parametrize(("option", "words"), [
     (["--optimizer", "sgd"], "unknown --optimizer 'sgd'"),
     (["--optimizer", "adamw8bit"], "--optimizer adamw8bit needs CUDA"),
