@@ -440,7 +440,10 @@ def main() -> None:
                 log(f"  peak {r['peak_rss_mb']} MB, {r['tokens_per_s']} tokens/s, phases {r['phase_peak_rss_mb']}")
                 runs.append(r)
                 # Written after every variant, so an interrupted measurement keeps what it has.
-                results = {"title": args.title, "command": " && ".join(commands), "commands": commands,
+                # --append keeps the earlier title (unless one is given) and findings.
+                title = args.title if args.title != TITLE else earlier.get("title", TITLE)
+                results = {"title": title, "findings": earlier.get("findings", []),
+                           "command": " && ".join(commands), "commands": commands,
                            "started": earlier.get("started", started), "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                            "run": run_label(args.run), "steps": args.steps, "sample_ms": args.sample_ms,
                            "threads": args.threads,

@@ -229,7 +229,8 @@ def _memory_options(memory: dict[str, Any] | None, s: dict[str, Any]) -> list[st
         return []
     lines = ["", f"With `distill train`'s memory options (bench/trl/results-memory.md, measured {memory['finished']}; "
              "the edgepack side re-measured alone on the same job, against TRL's means above: TRL's venv was "
-             "removed since; `+ checkpointing` is a patch, not an option):", "",
+             "removed since; a `+ name` is one of memory.py's other variants, not a trainer option: `checkpointing` "
+             "patches gradient checkpointing on, `mmap-64k` sets MALLOC_MMAP_THRESHOLD_=65536):", "",
              "| edgepack mode | options | against | target (issue #19) | measured (mean over runs) | runs | verdict |",
              "|---|---|---|---|---|---:|---|"]
     groups: dict[tuple[str, str], list[float]] = {}
