@@ -30,6 +30,8 @@ from edgepack.errors import UsageError
 from edgepack.memory import ModelShape, TrainEstimate, estimate_train
 
 METHODS = ("full", "lora")
+CHECKPOINTING = {"auto": (False, True), "on": (True,), "off": (False,)}
+"""``--checkpointing``: the gradient-checkpointing settings the planner may try, in order."""
 LORA_RANK = 16
 MIB = 2**20
 
@@ -74,7 +76,8 @@ def _lora_fraction(shape: ModelShape) -> float:
 def plan_training(student: ModelShape, *, teacher: ModelShape | None, teacher_mode: str, budget_mb: float,
                   baseline_mb: float, batch_size: int, micro_batch: int, seq_len: int, device: str = "cpu",
                   method: str = "auto", profile_name: str = "", precision: str = "fp32",
-                  optimizers: Sequence[str] = ("adamw",), teacher_dtype: str | None = None) -> TrainPlan:
+                  optimizers: Sequence[str] = ("adamw",), teacher_dtype: str | None = None,
+                  checkpointing: str = "auto") -> TrainPlan:
     """The first candidate that fits (see module docstring); UsageError when none does.
 
     ``teacher_mode``: ``online`` (dense KD: the teacher's weights and logits in memory),
@@ -84,6 +87,8 @@ def plan_training(student: ModelShape, *, teacher: ModelShape | None, teacher_mo
     may use, tried in order before LoRA (LoRA uses the first); each counts its own state bytes per
     trainable parameter. ``teacher_dtype``: the online teacher's dtype name (``float32``, ``bfloat16``,
     ``float16``: its weights and logits are counted at that width; None: the autocast precision's).
+    ``checkpointing``: a key of CHECKPOINTING (checked by train_setup; ``on``/``off`` leave the
+    planner no choice).
     On an accelerator ``budget_mb`` is device memory and ``baseline_mb`` 0 (the measured peak there is
     torch.cuda.max_memory_allocated).
     """
@@ -98,18 +103,18 @@ def plan_training(student: ModelShape, *, teacher: ModelShape | None, teacher_mo
     smallest: tuple[float, str] | None = None
     candidates = [(m, o) for m in methods for o in (optimizers if m == "full" else optimizers[:1])]
     for m, optimizer in candidates:
-        for checkpointing in (False, True):
+        for ckpt in CHECKPOINTING[checkpointing]:
             for mb in micro_batches:
                 est = estimate_train(student, budget_bytes=int(budget), device=device, method=m, micro_batch=mb,
                                      seq_len=seq_len, teacher=teacher if teacher_mode != "none" else None,
                                      teacher_mode="cached" if teacher_mode == "cached" else "online",
-                                     lora_fraction=_lora_fraction(student), checkpointing=checkpointing, half=half)
+                                     lora_fraction=_lora_fraction(student), checkpointing=ckpt, half=half)
                 est = _recounted(est, optimizer, teacher if teacher_mode == "online" else None, tdtype, mb * seq_len)
                 peak = baseline_mb + est.total_bytes / MIB
                 what = (f"{m}{_OPTIMIZER_NOTE.get(optimizer, '')}, micro-batch {mb}"
-                        f"{', checkpointing' if checkpointing else ''}")
+                        f"{', checkpointing' if ckpt else ''}")
                 if est.fits:
-                    return TrainPlan(m, mb, batch_size // mb, checkpointing, round(peak, 1), budget_mb,
+                    return TrainPlan(m, mb, batch_size // mb, ckpt, round(peak, 1), budget_mb,
                                      round(baseline_mb, 1), tuple(rejected), optimizer,
                                      round(est.optimizer_bytes / MIB, 1),
                                      tdtype if teacher_mode == "online" and teacher is not None else None,

@@ -113,6 +113,10 @@ class TrainConfig:
     teacher_precision: str = "auto"
     """The frozen teacher's dtype (device.TEACHER_PRECISIONS): ``auto`` is fp32 on the CPU and the
     autocast precision on accelerators; ``bf16`` halves it on the CPU (logits widened for the loss)."""
+    checkpointing: str = "auto"
+    """Gradient checkpointing (plan.CHECKPOINTING): ``auto`` lets the planner turn it on when the
+    profile's memory is short; ``on`` always (each block recomputed in backward: less memory, more
+    compute); ``off`` never."""
 
 
 ON_POLICY_DEFAULTS = {"on_policy": 0.0, "on_policy_temperature": 1.0, "on_policy_max_new": 0, "on_policy_teacher": "auto",
@@ -120,7 +124,8 @@ ON_POLICY_DEFAULTS = {"on_policy": 0.0, "on_policy_temperature": 1.0, "on_policy
 """The on-policy fields at their defaults are left out of a run's identity, so that runs trained
 before on-policy distillation existed still resume and are still recognised as finished."""
 
-IDENTITY_DEFAULTS = {**ON_POLICY_DEFAULTS, "optimizer": "auto", "teacher_precision": "auto"}
+IDENTITY_DEFAULTS = {**ON_POLICY_DEFAULTS, "optimizer": "auto", "teacher_precision": "auto",
+                     "checkpointing": "auto"}
 """Every TrainConfig field added after runs existed, at its default: left out of the run's identity
 (train_setup.check_inputs), so those runs still resume and are still recognised as finished."""
 

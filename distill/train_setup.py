@@ -39,7 +39,7 @@ from edgepack.distill.losses import DIVERGENCES, SPARSE_DIVERGENCES
 from edgepack.distill.modes import (SFT, SOFT_LABELS, TOP_LOGPROBS, TrainingMode, choose_mode, is_endpoint_run,
                                     read_data_report, tokenizer_mismatch)
 from edgepack.distill.parallel import DataParallel
-from edgepack.distill.plan import TrainPlan
+from edgepack.distill.plan import CHECKPOINTING, TrainPlan
 from edgepack.distill.teachers import SOURCE_FILE
 from edgepack.distill.train_loss import Objective, OnlineTeacher, Targets
 from edgepack.distill.train_step import StepData, Trainee, TrainState
@@ -167,6 +167,8 @@ def _check_options(request: TrainRequest) -> None:
                          f"{', '.join(names)}")
     optim.candidates(cfg.optimizer, request.device.name, bitsandbytes_usable(request.device))  # UsageError
     check_teacher_precision(request.device, cfg.teacher_precision)
+    if cfg.checkpointing not in CHECKPOINTING:
+        raise UsageError(f"--checkpointing {cfg.checkpointing!r} is not one of {', '.join(CHECKPOINTING)}")
     if cfg.soft_labels and cfg.temperature != 1.0:
         raise UsageError("cached soft labels hold the teacher at temperature 1; a tempered teacher needs "
                          "the whole vocabulary", hint="use temperature 1 with --soft-labels, or train online")
@@ -382,7 +384,8 @@ def plan_for(model: Any, teacher: Any, data: TrainData, request: TrainRequest, b
                          micro_batch=cfg.micro_batch, seq_len=cfg.max_length, method=method, profile_name=profile.name,
                          device=device.name, precision=device.precision,
                          optimizers=optim.candidates(cfg.optimizer, device.name, bitsandbytes_usable(device)),
-                         teacher_dtype=str(device.teacher_dtype_for(cfg.teacher_precision)).removeprefix("torch."))
+                         teacher_dtype=str(device.teacher_dtype_for(cfg.teacher_precision)).removeprefix("torch."),
+                         checkpointing=cfg.checkpointing)
 
 
 def _with_lora(model: Any) -> Any:

@@ -59,6 +59,9 @@ def data_cmd(
     system_prompt: Annotated[Path | None, typer.Option(
         help="A text file with the task's system prompt, given to every row without a system turn of its own "
              "(default: the demo's for the demo, none for --data). Recorded in RUN/task.json.")] = None,
+    chat_template: Annotated[Path | None, typer.Option(
+        help="A Jinja chat template file for a teacher that has none (a base model), or to replace its own; "
+             "rendered in the sandbox, written into RUN/teacher and so inherited by the student.")] = None,
     json_out: JsonOpt = False,
 ) -> None:
     """Generate, filter and store teacher data for distillation; write the task contract (RUN/task.json)."""
@@ -84,7 +87,7 @@ def data_cmd(
                                endpoint=EndpointConfig(concurrency=concurrency, api_key_env=api_key_env,
                                                        timeout_s=timeout),
                                answer_format=answer_format, holdout=holdout, system_prompt=system,
-                               device=device, precision=precision)
+                               device=device, precision=precision, chat_template=chat_template)
     if report.get("distillation") == "response-only":
         warn(f"response-only distillation: {report.get('distillation_reason')}")
     for line in report.get("warnings") or []:  # skipped bad lines, merged label spellings, refused invalid answers
@@ -139,6 +142,9 @@ def train_cmd(
     teacher_precision: Annotated[str, typer.Option(
         help="The frozen teacher's dtype: auto (fp32 on cpu, the autocast precision on GPUs), fp32, bf16 "
              "(half the teacher's memory on cpu) or fp16 (GPUs).")] = "auto",
+    checkpointing: Annotated[str, typer.Option(
+        help="Gradient checkpointing: auto (the planner, when the profile's memory is short), on (less memory, "
+             "each block's forward recomputed in backward) or off.")] = "auto",
     device: Annotated[str | None, _device_option("the profile's [training] device")] = None,
     precision: PrecisionOpt = "auto",
     json_out: JsonOpt = False,
@@ -158,7 +164,8 @@ def train_cmd(
     config = TrainConfig(divergence=LOSS_NAMES[loss], soft_labels=soft_labels, soft_k=soft_k,
                          soft_samples=soft_samples, on_policy=on_policy, on_policy_temperature=on_policy_temperature,
                          on_policy_max_new=on_policy_max_new, on_policy_teacher=on_policy_teacher,
-                         on_policy_after=on_policy_after, optimizer=optimizer, teacher_precision=teacher_precision)
+                         on_policy_after=on_policy_after, optimizer=optimizer, teacher_precision=teacher_precision,
+                         checkpointing=checkpointing)
     with stage_log("train", run), progress_bars(not json_out) as progress:
         report = train_student(run_dir=run, profile=prof, student=student, steps=steps, seed=seed,
                                resume=resume, progress=progress, config=config, variant=variant,

@@ -178,6 +178,32 @@ def test_the_planner_counts_bf16_moments_and_a_bf16_teacher_at_half() -> None:
     assert base.planned_peak_mb - lean.planned_peak_mb == pytest.approx(saved, abs=0.2)
 
 
+@pytest.mark.parametrize(("checkpointing", "budget_mb", "expected"), [
+    ("auto", 16000, False), ("on", 16000, True), ("auto", 1700, True), ("off", 2300, False)])
+def test_checkpointing_on_and_off_leave_the_planner_no_choice(checkpointing: str, budget_mb: int,
+                                                               expected: bool) -> None:
+    from edgepack.distill.plan import plan_training
+    from edgepack.memory import ModelShape
+
+    student = ModelShape(14, 576, 9, 3, 64, 1536, 49152, 77_873_472, 49152 * 576, True)
+    plan = plan_training(student, teacher=None, teacher_mode="none", budget_mb=budget_mb, baseline_mb=300,
+                         batch_size=4, micro_batch=2, seq_len=256, method="full", checkpointing=checkpointing)
+    assert plan.checkpointing is expected
+    if checkpointing == "off":  # where only checkpointing would fit, "off" is refused rather than overridden
+        with pytest.raises(UsageError, match="training needs at least"):
+            plan_training(student, teacher=None, teacher_mode="none", budget_mb=1700, baseline_mb=300,
+                          batch_size=4, micro_batch=2, seq_len=256, method="full", checkpointing="off")
+
+
+def test_checkpointing_on_trains_with_checkpointed_blocks_and_joins_the_identity(tmp_path: Path,
+                                                                                   tiny4_dir: Path) -> None:
+    run = make_run(tmp_path / "run", tiny4_dir)
+    report = train_student(run_dir=run, profile=PROFILE, steps=2, seed=0,
+                           config=TrainConfig(**{**FAST.__dict__, "checkpointing": "on"}))
+    assert report["plan"]["checkpointing"] is True and report["student_prefix_tokens"] == 0
+    assert report["identity"]["config"]["checkpointing"] == "on"
+
+
 def test_registry_and_refusals() -> None:
     assert set(OPTIMIZERS) == {"adamw", "adamw-bf16", "adamw8bit"}
     assert candidates("auto", "cpu", False) == ("adamw",)
@@ -204,6 +230,7 @@ def test_a_teacher_precision_for_a_run_without_an_online_teacher_is_refused(tmp_
     (["--optimizer", "adamw8bit"], "--optimizer adamw8bit needs CUDA"),
     (["--teacher-precision", "int8"], "--teacher-precision 'int8' is not one of"),
     (["--teacher-precision", "fp16"], "--teacher-precision fp16 is for accelerators"),
+    (["--checkpointing", "yes"], "--checkpointing 'yes' is not one of auto, on, off"),
 ])
 def test_cli_refuses_bad_names_in_one_line_with_exit_2(tmp_path: Path, tiny4_dir: Path, option: list[str],
                                                        words: str) -> None:

@@ -35,7 +35,7 @@ def test_check_inputs_gives_the_identity_and_refuses_bad_options(tmp_path: Path,
                                "profile": PROFILE.name,
                                "config": {k: v for k, v in CFG.__dict__.items()
                                            if not k.startswith("on_policy")
-                                           and k not in ("optimizer", "teacher_precision")}}
+                                           and k not in ("optimizer", "teacher_precision", "checkpointing")}}
     # method and mlp_keep join the identity only away from their defaults (older runs still resume).
     assert "method" not in inputs.identity and "mlp_keep" not in inputs.identity
     other = check_inputs(make_request(run, method="lora", mlp_keep=0.5)).identity
