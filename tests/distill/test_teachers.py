@@ -12,6 +12,7 @@ import pytest
 from edgepack.atomic import is_complete
 from edgepack.distill.teachers import (SOURCE_FILE, builtin_teacher_path, materialize_teacher,
                                        resolve_teacher)
+from edgepack.constants import TEACHER_DIR
 from edgepack.errors import ModelSourceError, RunDirError, UnsafeModelError, UsageError
 
 
@@ -169,12 +170,13 @@ def _without_template(folder: Path) -> Path:
     return folder
 
 
-def test_a_teacher_without_a_chat_template_takes_the_users(tiny_llama_copy: Path, tmp_path: Path) -> None:
+def test_a_teacher_without_a_chat_template_takes_the_users(tiny_llama_copy: Path, tiny_llama_dir: Path,
+                                                           tmp_path: Path) -> None:
     from transformers import AutoTokenizer
 
     base = _without_template(tiny_llama_copy)
-    with pytest.raises(ModelSourceError, match="no chat template.*") as refused:
-        materialize_teacher(resolve_teacher(str(base)), tmp_path / "refused")
+    with pytest.raises(ModelSourceError, match="no chat template") as refused:
+        resolve_teacher(str(base))  # before any weight is read
     assert "--chat-template" in (refused.value.hint or "")
     template = tmp_path / "gemma.jinja"
     template.write_text(GEMMA_STYLE)
@@ -183,7 +185,7 @@ def test_a_teacher_without_a_chat_template_takes_the_users(tiny_llama_copy: Path
     assert AutoTokenizer.from_pretrained(out).chat_template == GEMMA_STYLE
     recorded = json.loads((out / SOURCE_FILE).read_text())
     assert len(recorded["chat_template_sha256"]) == 64 and "chat_template" not in recorded
-    assert "chat_template_sha256" not in resolve_teacher(str(base)).describe()  # none given: as before
+    assert "chat_template_sha256" not in resolve_teacher(str(tiny_llama_dir)).describe()  # none given: as before
     other = tmp_path / "other.jinja"
     other.write_text(GEMMA_STYLE.replace("<start_of_turn>", "<turn>"))
     with pytest.raises(RunDirError, match="another chat template"):
@@ -204,3 +206,18 @@ def test_a_bad_chat_template_file_is_refused(tiny_llama_dir: Path, tmp_path: Pat
         resolve_teacher(str(tiny_llama_dir), chat_template=tmp_path / "missing.jinja")
     with pytest.raises(UsageError, match="endpoint teacher renders its own"):
         resolve_teacher("openai:http://127.0.0.1:9/v1#m", chat_template=bad)
+
+
+@pytest.mark.parametrize("command", [["distill", "data"], ["pipeline", "--profile", "cpu-x86-2c"]])
+def test_the_cli_refuses_a_template_that_does_not_render_before_writing(tmp_path: Path, tiny_llama_dir: Path,
+                                                                        command: list[str],
+                                                                        capsys: pytest.CaptureFixture[str]) -> None:
+    from edgepack.cli import main
+
+    bad = tmp_path / "bad.jinja"
+    bad.write_text("{% for m in messages %}")
+    run = tmp_path / "run"
+    rc = main([*command, "--teacher", str(tiny_llama_dir), "--out", str(run), "--chat-template", str(bad)])
+    errors = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("error:")]
+    assert rc == 2 and len(errors) == 1 and "--chat-template" in errors[0] and str(bad) in errors[0]
+    assert not (run / TEACHER_DIR).exists() and not (run / "data").exists()

