@@ -488,6 +488,20 @@ def findings(results: dict[str, Any]) -> list[str]:
                    "them: consistent with that transient, not isolated here."
                    + (f" The planner at {t['replanned']['commit']} plans {t['replanned']['method']} at "
                       f"{t['replanned']['planned_peak_mb']} MB for the same inputs." if t.get("replanned") else ""))
+    out.append("- Soft labels (teacher = a random-init model of the same size): "
+               + ", ".join(f"{r['size']} {r['softlabels']['s_per_1k_answer_tokens']} s" for r in sizes)
+               + " per 1k answer tokens, the teacher forward "
+               + ", ".join(f"{100 * r['softlabels']['forward_s'] / r['softlabels']['busy_s']:.0f}%" for r in sizes)
+               + f" of it; {sizes[0]['softlabels']['bytes_per_token']} bytes per answer token at every size (the top-32 "
+               "layout does not depend on the model).")
+    out.append("- Training: " + ", ".join(
+        f"{r['size']} {r['train']['tokens_per_s']} tokens/s ({r['train']['tokens_per_s'] * r['params'] / 1e9:.1f} G "
+        "parameter-tokens/s)" for r in sizes) + f" over {results['steps']} steps, {results['threads']} torch thread(s).")
+    out.append("- Q4_K_M: " + ", ".join(
+        f"{r['size']} {8 * r['export']['q4_k_m_bytes'] / r['params']:.2f} bits/weight ({r['export']['fallback_tensors']} "
+        f"of {r['export']['weight_matrices']} weight matrices in llama.cpp's fallback types)" for r in sizes)
+        + ": widths that are not a multiple of 256 (576, 960) cannot take the k-quants, so most matrices fall back "
+        "to Q5_0/Q8_0.")
     for key, label in (("per_token_1_thread", "1 thread"), ("per_token", f"{results['gate_threads']} threads")):
         rows = [(r["size"], r[key]) for r in sizes if r.get(key)]
         if not rows:

@@ -73,8 +73,9 @@ def _size(name: str, params: int, planned: float, measured: float, bound: float,
                                "rejected": []},
                       "planned_peak_mb": planned, "measured_peak_mb": measured,
                       "measured_over_planned": round(measured / planned, 3), "tokens_per_s": 40.0},
-            "softlabels": {"s_per_1k_answer_tokens": 9.0, "bytes_per_token": 202.7},
-            "export": {"convert_f16_s": 4.0, "quantize_q4_k_m_s": 3.0, "q4_k_m_bytes": 100_000_000},
+            "softlabels": {"s_per_1k_answer_tokens": 9.0, "bytes_per_token": 202.7, "forward_s": 9.0, "busy_s": 10.0},
+            "export": {"convert_f16_s": 4.0, "quantize_q4_k_m_s": 3.0, "q4_k_m_bytes": params * 5 // 8,
+                       "fallback_tensors": 0, "weight_matrices": 7},
             "decode": {"threads": 2, "decode_tokens_per_s": 1000 / (decode + 1), "efficiency": bound / (decode + 1)},
             "per_token": per_token}
 
@@ -89,9 +90,11 @@ def test_findings_and_report_from_the_numbers(scale: ModuleType) -> None:
     found = scale.findings(results)
     assert "135m (134,515,008 parameters)" in found[0] and "1.095× the planned 3362.0 MB (within ±15%)" in found[0]
     assert "1.7× the planned 5000.0 MB (outside ±15%)" in found[2]
-    assert found[3].startswith("- Per decoded token on 2 threads: 135m 11.0 ms against a bandwidth bound of 6.0 ms")
+    assert "135m 9.0 s, 360m 9.0 s, 1b 9.0 s per 1k answer tokens, the teacher forward 90%, 90%, 90%" in found[3]
+    assert "135m 40.0 tokens/s (5.4 G parameter-tokens/s)" in found[4] and "1b 5.00 bits/weight" in found[5]
+    assert found[6].startswith("- Per decoded token on 2 threads: 135m 11.0 ms against a bandwidth bound of 6.0 ms")
     # llama_decode = 2.8 ms + 1.2 × bound exactly through the three points
-    assert "2.80 ms + 1.20 × bound" in found[4] and "streamed at 0.83× the measured bandwidth" in found[4]
+    assert "2.80 ms + 1.20 × bound" in found[7] and "streamed at 0.83× the measured bandwidth" in found[7]
     text = scale.render(results)
     table = [line for line in text.splitlines() if line.startswith(("| 1", "| 3")) and "M |" in line]
     assert [line.split(" | ")[0] for line in table] == ["| 135m", "| 360m", "| 1b"]
