@@ -249,11 +249,11 @@ def build_training(request: TrainRequest, inputs: RunInputs, data: TrainData, *,
     from transformers import AutoModelForCausalLM
 
     # A local teacher is also what an ``auto`` student is pruned from (and what a user's
-    # student is compared with), so it is loaded either way; an endpoint has no weights.
+    # student is compared with); an endpoint has no weights.
     teacher = None
     if inputs.teacher_dir is not None:
-        teacher = AutoModelForCausalLM.from_pretrained(inputs.teacher_dir, dtype=torch.float32)
-        teacher.eval().requires_grad_(False)
+        teacher = _load_teacher(inputs.teacher_dir,
+                                weights=request.student == "auto" or data.teacher_while_training == "online")
     last = _last_checkpoint(request, parallel)
     if last is not None:
         model, description, plan = _resumed_student(request, inputs, data, teacher, last, baseline_mb)
@@ -295,6 +295,21 @@ def _last_checkpoint(request: TrainRequest, parallel: DataParallel) -> Path | No
         raise RunDirError(f"{root} holds checkpoints of an unfinished run",
                           hint="pass --resume to continue it, or delete the folder to start over")
     return last
+
+
+def _load_teacher(folder: Path, *, weights: bool) -> Any:
+    """The frozen teacher: its fp32 weights where something reads them (an ``auto`` student is
+    pruned from them; dense KD and the hf scorer run them), else its shape alone on the meta
+    device — parameter counts and the planner's arithmetic, no memory (a user's student trained
+    on cached soft labels or endpoint logprobs never held a 1B teacher beside it)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    if weights:
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    else:
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(folder), dtype=torch.float32)
+    return model.eval().requires_grad_(False)
 
 
 def _resumed_student(request: TrainRequest, inputs: RunInputs, data: TrainData, teacher: Any, last: Path,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -284,3 +285,19 @@ def test_a_student_without_a_chat_template_is_refused_before_any_work(tmp_path: 
     assert len(errors) == 1 and "chat template" in errors[0] and str(student) in errors[0]
     assert "hint:" in out.stderr and "Traceback" not in out.stderr
     assert not (run / STUDENT_DIR).exists() and not (run / CHECKPOINT_DIR).exists()
+
+
+def test_a_users_student_on_cached_soft_labels_never_loads_the_teachers_weights(tmp_path: Path, tiny4_dir: Path,
+                                                                                 tiny_llama_dir: Path) -> None:
+    """Only the teacher's shape is needed (meta device): the weights file can be gone once the cache exists."""
+    run = make_run(tmp_path / "run", tiny4_dir)
+    cfg = dataclasses.replace(FAST, soft_labels=True)
+    first = train_student(run_dir=run, profile=PROFILE, student=str(tiny_llama_dir), steps=2, seed=0, config=cfg)
+    (run / TEACHER_DIR / "model.safetensors").unlink()  # the cache is built; the teacher's weights are not read again
+    again = train_student(run_dir=run, profile=PROFILE, student=str(tiny_llama_dir), steps=2, seed=0, config=cfg,
+                          variant="again")
+    assert again["teacher_params"] == first["teacher_params"] > again["params"]
+    assert again["mode"] == "soft-labels"
+    with pytest.raises(OSError):  # dense KD runs the teacher: its weights are read
+        train_student(run_dir=run, profile=PROFILE, student=str(tiny_llama_dir), steps=2, seed=0, config=FAST,
+                      variant="dense")
