@@ -134,8 +134,8 @@ def resolve_device(requested: str | None, profile_device: str = "cpu", precision
     elif asked not in found:
         origin = "--device" if requested is not None else "the profile's [training] device"
         raise UsageError(f"{origin} {asked} is not available in this process (found: {', '.join(found)})",
-                         hint="`--device cpu` (or auto) on `distill train` or `pipeline` trains on the CPU; or "
-                              "install a torch build for that device")
+                         hint="`--device cpu` (or auto) trains on the CPU (`distill train`, `distill data "
+                              "--correct-teacher`, `pipeline`); or install a torch build for that device")
     else:
         name, reason = asked, ("--device " if requested is not None else "profile device ") + asked
     return Device(name, _precision(name, precision, cuda_bf16), reason)
