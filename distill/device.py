@@ -115,6 +115,30 @@ def available_devices() -> list[str]:
     return found
 
 
+MMAP_THRESHOLD_MAX = 32 * 1024 * 1024
+"""glibc's ceiling for M_MMAP_THRESHOLD on 64-bit systems (HEAP_MAX_SIZE / 2)."""
+
+
+def set_mmap_threshold(nbytes: int) -> None:
+    """glibc's ``M_MMAP_THRESHOLD`` for this process (``mallopt``, what ``MALLOC_MMAP_THRESHOLD_``
+    sets at start): every block of at least ``nbytes`` gets its own mmap and goes back to the OS
+    when freed, instead of staying in the heap. Training's peak then holds fewer dead activation
+    and gradient blocks (bench/trl/results-memory.md), at the cost of a page fault per fresh block.
+    UsageError outside (0, 32 MiB] or where the C library has no ``mallopt`` (not glibc)."""
+    import ctypes
+    import ctypes.util
+
+    if not 0 < nbytes <= MMAP_THRESHOLD_MAX:
+        raise UsageError(f"--mmap-threshold {nbytes} is outside glibc's range (1 to {MMAP_THRESHOLD_MAX} bytes)",
+                         hint="e.g. --mmap-threshold 65536 (64 KiB), or leave it out (0: glibc's default)")
+    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    mallopt = getattr(libc, "mallopt", None)
+    m_mmap_threshold = -3  # malloc.h
+    if mallopt is None or mallopt(m_mmap_threshold, nbytes) != 1:
+        raise UsageError("--mmap-threshold needs glibc's mallopt (Linux); this C library does not take it",
+                         hint="leave --mmap-threshold out on this system")
+
+
 def resolve_device(requested: str | None, profile_device: str = "cpu", precision: str = "auto",
                    available: list[str] | None = None, cuda_bf16: bool | None = None) -> Device:
     """The Device for ``requested`` (None: the profile's ``[training] device``); UsageError when absent.

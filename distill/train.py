@@ -117,6 +117,9 @@ class TrainConfig:
     """Gradient checkpointing (plan.CHECKPOINTING): ``auto`` lets the planner turn it on when the
     profile's memory is short; ``on`` always (each block recomputed in backward: less memory, more
     compute); ``off`` never."""
+    mmap_threshold: int = 0
+    """glibc's M_MMAP_THRESHOLD in bytes for the training process (device.set_mmap_threshold): blocks
+    this large are returned to the OS when freed, which lowers the peak at some speed; 0: glibc's default."""
 
 
 ON_POLICY_DEFAULTS = {"on_policy": 0.0, "on_policy_temperature": 1.0, "on_policy_max_new": 0, "on_policy_teacher": "auto",
@@ -125,7 +128,7 @@ ON_POLICY_DEFAULTS = {"on_policy": 0.0, "on_policy_temperature": 1.0, "on_policy
 before on-policy distillation existed still resume and are still recognised as finished."""
 
 IDENTITY_DEFAULTS = {**ON_POLICY_DEFAULTS, "optimizer": "auto", "teacher_precision": "auto",
-                     "checkpointing": "auto"}
+                     "checkpointing": "auto", "mmap_threshold": 0}
 """Every TrainConfig field added after runs existed, at its default: left out of the run's identity
 (train_setup.check_inputs), so those runs still resume and are still recognised as finished."""
 
@@ -158,7 +161,8 @@ def train_student(*, run_dir: Path, profile: Profile, student: str = "auto", ste
     ``device`` is cpu, cuda, mps or auto (None: the profile's ``[training] device``) and
     ``precision`` fp32, bf16, fp16 or auto (device.py); an absent device is refused before any work.
     """
-    from edgepack.distill.device import peak_memory_mb, reset_peak_memory, resolve_device, seeded
+    from edgepack.distill.device import (peak_memory_mb, reset_peak_memory, resolve_device, seeded,
+                                         set_mmap_threshold)
     from edgepack.distill.parallel import from_env
     from edgepack.distill.train_save import peak_rss_mb, reset_peak_rss, rss_mb, save_student, train_report
     from edgepack.distill.train_setup import TrainRequest, build_training, check_inputs, read_training_data
@@ -171,6 +175,8 @@ def train_student(*, run_dir: Path, profile: Profile, student: str = "auto", ste
     inputs = check_inputs(request)
     if is_complete(request.out):
         return _finished(request.out, inputs.identity)
+    if request.config.mmap_threshold:  # before any model is allocated
+        set_mmap_threshold(request.config.mmap_threshold)
     parallel = from_env(resolved)
     # The process before any model is loaded: the planner's fixed part (on an accelerator the
     # planner plans device memory, which starts empty).

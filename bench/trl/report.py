@@ -45,7 +45,8 @@ LOWER_IS_BETTER = {"s_per_step", "peak_rss_mb", "training_peak_rss_mb"}
 
 
 OPTION_VARIANTS = {"optimizer=adamw-bf16": {"optimizer": "adamw-bf16"},
-                   "teacher=bf16": {"teacher_precision": "bf16"}, "checkpointing=on": {"checkpointing": "on"}}
+                   "teacher=bf16": {"teacher_precision": "bf16"}, "checkpointing=on": {"checkpointing": "on"},
+                   "mmap=64k": {"mmap_threshold": 65536}}
 """memory.py's variants that are `distill train` options: TrainConfig fields the edgepack worker sets
 (workers.worker_edgepack); a field's flag is ``--`` + its name with dashes."""
 

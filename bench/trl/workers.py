@@ -135,7 +135,8 @@ def worker_edgepack(spec: dict[str, Any]) -> dict[str, Any]:
                          on_policy_teacher="hf" if on_policy else "auto",
                          optimizer=spec.get("optimizer", "auto"),
                          teacher_precision=spec.get("teacher_precision", "auto"),
-                         checkpointing=spec.get("checkpointing", "auto"))
+                         checkpointing=spec.get("checkpointing", "auto"),
+                         mmap_threshold=spec.get("mmap_threshold", 0))
     t0 = time.perf_counter()
     report = train_student(run_dir=Path(spec["run_dir"]), profile=load_profile(spec["profile"]),
                            student=spec["student_dir"], steps=spec["steps"], seed=SEED, progress=progress,

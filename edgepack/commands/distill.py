@@ -145,6 +145,9 @@ def train_cmd(
     checkpointing: Annotated[str, typer.Option(
         help="Gradient checkpointing: auto (the planner, when the profile's memory is short), on (less memory, "
              "each block's forward recomputed in backward) or off.")] = "auto",
+    mmap_threshold: Annotated[int, typer.Option(
+        help="glibc's malloc mmap threshold in bytes for this process (e.g. 65536): freed blocks that large go "
+             "back to the OS, lowering the peak at some speed; 0 = glibc's default.")] = 0,
     device: Annotated[str | None, _device_option("the profile's [training] device")] = None,
     precision: PrecisionOpt = "auto",
     json_out: JsonOpt = False,
@@ -165,7 +168,7 @@ def train_cmd(
                          soft_samples=soft_samples, on_policy=on_policy, on_policy_temperature=on_policy_temperature,
                          on_policy_max_new=on_policy_max_new, on_policy_teacher=on_policy_teacher,
                          on_policy_after=on_policy_after, optimizer=optimizer, teacher_precision=teacher_precision,
-                         checkpointing=checkpointing)
+                         checkpointing=checkpointing, mmap_threshold=mmap_threshold)
     with stage_log("train", run), progress_bars(not json_out) as progress:
         report = train_student(run_dir=run, profile=prof, student=student, steps=steps, seed=seed,
                                resume=resume, progress=progress, config=config, variant=variant,

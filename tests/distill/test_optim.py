@@ -231,6 +231,8 @@ def test_a_teacher_precision_for_a_run_without_an_online_teacher_is_refused(tmp_
     (["--teacher-precision", "int8"], "--teacher-precision 'int8' is not one of"),
     (["--teacher-precision", "fp16"], "--teacher-precision fp16 is for accelerators"),
     (["--checkpointing", "yes"], "--checkpointing 'yes' is not one of auto, on, off"),
+    (["--mmap-threshold", "-1"], "--mmap-threshold -1 is outside glibc's range"),
+    (["--mmap-threshold", str(64 * 1024 * 1024)], "is outside glibc's range (1 to 33554432 bytes)"),
 ])
 def test_cli_refuses_bad_names_in_one_line_with_exit_2(tmp_path: Path, tiny4_dir: Path, option: list[str],
                                                        words: str) -> None:
@@ -243,3 +245,14 @@ def test_cli_refuses_bad_names_in_one_line_with_exit_2(tmp_path: Path, tiny4_dir
     assert words in done.stderr
     assert "Traceback" not in done.stderr
     assert not (run / STUDENT_DIR).exists()
+
+
+def test_a_mmap_threshold_run_trains_and_is_recorded(tmp_path: Path, tiny4_dir: Path) -> None:
+    """glibc's threshold is process-wide, so the run is its own process (the CLI)."""
+    run = make_run(tmp_path / "run", tiny4_dir)
+    done = subprocess.run([sys.executable, "-m", "edgepack", "distill", "train", str(run), "--profile", "cpu-x86-2c",
+                           "--device", "cpu", "--steps", "2", "--mmap-threshold", "65536", "--json"],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    report = json.loads((run / STUDENT_DIR / TRAIN_REPORT).read_text())
+    assert report["identity"]["config"]["mmap_threshold"] == 65536 and len(report["loss_curve"]) == 2
