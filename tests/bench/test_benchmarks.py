@@ -96,8 +96,8 @@ def test_generates_markdown_and_plots(benchmarks: ModuleType, tmp_path: Path) ->
     assert "40.0%" in text and "Target: every run within ±10% of the mean: **met**" in text
     assert "| distill train | 30 | 67% | steps=2 |" in text and "Total 45 s" in text
     # the distill, generation, softlabels and reliability results and the task scores do not exist here
-    assert text.count("*not yet run*") == 7 and "bench/distill/results.json" in text
-    assert set(result["missing"]) == {"distill", "trl", "generation", "softlabels", "reliability"}
+    assert text.count("*not yet run*") == 8 and "bench/distill/results.json" in text
+    assert set(result["missing"]) == {"distill", "trl", "generation", "softlabels", "reliability", "scale"}
     # the stage table is copied next to the other results, so it can be committed
     copied = json.loads((bench / "pipeline" / "results.json").read_text())
     assert copied["stages"][1]["seconds"] == 30.0 and copied["machine"]["cpu"] == "Pipeline CPU"
@@ -225,3 +225,35 @@ def test_task_scores_of_both_domains_and_their_fidelity_through_serve(benchmarks
             "action (chrF) 0.41 | 1.00 | 0.90 |") in section
     assert "| b.edgepack | accuracy | 0.790 | 0.800 | -0.010 | yes |" in section
     assert json.loads((bench / "pipeline" / "workorders.json").read_text())["task_scores"]["primary"] == 0.55
+
+
+def _scale_size(name: str, params: int, tokens_per_s: float, peak: float, efficiency: float) -> dict[str, Any]:
+    return {"size": name, "params": params,
+            "softlabels": {"s_per_1k_answer_tokens": 9.4, "bytes_per_token": 202.7},
+            "train": {"tokens_per_s": tokens_per_s, "planned_peak_mb": peak, "measured_peak_mb": peak * 1.1,
+                      "measured_over_planned": 1.1, "plan": {"method": "full", "micro_batch": 2, "checkpointing": False}},
+            "export": {"convert_f16_s": 3.0, "quantize_q4_k_m_s": 4.0},
+            "decode": {"decode_tokens_per_s": 50.0, "efficiency": efficiency},
+            "decode_1_thread": {"decode_tokens_per_s": 30.0, "efficiency": efficiency / 2}}
+
+
+def test_scale_results_are_rendered_with_their_plot(benchmarks: ModuleType, tmp_path: Path) -> None:
+    bench = _bench(tmp_path)
+    _write(bench / "scale" / "results.json", {
+        "command": "OMP_NUM_THREADS=1 python bench/scale/run.py --sizes 135m,360m", "machine": MACHINE,
+        "threads": 1, "gate_threads": 2,
+        "sizes": {"360m": _scale_size("360m", 361_821_120, 20.0, 6000.0, 0.55),
+                  "135m": _scale_size("135m", 134_515_008, 43.4, 3362.0, 0.35)},
+        "findings": ["Finding: the planner's estimate holds within 10%."]})
+    out = tmp_path / "BENCHMARKS.md"
+    result = benchmarks.generate(bench=bench, out=out, pipeline=None, command="make benchmarks")
+    section = out.read_text().split("## Cost vs model size")[1].split("\n## ")[0]
+    assert "Machine: Test CPU 9000" in section and "bench/scale/run.py --sizes 135m,360m" in section
+    rows = [line for line in section.splitlines() if line.startswith("| 1") or line.startswith("| 3")]
+    assert [r.split(" | ")[0] for r in rows] == ["| 135m", "| 360m"]  # smallest first
+    assert "| 135m | 134.5M | 9.4 | 43.4 | full, mb 2 | 3,362 | 3,698 | 1.1 | 3 | 4 | 50 | 0.35 | 30 | 0.175 |" in section
+    assert "Finding: the planner's estimate holds within 10%." in section
+    assert "(bench/plots/scale_cost_vs_size.png)" in section
+    assert "scale" not in result["missing"]
+    png = bench / "plots" / "scale_cost_vs_size.png"
+    assert png.stat().st_size > 1000 and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
