@@ -49,10 +49,12 @@ METHODS = {  # name → (label, TrainConfig overrides)
     "onpolicy50": ("on-policy KD, λ 0.5 (student samples half the steps)", {"on_policy": 0.5}),
     "onpolicy100": ("on-policy KD, λ 1 (student samples every step)", {"on_policy": 1.0}),
     "warmup100": ("on-policy KD, λ 1 after a 50% off-policy warm-up", {"on_policy": 1.0, "on_policy_after": "half"}),
+    "warmup100gguf": ("on-policy KD, λ 1 after a 50% warm-up, scored by the GGUF teacher (llama.cpp)",
+                      {"soft_labels": True, "on_policy": 1.0, "on_policy_after": "half", "on_policy_teacher": "gguf"}),
     "densewall": ("KD dense forward KL, steps for the on-policy wall clock", {}),
 }
-KD_METHODS = ("topk", "sampled", "dense", "onpolicy50", "onpolicy100", "warmup100", "densewall")
-ON_POLICY_METHODS = ("onpolicy50", "onpolicy100", "warmup100")
+KD_METHODS = ("topk", "sampled", "dense", "onpolicy50", "onpolicy100", "warmup100", "warmup100gguf", "densewall")
+ON_POLICY_METHODS = ("onpolicy50", "onpolicy100", "warmup100", "warmup100gguf")
 OFF_POLICY_BASELINE = "dense"
 EQUAL_WALL_BASELINE = "densewall"
 """Dense KD trained for as many steps as fit the wall clock of ``--equal-wall METHOD`` (the mean
@@ -86,14 +88,14 @@ def train_variant(run: Path, scratch_root: Path, method: str, name: str, seed: i
     final = run / student_dir_name(name)
     config = TrainConfig(**{**ident["config"], **method_config(method, steps)})
     if is_complete(final):  # trained by an earlier invocation: reused if the settings match
-        from edgepack.distill.train import ON_POLICY_DEFAULTS
+        from edgepack.distill.train import IDENTITY_DEFAULTS
 
         report = json.loads((final / TRAIN_REPORT).read_text())
-        recorded = {k: v for k, v in config.__dict__.items() if ON_POLICY_DEFAULTS.get(k, object()) != v}
+        recorded = {k: v for k, v in config.__dict__.items() if IDENTITY_DEFAULTS.get(k, object()) != v}
         same = (report["identity"]["config"] == json.loads(json.dumps(recorded))
                 and report["identity"]["seed"] == seed and report["identity"]["steps"] == steps)
         if same:
-            return report
+            return report | {"reused": True}
         raise SystemExit(f"{final} was trained with other settings; delete it to retrain")
     where = run if not config.soft_labels else scratch_run(run, scratch_root / name)
     t0 = time.perf_counter()
@@ -106,10 +108,13 @@ def train_variant(run: Path, scratch_root: Path, method: str, name: str, seed: i
 
 
 def equal_wall_steps(variants: dict[str, tuple[str, int, dict[str, Any]]], method: str, steps: int) -> int:
-    """Dense KD steps that take ``method``'s mean training wall clock (both trained in this invocation)."""
-    walls = {m: [r["wall_s"] / r["steps"] for k, s, r in variants.values() if k == m] for m in (method, OFF_POLICY_BASELINE)}
+    """Dense KD steps that take ``method``'s mean training wall clock. Only students trained in this
+    invocation count (a reused one was timed under another load)."""
+    walls = {m: [r["wall_s"] / r["steps"] for k, s, r in variants.values() if k == m and not r.get("reused")]
+             for m in (method, OFF_POLICY_BASELINE)}
     if not all(walls.values()):
-        raise SystemExit(f"--equal-wall {method} needs {method} and {OFF_POLICY_BASELINE} in --methods")
+        raise SystemExit(f"--equal-wall {method} needs {method} and {OFF_POLICY_BASELINE} trained in this "
+                         "invocation (delete their student folders to retrain them under the same load)")
     return round(steps * statistics.fmean(walls[method]) / statistics.fmean(walls[OFF_POLICY_BASELINE]))
 
 
@@ -186,6 +191,10 @@ def main() -> None:
                         help="optimizer steps per student (default: the run's own student's)")
     parser.add_argument("--equal-wall", default=None, metavar="METHOD",
                         help="also train dense KD for as many steps as METHOD's mean wall clock allows (densewall)")
+    parser.add_argument("--student", default=None, metavar="PATH",
+                        help="train every method from this HF student folder (e.g. the run's finished RUN/student: "
+                             "on-policy as a fine-tuning of a converged student) instead of the run's own choice")
+    parser.add_argument("--prefix", default="", help="prefix of the variant names (e.g. ft- beside earlier variants)")
     parser.add_argument("--out", type=Path, default=Path("bench/distill/results.json"))
     args = parser.parse_args()
     methods = args.methods.split(",")
@@ -194,6 +203,8 @@ def main() -> None:
     command = ".venv/bin/python " + " ".join(shlex.quote(a) for a in sys.argv)
     main_report = json.loads((args.run / STUDENT_DIR / TRAIN_REPORT).read_text())
     ident = main_report["identity"]
+    if args.student:
+        ident = {**ident, "student": str(Path(args.student).resolve())}
     profile = load_profile(ident["profile"])
     steps = args.steps or ident["steps"]
     scratch_root = args.scratch or args.run.with_name(args.run.name + "-bench-scratch")
@@ -202,14 +213,14 @@ def main() -> None:
     variants: dict[str, tuple[str, int, dict[str, Any]]] = {}
     for seed in (int(s) for s in args.seeds.split(",")):
         for method in methods:
-            name = method if seed == ident["seed"] else f"{method}-s{seed}"
+            name = args.prefix + (method if seed == ident["seed"] else f"{method}-s{seed}")
             print(f"[{time.strftime('%H:%M:%S')}] training {name} (load {os.getloadavg()[0]:.2f})", file=sys.stderr)
             variants[name] = (method, seed, train_variant(args.run, scratch_root, method, name, seed, ident, profile,
                                                           steps))
     if args.equal_wall:
         wall_steps = equal_wall_steps(variants, args.equal_wall, steps)
         for seed in (int(s) for s in args.seeds.split(",")):
-            name = EQUAL_WALL_BASELINE if seed == ident["seed"] else f"{EQUAL_WALL_BASELINE}-s{seed}"
+            name = args.prefix + (EQUAL_WALL_BASELINE if seed == ident["seed"] else f"{EQUAL_WALL_BASELINE}-s{seed}")
             print(f"[{time.strftime('%H:%M:%S')}] training {name}: {wall_steps} steps", file=sys.stderr)
             variants[name] = (EQUAL_WALL_BASELINE, seed, train_variant(args.run, scratch_root, EQUAL_WALL_BASELINE,
                                                                         name, seed, ident, profile, wall_steps))
