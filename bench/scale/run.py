@@ -492,6 +492,14 @@ def findings(results: dict[str, Any]) -> list[str]:
         f"of {r['export']['weight_matrices']} weight matrices in llama.cpp's fallback types)" for r in sizes)
         + ": widths that are not a multiple of 256 (576, 960) cannot take the k-quants, so most matrices fall back "
         "to Q5_0/Q8_0.")
+    judged = [(r["size"], d) for r in sizes if r["params"] >= 300e6
+              for d in (r.get("decode"), r.get("decode_1_thread")) if d and d.get("ok", True)]
+    if judged:
+        out.append(f"- Decode efficiency target ≥ {TARGET_EFFICIENCY} at ≥ 360M: " + "; ".join(
+            f"{n} on {d['threads']} thread(s) {d['efficiency']:.2f} ({'met' if d['efficiency'] >= TARGET_EFFICIENCY else 'not met'}; "
+            f"{d['decode_tokens_per_s']} tok/s, {d['bandwidth_gb_s']:.1f} GB/s measured after it)" for n, d in judged)
+            + ". Each figure carries the load of its moment: the same file gives very different rates as other jobs "
+            "come and go (decode_load_average_start/end in results.json).")
     for key, label in (("per_token_1_thread", "1 thread"), ("per_token", f"{results['gate_threads']} threads")):
         rows = [(r["size"], r[key]) for r in sizes if r.get(key)]
         if not rows:
@@ -539,6 +547,7 @@ def findings(results: dict[str, Any]) -> list[str]:
 
 
 VOCAB = 49152
+TARGET_EFFICIENCY = 0.6  # issue #18: decode efficiency at >= 360M, where bandwidth dominates
 
 
 def _quiet_reference() -> dict[str, Any] | None:
