@@ -444,6 +444,7 @@ def measure_decode(name: str, gguf: Path, args: argparse.Namespace) -> dict[str,
             out[pkey] = {**split_overhead(out[dkey], parts), "raw": parts}
         except (RuntimeError, subprocess.TimeoutExpired) as exc:
             out.setdefault(dkey, {"ok": False, "threads": threads, "error": str(exc)[-500:]})
+            out[pkey] = None  # a split from an earlier measurement must not sit beside this failure
             log(f"{name}: {threads} thread(s) failed: {str(exc)[-200:]}")
             continue
         log(f"{name}: {threads} thread(s): {out[dkey]['decode_tokens_per_s']} tok/s, "
@@ -601,14 +602,14 @@ def render(results: dict[str, Any]) -> str:
     for n, r in rows:
         for key, dkey in (("per_token", "decode"), ("per_token_1_thread", "decode_1_thread")):
             p, d = r.get(key), r.get(dkey)
-            if not p or "bandwidth_bound_ms" not in p:
+            if not p or "bandwidth_bound_ms" not in p or not d or "efficiency" not in d:
                 continue
             lines.append(f"| {n} | {d['threads']} | {p['ms_per_token_gate']} | {p['bandwidth_bound_ms']} | "
                          f"{p['llama_decode_ms']} | {p['llama_decode_over_bound_ms']} | {p['wrapper_ms']} | "
                          f"{p['sample_ms']} | {d['efficiency']} |")
     failed = [f"- {n}, {d['threads']} llama.cpp thread(s): the decode measurement failed: {d['error']}"
               for n, r in rows for d in (r.get("decode"), r.get("decode_1_thread")) if d and d.get("ok") is False]
-    lines += ["", "## Findings", "", *findings(results), *failed]
+    lines += ["", "## Findings", "", *findings(results), *failed, *results.get("notes", [])]
     return "\n".join(lines) + "\n"
 
 
