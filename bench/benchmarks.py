@@ -104,6 +104,10 @@ def section_on_policy(doc: Doc, runs: list[dict[str, Any]]) -> None:
                 wins = sum(t["wins_over_off_policy"].values())
                 lines.append(f"{methods[key]['label']} beats off-policy dense KD in {wins} of "
                              f"{len(t['wins_over_off_policy'])} seeds (target ≥ 2) {verdict(t['met'])}")
+                if "wins_at_equal_wall" in t:
+                    same = sum(t["wins_at_equal_wall"].values())
+                    lines.append(f"at the same wall clock, in {same} of {len(t['wins_at_equal_wall'])} seeds "
+                                 f"{verdict(t['met_at_equal_wall'])}")
         doc.add("Targets (issue #19): " + "; ".join(lines) + ".")
 
 
