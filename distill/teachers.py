@@ -130,14 +130,24 @@ def resolve_teacher(spec: str, *, allow_pickle: bool = False, trust_remote_code:
 
 def _has_chat_template(source: TeacherSource) -> bool:
     """Whether a local teacher carries a chat template (GGUF metadata, or the HF folder's files)."""
+    assert source.path is not None
+    return _TEMPLATE_CHECKS[source.kind](source.path)
+
+
+def _gguf_has_template(path: Path) -> bool:
     from edgepack.gguf_header import read_gguf
     from edgepack.runtime.chat.check import GGUF_DEFAULT_KEY
+
+    return bool(read_gguf(path).metadata.get(GGUF_DEFAULT_KEY))
+
+
+def _folder_has_template(path: Path) -> bool:
     from edgepack.runtime.chat.template import read_chat_template
 
-    assert source.path is not None
-    if source.kind == "gguf":
-        return bool(read_gguf(source.path).metadata.get(GGUF_DEFAULT_KEY))
-    return read_chat_template(source.path) is not None
+    return read_chat_template(path) is not None
+
+
+_TEMPLATE_CHECKS = {"gguf": _gguf_has_template, "hf": _folder_has_template}  # by TeacherSource.kind
 
 
 def _no_template(where: str) -> ModelSourceError:

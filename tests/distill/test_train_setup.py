@@ -11,7 +11,7 @@ import torch
 from edgepack.constants import STUDENT_DIR
 from edgepack.distill.losses import DIVERGENCES
 from edgepack.distill.modes import DENSE, RESPONSE_ONLY
-from edgepack.distill.train import TrainConfig
+from edgepack.distill.train import IDENTITY_DEFAULTS, TrainConfig
 from edgepack.distill.train_loss import OnlineTeacher
 from edgepack.distill.train_setup import (TrainRequest, build_training, check_inputs, lr_factor, read_training_data)
 from edgepack.distill.train_step import TrainState
@@ -34,8 +34,7 @@ def test_check_inputs_gives_the_identity_and_refuses_bad_options(tmp_path: Path,
     assert inputs.identity == {"teacher_sha256": inputs.teacher_sha256, "student": "auto", "steps": 7, "seed": 3,
                                "profile": PROFILE.name,
                                "config": {k: v for k, v in CFG.__dict__.items()
-                                           if not k.startswith("on_policy")
-                                           and k not in ("optimizer", "teacher_precision", "checkpointing")}}
+                                           if IDENTITY_DEFAULTS.get(k, object()) != v}}
     # method and mlp_keep join the identity only away from their defaults (older runs still resume).
     assert "method" not in inputs.identity and "mlp_keep" not in inputs.identity
     other = check_inputs(make_request(run, method="lora", mlp_keep=0.5)).identity
