@@ -149,6 +149,7 @@ def test_teacher_license_is_recorded_from_each_kind_of_source(tiny_llama_dir: Pa
     writer = gguf.GGUFWriter(str(path), "llama")
     writer.add_license("MIT")
     writer.add_languages(["en", "de"])
+    writer.add_chat_template("{{ messages[0]['content'] }}")  # a teacher without one is refused up front
     writer.add_tensor("x", np.zeros((4,), dtype=np.float32))
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
