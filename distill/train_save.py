@@ -43,7 +43,7 @@ def save_progress(root: Path, trainee: Trainee, state: TrainState, identity: dic
     if parallel.is_main:
         ckpt.save_checkpoint(root, state.step, trainee.model, trainee.optimizer, trainee.scheduler,
                              {"identity": identity, "student": trainee.description, "history": state.history_dicts(),
-                              "elapsed": state.elapsed, "tokens": state.tokens, "plan": trainee.plan.describe()},
+                              "elapsed": state.elapsed, "tokens": state.tokens, "cpu_s": state.cpu_s, "plan": trainee.plan.describe()},
                              keep=keep)
     parallel.barrier()
 
@@ -71,6 +71,7 @@ def train_report(request: TrainRequest, inputs: RunInputs, data: TrainData, run:
         **_targets_report(data, cfg),
         "tokens": state.tokens,
         "wall_s": round(state.elapsed, 2),
+        "cpu_s": round(state.cpu_s, 2),
         "tokens_per_s": round(state.tokens / state.elapsed, 1) if state.elapsed else None,
         "peak_rss_mb": round(peak_mb, 1),
         "peak_rss_scope": "this training call" if peak_is_this_call else "the whole process (peak not resettable here)",

@@ -69,12 +69,15 @@ class TrainState:
     """Seconds spent in training steps (setup and checkpoints not counted)."""
     tokens: int = 0
     """Student tokens (prompt + answer) of the steps done."""
+    cpu_s: float = 0.0
+    """CPU seconds of this process (all its threads) in training steps: unlike ``elapsed``, not
+    moved by other work on a shared machine (with one thread, the wall clock of a quiet one)."""
 
     @staticmethod
     def from_checkpoint(state: dict[str, Any]) -> TrainState:
         """The state of a checkpoint's state.json (checkpoint.restore_training_state)."""
         return TrainState(state["step"], tuple(StepLog(**h) for h in state["history"]), state["elapsed"],
-                          state["tokens"])
+                          state["tokens"], state.get("cpu_s", 0.0))  # checkpoints before cpu_s: 0
 
     def history_dicts(self) -> list[dict[str, Any]]:
         return [h.as_dict() for h in self.history]
@@ -156,7 +159,7 @@ def _micro_step(trainee: Trainee, indices: list[int], examples: list[Example], d
 def train_step(trainee: Trainee, data: StepData, objective: Objective, state: TrainState, cfg: TrainConfig,
                parallel: DataParallel = DataParallel()) -> StepResult:
     """Optimizer step ``state.step`` (0-based): batch → loss → backward → clip → step (module docstring)."""
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     indices = batch_indices(len(data.examples), data.seed, state.step, cfg.batch_size)
     chosen = [data.examples[i] for i in indices]
     size = trainee.plan.micro_batch
@@ -206,4 +209,4 @@ def train_step(trainee: Trainee, data: StepData, objective: Objective, state: Tr
     log = StepLog(state.step + 1, round(loss, 6), round(kd, 6), round(ce, 6), trainee.scheduler.get_last_lr()[0],
                   round(grad_norm, 4), on_policy, sampled, capped)
     return StepResult(TrainState(state.step + 1, (*state.history, log), state.elapsed + time.perf_counter() - t0,
-                                 state.tokens + int(step_tokens)))
+                                 state.tokens + int(step_tokens), state.cpu_s + time.process_time() - c0))

@@ -108,14 +108,16 @@ def train_variant(run: Path, scratch_root: Path, method: str, name: str, seed: i
 
 
 def equal_wall_steps(variants: dict[str, tuple[str, int, dict[str, Any]]], method: str, steps: int) -> int:
-    """Dense KD steps that take ``method``'s mean training wall clock. Only students trained in this
-    invocation count (a reused one was timed under another load)."""
-    walls = {m: [r["wall_s"] / r["steps"] for k, s, r in variants.values() if k == m and not r.get("reused")]
-             for m in (method, OFF_POLICY_BASELINE)}
-    if not all(walls.values()):
+    """Dense KD steps that take ``method``'s mean training time. The time is the trainings' CPU
+    seconds (train_report ``cpu_s``): on a shared machine the wall clock moves with other work, CPU
+    seconds do not, and with one thread (``OMP_NUM_THREADS=1``) they are the wall clock a quiet
+    machine gives. Only students trained in this invocation count."""
+    per_step = {m: [r["cpu_s"] / r["steps"] for k, s, r in variants.values() if k == m and not r.get("reused")]
+                for m in (method, OFF_POLICY_BASELINE)}
+    if not all(per_step.values()):
         raise SystemExit(f"--equal-wall {method} needs {method} and {OFF_POLICY_BASELINE} trained in this "
-                         "invocation (delete their student folders to retrain them under the same load)")
-    return round(steps * statistics.fmean(walls[method]) / statistics.fmean(walls[OFF_POLICY_BASELINE]))
+                         "invocation (delete their student folders to retrain them)")
+    return round(steps * statistics.fmean(per_step[method]) / statistics.fmean(per_step[OFF_POLICY_BASELINE]))
 
 
 def spread(values: list[float | None]) -> dict[str, float] | None:
@@ -190,7 +192,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=None,
                         help="optimizer steps per student (default: the run's own student's)")
     parser.add_argument("--equal-wall", default=None, metavar="METHOD",
-                        help="also train dense KD for as many steps as METHOD's mean wall clock allows (densewall)")
+                        help="also train dense KD for as many steps as METHOD's mean training time allows (densewall; "
+                             "CPU seconds, see equal_wall_steps)")
     parser.add_argument("--student", default=None, metavar="PATH",
                         help="train every method from this HF student folder (e.g. the run's finished RUN/student: "
                              "on-policy as a fine-tuning of a converged student) instead of the run's own choice")
@@ -239,7 +242,7 @@ def main() -> None:
                    if span and entry.get("primary") is not None else None}
         return {"key": key, "method": METHODS[key][0] if key in METHODS else key, "seed": seed,
                 **{m: entry.get(m) for m in METRICS}, "gap_closed": gap,
-                **({k: train.get(k) for k in ("wall_s", "tokens_per_s", "peak_rss_mb", "steps", "mode", "call_s",
+                **({k: train.get(k) for k in ("wall_s", "cpu_s", "tokens_per_s", "peak_rss_mb", "steps", "mode", "call_s",
                                               "student_prefix_tokens", "on_policy")} if train else {})}
 
     rows = [row("undistilled", ident["seed"], ev["undistilled"], None, None)]
@@ -269,20 +272,22 @@ def render(results: dict[str, Any]) -> str:
           f"rows, contamination {results['contamination']}; {results['steps']} steps per student; student "
           f"{results['student_params']:,} parameters = {results['student_params'] / results['teacher_params']:.0%} "
           f"of the teacher's. Task score: `{primary}` (the task's primary metric, greedy, on the holdout).", "",
-          "Wall s and tokens/s are the training steps only (train_report `wall_s`, on-policy sampling and "
-          "scoring included); the cached methods' soft-label pass (once per store) and deriving the student are "
-          "not in them (`call_s` in results.json has the whole call).", "",
+          "Wall s, CPU s and tokens/s are the training steps only (train_report `wall_s` / `cpu_s`, on-policy "
+          "sampling and scoring included); the cached methods' soft-label pass (once per store) and deriving the "
+          "student are not in them (`call_s` in results.json has the whole call). The equal-time rows get the "
+          "steps that fit the on-policy method's mean CPU seconds (with one torch thread, the wall clock of a "
+          "quiet machine; the shared machine's load moves wall s, not CPU s).", "",
           "## Every student", "",
           f"| method | seed | steps | {primary} | label acc. | teacher agreement | KL | CE | gap closed ({primary} / "
-          "acc / agree / KL / CE) | wall s | tokens/s | peak RSS MB |",
-          "|---|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|",
+          "acc / agree / KL / CE) | wall s | CPU s | tokens/s | peak RSS MB |",
+          "|---|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|",
           f"| teacher | – | – | {fmt(ev_teacher.get('primary'))} | {fmt(ev_teacher['label_accuracy'])} | "
-          f"{'1' if ev_teacher['label_accuracy'] is not None else '–'} | 0 | {fmt(ev_teacher['ce'])} | – | – | – | – |"]
+          f"{'1' if ev_teacher['label_accuracy'] is not None else '–'} | 0 | {fmt(ev_teacher['ce'])} | – | – | – | – | – |"]
     for r in results["rows"]:
         gap = " / ".join(fmt((r["gap_closed"] or {}).get(m)) for m in METRICS) if r["gap_closed"] else "–"
         md.append(f"| {r['method']} | {r['seed']} | {fmt(r.get('steps'))} | "
                   + " | ".join(fmt(r.get(m)) for m in METRICS)
-                  + f" | {gap} | {fmt(r.get('wall_s'))} | {fmt(r.get('tokens_per_s'))} | {fmt(r.get('peak_rss_mb'))} |")
+                  + f" | {gap} | {fmt(r.get('wall_s'))} | {fmt(r.get('cpu_s'))} | {fmt(r.get('tokens_per_s'))} | {fmt(r.get('peak_rss_mb'))} |")
     md += ["", "## Mean over seeds (min – max)", "",
            f"| method | seeds | {primary} | label acc. | teacher agreement | KL | CE | gap closed {primary} | "
            "wall s | tokens/s | peak RSS MB |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]

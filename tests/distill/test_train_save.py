@@ -21,12 +21,12 @@ from tests.distill.test_train_setup import CFG, make_request
 # train_report.json's fields, in the order they are written (the pipeline, eval and the CLI read them).
 REPORT_FIELDS = ["identity", "steps", "params", "teacher_params", "final_loss", "first_loss", "loss_curve", "rows",
                  "rows_used", "rows_too_long", "mode", "mode_reason", "teacher_prefix_tokens", "student_prefix_tokens",
-                 "soft_labels", "endpoint_logprobs", "tokens", "wall_s", "tokens_per_s", "peak_rss_mb",
+                 "soft_labels", "endpoint_logprobs", "tokens", "wall_s", "cpu_s", "tokens_per_s", "peak_rss_mb",
                  "peak_rss_scope", "plan", "optimizer", "optimizer_state_mb", "teacher_dtype", "teacher_weights_mb",
                  "measured_over_planned_peak", "device", "precision", "device_reason",
                  "bit_reproducible", "bit_reproducible_reason", "peak_measure", "torch_threads",
                  "on_policy", "resumed_from_step", "data_parallel_processes"]
-STATE = TrainState(2, (StepLog(1, 4.0, 4.5, 2.0, 5e-3, 1.5), StepLog(2, 3.0, 3.25, 2.0, 1e-2, 1.25)), 2.0, 500)
+STATE = TrainState(2, (StepLog(1, 4.0, 4.5, 2.0, 5e-3, 1.5), StepLog(2, 3.0, 3.25, 2.0, 1e-2, 1.25)), 2.0, 500, 3.5)
 
 
 def _setup(run: Path, resume: bool = False):
@@ -51,6 +51,7 @@ def test_a_checkpoint_is_resumed_exactly_by_setup(tmp_path: Path, tiny4_dir: Pat
         _setup(run)
     _, _, _, resumed = _setup(run, resume=True)
     assert resumed.start.step == 2 and resumed.start.history == STATE.history and resumed.start.tokens == 500
+    assert resumed.start.cpu_s == 3.5
     assert resumed.trainee.description == trainee.description and resumed.trainee.plan == trainee.plan
     for (name, a), b in zip(trainee.model.named_parameters(), resumed.trainee.params):
         assert torch.equal(a, b), name
@@ -71,6 +72,7 @@ def test_train_report_fields_and_values(tmp_path: Path, tiny4_dir: Path) -> None
     assert report["mode"] == "dense" and report["teacher_prefix_tokens"] is not None
     assert report["soft_labels"] is None and report["endpoint_logprobs"] is None
     assert report["tokens"] == 500 and report["tokens_per_s"] == 250.0 and report["wall_s"] == 2.0
+    assert report["cpu_s"] == 3.5  # both threads of a 2-thread step count
     assert report["peak_rss_mb"] == 600.0 and report["peak_rss_scope"] == "this training call"
     assert report["measured_over_planned_peak"] == round(600.0 / built.trainee.plan.planned_peak_mb, 3)
     teacher = built.objective.targets.model  # the online teacher, fp32 on the CPU by default

@@ -59,7 +59,7 @@ def test_one_step_changes_the_weights_and_lowers_the_loss_on_its_batch(tiny4_dir
     assert log.step == 1 and log.lr == pytest.approx(CFG.lr) and log.kd > 0 and log.ce > 0
     assert log.loss == pytest.approx(0.8 * log.kd + 0.2 * log.ce, abs=2e-6)
     assert again.state.history[0].loss < log.loss
-    assert first.state.tokens > 0 and first.state.elapsed > 0
+    assert first.state.tokens > 0 and first.state.elapsed > 0 and first.state.cpu_s > 0
     changed = [k for k, v in trainee.model.named_parameters() if not torch.equal(v, before[k])]
     assert len(changed) == len(before)
     assert all(p.grad is None for p in trainee.params)  # zeroed for the next step
@@ -110,9 +110,11 @@ def test_divergence_problem() -> None:
 
 
 def test_train_state_round_trips_through_a_checkpoints_state() -> None:
-    state = TrainState(2, (StepLog(1, 3.5, 3.0, 5.5, 1e-3, 0.75), StepLog(2, 3.25, 2.75, 5.25, 2e-3, 0.5)), 4.25, 321)
+    state = TrainState(2, (StepLog(1, 3.5, 3.0, 5.5, 1e-3, 0.75), StepLog(2, 3.25, 2.75, 5.25, 2e-3, 0.5)), 4.25, 321, 7.5)
     saved = {"identity": {}, "student": {}, "history": state.history_dicts(), "elapsed": state.elapsed,
-             "tokens": state.tokens, "plan": None, "step": state.step}
+             "tokens": state.tokens, "cpu_s": state.cpu_s, "plan": None, "step": state.step}
     assert saved["history"][0] == {"step": 1, "loss": 3.5, "kd": 3.0, "ce": 5.5, "lr": 1e-3, "grad_norm": 0.75}
     assert list(saved["history"][0]) == ["step", "loss", "kd", "ce", "lr", "grad_norm"]  # the loss_curve layout
     assert TrainState.from_checkpoint(saved) == state
+    del saved["cpu_s"]  # a checkpoint written before CPU seconds were counted resumes with 0
+    assert TrainState.from_checkpoint(saved).cpu_s == 0.0
