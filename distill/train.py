@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -131,6 +131,11 @@ IDENTITY_DEFAULTS = {**ON_POLICY_DEFAULTS, "optimizer": "auto", "teacher_precisi
                      "checkpointing": "auto", "mmap_threshold": 0}
 """Every TrainConfig field added after runs existed, at its default: left out of the run's identity
 (train_setup.check_inputs), so those runs still resume and are still recognised as finished."""
+
+
+def identity_config(config: TrainConfig) -> dict[str, Any]:
+    """The TrainConfig fields that make a run's identity: all of them but those at IDENTITY_DEFAULTS."""
+    return {k: v for k, v in asdict(config).items() if IDENTITY_DEFAULTS.get(k, object()) != v}
 
 
 def student_dir_name(variant: str | None = None) -> str:

@@ -22,7 +22,7 @@ import gc
 import json
 import math
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -144,9 +144,9 @@ def check_inputs(request: TrainRequest) -> RunInputs:
     onpolicy.check_options(request.config, endpoint_run=remote, steps=request.steps)
     teacher_sha = (data_report["teacher"]["sha256"] if teacher_dir is None
                    else json.loads((teacher_dir / SOURCE_FILE).read_text())["sha256"])
-    from edgepack.distill.train import IDENTITY_DEFAULTS
+    from edgepack.distill.train import identity_config
 
-    config = {k: v for k, v in asdict(request.config).items() if IDENTITY_DEFAULTS.get(k, object()) != v}
+    config = identity_config(request.config)
     identity = {"teacher_sha256": teacher_sha, "student": request.student, "steps": request.steps,
                 "seed": request.seed, "profile": request.profile.name, "config": config}
     # Absent at their defaults, so runs from before these options still resume.

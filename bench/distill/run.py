@@ -88,11 +88,10 @@ def train_variant(run: Path, scratch_root: Path, method: str, name: str, seed: i
     final = run / student_dir_name(name)
     config = TrainConfig(**{**ident["config"], **method_config(method, steps)})
     if is_complete(final):  # trained by an earlier invocation: reused if the settings match
-        from edgepack.distill.train import IDENTITY_DEFAULTS
+        from edgepack.distill.train import identity_config
 
         report = json.loads((final / TRAIN_REPORT).read_text())
-        recorded = {k: v for k, v in config.__dict__.items() if IDENTITY_DEFAULTS.get(k, object()) != v}
-        same = (report["identity"]["config"] == json.loads(json.dumps(recorded))
+        same = (report["identity"]["config"] == json.loads(json.dumps(identity_config(config)))
                 and report["identity"]["seed"] == seed and report["identity"]["steps"] == steps)
         if same:
             return report | {"reused": True}
