@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from edgepack.constants import STUDENT_DIR, TRAIN_REPORT
 from edgepack.distill.device import CPU
@@ -16,6 +15,7 @@ from edgepack.distill.train import TrainConfig, train_student
 from edgepack.errors import UsageError
 from edgepack.profiles import load_profile
 from tests.distill.conftest import make_run, student_with_another_tokenizer
+from tests.distill.resume_check import check_resume
 
 PROFILE = load_profile("cpu-x86-2c")
 
@@ -80,28 +80,11 @@ def test_on_policy_training_lowers_the_kd_on_the_students_own_samples(tmp_path: 
 
 def test_mixed_on_policy_run_resumes_bit_identical(tmp_path: Path, tiny4_dir: Path) -> None:
     cfg = TrainConfig(lr=1e-2, save_every=2, warmup_fraction=0.2, alpha=0.2, on_policy=0.5)
-    full = make_run(tmp_path / "full", tiny4_dir)
-    report = train_student(run_dir=full, profile=PROFILE, steps=6, seed=2, config=cfg)
+    report, _ = check_resume(tmp_path, tiny4_dir, steps=6, kill_after=3, resumes_from=2, profile=PROFILE, seed=2,
+                             config=cfg)
     kinds = [h.get("on_policy", False) for h in report["loss_curve"]]
     assert any(kinds) and not all(kinds), kinds  # seed 2 mixes both kinds of step
     assert all(h["ce"] > 0 for h in report["loss_curve"] if not h.get("on_policy"))
-
-    class Stop(Exception):
-        pass
-
-    def stop_at_3(task: str, done: int, total: int | None = None) -> None:
-        if task == "train" and done == 3:
-            raise Stop
-
-    cut = make_run(tmp_path / "cut", tiny4_dir)
-    with pytest.raises(Stop):
-        train_student(run_dir=cut, profile=PROFILE, steps=6, seed=2, config=cfg, progress=stop_at_3)
-    resumed = train_student(run_dir=cut, profile=PROFILE, steps=6, seed=2, config=cfg, resume=True)
-    assert resumed["resumed_from_step"] == 2
-    a = load_file(str(full / STUDENT_DIR / "model.safetensors"))
-    b = load_file(str(cut / STUDENT_DIR / "model.safetensors"))
-    assert all(torch.equal(a[n], b[n]) for n in a)
-    assert resumed["loss_curve"] == report["loss_curve"]
 
 
 def test_default_options_keep_the_identity_of_earlier_runs(tmp_path: Path, tiny4_dir: Path) -> None:

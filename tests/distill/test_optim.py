@@ -21,6 +21,7 @@ from edgepack.distill.train import TrainConfig, train_student
 from edgepack.errors import UsageError
 from edgepack.profiles import load_profile
 from tests.distill.conftest import make_run
+from tests.distill.resume_check import check_resume
 
 PROFILE = load_profile("cpu-x86-2c")
 FAST = TrainConfig(lr=1e-2, save_every=2, warmup_fraction=0.2, alpha=0.0)
@@ -113,8 +114,8 @@ def test_state_dict_round_trip_through_a_checkpoint_keeps_bf16_and_continues_bit
 
 def test_resume_with_bf16_moments_and_a_bf16_teacher_is_bit_identical(tmp_path: Path, tiny4_dir: Path) -> None:
     cfg = TrainConfig(**{**FAST.__dict__, "optimizer": "adamw-bf16", "teacher_precision": "bf16"})
-    full = make_run(tmp_path / "full", tiny4_dir)
-    report = train_student(run_dir=full, profile=PROFILE, steps=4, seed=1, config=cfg)
+    report, _ = check_resume(tmp_path, tiny4_dir, steps=4, kill_after=3, resumes_from=2, profile=PROFILE, seed=1,
+                             config=cfg)
     assert report["optimizer"] == report["plan"]["optimizer"] == "adamw-bf16"
     assert report["teacher_dtype"] == report["plan"]["teacher_dtype"] == "bfloat16"
     params = report["params"]
@@ -122,21 +123,6 @@ def test_resume_with_bf16_moments_and_a_bf16_teacher_is_bit_identical(tmp_path: 
     assert report["plan"]["optimizer_state_mb"] == pytest.approx(4 * params / 2**20, abs=0.06)
     assert report["identity"]["config"]["optimizer"] == "adamw-bf16"
     assert report["identity"]["config"]["teacher_precision"] == "bf16"
-
-    cut = make_run(tmp_path / "cut", tiny4_dir)
-
-    def stop_after_step_3(task: str, done: int, total: int | None = None) -> None:
-        if task == "train" and done == 3:
-            raise KeyboardInterrupt
-
-    with pytest.raises(KeyboardInterrupt):
-        train_student(run_dir=cut, profile=PROFILE, steps=4, seed=1, progress=stop_after_step_3, config=cfg)
-    resumed = train_student(run_dir=cut, profile=PROFILE, steps=4, seed=1, resume=True, config=cfg)
-    assert resumed["resumed_from_step"] == 2
-    a = load_file(str(full / STUDENT_DIR / "model.safetensors"))
-    b = load_file(str(cut / STUDENT_DIR / "model.safetensors"))
-    assert all(torch.equal(a[k], b[k]) for k in a)
-    assert [h["loss"] for h in resumed["loss_curve"]] == [h["loss"] for h in report["loss_curve"]]
 
 
 def test_defaults_stay_out_of_the_identity_and_the_report_says_fp32(tmp_path: Path, tiny4_dir: Path) -> None:

@@ -18,6 +18,7 @@ from edgepack.distill.train import TrainConfig, train_student
 from edgepack.errors import RunDirError, RuntimeFailure, UsageError
 from edgepack.profiles import load_profile
 from tests.distill.conftest import make_run, student_with_another_tokenizer, train_rows
+from tests.distill.resume_check import check_resume
 
 PROFILE = load_profile("cpu-x86-2c")
 FAST = TrainConfig(lr=1e-2, save_every=2, warmup_fraction=0.2, alpha=0.0)
@@ -73,41 +74,19 @@ def test_training_reduces_kd_loss_and_writes_a_complete_student(tmp_path: Path, 
         train_student(run_dir=run, profile=PROFILE, steps=9, seed=0, resume=True, config=FAST)
 
 
-class _Interrupt(Exception):
-    pass
-
-
 def test_resume_after_interruption_is_bit_identical(tmp_path: Path, tiny4_dir: Path) -> None:
-    full = make_run(tmp_path / "full", tiny4_dir)
-    train_student(run_dir=full, profile=PROFILE, steps=6, seed=1, resume=False, config=FAST)
+    def killed(cut: Path) -> None:
+        assert not (cut / STUDENT_DIR).exists()
+        assert [p.name for p in checkpoint_dirs(cut / CHECKPOINT_DIR)] == ["step-2"]
+        # A save killed half-way leaves a folder without .complete: it must be ignored.
+        shutil.copytree(cut / CHECKPOINT_DIR / "step-2", cut / CHECKPOINT_DIR / "step-4")
+        (cut / CHECKPOINT_DIR / "step-4" / ".complete").unlink()
+        with pytest.raises(RunDirError, match="unfinished run") as exc:
+            train_student(run_dir=cut, profile=PROFILE, steps=6, seed=1, resume=False, config=FAST)
+        assert "--resume" in exc.value.hint
 
-    cut = make_run(tmp_path / "cut", tiny4_dir)
-
-    def stop_after_step_3(task: str, done: int, total: int | None = None) -> None:
-        if task == "train" and done == 3:
-            raise _Interrupt
-
-    with pytest.raises(_Interrupt):
-        train_student(run_dir=cut, profile=PROFILE, steps=6, seed=1, resume=False, progress=stop_after_step_3,
-                      config=FAST)
-    assert not (cut / STUDENT_DIR).exists()
-    assert [p.name for p in checkpoint_dirs(cut / CHECKPOINT_DIR)] == ["step-2"]
-    # A save killed half-way leaves a folder without .complete: it must be ignored.
-    shutil.copytree(cut / CHECKPOINT_DIR / "step-2", cut / CHECKPOINT_DIR / "step-4")
-    (cut / CHECKPOINT_DIR / "step-4" / ".complete").unlink()
-    with pytest.raises(RunDirError, match="unfinished run") as exc:
-        train_student(run_dir=cut, profile=PROFILE, steps=6, seed=1, resume=False, config=FAST)
-    assert "--resume" in exc.value.hint
-    report = train_student(run_dir=cut, profile=PROFILE, steps=6, seed=1, resume=True, config=FAST)
-    assert report["resumed_from_step"] == 2
-
-    a = load_file(str(full / STUDENT_DIR / "model.safetensors"))
-    b = load_file(str(cut / STUDENT_DIR / "model.safetensors"))
-    assert a.keys() == b.keys()
-    for name in a:
-        assert torch.equal(a[name], b[name]), name
-    full_curve = json.loads((full / STUDENT_DIR / TRAIN_REPORT).read_text())["loss_curve"]
-    assert [h["loss"] for h in report["loss_curve"]] == [h["loss"] for h in full_curve]
+    check_resume(tmp_path, tiny4_dir, steps=6, kill_after=3, resumes_from=2, before_resume=killed, profile=PROFILE,
+                 seed=1, config=FAST)
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path: Path, tiny4_dir: Path,
