@@ -312,7 +312,7 @@ def build_dataset(*, teacher: str, data: Path | str | None, run_dir: Path, limit
                   endpoint: EndpointConfig | None = None, answer_format: RegexAnswer | JsonAnswer | None = None,
                   holdout: Path | None = None, system_prompt: str | None = None, device: str | None = None,
                   precision: str = "auto", profile_device: str = "cpu",
-                  chat_template: Path | None = None) -> dict[str, Any]:
+                  chat_template: Path | None = None, stop: tuple[str, ...] = ()) -> dict[str, Any]:
     """Generate, filter and store teacher data for distillation; return data/report.json.
 
     ``data`` is a prompts JSONL or ``builtin:NAME`` (a shipped domain; None: the demo).
@@ -340,7 +340,10 @@ def build_dataset(*, teacher: str, data: Path | str | None, run_dir: Path, limit
     The task (answer kind, labels, system prompt, decoding, primary metric) goes to
     ``RUN/task.json``; its hash is part of data/'s identity. ``chat_template`` (a Jinja file) is
     the teacher's chat template when it has none (a base model) or replaces its own
-    (teachers.py); its hash is part of data/'s identity.
+    (teachers.py); its hash is part of data/'s identity. ``stop`` (``--stop``, at most 4, none
+    empty: refused before the teacher is read) ends each answer before the first stop string the
+    teacher writes (generate.py); it is part of the decoding, so of data/'s identity and the
+    answer cache's keys.
     """
     from edgepack.distill.data_answers import answer_prompts
 
@@ -348,7 +351,7 @@ def build_dataset(*, teacher: str, data: Path | str | None, run_dir: Path, limit
                  trust_remote_code=trust_remote_code, correct=correct, correction=correction, samples=samples,
                  sample_temperature=sample_temperature, answer_format=answer_format, holdout=holdout,
                  system_prompt=system_prompt, device=device, precision=precision, profile_device=profile_device,
-                 chat_template=chat_template)
+                 chat_template=chat_template, stop=tuple(stop))
     run_dir = Path(run_dir)
     out = run_dir / DATA_DIR
     reused = _complete_report(out, run_dir, plan, system_prompt)
@@ -372,11 +375,14 @@ def _plan(*, teacher: str, data: Path | str | None, limit: int | None, strict: b
           allow_pickle: bool, trust_remote_code: bool, correct: bool, correction: CorrectionConfig | None,
           samples: int, sample_temperature: float, answer_format: RegexAnswer | JsonAnswer | None,
           holdout: Path | None, system_prompt: str | None, device: str | None = None, precision: str = "auto",
-          profile_device: str = "cpu", chat_template: Path | None = None) -> _Plan:
+          profile_device: str = "cpu", chat_template: Path | None = None,
+          stop: tuple[str, ...] = ()) -> _Plan:
     """Resolve the teacher and the inputs, check the options, and derive the task and data/'s
     identity (:func:`build_dataset`'s arguments); raises before anything is written."""
-    from edgepack.distill.generate import DecodeParams
+    from edgepack.distill.generate import DecodeParams, check_stop
     from edgepack.distill.teachers import resolve_teacher
+
+    check_stop(stop)  # before the teacher is resolved (a GGUF's header is read there)
 
     source = resolve_teacher(teacher, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code,
                              chat_template=chat_template)
@@ -393,8 +399,8 @@ def _plan(*, teacher: str, data: Path | str | None, limit: int | None, strict: b
     if samples < 1 or sample_temperature <= 0:
         raise UsageError(f"--samples must be at least 1 and the sample temperature above 0 "
                          f"(got {samples}, {sample_temperature})")
-    params = DecodeParams(seed=seed)
-    sample_params = [params] + [DecodeParams(temperature=sample_temperature, seed=seed + j)
+    params = DecodeParams(seed=seed, stop=stop)
+    sample_params = [params] + [DecodeParams(temperature=sample_temperature, seed=seed + j, stop=stop)
                                 for j in range(1, samples)]
     correction = (correction or CorrectionConfig()) if correct else None
     identity = {"teacher_sha256": source.sha256, "inputs": inputs.files, "seed": seed, "limit": limit,

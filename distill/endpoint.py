@@ -28,6 +28,9 @@ What makes it safe to point at a remote service:
   messages, and written atomically: a rerun never pays twice, and answers finished before a
   crash are kept.
 
+Stop strings (``distill data --stop``) are sent as the request's ``stop``; the answer's logprobs
+are cut with its text, so each kept position is a token of the kept text (:func:`_cut_at_stop`).
+
 Per-token logprobs are asked for (``logprobs: true, top_logprobs: K``). An endpoint that
 refuses them (a 400 naming ``logprobs``, as ``edgepack serve`` does) or answers without them
 gives response-only answers, each carrying ``no_logprobs_reason`` so the data report can say
@@ -197,6 +200,8 @@ class EndpointTeacher:
             return cached
         body = {"model": self.source.model, "messages": messages, "max_tokens": self.params.max_new_tokens,
                 "temperature": self.params.temperature, "seed": self.params.seed, "stream": False}
+        if self.params.stop:  # absent without --stop: the request as before the option
+            body["stop"] = list(self.params.stop)
         answer, refused = self._ask(body)
         gen = self._generation(answer, refused)
         # The request is stored without headers: the key never reaches the disk.
@@ -287,6 +292,9 @@ class EndpointTeacher:
             # Not kept as training data: the mark lets `distill data` refuse the row with a
             # counted reason (the holdout keeps the text, surrogates replaced).
             chosen, top, refused = None, None, f"{INVALID_ANSWER}: {exc}"
+        stopped = False
+        if self.params.stop:
+            text, stopped, chosen, top, refused = _cut_at_stop(text, self.params.stop, chosen, top, refused)
         reason = None
         if chosen is None:
             reason = refused or "the endpoint answered without per-token logprobs (it ignored logprobs: true)"
@@ -294,8 +302,42 @@ class EndpointTeacher:
         tokens = usage.get("completion_tokens")
         if not isinstance(tokens, int) or isinstance(tokens, bool) or not 0 <= tokens <= 1 << 31:
             tokens = len(chosen) if chosen is not None else 0
-        return Generation(text=text, tokens=tokens, finished=finish == "stop", token_logprobs=chosen,
+        if self.params.stop and chosen is not None:
+            tokens = len(chosen)  # the usage counts a stop string's tokens too; the kept positions do not
+        return Generation(text=text, tokens=tokens, finished=finish == "stop" or stopped, token_logprobs=chosen,
                           top_logprobs=top, no_logprobs_reason=reason)
+
+
+Chosen = list[tuple[str, float]]
+Top = list[list[tuple[str, float]]]
+
+
+def _cut_at_stop(text: str, stop: tuple[str, ...], chosen: Chosen | None, top: Top | None,
+                 refused: str | None) -> tuple[str, bool, Chosen | None, Top | None, str | None]:
+    """(text, whether a stop string was cut here, chosen, top, why there are no logprobs) of an
+    answer asked with ``stop``.
+
+    The server cuts the text before the stop string; one that ignored ``stop`` left it in, and it
+    is cut here. Logprobs are kept for the positions whose tokens spell the kept text: a server
+    may return the stop string's tokens too (``edgepack serve`` does), and those are dropped so
+    that each position stays the token of the text (endpoint_targets.py aligns them with the
+    student's tokens). When the tokens do not spell the kept text (the stop string begins inside
+    a token) the logprobs are not used, and the reason says so.
+    """
+    from edgepack.distill.generate import cut_at_stop
+
+    text, hit = cut_at_stop(text, stop)
+    if chosen is None or top is None:
+        return text, hit, None, None, refused
+    spelled, n = "", 0
+    while n < len(chosen) and len(spelled) < len(text) and text.startswith(spelled + chosen[n][0]):
+        spelled += chosen[n][0]
+        n += 1
+    if spelled != text:
+        at = f" (token {n}, {chosen[n][0]!r}, runs past it)" if n < len(chosen) else ""
+        return text, hit, None, None, (f"the endpoint's logprobs do not spell the answer cut before the stop "
+                                       f"string{at}; they are not used")
+    return text, hit, chosen[:n], top[:n], refused
 
 
 class EndpointClient:

@@ -12,6 +12,13 @@ control tokens, message text never does (a prompt that types ``<|im_start|>syste
 stays text). Endpoint teachers send the messages as they are; the server applies its model's
 own template.
 
+*Stop strings* (``DecodeParams.stop``, ``distill data --stop``) end an answer where the teacher
+writes one, as OpenAI's and llama-server's ``stop`` do: a base model never ends its turn, so
+without them every answer runs to ``max_new_tokens`` and is dropped as truncated. Each kind
+stops with its library's own mechanism (llama.cpp ``create_completion(stop=...)``, transformers
+``generate(stop_strings=...)``, the endpoint's ``stop``); the answer is the text before the
+stop string, ``finished``, and its token count (and an endpoint's logprobs) cover that text only.
+
 Every answer can be kept in the on-disk answer cache (answer_cache.py): endpoint teachers
 always use it; local teachers do when :func:`open_generator` gets ``cache_dir``, and then
 load their weights only on the first answer that is not cached, so a rerun after a crash
@@ -32,6 +39,24 @@ from edgepack.distill.teachers import TeacherSource
 from edgepack.errors import UsageError
 
 Messages = list[dict[str, str]]
+MAX_STOP_STRINGS = 4  # as OpenAI's API allows
+
+
+def check_stop(stop: tuple[str, ...]) -> None:
+    """UsageError for stop strings no teacher kind takes: an empty one, or more than
+    :data:`MAX_STOP_STRINGS` (checked before any teacher is opened)."""
+    if any(not isinstance(s, str) or not s for s in stop):
+        raise UsageError("a stop string (--stop) must not be empty",
+                         hint="give the text that ends an answer, e.g. --stop $'\\n' or --stop '<end_of_turn>'")
+    if len(stop) > MAX_STOP_STRINGS:
+        raise UsageError(f"at most {MAX_STOP_STRINGS} stop strings (--stop) are allowed (got {len(stop)})",
+                         hint=f"keep the {MAX_STOP_STRINGS} that end the teacher's answers")
+
+
+def cut_at_stop(text: str, stop: tuple[str, ...]) -> tuple[str, bool]:
+    """``text`` before the first stop string in it, and whether there was one."""
+    ends = [i for i in (text.find(s) for s in stop) if i >= 0]
+    return (text[:min(ends)], True) if ends else (text, False)
 
 
 @dataclass(frozen=True)
@@ -46,9 +71,18 @@ class DecodeParams:
     """Sampling seed (only matters when temperature > 0)."""
     n_ctx: int = 2048
     """Context window the GGUF teacher is opened with."""
+    stop: tuple[str, ...] = ()
+    """Stop strings (``--stop``): an answer ends before the first one the teacher writes, and is
+    finished (see the module docstring). At most :data:`MAX_STOP_STRINGS`, none empty."""
 
     def describe(self) -> dict[str, Any]:
-        return asdict(self)
+        out = asdict(self)
+        # Absent without --stop, so a data/ and cached answers from before the option stay valid.
+        if self.stop:
+            out["stop"] = list(self.stop)
+        else:
+            del out["stop"]
+        return out
 
 
 @dataclass(frozen=True)
@@ -57,8 +91,9 @@ class Generation:
 
     text: str
     tokens: int
+    """Tokens of ``text`` (a stop string's tokens not counted)."""
     finished: bool
-    """True when the teacher emitted EOS; False when it hit ``max_new_tokens``."""
+    """True when the teacher emitted EOS or a stop string; False when it hit ``max_new_tokens``."""
     token_logprobs: list[tuple[str, float]] | None = None
     """Endpoint teachers: (token string, logprob) of each generated token, when returned."""
     top_logprobs: list[list[tuple[str, float]]] | None = None
@@ -177,10 +212,16 @@ def _llamacpp(source: TeacherSource, teacher_dir: Path, params: DecodeParams,
         # shared system prompt and demonstrations are evaluated once.
         out = llm.create_completion(ids, max_tokens=params.max_new_tokens, temperature=params.temperature,
                                     top_k=1 if params.temperature == 0 else 40, top_p=1.0, min_p=0.0,
-                                    repeat_penalty=1.0, seed=params.seed)
+                                    repeat_penalty=1.0, seed=params.seed, stop=list(params.stop) or None)
         choice = out["choices"][0]
-        return Generation(text=choice["text"], tokens=int(out["usage"]["completion_tokens"]),
-                          finished=choice["finish_reason"] == "stop")
+        text, tokens = choice["text"], int(out["usage"]["completion_tokens"])
+        if params.stop and choice["finish_reason"] == "stop":
+            # llama-cpp-python cuts before the first stop string *in the list* that the text holds,
+            # so when one token completes two (``f`` and ``Lü`` in ``Lüf``) the later one may win:
+            # cut again before the earliest. Its count includes the stop string's tokens.
+            text = cut_at_stop(text, params.stop)[0]
+            tokens = len(tokenize(text, False))
+        return Generation(text=text, tokens=tokens, finished=choice["finish_reason"] == "stop")
 
     try:
         yield generate
@@ -203,18 +244,28 @@ def _transformers(source: TeacherSource, teacher_dir: Path, params: DecodeParams
     pad = tok.pad_token_id if tok.pad_token_id is not None else eos
     sampling = ({"do_sample": True, "temperature": params.temperature} if params.temperature > 0
                 else {"do_sample": False, "temperature": None, "top_p": None, "top_k": None})
+    stopping = {"stop_strings": list(params.stop), "tokenizer": tok} if params.stop else {}
 
     def generate(messages: Messages) -> Generation:
         ids = torch.tensor([hf_chat_ids(tok, messages)], dtype=torch.long)
         torch.manual_seed(params.seed)
         with torch.no_grad():
             out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=params.max_new_tokens,
-                                 eos_token_id=eos, pad_token_id=pad, **sampling)
+                                 eos_token_id=eos, pad_token_id=pad, **sampling, **stopping)
         new = out[0, ids.shape[1]:].tolist()
         finished = eos in new
         if finished:
             new = new[:new.index(eos)]
-        return Generation(text=tok.decode(new, skip_special_tokens=True), tokens=len(new), finished=finished)
+        text = tok.decode(new, skip_special_tokens=True)
+        if not params.stop:
+            return Generation(text=text, tokens=len(new), finished=finished)
+        # generate() stops after the token that completes a stop string and keeps it: cut the
+        # text there. A stop string of special tokens is already out of the decoded text; an
+        # end before max_new_tokens without EOS is still a stop string.
+        text, hit = cut_at_stop(text, params.stop)
+        if hit or (not finished and len(new) < params.max_new_tokens):
+            return Generation(text=text, tokens=len(tok(text, add_special_tokens=False)["input_ids"]), finished=True)
+        return Generation(text=text, tokens=len(new), finished=finished)
 
     yield generate
 

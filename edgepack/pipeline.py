@@ -80,6 +80,8 @@ class PipelineConfig:
     cuda or mps (None: the profile's ``[training] device``)."""
     chat_template: Path | None = _D["chat_template"].default
     """``distill data --chat-template``: the teacher's chat template file (a base model has none)."""
+    stop: tuple[str, ...] = ()
+    """``distill data --stop``: stop strings that end the teacher's answers (run.toml: a list; absent: none)."""
 
     def settings(self) -> dict[str, Any]:
         """run.toml's keys for this config (:data:`edgepack.runconfig.PIPELINE_SETTINGS`)."""
@@ -91,7 +93,8 @@ class PipelineConfig:
                 "correct_teacher": self.correct_teacher, "search_quality": self.search_quality,
                 "format_regex": self.format_regex, "format_schema": path(self.format_schema),
                 "system_prompt": path(self.system_prompt), "holdout": path(self.holdout), "strict": self.strict,
-                "license": self.license, "device": self.device, "chat_template": path(self.chat_template)}
+                "license": self.license, "device": self.device, "chat_template": path(self.chat_template),
+                "stop": list(self.stop) or None}
 
 
 def config_from_settings(settings: dict[str, Any], run_dir: Path) -> PipelineConfig:
@@ -114,7 +117,7 @@ def config_from_settings(settings: dict[str, Any], run_dir: Path) -> PipelineCon
                           search_quality=s["search_quality"], format_regex=s["format_regex"],
                           format_schema=path("format_schema"), system_prompt=path("system_prompt"),
                           holdout=path("holdout"), strict=s["strict"], license=s["license"], device=s["device"],
-                          chat_template=path("chat_template"))
+                          chat_template=path("chat_template"), stop=tuple(s["stop"] or ()))
 
 
 def resolve_config(*, config: Path | None, run_dir: Path | None, overrides: dict[str, Any]) -> PipelineConfig:
@@ -147,6 +150,9 @@ def command_line(settings: dict[str, Any], run_dir: Path) -> str:
         if key in (RUN_PROFILE, RUN_TEACHER) or value is None or value == spec.default:
             continue
         flag = "--" + key.replace("_", "-")
+        if isinstance(value, list):  # a repeatable flag (--stop)
+            words += [w for v in value for w in (flag, v)]
+            continue
         words += [flag if value else "--no-" + key.replace("_", "-")] if isinstance(value, bool) else [flag, str(value)]
     return shlex.join(words)
 
@@ -339,7 +345,7 @@ def distill_data(cfg: PipelineConfig, progress: ProgressFn = null_progress) -> D
     report = build_dataset(teacher=cfg.teacher, data=cfg.data, run_dir=cfg.run_dir, limit=cfg.limit,
                            strict=cfg.strict, seed=cfg.seed, progress=progress, correct=cfg.correct_teacher,
                            holdout=cfg.holdout, device=cfg.device, profile_device=cfg.profile.train_device,
-                           chat_template=cfg.chat_template,
+                           chat_template=cfg.chat_template, stop=cfg.stop,
                            **_task_options(cfg))
     fixed = report.get("teacher_correction")
     # A task without labels (json, text) has no label accuracy to show for the correction.

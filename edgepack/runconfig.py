@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import tomllib
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,7 +34,7 @@ class Setting:
     """One pipeline key of run.toml."""
 
     kind: type
-    """The TOML type: str, int or bool (an int key refuses a bool)."""
+    """The TOML type: str, int, bool or list (of strings; an int key refuses a bool)."""
     default: Any
     """Value when the key is absent; None = unset (such keys are not written)."""
     doc: str
@@ -41,11 +42,20 @@ class Setting:
     """Allowed values of a str key; empty = any string."""
     minimum: int | None = None
     """Smallest allowed value of an int key."""
+    check: Callable[[Any], None] | None = None
+    """Further checks of a value of the right type (raises UsageError; its message is the problem)."""
 
 
 # Search quality modes, spelled here so run.toml's validation needs no runtime import
 # (the same tuple as edgepack.export.gate.search.QUALITY_MODES; a test keeps them equal).
 SEARCH_QUALITY_MODES = ("all", "until-pass")
+
+
+def _check_stop(value: list[str]) -> None:
+    from edgepack.distill.generate import check_stop  # the rule lives with the decoding parameters
+
+    check_stop(tuple(value))
+
 
 PIPELINE_SETTINGS: dict[str, Setting] = {
     RUN_PROFILE: Setting(str, None, "profile name or path to a profile .toml (required)"),
@@ -68,6 +78,8 @@ PIPELINE_SETTINGS: dict[str, Setting] = {
     "device": Setting(str, None, "where distill train runs: auto, cpu, cuda or mps (absent: the profile's "
                       "[training] device)", choices=TRAINING_DEVICES),
     "chat_template": Setting(str, None, "a Jinja chat template file for a teacher without one (a base model)"),
+    "stop": Setting(list, None, "stop strings (up to 4) that end the teacher's answers, as `distill data --stop`",
+                    check=_check_stop),
 }
 
 
@@ -89,7 +101,8 @@ def pipeline_problems(settings: dict[str, Any]) -> list[str]:
             problems.append(f"unknown key {key!r} (known: {', '.join(PIPELINE_SETTINGS)})")
         elif value is None:
             continue
-        elif not isinstance(value, spec.kind) or (spec.kind is int and isinstance(value, bool)):
+        elif not isinstance(value, spec.kind) or (spec.kind is int and isinstance(value, bool)) or \
+                (spec.kind is list and not all(isinstance(v, str) for v in value)):
             problems.append(f"{key} = {value!r}: must be {_kind_name(spec.kind)}")
         elif spec.choices and value not in spec.choices:
             problems.append(f"{key} = {value!r}: must be one of {', '.join(spec.choices)}")
@@ -97,6 +110,11 @@ def pipeline_problems(settings: dict[str, Any]) -> list[str]:
             problems.append(f"{key} = {value!r}: must be at least {spec.minimum}")
         elif spec.kind is str and not value.strip():
             problems.append(f"{key} = {value!r}: must not be empty")
+        elif spec.check is not None:
+            try:
+                spec.check(value)
+            except UsageError as exc:
+                problems.append(f"{key} = {value!r}: {exc}")
     return problems
 
 
@@ -134,7 +152,8 @@ def load_pipeline_config(path: Path) -> dict[str, Any]:
 
 
 def _kind_name(kind: type) -> str:
-    return {str: "a string", int: "an integer", bool: "true or false"}.get(kind, kind.__name__)
+    names = {str: "a string", int: "an integer", bool: "true or false", list: "a list of strings"}
+    return names.get(kind, kind.__name__)
 
 
 def _toml_value(value: Any) -> str:
@@ -145,6 +164,8 @@ def _toml_value(value: Any) -> str:
     if isinstance(value, (list, tuple)):
         return "[" + ", ".join(_toml_value(v) for v in value) + "]"
     text = str(value).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+    # TOML strings take no other control character as is (a stop string may hold one).
+    text = "".join(f"\\u{ord(c):04x}" if (c < " " and c != "\t") or c == "\x7f" else c for c in text)
     return f'"{text}"'
 
 

@@ -62,6 +62,9 @@ def data_cmd(
     chat_template: Annotated[Path | None, typer.Option(
         help="A Jinja chat template file for a teacher that has none (a base model), or to replace its own; "
              "rendered in the sandbox, written into RUN/teacher and so inherited by the student.")] = None,
+    stop: Annotated[list[str] | None, typer.Option(
+        help="A stop string (repeatable, up to 4): each answer ends before the first one the teacher writes, "
+             "as OpenAI's `stop` (a base model never ends its turn: e.g. --stop $'\\n').")] = None,
     json_out: JsonOpt = False,
 ) -> None:
     """Generate, filter and store teacher data for distillation; write the task contract (RUN/task.json)."""
@@ -69,6 +72,7 @@ def data_cmd(
     from edgepack.distill.correct import CorrectionConfig
     from edgepack.distill.data import build_dataset
     from edgepack.distill.endpoint import EndpointConfig
+    from edgepack.distill.generate import check_stop
     from edgepack.errors import UsageError
     from edgepack.logs import stage_log
     from edgepack.task import answer_from_options, read_system_prompt
@@ -78,6 +82,7 @@ def data_cmd(
                          hint="add --correct-teacher, or drop --device/--precision")
     answer_format = answer_from_options(format_regex, format_schema)
     system = read_system_prompt(system_prompt) if system_prompt is not None else None
+    check_stop(tuple(stop or ()))
     with stage_log("data", out), progress_bars(not json_out) as progress:
         report = build_dataset(teacher=teacher, data=data, run_dir=out, limit=limit, strict=strict,
                                seed=seed, progress=progress, allow_pickle=allow_pickle,
@@ -87,7 +92,8 @@ def data_cmd(
                                endpoint=EndpointConfig(concurrency=concurrency, api_key_env=api_key_env,
                                                        timeout_s=timeout),
                                answer_format=answer_format, holdout=holdout, system_prompt=system,
-                               device=device, precision=precision, chat_template=chat_template)
+                               device=device, precision=precision, chat_template=chat_template,
+                               stop=tuple(stop or ()))
     if report.get("distillation") == "response-only":
         warn(f"response-only distillation: {report.get('distillation_reason')}")
     for line in report.get("warnings") or []:  # skipped bad lines, merged label spellings, refused invalid answers

@@ -48,6 +48,8 @@ def pipeline_cmd(
     ] = None,
     chat_template: Annotated[Path | None, typer.Option(
         help="As `distill data --chat-template`: a Jinja chat template for a teacher without one.")] = None,
+    stop: Annotated[list[str] | None, typer.Option(
+        help="As `distill data --stop` (repeatable, up to 4): a stop string that ends the teacher's answers.")] = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout.")] = False,
 ) -> None:
     """Run every stage end to end (export: every format the profile allows; gate: --search) and
@@ -61,7 +63,8 @@ def pipeline_cmd(
                  "correct_teacher": correct_teacher, "search_quality": search_quality,
                  "format_regex": format_regex, "format_schema": path(format_schema),
                  "system_prompt": path(system_prompt), "holdout": path(holdout), "strict": strict,
-                 "license": license_id, "device": device, "chat_template": path(chat_template)}
+                 "license": license_id, "device": device, "chat_template": path(chat_template),
+                 "stop": stop or None}
     cfg = resolve_config(config=config, run_dir=out, overrides=overrides)
     from edgepack.logs import stage_log
 
