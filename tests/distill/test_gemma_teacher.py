@@ -1,5 +1,6 @@
 """A real Gemma 3 GGUF as the teacher of `distill data` (#19): the 270M base model from PyPI, which
-has no chat template, given one with --chat-template (slow: dequantizes 270M parameters)."""
+has no chat template, given one with --chat-template (slow: dequantizes 270M parameters). A base
+model never ends its turn; with a stop string (``--stop``) its answers end and are kept."""
 
 from __future__ import annotations
 
@@ -9,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from edgepack.constants import TEACHER_DIR
-from edgepack.distill.data import build_dataset
+from edgepack.constants import DATA_DIR, TEACHER_CACHE_DIR, TEACHER_DIR, TRAIN_FILE
+from edgepack.distill.data import build_dataset, read_jsonl
 from edgepack.distill.teachers import SOURCE_FILE
 from edgepack.errors import DataError, ModelSourceError
 from edgepack.task import answer_from_options
@@ -54,3 +55,22 @@ def test_a_gemma3_base_gguf_teaches_with_the_users_chat_template(tmp_path: Path,
     assert rendered == f"<bos><start_of_turn>user\n{PROMPTS[0]}<end_of_turn>\n<start_of_turn>model\n"
     # The teacher answered every prompt through that template (its answer cache: one file per answer).
     assert len(list((run / "cache" / "teacher").glob("*.json"))) == len(PROMPTS)
+
+    # With a stop string it emits, the stage keeps its answers. Greedy Gemma 3 270M base, under this
+    # template, repeats the prompt or drifts into other languages (e.g. "Breaker CB-7 tripped twice
+    # tonight. mendatang\nで購入した…") and starts a new line within a few dozen tokens; it neither
+    # ends its turn (<end_of_turn>) nor writes a blank line ("\n\n") within 64 tokens, so "\n" is
+    # the stop string it has. Its answers are then the first line of each of those: mostly the prompt
+    # repeated, some with a stray token after it ("… tonight. mendatang"). The stage succeeds; the
+    # data teaches little (a usable teacher is an instruction-tuned model).
+    entries = [json.loads(p.read_text()) for p in (run / TEACHER_CACHE_DIR).glob("*.json")]
+    full = {json.dumps(e["request"]["messages"]): e["generation"]["text"] for e in entries}
+    stopped = tmp_path / "stopped"
+    report = build_dataset(teacher=str(real_gemma3_gguf), data=data, run_dir=stopped, answer_format=anything,
+                           chat_template=template, stop=("\n",))
+    assert report["kept"] == report["train_prompts"] > 0 and report["drop_reasons"]["truncated"] == 0
+    assert report["decoding"][0]["stop"] == ["\n"]
+    rows = read_jsonl(stopped / DATA_DIR / TRAIN_FILE)
+    for row in rows:  # each answer is the first line of the answer it gave without the stop string
+        assert row["response"] == full[json.dumps(row["messages"])].split("\n")[0].strip()
+    assert len(list((stopped / TEACHER_CACHE_DIR).glob("*.json"))) == len(PROMPTS)
