@@ -311,7 +311,7 @@ def build_dataset(*, teacher: str, data: Path | str | None, run_dir: Path, limit
                   samples: int = 1, sample_temperature: float = 0.8,
                   endpoint: EndpointConfig | None = None, answer_format: RegexAnswer | JsonAnswer | None = None,
                   holdout: Path | None = None, system_prompt: str | None = None, device: str | None = None,
-                  precision: str = "auto", profile_device: str = "cpu",
+                  precision: str = "auto", profile_device: str | None = None,
                   chat_template: Path | None = None, stop: tuple[str, ...] = ()) -> dict[str, Any]:
     """Generate, filter and store teacher data for distillation; return data/report.json.
 
@@ -323,7 +323,8 @@ def build_dataset(*, teacher: str, data: Path | str | None, run_dir: Path, limit
     rows' references (see correct.py); the corrected teacher then answers the student's
     prompts without demonstrations, and training and eval use it (``teacher_dir`` in the report).
     The correction trains where ``device``/``precision`` say (device.py ``resolve_device``; None:
-    ``profile_device``, the CPU unless the pipeline passes its profile's ``[training] device``);
+    ``profile_device``, which the pipeline passes from its profile's ``[training] device``; without a
+    profile the CPU, and ``auto`` the first accelerator found);
     an absent device is refused before anything is loaded. Without ``correct`` they are unused.
     ``samples`` answers are asked per training prompt: the greedy one, then samples drawn at
     ``sample_temperature``; answers that repeat a kept one for the same prompt are dropped as
@@ -375,7 +376,7 @@ def _plan(*, teacher: str, data: Path | str | None, limit: int | None, strict: b
           allow_pickle: bool, trust_remote_code: bool, correct: bool, correction: CorrectionConfig | None,
           samples: int, sample_temperature: float, answer_format: RegexAnswer | JsonAnswer | None,
           holdout: Path | None, system_prompt: str | None, device: str | None = None, precision: str = "auto",
-          profile_device: str = "cpu", chat_template: Path | None = None,
+          profile_device: str | None = None, chat_template: Path | None = None,
           stop: tuple[str, ...] = ()) -> _Plan:
     """Resolve the teacher and the inputs, check the options, and derive the task and data/'s
     identity (:func:`build_dataset`'s arguments); raises before anything is written."""

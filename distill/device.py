@@ -139,20 +139,25 @@ def set_mmap_threshold(nbytes: int) -> None:
                          hint="leave --mmap-threshold out on this system")
 
 
-def resolve_device(requested: str | None, profile_device: str = "cpu", precision: str = "auto",
+def resolve_device(requested: str | None, profile_device: str | None = "cpu", precision: str = "auto",
                    available: list[str] | None = None, cuda_bf16: bool | None = None) -> Device:
     """The Device for ``requested`` (None: the profile's ``[training] device``); UsageError when absent.
 
     ``auto`` takes the profile's device when present and the CPU otherwise (said in ``reason``).
+    ``profile_device`` None means no profile (``distill data --correct-teacher`` on its own): then
+    no ``--device`` is the CPU and ``auto`` the first accelerator found (cuda, then mps), else the CPU.
     ``available`` and ``cuda_bf16`` default to what this process finds; tests pass them.
     """
     found = available_devices() if available is None else available
-    asked = profile_device if requested is None else requested
+    asked = (profile_device or "cpu") if requested is None else requested
     if asked not in DEVICES:
         raise UsageError(f"--device {asked!r} is not one of {', '.join(DEVICES)}")
     if precision not in PRECISIONS:
         raise UsageError(f"--precision {precision!r} is not one of {', '.join(PRECISIONS)}")
-    if asked == "auto":
+    if asked == "auto" and profile_device is None:
+        name = next((d for d in ("cuda", "mps") if d in found), "cpu")
+        reason = f"auto: no profile; {'the first accelerator found' if name != 'cpu' else 'no accelerator found'}, {name}"
+    elif asked == "auto":
         name = profile_device if profile_device in found else "cpu"
         reason = f"auto: profile device {profile_device}" + ("" if name == profile_device else " absent, using cpu")
     elif asked not in found:
@@ -161,7 +166,8 @@ def resolve_device(requested: str | None, profile_device: str = "cpu", precision
                          hint="`--device cpu` (or auto) trains on the CPU (`distill train`, `distill data "
                               "--correct-teacher`, `pipeline`); or install a torch build for that device")
     else:
-        name, reason = asked, ("--device " if requested is not None else "profile device ") + asked
+        origin = "--device" if requested is not None else "profile device" if profile_device else "no profile, default"
+        name, reason = asked, f"{origin} {asked}"
     return Device(name, _precision(name, precision, cuda_bf16), reason)
 
 

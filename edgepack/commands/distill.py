@@ -36,7 +36,7 @@ def data_cmd(
         "--correct-teacher", help="First LoRA-SFT the teacher on the rows' references (teacher correction).")] = False,
     correct_steps: Annotated[int, typer.Option(help="Optimizer steps of teacher correction.")] = 40,
     device: Annotated[str | None, _device_option(
-        "cpu", " Where --correct-teacher trains (auto: cpu, as no profile is given here).")] = None,
+        "cpu", " Where --correct-teacher trains (auto: the first accelerator found, cuda then mps, else cpu).")] = None,
     precision: PrecisionOpt = "auto",
     samples: Annotated[int, typer.Option(help="Teacher answers per training prompt (greedy, then sampled).")] = 1,
     sample_temperature: Annotated[float, typer.Option(help="Temperature of the samples after the first.")] = 0.8,

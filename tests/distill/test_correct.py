@@ -144,7 +144,7 @@ def test_the_default_cpu_fp32_correction_keeps_its_identity_and_reports_its_devi
     assert set(correction["identity"]) == IDENTITY_KEYS
     assert "correction_device" not in report["identity"]
     assert (correction["device"], correction["precision"], correction["bit_reproducible"]) == ("cpu", "fp32", True)
-    assert correction["bit_reproducible_reason"] is None and correction["device_reason"] == "profile device cpu"
+    assert correction["bit_reproducible_reason"] is None and correction["device_reason"] == "no profile, default cpu"
     assert (report["teacher_correction"]["device"], report["teacher_correction"]["precision"]) == ("cpu", "fp32")
     # Asking for the default explicitly is the same run: reused, not redone.
     for device, precision in (("cpu", "fp32"), ("auto", "auto")):
