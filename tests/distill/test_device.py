@@ -160,7 +160,8 @@ def test_cli_refuses_an_absent_device_in_one_line(tmp_path: Path) -> None:
 def test_planner_arithmetic_for_an_8gb_cuda_board_in_bf16_and_fp32() -> None:
     # The VRAM plan of a 1B-class student (Llama-3.2-1B's shape) on an 8 GB CUDA board with 7800 MB
     # free: full fine-tuning never fits (fp32 master weights + AdamW alone are ~19 GB), so LoRA;
-    # bf16 autocast saves half-size activations and so affords micro-batch 4 where fp32 needs 2.
+    # bf16 autocast saves half-size activations and so affords micro-batch 2 where fp32 needs 1 (the
+    # losses' vocabulary-wide tensors, 128k wide, stay fp32 in both: distill/plan.py).
     from edgepack.distill.plan import plan_training
     from edgepack.memory import ModelShape
 
@@ -173,9 +174,9 @@ def test_planner_arithmetic_for_an_8gb_cuda_board_in_bf16_and_fp32() -> None:
                              batch_size=8, micro_batch=4, seq_len=256, device="cuda", precision=precision)
 
     fp32, bf16 = planned("fp32"), planned("bf16")
-    assert (fp32.method, fp32.micro_batch, fp32.checkpointing) == ("lora", 2, False)
-    assert (bf16.method, bf16.micro_batch, bf16.checkpointing) == ("lora", 4, False)
-    assert fp32.planned_peak_mb == pytest.approx(6938.8, abs=1) and bf16.planned_peak_mb == pytest.approx(7690.3, abs=1)
+    assert (fp32.method, fp32.micro_batch, fp32.checkpointing) == ("lora", 1, False)
+    assert (bf16.method, bf16.micro_batch, bf16.checkpointing) == ("lora", 2, False)
+    assert fp32.planned_peak_mb == pytest.approx(6393.5, abs=1) and bf16.planned_peak_mb == pytest.approx(7025.8, abs=1)
 
 
 def test_targets_read_on_the_cpu_follow_the_logits_device_without_a_copy_on_the_cpu() -> None:

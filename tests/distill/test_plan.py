@@ -12,7 +12,8 @@ import torch
 from safetensors.torch import load_file
 
 from edgepack.constants import STUDENT_DIR, TRAIN_REPORT
-from edgepack.distill.plan import plan_training
+from edgepack.distill.plan import (DENSE_KD_COPIES, LOGIT_COPIES, PROCESS_GROWTH_MB, SAVED_PER_LAYER, plan_training,
+                                   transients)
 from edgepack.distill.train import TrainConfig, train_student
 from edgepack.errors import UsageError
 from edgepack.profiles import load_profile
@@ -58,6 +59,71 @@ def test_a_budget_nothing_meets_says_what_would_fit() -> None:
         plan(16384, method="qlora")
 
 
+MIB = 2**20
+# A shape whose numbers are easy to follow: 2 layers, hidden 64, query width 64, MLP 128, vocabulary 1000
+# (embedding 64 000 parameters, under glibc's 32 MiB heap-block limit).
+SMALL = ModelShape(2, 64, 4, 2, 16, 128, 1000, 164_000, 64_000, True)
+
+
+def test_transients_count_what_autograd_keeps_per_layer_and_token() -> None:
+    tokens = 2 * 100
+    per_layer = tokens * (6 * 64 + 5 * 64 + 4 * 128) * 4  # fp32: norms, attention, MLP (module docstring)
+    assert SAVED_PER_LAYER == (6, 5, 4)
+    final_norm = tokens * 3 * 64 * 4
+    logits = tokens * 1000 * 4
+    t = transients(SMALL, micro_batch=2, seq_len=100, checkpointing=False, device="cuda")
+    # every layer's saved set, one layer's backward working set, the final norm; no heap on an accelerator
+    assert t.activations_bytes == 2 * per_layer + per_layer + final_norm
+    assert t.logits_bytes == LOGIT_COPIES * logits and t.heap_retained_bytes == 0
+    # checkpointing keeps each layer's input and recomputes one layer
+    c = transients(SMALL, micro_batch=2, seq_len=100, checkpointing=True, device="cuda")
+    assert c.activations_bytes == 2 * tokens * 64 * 4 + per_layer + per_layer + final_norm
+    # half-precision autocast halves the saved activations, not the fp32 losses' logits
+    h = transients(SMALL, micro_batch=2, seq_len=100, checkpointing=False, act_bytes=2, device="cuda")
+    assert h.activations_bytes == 3 * per_layer // 2 + final_norm and h.logits_bytes == t.logits_bytes
+    # dense KD keeps two more vocabulary-wide tensors
+    d = transients(SMALL, micro_batch=2, seq_len=100, checkpointing=False, dense_kd=True, device="cuda")
+    assert d.logits_bytes == (LOGIT_COPIES + DENSE_KD_COPIES) * logits
+
+
+def test_the_cpu_heap_keeps_the_gradients_and_the_loss_chunks_once_more() -> None:
+    logits = 200 * 1000 * 4
+    full = transients(SMALL, micro_batch=2, seq_len=100, checkpointing=False)
+    assert full.heap_retained_bytes == 4 * SMALL.params + 2 * logits  # every gradient is heap-sized here
+    lora = transients(SMALL, micro_batch=2, seq_len=100, checkpointing=False, lora=True, trainable_params=1000)
+    assert lora.heap_retained_bytes == 4 * 1000 + 2 * logits
+    # a 49,152-token vocabulary: the embedding's gradient (113 MB) is mmapped and handed back, not kept
+    smol = transients(STUDENT, micro_batch=2, seq_len=256, checkpointing=False)
+    assert smol.heap_retained_bytes == 4 * (STUDENT.params - STUDENT.embedding_params) + 2 * 512 * 49152 * 4
+    assert full.total_bytes == full.activations_bytes + full.logits_bytes + full.heap_retained_bytes
+
+
+def test_the_plan_adds_the_process_growth_on_the_cpu_only() -> None:
+    kw = dict(teacher=None, teacher_mode="none", budget_mb=16384, baseline_mb=300, batch_size=2, micro_batch=2,
+              seq_len=100, method="full")
+    cpu = plan_training(SMALL, **kw)
+    t = transients(SMALL, micro_batch=2, seq_len=100, checkpointing=False, trainable_params=SMALL.params)
+    state = (4 + 4 + 8) * SMALL.params  # weights, gradients, fp32 AdamW
+    assert cpu.planned_peak_mb == round(300 + PROCESS_GROWTH_MB + (state + t.total_bytes) / MIB, 1)
+    assert cpu.transients_mb == t.describe_mb()
+    cuda = plan_training(SMALL, **{**kw, "baseline_mb": 0}, device="cuda")
+    t_cuda = transients(SMALL, micro_batch=2, seq_len=100, checkpointing=False, device="cuda")
+    assert cuda.planned_peak_mb == round((state + t_cuda.total_bytes) / MIB, 1)
+
+
+def test_known_answer_lengths_count_the_logits_at_the_longest_answers_only() -> None:
+    kw = dict(teacher=None, teacher_mode="none", budget_mb=16384, baseline_mb=300, batch_size=4, micro_batch=2,
+              seq_len=100, method="full")
+    every = plan_training(SMALL, **kw)
+    known = plan_training(SMALL, **kw, answer_lengths=[10, 40, 30, 5])  # a micro-batch of 2 holds at most 70
+    t = transients(SMALL, micro_batch=2, seq_len=100, checkpointing=False, trainable_params=SMALL.params,
+                   answer_positions=70)
+    assert known.transients_mb == t.describe_mb() and t.logits_bytes == LOGIT_COPIES * 70 * 1000 * 4
+    assert known.planned_peak_mb < every.planned_peak_mb
+    assert transients(SMALL, micro_batch=2, seq_len=100, checkpointing=False, answer_positions=10**6) == \
+        transients(SMALL, micro_batch=2, seq_len=100, checkpointing=False)  # never more than every position
+
+
 FAST = TrainConfig(lr=1e-2, save_every=2, warmup_fraction=0.2, alpha=0.0)
 
 
@@ -100,3 +166,4 @@ def test_default_plan_is_full_fine_tuning_and_reported(tmp_path: Path, tiny4_dir
     assert report["plan"]["method"] == "full" and report["plan"]["checkpointing"] is False
     assert report["plan"]["budget_mb"] == 16384 and "method" not in report["identity"]
     assert 0 < report["measured_over_planned_peak"] <= 1.0  # the plan is an upper bound
+    assert set(report["plan"]["transients_mb"]) == {"activations", "logits", "heap_retained"}
