@@ -54,7 +54,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # the scale_*.py modul
 from scale_machine import log  # noqa: E402
 from scale_report import write_results  # noqa: E402
 from scale_shapes import SIZES, TEST_SIZES, parse_sizes  # noqa: E402
-from scale_stages import demo_overhead, measure_decode, measure_size, measure_training, replan  # noqa: E402
+from scale_stages import (data_lengths, demo_overhead, measure_decode, measure_size, measure_training,  # noqa: E402
+                          replan)
 from scale_workers import worker_cache, worker_export, worker_overhead  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -83,7 +84,8 @@ def main() -> None:
     parser.add_argument("--redo", action="store_true")
     parser.add_argument("--render-only", action="store_true", help="rewrite results.md from results.json")
     parser.add_argument("--replan", action="store_true",
-                        help="add the checked-out planner's estimate for every recorded size (no training)")
+                        help="add the checked-out planner's estimate for every recorded size, also given the "
+                             "data's row and answer lengths (no training)")
     parser.add_argument("--decode-only", action="store_true",
                         help="measure decode again on the kept Q4_K_M files (and the demo's); keep the rest")
     parser.add_argument("--train-only", action="store_true",
@@ -122,8 +124,9 @@ def main() -> None:
         write_results(args.out, results)
         return
     if args.replan:
+        lengths = data_lengths(args.run, args.tokenizer_from, results.get("rows", args.rows))
         for r in results["sizes"].values():
-            r["train"]["replanned"] = replan(r, results.get("profile", args.profile), args.tokenizer_from)
+            r["train"]["replanned"] = replan(r, results.get("profile", args.profile), args.tokenizer_from, lengths)
         write_results(args.out, results)
         return
     if args.decode_only:

@@ -88,11 +88,30 @@ def split_overhead(decode: dict[str, Any], parts: dict[str, Any]) -> dict[str, A
             "efficiency_of_llama_decode_alone": round(bound_ms / parts["llama_decode_ms"], 4)}
 
 
-def replan(result: dict[str, Any], profile_name: str, tokenizer_from: Path) -> dict[str, Any]:
+def data_lengths(data_from: Path, tokenizer_from: Path, rows: int, max_length: int = 256) -> dict[str, Any]:
+    """The rows training reads (the first ``rows`` of ``data_from``, tokenized as training does): the
+    longest student sequence and each row's answer tokens, what the planner can be given."""
+    from transformers import AutoTokenizer
+
+    from edgepack.distill.batching import tokenize_rows
+
+    data = data_from / "data"
+    lines = (data / "train.jsonl").read_text(encoding="utf-8").splitlines()[:rows]
+    context = json.loads((data / "teacher_context.json").read_text())["messages"] \
+        if (data / "teacher_context.json").is_file() else []
+    examples, _ = tokenize_rows(AutoTokenizer.from_pretrained(tokenizer_from), [json.loads(x) for x in lines],
+                                context, max_length)
+    return {"longest_row": max(len(e.student_ids) for e in examples),
+            "answer_lengths": [e.answer_tokens for e in examples]}
+
+
+def replan(result: dict[str, Any], profile_name: str, tokenizer_from: Path,
+           lengths: dict[str, Any] | None = None) -> dict[str, Any]:
     """What the planner of the checked-out code plans for a recorded size, from the same inputs as
     training's ``plan_for`` (shapes, recorded baseline, profile budget, batch 4 / micro-batch 2 /
     256 tokens, cached soft labels, default optimizer): sizes measured before a planner change
-    are compared with today's estimate too."""
+    are compared with today's estimate too. With ``lengths`` (:func:`data_lengths`) also the plan
+    given the data: the longest row as the sequence length and the rows' answer lengths."""
     import subprocess as sp
 
     from edgepack.distill.optim import candidates
@@ -104,13 +123,26 @@ def replan(result: dict[str, Any], profile_name: str, tokenizer_from: Path) -> d
     config = llama_config(Shape(**result["shape"]), base)
     shape = shape_from_config(config, params=result["params"])
     profile = load_profile(profile_name)
-    plan = plan_training(shape, teacher=shape, teacher_mode="cached", budget_mb=profile.train_memory_mb,
-                         baseline_mb=result["train"]["plan"]["baseline_mb"], batch_size=4, micro_batch=2, seq_len=256,
-                         profile_name=profile.name, optimizers=candidates("auto", "cpu", False))
+
+    def plan(seq_len: int = 256, answer_lengths: list[int] | None = None) -> Any:
+        return plan_training(shape, teacher=shape, teacher_mode="cached", budget_mb=profile.train_memory_mb,
+                             baseline_mb=result["train"]["plan"]["baseline_mb"], batch_size=4, micro_batch=2,
+                             seq_len=seq_len, profile_name=profile.name, optimizers=candidates("auto", "cpu", False),
+                             answer_lengths=answer_lengths)
+
+    measured = result["train"]["measured_peak_mb"]
+    now = plan()
     head = sp.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout.strip()
-    return {"commit": head, "method": plan.method, "micro_batch": plan.micro_batch,
-            "checkpointing": plan.checkpointing, "planned_peak_mb": plan.planned_peak_mb,
-            "measured_over_replanned": round(result["train"]["measured_peak_mb"] / plan.planned_peak_mb, 3)}
+    out = {"commit": head, "method": now.method, "micro_batch": now.micro_batch,
+           "checkpointing": now.checkpointing, "planned_peak_mb": now.planned_peak_mb,
+           "measured_over_replanned": round(measured / now.planned_peak_mb, 3)}
+    if lengths:
+        known = plan(lengths["longest_row"], lengths["answer_lengths"])
+        out["given_the_data"] = {"seq_len": lengths["longest_row"], "method": known.method,
+                                 "micro_batch": known.micro_batch, "checkpointing": known.checkpointing,
+                                 "planned_peak_mb": known.planned_peak_mb, "transients_mb": known.transients_mb,
+                                 "measured_over_planned": round(measured / known.planned_peak_mb, 3)}
+    return out
 
 
 def measure_training(name: str, shape: Shape, args: argparse.Namespace) -> dict[str, Any]:
