@@ -35,11 +35,14 @@ free device memory capped at the profile's). It is the sum of
   - the final norm (3·hidden per token) and the vocabulary-wide tensors, ``N × vocab × 4`` bytes
     each (the losses run in fp32; training takes the logits at answer positions only, so ``N`` is
     the most answer positions a micro-batch of the data has where the caller passes
-    ``answer_lengths``, else every position, ``T``: a looser bound): :data:`LOGIT_COPIES` at the head of backward — the logits, the
-    CE's log-softmax (its 128-row chunks, all kept for backward), the logits' gradient, the
-    full-size zeros each chunk's slice-backward scatters into, and the sparse KD's
-    checkpointed chunk recomputation (a copy's worth); dense KD keeps two more (the student's
-    tempered log-softmax and the teacher's probabilities, :data:`DENSE_KD_COPIES`);
+    ``answer_lengths``, else every position, ``T``: a looser bound). :data:`LOGIT_COPIES` are
+    alive at the head of backward — the logits, the CE's log-softmax (its 128-row chunks, all kept
+    for backward), the logits' gradient, the full-size zeros each chunk's slice-backward scatters
+    into, and the sparse KD's checkpointed chunk recomputation (a copy's worth); dense KD keeps
+    two more (the student's tempered log-softmax and the teacher's probabilities,
+    :data:`DENSE_KD_COPIES`); and in full fine-tuning the LM head's weight gradient
+    (``vocab × hidden × 4``), computed whole before backward adds it into the tied embedding's
+    ``.grad``;
 
 * on the CPU, what glibc's heap keeps (:attr:`Transients.heap_retained_bytes`): blocks under
   glibc's largest dynamic mmap threshold (32 MiB) are carved from the heap and stay there when
@@ -158,7 +161,10 @@ def transients(shape: ModelShape, *, micro_batch: int, seq_len: int, checkpointi
     activations = saved + layer + tokens * FINAL_NORM_PER_TOKEN * hidden * 4
     positions = tokens if answer_positions is None else min(answer_positions, tokens)
     logits_one = positions * shape.vocab * 4
-    logits = (LOGIT_COPIES + (DENSE_KD_COPIES if dense_kd else 0)) * logits_one
+    # The head's weight gradient is computed whole before backward adds it into .grad (full fine-tuning:
+    # LoRA's all-linear adapters leave the output layer frozen).
+    head_grad = 0 if lora else shape.vocab * hidden * 4
+    logits = (LOGIT_COPIES + (DENSE_KD_COPIES if dense_kd else 0)) * logits_one + head_grad
     retained = 0
     if device == "cpu":
         trainable = shape.params if trainable_params is None else trainable_params

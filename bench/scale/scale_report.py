@@ -28,7 +28,8 @@ def findings(results: dict[str, Any]) -> list[str]:
                              else "not an upper bound" if ratio > 1.0 else "below 0.7: the plan is too loose")
                    + ")." + _planned_parts(t)
                    + (f" The planner at {t['replanned']['commit']} plans {t['replanned']['method']} at "
-                      f"{t['replanned']['planned_peak_mb']} MB for the same inputs." if t.get("replanned") else ""))
+                      f"{t['replanned']['planned_peak_mb']} MB for the same inputs." if t.get("replanned") else "")
+                   + _given_the_data((t.get("replanned") or {}).get("given_the_data")))
     out.append("- Soft labels (teacher = a random-init model of the same size): "
                + ", ".join(f"{r['size']} {r['softlabels']['s_per_1k_answer_tokens']} s" for r in sizes)
                + " per 1k answer tokens, the teacher forward "
@@ -99,12 +100,22 @@ def findings(results: dict[str, Any]) -> list[str]:
 
 def _planned_parts(train: dict[str, Any]) -> str:
     """The plan's transients by part (distill/plan.py), where the recorded plan has them."""
-    parts = train["plan"].get("transients_mb")
+    parts = train["plan"].get("transients_mb") or (train.get("replanned") or {}).get("transients_mb")
     if not parts:
         return ""
     return (f" Planned transients: activations {parts['activations']} MB, vocabulary-wide loss tensors "
             f"{parts['logits']} MB, glibc heap kept {parts['heap_retained']} MB (every position of the 256-token "
             "rows counted; training takes the logits at answer positions only).")
+
+
+def _given_the_data(known: dict[str, Any] | None) -> str:
+    """The plan the planner makes when told the rows' lengths (plan_training's answer_lengths)."""
+    if not known:
+        return ""
+    ratio = known["measured_over_planned"]
+    return (f" Given the rows (the longest {known['seq_len']} tokens, each row's answer length) it plans "
+            f"{known['planned_peak_mb']} MB: measured {ratio}× that ({'within' if abs(ratio - 1) <= 0.15 else 'outside'}"
+            f" ±15%{'; an upper bound' if ratio <= 1.0 else '; not an upper bound'}).")
 
 
 VOCAB = 49152

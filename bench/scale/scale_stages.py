@@ -134,7 +134,7 @@ def replan(result: dict[str, Any], profile_name: str, tokenizer_from: Path,
     now = plan()
     head = sp.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout.strip()
     out = {"commit": head, "method": now.method, "micro_batch": now.micro_batch,
-           "checkpointing": now.checkpointing, "planned_peak_mb": now.planned_peak_mb,
+           "checkpointing": now.checkpointing, "planned_peak_mb": now.planned_peak_mb, "transients_mb": now.transients_mb,
            "measured_over_replanned": round(measured / now.planned_peak_mb, 3)}
     if lengths:
         known = plan(lengths["longest_row"], lengths["answer_lengths"])

@@ -71,10 +71,13 @@ def test_transients_count_what_autograd_keeps_per_layer_and_token() -> None:
     assert SAVED_PER_LAYER == (6, 5, 4)
     final_norm = tokens * 3 * 64 * 4
     logits = tokens * 1000 * 4
+    head_grad = 1000 * 64 * 4  # full fine-tuning: the head's weight gradient, whole before it joins .grad
     t = transients(SMALL, micro_batch=2, seq_len=100, checkpointing=False, device="cuda")
     # every layer's saved set, one layer's backward working set, the final norm; no heap on an accelerator
     assert t.activations_bytes == 2 * per_layer + per_layer + final_norm
-    assert t.logits_bytes == LOGIT_COPIES * logits and t.heap_retained_bytes == 0
+    assert t.logits_bytes == LOGIT_COPIES * logits + head_grad and t.heap_retained_bytes == 0
+    lora = transients(SMALL, micro_batch=2, seq_len=100, checkpointing=False, device="cuda", lora=True)
+    assert lora.logits_bytes == LOGIT_COPIES * logits  # LoRA's adapters leave the head frozen
     # checkpointing keeps each layer's input and recomputes one layer
     c = transients(SMALL, micro_batch=2, seq_len=100, checkpointing=True, device="cuda")
     assert c.activations_bytes == 2 * tokens * 64 * 4 + per_layer + per_layer + final_norm
@@ -83,7 +86,7 @@ def test_transients_count_what_autograd_keeps_per_layer_and_token() -> None:
     assert h.activations_bytes == 3 * per_layer // 2 + final_norm and h.logits_bytes == t.logits_bytes
     # dense KD keeps two more vocabulary-wide tensors
     d = transients(SMALL, micro_batch=2, seq_len=100, checkpointing=False, dense_kd=True, device="cuda")
-    assert d.logits_bytes == (LOGIT_COPIES + DENSE_KD_COPIES) * logits
+    assert d.logits_bytes == (LOGIT_COPIES + DENSE_KD_COPIES) * logits + head_grad
 
 
 def test_the_cpu_heap_keeps_the_gradients_and_the_loss_chunks_once_more() -> None:
@@ -118,7 +121,7 @@ def test_known_answer_lengths_count_the_logits_at_the_longest_answers_only() -> 
     known = plan_training(SMALL, **kw, answer_lengths=[10, 40, 30, 5])  # a micro-batch of 2 holds at most 70
     t = transients(SMALL, micro_batch=2, seq_len=100, checkpointing=False, trainable_params=SMALL.params,
                    answer_positions=70)
-    assert known.transients_mb == t.describe_mb() and t.logits_bytes == LOGIT_COPIES * 70 * 1000 * 4
+    assert known.transients_mb == t.describe_mb() and t.logits_bytes == LOGIT_COPIES * 70 * 1000 * 4 + 1000 * 64 * 4
     assert known.planned_peak_mb < every.planned_peak_mb
     assert transients(SMALL, micro_batch=2, seq_len=100, checkpointing=False, answer_positions=10**6) == \
         transients(SMALL, micro_batch=2, seq_len=100, checkpointing=False)  # never more than every position
