@@ -56,10 +56,15 @@ free device memory capped at the profile's). It is the sum of
   not told it and plans the default allocator. On an accelerator torch's caching allocator is
   measured by the bytes it has allocated, and nothing is added.
 
-Measured against this arithmetic (torch's live bytes from the profiler's memory events, peak RSS
-with and without ``MALLOC_MMAP_THRESHOLD_``) on random-init Llamas of 2-30 layers, hidden 64-576
-and SmolLM2's vocabulary: bench/scale/memory.md. Not counted: on-policy sampling's KV cache
-(sampling runs outside backward) and the student's shared-prefix KV cache (a few MB).
+Measured against this arithmetic (bench/scale/memory.md: torch's live bytes from the profiler's
+memory events, peak RSS with and without ``MALLOC_MMAP_THRESHOLD_``, random-init Llamas of 2-30
+layers, hidden 64-576, SmolLM2's vocabulary): everything but the heap term is 0.89-1.03 of
+torch's live peak given the answer positions; glibc keeps 170-560 MB beyond it, of which the heap
+term covers 38-83%. So with every position counted (no ``answer_lengths``: what training passes
+today) the plan bounded every measured RSS peak (0.35-0.95; bench/scale's 135M / 360M students
+about 0.85 / 0.9), while with ``answer_lengths`` it is tighter but not yet a bound everywhere
+(0.98-1.16). Not counted: on-policy sampling's KV cache (sampling runs outside backward) and the
+student's shared-prefix KV cache (a few MB).
 """
 
 from __future__ import annotations
@@ -202,7 +207,8 @@ def plan_training(student: ModelShape, *, teacher: ModelShape | None, teacher_mo
     planner no choice).
     ``answer_lengths``: each training row's answer tokens, where the data is known: a micro-batch of
     ``m`` rows then counts the vocabulary-wide tensors at the ``m`` longest answers' positions
-    rather than at every position of ``m × seq_len`` (pass the longest row as ``seq_len`` too).
+    rather than at every position of ``m × seq_len`` (pass the longest row as ``seq_len`` too);
+    tighter, but not yet an upper bound everywhere (module docstring).
     On an accelerator ``budget_mb`` is device memory and ``baseline_mb`` 0 (the measured peak there is
     torch.cuda.max_memory_allocated).
     """
