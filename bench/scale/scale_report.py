@@ -37,8 +37,8 @@ def findings(results: dict[str, Any]) -> list[str]:
                + f" of it; {sizes[0]['softlabels']['bytes_per_token']} bytes per answer token at every size (the top-32 "
                "layout does not depend on the model).")
     out.append("- Training: " + ", ".join(
-        f"{r['size']} {r['train']['tokens_per_s']} tokens/s ({r['train']['tokens_per_s'] * r['params'] / 1e9:.1f} G "
-        "parameter-tokens/s)" for r in sizes) + f" over {results['steps']} steps, {results['threads']} torch thread(s).")
+        f"{r['size']} {r['train']['tokens_per_s']} tokens/s ({r['train']['plan']['method']}; "
+        f"{r['train']['tokens_per_s'] * r['params'] / 1e9:.1f} G parameter-tokens/s)" for r in sizes) + f" over {results['steps']} steps, {results['threads']} torch thread(s).")
     out.append("- Q4_K_M: " + ", ".join(
         f"{r['size']} {8 * r['export']['q4_k_m_bytes'] / r['params']:.2f} bits/weight ({r['export']['fallback_tensors']} "
         f"of {r['export']['weight_matrices']} weight matrices in llama.cpp's fallback types)" for r in sizes)

@@ -98,7 +98,7 @@ def test_findings_and_report_from_the_numbers(scale: ModuleType) -> None:
     assert "0.952× the planned 3362.0 MB (within ±15%; an upper bound, within the 0.7-1.0 #18 asks for)" in found[0]
     assert "1.7× the planned 5000.0 MB (outside ±15%; not an upper bound)" in found[2]
     assert "135m 9.0 s, 360m 9.0 s, 1b 9.0 s per 1k answer tokens, the teacher forward 90%, 90%, 90%" in found[3]
-    assert "135m 40.0 tokens/s (5.4 G parameter-tokens/s)" in found[4] and "1b 5.00 bits/weight" in found[5]
+    assert "135m 40.0 tokens/s (full; 5.4 G parameter-tokens/s)" in found[4] and "1b 5.00 bits/weight" in found[5]
     # the target is judged at >= 360M only: 360m 23 / 31.4 ms, 1b 40 / 51.8 ms of bound per token
     assert found[6].startswith("- Decode efficiency target ≥ 0.6 at ≥ 360M: 360m on 2 thread(s) 0.73 (met; 31.8 tok/s")
     assert "1b on 2 thread(s) 0.77 (met" in found[6] and "135m on" not in found[6]
