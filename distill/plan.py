@@ -134,7 +134,8 @@ class Transients:
     """Kept for backward (per layer, or each layer's input under checkpointing, plus one layer
     recomputed), backward's working set (one layer's worth) and the final norm."""
     logits_bytes: int
-    """The vocabulary-wide fp32 tensors of the losses at the head of backward."""
+    """The vocabulary-wide tensors at the head of backward: the losses' fp32 copies and, in full
+    fine-tuning, the LM head's weight gradient."""
     heap_retained_bytes: int
     """CPU only: what glibc's heap holds beyond the live tensors (module docstring)."""
 
