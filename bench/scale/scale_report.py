@@ -95,6 +95,11 @@ def findings(results: dict[str, Any]) -> list[str]:
                    f"rest, llama_decode beyond the bound {p['llama_decode_over_bound_ms']} ms, llama-cpp-python's "
                    f"eval wrapper {p['wrapper_ms']} ms, sampling (greedy chain with the repetition-penalty stage "
                    f"over {VOCAB} logits) {p['sample_ms']} ms.")
+    reruns = [(r["size"], r["train_command"]) for r in sizes if r.get("train_command")]
+    if reruns:
+        out.append("- Soft labels and training measured again, export and decode kept: " + "; ".join(
+            f"{n} by `{c}` ({r.get('train_started', '?')})" for (n, c), r in
+            zip(reruns, [r for r in sizes if r.get("train_command")])) + ".")
     return out
 
 
