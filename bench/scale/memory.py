@@ -16,6 +16,11 @@ three times:
 Each is compared with the planner's figure for the same inputs (its process growth left out: no
 training call runs here, and each process's baseline is its RSS after imports). Writes
 ``bench/scale/memory.json`` and ``memory.md``.
+
+``--cuda --out FILE`` (a GPU machine; python3 with torch and transformers, edgepack importable)
+measures ``torch.cuda.max_memory_allocated`` over the third step instead, in fp32 and under bf16
+autocast, for bench/scale's sizes (:data:`CUDA_SHAPES`), to set against the planner's device plan
+(no heap term, no process growth). Not yet run: the one GPU call of this session got no machine.
 """
 
 from __future__ import annotations
@@ -41,6 +46,13 @@ SHAPES = [  # hidden, layers, heads, kv heads, intermediate, micro-batch, checkp
     (576, 10, 9, 3, 1536, 2, True),
     (576, 30, 9, 3, 1536, 2, False),
 ]
+CUDA_SHAPES = [  # bench/scale's sizes and two micro-batches of the 135M shape
+    (576, 30, 9, 3, 1536, 2, False),
+    (576, 30, 9, 3, 1536, 4, False),
+    (576, 30, 9, 3, 1536, 4, True),
+    (960, 32, 15, 5, 2560, 2, False),
+    (2048, 14, 32, 32, 8192, 2, False),
+]
 SEQ = 256
 
 
@@ -58,6 +70,8 @@ def worker(spec: list[int], mode: str) -> dict[str, Any]:
     from edgepack.distill.losses import SparseTargets, blend, cross_entropy, sparse_forward_kl
 
     hidden, layers, heads, kv, inter, mb, ckpt = spec
+    if mode.startswith("cuda"):
+        return cuda_worker(spec, bf16=mode == "cuda_bf16")
     torch.set_num_threads(1)
     baseline = _rss_mb()
     config = LlamaConfig(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
@@ -115,6 +129,58 @@ def worker(spec: list[int], mode: str) -> dict[str, Any]:
         live += delta
         high = max(high, live)
     return {"answer_positions": n, "live_peak_mb": round((state + high) / 2**20, 1)}
+
+
+def cuda_worker(spec: list[int], *, bf16: bool) -> dict[str, Any]:
+    """The same three steps on CUDA (bf16 autocast for the forward where ``bf16``, the losses in fp32, as
+    train_step does): torch.cuda.max_memory_allocated over the third step, what training reports there."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from edgepack.distill.batching import answer_hidden
+    from edgepack.distill.losses import SparseTargets, blend, cross_entropy, sparse_forward_kl
+
+    hidden, layers, heads, kv, inter, mb, ckpt = spec
+    config = LlamaConfig(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+                         num_key_value_heads=kv, intermediate_size=inter, vocab_size=VOCAB, head_dim=hidden // heads,
+                         tie_word_embeddings=True, max_position_embeddings=2048)
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        model = LlamaForCausalLM(config)
+    if ckpt:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    prompt = int(SEQ * (1 - ANSWER_FRACTION))
+    seqs = [[int(x) for x in torch.randint(0, VOCAB, (SEQ,))] for _ in range(mb)]
+
+    def micro() -> int:
+        with torch.device("cuda"):
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16):
+                hid, batch = answer_hidden(model.get_decoder(), seqs, [prompt] * mb, 0, 0)
+                logits = model.get_output_embeddings()(hid)
+            n = logits.shape[0]
+            targets = SparseTargets(torch.randint(0, VOCAB, (n, 32)), torch.log_softmax(torch.randn(n, 32), -1) - 0.1,
+                                    torch.full((n,), -2.3))
+            ce = cross_entropy(logits.float()[None], batch.targets[None], torch.ones(1, n))
+            (blend(sparse_forward_kl(logits.float(), targets), ce, 0.2) * 0.5).backward()
+        return n
+
+    def step() -> int:
+        n = micro() + micro()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return n // 2
+
+    step()
+    step()
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    n = step()
+    torch.cuda.synchronize()
+    return {"answer_positions": n, "bf16": bf16, "device": torch.cuda.get_device_name(),
+            "torch": torch.__version__, "max_memory_allocated_mb": round(torch.cuda.max_memory_allocated() / 2**20, 1)}
 
 
 def run_worker(spec: tuple, mode: str) -> dict[str, Any]:
@@ -176,6 +242,8 @@ def main() -> None:
     parser.add_argument("--worker", nargs=2, help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "scale" / "memory.json")
     parser.add_argument("--render-only", action="store_true", help="recompute the planner's figures and memory.md")
+    parser.add_argument("--cuda", action="store_true",
+                        help="measure torch.cuda.max_memory_allocated for CUDA_SHAPES in fp32 and bf16 autocast instead")
     args = parser.parse_args()
     sys.path.insert(0, str(ROOT))
     if args.worker:
@@ -183,6 +251,15 @@ def main() -> None:
         return
     if args.render_only:
         write(args.out, json.loads(args.out.read_text()))
+        return
+    if args.cuda:
+        rows = []
+        for spec in CUDA_SHAPES:
+            for mode in ("cuda", "cuda_bf16"):
+                rows.append({"spec": list(spec), "mode": mode, **run_worker(spec, mode)})
+                sys.stderr.write(f"{rows[-1]}\n")
+        args.out.write_text(json.dumps({"command": "python3 bench/scale/memory.py --cuda"
+                                        + "".join(f" {a}" for a in sys.argv[1:]), "rows": rows}, indent=2) + "\n")
         return
     import torch
 
