@@ -139,7 +139,8 @@ def test_tiny_size_through_the_real_stages(scale: ModuleType, tmp_path: Path, ti
     assert len(lengths["answer_lengths"]) == 4 and 0 < min(lengths["answer_lengths"]) < lengths["longest_row"] <= 256
     again = scale.replan({"shape": dataclasses.asdict(shape), "params": made["params"], "train": train},
                          "cpu-x86-2c", tiny_llama_dir, lengths)
-    assert again["planned_peak_mb"] == train["planned_peak_mb"] and again["method"] == "full"
+    # (the recorded baseline is rounded to 0.1 MB, so the replanned peak may differ by that rounding)
+    assert again["planned_peak_mb"] == pytest.approx(train["planned_peak_mb"], abs=0.11) and again["method"] == "full"
     assert again["given_the_data"]["planned_peak_mb"] < train["planned_peak_mb"]
 
     export = scale.worker_export(run)
