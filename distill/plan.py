@@ -61,8 +61,8 @@ memory events, peak RSS with and without ``MALLOC_MMAP_THRESHOLD_``, random-init
 layers, hidden 64-576, SmolLM2's vocabulary): everything but the heap term is 0.89-1.03 of
 torch's live peak given the answer positions; glibc keeps 170-560 MB beyond it, of which the heap
 term covers 38-83%. So with every position counted (no ``answer_lengths``: what training passes
-today) the plan bounded every measured RSS peak (0.35-0.95; bench/scale's 135M / 360M students
-about 0.85 / 0.9), while with ``answer_lengths`` it is tighter but not yet a bound everywhere
+today) the plan bounded every measured RSS peak (0.35-0.95; bench/scale's 135M / 360M / 1B
+students 0.82 / 0.90 / 0.93), while with ``answer_lengths`` it is tighter but not yet a bound everywhere
 (0.98-1.16). Not counted: on-policy sampling's KV cache (sampling runs outside backward) and the
 student's shared-prefix KV cache (a few MB).
 """
