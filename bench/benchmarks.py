@@ -63,7 +63,7 @@ def generate(*, bench: Path = BENCH, out: Path = ROOT / "BENCHMARKS.md", plots: 
             "is shared by other jobs, so timings carry the load average recorded with them.")
     distill = load(bench, "distill")
     section_distill(doc, distill)
-    section_on_policy(doc, [json.loads(f.read_text(encoding="utf-8"))
+    section_on_policy(doc, [{**json.loads(f.read_text(encoding="utf-8")), "file": f.name}
                             for f in sorted((bench / "distill").glob("results-*.json"))])
     section_training(doc, load(bench, "trl"), distill)
     section_generation(doc, load(bench, "generation"))

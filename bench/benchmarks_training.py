@@ -6,6 +6,7 @@ soft-label cache (bench/softlabels)."""
 from __future__ import annotations
 
 import statistics
+from pathlib import Path
 from typing import Any
 
 from benchmarks_doc import NOT_RUN, Doc, _flat_table, _name, _num, _rows_with, as_recorded, provenance, table
@@ -59,7 +60,8 @@ def section_distill(doc: Doc, distill: dict[str, Any] | None) -> None:
 def section_on_policy(doc: Doc, runs: list[dict[str, Any]]) -> None:
     """bench/distill/results-<domain>.json: off- vs on-policy KD scored by the task's primary metric (issue #19)."""
     doc.add("## On-policy vs off-policy distillation (task score on the holdout)")
-    runs = [r for r in runs if (r.get("summary") or {}).get("on_policy_targets")]
+    every_method_by_domain(doc, runs)
+    runs = [r for r in runs if set((r.get("summary") or {}).get("on_policy_targets") or {}) - {"best"}]
     if not runs:
         doc.add(f"*{NOT_RUN}*: no `bench/distill/results-*.json` with on-policy methods (issue #19).")
         return
@@ -90,6 +92,29 @@ def section_on_policy(doc: Doc, runs: list[dict[str, Any]]) -> None:
                     lines.append(f"at the same wall clock, in {same} of {len(t['wins_at_equal_wall'])} seeds "
                                  f"{verdict(t['met_at_equal_wall'])}")
         doc.add("Targets (issue #19): " + "; ".join(lines) + ".")
+
+
+def every_method_by_domain(doc: Doc, runs: list[dict[str, Any]]) -> None:
+    """One table per domain and step count of every method the results-*.json files (``file``: the
+    name benchmarks.py adds) trained from
+    the run's own fresh student (invocations with ``--student`` fine-tune another start and stay
+    out), best task score first, with the share of the teacher's score each keeps."""
+    groups: dict[tuple[str, int], list[dict[str, Any]]] = {}
+    for r in runs:
+        if "--student" not in r["command"] and (r.get("teacher") or {}).get("primary") is not None:
+            groups.setdefault((Path(r["run"]).name, r["steps"]), []).append(r)
+    for (domain, steps), results in sorted(groups.items()):
+        metric = (results[0].get("task") or {}).get("primary_metric", "primary")
+        teacher = results[0]["teacher"]["primary"]
+        rows = [(m, r["file"]) for r in results for m in r["summary"]["methods"].values() if m.get("primary")]
+        rows.sort(key=lambda mr: -mr[0]["primary"]["mean"])
+        body = [[m["label"], ", ".join(map(str, m["seeds"])), _num(m["primary"]["mean"], ".3f"),
+                 f"{_num(m['primary']['min'], '.3f')} – {_num(m['primary']['max'], '.3f')}",
+                 _num(m["primary"]["mean"] / teacher, ".3f") if teacher else "–",
+                 _num((m.get("kl") or {}).get("mean"), ".3f"), f"`{file}`"] for m, file in rows]
+        doc.add(f"**{domain}, every method at {steps} steps** (teacher {metric} {_num(teacher, '.3f')}; "
+                "each from the run's own fresh student, rows from the files named):",
+                table(["method", "seeds", f"{metric} mean", "min – max", "÷ teacher", "KL mean", "results"], body))
 
 
 TRAINING_METRICS = (("tokens_per_s", "tokens/s"), ("tokens_per_s_incl_cache", "tokens/s incl. soft-label cache share"),

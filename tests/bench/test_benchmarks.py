@@ -151,6 +151,27 @@ def test_on_policy_results_are_rendered_with_their_targets(benchmarks: ModuleTyp
     assert "beats off-policy dense KD in 2 of 3 seeds (target ≥ 2) **met**; at the same wall clock, in 1 of 3 " \
            "seeds **not met**" in section
     assert "keeps 0.776 of the teacher's field_f1 (target ≥ 0.92 at ≤ 60% of its parameters) **not met**" in section
+    # One table of every method per domain and step count, across files, best first; a file of
+    # off-policy methods only joins it (and gets no on-policy table of its own); a fine-tuning
+    # (--student) invocation starts elsewhere and stays out.
+    _write(bench / "distill" / "results-workorders-sft.json", {
+        "command": "python bench/distill/run.py --run runs/workorders --methods sft", "machine": MACHINE,
+        "run": "/abs/runs/workorders", "steps": 40, "teacher": {"primary": 0.58}, "task": {"primary_metric": "field_f1"},
+        "summary": {"methods": {"sft": {"label": "SFT-only", "seeds": [0, 1, 2], "primary": spread(0.5, 0.45, 0.55),
+                                        "kl": spread(0.7, 0.6, 0.8)}},
+                    "targets": {}, "on_policy_targets": {"best": targets["best"]}}})
+    _write(bench / "distill" / "results-workorders-finetune.json", {
+        "command": "python bench/distill/run.py --run runs/workorders --student runs/workorders/student",
+        "machine": MACHINE, "run": "runs/workorders", "steps": 40, "teacher": {"primary": 0.58},
+        "summary": {"methods": {"dense": {**methods["dense"], "label": "KD dense, fine-tuned"}},
+                    "targets": {}, "on_policy_targets": {}}})
+    benchmarks.generate(bench=bench, out=out, pipeline=None, command="make benchmarks")
+    section = out.read_text().split("## On-policy vs off-policy")[1].split("\n## ")[0]
+    every = section.split("**workorders, every method at 40 steps** (teacher field_f1 0.580")[1].split("\n\n**")[0]
+    assert [line.split(" | ")[0] for line in every.splitlines() if line.startswith("| ") and "---" not in line][1:] == \
+        ["| SFT-only", "| on-policy KD, λ 0.5", "| KD dense"]
+    assert "| SFT-only | 0, 1, 2 | 0.500 | 0.450 – 0.550 | 0.862 | 0.700 | `results-workorders-sft.json` |" in every
+    assert "fine-tuned" not in section and section.count("Targets (issue #19)") == 1
 
 
 def test_trl_and_generation_results_are_rendered_when_present(benchmarks: ModuleType, tmp_path: Path) -> None:
