@@ -72,10 +72,11 @@ def section_on_policy(doc: Doc, runs: list[dict[str, Any]]) -> None:
         methods = r["summary"]["methods"]
         body = [[m["label"], ", ".join(map(str, m["seeds"])),
                  *[(m.get(k) or {}).get(stat) for k in ("primary", "kl") for stat in ("mean", "min", "max")],
-                 (m.get("wall_s") or {}).get("mean")] for m in methods.values()]
+                 (m.get("wall_s") or {}).get("mean"), (m.get("cpu_s") or {}).get("mean")] for m in methods.values()]
         shown = _num(teacher, ".3f")
         doc.add(f"**{r['run']}** ({r['steps']} steps per student, teacher {metric} {shown}). " + provenance(r),
-                table(["method", "seeds", f"{metric} mean", "min", "max", "KL mean", "min", "max", "train wall s"],
+                table(["method", "seeds", f"{metric} mean", "min", "max", "KL mean", "min", "max", "train wall s",
+                       "train CPU s"],
                       body))
         targets = r["summary"]["on_policy_targets"]
         lines = []
@@ -112,8 +113,11 @@ def every_method_by_domain(doc: Doc, runs: list[dict[str, Any]]) -> None:
                  f"{_num(m['primary']['min'], '.3f')} – {_num(m['primary']['max'], '.3f')}",
                  _num(m["primary"]["mean"] / teacher, ".3f") if teacher else "–",
                  _num((m.get("kl") or {}).get("mean"), ".3f"), f"`{file}`"] for m, file in rows]
+        timed = "".join(f"; the equal-time rows {r['equal_wall']['steps']} steps, the CPU time of "
+                        f"{r['summary']['methods'][r['equal_wall']['method']]['label']}"
+                        for r in results if r.get("equal_wall"))
         doc.add(f"**{domain}, every method at {steps} steps** (teacher {metric} {_num(teacher, '.3f')}; "
-                "each from the run's own fresh student, rows from the files named):",
+                f"each from the run's own fresh student, rows from the files named{timed}):",
                 table(["method", "seeds", f"{metric} mean", "min – max", "÷ teacher", "KL mean", "results"], body))
 
 

@@ -135,7 +135,8 @@ def test_on_policy_results_are_rendered_with_their_targets(benchmarks: ModuleTyp
     methods = {"dense": {"label": "KD dense", "seeds": [0, 1, 2], "primary": spread(0.4, 0.3, 0.5),
                          "kl": spread(0.9, 0.8, 1.0), "wall_s": spread(300.0, 290.0, 310.0)},
                "onpolicy50": {"label": "on-policy KD, λ 0.5", "seeds": [0, 1, 2], "primary": spread(0.45, 0.4, 0.5),
-                              "kl": spread(0.8, 0.7, 0.9), "wall_s": spread(500.0, 480.0, 520.0)}}
+                              "kl": spread(0.8, 0.7, 0.9), "wall_s": spread(500.0, 480.0, 520.0),
+                              "cpu_s": spread(450.0, 440.0, 460.0)}}
     targets = {"onpolicy50": {"wins_over_off_policy": {"0": True, "1": False, "2": True}, "met": True,
                               "wins_at_equal_wall": {"0": False, "1": False, "2": True}, "met_at_equal_wall": False},
                "best": {"method": "onpolicy50", "mean_primary": 0.45, "retained": 0.776, "met": False}}
@@ -147,7 +148,7 @@ def test_on_policy_results_are_rendered_with_their_targets(benchmarks: ModuleTyp
     benchmarks.generate(bench=bench, out=out, pipeline=None, command="make benchmarks")
     section = out.read_text().split("## On-policy vs off-policy")[1].split("\n## ")[0]
     assert "Command: `python bench/distill/run.py --run runs/workorders`" in section and "not yet run" not in section
-    assert "| on-policy KD, λ 0.5 | 0, 1, 2 | 0.45 | 0.4 | 0.5 | 0.8 | 0.7 | 0.9 | 500 |" in section
+    assert "| on-policy KD, λ 0.5 | 0, 1, 2 | 0.45 | 0.4 | 0.5 | 0.8 | 0.7 | 0.9 | 500 | 450 |" in section
     assert "beats off-policy dense KD in 2 of 3 seeds (target ≥ 2) **met**; at the same wall clock, in 1 of 3 " \
            "seeds **not met**" in section
     assert "keeps 0.776 of the teacher's field_f1 (target ≥ 0.92 at ≤ 60% of its parameters) **not met**" in section
