@@ -380,7 +380,8 @@ def _plan(*, teacher: str, data: Path | str | None, limit: int | None, strict: b
           stop: tuple[str, ...] = ()) -> _Plan:
     """Resolve the teacher and the inputs, check the options, and derive the task and data/'s
     identity (:func:`build_dataset`'s arguments); raises before anything is written."""
-    from edgepack.distill.generate import DecodeParams, check_stop
+    from edgepack.distill.generate import DecodeParams
+    from edgepack.stop import check_stop
     from edgepack.distill.teachers import resolve_teacher
 
     check_stop(stop)  # before the teacher is resolved (a GGUF's header is read there)

@@ -324,7 +324,7 @@ def _cut_at_stop(text: str, stop: tuple[str, ...], chosen: Chosen | None, top: T
     student's tokens). When the tokens do not spell the kept text (the stop string begins inside
     a token) the logprobs are not used, and the reason says so.
     """
-    from edgepack.distill.generate import cut_at_stop
+    from edgepack.stop import cut_at_stop
 
     text, hit = cut_at_stop(text, stop)
     if chosen is None or top is None:

@@ -37,26 +37,9 @@ from typing import Any
 from edgepack.distill.answer_cache import AnswerCache, answer_key
 from edgepack.distill.teachers import TeacherSource
 from edgepack.errors import UsageError
+from edgepack.stop import MAX_STOP_STRINGS, cut_at_stop
 
 Messages = list[dict[str, str]]
-MAX_STOP_STRINGS = 4  # as OpenAI's API allows
-
-
-def check_stop(stop: tuple[str, ...]) -> None:
-    """UsageError for stop strings no teacher kind takes: an empty one, or more than
-    :data:`MAX_STOP_STRINGS` (checked before any teacher is opened)."""
-    if any(not isinstance(s, str) or not s for s in stop):
-        raise UsageError("a stop string (--stop) must not be empty",
-                         hint="give the text that ends an answer, e.g. --stop $'\\n' or --stop '<end_of_turn>'")
-    if len(stop) > MAX_STOP_STRINGS:
-        raise UsageError(f"at most {MAX_STOP_STRINGS} stop strings (--stop) are allowed (got {len(stop)})",
-                         hint=f"keep the {MAX_STOP_STRINGS} that end the teacher's answers")
-
-
-def cut_at_stop(text: str, stop: tuple[str, ...]) -> tuple[str, bool]:
-    """``text`` before the first stop string in it, and whether there was one."""
-    ends = [i for i in (text.find(s) for s in stop) if i >= 0]
-    return (text[:min(ends)], True) if ends else (text, False)
 
 
 @dataclass(frozen=True)

@@ -21,6 +21,7 @@ from edgepack.atomic import write_text
 from edgepack.constants import (BUILTIN_TEACHER, RUN_CREATED, RUN_DATA, RUN_PROFILE, RUN_SCHEMA, RUN_SEED,
                                 RUN_TEACHER, RUN_TOML, RUN_VERSION, TRAINING_DEVICES)
 from edgepack.errors import RunDirError, UsageError
+from edgepack.stop import check_stop
 
 RUN_SCHEMA_VERSION = 1
 # Keys that may differ between the first run and a resume without changing the result.
@@ -52,8 +53,6 @@ SEARCH_QUALITY_MODES = ("all", "until-pass")
 
 
 def _check_stop(value: list[str]) -> None:
-    from edgepack.distill.generate import check_stop  # the rule lives with the decoding parameters
-
     check_stop(tuple(value))
 
 

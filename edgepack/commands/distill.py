@@ -72,7 +72,7 @@ def data_cmd(
     from edgepack.distill.correct import CorrectionConfig
     from edgepack.distill.data import build_dataset
     from edgepack.distill.endpoint import EndpointConfig
-    from edgepack.distill.generate import check_stop
+    from edgepack.stop import check_stop
     from edgepack.errors import UsageError
     from edgepack.logs import stage_log
     from edgepack.task import answer_from_options, read_system_prompt
