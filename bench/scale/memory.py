@@ -61,8 +61,13 @@ def _rss_mb() -> float:
         return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
-def worker(spec: list[int], mode: str) -> dict[str, Any]:
-    """Three steps of the trainer's micro-step on a random-init Llama; the figure ``mode`` asks for."""
+def _trainer_step(spec: list[int], device: str = "cpu", bf16: bool = False) -> tuple[Any, Any]:
+    """(model, step): a random-init Llama of ``spec`` and one optimizer step of the trainer's
+    micro-step (answer_hidden → head → sparse KD + CE, two micro-batches, clip, AdamW) on ``device``,
+    under bf16 autocast for the forward where ``bf16`` (the losses in fp32, as train_step does).
+    ``step()`` returns the answer positions per micro-batch."""
+    import contextlib
+
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -70,37 +75,30 @@ def worker(spec: list[int], mode: str) -> dict[str, Any]:
     from edgepack.distill.losses import SparseTargets, blend, cross_entropy, sparse_forward_kl
 
     hidden, layers, heads, kv, inter, mb, ckpt = spec
-    if mode.startswith("cuda"):
-        return cuda_worker(spec, bf16=mode == "cuda_bf16")
-    torch.set_num_threads(1)
-    baseline = _rss_mb()
     config = LlamaConfig(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
                          num_key_value_heads=kv, intermediate_size=inter, vocab_size=VOCAB, head_dim=hidden // heads,
                          tie_word_embeddings=True, max_position_embeddings=2048)
     torch.manual_seed(0)
-    model = LlamaForCausalLM(config)
+    with torch.device(device):
+        model = LlamaForCausalLM(config)
     if ckpt:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     prompt = int(SEQ * (1 - ANSWER_FRACTION))
     seqs = [[int(x) for x in torch.randint(0, VOCAB, (SEQ,))] for _ in range(mb)]
-    peak = [0.0]
-    done = threading.Event()
-
-    def sample() -> None:
-        while not done.is_set():
-            peak[0] = max(peak[0], _rss_mb())
-            time.sleep(0.002)
+    autocast = torch.autocast(device, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
 
     def micro() -> int:
-        hid, batch = answer_hidden(model.get_decoder(), seqs, [prompt] * mb, 0, 0)
-        logits = model.get_output_embeddings()(hid)
-        n = logits.shape[0]
-        targets = SparseTargets(torch.randint(0, VOCAB, (n, 32)), torch.log_softmax(torch.randn(n, 32), -1) - 0.1,
-                                torch.full((n,), -2.3))
-        ce = cross_entropy(logits.float()[None], batch.targets[None], torch.ones(1, n))
-        (blend(sparse_forward_kl(logits.float(), targets), ce, 0.2) * 0.5).backward()
+        with torch.device(device):
+            with autocast:
+                hid, batch = answer_hidden(model.get_decoder(), seqs, [prompt] * mb, 0, 0)
+                logits = model.get_output_embeddings()(hid)
+            n = logits.shape[0]
+            targets = SparseTargets(torch.randint(0, VOCAB, (n, 32)), torch.log_softmax(torch.randn(n, 32), -1) - 0.1,
+                                    torch.full((n,), -2.3))
+            ce = cross_entropy(logits.float()[None], batch.targets[None], torch.ones(1, n))
+            (blend(sparse_forward_kl(logits.float(), targets), ce, 0.2) * 0.5).backward()
         return n
 
     def step() -> int:
@@ -109,6 +107,26 @@ def worker(spec: list[int], mode: str) -> dict[str, Any]:
         opt.step()
         opt.zero_grad(set_to_none=True)
         return n // 2
+
+    return model, step
+
+
+def worker(spec: list[int], mode: str) -> dict[str, Any]:
+    """Three steps of the trainer's micro-step on a random-init Llama; the figure ``mode`` asks for."""
+    import torch
+
+    if mode.startswith("cuda"):
+        return cuda_worker(spec, bf16=mode == "cuda_bf16")
+    torch.set_num_threads(1)
+    baseline = _rss_mb()
+    model, step = _trainer_step(spec)
+    peak = [0.0]
+    done = threading.Event()
+
+    def sample() -> None:
+        while not done.is_set():
+            peak[0] = max(peak[0], _rss_mb())
+            time.sleep(0.002)
 
     threading.Thread(target=sample, daemon=True).start()
     step()
@@ -135,44 +153,8 @@ def cuda_worker(spec: list[int], *, bf16: bool) -> dict[str, Any]:
     """The same three steps on CUDA (bf16 autocast for the forward where ``bf16``, the losses in fp32, as
     train_step does): torch.cuda.max_memory_allocated over the third step, what training reports there."""
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
 
-    from edgepack.distill.batching import answer_hidden
-    from edgepack.distill.losses import SparseTargets, blend, cross_entropy, sparse_forward_kl
-
-    hidden, layers, heads, kv, inter, mb, ckpt = spec
-    config = LlamaConfig(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
-                         num_key_value_heads=kv, intermediate_size=inter, vocab_size=VOCAB, head_dim=hidden // heads,
-                         tie_word_embeddings=True, max_position_embeddings=2048)
-    torch.manual_seed(0)
-    with torch.device("cuda"):
-        model = LlamaForCausalLM(config)
-    if ckpt:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model.train()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    prompt = int(SEQ * (1 - ANSWER_FRACTION))
-    seqs = [[int(x) for x in torch.randint(0, VOCAB, (SEQ,))] for _ in range(mb)]
-
-    def micro() -> int:
-        with torch.device("cuda"):
-            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16):
-                hid, batch = answer_hidden(model.get_decoder(), seqs, [prompt] * mb, 0, 0)
-                logits = model.get_output_embeddings()(hid)
-            n = logits.shape[0]
-            targets = SparseTargets(torch.randint(0, VOCAB, (n, 32)), torch.log_softmax(torch.randn(n, 32), -1) - 0.1,
-                                    torch.full((n,), -2.3))
-            ce = cross_entropy(logits.float()[None], batch.targets[None], torch.ones(1, n))
-            (blend(sparse_forward_kl(logits.float(), targets), ce, 0.2) * 0.5).backward()
-        return n
-
-    def step() -> int:
-        n = micro() + micro()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        return n // 2
-
+    _, step = _trainer_step(spec, "cuda", bf16)
     step()
     step()
     torch.cuda.synchronize()
