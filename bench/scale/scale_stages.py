@@ -156,20 +156,27 @@ def measure_training(name: str, shape: Shape, args: argparse.Namespace) -> dict[
                               "train_available_mb_at_start": available_mb()}
     log(f"{name}: soft-label cache")
     result["softlabels"] = run_worker(["cache", str(run)], threads=args.threads)
+    _train_when_memory_allows(name, run, folder, made, args, result, result["train_load_average"])
+    result["train_load_average"]["end"] = load_average()
+    if not args.keep:
+        shutil.rmtree(folder)
+    return result
+
+
+def _train_when_memory_allows(name: str, run: Path, folder: Path, made: dict[str, Any], args: argparse.Namespace,
+                              result: dict[str, Any], loads: dict[str, Any]) -> None:
+    """``distill train`` of one size into ``result["train"]``, first waiting for
+    ``--min-available-mb`` before a ~1B student; the load before training goes into ``loads``."""
     need = args.min_available_mb if made["params"] > 700e6 else 0
     while need and available_mb() < need:
         log(f"{name}: {available_mb()} MB available < {need} MB; waiting 60 s")
         time.sleep(60)
     result["available_mb_before_train"] = available_mb()
-    result["train_load_average"]["before_train"] = load_average()
+    loads["before_train"] = load_average()
     log(f"{name}: distill train ({args.steps} steps, profile {args.profile})")
     result["train"] = train(run, folder / "init", profile=args.profile, steps=args.steps, threads=args.threads)
-    result["train_load_average"]["end"] = load_average()
     log(f"{name}: {result['train']['tokens_per_s']} tokens/s, planned {result['train']['planned_peak_mb']} MB, "
         f"measured {result['train']['measured_peak_mb']} MB, plan {result['train']['plan']['method']}")
-    if not args.keep:
-        shutil.rmtree(folder)
-    return result
 
 
 def measure_size(name: str, shape: Shape, args: argparse.Namespace) -> dict[str, Any]:
@@ -184,16 +191,7 @@ def measure_size(name: str, shape: Shape, args: argparse.Namespace) -> dict[str,
     log(f"{name}: soft-label cache")
     result["softlabels"] = run_worker(["cache", str(run)], threads=args.threads)
     log(f"{name}: {result['softlabels']}")
-    need = args.min_available_mb if made["params"] > 700e6 else 0
-    while need and available_mb() < need:
-        log(f"{name}: {available_mb()} MB available < {need} MB; waiting 60 s")
-        time.sleep(60)
-    result["available_mb_before_train"] = available_mb()
-    result["load_average"]["before_train"] = load_average()
-    log(f"{name}: distill train ({args.steps} steps, profile {args.profile})")
-    result["train"] = train(run, folder / "init", profile=args.profile, steps=args.steps, threads=args.threads)
-    log(f"{name}: {result['train']['tokens_per_s']} tokens/s, planned {result['train']['planned_peak_mb']} MB, "
-        f"measured {result['train']['measured_peak_mb']} MB, plan {result['train']['plan']['method']}")
+    _train_when_memory_allows(name, run, folder, made, args, result, result["load_average"])
     shutil.rmtree(run / "teacher")  # disk: the rest needs only the student
     shutil.rmtree(folder / "init")
     log(f"{name}: export")
