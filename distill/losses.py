@@ -23,7 +23,9 @@ from dataclasses import dataclass, fields
 import torch
 import torch.nn.functional as F
 
-DEFAULT_CHUNK = 128
+from edgepack.train_memory import LOSS_CHUNK_ROWS
+
+DEFAULT_CHUNK = LOSS_CHUNK_ROWS  # the training memory estimate counts these chunks
 
 # One chunk's per-position loss: (student log-probs, teacher log-probs) -> [B, chunk].
 TokenLoss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]

@@ -406,7 +406,7 @@ def plan_for(model: Any, teacher: Any, data: TrainData, request: TrainRequest, b
 def _with_lora(model: Any) -> Any:
     from peft import LoraConfig, get_peft_model
 
-    from edgepack.distill.plan import LORA_RANK
+    from edgepack.train_memory import LORA_RANK
 
     return get_peft_model(model, LoraConfig(r=LORA_RANK, lora_alpha=2 * LORA_RANK, lora_dropout=0.0,
                                             target_modules="all-linear", task_type="CAUSAL_LM"))

@@ -10,7 +10,8 @@ nothing here opens a model file. Every stage asks this module:
   ``artifact_memory`` parts, ``runtime/memory.py:gguf_artifact_memory`` and
   ``runtime/onnx_graph.py:estimate_onnx_memory``): they read the weight bytes and the shape from
   the file and call :func:`gguf_memory` / :func:`onnx_memory`;
-* the training planner (``distill/plan.py``) calls :func:`estimate_train`.
+* training memory (``distill/plan.py``'s planner, ``profiles fit``'s train row) is
+  ``edgepack/train_memory.py``.
 
 **What llama.cpp writes** (``llama_tensor_get_type`` and ``tensor_type_fallback`` in llama.cpp's
 ``src/llama-quant.cpp``): 1-D tensors (norms, biases) stay F32; the output head, and the token
@@ -424,60 +425,3 @@ def predict_onnx(shape: ModelShape, quant: str, n_ctx: int) -> MemoryEstimate:
     per_position = shape_kv_bytes(shape, 1, ONNX_KV_BYTES)
     return onnx_memory(weights_bytes=onnx_weight_bytes(shape, quant), kv_bytes_per_position=per_position,
                        hidden=shape.hidden, vocab=shape.vocab, n_ctx=n_ctx, file_bytes=onnx_file_bytes(shape, quant))
-
-
-# --- training -----------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class TrainEstimate:
-    """Peak memory of one fp32 AdamW training step, its parts, and whether it fits ``budget_bytes``."""
-
-    device: str
-    method: str
-    micro_batch: int
-    seq_len: int
-    weights_bytes: int
-    gradients_bytes: int
-    optimizer_bytes: int
-    activations_bytes: int
-    teacher_bytes: int
-    total_bytes: int
-    budget_bytes: int
-    fits: bool
-
-
-def estimate_train(shape: ModelShape, *, budget_bytes: int, device: str, method: str = "full",
-                   micro_batch: int = 4, seq_len: int = 256, teacher: ModelShape | None = None,
-                   teacher_mode: str = "online", lora_fraction: float = 0.01,
-                   checkpointing: bool = False, half: bool = False, optim_8bit: bool = False) -> TrainEstimate:
-    """fp32 AdamW training memory: weights, gradients, optimizer state, activations, teacher.
-
-    ``teacher_mode`` "online" keeps the teacher's fp32 weights and dense logits in memory;
-    "cached" reads sparse top-k soft labels from disk instead (a few MB per batch). ``half``:
-    bf16/fp16 autocast on an accelerator (distill/device.py) — the student keeps fp32 weights,
-    gradients and AdamW state, its saved activations are half precision, the losses (and so the
-    logits) stay fp32, and the frozen teacher is held in half precision. ``optim_8bit``:
-    bitsandbytes' 8-bit AdamW (m and v one byte each; its per-block scales are < 1%).
-    """
-    act = 2 if half else 4
-    p = shape.params
-    trainable = p if method == "full" else int(p * lora_fraction)
-    weights = 4 * p
-    grads = 4 * trainable
-    optim = (2 if optim_8bit else 8) * trainable  # Adam m and v in fp32 (or 8-bit)
-    tokens = micro_batch * seq_len
-    # Per layer and token: ~34·hidden bytes of saved activations at fp32 (Korthikanti et al.
-    # count 34·h at fp16 for the MLP/attention inputs; we store fewer, in fp32) plus the
-    # attention probabilities; checkpointing keeps only each block's input.
-    per_layer = tokens * (shape.hidden * act if checkpointing else 17 * shape.hidden * act
-                          + shape.n_heads * seq_len * act)
-    logits = 3 * tokens * shape.vocab * 4       # student logits, their gradient, log-softmax
-    acts = shape.n_layers * per_layer + logits
-    teacher_b = 0
-    if teacher is not None:
-        teacher_b = (act * teacher.params + tokens * teacher.vocab * act) if teacher_mode == "online" \
-            else tokens * 32 * 8
-    total = weights + grads + optim + acts + teacher_b
-    return TrainEstimate(device, method, micro_batch, seq_len, weights, grads, optim, acts,
-                         teacher_b, total, budget_bytes, total <= budget_bytes)

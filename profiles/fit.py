@@ -1,9 +1,9 @@
 """Will a model fit a profile? ``profiles fit``: read a model's shape, ask the one estimator, give a verdict.
 
 ``fit_model(path, profile)`` reads the model's shape (an HF dir, a GGUF file or an ONNX folder)
-and returns ``{"deploy": [...], "train": {...}}``. The numbers are :mod:`edgepack.memory`'s, the
-estimator the training planner, the student sizer, the manifest and the runtime preflight use
-too: each profile choice is predicted through its format's ``predict_memory`` part, and an
+and returns ``{"deploy": [...], "train": {...}}``. The deploy numbers are :mod:`edgepack.memory`'s,
+the estimator the student sizer, the manifest and the runtime preflight use too, and the train
+row is :mod:`edgepack.train_memory`'s, the count ``distill train``'s planner makes: each profile choice is predicted through its format's ``predict_memory`` part, and an
 artifact given as-is is estimated by its format's ``artifact_memory`` part, the very function
 the runtime preflight calls before loading it. This module only reads shapes and compares the
 estimates with the profile's budgets.
@@ -19,7 +19,8 @@ from typing import Any
 
 from edgepack.errors import InvalidModelFile, ModelSourceError
 from edgepack.formats import Format, format_of
-from edgepack.memory import ModelShape, estimate_train, predict_memory
+from edgepack.memory import ModelShape, predict_memory
+from edgepack.train_memory import PROCESS_GROWTH_MB, estimate_train
 from edgepack.profiles import Profile
 
 MIB = 2**20
@@ -161,6 +162,25 @@ def _artifact_file_bytes(model: Path) -> int:
     return sum(f.stat().st_size for f in model.iterdir() if f.is_file())
 
 
+def train_estimate(shape: ModelShape, profile: Profile) -> dict[str, Any]:
+    """Training ``shape`` on the profile's training device, as ``distill train``'s planner counts its
+    first candidate (edgepack/train_memory.py): full fine-tuning with fp32 AdamW, no checkpointing,
+    micro-batch 4 of 256 tokens, an online teacher of the same shape in the device's precision. On
+    the CPU the process's growth during training (PROCESS_GROWTH_MB) counts against the budget; the
+    process before any model is loaded (Python, torch: a few hundred MB) is not known here and does
+    not — ``distill train`` measures it and plans again, trying LoRA, smaller micro-batches and
+    checkpointing."""
+    cpu = profile.train_device == "cpu"
+    growth = PROCESS_GROWTH_MB * MIB if cpu else 0
+    budget = profile.train_memory_mb * MIB
+    est = estimate_train(shape, budget_bytes=int(budget - growth), device=profile.train_device, teacher=shape,
+                         teacher_mode="online", half=not cpu)
+    row = {k: v for k, v in asdict(est).items() if k != "transients"}
+    return {**row, "transients_mb": est.transients.describe_mb(), "budget_bytes": budget, "process_growth_bytes": growth,
+            "note": "full fine-tuning, fp32 AdamW, micro-batch 4 × 256 tokens, online teacher of the same shape; "
+                    "the process before loading (Python, torch) is not counted"}
+
+
 def fit_model(model: Path, profile: Profile, context: int | None = None) -> dict[str, Any]:
     """Deploy and training estimates of ``model`` (HF dir, .gguf, ONNX) for ``profile``."""
     model = Path(model)
@@ -180,12 +200,11 @@ def fit_model(model: Path, profile: Profile, context: int | None = None) -> dict
     for choice in profile.choices:
         predicted = predict_memory(choice.format, shape, choice.quant, ctx)
         deploy.append(deploy_verdict(choice.format, choice.quant, predicted.as_dict(), budget))
-    train = estimate_train(shape, budget_bytes=profile.train_memory_mb * MIB, device=profile.train_device,
-                           teacher=shape, teacher_mode="online")
+    train = train_estimate(shape, profile)
     return {
         "model": str(model), "source": fmt.name if fmt is not None else "hf", "profile": profile.name,
         "context": ctx, "budget_mb": profile.memory_budget_mb, "shape": asdict(shape),
         "deploy": [asdict(d) for d in deploy],
-        "train": {**asdict(train), "note": "teacher of the same size, online dense logits"},
+        "train": train,
         "estimate": True, "threads": profile.threads, "cpu_count": os.cpu_count(), "notes": notes,
     }

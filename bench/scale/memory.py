@@ -1,4 +1,4 @@
-"""The training planner's transients (distill/plan.py) against what torch and the process hold.
+"""The training planner's transients (edgepack/train_memory.py) against what torch and the process hold.
 
     OMP_NUM_THREADS=1 .venv/bin/python bench/scale/memory.py
 
@@ -179,7 +179,7 @@ def run_worker(spec: tuple, mode: str) -> dict[str, Any]:
 def planned(spec: tuple, answers: int | None = None) -> dict[str, Any]:
     """The planner's parts for the same inputs (full fine-tuning, fp32 AdamW, cached soft labels), the
     vocabulary-wide tensors at every position, or at ``answers`` positions (the data known)."""
-    from edgepack.distill.plan import transients
+    from edgepack.train_memory import transients
     from edgepack.profiles.fit import shape_from_config
 
     hidden, layers, heads, kv, inter, mb, ckpt = spec

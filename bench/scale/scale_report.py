@@ -104,7 +104,7 @@ def findings(results: dict[str, Any]) -> list[str]:
 
 
 def _planned_parts(train: dict[str, Any]) -> str:
-    """The plan's transients by part (distill/plan.py), where the recorded plan has them."""
+    """The plan's transients by part (edgepack/train_memory.py), where the recorded plan has them."""
     parts = train["plan"].get("transients_mb") or (train.get("replanned") or {}).get("transients_mb")
     if not parts:
         return ""

@@ -74,8 +74,11 @@ def fit_cmd(
                       "[green]yes[/green]" if d["fits"] else "[red]no[/red]")
         out.print(t)
         tr = r["train"]
-        out.print(f"train on {tr['device']} ({tr['method']}): {tr['total_bytes'] / 2**20:.0f} MB of "
-                  f"{tr['budget_bytes'] / 2**20:.0f} MB → {'fits' if tr['fits'] else 'does not fit'}")
+        growth = f" + {tr['process_growth_bytes'] / 2**20:.0f} MB process" if tr["process_growth_bytes"] else ""
+        out.print(f"train on {tr['device']} ({tr['method']}, micro-batch {tr['micro_batch']}): "
+                  f"{tr['total_bytes'] / 2**20:.0f} MB{growth} of {tr['budget_bytes'] / 2**20:.0f} MB → "
+                  f"{'fits' if tr['fits'] else 'does not fit'} (distill train plans again: LoRA, smaller "
+                  "micro-batches, checkpointing)")
         for note in r.get("notes", []):
             out.print(f"note: {note}")
 

@@ -12,12 +12,12 @@ import torch
 from safetensors.torch import load_file
 
 from edgepack.constants import STUDENT_DIR, TRAIN_REPORT
-from edgepack.distill.plan import (DENSE_KD_COPIES, LOGIT_COPIES, PROCESS_GROWTH_MB, SAVED_PER_LAYER, plan_training,
-                                   transients)
+from edgepack.distill.plan import plan_training
 from edgepack.distill.train import TrainConfig, train_student
 from edgepack.errors import UsageError
 from edgepack.profiles import load_profile
 from edgepack.memory import ModelShape
+from edgepack.train_memory import DENSE_KD_COPIES, LOGIT_COPIES, PROCESS_GROWTH_MB, SAVED_PER_LAYER, transients
 from tests.distill.conftest import make_run
 
 # SmolLM2-135M's shape, and a 14-block student pruned from it.

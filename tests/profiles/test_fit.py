@@ -10,10 +10,11 @@ from pathlib import Path
 import pytest
 
 from edgepack.gguf_header import read_gguf
-from edgepack.memory import ModelShape, estimate_train, predict_gguf, shape_kv_bytes
+from edgepack.memory import ModelShape, predict_gguf, shape_kv_bytes
 from edgepack.profiles import load_profile
 from edgepack.profiles.fit import deploy_verdict, fit_model, shape_from_config, shape_from_gguf
 from edgepack.runtime.memory import gguf_artifact_memory
+from edgepack.train_memory import MIB, estimate_train, lora_fraction
 
 SMOL = ModelShape(n_layers=30, hidden=576, n_heads=9, n_kv_heads=3, head_dim=64, intermediate=1536,
                   vocab=49152, params=134_515_008, embedding_params=49152 * 576, tied=True)
@@ -56,9 +57,27 @@ def test_train_estimate_grows_with_batch_and_shrinks_with_lora() -> None:
     bigger = estimate_train(SMOL, budget_bytes=2**34, device="cpu", micro_batch=8)
     lora = estimate_train(SMOL, budget_bytes=2**34, device="cpu", method="lora")
     assert bigger.activations_bytes > full.activations_bytes
-    assert lora.optimizer_bytes < full.optimizer_bytes / 50
+    assert lora.optimizer_bytes == 8 * int(SMOL.params * lora_fraction(SMOL)) < full.optimizer_bytes / 20
     assert full.total_bytes == (full.weights_bytes + full.gradients_bytes + full.optimizer_bytes
                                 + full.activations_bytes + full.teacher_bytes)
+
+
+def test_fit_train_row_is_the_planners_first_candidate(tiny_llama_dir: Path) -> None:
+    """profiles fit and distill train count training memory with one function: the fit's train row
+    is exactly what plan_training counts for full fine-tuning at micro-batch 4 (no second estimator)."""
+    from edgepack.distill.plan import plan_training
+
+    profile = load_profile("cpu-x86-2c")
+    result = fit_model(tiny_llama_dir, profile)
+    shape = ModelShape(**result["shape"])
+    plan = plan_training(shape, teacher=shape, teacher_mode="online", budget_mb=profile.train_memory_mb,
+                         baseline_mb=0, batch_size=4, micro_batch=4, seq_len=256, method="full",
+                         checkpointing="off")
+    tr = result["train"]
+    assert (plan.method, plan.micro_batch, plan.checkpointing) == ("full", 4, False)
+    assert plan.planned_peak_mb == round((tr["total_bytes"] + tr["process_growth_bytes"]) / MIB, 1)
+    assert plan.transients_mb == tr["transients_mb"]
+    assert tr["fits"] and tr["budget_bytes"] == profile.train_memory_mb * MIB
 
 
 def test_fit_hf_dir(tiny_llama_dir: Path) -> None:
