@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import re
 from pathlib import Path
 
 import pytest
-import torch
 from safetensors.torch import load_file
 
-from edgepack.constants import STUDENT_DIR, TRAIN_REPORT
+from edgepack.constants import STUDENT_DIR
 from edgepack.distill.plan import plan_training
 from edgepack.distill.train import TrainConfig, train_student
 from edgepack.errors import UsageError
@@ -19,6 +17,7 @@ from edgepack.profiles import load_profile
 from edgepack.memory import ModelShape
 from edgepack.train_memory import DENSE_KD_COPIES, LOGIT_COPIES, PROCESS_GROWTH_MB, SAVED_PER_LAYER, transients
 from tests.distill.conftest import make_run
+from tests.distill.resume_check import check_resume
 
 # SmolLM2-135M's shape, and a 14-block student pruned from it.
 TEACHER = ModelShape(30, 576, 9, 3, 64, 1536, 49152, 134_515_008, 49152 * 576, True)
@@ -130,37 +129,15 @@ def test_known_answer_lengths_count_the_logits_at_the_longest_answers_only() -> 
 FAST = TrainConfig(lr=1e-2, save_every=2, warmup_fraction=0.2, alpha=0.0)
 
 
-class _Interrupt(Exception):
-    pass
-
-
 def test_lora_training_merges_and_resumes_bit_identical(tmp_path: Path, tiny4_dir: Path) -> None:
-    profile = load_profile("cpu-x86-2c")
-    full = make_run(tmp_path / "full", tiny4_dir)
-    report = train_student(run_dir=full, profile=profile, steps=5, seed=2, config=FAST, method="lora")
+    report, _ = check_resume(tmp_path, tiny4_dir, steps=5, kill_after=3, resumes_from=2,
+                             profile=load_profile("cpu-x86-2c"), seed=2, config=FAST, method="lora")
     assert report["plan"]["method"] == "lora" and report["identity"]["method"] == "lora"
     assert report["peak_rss_mb"] > 0 and report["measured_over_planned_peak"] > 0
-    saved = load_file(str(full / STUDENT_DIR / "model.safetensors"))
-    assert not any("lora" in k for k in saved)  # merged: a plain HF model
-    assert not (full / STUDENT_DIR / "adapter_config.json").exists()
-
-    cut = make_run(tmp_path / "cut", tiny4_dir)
-
-    def stop_after_step_3(task: str, done: int, total: int | None = None) -> None:
-        if task == "train" and done == 3:
-            raise _Interrupt
-
-    with pytest.raises(_Interrupt):
-        train_student(run_dir=cut, profile=profile, steps=5, seed=2, config=FAST, method="lora",
-                      progress=stop_after_step_3)
-    resumed = train_student(run_dir=cut, profile=profile, steps=5, seed=2, config=FAST, method="lora", resume=True)
-    assert resumed["resumed_from_step"] == 2
-    other = load_file(str(cut / STUDENT_DIR / "model.safetensors"))
-    for name in saved:
-        assert torch.equal(saved[name], other[name]), name
-    # LoRA changed the weights (it trained), and only through the adapters' low-rank updates.
-    pruned = json.loads((full / STUDENT_DIR / TRAIN_REPORT).read_text())
-    assert pruned["final_loss"] < pruned["first_loss"]
+    student = tmp_path / "full" / STUDENT_DIR
+    assert not any("lora" in k for k in load_file(str(student / "model.safetensors")))  # merged: a plain HF model
+    assert not (student / "adapter_config.json").exists()
+    assert report["final_loss"] < report["first_loss"]  # LoRA trained
 
 
 def test_default_plan_is_full_fine_tuning_and_reported(tmp_path: Path, tiny4_dir: Path) -> None:

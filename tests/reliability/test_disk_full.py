@@ -44,10 +44,9 @@ def _digest(path: Path) -> str:
 
 def test_checkpoint_save_on_a_full_disk_keeps_the_previous_one(tmp_path: Path, teacher4: Path,
                                                                tmpfs: Callable[[Path, int], Path]) -> None:
-    from safetensors.torch import load_file
-
     from edgepack.distill.train import TrainConfig, train_student
     from tests.distill.conftest import make_run
+    from tests.distill.resume_check import assert_same_weights
 
     cfg = TrainConfig(lr=1e-2, save_every=1, warmup_fraction=0.2, alpha=0.0)
     full = make_run(tmp_path / "full", teacher4)
@@ -65,8 +64,7 @@ def test_checkpoint_save_on_a_full_disk_keeps_the_previous_one(tmp_path: Path, t
     remount(disk, _page(one * 4))  # space freed: the same command with --resume finishes the run
     report = train_student(run_dir=cut, profile=PROFILE, steps=4, seed=0, resume=True, config=cfg)
     assert report["resumed_from_step"] == 1 and is_complete(cut / STUDENT_DIR)
-    a, b = (load_file(str(r / STUDENT_DIR / "model.safetensors")) for r in (full, cut))
-    assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a)  # bit-identical to the uninterrupted run
+    assert_same_weights(full / STUDENT_DIR, cut / STUDENT_DIR)  # bit-identical to the uninterrupted run
 
 
 def test_a_damaged_checkpoint_is_named(tmp_path: Path) -> None:
