@@ -109,6 +109,14 @@ class Doc:
     def add(self, *blocks: str) -> None:
         self.parts.extend(b for b in blocks if b)
 
+    def section(self, title: str, results: dict[str, Any] | None, missing: str = "") -> bool:
+        """Open a section: its heading, and when ``results`` is None the not-run line (``missing``
+        says what is absent) — then False, and the caller writes nothing more."""
+        self.add(f"## {title}")
+        if results is None:
+            self.add(f"*{NOT_RUN}*" + (f": {missing}" if missing else "."))
+        return results is not None
+
     def image(self, name: str, alt: str, draw: Callable[[Any], None], size: tuple[float, float] = (6.4, 4.0)) -> None:
         path = _plot(self.plots / name, draw, size)
         self.written.append(path)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from benchmarks_doc import NOT_RUN, Doc, _num, provenance, table
+from benchmarks_doc import Doc, _num, provenance, table
 
 
 
@@ -13,9 +13,8 @@ QUANT_PAIRS = (("float", ("F32",), ("fp32",)), ("8-bit", ("Q8_0",), ("int8",)), 
 
 
 def section_export(doc: Doc, export: dict[str, Any] | None) -> None:
-    doc.add("## Quantization fidelity per type (GGUF and ONNX)")
-    if export is None:
-        doc.add(f"*{NOT_RUN}*: `bench/export/results.json` does not exist.")
+    if not doc.section("Quantization fidelity per type (GGUF and ONNX)", export,
+                       "`bench/export/results.json` does not exist."):
         return
     rows = export.get("results", [])
     doc.add(provenance(export),

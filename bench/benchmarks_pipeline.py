@@ -88,9 +88,8 @@ def _pipeline_command(run: Path) -> str:
 
 
 def section_pipeline(doc: Doc, pipe: dict[str, Any] | None) -> None:
-    doc.add("## Time of each pipeline stage")
-    if pipe is None:
-        doc.add(f"*{NOT_RUN}*: no `bench/pipeline/results.json` (run `make demo`, then this script).")
+    if not doc.section("Time of each pipeline stage", pipe,
+                       "no `bench/pipeline/results.json` (run `make demo`, then this script)."):
         return
     stages = pipe.get("stages", [])
     total = sum(s["seconds"] for s in stages) or 1.0
@@ -155,9 +154,7 @@ def _valid_json(rates: dict[str, Any] | None) -> str:
 
 
 def section_reliability(doc: Doc, rel: dict[str, Any] | None) -> None:
-    doc.add("## Reliability (hostile inputs, kills, full disks)")
-    if rel is None:
-        doc.add(f"*{NOT_RUN}*.")
+    if not doc.section("Reliability (hostile inputs, kills, full disks)", rel):
         return
     doc.add(provenance(rel),
             table(["category", "inputs tried", "faults injected", "failures", "seconds"],

@@ -97,9 +97,7 @@ def section_stability(doc: Doc, gates: list[tuple[str, dict[str, Any]]]) -> None
 
 
 def section_serve(doc: Doc, serve: dict[str, Any] | None) -> None:
-    doc.add("## Serving (`edgepack serve`)")
-    if serve is None:
-        doc.add(f"*{NOT_RUN}*.")
+    if not doc.section("Serving (`edgepack serve`)", serve):
         return
     a = serve.get("a") or {}
     rounds = (serve.get("b") or {}).get("rounds") or []

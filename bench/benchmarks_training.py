@@ -14,10 +14,9 @@ from benchmarks_doc import NOT_RUN, Doc, _flat_table, _name, _num, _rows_with, a
 
 
 def section_distill(doc: Doc, distill: dict[str, Any] | None) -> None:
-    doc.add("## Distillation quality (gap closed per metric, KD vs SFT)")
-    if distill is None:
-        doc.add(f"*{NOT_RUN}*: `bench/distill/results.json` does not exist yet (the distillation benchmark of "
-                "issue #4: undistilled / SFT-only / KD variants over 3 seeds).")
+    if not doc.section("Distillation quality (gap closed per metric, KD vs SFT)", distill,
+                       "`bench/distill/results.json` does not exist yet (the distillation benchmark of "
+                       "issue #4: undistilled / SFT-only / KD variants over 3 seeds)."):
         return
     doc.add(provenance(distill))
     rows = [r for r in _rows_with(distill, "gap_closed") if isinstance(r["gap_closed"], dict)]
@@ -192,10 +191,9 @@ def section_training(doc: Doc, trl: dict[str, Any] | None, distill: dict[str, An
 
 
 def section_generation(doc: Doc, gen: dict[str, Any] | None) -> None:
-    doc.add("## Teacher generation throughput")
-    if gen is None:
-        doc.add(f"*{NOT_RUN}*: `bench/generation/results.json` does not exist yet (teacher generation through "
-                "the toolchain vs raw llama-cpp-python on the same GGUF, issue #3).")
+    if not doc.section("Teacher generation throughput", gen,
+                       "`bench/generation/results.json` does not exist yet (teacher generation through "
+                       "the toolchain vs raw llama-cpp-python on the same GGUF, issue #3)."):
         return
     doc.add(provenance(gen))
     sides = [(name, gen[key]) for name, key in (("edgepack", "edgepack_tok_s"), ("raw llama-cpp-python", "raw_tok_s"))
@@ -211,9 +209,7 @@ def section_generation(doc: Doc, gen: dict[str, Any] | None) -> None:
 
 
 def section_softlabels(doc: Doc, soft: dict[str, Any] | None) -> None:
-    doc.add("## Soft-label cache (`distill/softlabels.py`)")
-    if soft is None:
-        doc.add(f"*{NOT_RUN}*.")
+    if not doc.section("Soft-label cache (`distill/softlabels.py`)", soft):
         return
     doc.add(provenance(soft),
             table(["k", "samples", "bytes/token", "retained mass (mean)", "tokens/s (busy)", "overhead vs forward"],
