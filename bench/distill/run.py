@@ -166,7 +166,9 @@ def summarize(rows: list[dict[str, Any]], params_ratio: float, teacher_primary: 
                         **{k: spread([r.get(k) for r in rs]) for k in ("wall_s", "cpu_s", "tokens_per_s", "peak_rss_mb")}}
     targets: dict[str, Any] = {}
     sft = {r["seed"]: r for r in by_method.get("sft", [])}
-    for key in (k for k in KD_METHODS if k in by_method):
+    labelled = any(r.get("label_accuracy") is not None for r in rows)
+    # Issue #4's targets compare KD with SFT-only on a labelled task: judged only where both are here.
+    for key in (k for k in KD_METHODS if k in by_method and sft and labelled):
         kd = {r["seed"]: r for r in by_method[key]}
         seeds = sorted(set(kd) & set(sft))
         beats = {s: {m: kd[s][m] < sft[s][m] for m in LOWER_IS_BETTER} for s in seeds}
@@ -200,8 +202,14 @@ def main() -> None:
                         help="train every method from this HF student folder (e.g. the run's finished RUN/student: "
                              "on-policy as a fine-tuning of a converged student) instead of the run's own choice")
     parser.add_argument("--prefix", default="", help="prefix of the variant names (e.g. ft- beside earlier variants)")
+    parser.add_argument("--rerender", type=Path, default=None, metavar="RESULTS_JSON",
+                        help="judge the targets again from a results file's rows and rewrite it and its markdown; "
+                             "trains nothing")
     parser.add_argument("--out", type=Path, default=Path("bench/distill/results.json"))
     args = parser.parse_args()
+    if args.rerender:
+        rerender(args.rerender)
+        return
     methods = args.methods.split(",")
     if unknown := [m for m in methods if m not in METHODS]:
         parser.error(f"unknown method(s) {', '.join(unknown)} (choose from {', '.join(METHODS)})")
@@ -262,6 +270,16 @@ def main() -> None:
     args.out.write_text(json.dumps(results, indent=1) + "\n")
     args.out.with_suffix(".md").write_text(render(results))
     print(render(results))
+
+
+def rerender(path: Path) -> None:
+    """``path``'s summary judged again from its rows (the judging code may have changed since), with its markdown."""
+    results = json.loads(path.read_text())
+    wall = results.get("equal_wall") or {}
+    results["summary"] = summarize(results["rows"], results["student_params"] / results["teacher_params"],
+                                   results["teacher"].get("primary"), wall.get("method"))
+    path.write_text(json.dumps(results, indent=1) + "\n")
+    path.with_suffix(".md").write_text(render(results))
 
 
 def render(results: dict[str, Any]) -> str:
