@@ -298,6 +298,7 @@ def render(results: dict[str, Any]) -> str:
           "student are not in them (`call_s` in results.json has the whole call). The equal-time rows get the "
           "steps that fit the on-policy method's mean CPU seconds (with one torch thread, the wall clock of a "
           "quiet machine; the shared machine's load moves wall s, not CPU s).", "",
+          *[f"Note: {n}" + "\n" for n in results.get("notes") or []],
           "## Every student", "",
           f"| method | seed | steps | {primary} | label acc. | teacher agreement | KL | CE | gap closed ({primary} / "
           "acc / agree / KL / CE) | wall s | CPU s | tokens/s | peak RSS MB |",

@@ -159,7 +159,8 @@ def test_on_policy_results_are_rendered_with_their_targets(benchmarks: ModuleTyp
         "command": "python bench/distill/run.py --run runs/workorders --methods sft", "machine": MACHINE,
         "run": "/abs/runs/workorders", "steps": 40, "teacher": {"primary": 0.58}, "task": {"primary_metric": "field_f1"},
         "summary": {"methods": {"sft": {"label": "SFT-only", "seeds": [0, 1, 2], "primary": spread(0.5, 0.45, 0.55),
-                                        "kl": spread(0.7, 0.6, 0.8)}},
+                                        "kl": spread(0.7, 0.6, 0.8)},
+                                "dense": methods["dense"]},  # retrained here with the same result: one row
                     "targets": {}, "on_policy_targets": {"best": targets["best"]}}})
     _write(bench / "distill" / "results-workorders-finetune.json", {
         "command": "python bench/distill/run.py --run runs/workorders --student runs/workorders/student",
@@ -172,6 +173,8 @@ def test_on_policy_results_are_rendered_with_their_targets(benchmarks: ModuleTyp
     assert [line.split(" | ")[0] for line in every.splitlines() if line.startswith("| ") and "---" not in line][1:] == \
         ["| SFT-only", "| on-policy KD, λ 0.5", "| KD dense"]
     assert "| SFT-only | 0, 1, 2 | 0.500 | 0.450 – 0.550 | 0.862 | 0.700 | `results-workorders-sft.json` |" in every
+    dense = [line for line in every.splitlines() if line.startswith("| KD dense |")]
+    assert len(dense) == 1 and "`results-workorders-sft.json`, `results-workorders.json`" in dense[0]
     assert "fine-tuned" not in section and section.count("Targets (issue #19)") == 1
 
 
