@@ -60,6 +60,7 @@ def section_on_policy(doc: Doc, runs: list[dict[str, Any]]) -> None:
     """bench/distill/results-<domain>.json: off- vs on-policy KD scored by the task's primary metric (issue #19)."""
     doc.add("## On-policy vs off-policy distillation (task score on the holdout)")
     every_method_by_domain(doc, runs)
+    every_teacher_kind(doc, runs)
     runs = [r for r in runs if set((r.get("summary") or {}).get("on_policy_targets") or {}) - {"best"}]
     if not runs:
         doc.add(f"*{NOT_RUN}*: no `bench/distill/results-*.json` with on-policy methods (issue #19).")
@@ -92,6 +93,21 @@ def section_on_policy(doc: Doc, runs: list[dict[str, Any]]) -> None:
                     lines.append(f"at the same wall clock, in {same} of {len(t['wins_at_equal_wall'])} seeds "
                                  f"{verdict(t['met_at_equal_wall'])}")
         doc.add("Targets (issue #19): " + "; ".join(lines) + ".")
+
+
+def every_teacher_kind(doc: Doc, runs: list[dict[str, Any]]) -> None:
+    """bench/distill/teacher_kinds.py's results (``teacher_gguf`` marks them): on-policy KD scored by
+    each teacher kind from one student start."""
+    for r in (r for r in runs if "teacher_gguf" in r):
+        metric = (r.get("task") or {}).get("primary_metric", "primary")
+        body = [[k["kind"], (k.get("scorer") or {}).get("kind"), k.get("steps_on_policy"),
+                 f"{k.get('completions')} ({k.get('completions_capped')})", _num(k.get("primary"), ".3f"),
+                 _num(k.get("teacher_primary"), ".3f"), _num(k.get("undistilled_primary"), ".3f"),
+                 k.get("wall_s"), k.get("cpu_s")] for k in r["rows"]]
+        doc.add(f"**Every teacher kind on {r['run']}** (seed {r['seed']}, {r['steps']} steps: λ 1 after a half-way "
+                f"warm-up, one student start; `{r['file']}`). " + provenance(r),
+                table(["teacher kind", "scorer", "on-policy steps", "completions (capped)", metric,
+                       f"teacher {metric}", "undistilled", "wall s", "CPU s"], body))
 
 
 def every_method_by_domain(doc: Doc, runs: list[dict[str, Any]]) -> None:

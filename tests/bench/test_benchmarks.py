@@ -176,6 +176,20 @@ def test_on_policy_results_are_rendered_with_their_targets(benchmarks: ModuleTyp
     dense = [line for line in every.splitlines() if line.startswith("| KD dense |")]
     assert len(dense) == 1 and "`results-workorders-sft.json`, `results-workorders.json`" in dense[0]
     assert "fine-tuned" not in section and section.count("Targets (issue #19)") == 1
+    # bench/distill/teacher_kinds.py's file: a table of its own, outside the every-method table.
+    kind = {"primary": 0.27, "teacher_primary": 0.88, "undistilled_primary": 0.0, "steps_on_policy": 10,
+            "completions": 40, "completions_capped": 29, "wall_s": 114.0, "cpu_s": 112.0}
+    _write(bench / "distill" / "results-teacher-kinds-demo.json", {
+        "command": "python bench/distill/teacher_kinds.py --run runs/demo", "machine": MACHINE, "run": "runs/demo",
+        "teacher_gguf": "teacher-Q8_0.gguf", "steps": 20, "seed": 0, "task": {"primary_metric": "accuracy"},
+        "rows": [{**kind, "kind": k, "scorer": {"kind": k}} for k in ("hf", "gguf", "endpoint")]})
+    benchmarks.generate(bench=bench, out=out, pipeline=None, command="make benchmarks")
+    section = out.read_text().split("## On-policy vs off-policy")[1].split("\n## ")[0]
+    kinds = section.split("**Every teacher kind on runs/demo** (seed 0, 20 steps")[1].split("\n\n**")[0]
+    assert "Command: `python bench/distill/teacher_kinds.py --run runs/demo`" in kinds
+    assert [line.split(" | ")[0] for line in kinds.splitlines() if line.startswith("| ")][1:] == \
+        ["| hf", "| gguf", "| endpoint"]
+    assert "| endpoint | endpoint | 10 | 40 (29) | 0.270 | 0.880 | 0.000 | 114 | 112 |" in kinds
 
 
 def test_trl_and_generation_results_are_rendered_when_present(benchmarks: ModuleType, tmp_path: Path) -> None:
