@@ -61,6 +61,8 @@ def pruned_student(run: Path, folder: Path) -> Path:
 
     if not is_complete(folder):
         info = json.loads((run / STUDENT_DIR / STUDENT_INFO).read_text())
+        if info.get("source") != "auto" or info.get("kept_channels"):
+            raise SystemExit(f"{run}'s student is not a depth-pruned `auto` student; this bench rebuilds only those")
         teacher = teacher_dir_of(run)
         with atomic_dir(folder) as tmp:
             derive_student(teacher, keep=info["kept_layers"], out_dir=tmp)
