@@ -114,7 +114,11 @@ def served(gguf: Path, log: Path, threads: int) -> Iterator[str]:
         yield url
     finally:
         proc.terminate()
-        proc.wait(timeout=60)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:  # a server that ignores SIGTERM must not outlive the bench
+            proc.kill()
+            proc.wait()
 
 
 def endpoint_run(run: Path, folder: Path, url: str, gguf: Path, seed: int) -> Path:
